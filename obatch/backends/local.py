@@ -1,0 +1,93 @@
+"""The embedded engine: llama.cpp (xllamacpp) in this process, serving one GGUF model (SmolLM2-135M by default).
+
+It speaks the OpenAI API, so requests go through ``OpenAIBackend``; what this adds is Ollama's scheduling habit:
+the engine is (re)started when the model, the context window or the number of parallel slots changes. llama.cpp's
+``n_ctx`` is the TOTAL context split across slots, so a per-request window ``num_ctx`` with ``parallel`` slots
+needs ``num_ctx * parallel``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from obatch import errors
+from obatch.backends.base import ModelInfo, Result
+from obatch.backends.openai import OpenAIBackend
+from obatch.engine import LocalEngine
+
+DEFAULT_NUM_CTX = 2048
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, model_path: Path | None = None, *, alias: str = "smollm2:135m",
+                 threads: int | None = None) -> None:
+        self.engine = LocalEngine(model_path, alias=alias, threads=threads)
+        self.alias = alias
+        self._client: OpenAIBackend | None = None
+        self._url: str | None = None
+
+    async def _ready(self, num_ctx: int | None = None, parallel: int | None = None) -> OpenAIBackend:
+        config = self.engine.config
+        if self._client is not None and config is not None and num_ctx is None and parallel is None:
+            return self._client
+        slots = parallel or (config.n_parallel if config else 1)
+        per_slot = num_ctx or (config.n_ctx // config.n_parallel if config else DEFAULT_NUM_CTX)
+        url = await self.engine.ensure(n_ctx=per_slot * slots, n_parallel=slots)
+        if url != self._url or self._client is None:
+            if self._client is not None:
+                await self._client.aclose()
+            self._client, self._url = OpenAIBackend(f"{url}/v1"), url
+        return self._client
+
+    def _check_model(self, model: Any) -> None:
+        if model != self.alias:
+            raise errors.ModelNotFoundError(
+                f"model {model!r} not found: the embedded engine serves {self.alias!r}.", param="model")
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        self._check_model(body.get("model"))
+        client = await self._ready()
+        return await client.complete(url, body, stream=stream)
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        self._check_model(body.get("model"))
+        client = await self._ready()
+        async for chunk in client.stream_chat(body):
+            yield chunk
+
+    async def models(self) -> list[ModelInfo]:
+        config = self.engine.config
+        return [ModelInfo(
+            id=self.alias, context_length=self.engine.context_length(), family="llama",
+            loaded=config is not None,
+            loaded_context_length=config.n_ctx // config.n_parallel if config else None,
+        )]
+
+    async def show(self, model: str) -> ModelInfo:
+        self._check_model(model)
+        return (await self.models())[0]
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        self._check_model(model)
+        started = time.perf_counter()
+        loads = self.engine.loads
+        await self._ready(num_ctx or DEFAULT_NUM_CTX, parallel)
+        return time.perf_counter() - started if self.engine.loads != loads else 0.0
+
+    async def version(self) -> str | None:
+        import xllamacpp
+
+        return f"xllamacpp {getattr(xllamacpp, '__version__', '?')}"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        await self.engine.aclose()

@@ -1,0 +1,344 @@
+"""Ollama through its native API (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/show``, ``/api/tags``,
+``/api/ps``, ``/api/version``).
+
+The native API, not Ollama's ``/v1`` shim: only it can set ``num_ctx`` and ``keep_alive`` and report the engine's
+durations. OpenAI bodies are mapped here both ways (shared/reference/ollama-api.md, "Mapping"):
+max_tokens/max_completion_tokens → options.num_predict; temperature, top_p, seed, stop, penalties → options;
+response_format json_object → format "json", json_schema → format <schema>; tools → tools. Back: done_reason
+"length" → finish_reason "length", tool calls → "tool_calls", else "stop"; prompt_eval_count / eval_count → usage.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from obatch import errors
+from obatch.backends.base import (
+    ModelInfo,
+    Result,
+    Timings,
+    chat_chunk,
+    complete_by_streaming,
+    make_client,
+    new_id,
+    now,
+    send_json,
+    stream_lines,
+)
+
+_OPTION_KEYS = {
+    "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+}
+# OpenAI fields Ollama cannot honour: refusing them is better than silently ignoring them.
+_UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs")
+
+
+def _options(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = dict(body.get("options") or {})
+    for key, target in _OPTION_KEYS.items():
+        if body.get(key) is not None:
+            options[target] = body[key]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    if num_ctx is not None and "num_ctx" not in options:
+        options["num_ctx"] = num_ctx
+    if isinstance(body.get("num_ctx"), int):
+        options["num_ctx"] = body["num_ctx"]
+    return options
+
+
+def _check_supported(body: dict[str, Any]) -> None:
+    if (body.get("n") or 1) != 1:
+        raise errors.PermanentError("Ollama returns one choice per request: n must be 1.", param="n")
+    for key in _UNSUPPORTED:
+        if body.get(key):
+            raise errors.PermanentError(f"{key} is not supported by the Ollama backend.", param=key)
+
+
+def _format(body: dict[str, Any]) -> Any:
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict):
+        return body.get("format")
+    if fmt.get("type") == "json_object":
+        return "json"
+    if fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema") or "json"
+    return None
+
+
+def _message_to_ollama(message: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.get("role", "user")}
+    content = message.get("content")
+    if isinstance(content, list):
+        texts, images = [], []
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url", "")
+                images.append(url.split(",", 1)[1] if url.startswith("data:") else url)
+        out["content"] = "\n".join(texts)
+        if images:
+            out["images"] = images
+    else:
+        out["content"] = content or ""
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {"function": {"name": call["function"]["name"],
+                          "arguments": _json_arguments(call["function"].get("arguments"))}}
+            for call in message["tool_calls"]
+        ]
+    if message.get("role") == "tool" and message.get("name"):
+        out["tool_name"] = message["name"]
+    return out
+
+
+def _json_arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def chat_payload(body: dict[str, Any], num_ctx: int | None, *, stream: bool) -> dict[str, Any]:
+    """OpenAI chat body → Ollama ``/api/chat`` request."""
+    _check_supported(body)
+    payload: dict[str, Any] = {
+        "model": body["model"],
+        "messages": [_message_to_ollama(m) for m in body.get("messages") or []],
+        "stream": stream,
+        "options": _options(body, num_ctx),
+    }
+    fmt = _format(body)
+    if fmt is not None:
+        payload["format"] = fmt
+    for key in ("tools", "keep_alive", "think"):
+        if body.get(key) is not None:
+            payload[key] = body[key]
+    return payload
+
+
+def _finish_reason(data: dict[str, Any], tool_calls: bool) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if data.get("done_reason") == "length" else "stop"
+
+
+def _usage(data: dict[str, Any]) -> dict[str, int]:
+    prompt = int(data.get("prompt_eval_count") or 0)
+    completion = int(data.get("eval_count") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def timings_of(data: dict[str, Any]) -> Timings:
+    """Ollama's durations (nanoseconds) → ``Timings`` (milliseconds)."""
+    def ms(key: str) -> float | None:
+        value = data.get(key)
+        return value / 1e6 if isinstance(value, int | float) else None
+
+    return Timings(
+        prompt_tokens=data.get("prompt_eval_count"), completion_tokens=data.get("eval_count"),
+        prompt_ms=ms("prompt_eval_duration"), decode_ms=ms("eval_duration"),
+        load_ms=ms("load_duration"), total_ms=ms("total_duration"),
+    )
+
+
+def _llamacpp_timings(data: dict[str, Any]) -> dict[str, Any]:
+    t = timings_of(data)
+    return {"prompt_n": t.prompt_tokens, "prompt_ms": t.prompt_ms, "predicted_n": t.completion_tokens,
+            "predicted_ms": t.decode_ms, "load_ms": t.load_ms, "total_ms": t.total_ms}
+
+
+def _openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"id": f"call_{i}_{new_id('t')[2:14]}", "type": "function",
+         "function": {"name": c["function"]["name"],
+                      "arguments": orjson.dumps(c["function"].get("arguments", {})).decode()}}
+        for i, c in enumerate(calls)
+    ]
+
+
+def chat_response(data: dict[str, Any]) -> dict[str, Any]:
+    """Ollama ``/api/chat`` answer → OpenAI ``chat.completion``."""
+    message = data.get("message") or {}
+    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
+    calls = message.get("tool_calls") or []
+    if calls:
+        out_message["tool_calls"] = _openai_tool_calls(calls)
+    if message.get("thinking"):
+        out_message["reasoning_content"] = message["thinking"]
+    return {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": data.get("model"),
+        "choices": [{"index": 0, "message": out_message, "finish_reason": _finish_reason(data, bool(calls)),
+                     "logprobs": None}],
+        "usage": _usage(data),
+    }
+
+
+def generate_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    _check_supported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise errors.PermanentError("The Ollama backend takes one text prompt per request.", param="prompt")
+        prompt = prompt[0]
+    payload: dict[str, Any] = {"model": body["model"], "prompt": prompt, "stream": False,
+                               "options": _options(body, num_ctx)}
+    if body.get("suffix"):
+        payload["suffix"] = body["suffix"]
+    fmt = _format(body)
+    if fmt is not None:
+        payload["format"] = fmt
+    for key in ("system", "raw", "keep_alive"):
+        if body.get(key) is not None:
+            payload[key] = body[key]
+    return payload
+
+
+def generate_response(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": data.get("model"),
+        "choices": [{"index": 0, "text": data.get("response", ""), "logprobs": None,
+                     "finish_reason": _finish_reason(data, False)}],
+        "usage": _usage(data),
+    }
+
+
+def embed_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"model": body["model"], "input": body["input"], "truncate": False}
+    options = _options({"options": body.get("options")}, num_ctx)
+    if options:
+        payload["options"] = options
+    if body.get("dimensions") is not None:
+        payload["dimensions"] = body["dimensions"]
+    if body.get("keep_alive") is not None:
+        payload["keep_alive"] = body["keep_alive"]
+    return payload
+
+
+def embed_response(data: dict[str, Any], encoding_format: str | None) -> dict[str, Any]:
+    def encode(vector: list[float]) -> Any:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    prompt = int(data.get("prompt_eval_count") or 0)
+    return {
+        "object": "list", "model": data.get("model"),
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                 for i, v in enumerate(data.get("embeddings") or [])],
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    }
+
+
+def _model_info(name: str, data: dict[str, Any]) -> ModelInfo:
+    details = data.get("details") or {}
+    info = data.get("model_info") or {}
+    context_length = next((int(v) for k, v in info.items() if k.endswith(".context_length")), None)
+    return ModelInfo(
+        id=name, context_length=context_length, family=details.get("family"),
+        parameter_size=details.get("parameter_size"), quantization=details.get("quantization_level"),
+        capabilities=tuple(data.get("capabilities") or ()),
+    )
+
+
+class OllamaBackend:
+    """A client of one Ollama server."""
+
+    name = "ollama"
+
+    def __init__(self, url: str = "http://127.0.0.1:11434", *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._client = make_client(self.url, transport=transport)
+        self._show_cache: dict[str, ModelInfo] = {}
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        if url == "/v1/chat/completions":
+            if stream:
+                return await complete_by_streaming(self, body, num_ctx=num_ctx)
+            data = await send_json(self._client, "POST", "/api/chat", chat_payload(body, num_ctx, stream=False))
+            return Result(chat_response(data), timings_of(data))
+        if url == "/v1/completions":
+            data = await send_json(self._client, "POST", "/api/generate", generate_payload(body, num_ctx))
+            return Result(generate_response(data), timings_of(data))
+        if url == "/v1/embeddings":
+            data = await send_json(self._client, "POST", "/api/embed", embed_payload(body, num_ctx))
+            return Result(embed_response(data, body.get("encoding_format")), timings_of(data))
+        raise errors.PermanentError(f"Unsupported endpoint {url}.", param="url")
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        cid, created, model = new_id("chatcmpl"), now(), str(body["model"])
+        first = True
+        async for line in stream_lines(self._client, "/api/chat", chat_payload(body, num_ctx, stream=True)):
+            data = orjson.loads(line)
+            if data.get("error"):
+                raise errors.TransientError(f"The engine failed mid-stream: {data['error']}")
+            message = data.get("message") or {}
+            if not data.get("done"):
+                delta: dict[str, Any] = {"content": message.get("content", "")}
+                if first:
+                    delta["role"] = "assistant"
+                    first = False
+                if message.get("tool_calls"):
+                    delta["tool_calls"] = [dict(c, index=i) for i, c in
+                                           enumerate(_openai_tool_calls(message["tool_calls"]))]
+                yield chat_chunk(cid, model, created, delta)
+                continue
+            calls = message.get("tool_calls") or []
+            delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(_openai_tool_calls(calls))]} \
+                if calls else {}
+            chunk = chat_chunk(cid, model, created, delta, _finish_reason(data, bool(calls)), _usage(data))
+            chunk["timings"] = _llamacpp_timings(data)
+            yield chunk
+
+    async def models(self) -> list[ModelInfo]:
+        tags = await send_json(self._client, "GET", "/api/tags")
+        loaded = {m.get("name"): m for m in (await send_json(self._client, "GET", "/api/ps")).get("models", [])}
+        out = []
+        for entry in tags.get("models", []):
+            details = entry.get("details") or {}
+            running = loaded.get(entry.get("name"))
+            out.append(ModelInfo(
+                id=entry["name"], family=details.get("family"), parameter_size=details.get("parameter_size"),
+                quantization=details.get("quantization_level"), size=entry.get("size"),
+                loaded=running is not None,
+                loaded_context_length=(running or {}).get("context_length"),
+                context_length=self._show_cache[entry["name"]].context_length
+                if entry["name"] in self._show_cache else None,
+            ))
+        return out
+
+    async def show(self, model: str) -> ModelInfo:
+        if model not in self._show_cache:
+            data = await send_json(self._client, "POST", "/api/show", {"model": model})
+            self._show_cache[model] = _model_info(model, data)
+        return self._show_cache[model]
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        # Ollama loads on first use with the request's own options; nothing to do ahead of it.
+        return 0.0
+
+    async def version(self) -> str | None:
+        data = await send_json(self._client, "GET", "/api/version")
+        return str(data.get("version")) if data.get("version") else None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

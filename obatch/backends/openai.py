@@ -1,0 +1,104 @@
+"""Any OpenAI-compatible engine (vLLM, llama.cpp server, LM Studio, Ollama's /v1): bodies pass through unchanged.
+
+``num_ctx`` cannot be set per request through this API (the engine's own start-up flag decides it), so it is
+ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from obatch import errors
+from obatch.backends.base import (
+    ModelInfo,
+    Result,
+    Timings,
+    complete_by_streaming,
+    make_client,
+    send_json,
+    stream_lines,
+    timings_from_llamacpp,
+)
+
+_PATHS = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions",
+          "/v1/embeddings": "/embeddings"}
+_OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
+
+
+def _clean(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in _OBATCH_ONLY}
+
+
+class OpenAIBackend:
+    """A client of one OpenAI-compatible server at ``base_url`` (ending in ``/v1``)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, *, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self.base_url = base_url.rstrip("/")
+        self._client = make_client(self.base_url, headers=headers, transport=transport)
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        path = _PATHS.get(url)
+        if path is None:
+            raise errors.PermanentError(f"Unsupported endpoint {url}.", param="url")
+        if stream and url == "/v1/chat/completions":
+            return await complete_by_streaming(self, body, num_ctx=num_ctx)
+        payload = _clean(body)
+        payload["stream"] = False
+        if url == "/v1/embeddings":
+            payload.pop("stream")
+        data = await send_json(self._client, "POST", path, payload)
+        timings = timings_from_llamacpp(data.pop("timings")) if isinstance(data.get("timings"), dict) \
+            else Timings()
+        usage = data.get("usage") or {}
+        timings.prompt_tokens = timings.prompt_tokens or usage.get("prompt_tokens")
+        timings.completion_tokens = timings.completion_tokens or usage.get("completion_tokens")
+        return Result(data, timings)
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        payload = _clean(body)
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        async for line in stream_lines(self._client, "/chat/completions", payload):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            chunk = orjson.loads(data)
+            if isinstance(chunk, dict) and chunk.get("error"):
+                raise errors.TransientError(f"The engine failed mid-stream: {chunk['error']}")
+            yield chunk
+
+    async def models(self) -> list[ModelInfo]:
+        data = await send_json(self._client, "GET", "/models")
+        out = []
+        for entry in data.get("data", []):
+            meta = entry.get("meta") or {}
+            out.append(ModelInfo(id=entry["id"], context_length=meta.get("n_ctx_train")
+                                 or entry.get("context_length") or entry.get("max_model_len"), loaded=True))
+        return out
+
+    async def show(self, model: str) -> ModelInfo:
+        for info in await self.models():
+            if info.id == model:
+                return info
+        raise errors.ModelNotFoundError(f"The model {model!r} does not exist on this engine.", param="model")
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        return 0.0
+
+    async def version(self) -> str | None:
+        return None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,533 @@
+"""The batch lifecycle on top of the runner and the store: validate → import → execute → finalise.
+
+Every step reads its state from the store and writes its progress back, so ``process`` can be called again on any
+batch after a crash and does only what is missing:
+
+    validating ─┬─> failed                     (input refused; every problem listed with its line)
+                └─> in_progress ─┬─> finalizing ─> completed
+                                 ├─> expired   (completion window passed; unfinished lines → batch_expired)
+                                 └─> cancelling ─> cancelled (unfinished lines → batch_cancelled)
+
+A request row takes its result only while it is still pending, and output/error files are written from the rows,
+so each input line ends in exactly one of the two files, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import func, select, update
+
+from obatch import context, errors
+from obatch.backends.base import Backend
+from obatch.config import Settings
+from obatch.jsonl import Limits, Request, iter_file, validate_file
+from obatch.protocol import FINAL_STATUSES
+from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
+from obatch.store import repo
+from obatch.store.db import Sessions
+from obatch.store.tables import BatchRow, FileRow, RequestRow
+
+IMPORT_CHUNK = 2000
+WRITE_CHUNK = 1000
+_ID = re.compile(r"^(file|batch)-[0-9a-f]{24}$")
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Services:
+    """What batch work needs, built by the process that owns it and passed in."""
+
+    settings: Settings
+    sessions: Sessions
+    backend: Backend
+    clock: Callable[[], float] = time.time
+
+    @property
+    def policy(self) -> RetryPolicy:
+        s = self.settings
+        return RetryPolicy(max_attempts=s.max_attempts, initial_wait=s.retry_initial_wait,
+                           max_wait=s.retry_max_wait, timeout=s.request_timeout)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:24]}"
+
+
+def file_path(settings: Settings, file_id: str) -> Path:
+    """Where a stored file's bytes live. Ids are ours and checked, so no caller text ever reaches the path."""
+    if not _ID.match(file_id):
+        raise errors.NotFoundError(f"No such file: {file_id}", param="file_id")
+    return settings.files_dir / f"{file_id}.jsonl"
+
+
+def window_seconds(window: str) -> int:
+    """``"24h"`` → 86400. Windows from 1 minute to 7 days are accepted."""
+    match = _WINDOW.match(window.strip())
+    if not match:
+        raise errors.ConfigError(f"completion_window must look like '24h' or '30m', got {window!r}.",
+                                 param="completion_window")
+    seconds = int(match.group(1)) * _UNIT[match.group(2)]
+    if not 60 <= seconds <= 7 * 86400:
+        raise errors.ConfigError("completion_window must be between 1m and 7d.", param="completion_window")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+async def store_file(svc: Services, chunks: AsyncIterator[bytes], *, filename: str, purpose: str,
+                     owner: str = "") -> FileRow:
+    """Stream bytes to the files folder (size limit enforced while streaming), then record the file."""
+    file_id = new_id("file")
+    path = file_path(svc.settings, file_id)
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    handle = await asyncio.to_thread(path.open, "wb")
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > svc.settings.max_file_bytes:
+                raise errors.InputFileError(
+                    f"The file exceeds the limit of {svc.settings.max_file_bytes} bytes.",
+                    [errors.LineProblem(None, "file_too_large", "The file is too large.")])
+            digest.update(chunk)
+            await asyncio.to_thread(handle.write, chunk)
+    except BaseException:
+        await asyncio.to_thread(handle.close)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise
+    await asyncio.to_thread(handle.close)
+    row = FileRow(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size,
+                  created_at=int(svc.clock()), sha256=digest.hexdigest())
+    async with svc.sessions() as session:
+        session.add(row)
+        await session.commit()
+    return row
+
+
+async def read_chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A file's bytes, a chunk at a time, read in a worker thread."""
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, size):
+            yield chunk
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+async def delete_file(svc: Services, file_id: str, owner: str | None = None) -> None:
+    async with svc.sessions() as session:
+        row = await repo.get_file(session, file_id, owner)
+        await session.delete(row)
+        await session.commit()
+    await asyncio.to_thread(file_path(svc.settings, file_id).unlink, missing_ok=True)
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
+                       metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
+                       source: str = "api", signature: str | None = None, concurrency: int | None = None
+                       ) -> BatchRow:
+    seconds = window_seconds(completion_window)
+    created = int(svc.clock())
+    async with svc.sessions() as session:
+        await repo.get_file(session, input_file_id, owner if source == "api" else None)
+        batch = BatchRow(
+            id=new_id("batch"), owner=owner, endpoint=endpoint or "", input_file_id=input_file_id,
+            completion_window=completion_window, created_at=created, expires_at=created + seconds,
+            metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
+            signature=signature, concurrency=concurrency, backend=svc.backend.name,
+            seq=await repo.next_seq(session),
+        )
+        session.add(batch)
+        await session.commit()
+    return batch
+
+
+def _take(items: Iterator[Any], n: int) -> list[Any]:
+    return list(itertools.islice(items, n))
+
+
+def _request_row(batch_id: str, request: Request) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id, "line": request.line, "custom_id": request.custom_id, "url": request.url,
+        "model": request.model, "body": orjson.dumps(request.body).decode(),
+        "prompt_estimate": context.estimate_prompt_tokens(request.url, request.body),
+        "max_tokens": context.output_budget(request.body), "state": "pending", "attempts": 0,
+        "truncated": False,
+    }
+
+
+async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
+    """validating → failed (with every problem) or in_progress with one pending row per line."""
+    path = file_path(svc.settings, batch.input_file_id)
+    limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines)
+    endpoint = batch.endpoint or None
+    try:
+        total, _ = await asyncio.to_thread(validate_file, path, limits=limits, endpoint=endpoint,
+                                           model=batch.model)
+    except errors.InputFileError as exc:
+        await _set(svc, batch, status="failed", failed_at=int(svc.clock()),
+                   errors_json=orjson.dumps([p.as_dict() for p in exc.problems]).decode())
+        return
+    except FileNotFoundError:
+        await _set(svc, batch, status="failed", failed_at=int(svc.clock()), errors_json=orjson.dumps(
+            [{"code": "file_missing", "line": None, "message": "The input file is gone.", "param": None}]
+        ).decode())
+        return
+    async with svc.sessions() as session:
+        await repo.replace_requests(session, batch.id)
+        await session.commit()
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        items = iter_file(handle, limits=limits, endpoint=endpoint, model=batch.model)
+        while chunk := await asyncio.to_thread(_take, items, IMPORT_CHUNK):
+            rows = [_request_row(batch.id, item) for item in chunk if isinstance(item, Request)]
+            async with svc.sessions() as session:
+                await repo.insert_requests(session, rows)
+                await session.commit()
+    finally:
+        await asyncio.to_thread(handle.close)
+    first_url = None
+    async with svc.sessions() as session:
+        first_url = (await session.exec(  # type: ignore[call-overload]
+            select(RequestRow.url).where(RequestRow.batch_id == batch.id).order_by(RequestRow.line).limit(1)
+        )).scalar()
+    await _set(svc, batch, status="in_progress", in_progress_at=int(svc.clock()), imported=True, total=total,
+               endpoint=batch.endpoint or first_url or "")
+
+
+async def _set(svc: Services, batch: BatchRow, **values: Any) -> None:
+    """Write fields of a batch and mirror them on the object in hand."""
+    async with svc.sessions() as session:
+        await session.exec(update(BatchRow).where(BatchRow.id == batch.id).values(**values))  # type: ignore[call-overload, arg-type]
+        await session.commit()
+    for key, value in values.items():
+        setattr(batch, key, value)
+
+
+async def reload(svc: Services, batch_id: str) -> BatchRow:
+    async with svc.sessions() as session:
+        return await repo.get_batch(session, batch_id)
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+def _content(url: str, body: dict[str, Any]) -> tuple[str | None, str | None]:
+    choices = body.get("choices") or []
+    if not choices:
+        return None, None
+    first = choices[0]
+    if url == "/v1/chat/completions":
+        message = first.get("message") or {}
+        content = message.get("content")
+        if not content and message.get("tool_calls"):
+            content = orjson.dumps(message["tool_calls"]).decode()
+        return content, first.get("finish_reason")
+    return first.get("text"), first.get("finish_reason")
+
+
+def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
+    job, result, error = outcome.job, outcome.result, outcome.error
+    row: dict[str, Any] = {
+        "batch_id": batch_id, "line": job.line, "request_id": f"batch_req_{uuid.uuid4().hex}",
+        "latency_ms": outcome.latency_ms, "attempts": outcome.attempts, "finished_at": outcome.finished_at,
+        "num_ctx": job.num_ctx, "response": None, "error_code": None, "error_message": None, "content": None,
+        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "ttft_ms": None,
+        "engine_prompt_ms": None, "engine_decode_ms": None, "engine_load_ms": None, "truncated": False,
+    }
+    if result is not None:
+        usage = result.body.get("usage") or {}
+        content, finish = _content(job.url, result.body)
+        prompt_tokens = usage.get("prompt_tokens", result.timings.prompt_tokens)
+        row.update(
+            state="succeeded", status_code=result.status_code, response=orjson.dumps(result.body).decode(),
+            content=content, finish_reason=finish, prompt_tokens=prompt_tokens,
+            completion_tokens=usage.get("completion_tokens", result.timings.completion_tokens),
+            ttft_ms=result.timings.ttft_ms, engine_prompt_ms=result.timings.prompt_ms,
+            engine_decode_ms=result.timings.decode_ms, engine_load_ms=result.timings.load_ms,
+            truncated=context.looks_truncated(prompt_tokens, job.num_ctx, job.prompt_estimate),
+        )
+    else:
+        assert error is not None
+        row.update(state="failed", status_code=error.status or error.status_code, error_code=error.code,
+                   error_message=error.message)
+    return row
+
+
+@dataclass
+class ResultWriter:
+    """Buffers outcomes and commits them together (every ``every`` results or ``interval`` seconds)."""
+
+    svc: Services
+    batch_id: str
+    progress: Progress | None = None
+    buffer: list[dict[str, Any]] = field(default_factory=list)
+
+    async def add(self, outcome: Outcome) -> None:
+        self.buffer.append(_outcome_row(self.batch_id, outcome))
+        if self.progress is not None:
+            self.progress(1)
+        if len(self.buffer) >= self.svc.settings.commit_every:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        rows, self.buffer = self.buffer, []
+        async with self.svc.sessions() as session:
+            await repo.finish_requests(session, self.batch_id, rows)
+            await session.commit()
+
+
+class _Cancelled(Exception):
+    """Raised inside the run when the batch was asked to cancel (by any process, through the store)."""
+
+
+async def _watch(svc: Services, writer: ResultWriter) -> None:
+    """Flush on a timer and notice a cancel request written to the store."""
+    while True:
+        await asyncio.sleep(svc.settings.commit_interval)
+        await writer.flush()
+        async with svc.sessions() as session:
+            status = (await session.exec(select(BatchRow.status).where(BatchRow.id == writer.batch_id))  # type: ignore[call-overload]
+                      ).scalar()
+        if status == "cancelling":
+            raise _Cancelled
+
+
+async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
+    async for row in repo.iter_pending(svc.sessions, batch_id, model):
+        body = orjson.loads(row.body)
+        yield Job(row.line, row.custom_id, row.url, body,
+                  num_ctx=context.explicit_num_ctx(body) or num_ctx, prompt_estimate=row.prompt_estimate)
+
+
+async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress: Progress | None,
+                   stream: bool = False) -> None:
+    """Run every pending row, one model group after another (fewest model swaps), resuming where rows stand."""
+    async with svc.sessions() as session:
+        groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
+    writer = ResultWriter(svc, batch.id, progress)
+    for group in groups:
+        try:
+            info = await svc.backend.show(group.model)
+        except errors.PermanentError as exc:
+            await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
+            continue
+        num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
+        await svc.backend.prepare(group.model, num_ctx=num_ctx, parallel=concurrency)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                watcher = tasks.create_task(_watch(svc, writer))
+                runner = tasks.create_task(run_jobs(
+                    _jobs(svc, batch.id, group.model, num_ctx), svc.backend, writer.add,
+                    concurrency=concurrency, policy=svc.policy, stream=stream))
+                await runner
+                watcher.cancel()
+        finally:
+            await asyncio.shield(writer.flush())
+
+
+async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
+                      progress: Progress | None, count: int) -> None:
+    async with svc.sessions() as session:
+        await repo.fail_pending(session, batch_id, exc.code, exc.message, RequestRow.model == model)
+        await session.commit()
+    if progress is not None:
+        progress(count)
+
+
+async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_length: int | None,
+                     progress: Progress | None) -> int | None:
+    """One num_ctx for the group; requests that cannot fit the model at all fail now as context_length_exceeded."""
+    if svc.backend.name == "openai":
+        return None  # an OpenAI-compatible engine's context is fixed at its start
+    if context_length:
+        too_long = (RequestRow.model == group.model) & (
+            (RequestRow.prompt_estimate >= context_length)
+            | (RequestRow.prompt_estimate + func.coalesce(RequestRow.max_tokens, 0) > context_length)
+        )
+        async with svc.sessions() as session:
+            failed = await repo.fail_pending(session, batch_id, "context_length_exceeded",
+                                    f"The request does not fit the model's context length of {context_length} "
+                                    "tokens (prompt estimate plus max_tokens).", too_long)
+            await session.commit()
+        if progress is not None and failed:
+            progress(failed)
+        async with svc.sessions() as session:
+            refreshed = [g for g in await repo.pending_groups(session, batch_id, context.DEFAULT_OUTPUT_BUDGET)
+                         if g.model == group.model]
+        if refreshed:
+            group = refreshed[0]
+    return context.fit_num_ctx(group.max_need, context_length).num_ctx
+
+
+# ----------------------------------------------------------------------------------------- finalising
+
+
+def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
+    """(is_success, output line) for one row."""
+    if row.state == "succeeded":
+        response = {"status_code": row.status_code, "request_id": row.request_id,
+                    "body": orjson.Fragment(row.response or "{}")}
+        return True, orjson.dumps({"id": row.request_id, "custom_id": row.custom_id, "response": response,
+                                   "error": None}) + b"\n"
+    if row.state == "pending":
+        code = pending_code or "batch_cancelled"
+        message = ("This request could not be executed before the completion window expired."
+                   if code == "batch_expired" else "This request was not executed: the batch was cancelled.")
+        return False, orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": row.custom_id,
+                                    "response": None, "error": {"code": code, "message": message}}) + b"\n"
+    error = {"code": row.error_code, "message": row.error_message}
+    response = None
+    if row.status_code:
+        response = {"status_code": row.status_code, "request_id": row.request_id or "",
+                    "body": {"error": {"message": row.error_message, "type": "invalid_request_error"
+                                       if (row.status_code or 500) < 500 else "server_error",
+                                       "param": None, "code": row.error_code}}}
+    return False, orjson.dumps({"id": row.request_id or f"batch_req_{uuid.uuid4().hex}",
+                                "custom_id": row.custom_id, "response": response, "error": error}) + b"\n"
+
+
+async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
+                        pending_code: str | None = None) -> tuple[int, int]:
+    """Write the output and error files from the rows (atomically: temp file, then rename)."""
+    await asyncio.to_thread(output.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(error.parent.mkdir, parents=True, exist_ok=True)
+    tmp_out, tmp_err = output.with_suffix(output.suffix + ".part"), error.with_suffix(error.suffix + ".part")
+    out_handle = await asyncio.to_thread(tmp_out.open, "wb")
+    err_handle = await asyncio.to_thread(tmp_err.open, "wb")
+    counts = [0, 0]
+    buffers: tuple[list[bytes], list[bytes]] = ([], [])
+    try:
+        async for (row, _line_no) in repo.iter_rows(svc.sessions, batch_id):
+            ok, data = _line(row, pending_code)
+            buffers[0 if ok else 1].append(data)
+            counts[0 if ok else 1] += 1
+            if len(buffers[0]) + len(buffers[1]) >= WRITE_CHUNK:
+                await asyncio.to_thread(_write_both, out_handle, err_handle, buffers)
+        await asyncio.to_thread(_write_both, out_handle, err_handle, buffers)
+    finally:
+        await asyncio.to_thread(out_handle.close)
+        await asyncio.to_thread(err_handle.close)
+    await asyncio.to_thread(tmp_out.replace, output)
+    await asyncio.to_thread(tmp_err.replace, error)
+    return counts[0], counts[1]
+
+
+def _write_both(out: Any, err: Any, buffers: tuple[list[bytes], list[bytes]]) -> None:
+    out.write(b"".join(buffers[0]))
+    err.write(b"".join(buffers[1]))
+    buffers[0].clear()
+    buffers[1].clear()
+
+
+async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path | None = None,
+                   error: Path | None = None) -> BatchRow:
+    """Assemble the result files from the rows and close the batch as ``status``.
+
+    With ``output``/``error`` paths (CLI), results are written there; otherwise they become stored files
+    (purpose ``batch_output``) referenced by the batch, each only when it has lines.
+    """
+    stamp = int(svc.clock())
+    if status == "completed":
+        await _set(svc, batch, status="finalizing", finalizing_at=stamp)
+    pending_code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
+    fields: dict[str, Any] = {}
+    if output is not None and error is not None:
+        await write_results(svc, batch.id, output, error, pending_code)
+    else:
+        out_id, err_id = new_id("file"), new_id("file")
+        out_path, err_path = file_path(svc.settings, out_id), file_path(svc.settings, err_id)
+        n_out, n_err = await write_results(svc, batch.id, out_path, err_path, pending_code)
+        async with svc.sessions() as session:
+            for file_id, path, n, kind in ((out_id, out_path, n_out, "output"), (err_id, err_path, n_err, "error")):
+                if n:
+                    size = (await asyncio.to_thread(path.stat)).st_size
+                    session.add(FileRow(id=file_id, owner=batch.owner, filename=f"{batch.id}_{kind}.jsonl",
+                                        purpose="batch_output", bytes=size, created_at=stamp))
+                    fields[f"{kind}_file_id"] = file_id
+                else:
+                    await asyncio.to_thread(path.unlink, missing_ok=True)
+            await session.commit()
+    async with svc.sessions() as session:
+        fresh = await repo.get_batch(session, batch.id)
+        await repo.recount(session, fresh)
+        if pending_code:
+            fresh.failed = fresh.total - fresh.completed
+        fields.update(total=fresh.total, completed=fresh.completed, failed=fresh.failed,
+                      input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens)
+    fields.update({"status": status, f"{status}_at": stamp})
+    await _set(svc, batch, **fields)
+    return batch
+
+
+# -------------------------------------------------------------------------------------------- driving
+
+
+async def process(svc: Services, batch_id: str, *, concurrency: int, progress: Progress | None = None,
+                  output: Path | None = None, error: Path | None = None, stream: bool = False) -> BatchRow:
+    """Drive a batch from wherever it stands to a final status. Safe to call again after any crash."""
+    batch = await reload(svc, batch_id)
+    if batch.status in FINAL_STATUSES:
+        return batch
+    if batch.status == "validating" or not batch.imported:
+        await _validate_and_import(svc, batch)
+        if batch.status == "failed":
+            return batch
+    if batch.status == "cancelling":
+        return await finalize(svc, batch, "cancelled", output=output, error=error)
+    if batch.status == "in_progress":
+        started = time.monotonic()
+        if batch.started_at is None:
+            await _set(svc, batch, started_at=svc.clock())
+        remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None
+        outcome = "completed"
+        try:
+            async with asyncio.timeout(max(remaining, 0) if remaining is not None else None):
+                await _execute(svc, batch, concurrency=concurrency, progress=progress, stream=stream)
+        except* TimeoutError:
+            outcome = "expired"
+        except* _Cancelled:
+            outcome = "cancelled"
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(_set(svc, batch, run_seconds=batch.run_seconds + time.monotonic() - started))
+        return await finalize(svc, batch, outcome, output=output, error=error)
+    # finalizing: a crash happened while files were being written; write them again.
+    return await finalize(svc, batch, "completed", output=output, error=error)
+
+
+async def request_cancel(svc: Services, batch_id: str, owner: str | None = None) -> BatchRow:
+    """Ask a batch to stop: the run notices within ``commit_interval`` and finalises as cancelled."""
+    async with svc.sessions() as session:
+        batch = await repo.get_batch(session, batch_id, owner)
+        if batch.status in ("cancelling", "cancelled"):
+            return batch
+        if batch.status in FINAL_STATUSES or batch.status == "finalizing":
+            raise errors.ConflictError(f"Batch {batch_id} is {batch.status} and cannot be cancelled.")
+        batch.status, batch.cancelling_at = "cancelling", int(svc.clock())
+        session.add(batch)
+        await session.commit()
+        await session.refresh(batch)
+    return batch

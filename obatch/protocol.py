@@ -1,0 +1,146 @@
+"""OpenAI wire models, with OpenAI's exact field names (openai-python ``types/batch*.py``, ``file_object.py``).
+
+These are what crosses a boundary: batch input/output lines, File and Batch objects, error bodies. Database rows
+live in ``obatch.store`` and are converted to these, never returned as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+FINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class RequestLine(BaseModel):
+    """One line of a batch input file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    method: Literal["POST"]
+    url: Endpoint
+    body: dict[str, Any]
+
+
+class ResponseBody(_Wire):
+    status_code: int
+    request_id: str
+    body: dict[str, Any]
+
+
+class LineError(_Wire):
+    code: str
+    message: str
+
+
+class OutputLine(_Wire):
+    """One line of an output or error file: exactly one ``response`` or ``error``."""
+
+    id: str
+    custom_id: str
+    response: ResponseBody | None = None
+    error: LineError | None = None
+
+
+class FileObject(_Wire):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class BatchErrorItem(_Wire):
+    code: str | None = None
+    line: int | None = None
+    message: str | None = None
+    param: str | None = None
+
+
+class BatchErrors(_Wire):
+    object: Literal["list"] = "list"
+    data: list[BatchErrorItem] = Field(default_factory=list)
+
+
+class RequestCounts(_Wire):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class InputTokensDetails(_Wire):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(_Wire):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(_Wire):
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+
+class Batch(_Wire):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    status: BatchStatus
+    errors: BatchErrors | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts | None = None
+    metadata: dict[str, str] | None = None
+    model: str | None = None
+    usage: BatchUsage | None = None
+
+
+class ErrorDetail(_Wire):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Wire):
+    """OpenAI's HTTP error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class ListPage(_Wire):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

@@ -1,0 +1,175 @@
+"""Repository functions: every query obatch makes, each taking the session (or session factory) it runs in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select, text, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from obatch.errors import NotFoundError
+from obatch.store.db import Sessions
+from obatch.store.tables import BatchRow, FileRow, RequestRow
+
+PAGE = 500
+
+
+async def get_file(session: AsyncSession, file_id: str, owner: str | None = None) -> FileRow:
+    row = await session.get(FileRow, file_id)
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"No such file: {file_id}", param="file_id")
+    return row
+
+
+async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = None) -> BatchRow:
+    row = await session.get(BatchRow, batch_id)
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"No such batch: {batch_id}", param="batch_id")
+    return row
+
+
+async def next_seq(session: AsyncSession) -> int:
+    current = (await session.exec(select(func.max(BatchRow.seq)))).one()  # type: ignore[call-overload]
+    return int(current[0] or 0) + 1
+
+
+async def find_resumable(session: AsyncSession, signature: str) -> BatchRow | None:
+    """The newest unfinished batch started with the same input and options (CLI / notebook resume)."""
+    statement = (
+        select(BatchRow)
+        .where(BatchRow.signature == signature)
+        .where(BatchRow.status.in_(("validating", "in_progress", "finalizing", "cancelling")))  # type: ignore[attr-defined]
+        .order_by(BatchRow.seq.desc())  # type: ignore[attr-defined]
+        .limit(1)
+    )
+    return (await session.exec(statement)).scalars().first()  # type: ignore[call-overload, no-any-return]
+
+
+async def replace_requests(session: AsyncSession, batch_id: str) -> None:
+    """Forget a partial import (a crash mid-import) before importing again."""
+    await session.exec(delete(RequestRow).where(RequestRow.batch_id == batch_id))  # type: ignore[call-overload, arg-type]
+
+
+async def insert_requests(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await session.exec(RequestRow.__table__.insert(), params=rows)  # type: ignore[attr-defined, call-overload]
+
+
+@dataclass(slots=True)
+class Group:
+    model: str
+    pending: int
+    max_prompt_estimate: int
+    max_need: int
+
+
+async def pending_groups(session: AsyncSession, batch_id: str, default_budget: int) -> list[Group]:
+    """Pending requests per model, with the longest prompt + output budget: one num_ctx per group."""
+    need = RequestRow.prompt_estimate + func.coalesce(RequestRow.max_tokens, default_budget)
+    statement = (
+        select(RequestRow.model, func.count(), func.max(RequestRow.prompt_estimate), func.max(need))
+        .where(RequestRow.batch_id == batch_id, RequestRow.state == "pending")
+        .group_by(RequestRow.model)
+        .order_by(RequestRow.model)
+    )
+    rows = (await session.exec(statement)).all()  # type: ignore[call-overload]
+    return [Group(model=m, pending=n, max_prompt_estimate=p or 0, max_need=x or 0) for m, n, p, x in rows]
+
+
+async def iter_pending(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[RequestRow]:
+    """Pending rows of one model in line order, a page at a time (keyset pagination, one short session each)."""
+    last = 0
+    while True:
+        async with sessions() as session:
+            statement = (
+                select(RequestRow)
+                .where(RequestRow.batch_id == batch_id, RequestRow.model == model,
+                       RequestRow.state == "pending", RequestRow.line > last)
+                .order_by(RequestRow.line)  # type: ignore[arg-type]
+                .limit(PAGE)
+            )
+            page = list((await session.exec(statement)).scalars().all())  # type: ignore[call-overload]
+        for row in page:
+            yield row
+        if len(page) < PAGE:
+            return
+        last = page[-1].line
+
+
+async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[Any] | None = None
+                    ) -> AsyncIterator[Any]:
+    """Every row of a batch in line order, a page at a time."""
+    last = 0
+    while True:
+        async with sessions() as session:
+            cols = list(columns) if columns else [RequestRow]
+            statement = (select(*cols, RequestRow.line)
+                         .where(RequestRow.batch_id == batch_id, RequestRow.line > last)
+                         .order_by(RequestRow.line).limit(PAGE))  # type: ignore[arg-type]
+            page = list((await session.exec(statement)).all())  # type: ignore[call-overload]
+        for row in page:
+            yield row
+        if len(page) < PAGE:
+            return
+        last = page[-1][-1]
+
+
+_FINISH = text(
+    "UPDATE requests SET state=:state, request_id=:request_id, status_code=:status_code, response=:response, "
+    "error_code=:error_code, error_message=:error_message, content=:content, finish_reason=:finish_reason, "
+    "prompt_tokens=:prompt_tokens, completion_tokens=:completion_tokens, latency_ms=:latency_ms, "
+    "ttft_ms=:ttft_ms, engine_prompt_ms=:engine_prompt_ms, engine_decode_ms=:engine_decode_ms, "
+    "engine_load_ms=:engine_load_ms, num_ctx=:num_ctx, attempts=:attempts, truncated=:truncated, "
+    "finished_at=:finished_at WHERE batch_id=:batch_id AND line=:line AND state='pending'"
+)
+
+
+async def finish_requests(session: AsyncSession, batch_id: str, results: Sequence[dict[str, Any]]) -> None:
+    """Record finished requests. Only a still-pending row takes a result, so a line is never finished twice;
+    the batch's live counters move by the rows that actually changed."""
+    succeeded = [r for r in results if r["state"] == "succeeded"]
+    failed = [r for r in results if r["state"] != "succeeded"]
+    done = {"succeeded": 0, "failed": 0}
+    for state, group in (("succeeded", succeeded), ("failed", failed)):
+        if group:
+            outcome = await session.exec(_FINISH, params=group)  # type: ignore[call-overload]
+            done[state] = max(outcome.rowcount, 0)
+    tokens_in = sum(r["prompt_tokens"] or 0 for r in succeeded)
+    tokens_out = sum(r["completion_tokens"] or 0 for r in succeeded)
+    await session.exec(  # type: ignore[call-overload]
+        update(BatchRow).where(BatchRow.id == batch_id).values(  # type: ignore[arg-type]
+            completed=BatchRow.completed + done["succeeded"], failed=BatchRow.failed + done["failed"],
+            input_tokens=BatchRow.input_tokens + tokens_in, output_tokens=BatchRow.output_tokens + tokens_out,
+        )
+    )
+
+
+async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any) -> int:
+    """Fail the pending rows matching ``where`` at once (model unknown, prompt too long); returns how many."""
+    statement = update(RequestRow).where(  # type: ignore[arg-type]
+        RequestRow.batch_id == batch_id, RequestRow.state == "pending", *where
+    ).values(state="failed", error_code=code, error_message=message, status_code=400, finished_at=time.time())
+    outcome = await session.exec(statement)  # type: ignore[call-overload]
+    count = max(outcome.rowcount, 0)
+    await session.exec(  # type: ignore[call-overload]
+        update(BatchRow).where(BatchRow.id == batch_id).values(failed=BatchRow.failed + count)  # type: ignore[arg-type]
+    )
+    return count
+
+
+async def recount(session: AsyncSession, batch: BatchRow) -> None:
+    """Exact counters and usage from the rows (at finalisation)."""
+    statement = (
+        select(RequestRow.state, func.count(), func.sum(RequestRow.prompt_tokens),
+               func.sum(RequestRow.completion_tokens))
+        .where(RequestRow.batch_id == batch.id).group_by(RequestRow.state)
+    )
+    counts = {state: (n, p or 0, c or 0) for state, n, p, c in (await session.exec(statement)).all()}  # type: ignore[call-overload]
+    batch.completed = counts.get("succeeded", (0, 0, 0))[0]
+    batch.failed = counts.get("failed", (0, 0, 0))[0]
+    batch.input_tokens = counts.get("succeeded", (0, 0, 0))[1]
+    batch.output_tokens = counts.get("succeeded", (0, 0, 0))[2]
+    batch.total = sum(v[0] for v in counts.values())

@@ -1,0 +1,99 @@
+"""SQLModel tables. Rows stay in the store: ``obatch.protocol`` models are what leaves it.
+
+One ``RequestRow`` per input line, keyed by (batch_id, line) and unique on (batch_id, custom_id): output and error
+files are assembled from these rows, so a line can be neither lost nor doubled, whatever crashed when.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class FileRow(SQLModel, table=True):
+    __tablename__ = "files"
+
+    id: str = Field(primary_key=True)
+    owner: str = Field(default="", index=True)
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    sha256: str = Field(default="", index=True)
+    status: str = "processed"
+    expires_at: int | None = None
+
+
+class BatchRow(SQLModel, table=True):
+    __tablename__ = "batches"
+
+    id: str = Field(primary_key=True)
+    owner: str = Field(default="", index=True)
+    endpoint: str
+    input_file_id: str = Field(index=True)
+    completion_window: str = "24h"
+    status: str = Field(default="validating", index=True)
+    created_at: int
+    seq: int = Field(default=0, index=True)  # creation order (created_at has 1 s resolution)
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors_json: str | None = None
+    metadata_json: str | None = None
+    model: str | None = None  # a model override applied to every line
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    imported: bool = False
+    source: str = "api"  # api | cli | notebook
+    signature: str | None = Field(default=None, index=True)  # what a CLI/notebook rerun matches to resume
+    concurrency: int | None = None
+    backend: str | None = None
+    started_at: float | None = None  # first work on the batch (monotonic wall clock, seconds since epoch)
+    run_seconds: float = 0.0  # time spent executing, summed over resumed runs
+    estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
+
+
+class RequestRow(SQLModel, table=True):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
+        Index("ix_requests_batch_state_model", "batch_id", "state", "model"),
+    )
+
+    batch_id: str = Field(primary_key=True, foreign_key="batches.id")
+    line: int = Field(primary_key=True)
+    custom_id: str
+    url: str
+    model: str
+    body: str  # the request body as JSON
+    prompt_estimate: int = 0
+    max_tokens: int | None = None
+    state: str = "pending"  # pending | succeeded | failed
+    request_id: str | None = None  # "batch_req_..." id of the output line
+    status_code: int | None = None
+    response: str | None = None  # the response body as JSON
+    error_code: str | None = None
+    error_message: str | None = None
+    content: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    engine_prompt_ms: float | None = None
+    engine_decode_ms: float | None = None
+    engine_load_ms: float | None = None
+    num_ctx: int | None = None
+    attempts: int = 0
+    truncated: bool = False
+    finished_at: float | None = None
