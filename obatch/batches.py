@@ -28,12 +28,21 @@ from typing import Any
 
 import orjson
 from sqlalchemy import func, select, update
+from sqlmodel import col
 
 from obatch import context, errors
 from obatch.backends.base import Backend
 from obatch.config import Settings
 from obatch.jsonl import Limits, Request, iter_file, validate_file
-from obatch.protocol import FINAL_STATUSES
+from obatch.protocol import (
+    FINAL_STATUSES,
+    Batch,
+    BatchErrorItem,
+    BatchErrors,
+    BatchUsage,
+    FileObject,
+    RequestCounts,
+)
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.store import repo
 from obatch.store.db import Sessions
@@ -208,8 +217,9 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
         await asyncio.to_thread(handle.close)
     first_url = None
     async with svc.sessions() as session:
-        first_url = (await session.exec(  # type: ignore[call-overload]
-            select(RequestRow.url).where(RequestRow.batch_id == batch.id).order_by(RequestRow.line).limit(1)
+        first_url = (await session.execute(
+            select(col(RequestRow.url)).where(col(RequestRow.batch_id) == batch.id)
+            .order_by(col(RequestRow.line)).limit(1)
         )).scalar()
     await _set(svc, batch, status="in_progress", in_progress_at=int(svc.clock()), imported=True, total=total,
                endpoint=batch.endpoint or first_url or "")
@@ -218,7 +228,7 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
 async def _set(svc: Services, batch: BatchRow, **values: Any) -> None:
     """Write fields of a batch and mirror them on the object in hand."""
     async with svc.sessions() as session:
-        await session.exec(update(BatchRow).where(BatchRow.id == batch.id).values(**values))  # type: ignore[call-overload, arg-type]
+        await session.execute(update(BatchRow).where(col(BatchRow.id) == batch.id).values(**values))
         await session.commit()
     for key, value in values.items():
         setattr(batch, key, value)
@@ -309,7 +319,7 @@ async def _watch(svc: Services, writer: ResultWriter) -> None:
         await asyncio.sleep(svc.settings.commit_interval)
         await writer.flush()
         async with svc.sessions() as session:
-            status = (await session.exec(select(BatchRow.status).where(BatchRow.id == writer.batch_id))  # type: ignore[call-overload]
+            status = (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == writer.batch_id))
                       ).scalar()
         if status == "cancelling":
             raise _Cancelled
@@ -323,7 +333,7 @@ async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -
 
 
 async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress: Progress | None,
-                   stream: bool = False) -> None:
+                   stream: bool = False, slots: asyncio.Semaphore | None = None) -> None:
     """Run every pending row, one model group after another (fewest model swaps), resuming where rows stand."""
     async with svc.sessions() as session:
         groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
@@ -341,7 +351,7 @@ async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress
                 watcher = tasks.create_task(_watch(svc, writer))
                 runner = tasks.create_task(run_jobs(
                     _jobs(svc, batch.id, group.model, num_ctx), svc.backend, writer.add,
-                    concurrency=concurrency, policy=svc.policy, stream=stream))
+                    concurrency=concurrency, policy=svc.policy, stream=stream, slots=slots))
                 await runner
                 watcher.cancel()
         finally:
@@ -351,7 +361,7 @@ async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress
 async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
                       progress: Progress | None, count: int) -> None:
     async with svc.sessions() as session:
-        await repo.fail_pending(session, batch_id, exc.code, exc.message, RequestRow.model == model)
+        await repo.fail_pending(session, batch_id, exc.code, exc.message, col(RequestRow.model) == model)
         await session.commit()
     if progress is not None:
         progress(count)
@@ -363,9 +373,9 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
     if svc.backend.name == "openai":
         return None  # an OpenAI-compatible engine's context is fixed at its start
     if context_length:
-        too_long = (RequestRow.model == group.model) & (
-            (RequestRow.prompt_estimate >= context_length)
-            | (RequestRow.prompt_estimate + func.coalesce(RequestRow.max_tokens, 0) > context_length)
+        too_long = (col(RequestRow.model) == group.model) & (
+            (col(RequestRow.prompt_estimate) >= context_length)
+            | (col(RequestRow.prompt_estimate) + func.coalesce(col(RequestRow.max_tokens), 0) > context_length)
         )
         async with svc.sessions() as session:
             failed = await repo.fail_pending(session, batch_id, "context_length_exceeded",
@@ -388,9 +398,9 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
     """(is_success, output line) for one row."""
     if row.state == "succeeded":
-        response = {"status_code": row.status_code, "request_id": row.request_id,
-                    "body": orjson.Fragment(row.response or "{}")}
-        return True, orjson.dumps({"id": row.request_id, "custom_id": row.custom_id, "response": response,
+        success: dict[str, Any] = {"status_code": row.status_code, "request_id": row.request_id,
+                                   "body": orjson.Fragment(row.response or "{}")}
+        return True, orjson.dumps({"id": row.request_id, "custom_id": row.custom_id, "response": success,
                                    "error": None}) + b"\n"
     if row.state == "pending":
         code = pending_code or "batch_cancelled"
@@ -399,9 +409,9 @@ def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
         return False, orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": row.custom_id,
                                     "response": None, "error": {"code": code, "message": message}}) + b"\n"
     error = {"code": row.error_code, "message": row.error_message}
-    response = None
+    response: dict[str, Any] | None = None
     if row.status_code:
-        response = {"status_code": row.status_code, "request_id": row.request_id or "",
+        response = {"status_code": row.status_code, "request_id": row.request_id or f"req_{uuid.uuid4().hex}",
                     "body": {"error": {"message": row.error_message, "type": "invalid_request_error"
                                        if (row.status_code or 500) < 500 else "server_error",
                                        "param": None, "code": row.error_code}}}
@@ -482,11 +492,38 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
     return batch
 
 
+# ------------------------------------------------------------------------------------------- wire views
+
+
+def file_object(row: FileRow) -> FileObject:
+    return FileObject(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
+                      purpose=row.purpose, status="processed", expires_at=row.expires_at)
+
+
+def batch_object(row: BatchRow) -> Batch:
+    """A stored batch as OpenAI's Batch object (request_counts and usage live while it runs)."""
+    errors_list = orjson.loads(row.errors_json) if row.errors_json else None
+    return Batch(
+        id=row.id, endpoint=row.endpoint, input_file_id=row.input_file_id,
+        completion_window=row.completion_window, created_at=row.created_at, status=row.status,
+        errors=BatchErrors(data=[BatchErrorItem(**e) for e in errors_list]) if errors_list else None,
+        output_file_id=row.output_file_id, error_file_id=row.error_file_id, in_progress_at=row.in_progress_at,
+        expires_at=row.expires_at, finalizing_at=row.finalizing_at, completed_at=row.completed_at,
+        failed_at=row.failed_at, expired_at=row.expired_at, cancelling_at=row.cancelling_at,
+        cancelled_at=row.cancelled_at,
+        request_counts=RequestCounts(total=row.total, completed=row.completed, failed=row.failed),
+        metadata=orjson.loads(row.metadata_json) if row.metadata_json else None, model=row.model,
+        usage=BatchUsage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                         total_tokens=row.input_tokens + row.output_tokens),
+    )
+
+
 # -------------------------------------------------------------------------------------------- driving
 
 
 async def process(svc: Services, batch_id: str, *, concurrency: int, progress: Progress | None = None,
-                  output: Path | None = None, error: Path | None = None, stream: bool = False) -> BatchRow:
+                  output: Path | None = None, error: Path | None = None, stream: bool = False,
+                  slots: asyncio.Semaphore | None = None) -> BatchRow:
     """Drive a batch from wherever it stands to a final status. Safe to call again after any crash."""
     batch = await reload(svc, batch_id)
     if batch.status in FINAL_STATUSES:
@@ -505,7 +542,8 @@ async def process(svc: Services, batch_id: str, *, concurrency: int, progress: P
         outcome = "completed"
         try:
             async with asyncio.timeout(max(remaining, 0) if remaining is not None else None):
-                await _execute(svc, batch, concurrency=concurrency, progress=progress, stream=stream)
+                await _execute(svc, batch, concurrency=concurrency, progress=progress, stream=stream,
+                               slots=slots)
         except* TimeoutError:
             outcome = "expired"
         except* _Cancelled:

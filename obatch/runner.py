@@ -84,8 +84,12 @@ async def call_with_retries(backend: Backend, job: Job, policy: RetryPolicy, *, 
 
 
 async def run_jobs(jobs: AsyncIterator[Job], backend: Backend, sink: Sink, *, concurrency: int,
-                   policy: RetryPolicy, stream: bool = False) -> None:
-    """Run every job with at most ``concurrency`` in flight; hand each outcome to ``sink`` as it arrives."""
+                   policy: RetryPolicy, stream: bool = False, slots: asyncio.Semaphore | None = None) -> None:
+    """Run every job with at most ``concurrency`` in flight; hand each outcome to ``sink`` as it arrives.
+
+    ``slots``, when given, is shared by several runs (a server's batches): each request also takes one of its
+    permits, and since waiters are served first come first served, concurrent batches share the engine fairly.
+    """
     queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=concurrency * 2)
 
     async def produce() -> None:
@@ -97,7 +101,11 @@ async def run_jobs(jobs: AsyncIterator[Job], backend: Backend, sink: Sink, *, co
     async def work() -> None:
         while (job := await queue.get()) is not None:
             started = time.perf_counter()
-            result, error, attempts = await call_with_retries(backend, job, policy, stream=stream)
+            if slots is None:
+                result, error, attempts = await call_with_retries(backend, job, policy, stream=stream)
+            else:
+                async with slots:
+                    result, error, attempts = await call_with_retries(backend, job, policy, stream=stream)
             await sink(Outcome(job, result, error, (time.perf_counter() - started) * 1000, attempts, time.time()))
 
     async with asyncio.TaskGroup() as group:

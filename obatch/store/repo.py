@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy import CursorResult, delete, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from obatch.errors import NotFoundError
 from obatch.store.db import Sessions
@@ -32,7 +33,7 @@ async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = No
 
 
 async def next_seq(session: AsyncSession) -> int:
-    current = (await session.exec(select(func.max(BatchRow.seq)))).one()  # type: ignore[call-overload]
+    current = (await session.execute(select(func.max(col(BatchRow.seq))))).one()
     return int(current[0] or 0) + 1
 
 
@@ -40,22 +41,22 @@ async def find_resumable(session: AsyncSession, signature: str) -> BatchRow | No
     """The newest unfinished batch started with the same input and options (CLI / notebook resume)."""
     statement = (
         select(BatchRow)
-        .where(BatchRow.signature == signature)
-        .where(BatchRow.status.in_(("validating", "in_progress", "finalizing", "cancelling")))  # type: ignore[attr-defined]
-        .order_by(BatchRow.seq.desc())  # type: ignore[attr-defined]
+        .where(col(BatchRow.signature) == signature)
+        .where(col(BatchRow.status).in_(("validating", "in_progress", "finalizing", "cancelling")))
+        .order_by(col(BatchRow.seq).desc())
         .limit(1)
     )
-    return (await session.exec(statement)).scalars().first()  # type: ignore[call-overload, no-any-return]
+    return (await session.execute(statement)).scalars().first()
 
 
 async def replace_requests(session: AsyncSession, batch_id: str) -> None:
     """Forget a partial import (a crash mid-import) before importing again."""
-    await session.exec(delete(RequestRow).where(RequestRow.batch_id == batch_id))  # type: ignore[call-overload, arg-type]
+    await session.execute(delete(RequestRow).where(col(RequestRow.batch_id) == batch_id))
 
 
 async def insert_requests(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
-        await session.exec(RequestRow.__table__.insert(), params=rows)  # type: ignore[attr-defined, call-overload]
+        await session.execute(insert(RequestRow), rows)
 
 
 @dataclass(slots=True)
@@ -68,14 +69,14 @@ class Group:
 
 async def pending_groups(session: AsyncSession, batch_id: str, default_budget: int) -> list[Group]:
     """Pending requests per model, with the longest prompt + output budget: one num_ctx per group."""
-    need = RequestRow.prompt_estimate + func.coalesce(RequestRow.max_tokens, default_budget)
+    need = col(RequestRow.prompt_estimate) + func.coalesce(col(RequestRow.max_tokens), default_budget)
     statement = (
-        select(RequestRow.model, func.count(), func.max(RequestRow.prompt_estimate), func.max(need))
-        .where(RequestRow.batch_id == batch_id, RequestRow.state == "pending")
-        .group_by(RequestRow.model)
-        .order_by(RequestRow.model)
+        select(col(RequestRow.model), func.count(), func.max(col(RequestRow.prompt_estimate)), func.max(need))
+        .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
+        .group_by(col(RequestRow.model))
+        .order_by(col(RequestRow.model))
     )
-    rows = (await session.exec(statement)).all()  # type: ignore[call-overload]
+    rows = (await session.execute(statement)).all()
     return [Group(model=m, pending=n, max_prompt_estimate=p or 0, max_need=x or 0) for m, n, p, x in rows]
 
 
@@ -86,12 +87,12 @@ async def iter_pending(sessions: Sessions, batch_id: str, model: str) -> AsyncIt
         async with sessions() as session:
             statement = (
                 select(RequestRow)
-                .where(RequestRow.batch_id == batch_id, RequestRow.model == model,
-                       RequestRow.state == "pending", RequestRow.line > last)
-                .order_by(RequestRow.line)  # type: ignore[arg-type]
+                .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+                       col(RequestRow.state) == "pending", col(RequestRow.line) > last)
+                .order_by(col(RequestRow.line))
                 .limit(PAGE)
             )
-            page = list((await session.exec(statement)).scalars().all())  # type: ignore[call-overload]
+            page = list((await session.execute(statement)).scalars().all())
         for row in page:
             yield row
         if len(page) < PAGE:
@@ -106,10 +107,10 @@ async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[Any] | 
     while True:
         async with sessions() as session:
             cols = list(columns) if columns else [RequestRow]
-            statement = (select(*cols, RequestRow.line)
-                         .where(RequestRow.batch_id == batch_id, RequestRow.line > last)
-                         .order_by(RequestRow.line).limit(PAGE))  # type: ignore[arg-type]
-            page = list((await session.exec(statement)).all())  # type: ignore[call-overload]
+            statement = (select(*cols, col(RequestRow.line))
+                         .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.line) > last)
+                         .order_by(col(RequestRow.line)).limit(PAGE))
+            page = list((await session.execute(statement)).all())
         for row in page:
             yield row
         if len(page) < PAGE:
@@ -135,27 +136,27 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
     done = {"succeeded": 0, "failed": 0}
     for state, group in (("succeeded", succeeded), ("failed", failed)):
         if group:
-            outcome = await session.exec(_FINISH, params=group)  # type: ignore[call-overload]
+            outcome: CursorResult[Any] = await session.execute(_FINISH, group)  # type: ignore[assignment]
             done[state] = max(outcome.rowcount, 0)
     tokens_in = sum(r["prompt_tokens"] or 0 for r in succeeded)
     tokens_out = sum(r["completion_tokens"] or 0 for r in succeeded)
-    await session.exec(  # type: ignore[call-overload]
-        update(BatchRow).where(BatchRow.id == batch_id).values(  # type: ignore[arg-type]
-            completed=BatchRow.completed + done["succeeded"], failed=BatchRow.failed + done["failed"],
-            input_tokens=BatchRow.input_tokens + tokens_in, output_tokens=BatchRow.output_tokens + tokens_out,
+    await session.execute(
+        update(BatchRow).where(col(BatchRow.id) == batch_id).values(
+            completed=col(BatchRow.completed) + done["succeeded"], failed=col(BatchRow.failed) + done["failed"],
+            input_tokens=col(BatchRow.input_tokens) + tokens_in, output_tokens=col(BatchRow.output_tokens) + tokens_out,
         )
     )
 
 
 async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any) -> int:
     """Fail the pending rows matching ``where`` at once (model unknown, prompt too long); returns how many."""
-    statement = update(RequestRow).where(  # type: ignore[arg-type]
-        RequestRow.batch_id == batch_id, RequestRow.state == "pending", *where
+    statement = update(RequestRow).where(
+        col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending", *where
     ).values(state="failed", error_code=code, error_message=message, status_code=400, finished_at=time.time())
-    outcome = await session.exec(statement)  # type: ignore[call-overload]
-    count = max(outcome.rowcount, 0)
-    await session.exec(  # type: ignore[call-overload]
-        update(BatchRow).where(BatchRow.id == batch_id).values(failed=BatchRow.failed + count)  # type: ignore[arg-type]
+    outcome: CursorResult[Any] = await session.execute(statement)  # type: ignore[assignment]
+    count = int(max(outcome.rowcount, 0))
+    await session.execute(
+        update(BatchRow).where(col(BatchRow.id) == batch_id).values(failed=col(BatchRow.failed) + count)
     )
     return count
 
@@ -163,11 +164,11 @@ async def fail_pending(session: AsyncSession, batch_id: str, code: str, message:
 async def recount(session: AsyncSession, batch: BatchRow) -> None:
     """Exact counters and usage from the rows (at finalisation)."""
     statement = (
-        select(RequestRow.state, func.count(), func.sum(RequestRow.prompt_tokens),
-               func.sum(RequestRow.completion_tokens))
-        .where(RequestRow.batch_id == batch.id).group_by(RequestRow.state)
+        select(col(RequestRow.state), func.count(), func.sum(col(RequestRow.prompt_tokens)),
+               func.sum(col(RequestRow.completion_tokens)))
+        .where(col(RequestRow.batch_id) == batch.id).group_by(col(RequestRow.state))
     )
-    counts = {state: (n, p or 0, c or 0) for state, n, p, c in (await session.exec(statement)).all()}  # type: ignore[call-overload]
+    counts = {state: (n, p or 0, c or 0) for state, n, p, c in (await session.execute(statement)).all()}
     batch.completed = counts.get("succeeded", (0, 0, 0))[0]
     batch.failed = counts.get("failed", (0, 0, 0))[0]
     batch.input_tokens = counts.get("succeeded", (0, 0, 0))[1]
