@@ -361,7 +361,8 @@ async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress
 async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
                       progress: Progress | None, count: int) -> None:
     async with svc.sessions() as session:
-        await repo.fail_pending(session, batch_id, exc.code, exc.message, col(RequestRow.model) == model)
+        await repo.fail_pending(session, batch_id, exc.code, exc.message, col(RequestRow.model) == model,
+                                status=exc.status or exc.status_code)
         await session.commit()
     if progress is not None:
         progress(count)

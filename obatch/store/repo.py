@@ -148,11 +148,12 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
     )
 
 
-async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any) -> int:
+async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any,
+                       status: int = 400) -> int:
     """Fail the pending rows matching ``where`` at once (model unknown, prompt too long); returns how many."""
     statement = update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending", *where
-    ).values(state="failed", error_code=code, error_message=message, status_code=400, finished_at=time.time())
+    ).values(state="failed", error_code=code, error_message=message, status_code=status, finished_at=time.time())
     outcome: CursorResult[Any] = await session.execute(statement)  # type: ignore[assignment]
     count = int(max(outcome.rowcount, 0))
     await session.execute(
