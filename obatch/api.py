@@ -60,9 +60,10 @@ class RunReport:
                 f"completion tokens)\n  results: {self.output}\n  errors:  {self.errors}")
 
 
-def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, endpoint: str
-              ) -> Iterable[bytes]:
-    """Notebook inputs → batch lines: request dicts as they are, bare prompts as chat requests."""
+def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, endpoint: str,
+              defaults: Mapping[str, Any]) -> Iterable[bytes]:
+    """Notebook inputs → batch lines: bare prompts become requests of ``endpoint``; ``defaults`` fill body fields
+    (max_tokens, temperature…) that a request does not set itself."""
     for i, item in enumerate(requests):
         if isinstance(item, str):
             if endpoint == "/v1/embeddings":
@@ -74,7 +75,10 @@ def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, en
             if model:
                 body["model"] = model
             item = {"custom_id": f"request-{i}", "method": "POST", "url": endpoint, "body": body}
-        yield orjson.dumps(dict(item)) + b"\n"
+        line = dict(item)
+        if defaults and isinstance(line.get("body"), dict):
+            line["body"] = {**defaults, **line["body"]}
+        yield orjson.dumps(line) + b"\n"
 
 
 async def _iterate(lines: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -94,7 +98,7 @@ async def run_batch_file(
     requests: RequestsInput, *, settings: Settings | None = None, backend: Backend | None = None,
     model: str | None = None, concurrency: int | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
-    source: str = "cli", fresh: bool = False, stream: bool = False,
+    source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run."""
     settings = settings or Settings()
@@ -112,13 +116,13 @@ async def run_batch_file(
             filename = path.name
         else:
             path = None
-            chunks = _iterate(_as_lines(requests, model, endpoint))
+            chunks = _iterate(_as_lines(requests, model, endpoint, defaults or {}))
             filename = "requests.jsonl"
         stored = await store_file(svc, chunks, filename=filename, purpose="batch")
         stored_path = file_path(settings, stored.id)
         limits = Limits(max_bytes=settings.max_file_bytes, max_lines=settings.max_lines)
         try:
-            await asyncio.to_thread(validate_file, stored_path, limits=limits, model=model)
+            total, _ = await asyncio.to_thread(validate_file, stored_path, limits=limits, model=model)
         except errors.InputFileError as exc:
             if path is not None:
                 exc.message = exc.message.replace(stored_path.name, path.name)
@@ -141,7 +145,7 @@ async def run_batch_file(
         output = output or results_dir / "output.jsonl"
         errors_path = errors_path or results_dir / "errors.jsonl"
         started = time.monotonic()
-        bar = _progress_bar(batch, sessions, enabled=progress)
+        bar = _progress_bar(batch, sessions, total, enabled=progress)
         with contextlib.closing(await bar) as tracker:
             done = await process(svc, batch.id, concurrency=concurrency, progress=tracker.update,
                                  output=output, error=errors_path, stream=stream)
@@ -162,7 +166,7 @@ class _NoBar:
         return None
 
 
-async def _progress_bar(batch: BatchRow, sessions: Any, *, enabled: bool) -> Any:
+async def _progress_bar(batch: BatchRow, sessions: Any, total: int, *, enabled: bool) -> Any:
     """A tqdm bar (a widget in Jupyter, text on a terminal, nothing when output is not a terminal)."""
     if not enabled:
         return _NoBar()
@@ -170,7 +174,6 @@ async def _progress_bar(batch: BatchRow, sessions: Any, *, enabled: bool) -> Any
 
     async with sessions() as session:
         fresh = await repo.get_batch(session, batch.id)
-    total = fresh.total or None
     return tqdm(total=total, initial=fresh.completed + fresh.failed, desc=batch.id[:14], unit="req",
                 disable=None, dynamic_ncols=True)
 
@@ -193,17 +196,18 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
 
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: int | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
-              endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False
-              ) -> pl.DataFrame:
+              endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
+              **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
-    ``model`` overrides every body's model (and is required for bare prompts). Re-running the same input with the
-    same options resumes an interrupted run; ``fresh=True`` starts a new one.
+    ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
+    ``temperature=``…) fill the bodies of in-memory requests that do not set them. Re-running the same input with
+    the same options resumes an interrupted run; ``fresh=True`` starts a new one.
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
-                                  source="notebook", fresh=fresh)
+                                  source="notebook", fresh=fresh, defaults=defaults)
     return await results_frame(settings, report.batch.id)
 
 

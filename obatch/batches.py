@@ -84,15 +84,15 @@ def file_path(settings: Settings, file_id: str) -> Path:
     return settings.files_dir / f"{file_id}.jsonl"
 
 
-def window_seconds(window: str) -> int:
-    """``"24h"`` → 86400. Windows from 1 minute to 7 days are accepted."""
+def window_seconds(window: str, *, minimum: int = 60) -> int:
+    """``"24h"`` → 86400. Windows from ``minimum`` seconds (1 minute by default) to 7 days are accepted."""
     match = _WINDOW.match(window.strip())
     if not match:
         raise errors.ConfigError(f"completion_window must look like '24h' or '30m', got {window!r}.",
                                  param="completion_window")
     seconds = int(match.group(1)) * _UNIT[match.group(2)]
-    if not 60 <= seconds <= 7 * 86400:
-        raise errors.ConfigError("completion_window must be between 1m and 7d.", param="completion_window")
+    if not minimum <= seconds <= 7 * 86400:
+        raise errors.ConfigError(f"completion_window must be between {minimum}s and 7d.", param="completion_window")
     return seconds
 
 
@@ -155,7 +155,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None
                        ) -> BatchRow:
-    seconds = window_seconds(completion_window)
+    seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
         await repo.get_file(session, input_file_id, owner if source == "api" else None)
@@ -221,8 +221,14 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
             select(col(RequestRow.url)).where(col(RequestRow.batch_id) == batch.id)
             .order_by(col(RequestRow.line)).limit(1)
         )).scalar()
-    await _set(svc, batch, status="in_progress", in_progress_at=int(svc.clock()), imported=True, total=total,
+    await _set(svc, batch, in_progress_at=int(svc.clock()), imported=True, total=total,
                endpoint=batch.endpoint or first_url or "")
+    # Only a batch still validating moves on: a cancel requested meanwhile must not be overwritten.
+    async with svc.sessions() as session:
+        await session.execute(update(BatchRow).where(col(BatchRow.id) == batch.id,
+                                                     col(BatchRow.status) == "validating").values(status="in_progress"))
+        await session.commit()
+    batch.status = (await reload(svc, batch.id)).status
 
 
 async def _set(svc: Services, batch: BatchRow, **values: Any) -> None:
@@ -490,7 +496,7 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
                       input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens)
     fields.update({"status": status, f"{status}_at": stamp})
     await _set(svc, batch, **fields)
-    return batch
+    return await reload(svc, batch.id)
 
 
 # ------------------------------------------------------------------------------------------- wire views

@@ -58,7 +58,7 @@ async def call_with_retries(backend: Backend, job: Job, policy: RetryPolicy, *, 
     attempts = 0
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(errors.TransientError),
-        wait=wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait),
+        wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
         stop=stop_after_attempt(policy.max_attempts),
         reraise=True,
     )

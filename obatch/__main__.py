@@ -1,0 +1,7 @@
+"""``python -m obatch`` is the ``obatch`` command."""
+
+import sys
+
+from obatch.cli import main
+
+sys.exit(main())
