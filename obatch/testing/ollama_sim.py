@@ -1,0 +1,931 @@
+"""A protocol-faithful Ollama simulator for tests and benchmarks (aiohttp, loopback only).
+
+What it copies from Ollama, and where the behaviour is documented (ollama/ollama):
+
+* Endpoints and shapes: ``docs/api.md`` — "Generate a chat completion" (``POST /api/chat``: NDJSON stream by
+  default, final object carries ``done_reason``, ``total_duration``, ``load_duration``,
+  ``prompt_eval_count``, ``prompt_eval_duration``, ``eval_count``, ``eval_duration``; "Durations: All
+  durations are returned in nanoseconds"), "Generate a completion" (``POST /api/generate``, ``response``
+  instead of ``message``, ``context``), "Generate Embeddings" (``POST /api/embed``, ``truncate`` defaults to
+  true), "List Local Models" (``/api/tags``), "Show Model Information" (``/api/show``), "List Running
+  Models" (``/api/ps``); "Load a model" / "Unload a model" (empty ``messages``/``prompt`` answer
+  ``done_reason`` ``load``/``unload`` without generating); "Model names" ("The tag is optional and, if not
+  provided, will default to ``latest``").
+* Streaming default: ``api/types.go`` ``ChatRequest.Stream`` — "Stream enable streaming of returned
+  response; true by default" (a missing or ``null`` ``stream`` streams).
+* Option types: ``api/types.go`` ``Options.FromMap`` — ``option "num_ctx" must be of type integer``,
+  ``stop`` must be an array of strings (HTTP 400).
+* Scheduling: ``docs/faq.md`` "How does Ollama handle concurrent requests?" — ``OLLAMA_NUM_PARALLEL``
+  requests per model at once, ``OLLAMA_MAX_QUEUE`` (512) waiting requests, beyond that HTTP 503;
+  ``server/sched.go`` ``ErrMaxQueue = "server busy, please try again.  maximum pending requests exceeded"``;
+  ``needsReload`` reloads a loaded model when its runner options (``num_ctx`` among them) differ;
+  ``OLLAMA_MAX_LOADED_MODELS`` evicts the least recently used model.
+* Silent truncation: the runner's ``"truncating input prompt"`` path (``runner/llamarunner/runner.go``)
+  keeps the first ``num_keep`` tokens and the *end* of the prompt, ``new == limit == num_ctx``; the only
+  trace in the API is a ``prompt_eval_count`` smaller than the prompt. The sim reports ``prompt_eval_count
+  == num_ctx`` (never an error). Newer Ollama builds (``llm/llama_server.go``) cut harder, to ``num_ctx -
+  (num_ctx - num_keep) // 2``; a client must therefore treat *any* ``prompt_eval_count`` below its own
+  estimate as possible truncation.
+
+Deliberate simplifications: the tokenizer is :func:`count_tokens` (1 token per 4 characters); content is
+words drawn deterministically from (model, prompt text, ``options.seed``); a reload for another ``num_ctx``
+does not wait for the model's in-flight requests; LRU eviction may evict a model that is still serving.
+Faults (``error_rate``, ``reset_rate``, ``hang_rate``, ``stream_error_rate``) are drawn from
+``random.Random(seed)`` once per request to ``/api/chat``, ``/api/generate`` and ``/api/embed``, after the
+body is read and before it is validated or queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import math
+import random
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = [
+    "BUSY_MESSAGE",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "PROMPT_OVERHEAD_TOKENS",
+    "OllamaSim",
+    "SimConfig",
+    "SimModel",
+    "SimStats",
+    "chat_prompt_tokens",
+    "count_tokens",
+    "generate_prompt_tokens",
+    "main",
+    "run_in_thread",
+]
+
+# server/sched.go ErrMaxQueue
+BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+MESSAGE_OVERHEAD_TOKENS = 4  # chat-template tokens around each message
+PROMPT_OVERHEAD_TOKENS = 3  # the assistant header that starts the answer
+FAULT_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed"})
+_VOCAB = (
+    "the", "model", "reads", "each", "prompt", "and", "writes", "a", "short", "answer", "about", "data",
+    "time", "light", "water", "stone", "river", "cloud", "signal", "number", "table", "batch", "queue",
+    "token", "value", "order", "system", "memory", "graph", "field", "vector", "result", "reason", "simple",
+    "clear", "quick", "small", "large", "early", "late", "north", "south", "bright", "quiet", "steady",
+    "random", "local", "remote",
+)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def count_tokens(text: str) -> int:
+    """The sim's tokenizer: one token per 4 characters, rounded up (``""`` is 0 tokens)."""
+    return (len(text) + 3) // 4
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    text = message.get("content") or ""
+    text = text if isinstance(text, str) else _dumps(text)
+    if message.get("tool_calls"):
+        text += _dumps(message["tool_calls"])
+    return text
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> int:
+    """Prompt tokens of a chat before truncation: ``3 + sum(4 + count_tokens(content [+ tool_calls JSON]))``
+    plus ``count_tokens`` of the tools as sorted-key compact JSON when tools are given."""
+    per_message = (MESSAGE_OVERHEAD_TOKENS + count_tokens(_message_text(m)) for m in messages)
+    total = PROMPT_OVERHEAD_TOKENS + sum(per_message)
+    return total + (count_tokens(_dumps(tools)) if tools else 0)
+
+
+def generate_prompt_tokens(prompt: str, system: str | None = None, *, raw: bool = False,
+                           suffix: str = "") -> int:
+    """Prompt tokens of ``/api/generate``: the chat rule for ``[system?, user prompt]``; ``raw`` is just
+    ``count_tokens(prompt + suffix)``."""
+    if raw:
+        return count_tokens(prompt + suffix)
+    messages = ([{"content": system}] if system else []) + [{"content": prompt + suffix}]
+    return chat_prompt_tokens(messages)
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """A model the sim "has pulled". ``"foo"`` and ``"foo:latest"`` name the same model (case-insensitive)."""
+
+    name: str
+    context_length: int = 8192
+    family: str = "llama"
+    parameter_size: str = "1.2B"
+    quantization_level: str = "Q4_K_M"
+    embedding_length: int = 16
+    capabilities: tuple[str, ...] = ("completion", "tools")
+
+    @property
+    def key(self) -> str:
+        return _canonical(self.name)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def parameter_count(self) -> int:
+        number = re.match(r"([\d.]+)\s*([KMBT]?)", self.parameter_size.upper())
+        if number is None:
+            return 1_000_000_000
+        return int(float(number.group(1)) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12, "": 1}[number.group(2)])
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk: ~0.6 bytes per parameter when quantized, 2 for F16/F32."""
+        return int(self.parameter_count * (2.0 if self.quantization_level.upper().startswith("F") else 0.6))
+
+    def details(self) -> dict[str, Any]:
+        return {"parent_model": "", "format": "gguf", "family": self.family, "families": [self.family],
+                "parameter_size": self.parameter_size, "quantization_level": self.quantization_level}
+
+
+def _default_models() -> tuple[SimModel, ...]:
+    return (
+        SimModel("llama3.2:1b"),
+        SimModel("qwen2.5:0.5b", context_length=32768, family="qwen2", parameter_size="494.03M"),
+        SimModel("nomic-embed-text", family="nomic-bert", parameter_size="137M", quantization_level="F16",
+                 capabilities=("embedding",), embedding_length=32),
+    )
+
+
+@dataclass
+class SimConfig:
+    """Server settings (the ``OLLAMA_*`` environment of a real server) and the latency / fault model.
+
+    ``num_parallel`` is per model (like ``OLLAMA_NUM_PARALLEL``); ``max_queue`` bounds the requests waiting for
+    a slot over all models (like ``OLLAMA_MAX_QUEUE``). Rates are fractions of inference requests."""
+
+    models: tuple[SimModel, ...] = field(default_factory=_default_models)
+    num_parallel: int = 1  # OLLAMA_NUM_PARALLEL, per model
+    max_queue: int = 512  # OLLAMA_MAX_QUEUE, waiting requests over all models
+    max_loaded_models: int = 3
+    default_num_ctx: int = 4096
+    load_seconds: float = 0.0
+    prompt_tps: float = 0.0  # 0 = instant
+    decode_tps: float = 0.0  # 0 = instant
+    default_output_tokens: int = 24
+    error_rate: float = 0.0
+    reset_rate: float = 0.0
+    hang_rate: float = 0.0
+    stream_error_rate: float = 0.0  # streams that end in an NDJSON {"error": ...} line after status 200
+    seed: int = 0
+    version: str = "0.12.6"
+
+
+@dataclass
+class SimStats:
+    """Counters, updated on the sim's event loop; read them after the requests you care about finished."""
+
+    requests: Counter[str] = field(default_factory=Counter)  # by path, every request
+    served: int = 0  # inference requests answered in full
+    errors_injected: int = 0
+    resets_injected: int = 0
+    hangs_injected: int = 0
+    stream_errors_injected: int = 0
+    busy_503: int = 0
+    loads: int = 0  # loads and reloads
+    unloads: int = 0
+    truncated: int = 0  # prompts cut to num_ctx
+    running: int = 0
+    queued: int = 0
+    max_concurrent_seen: int = 0
+    max_queued_seen: int = 0
+    max_concurrent_by_model: Counter[str] = field(default_factory=Counter)
+    model_requests: Counter[str] = field(default_factory=Counter)  # canonical name -> validated requests
+    num_ctx_seen: Counter[int] = field(default_factory=Counter)  # effective num_ctx -> requests
+    prompt_tokens: int = 0
+    eval_tokens: int = 0
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Aborted(Exception):
+    """The connection was closed on purpose; no response is written."""
+
+
+@dataclass
+class _Runner:
+    model: SimModel
+    num_ctx: int
+    expires_at: float | None = None  # time.time(); None = never
+    in_use: int = 0
+
+
+@dataclass
+class _Plan:
+    pieces: list[str]  # one text piece per generated token
+    eval_count: int
+    done_reason: str
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+def _canonical(name: str) -> str:
+    name = name.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _now_rfc3339(ts: float | None = None) -> str:
+    moment = datetime.now(UTC) if ts is None else datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json",
+                        charset="utf-8")
+
+
+def _ns(seconds: float) -> int:
+    return max(1, round(seconds * 1e9))
+
+
+def _nominal_ns(count: int, tps: float) -> int:
+    """Modelled duration of ``count`` tokens: ``count / tps``; "instant" (tps 0) reports 1 µs per token."""
+    return round(count / tps * 1e9) if tps > 0 else count * 1000
+
+
+def _parse_keep_alive(value: Any) -> float | None:
+    """Seconds to stay loaded after the request (default 5m), ``None`` for forever (negative values)."""
+    if value is None:
+        return 300.0
+    if isinstance(value, bool):
+        raise _ApiError(400, "invalid keep_alive")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            sign = -1.0 if value.startswith("-") else 1.0
+            body = value.lstrip("+-")
+            parts = _DURATION_RE.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise _ApiError(400, f'time: invalid duration "{value}"') from None
+            seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise _ApiError(400, "invalid keep_alive")
+    return None if seconds < 0 else seconds
+
+
+def _int_option(options: dict[str, Any], key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _ApiError(400, f'option "{key}" must be of type integer')
+    return int(value)
+
+
+def _stop_option(options: dict[str, Any]) -> list[str]:
+    value = options.get("stop")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise _ApiError(400, 'option "stop" must be of an array of strings')
+    return [s for s in value if s]
+
+
+def _fill_schema(schema: Any, rng: random.Random, depth: int = 0) -> Any:
+    """A value that matches a (simple) JSON schema: every property filled with a value of its type."""
+    if not isinstance(schema, dict) or depth > 6:
+        return " ".join(rng.choice(_VOCAB) for _ in range(2))
+    if schema.get("enum"):
+        return rng.choice(schema["enum"])
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return _fill_schema(schema[key][0], rng, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        return {k: _fill_schema(v, rng, depth + 1) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        count = max(int(schema.get("minItems", 2)), 1)
+        return [_fill_schema(schema.get("items"), rng, depth + 1) for _ in range(count)]
+    if kind == "integer":
+        return rng.randint(int(schema.get("minimum", 0)), int(schema.get("maximum", 100)))
+    if kind == "number":
+        return round(rng.uniform(float(schema.get("minimum", 0)), float(schema.get("maximum", 100))), 2)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    return " ".join(rng.choice(_VOCAB) for _ in range(rng.randint(1, 3)))
+
+
+def _chunks(text: str, size: int = 4) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _plan(model: SimModel, prompt_text: str, options: dict[str, Any], fmt: Any, tools: list[Any],
+          last_user: str, default_tokens: int) -> _Plan:
+    """Deterministic output for (model, prompt text, options.seed): words, JSON for ``format``, or a tool call
+    when tools are given and the last user message names a tool or says "weather"."""
+    seed = hashlib.sha256(f"{model.key}\0{prompt_text}\0{options.get('seed')}".encode()).digest()
+    rng = random.Random(int.from_bytes(seed[:8], "big"))
+    num_predict = _int_option(options, "num_predict")
+    limit = num_predict if num_predict is not None and num_predict > 0 else None
+    lowered = last_user.lower()
+    named = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    tool = next((t for t in named if (n := str(t["function"].get("name") or "").lower()) and n in lowered), None)
+    if tool is None and named and "weather" in lowered:
+        tool = named[0]
+    if tool is not None:
+        function = tool["function"]
+        args = _fill_schema(function.get("parameters") or {"type": "object", "properties": {}}, rng)
+        call = {"function": {"index": 0, "name": function.get("name", ""), "arguments": args}}
+        pieces = _chunks(_dumps({"name": function.get("name", ""), "arguments": args}))
+        if limit is not None and limit < len(pieces):
+            return _Plan(pieces[:limit], limit, "length")  # a cut tool call comes back as raw text
+        return _Plan(pieces, len(pieces), "stop", [call])
+    lo = min(8, default_tokens)
+    words = [rng.choice(_VOCAB) for _ in range(rng.randint(max(lo, 1), max(lo, 2 * default_tokens, 1)))]
+    if fmt == "json":
+        pieces = _chunks(_dumps({"answer": " ".join(words)}))
+    elif isinstance(fmt, dict):
+        pieces = _chunks(_dumps(_fill_schema(fmt, rng)))
+    else:
+        words[0] = words[0].capitalize()
+        words[-1] += "."
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+    reason = "stop"
+    if limit is not None and limit < len(pieces):
+        pieces, reason = pieces[:limit], "length"
+    count = len(pieces)
+    stops = _stop_option(options)
+    text = ""
+    for i, piece in enumerate(pieces if stops else ()):
+        text += piece
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:  # the answer ends before the stop string; the token that completed it still counts
+            content, kept, used = text[: min(hits)], [], 0
+            for p in pieces[: i + 1]:
+                if used < len(content):
+                    kept.append(p[: len(content) - used])
+                used += len(p)
+            pieces, count, reason = kept, i + 1, "stop"
+            break
+    return _Plan(pieces, count, reason)
+
+
+def _embedding(model: SimModel, text: str, dimensions: int | None) -> list[float]:
+    seed = hashlib.sha256(f"{model.key}\0{text}".encode()).digest()
+    rng = random.Random(int.from_bytes(seed[:8], "big"))
+    vector = [rng.gauss(0.0, 1.0) for _ in range(model.embedding_length)]
+    if dimensions:
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+class OllamaSim:
+    """The simulator: ``async with OllamaSim(cfg) as sim: ... sim.url`` or ``await start()`` / ``stop()``."""
+
+    def __init__(self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or SimConfig()
+        self.host, self.port = host, port
+        self.url = ""
+        self.stats = SimStats()
+        self._models = {m.key: m for m in self.config.models}
+        self._rng = random.Random(self.config.seed)
+        self._loaded: OrderedDict[str, _Runner] = OrderedDict()
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._running: Counter[str] = Counter()
+        self._load_lock: asyncio.Lock | None = None
+        self._stopping: asyncio.Event | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        self._load_lock, self._stopping = asyncio.Lock(), asyncio.Event()
+        app = web.Application(middlewares=[self._middleware], client_max_size=256 * 1024 * 1024)
+        app.router.add_get("/", self._root)
+        app.router.add_get("/api/version", self._version)
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_get("/api/ps", self._ps)
+        app.router.add_post("/api/show", self._show)
+        app.router.add_post("/api/chat", self._chat)
+        app.router.add_post("/api/generate", self._generate)
+        app.router.add_post("/api/embed", self._embed)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])
+        self.url = f"http://{self.host}:{self.port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()  # wakes hung requests
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> OllamaSim:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        self.stats.requests[request.path] += 1
+        try:
+            return await handler(request)
+        except _ApiError as exc:
+            return _json({"error": exc.message}, exc.status)
+        except _Aborted:
+            return web.Response()  # the transport is gone: aiohttp drops this quietly
+
+    @staticmethod
+    def _abort(request: web.Request) -> None:
+        """Close the connection with a TCP RST (SO_LINGER 0) and no response."""
+        transport = request.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if request.path in FAULT_PATHS:
+            await self._inject_fault(request)
+        if not raw.strip():
+            raise _ApiError(400, "missing request body")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _ApiError(400, f"invalid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _ApiError(400, "invalid request: expected a JSON object")
+        return body
+
+    async def _inject_fault(self, request: web.Request) -> None:
+        cfg = self.config
+        if cfg.error_rate <= 0 and cfg.reset_rate <= 0 and cfg.hang_rate <= 0:
+            return
+        draw = self._rng.random()
+        if draw < cfg.error_rate:
+            self.stats.errors_injected += 1
+            raise _ApiError(500, "simulated internal error")
+        if draw < cfg.error_rate + cfg.reset_rate:
+            self.stats.resets_injected += 1
+            self._abort(request)
+            raise _Aborted
+        if draw < cfg.error_rate + cfg.reset_rate + cfg.hang_rate:
+            self.stats.hangs_injected += 1
+            assert self._stopping is not None
+            await self._stopping.wait()  # the client gives up (handler cancelled) or the sim stops
+            self._abort(request)
+            raise _Aborted
+
+    def _model(self, body: dict[str, Any], *, field_names: tuple[str, ...] = ("model",),
+               show: bool = False) -> tuple[str, SimModel]:
+        name = next((body[k] for k in field_names if isinstance(body.get(k), str) and body[k]), "")
+        if not name:
+            raise _ApiError(400, "model is required")
+        model = self._models.get(_canonical(name))
+        if model is None:
+            raise _ApiError(404, f"model '{name}' not found" if show else
+                            f"model {_dumps(name)} not found, try pulling it first")
+        return name, model
+
+    def _num_ctx(self, model: SimModel, options: dict[str, Any]) -> int:
+        requested = _int_option(options, "num_ctx")
+        # llm/server.go clamps num_ctx to the model's trained context ("requested context size too large")
+        num_ctx = min(requested if requested and requested > 0 else self.config.default_num_ctx,
+                      model.context_length)
+        self.stats.model_requests[model.key] += 1
+        self.stats.num_ctx_seen[num_ctx] += 1
+        return num_ctx
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, model: SimModel) -> AsyncIterator[None]:
+        """One of the model's ``num_parallel`` slots; waits in the shared queue; 503 if ``max_queue`` wait."""
+        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, self.config.num_parallel)))
+        stats = self.stats
+        if sem.locked():
+            if stats.queued >= self.config.max_queue:
+                stats.busy_503 += 1
+                raise _ApiError(503, BUSY_MESSAGE)
+            stats.queued += 1
+            stats.max_queued_seen = max(stats.max_queued_seen, stats.queued)
+            try:
+                await sem.acquire()
+            finally:
+                stats.queued -= 1
+        else:
+            await sem.acquire()  # free slot: returns without yielding
+        stats.running += 1
+        self._running[model.key] += 1
+        stats.max_concurrent_seen = max(stats.max_concurrent_seen, stats.running)
+        stats.max_concurrent_by_model[model.key] = max(stats.max_concurrent_by_model[model.key],
+                                                       self._running[model.key])
+        try:
+            yield
+        finally:
+            stats.running -= 1
+            self._running[model.key] -= 1
+            sem.release()
+
+    def _expire(self) -> None:
+        now = time.time()
+        for key, runner in list(self._loaded.items()):
+            if runner.in_use == 0 and runner.expires_at is not None and runner.expires_at <= now:
+                del self._loaded[key]
+                self.stats.unloads += 1
+
+    async def _acquire_runner(self, model: SimModel, num_ctx: int) -> tuple[_Runner, int]:
+        """Load (or reload, if ``num_ctx`` changed) the model; returns the runner and load_duration in ns."""
+        assert self._load_lock is not None
+        started = time.monotonic()
+        async with self._load_lock:  # the scheduler places one model at a time
+            self._expire()
+            runner = self._loaded.get(model.key)
+            if runner is None or runner.num_ctx != num_ctx:
+                if runner is not None:
+                    del self._loaded[model.key]  # needsReload: runner options changed
+                    self.stats.unloads += 1
+                while len(self._loaded) >= max(1, self.config.max_loaded_models):
+                    self._loaded.popitem(last=False)
+                    self.stats.unloads += 1
+                self.stats.loads += 1
+                if self.config.load_seconds > 0:
+                    await asyncio.sleep(self.config.load_seconds)
+                runner = _Runner(model, num_ctx)
+                self._loaded[model.key] = runner
+            self._loaded.move_to_end(model.key)
+            runner.in_use += 1
+            runner.expires_at = None
+        return runner, _ns(time.monotonic() - started)
+
+    def _release_runner(self, runner: _Runner, keep_alive: float | None) -> None:
+        runner.in_use -= 1
+        if runner.in_use == 0:
+            runner.expires_at = None if keep_alive is None else time.time() + keep_alive
+            self._expire()
+
+    # -- inference ----------------------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await self._body(request)
+        name, model = self._model(body)
+        if "completion" not in model.capabilities:
+            raise _ApiError(400, f"{_dumps(name)} does not support chat")
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _ApiError(400, "invalid messages: expected an array of message objects")
+        tools = body.get("tools") or []
+        if tools and "tools" not in model.capabilities:
+            raise _ApiError(400, f"registry.ollama.ai/library/{model.name} does not support tools")
+        if body.get("think") and "thinking" not in model.capabilities:
+            raise _ApiError(400, f"{_dumps(name)} does not support thinking")
+        last_user = _message_text(messages[-1]) if messages and messages[-1].get("role") == "user" else ""
+        prompt_text = "\n".join(_message_text(m) for m in messages)
+        tokens = chat_prompt_tokens(messages, tools)
+        return await self._complete(request, started, body, name, model, chat=True, empty=not messages,
+                                    prompt_tokens=tokens, prompt_text=prompt_text, tools=tools,
+                                    last_user=last_user)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await self._body(request)
+        name, model = self._model(body)
+        if "completion" not in model.capabilities:
+            raise _ApiError(400, f"{_dumps(name)} does not support generate")
+        prompt, system, suffix = (str(body.get(k) or "") for k in ("prompt", "system", "suffix"))
+        raw = bool(body.get("raw"))
+        tokens = generate_prompt_tokens(prompt, system or None, raw=raw, suffix=suffix)
+        return await self._complete(request, started, body, name, model, chat=False, empty=not prompt,
+                                    prompt_tokens=tokens, prompt_text=f"{system}\n{prompt}{suffix}", tools=[],
+                                    last_user=prompt, raw=raw)
+
+    async def _complete(self, request: web.Request, started: float, body: dict[str, Any], name: str,
+                        model: SimModel, *, chat: bool, empty: bool, prompt_tokens: int, prompt_text: str,
+                        tools: list[Any], last_user: str, raw: bool = False) -> web.StreamResponse:
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _ApiError(400, "invalid options: expected an object")
+        fmt = body.get("format") or None
+        if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
+            raise _ApiError(400, 'invalid format: expected "json" or a valid JSON schema')
+        keep_alive = _parse_keep_alive(body.get("keep_alive"))
+        num_ctx = self._num_ctx(model, options)
+        plan = _plan(model, prompt_text, options, fmt, tools, last_user, self.config.default_output_tokens)
+        stream = body.get("stream") is not False
+        cfg = self.config
+
+        def chunk(text: str, done: bool, **extra: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": name, "created_at": _now_rfc3339()}
+            if chat:
+                out["message"] = {"role": "assistant", "content": text}
+                if "tool_calls" in extra:
+                    out["message"]["tool_calls"] = extra.pop("tool_calls")
+                if "thinking" in extra:
+                    out["message"]["thinking"] = extra.pop("thinking")
+            else:
+                out["response"] = text
+            out["done"] = done
+            out.update(extra)
+            return out
+
+        if empty:  # docs/api.md "Load a model" / "Unload a model": one object, no generation
+            async with self._slot(model):
+                if keep_alive == 0:
+                    if self._loaded.pop(model.key, None) is not None:
+                        self.stats.unloads += 1
+                    return _json(chunk("", True, done_reason="unload"))
+                runner, _ = await self._acquire_runner(model, num_ctx)
+                self._release_runner(runner, keep_alive)
+            return _json(chunk("", True, done_reason="load") if chat else chunk("", True))
+
+        async with self._slot(model):
+            runner, load_ns = await self._acquire_runner(model, num_ctx)
+            try:
+                prompt_eval = min(prompt_tokens, num_ctx)  # silent truncation, see module docstring
+                self.stats.truncated += prompt_tokens > num_ctx
+                self.stats.prompt_tokens += prompt_eval
+                self.stats.eval_tokens += plan.eval_count
+                prompt_ns = _nominal_ns(prompt_eval, cfg.prompt_tps)
+                eval_ns = _nominal_ns(plan.eval_count, cfg.decode_tps)
+                if cfg.prompt_tps > 0:
+                    await asyncio.sleep(prompt_eval / cfg.prompt_tps)
+                thinking = {"thinking": "Let me think about it."} if chat and body.get("think") else {}
+
+                def final(text: str) -> dict[str, Any]:
+                    total = max(_ns(time.monotonic() - started), load_ns + prompt_ns + eval_ns)
+                    extra: dict[str, Any] = {}
+                    if not stream and plan.tool_calls is not None:
+                        extra["tool_calls"] = plan.tool_calls
+                    if not stream:
+                        extra.update(thinking)
+                    out = chunk(text, True, **extra, done_reason=plan.done_reason, total_duration=total,
+                                load_duration=load_ns, prompt_eval_count=prompt_eval,
+                                prompt_eval_duration=prompt_ns, eval_count=plan.eval_count,
+                                eval_duration=eval_ns)
+                    if not chat and not raw:  # docs/api.md: "raw mode will not return a context"
+                        out["context"] = [(31 * i + 7) % 32000 for i in range(prompt_eval + plan.eval_count)]
+                    return out
+
+                if not stream:
+                    if cfg.decode_tps > 0:
+                        await asyncio.sleep(plan.eval_count / cfg.decode_tps)
+                    content = "" if plan.tool_calls is not None else "".join(plan.pieces)
+                    self.stats.served += 1
+                    return _json(final(content))
+                return await self._stream(request, plan, chunk, final, thinking)
+            finally:
+                self._release_runner(runner, keep_alive)
+
+    async def _stream(self, request: web.Request, plan: _Plan, chunk: Callable[..., dict[str, Any]],
+                      final: Callable[[str], dict[str, Any]], thinking: dict[str, str]) -> web.StreamResponse:
+        cfg = self.config
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        fail_at = -1
+        if plan.tool_calls is None and cfg.stream_error_rate > 0 and self._rng.random() < cfg.stream_error_rate:
+            self.stats.stream_errors_injected += 1
+            fail_at = len(plan.pieces) // 2
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            if thinking:
+                await response.write(orjson.dumps(chunk("", False, **thinking)) + b"\n")
+            if plan.tool_calls is not None:
+                if cfg.decode_tps > 0:
+                    await asyncio.sleep(plan.eval_count / cfg.decode_tps)
+                await response.write(orjson.dumps(chunk("", False, tool_calls=plan.tool_calls)) + b"\n")
+            else:
+                for i, piece in enumerate(plan.pieces):
+                    if i == fail_at:
+                        await response.write(orjson.dumps({"error": "simulated mid-stream error"}) + b"\n")
+                        await response.write_eof()
+                        return response
+                    if cfg.decode_tps > 0:
+                        delay = t0 + (i + 1) / cfg.decode_tps - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    await response.write(orjson.dumps(chunk(piece, False)) + b"\n")
+            await response.write(orjson.dumps(final("")) + b"\n")
+            await response.write_eof()
+            self.stats.served += 1
+        except ConnectionError:
+            pass  # the client went away
+        return response
+
+    async def _embed(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await self._body(request)
+        name, model = self._model(body)
+        raw_input = body.get("input")
+        if isinstance(raw_input, str):
+            inputs = [raw_input] if raw_input else []
+        elif isinstance(raw_input, list) and all(isinstance(x, str) for x in raw_input):
+            inputs = list(raw_input)
+        elif raw_input is None:
+            inputs = []
+        else:
+            raise _ApiError(400, "invalid input type")
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _ApiError(400, "invalid options: expected an object")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or dimensions <= 0):
+            raise _ApiError(400, "dimensions must be a positive integer")
+        keep_alive = _parse_keep_alive(body.get("keep_alive"))
+        num_ctx = self._num_ctx(model, options)
+        counts = []
+        for text in inputs:
+            tokens = max(1, count_tokens(text))
+            if tokens > num_ctx:
+                if body.get("truncate") is False:
+                    raise _ApiError(400, "the input length exceeds the context length")
+                tokens = num_ctx
+                self.stats.truncated += 1
+            counts.append(tokens)
+        async with self._slot(model):
+            runner, load_ns = await self._acquire_runner(model, num_ctx)
+            try:
+                prompt_eval = sum(counts)
+                self.stats.prompt_tokens += prompt_eval
+                if self.config.prompt_tps > 0:
+                    await asyncio.sleep(prompt_eval / self.config.prompt_tps)
+                vectors = [_embedding(model, text, dimensions) for text in inputs]
+            finally:
+                self._release_runner(runner, keep_alive)
+        self.stats.served += 1
+        modelled = load_ns + _nominal_ns(prompt_eval, self.config.prompt_tps)
+        total = max(_ns(time.monotonic() - started), modelled)
+        return _json({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": load_ns,
+                      "prompt_eval_count": prompt_eval})
+
+    # -- metadata -----------------------------------------------------------------------------------------
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return _json({"version": self.config.version})
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        modified = _now_rfc3339(time.time() - 86400)
+        return _json({"models": [
+            {"name": m.key, "model": m.key, "modified_at": modified, "size": m.size, "digest": m.digest,
+             "details": m.details()} for m in self.config.models]})
+
+    async def _ps(self, request: web.Request) -> web.Response:
+        self._expire()
+        forever = time.time() + 100 * 365 * 86400
+        return _json({"models": [
+            {"name": r.model.key, "model": r.model.key, "size": r.model.size, "digest": r.model.digest,
+             "details": r.model.details(),
+             "expires_at": _now_rfc3339(forever if r.expires_at is None else r.expires_at),
+             "size_vram": r.model.size, "context_length": r.num_ctx}
+            for r in reversed(self._loaded.values())]})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        _, m = self._model(body, field_names=("model", "name"), show=True)
+        info: dict[str, Any] = {
+            "general.architecture": m.family, "general.basename": m.key.split(":")[0],
+            "general.parameter_count": m.parameter_count,
+            f"{m.family}.context_length": m.context_length,
+            f"{m.family}.embedding_length": m.embedding_length,
+        }
+        return _json({
+            "modelfile": f"# Modelfile generated by \"ollama show\"\nFROM {m.key}\n",
+            "parameters": 'stop                           "<|eot_id|>"',
+            "template": "{{ if .System }}{{ .System }}\n{{ end }}{{ .Prompt }}",
+            "details": m.details(), "model_info": info, "capabilities": list(m.capabilities),
+            "modified_at": _now_rfc3339(time.time() - 86400),
+        })
+
+
+def run_in_thread(config: SimConfig | None = None, port: int = 0, *, host: str = "127.0.0.1",
+                  sim: OllamaSim | None = None) -> tuple[str, Callable[[], None]]:
+    """Serve a sim from a daemon thread with its own event loop, for sync code. Returns ``(url, stop)``;
+    ``stop`` is idempotent. Pass ``sim=`` to keep a handle on ``sim.stats`` (``config``, ``port`` and ``host``
+    are then unused)."""
+    server = sim or OllamaSim(config, host=host, port=port)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            box["url"] = loop.run_until_complete(server.start())
+        except BaseException as exc:
+            box["error"] = exc
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(server.stop())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    thread = threading.Thread(target=target, name="ollama-sim", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in box:
+        raise box["error"]
+
+    def stop() -> None:
+        if thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+
+    return str(box["url"]), stop
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m obatch.testing.ollama_sim",
+                                description="Serve a simulated Ollama API until SIGINT/SIGTERM.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11434, help="0 picks a free port")
+    p.add_argument("--model", action="append", default=[],
+                   help="model name (repeatable, replaces the defaults; '*embed*' names embed only)")
+    p.add_argument("--num-parallel", type=int, default=1)
+    p.add_argument("--max-queue", type=int, default=512)
+    p.add_argument("--max-loaded-models", type=int, default=3)
+    p.add_argument("--default-num-ctx", type=int, default=4096)
+    p.add_argument("--load-seconds", type=float, default=0.0)
+    p.add_argument("--prompt-tps", type=float, default=0.0)
+    p.add_argument("--decode-tps", type=float, default=0.0)
+    p.add_argument("--output-tokens", type=int, default=24)
+    p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--reset-rate", type=float, default=0.0)
+    p.add_argument("--hang-rate", type=float, default=0.0)
+    p.add_argument("--stream-error-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+async def _serve(config: SimConfig, host: str, port: int) -> None:
+    async with OllamaSim(config, host=host, port=port) as sim:
+        print(f"listening on {sim.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    config = SimConfig(
+        num_parallel=a.num_parallel, max_queue=a.max_queue, max_loaded_models=a.max_loaded_models,
+        default_num_ctx=a.default_num_ctx, load_seconds=a.load_seconds, prompt_tps=a.prompt_tps,
+        decode_tps=a.decode_tps, default_output_tokens=a.output_tokens, error_rate=a.error_rate,
+        reset_rate=a.reset_rate, hang_rate=a.hang_rate, stream_error_rate=a.stream_error_rate, seed=a.seed)
+    if a.model:
+        config.models = tuple(SimModel(n, capabilities=("embedding",), embedding_length=32) if "embed" in n
+                              else SimModel(n) for n in a.model)
+    asyncio.run(_serve(config, a.host, a.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
