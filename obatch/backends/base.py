@@ -159,11 +159,18 @@ async def send_json(client: httpx.AsyncClient, method: str, path: str,
         raise errors.TransientError(f"The engine sent invalid JSON: {response.text[:200]!r}") from exc
 
 
-async def stream_lines(client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-    """POST and yield the response body line by line, translating faults (also those mid-stream)."""
+async def stream_lines(client: httpx.AsyncClient, path: str, payload: dict[str, Any], *,
+                       close: bool = False) -> AsyncIterator[bytes]:
+    """POST and yield the response body line by line, translating faults (also those mid-stream).
+
+    ``close`` asks for a fresh connection: llama.cpp's server drops the keep-alive connection after a stream, and the
+    next request sent on it would fail.
+    """
+    headers = {"content-type": "application/json"}
+    if close:
+        headers["connection"] = "close"
     try:
-        async with client.stream("POST", path, content=orjson.dumps(payload),
-                                 headers={"content-type": "application/json"}) as response:
+        async with client.stream("POST", path, content=orjson.dumps(payload), headers=headers) as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise errors.from_status(response.status_code, error_message(response))

@@ -1,9 +1,9 @@
-"""The embedded engine: llama.cpp (xllamacpp) in this process, serving one GGUF model (SmolLM2-135M by default).
+"""The embedded engine: llama.cpp (xllamacpp, in a child process) serving one GGUF model (SmolLM2-135M by default).
 
 It speaks the OpenAI API, so requests go through ``OpenAIBackend``; what this adds is Ollama's scheduling habit:
 the engine is (re)started when the model, the context window or the number of parallel slots changes. llama.cpp's
 ``n_ctx`` is the TOTAL context split across slots, so a per-request window ``num_ctx`` with ``parallel`` slots
-needs ``num_ctx * parallel``.
+needs ``num_ctx * parallel``. Embeddings are always on (mean pooling), so one engine serves every endpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class LocalBackend:
             return self._client
         slots = parallel or (config.n_parallel if config else 1)
         per_slot = num_ctx or (config.n_ctx // config.n_parallel if config else DEFAULT_NUM_CTX)
-        url = await self.engine.ensure(n_ctx=per_slot * slots, n_parallel=slots)
+        url = await self.engine.ensure(n_ctx=per_slot * slots, n_parallel=slots, embeddings=True)
         if url != self._url or self._client is None:
             if self._client is not None:
                 await self._client.aclose()

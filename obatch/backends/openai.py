@@ -68,7 +68,7 @@ class OpenAIBackend:
         payload = _clean(body)
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
-        async for line in stream_lines(self._client, "/chat/completions", payload):
+        async for line in stream_lines(self._client, "/chat/completions", payload, close=True):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
