@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # Runner defaults.
     concurrency: int = Field(default=4, ge=1, le=1024)
     request_timeout: float = Field(default=600.0, gt=0)
-    max_attempts: int = Field(default=6, ge=1)
+    max_attempts: int = Field(default=10, ge=1)
     retry_initial_wait: float = Field(default=0.5, ge=0)
     retry_max_wait: float = Field(default=30.0, ge=0)
     commit_every: int = Field(default=64, ge=1)
@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     local_threads: int | None = None
     local_n_ctx: int = Field(default=8192, ge=256)
     default_model: str | None = None
+
+    # Server.
+    api_keys: SecretStr | None = None  # comma-separated bearer keys; unset (and no keys file) = no auth
+    api_keys_file: Path | None = None  # one key per line, '#' starts a comment
+    allow_public_bind: bool = False  # without keys, bind a non-loopback host only when this is set
+    rate_limit_per_minute: int = Field(default=1200, ge=0)  # requests per key (or client address); 0 = off
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser; empty = none
+    server_concurrency: int | None = Field(default=None, ge=1, le=1024)  # engine requests over all batches
+    min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
+    worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
+    log_level: str = "INFO"
 
     @field_validator("ollama_url", "openai_base_url")
     @classmethod

@@ -57,6 +57,7 @@ class ModelInfo:
             "id": self.id, "object": "model", "created": 0, "owned_by": "obatch",
             "context_length": self.context_length, "family": self.family,
             "parameter_size": self.parameter_size, "quantization": self.quantization, "loaded": self.loaded,
+            "loaded_context_length": self.loaded_context_length,
         }
 
 

@@ -175,3 +175,85 @@ async def recount(session: AsyncSession, batch: BatchRow) -> None:
     batch.input_tokens = counts.get("succeeded", (0, 0, 0))[1]
     batch.output_tokens = counts.get("succeeded", (0, 0, 0))[2]
     batch.total = sum(v[0] for v in counts.values())
+
+
+# ------------------------------------------------------------------------------- server: lists, worker, metrics
+
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+async def list_batches(session: AsyncSession, *, owner: str | None = None, after: str | None = None,
+                       limit: int = 20) -> tuple[list[BatchRow], bool]:
+    """A page of batches, newest first (by ``seq``), starting after the batch ``after``; and whether more follow."""
+    statement = select(BatchRow).order_by(col(BatchRow.seq).desc()).limit(limit + 1)
+    if owner is not None:
+        statement = statement.where(col(BatchRow.owner) == owner)
+    if after:
+        cursor = await get_batch(session, after, owner)
+        statement = statement.where(col(BatchRow.seq) < cursor.seq)
+    rows = list((await session.execute(statement)).scalars().all())
+    return rows[:limit], len(rows) > limit
+
+
+async def list_files(session: AsyncSession, *, owner: str | None = None, after: str | None = None,
+                     limit: int = 100, purpose: str | None = None, ascending: bool = False
+                     ) -> tuple[list[FileRow], bool]:
+    """A page of files ordered by (created_at, id), newest first unless ``ascending``; and whether more follow."""
+    created, ident = col(FileRow.created_at), col(FileRow.id)
+    order = (created.asc(), ident.asc()) if ascending else (created.desc(), ident.desc())
+    statement = select(FileRow).order_by(*order).limit(limit + 1)
+    if owner is not None:
+        statement = statement.where(col(FileRow.owner) == owner)
+    if purpose:
+        statement = statement.where(col(FileRow.purpose) == purpose)
+    if after:
+        cursor = await get_file(session, after, owner)
+        if ascending:
+            statement = statement.where((created > cursor.created_at)
+                                        | ((created == cursor.created_at) & (ident > cursor.id)))
+        else:
+            statement = statement.where((created < cursor.created_at)
+                                        | ((created == cursor.created_at) & (ident < cursor.id)))
+    rows = list((await session.execute(statement)).scalars().all())
+    return rows[:limit], len(rows) > limit
+
+
+async def set_file_purpose(session: AsyncSession, file_id: str, purpose: str) -> None:
+    await session.execute(update(FileRow).where(col(FileRow.id) == file_id).values(purpose=purpose))
+
+
+async def active_batch_ids(session: AsyncSession, *, source: str | None = "api") -> list[str]:
+    """Batches not yet in a final status, oldest first (what a server's worker must drive)."""
+    statement = (select(col(BatchRow.id)).where(col(BatchRow.status).in_(ACTIVE_STATUSES))
+                 .order_by(col(BatchRow.seq)))
+    if source is not None:
+        statement = statement.where(col(BatchRow.source) == source)
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def mark_failed(session: AsyncSession, batch_id: str, code: str, message: str, at: int) -> None:
+    """Give up on a batch that cannot be driven (it must not stay active for ever)."""
+    import orjson
+
+    problems = orjson.dumps([{"code": code, "line": None, "message": message, "param": None}]).decode()
+    await session.execute(update(BatchRow).where(col(BatchRow.id) == batch_id).values(
+        status="failed", failed_at=at, errors_json=problems))
+
+
+async def batch_status_counts(session: AsyncSession) -> dict[str, int]:
+    rows = (await session.execute(select(col(BatchRow.status), func.count()).group_by(col(BatchRow.status)))).all()
+    return {status: int(n) for status, n in rows}
+
+
+async def line_state_counts(session: AsyncSession) -> dict[str, int]:
+    rows = (await session.execute(select(col(RequestRow.state), func.count()).group_by(col(RequestRow.state)))).all()
+    return {state: int(n) for state, n in rows}
+
+
+async def queued_lines(session: AsyncSession) -> int:
+    """Pending lines of batches that are still to run (the work queue's depth)."""
+    statement = (select(func.count()).select_from(RequestRow)
+                 .join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id))
+                 .where(col(RequestRow.state) == "pending",
+                        col(BatchRow.status).in_(("validating", "in_progress"))))
+    return int((await session.execute(statement)).scalar() or 0)

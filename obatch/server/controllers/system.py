@@ -1,0 +1,26 @@
+"""``/health`` (no key needed: DB and backend reachability) and ``/metrics`` (Prometheus text format)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Response, get
+
+from obatch.server import operations as ops
+from obatch.server.deps import MetricsDep, Svc, Worker
+from obatch.server.metrics import CONTENT_TYPE
+
+
+class SystemController(Controller):
+    path = "/"
+    tags = ("system",)
+
+    @get("/health", summary="Store and backend reachability")
+    async def health(self, svc: Svc) -> Response[dict[str, Any]]:
+        healthy, report = await ops.health(svc)
+        return Response(report, status_code=200 if healthy else 503)
+
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics(self, svc: Svc, worker: Worker, metrics: MetricsDep) -> Response[bytes]:
+        await metrics.refresh(svc, len(worker.running))
+        return Response(metrics.render(), media_type=CONTENT_TYPE)

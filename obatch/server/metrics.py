@@ -1,0 +1,111 @@
+"""Prometheus metrics of one app (its own registry, nothing global) and the backend wrapper that times requests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from obatch import errors
+from obatch.backends.base import Backend, ModelInfo, Result
+from obatch.batches import Services
+from obatch.protocol import BatchStatus
+from obatch.store import repo
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_STATUSES: tuple[BatchStatus, ...] = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                                      "cancelling", "cancelled")
+_LINE_STATES = ("pending", "succeeded", "failed")
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("obatch_http_requests", "HTTP requests answered.", ["method", "route", "status"],
+                                registry=r)
+        self.request_seconds = Histogram("obatch_http_request_duration_seconds", "HTTP request duration.",
+                                         ["method", "route"], registry=r)
+        self.backend_seconds = Histogram("obatch_backend_request_duration_seconds",
+                                         "Engine request latency (batch lines and pass-through).",
+                                         ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batches = Gauge("obatch_batches", "Batches in the store by status.", ["status"], registry=r)
+        self.lines = Gauge("obatch_batch_lines", "Batch lines (requests) in the store by status.", ["status"],
+                           registry=r)
+        self.queue_depth = Gauge("obatch_queue_depth", "Lines waiting to run in active batches.", registry=r)
+        self.running_batches = Gauge("obatch_running_batches", "Batches the worker is driving now.", registry=r)
+
+    async def refresh(self, svc: Services, running: int) -> None:
+        """Read the store's counts into the gauges (called on each scrape)."""
+        async with svc.sessions() as session:
+            by_status = await repo.batch_status_counts(session)
+            by_state = await repo.line_state_counts(session)
+            queued = await repo.queued_lines(session)
+        for status in _STATUSES:
+            self.batches.labels(status).set(by_status.get(status, 0))
+        for state in _LINE_STATES:
+            self.lines.labels(state).set(by_state.get(state, 0))
+        self.queue_depth.set(queued)
+        self.running_batches.set(running)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def wrap(self, backend: Backend) -> MeteredBackend:
+        return MeteredBackend(backend, self.backend_seconds)
+
+
+class MeteredBackend:
+    """A backend that records every request's latency and outcome; everything else is the inner backend's."""
+
+    def __init__(self, inner: Backend, histogram: Histogram) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._histogram = histogram
+
+    def _observe(self, url: str, started: float, outcome: str) -> None:
+        self._histogram.labels(url, outcome).observe(time.perf_counter() - started)
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        started, outcome = time.perf_counter(), "cancelled"
+        try:
+            result = await self.inner.complete(url, body, num_ctx=num_ctx, stream=stream)
+            outcome = "ok"
+            return result
+        except errors.BackendError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._observe(url, started, outcome)
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        started, outcome = time.perf_counter(), "cancelled"
+        try:
+            async for chunk in self.inner.stream_chat(body, num_ctx=num_ctx):
+                yield chunk
+            outcome = "ok"
+        except errors.BackendError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._observe("/v1/chat/completions", started, outcome)
+
+    async def models(self) -> list[ModelInfo]:
+        return await self.inner.models()
+
+    async def show(self, model: str) -> ModelInfo:
+        return await self.inner.show(model)
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        return await self.inner.prepare(model, num_ctx=num_ctx, parallel=parallel)
+
+    async def version(self) -> str | None:
+        return await self.inner.version()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,221 @@
+"""What each endpoint does, on top of the core (``obatch.batches``, ``obatch.store.repo``), returning wire models.
+
+Controllers call one of these per route. ``owner`` is the caller's owner id, or None when authentication is off
+(then everything is visible, and new objects are stored with the empty owner, like the CLI's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
+
+from obatch import batches, errors
+from obatch.batches import Services
+from obatch.jsonl import check_line
+from obatch.protocol import ENDPOINTS, Batch, FileObject, ListPage
+from obatch.store import repo
+from obatch.worker import BatchWorker
+
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches``: OpenAI's fields, and obatch's ``model`` (one model for every line) and ``concurrency``
+    (at most this many of the batch's requests in flight; the server's slots bound all batches together)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+    model: str | None = None
+    concurrency: int | None = Field(default=None, ge=1, le=1024)  # obatch's: requests in flight for this batch
+    output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept until deleted
+
+
+def _page(items: list[Any], has_more: bool) -> ListPage:
+    return ListPage(data=items, first_id=items[0].id if items else None, last_id=items[-1].id if items else None,
+                    has_more=has_more)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+async def list_files(svc: Services, owner: str | None, *, after: str | None, limit: int, purpose: str | None,
+                     order: str) -> ListPage:
+    async with svc.sessions() as session:
+        rows, more = await repo.list_files(session, owner=owner, after=after, limit=limit, purpose=purpose,
+                                           ascending=order == "asc")
+    return _page([batches.file_object(r) for r in rows], more)
+
+
+async def get_file(svc: Services, owner: str | None, file_id: str) -> FileObject:
+    async with svc.sessions() as session:
+        return batches.file_object(await repo.get_file(session, file_id, owner))
+
+
+async def file_content(svc: Services, owner: str | None, file_id: str) -> tuple[AsyncIterator[bytes], int]:
+    """The stored bytes as a chunk stream, and their size (404 for another owner's file or a missing one)."""
+    async with svc.sessions() as session:
+        row = await repo.get_file(session, file_id, owner)
+    path = batches.file_path(svc.settings, row.id)
+    if not await asyncio.to_thread(path.is_file):
+        raise errors.NotFoundError(f"The content of file {file_id} is gone.", param="file_id")
+    return batches.read_chunks(path), row.bytes
+
+
+async def delete_file(svc: Services, owner: str | None, file_id: str) -> dict[str, Any]:
+    await batches.delete_file(svc, file_id, owner)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+def _check_create(svc: Services, request: BatchCreate) -> None:
+    batches.window_seconds(request.completion_window, minimum=svc.settings.min_completion_window)
+    if request.endpoint not in ENDPOINTS:
+        raise errors.ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {request.endpoint!r}.",
+                                 code="invalid_value", param="endpoint")
+    metadata = request.metadata or {}
+    if len(metadata) > METADATA_PAIRS or any(len(k) > METADATA_KEY or len(v) > METADATA_VALUE
+                                             for k, v in metadata.items()):
+        raise errors.ConfigError(f"metadata holds at most {METADATA_PAIRS} pairs, keys of at most {METADATA_KEY} "
+                                 f"and values of at most {METADATA_VALUE} characters.",
+                                 code="invalid_value", param="metadata")
+
+
+async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, request: BatchCreate) -> Batch:
+    """Record the batch (``validating``) and wake the worker; validation and the run happen there."""
+    _check_create(svc, request)
+    async with svc.sessions() as session:
+        source = await repo.get_file(session, request.input_file_id, owner)
+    if source.purpose != "batch":
+        raise errors.ConfigError(f"File {source.id} has purpose {source.purpose!r}; a batch input needs 'batch'.",
+                                 code="invalid_value", param="input_file_id")
+    row = await batches.create_batch(svc, input_file_id=source.id, endpoint=request.endpoint,
+                                     completion_window=request.completion_window, metadata=request.metadata,
+                                     owner=source.owner, model=request.model, source="api",
+                                     concurrency=request.concurrency)
+    worker.kick()
+    return batches.batch_object(row)
+
+
+async def get_batch(svc: Services, owner: str | None, batch_id: str) -> Batch:
+    async with svc.sessions() as session:
+        return batches.batch_object(await repo.get_batch(session, batch_id, owner))
+
+
+async def list_batches(svc: Services, owner: str | None, *, after: str | None, limit: int) -> ListPage:
+    async with svc.sessions() as session:
+        rows, more = await repo.list_batches(session, owner=owner, after=after, limit=limit)
+    return _page([batches.batch_object(r) for r in rows], more)
+
+
+async def cancel_batch(svc: Services, owner: str | None, batch_id: str) -> Batch:
+    return batches.batch_object(await batches.request_cancel(svc, batch_id, owner))
+
+
+# ---------------------------------------------------------------------------------------- pass-through
+
+
+def _checked(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The request body, validated with the same rules as a batch line (400 otherwise)."""
+    if not body.get("model") and svc.settings.default_model:
+        body["model"] = svc.settings.default_model
+    item = check_line(1, {"custom_id": "request", "method": "POST", "url": url, "body": body})
+    if isinstance(item, errors.LineProblem):
+        param = item.param.removeprefix("body.") if item.param else None
+        raise errors.ConfigError(item.message.replace("body.", ""), code=item.code, param=param)
+    return item.body
+
+
+async def _answer(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(svc.settings.request_timeout):
+            return (await svc.backend.complete(url, body)).body
+    except TimeoutError as exc:
+        raise errors.BackendTimeout(f"The engine did not answer within {svc.settings.request_timeout:g} s.") from exc
+
+
+async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = _checked(svc, url, body)
+    if body.get("stream"):
+        raise errors.ConfigError(f"stream is supported on /v1/chat/completions only, not {url}.", param="stream")
+    return await _answer(svc, url, body)
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def chat(svc: Services, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
+    """A chat completion; with ``stream: true`` an SSE byte stream (``data: {chunk}`` … ``data: [DONE]``).
+
+    The first chunk is awaited before answering, so an engine error becomes a proper HTTP error; an error after
+    that is sent as a final ``data: {"error": ...}`` event (which the OpenAI SDK raises).
+    """
+    body = _checked(svc, "/v1/chat/completions", body)
+    if not body.get("stream"):
+        return await _answer(svc, "/v1/chat/completions", body)
+    chunks = svc.backend.stream_chat(body)
+    try:
+        first: dict[str, Any] | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield _sse(first)
+                async for chunk in chunks:
+                    yield _sse(chunk)
+            yield b"data: [DONE]\n\n"
+        except errors.ObatchError as exc:
+            yield _sse({"error": {"message": exc.message, "type": "server_error", "param": exc.param,
+                                  "code": exc.code}})
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return events()
+
+
+async def models(svc: Services) -> dict[str, Any]:
+    return {"object": "list", "data": [m.as_openai() for m in await svc.backend.models()]}
+
+
+async def model(svc: Services, model_id: str) -> dict[str, Any]:
+    return (await svc.backend.show(model_id)).as_openai()
+
+
+# ------------------------------------------------------------------------------------------------ health
+
+
+async def health(svc: Services) -> tuple[bool, dict[str, Any]]:
+    """(healthy, report): the store must answer; the backend's reachability is reported (not fatal: an engine
+    that is still starting does not make the server unhealthy)."""
+    report: dict[str, Any] = {"status": "ok", "db": "ok", "backend": {"name": svc.backend.name}}
+    healthy = True
+    try:
+        async with asyncio.timeout(5), svc.sessions() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:
+        healthy, report["status"], report["db"] = False, "error", f"unreachable: {type(exc).__name__}"
+    try:
+        async with asyncio.timeout(3):
+            version = await svc.backend.version()
+        report["backend"].update(reachable=True, version=version)
+    except Exception as exc:
+        report["backend"].update(reachable=False, error=type(exc).__name__)
+        if healthy:
+            report["status"] = "degraded"
+    return healthy, report

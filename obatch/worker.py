@@ -1,0 +1,104 @@
+"""The batch worker of a long-running process (the server): drives every API batch to a final status.
+
+One supervising task finds batches to run: at start every batch left active by a previous process (a crash, a
+SIGKILL), then new ones, when told (``kick``) and by polling the store (a batch created by another process is
+found too). Each batch runs ``batches.process`` in its own task; all of them share one semaphore of engine slots,
+whose waiters are served first come first served, so concurrent batches share the engine fairly and none starves.
+
+``stop`` cancels everything promptly: requests in flight stay pending in the store and run again at the next start
+(the store takes a line's result only once, so nothing is doubled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from obatch import batches
+from obatch.store import repo
+
+log = logging.getLogger("obatch.worker")
+
+MAX_FAILURES = 5  # a batch whose driving raised this many times in a row is failed, not retried for ever
+
+
+class BatchWorker:
+    """Runs the store's active API batches, ``concurrency`` engine requests at a time over all of them."""
+
+    def __init__(self, svc: batches.Services, *, concurrency: int, poll_interval: float = 1.0) -> None:
+        self.svc = svc
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # batch id -> (failures in a row, retry not before)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> list[str]:
+        """Ids of the batches being driven now."""
+        return list(self._tasks)
+
+    async def start(self) -> None:
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="obatch-worker")
+
+    def kick(self) -> None:
+        """Look for new batches now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Cancel the supervisor and every batch task, and wait for them to unwind."""
+        tasks = [t for t in (self._supervisor, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._supervisor = None
+        self._tasks.clear()
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except Exception:
+                log.exception("worker: scanning the store failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def scan(self) -> None:
+        """Start a task for every active API batch that has none."""
+        async with self.svc.sessions() as session:
+            ids = await repo.active_batch_ids(session, source="api")
+        now = time.monotonic()
+        for batch_id in ids:
+            if batch_id in self._tasks or self._failures.get(batch_id, (0, 0.0))[1] > now:
+                continue
+            self._tasks[batch_id] = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
+
+    async def _drive(self, batch_id: str) -> None:
+        try:
+            async with self.svc.sessions() as session:
+                wanted = (await repo.get_batch(session, batch_id)).concurrency
+            concurrency = min(wanted or self.concurrency, self.concurrency)
+            done = await batches.process(self.svc, batch_id, concurrency=concurrency, slots=self.slots)
+            self._failures.pop(batch_id, None)
+            log.info("batch finished", extra={"batch_id": batch_id, "status": done.status})
+        except Exception as exc:
+            count = self._failures.get(batch_id, (0, 0.0))[0] + 1
+            log.exception("worker: batch run failed", extra={"batch_id": batch_id, "failures": count})
+            if count >= MAX_FAILURES:
+                self._failures.pop(batch_id, None)
+                async with self.svc.sessions() as session:
+                    await repo.mark_failed(session, batch_id, "internal_error",
+                                           f"The batch could not be run ({type(exc).__name__}).",
+                                           int(self.svc.clock()))
+                    await session.commit()
+            else:
+                self._failures[batch_id] = (count, time.monotonic() + min(2.0 ** count, 60.0))
+        finally:
+            self._tasks.pop(batch_id, None)

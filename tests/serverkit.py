@@ -1,0 +1,182 @@
+"""Server test kit: a simulated Ollama in a thread, real ``obatch serve`` subprocesses, batch-file helpers.
+
+The session fixtures ``obatch_sim`` and ``obatch_server`` are imported by ``tests/conftest.py``, so one sim and one
+server (API keys set, small limits, a 1 s minimum completion window) serve every server test file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
+
+CHAT = "llama3.2:1b"
+EMBED = "nomic-embed-text"
+KEYS = {name: f"sk-test-{name}-0123456789abcdef" for name in ("alice", "bob", "carol", "dave")}
+FINAL = ("completed", "failed", "expired", "cancelled")
+MAX_FILE_BYTES = 200_000
+MAX_LINES = 500
+DECODE_TPS = 200.0  # sim decode speed: max_tokens=4 takes 20 ms, max_tokens=240 about 1.2 s (answers are long)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(data_dir: Path, sim_url: str, **settings: Any) -> dict[str, str]:
+    """The environment of an ``obatch serve`` child: no inherited ``OBATCH_*``, fast retries and commits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    values: dict[str, Any] = {
+        "backend": "ollama", "ollama_url": sim_url, "data_dir": data_dir, "concurrency": 4,
+        "commit_interval": 0.1, "retry_initial_wait": 0.01, "retry_max_wait": 0.05, "max_attempts": 2,
+        "worker_poll_interval": 0.25, "log_level": "INFO",
+    }
+    values.update(settings)
+    env.update({f"OBATCH_{k.upper()}": str(v) for k, v in values.items() if v is not None})
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """One ``python -m obatch serve`` child on a free loopback port, its output in ``log_path``."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log_path: Path
+
+    @classmethod
+    def start(cls, data_dir: Path, env: dict[str, str], *, port: int | None = None,
+              args: Iterable[str] = ()) -> ServerProcess:
+        port = port or free_port()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "obatch", "serve", "--port", str(port), *args],
+                env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT)
+        server = cls(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
+        server.wait_ready()
+        return server
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"obatch serve exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"obatch serve did not become healthy in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (the crash the store must survive)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def obatch_sim() -> Iterator[OllamaSim]:
+    sim = OllamaSim(SimConfig(num_parallel=4, decode_tps=DECODE_TPS, default_output_tokens=2000))
+    _, stop = run_in_thread(sim=sim)
+    try:
+        yield sim
+    finally:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = server_env(tmp_path_factory.mktemp("server") / "data", obatch_sim.url,
+                     api_keys=",".join(KEYS.values()), max_file_bytes=MAX_FILE_BYTES, max_lines=MAX_LINES,
+                     min_completion_window=1, rate_limit_per_minute=100_000)
+    server = ServerProcess.start(Path(env["OBATCH_DATA_DIR"]), env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------- batch files
+
+
+def chat_line(custom_id: str, *, max_tokens: int = 4, model: str = CHAT, content: str | None = None
+              ) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": content or f"Say {custom_id}."}],
+                     "max_tokens": max_tokens}}
+
+
+def embed_line(custom_id: str) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": EMBED, "input": f"text {custom_id}"}}
+
+
+def jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_exactly_once(expected: Iterable[str], output: list[dict[str, Any]], errors: list[dict[str, Any]]) -> None:
+    """Every input custom_id in exactly one line of the two files; successes in one, failures in the other."""
+    seen = [line["custom_id"] for line in output + errors]
+    assert sorted(seen) == sorted(expected), "a custom_id is missing or doubled"
+    assert all(line["response"] and line["response"]["status_code"] == 200 and line["error"] is None
+               for line in output)
+    assert all(line["error"] and line["error"]["code"] for line in errors)
+
+
+def assert_openai_error(response: httpx.Response, status: int | tuple[int, ...]) -> dict[str, Any]:
+    """A 4xx answered in OpenAI's error shape; returns the ``error`` object."""
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+    return dict(error)

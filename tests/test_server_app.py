@@ -1,0 +1,98 @@
+"""The app factory in process (Litestar's test client, an injected backend): what a subprocess cannot show cheaply —
+an engine failing mid-stream, an unreachable engine, two apps side by side, an injected backend left open."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from litestar.testing import AsyncTestClient
+
+from obatch import errors
+from obatch.backends.base import ModelInfo, Result, chat_chunk
+from obatch.config import Settings
+from obatch.server import create_app
+
+
+class FlakyBackend:
+    """Streams one chunk and then fails; its version() fails when ``down``."""
+
+    name = "fake"
+
+    def __init__(self, *, down: bool = False) -> None:
+        self.down = down
+        self.closed = False
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        raise errors.ServerBusyError("busy")
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        if body["model"] == "missing":
+            raise errors.ModelNotFoundError("model 'missing' not found")
+        yield chat_chunk("c1", body["model"], 0, {"role": "assistant", "content": "Hel"})
+        raise errors.TransientError("The engine failed mid-stream: boom")
+
+    async def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="m")]
+
+    async def show(self, model: str) -> ModelInfo:
+        return ModelInfo(id=model)
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        return 0.0
+
+    async def version(self) -> str | None:
+        if self.down:
+            raise errors.TransientError("Connection to the engine failed")
+        return "1"
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def settings(tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path / "data", rate_limit_per_minute=0)  # type: ignore[call-arg]
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_stream_error_after_the_first_chunk_is_an_sse_error_event(tmp_path: Path) -> None:
+    backend = FlakyBackend()
+    async with AsyncTestClient(create_app(settings(tmp_path), backend=backend)) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+        assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
+        assert orjson.loads(events[-1])["error"]["message"].endswith("boom")
+
+        before = await client.post("/v1/chat/completions", json={**CHAT, "model": "missing"})
+        assert before.status_code == 404 and before.json()["error"]["code"] == "model_not_found"
+        busy = await client.post("/v1/chat/completions", json={**CHAT, "stream": False})
+        assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
+    assert not backend.closed  # an injected backend belongs to the caller
+
+
+@pytest.mark.parametrize("down", [False, True])
+async def test_health_reports_the_backend(tmp_path: Path, down: bool) -> None:
+    async with AsyncTestClient(create_app(settings(tmp_path), backend=FlakyBackend(down=down))) as client:
+        report = (await client.get("/health")).json()
+    assert report["db"] == "ok"
+    assert report["status"] == ("degraded" if down else "ok")
+    assert report["backend"]["reachable"] is not down
+
+
+async def test_two_apps_keep_separate_metrics(tmp_path: Path) -> None:
+    first, second = create_app(settings(tmp_path / "a"), backend=FlakyBackend()), \
+        create_app(settings(tmp_path / "b"), backend=FlakyBackend())
+    async with AsyncTestClient(first) as one, AsyncTestClient(second) as two:
+        for _ in range(3):
+            await one.get("/v1/models")
+        text_one, text_two = (await one.get("/metrics")).text, (await two.get("/metrics")).text
+    assert 'obatch_http_requests_total{method="GET",route="/v1/models",status="200"} 3.0' in text_one
+    assert 'route="/v1/models"' not in text_two

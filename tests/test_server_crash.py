@@ -1,0 +1,58 @@
+"""Crash safety: ``obatch serve`` killed with SIGKILL mid-batch, started again on the same data directory; the batch
+resumes and every input custom_id ends in exactly one of the two result files, once."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+from openai import OpenAI
+
+from obatch.testing.ollama_sim import OllamaSim
+from tests.serverkit import FINAL, KEYS, ServerProcess, assert_exactly_once, chat_line, jsonl, parse_jsonl, server_env
+
+
+def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_path: Path) -> None:
+    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"])
+    lines = [chat_line(f"c{i}", max_tokens=30) for i in range(48)]  # 0.15 s each, 4 at a time: ~2 s of work
+    lines += [chat_line("doomed", model="no-such-model")]
+    expected = [str(line["custom_id"]) for line in lines]
+
+    server = ServerProcess.start(tmp_path / "data", env)
+    try:
+        with OpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+            file_id = client.files.create(file=("crash.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+            batch_id = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                             completion_window="24h").id
+            deadline = time.monotonic() + 20
+            while (counts := client.batches.retrieve(batch_id).request_counts) is None or counts.completed < 8:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        server.kill()
+        assert server.proc.returncode == -9
+    finally:
+        server.kill()
+
+    restarted = ServerProcess.start(tmp_path / "data", env)
+    try:
+        with OpenAI(base_url=restarted.v1, api_key=KEYS["alice"], max_retries=0) as client:
+            batch = client.batches.retrieve(batch_id)
+            assert batch.status == "in_progress"  # left as it was; the new worker picks it up
+            deadline = time.monotonic() + 30
+            while batch.status not in FINAL:
+                assert time.monotonic() < deadline, batch
+                time.sleep(0.1)
+                batch = client.batches.retrieve(batch_id)
+            assert batch.status == "completed", batch
+            assert batch.request_counts is not None
+            assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+                49, 48, 1)
+            output = parse_jsonl(client.files.content(batch.output_file_id or "").text)
+            errors = parse_jsonl(client.files.content(batch.error_file_id or "").text)
+        assert_exactly_once(expected, output, errors)
+        assert [e["custom_id"] for e in errors] == ["doomed"]
+    finally:
+        restarted.stop()
+    # SIGTERM shuts down cleanly (uvicorn re-raises the signal once the app's lifespan has ended).
+    assert restarted.proc.returncode in (0, -15) and "Application shutdown complete." in restarted.log()
