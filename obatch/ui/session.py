@@ -1,0 +1,84 @@
+"""Streamlit glue shared by the pages: one ``Client`` per browser session, and API failures shown as sentences.
+
+A page calls ``need(api.list_batches)`` for data it cannot draw without (on failure: a clear message, then the
+page stops) and ``attempt(api.cancel_batch, batch_id)`` for an action (on failure: a message, and ``None``).
+Tests put their own client (an ``httpx.MockTransport`` or a test server's transport) in
+``st.session_state[CLIENT_KEY]`` before the first run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import streamlit as st
+
+from obatch.client import ApiError, Client, ClientError, ServerUnavailable
+
+CLIENT_KEY = "obatch_client"
+FILES_KEY = "obatch_file_cache"
+P = ParamSpec("P")
+T = TypeVar("T")
+
+START_HINT = ("Start it with `obatch serve` (or `make serve` for the server and this UI together), "
+              "or point `OBATCH_SERVER_URL` at a running server.")
+
+
+def client() -> Client:
+    """This session's client: the injected one, else one built from ``OBATCH_SERVER_URL``/``OBATCH_API_KEY``."""
+    api = st.session_state.get(CLIENT_KEY)
+    if not isinstance(api, Client):
+        api = Client.from_env()
+        st.session_state[CLIENT_KEY] = api
+    return api
+
+
+def show_error(exc: ClientError, *, doing: str | None = None) -> None:
+    """The one place an API failure becomes what the user reads."""
+    prefix = f"Could not {doing}: " if doing else ""
+    if isinstance(exc, ServerUnavailable):
+        st.error(f"{prefix}{exc.message}\n\n{START_HINT}", icon=":material/power_off:")
+    elif isinstance(exc, ApiError) and exc.status in (502, 503, 504):
+        st.error(f"{prefix}the server is up but its backend does not answer: {exc.message}", icon=":material/warning:")
+    elif isinstance(exc, ApiError) and exc.status == 404 and exc.code == "unknown_url":
+        st.info(f"{prefix}this obatch server does not offer that yet ({exc.message}). Update the server.",
+                icon=":material/info:")
+    elif isinstance(exc, ApiError) and exc.status == 401:
+        st.error(f"{prefix}the server refused the API key ({exc.message}). Set `OBATCH_API_KEY`.",
+                 icon=":material/lock:")
+    else:
+        st.error(f"{prefix}{exc}", icon=":material/warning:")
+
+
+def need(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Data the page cannot draw without: on failure show why and stop the page (no stack trace)."""
+    try:
+        return call(*args, **kwargs)
+    except ClientError as exc:
+        show_error(exc)
+        st.stop()
+
+
+def attempt(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+    """An action or optional data: on failure show why and return None."""
+    try:
+        return call(*args, **kwargs)
+    except ClientError as exc:
+        show_error(exc)
+        return None
+
+
+def quietly(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+    """Optional data the page does well without (an estimate with no benchmark yet): None on any API failure."""
+    try:
+        return call(*args, **kwargs)
+    except ClientError:
+        return None
+
+
+def file_bytes(file_id: str) -> bytes:
+    """A stored file's content, fetched once per session (stored files never change)."""
+    cache: dict[str, bytes] = st.session_state.setdefault(FILES_KEY, {})
+    if file_id not in cache:
+        cache[file_id] = need(client().file_content, file_id)
+    return cache[file_id]

@@ -1,0 +1,222 @@
+"""obatch.ui.views: the pure data → frame → chart functions behind the pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from obatch.errors import ConfigError
+from obatch.protocol import Batch
+from obatch.ui import views
+from obatch.ui.launch import find_app, streamlit_command
+from tests.helpers import chat_line
+from tests.ui_fake import bench_points
+
+
+def jsonl(*objs: object) -> bytes:
+    return b"".join((o if isinstance(o, bytes) else orjson.dumps(o)) + b"\n" for o in objs)
+
+
+def test_preview_flags_each_bad_line_with_its_message() -> None:
+    data = jsonl(chat_line("a"), b"{not json", chat_line("a"), {"custom_id": "c", "method": "GET"},
+                 b"", chat_line("d", model=""))
+    preview = views.preview_file(data)
+    assert not preview.ok
+    assert preview.n_requests == 1
+    problems = preview.problems
+    assert problems["line"].to_list() == [2, 3, 4, 6]
+    assert problems["code"].to_list() == ["invalid_json_line", "duplicate_custom_id", "invalid_method",
+                                          "missing_required_parameter"]
+    assert "more than once" in problems["message"][1]
+    assert preview.lines.filter(pl.col("line") == 3)["custom_id"].item() == "a"  # read from the raw line
+    assert preview.lines.filter(pl.col("line") == 1)["text"].item() == "hello"
+
+
+def test_preview_model_override_and_mixed_endpoints() -> None:
+    no_model = chat_line("a", model="")
+    assert not views.preview_file(jsonl(no_model)).ok
+    fixed = views.preview_file(jsonl(no_model), model="qwen2.5:0.5b")
+    assert fixed.ok and fixed.models == ["qwen2.5:0.5b"]
+    embed = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}
+    mixed = views.preview_file(jsonl(chat_line("a"), embed))
+    assert mixed.endpoint == "/v1/chat/completions"
+    assert mixed.problems["code"].to_list() == ["mismatched_endpoint"]
+    empty = views.preview_file(b"\n\n")
+    assert not empty.ok and empty.problems["code"].to_list() == ["empty_file"]
+
+
+def test_preview_mean_tokens_feed_the_estimate() -> None:
+    preview = views.preview_file(jsonl(chat_line("a", "x" * 300, max_tokens=50), chat_line("b", max_tokens=150)))
+    prompt, output = preview.mean_tokens()
+    assert prompt is not None and prompt > 50
+    assert output == 100
+
+
+def batch(**fields: object) -> Batch:
+    base: dict[str, object] = {"id": "batch-1", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",
+                               "completion_window": "24h", "created_at": 1000, "status": "in_progress"}
+    base.update(fields)
+    return Batch.model_validate(base)
+
+
+def test_progress_rates_count_successes_and_eta_falls_back_to_the_estimate() -> None:
+    running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 30, "failed": 10},
+                    usage={"output_tokens": 600})
+    p = views.batch_progress(running, now=1020)
+    assert (p.done, p.fraction, p.elapsed_s) == (40, 0.4, 20)
+    assert p.requests_per_s == 1.5  # successes only
+    assert p.tokens_per_s == 30
+    assert p.eta_s == 30  # 60 left at 2 finished per second
+    fresh = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 0, "failed": 0})
+    assert views.batch_progress(fresh, now=1010, estimate={"expected_seconds": 50}).eta_s == 40
+    assert views.batch_progress(fresh, now=1010).eta_s is None
+    done = batch(status="completed", in_progress_at=1000, completed_at=1050,
+                 request_counts={"total": 10, "completed": 10, "failed": 0})
+    assert views.batch_progress(done, now=9999).elapsed_s == 50
+    assert views.batch_progress(done).eta_s == 0
+    assert views.format_seconds(95) == "1 min 35 s"
+    assert views.format_seconds(None) == "—"
+    assert views.format_seconds(0) == "< 1 s"
+
+
+def test_batches_frame_progress() -> None:
+    frame = views.batches_frame([batch(request_counts={"total": 4, "completed": 1, "failed": 1}),
+                                 batch(id="batch-2", status="validating")])
+    assert frame["progress"].to_list() == [0.5, 0.0]
+    assert frame.schema["created"] == pl.Datetime("ms")
+
+
+def test_results_frame_and_filters() -> None:
+    ok = {"id": "r1", "custom_id": "a", "error": None, "latency_ms": 120.0, "response": {
+        "status_code": 200, "request_id": "q", "body": {
+            "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4}}}}
+    failed = {"id": "r2", "custom_id": "b", "response": {"status_code": 400, "request_id": "q", "body": {
+        "error": {"message": "too long", "code": "context_length_exceeded"}}},
+              "error": {"code": "context_length_exceeded", "message": "too long"}}
+    expired = {"id": "r3", "custom_id": "c", "response": None,
+               "error": {"code": "batch_expired", "message": "late"}}
+    frame = views.results_frame(jsonl(ok), jsonl(failed, expired))
+    assert frame["custom_id"].to_list() == ["a", "b", "c"]
+    assert frame["status"].to_list() == ["succeeded", "failed", "failed"]
+    assert frame.row(0, named=True) | {} == {
+        "custom_id": "a", "status": "succeeded", "status_code": 200, "finish_reason": "length", "content": "hi",
+        "prompt_tokens": 3, "completion_tokens": 4, "latency_ms": 120.0, "error_code": None, "error_message": None}
+    assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
+    assert views.filter_results(frame, statuses=["failed"]).height == 2
+    assert views.filter_results(frame, finish_reasons=["length"])["custom_id"].to_list() == ["a"]
+    assert views.filter_results(frame, latency_ms=(0, 100)).height == 0
+    assert views.options_of(frame, "status") == ["failed", "succeeded"]
+    assert views.results_frame(None, None).is_empty()
+
+
+def test_bench_frame_reads_other_spellings_and_nested_objects() -> None:
+    frame = views.bench_frame([{"config": {"num_ctx": 4096, "concurrency": 2},
+                                "metrics": {"output_tokens_per_s": 55.5, "p50_latency_ms": 900}}], model="m")
+    assert frame.row(0, named=True)["model"] == "m"
+    assert frame.row(0, named=True)["tokens_per_s"] == 55.5
+    assert frame.row(0, named=True)["latency_p50_ms"] == 900
+    assert frame.schema == views.BENCH_SCHEMA
+
+
+def test_context_chart_has_one_line_per_model_at_its_best_concurrency() -> None:
+    frame = views.bench_frame(bench_points())
+    curve = views.along(frame, "num_ctx", fixed="concurrency", value=None)
+    assert curve.height == 6 and set(curve["concurrency"].to_list()) == {4}
+    spec = views.metric_chart(curve, "num_ctx", "tokens_per_s").to_dict()
+    assert spec["mark"]["type"] == "line"
+    assert spec["encoding"]["x"] | {"title": "", "axis": {}} == {"field": "num_ctx", "type": "ordinal",
+                                                                   "sort": "ascending", "title": "", "axis": {}}
+    assert spec["encoding"]["color"]["field"] == "model"
+    assert spec["encoding"]["color"]["scale"] == {"scheme": "tableau10"}
+    at_one = views.along(frame, "num_ctx", fixed="concurrency", value=1)
+    assert set(at_one["concurrency"].to_list()) == {1}
+    latency = views.latency_chart(curve, "num_ctx").to_dict()
+    assert latency["encoding"]["strokeDash"]["field"] == "percentile"
+    rows = next(iter(latency["datasets"].values()))
+    assert {r["percentile"] for r in rows} == {"p50", "p90", "p99"} and len(rows) == 18
+    assert views.compare_chart(frame).to_dict()["mark"]["type"] == "bar"
+    assert views.metric_chart(views.bench_frame([]), "concurrency", "requests_per_s").to_dict()
+
+
+def test_latest_points_averages_the_newest_runs_repeats_without_excluded_points() -> None:
+    old = {"model": "m", "num_ctx": 2048, "concurrency": 1, "output_tps": 1.0, "created_at": 1, "run_id": "a"}
+    new = [dict(old, output_tps=2.0, created_at=2, run_id="b", repeat=0),
+           dict(old, output_tps=4.0, created_at=3, run_id="b", repeat=1),
+           dict(old, output_tps=99.0, created_at=4, run_id="b", repeat=2, excluded=True)]
+    latest = views.latest_points(views.bench_frame([*new, old]))
+    assert latest["tokens_per_s"].to_list() == [3.0]
+    assert latest["run_id"].to_list() == ["b"]
+    # bench's summary rows count excluded repeats; a count is not a flag
+    assert views.bench_frame([{"model": "m", "excluded": 1}])["excluded"].to_list() == [False]
+    unlabelled = [{"model": "m", "num_ctx": 1, "concurrency": 1, "tokens_per_s": v, "created_at": t}
+                  for v, t in ((1.0, 1), (2.0, 2))]
+    assert views.latest_points(views.bench_frame(unlabelled))["tokens_per_s"].to_list() == [2.0]
+
+
+def test_estimates_and_health_are_read_generously() -> None:
+    assert views.estimate_seconds({"expected_seconds": 10, "interval": [8, 14]}) == (10, 8, 14)
+    assert views.describe_estimate({"seconds": 100, "low_seconds": 80, "high_seconds": 130}) == \
+        "about 1 min 40 s (1 min 20 s – 2 min 10 s)"
+    assert views.describe_estimate(None) is None
+    assert views.estimate_config({"seconds": 1, "num_ctx": 4096, "concurrency": 4}) == "num_ctx 4096 · concurrency 4"
+    record = views.estimate_record_frame([
+        {"batch_id": "b", "models": "m", "estimated_seconds": 10, "low": 8, "high": 11, "actual_seconds": 12},
+        {"batch_id": "c", "models": ["m", "n"], "requests": 5, "estimated_seconds": 10, "low": 8, "high": 14,
+         "actual_seconds": 12, "error_pct": -16.7, "within_interval": True}])
+    assert record["within_interval"].to_list() == [False, True]
+    assert record["error_pct"].round(1).to_list() == [-16.7, -16.7]
+    assert record["models"].to_list() == ["m", "m,n"]
+    assert views.estimate_record_chart(record).to_dict()["layer"]
+    down = views.read_health({"status": "degraded", "http_status": 503,
+                              "backend": {"name": "ollama", "ok": False, "error": "refused"}})
+    assert (down.server_ok, down.backend, down.backend_ok, down.detail) == (False, "ollama", False, "refused")
+    degraded = views.read_health({"status": "degraded", "db": "ok", "http_status": 200,
+                                  "backend": {"name": "ollama", "reachable": False, "error": "ConnectError"}})
+    assert (degraded.server_ok, degraded.backend_ok, degraded.detail) == (True, False, "ConnectError")
+    up = views.read_health({"status": "ok", "backend": "ollama", "http_status": 200})
+    assert (up.server_ok, up.backend, up.backend_ok) == (True, "ollama", None)
+
+
+def test_models_frame() -> None:
+    frame = views.models_frame([{"id": "a", "context_length": 4096, "loaded": True}, {"id": "b"}])
+    assert frame["id"].to_list() == ["a", "b"]
+    assert frame["loaded"].to_list() == [True, None]
+
+
+def test_obatch_ui_finds_the_app_or_says_where_it_looked(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert find_app({}, cwd=tmp_path) == root / "streamlit_app.py"  # next to the package: a checkout
+    mine = tmp_path / "streamlit_app.py"
+    mine.write_text("")
+    assert find_app({}, cwd=tmp_path) == mine.resolve()
+    assert find_app({"OBATCH_UI_APP": str(mine)}, cwd=root) == mine.resolve()
+    with pytest.raises(ConfigError, match="OBATCH_UI_APP") as caught:
+        find_app({}, cwd=tmp_path / "elsewhere", checkout=tmp_path / "site-packages")
+    assert str(tmp_path / "elsewhere" / "streamlit_app.py") in caught.value.message
+    command = streamlit_command(mine, port=9999)
+    assert command[1:4] == ["-m", "streamlit", "run"]
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    assert command[command.index("--server.port") + 1] == "9999"
+
+
+def test_sweep_plan_command_and_progress() -> None:
+    from obatch.ui.sweep import SweepPlan, measured_points
+
+    plan = SweepPlan(("a", "b"), (4096, 2048, 2048), (1, 2), requests=4, workload="tiny")
+    assert plan.points == 8 and plan.problem() is None
+    assert plan.command(python="py") == [
+        "py", "-m", "obatch", "bench", "--model", "a", "--model", "b", "--num-ctx", "2048,4096",
+        "--concurrency", "1,2", "--requests", "4", "--workload", "tiny", "--name", "ui", "--quiet"]
+    assert SweepPlan((), (1,), (1,)).problem() == "Pick at least one model."
+    points = views.bench_frame([
+        {"model": "a", "num_ctx": 2048, "concurrency": 1, "created_at": 100.0},
+        {"model": "a", "num_ctx": 2048, "concurrency": 1, "created_at": 101.0, "repeat": 1},  # same config
+        {"model": "a", "num_ctx": 4096, "concurrency": 2, "created_at": 102.0},
+        {"model": "a", "num_ctx": 8192, "concurrency": 2, "created_at": 102.0},  # not in the plan
+        {"model": "b", "num_ctx": 2048, "concurrency": 1, "created_at": 50.0},  # an older sweep
+    ])
+    assert measured_points(plan, points, since=100.0) == 2

@@ -1,0 +1,204 @@
+"""An in-memory, OpenAI-shaped obatch server behind ``httpx.MockTransport``, for the UI's AppTest tests.
+
+It answers the routes the UI calls with the shapes of docs/openai-batch (files, batches, models, health,
+benchmarks) and records every request, so a test can drive a page and then check what was sent.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import itertools
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from obatch.client import Client
+
+MODELS = [
+    {"id": "llama3.2:1b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 131072,
+     "family": "llama", "parameter_size": "1.2B", "quantization": "Q8_0", "loaded": True},
+    {"id": "qwen2.5:0.5b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 32768,
+     "family": "qwen2", "parameter_size": "494M", "quantization": "Q4_K_M", "loaded": False},
+]
+
+
+def bench_points() -> list[dict[str, Any]]:
+    """Two models × three windows × two concurrencies, slower with longer windows."""
+    points = []
+    for model, speed in (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)):
+        for num_ctx in (2048, 4096, 8192):
+            for concurrency in (1, 4):
+                tps = speed * concurrency ** 0.5 * 2048 / num_ctx
+                points.append({"model": model, "num_ctx": num_ctx, "concurrency": concurrency,
+                               "tokens_per_s": tps, "requests_per_s": tps / 32,
+                               "latency_p50_ms": 1000 * 32 / tps * concurrency, "latency_p90_ms": 1300 * 32 / tps,
+                               "latency_p99_ms": 1600 * 32 / tps, "created_at": 1_700_000_000 + num_ctx})
+    return points
+
+
+def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
+    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser().parsebytes(head + request.content)
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[str, bytes]] = {}
+    for part in message.get_payload():  # type: ignore[union-attr]
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        filename = part.get_filename()
+        if filename:
+            files[name] = (filename, payload)
+        else:
+            fields[name] = payload.decode()
+    return fields, files
+
+
+def _json(status: int, body: Any) -> httpx.Response:
+    return httpx.Response(status, content=orjson.dumps(body), headers={"content-type": "application/json"})
+
+
+def _error(status: int, message: str, code: str) -> httpx.Response:
+    return _json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                    "code": code}})
+
+
+class FakeServer:
+    def __init__(self, *, backend_ok: bool = True, with_benchmarks: bool = True) -> None:
+        self.files: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.requests: list[httpx.Request] = []
+        self.backend_ok = backend_ok
+        self.points = bench_points() if with_benchmarks else []
+        self._ids = itertools.count(1)
+        self.transport = httpx.MockTransport(self.handle)
+
+    def client(self) -> Client:
+        return Client("http://fake.obatch", api_key="sk-test", transport=self.transport)
+
+    def _id(self, kind: str) -> str:
+        return f"{kind}-{next(self._ids):024x}"
+
+    # ----------------------------------------------------------------------------------------- routing
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path, method = request.url.path, request.method
+        parts = path.strip("/").split("/")
+        if path == "/health":
+            # obatch.server.operations.health: 200 while the store answers; the backend is only reported
+            body = {"status": "ok" if self.backend_ok else "degraded", "db": "ok",
+                    "backend": {"name": "ollama", "reachable": self.backend_ok,
+                                **({"version": "0.9.0"} if self.backend_ok else {"error": "ConnectError"})}}
+            return _json(200, body)
+        if path == "/v1/models":
+            return _json(200, {"object": "list", "data": MODELS})
+        if path == "/v1/files" and method == "POST":
+            fields, files = _multipart(request)
+            filename, content = files["file"]
+            obj = {"id": self._id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                   "filename": filename, "purpose": fields["purpose"], "status": "processed"}
+            self.files[obj["id"]] = (obj, content)
+            return _json(200, obj)
+        if parts[:2] == ["v1", "files"] and len(parts) >= 3:
+            if parts[2] not in self.files:
+                return _error(404, f"No such file: {parts[2]}", "not_found")
+            obj, content = self.files[parts[2]]
+            if len(parts) == 4 and parts[3] == "content":
+                return httpx.Response(200, content=content)
+            return _json(200, obj)
+        if path == "/v1/batches" and method == "POST":
+            body = orjson.loads(request.content)
+            if body["input_file_id"] not in self.files:
+                return _error(404, f"No such file: {body['input_file_id']}", "not_found")
+            now = int(time.time())
+            batch = {"id": self._id("batch"), "object": "batch", "endpoint": body["endpoint"],
+                     "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                     "created_at": now, "status": "in_progress", "in_progress_at": now, "model": body.get("model"),
+                     "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                     "extra_sent": {k: body.get(k) for k in ("model", "concurrency")}}
+            batch["request_counts"]["total"] = sum(
+                1 for line in self.files[body["input_file_id"]][1].splitlines() if line.strip())
+            self.batches[batch["id"]] = batch
+            return _json(200, batch)
+        if path == "/v1/batches":
+            data = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
+            return _json(200, {"object": "list", "data": data, "has_more": False,
+                               "first_id": data[0]["id"] if data else None,
+                               "last_id": data[-1]["id"] if data else None})
+        if parts[:2] == ["v1", "batches"] and len(parts) >= 3:
+            batch = self.batches.get(parts[2])
+            if batch is None:
+                return _error(404, f"No such batch: {parts[2]}", "not_found")
+            if len(parts) == 4 and parts[3] == "cancel":
+                if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+                    return _error(409, f"Batch {batch['id']} is {batch['status']} and cannot be cancelled.",
+                                  "conflict")
+                batch.update(status="cancelling", cancelling_at=int(time.time()))
+            return _json(200, batch)
+        if path == "/v1/benchmarks/models":
+            best: dict[str, dict[str, Any]] = {}
+            for p in self.points:
+                if p["model"] not in best or p["tokens_per_s"] > best[p["model"]]["tokens_per_s"]:
+                    best[p["model"]] = p
+            return _json(200, {"object": "list", "data": list(best.values())})
+        if parts[:3] == ["v1", "benchmarks", "models"] and len(parts) == 4:
+            return _json(200, {"object": "list", "data": [p for p in self.points if p["model"] == parts[3]]})
+        if path == "/v1/benchmarks/compare":
+            names = request.url.params.get("models", "").split(",")
+            num_ctx = request.url.params.get("num_ctx")
+            return _json(200, {"object": "list", "data": [
+                p for p in self.points if p["model"] in names and (num_ctx is None or p["num_ctx"] == int(num_ctx))]})
+        if path == "/v1/benchmarks/estimates":
+            return _json(200, {"object": "list", "data": [
+                {"batch_id": "batch-old", "models": "llama3.2:1b", "requests": 100, "concurrency": 4,
+                 "estimated_seconds": 50.0, "low": 40.0, "high": 60.0, "actual_seconds": 55.0, "error_pct": -9.1,
+                 "within_interval": True}] if self.points else []})
+        if path == "/v1/benchmarks/estimate":
+            if not self.points:
+                return _error(404, "No benchmark for this model.", "not_found")
+            return _json(200, {"expected_seconds": 42.0, "low_seconds": 30.0, "high_seconds": 60.0,
+                               "best": {"num_ctx": 2048, "concurrency": 4}, "points_used": 3})
+        return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
+
+    # ------------------------------------------------------------------------------------------ driving
+    def progress(self, batch_id: str, completed: int, failed: int = 0, *, output_tokens: int = 0) -> None:
+        batch = self.batches[batch_id]
+        batch["request_counts"].update(completed=completed, failed=failed)
+        batch["in_progress_at"] = int(time.time()) - 10
+        batch["usage"] = {"input_tokens": 0, "output_tokens": output_tokens, "total_tokens": output_tokens}
+
+    def complete(self, batch_id: str, *, latency: bool = False) -> None:
+        """Finish a batch: lines whose prompt says 'fail' fail, the others succeed (every 3rd cut by length)."""
+        batch = self.batches[batch_id]
+        _obj, content = self.files[batch["input_file_id"]]
+        out, err = [], []
+        for n, raw in enumerate(line for line in content.splitlines() if line.strip()):
+            line = orjson.loads(raw)
+            text = line["body"]["messages"][-1]["content"]
+            if "fail" in text:
+                err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": "server_error", "message": "The engine failed."}})
+                continue
+            result: dict[str, Any] = {
+                "id": f"batch_req_{n}", "custom_id": line["custom_id"], "error": None,
+                "response": {"status_code": 200, "request_id": f"req_{n}", "body": {
+                    "object": "chat.completion", "model": line["body"]["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"},
+                                 "finish_reason": "length" if n % 3 == 2 else "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}}}
+            if latency:
+                result["latency_ms"] = 100.0 * (n + 1)
+            out.append(result)
+        now = int(time.time())
+        batch.update(status="completed", completed_at=now, finalizing_at=now,
+                     request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
+        for kind, lines in (("output", out), ("error", err)):
+            if lines:
+                data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+                obj = {"id": self._id("file"), "object": "file", "bytes": len(data), "created_at": now,
+                       "filename": f"{batch_id}_{kind}.jsonl", "purpose": "batch_output", "status": "processed"}
+                self.files[obj["id"]] = (obj, data)
+                batch[f"{kind}_file_id"] = obj["id"]
+
+    def sent(self, method: str, path: str) -> list[httpx.Request]:
+        return [r for r in self.requests if r.method == method and r.url.path == path]
