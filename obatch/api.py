@@ -55,9 +55,14 @@ class RunReport:
     def summary(self) -> str:
         b = self.batch
         rate = b.completed / self.seconds if self.seconds else 0.0
-        return (f"{b.id}: {b.status}; {b.completed} succeeded, {b.failed} failed of {b.total} "
+        text = (f"{b.id}: {b.status}; {b.completed} succeeded, {b.failed} failed of {b.total} "
                 f"in {self.seconds:.1f} s ({rate:.2f} req/s; {b.input_tokens} prompt + {b.output_tokens} "
                 f"completion tokens)\n  results: {self.output}\n  errors:  {self.errors}")
+        if b.estimate_json and b.run_seconds > 0:  # the estimate made at the start, against what happened
+            made = orjson.loads(b.estimate_json)
+            text += (f"\n  estimate: {made['seconds']:.1f} s [{made['low']:.1f}, {made['high']:.1f}] for "
+                     f"{b.run_seconds:.1f} s of running ({(made['seconds'] / b.run_seconds - 1) * 100:+.1f}%)")
+        return text
 
 
 def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, endpoint: str,

@@ -32,6 +32,7 @@ from sqlmodel import col
 
 from obatch import context, errors
 from obatch.backends.base import Backend
+from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.jsonl import Limits, Request, iter_file, validate_file
 from obatch.protocol import (
@@ -298,6 +299,8 @@ class ResultWriter:
     batch_id: str
     progress: Progress | None = None
     buffer: list[dict[str, Any]] = field(default_factory=list)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
         self.buffer.append(_outcome_row(self.batch_id, outcome))
@@ -307,12 +310,22 @@ class ResultWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self.buffer:
-            return
-        rows, self.buffer = self.buffer, []
-        async with self.svc.sessions() as session:
-            await repo.finish_requests(session, self.batch_id, rows)
-            await session.commit()
+        """Commit the buffered results. The write runs shielded, one at a time: a cancel (the run ending, expiry,
+        cancellation) that lands mid-transaction would leave the aiosqlite connection holding SQLite's write
+        lock until garbage collection, stalling every other writer; and a later flush waits for an earlier one."""
+        write = asyncio.ensure_future(self._write())
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def _write(self) -> None:
+        async with self._lock:
+            if not self.buffer:
+                return
+            rows, self.buffer = self.buffer, []
+            async with self.svc.sessions() as session:
+                await repo.finish_requests(session, self.batch_id, rows)
+                await session.commit()
 
 
 class _Cancelled(Exception):
@@ -402,13 +415,19 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 # ----------------------------------------------------------------------------------------- finalising
 
 
+def _extras(row: RequestRow) -> dict[str, Any]:
+    """What obatch measured for a line, beside OpenAI's fields (clients that do not know it ignore it)."""
+    return {"latency_ms": row.latency_ms, "attempts": row.attempts, "num_ctx": row.num_ctx,
+            "truncated": row.truncated}
+
+
 def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
     """(is_success, output line) for one row."""
     if row.state == "succeeded":
         success: dict[str, Any] = {"status_code": row.status_code, "request_id": row.request_id,
                                    "body": orjson.Fragment(row.response or "{}")}
         return True, orjson.dumps({"id": row.request_id, "custom_id": row.custom_id, "response": success,
-                                   "error": None}) + b"\n"
+                                   "error": None, "obatch": _extras(row)}) + b"\n"
     if row.state == "pending":
         code = pending_code or "batch_cancelled"
         message = ("This request could not be executed before the completion window expired."
@@ -423,7 +442,8 @@ def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
                                        if (row.status_code or 500) < 500 else "server_error",
                                        "param": None, "code": row.error_code}}}
     return False, orjson.dumps({"id": row.request_id or f"batch_req_{uuid.uuid4().hex}",
-                                "custom_id": row.custom_id, "response": response, "error": error}) + b"\n"
+                                "custom_id": row.custom_id, "response": response, "error": error,
+                                "obatch": _extras(row)}) + b"\n"
 
 
 async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
@@ -542,16 +562,20 @@ async def process(svc: Services, batch_id: str, *, concurrency: int, progress: P
     if batch.status == "cancelling":
         return await finalize(svc, batch, "cancelled", output=output, error=error)
     if batch.status == "in_progress":
+        if batch.started_at is None:  # the estimate is made before the clock starts, and kept to check it
+            await _set(svc, batch, started_at=svc.clock(),
+                       estimate_json=await estimate_json_for_batch(svc.sessions, batch, svc.backend, concurrency))
         started = time.monotonic()
-        if batch.started_at is None:
-            await _set(svc, batch, started_at=svc.clock())
         remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None
         outcome = "completed"
         try:
-            async with asyncio.timeout(max(remaining, 0) if remaining is not None else None):
+            window = asyncio.timeout(max(remaining, 0) if remaining is not None else None)
+            async with window:
                 await _execute(svc, batch, concurrency=concurrency, progress=progress, stream=stream,
                                slots=slots)
         except* TimeoutError:
+            if not window.expired():  # a timeout from below, not the completion window: not an expiry
+                raise
             outcome = "expired"
         except* _Cancelled:
             outcome = "cancelled"

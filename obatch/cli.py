@@ -40,6 +40,13 @@ async def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet, fresh=args.fresh,
     )
     print(report.summary)
+    if args.show:
+        from obatch.api import results_frame
+
+        frame = await results_frame(_settings(args), report.batch.id)
+        for row in frame.head(args.show).iter_rows(named=True):
+            text = (row["content"] or row["error"] or "").strip().replace("\n", " ")
+            print(f"  {row['custom_id']}: {text[:160]}")
     return 0
 
 
@@ -56,6 +63,33 @@ async def _models(args: argparse.Namespace) -> int:
     finally:
         await backend.aclose()
     return 0
+
+
+async def _ui(args: argparse.Namespace) -> int:
+    from obatch.ui.launch import run_ui
+
+    return await run_ui(host=args.host, port=args.port, server_url=args.server_url)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from obatch.server import create_app
+    from obatch.server.auth import is_loopback, load_keys
+    from obatch.server.observe import configure_logging
+
+    settings = _settings(args)
+    if not load_keys(settings) and not is_loopback(args.host) and not (args.allow_public or settings.allow_public_bind):
+        print(f"error: no API keys are set (OBATCH_API_KEYS or OBATCH_API_KEYS_FILE), so obatch serves loopback only; "
+              f"refusing to bind {args.host}. Set keys, or pass --allow-public to serve without them.",
+              file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False,
+        server_header=False, timeout_graceful_shutdown=10))
+    await server.serve()
+    return 0 if server.started else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,12 +110,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", "-c", type=int, help="requests in flight (default: OBATCH_CONCURRENCY)")
     run.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    run.add_argument("--show", type=int, default=0, metavar="N", help="print the first N results")
     backend_options(run)
     run.set_defaults(handler=_run)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI Files + Batches API (and chat, embeddings, models)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    serve.add_argument("--allow-public", action="store_true",
+                       help="bind a non-loopback host even without API keys (OBATCH_ALLOW_PUBLIC_BIND)")
+    backend_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    from obatch.bench.cli import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)  # bench, sweep, estimate
 
     models = sub.add_parser("models", help="list the backend's models")
     backend_options(models)
     models.set_defaults(handler=_models)
+
+    ui = sub.add_parser("ui", help="open the Streamlit UI (a client of `obatch serve`)")
+    ui.add_argument("--host", default="127.0.0.1", help="address the UI listens on (default: loopback)")
+    ui.add_argument("--port", type=int, default=8501)
+    ui.add_argument("--server-url", help="the obatch server (default: OBATCH_SERVER_URL or http://127.0.0.1:8000)")
+    ui.set_defaults(handler=_ui)
     return parser
 
 

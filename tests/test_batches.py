@@ -47,6 +47,7 @@ async def test_transient_faults_lose_and_double_nothing(tmp_path: Path, make_set
     assert len(out) == 500 and {line["custom_id"] for line in err} == {f"bad{i}" for i in range(5)}
     assert all(line["error"]["code"] == "model_not_found" for line in err)
     assert all(line["response"]["status_code"] == 200 for line in out)
+    assert all(line["obatch"]["latency_ms"] > 0 and line["obatch"]["attempts"] >= 1 for line in out)
     assert report.batch.status == "completed" and report.batch.completed == 500 and report.batch.failed == 5
     frame = await results_frame(make_settings(), report.batch.id)
     assert frame.filter(frame["status"] == "failed")["attempts"].to_list() == [0] * 5  # 4xx: never sent again

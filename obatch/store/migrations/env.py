@@ -3,7 +3,7 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-from obatch.store import tables  # noqa: F401  (registers the tables on the metadata)
+from obatch.store import bench_tables, tables  # noqa: F401  (registers the tables on the metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -1,0 +1,137 @@
+"""Does the estimate come true? Sweep a model, estimate a held-out batch file, run it, print estimate vs actual.
+
+    python bench/estimate_accuracy.py                       # the embedded engine (SmolLM2-135M), ~2-3 minutes
+    python bench/estimate_accuracy.py --backend sim         # the Ollama simulator, seconds
+    python bench/estimate_accuracy.py --requests 64 --concurrency 4 --data-dir /tmp/acc
+
+Steps: (1) a small sweep (num_ctx 2048 × concurrency 1, 2, 4) on the built-in ``chat`` workload (generated
+prompts, forced output lengths); (2) a held-out batch file of natural requests (instructions with context passages
+of varied length, several max_tokens, no forced lengths), never seen before; (3) its estimate, through the same
+function ``GET /v1/benchmarks/estimate?input_file_id=`` answers with; (4) the batch run as ``obatch run`` runs it
+(which also stores its own estimate at start); (5) estimate vs actual and the error. Steps 2-5 repeat with a new
+file per run (``--runs``); later estimates may learn from earlier batches how much of max_tokens answers use.
+
+Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from obatch import bench
+from obatch.api import run_batch_file
+from obatch.config import Settings
+from obatch.store.db import open_store
+
+MODEL_LOCAL = "smollm2:135m"
+TOPICS = ("rivers", "the moon", "bread", "trains", "volcanoes", "bees", "music", "glass", "owls", "clouds", "salt",
+          "maps", "chess", "tea", "snow", "copper", "bridges", "lighthouses", "paper", "wind", "coral", "clocks")
+ASKS = ("Write a short paragraph about {t}.", "Explain how {t} work, in a few sentences.",
+        "Describe {t} to a child.", "List some facts about {t} and explain each one.",
+        "Write a short story that involves {t}.")
+PASSAGE = ("The survey team walked along the valley at dawn and recorded what they saw. The water was cold and "
+           "clear, the stones were smooth, and the old bridge still carried carts to the market twice a week. "
+           "Nobody in the village remembered when the bridge was built, but the records in the library said that "
+           "the first stones were laid after a flood destroyed the wooden crossing. ")
+
+
+def held_out_file(path: Path, model: str, n: int, seed: int) -> Path:
+    """Natural requests the sweep never saw: varied context passages, instructions and max_tokens."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        context = PASSAGE * rng.randint(0, 4)
+        ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
+        body = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
+                "max_tokens": rng.choice((48, 64, 96, 128, 160)), "temperature": 0}
+        lines.append({"custom_id": f"held-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    return path
+
+
+async def measure(args: argparse.Namespace) -> float:
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="obatch-acc-"))
+    backend = "ollama" if args.backend == "sim" else args.backend
+    sim = None
+    if args.backend == "sim":
+        from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
+
+        sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=2, prompt_tps=3000, decode_tps=300,
+                                  default_output_tokens=256, load_seconds=0.2))
+        await sim.start()
+    settings = Settings(_env_file=None, data_dir=data_dir, backend=backend,
+                        ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
+    try:
+        print(f"load average at start: {os.getloadavg()[0]:.2f} (the engine shares {os.cpu_count()} cores with it)")
+        started = time.monotonic()
+        spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
+                               requests=args.sweep_requests, workload=args.workload, seed=1)
+        report = await bench.run_sweep(spec, settings=settings, progress=False)
+        print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s")
+        frames = await bench.load_report(settings=settings, run_id=report.run_id)
+        for row in frames.summary.iter_rows(named=True):
+            print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s, {row['output_tps']:.0f} output tok/s, "
+                  f"engine gen {row['gen_tps']:.0f} tok/s per request, p50 {row['latency_p50']:.0f} ms")
+        errors = []
+        for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
+            held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
+                                 seed=args.seed + attempt)
+            guess = await bench.estimate_workload(args.model, settings=settings, file=held,
+                                                  concurrency=args.concurrency)
+            run = await run_batch_file(held, settings=settings, concurrency=args.concurrency, progress=False,
+                                       fresh=True)
+            actual = run.batch.run_seconds
+            error = (guess.seconds - actual) / actual * 100
+            errors.append(error)
+            stored = orjson.loads(run.batch.estimate_json or "null")
+            print(f"held-out run {attempt + 1}: {args.requests} requests at c={args.concurrency}: estimate "
+                  f"{guess.seconds:.1f} s [{guess.low:.1f}, {guess.high:.1f}] (stored at start: "
+                  f"{stored['seconds'] if stored else float('nan'):.1f} s), actual {actual:.1f} s, "
+                  f"error {error:+.1f}%  ({run.batch.output_tokens} output tokens, mean prompt "
+                  f"{run.batch.input_tokens / max(run.batch.completed, 1):.0f} tokens; estimated "
+                  f"{guess.prompt_tokens_mean:.0f} prompt / {guess.output_tokens_mean:.0f} output per request)")
+        engine, sessions = await open_store(settings.db_url)
+        async with sessions() as session:
+            record = await bench.estimates_vs_actuals(session)
+        await engine.dispose()
+        print(f"estimate-vs-actual record: {len(record)} batches, "
+              f"{sum(r['within_interval'] for r in record)} within their interval")
+        print(f"load average at end: {os.getloadavg()[0]:.2f}")
+        worst = max(errors, key=abs)
+        print(f"RESULT: mean error {sum(errors) / len(errors):+.1f}%, worst {worst:+.1f}% over {len(errors)} runs "
+              f"({'within' if abs(worst) <= 15 else 'OUTSIDE'} ±15%)")
+        return worst
+    finally:
+        if sim is not None:
+            await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["local", "sim", "ollama", "openai"], default="local")
+    p.add_argument("--model", default=MODEL_LOCAL)
+    p.add_argument("--requests", type=int, default=48, help="held-out batch size")
+    p.add_argument("--concurrency", type=int, default=4, help="the held-out batch's concurrency")
+    p.add_argument("--sweep-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--sweep-requests", type=int, default=16)
+    p.add_argument("--workload", default="chat")
+    p.add_argument("--runs", type=int, default=2, help="how many held-out batches to estimate and run")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--data-dir")
+    args = p.parse_args(argv)
+    worst = asyncio.run(measure(args))
+    return 0 if abs(worst) <= 15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

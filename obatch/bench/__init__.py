@@ -1,0 +1,77 @@
+"""Benchmarks that come true: measure points (engine timings, client TTFT/ITL, completed-only throughput), sweep
+models × num_ctx × concurrency resumably, store them, view them as polars frames, and estimate workloads from them.
+
+    report = await bench.run_sweep(bench.SweepSpec(models=["smollm2:135m"], num_ctx=[2048, 8192],
+                                                   concurrency=[1, 2, 4], requests=32))
+    frames = await bench.load_report("data")
+    guess = await bench.estimate_workload("smollm2:135m", num_requests=500, prompt_tokens=300,
+                                          output_tokens=120)
+
+Charts live in ``obatch.bench.charts`` (imported on demand: altair is only needed there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
+from obatch.bench.metrics import Sample, percentile, summarise
+from obatch.bench.sweep import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
+from obatch.bench.views import Report, load_report
+from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
+from obatch.config import Settings
+from obatch.store.db import open_store
+
+__all__ = [
+    "WORKLOADS", "ConfigFit", "Estimate", "Lengths", "PointKey", "Report", "Sample", "Shape", "SweepReport",
+    "SweepSpec", "Workload", "estimate", "estimate_workload", "estimates_vs_actuals", "fits_for", "load_report",
+    "measure_point", "parse_workload", "percentile", "plan", "run_sweep", "run_sweep_notebook", "summarise",
+    "sweep_with",
+]
+
+
+def _settings(data_dir: str | Path | None, settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    return Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
+
+
+def _as_list(value: Any, cast: type) -> list[Any]:
+    """A list parameter given as a list, a single value, or a comma-separated string (CLI / papermill)."""
+    if isinstance(value, str):
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    if isinstance(value, list | tuple):
+        return [cast(v) for v in value]
+    return [cast(value)]
+
+
+async def run_sweep_notebook(*, backend: str | None = None, url: str | None = None, models: Any,
+                             num_ctx: Any, concurrency: Any, requests: int = 32, workload: str = "chat",
+                             repeats: int = 1, warmup: int = 1, seed: int = 0, max_failure_rate: float = 0.05,
+                             name: str = "", data_dir: str | Path | None = None,
+                             output_notebook: str | None = None, progress: bool = True) -> Report:
+    """The sweep notebook's one call: build the spec from its parameters, run (or resume) the sweep, record the
+    parameters and the executed notebook's path with the run, and return the run's frames."""
+    params: dict[str, Any] = {
+        "backend": backend, "url": url, "models": _as_list(models, str), "num_ctx": _as_list(num_ctx, int),
+        "concurrency": _as_list(concurrency, int), "requests": int(requests), "workload": workload,
+        "repeats": int(repeats), "warmup": int(warmup), "seed": int(seed),
+        "max_failure_rate": float(max_failure_rate), "name": name,
+    }
+    spec = SweepSpec(**params)
+    settings = _settings(data_dir, None)
+    report = await run_sweep(spec, settings=settings, progress=progress,
+                             params=params | {"data_dir": str(settings.data_dir)}, notebook=output_notebook)
+    return await load_report(settings=settings, run_id=report.run_id)
+
+
+async def estimate_workload(model: str, *, data_dir: str | Path | None = None, settings: Settings | None = None,
+                            **kwargs: Any) -> Estimate:
+    """``estimate`` on the store of ``data_dir`` (or ``settings``): for notebooks and scripts."""
+    engine, sessions = await open_store(_settings(data_dir, settings).db_url)
+    try:
+        async with sessions() as session:
+            return await estimate(session, model, **kwargs)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,90 @@
+"""Altair charts of the benchmark views (``obatch.bench.views``); each takes a polars frame and returns a chart.
+
+The report notebook and the UI call these; nothing here reads the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+TOLERANCE = 0.15  # the band drawn around "estimate = actual"
+
+
+def throughput_vs_num_ctx(summary: pl.DataFrame, *, metric: str = "req_per_s") -> alt.TopLevelMixin:
+    """Throughput (completed req/s by default, or ``output_tps``) against the context window, one panel per
+    model, one line per concurrency level."""
+    base = alt.Chart(summary)
+    lines = base.mark_line(point=True).encode(
+        x=alt.X("num_ctx:O", title="num_ctx (tokens)"),
+        y=alt.Y(f"{metric}:Q", title="completed req/s" if metric == "req_per_s" else "output tokens/s"),
+        color=alt.Color("concurrency:O", title="concurrency"),
+        tooltip=["model:N", "num_ctx:O", "concurrency:O", f"{metric}:Q", "repeats:Q"],
+    )
+    chart: alt.TopLevelMixin = lines.properties(width=260, height=200).facet(
+        column=alt.Column("model:N", title=None)).properties(title="Throughput vs context window")
+    return chart
+
+
+def latency_vs_num_ctx(summary: pl.DataFrame) -> alt.TopLevelMixin:
+    """End-to-end latency p50 (line) and p90 (band top) against the context window, per model and concurrency."""
+    base = alt.Chart(summary)
+    band = base.mark_area(opacity=0.2).encode(
+        x=alt.X("num_ctx:O", title="num_ctx (tokens)"), y=alt.Y("latency_p50:Q", title="latency (ms)"),
+        y2="latency_p90:Q", color=alt.Color("concurrency:O", title="concurrency"))
+    line = base.mark_line(point=True).encode(
+        x="num_ctx:O", y="latency_p50:Q", color="concurrency:O",
+        tooltip=["model:N", "num_ctx:O", "concurrency:O", "latency_p50:Q", "latency_p90:Q", "latency_p99:Q",
+                 "ttft_p50:Q"])
+    return alt.layer(band, line).properties(width=260, height=200).facet(
+        column=alt.Column("model:N", title=None)).properties(title="Latency p50 (p90 band) vs context window")
+
+
+def throughput_vs_concurrency(summary: pl.DataFrame, saturation: pl.DataFrame | None = None) -> alt.TopLevelMixin:
+    """Completed req/s against concurrency (log scale), one line per model and num_ctx, error bars for the
+    spread over repeats, and a ring where throughput saturates."""
+    data = summary.with_columns(
+        (pl.col("model") + " · ctx " + pl.col("num_ctx").cast(pl.Utf8)).alias("series"),
+        (pl.col("req_per_s") - pl.col("req_per_s_std").fill_null(0)).alias("rps_low"),
+        (pl.col("req_per_s") + pl.col("req_per_s_std").fill_null(0)).alias("rps_high"),
+    )
+    base = alt.Chart(data)
+    x = alt.X("concurrency:Q", scale=alt.Scale(type="log", base=2), title="concurrency (requests in flight)")
+    layers: list[Any] = [
+        base.mark_line(point=True).encode(x=x, y=alt.Y("req_per_s:Q", title="completed req/s"),
+                                          color=alt.Color("series:N", title="model · num_ctx"),
+                                          tooltip=["series:N", "concurrency:Q", "req_per_s:Q", "req_per_s_std:Q",
+                                                   "output_tps:Q"]),
+        base.mark_errorbar().encode(x=x, y="rps_low:Q", y2="rps_high:Q", color="series:N"),
+    ]
+    if saturation is not None and not saturation.is_empty():
+        rings = saturation.with_columns(
+            (pl.col("model") + " · ctx " + pl.col("num_ctx").cast(pl.Utf8)).alias("series"))
+        layers.append(alt.Chart(rings).mark_point(size=250, shape="circle", filled=False)
+                      .encode(x=alt.X("saturates_at:Q", scale=alt.Scale(type="log", base=2)), y="req_per_s:Q",
+                              color="series:N", tooltip=["series:N", "saturates_at:Q", "still_growing:N"]))
+    return alt.layer(*layers).properties(width=420, height=260,
+                                         title="Throughput vs concurrency (ring: where it saturates)")
+
+
+def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
+    """Estimated against realised batch duration, with each estimate's interval; the diagonal is a perfect
+    estimate and the grey band ±15% around it."""
+    data = estimates.filter(pl.col("actual_seconds") > 0)
+    top = max([1.0, *data["actual_seconds"].to_list(), *data["high"].drop_nulls().to_list()]) * 1.1
+    diagonal = pl.DataFrame({"actual_seconds": [0.0, top], "estimated_seconds": [0.0, top],
+                             "low": [0.0, top * (1 - TOLERANCE)], "high": [0.0, top * (1 + TOLERANCE)]})
+    guide = alt.Chart(diagonal)
+    base = alt.Chart(data)
+    x = alt.X("actual_seconds:Q", title="actual duration (s)")
+    return alt.layer(
+        guide.mark_area(opacity=0.15, color="gray").encode(x=x, y="low:Q", y2="high:Q"),
+        guide.mark_line(color="gray", strokeDash=[4, 4]).encode(x=x, y="estimated_seconds:Q"),
+        base.mark_errorbar().encode(x=x, y=alt.Y("low:Q", title="estimated duration (s)"), y2="high:Q"),
+        base.mark_point(filled=True, size=60).encode(
+            x=x, y="estimated_seconds:Q", color=alt.Color("within_interval:N", title="actual within interval"),
+            tooltip=["batch_id:N", "models:N", "requests:Q", "concurrency:Q", "estimated_seconds:Q",
+                     "actual_seconds:Q", "error_pct:Q"]),
+    ).properties(width=380, height=300, title="Estimate vs actual batch duration (band: ±15%)")

@@ -1,0 +1,200 @@
+"""``obatch bench``, ``obatch sweep`` and ``obatch estimate``: the benchmark commands (registered by
+``obatch.cli``). Handlers are async and return an exit status; ``obatch.cli.main`` runs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from obatch import errors
+from obatch.config import Settings
+
+BACKENDS = ["auto", "ollama", "openai", "local", "sim"]
+SWEEP_NOTEBOOK = Path("notebooks") / "sweep.ipynb"
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(data_dir=Path(args.data_dir)) if getattr(args, "data_dir", None) else Settings()
+
+
+def _backend(args: argparse.Namespace) -> str | None:
+    return None if args.backend in (None, "auto") else str(args.backend)
+
+
+async def bench(args: argparse.Namespace) -> int:
+    """Measure models × num_ctx × concurrency; print one line per configuration and where it saturates."""
+    from obatch.bench.sweep import SweepSpec, run_sweep
+    from obatch.bench.views import load_report
+
+    spec = SweepSpec(models=args.model, num_ctx=args.num_ctx, concurrency=args.concurrency, requests=args.requests,
+                     workload=args.workload, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                     max_failure_rate=args.max_failure_rate, backend=_backend(args), url=args.url,
+                     name=args.name or "")
+    settings = _settings(args)
+    report = await run_sweep(spec, settings=settings, progress=not args.quiet, fresh=args.fresh,
+                             params={k: v for k, v in vars(args).items() if k != "handler"})
+    frames = await load_report(settings=settings, run_id=report.run_id)
+    print(f"run {report.run_id}: {len(report.measured)} points measured, {len(report.skipped)} already stored, "
+          f"{report.seconds:.1f} s")
+    print(f"{'model':24} {'num_ctx':>7} {'c':>3} {'req/s':>8} {'±':>6} {'out tok/s':>9} {'gen tok/s':>9} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'ttft p50':>8} {'ok':>6}")
+    for row in frames.summary.iter_rows(named=True):
+        print(f"{row['model']:24} {row['num_ctx']:>7} {row['concurrency']:>3} {row['req_per_s']:>8.2f} "
+              f"{_num(row['req_per_s_std'], 6, 2)} {row['output_tps']:>9.1f} {row['gen_tps'] or 0:>9.1f} "
+              f"{row['latency_p50'] or 0:>8.0f} {row['latency_p99'] or 0:>8.0f} {row['ttft_p50'] or 0:>8.0f} "
+              f"{row['success_rate']:>6.1%}")
+    excluded = frames.points.filter(frames.points["excluded"])
+    if len(excluded):
+        print(f"{len(excluded)} point(s) exceeded the failure threshold and are not averaged in")
+    for row in frames.saturation.iter_rows(named=True):
+        growth = "still growing at" if row["still_growing"] else "saturates at"
+        print(f"{row['model']} num_ctx {row['num_ctx']}: throughput {growth} concurrency {row['saturates_at']}")
+    return 0
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"parameters look like key=value, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, cwd: Path | None = None) -> Path:
+    """Execute a notebook with papermill, in a child process (blocking: call it from a thread). The executed copy
+    keeps every output, and papermill records the injected parameters in its metadata. A failing cell raises
+    ``ObatchError`` with papermill's account of it; the executed copy still shows where it stopped."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "papermill", str(notebook), str(output), "-y", json.dumps(parameters),
+               "--cwd", str(cwd or Path.cwd()), "--no-progress-bar"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise errors.ObatchError(f"{notebook} failed (executed copy: {output}):\n{tail}")
+    return output
+
+
+def sweep_output_path(data_dir: Path, name: str, now: dt.datetime | None = None) -> Path:
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return data_dir / "runs" / f"{stamp}-{_NAME.sub('-', name).strip('-') or 'sweep'}.ipynb"
+
+
+async def sweep(args: argparse.Namespace) -> int:
+    """Run notebooks/sweep.ipynb with papermill into data/runs/<timestamp>-<name>.ipynb."""
+    settings = _settings(args)
+    notebook = Path(args.notebook) if args.notebook else SWEEP_NOTEBOOK
+    if not notebook.is_file():
+        raise errors.ConfigError(f"No sweep notebook at {notebook} (run from the project root, or pass --notebook).")
+    data_dir = settings.data_dir.resolve()
+    output = sweep_output_path(data_dir, args.name)
+    parameters = dict(args.param) | {"name": args.name, "data_dir": str(data_dir), "output_notebook": str(output)}
+    print(f"executing {notebook} → {output}")
+    await asyncio.to_thread(run_notebook, notebook, output, parameters)
+    print(f"done: {output}")
+    return 0
+
+
+async def estimate(args: argparse.Namespace) -> int:
+    """Print an estimate (or, with --history, the estimate-vs-actual record of finished batches)."""
+    from obatch.bench.estimate import estimate as make_estimate
+    from obatch.bench.estimate import estimates_vs_actuals
+    from obatch.store.db import open_store
+
+    engine, sessions = await open_store(_settings(args).db_url)
+    try:
+        async with sessions() as session:
+            if args.history:
+                for row in await estimates_vs_actuals(session):
+                    print(f"{row['batch_id']}  {row['models']:20} n={row['requests']:<6} c={row['concurrency']}  "
+                          f"estimate {row['estimated_seconds']:8.1f} s  actual {row['actual_seconds']:8.1f} s  "
+                          f"error {row['error_pct'] or 0:+6.1f}%  {'in' if row['within_interval'] else 'OUT of'} "
+                          "interval")
+                return 0
+            if not args.model:
+                raise errors.ConfigError("--model is required (or --history).")
+            made = await make_estimate(
+                session, args.model, num_requests=args.requests, prompt_tokens=args.prompt_tokens,
+                output_tokens=args.output_tokens, file=Path(args.file) if args.file else None,
+                backend=_backend(args), num_ctx=args.num_ctx, concurrency=args.concurrency)
+    finally:
+        await engine.dispose()
+    print(f"{made.model} on {made.backend}: {made.num_requests} requests × ~{made.prompt_tokens_mean:.0f} prompt + "
+          f"~{made.output_tokens_mean:.0f} output tokens")
+    print(f"  at num_ctx {made.num_ctx}, concurrency {made.concurrency}: {made.seconds:.1f} s "
+          f"[{made.low:.1f}, {made.high:.1f}] ({made.req_per_s:.2f} req/s, load {made.load_seconds:.1f} s)")
+    print(f"  best config: num_ctx {made.best['num_ctx']}, concurrency {made.best['concurrency']} "
+          f"({made.best['seconds']:.1f} s)")
+    print(f"  rests on points {', '.join(str(p['id']) for p in made.points)}")
+    for note in made.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="default: OBATCH_BACKEND; sim: an in-process Ollama simulator (figures kept apart)")
+    p.add_argument("--url", help="the backend's URL (Ollama root, or an OpenAI-compatible base ending in /v1)")
+    p.add_argument("--data-dir", help="where the store lives (default: OBATCH_DATA_DIR or ./data)")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``bench``, ``sweep`` and ``estimate`` on ``obatch``'s subparsers."""
+    b = sub.add_parser("bench", help="benchmark models × num_ctx × concurrency (resumable; stored for estimates)")
+    b.add_argument("--model", "-m", action="append", required=True, help="a model to measure (repeatable)")
+    b.add_argument("--num-ctx", type=_ints, default=[2048], help="context windows, e.g. 2048,8192")
+    b.add_argument("--concurrency", "-c", type=_ints, default=[1, 2, 4], help="levels, e.g. 1,2,4,8")
+    b.add_argument("--requests", "-n", type=int, default=32, help="measured requests per point")
+    b.add_argument("--workload", "-w", default="chat",
+                   help="tiny|short|chat|long-prompt|long-output, 'prompt=64-512,output=32-128', or a batch file")
+    b.add_argument("--repeats", "-r", type=int, default=1, help="repeats of each point (their spread is shown)")
+    b.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each point")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-failure-rate", type=float, default=0.05,
+                   help="points failing more than this are marked and not averaged in")
+    b.add_argument("--name", help="a label for the run")
+    b.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _backend_options(b)
+    b.set_defaults(handler=bench)
+
+    s = sub.add_parser("sweep", help="run notebooks/sweep.ipynb with papermill into data/runs/<time>-<name>.ipynb")
+    s.add_argument("--param", "-p", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a notebook parameter (JSON or text), e.g. -p models=smollm2:135m -p num_ctx=[2048,8192]")
+    s.add_argument("--name", default="sweep", help="names the executed notebook and the run")
+    s.add_argument("--notebook", help=f"the notebook to execute (default: {SWEEP_NOTEBOOK})")
+    s.add_argument("--data-dir", help="where the store and runs/ live (default: OBATCH_DATA_DIR or ./data)")
+    s.set_defaults(handler=sweep)
+
+    e = sub.add_parser("estimate", help="how long a workload will take, from stored benchmarks")
+    e.add_argument("--model", "-m")
+    e.add_argument("--requests", "-n", type=int)
+    e.add_argument("--prompt-tokens", type=float)
+    e.add_argument("--output-tokens", type=float)
+    e.add_argument("--file", "-f", help="a batch input file instead of the three numbers")
+    e.add_argument("--num-ctx", type=int, help="estimate for this num_ctx (default: the best config)")
+    e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the best)")
+    e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
+    _backend_options(e)
+    e.set_defaults(handler=estimate)

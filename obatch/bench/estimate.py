@@ -1,0 +1,702 @@
+"""How long will a workload take? Token-aware, config-aware estimates calibrated on stored benchmark points.
+
+The model, per configuration (backend, model, num_ctx, concurrency ``c``), fitted on the requests its points
+measured (least squares on the engine's own timings, coefficients kept non-negative):
+
+    service(P, O) = overhead + P·(1 - cached)·(p0 + p1·P)
+                    + O·(d + a·(own - ctx_measured) + (c - 1)·a·(ctx - ctx_measured))          [ms]
+
+``P`` prompt tokens, ``O`` output tokens: prompt processing grows a little faster than linearly (attention). ``d``
+is the measured time per decoded token with ``c`` requests in flight (so it includes sharing the engine with the
+``c - 1`` others) at the mean context the point measured; a decode step attends to the context of every sequence
+in flight: a request's own context ``own = P + O/2`` and the workload's mean context ``ctx`` (token-weighted) for the
+``c - 1`` others cost ``a`` per token of difference each, with ``a`` the context slope pooled over all concurrency
+levels of the model and num_ctx (per-point slopes are mostly timing noise at the contexts a sweep covers).
+``cached`` is the share of the prompt the engine's prefix cache already holds: benchmark prompts are all distinct,
+while real batches often repeat a system prompt or a document, which llama.cpp (and Ollama, and vLLM) do not
+process again; it is estimated per request as the mean common prefix with the ``c`` requests sent before it.
+The first ``c`` requests leave together and the engine processes their prompts as one batch, so each of them waits
+for all of those prompts (and that first wave is left out of the prompt fit).
+
+A run of N requests is then the makespan of N such service times pulling from one queue in order (exactly how
+``obatch.runner`` schedules) on ``m`` parallel servers, times a residual factor ``k``. Both are calibrated on the
+stored points, replaying each point's own requests: ``m`` is the parallelism (between 1 and ``c``; fractional
+values interpolate) whose makespan matches the point's measured wall time — ``c`` when the engine has a slot per
+request in flight, fewer when it queues them (Ollama with ``OLLAMA_NUM_PARALLEL`` below ``c``) — and ``k``
+(``wall / predicted``, about 1) keeps what is left, e.g. an engine faster than its per-request timings suggest.
+Add the model's load time (the longest the points of that num_ctx measured) for the engine's (re)load.
+
+Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of k over the repeats (0.05 assumed with
+a single repeat) and ``rmse`` the relative per-request residual of the fit, at least ±5%; +10% when the workload's
+mean prompt or output length lies outside what the points measured, or its concurrency was not measured.
+
+Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
+counts by a straight line fitted on the measured requests (and the model's finished batch requests); output lengths
+are ``max_tokens`` times the share of max_tokens the model's finished batch answers actually used (1 when unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from obatch import context, errors
+from obatch.backends.base import Backend
+from obatch.bench.metrics import mean, stdev
+from obatch.jsonl import Request, iter_file
+from obatch.store import bench_repo
+from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
+from obatch.store.db import Sessions
+from obatch.store.tables import BatchRow
+
+log = logging.getLogger("obatch.bench")
+
+Z = 1.96
+SINGLE_REPEAT_CV = 0.05
+EXTRAPOLATION_PENALTY = 0.10
+MIN_MARGIN = 0.05
+TIE = 0.02  # configs this close to the fastest count as equally fast
+UNBOUNDED_OUTPUT = 256  # assumed answer length of a request without max_tokens, when history cannot tell
+SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
+DEFAULT_WINDOW = 4  # recent requests a prompt is compared with when the concurrency is not known
+
+
+# ------------------------------------------------------------------------------------------------ workload
+
+
+@dataclass(slots=True)
+class Shape:
+    """A workload to estimate: each request's prompt and output tokens, in run order."""
+
+    prompt_tokens: list[float]
+    output_tokens: list[float]
+    cached: list[float] | None = None  # share of each prompt the engine's prefix cache already holds (0-1)
+    notes: list[str] = field(default_factory=list)
+
+    def requests(self) -> list[tuple[float, float, float]]:
+        """(prompt tokens, output tokens, cached share) per request."""
+        cached = self.cached or [0.0] * self.n
+        return list(zip(self.prompt_tokens, self.output_tokens, cached, strict=True))
+
+    @classmethod
+    def uniform(cls, num_requests: int, prompt_tokens: float, output_tokens: float) -> Shape:
+        if num_requests < 1 or prompt_tokens < 0 or output_tokens < 0:
+            raise errors.ConfigError("num_requests must be positive and token lengths non-negative.")
+        return cls([float(prompt_tokens)] * num_requests, [float(output_tokens)] * num_requests)
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def need(self) -> int:
+        """The context the longest request needs (prompt + output)."""
+        return int(max((p + o for p, o in zip(self.prompt_tokens, self.output_tokens, strict=True)), default=0))
+
+    @property
+    def mean_prompt(self) -> float:
+        return sum(self.prompt_tokens) / self.n if self.n else 0.0
+
+    @property
+    def mean_output(self) -> float:
+        return sum(self.output_tokens) / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCalibration:
+    """Maps obatch's text estimate to the engine's prompt tokens, and max_tokens to expected output tokens."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    output_fill: float = 1.0
+    unbounded_output: float = UNBOUNDED_OUTPUT
+
+    def prompt(self, estimate: int) -> float:
+        return max(1.0, self.slope * estimate + self.intercept)
+
+    def output(self, max_tokens: int | None) -> float:
+        return self.unbounded_output if max_tokens is None else max_tokens * self.output_fill
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def prompt_text(url: str, body: dict[str, Any]) -> str:
+    """The text a request sends, in order (what an engine's prefix cache compares)."""
+    if url == "/v1/chat/completions":
+        return "\n".join(f"{m.get('role')}:{_text(m.get('content'))}"
+                         for m in body.get("messages") or [] if isinstance(m, dict))
+    return _text(body.get("prompt") if url == "/v1/completions" else body.get("input"))
+
+
+def common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of two strings (binary search over C-speed comparisons)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def cached_shares(texts: Sequence[str], window: int) -> list[float]:
+    """For each prompt, the share an engine's prompt cache is expected to hold already: its common prefix with
+    the prompts of the ``window`` requests before it, averaged (llama.cpp and Ollama keep one cached prompt per
+    slot and give a new request the slot just freed, i.e. one of the last ``window`` requests)."""
+    shares = []
+    for i, text in enumerate(texts):
+        previous = texts[max(0, i - window):i]
+        if not text or not previous:
+            shares.append(0.0)
+            continue
+        shares.append(sum(common_prefix(text, p) for p in previous) / len(previous) / len(text))
+    return shares
+
+
+def shape_of(rows: Sequence[tuple[int, int | None, str | None]], calibration: TokenCalibration, *,
+             window: int = 4) -> Shape:
+    """(prompt_estimate, max_tokens, prompt text or None) per request, in run order → a Shape in engine tokens.
+
+    Requests whose text is not given (beyond the sample read) take the mean cached share of those that have one."""
+    texts = [t for _, _, t in rows if t is not None]
+    shares = cached_shares(texts, window)
+    typical = sum(shares) / len(shares) if shares else 0.0
+    cached = shares + [typical] * (len(rows) - len(shares))
+    shape = Shape([calibration.prompt(p) for p, _, _ in rows], [calibration.output(m) for _, m, _ in rows], cached)
+    if any(m is None for _, m, _ in rows):
+        shape.notes.append(f"requests without max_tokens assumed to answer {calibration.unbounded_output:.0f} "
+                           "tokens")
+    if typical >= 0.05:
+        shape.notes.append(f"about {typical:.0%} of the prompt text repeats what recent requests sent: the engine's "
+                           "prefix cache holds it, so only the rest is charged prompt processing")
+    return shape
+
+
+def file_rows(path: Path, model: str | None = None) -> list[tuple[str, int, int | None, str | None]]:
+    """(model, prompt_estimate, max_tokens, prompt text) of each valid request of a batch file, the text only for
+    the first ``SHARE_SAMPLE`` requests of each model (blocking: use a thread)."""
+    seen: dict[str, int] = defaultdict(int)
+    rows = []
+    with path.open("rb") as handle:
+        for r in iter_file(handle, model=model):
+            if isinstance(r, Request):
+                seen[r.model] += 1
+                text = prompt_text(r.url, r.body) if seen[r.model] <= SHARE_SAMPLE else None
+                rows.append((r.model, context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body),
+                             text))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+
+def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(vector)
+    a = [[*row, vector[i]] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                factor = a[r][col] / a[col][col]
+                for c in range(col, n + 1):
+                    a[r][c] -= factor * a[col][c]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def least_squares(features: Sequence[Sequence[float]], y: Sequence[float]) -> list[float] | None:
+    """Non-negative least squares for a few columns, the simple way: fit all; while a coefficient is negative,
+    drop the last column still in (the higher-order terms come last) and refit. None when nothing fits."""
+    k = len(features[0]) if features else 0
+    while k > 0:
+        xtx = [[sum(row[i] * row[j] for row in features) for j in range(k)] for i in range(k)]
+        xty = [sum(row[i] * t for row, t in zip(features, y, strict=True)) for i in range(k)]
+        coef = _solve(xtx, xty)
+        if coef is not None and all(c >= 0 for c in coef):
+            return coef + [0.0] * (len(features[0]) - k)
+        k -= 1
+    return None
+
+
+def makespan(service_ms: Sequence[float], workers: int) -> float:
+    """When the last of these jobs ends, ``workers`` at a time pulling from one queue in order (ms)."""
+    ends = [0.0] * max(1, min(workers, len(service_ms)))
+    for s in service_ms:
+        heapq.heapreplace(ends, ends[0] + s)
+    return max(ends)
+
+
+def makespan_at(service_ms: Sequence[float], parallelism: float) -> float:
+    """``makespan`` for a fractional number of servers, linear between the two whole numbers around it."""
+    low = max(1, math.floor(parallelism))
+    at_low = makespan(service_ms, low)
+    if parallelism <= low:
+        return at_low
+    return at_low + (makespan(service_ms, low + 1) - at_low) * (parallelism - low)
+
+
+def effective_parallelism(service_ms: Sequence[float], wall_ms: float, concurrency: int) -> float:
+    """The parallelism in [1, concurrency] whose makespan of these jobs equals the measured wall time."""
+    if not service_ms or makespan(service_ms, concurrency) >= wall_ms:
+        return float(concurrency)
+    if makespan(service_ms, 1) <= wall_ms:
+        return 1.0
+    low, high = 1.0, float(concurrency)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if makespan_at(service_ms, middle) > wall_ms else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass
+class ConfigFit:
+    """The fitted cost model of one configuration, and the stored points it rests on."""
+
+    backend: str
+    model: str
+    num_ctx: int
+    concurrency: int
+    run_id: str
+    point_ids: list[int]
+    overhead_ms: float
+    p0: float
+    p1: float
+    decode_ms: float  # per output token, at the mean context decode_ctx
+    decode_ctx: float
+    ctx_slope: float  # a: ms per output token per token of context per sequence in flight
+    parallelism: float
+    efficiency: list[float]
+    load_seconds: float
+    prompt_range: tuple[float, float]
+    output_range: tuple[float, float]
+    rel_rmse: float
+    n_samples: int
+
+    def prompt_ms(self, prompt: float, cached: float = 0.0) -> float:
+        return prompt * (1 - cached) * (self.p0 + self.p1 * prompt)
+
+    def per_token_ms(self, own: float, context: float) -> float:
+        """Decode time per output token of a request attending to ``own`` tokens while the ``c - 1`` others in
+        flight attend to ``context`` tokens on average."""
+        shift = self.ctx_slope * ((own - self.decode_ctx) + (self.concurrency - 1) * (context - self.decode_ctx))
+        return max(self.decode_ms / 2, self.decode_ms + shift)
+
+    def service_ms(self, prompt: float, output: float, cached: float = 0.0, context: float | None = None) -> float:
+        """One request's time in the engine plus overhead (ms); ``cached`` is the share of the prompt found in the
+        prefix cache (not processed again, but attended to); ``context`` the workload's mean context (default:
+        this request's own)."""
+        own = prompt + output / 2
+        return self.overhead_ms + self.prompt_ms(prompt, cached) + output * self.per_token_ms(
+            own, own if context is None else context)
+
+    @property
+    def k(self) -> float:
+        return sum(self.efficiency) / len(self.efficiency)
+
+    @property
+    def cv_k(self) -> float:
+        spread = stdev(self.efficiency)
+        return spread / self.k if spread is not None and self.k > 0 else SINGLE_REPEAT_CV
+
+    def services(self, requests: Sequence[tuple[float, float, float]]) -> list[float]:
+        """Service times of requests (prompt, output, cached share) sent in this order: the first wave (the first
+        ``concurrency``, sent together) waits for all of its prompts, which the engine processes as one batch."""
+        context = mean_context(requests)
+        out = [self.service_ms(p, o, c, context) for p, o, c in requests]
+        wave = requests[:self.concurrency]
+        if len(wave) > 1:
+            own = [self.prompt_ms(p, c) for p, _, c in wave]
+            for i, mine in enumerate(own):
+                out[i] += sum(own) - mine
+        return out
+
+    def run_seconds(self, shape: Shape) -> float:
+        return self.k * makespan_at(self.services(shape.requests()), self.parallelism) / 1000
+
+    def covers(self, shape: Shape) -> bool:
+        return (self.prompt_range[0] * 0.8 <= shape.mean_prompt <= self.prompt_range[1] * 1.25
+                and self.output_range[0] * 0.8 <= shape.mean_output <= self.output_range[1] * 1.25)
+
+    def margin(self, shape: Shape) -> float:
+        margin = Z * math.sqrt(self.cv_k ** 2 + self.rel_rmse ** 2 / max(shape.n, 1))
+        return max(MIN_MARGIN, margin) + (0.0 if self.covers(shape) else EXTRAPOLATION_PENALTY)
+
+
+def mean_context(requests: Sequence[tuple[float, float, float]]) -> float:
+    """The context decoded tokens attend to on average, weighted by output tokens: ``P + O/2``."""
+    tokens = sum(o for _, o, _ in requests)
+    return sum(o * (p + o / 2) for p, o, _ in requests) / tokens if tokens else 0.0
+
+
+def _decoded(samples: Sequence[BenchSampleRow]) -> list[tuple[float, float, float]]:
+    """(context, ms per output token, output tokens) of the samples with decode timings."""
+    return [(float(s.prompt_tokens or 0) + s.completion_tokens / 2, (s.decode_ms or 0.0) / s.completion_tokens,
+             float(s.completion_tokens)) for s in samples
+            if s.ok and s.completion_tokens and s.decode_ms is not None and s.prompt_tokens is not None]
+
+
+def context_slope(groups: Sequence[Sequence[BenchSampleRow]]) -> float:
+    """How much a decoded token's time grows per token of its own context: the output-weighted least-squares slope
+    within each configuration's requests, pooled over configurations (never negative)."""
+    num = den = 0.0
+    for samples in groups:
+        rows = _decoded(samples)
+        weight = sum(w for _, _, w in rows)
+        if len(rows) < 3 or weight <= 0:
+            continue
+        x_mean = sum(w * x for x, _, w in rows) / weight
+        y_mean = sum(w * y for _, y, w in rows) / weight
+        num += sum(w * (x - x_mean) * (y - y_mean) for x, y, w in rows)
+        den += sum(w * (x - x_mean) ** 2 for x, _, w in rows)
+    return max(0.0, num / den) if den > 0 else 0.0
+
+
+def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow], *, ctx_slope: float = 0.0,
+               max_overhead_ms: float | None = None) -> ConfigFit | None:
+    """Fit one configuration's cost model on its points (repeats) and their requests; None without data.
+
+    The first wave of a point (its first ``c`` requests, sent together) is left out of the prompt fit: the engine
+    processes their prompts as one batch and reports that batch's time for each (``ConfigFit.services`` models it).
+    ``ctx_slope`` is the context slope pooled over the model's configurations (``context_slope``).
+    ``max_overhead_ms`` caps the per-request overhead (latency not spent in the engine) at what the lowest
+    concurrency measured: above it, the extra is waiting for a free engine slot, which scales with the other
+    requests' work and belongs in the calibrated parallelism, not in a per-request constant."""
+    ok = [s for s in samples if s.ok and s.prompt_tokens is not None and s.completion_tokens is not None]
+    if not ok or not points:
+        return None
+    first = points[0]
+    c = first.concurrency
+    pairs = [(float(s.prompt_tokens or 0), float(s.completion_tokens or 0)) for s in ok]
+    fit = ConfigFit(
+        backend=first.backend, model=first.model, num_ctx=first.num_ctx, concurrency=c, run_id=first.run_id,
+        point_ids=[p.id for p in points if p.id is not None], overhead_ms=0.0, p0=0.0, p1=0.0, decode_ms=0.0,
+        decode_ctx=mean_context([(p, o, 0.0) for p, o in pairs]), ctx_slope=ctx_slope, parallelism=float(c),
+        efficiency=[], load_seconds=0.0, prompt_range=(min(p for p, _ in pairs), max(p for p, _ in pairs)),
+        output_range=(min(o for _, o in pairs), max(o for _, o in pairs)), rel_rmse=0.0, n_samples=len(ok))
+    decoded = _decoded(ok)
+    if len(decoded) == len(ok) and all(s.prompt_ms is not None for s in ok):
+        staggered = [s for s in ok if s.idx >= c] if c > 1 and sum(s.idx >= c for s in ok) >= max(4, c) else ok
+        fit.p0, fit.p1 = least_squares([[float(s.prompt_tokens or 0), float(s.prompt_tokens or 0) ** 2]
+                                        for s in staggered], [s.prompt_ms or 0.0 for s in staggered]) or [0.0, 0.0]
+        tokens = sum(w for _, _, w in decoded)
+        fit.decode_ms = sum(y * w for _, y, w in decoded) / tokens if tokens else 0.0
+    else:  # an engine without timings: fit the client-side latency itself
+        coef = least_squares([[1.0, p, o] for p, o in pairs], [s.latency_ms for s in ok])
+        fit.p0, fit.decode_ms = (coef[1], coef[2]) if coef else (0.0, 0.0)
+        fit.ctx_slope = 0.0
+    by_point: dict[int, list[BenchSampleRow]] = defaultdict(list)
+    for s in ok:
+        by_point[s.point_id].append(s)
+    runs = [(point, by_point.get(point.id or -1, [])) for point in points]
+    predicted = {id(s): service for _, own in runs for s, service in
+                 zip(own, fit.services([(float(s.prompt_tokens or 0), float(s.completion_tokens or 0), 0.0)
+                                        for s in own]), strict=True)}
+    rest = sorted(s.latency_ms - predicted[id(s)] for s in ok)
+    fit.overhead_ms = max(0.0, rest[len(rest) // 2])
+    if max_overhead_ms is not None:
+        fit.overhead_ms = min(fit.overhead_ms, max_overhead_ms)
+    residuals = [(s.latency_ms - predicted[id(s)] - fit.overhead_ms) / s.latency_ms for s in ok if s.latency_ms > 0]
+    fit.rel_rmse = math.sqrt(sum(r * r for r in residuals) / len(residuals)) if residuals else 0.0
+    replays = []  # (each point's predicted service times, its measured wall ms)
+    for point, own in runs:
+        services = [predicted[id(s)] + fit.overhead_ms for s in own]
+        if services and point.wall_seconds > 0:
+            replays.append((services, point.wall_seconds * 1000))
+    if replays:
+        fit.parallelism = sum(effective_parallelism(s, w, c) for s, w in replays) / len(replays)
+        fit.efficiency = [w / makespan_at(s, fit.parallelism) for s, w in replays if makespan_at(s, fit.parallelism)]
+    fit.efficiency = fit.efficiency or [1.0]
+    loads = sorted(p.load_seconds for p in points)
+    fit.load_seconds = loads[len(loads) // 2]
+    return fit
+
+
+async def fits_for(session: AsyncSession, model: str, backend: str | None = None) -> list[ConfigFit]:
+    """One fit per measured configuration of a model: the newest run's non-excluded points of each.
+
+    Without ``backend``, the backend of the model's newest point is used (estimates never mix engines)."""
+    points = await bench_repo.list_points(session, models=[model], backend=backend, include_excluded=False)
+    if not points:
+        return []
+    backend = backend or points[-1].backend
+    newest: dict[tuple[int, int], str] = {}
+    for p in points:
+        if p.backend == backend:
+            newest[(p.num_ctx, p.concurrency)] = p.run_id
+    chosen = [p for p in points if p.backend == backend and newest[(p.num_ctx, p.concurrency)] == p.run_id]
+    samples = await bench_repo.samples_of(session, [p.id for p in chosen if p.id is not None])
+    by_config: dict[tuple[int, int], list[BenchPointRow]] = defaultdict(list)
+    for p in chosen:
+        by_config[(p.num_ctx, p.concurrency)].append(p)
+    by_point: dict[int, list[BenchSampleRow]] = defaultdict(list)
+    for s in samples:
+        by_point[s.point_id].append(s)
+    own = {config: [s for p in group for s in by_point.get(p.id or -1, [])] for config, group in by_config.items()}
+    slopes = {n: context_slope([samples for (m, _), samples in own.items() if m == n]) for n, _ in own}
+    fits: list[ConfigFit] = []
+    base_overhead: dict[int, float] = {}  # per num_ctx, from its lowest concurrency (no client-made queue)
+    for num_ctx, concurrency in sorted(by_config):
+        fit = fit_config(by_config[(num_ctx, concurrency)], own[(num_ctx, concurrency)], ctx_slope=slopes[num_ctx],
+                         max_overhead_ms=base_overhead.get(num_ctx))
+        if fit is not None:
+            base_overhead.setdefault(num_ctx, fit.overhead_ms)
+            fits.append(fit)
+    for fit in fits:  # a cold start: Ollama loads once per num_ctx (the first point has it), llama.cpp every point
+        fit.load_seconds = max(f.load_seconds for f in fits if f.num_ctx == fit.num_ctx)
+    return fits
+
+
+async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit]) -> TokenCalibration:
+    """Text-estimate → engine-token line, and the output fill, from measured requests and finished batches."""
+    ids = [i for f in fits for i in f.point_ids]
+    pairs = [(float(s.prompt_estimate), float(s.prompt_tokens)) for s in await bench_repo.samples_of(session, ids)
+             if s.ok and s.prompt_tokens is not None and s.prompt_estimate > 0]
+    history = await bench_repo.batch_token_pairs(session, model)
+    pairs += [(float(e), float(p)) for e, p, _, _ in history if e > 0]
+    slope, intercept = 1.0, 0.0
+    if pairs:
+        coef = least_squares([[e, 1.0] for e, _ in pairs], [p for _, p in pairs])
+        if coef is not None and coef[0] > 0:
+            slope, intercept = coef
+        else:
+            slope = sum(p for _, p in pairs) / sum(e for e, _ in pairs)
+    bounded = [(m, c) for _, _, m, c in history if m]
+    fill = min(1.0, sum(c for _, c in bounded) / sum(m for m, _ in bounded)) if bounded else 1.0
+    unbounded = [c for _, _, m, c in history if not m]
+    return TokenCalibration(slope, intercept, fill, mean([float(c) for c in unbounded]) or UNBOUNDED_OUTPUT)
+
+
+# ------------------------------------------------------------------------------------------------ estimating
+
+
+@dataclass
+class Estimate:
+    """Expected duration of a workload on one model, with its interval, the config it is for, the best config,
+    and the stored points it rests on."""
+
+    model: str
+    backend: str
+    num_requests: int
+    prompt_tokens_mean: float
+    output_tokens_mean: float
+    seconds: float
+    low: float
+    high: float
+    load_seconds: float
+    num_ctx: int
+    concurrency: int
+    req_per_s: float
+    best: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    points: list[dict[str, Any]]
+    method: str = "per-config token cost model; makespan at the calibrated parallelism; stored points"
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pick_num_ctx(fits: Sequence[ConfigFit], need: int, target: int | None) -> int:
+    sizes = sorted({f.num_ctx for f in fits})
+    if target is not None:
+        at_least = [n for n in sizes if n >= target]
+        return at_least[0] if at_least else sizes[-1]
+    holding = [n for n in sizes if n >= need]
+    return holding[0] if holding else sizes[-1]
+
+
+def _at_concurrency(fits: Sequence[ConfigFit], shape: Shape, concurrency: int) -> tuple[float, ConfigFit, str | None]:
+    """Run seconds at ``concurrency`` from fits of one num_ctx: exact, interpolated in log c on throughput
+    between the measured levels around it, or the nearest level (then flagged)."""
+    by_c = {f.concurrency: f for f in fits}
+    if concurrency in by_c:
+        return by_c[concurrency].run_seconds(shape), by_c[concurrency], None
+    below = [c for c in by_c if c < concurrency]
+    above = [c for c in by_c if c > concurrency]
+    if below and above:
+        lo, hi = by_c[max(below)], by_c[min(above)]
+        t_lo, t_hi = lo.run_seconds(shape), hi.run_seconds(shape)
+        w = (math.log(concurrency) - math.log(lo.concurrency)) / (math.log(hi.concurrency) - math.log(lo.concurrency))
+        seconds = 1 / ((1 - w) / t_lo + w / t_hi)
+        return seconds, (lo if w < 0.5 else hi), f"concurrency {concurrency} interpolated between measured " \
+                                                 f"{lo.concurrency} and {hi.concurrency}"
+    nearest = by_c[max(below)] if below else by_c[min(above)]
+    return nearest.run_seconds(shape), nearest, \
+        f"concurrency {concurrency} was not measured; the nearest level ({nearest.concurrency}) is used"
+
+
+def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int | None = None,
+                       concurrency: int | None = None, include_load: bool = True) -> Estimate:
+    """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config."""
+    if not fits or shape.n == 0:
+        raise errors.NotFoundError("No benchmark points to estimate from.", param="model")
+    notes = list(shape.notes)
+    need = shape.need
+    holding = [f for f in fits if f.num_ctx >= need]
+    if not holding:
+        notes.append(f"no measured num_ctx holds the longest request ({need} tokens): prompts may be truncated")
+    pool = holding or list(fits)
+    ranked = sorted((f.run_seconds(shape), f.num_ctx, f.concurrency) for f in pool)
+    candidates: list[dict[str, Any]] = [
+        {"num_ctx": n, "concurrency": c, "seconds": t, "req_per_s": shape.n / t if t > 0 else None}
+        for t, n, c in ranked]
+    # the best: the fastest, or within TIE of it with a smaller num_ctx / fewer requests in flight (less memory)
+    best = min((c for c in candidates if c["seconds"] <= ranked[0][0] * (1 + TIE)),
+               key=lambda c: (c["num_ctx"], c["concurrency"]))
+    if concurrency is None and num_ctx is None:
+        chosen_ctx, chosen_c = best["num_ctx"], best["concurrency"]
+    else:
+        chosen_ctx = _pick_num_ctx(fits, need, num_ctx)
+        fastest = min((f.run_seconds(shape), f.concurrency) for f in fits if f.num_ctx == chosen_ctx)[1]
+        chosen_c = concurrency if concurrency is not None else fastest
+    same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
+    run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
+    margin = basis.margin(shape)
+    if note:
+        notes.append(note)
+        margin += EXTRAPOLATION_PENALTY if "not measured" in note else 0.0
+    if not basis.covers(shape):
+        notes.append(f"the workload's mean lengths ({shape.mean_prompt:.0f} prompt, {shape.mean_output:.0f} output "
+                     f"tokens) lie outside the measured ones; the interval is widened")
+    load = basis.load_seconds if include_load else 0.0
+    seconds = run_seconds + load
+    used = [f for f in same_ctx if f.concurrency == chosen_c] or [basis]
+    points = [{"id": i, "run_id": f.run_id, "num_ctx": f.num_ctx, "concurrency": f.concurrency}
+              for f in used for i in f.point_ids]
+    return Estimate(
+        model=basis.model, backend=basis.backend, num_requests=shape.n, prompt_tokens_mean=shape.mean_prompt,
+        output_tokens_mean=shape.mean_output, seconds=seconds, low=run_seconds * (1 - margin) + load,
+        high=run_seconds * (1 + margin) + load, load_seconds=load, num_ctx=chosen_ctx, concurrency=chosen_c,
+        req_per_s=shape.n / seconds if seconds > 0 else 0.0, best=best, candidates=candidates, points=points,
+        notes=notes,
+    )
+
+
+async def fits_preferring(session: AsyncSession, model: str, backend: str | None) -> list[ConfigFit]:
+    """The model's fits on ``backend`` when it has some, else on the backend it was measured on last."""
+    fits = (await fits_for(session, model, backend)) if backend else []
+    fits = fits or await fits_for(session, model)
+    if not fits:
+        raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
+                                   "first.", param="model")
+    return fits
+
+
+async def estimate_groups(session: AsyncSession, *, model: str | None = None, num_requests: int | None = None,
+                          prompt_tokens: float | None = None, output_tokens: float | None = None,
+                          file: Path | None = None, backend: str | None = None, num_ctx: int | None = None,
+                          concurrency: int | None = None, include_load: bool = True) -> list[Estimate]:
+    """Estimates for ``num_requests`` × (prompt_tokens, output_tokens) on ``model``, or for a batch file: one per
+    model group of the file (``model`` then overrides every line's model, as ``obatch run --model`` does).
+    Points measured on ``backend`` are preferred."""
+    if file is None:
+        if model is None or num_requests is None or prompt_tokens is None or output_tokens is None:
+            raise errors.ConfigError("Give model, num_requests, prompt_tokens and output_tokens, or an input file.",
+                                     param="num_requests")
+        fits = await fits_preferring(session, model, backend)
+        return [estimate_from_fits(fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
+                                   num_ctx=num_ctx, concurrency=concurrency, include_load=include_load)]
+    rows = await asyncio.to_thread(file_rows, file, model)
+    if not rows:
+        raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
+    groups: dict[str, list[tuple[int, int | None, str | None]]] = defaultdict(list)
+    for name, prompt, max_tokens, text in rows:
+        groups[name].append((prompt, max_tokens, text))
+    out = []
+    for name, requests in groups.items():
+        fits = await fits_preferring(session, name, backend)
+        shape = shape_of(requests, await calibration_for(session, name, fits), window=concurrency or DEFAULT_WINDOW)
+        out.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
+                                      include_load=include_load))
+    return out
+
+
+async def estimate(session: AsyncSession, model: str, **kwargs: Any) -> Estimate:
+    """``estimate_groups`` for one model (a file's lines all count as ``model``): the notebook and CLI form."""
+    return (await estimate_groups(session, model=model, **kwargs))[0]
+
+
+# ------------------------------------------------------------------------------------- batches: before & after
+
+
+async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int
+                         ) -> dict[str, Any] | None:
+    """The estimate for a batch about to run (its pending requests, per model group, at the num_ctx obatch will
+    pick and the batch's concurrency); None when a model has no benchmark points."""
+    async with sessions() as session:
+        rows = await bench_repo.pending_shapes(session, batch.id)
+        groups: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+        for model, prompt, max_tokens in rows:
+            groups[model].append((prompt, max_tokens))
+        parts = []
+        for model, requests in groups.items():
+            fits = await fits_for(session, model, backend.name)
+            if not fits:
+                return None
+            need = max(context.need_of(p, m) for p, m in requests)
+            context_length = (await backend.show(model)).context_length
+            num_ctx = None if backend.name == "openai" else context.fit_num_ctx(need, context_length).num_ctx
+            texts = [prompt_text(url, orjson.loads(body))
+                     for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
+            rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
+            shape = shape_of(rows_with_text, await calibration_for(session, model, fits), window=concurrency)
+            parts.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency))
+    if not parts:
+        return None
+    return {
+        "seconds": sum(p.seconds for p in parts), "low": sum(p.low for p in parts),
+        "high": sum(p.high for p in parts), "concurrency": concurrency, "made_at": time.time(),
+        "groups": [{k: v for k, v in p.as_dict().items() if k != "candidates"} for p in parts],
+    }
+
+
+async def estimate_json_for_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int
+                                  ) -> str | None:
+    """``estimate_batch`` as the JSON kept in ``BatchRow.estimate_json``. An estimate is advice: any failure
+    to make one is logged and the batch runs without it."""
+    try:
+        made = await estimate_batch(sessions, batch, backend, concurrency)
+    except Exception:
+        log.warning("could not estimate batch %s", batch.id, exc_info=True)
+        return None
+    return orjson.dumps(made).decode() if made is not None else None
+
+
+def _estimate_vs_actual(batch: BatchRow) -> dict[str, Any]:
+    made = orjson.loads(batch.estimate_json or "{}")
+    actual = batch.run_seconds
+    seconds = float(made.get("seconds") or 0.0)
+    groups = made.get("groups") or []
+    return {
+        "batch_id": batch.id, "source": batch.source, "backend": batch.backend,
+        "models": ",".join(g.get("model", "") for g in groups), "requests": batch.total,
+        "completed": batch.completed, "concurrency": made.get("concurrency"), "created_at": batch.created_at,
+        "estimated_seconds": seconds, "low": made.get("low"), "high": made.get("high"), "actual_seconds": actual,
+        "error_pct": (seconds - actual) / actual * 100 if actual > 0 else None,
+        "within_interval": bool(made.get("low", 0) <= actual <= made.get("high", 0)),
+        "actual_req_per_s": batch.completed / actual if actual > 0 else None,
+    }
+
+
+async def estimates_vs_actuals(session: AsyncSession, *, owner: str | None = None, limit: int = 500
+                               ) -> list[dict[str, Any]]:
+    """Finished batches that were estimated before they ran (an owner's, or all): estimate, interval, realised
+    duration, error."""
+    return [_estimate_vs_actual(b) for b in await bench_repo.estimated_batches(session, owner=owner, limit=limit)]

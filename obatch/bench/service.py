@@ -1,0 +1,94 @@
+"""What the benchmark endpoints answer, as plain JSON-able dicts (the server's controller is a thin door to these;
+nothing here knows about HTTP)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import polars as pl
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from obatch import batches, errors
+from obatch.bench import views
+from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
+from obatch.config import Settings
+from obatch.store import repo
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in frame.to_dicts():
+        record = {k: _clean(v) for k, v in row.items()}
+        if "samples_json" in record:
+            record["sample_responses"] = orjson.loads(record.pop("samples_json") or "[]")
+        if "errors_json" in record:
+            record["errors"] = orjson.loads(record.pop("errors_json") or "{}")
+        out.append(record)
+    return out
+
+
+async def best_per_model(session: AsyncSession) -> list[dict[str, Any]]:
+    """Per model (and backend): the configuration of its newest run with the highest completed req/s."""
+    return _records(views.best_configs(views.summary(await views.points(session))))
+
+
+async def model_history(session: AsyncSession, model: str, *, num_ctx: int | None = None,
+                        concurrency: int | None = None) -> list[dict[str, Any]]:
+    """Every stored point of a model, oldest first, optionally at one num_ctx and/or concurrency."""
+    frame = await views.points(session, models=[model])
+    if frame.is_empty():
+        raise errors.NotFoundError(f"No benchmark points for model {model!r}.", param="name")
+    if num_ctx is not None:
+        frame = frame.filter(pl.col("num_ctx") == num_ctx)
+    if concurrency is not None:
+        frame = frame.filter(pl.col("concurrency") == concurrency)
+    return _records(frame)
+
+
+async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | None = None) -> list[dict[str, Any]]:
+    """Models side by side: each model's newest run, one row per configuration (repeats folded)."""
+    if not models:
+        raise errors.ConfigError("Name the models to compare: ?models=a,b", param="models")
+    summary = views.summary(await views.points(session, models=models, num_ctx=num_ctx))
+    if summary.is_empty():
+        return []
+    newest = summary.sort("created_at").group_by(["backend", "model"]).agg(pl.col("run_id").last().alias("newest"))
+    side = (summary.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
+            .drop("newest").sort(["num_ctx", "concurrency", "model"]))
+    return _records(side)
+
+
+def _combined(parts: list[Estimate]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return {"object": "benchmark.estimate", **parts[0].as_dict(), "groups": None}
+    return {
+        "object": "benchmark.estimate", "model": ",".join(p.model for p in parts),
+        "num_requests": sum(p.num_requests for p in parts), "seconds": sum(p.seconds for p in parts),
+        "low": sum(p.low for p in parts), "high": sum(p.high for p in parts),
+        "groups": [p.as_dict() for p in parts],
+    }
+
+
+async def estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,
+                   input_file_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``estimate_groups`` as one answer (the estimate itself for one model, totals and ``groups`` for several),
+    for token lengths or for a stored input file the caller owns."""
+    file = None
+    if input_file_id is not None:
+        file = batches.file_path(settings, (await repo.get_file(session, input_file_id, owner)).id)
+    return _combined(await estimate_groups(session, backend=backend, file=file, **kwargs))
+
+
+async def estimate_records(session: AsyncSession, owner: str | None = None) -> list[dict[str, Any]]:
+    """Estimate vs actual of finished batches (the caller's own when ``owner`` is given)."""
+    return [{k: _clean(v) for k, v in r.items()} for r in await estimates_vs_actuals(session, owner=owner)]
+
+
+async def list_runs(session: AsyncSession) -> list[dict[str, Any]]:
+    return _records(await views.runs(session))

@@ -1,0 +1,160 @@
+"""Polars views of the benchmark store, for notebooks, the UI, the CLI and the REST API.
+
+``points`` is one row per measured point (a repeat of a configuration); ``summary`` folds repeats into one row per
+configuration with the mean and the spread, leaving out points marked ``excluded`` (too many failures);
+``saturation`` says, per model and num_ctx, the concurrency beyond which throughput stops growing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from obatch.bench.estimate import estimates_vs_actuals
+from obatch.config import Settings
+from obatch.store import bench_repo
+from obatch.store.bench_tables import BenchPointRow
+from obatch.store.db import open_store
+
+CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency"]
+SATURATION_GAIN = 0.10  # a level that adds less than this share of throughput is past saturation
+
+POINT_SCHEMA: dict[str, Any] = {
+    "id": pl.Int64, "run_id": pl.Utf8, "backend": pl.Utf8, "model": pl.Utf8, "num_ctx": pl.Int64,
+    "concurrency": pl.Int64, "repeat": pl.Int64, "workload": pl.Utf8, "created_at": pl.Float64,
+    "engine_version": pl.Utf8, "quantization": pl.Utf8, "parameter_size": pl.Utf8, "n_requests": pl.Int64,
+    "n_completed": pl.Int64, "n_failed": pl.Int64, "success_rate": pl.Float64, "excluded": pl.Boolean,
+    "wall_seconds": pl.Float64, "load_seconds": pl.Float64, "req_per_s": pl.Float64, "output_tps": pl.Float64,
+    "prompt_tps": pl.Float64, "gen_tps": pl.Float64, "prompt_tokens_mean": pl.Float64,
+    "completion_tokens_mean": pl.Float64,
+    **{f"{m}_{s}": pl.Float64 for m in ("latency", "ttft", "tpot", "itl") for s in ("mean", "p50", "p90", "p99")},
+    "errors_json": pl.Utf8, "samples_json": pl.Utf8,
+}
+ESTIMATE_SCHEMA: dict[str, Any] = {
+    "batch_id": pl.Utf8, "source": pl.Utf8, "backend": pl.Utf8, "models": pl.Utf8, "requests": pl.Int64,
+    "completed": pl.Int64, "concurrency": pl.Int64, "created_at": pl.Int64, "estimated_seconds": pl.Float64,
+    "low": pl.Float64, "high": pl.Float64, "actual_seconds": pl.Float64, "error_pct": pl.Float64,
+    "within_interval": pl.Boolean, "actual_req_per_s": pl.Float64,
+}
+
+
+def points_frame_of(rows: list[BenchPointRow]) -> pl.DataFrame:
+    return pl.DataFrame([{k: getattr(r, k) for k in POINT_SCHEMA} for r in rows], schema=POINT_SCHEMA)
+
+
+async def points(session: AsyncSession, **filters: Any) -> pl.DataFrame:
+    """Every point (filters: run_id, models, num_ctx, concurrency, backend, include_excluded)."""
+    return points_frame_of(await bench_repo.list_points(session, **filters))
+
+
+async def runs(session: AsyncSession) -> pl.DataFrame:
+    """One row per sweep run, with its parameters and the machine it ran on."""
+    records = []
+    for r in await bench_repo.list_runs(session):
+        env = orjson.loads(r.environment_json or "{}")
+        records.append({
+            "id": r.id, "name": r.name, "status": r.status, "created_at": r.created_at,
+            "finished_at": r.finished_at, "backend": r.backend, "workload": r.workload,
+            "models": ",".join(orjson.loads(r.models_json)), "num_ctx": orjson.dumps(orjson.loads(r.num_ctx_json)
+                                                                                     ).decode(),
+            "concurrency": orjson.dumps(orjson.loads(r.concurrency_json)).decode(), "requests": r.requests,
+            "repeats": r.repeats, "hostname": env.get("hostname"), "cpu": env.get("cpu"),
+            "engine_version": env.get("engine_version"), "obatch_version": r.obatch_version,
+            "notebook_path": r.notebook_path,
+        })
+    schema = {"id": pl.Utf8, "name": pl.Utf8, "status": pl.Utf8, "created_at": pl.Float64,
+              "finished_at": pl.Float64, "backend": pl.Utf8, "workload": pl.Utf8, "models": pl.Utf8,
+              "num_ctx": pl.Utf8, "concurrency": pl.Utf8, "requests": pl.Int64, "repeats": pl.Int64,
+              "hostname": pl.Utf8, "cpu": pl.Utf8, "engine_version": pl.Utf8, "obatch_version": pl.Utf8,
+              "notebook_path": pl.Utf8}
+    return pl.DataFrame(records, schema=schema)
+
+
+def summary(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per configuration: means over the non-excluded repeats, with the spread of the throughputs."""
+    kept = frame.filter(~pl.col("excluded"))
+    return (
+        kept.group_by(CONFIG, maintain_order=True)
+        .agg(
+            pl.len().alias("repeats"),
+            pl.col("n_completed").sum(), pl.col("n_failed").sum(),
+            pl.col("req_per_s").mean(), pl.col("req_per_s").std().alias("req_per_s_std"),
+            pl.col("output_tps").mean(), pl.col("output_tps").std().alias("output_tps_std"),
+            pl.col("gen_tps").mean(), pl.col("prompt_tps").mean(),
+            pl.col("latency_mean").mean(), pl.col("latency_p50").mean(), pl.col("latency_p90").mean(),
+            pl.col("latency_p99").mean(), pl.col("ttft_p50").mean(), pl.col("ttft_p90").mean(),
+            pl.col("tpot_p50").mean(), pl.col("itl_p50").mean(), pl.col("load_seconds").mean(),
+            pl.col("success_rate").mean(), pl.col("created_at").max(),
+        )
+        .join(frame.group_by(CONFIG).agg(pl.col("excluded").sum().alias("excluded")), on=CONFIG, how="left")
+        .sort(["model", "num_ctx", "concurrency"])
+    )
+
+
+def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (run, model, num_ctx): the concurrency where throughput saturates — the first level whose next level
+    adds less than ``SATURATION_GAIN`` of req/s (the highest level when it keeps growing)."""
+    rows = []
+    for key, group in summary_frame.sort("concurrency").group_by(["run_id", "model", "num_ctx"],
+                                                                  maintain_order=True):
+        levels = group.select("concurrency", "req_per_s").rows()
+        chosen = levels[-1]
+        for (c, rps), (_, next_rps) in itertools.pairwise(levels):
+            if rps > 0 and (next_rps - rps) / rps < SATURATION_GAIN:
+                chosen = (c, rps)
+                break
+        rows.append({"run_id": key[0], "model": key[1], "num_ctx": key[2], "saturates_at": chosen[0],
+                     "req_per_s": chosen[1], "still_growing": chosen == levels[-1] and len(levels) > 1
+                     and (levels[-1][1] - levels[-2][1]) / max(levels[-2][1], 1e-9) >= SATURATION_GAIN})
+    schema = {"run_id": pl.Utf8, "model": pl.Utf8, "num_ctx": pl.Int64, "saturates_at": pl.Int64,
+              "req_per_s": pl.Float64, "still_growing": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """Per model (and backend), the configuration of its newest run with the highest completed req/s."""
+    if summary_frame.is_empty():
+        return summary_frame
+    newest = (summary_frame.sort("created_at").group_by(["backend", "model"])
+              .agg(pl.col("run_id").last().alias("newest")))
+    return (summary_frame.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
+            .drop("newest").sort("req_per_s", descending=True).group_by(["backend", "model"], maintain_order=True)
+            .first().sort("model"))
+
+
+async def estimates(session: AsyncSession) -> pl.DataFrame:
+    """Estimate vs actual of every finished batch that was estimated before it ran."""
+    return pl.DataFrame(await estimates_vs_actuals(session), schema=ESTIMATE_SCHEMA)
+
+
+@dataclass
+class Report:
+    runs: pl.DataFrame
+    points: pl.DataFrame
+    summary: pl.DataFrame
+    saturation: pl.DataFrame
+    best: pl.DataFrame
+    estimates: pl.DataFrame
+
+
+async def load_report(data_dir: str | Path | None = None, *, settings: Settings | None = None,
+                      run_id: str | None = None, models: list[str] | None = None) -> Report:
+    """Every frame the report notebook charts, read from the store of ``data_dir`` (or ``settings``)."""
+    if settings is None:
+        settings = Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            all_points = await points(session, run_id=run_id, models=models)
+            summary_frame = summary(all_points)
+            return Report(runs=await runs(session), points=all_points, summary=summary_frame,
+                          saturation=saturation(summary_frame), best=best_configs(summary_frame),
+                          estimates=await estimates(session))
+    finally:
+        await engine.dispose()

@@ -1,0 +1,120 @@
+"""Queries of the benchmark tables (``obatch.store.bench_tables``), each taking the session it runs in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from obatch.errors import NotFoundError
+from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow
+from obatch.store.tables import BatchRow, RequestRow
+
+PointConfig = tuple[str, int, int, int]  # (model, num_ctx, concurrency, repeat)
+
+
+async def get_run(session: AsyncSession, run_id: str) -> BenchRunRow:
+    row = await session.get(BenchRunRow, run_id)
+    if row is None:
+        raise NotFoundError(f"No such benchmark run: {run_id}", param="run_id")
+    return row
+
+
+async def find_unfinished_run(session: AsyncSession, signature: str) -> BenchRunRow | None:
+    """The newest run with these parameters that did not finish (an interrupted sweep to resume)."""
+    statement = (select(BenchRunRow).where(col(BenchRunRow.signature) == signature,
+                                           col(BenchRunRow.status) == "running")
+                 .order_by(col(BenchRunRow.created_at).desc()).limit(1))
+    return (await session.execute(statement)).scalars().first()
+
+
+async def done_points(session: AsyncSession, run_id: str) -> set[PointConfig]:
+    statement = select(col(BenchPointRow.model), col(BenchPointRow.num_ctx), col(BenchPointRow.concurrency),
+                       col(BenchPointRow.repeat)).where(col(BenchPointRow.run_id) == run_id)
+    return {(m, n, c, r) for m, n, c, r in (await session.execute(statement)).all()}
+
+
+async def add_point(session: AsyncSession, point: BenchPointRow, samples: Sequence[dict[str, Any]]) -> int:
+    """Insert a point and its samples (one transaction, committed by the caller); returns the point id."""
+    session.add(point)
+    await session.flush()
+    assert point.id is not None
+    if samples:
+        await session.execute(insert(BenchSampleRow), [dict(s, point_id=point.id) for s in samples])
+    return point.id
+
+
+async def list_runs(session: AsyncSession) -> list[BenchRunRow]:
+    statement = select(BenchRunRow).order_by(col(BenchRunRow.created_at))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def list_points(session: AsyncSession, *, run_id: str | None = None, models: Sequence[str] | None = None,
+                      num_ctx: int | None = None, concurrency: int | None = None, backend: str | None = None,
+                      include_excluded: bool = True) -> list[BenchPointRow]:
+    """Points in measurement order, filtered by any of run, models, num_ctx, concurrency, backend."""
+    statement = select(BenchPointRow)
+    if run_id is not None:
+        statement = statement.where(col(BenchPointRow.run_id) == run_id)
+    if models:
+        statement = statement.where(col(BenchPointRow.model).in_(list(models)))
+    if num_ctx is not None:
+        statement = statement.where(col(BenchPointRow.num_ctx) == num_ctx)
+    if concurrency is not None:
+        statement = statement.where(col(BenchPointRow.concurrency) == concurrency)
+    if backend is not None:
+        statement = statement.where(col(BenchPointRow.backend) == backend)
+    if not include_excluded:
+        statement = statement.where(col(BenchPointRow.excluded).is_(False))
+    statement = statement.order_by(col(BenchPointRow.created_at), col(BenchPointRow.id))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def samples_of(session: AsyncSession, point_ids: Sequence[int]) -> list[BenchSampleRow]:
+    statement = (select(BenchSampleRow).where(col(BenchSampleRow.point_id).in_(list(point_ids)))
+                 .order_by(col(BenchSampleRow.point_id), col(BenchSampleRow.idx)))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
+                            ) -> list[tuple[int, int, int | None, int]]:
+    """(prompt_estimate, prompt_tokens, max_tokens, completion_tokens) of recent succeeded batch requests of a
+    model: what real runs say about obatch's prompt estimate and about how much of max_tokens answers use."""
+    statement = (
+        select(col(RequestRow.prompt_estimate), col(RequestRow.prompt_tokens), col(RequestRow.max_tokens),
+               col(RequestRow.completion_tokens))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.prompt_tokens).is_not(None), col(RequestRow.completion_tokens).is_not(None))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(int(e), int(p or 0), m, int(c or 0)) for e, p, m, c in (await session.execute(statement)).all()]
+
+
+async def pending_shapes(session: AsyncSession, batch_id: str) -> list[tuple[str, int, int | None]]:
+    """(model, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
+    statement = (select(col(RequestRow.model), col(RequestRow.prompt_estimate), col(RequestRow.max_tokens))
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
+                 .order_by(col(RequestRow.line)))
+    return [(m, int(p or 0), x) for m, p, x in (await session.execute(statement)).all()]
+
+
+async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
+    """(url, body JSON) of the first ``limit`` pending requests of one model of a batch, in line order."""
+    statement = (select(col(RequestRow.url), col(RequestRow.body))
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+                        col(RequestRow.state) == "pending")
+                 .order_by(col(RequestRow.line)).limit(limit))
+    return [(u, b) for u, b in (await session.execute(statement)).all()]
+
+
+async def estimated_batches(session: AsyncSession, *, owner: str | None = None, limit: int = 500
+                            ) -> list[BatchRow]:
+    """Completed batches (an owner's, or all) that carry the estimate made before they ran, newest first."""
+    statement = select(BatchRow).where(col(BatchRow.estimate_json).is_not(None), col(BatchRow.status) == "completed")
+    if owner is not None:
+        statement = statement.where(col(BatchRow.owner) == owner)
+    statement = statement.order_by(col(BatchRow.seq).desc()).limit(limit)
+    return list((await session.execute(statement)).scalars().all())

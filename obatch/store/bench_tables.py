@@ -1,0 +1,111 @@
+"""SQLModel tables of the benchmark system: one row per sweep run, per measured point, per measured request.
+
+A *point* is one repeat of one configuration (backend, model, num_ctx, concurrency, workload) inside a run; its
+aggregate metrics are columns (so views and the REST API read them without recomputing), and its requests are kept
+as ``BenchSampleRow`` rows: the estimator fits its per-token model on them. ``(run_id, model, num_ctx, concurrency,
+repeat)`` is unique, which is what makes an interrupted sweep resumable.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class BenchRunRow(SQLModel, table=True):
+    __tablename__ = "bench_runs"
+
+    id: str = Field(primary_key=True)
+    name: str = ""
+    status: str = Field(default="running", index=True)  # running | completed
+    created_at: float
+    finished_at: float | None = None
+    backend: str
+    url: str | None = None
+    workload: str  # a built-in name, a file path or an inline spec
+    workload_json: str  # the resolved workload (lengths, seed) as JSON
+    models_json: str
+    num_ctx_json: str
+    concurrency_json: str
+    requests: int
+    repeats: int = 1
+    warmup: int = 1
+    seed: int = 0
+    max_failure_rate: float = 0.05
+    signature: str = Field(index=True)  # what a rerun with the same parameters matches to resume
+    params_json: str | None = None  # notebook / CLI parameters as given
+    environment_json: str | None = None  # host, CPU, memory, GPU, engine and obatch versions
+    notebook_path: str | None = None  # the executed notebook of an `obatch sweep` run
+    obatch_version: str = ""
+
+
+class BenchPointRow(SQLModel, table=True):
+    __tablename__ = "bench_points"
+    __table_args__ = (
+        UniqueConstraint("run_id", "model", "num_ctx", "concurrency", "repeat", name="uq_bench_points_config"),
+        Index("ix_bench_points_model_config", "model", "num_ctx", "concurrency"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="bench_runs.id", index=True)
+    backend: str
+    model: str
+    num_ctx: int
+    concurrency: int
+    repeat: int = 0
+    workload: str
+    created_at: float
+    engine_version: str | None = None
+    quantization: str | None = None
+    parameter_size: str | None = None
+    # volume
+    n_requests: int
+    n_completed: int
+    n_failed: int
+    success_rate: float
+    excluded: bool = False  # failures above the run's threshold: kept, but never averaged in
+    wall_seconds: float
+    load_seconds: float = 0.0
+    # throughput (completed requests only)
+    req_per_s: float
+    output_tps: float  # completion tokens of completed requests per wall-clock second (all streams together)
+    prompt_tps: float | None = None  # per request, from the engine's own prompt timings
+    gen_tps: float | None = None  # per request, from the engine's own decode timings
+    prompt_tokens_mean: float | None = None
+    completion_tokens_mean: float | None = None
+    # latency (completed requests only), milliseconds
+    latency_mean: float | None = None
+    latency_p50: float | None = None
+    latency_p90: float | None = None
+    latency_p99: float | None = None
+    ttft_mean: float | None = None
+    ttft_p50: float | None = None
+    ttft_p90: float | None = None
+    ttft_p99: float | None = None
+    tpot_mean: float | None = None
+    tpot_p50: float | None = None
+    tpot_p90: float | None = None
+    tpot_p99: float | None = None
+    itl_mean: float | None = None
+    itl_p50: float | None = None
+    itl_p90: float | None = None
+    itl_p99: float | None = None
+    errors_json: str | None = None  # {error code: count}
+    samples_json: str | None = None  # a few responses, to see what was measured
+
+
+class BenchSampleRow(SQLModel, table=True):
+    __tablename__ = "bench_samples"
+
+    point_id: int = Field(primary_key=True, foreign_key="bench_points.id")
+    idx: int = Field(primary_key=True)
+    ok: bool
+    prompt_estimate: int = 0  # obatch's own estimate from the text (obatch.context), to calibrate it
+    max_tokens: int | None = None
+    prompt_tokens: int | None = None  # usage.prompt_tokens
+    completion_tokens: int | None = None
+    prompt_ms: float | None = None  # engine timings
+    decode_ms: float | None = None
+    latency_ms: float
+    ttft_ms: float | None = None
+    error_code: str | None = None

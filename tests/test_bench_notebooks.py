@@ -1,0 +1,71 @@
+"""Both benchmark notebooks executed by papermill on the simulator: ``obatch sweep`` runs notebooks/sweep.ipynb
+into data/runs/<timestamp>-<name>.ipynb (parameters injected, recorded with the run); report.ipynb charts it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nbformat
+import orjson
+import pytest
+
+from obatch.bench.cli import run_notebook
+from obatch.cli import main
+from obatch.config import Settings
+from obatch.store import bench_repo
+from obatch.store.db import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = "llama3.2:1b"
+
+
+def outputs(path: Path) -> list[str]:
+    """Every code cell's displayed text (plain and HTML), in order."""
+    notebook = nbformat.read(path, as_version=4)
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "error":
+                raise AssertionError(f"{path.name}: {output.ename}: {output.evalue}")
+            data = output.get("data", {})
+            texts.append(str(data.get("text/html", "")) + str(data.get("text/plain", output.get("text", ""))))
+    return texts
+
+
+def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    monkeypatch.chdir(ROOT)  # the command finds notebooks/sweep.ipynb from the project root, as a user runs it
+    status = main(["sweep", "-p", "backend=sim", "-p", f"models={CHAT}", "-p", "num_ctx=[2048,4096]",
+                   "-p", "concurrency=1,2,4", "-p", "requests=4", "-p", "workload=tiny", "-p", "warmup=0",
+                   "--name", "tiny sweep", "--data-dir", str(data)])
+
+    assert status == 0
+    [executed] = sorted((data / "runs").glob("*-tiny-sweep.ipynb"))
+    assert executed.name[:8].isdigit() and f"done: {executed}" in capsys.readouterr().out
+    notebook = nbformat.read(executed, as_version=4)
+    assert notebook.metadata["papermill"]["parameters"]["models"] == CHAT  # papermill kept what it injected
+    texts = outputs(executed)
+    assert any("vega" in t for t in texts)  # the throughput charts were drawn
+
+    async def stored() -> tuple[str, str | None, dict[str, object], int]:
+        engine, sessions = await open_store(Settings(data_dir=data).db_url)
+        try:
+            async with sessions() as session:
+                [run] = await bench_repo.list_runs(session)
+                return (run.name, run.notebook_path, orjson.loads(run.params_json or "{}"),
+                        len(await bench_repo.list_points(session, run_id=run.id)))
+        finally:
+            await engine.dispose()
+
+    name, notebook_path, params, points = asyncio.run(stored())
+    assert (name, notebook_path, points) == ("tiny sweep", str(executed), 6)
+    assert params["num_ctx"] == [2048, 4096] and params["concurrency"] == [1, 2, 4] and params["backend"] == "sim"
+
+    report = run_notebook(ROOT / "notebooks" / "report.ipynb", tmp_path / "report.ipynb",
+                          {"data_dir": str(data)}, cwd=ROOT)
+    texts = outputs(report)
+    charts = [t for t in texts if "vega" in t]
+    assert len(charts) >= 5  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, estimates
+    assert any("saturates_at" in t for t in texts) and any(CHAT in t for t in texts)
