@@ -12,6 +12,8 @@ function ``GET /v1/benchmarks/estimate?input_file_id=`` answers with; (4) the ba
 file per run (``--runs``); later estimates may learn from earlier batches how much of max_tokens answers use.
 
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
+The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
+runs they disturbed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,45 @@ PASSAGE = ("The survey team walked along the valley at dawn and recorded what th
            "the first stones were laid after a flood destroyed the wooden crossing. ")
 
 
+class ForeignCpu:
+    """The share of the machine's CPU that processes other than this one and its children (the engine) used
+    since ``start``: a run the rest of the machine competed with does not measure the estimate (Linux only)."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    @staticmethod
+    def _busy() -> float:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    @staticmethod
+    def _own() -> float:
+        parents: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                rest = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(stat.parent.name)
+            parents[pid] = int(rest[1])
+            ticks[pid] = sum(int(v) for v in rest[11:15])  # its own time and that of its children it waited for
+        mine, total = {os.getpid()}, 0
+        for pid in sorted(parents):  # children have larger pids than their parents here
+            if pid in mine or parents[pid] in mine:
+                mine.add(pid)
+                total += ticks[pid]
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
+
+    def share(self) -> float:
+        wall = (time.monotonic() - self.t0) * (os.cpu_count() or 1)
+        return max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0)) / wall if wall > 0 else 0.0
+
+
 def held_out_file(path: Path, model: str, n: int, seed: int) -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens."""
     rng = random.Random(seed)
@@ -72,33 +113,47 @@ async def measure(args: argparse.Namespace) -> float:
                         ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
     try:
         print(f"load average at start: {os.getloadavg()[0]:.2f} (the engine shares {os.cpu_count()} cores with it)")
-        started = time.monotonic()
+        started, foreign = time.monotonic(), ForeignCpu()
         spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
                                requests=args.sweep_requests, workload=args.workload, seed=1)
         report = await bench.run_sweep(spec, settings=settings, progress=False)
-        print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s")
+        print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s "
+              f"(other processes used {foreign.share():.0%} of the CPU meanwhile)")
         frames = await bench.load_report(settings=settings, run_id=report.run_id)
         for row in frames.summary.iter_rows(named=True):
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s, {row['output_tps']:.0f} output tok/s, "
                   f"engine gen {row['gen_tps']:.0f} tok/s per request, p50 {row['latency_p50']:.0f} ms")
-        errors = []
+        errors, disturbed = [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + attempt)
             guess = await bench.estimate_workload(args.model, settings=settings, file=held,
                                                   concurrency=args.concurrency)
+            foreign.start()
             run = await run_batch_file(held, settings=settings, concurrency=args.concurrency, progress=False,
                                        fresh=True)
-            actual = run.batch.run_seconds
+            actual, others = run.batch.run_seconds, foreign.share()
             error = (guess.seconds - actual) / actual * 100
-            errors.append(error)
+            (disturbed if others > args.max_foreign else errors).append(error)
             stored = orjson.loads(run.batch.estimate_json or "null")
             print(f"held-out run {attempt + 1}: {args.requests} requests at c={args.concurrency}: estimate "
                   f"{guess.seconds:.1f} s [{guess.low:.1f}, {guess.high:.1f}] (stored at start: "
                   f"{stored['seconds'] if stored else float('nan'):.1f} s), actual {actual:.1f} s, "
                   f"error {error:+.1f}%  ({run.batch.output_tokens} output tokens, mean prompt "
                   f"{run.batch.input_tokens / max(run.batch.completed, 1):.0f} tokens; estimated "
-                  f"{guess.prompt_tokens_mean:.0f} prompt / {guess.output_tokens_mean:.0f} output per request)")
+                  f"{guess.prompt_tokens_mean:.0f} prompt / {guess.output_tokens_mean:.0f} output per request; "
+                  f"other processes used {others:.0%} of the CPU{', DISTURBED' if others > args.max_foreign else ''})")
+        # the machine's own drift: measure the held-out runs' configuration again, as the sweep did
+        again = await bench.run_sweep(bench.SweepSpec(models=[args.model], num_ctx=[2048],
+                                                      concurrency=[args.concurrency], requests=args.sweep_requests,
+                                                      workload=args.workload, seed=1), settings=settings,
+                                      progress=False, fresh=True)
+        before = frames.points.filter(frames.points["concurrency"] == args.concurrency)["wall_seconds"]
+        after = (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"]
+        if len(before) and len(after):
+            print(f"drift: the sweep's c={args.concurrency} point took {before[0]:.1f} s, the same point measured "
+                  f"again after the batches {after[0]:.1f} s ({(after[0] / before[0] - 1) * 100:+.1f}%): the "
+                  "machine's speed changed by that much meanwhile")
         engine, sessions = await open_store(settings.db_url)
         async with sessions() as session:
             record = await bench.estimates_vs_actuals(session)
@@ -106,9 +161,15 @@ async def measure(args: argparse.Namespace) -> float:
         print(f"estimate-vs-actual record: {len(record)} batches, "
               f"{sum(r['within_interval'] for r in record)} within their interval")
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
+        if disturbed:
+            print(f"left out: {len(disturbed)} run(s) that other processes competed with "
+                  f"({', '.join(f'{e:+.1f}%' for e in disturbed)})")
+        if not errors:
+            print("RESULT: no undisturbed run; measure again on a quiet machine")
+            return float("inf")
         worst = max(errors, key=abs)
-        print(f"RESULT: mean error {sum(errors) / len(errors):+.1f}%, worst {worst:+.1f}% over {len(errors)} runs "
-              f"({'within' if abs(worst) <= 15 else 'OUTSIDE'} ±15%)")
+        print(f"RESULT: mean error {sum(errors) / len(errors):+.1f}%, worst {worst:+.1f}% over {len(errors)} "
+              f"undisturbed runs ({'within' if abs(worst) <= 15 else 'OUTSIDE'} ±15%)")
         return worst
     finally:
         if sim is not None:
@@ -127,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=2, help="how many held-out batches to estimate and run")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--max-foreign", type=float, default=0.10,
+                   help="leave out runs during which other processes used more than this share of the CPU")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
     worst = asyncio.run(measure(args))

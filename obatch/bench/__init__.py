@@ -18,7 +18,7 @@ from typing import Any
 from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
 from obatch.bench.metrics import Sample, percentile, summarise
 from obatch.bench.sweep import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
-from obatch.bench.views import Report, load_report
+from obatch.bench.views import Report, load_report, store_settings
 from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
 from obatch.config import Settings
 from obatch.store.db import open_store
@@ -29,12 +29,6 @@ __all__ = [
     "measure_point", "parse_workload", "percentile", "plan", "run_sweep", "run_sweep_notebook", "summarise",
     "sweep_with",
 ]
-
-
-def _settings(data_dir: str | Path | None, settings: Settings | None) -> Settings:
-    if settings is not None:
-        return settings
-    return Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
 
 
 def _as_list(value: Any, cast: type) -> list[Any]:
@@ -60,7 +54,7 @@ async def run_sweep_notebook(*, backend: str | None = None, url: str | None = No
         "max_failure_rate": float(max_failure_rate), "name": name,
     }
     spec = SweepSpec(**params)
-    settings = _settings(data_dir, None)
+    settings = store_settings(data_dir)
     report = await run_sweep(spec, settings=settings, progress=progress,
                              params=params | {"data_dir": str(settings.data_dir)}, notebook=output_notebook)
     return await load_report(settings=settings, run_id=report.run_id)
@@ -69,7 +63,7 @@ async def run_sweep_notebook(*, backend: str | None = None, url: str | None = No
 async def estimate_workload(model: str, *, data_dir: str | Path | None = None, settings: Settings | None = None,
                             **kwargs: Any) -> Estimate:
     """``estimate`` on the store of ``data_dir`` (or ``settings``): for notebooks and scripts."""
-    engine, sessions = await open_store(_settings(data_dir, settings).db_url)
+    engine, sessions = await open_store(store_settings(data_dir, settings).db_url)
     try:
         async with sessions() as session:
             return await estimate(session, model, **kwargs)

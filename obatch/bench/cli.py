@@ -29,7 +29,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(data_dir=Path(args.data_dir)) if getattr(args, "data_dir", None) else Settings()
+    from obatch.bench.views import store_settings
+
+    return store_settings(getattr(args, "data_dir", None))
 
 
 def _backend(args: argparse.Namespace) -> str | None:

@@ -58,10 +58,7 @@ async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | No
     summary = views.summary(await views.points(session, models=models, num_ctx=num_ctx))
     if summary.is_empty():
         return []
-    newest = summary.sort("created_at").group_by(["backend", "model"]).agg(pl.col("run_id").last().alias("newest"))
-    side = (summary.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
-            .drop("newest").sort(["num_ctx", "concurrency", "model"]))
-    return _records(side)
+    return _records(views.newest_runs(summary).sort(["num_ctx", "concurrency", "model"]))
 
 
 def _combined(parts: list[Estimate]) -> dict[str, Any]:

@@ -117,20 +117,34 @@ def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
-def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
-    """Per model (and backend), the configuration of its newest run with the highest completed req/s."""
+def newest_runs(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """The summary rows of each (backend, model)'s newest run only."""
     if summary_frame.is_empty():
         return summary_frame
     newest = (summary_frame.sort("created_at").group_by(["backend", "model"])
               .agg(pl.col("run_id").last().alias("newest")))
     return (summary_frame.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
-            .drop("newest").sort("req_per_s", descending=True).group_by(["backend", "model"], maintain_order=True)
-            .first().sort("model"))
+            .drop("newest"))
+
+
+def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """Per model (and backend), the configuration of its newest run with the highest completed req/s."""
+    if summary_frame.is_empty():
+        return summary_frame
+    return (newest_runs(summary_frame).sort("req_per_s", descending=True)
+            .group_by(["backend", "model"], maintain_order=True).first().sort("model"))
 
 
 async def estimates(session: AsyncSession) -> pl.DataFrame:
     """Estimate vs actual of every finished batch that was estimated before it ran."""
     return pl.DataFrame(await estimates_vs_actuals(session), schema=ESTIMATE_SCHEMA)
+
+
+def store_settings(data_dir: str | Path | None = None, settings: Settings | None = None) -> Settings:
+    """``settings`` when given, else the environment's settings with ``data_dir`` (when given) as the store."""
+    if settings is not None:
+        return settings
+    return Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
 
 
 @dataclass
@@ -146,9 +160,7 @@ class Report:
 async def load_report(data_dir: str | Path | None = None, *, settings: Settings | None = None,
                       run_id: str | None = None, models: list[str] | None = None) -> Report:
     """Every frame the report notebook charts, read from the store of ``data_dir`` (or ``settings``)."""
-    if settings is None:
-        settings = Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
-    engine, sessions = await open_store(settings.db_url)
+    engine, sessions = await open_store(store_settings(data_dir, settings).db_url)
     try:
         async with sessions() as session:
             all_points = await points(session, run_id=run_id, models=models)
