@@ -92,6 +92,29 @@ class Backend(Protocol):
         ...
 
 
+class BackendWrapper:
+    """A backend around another one: the parts it does not override go straight to ``inner``."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def models(self) -> list[ModelInfo]:
+        return await self.inner.models()
+
+    async def show(self, model: str) -> ModelInfo:
+        return await self.inner.show(model)
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+        return await self.inner.prepare(model, num_ctx=num_ctx, parallel=parallel)
+
+    async def version(self) -> str | None:
+        return await self.inner.version()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

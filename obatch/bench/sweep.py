@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from obatch import errors
-from obatch.backends.base import Backend, ModelInfo, Result, complete_by_streaming
+from obatch.backends.base import Backend, BackendWrapper, Result, complete_by_streaming
 from obatch.bench.environment import environment, obatch_version
 from obatch.bench.metrics import Sample, summarise
 from obatch.bench.workloads import BenchRequest, Workload, parse_workload
@@ -111,13 +111,12 @@ def reloads(points: Sequence[PointKey], *, restart_on_concurrency: bool) -> int:
     return count
 
 
-class ChunkClock:
+class ChunkClock(BackendWrapper):
     """A backend wrapper that notes the gaps between streamed content chunks of each request (inter-token
     latency), keyed by the identity of the request body. Everything else passes through."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.gaps: dict[int, list[float]] = {}
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
@@ -138,21 +137,6 @@ class ChunkClock:
                     gaps.append((now - last) * 1000)
                 last = now
             yield chunk
-
-    async def models(self) -> list[ModelInfo]:
-        return await self.inner.models()
-
-    async def show(self, model: str) -> ModelInfo:
-        return await self.inner.show(model)
-
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
-        return await self.inner.prepare(model, num_ctx=num_ctx, parallel=parallel)
-
-    async def version(self) -> str | None:
-        return await self.inner.version()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @dataclass

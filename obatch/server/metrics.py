@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from obatch import errors
-from obatch.backends.base import Backend, ModelInfo, Result
+from obatch.backends.base import Backend, BackendWrapper, Result
 from obatch.batches import Services
 from obatch.protocol import BatchStatus
 from obatch.store import repo
@@ -58,12 +58,11 @@ class Metrics:
         return MeteredBackend(backend, self.backend_seconds)
 
 
-class MeteredBackend:
+class MeteredBackend(BackendWrapper):
     """A backend that records every request's latency and outcome; everything else is the inner backend's."""
 
     def __init__(self, inner: Backend, histogram: Histogram) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self._histogram = histogram
 
     def _observe(self, url: str, started: float, outcome: str) -> None:
@@ -94,18 +93,3 @@ class MeteredBackend:
             raise
         finally:
             self._observe("/v1/chat/completions", started, outcome)
-
-    async def models(self) -> list[ModelInfo]:
-        return await self.inner.models()
-
-    async def show(self, model: str) -> ModelInfo:
-        return await self.inner.show(model)
-
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
-        return await self.inner.prepare(model, num_ctx=num_ctx, parallel=parallel)
-
-    async def version(self) -> str | None:
-        return await self.inner.version()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
