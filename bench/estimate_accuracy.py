@@ -115,14 +115,16 @@ async def measure(args: argparse.Namespace) -> float:
         print(f"load average at start: {os.getloadavg()[0]:.2f} (the engine shares {os.cpu_count()} cores with it)")
         started, foreign = time.monotonic(), ForeignCpu()
         spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
-                               requests=args.sweep_requests, workload=args.workload, seed=1)
+                               requests=args.sweep_requests, repeats=args.sweep_repeats, workload=args.workload,
+                               seed=1)
         report = await bench.run_sweep(spec, settings=settings, progress=False)
         print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s "
               f"(other processes used {foreign.share():.0%} of the CPU meanwhile)")
         frames = await bench.load_report(settings=settings, run_id=report.run_id)
         for row in frames.summary.iter_rows(named=True):
-            print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s, {row['output_tps']:.0f} output tok/s, "
-                  f"engine gen {row['gen_tps']:.0f} tok/s per request, p50 {row['latency_p50']:.0f} ms")
+            print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
+                  f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
+                  f"tok/s per request, p50 {row['latency_p50']:.0f} ms")
         errors, disturbed = [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
@@ -148,12 +150,13 @@ async def measure(args: argparse.Namespace) -> float:
                                                       concurrency=[args.concurrency], requests=args.sweep_requests,
                                                       workload=args.workload, seed=1), settings=settings,
                                       progress=False, fresh=True)
-        before = frames.points.filter(frames.points["concurrency"] == args.concurrency)["wall_seconds"]
-        after = (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"]
-        if len(before) and len(after):
-            print(f"drift: the sweep's c={args.concurrency} point took {before[0]:.1f} s, the same point measured "
-                  f"again after the batches {after[0]:.1f} s ({(after[0] / before[0] - 1) * 100:+.1f}%): the "
-                  "machine's speed changed by that much meanwhile")
+        before = frames.points.filter(frames.points["concurrency"] == args.concurrency)["wall_seconds"].to_list()
+        after = (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"].to_list()
+        if before and after:
+            print(f"drift: the sweep's c={args.concurrency} point took {', '.join(f'{b:.1f}' for b in before)} s, "
+                  f"the same point measured again after the batches {after[0]:.1f} s "
+                  f"({(after[0] / (sum(before) / len(before)) - 1) * 100:+.1f}%): the machine's speed changed by "
+                  "about that much meanwhile")
         engine, sessions = await open_store(settings.db_url)
         async with sessions() as session:
             record = await bench.estimates_vs_actuals(session)
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=48, help="held-out batch size")
     p.add_argument("--concurrency", type=int, default=4, help="the held-out batch's concurrency")
     p.add_argument("--sweep-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
-    p.add_argument("--sweep-requests", type=int, default=16)
+    p.add_argument("--sweep-requests", type=int, default=32)
+    p.add_argument("--sweep-repeats", type=int, default=2, help="repeats of each sweep point (their spread widens "
+                   "the interval; on a noisy machine they also steady the estimate)")
     p.add_argument("--workload", default="chat")
     p.add_argument("--runs", type=int, default=2, help="how many held-out batches to estimate and run")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")

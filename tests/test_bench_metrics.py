@@ -154,7 +154,8 @@ def _fake_fit(concurrency: int, num_ctx: int = 2048, *, per_token_ms: float = 10
               efficiency: tuple[float, ...] = (1.0,)) -> ConfigFit:
     return ConfigFit(backend="local", model="m", num_ctx=num_ctx, concurrency=concurrency, run_id="run",
                      point_ids=[concurrency], overhead_ms=0.0, p0=0.0, p1=0.0, decode_ms=per_token_ms,
-                     decode_ctx=100.0, ctx_slope=0.0, parallelism=float(concurrency), efficiency=list(efficiency),
+                     decode_ctx=100.0, ctx_slope=0.0, prompt_stall=0.0, parallelism=float(concurrency),
+                     efficiency=list(efficiency),
                      load_seconds=load,
                      prompt_range=(10, 500), output_range=(10, 200), rel_rmse=0.1, n_samples=32)
 
@@ -193,6 +194,30 @@ def test_estimate_prefers_a_num_ctx_that_holds_the_longest_request() -> None:
     assert any("outside the measured" in n for n in big.notes)
 
 
+def test_finished_batches_correct_later_estimates() -> None:
+    fits = [_fake_fit(1), _fake_fit(4)]
+    shape = Shape.uniform(100, 50, 100)
+    raw = estimate_from_fits(fits, shape, concurrency=4)
+    learned = estimate_from_fits(fits, shape, concurrency=4, history=[(4, 0.8), (4, 0.9), (1, 2.0)])
+    assert learned.history_factor == pytest.approx(0.85) and learned.history_batches == 2  # same concurrency
+    assert learned.seconds - learned.load_seconds == pytest.approx(0.85 * (raw.seconds - raw.load_seconds))
+    assert any("finished batch" in note for note in learned.notes)
+    other = estimate_from_fits(fits, shape, concurrency=1, history=[(4, 0.8), (2, 0.9)])  # none at c=1: all
+    assert other.history_factor == pytest.approx(0.85)
+
+
+def test_cached_prompts_stall_the_others_less() -> None:
+    fit = _fake_fit(4, per_token_ms=40.0)
+    fit.p0 = 5.0
+    measured = [(200.0, 100.0, 0.0)] * 8
+    fit.prompt_stall = fit.stall_of(measured)  # 3 others × 1000 ms of prompt / 100 tokens = 30 ms per token
+    assert fit.prompt_stall == pytest.approx(30.0)
+    cached = [(200.0, 100.0, 0.5)] * 8
+    assert fit.stall_of(cached) == pytest.approx(15.0)
+    fresh, reused = fit.services(measured), fit.services(cached)
+    assert reused[-1] == pytest.approx(fresh[-1] - 500.0 - 100 * 15.0)  # its own prompt, and the others' stall
+
+
 def test_interval_widens_with_spread_between_repeats() -> None:
     shape = Shape.uniform(100, 50, 100)
     steady = estimate_from_fits([_fake_fit(4, efficiency=(1.0, 1.0, 1.0))], shape)
@@ -209,6 +234,7 @@ def test_fit_recovers_a_known_engine_and_calibrates_parallelism() -> None:
     truth = _fake_fit(4)
     truth.p0, truth.overhead_ms, truth.parallelism = 0.5, 5.0, 2.0
     truth.decode_ms, truth.decode_ctx, truth.ctx_slope = 10.0, mean_context(shapes), 0.01
+    truth.prompt_stall = truth.stall_of(shapes)  # measured decode times include the others' prompts
     services = truth.services(shapes)
     wave = sum(0.5 * p for p, _, _ in shapes[:4])
     samples = [BenchSampleRow(point_id=1, idx=i, ok=True, prompt_tokens=int(p), completion_tokens=int(o),

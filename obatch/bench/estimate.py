@@ -4,7 +4,7 @@ The model, per configuration (backend, model, num_ctx, concurrency ``c``), fitte
 measured (least squares on the engine's own timings, coefficients kept non-negative):
 
     service(P, O) = overhead + P·(1 - cached)·(p0 + p1·P)
-                    + O·(d + a·(own - ctx_measured) + (c - 1)·a·(ctx - ctx_measured))          [ms]
+                    + O·(d + a·(own - ctx_measured) + (c - 1)·a·(ctx - ctx_measured) + stall - stall_measured)
 
 ``P`` prompt tokens, ``O`` output tokens: prompt processing grows a little faster than linearly (attention). ``d``
 is the measured time per decoded token with ``c`` requests in flight (so it includes sharing the engine with the
@@ -12,9 +12,12 @@ is the measured time per decoded token with ``c`` requests in flight (so it incl
 in flight: a request's own context ``own = P + O/2`` and the workload's mean context ``ctx`` (token-weighted) for the
 ``c - 1`` others cost ``a`` per token of difference each, with ``a`` the context slope pooled over all concurrency
 levels of the model and num_ctx (per-point slopes are mostly timing noise at the contexts a sweep covers).
-``cached`` is the share of the prompt the engine's prefix cache already holds: benchmark prompts are all distinct,
-while real batches often repeat a system prompt or a document, which llama.cpp (and Ollama, and vLLM) do not
-process again; it is estimated per request as the mean common prefix with the ``c`` requests sent before it.
+(all in ms). Continuous batching runs a newcomer's prompt inside the steps of the ``c - 1`` requests decoding,
+so their decode also pays for it: ``stall = (c - 1) · Σ prompt time / Σ output tokens`` of the workload, against
+the stall the point measured under. ``cached`` is the share of the prompt the engine's prefix cache already
+holds: benchmark prompts are all distinct, while real batches often repeat a system prompt or a document, which
+llama.cpp (and Ollama, and vLLM) do not process again; it is estimated per request as the mean common prefix with
+the ``c`` requests sent before it.
 The first ``c`` requests leave together and the engine processes their prompts as one batch, so each of them waits
 for all of those prompts (and that first wave is left out of the prompt fit).
 
@@ -30,6 +33,10 @@ Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of
 a single repeat) and ``rmse`` the relative per-request residual of the fit, at least ±5%; +10% when the workload's
 mean prompt or output length lies outside what the points measured, or its concurrency was not measured.
 
+Reality corrects the model: the median ratio of actual to estimated running time of the model's newest finished
+batches (``BatchRow.estimate_json`` against ``run_seconds``; same backend, the same concurrency when there are
+some) scales new estimates, and their spread widens the interval. The first batch has no such help.
+
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
 counts by a straight line fitted on the measured requests (and the model's finished batch requests); output lengths
 are ``max_tokens`` times the share of max_tokens the model's finished batch answers actually used (1 when unknown).
@@ -41,6 +48,7 @@ import asyncio
 import heapq
 import logging
 import math
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -67,6 +75,7 @@ SINGLE_REPEAT_CV = 0.05
 EXTRAPOLATION_PENALTY = 0.10
 MIN_MARGIN = 0.05
 TIE = 0.02  # configs this close to the fastest count as equally fast
+HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new estimates
 UNBOUNDED_OUTPUT = 256  # assumed answer length of a request without max_tokens, when history cannot tell
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
 DEFAULT_WINDOW = 4  # recent requests a prompt is compared with when the concurrency is not known
@@ -281,6 +290,7 @@ class ConfigFit:
     decode_ms: float  # per output token, at the mean context decode_ctx
     decode_ctx: float
     ctx_slope: float  # a: ms per output token per token of context per sequence in flight
+    prompt_stall: float  # ms per output token the others' prompt processing added to decode_ms as measured
     parallelism: float
     efficiency: list[float]
     load_seconds: float
@@ -292,19 +302,29 @@ class ConfigFit:
     def prompt_ms(self, prompt: float, cached: float = 0.0) -> float:
         return prompt * (1 - cached) * (self.p0 + self.p1 * prompt)
 
-    def per_token_ms(self, own: float, context: float) -> float:
+    def per_token_ms(self, own: float, context: float, stall: float | None = None) -> float:
         """Decode time per output token of a request attending to ``own`` tokens while the ``c - 1`` others in
-        flight attend to ``context`` tokens on average."""
+        flight attend to ``context`` tokens on average and their prompts stall decoding by ``stall`` ms per output
+        token (default: as much as when it was measured)."""
         shift = self.ctx_slope * ((own - self.decode_ctx) + (self.concurrency - 1) * (context - self.decode_ctx))
+        shift += (self.prompt_stall if stall is None else stall) - self.prompt_stall
         return max(self.decode_ms / 2, self.decode_ms + shift)
 
-    def service_ms(self, prompt: float, output: float, cached: float = 0.0, context: float | None = None) -> float:
+    def stall_of(self, requests: Sequence[tuple[float, float, float]]) -> float:
+        """Decode stall per output token from the prompts the ``c - 1`` others process meanwhile (continuous
+        batching runs a newcomer's prompt in the steps of those decoding)."""
+        tokens = sum(o for _, o, _ in requests)
+        prompts = sum(self.prompt_ms(p, c) for p, _, c in requests)
+        return (self.concurrency - 1) * prompts / tokens if tokens else 0.0
+
+    def service_ms(self, prompt: float, output: float, cached: float = 0.0, context: float | None = None,
+                   stall: float | None = None) -> float:
         """One request's time in the engine plus overhead (ms); ``cached`` is the share of the prompt found in the
         prefix cache (not processed again, but attended to); ``context`` the workload's mean context (default:
-        this request's own)."""
+        this request's own); ``stall`` see ``per_token_ms``."""
         own = prompt + output / 2
         return self.overhead_ms + self.prompt_ms(prompt, cached) + output * self.per_token_ms(
-            own, own if context is None else context)
+            own, own if context is None else context, stall)
 
     @property
     def k(self) -> float:
@@ -318,8 +338,8 @@ class ConfigFit:
     def services(self, requests: Sequence[tuple[float, float, float]]) -> list[float]:
         """Service times of requests (prompt, output, cached share) sent in this order: the first wave (the first
         ``concurrency``, sent together) waits for all of its prompts, which the engine processes as one batch."""
-        context = mean_context(requests)
-        out = [self.service_ms(p, o, c, context) for p, o, c in requests]
+        context, stall = mean_context(requests), self.stall_of(requests)
+        out = [self.service_ms(p, o, c, context, stall) for p, o, c in requests]
         wave = requests[:self.concurrency]
         if len(wave) > 1:
             own = [self.prompt_ms(p, c) for p, _, c in wave]
@@ -387,7 +407,8 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
     fit = ConfigFit(
         backend=first.backend, model=first.model, num_ctx=first.num_ctx, concurrency=c, run_id=first.run_id,
         point_ids=[p.id for p in points if p.id is not None], overhead_ms=0.0, p0=0.0, p1=0.0, decode_ms=0.0,
-        decode_ctx=mean_context([(p, o, 0.0) for p, o in pairs]), ctx_slope=ctx_slope, parallelism=float(c),
+        decode_ctx=mean_context([(p, o, 0.0) for p, o in pairs]), ctx_slope=ctx_slope, prompt_stall=0.0,
+        parallelism=float(c),
         efficiency=[], load_seconds=0.0, prompt_range=(min(p for p, _ in pairs), max(p for p, _ in pairs)),
         output_range=(min(o for _, o in pairs), max(o for _, o in pairs)), rel_rmse=0.0, n_samples=len(ok))
     decoded = _decoded(ok)
@@ -397,6 +418,7 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
                                         for s in staggered], [s.prompt_ms or 0.0 for s in staggered]) or [0.0, 0.0]
         tokens = sum(w for _, _, w in decoded)
         fit.decode_ms = sum(y * w for _, y, w in decoded) / tokens if tokens else 0.0
+        fit.prompt_stall = fit.stall_of([(p, o, 0.0) for p, o in pairs])
     else:  # an engine without timings: fit the client-side latency itself
         coef = least_squares([[1.0, p, o] for p, o in pairs], [s.latency_ms for s in ok])
         fit.p0, fit.decode_ms = (coef[1], coef[2]) if coef else (0.0, 0.0)
@@ -507,6 +529,8 @@ class Estimate:
     candidates: list[dict[str, Any]]
     points: list[dict[str, Any]]
     method: str = "per-config token cost model; makespan at the calibrated parallelism; stored points"
+    history_factor: float = 1.0  # the correction learned from finished batches (1: none yet)
+    history_batches: int = 0
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -543,8 +567,13 @@ def _at_concurrency(fits: Sequence[ConfigFit], shape: Shape, concurrency: int) -
 
 
 def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int | None = None,
-                       concurrency: int | None = None, include_load: bool = True) -> Estimate:
-    """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config."""
+                       concurrency: int | None = None, include_load: bool = True,
+                       history: Sequence[tuple[int, float]] = ()) -> Estimate:
+    """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config.
+
+    ``history`` holds (concurrency, actual / estimated running time) of finished batches (``history_ratios``): the
+    median ratio of those at the chosen concurrency (of all when none is) scales the running time, and their
+    spread widens the interval — the record of estimate vs actual corrects what the benchmark could not see."""
     if not fits or shape.n == 0:
         raise errors.NotFoundError("No benchmark points to estimate from.", param="model")
     notes = list(shape.notes)
@@ -569,6 +598,14 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
     run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
+    ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
+    factor = statistics.median(ratios) if ratios else 1.0
+    if ratios:
+        run_seconds *= factor
+        spread = statistics.median(abs(r - factor) / factor for r in ratios)
+        margin = math.sqrt(margin ** 2 + (Z * spread) ** 2)
+        notes.append(f"scaled ×{factor:.2f}: how this model's estimates compared with the actual duration of "
+                     f"{len(ratios)} finished batch(es)")
     if note:
         notes.append(note)
         margin += EXTRAPOLATION_PENALTY if "not measured" in note else 0.0
@@ -585,8 +622,28 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         output_tokens_mean=shape.mean_output, seconds=seconds, low=run_seconds * (1 - margin) + load,
         high=run_seconds * (1 + margin) + load, load_seconds=load, num_ctx=chosen_ctx, concurrency=chosen_c,
         req_per_s=shape.n / seconds if seconds > 0 else 0.0, best=best, candidates=candidates, points=points,
-        notes=notes,
+        history_factor=factor, history_batches=len(ratios), notes=notes,
     )
+
+
+async def history_ratios(session: AsyncSession, model: str, backend: str, limit: int = HISTORY
+                         ) -> list[tuple[int, float]]:
+    """(concurrency, actual / estimated running time) of the newest finished batches that ran ``model`` alone on
+    ``backend`` and were estimated before they ran. Running time leaves the load out, and the estimate is taken as
+    the model made it (before any earlier correction), so corrections do not compound."""
+    out: list[tuple[int, float]] = []
+    for batch in await bench_repo.estimated_batches(session, limit=10 * limit):
+        groups = orjson.loads(batch.estimate_json or "{}").get("groups") or []
+        if batch.backend != backend or len(groups) != 1 or groups[0].get("model") != model:
+            continue
+        made = groups[0]
+        load = float(made.get("load_seconds") or 0.0)
+        raw = (float(made["seconds"]) - load) / float(made.get("history_factor") or 1.0)
+        if raw > 0 and batch.run_seconds > load:
+            out.append((int(made["concurrency"]), (batch.run_seconds - load) / raw))
+        if len(out) >= limit:
+            break
+    return out
 
 
 async def fits_preferring(session: AsyncSession, model: str, backend: str | None) -> list[ConfigFit]:
@@ -612,7 +669,8 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
                                      param="num_requests")
         fits = await fits_preferring(session, model, backend)
         return [estimate_from_fits(fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
-                                   num_ctx=num_ctx, concurrency=concurrency, include_load=include_load)]
+                                   num_ctx=num_ctx, concurrency=concurrency, include_load=include_load,
+                                   history=await history_ratios(session, model, fits[0].backend))]
     rows = await asyncio.to_thread(file_rows, file, model)
     if not rows:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
@@ -624,7 +682,8 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
         fits = await fits_preferring(session, name, backend)
         shape = shape_of(requests, await calibration_for(session, name, fits), window=concurrency or DEFAULT_WINDOW)
         out.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
-                                      include_load=include_load))
+                                      include_load=include_load,
+                                      history=await history_ratios(session, name, fits[0].backend)))
     return out
 
 
@@ -657,7 +716,8 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
                      for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
             rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
             shape = shape_of(rows_with_text, await calibration_for(session, model, fits), window=concurrency)
-            parts.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency))
+            parts.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
+                                            history=await history_ratios(session, model, backend.name)))
     if not parts:
         return None
     return {
