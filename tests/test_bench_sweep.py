@@ -27,8 +27,9 @@ CHAT = "llama3.2:1b"
 
 @pytest.fixture
 async def fast_sim() -> AsyncIterator[OllamaSim]:
-    """Two slots per model (throughput saturates at concurrency 2), fast enough for a sweep in a second or two."""
-    config = SimConfig(models=(SimModel(CHAT),), num_parallel=2, prompt_tps=20_000, decode_tps=800,
+    """Two slots per model (throughput saturates at concurrency 2); requests take ~0.1 s, long enough that the
+    client's own gaps between them do not blur the saturation."""
+    config = SimConfig(models=(SimModel(CHAT),), num_parallel=2, prompt_tps=20_000, decode_tps=400,
                        default_output_tokens=4096, load_seconds=0.05)
     async with OllamaSim(config) as sim:
         yield sim
@@ -56,7 +57,7 @@ async def test_sweep_stores_2_num_ctx_by_3_concurrency_points(fast_sim: OllamaSi
         (n, c) for n in (2048, 4096) for c in (1, 2, 4)]
     assert (points["n_completed"] == 12).all() and (points["success_rate"] == 1.0).all()
     assert not points["excluded"].any()
-    assert points["gen_tps"].to_list() == pytest.approx([800.0] * 6)  # the engine's own decode durations
+    assert points["gen_tps"].to_list() == pytest.approx([400.0] * 6)  # the engine's own decode durations
     assert points["prompt_tps"].to_list() == pytest.approx([20_000.0] * 6)
     for column in ("ttft_p50", "itl_p50", "tpot_p50", "latency_p99", "output_tps"):
         assert points[column].null_count() == 0 and (points[column] > 0).all(), column
@@ -155,6 +156,9 @@ async def test_batches_record_their_estimate_and_it_comes_true(fast_sim: OllamaS
         await engine.dispose()
     assert record["batch_id"] == done.batch.id and record["actual_seconds"] == pytest.approx(done.batch.run_seconds)
     assert abs(record["error_pct"]) < 20, record  # the simulator's latency model is deterministic
+    learned = await bench.estimate_workload(CHAT, settings=settings, file=held, concurrency=4)
+    assert learned.history_batches == 1  # the finished batch now corrects the model
+    assert learned.seconds == pytest.approx(done.batch.run_seconds, rel=0.1)
 
 
 def test_cli_bench_and_estimate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
