@@ -12,10 +12,7 @@ from obatch.bench.sweep import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.engine import DEFAULT_ALIAS
 
-pytestmark = [
-    pytest.mark.engine,
-    pytest.mark.skip(reason="the real-engine sweep stalls past the 300 s test timeout here; see the benchmark issue"),
-]
+pytestmark = pytest.mark.engine
 
 
 async def test_real_engine_sweep_is_stored_and_estimates_from_it(make_settings: Callable[..., Settings]) -> None:
