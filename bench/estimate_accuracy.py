@@ -125,7 +125,7 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
                   f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
                   f"tok/s per request, p50 {row['latency_p50']:.0f} ms")
-        errors, disturbed = [], []
+        errors, disturbed, actuals = [], [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + attempt)
@@ -135,6 +135,7 @@ async def measure(args: argparse.Namespace) -> float:
             run = await run_batch_file(held, settings=settings, concurrency=args.concurrency, progress=False,
                                        fresh=True)
             actual, others = run.batch.run_seconds, foreign.share()
+            actuals.append(actual)
             error = (guess.seconds - actual) / actual * 100
             (disturbed if others > args.max_foreign else errors).append(error)
             stored = orjson.loads(run.batch.estimate_json or "null")
@@ -144,7 +145,13 @@ async def measure(args: argparse.Namespace) -> float:
                   f"error {error:+.1f}%  ({run.batch.output_tokens} output tokens, mean prompt "
                   f"{run.batch.input_tokens / max(run.batch.completed, 1):.0f} tokens; estimated "
                   f"{guess.prompt_tokens_mean:.0f} prompt / {guess.output_tokens_mean:.0f} output per request; "
+                  f"corrected ×{guess.history_factor:.2f} by {guess.history_batches} finished batch(es); "
                   f"other processes used {others:.0%} of the CPU{', DISTURBED' if others > args.max_foreign else ''})")
+        if actuals:  # the machine's own repeatability: the first held-out file once more, estimated and all
+            again_run = await run_batch_file(data_dir / "held_out_0.jsonl", settings=settings,
+                                             concurrency=args.concurrency, progress=False, fresh=True)
+            print(f"repeatability: held-out file 1 run again took {again_run.batch.run_seconds:.1f} s, "
+                  f"{actuals[0]:.1f} s the first time ({(again_run.batch.run_seconds / actuals[0] - 1) * 100:+.1f}%)")
         # the machine's own drift: measure the held-out runs' configuration again, as the sweep did
         again = await bench.run_sweep(bench.SweepSpec(models=[args.model], num_ctx=[2048],
                                                       concurrency=[args.concurrency], requests=args.sweep_requests,

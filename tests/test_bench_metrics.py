@@ -199,11 +199,14 @@ def test_finished_batches_correct_later_estimates() -> None:
     shape = Shape.uniform(100, 50, 100)
     raw = estimate_from_fits(fits, shape, concurrency=4)
     learned = estimate_from_fits(fits, shape, concurrency=4, history=[(4, 0.8), (4, 0.9), (1, 2.0)])
-    assert learned.history_factor == pytest.approx(0.85) and learned.history_batches == 2  # same concurrency
-    assert learned.seconds - learned.load_seconds == pytest.approx(0.85 * (raw.seconds - raw.load_seconds))
+    shrunk = ((0.8 * 0.9) ** 0.5) ** (2 / 3)  # their geometric median, two thirds of the way from 1 (n / (n + 1))
+    assert learned.history_factor == pytest.approx(shrunk) and learned.history_batches == 2  # same concurrency
+    assert learned.seconds - learned.load_seconds == pytest.approx(shrunk * (raw.seconds - raw.load_seconds))
     assert any("finished batch" in note for note in learned.notes)
     other = estimate_from_fits(fits, shape, concurrency=1, history=[(4, 0.8), (2, 0.9)])  # none at c=1: all
-    assert other.history_factor == pytest.approx(0.85)
+    assert other.history_factor == pytest.approx(shrunk)
+    many = estimate_from_fits(fits, shape, concurrency=4, history=[(4, 0.8)] * 9)
+    assert many.history_factor == pytest.approx(0.8 ** 0.9)  # nine batches agreeing: nine tenths of the way
 
 
 def test_cached_prompts_stall_the_others_less() -> None:

@@ -33,9 +33,12 @@ Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of
 a single repeat) and ``rmse`` the relative per-request residual of the fit, at least ±5%; +10% when the workload's
 mean prompt or output length lies outside what the points measured, or its concurrency was not measured.
 
-Reality corrects the model: the median ratio of actual to estimated running time of the model's newest finished
+Reality corrects the model: the ratios of actual to estimated running time of the model's newest finished
 batches (``BatchRow.estimate_json`` against ``run_seconds``; same backend, the same concurrency when there are
-some) scales new estimates, and their spread widens the interval. The first batch has no such help.
+some) scale new estimates by their (geometric) median shrunk toward 1 by ``n / (n + 1)`` — one batch's duration is
+about as noisy as the bias it would correct (the same file run twice can differ by 10-15% on a busy CPU), so a
+single batch moves the estimate half way and many batches all the way. Their spread widens the interval. The first
+batch has no such help.
 
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
 counts by a straight line fitted on the measured requests (and the model's finished batch requests); output lengths
@@ -572,8 +575,9 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config.
 
     ``history`` holds (concurrency, actual / estimated running time) of finished batches (``history_ratios``): the
-    median ratio of those at the chosen concurrency (of all when none is) scales the running time, and their
-    spread widens the interval — the record of estimate vs actual corrects what the benchmark could not see."""
+    median ratio of those at the chosen concurrency (of all when none is), shrunk toward 1 by ``n / (n + 1)``,
+    scales the running time, and their spread widens the interval — the record of estimate vs actual corrects
+    what the benchmark could not see."""
     if not fits or shape.n == 0:
         raise errors.NotFoundError("No benchmark points to estimate from.", param="model")
     notes = list(shape.notes)
@@ -599,7 +603,7 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
     ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
-    factor = statistics.median(ratios) if ratios else 1.0
+    factor = math.exp(statistics.median(map(math.log, ratios)) * len(ratios) / (len(ratios) + 1)) if ratios else 1.0
     if ratios:
         run_seconds *= factor
         spread = statistics.median(abs(r - factor) / factor for r in ratios)
