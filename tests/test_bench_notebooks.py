@@ -15,22 +15,9 @@ from obatch.cli import main
 from obatch.config import Settings
 from obatch.store import bench_repo
 from obatch.store.db import open_store
+from tests.helpers import ROOT, notebook_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = "llama3.2:1b"
-
-
-def outputs(path: Path) -> list[str]:
-    """Every code cell's displayed text (plain and HTML), in order."""
-    notebook = nbformat.read(path, as_version=4)
-    texts = []
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            if output.output_type == "error":
-                raise AssertionError(f"{path.name}: {output.ename}: {output.evalue}")
-            data = output.get("data", {})
-            texts.append(str(data.get("text/html", "")) + str(data.get("text/plain", output.get("text", ""))))
-    return texts
 
 
 def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -46,7 +33,7 @@ def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert executed.name[:8].isdigit() and f"done: {executed}" in capsys.readouterr().out
     notebook = nbformat.read(executed, as_version=4)
     assert notebook.metadata["papermill"]["parameters"]["models"] == CHAT  # papermill kept what it injected
-    texts = outputs(executed)
+    texts = notebook_outputs(executed)
     assert any("vega" in t for t in texts)  # the throughput charts were drawn
 
     async def stored() -> tuple[str, str | None, dict[str, object], int]:
@@ -65,7 +52,7 @@ def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
 
     report = run_notebook(ROOT / "notebooks" / "report.ipynb", tmp_path / "report.ipynb",
                           {"data_dir": str(data)}, cwd=ROOT)
-    texts = outputs(report)
+    texts = notebook_outputs(report)
     charts = [t for t in texts if "vega" in t]
     assert len(charts) >= 5  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, estimates
     assert any("saturates_at" in t for t in texts) and any(CHAT in t for t in texts)
