@@ -25,11 +25,12 @@ Stopping. A ``Server`` stops when its last reference goes (the destructor ends t
 that comes before the task loop has started is lost and the destructor hangs for ever, so ``_start_server`` waits
 for the loop (one metrics round trip) before handing a server out.
 
-Sharing cores. ggml's threads spin at the barrier between each graph step while they wait for each other, so
-two engines whose threads together outnumber the cores (two processes on the local backend, a test suite beside
-``obatch serve``) do not share the CPU: each stalls whenever the other holds a core its partner thread needs, and
-both run many times slower (measured here, 2 cores: two 2-thread engines made no progress in 150 s where one
-alone finished in 21 s; two 1-thread engines took 43 and 56 s). ``running_engines()`` finds the other embedded
+Sharing cores. ggml's threads spin-wait at the barrier between graph steps (lowering ``cpuparams.poll`` does not
+change that: it only governs the wait for new work), so two engines whose threads together outnumber the cores
+(two processes on the local backend, a test suite beside ``obatch serve``) do not share the CPU: each stalls
+whenever the other holds a core its partner thread needs, and both run many times slower
+(``bench/engines_sharing.py`` on 2 cores: one 2-thread engine ran its 24 requests in 17 s; two at once had not
+finished in 150 s; two 1-thread engines at once took 33 and 29 s). ``running_engines()`` finds the other embedded
 engines on the machine, and a start that would oversubscribe the cores logs a warning that names them.
 
 Embeddings. ``/v1/embeddings`` needs ``embeddings=True`` (``CommonParams.embedding``) and a pooling type other
@@ -553,9 +554,9 @@ class LocalEngine:
             return self._server.url
 
     def _start(self, cfg: EngineConfig) -> _Server:
+        _warn_if_oversubscribed(cfg.threads or os.cpu_count() or 1)
         if self.isolation == "thread":
             return _ThreadServer(cfg, _VERBOSITY[self.log_level])
-        _warn_if_oversubscribed(cfg.threads or os.cpu_count() or 1)
         quiet = self.log_level == "quiet"
         verbosity = _VERBOSITY["error"] if quiet else _VERBOSITY[self.log_level]
         return _ProcessServer(cfg, verbosity, capture_log=quiet, start_timeout=self.start_timeout)
