@@ -30,25 +30,26 @@ points = pl.concat([views.bench_frame(need(api.benchmark_history, name), model=n
 context_tab, concurrency_tab, compare_tab, record_tab, sweep_tab = st.tabs(
     ["Context window", "Concurrency", "Compare", "Estimate vs actual", "Run a sweep"])
 
-with context_tab:
-    levels = sorted({int(c) for c in points["concurrency"].drop_nulls().to_list()})
-    pick = st.selectbox("At concurrency", [BEST, *levels], key="ctx_concurrency",
-                        help="'best': each window at its fastest measured concurrency.")
-    curve = views.along(points, "num_ctx", fixed="concurrency", value=None if pick == BEST else int(pick))
+
+def curve_tab(axis: str, fixed: str, prefix: str, pick_key: str, label: str, help_text: str) -> list[int]:
+    """Throughput and latency along ``axis`` at one level of ``fixed`` (or each point at its best); the levels."""
+    levels = sorted({int(c) for c in points[fixed].drop_nulls().to_list()})
+    pick = st.selectbox(label, [BEST, *levels], key=pick_key, help=help_text)
+    curve = views.along(points, axis, fixed=fixed, value=None if pick == BEST else int(pick))
     left, right = st.columns(2)
-    left.altair_chart(views.metric_chart(curve, "num_ctx", "tokens_per_s"), key="ctx_tokens")
-    right.altair_chart(views.metric_chart(curve, "num_ctx", "requests_per_s"), key="ctx_requests")
-    st.altair_chart(views.latency_chart(curve, "num_ctx"), key="ctx_latency")
+    left.altair_chart(views.metric_chart(curve, axis, "tokens_per_s"), key=f"{prefix}_tokens")
+    right.altair_chart(views.metric_chart(curve, axis, "requests_per_s"), key=f"{prefix}_requests")
+    st.altair_chart(views.latency_chart(curve, axis), key=f"{prefix}_latency")
+    return levels
+
+
+with context_tab:
+    curve_tab("num_ctx", "concurrency", "ctx", "ctx_concurrency", "At concurrency",
+              "'best': each window at its fastest measured concurrency.")
 
 with concurrency_tab:
-    windows = sorted({int(c) for c in points["num_ctx"].drop_nulls().to_list()})
-    pick = st.selectbox("At context window", [BEST, *windows], key="conc_ctx",
-                        help="'best': each concurrency at its fastest measured window.")
-    curve = views.along(points, "concurrency", fixed="num_ctx", value=None if pick == BEST else int(pick))
-    left, right = st.columns(2)
-    left.altair_chart(views.metric_chart(curve, "concurrency", "tokens_per_s"), key="conc_tokens")
-    right.altair_chart(views.metric_chart(curve, "concurrency", "requests_per_s"), key="conc_requests")
-    st.altair_chart(views.latency_chart(curve, "concurrency"), key="conc_latency")
+    windows = curve_tab("concurrency", "num_ctx", "conc", "conc_ctx", "At context window",
+                        "'best': each concurrency at its fastest measured window.")
 
 with compare_tab:
     windows = sorted({int(c) for c in best["num_ctx"].drop_nulls().to_list()} | set(windows))
