@@ -8,8 +8,7 @@ import nbformat
 import papermill
 
 from obatch.testing.ollama_sim import SimConfig, run_in_thread
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_quickstart_notebook_runs_in_a_kernel(tmp_path: Path) -> None:

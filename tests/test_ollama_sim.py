@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,8 +25,8 @@ from obatch.testing.ollama_sim import (
     generate_prompt_tokens,
     run_in_thread,
 )
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = "llama3.2:1b"
 FINAL_INT_KEYS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
                   "eval_duration")

@@ -21,9 +21,9 @@ import httpx
 import orjson
 import pytest
 
+from tests.helpers import ROOT
 from tests.serverkit import free_port, server_env
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 SAMPLE = ROOT / "data" / "samples" / "chat.jsonl"
 CHROMIUM = Path("/usr/bin/chromium")
