@@ -17,8 +17,12 @@ def chat_line(custom_id: str, content: str = "hello", *, model: str = "llama3.2:
             "body": {"model": model, "messages": [{"role": "user", "content": content}], **body}}
 
 
+def jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
 def write_jsonl(path: Path, lines: Iterable[dict[str, Any]]) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    path.write_bytes(jsonl(lines))
     return path
 
 

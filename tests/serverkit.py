@@ -152,10 +152,6 @@ def embed_line(custom_id: str) -> dict[str, Any]:
             "body": {"model": EMBED, "input": f"text {custom_id}"}}
 
 
-def jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
-
-
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in text.splitlines() if line.strip()]
 

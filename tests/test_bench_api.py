@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -18,7 +17,7 @@ from obatch.bench.sweep import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, run_in_thread
-from tests.helpers import chat_line
+from tests.helpers import chat_line, jsonl
 
 CHAT, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
 
@@ -109,7 +108,7 @@ async def test_estimate_from_token_lengths(api: AsyncTestClient[Any]) -> None:
 
 
 async def upload(api: AsyncTestClient[Any], lines: list[dict[str, Any]]) -> str:
-    content = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+    content = jsonl(lines)
     response = await api.post("/v1/files", data={"purpose": "batch"},
                               files={"file": ("held.jsonl", content, "application/octet-stream")})
     assert response.status_code in (200, 201), response.text

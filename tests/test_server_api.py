@@ -15,6 +15,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types import Batch
 
 from obatch.testing.ollama_sim import OllamaSim
+from tests.helpers import jsonl
 from tests.serverkit import (
     CHAT,
     EMBED,
@@ -24,7 +25,6 @@ from tests.serverkit import (
     assert_exactly_once,
     chat_line,
     embed_line,
-    jsonl,
     parse_jsonl,
 )
 

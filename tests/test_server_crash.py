@@ -10,7 +10,8 @@ from pathlib import Path
 from openai import OpenAI
 
 from obatch.testing.ollama_sim import OllamaSim
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_exactly_once, chat_line, jsonl, parse_jsonl, server_env
+from tests.helpers import jsonl
+from tests.serverkit import FINAL, KEYS, ServerProcess, assert_exactly_once, chat_line, parse_jsonl, server_env
 
 
 def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from openai import OpenAI
 
 from obatch.engine import EngineUnavailable, default_model_path
 from obatch.testing.ollama_sim import OllamaSim
-from tests.serverkit import FINAL, ServerProcess, assert_exactly_once, chat_line, jsonl, parse_jsonl, server_env
+from tests.helpers import jsonl
+from tests.serverkit import FINAL, ServerProcess, assert_exactly_once, chat_line, parse_jsonl, server_env
 
 pytestmark = pytest.mark.engine
 MODEL = "smollm2:135m"

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
+from tests.helpers import jsonl
 from tests.serverkit import (
     FINAL,
     KEYS,
@@ -24,7 +25,6 @@ from tests.serverkit import (
     assert_openai_error,
     chat_line,
     embed_line,
-    jsonl,
     parse_jsonl,
 )
 

@@ -20,7 +20,8 @@ from obatch import cli
 from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line, jsonl
+from tests.helpers import jsonl
+from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line
 
 ROUTES = [
     ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-0123456789abcdef01234567"),

@@ -21,9 +21,9 @@ from streamlit.testing.v1 import AppTest
 from obatch.client import Client
 from obatch.ui.session import CLIENT_KEY
 from tests.helpers import ROOT, chat_line
+from tests.helpers import jsonl as server_jsonl
 from tests.serverkit import FINAL, KEYS, ServerProcess
 from tests.serverkit import chat_line as server_line
-from tests.serverkit import jsonl as server_jsonl
 from tests.ui_fake import FakeServer
 
 TIMEOUT = 60
