@@ -22,6 +22,7 @@ import polars as pl
 from obatch import errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file
+from obatch.concurrency import Concurrency
 from obatch.config import Settings
 from obatch.jsonl import Limits, validate_file
 from obatch.store import repo
@@ -101,13 +102,17 @@ def _sha256(path: Path) -> str:
 
 async def run_batch_file(
     requests: RequestsInput, *, settings: Settings | None = None, backend: Backend | None = None,
-    model: str | None = None, concurrency: int | None = None, output: Path | None = None,
+    model: str | None = None, concurrency: Concurrency | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
 ) -> RunReport:
-    """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run."""
+    """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
+
+    ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
+    host's best level by measuring."""
     settings = settings or Settings()
-    concurrency = concurrency or settings.concurrency
+    if concurrency is not None:
+        settings = settings.model_copy(update={"concurrency": concurrency})
     engine, sessions = await open_store(settings.db_url)
     owned = backend is None
     backend = backend or await open_backend(settings)
@@ -139,8 +144,7 @@ async def run_batch_file(
             batch = None if fresh else await repo.find_resumable(session, signature)
         if batch is None:
             batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
-                                       model=model, source=source, signature=signature,
-                                       concurrency=concurrency)
+                                       model=model, source=source, signature=signature)
         else:
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
@@ -152,8 +156,7 @@ async def run_batch_file(
         started = time.monotonic()
         bar = _progress_bar(batch, sessions, total, enabled=progress)
         with contextlib.closing(await bar) as tracker:
-            done = await process(svc, batch.id, concurrency=concurrency, progress=tracker.update,
-                                 output=output, error=errors_path, stream=stream)
+            done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path, stream=stream)
         if done.status == "failed":
             raise errors.InputFileError(f"Batch {done.id} failed validation.", [])
         return RunReport(done, output, errors_path, time.monotonic() - started)
@@ -164,7 +167,10 @@ async def run_batch_file(
 
 
 class _NoBar:
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int | float | None = 1) -> None:
+        return None
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         return None
 
     def close(self) -> None:
@@ -199,7 +205,7 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
     return pl.DataFrame(records, schema=RESULT_SCHEMA)
 
 
-async def run(requests: RequestsInput, *, model: str | None = None, concurrency: int | None = None,
+async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
               **defaults: Any) -> pl.DataFrame:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import func, select, update
@@ -32,6 +32,7 @@ from sqlmodel import col
 
 from obatch import context, errors
 from obatch.backends.base import Backend
+from obatch.backends.pool import Pool
 from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.jsonl import Limits, Request, iter_file, validate_file
@@ -55,17 +56,32 @@ _ID = re.compile(r"^(file|batch)-[0-9a-f]{24}$")
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-Progress = Callable[[int], None]
+class Progress(Protocol):
+    """What a run reports to: lines done, and a note (the concurrency level and why). tqdm bars are one."""
+
+    def update(self, n: int | float | None = 1) -> bool | None: ...
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None: ...
 
 
 @dataclass
 class Services:
-    """What batch work needs, built by the process that owns it and passed in."""
+    """What batch work needs, built by the process that owns it and passed in.
+
+    ``pool`` is the backend's engine hosts with their concurrency levels (``settings.concurrency``: a number, or
+    ``"auto"``). It lives as long as the services: every batch run through them leases slots from it, so runs share
+    the engines fairly and an auto level learned by one run carries over to the next.
+    """
 
     settings: Settings
     sessions: Sessions
     backend: Backend
     clock: Callable[[], float] = time.time
+    pool: Pool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = Pool.of(self.backend, concurrency=self.settings.concurrency,
+                            maximum=self.settings.max_concurrency)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -299,13 +315,14 @@ class ResultWriter:
     batch_id: str
     progress: Progress | None = None
     buffer: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
         self.buffer.append(_outcome_row(self.batch_id, outcome))
         if self.progress is not None:
-            self.progress(1)
+            self.progress.update(1)
         if len(self.buffer) >= self.svc.settings.commit_every:
             await self.flush()
 
@@ -333,15 +350,31 @@ class _Cancelled(Exception):
 
 
 async def _watch(svc: Services, writer: ResultWriter) -> None:
-    """Flush on a timer and notice a cancel request written to the store."""
+    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store."""
     while True:
         await asyncio.sleep(svc.settings.commit_interval)
         await writer.flush()
         async with svc.sessions() as session:
             status = (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == writer.batch_id))
                       ).scalar()
+            await session.execute(update(BatchRow).where(col(BatchRow.id) == writer.batch_id)
+                                  .values(concurrency_json=concurrency_json(svc.pool, writer.started)))
+            await session.commit()
+        if writer.progress is not None:
+            writer.progress.set_postfix_str(svc.pool.levels(), refresh=False)
         if status == "cancelling":
             raise _Cancelled
+
+
+def concurrency_json(pool: Pool, since: float) -> str:
+    """Each host's level, the reason for it, and its changes since ``since`` (monotonic seconds)."""
+    hosts = []
+    for host in pool.hosts:
+        entry = host.describe()
+        entry["history"] = [c.as_dict() for c in host.limit.history if c.at >= since] or \
+            [host.limit.history[-1].as_dict()]
+        hosts.append(entry)
+    return orjson.dumps({"mode": "auto" if pool.concurrency == "auto" else "fixed", "hosts": hosts}).decode()
 
 
 async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
@@ -351,30 +384,31 @@ async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -
                   num_ctx=context.explicit_num_ctx(body) or num_ctx, prompt_estimate=row.prompt_estimate)
 
 
-async def _execute(svc: Services, batch: BatchRow, *, concurrency: int, progress: Progress | None,
-                   stream: bool = False, slots: asyncio.Semaphore | None = None) -> None:
+async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None, stream: bool = False) -> None:
     """Run every pending row, one model group after another (fewest model swaps), resuming where rows stand."""
     async with svc.sessions() as session:
         groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
     writer = ResultWriter(svc, batch.id, progress)
+    pool = svc.pool
     for group in groups:
         try:
-            info = await svc.backend.show(group.model)
+            info = await pool.route(group.model)
         except errors.PermanentError as exc:
             await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
             continue
         num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
-        await svc.backend.prepare(group.model, num_ctx=num_ctx, parallel=concurrency)
+        await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
         try:
             async with asyncio.TaskGroup() as tasks:
                 watcher = tasks.create_task(_watch(svc, writer))
                 runner = tasks.create_task(run_jobs(
-                    _jobs(svc, batch.id, group.model, num_ctx), svc.backend, writer.add,
-                    concurrency=concurrency, policy=svc.policy, stream=stream, slots=slots))
+                    _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
+                    model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
                 watcher.cancel()
         finally:
             await asyncio.shield(writer.flush())
+            await asyncio.shield(_set(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
 
 
 async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
@@ -384,13 +418,13 @@ async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.Back
                                 status=exc.status or exc.status_code)
         await session.commit()
     if progress is not None:
-        progress(count)
+        progress.update(count)
 
 
 async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_length: int | None,
                      progress: Progress | None) -> int | None:
     """One num_ctx for the group; requests that cannot fit the model at all fail now as context_length_exceeded."""
-    if svc.backend.name == "openai":
+    if not svc.pool.sets_num_ctx:
         return None  # an OpenAI-compatible engine's context is fixed at its start
     if context_length:
         too_long = (col(RequestRow.model) == group.model) & (
@@ -403,7 +437,7 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
                                     "tokens (prompt estimate plus max_tokens).", too_long)
             await session.commit()
         if progress is not None and failed:
-            progress(failed)
+            progress.update(failed)
         async with svc.sessions() as session:
             refreshed = [g for g in await repo.pending_groups(session, batch_id, context.DEFAULT_OUTPUT_BUDGET)
                          if g.model == group.model]
@@ -548,9 +582,8 @@ def batch_object(row: BatchRow) -> Batch:
 # -------------------------------------------------------------------------------------------- driving
 
 
-async def process(svc: Services, batch_id: str, *, concurrency: int, progress: Progress | None = None,
-                  output: Path | None = None, error: Path | None = None, stream: bool = False,
-                  slots: asyncio.Semaphore | None = None) -> BatchRow:
+async def process(svc: Services, batch_id: str, *, progress: Progress | None = None,
+                  output: Path | None = None, error: Path | None = None, stream: bool = False) -> BatchRow:
     """Drive a batch from wherever it stands to a final status. Safe to call again after any crash."""
     batch = await reload(svc, batch_id)
     if batch.status in FINAL_STATUSES:
@@ -564,15 +597,15 @@ async def process(svc: Services, batch_id: str, *, concurrency: int, progress: P
     if batch.status == "in_progress":
         if batch.started_at is None:  # the estimate is made before the clock starts, and kept to check it
             await _set(svc, batch, started_at=svc.clock(),
-                       estimate_json=await estimate_json_for_batch(svc.sessions, batch, svc.backend, concurrency))
+                       estimate_json=await estimate_json_for_batch(svc.sessions, batch, svc.backend,
+                                                              batch.concurrency or svc.pool.fixed))
         started = time.monotonic()
         remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None
         outcome = "completed"
         try:
             window = asyncio.timeout(max(remaining, 0) if remaining is not None else None)
             async with window:
-                await _execute(svc, batch, concurrency=concurrency, progress=progress, stream=stream,
-                               slots=slots)
+                await _execute(svc, batch, progress=progress, stream=stream)
         except* TimeoutError:
             if not window.expired():  # a timeout from below, not the completion window: not an expiry
                 raise

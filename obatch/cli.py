@@ -1,4 +1,5 @@
-"""``obatch`` command line: the only place that calls ``asyncio.run``."""
+"""``obatch`` command line. Its ``main`` runs each command with ``asyncio.run``; the notebook's ``run_sync`` is the
+only other place that starts an event loop."""
 
 from __future__ import annotations
 
@@ -16,12 +17,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
-    if getattr(args, "url", None):
-        key = "openai_base_url" if overrides.get("backend") == "openai" else "ollama_url"
-        overrides[key] = args.url
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
-    return Settings(**overrides)
+    if getattr(args, "concurrency", None) is not None and not isinstance(args.concurrency, list):
+        overrides["concurrency"] = args.concurrency
+    return Settings(**overrides).with_urls(getattr(args, "url", None) or [])
+
+
+def concurrency_arg(value: str) -> int | str:
+    """``--concurrency``: ``auto`` or a number of requests in flight per engine host."""
+    if value == "auto":
+        return value
+    try:
+        level = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+    if not 1 <= level <= 1024:
+        raise argparse.ArgumentTypeError("concurrency must be between 1 and 1024")
+    return level
 
 
 def _print_problems(exc: errors.InputFileError) -> None:
@@ -35,7 +48,7 @@ async def _run(args: argparse.Namespace) -> int:
     from obatch.api import run_batch_file
 
     report = await run_batch_file(
-        Path(args.input), settings=_settings(args), model=args.model, concurrency=args.concurrency,
+        Path(args.input), settings=_settings(args), model=args.model,
         output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None,
         progress=not args.quiet, fresh=args.fresh,
     )
@@ -52,14 +65,25 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _models(args: argparse.Namespace) -> int:
     from obatch.backends import open_backend
+    from obatch.backends.pool import Pool
 
-    backend = await open_backend(_settings(args))
+    settings = _settings(args)
+    backend = await open_backend(settings)
     try:
         print(f"backend: {backend.name}")
-        for info in await backend.models():
-            ctx = f"context {info.context_length}" if info.context_length else ""
-            loaded = f"loaded (num_ctx {info.loaded_context_length})" if info.loaded else ""
-            print(f"  {info.id:32} {info.parameter_size or '':8} {info.quantization or '':8} {ctx} {loaded}")
+        pool = Pool.of(backend, concurrency=settings.concurrency, maximum=settings.max_concurrency)
+        for host in pool.hosts:
+            try:
+                listed = await host.backend.models()
+            except errors.BackendError as exc:
+                print(f"host {host.url}: unreachable ({exc.message})")
+                continue
+            print(f"host {host.url} ({host.backend.name}): up, concurrency {host.limit.level} "
+                  f"({host.limit.reason}), slots reported: {await host.backend.slots() or 'none'}")
+            for info in listed:
+                ctx = f"context {info.context_length}" if info.context_length else ""
+                loaded = f"loaded (num_ctx {info.loaded_context_length})" if info.loaded else ""
+                print(f"  {info.id:32} {info.parameter_size or '':8} {info.quantization or '':8} {ctx} {loaded}")
     finally:
         await backend.aclose()
     return 0
@@ -99,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     def backend_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backend", choices=["auto", "ollama", "openai", "local"],
                        help="default: OBATCH_BACKEND or auto (Ollama if it answers, else the embedded engine)")
-        p.add_argument("--url", help="the backend's URL (Ollama root, or an OpenAI-compatible base ending in /v1)")
+        p.add_argument("--url", action="append", metavar="URL",
+                       help="an engine host: an Ollama root, or an OpenAI-compatible base ending in /v1; repeat it "
+                            "(or separate URLs by commas) to drive several hosts as one pool")
         p.add_argument("--data-dir", help="where the store and files live (default: OBATCH_DATA_DIR or ./data)")
 
     run = sub.add_parser("run", help="run a batch input file; rerun the same command to resume an interrupted run")
@@ -107,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="successful lines (default: data/results/<batch>/output.jsonl)")
     run.add_argument("--errors", "-e", help="failed lines (default: data/results/<batch>/errors.jsonl)")
     run.add_argument("--model", help="use this model for every line (overrides body.model)")
-    run.add_argument("--concurrency", "-c", type=int, help="requests in flight (default: OBATCH_CONCURRENCY)")
+    run.add_argument("--concurrency", "-c", type=concurrency_arg,
+                     help="requests in flight per engine host, or 'auto' to find the best level by measuring "
+                          "(default: OBATCH_CONCURRENCY, else auto)")
     run.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     run.add_argument("--show", type=int, default=0, metavar="N", help="print the first N results")

@@ -6,13 +6,20 @@ Nothing reads the environment after start-up: the CLI, the server and the notebo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "ollama", "openai", "local"]
+Level = Annotated[int, Field(ge=1, le=1024)]
+
+
+def split_urls(value: str | None) -> list[str]:
+    """``"http://a:11434, http://b:11434/"`` → ``["http://a:11434", "http://b:11434"]``."""
+    return [u.strip().rstrip("/") for u in (value or "").split(",") if u.strip()]
 
 
 class Settings(BaseSettings):
@@ -21,8 +28,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OBATCH_", env_file=".env", extra="ignore")
 
     backend: BackendName = "auto"
-    ollama_url: str = "http://127.0.0.1:11434"
-    openai_base_url: str | None = None
+    ollama_url: str = "http://127.0.0.1:11434"  # one Ollama server, or several separated by commas (a pool)
+    openai_base_url: str | None = None  # one OpenAI-compatible base URL ending in /v1, or several (commas)
     openai_api_key: SecretStr | None = None
 
     data_dir: Path = Path("data")
@@ -32,8 +39,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     max_lines: int = Field(default=50_000, gt=0)
 
-    # Runner defaults.
-    concurrency: int = Field(default=4, ge=1, le=1024)
+    # Runner defaults. "auto" finds each engine host's best level by measuring (obatch.concurrency).
+    concurrency: Level | Literal["auto"] = "auto"
+    max_concurrency: int = Field(default=256, ge=1, le=1024)  # the ceiling auto may reach, per host
     request_timeout: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)
     retry_initial_wait: float = Field(default=0.5, ge=0)
@@ -46,6 +54,7 @@ class Settings(BaseSettings):
     local_model_alias: str = "smollm2:135m"
     local_threads: int | None = None
     local_n_ctx: int = Field(default=8192, ge=256)
+    local_parallel: int = Field(default=8, ge=1, le=256)  # slots of the embedded engine when concurrency is auto
     default_model: str | None = None
 
     # Server.
@@ -54,7 +63,7 @@ class Settings(BaseSettings):
     allow_public_bind: bool = False  # without keys, bind a non-loopback host only when this is set
     rate_limit_per_minute: int = Field(default=1200, ge=0)  # requests per key (or client address); 0 = off
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser; empty = none
-    server_concurrency: int | None = Field(default=None, ge=1, le=1024)  # engine requests over all batches
+    server_concurrency: Level | Literal["auto"] | None = None  # per host, over all batches; default: concurrency
     min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
     log_level: str = "INFO"
@@ -62,7 +71,38 @@ class Settings(BaseSettings):
     @field_validator("ollama_url", "openai_base_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+        return ",".join(split_urls(value)) if value else value
+
+    @property
+    def ollama_urls(self) -> list[str]:
+        return split_urls(self.ollama_url)
+
+    @property
+    def openai_base_urls(self) -> list[str]:
+        return split_urls(self.openai_base_url)
+
+    def with_urls(self, urls: Sequence[str]) -> Settings:
+        """Engine URLs given on a command line (``--url``, repeatable, each may hold several separated by commas).
+
+        The one rule for what a URL is: with backend ``openai`` or ``ollama`` (from the flag or ``OBATCH_BACKEND``)
+        every URL is of that kind; with ``auto`` a URL ending in ``/v1`` is an OpenAI-compatible engine and any
+        other an Ollama server. Given URLs replace the configured ones of their kind."""
+        found = [u for value in urls for u in split_urls(value)]
+        if not found:
+            return self
+        kinds: dict[str, list[str]] = {}
+        for url in found:
+            kind = self.backend if self.backend in ("openai", "ollama") else (
+                "openai" if url.endswith("/v1") else "ollama")
+            kinds.setdefault(kind, []).append(url)
+        update: dict[str, object] = {}
+        if kinds.get("ollama"):
+            update["ollama_url"] = ",".join(kinds["ollama"])
+        if kinds.get("openai"):
+            update["openai_base_url"] = ",".join(kinds["openai"])
+        if self.backend == "auto" and not kinds.get("ollama"):
+            update["backend"] = "openai"  # only OpenAI-compatible hosts were named: do not look for Ollama
+        return self.model_copy(update=update)
 
     @property
     def db_url(self) -> str:

@@ -1,10 +1,11 @@
-"""The scheduler: one shared queue, N workers, retries for transient faults only, a batching result sink.
+"""The scheduler: jobs pulled as engine slots free up, retries for transient faults only, one outcome per job.
 
-Work is pulled from one queue (no fixed chunks: a slow request never idles the other workers). Each attempt is
-bounded by a timeout; transient faults (``TransientError``: 503 busy, 5xx, connection faults, timeouts) are retried
-with exponential backoff and jitter through tenacity; anything else fails the line at once. Every job yields
-exactly one ``Outcome``. Cancelling the task that awaits ``run_jobs`` stops the workers promptly; outcomes already
-handed to the sink are kept.
+A job is taken only when a host of the pool (``obatch.backends.pool``) has a free slot under its level — fixed, or
+found by measuring (``obatch.concurrency``) — so work is pulled, never split into fixed chunks up front, and a slow
+request never idles the other slots. Each attempt is bounded by a timeout; transient faults (``TransientError``:
+503 busy, 5xx, connection faults, timeouts) are retried with exponential backoff and jitter through tenacity, each
+retry on whichever host has room; anything else fails the line at once. Every job yields exactly one ``Outcome``.
+Cancelling the task that awaits ``run_jobs`` stops it promptly; outcomes already handed to the sink are kept.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from obatch import errors
 from obatch.backends.base import Backend, Result, translate
+from obatch.backends.pool import Lease, Pool
 
 
 @dataclass(slots=True)
@@ -52,63 +54,109 @@ class RetryPolicy:
 Sink = Callable[[Outcome], Awaitable[None]]
 
 
-async def call_with_retries(backend: Backend, job: Job, policy: RetryPolicy, *, stream: bool = False
-                            ) -> tuple[Result | None, errors.BackendError | None, int]:
-    """One job through the backend: (result, None, attempts) or (None, final error, attempts)."""
-    attempts = 0
-    retrying = AsyncRetrying(
+def _retrying(policy: RetryPolicy) -> AsyncRetrying:
+    return AsyncRetrying(
         retry=retry_if_exception_type(errors.TransientError),
         wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
         stop=stop_after_attempt(policy.max_attempts),
         reraise=True,
     )
+
+
+def _work(result: Result) -> float:
+    """What a request delivered, for the concurrency limiter: its completion tokens, else one request."""
+    return float(result.timings.completion_tokens or 1)
+
+
+async def _attempt(lease: Lease, job: Job, policy: RetryPolicy, stream: bool, attempts: int) -> Result:
+    """One attempt on the leased host, bounded by the policy's timeout; the lease is released with its outcome."""
     try:
-        async for attempt in retrying:
+        async with asyncio.timeout(policy.timeout):
+            result = await lease.host.backend.complete(job.url, job.body, num_ctx=job.num_ctx, stream=stream)
+    except TimeoutError as exc:
+        error: errors.BackendError = errors.BackendTimeout(
+            f"No answer within {policy.timeout:g} s (attempt {attempts}).")
+        lease.release(error=error)
+        raise error from exc
+    except errors.BackendError as exc:
+        lease.release(error=exc)
+        raise
+    except asyncio.CancelledError:
+        lease.release()
+        raise
+    except Exception as exc:  # a backend bug must fail one line, not the batch
+        error = translate(exc)
+        lease.release(error=error)
+        raise error from exc
+    lease.release(work=_work(result))
+    return result
+
+
+async def call_with_retries(pool: Pool, job: Job, policy: RetryPolicy, *, stream: bool = False,
+                            model: str | None = None, first: Lease | None = None
+                            ) -> tuple[Result | None, errors.BackendError | None, int]:
+    """One job to its end: (result, None, attempts) or (None, final error, attempts).
+
+    Each attempt leases a slot anew, so a retry may go to another host of the pool. The first attempt runs outside
+    tenacity (most requests need no retry, and the retry machinery costs per call); a transient failure hands the
+    job to tenacity's exponential backoff with jitter for the remaining attempts.
+    """
+    lease = first or await pool.lease(model)
+    try:
+        return await _attempt(lease, job, policy, stream, 1), None, 1
+    except errors.PermanentError as exc:
+        return None, exc, 1
+    except errors.BackendError as exc:
+        failed: errors.BackendError | None = exc
+    attempts = 1
+    try:
+        async for attempt in _retrying(policy):
             with attempt:
+                if failed is not None:  # the fast path's failure is tenacity's first attempt: it decides the wait
+                    error, failed = failed, None
+                    raise error
                 attempts += 1
-                try:
-                    async with asyncio.timeout(policy.timeout):
-                        result = await backend.complete(job.url, job.body, num_ctx=job.num_ctx, stream=stream)
-                except TimeoutError as exc:
-                    raise errors.BackendTimeout(
-                        f"No answer within {policy.timeout:g} s (attempt {attempts}).") from exc
-                except errors.BackendError:
-                    raise
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # a backend bug must fail one line, not the batch
-                    raise translate(exc) from exc
+                result = await _attempt(await pool.lease(model), job, policy, stream, attempts)
         return result, None, attempts
     except errors.BackendError as exc:
         return None, exc, attempts
 
 
-async def run_jobs(jobs: AsyncIterator[Job], backend: Backend, sink: Sink, *, concurrency: int,
-                   policy: RetryPolicy, stream: bool = False, slots: asyncio.Semaphore | None = None) -> None:
-    """Run every job with at most ``concurrency`` in flight; hand each outcome to ``sink`` as it arrives.
+async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *, policy: RetryPolicy,
+                   model: str | None = None, stream: bool = False, cap: int | None = None) -> None:
+    """Run every job through ``pool``; hand each outcome to ``sink`` as it arrives.
 
-    ``slots``, when given, is shared by several runs (a server's batches): each request also takes one of its
-    permits, and since waiters are served first come first served, concurrent batches share the engine fairly.
+    A job is taken from ``jobs`` only once a host has a free slot for it, so the hosts' levels (fixed or auto) bound
+    the work in flight, and concurrent runs on one pool (a server's batches) are served first come first served.
+    ``cap``, when given, also bounds this run's own requests in flight.
     """
-    queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=concurrency * 2)
+    pool = Pool.of(pool)
+    own = asyncio.Semaphore(cap) if cap else None
 
-    async def produce() -> None:
-        async for job in jobs:
-            await queue.put(job)
-        for _ in range(concurrency):
-            await queue.put(None)
-
-    async def work() -> None:
-        while (job := await queue.get()) is not None:
+    async def one(job: Job, lease: Lease) -> None:
+        try:
             started = time.perf_counter()
-            if slots is None:
-                result, error, attempts = await call_with_retries(backend, job, policy, stream=stream)
-            else:
-                async with slots:
-                    result, error, attempts = await call_with_retries(backend, job, policy, stream=stream)
+            result, error, attempts = await call_with_retries(pool, job, policy, stream=stream, model=model,
+                                                              first=lease)
             await sink(Outcome(job, result, error, (time.perf_counter() - started) * 1000, attempts, time.time()))
+        finally:
+            if own is not None:
+                own.release()
 
     async with asyncio.TaskGroup() as group:
-        group.create_task(produce())
-        for _ in range(concurrency):
-            group.create_task(work())
+        iterator = aiter(jobs)
+        while True:
+            if own is not None:
+                await own.acquire()
+            lease = await pool.lease(model)
+            try:
+                job = await anext(iterator)
+            except StopAsyncIteration:
+                lease.release()
+                if own is not None:
+                    own.release()
+                break
+            except BaseException:
+                lease.release()
+                raise
+            group.create_task(one(job, lease))

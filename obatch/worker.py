@@ -2,8 +2,9 @@
 
 One supervising task finds batches to run: at start every batch left active by a previous process (a crash, a
 SIGKILL), then new ones, when told (``kick``) and by polling the store (a batch created by another process is
-found too). Each batch runs ``batches.process`` in its own task; all of them share one semaphore of engine slots,
-whose waiters are served first come first served, so concurrent batches share the engine fairly and none starves.
+found too). Each batch runs ``batches.process`` in its own task; all of them lease engine slots from the services'
+one pool (``Services.pool``: each host's level fixed by ``OBATCH_SERVER_CONCURRENCY`` or found by measuring), whose
+waiters are served first come first served, so concurrent batches share the engines fairly and none starves.
 
 ``stop`` cancels everything promptly: requests in flight stay pending in the store and run again at the next start
 (the store takes a line's result only once, so nothing is doubled).
@@ -25,13 +26,11 @@ MAX_FAILURES = 5  # a batch whose driving raised this many times in a row is fai
 
 
 class BatchWorker:
-    """Runs the store's active API batches, ``concurrency`` engine requests at a time over all of them."""
+    """Runs the store's active API batches, sharing the services' engine pool among them."""
 
-    def __init__(self, svc: batches.Services, *, concurrency: int, poll_interval: float = 1.0) -> None:
+    def __init__(self, svc: batches.Services, *, poll_interval: float = 1.0) -> None:
         self.svc = svc
-        self.concurrency = concurrency
         self.poll_interval = poll_interval
-        self.slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # batch id -> (failures in a row, retry not before)
@@ -82,10 +81,7 @@ class BatchWorker:
 
     async def _drive(self, batch_id: str) -> None:
         try:
-            async with self.svc.sessions() as session:
-                wanted = (await repo.get_batch(session, batch_id)).concurrency
-            concurrency = min(wanted or self.concurrency, self.concurrency)
-            done = await batches.process(self.svc, batch_id, concurrency=concurrency, slots=self.slots)
+            done = await batches.process(self.svc, batch_id)
             self._failures.pop(batch_id, None)
             log.info("batch finished", extra={"batch_id": batch_id, "status": done.status})
         except Exception as exc:

@@ -107,8 +107,8 @@ async def test_cancel_keeps_finished_lines(tmp_path: Path, make_settings: Callab
     lines = [chat_line(f"r{i}", max_tokens=20) for i in range(60)]
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
-        svc, batch_id, engine = await _start(sim, make_settings(sim.url), path)
-        task = asyncio.create_task(batches.process(svc, batch_id, concurrency=2))
+        svc, batch_id, engine = await _start(sim, make_settings(sim.url, concurrency=2), path)
+        task = asyncio.create_task(batches.process(svc, batch_id))
         while (await batches.reload(svc, batch_id)).completed < 4:  # noqa: ASYNC110 (polling the store)
             await asyncio.sleep(0.02)
         await batches.request_cancel(svc, batch_id)
@@ -128,9 +128,9 @@ async def test_cancel_keeps_finished_lines(tmp_path: Path, make_settings: Callab
 async def test_expired_window_fails_unfinished_lines(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}") for i in range(5)])
     async with OllamaSim() as sim:
-        svc, batch_id, engine = await _start(sim, make_settings(sim.url), path, completion_window="1m")
+        svc, batch_id, engine = await _start(sim, make_settings(sim.url, concurrency=2), path, completion_window="1m")
         svc.clock = lambda: 10**10  # far past the window
-        done = await batches.process(svc, batch_id, concurrency=2)
+        done = await batches.process(svc, batch_id)
         with pytest.raises(errors.ConflictError):
             await batches.request_cancel(svc, batch_id)
         await svc.backend.aclose()
@@ -147,8 +147,8 @@ async def test_invalid_file_fails_the_batch_with_line_numbers(
     path = tmp_path / "bad.jsonl"
     path.write_bytes(orjson.dumps(chat_line("a")) + b"\n{oops\n" + orjson.dumps(chat_line("a")) + b"\n")
     async with OllamaSim() as sim:
-        svc, batch_id, engine = await _start(sim, make_settings(sim.url), path)
-        done = await batches.process(svc, batch_id, concurrency=2)
+        svc, batch_id, engine = await _start(sim, make_settings(sim.url, concurrency=2), path)
+        done = await batches.process(svc, batch_id)
         obj = batches.batch_object(done)
         await svc.backend.aclose()
         await engine.dispose()

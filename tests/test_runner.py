@@ -1,4 +1,8 @@
-"""The runner: transient faults retried with backoff, permanent ones not; bounded concurrency; prompt cancel."""
+"""The runner: transient faults retried with backoff, permanent ones not; bounded concurrency; prompt cancel.
+
+The engine is a real aiohttp server on loopback whose handler each test scripts (answers, delays, dropped
+connections), so the backend's own HTTP client and error translation are exercised.
+"""
 
 from __future__ import annotations
 
@@ -6,50 +10,82 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from obatch import errors
 from obatch.backends.ollama import OllamaBackend
+from obatch.backends.pool import Pool, fixed
 from obatch.runner import Job, Outcome, RetryPolicy, call_with_retries, run_jobs
 
 POLICY = RetryPolicy(max_attempts=5, initial_wait=0.001, max_wait=0.01, timeout=1.0)
 OK = {"model": "m", "message": {"role": "assistant", "content": "hi"}, "done": True, "done_reason": "stop",
       "prompt_eval_count": 3, "eval_count": 1}
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+RESET = "reset"  # a scripted answer: drop the connection without answering
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def backend_with(handler: Handler) -> OllamaBackend:
-    return OllamaBackend("http://engine", transport=httpx.MockTransport(handler))
+class Engine:
+    """A scripted engine on loopback; ``async with Engine(handler) as pool`` gives a one-host pool of it."""
+
+    def __init__(self, handler: Handler, level: int = 4) -> None:
+        self.handler, self.level = handler, level
+        self.runner: web.AppRunner | None = None
+        self.backend: OllamaBackend | None = None
+
+    async def __aenter__(self) -> Pool:
+        app = web.Application()
+        app.router.add_post("/api/chat", self.handler)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.backend = OllamaBackend(f"http://127.0.0.1:{port}")
+        return fixed(self.backend, self.level)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.backend is not None and self.runner is not None
+        await self.backend.aclose()
+        await self.runner.cleanup()
+
+
+def ok() -> web.Response:
+    return web.Response(body=orjson.dumps(OK), content_type="application/json")
+
+
+def drop(request: web.Request) -> web.Response:
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response()
 
 
 def job(i: int = 0) -> Job:
     return Job(i, f"r{i}", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
 
 
-def scripted(*answers: int | type[Exception]) -> tuple[Handler, list[int]]:
-    """A handler answering each call with the next status (or raising the next exception); then 200."""
+def scripted(*answers: int | str) -> tuple[Handler, list[int]]:
+    """A handler answering each call with the next status (or dropping the connection); then 200."""
     calls: list[int] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         calls.append(1)
         answer = answers[len(calls) - 1] if len(calls) <= len(answers) else 200
-        if isinstance(answer, type):
-            raise answer("boom", request=request)  # type: ignore[call-arg]
+        if answer == RESET:
+            return drop(request)
         if answer == 200:
-            return httpx.Response(200, content=orjson.dumps(OK))
-        return httpx.Response(answer, json={"error": f"status {answer}"})
+            return ok()
+        return web.json_response({"error": f"status {answer}"}, status=int(answer))
 
     return handler, calls
 
 
-@pytest.mark.parametrize("faults", [(503,), (500, 502), (httpx.ConnectError, httpx.ReadError, 503)])
-async def test_transient_faults_are_retried_until_success(faults: tuple[int | type[Exception], ...]) -> None:
+@pytest.mark.parametrize("faults", [(503,), (500, 502), (RESET, RESET, 503)])
+async def test_transient_faults_are_retried_until_success(faults: tuple[int | str, ...]) -> None:
     handler, calls = scripted(*faults)
-    backend = backend_with(handler)
-    result, error, attempts = await call_with_retries(backend, job(), POLICY)
-    await backend.aclose()
+    async with Engine(handler) as pool:
+        result, error, attempts = await call_with_retries(pool, job(), POLICY)
     assert error is None and result is not None and result.body["choices"][0]["message"]["content"] == "hi"
     assert attempts == len(calls) == len(faults) + 1
 
@@ -58,36 +94,33 @@ async def test_transient_faults_are_retried_until_success(faults: tuple[int | ty
                                               (422, errors.PermanentError)])
 async def test_client_errors_are_never_retried(status: int, kind: type[errors.BackendError]) -> None:
     handler, calls = scripted(status)
-    backend = backend_with(handler)
-    result, error, attempts = await call_with_retries(backend, job(), POLICY)
-    await backend.aclose()
+    async with Engine(handler) as pool:
+        result, error, attempts = await call_with_retries(pool, job(), POLICY)
     assert result is None and isinstance(error, kind) and attempts == 1 == len(calls)
 
 
 async def test_retries_stop_after_max_attempts() -> None:
     handler, calls = scripted(*([503] * 20))
-    backend = backend_with(handler)
-    _, error, attempts = await call_with_retries(backend, job(), POLICY)
-    await backend.aclose()
+    async with Engine(handler) as pool:
+        _, error, attempts = await call_with_retries(pool, job(), POLICY)
     assert isinstance(error, errors.ServerBusyError) and attempts == POLICY.max_attempts == len(calls)
 
 
 async def test_a_hang_times_out_and_is_retried() -> None:
     hung: list[int] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         hung.append(1)
         if len(hung) == 1:
             await asyncio.sleep(30)
-        return httpx.Response(200, content=orjson.dumps(OK))
+        return ok()
 
-    backend = backend_with(handler)
     policy = RetryPolicy(max_attempts=3, initial_wait=0.001, max_wait=0.01, timeout=0.2)
     started = time.monotonic()
-    result, error, attempts = await call_with_retries(backend, job(), policy)
-    await backend.aclose()
+    async with Engine(handler) as pool:
+        result, error, attempts = await call_with_retries(pool, job(), policy)
+        assert time.monotonic() - started < 2
     assert result is not None and error is None and attempts == 2
-    assert time.monotonic() - started < 2
 
 
 async def _jobs(n: int) -> AsyncIterator[Job]:
@@ -98,22 +131,21 @@ async def _jobs(n: int) -> AsyncIterator[Job]:
 async def test_concurrency_is_bounded_and_every_job_has_one_outcome() -> None:
     in_flight, peak = 0, 0
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
         await asyncio.sleep(0.005)
         in_flight -= 1
-        return httpx.Response(200, content=orjson.dumps(OK))
+        return ok()
 
     outcomes: list[Outcome] = []
 
     async def sink(outcome: Outcome) -> None:
         outcomes.append(outcome)
 
-    backend = backend_with(handler)
-    await run_jobs(_jobs(60), backend, sink, concurrency=4, policy=POLICY)
-    await backend.aclose()
+    async with Engine(handler, level=4) as pool:
+        await run_jobs(_jobs(60), pool, sink, policy=POLICY)
     assert peak == 4
     assert sorted(o.job.line for o in outcomes) == list(range(60))
 
@@ -121,24 +153,24 @@ async def test_concurrency_is_bounded_and_every_job_has_one_outcome() -> None:
 async def test_cancel_stops_promptly() -> None:
     started: list[int] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         started.append(1)
         await asyncio.sleep(60)
-        return httpx.Response(200, content=orjson.dumps(OK))
+        return ok()
 
     async def sink(outcome: Outcome) -> None:
         raise AssertionError("no job can finish")
 
-    backend = backend_with(handler)
-    task = asyncio.create_task(run_jobs(_jobs(100), backend, sink, concurrency=3, policy=POLICY))
-    await asyncio.sleep(0.1)
-    began = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await backend.aclose()
-    assert time.monotonic() - began < 0.5
-    assert len(started) == 3
+    async with Engine(handler, level=3) as pool:
+        task = asyncio.create_task(run_jobs(_jobs(100), pool, sink, policy=POLICY))
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - began < 0.5
+        assert len(started) == 3
+        assert pool.hosts[0].inflight == 0  # every slot the cancelled run held was given back
 
 
 def test_status_classification() -> None:

@@ -3,6 +3,8 @@ llama.cpp engine. ``open_backend`` picks one from settings."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from obatch.backends.base import Backend, ModelInfo, Result, Timings
@@ -23,22 +25,34 @@ async def ollama_answers(url: str, wait: float = 1.0) -> bool:
 
 
 async def open_backend(settings: Settings) -> Backend:
-    """The configured backend; ``auto`` is Ollama when it answers, else the embedded engine."""
-    name = settings.backend
-    if name == "auto":
-        name = "ollama" if await ollama_answers(settings.ollama_url) else "local"
-    if name == "ollama":
-        from obatch.backends.ollama import OllamaBackend
+    """The configured backend: one engine host, or a ``Pool`` of several (``OBATCH_OLLAMA_URL`` /
+    ``OBATCH_OPENAI_BASE_URL`` with commas, or ``--url`` repeated).
 
-        return OllamaBackend(settings.ollama_url)
-    if name == "openai":
-        if not settings.openai_base_url:
+    ``auto`` takes the Ollama servers when one of them answers (the others join once they do) plus any
+    OpenAI-compatible hosts; with none of either it starts the embedded engine."""
+    name = settings.backend
+    hosts: list[Backend] = []
+    if name in ("auto", "ollama"):
+        urls = settings.ollama_urls
+        answering = await asyncio.gather(*(ollama_answers(u) for u in urls)) if name == "auto" else [True]
+        if any(answering):
+            from obatch.backends.ollama import OllamaBackend
+
+            hosts += [OllamaBackend(u) for u in urls]
+    if name in ("auto", "openai"):
+        if name == "openai" and not settings.openai_base_urls:
             raise ConfigError("OBATCH_OPENAI_BASE_URL must be set for the openai backend.")
         from obatch.backends.openai import OpenAIBackend
 
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-        return OpenAIBackend(settings.openai_base_url, api_key=key)
+        hosts += [OpenAIBackend(u, api_key=key) for u in settings.openai_base_urls]
+    if len(hosts) == 1:
+        return hosts[0]
+    if hosts:
+        from obatch.backends.pool import Pool
+
+        return Pool(hosts, concurrency=settings.concurrency, maximum=settings.max_concurrency)
     from obatch.backends.local import LocalBackend
 
     return LocalBackend(settings.local_model_path, alias=settings.local_model_alias,
-                        threads=settings.local_threads)
+                        threads=settings.local_threads, parallel=settings.local_parallel)

@@ -19,15 +19,19 @@ from obatch.backends.openai import OpenAIBackend
 from obatch.engine import LocalEngine
 
 DEFAULT_NUM_CTX = 2048
+# Slots when the caller leaves the width to the engine (auto concurrency): on 2 CPU cores SmolLM2 gave 117 / 126 /
+# 165 / 216 tok/s at 1 / 2 / 4 / 8 requests at once (shared/reference/engine.md); memory grows by num_ctx per slot.
+DEFAULT_PARALLEL = 8
 
 
 class LocalBackend:
     name = "local"
 
     def __init__(self, model_path: Path | None = None, *, alias: str = "smollm2:135m",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, parallel: int = DEFAULT_PARALLEL) -> None:
         self.engine = LocalEngine(model_path, alias=alias, threads=threads)
         self.alias = alias
+        self.parallel = parallel
         self._client: OpenAIBackend | None = None
         self._url: str | None = None
 
@@ -74,12 +78,17 @@ class LocalBackend:
         self._check_model(model)
         return (await self.models())[0]
 
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
+        """(Re)start the engine for this window and width; ``parallel=None`` leaves the width to this backend."""
         self._check_model(model)
         started = time.perf_counter()
         loads = self.engine.loads
-        await self._ready(num_ctx or DEFAULT_NUM_CTX, parallel)
+        await self._ready(num_ctx or DEFAULT_NUM_CTX, parallel or self.parallel)
         return time.perf_counter() - started if self.engine.loads != loads else 0.0
+
+    async def slots(self) -> int | None:
+        config = self.engine.config
+        return config.n_parallel if config is not None else None
 
     async def version(self) -> str | None:
         import xllamacpp

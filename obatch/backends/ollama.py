@@ -15,7 +15,6 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
 from obatch import errors
@@ -262,10 +261,9 @@ class OllamaBackend:
 
     name = "ollama"
 
-    def __init__(self, url: str = "http://127.0.0.1:11434", *,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, url: str = "http://127.0.0.1:11434") -> None:
         self.url = url.rstrip("/")
-        self._client = make_client(self.url, transport=transport)
+        self._client = make_client(self.url)
         self._show_cache: dict[str, ModelInfo] = {}
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
@@ -332,9 +330,12 @@ class OllamaBackend:
             self._show_cache[model] = _model_info(model, data)
         return self._show_cache[model]
 
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
         # Ollama loads on first use with the request's own options; nothing to do ahead of it.
         return 0.0
+
+    async def slots(self) -> int | None:
+        return None  # Ollama exposes no slot count (OLLAMA_NUM_PARALLEL stays on the server): auto measures
 
     async def version(self) -> str | None:
         data = await send_json(self._client, "GET", "/api/version")

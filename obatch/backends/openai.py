@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
 from obatch import errors
@@ -38,11 +37,10 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str, *, api_key: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self.base_url = base_url.rstrip("/")
-        self._client = make_client(self.base_url, headers=headers, transport=transport)
+        self._client = make_client(self.base_url, headers=headers)
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
@@ -94,8 +92,20 @@ class OpenAIBackend:
                 return info
         raise errors.ModelNotFoundError(f"The model {model!r} does not exist on this engine.", param="model")
 
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
         return 0.0
+
+    async def slots(self) -> int | None:
+        """llama.cpp's server reports its parallel slots at ``/props`` (beside ``/v1``); other engines do not."""
+        root = make_client(self.base_url.removesuffix("/v1"), headers=self._client.headers)
+        try:
+            props = await send_json(root, "GET", "/props")
+        except errors.BackendError:
+            return None
+        finally:
+            await root.aclose()
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        return slots if isinstance(slots, int) and slots > 0 else None
 
     async def version(self) -> str | None:
         return None

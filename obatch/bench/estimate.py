@@ -699,10 +699,11 @@ async def estimate(session: AsyncSession, model: str, **kwargs: Any) -> Estimate
 # ------------------------------------------------------------------------------------- batches: before & after
 
 
-async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int
+async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None
                          ) -> dict[str, Any] | None:
     """The estimate for a batch about to run (its pending requests, per model group, at the num_ctx obatch will
-    pick and the batch's concurrency); None when a model has no benchmark points."""
+    pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level); None when a
+    model has no benchmark points."""
     async with sessions() as session:
         rows = await bench_repo.pending_shapes(session, batch.id)
         groups: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
@@ -719,7 +720,8 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
             texts = [prompt_text(url, orjson.loads(body))
                      for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
             rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
-            shape = shape_of(rows_with_text, await calibration_for(session, model, fits), window=concurrency)
+            window = concurrency or max(f.concurrency for f in fits)
+            shape = shape_of(rows_with_text, await calibration_for(session, model, fits), window=window)
             parts.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
                                             history=await history_ratios(session, model, backend.name)))
     if not parts:
@@ -731,7 +733,7 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
     }
 
 
-async def estimate_json_for_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int
+async def estimate_json_for_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None
                                   ) -> str | None:
     """``estimate_batch`` as the JSON kept in ``BatchRow.estimate_json``. An estimate is advice: any failure
     to make one is logged and the batch runs without it."""

@@ -25,6 +25,7 @@ import orjson
 
 from obatch import errors
 from obatch.backends.base import Backend, BackendWrapper, Result, complete_by_streaming
+from obatch.backends.pool import fixed
 from obatch.bench.environment import environment, obatch_version
 from obatch.bench.metrics import Sample, summarise
 from obatch.bench.workloads import BenchRequest, Workload, parse_workload
@@ -184,7 +185,7 @@ async def _run(backend: ChunkClock, requests: Sequence[BenchRequest], key: Point
         if on_done is not None:
             on_done()
 
-    await run_jobs(feed(), backend, sink, concurrency=key.concurrency, policy=policy, stream=True)
+    await run_jobs(feed(), fixed(backend, key.concurrency), sink, policy=policy, stream=True)
     return [s for s in samples if s is not None], last - started
 
 
@@ -245,12 +246,8 @@ async def open_bench_backend(spec: SweepSpec, settings: Settings) -> AsyncIterat
         return
     from obatch.backends import open_backend
 
-    overrides: dict[str, Any] = {}
-    if spec.backend:
-        overrides["backend"] = spec.backend
-    if spec.url:
-        overrides["openai_base_url" if (spec.backend or settings.backend) == "openai" else "ollama_url"] = spec.url
-    backend = await open_backend(settings.model_copy(update=overrides) if overrides else settings)
+    chosen = settings.model_copy(update={"backend": spec.backend}) if spec.backend else settings
+    backend = await open_backend(chosen.with_urls([spec.url] if spec.url else []))
     try:
         yield backend
     finally:

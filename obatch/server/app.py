@@ -15,6 +15,7 @@ from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 
 from obatch.backends import Backend, open_backend
+from obatch.backends.pool import Pool
 from obatch.batches import Services
 from obatch.config import Settings
 from obatch.server import auth
@@ -42,9 +43,10 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         engine, sessions = await open_store(settings.db_url)
         client = backend or await open_backend(settings)
         try:
-            svc = Services(settings, sessions, metrics.wrap(client))
-            worker = BatchWorker(svc, concurrency=settings.server_concurrency or settings.concurrency,
-                                 poll_interval=settings.worker_poll_interval)
+            level = settings.server_concurrency or settings.concurrency
+            metered = client.mapped(metrics.wrap) if isinstance(client, Pool) else metrics.wrap(client)
+            svc = Services(settings.model_copy(update={"concurrency": level}), sessions, metered)
+            worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
             await worker.start()
             try:

@@ -218,4 +218,5 @@ async def health(svc: Services) -> tuple[bool, dict[str, Any]]:
         report["backend"].update(reachable=False, error=type(exc).__name__)
         if healthy:
             report["status"] = "degraded"
+    report["backend"]["hosts"] = svc.pool.describe()  # each engine host: state, concurrency and why, models
     return healthy, report

@@ -61,6 +61,7 @@ class BatchRow(SQLModel, table=True):
     started_at: float | None = None  # first work on the batch (monotonic wall clock, seconds since epoch)
     run_seconds: float = 0.0  # time spent executing, summed over resumed runs
     estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
+    concurrency_json: str | None = None  # each engine host's level, the reason for it, and its changes (auto)
 
 
 class RequestRow(SQLModel, table=True):

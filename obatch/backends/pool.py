@@ -1,0 +1,323 @@
+"""Several engine hosts as one backend: each host keeps its own concurrency level, all pull from one queue.
+
+People with several GPUs run one engine per GPU (one Ollama per GPU behind a balancer kept 28 GPUs above 90% busy,
+where one Ollama across 4 GPUs kept them near 25%). A ``Pool`` drives such hosts — any mix of Ollama and
+OpenAI-compatible engines — without a balancer: a request *leases* a slot on a host that serves its model and has
+room under that host's level (``obatch.concurrency``), waiters are served first come first served (so concurrent
+batches share the hosts fairly), and a faster host frees its slots sooner and so takes more lines by itself.
+
+A host that keeps failing (refused connections, repeated 5xx, timeouts: ``FAILURES_TO_DRAIN`` in a row) is drained:
+it takes no new request, its in-flight requests fail and are retried on the others, and it is probed with backoff
+until it answers again. A pool of one host is never drained: there is no other host to hand its lines to, and the
+retry policy alone decides when a line gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from obatch import errors
+from obatch.backends.base import Backend, ModelInfo, Result
+from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
+
+log = logging.getLogger("obatch.pool")
+
+FAILURES_TO_DRAIN = 3
+PROBE_INITIAL, PROBE_MAX = 0.5, 30.0
+
+
+def host_url(backend: Backend) -> str:
+    """How a host is named to people: its URL where it has one."""
+    for attr in ("url", "base_url"):
+        value = getattr(backend, attr, None)
+        if isinstance(value, str):
+            return value
+    inner = getattr(backend, "inner", None)
+    return host_url(inner) if inner is not None else backend.name
+
+
+@dataclass(eq=False)
+class Host:
+    """One engine host of a pool: its backend, level, in-flight count and health."""
+
+    backend: Backend
+    limit: Limit
+    url: str = ""
+    inflight: int = 0
+    up: bool = True
+    failures: int = 0
+    served: int = 0
+    models: set[str] | None = None  # None: not asked yet
+    error: str | None = None
+    _probe: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def has_room(self) -> bool:
+        return self.up and self.inflight < self.limit.level
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or self.models is None or model in self.models
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.url, "backend": self.backend.name, "state": "up" if self.up else "down",
+                "concurrency": self.limit.level, "auto": self.limit.auto, "reason": self.limit.reason,
+                "in_flight": self.inflight, "served": self.served, "error": self.error,
+                "models": sorted(self.models) if self.models is not None else None}
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One slot on one host for one attempt; ``release`` reports how the attempt went."""
+
+    pool: Pool
+    host: Host
+    epoch: int
+    started: float
+
+    def release(self, *, work: float = 0.0, error: errors.BackendError | None = None) -> None:
+        self.pool.release(self, work=work, error=error)
+
+
+class Pool:
+    """Hosts behind the ``Backend`` protocol (for single requests, listings), plus leases for the runner."""
+
+    def __init__(self, backends: Sequence[Backend], *, concurrency: Concurrency = "auto", maximum: int = 256) -> None:
+        if not backends:
+            raise errors.ConfigError("A pool needs at least one engine host.")
+        self.hosts = [Host(b, make_limit(concurrency, maximum=maximum), url=host_url(b)) for b in backends]
+        names = {b.name for b in backends}
+        self.name = names.pop() if len(names) == 1 else "pool"
+        self.concurrency: Concurrency = concurrency
+        self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
+
+    @classmethod
+    def of(cls, backend: Backend, *, concurrency: Concurrency = "auto", maximum: int = 256) -> Pool:
+        return backend if isinstance(backend, Pool) else cls([backend], concurrency=concurrency, maximum=maximum)
+
+    def mapped(self, wrap: Callable[[Backend], Backend]) -> Pool:
+        """The same hosts, each seen through ``wrap`` (metrics, clocks); levels start afresh."""
+        return Pool([wrap(h.backend) for h in self.hosts], concurrency=self.concurrency,
+                    maximum=getattr(self.hosts[0].limit, "maximum", 256))
+
+    @property
+    def fixed(self) -> int | None:
+        """The pinned level per host, or None when each host's level is found by measuring."""
+        return self.concurrency if isinstance(self.concurrency, int) else None
+
+    @property
+    def sets_num_ctx(self) -> bool:
+        """Whether any host takes a per-request context window (Ollama, the embedded engine)."""
+        return any(h.backend.name != "openai" for h in self.hosts)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [h.describe() for h in self.hosts]
+
+    def levels(self) -> str:
+        """The progress line's note: each host's level and the reason for it."""
+        parts = []
+        for h in self.hosts:
+            state = "" if h.up else " down"
+            parts.append(f"c={h.limit.level}{state} ({h.limit.reason})")
+        return "; ".join(parts)
+
+    # --------------------------------------------------------------------------------------------- leases
+
+    def _free_host(self, model: str | None) -> Host | None:
+        best: Host | None = None
+        for h in self.hosts:
+            if h.has_room() and h.serves(model) and (
+                    best is None or h.limit.level - h.inflight > best.limit.level - best.inflight):
+                best = h
+        return best
+
+    def _grant(self, host: Host) -> Lease:
+        host.inflight += 1
+        return Lease(self, host, host.limit.begin(), time.perf_counter())
+
+    async def lease(self, model: str | None) -> Lease:
+        """A slot on a host that serves ``model``; waits (first come, first served) until one is free."""
+        if not any(h.serves(model) for h in self.hosts):
+            raise errors.ModelNotFoundError(f"No engine host serves {model!r}.", param="model")
+        if not self._waiters:
+            host = self._free_host(model)
+            if host is not None:
+                return self._grant(host)
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        entry = (model, waiter)
+        self._waiters.append(entry)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                waiter.result().release()  # granted just as we were cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+            raise
+
+    def _wake(self) -> None:
+        """Grant waiting leases in arrival order, each to a free host serving its model."""
+        if not self._waiters:
+            return
+        blocked: set[str | None] = set()
+        for entry in list(self._waiters):
+            model, waiter = entry
+            if waiter.done():
+                self._waiters.remove(entry)
+                continue
+            if model in blocked:
+                continue
+            host = self._free_host(model)
+            if host is None:
+                blocked.add(model)  # later waiters for this model must not overtake this one
+                continue
+            self._waiters.remove(entry)
+            waiter.set_result(self._grant(host))
+
+    def release(self, lease: Lease, *, work: float, error: errors.BackendError | None) -> None:
+        host = lease.host
+        host.inflight -= 1
+        latency = time.perf_counter() - lease.started
+        if error is None:
+            host.served += 1
+            host.failures, host.error = 0, None
+            host.limit.done(lease.epoch, work=work, latency=latency)
+        elif isinstance(error, errors.ServerBusyError):
+            host.limit.done(lease.epoch, work=0.0, latency=latency, overloaded=True)
+        elif isinstance(error, errors.TransientError):
+            host.failures += 1
+            host.error = error.message
+            if host.failures >= FAILURES_TO_DRAIN and len(self.hosts) > 1 and host.up:
+                self._drain(host)
+        self._wake()
+
+    # ---------------------------------------------------------------------------------------------- health
+
+    def _drain(self, host: Host) -> None:
+        host.up = False
+        log.warning("engine host %s drained after %d failures in a row: %s", host.url, host.failures, host.error)
+        host._probe = asyncio.get_running_loop().create_task(self._reprobe(host), name=f"probe {host.url}")
+
+    async def _reprobe(self, host: Host) -> None:
+        wait = PROBE_INITIAL
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                async with asyncio.timeout(max(wait, 2.0)):
+                    await host.backend.models()
+            except Exception as exc:  # any failure: still down
+                host.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                wait = min(wait * 2, PROBE_MAX)
+                continue
+            host.up, host.failures, host._probe = True, 0, None
+            log.warning("engine host %s answers again; it rejoins the pool", host.url)
+            self._wake()
+            return
+
+    # --------------------------------------------------------------------------------------------- routing
+
+    async def route(self, model: str) -> ModelInfo:
+        """Learn which hosts serve ``model`` (a line goes only to those); raises ModelNotFoundError if none does."""
+        found: ModelInfo | None = None
+        last: errors.BackendError | None = None
+        for host in self.hosts:
+            try:
+                info = await host.backend.show(model)
+            except errors.PermanentError as exc:
+                last = exc
+                host.models = (host.models or set()) - {model}
+                continue
+            except errors.BackendError as exc:  # unreachable now: keep it eligible, its probe decides
+                last = exc
+                continue
+            host.models = (host.models or set()) | {model}
+            found = found or info
+        if found is None:
+            raise last or errors.ModelNotFoundError(f"No engine host serves {model!r}.", param="model")
+        return found
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
+        """Ready every host serving ``model``; an auto level starts from the slots each engine reports."""
+        seconds = 0.0
+        for host in self.hosts:
+            if not host.up or not host.serves(model):
+                continue
+            seconds = max(seconds, await host.backend.prepare(model, num_ctx=num_ctx, parallel=parallel))
+            if host.limit.auto:
+                slots = await host.backend.slots()
+                host.limit.hint(slots, host.backend.name)
+        self._wake()
+        return seconds
+
+    # --------------------------------------------------------------------------- the Backend protocol
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        lease = await self.lease(body.get("model") if isinstance(body.get("model"), str) else None)
+        try:
+            result = await lease.host.backend.complete(url, body, num_ctx=num_ctx, stream=stream)
+        except errors.BackendError as exc:
+            lease.release(error=exc)
+            raise
+        except BaseException:
+            lease.release()
+            raise
+        lease.release(work=float(result.timings.completion_tokens or 1))
+        return result
+
+    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        lease = await self.lease(body.get("model") if isinstance(body.get("model"), str) else None)
+        try:
+            async for chunk in lease.host.backend.stream_chat(body, num_ctx=num_ctx):
+                yield chunk
+        finally:
+            lease.release()
+
+    async def models(self) -> list[ModelInfo]:
+        seen: dict[str, ModelInfo] = {}
+        for host in self.hosts:
+            try:
+                listed = await host.backend.models()
+            except errors.BackendError as exc:
+                host.error = exc.message
+                continue
+            host.models = {m.id for m in listed}
+            for info in listed:
+                seen.setdefault(info.id, info)
+        return list(seen.values())
+
+    async def show(self, model: str) -> ModelInfo:
+        return await self.route(model)
+
+    async def slots(self) -> int | None:
+        counts = [await h.backend.slots() for h in self.hosts]
+        return sum(c for c in counts if c) or None
+
+    async def version(self) -> str | None:
+        versions = []
+        for host in self.hosts:
+            try:
+                versions.append(await host.backend.version() or "?")
+            except errors.BackendError:
+                versions.append("unreachable")
+        return ", ".join(versions)
+
+    async def aclose(self) -> None:
+        for host in self.hosts:
+            if host._probe is not None:
+                host._probe.cancel()
+            await host.backend.aclose()
+
+
+def fixed(backend: Backend, level: int) -> Pool:
+    """A pool of one host held at ``level`` (benchmarks pin their levels)."""
+    pool = Pool([backend], concurrency=level)
+    assert isinstance(pool.hosts[0].limit, FixedLimit)
+    return pool

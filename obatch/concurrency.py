@@ -1,0 +1,205 @@
+"""How many requests to keep in flight on one engine host: a fixed number, or found by measuring (``"auto"``).
+
+Why measure: Ollama exposes no slot count (``OLLAMA_NUM_PARALLEL`` defaults to 1; embedding models and some
+families always run one request at a time), vLLM's batch size follows from free memory, and a llama.cpp server tells
+its slots but not whether one client keeps them busy. A level too low leaves the engine idle; too high only queues
+requests inside the engine (or, past ``OLLAMA_MAX_QUEUE``, earns 503 "server busy").
+
+The algorithm is TCP's: slow start, then congestion avoidance, with multiplicative decrease on overload — driven by
+*delivered throughput* (completion tokens per second; requests per second where the engine counts no tokens), not by
+latency alone. Under continuous batching each request's latency grows with the batch even when nothing queues (on a
+llama.cpp server with 8 slots, latency at 8 in flight is ~4× that at 1 for 1.9× the throughput), so a latency-only
+limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
+
+* A *window* measures one level: the completions of requests started at that level, at least ``2 × level`` (and 8)
+  of them, over at least ``min_window`` seconds; its rate is their work divided by the time from the first of them
+  to the last (requests still in flight from the previous level are not counted).
+* It starts at what the engine says (llama.cpp's ``total_slots``), else at 1, and probes upward: ×2 while every
+  probe pays (slow start), then by a quarter (at least one). A probe is kept when its rate beats the best level's by
+  ``gain`` (5%); otherwise the level returns to the best one and holds for ``hold`` windows before probing again.
+* Overload — the engine answered 503/429 — halves the level at once (at most once per window) and holds.
+* Latency inflation — at a held level, a window whose median latency is over twice the best window's with no gain in
+  rate (another tenant on the engine, a model swapped in) — steps down by a quarter and holds.
+
+Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+Concurrency = int | Literal["auto"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    at: float
+    level: int
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"at": round(self.at, 3), "level": self.level, "reason": self.reason}
+
+
+class Limit:
+    """A level of concurrency and the reason for it; ``FixedLimit`` never moves, ``AutoLimit`` learns."""
+
+    level: int
+    history: list[Change]
+    auto: bool = False
+
+    @property
+    def reason(self) -> str:
+        return self.history[-1].reason if self.history else ""
+
+    def begin(self) -> int:
+        """A request starts; returns the epoch to hand back to ``done``."""
+        return 0
+
+    def done(self, epoch: int, *, work: float, latency: float, overloaded: bool = False) -> None:
+        """A request ended: ``work`` units delivered (0 when it failed) in ``latency`` seconds."""
+
+    def hint(self, slots: int | None, source: str) -> None:
+        """What the engine says about its parallel slots (after a (re)load)."""
+
+
+class FixedLimit(Limit):
+    def __init__(self, level: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.level = level
+        self.history = [Change(clock(), level, f"fixed at {level}")]
+
+
+@dataclass
+class _Window:
+    epoch: int
+    started: float | None = None  # first counted completion
+    last: float = 0.0
+    count: int = 0
+    work: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def rate(self) -> float:
+        span = self.last - (self.started or self.last)
+        # The first completion opens the window: its work was done before the span began.
+        return (self.work * (self.count - 1) / self.count) / span if span > 0 and self.count > 1 else 0.0
+
+
+class AutoLimit(Limit):
+    """The adaptive level of one host (see the module docstring). Single-threaded: one event loop owns it."""
+
+    auto = True
+
+    def __init__(self, *, maximum: int = 256, initial: int = 1, gain: float = 0.05, hold: int = 4,
+                 min_window: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+        self.maximum = maximum
+        self.gain = gain
+        self.hold_windows = hold
+        self.min_window = min_window
+        self.clock = clock
+        self.level = max(1, min(initial, maximum))
+        self.history = [Change(clock(), self.level, "start: the engine tells no slot count")]
+        self._epoch = 0
+        self._window = _Window(0)
+        self._best: tuple[int, float, float] | None = None  # (level, rate, median latency)
+        self._previous: tuple[int, float, float] | None = None  # the level a probe left
+        self._slow_start = True
+        self._holding = 0
+        self._hinted = False
+
+    # -------------------------------------------------------------------------------------------- events
+
+    def begin(self) -> int:
+        return self._epoch
+
+    def hint(self, slots: int | None, source: str) -> None:
+        if not slots or slots < 1:
+            return
+        if self._hinted and self.level == min(slots, self.maximum):
+            return
+        self._hinted = True
+        self._best = None
+        self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
+        self._set(slots, f"{source} reports {slots} parallel slot{'s' if slots != 1 else ''}")
+
+    def done(self, epoch: int, *, work: float, latency: float, overloaded: bool = False) -> None:
+        now = self.clock()
+        if overloaded:
+            if epoch == self._epoch and self.level > 1:
+                self._holding = self.hold_windows
+                self._slow_start = False
+                self._best = None
+                self._set(max(1, self.level // 2), f"cut: the engine is busy (503/429) at {self.level}")
+            return
+        if epoch != self._epoch:
+            return
+        w = self._window
+        if w.started is None:
+            w.started = now
+        w.last = now
+        w.count += 1
+        w.work += work
+        w.latencies.append(latency)
+        if w.count >= max(2 * self.level, 8) and now - w.started >= self.min_window:
+            self._decide(w.rate(), statistics.median(w.latencies))
+
+    # ----------------------------------------------------------------------------------------- decisions
+
+    def _decide(self, rate: float, latency: float) -> None:
+        measured = (self.level, rate, latency)
+        best = self._best
+        if best is None:
+            self._best = measured
+            self._probe(rate)
+            return
+        if self.level != best[0]:  # this window measured a probe
+            if rate >= best[1] * (1 + self.gain):
+                self._best = measured
+                self._probe(rate, previous=best)
+                return
+            self._slow_start = False
+            self._holding = self.hold_windows
+            self._set(best[0], f"kept {best[0]}: {self.level} gave {rate:.1f}/s against {best[1]:.1f}/s")
+            return
+        if latency > 2 * best[2] and rate < best[1] * (1 + self.gain) and self.level > 1:
+            self._best = None
+            self._holding = self.hold_windows
+            self._set(max(1, math.floor(self.level * 0.75)),
+                      f"cut: latency {latency / best[2]:.1f}× the best window's without more throughput")
+            return
+        # A held level: refresh its figures (conditions change) and probe again once the hold is over.
+        self._best = (best[0], 0.5 * (best[1] + rate), 0.5 * (best[2] + latency))
+        if self._holding > 0:
+            self._holding -= 1
+            self._window = _Window(self._epoch)
+            return
+        self._probe(rate)
+
+    def _probe(self, rate: float, previous: tuple[int, float, float] | None = None) -> None:
+        step = self.level if self._slow_start else max(1, self.level // 4)
+        target = min(self.maximum, self.level + step)
+        if target == self.level:
+            self._window = _Window(self._epoch)
+            return
+        why = f"raised: {rate:.1f}/s at {self.level}"
+        if previous is not None:
+            why = f"raised: {previous[1]:.1f}/s at {previous[0]} → {rate:.1f}/s at {self.level}"
+        self._set(target, f"{why}; probing {target}")
+
+    def _set(self, level: int, reason: str) -> None:
+        self.level = max(1, min(level, self.maximum))
+        self._epoch += 1
+        self._window = _Window(self._epoch)
+        self.history.append(Change(self.clock(), self.level, reason))
+        del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
+
+
+def make_limit(concurrency: Concurrency, *, maximum: int = 256) -> Limit:
+    """``"auto"`` → an ``AutoLimit``; a number → a ``FixedLimit`` at that number."""
+    if concurrency == "auto":
+        return AutoLimit(maximum=maximum)
+    return FixedLimit(int(concurrency))
