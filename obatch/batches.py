@@ -371,8 +371,9 @@ def concurrency_json(pool: Pool, since: float) -> str:
     hosts = []
     for host in pool.hosts:
         entry = host.describe()
-        entry["history"] = [c.as_dict() for c in host.limit.history if c.at >= since] or \
-            [host.limit.history[-1].as_dict()]
+        changes = host.limit.history
+        first = max((i for i, c in enumerate(changes) if c.at <= since), default=0)  # the level the run began at
+        entry["history"] = [c.as_dict() for c in changes[first:]]
         hosts.append(entry)
     return orjson.dumps({"mode": "auto" if pool.concurrency == "auto" else "fixed", "hosts": hosts}).decode()
 

@@ -11,9 +11,12 @@ latency alone. Under continuous batching each request's latency grows with the b
 llama.cpp server with 8 slots, latency at 8 in flight is ~4× that at 1 for 1.9× the throughput), so a latency-only
 limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 
-* A *window* measures one level: the completions of requests started at that level, at least ``2 × level`` (and 8)
-  of them, over at least ``min_window`` seconds; its rate is their work divided by the time from the first of them
-  to the last (requests still in flight from the previous level are not counted).
+* A *window* measures one level: the completions of requests started at that level (not those still in flight from
+  the previous one), after the first ``level`` of them (those met the previous level's queue, not this one's), at
+  least ``2 × level`` (and 8) of them, over at least ``min_window`` seconds. Its rate comes
+  from Little's law — requests in flight on average over the window ÷ their mean latency, times work per request —
+  because completions come in bursts (requests started together finish together), and a rate read off the
+  completion times swings with where the window's ends fall between bursts.
 * It starts at what the engine says (llama.cpp's ``total_slots``), else at 1, and probes upward: ×2 while every
   probe pays (slow start), then by a quarter (at least one). A probe is kept when its rate beats the best level's by
   ``gain`` (5%); otherwise the level returns to the best one and holds for ``hold`` windows before probing again.
@@ -57,12 +60,18 @@ class Limit:
     def reason(self) -> str:
         return self.history[-1].reason if self.history else ""
 
+    @property
+    def best(self) -> int:
+        """The level believed best so far (the current one, unless a probe is under way)."""
+        return self.level
+
     def begin(self) -> int:
         """A request starts; returns the epoch to hand back to ``done``."""
         return 0
 
-    def done(self, epoch: int, *, work: float, latency: float, overloaded: bool = False) -> None:
-        """A request ended: ``work`` units delivered (0 when it failed) in ``latency`` seconds."""
+    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False) -> None:
+        """A request ended: ``work`` units delivered in ``latency`` seconds; ``None`` when it failed or was
+        abandoned (it then only leaves the in-flight count); ``overloaded`` when the engine refused it as busy."""
 
     def hint(self, slots: int | None, source: str) -> None:
         """What the engine says about its parallel slots (after a (re)load)."""
@@ -77,16 +86,21 @@ class FixedLimit(Limit):
 @dataclass
 class _Window:
     epoch: int
-    started: float | None = None  # first counted completion
+    skip: int = 0  # completions of this epoch still to pass before the window opens
+    opened: float | None = None  # the first counted completion
     last: float = 0.0
     count: int = 0
     work: float = 0.0
+    area: float = 0.0  # ∫ requests in flight dt, since ``opened``
     latencies: list[float] = field(default_factory=list)
 
     def rate(self) -> float:
-        span = self.last - (self.started or self.last)
-        # The first completion opens the window: its work was done before the span began.
-        return (self.work * (self.count - 1) / self.count) / span if span > 0 and self.count > 1 else 0.0
+        """Work per second by Little's law: (mean in flight / mean latency) × mean work per request."""
+        span = self.last - (self.opened or self.last)
+        total = sum(self.latencies)
+        if span <= 0 or total <= 0:
+            return 0.0
+        return (self.area / span) * self.work / total
 
 
 class AutoLimit(Limit):
@@ -104,16 +118,29 @@ class AutoLimit(Limit):
         self.level = max(1, min(initial, maximum))
         self.history = [Change(clock(), self.level, "start: the engine tells no slot count")]
         self._epoch = 0
-        self._window = _Window(0)
+        self._window = _Window(0, skip=self.level)
+        self._inflight = 0
+        self._mark = clock()  # when the in-flight count last changed
         self._best: tuple[int, float, float] | None = None  # (level, rate, median latency)
         self._previous: tuple[int, float, float] | None = None  # the level a probe left
         self._slow_start = True
         self._holding = 0
         self._hinted = False
 
+    @property
+    def best(self) -> int:
+        return self._best[0] if self._best is not None else self.level
+
     # -------------------------------------------------------------------------------------------- events
 
+    def _account(self, now: float) -> None:
+        if self._window.opened is not None:
+            self._window.area += self._inflight * (now - self._mark)
+        self._mark = now
+
     def begin(self) -> int:
+        self._account(self.clock())
+        self._inflight += 1
         return self._epoch
 
     def hint(self, slots: int | None, source: str) -> None:
@@ -126,8 +153,10 @@ class AutoLimit(Limit):
         self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
         self._set(slots, f"{source} reports {slots} parallel slot{'s' if slots != 1 else ''}")
 
-    def done(self, epoch: int, *, work: float, latency: float, overloaded: bool = False) -> None:
+    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False) -> None:
         now = self.clock()
+        self._account(now)
+        self._inflight = max(0, self._inflight - 1)
         if overloaded:
             if epoch == self._epoch and self.level > 1:
                 self._holding = self.hold_windows
@@ -135,16 +164,19 @@ class AutoLimit(Limit):
                 self._best = None
                 self._set(max(1, self.level // 2), f"cut: the engine is busy (503/429) at {self.level}")
             return
-        if epoch != self._epoch:
+        if epoch != self._epoch or work is None:
             return
         w = self._window
-        if w.started is None:
-            w.started = now
+        if w.skip > 0:
+            w.skip -= 1
+            return
+        if w.opened is None:
+            w.opened = now
         w.last = now
         w.count += 1
         w.work += work
         w.latencies.append(latency)
-        if w.count >= max(2 * self.level, 8) and now - w.started >= self.min_window:
+        if w.count >= max(2 * self.level, 8) and now - w.opened >= self.min_window:
             self._decide(w.rate(), statistics.median(w.latencies))
 
     # ----------------------------------------------------------------------------------------- decisions
@@ -175,7 +207,7 @@ class AutoLimit(Limit):
         self._best = (best[0], 0.5 * (best[1] + rate), 0.5 * (best[2] + latency))
         if self._holding > 0:
             self._holding -= 1
-            self._window = _Window(self._epoch)
+            self._window = _Window(self._epoch, skip=self.level)
             return
         self._probe(rate)
 
@@ -183,7 +215,7 @@ class AutoLimit(Limit):
         step = self.level if self._slow_start else max(1, self.level // 4)
         target = min(self.maximum, self.level + step)
         if target == self.level:
-            self._window = _Window(self._epoch)
+            self._window = _Window(self._epoch, skip=self.level)
             return
         why = f"raised: {rate:.1f}/s at {self.level}"
         if previous is not None:
@@ -193,7 +225,7 @@ class AutoLimit(Limit):
     def _set(self, level: int, reason: str) -> None:
         self.level = max(1, min(level, self.maximum))
         self._epoch += 1
-        self._window = _Window(self._epoch)
+        self._window = _Window(self._epoch, skip=self.level)
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 

@@ -66,7 +66,8 @@ class Host:
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "backend": self.backend.name, "state": "up" if self.up else "down",
-                "concurrency": self.limit.level, "auto": self.limit.auto, "reason": self.limit.reason,
+                "concurrency": self.limit.level, "best": self.limit.best, "auto": self.limit.auto,
+                "reason": self.limit.reason,
                 "in_flight": self.inflight, "served": self.served, "error": self.error,
                 "models": sorted(self.models) if self.models is not None else None}
 
@@ -80,7 +81,8 @@ class Lease:
     epoch: int
     started: float
 
-    def release(self, *, work: float = 0.0, error: errors.BackendError | None = None) -> None:
+    def release(self, *, work: float | None = None, error: errors.BackendError | None = None) -> None:
+        """``work`` delivered on success; an ``error``; or neither when the attempt was abandoned (cancelled)."""
         self.pool.release(self, work=work, error=error)
 
 
@@ -180,17 +182,16 @@ class Pool:
             self._waiters.remove(entry)
             waiter.set_result(self._grant(host))
 
-    def release(self, lease: Lease, *, work: float, error: errors.BackendError | None) -> None:
+    def release(self, lease: Lease, *, work: float | None, error: errors.BackendError | None) -> None:
         host = lease.host
         host.inflight -= 1
         latency = time.perf_counter() - lease.started
-        if error is None:
+        busy = isinstance(error, errors.ServerBusyError)
+        host.limit.done(lease.epoch, work=work if error is None else None, latency=latency, overloaded=busy)
+        if error is None and work is not None:
             host.served += 1
             host.failures, host.error = 0, None
-            host.limit.done(lease.epoch, work=work, latency=latency)
-        elif isinstance(error, errors.ServerBusyError):
-            host.limit.done(lease.epoch, work=0.0, latency=latency, overloaded=True)
-        elif isinstance(error, errors.TransientError):
+        elif isinstance(error, errors.TransientError) and not busy:
             host.failures += 1
             host.error = error.message
             if host.failures >= FAILURES_TO_DRAIN and len(self.hosts) > 1 and host.up:

@@ -1,0 +1,172 @@
+"""Auto concurrency: the level settles at the engine's width, backs off when the engine is busy or slows down.
+
+The first tests drive ``AutoLimit`` through a discrete-event model of an engine (``slots`` requests served at once,
+each taking ``service`` seconds, a FIFO queue of ``max_queue`` beyond them, 503 past that) on a virtual clock, so they
+are exact and fast; the last ones run it against the Ollama simulator on loopback.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from obatch.api import run_batch_file
+from obatch.backends.ollama import OllamaBackend
+from obatch.backends.pool import Pool
+from obatch.concurrency import AutoLimit, FixedLimit, make_limit
+from obatch.config import Settings
+from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
+from obatch.testing.ollama_sim import OllamaSim, SimConfig
+from tests.helpers import chat_line, write_jsonl
+
+
+def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Callable[[float], float],
+             requests: int, max_queue: int = 10_000) -> tuple[list[tuple[float, int]], int]:
+    """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s)."""
+    events: list[tuple[float, int, int, float, int]] = []  # (time, seq, kind 0=finish, start time, epoch)
+    queue: deque[tuple[float, int]] = deque()
+    busy = in_flight = issued = seq = busy_503 = 0
+    done: list[tuple[float, int]] = []
+
+    def serve(started: float, epoch: int) -> None:
+        nonlocal busy, seq
+        busy += 1
+        seq += 1
+        heapq.heappush(events, (clock[0] + service(clock[0]), seq, 0, started, epoch))
+
+    def issue() -> None:
+        nonlocal in_flight, issued, busy_503
+        while in_flight < limit.level and issued < requests:
+            epoch = limit.begin()
+            issued += 1
+            if busy < slots:
+                in_flight += 1
+                serve(clock[0], epoch)
+            elif len(queue) < max_queue:
+                in_flight += 1
+                queue.append((clock[0], epoch))
+            else:
+                busy_503 += 1
+                issued -= 1  # retried later
+                limit.done(epoch, work=0.0, latency=0.0, overloaded=True)
+                if in_flight == 0:
+                    break
+                return
+
+    issue()
+    while events:
+        at, _, _, started, epoch = heapq.heappop(events)
+        clock[0] = at
+        busy -= 1
+        in_flight -= 1
+        limit.done(epoch, work=1.0, latency=at - started)
+        done.append((at, limit.level))
+        if queue:
+            queued_at, queued_epoch = queue.popleft()
+            serve(queued_at, queued_epoch)
+        issue()
+    return done, busy_503
+
+
+def throughput(done: list[tuple[float, int]], start: float) -> float:
+    tail = [t for t, _ in done if t >= start]
+    return (len(tail) - 1) / (tail[-1] - tail[0])
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 8, 24])
+def test_auto_settles_at_the_engines_width_without_losing_throughput(slots: int) -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    done, _ = simulate(limit, clock, slots=slots, service=lambda _: 1.0, requests=400 * slots)
+    assert slots <= limit.level <= 2 * slots, limit.history
+    # after the search, the engine is kept busy: its best throughput is `slots` requests per second
+    assert throughput(done, done[len(done) // 2][0]) >= 0.95 * slots
+    assert limit.history[0].reason.startswith("start")
+    assert any(c.reason.startswith("kept") for c in limit.history), limit.history
+
+
+def test_a_reported_width_is_the_start_and_needs_no_search() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.hint(8, "llama.cpp")
+    assert limit.level == 8 and limit.reason == "llama.cpp reports 8 parallel slots"
+    done, _ = simulate(limit, clock, slots=8, service=lambda _: 1.0, requests=400)
+    assert throughput(done, 0.0) >= 0.95 * 8  # full speed from the first request
+    assert 8 <= limit.level <= 10
+
+
+def test_engine_busy_cuts_the_level_at_once() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.hint(64, "test")
+    done, busy = simulate(limit, clock, slots=2, max_queue=2, service=lambda _: 1.0, requests=400)
+    assert busy > 0 and limit.level <= 4, limit.history  # 2 slots + 2 queued is all the engine takes
+    assert any("busy" in c.reason for c in limit.history)
+    assert len(done) == 400
+
+
+def test_latency_inflation_steps_down() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0, maximum=8)
+    # the engine has 8 slots; halfway another tenant makes every request four times slower
+    simulate(limit, clock, slots=8, service=lambda now: 1.0 if now < 200 else 4.0, requests=3000)
+    assert any("latency" in c.reason for c in limit.history), limit.history
+
+
+def test_fixed_levels_and_the_default() -> None:
+    assert isinstance(make_limit(3), FixedLimit) and make_limit(3).level == 3
+    assert isinstance(make_limit("auto"), AutoLimit)
+    assert Settings(_env_file=None).concurrency == "auto"  # type: ignore[call-arg]
+    assert Settings(_env_file=None, concurrency="7").concurrency == 7  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="concurrency"):
+        Settings(_env_file=None, concurrency="lots")  # type: ignore[call-arg]
+
+
+# ------------------------------------------------------------------------------------ against the simulator
+
+
+async def test_auto_converges_near_the_simulators_slot_count(tmp_path: Path,
+                                                             make_settings: Callable[..., Settings]) -> None:
+    # 80 ms a request: the client's own per-request work is noise beside it, as with a real model
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=16) for i in range(240)])
+    async with OllamaSim(SimConfig(num_parallel=4, decode_tps=200, max_queue=512)) as sim:
+        report = await run_batch_file(path, settings=make_settings(sim.url), progress=False)
+        assert report.batch.completed == 240 and report.batch.failed == 0
+        story = orjson.loads(report.batch.concurrency_json or "{}")
+        assert story["mode"] == "auto"
+        host = story["hosts"][0]
+        assert host["url"] == sim.url
+        assert 4 <= host["best"] <= 8, host  # 4 slots; one more request each hides the client's own gaps
+        levels = [c["level"] for c in host["history"]]
+        assert levels[0] == 1 and max(levels) >= 4, host["history"]  # started at 1 and searched upward
+        assert sim.stats.max_concurrent_seen >= 4
+
+
+async def test_auto_backs_off_on_503_bursts_and_loses_no_line() -> None:
+    async with OllamaSim(SimConfig(num_parallel=2, max_queue=2, decode_tps=2000)) as sim:
+        backend = OllamaBackend(sim.url)
+        pool = Pool([backend])
+        pool.hosts[0].limit.hint(32, "test")  # a wrong claim: far more than the engine takes
+        outcomes: list[Outcome] = []
+
+        async def jobs() -> object:
+            for i in range(200):
+                yield Job(i, f"r{i}", "/v1/chat/completions",
+                          {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8})
+
+        async def sink(outcome: Outcome) -> None:
+            outcomes.append(outcome)
+
+        policy = RetryPolicy(max_attempts=30, initial_wait=0.01, max_wait=0.05, timeout=10)
+        await run_jobs(jobs(), pool, sink, policy=policy)  # type: ignore[arg-type]
+        await backend.aclose()
+    assert sim.stats.busy_503 > 0
+    assert sorted(o.job.line for o in outcomes) == list(range(200))
+    assert all(o.error is None for o in outcomes)
+    limit = pool.hosts[0].limit
+    assert limit.level <= 8 and any("busy" in c.reason for c in limit.history), limit.history

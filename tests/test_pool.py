@@ -1,0 +1,96 @@
+"""A pool of engine hosts: one shared queue over hosts of different speeds, a host killed mid-batch, per-host models.
+
+Each host is an Ollama simulator on loopback; the batch goes through the notebook/CLI path (``run_batch_file``)
+with ``OBATCH_OLLAMA_URL`` holding both URLs, as a user with two GPUs would configure it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from obatch.api import run_batch_file
+from obatch.config import Settings
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
+from tests.helpers import chat_line, write_jsonl
+
+
+def output_ids(path: Path) -> Counter[str]:
+    return Counter(orjson.loads(line)["custom_id"] for line in path.read_bytes().splitlines())
+
+
+async def test_two_hosts_share_one_queue_by_their_speed(tmp_path: Path, make_settings: Callable[..., Settings]
+                                                        ) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=16) for i in range(300)])
+    async with OllamaSim(SimConfig(num_parallel=1, decode_tps=400)) as slow, \
+            OllamaSim(SimConfig(num_parallel=4, decode_tps=400)) as fast:
+        settings = make_settings(f"{slow.url},{fast.url}", concurrency=4)
+        report = await run_batch_file(path, settings=settings, progress=False)
+    assert report.batch.completed == 300 and report.batch.failed == 0
+    assert output_ids(report.output) == Counter({f"r{i}": 1 for i in range(300)})
+    assert slow.stats.served > 0 and fast.stats.served > 2 * slow.stats.served  # the faster host took more
+    assert slow.stats.served + fast.stats.served == 300  # nothing ran twice
+    hosts = orjson.loads(report.batch.concurrency_json or "{}")["hosts"]
+    assert {h["url"] for h in hosts} == {slow.url, fast.url}
+
+
+async def test_a_host_killed_mid_batch_is_drained_and_every_line_ends_once(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=16) for i in range(300)])
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as keeper:
+        doomed = OllamaSim(SimConfig(num_parallel=2, decode_tps=400))
+        await doomed.start()
+        settings = make_settings(f"{keeper.url},{doomed.url}", max_attempts=6)
+        run = asyncio.create_task(run_batch_file(path, settings=settings, progress=False))
+        while doomed.stats.served < 20:  # noqa: ASYNC110 (polling the simulator's counters)
+            await asyncio.sleep(0.01)
+        await doomed.stop()
+        report = await run
+    assert report.batch.completed == 300 and report.batch.failed == 0
+    assert output_ids(report.output) == Counter({f"r{i}": 1 for i in range(300)})
+    hosts = {h["url"]: h for h in orjson.loads(report.batch.concurrency_json or "{}")["hosts"]}
+    assert hosts[doomed.url]["state"] == "down" and hosts[keeper.url]["state"] == "up"
+    assert keeper.stats.served + doomed.stats.served >= 300
+
+
+async def test_a_drained_host_rejoins_when_it_answers_again(tmp_path: Path,
+                                                            make_settings: Callable[..., Settings]) -> None:
+    lines = [chat_line(f"r{i}", max_tokens=16) for i in range(600)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=1, decode_tps=200)) as keeper:
+        flaky = OllamaSim(SimConfig(num_parallel=2, decode_tps=400))
+        await flaky.start()
+        port = flaky.port
+        settings = make_settings(f"{keeper.url},{flaky.url}", concurrency=2, max_attempts=6)
+        run = asyncio.create_task(run_batch_file(path, settings=settings, progress=False))
+        while flaky.stats.served < 10:  # noqa: ASYNC110 (polling the simulator's counters)
+            await asyncio.sleep(0.01)
+        await flaky.stop()
+        await asyncio.sleep(1.0)  # drained by now, and probed with backoff
+        back = OllamaSim(SimConfig(num_parallel=2, decode_tps=400), port=port)
+        await back.start()
+        report = await run
+        await back.stop()
+    assert report.batch.completed == 600 and report.batch.failed == 0
+    assert back.stats.served > 0  # it took lines again after it came back
+    assert output_ids(report.output) == Counter({f"r{i}": 1 for i in range(600)})
+
+
+async def test_a_line_goes_only_to_hosts_that_have_its_model(tmp_path: Path,
+                                                             make_settings: Callable[..., Settings]) -> None:
+    lines = [chat_line(f"a{i}", model="alpha") for i in range(40)]
+    lines += [chat_line(f"b{i}", model="beta") for i in range(40)]
+    lines += [chat_line("nowhere", model="gamma")]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(models=(SimModel("alpha"),), num_parallel=2)) as host_a, \
+            OllamaSim(SimConfig(models=(SimModel("beta"),), num_parallel=2)) as host_b:
+        report = await run_batch_file(path, settings=make_settings(f"{host_a.url},{host_b.url}"), progress=False)
+    assert report.batch.completed == 80 and report.batch.failed == 1
+    assert host_a.stats.served == 40 and host_b.stats.served == 40
+    failed = [orjson.loads(line) for line in report.errors.read_bytes().splitlines()]
+    assert [f["custom_id"] for f in failed] == ["nowhere"]
+    assert failed[0]["error"]["code"] == "model_not_found"
