@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 
 from obatch.backends.local import LocalBackend
+from obatch.backends.pool import fixed
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 
 MODEL = "smollm2:135m"
@@ -42,7 +43,7 @@ async def one_engine(threads: int, requests: int) -> float:
                 raise RuntimeError(outcome.error)
 
         started = time.perf_counter()
-        await run_jobs(jobs(), backend, sink, concurrency=4, policy=RetryPolicy())
+        await run_jobs(jobs(), fixed(backend, 4), sink, policy=RetryPolicy())
         return time.perf_counter() - started
     finally:
         await backend.aclose()

@@ -4,9 +4,31 @@
 Importing obatch starts nothing and imports no web or UI framework.
 """
 
-from obatch.api import RunReport, results_frame, run, run_batch_file, run_sync
-from obatch.config import Settings
-from obatch.errors import ObatchError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from obatch.api import RunReport, results_frame, run, run_batch_file, run_sync
+    from obatch.config import Settings
+    from obatch.errors import ObatchError
 
 __all__ = ["ObatchError", "RunReport", "Settings", "results_frame", "run", "run_batch_file", "run_sync"]
 __version__ = "0.1.0"
+
+# The public names load on first use (PEP 562): `obatch` on a command line should not pay for the notebook API.
+_HOME = {"ObatchError": "obatch.errors", "Settings": "obatch.config", "RunReport": "obatch.api",
+         "results_frame": "obatch.api", "run": "obatch.api", "run_batch_file": "obatch.api", "run_sync": "obatch.api"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'obatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -14,10 +14,9 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import polars as pl
 
 from obatch import errors
 from obatch.backends import Backend, open_backend
@@ -29,13 +28,17 @@ from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow, RequestRow
 
+if TYPE_CHECKING:
+    import polars as pl
+
 RequestsInput = str | Path | Iterable[Mapping[str, Any] | str]
 
+# polars is imported where a frame is made: `obatch run` without --show needs none, and it is a third of start-up.
 RESULT_SCHEMA = {
-    "line": pl.Int64, "custom_id": pl.Utf8, "model": pl.Utf8, "status": pl.Utf8, "content": pl.Utf8,
-    "finish_reason": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "latency_ms": pl.Float64,
-    "ttft_ms": pl.Float64, "num_ctx": pl.Int64, "truncated": pl.Boolean, "attempts": pl.Int64,
-    "error_code": pl.Utf8, "error": pl.Utf8,
+    "line": "Int64", "custom_id": "Utf8", "model": "Utf8", "status": "Utf8", "content": "Utf8",
+    "finish_reason": "Utf8", "prompt_tokens": "Int64", "completion_tokens": "Int64", "latency_ms": "Float64",
+    "ttft_ms": "Float64", "num_ctx": "Int64", "truncated": "Boolean", "attempts": "Int64",
+    "error_code": "Utf8", "error": "Utf8",
 }
 _COLUMNS = (RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.content,
             RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
@@ -117,7 +120,9 @@ async def run_batch_file(
     owned = backend is None
     backend = backend or await open_backend(settings)
     try:
-        svc = Services(settings, sessions, backend)
+        from obatch.bench.estimate import estimate_json_for_batch
+
+        svc = Services(settings, sessions, backend, estimator=estimate_json_for_batch)
         if isinstance(requests, str | Path):
             path = Path(requests)
             if not await asyncio.to_thread(path.exists):
@@ -202,7 +207,9 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
         ]
     finally:
         await engine.dispose()
-    return pl.DataFrame(records, schema=RESULT_SCHEMA)
+    import polars as pl
+
+    return pl.DataFrame(records, schema={name: getattr(pl, kind) for name, kind in RESULT_SCHEMA.items()})
 
 
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,

@@ -21,7 +21,7 @@ import itertools
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +33,6 @@ from sqlmodel import col
 from obatch import context, errors
 from obatch.backends.base import Backend
 from obatch.backends.pool import Pool
-from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.jsonl import Limits, Request, iter_file, validate_file
 from obatch.protocol import (
@@ -56,6 +55,9 @@ _ID = re.compile(r"^(file|batch)-[0-9a-f]{24}$")
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+Estimator = Callable[[Sessions, BatchRow, Backend, int | None], Awaitable[str | None]]
+
+
 class Progress(Protocol):
     """What a run reports to: lines done, and a note (the concurrency level and why). tqdm bars are one."""
 
@@ -70,13 +72,16 @@ class Services:
 
     ``pool`` is the backend's engine hosts with their concurrency levels (``settings.concurrency``: a number, or
     ``"auto"``). It lives as long as the services: every batch run through them leases slots from it, so runs share
-    the engines fairly and an auto level learned by one run carries over to the next.
+    the engines fairly and an auto level learned by one run carries over to the next. ``estimator``, when given,
+    makes the duration estimate kept with a batch before it runs (the benchmarks provide it; the lifecycle does not
+    depend on them).
     """
 
     settings: Settings
     sessions: Sessions
     backend: Backend
     clock: Callable[[], float] = time.time
+    estimator: Estimator | None = None
     pool: Pool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -597,9 +602,10 @@ async def process(svc: Services, batch_id: str, *, progress: Progress | None = N
         return await finalize(svc, batch, "cancelled", output=output, error=error)
     if batch.status == "in_progress":
         if batch.started_at is None:  # the estimate is made before the clock starts, and kept to check it
-            await _set(svc, batch, started_at=svc.clock(),
-                       estimate_json=await estimate_json_for_batch(svc.sessions, batch, svc.backend,
-                                                              batch.concurrency or svc.pool.fixed))
+            estimate = None
+            if svc.estimator is not None:
+                estimate = await svc.estimator(svc.sessions, batch, svc.backend, batch.concurrency or svc.pool.fixed)
+            await _set(svc, batch, started_at=svc.clock(), estimate_json=estimate)
         started = time.monotonic()
         remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None
         outcome = "completed"

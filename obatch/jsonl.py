@@ -8,6 +8,7 @@ a file with every defect listed (``validate_file``) or import the good lines as 
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,56 @@ def check_line(
     return Request(line_no, custom_id, url, body)
 
 
+class _Seen:
+    """The custom_ids met so far and the line of each. A million of them held as a Python dict take ~100 MB, so past
+    ``IN_MEMORY`` ids they move to a private temporary SQLite database on disk (a few MB of cache), keeping a
+    big file's validation as flat in memory as the rest of the pipeline."""
+
+    def __init__(self, *, in_memory: int = 100_000, flush: int = 10_000) -> None:
+        self._in_memory, self._flush = in_memory, flush
+        self._recent: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+
+    def first_line(self, custom_id: str, line: int) -> int | None:
+        """The line where ``custom_id`` was met before, or None (it is then remembered at ``line``)."""
+        if (earlier := self._recent.get(custom_id)) is not None:
+            return earlier
+        if self._db is not None:
+            row = self._db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
+            if row is not None:
+                return int(row[0])
+        self._recent[custom_id] = line
+        if len(self._recent) >= (self._flush if self._db is not None else self._in_memory):
+            self._spill()
+        return None
+
+    def _spill(self) -> None:
+        if self._db is None:
+            # "": a temporary database on disk, deleted when closed; a file's lines may be read by several worker
+            # threads one after the other (the import reads chunks through asyncio.to_thread), never at once
+            self._db = sqlite3.connect("", check_same_thread=False)
+            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", self._recent.items())
+        self._recent.clear()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
 def iter_file(
     stream: Iterable[bytes], *, limits: Limits | None = None, endpoint: str | None = None, model: str | None = None
 ) -> Iterator[Request | LineProblem]:
     """Yield each line of a batch file as a ``Request`` or a ``LineProblem``; stops after a size/line limit."""
-    limits = limits or Limits()
-    seen: set[str] = set()
+    seen = _Seen()
+    try:
+        yield from _iter_file(stream, limits or Limits(), endpoint, model, seen)
+    finally:
+        seen.close()
+
+
+def _iter_file(stream: Iterable[bytes], limits: Limits, endpoint: str | None, model: str | None, seen: _Seen
+               ) -> Iterator[Request | LineProblem]:
     size = 0
     count = 0
     for line_no, raw in enumerate(stream, start=1):
@@ -121,12 +166,11 @@ def iter_file(
             yield LineProblem(line_no, "invalid_json_line", f"The line is not valid JSON: {exc}.")
             continue
         item = check_line(line_no, obj, endpoint=endpoint, model=model)
-        if isinstance(item, Request):
-            if item.custom_id in seen:
-                yield LineProblem(line_no, "duplicate_custom_id",
-                                  f"custom_id {item.custom_id!r} appears more than once.", "custom_id")
-                continue
-            seen.add(item.custom_id)
+        if isinstance(item, Request) and (first := seen.first_line(item.custom_id, line_no)) is not None:
+            yield LineProblem(line_no, "duplicate_custom_id",
+                              f"custom_id {item.custom_id!r} appears more than once (first on line {first}).",
+                              "custom_id")
+            continue
         yield item
     if count == 0:
         yield LineProblem(None, "empty_file", "The file contains no requests.")

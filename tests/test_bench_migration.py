@@ -33,3 +33,30 @@ def test_migrations_match_the_tables_and_downgrade(tmp_path: Path) -> None:
             assert not BENCH & names and {"batches", "requests", "files"} <= names
     finally:
         engine.dispose()
+
+
+def test_the_start_up_check_knows_alembics_head(tmp_path: Path) -> None:
+    """`migrate` skips alembic when the schema is at the head it reads from the version files: that head must be
+    alembic's own, and a store left behind is still upgraded."""
+    import asyncio
+
+    from alembic.script import ScriptDirectory
+
+    from obatch.store.db import create_engine, head_revision, migrate
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [head_revision()]
+    url = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{url}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")
+    engine.dispose()
+
+    async def upgrade_and_read() -> str | None:
+        store = create_engine(f"sqlite+aiosqlite:///{url}")
+        await migrate(store)
+        async with store.connect() as conn:
+            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
+        await store.dispose()
+        return version
+
+    assert asyncio.run(upgrade_and_read()) == head_revision()

@@ -24,3 +24,14 @@ def test_public_api() -> None:
 
     assert set(obatch.__all__) >= {"run", "run_sync", "run_batch_file", "Settings", "results_frame"}
     assert all(hasattr(obatch, name) for name in obatch.__all__)
+
+
+def test_a_command_line_starts_without_the_heavy_libraries(tmp_path: object) -> None:
+    """`obatch run` pays only for what it uses: frames (polars), migrations (alembic, when the schema is current),
+    httpx and the web/UI frameworks load on demand."""
+    check = ("import sys, obatch.cli, obatch.api, obatch.batches; obatch.cli._parser()\n"
+             "print(','.join(sorted(m for m in ('polars', 'alembic', 'httpx', 'altair', 'litestar') "
+             "if m in sys.modules)) or 'lean')")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                            cwd=str(tmp_path))
+    assert result.stdout.strip() == "lean"

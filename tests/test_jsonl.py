@@ -96,3 +96,21 @@ def test_validate_file_counts_and_hashes(tmp_path: Path) -> None:
     path.write_bytes(b"".join(lines(chat_line("a"), chat_line("b"))))
     count, digest = validate_file(path)
     assert count == 2 and len(digest) == 64
+
+
+def test_custom_ids_past_the_in_memory_bound_still_meet_their_duplicates() -> None:
+    """Beyond its in-memory bound the seen-set lives in a temporary SQLite file; a duplicate is found either way,
+    with the line of its first occurrence, from any thread."""
+    import threading
+
+    from obatch.jsonl import _Seen
+
+    seen = _Seen(in_memory=3, flush=2)
+    firsts = [seen.first_line(f"id-{i}", i) for i in range(1, 11)]
+    assert firsts == [None] * 10
+    found: list[int | None] = []
+    worker = threading.Thread(target=lambda: found.extend(seen.first_line(f"id-{i}", 100 + i) for i in (1, 5, 10, 11)))
+    worker.start()
+    worker.join()
+    assert found == [1, 5, 10, None]
+    seen.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
+import aiohttp
 
 from obatch.backends.base import Backend, ModelInfo, Result, Timings
 from obatch.config import Settings
@@ -17,11 +17,11 @@ __all__ = ["Backend", "ModelInfo", "Result", "Timings", "ollama_answers", "open_
 async def ollama_answers(url: str, wait: float = 1.0) -> bool:
     """True when an Ollama server answers ``/api/version`` at ``url``."""
     try:
-        async with httpx.AsyncClient(timeout=wait) as client:
-            response = await client.get(f"{url}/api/version")
-    except httpx.HTTPError:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=wait)) as session, \
+                session.get(f"{url}/api/version") as response:
+            return response.status == 200 and "version" in await response.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
         return False
-    return response.status_code == 200 and "version" in response.text
 
 
 async def open_backend(settings: Settings) -> Backend:

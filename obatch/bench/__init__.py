@@ -12,16 +12,38 @@ Charts live in ``obatch.bench.charts`` (imported on demand: altair is only neede
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
-from obatch.bench.metrics import Sample, percentile, summarise
-from obatch.bench.sweep import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
-from obatch.bench.views import Report, load_report, store_settings
-from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
-from obatch.config import Settings
-from obatch.store.db import open_store
+if TYPE_CHECKING:
+    from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
+    from obatch.bench.metrics import Sample, percentile, summarise
+    from obatch.bench.sweep import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
+    from obatch.bench.views import Report, load_report
+    from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
+    from obatch.config import Settings
+
+# Names load on first use (PEP 562): `obatch.bench.cli` is part of every `obatch` command line, and the frames
+# (polars) and the store behind these names are a large part of start-up that `obatch run` does not need.
+_HOME = {
+    **dict.fromkeys(["ConfigFit", "Estimate", "Shape", "estimate", "estimates_vs_actuals", "fits_for"],
+                    "obatch.bench.estimate"),
+    **dict.fromkeys(["Sample", "percentile", "summarise"], "obatch.bench.metrics"),
+    **dict.fromkeys(["PointKey", "SweepReport", "SweepSpec", "measure_point", "plan", "run_sweep", "sweep_with"],
+                    "obatch.bench.sweep"),
+    **dict.fromkeys(["Report", "load_report", "store_settings"], "obatch.bench.views"),
+    **dict.fromkeys(["WORKLOADS", "Lengths", "Workload", "parse_workload"], "obatch.bench.workloads"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'obatch.bench' has no attribute {name!r}")
+
 
 __all__ = [
     "WORKLOADS", "ConfigFit", "Estimate", "Lengths", "PointKey", "Report", "Sample", "Shape", "SweepReport",
@@ -47,6 +69,9 @@ async def run_sweep_notebook(*, backend: str | None = None, url: str | None = No
                              output_notebook: str | None = None, progress: bool = True) -> Report:
     """The sweep notebook's one call: build the spec from its parameters, run (or resume) the sweep, record the
     parameters and the executed notebook's path with the run, and return the run's frames."""
+    from obatch.bench.sweep import SweepSpec, run_sweep
+    from obatch.bench.views import load_report, store_settings
+
     params: dict[str, Any] = {
         "backend": backend, "url": url, "models": _as_list(models, str), "num_ctx": _as_list(num_ctx, int),
         "concurrency": _as_list(concurrency, int), "requests": int(requests), "workload": workload,
@@ -63,6 +88,10 @@ async def run_sweep_notebook(*, backend: str | None = None, url: str | None = No
 async def estimate_workload(model: str, *, data_dir: str | Path | None = None, settings: Settings | None = None,
                             **kwargs: Any) -> Estimate:
     """``estimate`` on the store of ``data_dir`` (or ``settings``): for notebooks and scripts."""
+    from obatch.bench.estimate import estimate
+    from obatch.bench.views import store_settings
+    from obatch.store.db import open_store
+
     engine, sessions = await open_store(store_settings(data_dir, settings).db_url)
     try:
         async with sessions() as session:

@@ -17,6 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from obatch.backends import Backend, open_backend
 from obatch.backends.pool import Pool
 from obatch.batches import Services
+from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.server import auth
 from obatch.server.benchmarks import BenchmarksController
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         try:
             level = settings.server_concurrency or settings.concurrency
             metered = client.mapped(metrics.wrap) if isinstance(client, Pool) else metrics.wrap(client)
-            svc = Services(settings.model_copy(update={"concurrency": level}), sessions, metered)
+            svc = Services(settings.model_copy(update={"concurrency": level}), sessions, metered,
+                           estimator=estimate_json_for_batch)
             worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
             await worker.start()

@@ -6,18 +6,22 @@ nothing here is global.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 Sessions = async_sessionmaker[AsyncSession]
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -46,6 +50,8 @@ def sessions(engine: AsyncEngine) -> Sessions:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -53,10 +59,42 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
+def head_revision() -> str:
+    """The newest migration's revision, read from the version files (the one no other revises)."""
+    revisions, revised = set(), set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        source = path.read_text()
+        if found := re.search(r"^revision: str = ['\"]([^'\"]+)['\"]", source, re.M):
+            revisions.add(found.group(1))
+        if found := re.search(r"^down_revision: [^=]+= ['\"]([^'\"]+)['\"]", source, re.M):
+            revised.add(found.group(1))
+    heads = revisions - revised
+    if len(heads) != 1:
+        raise RuntimeError(f"The migrations must have one head, not {sorted(heads)}.")
+    return heads.pop()
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if not conn.dialect.has_table(conn, "alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _upgrade(conn: Connection) -> None:
+    from alembic import command  # only when the schema is behind: importing alembic is a tenth of start-up
+
+    command.upgrade(alembic_config(conn), "head")
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest migration (idempotent; safe at every start)."""
+    head = await asyncio.to_thread(head_revision)
+    async with engine.connect() as conn:
+        if await conn.run_sync(_current_revision) == head:
+            return
     async with engine.begin() as conn:
-        await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
+        await conn.run_sync(_upgrade)
 
 
 async def open_store(url: str) -> tuple[AsyncEngine, Sessions]:

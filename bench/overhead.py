@@ -1,0 +1,192 @@
+"""What obatch costs on top of the engine: chat requests against an instant Ollama simulator (a subprocess).
+
+Same requests, same concurrency, each path timed whole and the median of ``--repeats`` taken:
+  (a) bare aiohttp    a floor for what any Python client can do against this simulator here
+  (r) obatch runner   backend + leases + retries + timeouts (obatch.runner.run_jobs), no store
+  (b) obatch run      the CLI in a subprocess, start-up included: validation, store rows, batched commits, files
+  (c) server path     `obatch serve` (started before timing) driven by the OpenAI SDK: upload, batch, wait, download
+
+    python bench/overhead.py [--requests 20000] [--concurrency 16] [--repeats 3]
+
+Targets (issue #9): b/a >= 0.8 and c/a >= 0.6. On a 2-core machine the simulator and the client share the cores,
+so the ratios measured in one run are what to compare, not the absolute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from obatch.backends.ollama import OllamaBackend
+from obatch.backends.pool import fixed
+from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
+
+MODEL = "llama3.2:1b"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def start_sim() -> tuple[subprocess.Popen[str], str]:
+    sim = subprocess.Popen([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", "0", "--num-parallel", "64",
+                            "--max-queue", "4096"], stdout=subprocess.PIPE, text=True)
+    assert sim.stdout is not None
+    line = sim.stdout.readline()
+    match = re.search(r"(http://\S+)", line)
+    if not match:
+        raise SystemExit(f"the simulator did not start: {line!r}")
+    return sim, match.group(1)
+
+
+def write_input(path: Path, n: int) -> Path:
+    path.write_bytes(b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                            "body": BODY}) + b"\n" for i in range(n)))
+    return path
+
+
+async def bare(url: str, n: int, concurrency: int) -> float:
+    async with aiohttp.ClientSession() as session:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate, session.post(f"{url}/api/chat", data=orjson.dumps({**BODY, "stream": False})) as r:
+                await r.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return time.perf_counter() - started
+
+
+async def runner(url: str, n: int, concurrency: int) -> float:
+    backend = OllamaBackend(url)
+
+    async def jobs() -> AsyncIterator[Job]:
+        for i in range(n):
+            yield Job(i, str(i), "/v1/chat/completions", BODY)
+
+    async def sink(outcome: Outcome) -> None:
+        assert outcome.error is None, outcome.error
+
+    started = time.perf_counter()
+    await run_jobs(jobs(), fixed(backend, concurrency), sink, policy=RetryPolicy())
+    seconds = time.perf_counter() - started
+    await backend.aclose()
+    return seconds
+
+
+def cli_run(url: str, source: Path, concurrency: int, work: Path) -> float:
+    """One `obatch run` in a subprocess, on a store that already exists (as a user's second run would)."""
+    env = {**os.environ, "OBATCH_MAX_LINES": "10000000"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "obatch", "run", str(source), "--backend", "ollama", "--url", url,
+                    "--data-dir", str(work), "-c", str(concurrency), "-q", "--fresh"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_path(url: str, source: Path, n: int, concurrency: int, work: Path) -> float:
+    from openai import OpenAI
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=url, OBATCH_DATA_DIR=str(work),
+               OBATCH_SERVER_CONCURRENCY=str(concurrency), OBATCH_MAX_LINES="10000000",
+               OBATCH_RATE_LIMIT_PER_MINUTE="0", OBATCH_WORKER_POLL_INTERVAL="0.2")
+    server = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        started = time.perf_counter()
+        uploaded = client.files.create(file=(source.name, io.BytesIO(source.read_bytes())), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            time.sleep(0.05)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.output_file_id is not None and batch.request_counts is not None
+        assert batch.request_counts.completed == n, batch.request_counts
+        lines = client.files.content(batch.output_file_id).content.count(b"\n")
+        seconds = time.perf_counter() - started
+        assert lines == n, lines
+        return seconds
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def median_rate(n: int, repeats: int, measure: Callable[[int], float], cpu: Callable[[], float] = time.process_time
+                ) -> tuple[float, float]:
+    """(requests per second, client CPU microseconds per request), medians over ``repeats``."""
+    rates, costs = [], []
+    for i in range(repeats):
+        before = cpu()
+        rates.append(n / measure(i))
+        costs.append((cpu() - before) / n * 1e6)
+    return statistics.median(rates), statistics.median(costs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-server", action="store_true", help="skip (c)")
+    args = parser.parse_args()
+    n, c, k = args.requests, args.concurrency, args.repeats
+    sim, url = start_sim()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = write_input(Path(tmp) / "in.jsonl", n)
+            print(f"{n} chat requests, concurrency {c}, median of {k}", flush=True)
+            cli_run(url, write_input(Path(tmp) / "one.jsonl", 1), c, Path(tmp) / "store")  # the store exists
+            a, a_cpu = median_rate(n, k, lambda _: asyncio.run(bare(url, n, c)))
+            print(f"  (a) bare aiohttp    {a:8.0f} req/s   client CPU {a_cpu:5.0f} us/req", flush=True)
+            r, r_cpu = median_rate(n, k, lambda _: asyncio.run(runner(url, n, c)))
+            print(f"  (r) obatch runner   {r:8.0f} req/s   client CPU {r_cpu:5.0f} us/req   r/a = {r / a:.2f}",
+                  flush=True)
+            b, b_cpu = median_rate(n, k, lambda i: cli_run(url, source, c, Path(tmp) / "store"), cpu_of_children)
+            print(f"  (b) obatch run      {b:8.0f} req/s   client CPU {b_cpu:5.0f} us/req   b/a = {b / a:.2f}"
+                  "  (start-up included)", flush=True)
+            if not args.no_server:
+                s, _ = median_rate(n, k, lambda i: server_path(url, source, n, c, Path(tmp) / f"serve-{i}"))
+                print(f"  (c) server path     {s:8.0f} req/s   c/a = {s / a:.2f}", flush=True)
+    finally:
+        sim.terminate()
+        sim.wait()
+
+
+if __name__ == "__main__":
+    main()
