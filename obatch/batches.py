@@ -375,7 +375,7 @@ def concurrency_json(pool: Pool, since: float) -> str:
     """Each host's level, the reason for it, and its changes since ``since`` (monotonic seconds)."""
     hosts = []
     for host in pool.hosts:
-        entry = host.describe()
+        entry = host.status().model_dump()
         changes = host.limit.history
         first = max((i for i, c in enumerate(changes) if c.at <= since), default=0)  # the level the run began at
         entry["history"] = [c.as_dict() for c in changes[first:]]
@@ -582,6 +582,7 @@ def batch_object(row: BatchRow) -> Batch:
         metadata=orjson.loads(row.metadata_json) if row.metadata_json else None, model=row.model,
         usage=BatchUsage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
                          total_tokens=row.input_tokens + row.output_tokens),
+        obatch={"concurrency": orjson.loads(row.concurrency_json)} if row.concurrency_json else None,
     )
 
 

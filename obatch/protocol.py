@@ -123,6 +123,26 @@ class Batch(_Wire):
     metadata: dict[str, str] | None = None
     model: str | None = None
     usage: BatchUsage | None = None
+    # obatch's own, beside OpenAI's fields (clients that do not know it ignore it): how the batch was run, e.g.
+    # {"concurrency": {"mode": "auto", "hosts": [{"url", "concurrency", "reason", "history", ...}]}}
+    obatch: dict[str, Any] | None = None
+
+
+class HostStatus(_Wire):
+    """One engine host of a pool as ``/health`` reports it (obatch's own shape): its state, its concurrency level
+    (``best`` is the level auto believes best while a probe is under way) and the reason for it."""
+
+    url: str
+    backend: str
+    state: Literal["up", "down"]
+    concurrency: int
+    best: int
+    auto: bool
+    reason: str
+    in_flight: int = 0
+    served: int = 0
+    error: str | None = None
+    models: list[str] | None = None
 
 
 class ErrorDetail(_Wire):

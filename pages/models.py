@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from obatch.ui import views
+from obatch.ui.hosts import hosts_frame
 from obatch.ui.session import client, need
 
 api = client()
@@ -22,6 +23,14 @@ if any(facts):
 if health.backend_ok is False:
     st.warning(f"The backend does not answer{': ' + health.detail if health.detail else '.'} "
                "Batches wait (and retry) until it is back.", icon=":material/warning:")
+
+hosts = hosts_frame(health.raw)
+if hosts.height:
+    st.subheader("Engine hosts")
+    st.caption("Each host keeps its own number of requests in flight — fixed, or found by measuring (auto) — and "
+               "takes lines from the batches' shared queue as its slots free up. A host that keeps failing is "
+               "drained and probed until it answers again.")
+    st.dataframe(hosts, hide_index=True, width="stretch", key="hosts")
 
 st.subheader("Models")
 models = views.models_frame(need(api.list_models))

@@ -43,8 +43,11 @@ class FlakyBackend:
     async def show(self, model: str) -> ModelInfo:
         return ModelInfo(id=model)
 
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int) -> float:
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
         return 0.0
+
+    async def slots(self) -> int | None:
+        return None
 
     async def version(self) -> str | None:
         if self.down:
@@ -96,3 +99,36 @@ async def test_two_apps_keep_separate_metrics(tmp_path: Path) -> None:
         text_one, text_two = (await one.get("/metrics")).text, (await two.get("/metrics")).text
     assert 'obatch_http_requests_total{method="GET",route="/v1/models",status="200"} 3.0' in text_one
     assert 'route="/v1/models"' not in text_two
+
+
+async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path: Path) -> None:
+    """Two engine hosts in OBATCH_OLLAMA_URL: /health shows each with its level; a batch uses both."""
+    import asyncio
+
+    from obatch.testing.ollama_sim import OllamaSim, SimConfig
+    from tests.helpers import chat_line, jsonl
+
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as one, \
+            OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as two:
+        config = Settings(_env_file=None, data_dir=tmp_path / "data", rate_limit_per_minute=0,  # type: ignore[call-arg]
+                          backend="ollama", ollama_url=f"{one.url},{two.url}", worker_poll_interval=0.1)
+        async with AsyncTestClient(create_app(config)) as client:
+            hosts = (await client.get("/health")).json()["backend"]["hosts"]
+            assert [h["url"] for h in hosts] == [one.url, two.url]
+            assert all(h["auto"] and h["state"] == "up" for h in hosts)
+            upload = await client.post("/v1/files", data={"purpose": "batch"},
+                                       files={"file": ("in.jsonl", jsonl(chat_line(f"r{i}", max_tokens=8)
+                                                                         for i in range(80)))})
+            batch = (await client.post("/v1/batches", json={
+                "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
+                "completion_window": "24h"})).json()
+            for _ in range(300):
+                batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
+                if batch["status"] == "completed":
+                    break
+                await asyncio.sleep(0.1)
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 80
+    assert one.stats.served > 0 and two.stats.served > 0 and one.stats.served + two.stats.served == 80
+    story = batch["obatch"]["concurrency"]  # the levels chosen, and why, travel with the batch object
+    assert story["mode"] == "auto" and [h["url"] for h in story["hosts"]] == [one.url, two.url]
+    assert all(h["history"] and h["reason"] for h in story["hosts"])

@@ -248,6 +248,9 @@ def test_models_page_lists_models_and_backend(page: Callable[..., AppTest]) -> N
     models = table(at, "id", "context_length")
     assert list(models["id"]) == ["llama3.2:1b", "qwen2.5:0.5b"]
     assert list(models["context_length"]) == [131072, 32768]
+    hosts = table(at, "host", "concurrency")
+    assert list(hosts["concurrency"]) == ["4 (auto)"]
+    assert list(hosts["why"]) == ["kept 4: 5 gave 101.0/s against 100.2/s"]
     assert not at.warning
 
 

@@ -15,6 +15,7 @@ import httpx
 import orjson
 
 from obatch.client import Client
+from obatch.protocol import HostStatus
 
 MODELS = [
     {"id": "llama3.2:1b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 131072,
@@ -88,7 +89,12 @@ class FakeServer:
             # obatch.server.operations.health: 200 while the store answers; the backend is only reported
             body = {"status": "ok" if self.backend_ok else "degraded", "db": "ok",
                     "backend": {"name": "ollama", "reachable": self.backend_ok,
-                                **({"version": "0.9.0"} if self.backend_ok else {"error": "ConnectError"})}}
+                                **({"version": "0.9.0"} if self.backend_ok else {"error": "ConnectError"}),
+                                "hosts": [HostStatus(
+                                    url="http://127.0.0.1:11434", backend="ollama",
+                                    state="up" if self.backend_ok else "down", concurrency=4, best=4, auto=True,
+                                    reason="kept 4: 5 gave 101.0/s against 100.2/s", served=12,
+                                    models=["llama3.2:1b"]).model_dump()]}}
             return _json(200, body)
         if path == "/v1/models":
             return _json(200, {"object": "list", "data": MODELS})

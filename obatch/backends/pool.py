@@ -26,6 +26,7 @@ from typing import Any
 from obatch import errors
 from obatch.backends.base import Backend, ModelInfo, Result
 from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
+from obatch.protocol import HostStatus
 
 log = logging.getLogger("obatch.pool")
 
@@ -64,12 +65,11 @@ class Host:
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models
 
-    def describe(self) -> dict[str, Any]:
-        return {"url": self.url, "backend": self.backend.name, "state": "up" if self.up else "down",
-                "concurrency": self.limit.level, "best": self.limit.best, "auto": self.limit.auto,
-                "reason": self.limit.reason,
-                "in_flight": self.inflight, "served": self.served, "error": self.error,
-                "models": sorted(self.models) if self.models is not None else None}
+    def status(self) -> HostStatus:
+        return HostStatus(url=self.url, backend=self.backend.name, state="up" if self.up else "down",
+                          concurrency=self.limit.level, best=self.limit.best, auto=self.limit.auto,
+                          reason=self.limit.reason, in_flight=self.inflight, served=self.served, error=self.error,
+                          models=sorted(self.models) if self.models is not None else None)
 
 
 @dataclass(eq=False, slots=True)
@@ -118,7 +118,7 @@ class Pool:
         return any(h.backend.name != "openai" for h in self.hosts)
 
     def describe(self) -> list[dict[str, Any]]:
-        return [h.describe() for h in self.hosts]
+        return [h.status().model_dump() for h in self.hosts]
 
     def levels(self) -> str:
         """The progress line's note: each host's level and the reason for it."""
