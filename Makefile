@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/obatch run data/samples/chat.jsonl --concurrency 4 --show 3
+	$(VENV)/bin/obatch run data/samples/chat.jsonl --show 3
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,11 @@
-"""Peak memory and throughput of `obatch run` as the input grows (stream in, stream out: memory must stay flat).
+"""Peak memory and throughput of `obatch run` and of `obatch serve` as the input grows (memory must stay flat).
 
 Runs the real CLI in a subprocess against an instant Ollama simulator (also a subprocess, so it does not count),
-for files of 10k / 50k / 100k chat requests, and prints peak RSS (ru_maxrss of the CLI process) and req/s.
+for files of 10k / 100k / 1M requests, and prints peak RSS (ru_maxrss of the CLI process) and req/s; with
+``--server``, the same files go through `obatch serve` (upload, batch, wait, download the output) and the server
+process's peak RSS (VmHWM) is printed too. Target (issue #9): under 300 MB and flat.
 
-    python bench/memory.py [--sizes 10000,50000,100000] [--concurrency 32]
+    python bench/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
 """
 
 from __future__ import annotations
@@ -11,23 +13,28 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import orjson
 
 
-def write_input(path: Path, n: int) -> None:
+def write_input(path: Path, n: int, endpoint: str) -> None:
     with path.open("wb") as handle:
         for i in range(n):
-            handle.write(orjson.dumps({
-                "custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "llama3.2:1b", "max_tokens": 8,
-                         "messages": [{"role": "user", "content": f"Question number {i}: say something short."}]},
-            }) + b"\n")
+            if endpoint == "embeddings":
+                line = {"custom_id": f"request-{i}", "method": "POST", "url": "/v1/embeddings",
+                        "body": {"model": "nomic-embed-text", "input": f"Text number {i} to embed."}}
+            else:
+                line = {"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "llama3.2:1b", "max_tokens": 8,
+                                 "messages": [{"role": "user", "content": f"Question number {i}: say something."}]}}
+            handle.write(orjson.dumps(line) + b"\n")
 
 
 def start_sim() -> tuple[subprocess.Popen[str], str]:
@@ -41,10 +48,11 @@ def start_sim() -> tuple[subprocess.Popen[str], str]:
     return sim, match.group(1)
 
 
-def measure(n: int, url: str, concurrency: int, work: Path) -> tuple[float, float]:
+def measure(n: int, url: str, concurrency: int, work: Path, endpoint: str) -> tuple[float, float]:
     source = work / f"in-{n}.jsonl"
-    write_input(source, n)
-    env = {**os.environ, "OBATCH_MAX_LINES": str(max(n, 50_000)), "OBATCH_COMMIT_EVERY": "256"}
+    write_input(source, n, endpoint)
+    env = {**os.environ, "OBATCH_MAX_LINES": str(max(n, 50_000)), "OBATCH_COMMIT_EVERY": "256",
+           "OBATCH_MAX_FILE_BYTES": str(1 << 34)}
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "obatch", "run", str(source), "--backend", "ollama", "--url", url,
                              "--data-dir", str(work / f"data-{n}"), "-c", str(concurrency), "-q"],
@@ -57,18 +65,78 @@ def measure(n: int, url: str, concurrency: int, work: Path) -> tuple[float, floa
     return usage.ru_maxrss / 1024, n / seconds
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_server(n: int, url: str, concurrency: int, work: Path, endpoint: str) -> tuple[float, float]:
+    """(peak RSS of `obatch serve` in MB, req/s from upload to downloaded output) for one file of ``n`` lines."""
+    source = work / f"in-{n}.jsonl"
+    if not source.exists():
+        write_input(source, n, endpoint)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=url, OBATCH_DATA_DIR=str(work / f"serve-{n}"),
+               OBATCH_SERVER_CONCURRENCY=str(concurrency), OBATCH_MAX_LINES=str(max(n, 50_000)),
+               OBATCH_MAX_FILE_BYTES=str(1 << 34), OBATCH_RATE_LIMIT_PER_MINUTE="0")
+    server = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=600) as client:
+            for _ in range(600):
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            started = time.perf_counter()
+            with source.open("rb") as handle:
+                uploaded = client.post("/v1/files", data={"purpose": "batch"},
+                                       files={"file": (source.name, handle)}).json()
+            batch = client.post("/v1/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
+                                                     "endpoint": f"/v1/{endpoint}"}).json()
+            while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+                time.sleep(0.5)
+                batch = client.get(f"/v1/batches/{batch['id']}").json()
+            if batch["status"] != "completed":
+                raise SystemExit(f"the batch ended {batch['status']}: {batch.get('errors')}")
+            lines = 0
+            with client.stream("GET", f"/v1/files/{batch['output_file_id']}/content") as response:
+                for chunk in response.iter_bytes():
+                    lines += chunk.count(b"\n")
+            seconds = time.perf_counter() - started
+            assert lines == n, (lines, n)
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+        return peak, n / seconds
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000,50000,100000")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--endpoint", choices=["chat/completions", "embeddings"], default="chat/completions")
+    parser.add_argument("--server", action="store_true", help="also measure `obatch serve`")
     args = parser.parse_args()
     sim, url = start_sim()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"{'lines':>8} {'peak RSS (MB)':>14} {'req/s':>8}")
+            print(f"{'lines':>8} {'obatch run: peak RSS (MB)':>26} {'req/s':>7}"
+                  + (f" {'obatch serve: peak RSS (MB)':>28} {'req/s':>7}" if args.server else ""))
             for n in (int(s) for s in args.sizes.split(",")):
-                peak, rate = measure(n, url, args.concurrency, Path(tmp))
-                print(f"{n:>8} {peak:>14.0f} {rate:>8.0f}", flush=True)
+                peak, rate = measure(n, url, args.concurrency, Path(tmp), args.endpoint)
+                line = f"{n:>8} {peak:>26.0f} {rate:>7.0f}"
+                if args.server:
+                    server_peak, server_rate = measure_server(n, url, args.concurrency, Path(tmp), args.endpoint)
+                    line += f" {server_peak:>28.0f} {server_rate:>7.0f}"
+                print(line, flush=True)
     finally:
         sim.terminate()
         sim.wait()
