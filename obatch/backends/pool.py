@@ -9,7 +9,8 @@ batches share the hosts fairly), and a faster host frees its slots sooner and so
 A host that keeps failing (refused connections, repeated 5xx, timeouts: ``FAILURES_TO_DRAIN`` in a row) is drained:
 it takes no new request, its in-flight requests fail and are retried on the others, and it is probed with backoff
 until it answers again. A pool of one host is never drained: there is no other host to hand its lines to, and the
-retry policy alone decides when a line gives up.
+retry policy alone decides when a line gives up. For the same reason the last host up is never drained: with every
+host failing, lines spend their attempts and fail as they would against one engine, rather than wait for ever.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ class Pool:
         elif isinstance(error, errors.TransientError) and not busy:
             host.failures += 1
             host.error = error.message
-            if host.failures >= FAILURES_TO_DRAIN and len(self.hosts) > 1 and host.up:
+            others_up = any(h.up for h in self.hosts if h is not host)
+            if host.failures >= FAILURES_TO_DRAIN and host.up and others_up:
                 self._drain(host)
         self._wake()
 
