@@ -199,9 +199,15 @@ async def test_responses_on_ollama_status_usage_and_items(ollama: OllamaBackend)
 
 async def test_openai_backend_passes_responses_through_or_maps_them() -> None:
     seen: list[str] = []
-    native = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m", "status": "completed",
-              "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-              "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}
+    # What llama.cpp (xllamacpp 2026.10) answers: no tools / tool_choice / parallel_tool_calls, sparse usage, and
+    # "completed" although the answer stopped at max_output_tokens.
+    native = {"id": "resp_1", "object": "response", "created_at": 1, "completed_at": 1, "model": "m",
+              "status": "completed", "output": [{"type": "message", "id": "msg_1", "role": "assistant",
+                                                 "status": "completed", "content": [
+                                                     {"type": "output_text", "annotations": [], "logprobs": [],
+                                                      "text": "The colour"}]}],
+              "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+                        "input_tokens_details": {"cached_tokens": 0}}}
     chat = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
@@ -214,10 +220,12 @@ async def test_openai_backend_passes_responses_through_or_maps_them() -> None:
             return httpx.Response(200, json=chat)
         return answer
 
-    body = {"model": "m", "input": "hi"}
+    body = {"model": "m", "input": "hi", "max_output_tokens": 2}
     engine = OpenAIBackend("http://engine/v1", transport=httpx.MockTransport(handler(True)))
     passed = Response.model_validate((await engine.complete("/v1/responses", body)).body)
     assert passed.id == "resp_1" and passed.usage is not None and passed.usage.output_tokens == 2
+    assert passed.status == "incomplete" and passed.incomplete_details is not None
+    assert passed.incomplete_details.reason == "max_output_tokens" and passed.output_text == "The colour"
     assert seen == ["/v1/responses"]
     await engine.aclose()
 
@@ -226,6 +234,7 @@ async def test_openai_backend_passes_responses_through_or_maps_them() -> None:
     for _ in range(2):
         mapped = Response.model_validate((await older.complete("/v1/responses", body)).body)
         assert mapped.output_text == "hello" and mapped.usage is not None and mapped.usage.input_tokens == 3
+        assert mapped.status == "completed"
     assert seen == ["/v1/responses", "/v1/chat/completions", "/v1/chat/completions"]  # asked once, remembered
     await older.aclose()
 

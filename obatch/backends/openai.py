@@ -2,7 +2,8 @@
 
 ``/v1/responses`` passes through to the engine's own ``/responses`` (llama.cpp, vLLM and Ollama serve it; usage
 details the SDK requires are filled in where the engine leaves them out). An engine that answers 404 or 405 there
-gets the request mapped onto ``/chat/completions`` instead (``obatch.backends.responses``), and is not asked again.
+gets the request mapped onto ``/chat/completions`` instead (``obatch.backends.responses``), and is not asked again;
+``map_responses=True`` maps from the start.
 
 ``num_ctx`` cannot be set per request through this API (the engine's own start-up flag decides it), so it is
 ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
@@ -44,11 +45,12 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, base_url: str, *, api_key: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, map_responses: bool = False) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self.base_url = base_url.rstrip("/")
         self._client = make_client(self.base_url, headers=headers, transport=transport)
-        self.serves_responses: bool | None = None  # None until the engine has been asked
+        # None until the engine has been asked; False (never ask) when the caller knows chat serves better.
+        self.serves_responses: bool | None = False if map_responses else None
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
@@ -84,7 +86,7 @@ class OpenAIBackend:
             else:
                 self.serves_responses = True
                 usage = data.get("usage") or {}
-                return Result(responses.normalise(data), Timings(prompt_tokens=usage.get("input_tokens"),
+                return Result(responses.normalise(data, body), Timings(prompt_tokens=usage.get("input_tokens"),
                                                                  completion_tokens=usage.get("output_tokens")))
         chat = await self.complete("/v1/chat/completions", responses.to_chat(body), stream=stream)
         return Result(responses.from_chat(chat.body, body), chat.timings, chat.status_code)

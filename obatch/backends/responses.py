@@ -224,9 +224,22 @@ def output_text(response: dict[str, Any]) -> str:
                    for part in item.get("content") or [] if part.get("type") == "output_text")
 
 
-def normalise(response: dict[str, Any]) -> dict[str, Any]:
-    """An engine's own Responses answer with the usage details filled in where it left them out."""
+def normalise(response: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """An engine's own Responses answer, with what the SDK requires filled in where the engine left it out.
+
+    llama.cpp (xllamacpp 2026.10) omits ``tools``, ``tool_choice``, ``parallel_tool_calls`` and the usage details,
+    and says "completed" for an answer cut at ``max_output_tokens``: such an answer is marked incomplete here."""
+    response.setdefault("tools", request.get("tools") or [])
+    response.setdefault("tool_choice", request.get("tool_choice") or "auto")
+    response.setdefault("parallel_tool_calls", bool(request.get("parallel_tool_calls", True)))
     usage = response.get("usage")
+    limit = request.get("max_output_tokens")
+    if (response.get("status") == "completed" and isinstance(usage, dict) and isinstance(limit, int)
+            and int(usage.get("output_tokens") or 0) >= limit):
+        response["status"], response["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
+        for item in response.get("output") or []:
+            if isinstance(item, dict) and item.get("status") == "completed":
+                item["status"] = "incomplete"
     if isinstance(usage, dict):
         usage.setdefault("input_tokens_details", {})
         usage["input_tokens_details"].setdefault("cached_tokens", 0)
