@@ -3,6 +3,7 @@ the context Ollama really loaded — each checked by parsing with the ``openai``
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,17 @@ async def test_sim_default_context_is_configurable_and_reported(sim: OllamaSim) 
         await client.post("/api/chat", json={"model": "qwen2.5:0.5b", "messages": user("hi"), "stream": False})
         loaded = {m["name"]: m["context_length"] for m in (await client.get("/api/ps")).json()["models"]}
     assert loaded == {CHAT: 8192, "qwen2.5:0.5b": 32768}  # never above the trained context
+
+
+async def test_sim_embedding_models_run_one_request_at_a_time() -> None:
+    config = SimConfig(num_parallel=4, prompt_tps=2000, decode_tps=500,
+                       models=(SimModel(CHAT), SimModel("embed", capabilities=("embedding",)),
+                               SimModel("single", max_parallel=1)))
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=30) as client:
+        calls = [client.post("/api/embed", json={"model": "embed", "input": "x" * 400}) for _ in range(4)]
+        calls += [client.post("/api/chat", json={"model": name, "messages": user("hi"), "stream": False,
+                                                 "options": {"num_predict": 20}})
+                  for name in (CHAT, "single") for _ in range(4)]
+        assert all(r.status_code == 200 for r in await asyncio.gather(*calls))
+        seen = dict(sim.stats.max_concurrent_by_model)
+    assert seen == {f"{CHAT}": 4, "embed:latest": 1, "single:latest": 1}

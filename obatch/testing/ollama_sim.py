@@ -27,6 +27,8 @@ What it copies from Ollama, and where the behaviour is documented (ollama/ollama
   (num_ctx - num_keep) // 2``; a client must therefore treat *any* ``prompt_eval_count`` below its own
   estimate as possible truncation.
 
+* Parallelism: an embedding model (and a ``SimModel(max_parallel=1)``, like the families Ollama forces to one)
+  serves one request at a time whatever ``num_parallel`` says; ``stats.max_concurrent_by_model`` shows it.
 * Newer fields (2025–2026, ``api/types.go``): ``think`` (a bool or "low" / "medium" / "high"; a 400 for a model
   without the ``thinking`` capability) answers ``message.thinking`` — one chunk per thinking token when streamed —
   and its tokens count in ``eval_count`` and against ``num_predict``; ``logprobs`` / ``top_logprobs`` (0..20) answer
@@ -145,6 +147,15 @@ class SimModel:
     quantization_level: str = "Q4_K_M"
     embedding_length: int = 16
     capabilities: tuple[str, ...] = ("completion", "tools")
+    max_parallel: int | None = None  # a family Ollama forces to fewer slots (qwen3vl, lfm2, ... run one at a time)
+
+    @property
+    def parallel_cap(self) -> int | None:
+        """The slots this model may have whatever ``OLLAMA_NUM_PARALLEL`` says: embedding models always load with
+        one (server/sched.go), some families too."""
+        if self.max_parallel is not None:
+            return self.max_parallel
+        return 1 if "completion" not in self.capabilities else None
 
     @property
     def key(self) -> str:
@@ -601,7 +612,8 @@ class OllamaSim:
     @contextlib.asynccontextmanager
     async def _slot(self, model: SimModel) -> AsyncIterator[None]:
         """One of the model's ``num_parallel`` slots; waits in the shared queue; 503 if ``max_queue`` wait."""
-        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, self.config.num_parallel)))
+        slots = min(self.config.num_parallel, model.parallel_cap or self.config.num_parallel)
+        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, slots)))
         stats = self.stats
         if sem.locked():
             if stats.queued >= self.config.max_queue:
