@@ -68,15 +68,6 @@ class OutputLine(_Wire):
     error: LineError | None = None
 
 
-class ExpiresAfter(BaseModel):
-    """OpenAI's file expiry policy (``expires_after`` on upload, ``output_expires_after`` on batch creation)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    anchor: Literal["created_at"]
-    seconds: int = Field(gt=0)
-
-
 class FileObject(_Wire):
     id: str
     object: Literal["file"] = "file"

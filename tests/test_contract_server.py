@@ -66,6 +66,7 @@ def test_responses_batch_end_to_end_with_reasoning_tokens(bob: OpenAI) -> None:
     assert done.status == "completed" and done.request_counts and done.request_counts.completed == 7, done
     output = parse_jsonl(bob.files.content(done.output_file_id or "").text)
     bodies = {line["custom_id"]: Response.model_validate(line["response"]["body"]) for line in output}
+    assert {line["obatch"]["loaded_context"] for line in output} == {2048}  # /api/ps, once per model group
     assert sorted(bodies) == sorted(str(line["custom_id"]) for line in lines)
     assert all(bodies[f"r{i}"].status == "incomplete" and bodies[f"r{i}"].output_text for i in range(4))
     assert all(bodies[f"t{i}"].status == "completed" and bodies[f"t{i}"].output[0].type == "reasoning"
@@ -126,7 +127,7 @@ def test_files_and_batch_outputs_expire_on_time(bob: OpenAI, obatch_server: Serv
         with pytest.raises(openai.NotFoundError):
             bob.files.content(gone)
         assert not (stored / f"{gone}.jsonl").exists()  # the bytes too, not only the row
-    assert gone not in {f.id for f in bob.files.list(purpose="batch_output")}
+    assert not {source.id, done.output_file_id, done.error_file_id} & {f.id for f in bob.files.list()}
     assert bob.files.retrieve(kept).id == kept
     assert bob.batches.retrieve(batch.id).status == "completed"
 

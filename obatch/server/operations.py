@@ -52,7 +52,8 @@ async def list_files(svc: Services, owner: str | None, *, after: str | None, lim
     async with svc.sessions() as session:
         rows, more = await repo.list_files(session, owner=owner, after=after, limit=limit, purpose=purpose,
                                            ascending=order == "asc")
-    return _page([batches.file_object(r) for r in rows], more)
+    now = svc.clock()  # an expired file is gone for its owner at once, before the sweep deletes it
+    return _page([batches.file_object(r) for r in rows if r.expires_at is None or r.expires_at > now], more)
 
 
 async def _live_file(svc: Services, owner: str | None, file_id: str) -> Any:
