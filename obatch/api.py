@@ -79,6 +79,8 @@ def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, en
                 body: dict[str, Any] = {"input": item}
             elif endpoint == "/v1/completions":
                 body = {"prompt": item}
+            elif endpoint == "/v1/responses":
+                body = {"input": item}
             else:
                 body = {"messages": [{"role": "user", "content": item}]}
             if model:

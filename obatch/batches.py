@@ -31,8 +31,9 @@ from sqlalchemy import func, select, update
 from sqlmodel import col
 
 from obatch import context, errors
-from obatch.backends.base import Backend
+from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
+from obatch.backends.responses import output_text
 from obatch.config import Settings
 from obatch.jsonl import Limits, Request, iter_file, validate_file
 from obatch.protocol import (
@@ -42,6 +43,7 @@ from obatch.protocol import (
     BatchErrors,
     BatchUsage,
     FileObject,
+    OutputTokensDetails,
     RequestCounts,
 )
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
@@ -49,6 +51,7 @@ from obatch.store import repo
 from obatch.store.db import Sessions
 from obatch.store.tables import BatchRow, FileRow, RequestRow
 
+MAX_EXPIRY = 30 * 86400  # OpenAI's longest file expiry
 IMPORT_CHUNK = 2000
 WRITE_CHUNK = 1000
 _ID = re.compile(r"^(file|batch)-[0-9a-f]{24}$")
@@ -122,7 +125,7 @@ def window_seconds(window: str, *, minimum: int = 60) -> int:
 
 
 async def store_file(svc: Services, chunks: AsyncIterator[bytes], *, filename: str, purpose: str,
-                     owner: str = "") -> FileRow:
+                     owner: str = "", expires_after: int | None = None) -> FileRow:
     """Stream bytes to the files folder (size limit enforced while streaming), then record the file."""
     file_id = new_id("file")
     path = file_path(svc.settings, file_id)
@@ -144,8 +147,9 @@ async def store_file(svc: Services, chunks: AsyncIterator[bytes], *, filename: s
         await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
     await asyncio.to_thread(handle.close)
-    row = FileRow(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size,
-                  created_at=int(svc.clock()), sha256=digest.hexdigest())
+    created = int(svc.clock())
+    row = FileRow(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, created_at=created,
+                  sha256=digest.hexdigest(), expires_at=created + expires_after if expires_after else None)
     async with svc.sessions() as session:
         session.add(row)
         await session.commit()
@@ -170,13 +174,43 @@ async def delete_file(svc: Services, file_id: str, owner: str | None = None) -> 
     await asyncio.to_thread(file_path(svc.settings, file_id).unlink, missing_ok=True)
 
 
+async def delete_expired_files(svc: Services) -> int:
+    """Delete every file whose ``expires_at`` has passed (row and bytes); returns how many. Files without an
+    expiry are kept for ever: a local user's data is theirs until they delete it or ask for an expiry."""
+    deleted = 0
+    while True:
+        async with svc.sessions() as session:
+            ids = await repo.expired_files(session, int(svc.clock()))
+        for file_id in ids:
+            with contextlib.suppress(errors.NotFoundError):  # deleted meanwhile by its owner
+                await delete_file(svc, file_id)
+                deleted += 1
+        if len(ids) < 1000:
+            return deleted
+
+
+def expiry_seconds(policy: dict[str, Any] | None, *, param: str, minimum: int) -> int | None:
+    """OpenAI's ``{"anchor": "created_at", "seconds": N}`` → N, checked (``minimum`` s to 30 days)."""
+    if policy is None:
+        return None
+    anchor, seconds = policy.get("anchor"), policy.get("seconds")
+    if anchor != "created_at":
+        raise errors.ConfigError(f"{param}.anchor must be 'created_at'; got {anchor!r}.", param=f"{param}.anchor")
+    if isinstance(seconds, str) and seconds.strip().isdigit():
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not minimum <= seconds <= MAX_EXPIRY:
+        raise errors.ConfigError(f"{param}.seconds must be an integer between {minimum} and {MAX_EXPIRY}; "
+                                 f"got {seconds!r}.", param=f"{param}.seconds")
+    return seconds
+
+
 # -------------------------------------------------------------------------------------------- batches
 
 
 async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
-                       source: str = "api", signature: str | None = None, concurrency: int | None = None
-                       ) -> BatchRow:
+                       source: str = "api", signature: str | None = None, concurrency: int | None = None,
+                       output_expires_after: int | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
@@ -186,6 +220,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
+            output_expires_after=output_expires_after,
             seq=await repo.next_seq(session),
         )
         session.add(batch)
@@ -271,6 +306,9 @@ async def reload(svc: Services, batch_id: str) -> BatchRow:
 
 
 def _content(url: str, body: dict[str, Any]) -> tuple[str | None, str | None]:
+    if url == "/v1/responses":
+        incomplete = body.get("status") == "incomplete"
+        return output_text(body), "length" if incomplete else "stop"
     choices = body.get("choices") or []
     if not choices:
         return None, None
@@ -290,17 +328,21 @@ def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
         "batch_id": batch_id, "line": job.line, "request_id": f"batch_req_{uuid.uuid4().hex}",
         "latency_ms": outcome.latency_ms, "attempts": outcome.attempts, "finished_at": outcome.finished_at,
         "num_ctx": job.num_ctx, "response": None, "error_code": None, "error_message": None, "content": None,
-        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "ttft_ms": None,
+        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "reasoning_tokens": None,
+        "ttft_ms": None,
         "engine_prompt_ms": None, "engine_decode_ms": None, "engine_load_ms": None, "truncated": False,
     }
     if result is not None:
         usage = result.body.get("usage") or {}
         content, finish = _content(job.url, result.body)
-        prompt_tokens = usage.get("prompt_tokens", result.timings.prompt_tokens)
+        prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", result.timings.prompt_tokens))
+        details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         row.update(
             state="succeeded", status_code=result.status_code, response=orjson.dumps(result.body).decode(),
             content=content, finish_reason=finish, prompt_tokens=prompt_tokens,
-            completion_tokens=usage.get("completion_tokens", result.timings.completion_tokens),
+            completion_tokens=usage.get("completion_tokens", usage.get("output_tokens",
+                                                                       result.timings.completion_tokens)),
+            reasoning_tokens=details.get("reasoning_tokens"),
             ttft_ms=result.timings.ttft_ms, engine_prompt_ms=result.timings.prompt_ms,
             engine_decode_ms=result.timings.decode_ms, engine_load_ms=result.timings.load_ms,
             truncated=context.looks_truncated(prompt_tokens, job.num_ctx, job.prompt_estimate),
@@ -415,6 +457,19 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         finally:
             await asyncio.shield(writer.flush())
             await asyncio.shield(_set(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
+        await _record_loaded_context(svc, batch.id, group.model)
+
+
+async def _record_loaded_context(svc: Services, batch_id: str, model: str) -> None:
+    """Once per model group: the context the engine really ran (Ollama's may differ from the one asked)."""
+    try:
+        loaded = await loaded_context(svc.backend, model)
+    except errors.BackendError:
+        return  # a fact for the record, not worth failing a batch over
+    if loaded:
+        async with svc.sessions() as session:
+            await repo.set_loaded_context(session, batch_id, model, loaded)
+            await session.commit()
 
 
 async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
@@ -458,7 +513,7 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 def _extras(row: RequestRow) -> dict[str, Any]:
     """What obatch measured for a line, beside OpenAI's fields (clients that do not know it ignore it)."""
     return {"latency_ms": row.latency_ms, "attempts": row.attempts, "num_ctx": row.num_ctx,
-            "truncated": row.truncated}
+            "loaded_context": row.loaded_context, "truncated": row.truncated}
 
 
 def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
@@ -541,8 +596,9 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
             for file_id, path, n, kind in ((out_id, out_path, n_out, "output"), (err_id, err_path, n_err, "error")):
                 if n:
                     size = (await asyncio.to_thread(path.stat)).st_size
+                    expires = stamp + batch.output_expires_after if batch.output_expires_after else None
                     session.add(FileRow(id=file_id, owner=batch.owner, filename=f"{batch.id}_{kind}.jsonl",
-                                        purpose="batch_output", bytes=size, created_at=stamp))
+                                        purpose="batch_output", bytes=size, created_at=stamp, expires_at=expires))
                     fields[f"{kind}_file_id"] = file_id
                 else:
                     await asyncio.to_thread(path.unlink, missing_ok=True)
@@ -553,7 +609,8 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
         if pending_code:
             fresh.failed = fresh.total - fresh.completed
         fields.update(total=fresh.total, completed=fresh.completed, failed=fresh.failed,
-                      input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens)
+                      input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens,
+                      reasoning_tokens=fresh.reasoning_tokens)
     fields.update({"status": status, f"{status}_at": stamp})
     await _set(svc, batch, **fields)
     return await reload(svc, batch.id)
@@ -581,6 +638,7 @@ def batch_object(row: BatchRow) -> Batch:
         request_counts=RequestCounts(total=row.total, completed=row.completed, failed=row.failed),
         metadata=orjson.loads(row.metadata_json) if row.metadata_json else None, model=row.model,
         usage=BatchUsage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                         output_tokens_details=OutputTokensDetails(reasoning_tokens=row.reasoning_tokens or 0),
                          total_tokens=row.input_tokens + row.output_tokens),
         obatch={"concurrency": orjson.loads(row.concurrency_json)} if row.concurrency_json else None,
     )

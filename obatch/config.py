@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     server_concurrency: Level | Literal["auto"] | None = None  # per host, over all batches; default: concurrency
     min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
+    min_file_expiry: int = Field(default=3600, ge=1)  # shortest expires_after / output_expires_after, seconds
+    file_sweep_interval: float = Field(default=60.0, gt=0)  # how often the server deletes expired files
     log_level: str = "INFO"
 
     @field_validator("ollama_url", "openai_base_url")

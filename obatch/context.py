@@ -42,6 +42,15 @@ def estimate_prompt_tokens(url: str, body: dict[str, Any]) -> int:
         if body.get("tools"):
             chars += len(str(body["tools"]))
         return int(chars / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD * max(1, len(messages)) + 4
+    if url == "/v1/responses":  # instructions + input (a string or message items), like a chat
+        items = body.get("input")
+        messages = [{"content": items}] if isinstance(items, str) else [i for i in items or [] if isinstance(i, dict)]
+        if body.get("instructions"):
+            messages.append({"content": body["instructions"]})
+        chars = sum(len(_text_of(m.get("content", m.get("output", m.get("arguments"))))) for m in messages)
+        if body.get("tools"):
+            chars += len(str(body["tools"]))
+        return int(chars / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD * max(1, len(messages)) + 4
     if url == "/v1/completions":
         return int(len(_text_of(body.get("prompt"))) / CHARS_PER_TOKEN) + 4
     inputs = body.get("input")
@@ -51,7 +60,7 @@ def estimate_prompt_tokens(url: str, body: dict[str, Any]) -> int:
 
 def output_budget(body: dict[str, Any]) -> int | None:
     """The output tokens a request asked for, or None when it set no limit."""
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and value > 0:
             return value

@@ -17,13 +17,14 @@ from typing import Any
 import orjson
 
 from obatch.errors import InputFileError, LineProblem
-from obatch.protocol import ENDPOINTS
+from obatch.protocol import UNSERVABLE_ENDPOINTS, endpoint_problem
 
 BOM = b"\xef\xbb\xbf"
 MAX_PROBLEMS = 1000
 
 # The field each endpoint cannot run without (OpenAI's own required body fields).
 _REQUIRED_BODY_FIELD = {
+    "/v1/responses": "input",
     "/v1/chat/completions": "messages",
     "/v1/embeddings": "input",
     "/v1/completions": "prompt",
@@ -67,9 +68,11 @@ def check_line(
         return LineProblem(line_no, "invalid_method", f"method must be 'POST', got {obj.get('method')!r}.",
                            "method")
     url = obj.get("url")
-    if url not in ENDPOINTS:
-        return LineProblem(line_no, "invalid_url",
-                           f"url must be one of {', '.join(ENDPOINTS)}, got {url!r}.", "url")
+    problem = endpoint_problem(url)
+    if problem is not None:
+        code = "unsupported_endpoint" if url in UNSERVABLE_ENDPOINTS else "invalid_url"
+        return LineProblem(line_no, code, f"url: {problem}", "url")
+    url = str(url)
     if endpoint is not None and url != endpoint:
         return LineProblem(line_no, "mismatched_endpoint",
                            f"url {url!r} does not match the batch endpoint {endpoint!r}.", "url")

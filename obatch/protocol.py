@@ -10,8 +10,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
-Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+# Batch endpoints OpenAI accepts that a local text model cannot serve: refused by name, never with a generic error.
+UNSERVABLE_ENDPOINTS: tuple[str, ...] = ("/v1/moderations", "/v1/images/generations", "/v1/images/edits",
+                                         "/v1/videos")
+
+
+def endpoint_problem(endpoint: object) -> str | None:
+    """Why ``endpoint`` cannot be a batch endpoint here (None when it can): names it and what obatch serves."""
+    if endpoint in ENDPOINTS:
+        return None
+    supported = ", ".join(ENDPOINTS)
+    if endpoint in UNSERVABLE_ENDPOINTS:
+        return (f"{endpoint} is a batch endpoint at OpenAI, but local models cannot serve it; obatch supports "
+                f"{supported}.")
+    return f"endpoint must be one of {supported}; got {endpoint!r}."
 
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import orjson
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +38,30 @@ def notebook_outputs(path: Path) -> list[str]:
             data = output.get("data", {})
             texts.append(str(data.get("text/html", "")) + str(data.get("text/plain", output.get("text", ""))))
     return texts
+
+
+class Scripted:
+    """A loopback HTTP server whose every answer a test scripts: ``answer(path, json_body) -> (status, payload)``.
+
+    ``async with Scripted(answer) as url`` — the backends' own HTTP client then talks to it for real."""
+
+    def __init__(self, answer: Callable[[str, Any], tuple[int, Any]]) -> None:
+        self.answer = answer
+        self.runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> str:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            raw = await request.read()
+            status, payload = self.answer(request.path, orjson.loads(raw) if raw else None)
+            return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()

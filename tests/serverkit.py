@@ -129,7 +129,8 @@ def obatch_sim() -> Iterator[OllamaSim]:
 def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     env = server_env(tmp_path_factory.mktemp("server") / "data", obatch_sim.url,
                      api_keys=",".join(KEYS.values()), max_file_bytes=MAX_FILE_BYTES, max_lines=MAX_LINES,
-                     min_completion_window=1, rate_limit_per_minute=100_000)
+                     min_completion_window=1, rate_limit_per_minute=100_000, min_file_expiry=1,
+                     file_sweep_interval=0.5)
     server = ServerProcess.start(Path(env["OBATCH_DATA_DIR"]), env)
     try:
         yield server

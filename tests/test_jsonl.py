@@ -41,7 +41,8 @@ def test_bom_crlf_and_blank_lines_are_accepted() -> None:
         (b"[1, 2]\n", "invalid_json_line"),
         (b"\xff\xfe{}\n", "invalid_encoding"),
         ({**chat_line("x"), "method": "GET"}, "invalid_method"),
-        ({**chat_line("x"), "url": "/v1/responses"}, "invalid_url"),
+        ({**chat_line("x"), "url": "/v1/audio/speech"}, "invalid_url"),
+        ({**chat_line("x"), "url": "/v1/responses"}, "missing_required_parameter"),  # responses take body.input
         ({**chat_line("x"), "body": "text"}, "invalid_body"),
         ({**chat_line("x"), "extra": 1}, "invalid_request"),
         ({"custom_id": "", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "missing_required_parameter"),

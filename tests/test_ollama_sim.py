@@ -130,7 +130,7 @@ async def test_embed_shape(client: httpx.AsyncClient) -> None:
 
 async def test_tags_show_ps_version(client: httpx.AsyncClient) -> None:
     tags = (await client.get("/api/tags")).json()["models"]
-    assert [m["name"] for m in tags] == ["llama3.2:1b", "qwen2.5:0.5b", "nomic-embed-text:latest"]
+    assert [m["name"] for m in tags] == ["llama3.2:1b", "qwen2.5:0.5b", "nomic-embed-text:latest", "qwen3:0.6b"]
     for m in tags:
         assert {"name", "model", "modified_at", "size", "digest", "details"} <= set(m)
         assert {"parent_model", "format", "family", "families", "parameter_size", "quantization_level"} == set(

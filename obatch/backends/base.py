@@ -118,8 +118,17 @@ class BackendWrapper:
     async def version(self) -> str | None:
         return await self.inner.version()
 
+    async def loaded_context(self, model: str) -> int | None:
+        return await loaded_context(self.inner, model)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def loaded_context(backend: Backend, model: str) -> int | None:
+    """The context the engine really loaded for ``model``, for backends that can tell (an optional method)."""
+    method = getattr(backend, "loaded_context", None)
+    return await method(model) if method is not None else None
 
 
 def new_id(prefix: str) -> str:
@@ -265,6 +274,8 @@ async def complete_by_streaming(backend: Backend, body: dict[str, Any], *, num_c
     started = time.perf_counter()
     ttft: float | None = None
     content: list[str] = []
+    thinking: list[str] = []
+    logprobs: list[Any] = []
     tool_calls: list[Any] = []
     finish_reason = "stop"
     usage: dict[str, int] = {}
@@ -278,6 +289,10 @@ async def complete_by_streaming(backend: Backend, body: dict[str, Any], *, num_c
                 if ttft is None:
                     ttft = (time.perf_counter() - started) * 1000
                 content.append(delta["content"])
+            if delta.get("reasoning_content"):
+                thinking.append(delta["reasoning_content"])
+            if isinstance(choice.get("logprobs"), dict):
+                logprobs.extend(choice["logprobs"].get("content") or [])
             if delta.get("tool_calls"):
                 tool_calls.extend(delta["tool_calls"])
             if choice.get("finish_reason"):
@@ -289,11 +304,14 @@ async def complete_by_streaming(backend: Backend, body: dict[str, Any], *, num_c
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
     timings.ttft_ms = ttft
     out = {
         "id": (first or {}).get("id", new_id("chatcmpl")), "object": "chat.completion",
         "created": (first or {}).get("created", now()), "model": (first or {}).get("model", body.get("model")),
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                     "logprobs": {"content": logprobs, "refusal": None} if logprobs else None}],
         "usage": usage,
     }
     return Result(out, timings)

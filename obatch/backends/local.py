@@ -1,6 +1,7 @@
 """The embedded engine: llama.cpp (xllamacpp, in a child process) serving one GGUF model (SmolLM2-135M by default).
 
-It speaks the OpenAI API, so requests go through ``OpenAIBackend``; what this adds is Ollama's scheduling habit:
+It speaks the OpenAI API, so requests go through ``OpenAIBackend`` (``/v1/responses`` mapped onto chat, see there);
+what this adds is Ollama's scheduling habit:
 the engine is (re)started when the model, the context window or the number of parallel slots changes. llama.cpp's
 ``n_ctx`` is the TOTAL context split across slots, so a per-request window ``num_ctx`` with ``parallel`` slots
 needs ``num_ctx * parallel``. Embeddings are always on (mean pooling), so one engine serves every endpoint.
@@ -45,7 +46,9 @@ class LocalBackend:
         if url != self._url or self._client is None:
             if self._client is not None:
                 await self._client.aclose()
-            self._client, self._url = OpenAIBackend(f"{url}/v1"), url
+            # llama.cpp's own /v1/responses (xllamacpp 2026.10) calls an answer cut at max_output_tokens
+            # "completed" and sends no timings: its chat endpoint, mapped, gets both right.
+            self._client, self._url = OpenAIBackend(f"{url}/v1", map_responses=True), url
         return self._client
 
     def _check_model(self, model: Any) -> None:
@@ -89,6 +92,11 @@ class LocalBackend:
     async def slots(self) -> int | None:
         config = self.engine.config
         return config.n_parallel if config is not None else None
+
+    async def loaded_context(self, model: str) -> int | None:
+        """The per-request context of the running engine (its total ``n_ctx`` split across the slots)."""
+        config = self.engine.config
+        return config.n_ctx // config.n_parallel if config is not None and model == self.alias else None
 
     async def version(self) -> str | None:
         import xllamacpp

@@ -6,6 +6,12 @@ durations. OpenAI bodies are mapped here both ways (shared/reference/ollama-api.
 max_tokens/max_completion_tokens → options.num_predict; temperature, top_p, seed, stop, penalties → options;
 response_format json_object → format "json", json_schema → format <schema>; tools → tools. Back: done_reason
 "length" → finish_reason "length", tool calls → "tool_calls", else "stop"; prompt_eval_count / eval_count → usage.
+Reasoning: ``reasoning_effort`` → ``think`` ("none" → false, "minimal"/"low" → "low", "medium", "high"/"xhigh"/"max"
+→ "high"); ``message.thinking`` → ``reasoning_content``. Ollama counts thinking and answer in one ``eval_count``, so
+``completion_tokens_details.reasoning_tokens`` is the thinking's share of it (by characters; exact when streamed,
+where each chunk is one token). ``logprobs`` / ``top_logprobs`` (chat: bool + int; completions: an int) →
+Ollama's ``logprobs`` / ``top_logprobs``, and its ``logprobs`` list back into OpenAI's shapes.
+``/v1/responses`` is mapped onto ``/api/chat`` through ``obatch.backends.responses``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import orjson
 
 from obatch import errors
+from obatch.backends import responses
 from obatch.backends.base import (
     ModelInfo,
     Result,
@@ -36,7 +43,10 @@ _OPTION_KEYS = {
     "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
 }
 # OpenAI fields Ollama cannot honour: refusing them is better than silently ignoring them.
-_UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs")
+_UNSUPPORTED = ("logit_bias",)
+_THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
+          "max": "high"}
+MAX_TOP_LOGPROBS = 20
 
 
 def _options(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
@@ -63,6 +73,61 @@ def _check_supported(body: dict[str, Any]) -> None:
     for key in _UNSUPPORTED:
         if body.get(key):
             raise errors.PermanentError(f"{key} is not supported by the Ollama backend.", param=key)
+
+
+def _think(body: dict[str, Any]) -> Any:
+    """Ollama's ``think`` from the request's own ``think`` or OpenAI's ``reasoning_effort``."""
+    if body.get("think") is not None:
+        return body["think"]
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in _THINK:
+        raise errors.PermanentError(f"reasoning_effort must be one of {', '.join(_THINK)}; got {effort!r}.",
+                                    param="reasoning_effort")
+    return _THINK[effort]
+
+
+def _logprob_fields(wanted: Any, top: Any) -> dict[str, Any]:
+    """Ollama's ``logprobs`` / ``top_logprobs`` request fields (chat sends a bool and an int, completions an int)."""
+    if not wanted:
+        return {}
+    count = top if isinstance(top, int) and not isinstance(top, bool) else 0
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        count = wanted
+    if not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise errors.PermanentError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")
+    return {"logprobs": True, "top_logprobs": count} if count else {"logprobs": True}
+
+
+def _token_logprob(item: dict[str, Any]) -> dict[str, Any]:
+    token = str(item.get("token", ""))
+    raw = item.get("bytes")
+    return {"token": token, "logprob": float(item.get("logprob", 0.0)),
+            "bytes": list(raw) if isinstance(raw, list) else list(token.encode())}
+
+
+def chat_logprobs(items: Any) -> dict[str, Any] | None:
+    """Ollama's ``logprobs`` list → a chat choice's ``logprobs`` object."""
+    if not isinstance(items, list):
+        return None
+    return {"content": [{**_token_logprob(i), "top_logprobs": [_token_logprob(t) for t in i.get("top_logprobs") or []]}
+                        for i in items if isinstance(i, dict)], "refusal": None}
+
+
+def completion_logprobs(items: Any, text: str) -> dict[str, Any] | None:
+    """Ollama's ``logprobs`` list → a completion choice's legacy ``logprobs`` (tokens, token_logprobs, ...)."""
+    if not isinstance(items, list):
+        return None
+    tokens, offsets, offset = [], [], 0
+    for item in items:
+        tokens.append(str(item.get("token", "")))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    tops = [{str(t.get("token", "")): float(t.get("logprob", 0.0)) for t in i.get("top_logprobs") or []}
+            for i in items]
+    return {"tokens": tokens, "token_logprobs": [float(i.get("logprob", 0.0)) for i in items],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def _format(body: dict[str, Any]) -> Any:
@@ -126,9 +191,13 @@ def chat_payload(body: dict[str, Any], num_ctx: int | None, *, stream: bool) -> 
     fmt = _format(body)
     if fmt is not None:
         payload["format"] = fmt
-    for key in ("tools", "keep_alive", "think"):
+    for key in ("tools", "keep_alive"):
         if body.get(key) is not None:
             payload[key] = body[key]
+    think = _think(body)
+    if think is not None:
+        payload["think"] = think
+    payload.update(_logprob_fields(body.get("logprobs"), body.get("top_logprobs")))
     return payload
 
 
@@ -138,10 +207,21 @@ def _finish_reason(data: dict[str, Any], tool_calls: bool) -> str:
     return "length" if data.get("done_reason") == "length" else "stop"
 
 
-def _usage(data: dict[str, Any]) -> dict[str, int]:
+def _usage(data: dict[str, Any], reasoning: int | None = None) -> dict[str, Any]:
     prompt = int(data.get("prompt_eval_count") or 0)
     completion = int(data.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
+    return usage
+
+
+def reasoning_share(eval_count: int, thinking: str, content: str) -> int:
+    """The thinking's tokens out of ``eval_count`` (Ollama counts thinking and answer together), by characters."""
+    if not thinking or eval_count <= 0:
+        return 0
+    return min(eval_count, max(1, round(eval_count * len(thinking) / (len(thinking) + len(content)))))
 
 
 def timings_of(data: dict[str, Any]) -> Timings:
@@ -179,13 +259,16 @@ def chat_response(data: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls") or []
     if calls:
         out_message["tool_calls"] = _openai_tool_calls(calls)
+    reasoning = None
     if message.get("thinking"):
         out_message["reasoning_content"] = message["thinking"]
+        reasoning = reasoning_share(int(data.get("eval_count") or 0), message["thinking"],
+                                    str(message.get("content") or ""))
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": data.get("model"),
         "choices": [{"index": 0, "message": out_message, "finish_reason": _finish_reason(data, bool(calls)),
-                     "logprobs": None}],
-        "usage": _usage(data),
+                     "logprobs": chat_logprobs(data.get("logprobs"))}],
+        "usage": _usage(data, reasoning),
     }
 
 
@@ -206,13 +289,15 @@ def generate_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any
     for key in ("system", "raw", "keep_alive"):
         if body.get(key) is not None:
             payload[key] = body[key]
+    payload.update(_logprob_fields(body.get("logprobs"), None))
     return payload
 
 
 def generate_response(data: dict[str, Any]) -> dict[str, Any]:
+    text = data.get("response", "")
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": data.get("model"),
-        "choices": [{"index": 0, "text": data.get("response", ""), "logprobs": None,
+        "choices": [{"index": 0, "text": text, "logprobs": completion_logprobs(data.get("logprobs"), text),
                      "finish_reason": _finish_reason(data, False)}],
         "usage": _usage(data),
     }
@@ -266,8 +351,20 @@ class OllamaBackend:
         self._client = make_client(self.url)
         self._show_cache: dict[str, ModelInfo] = {}
 
+    def _fit(self, model: Any, num_ctx: int | None) -> int | None:
+        """Never ask more context than the model was trained for (when ``show`` told us its length)."""
+        info = self._show_cache.get(str(model))
+        if num_ctx is not None and info is not None and info.context_length:
+            return min(num_ctx, info.context_length)
+        return num_ctx
+
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
+        num_ctx = self._fit(body.get("model"), num_ctx)
+        if url == "/v1/responses":
+            chat = await self.complete("/v1/chat/completions", responses.to_chat(body), num_ctx=num_ctx,
+                                       stream=stream)
+            return Result(responses.from_chat(chat.body, body), chat.timings, chat.status_code)
         if url == "/v1/chat/completions":
             if stream:
                 return await complete_by_streaming(self, body, num_ctx=num_ctx)
@@ -285,25 +382,37 @@ class OllamaBackend:
                           ) -> AsyncIterator[dict[str, Any]]:
         cid, created, model = new_id("chatcmpl"), now(), str(body["model"])
         first = True
+        num_ctx = self._fit(body.get("model"), num_ctx)
+        thinking_chunks = 0
         async for line in stream_lines(self._client, "/api/chat", chat_payload(body, num_ctx, stream=True)):
             data = orjson.loads(line)
             if data.get("error"):
                 raise errors.TransientError(f"The engine failed mid-stream: {data['error']}")
             message = data.get("message") or {}
+            logprobs = chat_logprobs(data.get("logprobs"))
             if not data.get("done"):
                 delta: dict[str, Any] = {"content": message.get("content", "")}
                 if first:
                     delta["role"] = "assistant"
                     first = False
+                if message.get("thinking"):
+                    delta["reasoning_content"] = message["thinking"]
+                    thinking_chunks += 1
                 if message.get("tool_calls"):
                     delta["tool_calls"] = [dict(c, index=i) for i, c in
                                            enumerate(_openai_tool_calls(message["tool_calls"]))]
-                yield chat_chunk(cid, model, created, delta)
+                chunk = chat_chunk(cid, model, created, delta)
+                if logprobs is not None:
+                    chunk["choices"][0]["logprobs"] = logprobs
+                yield chunk
                 continue
             calls = message.get("tool_calls") or []
             delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(_openai_tool_calls(calls))]} \
                 if calls else {}
-            chunk = chat_chunk(cid, model, created, delta, _finish_reason(data, bool(calls)), _usage(data))
+            chunk = chat_chunk(cid, model, created, delta, _finish_reason(data, bool(calls)),
+                               _usage(data, thinking_chunks if thinking_chunks else None))
+            if logprobs is not None:
+                chunk["choices"][0]["logprobs"] = logprobs
             chunk["timings"] = _llamacpp_timings(data)
             yield chunk
 
@@ -336,6 +445,19 @@ class OllamaBackend:
 
     async def slots(self) -> int | None:
         return None  # Ollama exposes no slot count (OLLAMA_NUM_PARALLEL stays on the server): auto measures
+
+    async def loaded_context(self, model: str) -> int | None:
+        """The context Ollama really loaded ``model`` with (``/api/ps`` ``context_length``), None if not loaded.
+
+        Since 2026 Ollama's default depends on the GPU's memory and steps down on a load that runs out of it, so
+        the asked ``num_ctx`` is not always what ran."""
+        data = await send_json(self._client, "GET", "/api/ps")
+        wanted = {model, model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"}
+        for entry in data.get("models") or []:
+            if entry.get("name") in wanted or entry.get("model") in wanted:
+                value = entry.get("context_length")
+                return int(value) if isinstance(value, int) else None
+        return None
 
     async def version(self) -> str | None:
         data = await send_json(self._client, "GET", "/api/version")

@@ -1,5 +1,10 @@
 """Any OpenAI-compatible engine (vLLM, llama.cpp server, LM Studio, Ollama's /v1): bodies pass through unchanged.
 
+``/v1/responses`` passes through to the engine's own ``/responses`` (llama.cpp, vLLM and Ollama serve it; usage
+details the SDK requires are filled in where the engine leaves them out). An engine that answers 404 or 405 there
+gets the request mapped onto ``/chat/completions`` instead (``obatch.backends.responses``), and is not asked again;
+``map_responses=True`` maps from the start.
+
 ``num_ctx`` cannot be set per request through this API (the engine's own start-up flag decides it), so it is
 ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
 """
@@ -12,6 +17,7 @@ from typing import Any
 import orjson
 
 from obatch import errors
+from obatch.backends import responses
 from obatch.backends.base import (
     ModelInfo,
     Result,
@@ -24,7 +30,7 @@ from obatch.backends.base import (
 )
 
 _PATHS = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions",
-          "/v1/embeddings": "/embeddings"}
+          "/v1/embeddings": "/embeddings", "/v1/responses": "/responses"}
 _OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
 
 
@@ -37,16 +43,20 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str, *, api_key: str | None = None) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, map_responses: bool = False) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self.base_url = base_url.rstrip("/")
         self._client = make_client(self.base_url, headers=headers)
+        # None until the engine has been asked; False (never ask) when the caller knows chat serves better.
+        self.serves_responses: bool | None = False if map_responses else None
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
         path = _PATHS.get(url)
         if path is None:
             raise errors.PermanentError(f"Unsupported endpoint {url}.", param="url")
+        if url == "/v1/responses":
+            return await self._respond(body, stream=stream)
         if stream and url == "/v1/chat/completions":
             return await complete_by_streaming(self, body, num_ctx=num_ctx)
         payload = _clean(body)
@@ -60,6 +70,24 @@ class OpenAIBackend:
         timings.prompt_tokens = timings.prompt_tokens or usage.get("prompt_tokens")
         timings.completion_tokens = timings.completion_tokens or usage.get("completion_tokens")
         return Result(data, timings)
+
+    async def _respond(self, body: dict[str, Any], *, stream: bool) -> Result:
+        if self.serves_responses is not False:
+            payload = _clean(body)
+            payload["stream"] = False
+            try:
+                data = await send_json(self._client, "POST", "/responses", payload)
+            except errors.PermanentError as exc:
+                if exc.status not in (404, 405) or "model" in exc.message.lower():
+                    raise  # an unknown model, not an unknown route
+                self.serves_responses = False
+            else:
+                self.serves_responses = True
+                usage = data.get("usage") or {}
+                return Result(responses.normalise(data, body), Timings(prompt_tokens=usage.get("input_tokens"),
+                                                                 completion_tokens=usage.get("output_tokens")))
+        chat = await self.complete("/v1/chat/completions", responses.to_chat(body), stream=stream)
+        return Result(responses.from_chat(chat.body, body), chat.timings, chat.status_code)
 
     async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
                           ) -> AsyncIterator[dict[str, Any]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obatch import errors
-from obatch.backends.base import Backend, ModelInfo, Result
+from obatch.backends.base import Backend, ModelInfo, Result, loaded_context
 from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
 from obatch.protocol import HostStatus
 
@@ -302,6 +302,13 @@ class Pool:
     async def slots(self) -> int | None:
         counts = [await h.backend.slots() for h in self.hosts]
         return sum(c for c in counts if c) or None
+
+    async def loaded_context(self, model: str) -> int | None:
+        """The context the first host serving ``model`` really loaded (hosts of one pool load the same fit)."""
+        for host in self.hosts:
+            if host.up and host.serves(model) and (found := await loaded_context(host.backend, model)):
+                return found
+        return None
 
     async def version(self) -> str | None:
         versions = []

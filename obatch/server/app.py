@@ -4,6 +4,9 @@ handlers receive them by dependency injection. Nothing is created at import time
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +17,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 
+from obatch import batches
 from obatch.backends import Backend, open_backend
 from obatch.backends.pool import Pool
 from obatch.batches import Services
@@ -30,6 +34,19 @@ from obatch.store.db import open_store
 from obatch.worker import BatchWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
+log = logging.getLogger("obatch.server")
+
+
+async def sweep_expired_files(svc: Services) -> None:
+    """Delete expired files (rows and bytes) every ``file_sweep_interval`` seconds, for as long as the app runs."""
+    while True:
+        try:
+            deleted = await batches.delete_expired_files(svc)
+            if deleted:
+                log.info("expired files deleted", extra={"count": deleted})
+        except Exception:
+            log.exception("deleting expired files failed")
+        await asyncio.sleep(svc.settings.file_sweep_interval)
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> Litestar:
@@ -51,9 +68,13 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
             await worker.start()
+            sweeper = asyncio.create_task(sweep_expired_files(svc), name="obatch-file-sweep")
             try:
                 yield
             finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
                 await worker.stop()
         finally:
             if backend is None:

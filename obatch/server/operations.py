@@ -17,7 +17,7 @@ from sqlalchemy import text
 from obatch import batches, errors
 from obatch.batches import Services
 from obatch.jsonl import check_line
-from obatch.protocol import ENDPOINTS, Batch, FileObject, ListPage
+from obatch.protocol import Batch, FileObject, ListPage, endpoint_problem
 from obatch.store import repo
 from obatch.worker import BatchWorker
 
@@ -36,7 +36,7 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
     model: str | None = None
     concurrency: int | None = Field(default=None, ge=1, le=1024)  # obatch's: requests in flight for this batch
-    output_expires_after: dict[str, Any] | None = None  # accepted; output files are kept until deleted
+    output_expires_after: dict[str, Any] | None = None  # {anchor: "created_at", seconds}: output/error files
 
 
 def _page(items: list[Any], has_more: bool) -> ListPage:
@@ -52,18 +52,26 @@ async def list_files(svc: Services, owner: str | None, *, after: str | None, lim
     async with svc.sessions() as session:
         rows, more = await repo.list_files(session, owner=owner, after=after, limit=limit, purpose=purpose,
                                            ascending=order == "asc")
-    return _page([batches.file_object(r) for r in rows], more)
+    now = svc.clock()  # an expired file is gone for its owner at once, before the sweep deletes it
+    return _page([batches.file_object(r) for r in rows if r.expires_at is None or r.expires_at > now], more)
+
+
+async def _live_file(svc: Services, owner: str | None, file_id: str) -> Any:
+    """A file row, or 404 once it has expired (also before the sweep has deleted it)."""
+    async with svc.sessions() as session:
+        row = await repo.get_file(session, file_id, owner)
+    if row.expires_at is not None and row.expires_at <= svc.clock():
+        raise errors.NotFoundError(f"No such file: {file_id}", param="file_id")
+    return row
 
 
 async def get_file(svc: Services, owner: str | None, file_id: str) -> FileObject:
-    async with svc.sessions() as session:
-        return batches.file_object(await repo.get_file(session, file_id, owner))
+    return batches.file_object(await _live_file(svc, owner, file_id))
 
 
 async def file_content(svc: Services, owner: str | None, file_id: str) -> tuple[AsyncIterator[bytes], int]:
     """The stored bytes as a chunk stream, and their size (404 for another owner's file or a missing one)."""
-    async with svc.sessions() as session:
-        row = await repo.get_file(session, file_id, owner)
+    row = await _live_file(svc, owner, file_id)
     path = batches.file_path(svc.settings, row.id)
     if not await asyncio.to_thread(path.is_file):
         raise errors.NotFoundError(f"The content of file {file_id} is gone.", param="file_id")
@@ -80,9 +88,9 @@ async def delete_file(svc: Services, owner: str | None, file_id: str) -> dict[st
 
 def _check_create(svc: Services, request: BatchCreate) -> None:
     batches.window_seconds(request.completion_window, minimum=svc.settings.min_completion_window)
-    if request.endpoint not in ENDPOINTS:
-        raise errors.ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {request.endpoint!r}.",
-                                 code="invalid_value", param="endpoint")
+    problem = endpoint_problem(request.endpoint)
+    if problem is not None:
+        raise errors.ConfigError(problem, code="unsupported_endpoint", param="endpoint")
     metadata = request.metadata or {}
     if len(metadata) > METADATA_PAIRS or any(len(k) > METADATA_KEY or len(v) > METADATA_VALUE
                                              for k, v in metadata.items()):
@@ -94,6 +102,8 @@ def _check_create(svc: Services, request: BatchCreate) -> None:
 async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, request: BatchCreate) -> Batch:
     """Record the batch (``validating``) and wake the worker; validation and the run happen there."""
     _check_create(svc, request)
+    expires = batches.expiry_seconds(request.output_expires_after, param="output_expires_after",
+                                     minimum=svc.settings.min_file_expiry)
     async with svc.sessions() as session:
         source = await repo.get_file(session, request.input_file_id, owner)
     if source.purpose != "batch":
@@ -102,7 +112,7 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
     row = await batches.create_batch(svc, input_file_id=source.id, endpoint=request.endpoint,
                                      completion_window=request.completion_window, metadata=request.metadata,
                                      owner=source.owner, model=request.model, source="api",
-                                     concurrency=request.concurrency)
+                                     concurrency=request.concurrency, output_expires_after=expires)
     worker.kick()
     return batches.batch_object(row)
 
@@ -148,6 +158,9 @@ async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, A
     body = _checked(svc, url, body)
     if body.get("stream"):
         raise errors.ConfigError(f"stream is supported on /v1/chat/completions only, not {url}.", param="stream")
+    if url == "/v1/responses" and body.get("background"):
+        raise errors.ConfigError("background responses are not supported: send them as a batch with endpoint "
+                                 "/v1/responses.", param="background")
     return await _answer(svc, url, body)
 
 

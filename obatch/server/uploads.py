@@ -158,6 +158,14 @@ async def _check(svc: Services, stored: FileRow | None, fields: dict[str, str]) 
                                      param="purpose")
     elif stored.bytes == 0:
         problem = errors.ConfigError("The file is empty.", code="empty_file", param="file")
+    expires: int | None = None
+    if problem is None and any(k.startswith("expires_after") for k in fields):
+        try:  # the SDK sends expires_after={anchor, seconds} as the fields expires_after[anchor], [seconds]
+            expires = batches.expiry_seconds(
+                {"anchor": fields.get("expires_after[anchor]"), "seconds": fields.get("expires_after[seconds]")},
+                param="expires_after", minimum=svc.settings.min_file_expiry)
+        except errors.ConfigError as exc:
+            problem = exc
     if problem is not None:
         if stored is not None:
             await batches.delete_file(svc, stored.id)
@@ -168,4 +176,9 @@ async def _check(svc: Services, stored: FileRow | None, fields: dict[str, str]) 
             await repo.set_file_purpose(session, stored.id, purpose)
             await session.commit()
         stored.purpose = purpose
+    if expires is not None:
+        async with svc.sessions() as session:
+            await repo.set_file_expiry(session, stored.id, stored.created_at + expires)
+            await session.commit()
+        stored.expires_at = stored.created_at + expires
     return stored

@@ -133,7 +133,8 @@ async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[Any] | 
 _FINISH = text(
     "UPDATE requests SET state=:state, request_id=:request_id, status_code=:status_code, response=:response, "
     "error_code=:error_code, error_message=:error_message, content=:content, finish_reason=:finish_reason, "
-    "prompt_tokens=:prompt_tokens, completion_tokens=:completion_tokens, latency_ms=:latency_ms, "
+    "prompt_tokens=:prompt_tokens, completion_tokens=:completion_tokens, reasoning_tokens=:reasoning_tokens, "
+    "latency_ms=:latency_ms, "
     "ttft_ms=:ttft_ms, engine_prompt_ms=:engine_prompt_ms, engine_decode_ms=:engine_decode_ms, "
     "engine_load_ms=:engine_load_ms, num_ctx=:num_ctx, attempts=:attempts, truncated=:truncated, "
     "finished_at=:finished_at WHERE batch_id=:batch_id AND line=:line AND state='pending'"
@@ -152,10 +153,12 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
             done[state] = max(outcome.rowcount, 0)
     tokens_in = sum(r["prompt_tokens"] or 0 for r in succeeded)
     tokens_out = sum(r["completion_tokens"] or 0 for r in succeeded)
+    tokens_reasoning = sum(r.get("reasoning_tokens") or 0 for r in succeeded)
     await session.execute(
         update(BatchRow).where(col(BatchRow.id) == batch_id).values(
             completed=col(BatchRow.completed) + done["succeeded"], failed=col(BatchRow.failed) + done["failed"],
             input_tokens=col(BatchRow.input_tokens) + tokens_in, output_tokens=col(BatchRow.output_tokens) + tokens_out,
+            reasoning_tokens=col(BatchRow.reasoning_tokens) + tokens_reasoning,
         )
     )
 
@@ -178,14 +181,16 @@ async def recount(session: AsyncSession, batch: BatchRow) -> None:
     """Exact counters and usage from the rows (at finalisation)."""
     statement = (
         select(col(RequestRow.state), func.count(), func.sum(col(RequestRow.prompt_tokens)),
-               func.sum(col(RequestRow.completion_tokens)))
+               func.sum(col(RequestRow.completion_tokens)), func.sum(col(RequestRow.reasoning_tokens)))
         .where(col(RequestRow.batch_id) == batch.id).group_by(col(RequestRow.state))
     )
-    counts = {state: (n, p or 0, c or 0) for state, n, p, c in (await session.execute(statement)).all()}
-    batch.completed = counts.get("succeeded", (0, 0, 0))[0]
-    batch.failed = counts.get("failed", (0, 0, 0))[0]
-    batch.input_tokens = counts.get("succeeded", (0, 0, 0))[1]
-    batch.output_tokens = counts.get("succeeded", (0, 0, 0))[2]
+    counts = {state: (n, p or 0, c or 0, r or 0) for state, n, p, c, r in (await session.execute(statement)).all()}
+    succeeded = counts.get("succeeded", (0, 0, 0, 0))
+    batch.completed = succeeded[0]
+    batch.failed = counts.get("failed", (0, 0, 0, 0))[0]
+    batch.input_tokens = succeeded[1]
+    batch.output_tokens = succeeded[2]
+    batch.reasoning_tokens = succeeded[3]
     batch.total = sum(v[0] for v in counts.values())
 
 
@@ -234,6 +239,10 @@ async def set_file_purpose(session: AsyncSession, file_id: str, purpose: str) ->
     await session.execute(update(FileRow).where(col(FileRow.id) == file_id).values(purpose=purpose))
 
 
+async def set_file_expiry(session: AsyncSession, file_id: str, expires_at: int) -> None:
+    await session.execute(update(FileRow).where(col(FileRow.id) == file_id).values(expires_at=expires_at))
+
+
 async def active_batch_ids(session: AsyncSession, *, source: str | None = "api") -> list[str]:
     """Batches not yet in a final status, oldest first (what a server's worker must drive)."""
     statement = (select(col(BatchRow.id)).where(col(BatchRow.status).in_(ACTIVE_STATUSES))
@@ -269,3 +278,20 @@ async def queued_lines(session: AsyncSession) -> int:
                  .where(col(RequestRow.state) == "pending",
                         col(BatchRow.status).in_(("validating", "in_progress"))))
     return int((await session.execute(statement)).scalar() or 0)
+
+
+# ------------------------------------------------------------------------------- expiry, loaded context
+
+
+async def expired_files(session: AsyncSession, now: int, limit: int = 1000) -> list[str]:
+    """Ids of files whose ``expires_at`` has passed (a file without one never expires)."""
+    statement = (select(col(FileRow.id)).where(col(FileRow.expires_at).is_not(None), col(FileRow.expires_at) <= now)
+                 .order_by(col(FileRow.expires_at)).limit(limit))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, loaded_context: int) -> None:
+    """Record the context the engine loaded for a model's group on the group's rows that have none yet."""
+    await session.execute(update(RequestRow).where(
+        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+        col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))

@@ -27,6 +27,16 @@ What it copies from Ollama, and where the behaviour is documented (ollama/ollama
   (num_ctx - num_keep) // 2``; a client must therefore treat *any* ``prompt_eval_count`` below its own
   estimate as possible truncation.
 
+* Parallelism: an embedding model (and a ``SimModel(max_parallel=1)``, like the families Ollama forces to one)
+  serves one request at a time whatever ``num_parallel`` says; ``stats.max_concurrent_by_model`` shows it.
+* Newer fields (2025–2026, ``api/types.go``): ``think`` (a bool or "low" / "medium" / "high"; a 400 for a model
+  without the ``thinking`` capability) answers ``message.thinking`` — one chunk per thinking token when streamed —
+  and its tokens count in ``eval_count`` and against ``num_predict``; ``logprobs`` / ``top_logprobs`` (0..20) answer
+  a ``logprobs`` list of ``{token, logprob, bytes, top_logprobs}``; ``format`` takes "json" or a JSON schema.
+  Context: a request without ``num_ctx`` runs with ``SimConfig.default_num_ctx`` (4096, like Ollama under 24 GiB of
+  VRAM; ``--default-num-ctx`` sets it), clamped to the model's trained context, and ``/api/ps`` reports it as
+  ``context_length``.
+
 Deliberate simplifications: the tokenizer is :func:`count_tokens` (1 token per 4 characters); content is
 words drawn deterministically from (model, prompt text, ``options.seed``); a reload for another ``num_ctx``
 does not wait for the model's in-flight requests; LRU eviction may evict a model that is still serving.
@@ -85,6 +95,8 @@ _VOCAB = (
     "clear", "quick", "small", "large", "early", "late", "north", "south", "bright", "quiet", "steady",
     "random", "local", "remote",
 )
+THINK_WORDS = {"low": 6, "medium": 16, "high": 32}  # thinking length by level; ``true`` thinks like "medium"
+MAX_TOP_LOGPROBS = 20
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -135,6 +147,15 @@ class SimModel:
     quantization_level: str = "Q4_K_M"
     embedding_length: int = 16
     capabilities: tuple[str, ...] = ("completion", "tools")
+    max_parallel: int | None = None  # a family Ollama forces to fewer slots (qwen3vl, lfm2, ... run one at a time)
+
+    @property
+    def parallel_cap(self) -> int | None:
+        """The slots this model may have whatever ``OLLAMA_NUM_PARALLEL`` says: embedding models always load with
+        one (server/sched.go), some families too."""
+        if self.max_parallel is not None:
+            return self.max_parallel
+        return 1 if "completion" not in self.capabilities else None
 
     @property
     def key(self) -> str:
@@ -167,6 +188,8 @@ def _default_models() -> tuple[SimModel, ...]:
         SimModel("qwen2.5:0.5b", context_length=32768, family="qwen2", parameter_size="494.03M"),
         SimModel("nomic-embed-text", family="nomic-bert", parameter_size="137M", quantization_level="F16",
                  capabilities=("embedding",), embedding_length=32),
+        SimModel("qwen3:0.6b", context_length=40960, family="qwen3", parameter_size="751.63M",
+                 capabilities=("completion", "tools", "thinking")),
     )
 
 
@@ -244,9 +267,10 @@ class _Runner:
 @dataclass
 class _Plan:
     pieces: list[str]  # one text piece per generated token
-    eval_count: int
+    eval_count: int  # thinking tokens included, as Ollama counts them
     done_reason: str
     tool_calls: list[dict[str, Any]] | None = None
+    thinking: list[str] = field(default_factory=list)  # one piece per thinking token, before the answer
 
 
 def _canonical(name: str) -> str:
@@ -348,14 +372,37 @@ def _chunks(text: str, size: int = 4) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
+def _think_value(value: Any) -> Any:
+    """``think``: a bool or "high" / "medium" / "low" (api/types.go ``ThinkValue``); anything else is a 400."""
+    if value is None or isinstance(value, bool) or value in THINK_WORDS:
+        return value
+    raise _ApiError(400, f'invalid think value: {_dumps(value)} (must be "high", "medium", "low", true, or false)')
+
+
 def _plan(model: SimModel, prompt_text: str, options: dict[str, Any], fmt: Any, tools: list[Any],
-          last_user: str, default_tokens: int) -> _Plan:
+          last_user: str, default_tokens: int, think: Any = None) -> _Plan:
     """Deterministic output for (model, prompt text, options.seed): words, JSON for ``format``, or a tool call
-    when tools are given and the last user message names a tool or says "weather"."""
+    when tools are given and the last user message names a tool or says "weather"; thinking first when ``think``
+    asks for it (its tokens count in ``eval_count`` and in ``num_predict``, as Ollama's do)."""
     seed = hashlib.sha256(f"{model.key}\0{prompt_text}\0{options.get('seed')}".encode()).digest()
     rng = random.Random(int.from_bytes(seed[:8], "big"))
     num_predict = _int_option(options, "num_predict")
     limit = num_predict if num_predict is not None and num_predict > 0 else None
+    thinking: list[str] = []
+    if think:
+        words = ["Let", "me", "think"] + [rng.choice(_VOCAB) for _ in range(THINK_WORDS.get(think, 16) - 3)]
+        thinking = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+        if limit is not None:
+            thinking, limit = thinking[:limit], max(limit - len(thinking), 0)
+        if limit == 0:
+            return _Plan([], len(thinking), "length", thinking=thinking)
+    plan = _answer(rng, options, fmt, tools, last_user, default_tokens, limit)
+    plan.thinking, plan.eval_count = thinking, plan.eval_count + len(thinking)
+    return plan
+
+
+def _answer(rng: random.Random, options: dict[str, Any], fmt: Any, tools: list[Any], last_user: str,
+            default_tokens: int, limit: int | None) -> _Plan:
     lowered = last_user.lower()
     named = [t for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
     tool = next((t for t in named if (n := str(t["function"].get("name") or "").lower()) and n in lowered), None)
@@ -397,6 +444,33 @@ def _plan(model: SimModel, prompt_text: str, options: dict[str, Any], fmt: Any, 
             pieces, count, reason = kept, i + 1, "stop"
             break
     return _Plan(pieces, count, reason)
+
+
+def _top_logprobs(body: dict[str, Any]) -> int | None:
+    """None when the request wants no logprobs, else how many alternatives per token (0..20)."""
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise _ApiError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    if not body.get("logprobs"):
+        return None
+    return int(top or 0)
+
+
+def _logprobs(pieces: list[str], top: int) -> list[dict[str, Any]]:
+    """One entry per generated token: ``{token, logprob, bytes, top_logprobs?}`` (the token itself leads its
+    alternatives), deterministic in the token and its position."""
+    out = []
+    for i, piece in enumerate(pieces):
+        rng = random.Random(int.from_bytes(hashlib.sha256(f"{i}\0{piece}".encode()).digest()[:8], "big"))
+        logprob = -round(rng.random() * 2, 4)
+        entry: dict[str, Any] = {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        if top:
+            alternatives = [f" {rng.choice(_VOCAB)}" for _ in range(top - 1)]
+            entry["top_logprobs"] = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}] + [
+                {"token": t, "logprob": round(logprob - 1 - j - rng.random(), 4), "bytes": list(t.encode())}
+                for j, t in enumerate(alternatives)]
+        out.append(entry)
+    return out
 
 
 def _embedding(model: SimModel, text: str, dimensions: int | None) -> list[float]:
@@ -538,7 +612,8 @@ class OllamaSim:
     @contextlib.asynccontextmanager
     async def _slot(self, model: SimModel) -> AsyncIterator[None]:
         """One of the model's ``num_parallel`` slots; waits in the shared queue; 503 if ``max_queue`` wait."""
-        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, self.config.num_parallel)))
+        slots = min(self.config.num_parallel, model.parallel_cap or self.config.num_parallel)
+        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, slots)))
         stats = self.stats
         if sem.locked():
             if stats.queued >= self.config.max_queue:
@@ -615,7 +690,7 @@ class OllamaSim:
         tools = body.get("tools") or []
         if tools and "tools" not in model.capabilities:
             raise _ApiError(400, f"registry.ollama.ai/library/{model.name} does not support tools")
-        if body.get("think") and "thinking" not in model.capabilities:
+        if _think_value(body.get("think")) and "thinking" not in model.capabilities:
             raise _ApiError(400, f"{_dumps(name)} does not support thinking")
         last_user = _message_text(messages[-1]) if messages and messages[-1].get("role") == "user" else ""
         prompt_text = "\n".join(_message_text(m) for m in messages)
@@ -648,7 +723,9 @@ class OllamaSim:
             raise _ApiError(400, 'invalid format: expected "json" or a valid JSON schema')
         keep_alive = _parse_keep_alive(body.get("keep_alive"))
         num_ctx = self._num_ctx(model, options)
-        plan = _plan(model, prompt_text, options, fmt, tools, last_user, self.config.default_output_tokens)
+        think = _think_value(body.get("think")) if chat else None
+        plan = _plan(model, prompt_text, options, fmt, tools, last_user, self.config.default_output_tokens, think)
+        top = _top_logprobs(body)
         stream = body.get("stream") is not False
         cfg = self.config
 
@@ -687,15 +764,17 @@ class OllamaSim:
                 eval_ns = _nominal_ns(plan.eval_count, cfg.decode_tps)
                 if cfg.prompt_tps > 0:
                     await asyncio.sleep(prompt_eval / cfg.prompt_tps)
-                thinking = {"thinking": "Let me think about it."} if chat and body.get("think") else {}
+                logprobs = _logprobs(plan.pieces, top) if top is not None and plan.tool_calls is None else None
 
                 def final(text: str) -> dict[str, Any]:
                     total = max(_ns(time.monotonic() - started), load_ns + prompt_ns + eval_ns)
                     extra: dict[str, Any] = {}
                     if not stream and plan.tool_calls is not None:
                         extra["tool_calls"] = plan.tool_calls
-                    if not stream:
-                        extra.update(thinking)
+                    if not stream and plan.thinking:
+                        extra["thinking"] = "".join(plan.thinking)
+                    if not stream and logprobs is not None:
+                        extra["logprobs"] = logprobs
                     out = chunk(text, True, **extra, done_reason=plan.done_reason, total_duration=total,
                                 load_duration=load_ns, prompt_eval_count=prompt_eval,
                                 prompt_eval_duration=prompt_ns, eval_count=plan.eval_count,
@@ -710,12 +789,13 @@ class OllamaSim:
                     content = "" if plan.tool_calls is not None else "".join(plan.pieces)
                     self.stats.served += 1
                     return _json(final(content))
-                return await self._stream(request, plan, chunk, final, thinking)
+                return await self._stream(request, plan, chunk, final, logprobs)
             finally:
                 self._release_runner(runner, keep_alive)
 
     async def _stream(self, request: web.Request, plan: _Plan, chunk: Callable[..., dict[str, Any]],
-                      final: Callable[[str], dict[str, Any]], thinking: dict[str, str]) -> web.StreamResponse:
+                      final: Callable[[str], dict[str, Any]], logprobs: list[dict[str, Any]] | None
+                      ) -> web.StreamResponse:
         cfg = self.config
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
@@ -725,9 +805,18 @@ class OllamaSim:
             fail_at = len(plan.pieces) // 2
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+
+        async def pace(i: int) -> None:
+            if cfg.decode_tps > 0:
+                delay = t0 + (i + 1) / cfg.decode_tps - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
         try:
-            if thinking:
-                await response.write(orjson.dumps(chunk("", False, **thinking)) + b"\n")
+            for i, piece in enumerate(plan.thinking):  # one chunk per thinking token, the answer after
+                await pace(i)
+                await response.write(orjson.dumps(chunk("", False, thinking=piece)) + b"\n")
+            t0 += len(plan.thinking) / cfg.decode_tps if cfg.decode_tps > 0 else 0.0
             if plan.tool_calls is not None:
                 if cfg.decode_tps > 0:
                     await asyncio.sleep(plan.eval_count / cfg.decode_tps)
@@ -738,11 +827,9 @@ class OllamaSim:
                         await response.write(orjson.dumps({"error": "simulated mid-stream error"}) + b"\n")
                         await response.write_eof()
                         return response
-                    if cfg.decode_tps > 0:
-                        delay = t0 + (i + 1) / cfg.decode_tps - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    await response.write(orjson.dumps(chunk(piece, False)) + b"\n")
+                    await pace(i)
+                    extra = {"logprobs": [logprobs[i]]} if logprobs is not None else {}
+                    await response.write(orjson.dumps(chunk(piece, False, **extra)) + b"\n")
             await response.write(orjson.dumps(final("")) + b"\n")
             await response.write_eof()
             self.stats.served += 1

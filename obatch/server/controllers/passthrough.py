@@ -1,4 +1,5 @@
-"""Interactive use on the same base URL: chat completions (plain and SSE), completions, embeddings, models."""
+"""Interactive use on the same base URL: responses, chat completions (plain and SSE), completions, embeddings,
+models."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ class PassthroughController(Controller):
         result = await ops.chat(svc, data)
         return Response(result) if isinstance(result, dict) else Stream(
             result, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    @post("/responses", status_code=200, summary="A response (OpenAI's Responses API; no stream, no storage)")
+    async def responses(self, data: JSONBody[dict[str, Any]], svc: Svc) -> dict[str, Any]:
+        return await ops.complete(svc, "/v1/responses", data)
 
     @post("/completions", status_code=200, summary="Text completion")
     async def completions(self, data: JSONBody[dict[str, Any]], svc: Svc) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """concurrency levels chosen for a batch
 
-Revision ID: 0003_concurrency
-Revises: 0002
+Revision ID: 0004_concurrency
+Revises: 0003_contract
 Create Date: 2026-12-01 12:50:00
 """
 from collections.abc import Sequence
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = '0003_concurrency'
-down_revision: str | None = '0002'
+revision: str = '0004_concurrency'
+down_revision: str | None = '0003_contract'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
