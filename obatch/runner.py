@@ -122,16 +122,22 @@ async def call_with_retries(pool: Pool, job: Job, policy: RetryPolicy, *, stream
         return None, exc, attempts
 
 
+SINK_BACKLOG = 256  # finished requests that may wait for the sink (the store) before no new one is started
+
+
 async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *, policy: RetryPolicy,
                    model: str | None = None, stream: bool = False, cap: int | None = None) -> None:
     """Run every job through ``pool``; hand each outcome to ``sink`` as it arrives.
 
     A job is taken from ``jobs`` only once a host has a free slot for it, so the hosts' levels (fixed or auto) bound
     the work in flight, and concurrent runs on one pool (a server's batches) are served first come first served.
-    ``cap``, when given, also bounds this run's own requests in flight.
+    A request gives its slot back as soon as the engine has answered, and its outcome then waits for the sink; when
+    the sink (the store) is slower than the engine, at most ``SINK_BACKLOG`` outcomes wait, and no new job starts
+    until one is taken — back-pressure, so memory stays flat however fast the engine is. ``cap``, when given,
+    bounds this run's own jobs (in flight and waiting) instead.
     """
     pool = Pool.of(pool)
-    own = asyncio.Semaphore(cap) if cap else None
+    room = asyncio.Semaphore(cap or pool.ceiling(model) + SINK_BACKLOG)
 
     async def one(job: Job, lease: Lease) -> None:
         try:
@@ -140,23 +146,25 @@ async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *
                                                               first=lease)
             await sink(Outcome(job, result, error, (time.perf_counter() - started) * 1000, attempts, time.time()))
         finally:
-            if own is not None:
-                own.release()
+            room.release()
 
     async with asyncio.TaskGroup() as group:
         iterator = aiter(jobs)
         while True:
-            if own is not None:
-                await own.acquire()
-            lease = await pool.lease(model)
+            await room.acquire()
+            try:
+                lease = await pool.lease(model)
+            except BaseException:
+                room.release()
+                raise
             try:
                 job = await anext(iterator)
             except StopAsyncIteration:
                 lease.release()
-                if own is not None:
-                    own.release()
+                room.release()
                 break
             except BaseException:
                 lease.release()
+                room.release()
                 raise
             group.create_task(one(job, lease))

@@ -179,3 +179,27 @@ def test_status_classification() -> None:
     assert isinstance(errors.from_status(404, "x"), errors.ModelNotFoundError)
     assert isinstance(errors.from_status(400, "prompt exceeds context length"), errors.ContextLengthError)
     assert not isinstance(errors.from_status(400, "bad"), errors.TransientError)
+
+
+async def test_a_slow_sink_holds_back_new_work() -> None:
+    """The engine answers at once, the sink (the store) is slow: outcomes waiting for it stay bounded, so memory
+    does not grow with the batch."""
+    from obatch.runner import SINK_BACKLOG
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return ok()
+
+    waiting, most = 0, 0
+    lock = asyncio.Lock()
+
+    async def sink(outcome: Outcome) -> None:
+        nonlocal waiting, most
+        waiting += 1
+        most = max(most, waiting)
+        async with lock:
+            await asyncio.sleep(0.001)
+        waiting -= 1
+
+    async with Engine(handler, level=4) as pool:
+        await run_jobs(_jobs(SINK_BACKLOG * 3), pool, sink, policy=POLICY)
+    assert most <= SINK_BACKLOG + 4

@@ -113,6 +113,10 @@ class Pool:
         """The pinned level per host, or None when each host's level is found by measuring."""
         return self.concurrency if isinstance(self.concurrency, int) else None
 
+    def ceiling(self, model: str | None) -> int:
+        """The most requests the hosts serving ``model`` could ever hold at once (their levels' maxima)."""
+        return sum(getattr(h.limit, "maximum", h.limit.level) for h in self.hosts if h.serves(model))
+
     @property
     def sets_num_ctx(self) -> bool:
         """Whether any host takes a per-request context window (Ollama, the embedded engine)."""
