@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from obatch import batches, errors
 from obatch.batches import Services
-from obatch.jsonl import check_line
+from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import ENDPOINTS, Batch, FileObject, ListPage
 from obatch.store import repo
 from obatch.worker import BatchWorker
@@ -81,8 +81,12 @@ async def delete_file(svc: Services, owner: str | None, file_id: str) -> dict[st
 def _check_create(svc: Services, request: BatchCreate) -> None:
     batches.window_seconds(request.completion_window, minimum=svc.settings.min_completion_window)
     if request.endpoint not in ENDPOINTS:
-        raise errors.ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {request.endpoint!r}.",
+        raise errors.ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {request.endpoint[:64]!r}.",
                                  code="invalid_value", param="endpoint")
+    if request.model is not None:
+        why = model_problem(request.model) if request.model else "must not be empty"
+        if why:
+            raise errors.ConfigError(f"model {why}.", code="invalid_value", param="model")
     metadata = request.metadata or {}
     if len(metadata) > METADATA_PAIRS or any(len(k) > METADATA_KEY or len(v) > METADATA_VALUE
                                              for k, v in metadata.items()):
@@ -129,7 +133,8 @@ def _checked(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
     """The request body, validated with the same rules as a batch line (400 otherwise)."""
     if not body.get("model") and svc.settings.default_model:
         body["model"] = svc.settings.default_model
-    item = check_line(1, {"custom_id": "request", "method": "POST", "url": url, "body": body})
+    item = check_line(1, {"custom_id": "request", "method": "POST", "url": url, "body": body},
+                      policy=EnginePolicy.from_settings(svc.settings))
     if isinstance(item, errors.LineProblem):
         param = item.param.removeprefix("body.") if item.param else None
         raise errors.ConfigError(item.message.replace("body.", ""), code=item.code, param=param)
