@@ -70,11 +70,11 @@ async def tenant_metrics(svc: Services, owner: str) -> bytes:
     mine = col(BatchRow.owner) == owner
     joined = col(BatchRow.id) == col(RequestRow.batch_id)
     async with svc.sessions() as session:
-        by_status = {status: n for status, n in (await session.execute(
-            select(col(BatchRow.status), func.count()).where(mine).group_by(col(BatchRow.status)))).all()}
-        by_state = {state: n for state, n in (await session.execute(
+        by_status = dict((await session.execute(
+            select(col(BatchRow.status), func.count()).where(mine).group_by(col(BatchRow.status)))).all())
+        by_state = dict((await session.execute(
             select(col(RequestRow.state), func.count()).join(BatchRow, joined).where(mine)
-            .group_by(col(RequestRow.state)))).all()}
+            .group_by(col(RequestRow.state)))).all())
         queued = (await session.execute(
             select(func.count()).select_from(RequestRow).join(BatchRow, joined)
             .where(mine, col(RequestRow.state) == "pending",
