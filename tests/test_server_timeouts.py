@@ -4,6 +4,7 @@ connections beyond the cap are answered 503. Each test is bounded by socket time
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -47,6 +48,30 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+def send_slowly(sock: socket.socket, pieces: list[bytes], interval: float) -> bytes:
+    """Send the pieces ``interval`` seconds apart until the server answers or closes; return all it sent."""
+    answer = b""
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            break
+        time.sleep(interval)
+        sock.setblocking(False)
+        try:
+            answer += sock.recv(65536)
+        except (BlockingIOError, ConnectionResetError):
+            pass
+        finally:
+            sock.setblocking(True)
+        if answer:
+            break
+    sock.settimeout(5)
+    with contextlib.suppress(OSError):
+        answer += read_all(sock)
+    return answer
+
+
 def test_an_idle_connection_is_closed(served: ServerProcess) -> None:
     with connect(served) as sock:
         started = time.monotonic()
@@ -57,28 +82,8 @@ def test_an_idle_connection_is_closed(served: ServerProcess) -> None:
 def test_headers_sent_a_line_at_a_time_are_cut_off(served: ServerProcess) -> None:
     with connect(served) as sock:
         started = time.monotonic()
-        sock.sendall(b"GET /v1/files HTTP/1.1\r\nHost: x\r\n")
-        answer = b""
-        for i in range(40):  # a header every 0.25 s would take 10 s; each one resets no timer
-            try:
-                sock.sendall(f"X-Slow-{i}: {i}\r\n".encode())
-            except OSError:
-                break
-            time.sleep(0.25)
-            sock.setblocking(False)
-            try:
-                answer += sock.recv(65536)
-            except BlockingIOError:
-                pass
-            finally:
-                sock.setblocking(True)
-            if answer:
-                break
-        sock.settimeout(5)
-        try:
-            answer += read_all(sock)
-        except OSError:
-            pass
+        lines = [b"GET /v1/files HTTP/1.1\r\nHost: x\r\n"] + [f"X-Slow-{i}: {i}\r\n".encode() for i in range(40)]
+        answer = send_slowly(sock, lines, 0.25)  # 10 s of headers: bytes arriving reset no timer
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert time.monotonic() - started < HEADER_TIMEOUT + 5
 
@@ -104,29 +109,8 @@ def test_a_trickled_upload_is_cut_off_at_the_upload_limit(served: ServerProcess)
         sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Type: multipart/form-data; "
                      f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         started = time.monotonic()
-        sent = 0
-        answer = b""
-        while sent < len(body) and time.monotonic() - started < UPLOAD_TIMEOUT + 5:
-            try:
-                sock.sendall(body[sent:sent + 16])  # 16 bytes every 0.2 s: never idle, never done
-            except OSError:
-                break
-            sent += 16
-            time.sleep(0.2)
-            sock.setblocking(False)
-            try:
-                answer += sock.recv(65536)
-            except (BlockingIOError, ConnectionResetError):
-                pass
-            finally:
-                sock.setblocking(True)
-            if answer:
-                break
-        sock.settimeout(5)
-        try:
-            answer += read_all(sock)
-        except OSError:
-            pass
+        chunks = [body[i:i + 16] for i in range(0, len(body), 16)]
+        answer = send_slowly(sock, chunks, 0.2)  # 16 bytes every 0.2 s: never idle, never done
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert UPLOAD_TIMEOUT * 0.9 <= time.monotonic() - started < UPLOAD_TIMEOUT + 5
     with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http:
