@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import statistics
@@ -300,7 +301,7 @@ def main() -> int:
             poller.start()
             try:
                 for step in (probe.estimate, probe.engine_tuning, probe.nesting_and_text, probe.pathological_batches,
-                             probe.slow_clients, lambda: probe.disclosure(log),
+                             probe.slow_clients, functools.partial(probe.disclosure, log),
                              probe.wrong_keys):  # last: it locks this address out for a minute
                     PHASE[0] = getattr(step, "__name__", "disclosure")
                     step()
