@@ -35,7 +35,7 @@ from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
 from obatch.backends.responses import output_text
 from obatch.config import Settings
-from obatch.jsonl import Limits, Request, iter_file, validate_file
+from obatch.jsonl import EnginePolicy, Limits, Request, iter_file, validate_file
 from obatch.protocol import (
     FINAL_STATUSES,
     Batch,
@@ -55,7 +55,7 @@ MAX_EXPIRY = 30 * 86400  # OpenAI's longest file expiry
 IMPORT_CHUNK = 2000
 WRITE_CHUNK = 1000
 _ID = re.compile(r"^(file|batch)-[0-9a-f]{24}$")
-_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_WINDOW = re.compile(r"([0-9]{1,6})([smhd])", re.ASCII)  # fullmatch: no spaces, newline or other digits
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 Estimator = Callable[[Sessions, BatchRow, Backend, int | None], Awaitable[str | None]]
@@ -111,9 +111,9 @@ def file_path(settings: Settings, file_id: str) -> Path:
 
 def window_seconds(window: str, *, minimum: int = 60) -> int:
     """``"24h"`` → 86400. Windows from ``minimum`` seconds (1 minute by default) to 7 days are accepted."""
-    match = _WINDOW.match(window.strip())
+    match = _WINDOW.fullmatch(window)
     if not match:
-        raise errors.ConfigError(f"completion_window must look like '24h' or '30m', got {window!r}.",
+        raise errors.ConfigError(f"completion_window must look like '24h' or '30m', got {window[:32]!r}.",
                                  param="completion_window")
     seconds = int(match.group(1)) * _UNIT[match.group(2)]
     if not minimum <= seconds <= 7 * 86400:
@@ -245,7 +245,9 @@ def _request_row(batch_id: str, request: Request) -> dict[str, Any]:
 async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
     """validating → failed (with every problem) or in_progress with one pending row per line."""
     path = file_path(svc.settings, batch.input_file_id)
-    limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines)
+    limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines,
+                    max_depth=svc.settings.max_json_depth,
+                    policy=EnginePolicy.from_settings(svc.settings) if batch.source == "api" else None)
     endpoint = batch.endpoint or None
     try:
         total, _ = await asyncio.to_thread(validate_file, path, limits=limits, endpoint=endpoint,

@@ -100,6 +100,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from obatch.server import create_app
     from obatch.server.auth import is_loopback, load_keys
+    from obatch.server.guard import server_options
     from obatch.server.observe import configure_logging
 
     settings = _settings(args)
@@ -111,7 +112,7 @@ async def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False,
-        server_header=False, timeout_graceful_shutdown=10))
+        server_header=False, timeout_graceful_shutdown=10, **server_options(settings)))
     await server.serve()
     return 0 if server.started else 1
 

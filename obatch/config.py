@@ -70,6 +70,27 @@ class Settings(BaseSettings):
     file_sweep_interval: float = Field(default=60.0, gt=0)  # how often the server deletes expired files
     log_level: str = "INFO"
 
+    # ---- Server hardening: what one client may do to a server shared by a team (defaults in the README's
+    # "Operator settings"). Limits apply to requests through ``obatch serve``; the CLI and notebook API are the
+    # operator's own and are not policed.
+    admin_keys: SecretStr | None = None  # comma-separated keys that also see global /metrics and host details
+    address_rate_limit_per_minute: int = Field(default=2400, ge=0)  # any request per client address; 0 = off
+    auth_failures_per_minute: int = Field(default=20, ge=0)  # wrong keys per address before it gets 429; 0 = off
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds to send a request's line and headers
+    body_idle_timeout: float = Field(default=30.0, gt=0)  # longest pause while sending a request body
+    upload_timeout: float = Field(default=600.0, gt=0)  # seconds to send a whole request body (an upload)
+    keep_alive_timeout: int = Field(default=5, ge=1)  # an idle kept-alive connection is closed after this
+    max_connections: int = Field(default=256, ge=1)  # open connections; beyond, requests are answered 503
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line and headers together
+    max_json_depth: int = Field(default=64, ge=2, le=200)  # nesting of a JSON body or batch line
+    client_engine_options: str = (  # the keys of a body's ``options`` clients may set (comma-separated)
+        "temperature,top_p,top_k,min_p,typical_p,seed,stop,num_predict,repeat_penalty,repeat_last_n,"
+        "presence_penalty,frequency_penalty,mirostat,mirostat_tau,mirostat_eta,tfs_z,penalize_newline")
+    max_client_num_ctx: int = Field(default=32768, ge=0)  # largest num_ctx a client may ask for; 0 = none
+    max_client_output_tokens: int = Field(default=32768, ge=1)  # largest max_tokens / num_predict
+    allow_client_keep_alive: bool = False  # may clients set keep_alive (how long the engine keeps a model)?
+    max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0)  # stored files per key; 0 = no quota
+
     @field_validator("ollama_url", "openai_base_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:

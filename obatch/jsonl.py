@@ -8,19 +8,29 @@ a file with every defect listed (``validate_file``) or import the good lines as 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import operator
 import sqlite3
+import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from obatch.errors import InputFileError, LineProblem
 from obatch.protocol import UNSERVABLE_ENDPOINTS, endpoint_problem
 
+if TYPE_CHECKING:
+    from obatch.config import Settings
+
 BOM = b"\xef\xbb\xbf"
 MAX_PROBLEMS = 1000
+MAX_JSON_DEPTH = 64  # orjson serialises at most 254 levels: a deeper line would validate and then fail to store
+MAX_MODEL_CHARS = 256
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets: deleted by translate
 
 # The field each endpoint cannot run without (OpenAI's own required body fields).
 _REQUIRED_BODY_FIELD = {
@@ -45,16 +55,126 @@ class Request:
         return str(self.body["model"])
 
 
+def bracket_steps(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bytes:
+    """The brackets of a JSON text outside its strings, opening ones as 2 and closing ones as 0 (so after k of
+    them the depth is their sum minus k); empty when there are too few for the text to nest deeper than ``limit``.
+    Only bytes methods, each at C speed."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return b""
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _BRACKETS)
+    return brackets.translate(_STEPS) if len(brackets) > 2 * limit else b""
+
+
+def max_depth(steps: bytes, start: int = 0) -> tuple[int, int]:
+    """(deepest level reached, level at the end) over ``bracket_steps`` entered at level ``start``."""
+    if not steps:
+        return start, start
+    top = max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)))
+    return start + top, start + sum(steps) - len(steps)
+
+
+def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than ``limit``, decided on its bytes without recursion and
+    in time linear in its size. Meant for valid JSON (parse it first: invalid JSON may be misjudged)."""
+    return max_depth(bracket_steps(raw, limit))[0] > limit
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePolicy:
+    """What a client of a shared server may ask of the engine everyone uses: which ``options`` keys it may set,
+    the largest ``num_ctx`` (a client's 10-million-token context would reload the model for all and exhaust its
+    memory) and output budget, and whether it may set ``keep_alive`` (how long the engine keeps a model loaded).
+    The operator's own runs (CLI, notebook) are not policed."""
+
+    options: frozenset[str] = frozenset()
+    max_num_ctx: int = 0  # 0: clients may not set num_ctx at all
+    max_output_tokens: int = 32768
+    keep_alive: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EnginePolicy:
+        return cls(options=frozenset(o.strip() for o in settings.client_engine_options.split(",") if o.strip()),
+                   max_num_ctx=settings.max_client_num_ctx, max_output_tokens=settings.max_client_output_tokens,
+                   keep_alive=settings.allow_client_keep_alive)
+
+    def _num_ctx(self, value: Any, param: str) -> tuple[str, str, str] | None:
+        if not self.max_num_ctx:
+            return "option_not_allowed", f"{param} cannot be set by clients of this server.", param
+        if not _is_int(value) or not 1 <= value <= self.max_num_ctx:
+            return ("invalid_value", f"{param} must be an integer from 1 to {self.max_num_ctx} on this server, "
+                    f"got {str(value)[:32]}.", param)
+        return None
+
+    def _output(self, value: Any, param: str) -> tuple[str, str, str] | None:
+        if value is None:
+            return None
+        if not _is_int(value) or not 1 <= value <= self.max_output_tokens:
+            return ("invalid_value", f"{param} must be an integer from 1 to {self.max_output_tokens} on this "
+                    f"server, got {str(value)[:32]}.", param)
+        return None
+
+    def check(self, body: dict[str, Any]) -> tuple[str, str, str] | None:
+        """(code, message, param) of the first thing the body may not ask for, or None."""
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in body and (problem := self._output(body[key], f"body.{key}")):
+                return problem
+        if "num_ctx" in body and (problem := self._num_ctx(body["num_ctx"], "body.num_ctx")):
+            return problem
+        if "keep_alive" in body and not self.keep_alive:
+            return "option_not_allowed", "body.keep_alive cannot be set by clients of this server.", "body.keep_alive"
+        options = body.get("options")
+        if options is None:
+            return None
+        if not isinstance(options, dict):
+            return "invalid_body", "body.options must be a JSON object.", "body.options"
+        for key, value in options.items():
+            param = f"body.options.{key}"[:80]
+            if key == "num_ctx":
+                problem = self._num_ctx(value, param)
+            elif key == "num_predict":
+                problem = self._output(value, param)
+            elif key not in self.options:
+                allowed = ", ".join(sorted(self.options)) or "none"
+                problem = ("option_not_allowed",
+                           f"{param} cannot be set by clients of this server (allowed options: {allowed}).", param)
+            else:
+                problem = None
+            if problem:
+                return problem
+        return None
+
+
 @dataclass(slots=True)
 class Limits:
     max_bytes: int = 200 * 1024 * 1024
     max_lines: int = 50_000
+    max_depth: int = MAX_JSON_DEPTH
+    policy: EnginePolicy | None = field(default=None)  # None: any engine option (the operator's own runs)
+
+
+def model_problem(model: str) -> str | None:
+    """Why a model name cannot be right (too long, or holding control characters), or None."""
+    if len(model) > MAX_MODEL_CHARS:
+        return f"must be at most {MAX_MODEL_CHARS} characters"
+    if any(unicodedata.category(c) in _CONTROL for c in model):
+        return "must not contain control characters"
+    return None
+
+
+_CONTROL = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def check_line(
-    line_no: int, obj: Any, *, endpoint: str | None = None, model: str | None = None
+    line_no: int, obj: Any, *, endpoint: str | None = None, model: str | None = None,
+    policy: EnginePolicy | None = None,
 ) -> Request | LineProblem:
-    """Validate one decoded JSON value as a batch request line. ``model`` overrides ``body.model``."""
+    """Validate one decoded JSON value as a batch request line. ``model`` overrides ``body.model``; ``policy``
+    refuses engine options a client may not set."""
     if not isinstance(obj, dict):
         return LineProblem(line_no, "invalid_json_line", "Each line must be a JSON object.")
     unknown = set(obj) - {"custom_id", "method", "url", "body"}
@@ -84,12 +204,16 @@ def check_line(
     if not isinstance(body.get("model"), str) or not body["model"]:
         return LineProblem(line_no, "missing_required_parameter", "body.model must be a non-empty string.",
                            "body.model")
+    if why := model_problem(body["model"]):
+        return LineProblem(line_no, "invalid_value", f"body.model {why}.", "body.model")
     required = _REQUIRED_BODY_FIELD[url]
     if body.get(required) in (None, "", []):
         return LineProblem(line_no, "missing_required_parameter",
                            f"body.{required} is required for {url}.", f"body.{required}")
     if url == "/v1/chat/completions" and not isinstance(body["messages"], list):
         return LineProblem(line_no, "invalid_body", "body.messages must be a list.", "body.messages")
+    if policy is not None and (refused := policy.check(body)):
+        return LineProblem(line_no, *refused)
     return Request(line_no, custom_id, url, body)
 
 
@@ -130,6 +254,10 @@ class _Seen:
             self._db.close()
 
 
+def _too_deep(line_no: int, limits: Limits) -> LineProblem:
+    return LineProblem(line_no, "json_too_deep", f"The line nests JSON deeper than {limits.max_depth} levels.")
+
+
 def iter_file(
     stream: Iterable[bytes], *, limits: Limits | None = None, endpoint: str | None = None, model: str | None = None
 ) -> Iterator[Request | LineProblem]:
@@ -161,14 +289,18 @@ def _iter_file(stream: Iterable[bytes], limits: Limits, endpoint: str | None, mo
             return
         try:
             raw.decode("utf-8")
-            obj = orjson.loads(raw)
+            obj = orjson.loads(raw)  # C, with its own depth limit (1024): no recursion risk
         except UnicodeDecodeError:
             yield LineProblem(line_no, "invalid_encoding", "The line is not valid UTF-8.")
             continue
         except orjson.JSONDecodeError as exc:
-            yield LineProblem(line_no, "invalid_json_line", f"The line is not valid JSON: {exc}.")
+            yield _too_deep(line_no, limits) if "depth" in str(exc) else LineProblem(
+                line_no, "invalid_json_line", f"The line is not valid JSON: {exc}.")
             continue
-        item = check_line(line_no, obj, endpoint=endpoint, model=model)
+        if json_depth_exceeds(raw, limits.max_depth):  # exact on valid JSON; orjson cannot store > 254 levels
+            yield _too_deep(line_no, limits)
+            continue
+        item = check_line(line_no, obj, endpoint=endpoint, model=model, policy=limits.policy)
         if isinstance(item, Request) and (first := seen.first_line(item.custom_id, line_no)) is not None:
             yield LineProblem(line_no, "duplicate_custom_id",
                               f"custom_id {item.custom_id!r} appears more than once (first on line {first}).",

@@ -26,6 +26,7 @@ from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
 CHAT = "llama3.2:1b"
 EMBED = "nomic-embed-text"
 KEYS = {name: f"sk-test-{name}-0123456789abcdef" for name in ("alice", "bob", "carol", "dave")}
+ADMIN_KEY = "sk-test-admin-0123456789abcdef"  # OBATCH_ADMIN_KEYS of the shared server
 FINAL = ("completed", "failed", "expired", "cancelled")
 MAX_FILE_BYTES = 200_000
 MAX_LINES = 500
@@ -128,9 +129,10 @@ def obatch_sim() -> Iterator[OllamaSim]:
 @pytest.fixture(scope="session")
 def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     env = server_env(tmp_path_factory.mktemp("server") / "data", obatch_sim.url,
-                     api_keys=",".join(KEYS.values()), max_file_bytes=MAX_FILE_BYTES, max_lines=MAX_LINES,
-                     min_completion_window=1, rate_limit_per_minute=100_000, min_file_expiry=1,
-                     file_sweep_interval=0.5)
+                     api_keys=",".join(KEYS.values()), admin_keys=ADMIN_KEY, max_file_bytes=MAX_FILE_BYTES,
+                     max_lines=MAX_LINES, min_completion_window=1, rate_limit_per_minute=100_000,
+                     address_rate_limit_per_minute=100_000, auth_failures_per_minute=100_000,
+                     min_file_expiry=1, file_sweep_interval=0.5)
     server = ServerProcess.start(Path(env["OBATCH_DATA_DIR"]), env)
     try:
         yield server

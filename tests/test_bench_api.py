@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -18,6 +20,7 @@ from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, run_in_thread
 from tests.helpers import chat_line, jsonl
+from tests.serverkit import ServerProcess, server_env
 
 CHAT, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
 
@@ -146,3 +149,72 @@ async def test_estimate_of_an_uploaded_file_and_the_estimate_vs_actual_record(ap
     assert abs(row["error_pct"]) < 30, row
     runs = (await api.get("/v1/benchmarks/runs")).json()["data"]
     assert len(runs) == 1 and runs[0]["status"] == "completed"
+
+
+@pytest.mark.parametrize("params", [
+    {"num_requests": 10**18}, {"num_requests": 0}, {"prompt_tokens": 1e300}, {"prompt_tokens": "nan"},
+    {"output_tokens": "inf"}, {"output_tokens": -1}, {"concurrency": 100_000}, {"num_ctx": 10**12},
+])
+async def test_estimate_parameters_are_bounded(api: AsyncTestClient[Any], params: dict[str, Any]) -> None:
+    query = {"model": CHAT, "num_requests": 100, "prompt_tokens": 40, "output_tokens": 30, **params}
+    response = await api.get("/v1/benchmarks/estimate", params=query)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] in query
+
+
+def test_a_huge_estimate_does_not_freeze_the_server(swept: Path, tmp_path: Path) -> None:
+    """3,000,000 requests once built per-request lists on the event loop: 12 s of a frozen server (health, other
+    tenants, the worker). On a real ``obatch serve``, the largest workload allowed now costs what a small one does,
+    and /health, polled from another thread meanwhile, keeps answering."""
+    url, stop = run_in_thread(SIM)
+    server = ServerProcess.start(shutil.copytree(swept, tmp_path / "served"),
+                                 server_env(tmp_path / "served", url))
+    lags: list[float] = []
+    done = threading.Event()
+
+    def poll_health() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert client.get("/health").status_code == 200
+                lags.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            query = {"model": CHAT, "prompt_tokens": 40, "output_tokens": 30}
+            small = http.get("/v1/benchmarks/estimate", params={**query, "num_requests": 1000}).json()
+            poller = threading.Thread(target=poll_health)
+            poller.start()
+            time.sleep(0.2)
+            started = time.perf_counter()
+            huge = http.get("/v1/benchmarks/estimate", params={**query, "num_requests": 10_000_000})
+            elapsed = time.perf_counter() - started
+            time.sleep(0.2)
+            done.set()
+            poller.join(timeout=30)
+    finally:
+        done.set()
+        server.stop()
+        stop()
+    assert huge.status_code == 200, huge.text
+    assert elapsed < 10  # generous for a loaded machine; listing 10^7 requests took minutes
+    run = huge.json()["seconds"] - huge.json()["load_seconds"]
+    assert run == pytest.approx((small["seconds"] - small["load_seconds"]) * 10_000, rel=0.05)
+    assert huge.json()["low"] >= 0 and len(lags) >= 5 and max(lags) < 2, lags
+
+
+async def test_benchmark_host_details_are_for_admin_keys(swept: Path, tmp_path: Path,
+                                                         make_settings: Callable[..., Settings]) -> None:
+    data = shutil.copytree(swept, tmp_path / "keyed")
+    settings = make_settings("http://127.0.0.1:9", data_dir=data, api_keys="sk-tenant-0123456789",
+                             admin_keys="sk-admin-0123456789")
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        tenant = (await client.get("/v1/benchmarks/runs",
+                                   headers={"Authorization": "Bearer sk-tenant-0123456789"})).json()["data"]
+        admin = (await client.get("/v1/benchmarks/runs",
+                                  headers={"Authorization": "Bearer sk-admin-0123456789"})).json()["data"]
+    assert len(tenant) == len(admin) == 1
+    assert admin[0]["hostname"] and "cpu" in admin[0] and "notebook_path" in admin[0]
+    assert not {"hostname", "cpu", "notebook_path"} & set(tenant[0])
+    assert tenant[0]["models"] == admin[0]["models"]  # what was measured stays visible to all

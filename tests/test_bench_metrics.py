@@ -4,6 +4,7 @@ threshold, sweep ordering, workloads, and the estimator (fits, makespan, paralle
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ from obatch.bench.estimate import (
     least_squares,
     makespan,
     makespan_at,
+    makespan_runs,
     mean_context,
     shape_of,
 )
@@ -306,3 +308,44 @@ def test_estimate_serialises_to_json_types() -> None:
     made = estimate_from_fits([_fake_fit(2)], Shape.uniform(10, 10, 10)).as_dict()
     assert {"seconds", "low", "high", "num_ctx", "concurrency", "best", "candidates", "points", "notes"} <= set(made)
     assert all(not isinstance(v, float) or math.isfinite(v) for v in made.values())
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 50, 1001])
+@pytest.mark.parametrize(("concurrency", "parallelism"), [(1, 1.0), (4, 4.0), (4, 2.5), (8, 3.0), (16, 16.0)])
+def test_a_uniform_workload_is_estimated_without_listing_its_requests(n: int, concurrency: int,
+                                                                      parallelism: float) -> None:
+    """``Shape.uniform`` holds one request and a count; its running time must be exactly that of the n requests
+    listed one by one (first wave included), however many there are."""
+    fit = _fake_fit(concurrency, per_token_ms=12.0)
+    fit.p0, fit.p1, fit.overhead_ms, fit.parallelism, fit.ctx_slope = 0.8, 0.001, 7.0, parallelism, 0.002
+    listed = Shape([300.0] * n, [40.0] * n)
+    uniform = Shape.uniform(n, 300, 40)
+    assert uniform.n == n and len(uniform.prompt_tokens) == 1
+    assert fit.run_seconds(uniform) == pytest.approx(fit.run_seconds(listed), rel=1e-9)
+    assert (uniform.mean_prompt, uniform.mean_output, uniform.need) == (listed.mean_prompt, listed.mean_output,
+                                                                        listed.need)
+
+
+def test_makespan_of_runs_matches_the_listed_jobs() -> None:
+    runs = [(500.0, 3), (90.0, 40), (130.0, 5), (20.0, 97)]
+    listed = [s for s, count in runs for _ in range(count)]
+    for workers in (1, 2, 3, 4, 7, 200):
+        assert makespan_runs(runs, workers) == pytest.approx(makespan(listed, workers), rel=1e-12)
+
+
+def test_a_huge_uniform_workload_costs_no_more_than_a_small_one() -> None:
+    fits = [_fake_fit(1), _fake_fit(4), _fake_fit(8)]
+    started = time.perf_counter()
+    small = estimate_from_fits(fits, Shape.uniform(1000, 50, 100))
+    small_s = time.perf_counter() - started
+    started = time.perf_counter()
+    huge = estimate_from_fits(fits, Shape.uniform(10**12, 50, 100))
+    assert time.perf_counter() - started < max(1.0, 50 * small_s)  # 10^12 listed requests would never finish
+    assert huge.seconds - huge.load_seconds == pytest.approx((small.seconds - small.load_seconds) * 10**9, rel=1e-3)
+
+
+def test_the_low_end_of_the_interval_is_never_negative() -> None:
+    wild = _fake_fit(4, efficiency=(0.1, 1.0, 3.0))  # repeats that disagree wildly: a margin over 100%
+    made = estimate_from_fits([wild], Shape.uniform(1, 50, 100), concurrency=64)
+    assert made.high > 2 * (made.seconds - made.load_seconds)
+    assert made.low == pytest.approx(made.load_seconds) and made.low >= 0

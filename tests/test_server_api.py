@@ -17,6 +17,7 @@ from openai.types import Batch
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import jsonl
 from tests.serverkit import (
+    ADMIN_KEY,
     CHAT,
     EMBED,
     FINAL,
@@ -223,7 +224,7 @@ def test_health_and_metrics(obatch_server: ServerProcess) -> None:
         assert health.status_code == 200
         assert health.json()["db"] == "ok" and health.json()["backend"]["reachable"] is True
         assert http.get("/metrics").status_code == 401
-        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {KEYS['dave']}"})
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
         for name in ("obatch_http_requests_total", "obatch_batch_lines{status=\"succeeded\"}", "obatch_queue_depth",

@@ -48,13 +48,14 @@ are ``max_tokens`` times the share of max_tokens the model's finished batch answ
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,21 +96,23 @@ class Shape:
     output_tokens: list[float]
     cached: list[float] | None = None  # share of each prompt the engine's prefix cache already holds (0-1)
     notes: list[str] = field(default_factory=list)
+    count: int | None = None  # set: the workload is this many copies of the one request listed
 
     def requests(self) -> list[tuple[float, float, float]]:
-        """(prompt tokens, output tokens, cached share) per request."""
-        cached = self.cached or [0.0] * self.n
+        """(prompt tokens, output tokens, cached share) per listed request."""
+        cached = self.cached or [0.0] * len(self.prompt_tokens)
         return list(zip(self.prompt_tokens, self.output_tokens, cached, strict=True))
 
     @classmethod
     def uniform(cls, num_requests: int, prompt_tokens: float, output_tokens: float) -> Shape:
+        """``num_requests`` equal requests, held as one (the estimate's cost does not grow with their number)."""
         if num_requests < 1 or prompt_tokens < 0 or output_tokens < 0:
             raise errors.ConfigError("num_requests must be positive and token lengths non-negative.")
-        return cls([float(prompt_tokens)] * num_requests, [float(output_tokens)] * num_requests)
+        return cls([float(prompt_tokens)], [float(output_tokens)], count=num_requests)
 
     @property
     def n(self) -> int:
-        return len(self.prompt_tokens)
+        return len(self.prompt_tokens) if self.count is None else self.count
 
     @property
     def need(self) -> int:
@@ -118,11 +121,11 @@ class Shape:
 
     @property
     def mean_prompt(self) -> float:
-        return sum(self.prompt_tokens) / self.n if self.n else 0.0
+        return sum(self.prompt_tokens) / len(self.prompt_tokens) if self.prompt_tokens else 0.0
 
     @property
     def mean_output(self) -> float:
-        return sum(self.output_tokens) / self.n if self.n else 0.0
+        return sum(self.output_tokens) / len(self.output_tokens) if self.output_tokens else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,13 +258,46 @@ def makespan(service_ms: Sequence[float], workers: int) -> float:
     return max(ends)
 
 
-def makespan_at(service_ms: Sequence[float], parallelism: float) -> float:
-    """``makespan`` for a fractional number of servers, linear between the two whole numbers around it."""
+def makespan_runs(runs: Sequence[tuple[float, int]], workers: int) -> float:
+    """``makespan`` of runs of equal jobs ((service ms, how many) in order), in time independent of how many.
+
+    Within a run, once the workers' end times lie within one job's length of each other, the next ``workers`` jobs
+    go one to each (the earliest-ending worker's new end is at least the latest's), so whole rounds are added at
+    once; only the jobs before that and the remainder are placed one by one. The ends' multiset, and so the
+    makespan, is what ``makespan`` finds on the expanded list."""
+    ends = [0.0] * max(1, min(workers, sum(n for _, n in runs)))
+    top = 0.0
+    for service, count in runs:
+        while count and top - ends[0] > service:
+            top = max(top, ends[0] + service)
+            heapq.heapreplace(ends, ends[0] + service)
+            count -= 1
+        rounds, count = divmod(count, len(ends))
+        if rounds:
+            ends = [e + rounds * service for e in ends]  # a constant shift keeps the heap a heap
+            top += rounds * service
+        for _ in range(count):
+            top = max(top, ends[0] + service)
+            heapq.heapreplace(ends, ends[0] + service)
+    return top
+
+
+def _interpolated(makespan_of: Callable[[int], float], parallelism: float) -> float:
     low = max(1, math.floor(parallelism))
-    at_low = makespan(service_ms, low)
+    at_low = makespan_of(low)
     if parallelism <= low:
         return at_low
-    return at_low + (makespan(service_ms, low + 1) - at_low) * (parallelism - low)
+    return at_low + (makespan_of(low + 1) - at_low) * (parallelism - low)
+
+
+def makespan_at(service_ms: Sequence[float], parallelism: float) -> float:
+    """``makespan`` for a fractional number of servers, linear between the two whole numbers around it."""
+    return _interpolated(lambda workers: makespan(service_ms, workers), parallelism)
+
+
+def makespan_runs_at(runs: Sequence[tuple[float, int]], parallelism: float) -> float:
+    """``makespan_runs`` for a fractional number of servers (as ``makespan_at``)."""
+    return _interpolated(lambda workers: makespan_runs(runs, workers), parallelism)
 
 
 def effective_parallelism(service_ms: Sequence[float], wall_ms: float, concurrency: int) -> float:
@@ -350,7 +386,18 @@ class ConfigFit:
                 out[i] += sum(own) - mine
         return out
 
+    def uniform_runs(self, shape: Shape) -> list[tuple[float, int]]:
+        """``services`` of a uniform shape (``shape.count`` copies of one request) as runs of equal service times:
+        the first wave's, then the rest's. One request's context and stall are those of many equal ones."""
+        one = shape.requests()[:1]
+        prompt, _, cached = one[0]
+        service = self.services(one)[0]
+        wave = min(self.concurrency, shape.n)
+        return [(service + (wave - 1) * self.prompt_ms(prompt, cached), wave), (service, shape.n - wave)]
+
     def run_seconds(self, shape: Shape) -> float:
+        if shape.count is not None:
+            return self.k * makespan_runs_at(self.uniform_runs(shape), self.parallelism) / 1000
         return self.k * makespan_at(self.services(shape.requests()), self.parallelism) / 1000
 
     def covers(self, shape: Shape) -> bool:
@@ -467,6 +514,10 @@ async def fits_for(session: AsyncSession, model: str, backend: str | None = None
             newest[(p.num_ctx, p.concurrency)] = p.run_id
     chosen = [p for p in points if p.backend == backend and newest[(p.num_ctx, p.concurrency)] == p.run_id]
     samples = await bench_repo.samples_of(session, [p.id for p in chosen if p.id is not None])
+    return await asyncio.to_thread(_fit_configs, chosen, samples)  # CPU work: off the event loop
+
+
+def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow]) -> list[ConfigFit]:
     by_config: dict[tuple[int, int], list[BenchPointRow]] = defaultdict(list)
     for p in chosen:
         by_config[(p.num_ctx, p.concurrency)].append(p)
@@ -623,7 +674,7 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
               for f in used for i in f.point_ids]
     return Estimate(
         model=basis.model, backend=basis.backend, num_requests=shape.n, prompt_tokens_mean=shape.mean_prompt,
-        output_tokens_mean=shape.mean_output, seconds=seconds, low=run_seconds * (1 - margin) + load,
+        output_tokens_mean=shape.mean_output, seconds=seconds, low=max(0.0, run_seconds * (1 - margin)) + load,
         high=run_seconds * (1 + margin) + load, load_seconds=load, num_ctx=chosen_ctx, concurrency=chosen_c,
         req_per_s=shape.n / seconds if seconds > 0 else 0.0, best=best, candidates=candidates, points=points,
         history_factor=factor, history_batches=len(ratios), notes=notes,
@@ -672,9 +723,10 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
             raise errors.ConfigError("Give model, num_requests, prompt_tokens and output_tokens, or an input file.",
                                      param="num_requests")
         fits = await fits_preferring(session, model, backend)
-        return [estimate_from_fits(fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
-                                   num_ctx=num_ctx, concurrency=concurrency, include_load=include_load,
-                                   history=await history_ratios(session, model, fits[0].backend))]
+        history = await history_ratios(session, model, fits[0].backend)
+        return [await asyncio.to_thread(
+            functools.partial(estimate_from_fits, fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
+                              num_ctx=num_ctx, concurrency=concurrency, include_load=include_load, history=history))]
     rows = await asyncio.to_thread(file_rows, file, model)
     if not rows:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
@@ -684,11 +736,18 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
     out = []
     for name, requests in groups.items():
         fits = await fits_preferring(session, name, backend)
-        shape = shape_of(requests, await calibration_for(session, name, fits), window=concurrency or DEFAULT_WINDOW)
-        out.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
-                                      include_load=include_load,
-                                      history=await history_ratios(session, name, fits[0].backend)))
+        calibration = await calibration_for(session, name, fits)
+        history = await history_ratios(session, name, fits[0].backend)
+        out.append(await asyncio.to_thread(_estimate_rows, fits, requests, calibration, window=concurrency or
+                                           DEFAULT_WINDOW, num_ctx=num_ctx, concurrency=concurrency,
+                                           include_load=include_load, history=history))
     return out
+
+
+def _estimate_rows(fits: Sequence[ConfigFit], rows: Sequence[tuple[int, int | None, str | None]],
+                   calibration: TokenCalibration, *, window: int, **options: Any) -> Estimate:
+    """``shape_of`` then ``estimate_from_fits``: the CPU part of an estimate, run in a worker thread."""
+    return estimate_from_fits(fits, shape_of(rows, calibration, window=window), **options)
 
 
 async def estimate(session: AsyncSession, model: str, **kwargs: Any) -> Estimate:
@@ -721,9 +780,10 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
                      for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
             rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
             window = concurrency or max(f.concurrency for f in fits)
-            shape = shape_of(rows_with_text, await calibration_for(session, model, fits), window=window)
-            parts.append(estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency,
-                                            history=await history_ratios(session, model, backend.name)))
+            calibration = await calibration_for(session, model, fits)
+            history = await history_ratios(session, model, backend.name)
+            parts.append(await asyncio.to_thread(_estimate_rows, fits, rows_with_text, calibration, window=window,
+                                                 num_ctx=num_ctx, concurrency=concurrency, history=history))
     if not parts:
         return None
     return {

@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.middleware import DefineMiddleware
-from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 
 from obatch import batches
@@ -28,8 +28,9 @@ from obatch.server.benchmarks import BenchmarksController
 from obatch.server.controllers import BatchesController, FilesController, PassthroughController, SystemController
 from obatch.server.deps import providers
 from obatch.server.errors import exception_handler
+from obatch.server.guard import body_timeouts, json_guard
 from obatch.server.metrics import Metrics
-from obatch.server.observe import request_middleware
+from obatch.server.observe import log_unrouted, request_middleware
 from obatch.store.db import open_store
 from obatch.worker import BatchWorker
 
@@ -81,7 +82,16 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                 await client.aclose()
             await engine.dispose()
 
-    middleware: list[Any] = [request_middleware(metrics), DefineMiddleware(auth.ApiKeyAuth, keys=keys)]
+    # Outermost first: request ids and the access log; body timeouts; the per-address limit before
+    # authentication (wrong keys count too); authentication; the per-key limit.
+    middleware: list[Any] = [request_middleware(metrics),
+                             body_timeouts(settings.body_idle_timeout, settings.upload_timeout)]
+    if settings.address_rate_limit_per_minute:
+        middleware.append(DefineMiddleware(auth.AddressRateLimit, config=RateLimitConfig(
+            rate_limit=("minute", settings.address_rate_limit_per_minute), identifier_for_request=get_remote_address,
+            exclude=["^/health$"])))
+    middleware.append(DefineMiddleware(auth.ApiKeyAuth, keys=keys, admins=auth.load_admins(settings),
+                                       failures=auth.FailureLimiter(settings.auth_failures_per_minute)))
     if settings.rate_limit_per_minute:
         middleware.append(RateLimitConfig(rate_limit=("minute", settings.rate_limit_per_minute),
                                           identifier_for_request=auth.rate_limit_identity,
@@ -93,6 +103,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         lifespan=[lifespan],
         dependencies=providers(),
         middleware=middleware,
+        before_request=json_guard(settings.max_json_depth),
+        before_send=[log_unrouted(metrics)],
         exception_handlers={Exception: exception_handler},
         cors_config=CORSConfig(allow_origins=origins, allow_headers=["*"], allow_methods=["GET", "POST", "DELETE"])
         if origins else None,

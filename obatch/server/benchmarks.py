@@ -1,5 +1,8 @@
 """``/v1/benchmarks``: best config per model, a model's history, models side by side, estimates for a workload,
-and the estimate-vs-actual record of finished batches. Each handler is one call into ``obatch.bench.service``."""
+and the estimate-vs-actual record of finished batches. Each handler is one call into ``obatch.bench.service``.
+
+Every number a caller passes is bounded (a workload of 10^18 requests or a 1e300-token prompt is refused with a
+400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) are for admin keys."""
 
 from __future__ import annotations
 
@@ -10,9 +13,16 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 
 from obatch.bench import service
 from obatch.protocol import ListPage
-from obatch.server.deps import Owner, Svc
+from obatch.server.deps import Admin, Owner, Svc
 
-Positive = Annotated[int | None, QueryParameter(ge=1)]
+MAX_REQUESTS = 10_000_000  # requests in an estimated workload (the estimate's cost does not grow with it)
+MAX_TOKENS = 10_000_000  # prompt / output tokens of one request, num_ctx
+MAX_CONCURRENCY = 1024  # as Settings.concurrency
+HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells about the machine and its files
+
+Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
+Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
+Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
 
 
 def _page(items: list[dict[str, Any]]) -> ListPage:
@@ -30,7 +40,7 @@ class BenchmarksController(Controller):
 
     @get("/models/{name:str}", summary="Every stored point of a model, filterable by num_ctx and concurrency")
     async def history(self, svc: Svc, name: FromPath[str], num_ctx: Positive = None,
-                      concurrency: Positive = None) -> ListPage:
+                      concurrency: Concurrency = None) -> ListPage:
         async with svc.sessions() as session:
             return _page(await service.model_history(session, name, num_ctx=num_ctx, concurrency=concurrency))
 
@@ -42,11 +52,10 @@ class BenchmarksController(Controller):
 
     @get("/estimate", summary="Expected duration of a workload, its interval, the best config, the points used")
     async def estimate(self, svc: Svc, owner: Owner, model: FromQuery[str | None] = None,
-                       num_requests: Positive = None,
-                       prompt_tokens: Annotated[float | None, QueryParameter(ge=0)] = None,
-                       output_tokens: Annotated[float | None, QueryParameter(ge=0)] = None,
+                       num_requests: Annotated[int | None, QueryParameter(ge=1, le=MAX_REQUESTS)] = None,
+                       prompt_tokens: Tokens = None, output_tokens: Tokens = None,
                        input_file_id: FromQuery[str | None] = None, num_ctx: Positive = None,
-                       concurrency: Positive = None) -> dict[str, Any]:
+                       concurrency: Concurrency = None) -> dict[str, Any]:
         async with svc.sessions() as session:
             return await service.estimate(
                 session, svc.settings, owner, backend=svc.backend.name, input_file_id=input_file_id, model=model,
@@ -59,6 +68,7 @@ class BenchmarksController(Controller):
             return _page(await service.estimate_records(session, owner))
 
     @get("/runs", summary="Benchmark runs with their parameters and environment")
-    async def runs(self, svc: Svc) -> ListPage:
+    async def runs(self, svc: Svc, admin: Admin) -> ListPage:
         async with svc.sessions() as session:
-            return _page(await service.list_runs(session))
+            runs = await service.list_runs(session)
+        return _page(runs if admin else [{k: v for k, v in r.items() if k not in HOST_FIELDS} for r in runs])

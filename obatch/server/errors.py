@@ -70,7 +70,8 @@ def describe(exc: BaseException, method: str = "", path: str = "") -> tuple[int,
         reset = (exc.headers or {}).get("RateLimit-Reset", "1")
         headers.update(exc.headers or {})
         headers["retry-after"] = str(max(int(reset) if str(reset).isdigit() else 1, 1))
-        message = "Rate limit reached for this API key; retry after the time in the Retry-After header."
+        message = ("Rate limit reached for this API key or client address; retry after the time in the Retry-After "
+                   "header.")
     elif isinstance(exc, NotFoundException):
         status, code, message = 404, "unknown_url", f"Invalid URL ({method} {path})."
     elif isinstance(exc, MethodNotAllowedException):
@@ -78,8 +79,11 @@ def describe(exc: BaseException, method: str = "", path: str = "") -> tuple[int,
         headers.update(exc.headers or {})
     elif isinstance(exc, HTTPException):
         status = exc.status_code
-        code = "request_too_large" if status == 413 else "invalid_request" if status < 500 else "server_error"
+        code = {413: "request_too_large", 408: "request_timeout"}.get(
+            status, "invalid_request" if status < 500 else "server_error")
         message = str(exc.detail) if status < 500 else "The server failed to process the request."
+        if status == 408:
+            headers.update(exc.headers or {})  # Connection: close: the rest of the body is not waited for
     else:
         status, code, message = 500, "server_error", "The server failed to process the request."
     if status == 409:

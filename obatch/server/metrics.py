@@ -1,4 +1,8 @@
-"""Prometheus metrics of one app (its own registry, nothing global) and the backend wrapper that times requests."""
+"""Prometheus metrics of one app (its own registry, nothing global) and the backend wrapper that times requests.
+
+An admin key sees the whole server; any other key sees ``tenant_metrics``: its own batches, lines and queue, in the
+same metric names, and nothing about other keys' traffic.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select
+from sqlmodel import col
 
 from obatch import errors
 from obatch.backends.base import Backend, BackendWrapper, Result
 from obatch.batches import Services
 from obatch.protocol import BatchStatus
 from obatch.store import repo
+from obatch.store.tables import BatchRow, RequestRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STATUSES: tuple[BatchStatus, ...] = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
@@ -56,6 +63,31 @@ class Metrics:
 
     def wrap(self, backend: Backend) -> MeteredBackend:
         return MeteredBackend(backend, self.backend_seconds)
+
+
+async def tenant_metrics(svc: Services, owner: str) -> bytes:
+    """The store's gauges counted over one owner's batches only, rendered in the Prometheus text format."""
+    mine = col(BatchRow.owner) == owner
+    joined = col(BatchRow.id) == col(RequestRow.batch_id)
+    async with svc.sessions() as session:
+        by_status = dict((await session.execute(
+            select(col(BatchRow.status), func.count()).where(mine).group_by(col(BatchRow.status)))).all())
+        by_state = dict((await session.execute(
+            select(col(RequestRow.state), func.count()).join(BatchRow, joined).where(mine)
+            .group_by(col(RequestRow.state)))).all())
+        queued = (await session.execute(
+            select(func.count()).select_from(RequestRow).join(BatchRow, joined)
+            .where(mine, col(RequestRow.state) == "pending",
+                   col(BatchRow.status).in_(("validating", "in_progress"))))).scalar()
+    registry = CollectorRegistry(auto_describe=True)
+    batches = Gauge("obatch_batches", "Your batches by status.", ["status"], registry=registry)
+    lines = Gauge("obatch_batch_lines", "Your batch lines (requests) by status.", ["status"], registry=registry)
+    for status in _STATUSES:
+        batches.labels(status).set(by_status.get(status, 0))
+    for state in _LINE_STATES:
+        lines.labels(state).set(by_state.get(state, 0))
+    Gauge("obatch_queue_depth", "Your lines waiting to run in active batches.", registry=registry).set(queued or 0)
+    return generate_latest(registry)
 
 
 class MeteredBackend(BackendWrapper):

@@ -3,7 +3,8 @@
 Each request gets an id (the caller's ``X-Request-ID`` when it is a sane token, else a new one), echoed in the
 ``x-request-id`` response header (the OpenAI SDK exposes it as ``_request_id``) and written on every log line
 about the request. Logged: method, path (no query string), route, status, duration, owner id. Never logged:
-headers, bodies, keys.
+headers, bodies, keys. Responses Litestar gives before any route's middleware runs (404 unknown path, 405 wrong
+method) are logged by ``log_unrouted`` so that scans show in the log too.
 """
 
 from __future__ import annotations
@@ -54,6 +55,24 @@ def configure_logging(level: str = "INFO") -> None:
 
 def request_id_of(scope: Scope) -> str | None:
     return cast(dict[str, Any], scope).get("obatch_request_id")
+
+
+def log_unrouted(metrics: Metrics) -> Callable[[Message, Scope], Any]:
+    """A ``before_send`` hook: a response that started without ``request_middleware`` (no route matched) gets a
+    request id, a metrics count and an access-log line like every other."""
+
+    async def hook(message: Message, scope: Scope) -> None:
+        if message["type"] != "http.response.start" or request_id_of(scope) is not None:
+            return
+        request_id = f"req_{uuid.uuid4().hex}"
+        cast(dict[str, Any], scope)["obatch_request_id"] = request_id
+        message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+        method, status = str(scope.get("method", "")), int(message["status"])
+        metrics.requests.labels(method, "unmatched", str(status)).inc()
+        access.info("request", extra={"request_id": request_id, "method": method, "path": scope.get("path"),
+                                      "route": "unmatched", "status": status, "duration_ms": None, "owner": None})
+
+    return hook
 
 
 def request_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from obatch import batches, errors
 from obatch.batches import Services
-from obatch.jsonl import check_line
+from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import Batch, FileObject, ListPage, endpoint_problem
 from obatch.store import repo
 from obatch.worker import BatchWorker
@@ -91,6 +91,10 @@ def _check_create(svc: Services, request: BatchCreate) -> None:
     problem = endpoint_problem(request.endpoint)
     if problem is not None:
         raise errors.ConfigError(problem, code="unsupported_endpoint", param="endpoint")
+    if request.model is not None:
+        why = model_problem(request.model) if request.model else "must not be empty"
+        if why:
+            raise errors.ConfigError(f"model {why}.", code="invalid_value", param="model")
     metadata = request.metadata or {}
     if len(metadata) > METADATA_PAIRS or any(len(k) > METADATA_KEY or len(v) > METADATA_VALUE
                                              for k, v in metadata.items()):
@@ -139,7 +143,8 @@ def _checked(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
     """The request body, validated with the same rules as a batch line (400 otherwise)."""
     if not body.get("model") and svc.settings.default_model:
         body["model"] = svc.settings.default_model
-    item = check_line(1, {"custom_id": "request", "method": "POST", "url": url, "body": body})
+    item = check_line(1, {"custom_id": "request", "method": "POST", "url": url, "body": body},
+                      policy=EnginePolicy.from_settings(svc.settings))
     if isinstance(item, errors.LineProblem):
         param = item.param.removeprefix("body.") if item.param else None
         raise errors.ConfigError(item.message.replace("body.", ""), code=item.code, param=param)

@@ -3,16 +3,21 @@
 The ``file`` part's bytes go from the socket to ``batches.store_file`` (which writes them to disk and enforces
 ``max_file_bytes``) without being held in memory or spooled to a temporary file; the small ``purpose`` part may
 come before or after it. An over-limit upload is answered 413; the rest of its body is read and dropped (up to a
-bound) first, so that a client still sending sees the answer instead of a reset connection.
+bound) first, so that a client still sending sees the answer instead of a reset connection. An upload that would
+take its key past ``max_storage_bytes_per_key`` (all of the key's stored files, batch outputs included) is refused
+the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser, parse_options_header
+from sqlalchemy import func, select
+from sqlmodel import col
 
 from obatch import batches, errors
 from obatch.batches import Services
@@ -95,9 +100,37 @@ async def _field(events: AsyncIterator[MultipartSegment | bytes | None], name: s
 
 
 def _filename(raw: str) -> str:
-    """Shown back to the caller only (ids name the stored bytes): the last path component, at most 255 chars."""
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    """Shown back to the caller only (ids name the stored bytes): the last path component without control or
+    format characters (NUL, CR, LF, bidi overrides: they would forge log lines and listings), at most 255 chars."""
+    shown = "".join(c for c in raw if unicodedata.category(c) not in {"Cc", "Cf", "Cs", "Zl", "Zp"})
+    name = shown.replace("\\", "/").rsplit("/", 1)[-1].strip()
     return (name or "upload.jsonl")[:255]
+
+
+async def _room(svc: Services, owner: str) -> int | None:
+    """Bytes the owner may still store (None: no quota)."""
+    quota = svc.settings.max_storage_bytes_per_key
+    if not quota:
+        return None
+    async with svc.sessions() as session:
+        used = (await session.execute(select(func.coalesce(func.sum(col(FileRow.bytes)), 0))
+                                      .where(col(FileRow.owner) == owner))).scalar()
+    return quota - int(used or 0)
+
+
+def _over_quota(quota: int) -> errors.ConfigError:
+    return errors.ConfigError(f"This upload would exceed the storage quota of {quota} bytes per API key; delete "
+                              "files you no longer need.", code="storage_quota_exceeded", param="file")
+
+
+async def _within(chunks: AsyncGenerator[bytes], room: int | None, quota: int) -> AsyncGenerator[bytes]:
+    size = 0
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            size += len(chunk)
+            if room is not None and size > room:
+                raise _over_quota(quota)
+            yield chunk
 
 
 async def _parse(svc: Services, body: _Body, boundary: str, owner: str) -> tuple[FileRow | None, dict[str, str]]:
@@ -112,7 +145,10 @@ async def _parse(svc: Services, body: _Body, boundary: str, owner: str) -> tuple
             if event.name == "file" and event.filename is not None:
                 if stored is not None:
                     raise errors.ConfigError("Send exactly one 'file' part.", param="file")
-                chunks = _segment(events)
+                room = await _room(svc, owner)
+                if room is not None and room <= 0:
+                    raise _over_quota(svc.settings.max_storage_bytes_per_key)
+                chunks = _within(_segment(events), room, svc.settings.max_storage_bytes_per_key)
                 async with contextlib.aclosing(chunks):
                     stored = await batches.store_file(svc, chunks, filename=_filename(event.filename),
                                                       purpose=fields.get("purpose", "batch"), owner=owner)

@@ -1,4 +1,5 @@
-"""``/health`` (no key needed: DB and backend reachability) and ``/metrics`` (Prometheus text format)."""
+"""``/health`` (no key needed: DB and backend reachability) and ``/metrics`` (Prometheus text format: the whole
+server's for an admin key, the caller's own batches and lines for any other key)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 from litestar import Controller, Response, get
 
 from obatch.server import operations as ops
-from obatch.server.deps import MetricsDep, Svc, Worker
-from obatch.server.metrics import CONTENT_TYPE
+from obatch.server.deps import Admin, MetricsDep, Owner, Svc, Worker
+from obatch.server.metrics import CONTENT_TYPE, tenant_metrics
 
 
 class SystemController(Controller):
@@ -21,6 +22,9 @@ class SystemController(Controller):
         return Response(report, status_code=200 if healthy else 503)
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def metrics(self, svc: Svc, worker: Worker, metrics: MetricsDep) -> Response[bytes]:
+    async def metrics(self, svc: Svc, worker: Worker, metrics: MetricsDep, owner: Owner,
+                      admin: Admin) -> Response[bytes]:
+        if not admin:
+            return Response(await tenant_metrics(svc, owner or ""), media_type=CONTENT_TYPE)
         await metrics.refresh(svc, len(worker.running))
         return Response(metrics.render(), media_type=CONTENT_TYPE)

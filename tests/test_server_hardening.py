@@ -1,0 +1,276 @@
+"""What one careless or hostile client must not be able to do to a server its team shares: guess keys unlimited,
+tune the shared engine, crash a route or a whole batch with nesting, slip odd text into stored fields, fill the
+disk, or read other tenants' numbers. Each test fails on the server as it was before these limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from litestar.testing import AsyncTestClient
+
+from obatch.config import Settings
+from obatch.server import auth, create_app
+from obatch.testing.ollama_sim import OllamaSim
+from tests.helpers import chat_line, jsonl
+from tests.serverkit import assert_openai_error
+
+KEYS = {"alice": "sk-alice-0123456789abcdef", "bob": "sk-bob-0123456789abcdef"}
+ADMIN = "sk-admin-0123456789abcdef"
+CHAT = "/v1/chat/completions"
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+ALICE, BOB = bearer(KEYS["alice"]), bearer(KEYS["bob"])
+
+
+@pytest.fixture
+def server(obatch_sim: OllamaSim, make_settings: Callable[..., Settings]
+           ) -> Callable[..., AsyncTestClient[Any]]:
+    """An app with two tenant keys and an admin key (the simulator in its own thread behind it); keyword arguments
+    override settings."""
+
+    def build(**overrides: Any) -> AsyncTestClient[Any]:
+        values: dict[str, Any] = {"api_keys": ",".join(KEYS.values()), "admin_keys": ADMIN,
+                                  "worker_poll_interval": 0.05, "min_completion_window": 1}
+        values.update(overrides)
+        return AsyncTestClient(create_app(make_settings(obatch_sim.url, **values)))
+
+    return build
+
+
+@pytest.fixture
+async def api(server: Callable[..., AsyncTestClient[Any]]) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with server() as client:
+        yield client
+
+
+async def upload(api: AsyncTestClient[Any], content: bytes, headers: dict[str, str] = ALICE,
+                 name: str = "in.jsonl") -> Any:
+    return await api.post("/v1/files", data={"purpose": "batch"}, headers=headers,
+                          files={"file": (name, content, "application/octet-stream")})
+
+
+async def run_batch(api: AsyncTestClient[Any], lines: list[dict[str, Any]] | bytes,
+                    headers: dict[str, str] = ALICE) -> dict[str, Any]:
+    stored = await upload(api, lines if isinstance(lines, bytes) else jsonl(lines), headers)
+    assert stored.status_code == 200, stored.text
+    created = await api.post("/v1/batches", headers=headers, json={
+        "input_file_id": stored.json()["id"], "endpoint": CHAT, "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    batch: dict[str, Any] = created.json()
+    deadline = time.monotonic() + 30
+    while batch["status"] not in FINAL:
+        assert time.monotonic() < deadline, f"batch stuck in {batch['status']}"
+        await asyncio.sleep(0.05)
+        batch = (await api.get(f"/v1/batches/{batch['id']}", headers=headers)).json()
+    return batch
+
+
+def nested(depth: int) -> Any:
+    """A value ``depth`` levels deep, objects and arrays alternating."""
+    value: Any = "leaf"
+    for level in range(depth):
+        value = {"x": value} if level % 2 else [value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ keys and limits
+
+
+async def test_failed_logins_are_limited_per_address(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    async with server(auth_failures_per_minute=5) as api:
+        for i in range(5):
+            assert_openai_error(await api.get("/v1/batches", headers=bearer(f"sk-guess-{i}")), 401)
+        refused = await api.get("/v1/batches", headers=bearer("sk-guess-6"))
+        assert assert_openai_error(refused, 429)["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        # the address is refused whatever it sends now: a right key cannot be told apart from a wrong one
+        assert_openai_error(await api.get("/v1/batches", headers=ALICE), 429)
+        assert (await api.get("/health")).status_code == 200
+
+
+async def test_the_address_limit_counts_requests_of_every_key(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    async with server(address_rate_limit_per_minute=6, rate_limit_per_minute=1000) as api:
+        for headers in (ALICE, BOB, ALICE, BOB, {}, bearer("sk-wrong")):
+            assert (await api.get("/v1/batches", headers=headers)).status_code in (200, 401)
+        assert_openai_error(await api.get("/v1/batches", headers=BOB), 429)
+
+
+async def test_keys_are_compared_in_constant_time(api: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    compared: list[int] = []
+    real = auth.hmac.compare_digest
+
+    def counting(a: Any, b: Any) -> bool:
+        compared.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    for headers, status in ((ALICE, 200), (bearer("sk-nobody"), 401), (bearer(ADMIN), 200)):
+        compared.clear()
+        assert (await api.get("/v1/batches", headers=headers)).status_code == status
+        assert len(compared) == 3  # every known key, whether one matched early or none did
+
+
+# ---------------------------------------------------------------------------------------- engine policy
+
+REFUSED = {
+    "options.num_gpu": ({"options": {"num_gpu": 99}}, "option_not_allowed"),
+    "options.num_thread": ({"options": {"num_thread": 64}}, "option_not_allowed"),
+    "options.num_ctx": ({"options": {"num_ctx": 10_000_000}}, "invalid_value"),
+    "num_ctx": ({"num_ctx": 10_000_000}, "invalid_value"),
+    "keep_alive": ({"keep_alive": "24h"}, "option_not_allowed"),
+    "max_tokens -1": ({"max_tokens": -1}, "invalid_value"),
+    "max_tokens 1e9": ({"max_tokens": 1e9}, "invalid_value"),
+    "max_completion_tokens": ({"max_completion_tokens": 10**9}, "invalid_value"),
+    "options.num_predict": ({"options": {"num_predict": -1}}, "invalid_value"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+async def test_pass_through_refuses_engine_tuning(api: AsyncTestClient[Any], name: str) -> None:
+    extra, code = REFUSED[name]
+    body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}], **extra}
+    error = assert_openai_error(await api.post(CHAT, json=body, headers=ALICE), 400)
+    assert error["code"] == code and error["param"] and name.split()[0] in error["param"], error
+    assert "body." not in error["message"]
+
+
+async def test_pass_through_allows_what_the_policy_allows(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "options": {"temperature": 0.1, "seed": 3, "num_ctx": 4096}}
+    async with server() as api:
+        assert (await api.post(CHAT, json=body, headers=ALICE)).status_code == 200
+        assert (await api.post(CHAT, json={**body, "keep_alive": "1m"}, headers=ALICE)).status_code == 400
+    async with server(client_engine_options="temperature,seed,num_thread", allow_client_keep_alive=True,
+                      max_client_num_ctx=0) as api:
+        wider = {**body, "keep_alive": "1m", "options": {"num_thread": 2}}
+        assert (await api.post(CHAT, json=wider, headers=ALICE)).status_code == 200
+        no_ctx = await api.post(CHAT, json={**body, "options": {"num_ctx": 2048}}, headers=ALICE)
+        assert assert_openai_error(no_ctx, 400)["code"] == "option_not_allowed"
+
+
+async def test_batch_lines_that_tune_the_engine_fail_validation_on_their_line(api: AsyncTestClient[Any]) -> None:
+    lines = [chat_line("ok", max_tokens=4)]
+    lines += [chat_line(f"bad{i}", **extra) for i, (extra, _) in enumerate(REFUSED.values())]
+    batch = await run_batch(api, lines)
+    assert batch["status"] == "failed"
+    found = {e["line"]: e["code"] for e in batch["errors"]["data"]}
+    assert found == {i + 2: code for i, (_, code) in enumerate(REFUSED.values())}
+
+
+# ---------------------------------------------------------------------------------------------- nesting
+
+
+@pytest.mark.parametrize("path", ["/v1/batches", CHAT, "/v1/completions", "/v1/embeddings"])
+async def test_deeply_nested_json_bodies_are_400(api: AsyncTestClient[Any], path: str) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = await api.post(path, content=body, headers={**ALICE, "content-type": "application/json"})
+    assert assert_openai_error(response, 400)["code"] == "json_too_deep"
+    inner = await api.post(path, json={"model": "m", "messages": nested(70), "input": "x", "prompt": "x",
+                                       "input_file_id": "f", "endpoint": CHAT, "completion_window": "1h"},
+                           headers=ALICE)
+    assert assert_openai_error(inner, 400)["code"] == "json_too_deep"
+
+
+@pytest.mark.parametrize("depth", [100, 300, 1000])
+async def test_a_deeply_nested_line_fails_validation_on_its_line(api: AsyncTestClient[Any], depth: int) -> None:
+    """256-1024 levels once passed validation, failed to serialise in the import and failed the whole batch with
+    internal_error after its retries; now any line past the limit is an input error on its line."""
+    deep = chat_line("deep")
+    deep["body"]["metadata"] = "NESTED"
+    line = orjson.dumps(deep).replace(b'"NESTED"', b"[" * depth + b"]" * depth)
+    batch = await run_batch(api, jsonl([chat_line("a", max_tokens=4)]) + line + b"\n" +
+                            jsonl([chat_line("c", max_tokens=4)]))
+    assert batch["status"] == "failed", batch
+    assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [(2, "json_too_deep")]
+
+
+# -------------------------------------------------------------------------------------- stored text
+
+
+@pytest.mark.parametrize("window", ["\u0662\u0664h", " 24h", "24h\n", "24 h", "2" * 4301 + "h", "1234567h", "24H",
+                                    "\uff12\uff14h"])
+async def test_completion_window_is_strict_ascii(api: AsyncTestClient[Any], window: str) -> None:
+    stored = await upload(api, jsonl([chat_line("a")]))
+    response = await api.post("/v1/batches", headers=ALICE, json={
+        "input_file_id": stored.json()["id"], "endpoint": CHAT, "completion_window": window})
+    error = assert_openai_error(response, 400)
+    assert error["param"] == "completion_window" and len(error["message"]) < 200
+
+
+@pytest.mark.parametrize("model", ["m" * 100_000, "llama3.2:1b\nINFO forged log line", "a\x00b", "\u202emodel", ""])
+async def test_batch_model_is_length_and_charset_limited(api: AsyncTestClient[Any], model: str) -> None:
+    stored = await upload(api, jsonl([chat_line("a")]))
+    response = await api.post("/v1/batches", headers=ALICE, json={
+        "input_file_id": stored.json()["id"], "endpoint": CHAT, "completion_window": "24h", "model": model})
+    assert assert_openai_error(response, 400)["param"] == "model"
+    line = chat_line("a", model=model) if model else None
+    if line is not None:
+        batch = await run_batch(api, [line])
+        assert batch["status"] == "failed" and batch["errors"]["data"][0]["param"] == "body.model"
+
+
+async def test_upload_filenames_lose_control_characters(api: AsyncTestClient[Any]) -> None:
+    raw = "a\x00b\x1b[31m\u202ec\tname.jsonl"
+    boundary = "xYzBoundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{raw}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + jsonl([chat_line("a")]) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    response = await api.post("/v1/files", content=body,
+                              headers={**ALICE, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["filename"] == "ab[31mcname.jsonl"
+
+
+async def test_storage_quota_per_key(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    content = jsonl([chat_line(f"r{i}") for i in range(4)])  # about 500 bytes
+    async with server(max_storage_bytes_per_key=3 * len(content) // 2) as api:
+        first = await upload(api, content)
+        assert first.status_code == 200
+        refused = await upload(api, content)
+        assert assert_openai_error(refused, 400)["code"] == "storage_quota_exceeded"
+        assert (await upload(api, content, BOB)).status_code == 200  # another key has its own quota
+        listed = (await api.get("/v1/files", headers=ALICE)).json()["data"]
+        assert [f["id"] for f in listed] == [first.json()["id"]]  # nothing of the refused upload was kept
+        assert (await api.delete(f"/v1/files/{first.json()['id']}", headers=ALICE)).status_code == 200
+        assert (await upload(api, content)).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- disclosure
+
+
+async def test_metrics_are_the_tenants_own_and_global_for_admins(api: AsyncTestClient[Any]) -> None:
+    batch = await run_batch(api, [chat_line("a", max_tokens=4), chat_line("b", max_tokens=4)])
+    assert batch["status"] == "completed"
+    mine = (await api.get("/metrics", headers=ALICE)).text
+    assert 'obatch_batches{status="completed"} 1.0' in mine and 'obatch_batch_lines{status="succeeded"} 2.0' in mine
+    theirs = (await api.get("/metrics", headers=BOB)).text
+    assert 'obatch_batches{status="completed"} 0.0' in theirs
+    for text in (mine, theirs):
+        assert "obatch_http_requests" not in text and "obatch_backend_request" not in text
+    everything = (await api.get("/metrics", headers=bearer(ADMIN))).text
+    assert "obatch_http_requests_total" in everything and 'obatch_batches{status="completed"} 1.0' in everything
+
+
+async def test_every_response_reaches_the_access_log(api: AsyncTestClient[Any], caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    with caplog.at_level(logging.INFO, logger="obatch.server.access"):
+        unknown = await api.get("/wp-admin/setup.php")
+        wrong_method = await api.delete("/health")
+        ok = await api.get("/v1/files", headers=ALICE)
+    assert (unknown.status_code, wrong_method.status_code, ok.status_code) == (404, 405, 200)
+    logged = [(r.path, r.status) for r in caplog.records if r.name == "obatch.server.access"]  # type: ignore[attr-defined]
+    assert logged == [("/wp-admin/setup.php", 404), ("/health", 405), ("/v1/files", 200)]
+    assert unknown.headers["x-request-id"].startswith("req_")
