@@ -170,3 +170,25 @@ async def test_auto_backs_off_on_503_bursts_and_loses_no_line() -> None:
     assert all(o.error is None for o in outcomes)
     limit = pool.hosts[0].limit
     assert limit.level <= 8 and any("busy" in c.reason for c in limit.history), limit.history
+
+
+def test_auto_is_the_default_of_the_command_line_and_urls_follow_one_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from obatch.cli import _parser, _settings
+
+    for key in [k for k in __import__("os").environ if k.startswith("OBATCH_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    plain = _settings(_parser().parse_args(["run", "in.jsonl"]))
+    assert plain.concurrency == "auto"
+    assert _settings(_parser().parse_args(["run", "in.jsonl", "-c", "6"])).concurrency == 6
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "in.jsonl", "-c", "many"])
+    pooled = _settings(_parser().parse_args(["run", "in.jsonl", "--url", "http://a:11434",
+                                             "--url", "http://b:11434,http://c:8000/v1"]))
+    assert pooled.ollama_urls == ["http://a:11434", "http://b:11434"]
+    assert pooled.openai_base_urls == ["http://c:8000/v1"]
+    # the backend named in the environment decides what a bare --url is (it used to become an Ollama URL)
+    monkeypatch.setenv("OBATCH_BACKEND", "openai")
+    chosen = _settings(_parser().parse_args(["run", "in.jsonl", "--url", "http://engine:8000/v1"]))
+    assert chosen.backend == "openai" and chosen.openai_base_urls == ["http://engine:8000/v1"]
+    assert chosen.ollama_urls == ["http://127.0.0.1:11434"]
