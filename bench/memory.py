@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from simproc import start_sim
 
 
 def write_input(path: Path, n: int, endpoint: str) -> None:
@@ -35,17 +36,6 @@ def write_input(path: Path, n: int, endpoint: str) -> None:
                         "body": {"model": "llama3.2:1b", "max_tokens": 8,
                                  "messages": [{"role": "user", "content": f"Question number {i}: say something."}]}}
             handle.write(orjson.dumps(line) + b"\n")
-
-
-def start_sim() -> tuple[subprocess.Popen[str], str]:
-    sim = subprocess.Popen([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", "0", "--num-parallel", "64",
-                            "--max-queue", "4096"], stdout=subprocess.PIPE, text=True)
-    assert sim.stdout is not None
-    line = sim.stdout.readline()
-    match = re.search(r"(http://\S+)", line)
-    if not match:
-        raise SystemExit(f"the simulator did not start: {line!r}")
-    return sim, match.group(1)
 
 
 def measure(n: int, url: str, concurrency: int, work: Path, endpoint: str) -> tuple[float, float]:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import io
 import os
-import re
 import resource
 import socket
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from simproc import start_sim
 
 from obatch.backends.ollama import OllamaBackend
 from obatch.backends.pool import fixed
@@ -38,17 +38,6 @@ from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 
 MODEL = "llama3.2:1b"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
-def start_sim() -> tuple[subprocess.Popen[str], str]:
-    sim = subprocess.Popen([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", "0", "--num-parallel", "64",
-                            "--max-queue", "4096"], stdout=subprocess.PIPE, text=True)
-    assert sim.stdout is not None
-    line = sim.stdout.readline()
-    match = re.search(r"(http://\S+)", line)
-    if not match:
-        raise SystemExit(f"the simulator did not start: {line!r}")
-    return sim, match.group(1)
 
 
 def write_input(path: Path, n: int) -> Path:

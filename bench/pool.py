@@ -23,17 +23,7 @@ import time
 from pathlib import Path
 
 import orjson
-
-
-def start_sim(slots: int, decode_tps: float) -> tuple[subprocess.Popen[str], str]:
-    sim = subprocess.Popen([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", "0", "--num-parallel",
-                            str(slots), "--decode-tps", str(decode_tps)], stdout=subprocess.PIPE, text=True)
-    assert sim.stdout is not None
-    line = sim.stdout.readline()
-    match = re.search(r"(http://\S+)", line)
-    if not match:
-        raise SystemExit(f"the simulator did not start: {line!r}")
-    return sim, match.group(1)
+from simproc import start_sim
 
 
 def run(source: Path, urls: list[str], work: Path, *, kill: subprocess.Popen[str] | None = None,
@@ -60,8 +50,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--decode-tps", type=float, default=400.0)
     args = parser.parse_args()
-    small, small_url = start_sim(2, args.decode_tps)
-    big, big_url = start_sim(6, args.decode_tps)
+    small, small_url = start_sim("--num-parallel", "2", "--decode-tps", str(args.decode_tps))
+    big, big_url = start_sim("--num-parallel", "6", "--decode-tps", str(args.decode_tps))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / "in.jsonl"

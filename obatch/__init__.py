@@ -6,8 +6,9 @@ Importing obatch starts nothing and imports no web or UI framework.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from obatch._lazy import lazy_names
 
 if TYPE_CHECKING:
     from obatch.api import RunReport, results_frame, run, run_batch_file, run_sync
@@ -20,14 +21,7 @@ __version__ = "0.1.0"
 # The public names load on first use (PEP 562): `obatch` on a command line should not pay for the notebook API.
 _HOME = {"ObatchError": "obatch.errors", "Settings": "obatch.config", "RunReport": "obatch.api",
          "results_frame": "obatch.api", "run": "obatch.api", "run_batch_file": "obatch.api", "run_sync": "obatch.api"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'obatch' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _HOME, globals())
 
 
 def __dir__() -> list[str]:

@@ -12,9 +12,10 @@ Charts live in ``obatch.bench.charts`` (imported on demand: altair is only neede
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from obatch._lazy import lazy_names
 
 if TYPE_CHECKING:
     from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
@@ -35,14 +36,7 @@ _HOME = {
     **dict.fromkeys(["Report", "load_report", "store_settings"], "obatch.bench.views"),
     **dict.fromkeys(["WORKLOADS", "Lengths", "Workload", "parse_workload"], "obatch.bench.workloads"),
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'obatch.bench' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _HOME, globals())
 
 
 __all__ = [
