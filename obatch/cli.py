@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch import errors
+from obatch._extras import require
 from obatch.config import Settings
 
 
@@ -45,7 +46,7 @@ async def _run(args: argparse.Namespace) -> int:
 
         frame = await results_frame(_settings(args), report.batch.id)
         for row in frame.head(args.show).iter_rows(named=True):
-            text = (row["content"] or row["error"] or "").strip().replace("\n", " ")
+            text = (row["content"] or row["error_message"] or "").strip().replace("\n", " ")
             print(f"  {row['custom_id']}: {text[:160]}")
     return 0
 
@@ -72,6 +73,7 @@ async def _ui(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    require("server")
     import uvicorn
 
     from obatch.server import create_app

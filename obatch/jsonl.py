@@ -162,12 +162,6 @@ def summarise(problems: list[LineProblem], name: str) -> str:
     return f"{name} is not a valid batch file: {head}{more}"
 
 
-def requests_to_lines(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    """Serialise request dicts as JSONL lines (for writing a notebook's list of requests to a file)."""
-    for request in requests:
-        yield orjson.dumps(request) + b"\n"
-
-
 def _hashed(lines: Iterable[bytes], digest: Any) -> Iterator[bytes]:
     for line in lines:
         digest.update(line)

@@ -6,9 +6,11 @@ live in ``obatch.store`` and are converted to these, never returned as they are.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf
 
 ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
@@ -35,23 +37,42 @@ class RequestLine(BaseModel):
 
 
 class ResponseBody(_Wire):
+    """``body`` is a dict when a line is read. When obatch writes a line from the store it is the stored JSON text
+    as an ``orjson.Fragment``: a million-line output file is written without parsing every response again."""
+
     status_code: int
     request_id: str
-    body: dict[str, Any]
+    body: dict[str, Any] | InstanceOf[orjson.Fragment]
 
 
 class LineError(_Wire):
-    code: str
-    message: str
+    code: str | None
+    message: str | None
+
+
+class LineStats(_Wire):
+    """What obatch measured for a line, beside OpenAI's fields (clients that do not know ``obatch`` ignore it)."""
+
+    line: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    attempts: int | None = None
+    num_ctx: int | None = None
+    truncated: bool | None = None
 
 
 class OutputLine(_Wire):
-    """One line of an output or error file: exactly one ``response`` or ``error``."""
+    """One line of an output or error file: a ``response``, an ``error``, or both (an engine's error answer)."""
 
     id: str
     custom_id: str
     response: ResponseBody | None = None
     error: LineError | None = None
+    obatch: LineStats | None = None
+
+    def to_jsonl(self) -> bytes:
+        """The line as written to a file (``orjson`` passes a raw response body through unparsed)."""
+        return orjson.dumps(self.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
 
 
 class FileObject(_Wire):
@@ -144,3 +165,25 @@ class ListPage(_Wire):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+
+def new_id(kind: str, *, sep: str = "-", length: int = 24) -> str:
+    """A fresh id in OpenAI's style: ``file-…``, ``batch-…``, ``chatcmpl-…``; request ids use ``sep="_"`` and 32
+    hex digits (``batch_req_…``)."""
+    return f"{kind}{sep}{uuid.uuid4().hex[:length]}"
+
+
+def response_content(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(text, finish_reason) of a chat or completion response body; a chat answer that only calls tools gives the
+    calls as JSON. (None, None) for bodies without choices (embeddings)."""
+    choices = body.get("choices") or []
+    first = choices[0] if choices and isinstance(choices[0], dict) else None
+    if first is None:
+        return None, None
+    message = first.get("message")
+    if not isinstance(message, dict):
+        return first.get("text"), first.get("finish_reason")
+    content = message.get("content")
+    if not content and message.get("tool_calls"):
+        content = orjson.dumps(message["tool_calls"]).decode()
+    return content, first.get("finish_reason")

@@ -8,7 +8,6 @@ its transport's and engine's faults once, in its ``_send``.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +16,7 @@ import httpx
 import orjson
 
 from obatch import errors
+from obatch.protocol import new_id as new_id  # the backends' id helper is the protocol's
 
 
 @dataclass(slots=True)
@@ -113,10 +113,6 @@ class BackendWrapper:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

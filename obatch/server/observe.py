@@ -12,7 +12,6 @@ import logging
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -20,6 +19,7 @@ import orjson
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from obatch.protocol import new_id
 from obatch.server.errors import send_error
 from obatch.server.metrics import Metrics
 
@@ -52,10 +52,6 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def request_id_of(scope: Scope) -> str | None:
-    return cast(dict[str, Any], scope).get("obatch_request_id")
-
-
 def request_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
     """The middleware factory Litestar wraps around every route (listed first: outermost)."""
 
@@ -65,7 +61,7 @@ def request_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
                 await app(scope, receive, send)
                 return
             given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-            request_id = given if _SANE_ID.match(given) else f"req_{uuid.uuid4().hex}"
+            request_id = given if _SANE_ID.match(given) else new_id("req", sep="_", length=32)
             cast(dict[str, Any], scope)["obatch_request_id"] = request_id
             started = time.perf_counter()
             status = 0

@@ -5,6 +5,7 @@ tables and their filters, benchmark charts) is a function of plain data, checked
 One module per subject; the pages use them through this package (``views.preview_file``).
 """
 
+from obatch.api import RESULT_SCHEMA
 from obatch.protocol import FINAL_STATUSES
 from obatch.ui.views._values import options_of
 from obatch.ui.views.batches import (
@@ -39,7 +40,7 @@ from obatch.ui.views.estimates import (
     format_seconds,
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
-from obatch.ui.views.results import RESULT_SCHEMA, filter_results, results_frame
+from obatch.ui.views.results import filter_results, results_frame
 from obatch.ui.views.server import Health, models_frame, read_health
 
 __all__ = [

@@ -3,70 +3,54 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import orjson
 import polars as pl
 
-RESULT_SCHEMA = {
-    "custom_id": pl.Utf8, "status": pl.Utf8, "status_code": pl.Int64, "finish_reason": pl.Utf8,
-    "content": pl.Utf8, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "latency_ms": pl.Float64,
-    "error_code": pl.Utf8, "error_message": pl.Utf8,
-}
-_LATENCY_KEYS = ("latency_ms", "duration_ms", "total_ms")
+from obatch.api import RESULT_SCHEMA
+from obatch.protocol import LineStats, OutputLine, response_content
 
 
-def _latency(line: Mapping[str, Any], response: Mapping[str, Any], body: Mapping[str, Any]) -> float | None:
-    """obatch may add a latency to an output line (top level, response or an ``obatch``/``timings`` object)."""
-    for holder in (line, response, body, line.get("obatch") or {}, response.get("obatch") or {},
-                   body.get("obatch") or {}, body.get("timings") or {}):
-        if isinstance(holder, Mapping):
-            for key in _LATENCY_KEYS:
-                value = holder.get(key)
-                if isinstance(value, int | float):
-                    return float(value)
-    return None
-
-
-def _result_row(line: Mapping[str, Any]) -> dict[str, Any]:
-    response = line.get("response") or {}
-    body = response.get("body") or {} if isinstance(response, Mapping) else {}
-    error = line.get("error") or (body.get("error") if isinstance(body.get("error"), Mapping) else None) or {}
-    status_code = response.get("status_code") if isinstance(response, Mapping) else None
-    ok = bool(response) and not line.get("error") and isinstance(status_code, int) and status_code < 400
-    choices = body.get("choices") or []
-    first = choices[0] if choices and isinstance(choices[0], Mapping) else {}
-    message = first.get("message") or {}
-    content = message.get("content") if isinstance(message, Mapping) else None
-    if content is None:
-        content = first.get("text")
-    if content is None and body.get("data"):  # embeddings: show the vector size
-        vector = body["data"][0].get("embedding") if isinstance(body["data"][0], Mapping) else None
+def _content(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The notebook API's content column, or an embedding's size (a vector is no use in a table)."""
+    content, finish_reason = response_content(body)
+    data = body.get("data")
+    if content is None and isinstance(data, list) and data and isinstance(data[0], dict):
+        vector = data[0].get("embedding")
         content = f"[embedding of {len(vector)} values]" if isinstance(vector, list) else None
+    return content, finish_reason
+
+
+def _result_row(line: OutputLine) -> dict[str, Any]:
+    response = line.response
+    body = response.body if response is not None and isinstance(response.body, dict) else {}
+    status_code = response.status_code if response is not None else None
+    ok = line.error is None and status_code is not None and status_code < 400
+    content, finish_reason = _content(body)
     usage = body.get("usage") or {}
+    stats = line.obatch or LineStats()
     return {
-        "custom_id": line.get("custom_id"), "status": "succeeded" if ok else "failed",
-        "status_code": status_code, "finish_reason": first.get("finish_reason"), "content": content,
-        "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-        "latency_ms": _latency(line, response, body),
-        "error_code": error.get("code") if isinstance(error, Mapping) else None,
-        "error_message": error.get("message") if isinstance(error, Mapping) else None,
+        "line": stats.line, "custom_id": line.custom_id, "model": body.get("model"),
+        "status": "succeeded" if ok else "failed", "status_code": status_code, "content": content,
+        "finish_reason": finish_reason, "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"), "latency_ms": stats.latency_ms,
+        "ttft_ms": stats.ttft_ms, "num_ctx": stats.num_ctx, "truncated": stats.truncated,
+        "attempts": stats.attempts, "error_code": line.error.code if line.error else None,
+        "error_message": line.error.message if line.error else None,
     }
 
 
-def _jsonl(data: bytes | None) -> Iterable[Mapping[str, Any]]:
+def _lines(data: bytes | None) -> Iterable[OutputLine]:
     for raw in io.BytesIO(data or b""):
-        raw = raw.strip()
-        if raw:
-            value = orjson.loads(raw)
-            if isinstance(value, Mapping):
-                yield value
+        if raw.strip():
+            yield OutputLine.model_validate_json(raw)
 
 
 def results_frame(output: bytes | None, errors: bytes | None = None) -> pl.DataFrame:
-    """Output and error files → one row per request (matched on ``custom_id``, sorted by it)."""
-    rows = [_result_row(line) for data in (output, errors) for line in _jsonl(data)]
+    """Output and error files → one row per request (matched on ``custom_id``, sorted by it), in the notebook API's
+    ``RESULT_SCHEMA``. A line that is not an output line fails loudly (``pydantic.ValidationError``)."""
+    rows = [_result_row(line) for data in (output, errors) for line in _lines(data)]
     return pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("custom_id")
 
 
