@@ -1,4 +1,5 @@
-"""``obatch`` command line: the only place that calls ``asyncio.run``."""
+"""``obatch`` command line. Handlers are coroutines; ``main`` runs one with ``asyncio.run`` and turns obatch's
+errors into one line on stderr and an exit status (``api.run_sync`` is the notebook's other way onto a loop)."""
 
 from __future__ import annotations
 

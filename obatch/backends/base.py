@@ -1,8 +1,9 @@
 """The one protocol every backend implements, and the pieces they share.
 
 A backend takes an OpenAI request body for one endpoint and returns an OpenAI response body, plus the engine's own
-timings (benchmarks need them). It raises only ``obatch.errors.BackendError`` subclasses: each backend translates
-its transport's and engine's faults once, in its ``_send``.
+timings (benchmarks need them). It raises only ``obatch.errors.BackendError`` subclasses: the two calls every
+backend sends through, ``send_json`` and ``stream_lines``, translate transport faults with ``translate`` and an
+engine's error answer with ``errors.from_status``, once.
 """
 
 from __future__ import annotations

@@ -18,8 +18,13 @@ from obatch.backends import Backend, open_backend
 from obatch.batches import Services
 from obatch.config import Settings
 from obatch.server import auth
-from obatch.server.benchmarks import BenchmarksController
-from obatch.server.controllers import BatchesController, FilesController, PassthroughController, SystemController
+from obatch.server.controllers import (
+    BatchesController,
+    BenchmarksController,
+    FilesController,
+    PassthroughController,
+    SystemController,
+)
 from obatch.server.deps import providers
 from obatch.server.errors import exception_handler
 from obatch.server.metrics import Metrics
