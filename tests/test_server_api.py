@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types import Batch
@@ -210,11 +211,37 @@ def test_pass_through_chat_stream_embeddings_models(alice: OpenAI) -> None:
 
 
 async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
+    """The stream as the wire carries it: ``data:`` events holding one completion's chunks, the role first, no
+    finish_reason until the last choice (``length`` at max_tokens), usage on the last chunk, then ``[DONE]``."""
+    request = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
+               "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=obatch_server.v1, timeout=30,
+                                 headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http:
+        async with http.stream("POST", "/chat/completions", json=request) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            raw = (await response.aread()).decode()
+    events = [event for event in raw.split("\n\n") if event.strip()]
+    assert all(event.startswith("data: ") for event in events), events
+    assert events[-1] == "data: [DONE]"
+    chunks = [orjson.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert len(chunks) >= 2
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[0]["delta"].get("role") == "assistant"
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert "".join(c["delta"].get("content") or "" for c in choices)
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
     async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         stream = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=4, stream=True)
-        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-        assert "".join(parts)
+                                                      max_tokens=4, stream=True,
+                                                      stream_options={"include_usage": True})
+        parsed = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+    assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == 4
 
 
 def test_health_and_metrics(obatch_server: ServerProcess) -> None:
