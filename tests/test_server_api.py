@@ -216,11 +216,11 @@ async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
     request = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
                "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(base_url=obatch_server.v1, timeout=30,
-                                 headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http:
-        async with http.stream("POST", "/chat/completions", json=request) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            raw = (await response.aread()).decode()
+                                 headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http, \
+            http.stream("POST", "/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = (await response.aread()).decode()
     events = [event for event in raw.split("\n\n") if event.strip()]
     assert all(event.startswith("data: ") for event in events), events
     assert events[-1] == "data: [DONE]"

@@ -107,6 +107,7 @@ def sweep_output_path(data_dir: Path, name: str, now: dt.datetime | None = None)
 
 async def sweep(args: argparse.Namespace) -> int:
     """Run notebooks/sweep.ipynb with papermill into data/runs/<timestamp>-<name>.ipynb."""
+    require("notebooks", "papermill", "ipykernel")
     settings = _settings(args)
     notebook = Path(args.notebook) if args.notebook else SWEEP_NOTEBOOK
     if not notebook.is_file():
