@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import polars as pl
@@ -25,6 +25,7 @@ from obatch.batches import Services, create_batch, file_path, process, read_chun
 from obatch.config import Settings
 from obatch.jsonl import Limits, validate_file
 from obatch.progress import progress_bar
+from obatch.protocol import Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow, RequestRow
@@ -81,7 +82,9 @@ def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, en
                 body = {"messages": [{"role": "user", "content": item}]}
             if model:
                 body["model"] = model
-            item = {"custom_id": f"request-{i}", "method": "POST", "url": endpoint, "body": body}
+            # Not validated here: the file's validation reports a bad endpoint or body with its line, like any other.
+            item = RequestLine.model_construct(custom_id=f"request-{i}", method="POST",
+                                               url=cast(Endpoint, endpoint), body=body).model_dump()
         line = dict(item)
         if defaults and isinstance(line.get("body"), dict):
             line["body"] = {**defaults, **line["body"]}

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from obatch.errors import InputFileError, LineProblem
-from obatch.protocol import ENDPOINTS
+from obatch.protocol import ENDPOINTS, RequestLine
 
 BOM = b"\xef\xbb\xbf"
 MAX_PROBLEMS = 1000
@@ -52,10 +52,11 @@ class Limits:
 def check_line(
     line_no: int, obj: Any, *, endpoint: str | None = None, model: str | None = None
 ) -> Request | LineProblem:
-    """Validate one decoded JSON value as a batch request line. ``model`` overrides ``body.model``."""
+    """Validate one decoded JSON value as a batch request line (``protocol.RequestLine``, checked field by field so
+    that each problem gets OpenAI's code and the field it concerns). ``model`` overrides ``body.model``."""
     if not isinstance(obj, dict):
         return LineProblem(line_no, "invalid_json_line", "Each line must be a JSON object.")
-    unknown = set(obj) - {"custom_id", "method", "url", "body"}
+    unknown = set(obj) - RequestLine.model_fields.keys()
     if unknown:
         return LineProblem(line_no, "invalid_request", f"Unknown field(s): {', '.join(sorted(unknown))}.")
     custom_id = obj.get("custom_id")
