@@ -71,8 +71,18 @@ class OutputLine(_Wire):
     obatch: LineStats | None = None
 
     def to_jsonl(self) -> bytes:
-        """The line as written to a file (``orjson`` passes a raw response body through unparsed)."""
-        return orjson.dumps(self.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
+        """The line as written to a file. orjson writes the validated fields as they stand (these models have no
+        aliases or serializers) and passes a raw response body through unparsed: a third of the cost of
+        ``model_dump`` on the million-line path."""
+        return orjson.dumps(self, default=_fields, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """orjson's ``default`` for a nested model: its fields, then any extra ones."""
+    if isinstance(value, BaseModel):
+        extra = value.__pydantic_extra__
+        return {**value.__dict__, **extra} if extra else value.__dict__
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class FileObject(_Wire):

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from obatch import batches
 from obatch.api import RESULT_SCHEMA
 from obatch.errors import ConfigError
-from obatch.protocol import Batch
+from obatch.protocol import Batch, LineError, OutputLine
 from obatch.store.tables import RequestRow
 from obatch.ui import views
 from obatch.ui.launch import find_app, streamlit_command
@@ -135,6 +135,11 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
             RequestRow(line=3, custom_id="late", state="pending", **common)]
     written = [batches._line(row, "batch_expired") for row in rows]
     assert [ok for ok, _ in written] == [True, False, False]
+    for _, data in written:  # the fast writer says what model_dump says
+        line = OutputLine.model_validate_json(data)
+        assert line.to_jsonl() == data == orjson.dumps(line.model_dump()) + b"\n"
+    extra = OutputLine(id="x", custom_id="y", error=LineError(code="c", message="m", hint="h"), note=1)
+    assert orjson.loads(extra.to_jsonl()) == extra.model_dump()
     output = b"".join(data for ok, data in written if ok)
     error = b"".join(data for ok, data in written if not ok)
     bad = orjson.loads(error.splitlines()[0])
