@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck pytest browser serve ui sweep bench-memory clean
+.PHONY: install demo test lint typecheck pytest pytest-random browser serve ui sweep bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ pytest: install browser
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
+
+# The suite in a random order (a new seed each run, printed first; `pytest -p randomly --randomly-seed=N` replays).
+pytest-random: install
+	$(VENV)/bin/pytest -p randomly -m "not engine and not browser"
 
 serve: install
 	$(VENV)/bin/obatch serve & server=$$!; trap "kill $$server" EXIT; $(VENV)/bin/obatch ui
