@@ -1,4 +1,5 @@
-"""Reading loosely typed API answers: nested objects flattened, numbers taken from whatever JSON type they came in."""
+"""Helpers the view modules share: loosely typed API answers read (nested objects flattened, numbers taken from
+whatever JSON type they came in) and a column's choices for a filter."""
 
 from __future__ import annotations
 
