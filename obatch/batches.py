@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ from sqlmodel import col
 from obatch import context, errors
 from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
-from obatch.backends.responses import output_text
 from obatch.config import Settings
 from obatch.jsonl import EnginePolicy, Limits, Request, iter_file, validate_file
 from obatch.protocol import (
@@ -42,9 +40,17 @@ from obatch.protocol import (
     BatchErrorItem,
     BatchErrors,
     BatchUsage,
+    ErrorDetail,
+    ErrorResponse,
     FileObject,
+    LineError,
+    LineStats,
+    OutputLine,
     OutputTokensDetails,
     RequestCounts,
+    ResponseBody,
+    new_id,
+    response_content,
 )
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.store import repo
@@ -93,13 +99,11 @@ class Services:
 
     @property
     def policy(self) -> RetryPolicy:
-        s = self.settings
-        return RetryPolicy(max_attempts=s.max_attempts, initial_wait=s.retry_initial_wait,
-                           max_wait=s.retry_max_wait, timeout=s.request_timeout)
+        return RetryPolicy.from_settings(self.settings)
 
 
-def new_id(kind: str) -> str:
-    return f"{kind}-{uuid.uuid4().hex[:24]}"
+def _request_id() -> str:
+    return new_id("batch_req", sep="_", length=32)
 
 
 def file_path(settings: Settings, file_id: str) -> Path:
@@ -254,12 +258,11 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
                                            model=batch.model)
     except errors.InputFileError as exc:
         await _set(svc, batch, status="failed", failed_at=int(svc.clock()),
-                   errors_json=orjson.dumps([p.as_dict() for p in exc.problems]).decode())
+                   errors_json=errors.problems_json(exc.problems))
         return
     except FileNotFoundError:
-        await _set(svc, batch, status="failed", failed_at=int(svc.clock()), errors_json=orjson.dumps(
-            [{"code": "file_missing", "line": None, "message": "The input file is gone.", "param": None}]
-        ).decode())
+        gone = errors.LineProblem(None, "file_missing", "The input file is gone.")
+        await _set(svc, batch, status="failed", failed_at=int(svc.clock()), errors_json=errors.problems_json([gone]))
         return
     async with svc.sessions() as session:
         await repo.replace_requests(session, batch.id)
@@ -307,27 +310,10 @@ async def reload(svc: Services, batch_id: str) -> BatchRow:
 # ------------------------------------------------------------------------------------------- results
 
 
-def _content(url: str, body: dict[str, Any]) -> tuple[str | None, str | None]:
-    if url == "/v1/responses":
-        incomplete = body.get("status") == "incomplete"
-        return output_text(body), "length" if incomplete else "stop"
-    choices = body.get("choices") or []
-    if not choices:
-        return None, None
-    first = choices[0]
-    if url == "/v1/chat/completions":
-        message = first.get("message") or {}
-        content = message.get("content")
-        if not content and message.get("tool_calls"):
-            content = orjson.dumps(message["tool_calls"]).decode()
-        return content, first.get("finish_reason")
-    return first.get("text"), first.get("finish_reason")
-
-
 def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
     job, result, error = outcome.job, outcome.result, outcome.error
     row: dict[str, Any] = {
-        "batch_id": batch_id, "line": job.line, "request_id": f"batch_req_{uuid.uuid4().hex}",
+        "batch_id": batch_id, "line": job.line, "request_id": _request_id(),
         "latency_ms": outcome.latency_ms, "attempts": outcome.attempts, "finished_at": outcome.finished_at,
         "num_ctx": job.num_ctx, "response": None, "error_code": None, "error_message": None, "content": None,
         "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "reasoning_tokens": None,
@@ -336,7 +322,7 @@ def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
     }
     if result is not None:
         usage = result.body.get("usage") or {}
-        content, finish = _content(job.url, result.body)
+        content, finish = response_content(result.body)
         prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", result.timings.prompt_tokens))
         details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         row.update(
@@ -512,35 +498,34 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 # ----------------------------------------------------------------------------------------- finalising
 
 
-def _extras(row: RequestRow) -> dict[str, Any]:
-    """What obatch measured for a line, beside OpenAI's fields (clients that do not know it ignore it)."""
-    return {"latency_ms": row.latency_ms, "attempts": row.attempts, "num_ctx": row.num_ctx,
-            "loaded_context": row.loaded_context, "truncated": row.truncated}
+def _stats(row: RequestRow) -> LineStats:
+    return LineStats(line=row.line, latency_ms=row.latency_ms, ttft_ms=row.ttft_ms, attempts=row.attempts,
+                     num_ctx=row.num_ctx, loaded_context=row.loaded_context, truncated=row.truncated)
 
 
 def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
-    """(is_success, output line) for one row."""
+    """(is_success, output line) for one row, written through ``OutputLine`` (the body stored as JSON text is
+    passed through unparsed)."""
     if row.state == "succeeded":
-        success: dict[str, Any] = {"status_code": row.status_code, "request_id": row.request_id,
-                                   "body": orjson.Fragment(row.response or "{}")}
-        return True, orjson.dumps({"id": row.request_id, "custom_id": row.custom_id, "response": success,
-                                   "error": None, "obatch": _extras(row)}) + b"\n"
+        success = ResponseBody(status_code=row.status_code or 200, request_id=row.request_id or _request_id(),
+                               body=orjson.Fragment(row.response or "{}"))
+        return True, OutputLine(id=row.request_id or _request_id(), custom_id=row.custom_id, response=success,
+                                obatch=_stats(row)).to_jsonl()
     if row.state == "pending":
         code = pending_code or "batch_cancelled"
         message = ("This request could not be executed before the completion window expired."
                    if code == "batch_expired" else "This request was not executed: the batch was cancelled.")
-        return False, orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": row.custom_id,
-                                    "response": None, "error": {"code": code, "message": message}}) + b"\n"
-    error = {"code": row.error_code, "message": row.error_message}
-    response: dict[str, Any] | None = None
+        return False, OutputLine(id=_request_id(), custom_id=row.custom_id, error=LineError(code=code, message=message),
+                                 obatch=LineStats(line=row.line)).to_jsonl()
+    response = None
     if row.status_code:
-        response = {"status_code": row.status_code, "request_id": row.request_id or f"req_{uuid.uuid4().hex}",
-                    "body": {"error": {"message": row.error_message, "type": "invalid_request_error"
-                                       if (row.status_code or 500) < 500 else "server_error",
-                                       "param": None, "code": row.error_code}}}
-    return False, orjson.dumps({"id": row.request_id or f"batch_req_{uuid.uuid4().hex}",
-                                "custom_id": row.custom_id, "response": response, "error": error,
-                                "obatch": _extras(row)}) + b"\n"
+        kind = "invalid_request_error" if row.status_code < 500 else "server_error"
+        detail = ErrorDetail(message=row.error_message or "", type=kind, code=row.error_code)
+        response = ResponseBody(status_code=row.status_code, request_id=row.request_id or _request_id(),
+                                body=ErrorResponse(error=detail).model_dump())
+    return False, OutputLine(id=row.request_id or _request_id(), custom_id=row.custom_id, response=response,
+                             error=LineError(code=row.error_code, message=row.error_message),
+                             obatch=_stats(row)).to_jsonl()
 
 
 async def write_results(svc: Services, batch_id: str, output: Path, error: Path,

@@ -1,5 +1,5 @@
-"""``obatch`` command line. Its ``main`` runs each command with ``asyncio.run``; the notebook's ``run_sync`` is the
-only other place that starts an event loop."""
+"""``obatch`` command line. Handlers are coroutines; ``main`` runs one with ``asyncio.run`` and turns obatch's
+errors into one line on stderr and an exit status (``api.run_sync`` is the notebook's other way onto a loop)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch import errors
+from obatch._extras import require
 from obatch.config import Settings
 
 
@@ -58,7 +59,7 @@ async def _run(args: argparse.Namespace) -> int:
 
         frame = await results_frame(_settings(args), report.batch.id)
         for row in frame.head(args.show).iter_rows(named=True):
-            text = (row["content"] or row["error"] or "").strip().replace("\n", " ")
+            text = (row["content"] or row["error_message"] or "").strip().replace("\n", " ")
             print(f"  {row['custom_id']}: {text[:160]}")
     return 0
 
@@ -96,6 +97,7 @@ async def _ui(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    require("server")
     import uvicorn
 
     from obatch.server import create_app

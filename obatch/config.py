@@ -1,7 +1,9 @@
 """Settings, read once from ``OBATCH_*`` environment variables (or a ``.env`` file) and passed down.
 
-Nothing reads the environment after start-up: the CLI, the server and the notebook API each build one
-``Settings`` and hand it to what they create.
+The CLI, the server and the notebook API each build one ``Settings`` at start-up and hand it to what they create;
+nothing below them reads the environment. The exceptions sit at the edges, outside ``Settings``: the UI's HTTP
+client (``Client.from_env``: ``OBATCH_SERVER_URL``, ``OBATCH_API_KEY``, which the server does not use) and
+``obatch ui`` (``OBATCH_UI_APP``), and both take an explicit mapping in tests.
 """
 
 from __future__ import annotations

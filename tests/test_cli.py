@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -35,6 +36,28 @@ def test_invalid_file_is_refused_before_any_request(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err
     assert code == 2
     assert "line 2: [invalid_json_line]" in err and "line 3: [invalid_url]" in err
+
+
+def test_a_batch_failed_by_the_store_reports_its_stored_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose batch ends ``failed`` (here: given up on by another process) raises with the problems the store
+    holds, and the CLI prints each."""
+    from obatch import api
+    from obatch.store import repo
+
+    async def given_up(svc: Any, batch_id: str, **_: Any) -> Any:
+        async with svc.sessions() as session:
+            await repo.mark_failed(session, batch_id, "internal_error", "The worker gave up.", at=1)
+            await session.commit()
+            return await repo.get_batch(session, batch_id)
+
+    monkeypatch.setattr(api, "process", given_up)
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line("a")])
+    code = main(["run", str(path), "--backend", "ollama", "--url", "http://127.0.0.1:9", "--data-dir",
+                 str(tmp_path / "d"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[1:] == ["  file: [internal_error] The worker gave up."], err
 
 
 def test_run_with_30_percent_transient_faults(tmp_path: Path, capsys: pytest.CaptureFixture[str],

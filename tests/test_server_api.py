@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types import Batch
@@ -111,22 +112,27 @@ async def test_async_sdk_embeddings_batch_and_delete(obatch_server: ServerProces
 
 
 def test_list_pagination_newest_first(obatch_server: ServerProcess) -> None:
+    """Other tests may have stored carol's batches and files before: the newest five are this test's, in order."""
     with OpenAI(base_url=obatch_server.v1, api_key=KEYS["carol"], max_retries=0) as carol:
+        older = [b.id for b in carol.batches.list(limit=100)]
+        older_files = {f.id for f in carol.files.list(limit=100, purpose="batch")}
         file_ids = [upload(carol, [chat_line(f"p{i}")], name=f"p{i}.jsonl") for i in range(5)]
         created = [carol.batches.create(input_file_id=f, endpoint="/v1/chat/completions",
                                         completion_window="24h").id for f in file_ids]
+        expected = created[::-1] + older
 
         first = carol.batches.list(limit=2)
-        assert [b.id for b in first.data] == created[::-1][:2] and first.has_more
+        assert [b.id for b in first.data] == expected[:2] and first.has_more
         second = carol.batches.list(limit=2, after=first.data[-1].id)
-        assert [b.id for b in second.data] == created[::-1][2:4] and second.has_more
+        assert [b.id for b in second.data] == expected[2:4] and second.has_more
         last = carol.batches.list(limit=2, after=second.data[-1].id)
-        assert [b.id for b in last.data] == created[::-1][4:] and not last.has_more
-        assert [b.id for b in carol.batches.list(limit=2)] == created[::-1]  # the SDK's auto-pagination
+        assert [b.id for b in last.data] == expected[4:6] and last.has_more == (len(expected) > 6)
+        assert [b.id for b in carol.batches.list(limit=2)] == expected  # the SDK's auto-pagination
 
         pages = carol.files.list(limit=2, purpose="batch")
         assert len(pages.data) == 2 and pages.has_more
-        assert sorted(f.id for f in carol.files.list(limit=2, purpose="batch")) == sorted(file_ids)
+        listed = [f.id for f in carol.files.list(limit=2, purpose="batch")]
+        assert len(listed) == len(set(listed)) and set(listed) == older_files | set(file_ids)
         for batch_id in created:
             assert wait(carol, batch_id).status == "completed"
 
@@ -211,11 +217,37 @@ def test_pass_through_chat_stream_embeddings_models(alice: OpenAI) -> None:
 
 
 async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
+    """The stream as the wire carries it: ``data:`` events holding one completion's chunks, the role first, no
+    finish_reason until the last choice (``length`` at max_tokens), usage on the last chunk, then ``[DONE]``."""
+    request = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
+               "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=obatch_server.v1, timeout=30,
+                                 headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http, \
+            http.stream("POST", "/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = (await response.aread()).decode()
+    events = [event for event in raw.split("\n\n") if event.strip()]
+    assert all(event.startswith("data: ") for event in events), events
+    assert events[-1] == "data: [DONE]"
+    chunks = [orjson.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert len(chunks) >= 2
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[0]["delta"].get("role") == "assistant"
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert "".join(c["delta"].get("content") or "" for c in choices)
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
     async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         stream = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=4, stream=True)
-        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-        assert "".join(parts)
+                                                      max_tokens=4, stream=True,
+                                                      stream_options={"include_usage": True})
+        parsed = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+    assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == 4
 
 
 def test_health_and_metrics(obatch_server: ServerProcess) -> None:

@@ -298,23 +298,23 @@ def test_batches_page_round_trip_on_a_real_server(obatch_server: ServerProcess) 
     """The same page against `obatch serve` (simulated Ollama): upload, submit, watch, results."""
     lines = [server_line(f"ui-{i}") for i in range(5)] + [server_line("ui-missing", model="no-such-model")]
     at = AppTest.from_file(str(ROOT / "pages/batches.py"), default_timeout=TIMEOUT)
-    api = Client(obatch_server.url, api_key=KEYS["dave"])
-    at.session_state[CLIENT_KEY] = api
-    at.run()
-    at.file_uploader(key="upload").set_value(("ui.jsonl", server_jsonl(lines), "application/octet-stream")).run()
-    assert "6 requests, all valid" in texts(at.success)[0]
-    at.button(key="submit").click().run()
-    no_exception(at)
-    batch_id = at.selectbox(key="batch_pick").value
-    deadline = time.monotonic() + 30
-    while api.get_batch(batch_id).status not in FINAL and time.monotonic() < deadline:
-        time.sleep(0.2)
-    at.run()
-    no_exception(at)
-    assert texts(at.markdown)[0].startswith(f"**{batch_id}** · status **`completed`**")
-    assert {b.label for b in at.get("download_button")} == {"Download output", "Download errors"}
-    results = table(at, "custom_id", "finish_reason")
-    assert sorted(results["custom_id"]) == sorted(line["custom_id"] for line in lines)
-    failed = results[results["status"] == "failed"]
-    assert list(failed["custom_id"]) == ["ui-missing"]
-    assert list(failed["error_code"]) == ["model_not_found"]
+    with Client(obatch_server.url, api_key=KEYS["dave"]) as api:  # closed: no socket left to the server
+        at.session_state[CLIENT_KEY] = api
+        at.run()
+        at.file_uploader(key="upload").set_value(("ui.jsonl", server_jsonl(lines), "application/octet-stream")).run()
+        assert "6 requests, all valid" in texts(at.success)[0]
+        at.button(key="submit").click().run()
+        no_exception(at)
+        batch_id = at.selectbox(key="batch_pick").value
+        deadline = time.monotonic() + 30
+        while api.get_batch(batch_id).status not in FINAL and time.monotonic() < deadline:
+            time.sleep(0.2)
+        at.run()
+        no_exception(at)
+        assert texts(at.markdown)[0].startswith(f"**{batch_id}** · status **`completed`**")
+        assert {b.label for b in at.get("download_button")} == {"Download output", "Download errors"}
+        results = table(at, "custom_id", "finish_reason")
+        assert sorted(results["custom_id"]) == sorted(line["custom_id"] for line in lines)
+        failed = results[results["status"] == "failed"]
+        assert list(failed["custom_id"]) == ["ui-missing"]
+        assert list(failed["error_code"]) == ["model_not_found"]

@@ -7,9 +7,13 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
+from obatch import batches
+from obatch.api import result_schema
 from obatch.errors import ConfigError
-from obatch.protocol import Batch
+from obatch.protocol import Batch, LineError, OutputLine
+from obatch.store.tables import RequestRow
 from obatch.ui import views
 from obatch.ui.launch import find_app, streamlit_command
 from tests.helpers import chat_line
@@ -90,7 +94,7 @@ def test_batches_frame_progress() -> None:
 
 
 def test_results_frame_and_filters() -> None:
-    ok = {"id": "r1", "custom_id": "a", "error": None, "latency_ms": 120.0, "response": {
+    ok = {"id": "r1", "custom_id": "a", "error": None, "obatch": {"line": 1, "latency_ms": 120.0}, "response": {
         "status_code": 200, "request_id": "q", "body": {
             "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4}}}}
@@ -102,15 +106,55 @@ def test_results_frame_and_filters() -> None:
     frame = views.results_frame(jsonl(ok), jsonl(failed, expired))
     assert frame["custom_id"].to_list() == ["a", "b", "c"]
     assert frame["status"].to_list() == ["succeeded", "failed", "failed"]
-    assert frame.row(0, named=True) | {} == {
-        "custom_id": "a", "status": "succeeded", "status_code": 200, "finish_reason": "length", "content": "hi",
-        "prompt_tokens": 3, "completion_tokens": 4, "latency_ms": 120.0, "error_code": None, "error_message": None}
+    assert frame.schema == pl.Schema(result_schema())  # the notebook API's frame, column for column
+    assert frame.row(0, named=True) == {
+        "line": 1, "custom_id": "a", "model": None, "status": "succeeded", "status_code": 200, "content": "hi",
+        "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4, "latency_ms": 120.0,
+        "ttft_ms": None, "num_ctx": None, "truncated": None, "attempts": None, "error_code": None,
+        "error_message": None}
     assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
     assert views.filter_results(frame, statuses=["failed"]).height == 2
     assert views.filter_results(frame, finish_reasons=["length"])["custom_id"].to_list() == ["a"]
     assert views.filter_results(frame, latency_ms=(0, 100)).height == 0
     assert views.options_of(frame, "status") == ["failed", "succeeded"]
     assert views.results_frame(None, None).is_empty()
+    with pytest.raises(ValidationError):  # not an output line: said loudly, not shown as an empty row
+        views.results_frame(jsonl({"custom_id": "a", "answer": "hi"}))
+
+
+def test_results_frame_reads_the_lines_obatch_writes() -> None:
+    """Lines written from store rows by ``batches._line`` read back into the same values the store holds."""
+    body = {"model": "m", "choices": [{"message": {"role": "assistant", "content": "hello"},
+                                       "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+    common = {"batch_id": "batch-1", "url": "/v1/chat/completions", "model": "m", "body": "{}", "latency_ms": 12.5,
+              "ttft_ms": 3.0, "attempts": 2, "num_ctx": 2048, "truncated": False}
+    rows = [RequestRow(line=1, custom_id="ok", state="succeeded", status_code=200, request_id="batch_req_1",
+                       response=orjson.dumps(body).decode(), **common),
+            RequestRow(line=2, custom_id="bad", state="failed", status_code=400, request_id="batch_req_2",
+                       error_code="context_length_exceeded", error_message="too long", **common),
+            RequestRow(line=3, custom_id="late", state="pending", **common)]
+    written = [batches._line(row, "batch_expired") for row in rows]
+    assert [ok for ok, _ in written] == [True, False, False]
+    for _, data in written:  # the fast writer says what model_dump says
+        line = OutputLine.model_validate_json(data)
+        assert line.to_jsonl() == data == orjson.dumps(line.model_dump()) + b"\n"
+    extra = OutputLine(id="x", custom_id="y", error=LineError(code="c", message="m", hint="h"), note=1)
+    assert orjson.loads(extra.to_jsonl()) == extra.model_dump()
+    output = b"".join(data for ok, data in written if ok)
+    error = b"".join(data for ok, data in written if not ok)
+    bad = orjson.loads(error.splitlines()[0])
+    assert bad["response"]["body"] == {"error": {"message": "too long", "type": "invalid_request_error",
+                                                 "param": None, "code": "context_length_exceeded"}}
+    frame = views.results_frame(output, error)
+    by_id = {row["custom_id"]: row for row in frame.iter_rows(named=True)}
+    assert by_id["ok"] == {
+        "line": 1, "custom_id": "ok", "model": "m", "status": "succeeded", "status_code": 200, "content": "hello",
+        "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2, "latency_ms": 12.5, "ttft_ms": 3.0,
+        "num_ctx": 2048, "truncated": False, "attempts": 2, "error_code": None, "error_message": None}
+    assert (by_id["bad"]["status"], by_id["bad"]["status_code"], by_id["bad"]["error_code"]) == \
+        ("failed", 400, "context_length_exceeded")
+    assert (by_id["late"]["status"], by_id["late"]["error_code"], by_id["late"]["line"]) == \
+        ("failed", "batch_expired", 3)
 
 
 def test_bench_frame_reads_other_spellings_and_nested_objects() -> None:

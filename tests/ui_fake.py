@@ -193,7 +193,7 @@ class FakeServer:
                                  "finish_reason": "length" if n % 3 == 2 else "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}}}
             if latency:
-                result["latency_ms"] = 100.0 * (n + 1)
+                result["obatch"] = {"line": n + 1, "latency_ms": 100.0 * (n + 1)}  # as obatch writes it
             out.append(result)
         now = int(time.time())
         batch.update(status="completed", completed_at=now, finalizing_at=now,

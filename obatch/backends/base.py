@@ -1,14 +1,14 @@
 """The one protocol every backend implements, and the pieces they share.
 
 A backend takes an OpenAI request body for one endpoint and returns an OpenAI response body, plus the engine's own
-timings (benchmarks need them). It raises only ``obatch.errors.BackendError`` subclasses: each backend translates
-its transport's and engine's faults once, through ``send_json`` / ``stream_lines`` and ``translate``.
+timings (benchmarks need them). It raises only ``obatch.errors.BackendError`` subclasses: the two calls every
+backend sends through, ``send_json`` and ``stream_lines``, translate transport faults with ``translate`` and an
+engine's error answer with ``errors.from_status``, once.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from obatch import errors
+from obatch.protocol import new_id as new_id  # the backends' id helper is the protocol's
 
 
 @dataclass(slots=True)
@@ -129,10 +130,6 @@ async def loaded_context(backend: Backend, model: str) -> int | None:
     """The context the engine really loaded for ``model``, for backends that can tell (an optional method)."""
     method = getattr(backend, "loaded_context", None)
     return await method(model) if method is not None else None
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

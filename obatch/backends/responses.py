@@ -218,12 +218,6 @@ def from_chat(chat: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def output_text(response: dict[str, Any]) -> str:
-    """The text of a response's ``output_text`` parts (what the SDK's ``Response.output_text`` joins)."""
-    return "".join(part.get("text") or "" for item in response.get("output") or [] if item.get("type") == "message"
-                   for part in item.get("content") or [] if part.get("type") == "output_text")
-
-
 def normalise(response: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     """An engine's own Responses answer, with what the SDK requires filled in where the engine left it out.
 

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import altair as alt
 import polars as pl
+
+from obatch._extras import require
+
+require("notebooks", "altair")
+
+import altair as alt  # noqa: E402  (after the check: a missing extra is a sentence)
 
 TOLERANCE = 0.15  # the band drawn around "estimate = actual"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch import errors
+from obatch._extras import require
 from obatch.config import Settings
 
 BACKENDS = ["auto", "ollama", "openai", "local", "sim"]
@@ -88,6 +89,7 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, cw
     """Execute a notebook with papermill, in a child process (blocking: call it from a thread). The executed copy
     keeps every output, and papermill records the injected parameters in its metadata. A failing cell raises
     ``ObatchError`` with papermill's account of it; the executed copy still shows where it stopped."""
+    require("notebooks", "papermill", "ipykernel")
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "papermill", str(notebook), str(output), "-y", json.dumps(parameters),
                "--cwd", str(cwd or Path.cwd()), "--no-progress-bar"]
@@ -105,6 +107,7 @@ def sweep_output_path(data_dir: Path, name: str, now: dt.datetime | None = None)
 
 async def sweep(args: argparse.Namespace) -> int:
     """Run notebooks/sweep.ipynb with papermill into data/runs/<timestamp>-<name>.ipynb."""
+    require("notebooks", "papermill", "ipykernel")
     settings = _settings(args)
     notebook = Path(args.notebook) if args.notebook else SWEEP_NOTEBOOK
     if not notebook.is_file():

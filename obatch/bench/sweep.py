@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +29,8 @@ from obatch.bench.environment import environment, obatch_version
 from obatch.bench.metrics import Sample, summarise
 from obatch.bench.workloads import BenchRequest, Workload, parse_workload
 from obatch.config import Settings
+from obatch.progress import progress_bar
+from obatch.protocol import new_id
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow
@@ -264,7 +265,7 @@ async def _start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, f
             return run, orjson.loads(run.environment_json or "{}")
         env = await environment(backend, spec.models)
         run = BenchRunRow(
-            id=f"bench-{uuid.uuid4().hex[:24]}", name=spec.name, created_at=time.time(), backend=label,
+            id=new_id("bench"), name=spec.name, created_at=time.time(), backend=label,
             url=spec.url, workload=spec.workload, workload_json=orjson.dumps(spec.resolved_workload().as_dict()
                                                                                ).decode(),
             models_json=orjson.dumps(spec.models).decode(), num_ctx_json=orjson.dumps(spec.num_ctx).decode(),
@@ -278,14 +279,6 @@ async def _start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, f
     return run, env
 
 
-def _bar(total: int, initial_desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=initial_desc, unit="req", disable=None, dynamic_ncols=True)
-
-
 async def sweep_with(sessions: Sessions, backend: Backend, spec: SweepSpec, *, settings: Settings,
                      progress: bool = True, fresh: bool = False, params: dict[str, Any] | None = None,
                      notebook: str | None = None) -> SweepReport:
@@ -297,25 +290,22 @@ async def sweep_with(sessions: Sessions, backend: Backend, spec: SweepSpec, *, s
     points = plan(spec.models, spec.num_ctx, spec.concurrency, spec.repeats)
     report = SweepReport(run.id, skipped=[p for p in points if p.config in done])
     todo = [p for p in points if p.config not in done]
-    policy = RetryPolicy(max_attempts=min(settings.max_attempts, 3), initial_wait=settings.retry_initial_wait,
-                         max_wait=settings.retry_max_wait, timeout=settings.request_timeout)
+    policy = RetryPolicy.from_settings(settings, max_attempts=3)
     workload = spec.resolved_workload()
-    bar = _bar(len(todo) * spec.requests, run.id[:14], progress)
+    bar = progress_bar(len(todo) * spec.requests, run.id[:14], enabled=progress)
     try:
         for key in todo:
-            if bar is not None:
-                bar.set_description(f"{key.model} ctx={key.num_ctx} c={key.concurrency} r={key.repeat}")
+            bar.set_description(f"{key.model} ctx={key.num_ctx} c={key.concurrency} r={key.repeat}")
             requests = workload.requests(key.model, spec.requests + spec.warmup, seed=spec.seed + key.repeat)
             measured = await measure_point(backend, key, requests, warmup=spec.warmup, policy=policy,
                                            max_failure_rate=spec.max_failure_rate,
-                                           on_done=bar.update if bar is not None else None)
+                                           on_done=bar.update)
             async with sessions() as session:
                 await bench_repo.add_point(session, point_row(run, measured, env), sample_rows(measured))
                 await session.commit()
             report.measured.append(key)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     async with sessions() as session:
         row = await bench_repo.get_run(session, run.id)
         row.status, row.finished_at = "completed", time.time()

@@ -24,8 +24,13 @@ from obatch.batches import Services
 from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.server import auth
-from obatch.server.benchmarks import BenchmarksController
-from obatch.server.controllers import BatchesController, FilesController, PassthroughController, SystemController
+from obatch.server.controllers import (
+    BatchesController,
+    BenchmarksController,
+    FilesController,
+    PassthroughController,
+    SystemController,
+)
 from obatch.server.deps import providers
 from obatch.server.errors import exception_handler
 from obatch.server.guard import body_timeouts, json_guard

@@ -13,7 +13,6 @@ import logging
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -21,6 +20,7 @@ import orjson
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from obatch.protocol import new_id
 from obatch.server.errors import send_error
 from obatch.server.metrics import Metrics
 
@@ -64,7 +64,7 @@ def log_unrouted(metrics: Metrics) -> Callable[[Message, Scope], Any]:
     async def hook(message: Message, scope: Scope) -> None:
         if message["type"] != "http.response.start" or request_id_of(scope) is not None:
             return
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = new_id("req", sep="_", length=32)
         cast(dict[str, Any], scope)["obatch_request_id"] = request_id
         message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
         method, status = str(scope.get("method", "")), int(message["status"])
@@ -84,7 +84,7 @@ def request_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
                 await app(scope, receive, send)
                 return
             given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-            request_id = given if _SANE_ID.match(given) else f"req_{uuid.uuid4().hex}"
+            request_id = given if _SANE_ID.match(given) else new_id("req", sep="_", length=32)
             cast(dict[str, Any], scope)["obatch_request_id"] = request_id
             started = time.perf_counter()
             status = 0

@@ -11,7 +11,7 @@ from sqlalchemy import CursorResult, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from obatch.errors import NotFoundError
+from obatch.errors import LineProblem, NotFoundError, problems_json
 from obatch.store.db import Sessions
 from obatch.store.tables import BatchRow, FileRow, RequestRow
 
@@ -254,9 +254,7 @@ async def active_batch_ids(session: AsyncSession, *, source: str | None = "api")
 
 async def mark_failed(session: AsyncSession, batch_id: str, code: str, message: str, at: int) -> None:
     """Give up on a batch that cannot be driven (it must not stay active for ever)."""
-    import orjson
-
-    problems = orjson.dumps([{"code": code, "line": None, "message": message, "param": None}]).decode()
+    problems = problems_json([LineProblem(None, code, message)])
     await session.execute(update(BatchRow).where(col(BatchRow.id) == batch_id).values(
         status="failed", failed_at=at, errors_json=problems))
 

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
-import numpy as np
+from obatch._extras import require
+
+require("local", "gguf", "numpy")
+
+import gguf  # noqa: E402  (after the check: a missing extra is a sentence)
+import numpy as np  # noqa: E402
 
 __all__ = ["TINY_ARCH", "TINY_CONTEXT_LENGTH", "TINY_VOCAB_SIZE", "write_tiny_model"]
 

@@ -4,3 +4,7 @@
 
 Only ``streamlit_app.py`` and ``pages/`` import this package; ``import obatch`` never does.
 """
+
+from obatch._extras import require
+
+require("ui")

@@ -1,0 +1,53 @@
+"""Pure builders behind the UI pages: API answers → polars frames → altair charts. No Streamlit here.
+
+Pages stay a description of the screen; everything worth testing (validation preview, progress and ETA, result
+tables and their filters, benchmark charts) is a function of plain data, checked by unit tests and AppTest alike.
+One module per subject; the pages use them through this package (``views.preview_file``).
+"""
+
+from obatch.api import RESULT_SCHEMA
+from obatch.protocol import FINAL_STATUSES
+from obatch.ui.views._values import options_of
+from obatch.ui.views.batches import (
+    BATCH_SCHEMA,
+    BatchProgress,
+    batch_errors_frame,
+    batch_progress,
+    batches_frame,
+    is_final,
+)
+from obatch.ui.views.benchmarks import (
+    BENCH_COLUMNS,
+    BENCH_SCHEMA,
+    METRIC_TITLES,
+    PERCENTILES,
+    along,
+    bench_frame,
+    best_per,
+    best_table,
+    compare_chart,
+    latency_chart,
+    latest_points,
+    metric_chart,
+)
+from obatch.ui.views.estimates import (
+    ESTIMATE_RECORD_SCHEMA,
+    describe_estimate,
+    estimate_config,
+    estimate_record_chart,
+    estimate_record_frame,
+    estimate_seconds,
+    format_seconds,
+)
+from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
+from obatch.ui.views.results import filter_results, results_frame
+from obatch.ui.views.server import Health, models_frame, read_health
+
+__all__ = [
+    "BATCH_SCHEMA", "BENCH_COLUMNS", "BENCH_SCHEMA", "ESTIMATE_RECORD_SCHEMA", "FINAL_STATUSES", "METRIC_TITLES",
+    "PERCENTILES", "PREVIEW_SCHEMA", "RESULT_SCHEMA", "BatchProgress", "Health", "Preview", "along",
+    "batch_errors_frame", "batch_progress", "batches_frame", "bench_frame", "best_per", "best_table",
+    "compare_chart", "describe_estimate", "estimate_config", "estimate_record_chart", "estimate_record_frame",
+    "estimate_seconds", "filter_results", "format_seconds", "highlight_errors", "is_final", "latency_chart",
+    "latest_points", "metric_chart", "models_frame", "options_of", "preview_file", "read_health", "results_frame",
+]

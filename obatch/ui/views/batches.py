@@ -1,0 +1,100 @@
+"""The batch list, the progress panel (counts, throughput, ETA) and a failed batch's validation problems."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from obatch.protocol import FINAL_STATUSES, Batch
+from obatch.ui.views.estimates import estimate_seconds
+
+BATCH_SCHEMA: dict[str, Any] = {
+    "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
+    "failed": pl.Int64, "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
+    "output_file_id": pl.Utf8, "error_file_id": pl.Utf8, "input_file_id": pl.Utf8,
+}
+
+
+def batches_frame(batches: Sequence[Batch]) -> pl.DataFrame:
+    """The batch list table: one row per batch, newest first, with a 0..1 progress."""
+    rows = []
+    for b in batches:
+        counts = b.request_counts
+        total, completed, failed = (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
+        rows.append({"id": b.id, "status": b.status, "model": b.model or "as in the file", "endpoint": b.endpoint,
+                     "created": b.created_at * 1000, "total": total, "completed": completed, "failed": failed,
+                     "progress": (completed + failed) / total if total else (1.0 if b.status == "completed" else 0.0),
+                     "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
+                     "input_file_id": b.input_file_id})
+    return pl.DataFrame(rows, schema=BATCH_SCHEMA)
+
+
+def is_final(batch: Batch) -> bool:
+    return batch.status in FINAL_STATUSES
+
+
+@dataclass
+class BatchProgress:
+    """What the progress panel shows. Rates count succeeded requests only; the ETA uses everything finished."""
+
+    total: int
+    completed: int
+    failed: int
+    elapsed_s: float | None
+    requests_per_s: float | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    expected_s: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+def _end_of(batch: Batch) -> int | None:
+    for stamp in (batch.completed_at, batch.failed_at, batch.cancelled_at, batch.expired_at, batch.finalizing_at):
+        if stamp:
+            return stamp
+    return None
+
+
+def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[str, Any] | None = None
+                   ) -> BatchProgress:
+    """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate."""
+    now = time.time() if now is None else now
+    counts = batch.request_counts
+    total, completed, failed = (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
+    expected = estimate_seconds(estimate)[0] if estimate else None
+    if not batch.in_progress_at:
+        return BatchProgress(total, completed, failed, None, None, None, expected, expected)
+    end = _end_of(batch) or now
+    elapsed = max(0.0, end - batch.in_progress_at)
+    rate = completed / elapsed if elapsed > 0 else None
+    tokens = batch.usage.output_tokens if batch.usage else 0
+    tps = tokens / elapsed if elapsed > 0 and tokens else None
+    done = completed + failed
+    eta: float | None
+    if is_final(batch) or batch.status == "finalizing":
+        eta = 0.0
+    elif done and elapsed > 0:
+        eta = (total - done) / (done / elapsed)
+    elif expected is not None:
+        eta = max(0.0, expected - elapsed)
+    else:
+        eta = None
+    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected)
+
+
+def batch_errors_frame(batch: Batch) -> pl.DataFrame:
+    """A failed batch's validation problems (OpenAI ``errors.data``)."""
+    items = batch.errors.data if batch.errors else []
+    return pl.DataFrame([{"line": e.line, "code": e.code, "message": e.message} for e in items],
+                        schema={"line": pl.Int64, "code": pl.Utf8, "message": pl.Utf8})

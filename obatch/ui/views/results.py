@@ -1,0 +1,68 @@
+"""A finished batch's output and error files as one filterable table."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import polars as pl
+
+from obatch.api import result_schema
+from obatch.protocol import LineStats, OutputLine, response_content
+
+
+def _content(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The notebook API's content column, or an embedding's size (a vector is no use in a table)."""
+    content, finish_reason = response_content(body)
+    data = body.get("data")
+    if content is None and isinstance(data, list) and data and isinstance(data[0], dict):
+        vector = data[0].get("embedding")
+        content = f"[embedding of {len(vector)} values]" if isinstance(vector, list) else None
+    return content, finish_reason
+
+
+def _result_row(line: OutputLine) -> dict[str, Any]:
+    response = line.response
+    body = response.body if response is not None and isinstance(response.body, dict) else {}
+    status_code = response.status_code if response is not None else None
+    ok = line.error is None and status_code is not None and status_code < 400
+    content, finish_reason = _content(body)
+    usage = body.get("usage") or {}
+    stats = line.obatch or LineStats()
+    return {
+        "line": stats.line, "custom_id": line.custom_id, "model": body.get("model"),
+        "status": "succeeded" if ok else "failed", "status_code": status_code, "content": content,
+        "finish_reason": finish_reason, "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"), "latency_ms": stats.latency_ms,
+        "ttft_ms": stats.ttft_ms, "num_ctx": stats.num_ctx, "truncated": stats.truncated,
+        "attempts": stats.attempts, "error_code": line.error.code if line.error else None,
+        "error_message": line.error.message if line.error else None,
+    }
+
+
+def _lines(data: bytes | None) -> Iterable[OutputLine]:
+    for raw in io.BytesIO(data or b""):
+        if raw.strip():
+            yield OutputLine.model_validate_json(raw)
+
+
+def results_frame(output: bytes | None, errors: bytes | None = None) -> pl.DataFrame:
+    """Output and error files → one row per request (matched on ``custom_id``, sorted by it), in the notebook API's
+    ``RESULT_SCHEMA``. A line that is not an output line fails loudly (``pydantic.ValidationError``)."""
+    rows = [_result_row(line) for data in (output, errors) for line in _lines(data)]
+    return pl.DataFrame(rows, schema=result_schema()).sort("custom_id")
+
+
+def filter_results(frame: pl.DataFrame, *, statuses: Sequence[str] | None = None,
+                   finish_reasons: Sequence[str] | None = None,
+                   latency_ms: tuple[float, float] | None = None) -> pl.DataFrame:
+    """Rows matching every given filter (an empty or None filter keeps everything)."""
+    if statuses:
+        frame = frame.filter(pl.col("status").is_in(list(statuses)))
+    if finish_reasons:
+        frame = frame.filter(pl.col("finish_reason").is_in(list(finish_reasons)))
+    if latency_ms is not None:
+        low, high = latency_ms
+        frame = frame.filter(pl.col("latency_ms").is_between(low, high))
+    return frame
