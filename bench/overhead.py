@@ -47,15 +47,20 @@ def write_input(path: Path, n: int) -> Path:
 
 
 async def bare(url: str, n: int, concurrency: int) -> float:
+    """``concurrency`` workers each sending the next request as soon as its last one is answered."""
+    payload = orjson.dumps({**BODY, "stream": False})
+    left = n
     async with aiohttp.ClientSession() as session:
-        gate = asyncio.Semaphore(concurrency)
 
-        async def one() -> None:
-            async with gate, session.post(f"{url}/api/chat", data=orjson.dumps({**BODY, "stream": False})) as r:
-                await r.read()
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(f"{url}/api/chat", data=payload) as r:
+                    await r.read()
 
         started = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - started
 
 
