@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     server_concurrency: int | None = Field(default=None, ge=1, le=1024)  # engine requests over all batches
     min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
+
+    # Leases: one process drives a batch at a time; a dead process's batches are taken over once its lease expires.
+    lease_ttl: float = Field(default=30.0, gt=0)  # seconds a lease lasts without a heartbeat
+    lease_heartbeat: float = Field(default=5.0, gt=0)  # seconds between renewals (well under lease_ttl)
     log_level: str = "INFO"
 
     @field_validator("ollama_url", "openai_base_url")

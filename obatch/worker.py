@@ -5,6 +5,9 @@ SIGKILL), then new ones, when told (``kick``) and by polling the store (a batch 
 found too). Each batch runs ``batches.process`` in its own task; all of them share one semaphore of engine slots,
 whose waiters are served first come first served, so concurrent batches share the engine fairly and none starves.
 
+Several processes may share one store: a batch is started only once its lease is claimed (``obatch.lease``), so
+each batch is driven by one process at a time, and a dead process's batches are taken over when its leases expire.
+
 ``stop`` cancels everything promptly: requests in flight stay pending in the store and run again at the next start
 (the store takes a line's result only once, so nothing is doubled).
 """
@@ -16,7 +19,7 @@ import contextlib
 import logging
 import time
 
-from obatch import batches
+from obatch import batches, lease
 from obatch.store import repo
 
 log = logging.getLogger("obatch.worker")
@@ -71,13 +74,17 @@ class BatchWorker:
             self._wake.clear()
 
     async def scan(self) -> None:
-        """Start a task for every active API batch that has none."""
+        """Start a task for every active API batch that has none and whose lease this process can claim."""
         async with self.svc.sessions() as session:
             ids = await repo.active_batch_ids(session, source="api")
         now = time.monotonic()
         for batch_id in ids:
             if batch_id in self._tasks or self._failures.get(batch_id, (0, 0.0))[1] > now:
                 continue
+            try:
+                await lease.claim(self.svc.sessions, self.svc.settings, batch_id, self.svc.owner, self.svc.clock)
+            except lease.BatchBusy:
+                continue  # another process drives it
             self._tasks[batch_id] = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
 
     async def _drive(self, batch_id: str) -> None:
@@ -88,6 +95,8 @@ class BatchWorker:
             done = await batches.process(self.svc, batch_id, concurrency=concurrency, slots=self.slots)
             self._failures.pop(batch_id, None)
             log.info("batch finished", extra={"batch_id": batch_id, "status": done.status})
+        except (lease.BatchBusy, lease.LeaseLost) as exc:
+            log.warning("worker: batch left to another process", extra={"batch_id": batch_id, "reason": str(exc)})
         except Exception as exc:
             count = self._failures.get(batch_id, (0, 0.0))[0] + 1
             log.exception("worker: batch run failed", extra={"batch_id": batch_id, "failures": count})
@@ -102,3 +111,5 @@ class BatchWorker:
                 self._failures[batch_id] = (count, time.monotonic() + min(2.0 ** count, 60.0))
         finally:
             self._tasks.pop(batch_id, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(lease.release(self.svc.sessions, batch_id, self.svc.owner))

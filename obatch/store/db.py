@@ -54,8 +54,13 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest migration (idempotent; safe at every start)."""
+    """Bring the schema to the newest migration (idempotent; safe at every start, by several processes at once)."""
     async with engine.begin() as conn:
+        # Several processes may start at once on one store: the first migrates, the others wait and find it done.
+        if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(4242424242)")
+        elif engine.dialect.name == "sqlite":
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
         await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
 
 
