@@ -29,9 +29,17 @@ from tests.serverkit import (
 )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest) -> ServerProcess:
+    """Every test here runs against the server on SQLite and against the one on PostgreSQL."""
+    name = "obatch_server" if request.param == "sqlite" else "obatch_server_pg"
+    served: ServerProcess = request.getfixturevalue(name)
+    return served
+
+
 @pytest.fixture
-def alice(obatch_server: ServerProcess) -> Iterator[OpenAI]:
-    with OpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0, timeout=30) as client:
+def alice(server: ServerProcess) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0, timeout=30) as client:
         yield client
 
 
@@ -77,8 +85,8 @@ def test_sync_sdk_batch_round_trip(alice: OpenAI) -> None:
     assert out_file.purpose == "batch_output" and out_file.bytes > 0
 
 
-async def test_async_sdk_embeddings_batch_and_delete(obatch_server: ServerProcess) -> None:
-    async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+async def test_async_sdk_embeddings_batch_and_delete(server: ServerProcess) -> None:
+    async with AsyncOpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         uploaded = await client.files.create(file=("emb.jsonl", jsonl(embed_line(f"e{i}") for i in range(6))),
                                              purpose="batch")
         assert uploaded.filename == "emb.jsonl" and uploaded.purpose == "batch"
@@ -109,8 +117,8 @@ async def test_async_sdk_embeddings_batch_and_delete(obatch_server: ServerProces
         assert (await client.batches.retrieve(batch.id)).status == "completed"
 
 
-def test_list_pagination_newest_first(obatch_server: ServerProcess) -> None:
-    with OpenAI(base_url=obatch_server.v1, api_key=KEYS["carol"], max_retries=0) as carol:
+def test_list_pagination_newest_first(server: ServerProcess) -> None:
+    with OpenAI(base_url=server.v1, api_key=KEYS["carol"], max_retries=0) as carol:
         file_ids = [upload(carol, [chat_line(f"p{i}")], name=f"p{i}.jsonl") for i in range(5)]
         created = [carol.batches.create(input_file_id=f, endpoint="/v1/chat/completions",
                                         completion_window="24h").id for f in file_ids]
@@ -209,16 +217,16 @@ def test_pass_through_chat_stream_embeddings_models(alice: OpenAI) -> None:
                                       stream=True)
 
 
-async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
-    async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+async def test_async_chat_stream(server: ServerProcess) -> None:
+    async with AsyncOpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         stream = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
                                                       max_tokens=4, stream=True)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(parts)
 
 
-def test_health_and_metrics(obatch_server: ServerProcess) -> None:
-    with httpx.Client(base_url=obatch_server.url, timeout=10) as http:
+def test_health_and_metrics(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
         health = http.get("/health")
         assert health.status_code == 200
         assert health.json()["db"] == "ok" and health.json()["backend"]["reachable"] is True

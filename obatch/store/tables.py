@@ -9,7 +9,6 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-
 # Timestamps, sizes and token sums: 64 bits on PostgreSQL (its INTEGER is 32 bits, and Unix time leaves that in
 # 2038); SQLite's INTEGER is 64 bits already.
 WIDE = BigInteger().with_variant(Integer(), "sqlite")
