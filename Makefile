@@ -30,7 +30,7 @@ typecheck: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# The store-touching suites also run on a real PostgreSQL server (tests/pg.py starts one from Debian's binaries).
+# The store-touching suites also run on a real PostgreSQL server (obatch/testing/postgres.py starts one from Debian's binaries).
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)

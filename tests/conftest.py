@@ -11,7 +11,7 @@ import pytest
 
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
-from tests.pg import PostgresServer, postgres_server
+from obatch.testing.postgres import PostgresServer, postgres_server
 from tests.serverkit import obatch_server, obatch_server_pg, obatch_sim  # noqa: F401  (session fixtures of the server tests)
 
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,8 +1,9 @@
-"""A real PostgreSQL server for the tests: ``initdb`` + ``pg_ctl`` into a temporary folder, on a free loopback port.
+"""A throwaway PostgreSQL server for tests and soak scripts: ``initdb`` + ``pg_ctl`` into a temporary folder, on a
+free loopback port, stopped (and its folder removed) after.
 
 Debian's ``postgresql`` package provides the binaries (``make test`` installs it). PostgreSQL refuses to run as root,
-so under root the cluster belongs to the ``postgres`` user the package creates. Each test gets a database of its own
-(``CREATE DATABASE`` is a file copy of the template: milliseconds).
+so under root the cluster belongs to the ``postgres`` user the package creates. Durability is switched off (fsync,
+synchronous commit): the data is thrown away anyway. ``create_database`` gives each test a database of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.serverkit import free_port
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def bin_dir() -> Path | None:
@@ -83,6 +89,7 @@ class PostgresServer:
 
 
 def postgres_server() -> Iterator[PostgresServer]:
+    """A server for the length of a generator (a pytest fixture's ``yield from``, or ``contextlib.contextmanager``)."""
     server = PostgresServer.start()
     try:
         yield server
