@@ -146,7 +146,7 @@ def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def obatch_server_pg(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory, postgres: Any
                      ) -> Iterator[ServerProcess]:
-    """The same server with its store on PostgreSQL (``postgres`` is the session's server, obatch/testing/postgres.py)."""
+    """The same server with its store on PostgreSQL (``postgres``: the session's server, testing/postgres.py)."""
     yield from _shared_server(obatch_sim, tmp_path_factory.mktemp("server-pg") / "data", postgres.create_database())
 
 
