@@ -34,6 +34,10 @@ async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = No
 
 
 async def next_seq(session: AsyncSession) -> int:
+    """The next creation number. On PostgreSQL, servers creating batches at once take turns (a transaction lock held
+    until the caller commits), so no two batches share a number."""
+    if _dialect(session).name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(4242424243)"))
     current = (await session.execute(select(func.max(col(BatchRow.seq))))).one()
     return int(current[0] or 0) + 1
 
