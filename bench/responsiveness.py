@@ -101,7 +101,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
             await wait_healthy(client, f"http://127.0.0.1:{sim_port}/api/version")
             await wait_healthy(client, "/health")
             small = await create(client, "small.jsonl", lines_of("small", 10))
-            while (await client.get(f"/v1/batches/{small}")).json()["status"] not in FINAL:
+            while (await client.get(f"/v1/batches/{small}")).json()["status"] not in FINAL:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             idle: list[float] = []
             await probe(client, f"/v1/batches/{small}", idle, asyncio.Event(), limit=args.samples)
@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
             busy: list[float] = []
             stop = asyncio.Event()
             prober = asyncio.create_task(probe(client, f"/v1/batches/{small}", busy, stop))
-            while (await client.get(f"/v1/batches/{ids[0]}")).json()["status"] == "validating":
+            while (await client.get(f"/v1/batches/{ids[0]}")).json()["status"] == "validating":  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             upload_started = time.perf_counter()
             await asyncio.gather(*(client.post("/v1/files", files={"file": (f"up{i}.jsonl", body)},

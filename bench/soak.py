@@ -96,8 +96,8 @@ def request(servers: list[Server], method: str, path: str, **kwargs: object) -> 
 def soak(args: argparse.Namespace, database_url: str | None) -> int:
     rng = random.Random(args.seed)
     # Fewer engine slots than requests in flight: some always queue, so a closed queue answers them 503.
-    config = SimConfig(num_parallel=max(1, args.concurrency // 4), max_queue=64, decode_tps=400, error_rate=args.error_rate,
-                       reset_rate=args.reset_rate, hang_rate=args.hang_rate, seed=args.seed)
+    config = SimConfig(num_parallel=max(1, args.concurrency // 4), max_queue=64, decode_tps=400,
+                       error_rate=args.error_rate, reset_rate=args.reset_rate, hang_rate=args.hang_rate, seed=args.seed)
     sim = OllamaSim(config)
     sim_url, stop_sim = run_in_thread(sim=sim)
     stop = threading.Event()
