@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,12 +56,14 @@ async def wait_healthy(client: httpx.AsyncClient, url: str) -> None:
 
 
 async def probe(client: httpx.AsyncClient, path: str, samples: list[float], stop: asyncio.Event,
-                gap: float = 0.02, limit: int = 100_000) -> None:
-    """Sequential GETs, ``gap`` apart; each latency in ms."""
+                gap: float = 0.02, limit: int = 100_000, when: list[float] | None = None) -> None:
+    """Sequential GETs, ``gap`` apart; each latency in ms (and, into ``when``, its start)."""
     while not stop.is_set() and len(samples) < limit:
         started = time.perf_counter()
         response = await client.get(path)
         samples.append((time.perf_counter() - started) * 1000)
+        if when is not None:
+            when.append(started)
         response.raise_for_status()
         await asyncio.sleep(gap)
 
@@ -95,7 +98,8 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
     if args.debug:
         env["PYTHONASYNCIODEBUG"] = "1"
     (root / "data").mkdir()
-    server = spawn([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env, root / "server.log")
+    spy = ["py-spy", "record", "-o", args.py_spy, "-f", "raw", "-r", "200", "--"] if args.py_spy else []
+    server = spawn([*spy, sys.executable, "-m", "obatch", "serve", "--port", str(port)], env, root / "server.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             await wait_healthy(client, f"http://127.0.0.1:{sim_port}/api/version")
@@ -111,14 +115,16 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
             ids = [await create(client, f"big{i}.jsonl", body) for i, body in enumerate(bodies)]
             started = time.perf_counter()
             busy: list[float] = []
+            when: list[float] = []
             stop = asyncio.Event()
-            prober = asyncio.create_task(probe(client, f"/v1/batches/{small}", busy, stop))
+            prober = asyncio.create_task(probe(client, f"/v1/batches/{small}", busy, stop, when=when))
             while (await client.get(f"/v1/batches/{ids[0]}")).json()["status"] == "validating":  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             upload_started = time.perf_counter()
             await asyncio.gather(*(client.post("/v1/files", files={"file": (f"up{i}.jsonl", body)},
                                                data={"purpose": "batch"}) for i, body in enumerate(uploads)))
-            upload_seconds = time.perf_counter() - upload_started
+            upload_ended = time.perf_counter()
+            upload_seconds = upload_ended - upload_started
             deadline = time.monotonic() + args.timeout
             while time.monotonic() < deadline:
                 states = [(await client.get(f"/v1/batches/{b}")).json() for b in ids]
@@ -129,7 +135,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
             stop.set()
             await prober
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # py-spy (when sampling) writes its file on SIGINT
         sim.terminate()
         server.wait(timeout=30)
         sim.wait(timeout=30)
@@ -140,6 +146,11 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
     print(f"  idle  GET /v1/batches/{{id}}: n={len(idle)} p50 {pct(idle, .5):.1f} ms, p99 {pct(idle, .99):.1f} ms")
     print(f"  busy  GET /v1/batches/{{id}}: n={len(busy)} p50 {pct(busy, .5):.1f} ms, p99 {pct(busy, .99):.1f} ms, "
           f"max {max(busy):.0f} ms, mean {statistics.fmean(busy):.1f} ms")
+    during = [ms for ms, t in zip(busy, when, strict=True) if upload_started <= t <= upload_ended]
+    rest = [ms for ms, t in zip(busy, when, strict=True) if not upload_started <= t <= upload_ended]
+    print(f"        while the uploads arrive: n={len(during)} p50 {pct(during, .5):.1f} ms, "
+          f"p99 {pct(during, .99):.1f} ms; batches alone: n={len(rest)} p50 {pct(rest, .5):.1f} ms, "
+          f"p99 {pct(rest, .99):.1f} ms")
     ratio = pct(busy, .99) / pct(idle, .99)
     print(f"  busy p99 / idle p99 = {ratio:.1f} (target ≤ 3)")
     print(f"  batches: {[s['status'] for s in states]}, {done} lines in {elapsed:.1f} s = {done / elapsed:.0f} lines/s;"
@@ -167,6 +178,7 @@ def main() -> int:
     p.add_argument("--postgres", action="store_true")
     p.add_argument("--database-url")
     p.add_argument("--debug", action="store_true", help="asyncio debug mode in the server; list slow callbacks")
+    p.add_argument("--py-spy", metavar="FILE", help="sample the server with py-spy into FILE (collapsed stacks)")
     args = p.parse_args()
     if args.postgres and not args.database_url:
         with contextlib.contextmanager(postgres_server)() as pg:

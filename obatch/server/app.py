@@ -24,8 +24,9 @@ from obatch.server.deps import providers
 from obatch.server.errors import exception_handler
 from obatch.server.metrics import Metrics
 from obatch.server.observe import request_middleware
+from obatch.store import db
 from obatch.store.db import open_store
-from obatch.worker import BatchWorker
+from obatch.worker import BatchWorker, ThreadedWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
 
@@ -38,13 +39,29 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     metrics = Metrics()
 
     @asynccontextmanager
+    async def worker_services(backend_name: str) -> AsyncIterator[Services]:
+        engine = db.create_engine(settings.db_url)
+        client = await open_backend(settings.model_copy(update={"backend": backend_name}))
+        try:
+            yield Services(settings, db.sessions(engine), metrics.wrap(client))
+        finally:
+            await client.aclose()
+            await engine.dispose()
+
+    @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine, sessions = await open_store(settings.db_url)
         client = backend or await open_backend(settings)
         try:
             svc = Services(settings, sessions, metrics.wrap(client))
-            worker = BatchWorker(svc, concurrency=settings.server_concurrency or settings.concurrency,
-                                 poll_interval=settings.worker_poll_interval)
+            slots = settings.server_concurrency or settings.concurrency
+            if backend is None and settings.worker_thread and client.name in ("ollama", "openai"):
+                # Batches run on their own loop (an HTTP engine client is cheap to open twice; the embedded
+                # engine is not, and stays on this loop).
+                worker: BatchWorker = ThreadedWorker(lambda: worker_services(client.name), concurrency=slots,
+                                                     poll_interval=settings.worker_poll_interval)
+            else:
+                worker = BatchWorker(svc, concurrency=slots, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
             await worker.start()
             try:
