@@ -13,6 +13,7 @@ from alembic.migration import MigrationContext
 from sqlmodel import SQLModel, col, select
 
 from obatch import batches, lease
+from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
 from obatch.store import repo
@@ -214,3 +215,31 @@ async def test_finalising_twice_leaves_one_set_of_files(tmp_path: Path, make_set
     assert_exactly_once([str(line["custom_id"]) for line in lines],
                         batches.file_path(settings, again.output_file_id or ""),
                         batches.file_path(settings, again.error_file_id or ""))
+
+
+async def test_obatch_run_started_twice_runs_the_batch_once(tmp_path: Path, make_settings: Callable[..., Settings]
+                                                           ) -> None:
+    """A second ``run_batch_file`` on the same input (another terminal) waits for the first instead of running
+    the lines again, and still gets its own output file."""
+    lines = [chat_line(f"r{i}", max_tokens=20) for i in range(80)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
+        settings = make_settings(sim.url, lease_heartbeat=0.2)
+        first = asyncio.create_task(run_batch_file(path, settings=settings, concurrency=2, progress=False))
+        engine, sessions = await _store(settings)
+        while True:
+            async with sessions() as session:
+                rows = (await session.execute(select(BatchRow))).scalars().all()
+            if rows and rows[0].completed >= 5:
+                break
+            await asyncio.sleep(0.02)
+        await engine.dispose()
+        second = await run_batch_file(path, settings=settings, concurrency=2, progress=False,
+                                      output=tmp_path / "second.jsonl", errors_path=tmp_path / "second-err.jsonl")
+        report = await first
+        served = sim.stats.served
+    assert second.batch.id == report.batch.id and second.batch.status == "completed"
+    assert served == 80
+    expected = [str(line["custom_id"]) for line in lines]
+    assert_exactly_once(expected, report.output, report.errors)
+    assert_exactly_once(expected, second.output, second.errors)
