@@ -8,6 +8,8 @@ success), and the upstream requests are counted against the lines (no retry stor
 
     python bench/soak.py                      # one server, SQLite, 2,000 lines, 10 kills
     python bench/soak.py --servers 2 --batches 4 --postgres   # two servers on PostgreSQL, one of them killed
+    python bench/soak.py --servers 2 --batches 4 --postgres --lines 2400 --kills 1 --no-restart \
+        --error-rate 0 --reset-rate 0 --hang-rate 0 --no-bursts   # no faults: count what runs twice
 
 Loopback only; bounded by ``--timeout``. PostgreSQL comes from Debian's binaries (a throwaway cluster) unless
 ``--database-url`` names one.
@@ -148,10 +150,13 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
             victim.kills += 1
             print(f"  kill {victim.kills}: SIGKILL at {done}/{total} lines, {time.monotonic() - started:.1f} s",
                   flush=True)
-            restarted = start_server(data, env, int(victim.url.rsplit(":", 1)[1]), victim.log)
-            restarted.kills = victim.kills
-            servers[servers.index(victim)] = restarted
-            victim = restarted
+            if args.restart:
+                restarted = start_server(data, env, int(victim.url.rsplit(":", 1)[1]), victim.log)
+                restarted.kills = victim.kills
+                servers[servers.index(victim)] = restarted
+                victim = restarted
+            else:  # the other servers take its batches over once its leases expire
+                moments.clear()
         time.sleep(0.2)
     elapsed = time.monotonic() - started
     stop.set()
@@ -212,6 +217,8 @@ def main() -> int:
     p.add_argument("--reset-rate", type=float, default=0.05)
     p.add_argument("--hang-rate", type=float, default=0.05)
     p.add_argument("--no-bursts", dest="bursts", action="store_false")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="kill once and leave the server down (with --servers 2: the other one finishes)")
     p.add_argument("--lease-ttl", type=float, default=3.0)
     p.add_argument("--postgres", action="store_true", help="run on a throwaway PostgreSQL cluster")
     p.add_argument("--database-url", default=None)
