@@ -3,6 +3,7 @@
 (nothing holds the event loop: file I/O, JSON of big bodies and DB work stay off it).
 
     python bench/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
+    python bench/responsiveness.py --split    # API-only server; the batches run in a second process on the store
     python bench/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
 
 Loopback only; the simulator and the server are subprocesses, so the probe shares no interpreter with them.
@@ -99,6 +100,11 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
         env["PYTHONASYNCIODEBUG"] = "1"
     (root / "data").mkdir()
     spy = ["py-spy", "record", "-o", args.py_spy, "-f", "raw", "-r", "200", "--"] if args.py_spy else []
+    worker = None
+    if args.split:  # an API-only server, and a second process on the same store that runs the batches
+        worker = spawn([sys.executable, "-m", "obatch", "serve", "--port", str(free_port())], env,
+                       root / "worker.log")
+        env = {**env, "OBATCH_RUN_BATCHES": "false"}
     server = spawn([*spy, sys.executable, "-m", "obatch", "serve", "--port", str(port)], env, root / "server.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -138,10 +144,14 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
         server.send_signal(signal.SIGINT)  # py-spy (when sampling) writes its file on SIGINT
         sim.terminate()
         server.wait(timeout=30)
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
         sim.wait(timeout=30)
     done = sum(s["request_counts"]["completed"] for s in states)
     store = "PostgreSQL" if database_url else "SQLite"
-    print(f"responsiveness on {store}: {args.batches} × {args.lines} lines, {args.concurrency} server slots, "
+    topology = ", an API-only server + a batch process" if args.split else ""
+    print(f"responsiveness on {store}{topology}: {args.batches} × {args.lines} lines, {args.concurrency} slots, "
           f"{args.uploads} uploads of {args.upload_lines} lines at once{' (asyncio debug)' if args.debug else ''}")
     print(f"  idle  GET /v1/batches/{{id}}: n={len(idle)} p50 {pct(idle, .5):.1f} ms, p99 {pct(idle, .99):.1f} ms")
     print(f"  busy  GET /v1/batches/{{id}}: n={len(busy)} p50 {pct(busy, .5):.1f} ms, p99 {pct(busy, .99):.1f} ms, "
@@ -177,6 +187,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--postgres", action="store_true")
     p.add_argument("--database-url")
+    p.add_argument("--split", action="store_true",
+                   help="OBATCH_RUN_BATCHES=false on the measured server; a second server process runs the batches")
     p.add_argument("--debug", action="store_true", help="asyncio debug mode in the server; list slow callbacks")
     p.add_argument("--py-spy", metavar="FILE", help="sample the server with py-spy into FILE (collapsed stacks)")
     args = p.parse_args()

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
     worker_thread: bool = True  # the server drives batches on an event loop of its own (keeps the API responsive)
+    run_batches: bool = True  # false: an API-only server; other processes on the same store run the batches
 
     # Leases: one process drives a batch at a time; a dead process's batches are taken over once its lease expires.
     lease_ttl: float = Field(default=30.0, gt=0)  # seconds a lease lasts without a heartbeat

@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             else:
                 worker = BatchWorker(svc, concurrency=slots, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
-            await worker.start()
+            if settings.run_batches:  # else an API-only server: another process on the store finds new batches
+                await worker.start()
             try:
                 yield
             finally:
