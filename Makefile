@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck pytest pytest-random browser serve ui sweep bench-memory clean
+.PHONY: install demo test lint typecheck pytest pytest-random browser postgres serve ui sweep bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,7 +30,12 @@ typecheck: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-pytest: install browser
+# The store-touching suites also run on a real PostgreSQL server (obatch/testing/postgres.py starts one from Debian's binaries).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
+pytest: install browser postgres
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ import orjson
 
 from obatch import errors
 from obatch.backends import Backend, open_backend
-from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file
+from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
 from obatch.concurrency import Concurrency
 from obatch.config import Settings
 from obatch.jsonl import Limits, validate_file
+from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
 from obatch.protocol import Endpoint, RequestLine
 from obatch.store import repo
@@ -32,6 +34,8 @@ from obatch.store.tables import BatchRow, RequestRow
 
 if TYPE_CHECKING:
     import polars as pl
+
+log = logging.getLogger("obatch.api")
 
 RequestsInput = str | Path | Iterable[Mapping[str, Any] | str]
 
@@ -162,7 +166,17 @@ async def run_batch_file(
             fresh_row = await repo.get_batch(session, batch.id)
         bar = progress_bar(total, batch.id[:14], initial=fresh_row.completed + fresh_row.failed, enabled=progress)
         with contextlib.closing(bar) as tracker:
-            done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path, stream=stream)
+            while True:
+                try:
+                    done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path,
+                                         stream=stream)
+                    break
+                except BatchBusy as busy:  # the same run in another process (or a killed one's lease)
+                    log.warning("%s Waiting for it.", busy.message)
+                    await asyncio.sleep(min(busy.expires_in, settings.lease_heartbeat) + 0.1)
+        if not await asyncio.to_thread(output.exists):  # the other process finished it: write our copy
+            await write_results(svc, done.id, output, errors_path,
+                                {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(done.status))
         if done.status == "failed":
             raise errors.InputFileError(f"Batch {done.id} failed.", errors.problems_from_json(done.errors_json))
         return RunReport(done, output, errors_path, time.monotonic() - started)

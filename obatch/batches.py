@@ -20,16 +20,17 @@ import hashlib
 import itertools
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlmodel import col
 
-from obatch import context, errors
+from obatch import context, errors, lease
 from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
 from obatch.config import Settings
@@ -91,6 +92,7 @@ class Services:
     backend: Backend
     clock: Callable[[], float] = time.time
     estimator: Estimator | None = None
+    owner: str = field(default_factory=lease.new_owner)  # this process's name on the leases it holds
     pool: Pool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -277,6 +279,11 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
                 await session.commit()
     finally:
         await asyncio.to_thread(handle.close)
+    async with svc.sessions() as session:
+        imported = (await session.execute(
+            select(func.count()).select_from(RequestRow).where(col(RequestRow.batch_id) == batch.id))).scalar()
+    if imported != total:  # never mark a batch imported (and so completable) with lines missing
+        raise errors.ConflictError(f"Batch {batch.id}: imported {imported} of {total} lines; importing again.")
     first_url = None
     async with svc.sessions() as session:
         first_url = (await session.execute(
@@ -533,7 +540,8 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     """Write the output and error files from the rows (atomically: temp file, then rename)."""
     await asyncio.to_thread(output.parent.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(error.parent.mkdir, parents=True, exist_ok=True)
-    tmp_out, tmp_err = output.with_suffix(output.suffix + ".part"), error.with_suffix(error.suffix + ".part")
+    part = f".{uuid.uuid4().hex[:8]}.part"  # unique: a process that lost the lease may still be writing its own
+    tmp_out, tmp_err = output.with_suffix(output.suffix + part), error.with_suffix(error.suffix + part)
     out_handle = await asyncio.to_thread(tmp_out.open, "wb")
     err_handle = await asyncio.to_thread(tmp_err.open, "wb")
     counts = [0, 0]
@@ -567,29 +575,34 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
 
     With ``output``/``error`` paths (CLI), results are written there; otherwise they become stored files
     (purpose ``batch_output``) referenced by the batch, each only when it has lines.
+
+    Idempotent, so a crash anywhere in it is repaired by running it again: the result files' ids follow from the
+    batch id (a second run overwrites the same files rather than leaving orphans), and their rows are written in
+    the same transaction as the batch's final status.
     """
     stamp = int(svc.clock())
     if status == "completed":
         await _set(svc, batch, status="finalizing", finalizing_at=stamp)
     pending_code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
     fields: dict[str, Any] = {}
+    files: list[FileRow] = []
+    unused: list[str] = []
     if output is not None and error is not None:
         await write_results(svc, batch.id, output, error, pending_code)
     else:
-        out_id, err_id = new_id("file"), new_id("file")
+        out_id, err_id = result_file_id(batch.id, "output"), result_file_id(batch.id, "error")
         out_path, err_path = file_path(svc.settings, out_id), file_path(svc.settings, err_id)
         n_out, n_err = await write_results(svc, batch.id, out_path, err_path, pending_code)
-        async with svc.sessions() as session:
-            for file_id, path, n, kind in ((out_id, out_path, n_out, "output"), (err_id, err_path, n_err, "error")):
-                if n:
-                    size = (await asyncio.to_thread(path.stat)).st_size
-                    expires = stamp + batch.output_expires_after if batch.output_expires_after else None
-                    session.add(FileRow(id=file_id, owner=batch.owner, filename=f"{batch.id}_{kind}.jsonl",
-                                        purpose="batch_output", bytes=size, created_at=stamp, expires_at=expires))
-                    fields[f"{kind}_file_id"] = file_id
-                else:
-                    await asyncio.to_thread(path.unlink, missing_ok=True)
-            await session.commit()
+        for file_id, path, n, kind in ((out_id, out_path, n_out, "output"), (err_id, err_path, n_err, "error")):
+            if n:
+                size = (await asyncio.to_thread(path.stat)).st_size
+                expires = stamp + batch.output_expires_after if batch.output_expires_after else None
+                files.append(FileRow(id=file_id, owner=batch.owner, filename=f"{batch.id}_{kind}.jsonl",
+                                     purpose="batch_output", bytes=size, created_at=stamp, expires_at=expires))
+                fields[f"{kind}_file_id"] = file_id
+            else:
+                unused.append(file_id)
+                await asyncio.to_thread(path.unlink, missing_ok=True)
     async with svc.sessions() as session:
         fresh = await repo.get_batch(session, batch.id)
         await repo.recount(session, fresh)
@@ -598,9 +611,21 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
         fields.update(total=fresh.total, completed=fresh.completed, failed=fresh.failed,
                       input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens,
                       reasoning_tokens=fresh.reasoning_tokens)
-    fields.update({"status": status, f"{status}_at": stamp})
-    await _set(svc, batch, **fields)
+        fields.update({"status": status, f"{status}_at": stamp})
+        for row in files:
+            await repo.upsert_file(session, row)
+        if unused:
+            await session.execute(delete(FileRow).where(col(FileRow.id).in_(unused)))
+        await session.execute(update(BatchRow).where(col(BatchRow.id) == batch.id).values(**fields))
+        await session.commit()
+    for key, value in fields.items():
+        setattr(batch, key, value)
     return await reload(svc, batch.id)
+
+
+def result_file_id(batch_id: str, kind: str) -> str:
+    """The id of a batch's output or error file: fixed by the batch, so finalising twice makes the same file."""
+    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
 # ------------------------------------------------------------------------------------------- wire views
@@ -636,7 +661,20 @@ def batch_object(row: BatchRow) -> Batch:
 
 async def process(svc: Services, batch_id: str, *, progress: Progress | None = None,
                   output: Path | None = None, error: Path | None = None, stream: bool = False) -> BatchRow:
-    """Drive a batch from wherever it stands to a final status. Safe to call again after any crash."""
+    """Drive a batch from wherever it stands to a final status. Safe to call again after any crash.
+
+    Only the holder of the batch's lease drives it: ``lease.BatchBusy`` when another live process does,
+    ``lease.LeaseLost`` when this one stalled past the lease's expiry and another took over.
+    """
+    batch = await reload(svc, batch_id)
+    if batch.status in FINAL_STATUSES:
+        return batch
+    async with lease.hold(svc.sessions, svc.settings, batch_id, svc.owner, svc.clock):
+        return await _process(svc, batch_id, progress=progress, output=output, error=error, stream=stream)
+
+
+async def _process(svc: Services, batch_id: str, *, progress: Progress | None, output: Path | None,
+                   error: Path | None, stream: bool) -> BatchRow:
     batch = await reload(svc, batch_id)
     if batch.status in FINAL_STATUSES:
         return batch

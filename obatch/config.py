@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
     min_file_expiry: int = Field(default=3600, ge=1)  # shortest expires_after / output_expires_after, seconds
     file_sweep_interval: float = Field(default=60.0, gt=0)  # how often the server deletes expired files
+    worker_thread: bool = True  # the server drives batches on an event loop of its own (keeps the API responsive)
+    run_batches: bool = True  # false: an API-only server; other processes on the same store run the batches
+
+    # Leases: one process drives a batch at a time; a dead process's batches are taken over once its lease expires.
+    lease_ttl: float = Field(default=30.0, gt=0)  # seconds a lease lasts without a heartbeat
+    lease_heartbeat: float = Field(default=5.0, gt=0)  # seconds between renewals (well under lease_ttl)
     log_level: str = "INFO"
 
     # ---- Server hardening: what one client may do to a server shared by a team (defaults in the README's

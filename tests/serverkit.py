@@ -1,7 +1,8 @@
 """Server test kit: a simulated Ollama in a thread, real ``obatch serve`` subprocesses, batch-file helpers.
 
-The session fixtures ``obatch_sim`` and ``obatch_server`` are imported by ``tests/conftest.py``, so one sim and one
-server (API keys set, small limits, a 1 s minimum completion window) serve every server test file.
+The session fixtures ``obatch_sim``, ``obatch_server`` and ``obatch_server_pg`` are imported by ``tests/conftest.py``,
+so one sim and one server per database (API keys set, small limits, a 1 s minimum completion window) serve every
+server test file.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def server_env(data_dir: Path, sim_url: str, **settings: Any) -> dict[str, str]:
         "backend": "ollama", "ollama_url": sim_url, "data_dir": data_dir, "concurrency": 4,
         "commit_interval": 0.1, "retry_initial_wait": 0.01, "retry_max_wait": 0.05, "max_attempts": 2,
         "worker_poll_interval": 0.25, "log_level": "INFO",
+        "lease_ttl": 3.0, "lease_heartbeat": 0.5,  # a killed server's batches are taken over after 3 s
     }
     values.update(settings)
     env.update({f"OBATCH_{k.upper()}": str(v) for k, v in values.items() if v is not None})
@@ -126,18 +128,29 @@ def obatch_sim() -> Iterator[OllamaSim]:
         stop()
 
 
-@pytest.fixture(scope="session")
-def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = server_env(tmp_path_factory.mktemp("server") / "data", obatch_sim.url,
-                     api_keys=",".join(KEYS.values()), admin_keys=ADMIN_KEY, max_file_bytes=MAX_FILE_BYTES,
-                     max_lines=MAX_LINES, min_completion_window=1, rate_limit_per_minute=100_000,
-                     address_rate_limit_per_minute=100_000, auth_failures_per_minute=100_000,
-                     min_file_expiry=1, file_sweep_interval=0.5)
-    server = ServerProcess.start(Path(env["OBATCH_DATA_DIR"]), env)
+def _shared_server(sim: OllamaSim, data_dir: Path, database_url: str | None = None) -> Iterator[ServerProcess]:
+    env = server_env(data_dir, sim.url, api_keys=",".join(KEYS.values()), admin_keys=ADMIN_KEY,
+                     max_file_bytes=MAX_FILE_BYTES, max_lines=MAX_LINES, min_completion_window=1,
+                     rate_limit_per_minute=100_000, address_rate_limit_per_minute=100_000,
+                     auth_failures_per_minute=100_000, min_file_expiry=1, file_sweep_interval=0.5,
+                     database_url=database_url)
+    server = ServerProcess.start(data_dir, env)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def obatch_server(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from _shared_server(obatch_sim, tmp_path_factory.mktemp("server") / "data")
+
+
+@pytest.fixture(scope="session")
+def obatch_server_pg(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory, postgres: Any
+                     ) -> Iterator[ServerProcess]:
+    """The same server with its store on PostgreSQL (``postgres``: the session's server, testing/postgres.py)."""
+    yield from _shared_server(obatch_sim, tmp_path_factory.mktemp("server-pg") / "data", postgres.create_database())
 
 
 # --------------------------------------------------------------------------------------- batch files

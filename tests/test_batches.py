@@ -19,6 +19,8 @@ from obatch.store.db import open_store
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("db_url")  # every test here runs on SQLite and on PostgreSQL
+
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]

@@ -52,7 +52,8 @@ async def api(swept: Path, tmp_path: Path, make_settings: Callable[..., Settings
     """The server on a copy of that store, the simulator behind it."""
     data = shutil.copytree(swept, tmp_path / "copy")
     async with OllamaSim(SIM) as sim:
-        settings = make_settings(sim.url, data_dir=data, worker_poll_interval=0.05, concurrency=2)
+        # worker_thread=False: the batch runs on this loop, beside the simulator, as the sweep behind the estimate did
+        settings = make_settings(sim.url, data_dir=data, worker_poll_interval=0.05, concurrency=2, worker_thread=False)
         async with AsyncTestClient(app=create_app(settings)) as client:
             yield client
 

@@ -96,7 +96,9 @@ def test_sigkill_mid_batch_then_rerun_resumes_exactly_once(tmp_path: Path) -> No
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     args = [sys.executable, "-m", "obatch.cli", "run", str(path), "-o", str(out), "-e", str(err), "--backend",
             "ollama", "--url", url, "--data-dir", str(data), "-c", "4", "-q"]
-    env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4"}
+    # The killed run's lease stays until it expires: the rerun waits for it (a short one here).
+    env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4", "OBATCH_LEASE_TTL": "2",
+           "OBATCH_LEASE_HEARTBEAT": "0.5"}
     try:
         victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60

@@ -31,9 +31,17 @@ from tests.serverkit import (
 )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest) -> ServerProcess:
+    """Every test here runs against the server on SQLite and against the one on PostgreSQL."""
+    name = "obatch_server" if request.param == "sqlite" else "obatch_server_pg"
+    served: ServerProcess = request.getfixturevalue(name)
+    return served
+
+
 @pytest.fixture
-def alice(obatch_server: ServerProcess) -> Iterator[OpenAI]:
-    with OpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0, timeout=30) as client:
+def alice(server: ServerProcess) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0, timeout=30) as client:
         yield client
 
 
@@ -79,8 +87,8 @@ def test_sync_sdk_batch_round_trip(alice: OpenAI) -> None:
     assert out_file.purpose == "batch_output" and out_file.bytes > 0
 
 
-async def test_async_sdk_embeddings_batch_and_delete(obatch_server: ServerProcess) -> None:
-    async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+async def test_async_sdk_embeddings_batch_and_delete(server: ServerProcess) -> None:
+    async with AsyncOpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         uploaded = await client.files.create(file=("emb.jsonl", jsonl(embed_line(f"e{i}") for i in range(6))),
                                              purpose="batch")
         assert uploaded.filename == "emb.jsonl" and uploaded.purpose == "batch"
@@ -111,9 +119,9 @@ async def test_async_sdk_embeddings_batch_and_delete(obatch_server: ServerProces
         assert (await client.batches.retrieve(batch.id)).status == "completed"
 
 
-def test_list_pagination_newest_first(obatch_server: ServerProcess) -> None:
+def test_list_pagination_newest_first(server: ServerProcess) -> None:
     """Other tests may have stored carol's batches and files before: the newest five are this test's, in order."""
-    with OpenAI(base_url=obatch_server.v1, api_key=KEYS["carol"], max_retries=0) as carol:
+    with OpenAI(base_url=server.v1, api_key=KEYS["carol"], max_retries=0) as carol:
         older = [b.id for b in carol.batches.list(limit=100)]
         older_files = {f.id for f in carol.files.list(limit=100, purpose="batch")}
         file_ids = [upload(carol, [chat_line(f"p{i}")], name=f"p{i}.jsonl") for i in range(5)]
@@ -216,12 +224,12 @@ def test_pass_through_chat_stream_embeddings_models(alice: OpenAI) -> None:
                                       stream=True)
 
 
-async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
+async def test_async_chat_stream(server: ServerProcess) -> None:
     """The stream as the wire carries it: ``data:`` events holding one completion's chunks, the role first, no
     finish_reason until the last choice (``length`` at max_tokens), usage on the last chunk, then ``[DONE]``."""
     request = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
                "stream_options": {"include_usage": True}}
-    async with httpx.AsyncClient(base_url=obatch_server.v1, timeout=30,
+    async with httpx.AsyncClient(base_url=server.v1, timeout=30,
                                  headers={"Authorization": f"Bearer {KEYS['alice']}"}) as http, \
             http.stream("POST", "/chat/completions", json=request) as response:
         assert response.status_code == 200
@@ -241,7 +249,7 @@ async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
     assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
-    async with AsyncOpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+    async with AsyncOpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
         stream = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
                                                       max_tokens=4, stream=True,
                                                       stream_options={"include_usage": True})
@@ -250,8 +258,8 @@ async def test_async_chat_stream(obatch_server: ServerProcess) -> None:
     assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == 4
 
 
-def test_health_and_metrics(obatch_server: ServerProcess) -> None:
-    with httpx.Client(base_url=obatch_server.url, timeout=10) as http:
+def test_health_and_metrics(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
         health = http.get("/health")
         assert health.status_code == 200
         assert health.json()["db"] == "ok" and health.json()["backend"]["reachable"] is True

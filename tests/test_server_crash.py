@@ -14,8 +14,9 @@ from tests.helpers import jsonl
 from tests.serverkit import FINAL, KEYS, ServerProcess, assert_exactly_once, chat_line, parse_jsonl, server_env
 
 
-def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_path: Path) -> None:
-    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"])
+def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_path: Path, db_url: str | None
+                                                     ) -> None:
+    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"], database_url=db_url)
     lines = [chat_line(f"c{i}", max_tokens=30) for i in range(48)]  # 0.15 s each, 4 at a time: ~2 s of work
     lines += [chat_line("doomed", model="no-such-model")]
     expected = [str(line["custom_id"]) for line in lines]

@@ -36,8 +36,9 @@ from obatch.server.errors import exception_handler
 from obatch.server.guard import body_timeouts, json_guard
 from obatch.server.metrics import Metrics
 from obatch.server.observe import log_unrouted, request_middleware
+from obatch.store import db
 from obatch.store.db import open_store
-from obatch.worker import BatchWorker
+from obatch.worker import BatchWorker, ThreadedWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
 log = logging.getLogger("obatch.server")
@@ -62,18 +63,42 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     keys = auth.load_keys(settings)
     metrics = Metrics()
 
+    def services(sessions: db.Sessions, client: Backend) -> Services:
+        """What batch work needs: every engine host metered, each at the server's level (fixed or auto)."""
+        level = settings.server_concurrency or settings.concurrency
+        metered = client.mapped(metrics.wrap) if isinstance(client, Pool) else metrics.wrap(client)
+        return Services(settings.model_copy(update={"concurrency": level}), sessions, metered,
+                        estimator=estimate_json_for_batch)
+
+    @asynccontextmanager
+    async def worker_services(kind: str) -> AsyncIterator[Services]:
+        """The worker thread's own store engine and engine clients (of the API's ``kind``), made and closed on its
+        loop."""
+        engine = db.create_engine(settings.db_url)
+        pinned = settings.model_copy(update={"backend": kind}) if kind in ("ollama", "openai") else settings
+        client = await open_backend(pinned)
+        try:
+            yield services(db.sessions(engine), client)
+        finally:
+            await client.aclose()
+            await engine.dispose()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine, sessions = await open_store(settings.db_url)
         client = backend or await open_backend(settings)
         try:
-            level = settings.server_concurrency or settings.concurrency
-            metered = client.mapped(metrics.wrap) if isinstance(client, Pool) else metrics.wrap(client)
-            svc = Services(settings.model_copy(update={"concurrency": level}), sessions, metered,
-                           estimator=estimate_json_for_batch)
-            worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
+            svc = services(sessions, client)
+            if backend is None and settings.worker_thread and client.name != "local":
+                # Batches run on their own loop (an HTTP engine client is cheap to open twice; the embedded
+                # engine is not, and stays on this loop). The worker's pool learns its own levels.
+                worker: BatchWorker = ThreadedWorker(lambda: worker_services(client.name),
+                                                     poll_interval=settings.worker_poll_interval)
+            else:
+                worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             app.state.update(svc=svc, worker=worker, metrics=metrics)
-            await worker.start()
+            if settings.run_batches:  # else an API-only server: another process on the store finds new batches
+                await worker.start()
             sweeper = asyncio.create_task(sweep_expired_files(svc), name="obatch-file-sweep")
             try:
                 yield

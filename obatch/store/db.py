@@ -88,12 +88,17 @@ def _upgrade(conn: Connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest migration (idempotent; safe at every start)."""
+    """Bring the schema to the newest migration (idempotent; safe at every start, by several processes at once)."""
     head = await asyncio.to_thread(head_revision)
     async with engine.connect() as conn:
         if await conn.run_sync(_current_revision) == head:
-            return
+            return  # the usual start: nothing to do, and no alembic to import
     async with engine.begin() as conn:
+        # Several processes may start at once on one store: the first migrates, the others wait and find it done.
+        if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(4242424242)")
+        elif engine.dialect.name == "sqlite":
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
         await conn.run_sync(_upgrade)
 
 

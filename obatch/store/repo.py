@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import CursorResult, delete, func, insert, select, text, update
+from sqlalchemy import CursorResult, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from obatch.errors import LineProblem, NotFoundError, problems_json
 from obatch.store.db import Sessions
-from obatch.store.tables import BatchRow, FileRow, RequestRow
+from obatch.store.tables import BatchRow, FileRow, LeaseRow, RequestRow
 
 PAGE = 500
 
@@ -33,6 +34,10 @@ async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = No
 
 
 async def next_seq(session: AsyncSession) -> int:
+    """The next creation number. On PostgreSQL, servers creating batches at once take turns (a transaction lock held
+    until the caller commits), so no two batches share a number."""
+    if _dialect(session).name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(4242424243)"))
     current = (await session.execute(select(func.max(col(BatchRow.seq))))).one()
     return int(current[0] or 0) + 1
 
@@ -147,10 +152,13 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
     succeeded = [r for r in results if r["state"] == "succeeded"]
     failed = [r for r in results if r["state"] != "succeeded"]
     done = {"succeeded": 0, "failed": 0}
+    exact_rowcount = _dialect(session).supports_sane_multi_rowcount
     for state, group in (("succeeded", succeeded), ("failed", failed)):
+        if group and not exact_rowcount:
+            group = await _still_pending(session, batch_id, group)
         if group:
             outcome: CursorResult[Any] = await session.execute(_FINISH, group)  # type: ignore[assignment]
-            done[state] = max(outcome.rowcount, 0)
+            done[state] = max(outcome.rowcount, 0) if exact_rowcount else len(group)
     tokens_in = sum(r["prompt_tokens"] or 0 for r in succeeded)
     tokens_out = sum(r["completion_tokens"] or 0 for r in succeeded)
     tokens_reasoning = sum(r.get("reasoning_tokens") or 0 for r in succeeded)
@@ -161,6 +169,23 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
             reasoning_tokens=col(BatchRow.reasoning_tokens) + tokens_reasoning,
         )
     )
+
+
+def _dialect(session: AsyncSession) -> Any:
+    bind = session.get_bind()
+    return bind.dialect
+
+
+async def _still_pending(session: AsyncSession, batch_id: str, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results whose rows are still pending, their rows locked until commit. For drivers that cannot count the
+    rows an executemany changed (asyncpg), so the live counters still move by what really changed."""
+    lines = [r["line"] for r in group]
+    statement = (select(col(RequestRow.line))
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.line).in_(lines),
+                        col(RequestRow.state) == "pending")
+                 .with_for_update())
+    pending = set((await session.execute(statement)).scalars().all())
+    return [r for r in group if r["line"] in pending]
 
 
 async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any,
@@ -293,3 +318,65 @@ async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, l
     await session.execute(update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
         col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))
+# ------------------------------------------------------------------------------------------------- leases
+
+
+def _upsert(session: AsyncSession) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT on both PostgreSQL and SQLite."""
+    return postgresql.insert if _dialect(session).name == "postgresql" else sqlite.insert
+
+
+async def claim_lease(session: AsyncSession, batch_id: str, owner: str, now: float, ttl: float) -> LeaseRow | None:
+    """Take the lease of a batch when it is free, expired or already ours; else return the holder's lease.
+
+    Atomic on both databases: a new lease is an INSERT … ON CONFLICT DO NOTHING; an existing one is taken with
+    ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL (a row another claimer has locked counts as held) and with a
+    conditional UPDATE on SQLite (whose writers are serialised by the database lock). The caller commits.
+    """
+    values = {"batch_id": batch_id, "owner": owner, "claimed_at": now, "heartbeat": now, "expires_at": now + ttl}
+    inserted: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+        _upsert(session)(LeaseRow).values(**values).on_conflict_do_nothing(index_elements=["batch_id"]))
+    if inserted.rowcount == 1:
+        return None
+    if _dialect(session).name == "postgresql":
+        current = (await session.execute(
+            select(LeaseRow).where(col(LeaseRow.batch_id) == batch_id)
+            .with_for_update(skip_locked=True).execution_options(populate_existing=True))).scalars().first()
+        if current is None:  # another process is claiming it this instant
+            return LeaseRow(batch_id=batch_id, owner="(being claimed)", claimed_at=now, heartbeat=now,
+                            expires_at=now + ttl)
+        if current.owner != owner and current.expires_at >= now:
+            return current
+        if current.owner == owner:
+            values.pop("claimed_at")
+        await session.execute(update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id).values(**values))
+        return None
+    taken: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+        update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id,
+                               or_(col(LeaseRow.owner) == owner, col(LeaseRow.expires_at) < now))
+        .values(owner=owner, heartbeat=now, expires_at=now + ttl))
+    if taken.rowcount == 1:
+        return None
+    return (await session.execute(
+        select(LeaseRow).where(col(LeaseRow.batch_id) == batch_id).execution_options(populate_existing=True)
+    )).scalars().first()
+
+
+async def renew_lease(session: AsyncSession, batch_id: str, owner: str, now: float, ttl: float) -> bool:
+    """Push the expiry of our lease forward; False when the lease is no longer ours (taken over)."""
+    renewed: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+        update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id, col(LeaseRow.owner) == owner)
+        .values(heartbeat=now, expires_at=now + ttl))
+    return renewed.rowcount == 1
+
+
+async def release_lease(session: AsyncSession, batch_id: str, owner: str) -> None:
+    await session.execute(delete(LeaseRow).where(col(LeaseRow.batch_id) == batch_id, col(LeaseRow.owner) == owner))
+
+
+async def upsert_file(session: AsyncSession, row: FileRow) -> None:
+    """Insert a file row or overwrite the one with its id (finalisation may run again after a crash)."""
+    values = row.model_dump()
+    statement = _upsert(session)(FileRow).values(**values)
+    await session.execute(statement.on_conflict_do_update(
+        index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"}))

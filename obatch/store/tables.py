@@ -6,8 +6,12 @@ files are assembled from these rows, so a line can be neither lost nor doubled, 
 
 from __future__ import annotations
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+# Timestamps, sizes and token sums: 64 bits on PostgreSQL (its INTEGER is 32 bits, and Unix time leaves that in
+# 2038); SQLite's INTEGER is 64 bits already.
+WIDE = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class FileRow(SQLModel, table=True):
@@ -17,11 +21,11 @@ class FileRow(SQLModel, table=True):
     owner: str = Field(default="", index=True)
     filename: str
     purpose: str
-    bytes: int
-    created_at: int
+    bytes: int = Field(sa_type=WIDE)
+    created_at: int = Field(sa_type=WIDE)
     sha256: str = Field(default="", index=True)
     status: str = "processed"
-    expires_at: int | None = None
+    expires_at: int | None = Field(default=None, sa_type=WIDE)
 
 
 class BatchRow(SQLModel, table=True):
@@ -33,16 +37,16 @@ class BatchRow(SQLModel, table=True):
     input_file_id: str = Field(index=True)
     completion_window: str = "24h"
     status: str = Field(default="validating", index=True)
-    created_at: int
+    created_at: int = Field(sa_type=WIDE)
     seq: int = Field(default=0, index=True)  # creation order (created_at has 1 s resolution)
-    in_progress_at: int | None = None
-    expires_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
+    in_progress_at: int | None = Field(default=None, sa_type=WIDE)
+    expires_at: int | None = Field(default=None, sa_type=WIDE)
+    finalizing_at: int | None = Field(default=None, sa_type=WIDE)
+    completed_at: int | None = Field(default=None, sa_type=WIDE)
+    failed_at: int | None = Field(default=None, sa_type=WIDE)
+    expired_at: int | None = Field(default=None, sa_type=WIDE)
+    cancelling_at: int | None = Field(default=None, sa_type=WIDE)
+    cancelled_at: int | None = Field(default=None, sa_type=WIDE)
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors_json: str | None = None
@@ -51,9 +55,9 @@ class BatchRow(SQLModel, table=True):
     total: int = 0
     completed: int = 0
     failed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0  # of output_tokens, what reasoning models spent thinking
+    input_tokens: int = Field(default=0, sa_type=WIDE)
+    output_tokens: int = Field(default=0, sa_type=WIDE)
+    reasoning_tokens: int = Field(default=0, sa_type=WIDE)  # of output_tokens, what reasoning models spent thinking
     output_expires_after: int | None = None  # seconds: the output/error files expire this long after creation
     imported: bool = False
     source: str = "api"  # api | cli | notebook
@@ -102,3 +106,16 @@ class RequestRow(SQLModel, table=True):
     attempts: int = 0
     truncated: bool = False
     finished_at: float | None = None
+
+
+class LeaseRow(SQLModel, table=True):
+    """Who drives a batch now. A process claims the row, renews it by heartbeat and deletes it when done; a row whose
+    ``expires_at`` has passed belongs to a dead (or stalled) process and may be claimed by another."""
+
+    __tablename__ = "leases"
+
+    batch_id: str = Field(primary_key=True)
+    owner: str
+    claimed_at: float
+    heartbeat: float
+    expires_at: float

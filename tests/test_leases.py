@@ -1,0 +1,245 @@
+"""Several processes on one store: leases, takeover, the import race, idempotent finalisation, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlmodel import SQLModel, col, select
+
+from obatch import batches, lease
+from obatch.api import run_batch_file
+from obatch.backends.ollama import OllamaBackend
+from obatch.config import Settings
+from obatch.store import repo
+from obatch.store.db import Sessions, open_store
+from obatch.store.tables import BatchRow, FileRow, LeaseRow
+from obatch.testing.ollama_sim import OllamaSim, SimConfig
+from tests.helpers import chat_line, write_jsonl
+from tests.test_batches import assert_exactly_once
+
+pytestmark = pytest.mark.usefixtures("db_url")
+
+
+async def _store(settings: Settings) -> tuple[sa.ext.asyncio.AsyncEngine, Sessions]:
+    return await open_store(settings.db_url)
+
+
+async def test_migrations_match_the_tables(make_settings: Callable[..., Settings]) -> None:
+    engine, _ = await _store(make_settings())
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(
+                MigrationContext.configure(c, opts={"render_as_batch": True}), SQLModel.metadata))
+            wide = await conn.run_sync(lambda c: {
+                column["name"]: str(column["type"]) for column in sa.inspect(c).get_columns("batches")})
+    finally:
+        await engine.dispose()
+    assert diff == []
+    if engine.dialect.name == "postgresql":
+        assert wide["created_at"] == "BIGINT" and wide["input_tokens"] == "BIGINT"
+
+
+async def test_a_lease_is_claimed_once_renewed_released_and_taken_over_after_expiry(
+        make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(lease_ttl=10.0)
+    engine, sessions = await _store(settings)
+    try:
+        now = 1000.0
+        # Claims racing at the same instant: exactly one wins.
+        claims = await asyncio.gather(*(_claim(sessions, "batch-x", owner, now) for owner in ("a", "b", "c")))
+        assert sum(holder is None for holder in claims) == 1
+        winner = ["a", "b", "c"][[holder is None for holder in claims].index(True)]
+        other = "b" if winner != "b" else "c"
+        assert await _claim(sessions, "batch-x", winner, now + 1) is None  # ours already: claiming again renews
+        holder = await _claim(sessions, "batch-x", other, now + 5)
+        assert holder is not None and holder.owner == winner
+        async with sessions() as session:
+            assert await repo.renew_lease(session, "batch-x", winner, now + 9, 10.0)
+            assert not await repo.renew_lease(session, "batch-x", other, now + 9, 10.0)
+            await session.commit()
+        assert await _claim(sessions, "batch-x", other, now + 18) is not None  # renewed at 9: held until 19
+        assert await _claim(sessions, "batch-x", other, now + 19.5) is None  # expired: taken over
+        async with sessions() as session:
+            assert not await repo.renew_lease(session, "batch-x", winner, now + 20, 10.0)  # the old owner knows
+            await repo.release_lease(session, "batch-x", winner)  # not ours any more: nothing happens
+            await session.commit()
+            assert (await session.get(LeaseRow, "batch-x")) is not None
+            await repo.release_lease(session, "batch-x", other)
+            await session.commit()
+            assert (await session.get(LeaseRow, "batch-x")) is None
+    finally:
+        await engine.dispose()
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "no-errors.jsonl"
+    path.write_bytes(b"")
+    return path
+
+
+async def _claim(sessions: Sessions, batch_id: str, owner: str, now: float) -> LeaseRow | None:
+    async with sessions() as session:
+        holder = await repo.claim_lease(session, batch_id, owner, now, 10.0)
+        await session.commit()
+        return holder
+
+
+async def _batch(svc: batches.Services, path: Path) -> str:
+    stored = await batches.store_file(svc, batches.read_chunks(path), filename=path.name, purpose="batch")
+    batch = await batches.create_batch(svc, input_file_id=stored.id, endpoint="/v1/chat/completions")
+    return batch.id
+
+
+async def test_two_processes_on_one_batch_import_once_and_run_each_line_once(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """The import race (two processes importing one batch) and the run race: the second process is refused."""
+    lines = [chat_line(f"r{i}", max_tokens=4) for i in range(300)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=4)) as sim:
+        settings = make_settings(sim.url)
+        engine, sessions = await _store(settings)
+        backend = OllamaBackend(sim.url)
+        one = batches.Services(settings, sessions, backend)
+        two = batches.Services(settings, sessions, backend)  # another owner: another process
+        batch_id = await _batch(one, path)
+        outcomes = await asyncio.gather(batches.process(one, batch_id),
+                                        batches.process(two, batch_id), return_exceptions=True)
+        assert sorted(type(o).__name__ for o in outcomes) == ["BatchBusy", "BatchRow"], outcomes
+        busy = next(o for o in outcomes if isinstance(o, lease.BatchBusy))
+        assert busy.status_code == 409 and "another process" in busy.message
+        done = await batches.process(two, batch_id)  # after the fact: already final, nothing to do
+        served = sim.stats.served
+        await backend.aclose()
+        async with sessions() as session:
+            assert (await session.get(LeaseRow, batch_id)) is None  # released at the end
+        await engine.dispose()
+    assert done.status == "completed" and (done.total, done.completed, done.failed) == (300, 300, 0)
+    assert served == 300
+    assert_exactly_once([line["custom_id"] for line in lines],
+                        batches.file_path(settings, done.output_file_id or ""), _empty(tmp_path))
+
+
+async def test_a_dead_process_s_batch_is_taken_over_after_its_lease_expires(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    lines = [chat_line(f"r{i}", max_tokens=20) for i in range(80)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
+        settings = make_settings(sim.url, lease_ttl=1.0, lease_heartbeat=0.2)
+        engine, sessions = await _store(settings)
+        backend = OllamaBackend(sim.url)
+        dead = batches.Services(settings, sessions, backend)
+        batch_id = await _batch(dead, path)
+        task = asyncio.create_task(batches.process(dead, batch_id))
+        while (await batches.reload(dead, batch_id)).completed < 10:  # noqa: ASYNC110 (polling the store)
+            await asyncio.sleep(0.02)
+        # Freeze the first process as SIGKILL would: its heartbeat stops, its lease row stays.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        async with sessions() as session:
+            await session.execute(sa.insert(LeaseRow).values(batch_id=batch_id, owner=dead.owner, claimed_at=0,
+                                                              heartbeat=dead.clock(),
+                                                              expires_at=dead.clock() + 1.0))
+            await session.commit()
+        before = sim.stats.served
+        heir = batches.Services(settings, sessions, backend)
+        with pytest.raises(lease.BatchBusy):
+            await batches.process(heir, batch_id)
+        await asyncio.sleep(1.1)
+        done = await batches.process(heir, batch_id)
+        after = sim.stats.served
+        await backend.aclose()
+        await engine.dispose()
+    assert done.status == "completed" and done.completed == 80
+    assert after - before <= 80 - 10 + 2  # only what was missing (a cancelled request may have reached the sim)
+    assert_exactly_once([line["custom_id"] for line in lines],
+                        batches.file_path(settings, done.output_file_id or ""), _empty(tmp_path))
+
+
+async def test_a_process_that_loses_its_lease_stops(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    lines = [chat_line(f"r{i}", max_tokens=40) for i in range(60)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
+        settings = make_settings(sim.url, lease_ttl=5.0, lease_heartbeat=0.1)
+        engine, sessions = await _store(settings)
+        backend = OllamaBackend(sim.url)
+        svc = batches.Services(settings, sessions, backend)
+        batch_id = await _batch(svc, path)
+        task = asyncio.create_task(batches.process(svc, batch_id))
+        while (await batches.reload(svc, batch_id)).completed < 4:  # noqa: ASYNC110 (polling the store)
+            await asyncio.sleep(0.02)
+        async with sessions() as session:  # another process took it over (say this one stalled past the ttl)
+            await session.execute(sa.update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id)
+                                  .values(owner="someone-else"))
+            await session.commit()
+        with pytest.raises(lease.LeaseLost):
+            await asyncio.wait_for(task, 10)
+        batch = await batches.reload(svc, batch_id)
+        await backend.aclose()
+        await engine.dispose()
+    assert batch.status == "in_progress" and batch.completed < 60  # left for the new holder to finish
+
+
+async def test_finalising_twice_leaves_one_set_of_files(tmp_path: Path, make_settings: Callable[..., Settings]
+                                                        ) -> None:
+    """A crash during finalisation is repaired by finalising again: same file ids, no orphan rows."""
+    lines = [chat_line(f"r{i}") for i in range(20)] + [chat_line("bad", model="no-such-model")]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim() as sim:
+        settings = make_settings(sim.url)
+        engine, sessions = await _store(settings)
+        backend = OllamaBackend(sim.url)
+        svc = batches.Services(settings, sessions, backend)
+        batch_id = await _batch(svc, path)
+        first = await batches.process(svc, batch_id)
+        async with sessions() as session:  # as if the process died after writing files, before the status
+            await session.execute(sa.update(BatchRow).where(col(BatchRow.id) == batch_id)
+                                  .values(status="finalizing", completed_at=None))
+            await session.commit()
+        again = await batches.process(svc, batch_id)
+        async with sessions() as session:
+            files = (await session.execute(select(FileRow).where(col(FileRow.purpose) == "batch_output"))
+                     ).scalars().all()
+        await backend.aclose()
+        await engine.dispose()
+    assert again.status == "completed" and (again.completed, again.failed) == (20, 1)
+    assert (again.output_file_id, again.error_file_id) == (first.output_file_id, first.error_file_id)
+    assert sorted(f.id for f in files) == sorted([first.output_file_id, first.error_file_id])
+    assert sorted(p.name for p in settings.files_dir.iterdir()) == sorted(
+        f"{f}.jsonl" for f in (first.output_file_id, first.error_file_id, again.input_file_id))
+    assert_exactly_once([str(line["custom_id"]) for line in lines],
+                        batches.file_path(settings, again.output_file_id or ""),
+                        batches.file_path(settings, again.error_file_id or ""))
+
+
+async def test_obatch_run_started_twice_runs_the_batch_once(tmp_path: Path, make_settings: Callable[..., Settings]
+                                                           ) -> None:
+    """A second ``run_batch_file`` on the same input (another terminal) waits for the first instead of running
+    the lines again, and still gets its own output file."""
+    lines = [chat_line(f"r{i}", max_tokens=20) for i in range(80)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
+        settings = make_settings(sim.url, lease_heartbeat=0.2)
+        first = asyncio.create_task(run_batch_file(path, settings=settings, concurrency=2, progress=False))
+        engine, sessions = await _store(settings)
+        while True:
+            async with sessions() as session:
+                rows = (await session.execute(select(BatchRow))).scalars().all()
+            if rows and rows[0].completed >= 5:
+                break
+            await asyncio.sleep(0.02)
+        await engine.dispose()
+        second = await run_batch_file(path, settings=settings, concurrency=2, progress=False,
+                                      output=tmp_path / "second.jsonl", errors_path=tmp_path / "second-err.jsonl")
+        report = await first
+        served = sim.stats.served
+    assert second.batch.id == report.batch.id and second.batch.status == "completed"
+    assert served == 80
+    expected = [str(line["custom_id"]) for line in lines]
+    assert_exactly_once(expected, report.output, report.errors)
+    assert_exactly_once(expected, second.output, second.errors)
