@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -227,11 +228,16 @@ async def test_obatch_run_started_twice_runs_the_batch_once(tmp_path: Path, make
         settings = make_settings(sim.url, lease_heartbeat=0.2)
         first = asyncio.create_task(run_batch_file(path, settings=settings, concurrency=2, progress=False))
         engine, sessions = await _store(settings)
+        deadline = time.monotonic() + 60
         while True:
             async with sessions() as session:
                 rows = (await session.execute(select(BatchRow))).scalars().all()
             if rows and rows[0].completed >= 5:
                 break
+            if first.done():  # it ended (or failed) before the second started: show why instead of waiting
+                await first
+                break
+            assert time.monotonic() < deadline, f"the first run made no progress: {rows}"
             await asyncio.sleep(0.02)
         await engine.dispose()
         second = await run_batch_file(path, settings=settings, concurrency=2, progress=False,
