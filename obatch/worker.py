@@ -25,6 +25,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from obatch import batches, lease
+from obatch.backends.pool import Pool
 from obatch.store import repo
 
 log = logging.getLogger("obatch.worker")
@@ -47,6 +48,11 @@ class BatchWorker:
     def running(self) -> list[str]:
         """Ids of the batches being driven now."""
         return list(self._tasks)
+
+    @property
+    def pool(self) -> Pool | None:
+        """The engine hosts the batches lease from (with their levels), for ``/health``."""
+        return self.svc.pool
 
     async def start(self) -> None:
         if self._supervisor is None:
@@ -134,6 +140,11 @@ class ThreadedWorker(BatchWorker):
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+
+    @property
+    def pool(self) -> Pool | None:
+        """The worker thread's own pool (its levels are learned there); None until it has started."""
+        return self._inner.svc.pool if self._inner is not None else None
 
     @property
     def running(self) -> list[str]:

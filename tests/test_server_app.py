@@ -127,7 +127,10 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
                 if batch["status"] == "completed":
                     break
                 await asyncio.sleep(0.1)
+            # /health shows the hosts as the batches saw them (the worker runs its own pool on its own loop)
+            served = sum(h["served"] for h in (await client.get("/health")).json()["backend"]["hosts"])
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 80
+    assert served == 80
     assert one.stats.served > 0 and two.stats.served > 0 and one.stats.served + two.stats.served == 80
     story = batch["obatch"]["concurrency"]  # the levels chosen, and why, travel with the batch object
     assert story["mode"] == "auto" and [h["url"] for h in story["hosts"]] == [one.url, two.url]

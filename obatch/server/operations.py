@@ -218,7 +218,7 @@ async def model(svc: Services, model_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ health
 
 
-async def health(svc: Services) -> tuple[bool, dict[str, Any]]:
+async def health(svc: Services, worker: BatchWorker | None = None) -> tuple[bool, dict[str, Any]]:
     """(healthy, report): the store must answer; the backend's reachability is reported (not fatal: an engine
     that is still starting does not make the server unhealthy)."""
     report: dict[str, Any] = {"status": "ok", "db": "ok", "backend": {"name": svc.backend.name}}
@@ -236,5 +236,8 @@ async def health(svc: Services) -> tuple[bool, dict[str, Any]]:
         report["backend"].update(reachable=False, error=type(exc).__name__)
         if healthy:
             report["status"] = "degraded"
-    report["backend"]["hosts"] = svc.pool.describe()  # each engine host: state, concurrency and why, models
+    # Each engine host: state, concurrency and why, models — as the batches see them (the worker may run its own
+    # pool on its own loop, where the levels are learned).
+    pool = (worker.pool if worker is not None else None) or svc.pool
+    report["backend"]["hosts"] = pool.describe()
     return healthy, report

@@ -17,8 +17,8 @@ class SystemController(Controller):
     tags = ("system",)
 
     @get("/health", summary="Store and backend reachability")
-    async def health(self, svc: Svc) -> Response[dict[str, Any]]:
-        healthy, report = await ops.health(svc)
+    async def health(self, svc: Svc, worker: Worker) -> Response[dict[str, Any]]:
+        healthy, report = await ops.health(svc, worker)
         return Response(report, status_code=200 if healthy else 503)
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
