@@ -204,7 +204,7 @@ def test_upload_run_download_and_charts_in_a_real_browser(stack: Stack, browser:
 
         page.get_by_role("link", name="Models / backend").first.click()
         expect(page.get_by_text("Backend reachable")).to_be_visible(timeout=30_000)
-        expect(page.locator("[data-testid='stDataFrame']")).to_be_visible()
+        expect(page.locator("[data-testid='stDataFrame']").last).to_be_visible()  # the engine hosts, then the models
         cell = page.locator("[data-testid^='glide-cell']", has_text="smollm2:135m")  # the grid's a11y layer
         expect(cell.first).to_be_attached()
         shot(page, "ui-5-models")
