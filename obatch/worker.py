@@ -26,6 +26,7 @@ from contextlib import AbstractAsyncContextManager
 
 from obatch import batches, lease
 from obatch.backends.pool import Pool
+from obatch.bench.sweeps import SweepRunner
 from obatch.store import repo
 
 log = logging.getLogger("obatch.worker")
@@ -43,6 +44,7 @@ class BatchWorker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # batch id -> (failures in a row, retry not before)
         self._supervisor: asyncio.Task[None] | None = None
+        self.sweeps = SweepRunner(svc)  # benchmark sweeps, measured while no batch runs (obatch.bench.sweeps)
 
     @property
     def running(self) -> list[str]:
@@ -68,6 +70,7 @@ class BatchWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sweeps.stop()
         self._supervisor = None
         self._tasks.clear()
 
@@ -75,6 +78,7 @@ class BatchWorker:
         while True:
             try:
                 await self.scan()
+                await self.sweeps.scan()
             except Exception:
                 log.exception("worker: scanning the store failed")
             with contextlib.suppress(TimeoutError):

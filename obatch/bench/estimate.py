@@ -65,6 +65,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import context, errors
 from obatch.backends.base import Backend
+from obatch.bench.best import best_config
 from obatch.bench.metrics import mean, stdev
 from obatch.jsonl import Request, iter_file
 from obatch.store import bench_repo
@@ -641,9 +642,7 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     candidates: list[dict[str, Any]] = [
         {"num_ctx": n, "concurrency": c, "seconds": t, "req_per_s": shape.n / t if t > 0 else None}
         for t, n, c in ranked]
-    # the best: the fastest, or within TIE of it with a smaller num_ctx / fewer requests in flight (less memory)
-    best = min((c for c in candidates if c["seconds"] <= ranked[0][0] * (1 + TIE)),
-               key=lambda c: (c["num_ctx"], c["concurrency"]))
+    best = best_config(candidates, speed="req_per_s") or candidates[0]  # obatch.bench.best: the one rule
     if concurrency is None and num_ctx is None:
         chosen_ctx, chosen_c = best["num_ctx"], best["concurrency"]
     else:

@@ -13,8 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch import batches, errors
 from obatch.bench import views
 from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
+from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, EstimateRecord
 from obatch.config import Settings
 from obatch.store import repo
+
+HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells about the machine and its files
 
 
 def _clean(value: Any) -> Any:
@@ -33,13 +36,21 @@ def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-async def best_per_model(session: AsyncSession) -> list[dict[str, Any]]:
-    """Per model (and backend): the configuration of its newest run with the highest completed req/s."""
-    return _records(views.best_configs(views.summary(await views.points(session))))
+def point_models(frame: pl.DataFrame) -> list[BenchPoint]:
+    return [BenchPoint.model_validate(r) for r in _records(frame)]
+
+
+def config_models(frame: pl.DataFrame) -> list[BenchConfig]:
+    return [BenchConfig.model_validate(r) for r in _records(frame)]
+
+
+async def best_per_model(session: AsyncSession) -> list[BenchConfig]:
+    """Per model (and backend): its best configuration (``obatch.bench.best``)."""
+    return config_models(views.best_configs(views.summary(await views.points(session))))
 
 
 async def model_history(session: AsyncSession, model: str, *, num_ctx: int | None = None,
-                        concurrency: int | None = None) -> list[dict[str, Any]]:
+                        concurrency: int | None = None) -> list[BenchPoint]:
     """Every stored point of a model, oldest first, optionally at one num_ctx and/or concurrency."""
     frame = await views.points(session, models=[model])
     if frame.is_empty():
@@ -48,17 +59,17 @@ async def model_history(session: AsyncSession, model: str, *, num_ctx: int | Non
         frame = frame.filter(pl.col("num_ctx") == num_ctx)
     if concurrency is not None:
         frame = frame.filter(pl.col("concurrency") == concurrency)
-    return _records(frame)
+    return point_models(frame)
 
 
-async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | None = None) -> list[dict[str, Any]]:
-    """Models side by side: each model's newest run, one row per configuration (repeats folded)."""
+async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | None = None) -> list[BenchConfig]:
+    """Models side by side: each configuration's newest measurement (repeats folded), each model's best marked."""
     if not models:
         raise errors.ConfigError("Name the models to compare: ?models=a,b", param="models")
     summary = views.summary(await views.points(session, models=models, num_ctx=num_ctx))
     if summary.is_empty():
         return []
-    return _records(views.newest_runs(summary).sort(["num_ctx", "concurrency", "model"]))
+    return config_models(views.mark_best(views.latest_configs(summary)).sort(["num_ctx", "concurrency", "model"]))
 
 
 def _combined(parts: list[Estimate]) -> dict[str, Any]:
@@ -82,10 +93,15 @@ async def estimate(session: AsyncSession, settings: Settings, owner: str | None,
     return _combined(await estimate_groups(session, backend=backend, file=file, **kwargs))
 
 
-async def estimate_records(session: AsyncSession, owner: str | None = None) -> list[dict[str, Any]]:
+async def estimate_records(session: AsyncSession, owner: str | None = None) -> list[EstimateRecord]:
     """Estimate vs actual of finished batches (the caller's own when ``owner`` is given)."""
-    return [{k: _clean(v) for k, v in r.items()} for r in await estimates_vs_actuals(session, owner=owner)]
+    return [EstimateRecord.model_validate({k: _clean(v) for k, v in r.items()})
+            for r in await estimates_vs_actuals(session, owner=owner)]
 
 
-async def list_runs(session: AsyncSession) -> list[dict[str, Any]]:
-    return _records(await views.runs(session))
+async def list_runs(session: AsyncSession, *, host_details: bool = True) -> list[BenchRun]:
+    """Benchmark runs; without ``host_details`` the machine's name, CPU and notebook path are left out."""
+    runs = [BenchRun.model_validate(r) for r in _records(await views.runs(session))]
+    if host_details:
+        return runs
+    return [r.model_copy(update=dict.fromkeys(HOST_FIELDS)) for r in runs]

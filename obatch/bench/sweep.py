@@ -255,7 +255,7 @@ async def open_bench_backend(spec: SweepSpec, settings: Settings) -> AsyncIterat
         await backend.aclose()
 
 
-async def _start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, fresh: bool,
+async def start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, fresh: bool,
                      params: dict[str, Any] | None, notebook: str | None) -> tuple[BenchRunRow, dict[str, Any]]:
     label = "sim" if spec.backend == "sim" else backend.name  # simulated figures never feed a real estimate
     signature = spec.signature(label)
@@ -284,7 +284,7 @@ async def sweep_with(sessions: Sessions, backend: Backend, spec: SweepSpec, *, s
                      notebook: str | None = None) -> SweepReport:
     """Run (or resume) a sweep on an open store and backend; each point is stored as soon as it is measured."""
     started = time.monotonic()
-    run, env = await _start_run(sessions, spec, backend, fresh=fresh, params=params, notebook=notebook)
+    run, env = await start_run(sessions, spec, backend, fresh=fresh, params=params, notebook=notebook)
     async with sessions() as session:
         done = await bench_repo.done_points(session, run.id)
     points = plan(spec.models, spec.num_ctx, spec.concurrency, spec.repeats)

@@ -16,6 +16,7 @@ import orjson
 import polars as pl
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from obatch.bench.best import best_config
 from obatch.bench.estimate import estimates_vs_actuals
 from obatch.config import Settings
 from obatch.store import bench_repo
@@ -127,12 +128,32 @@ def newest_runs(summary_frame: pl.DataFrame) -> pl.DataFrame:
             .drop("newest"))
 
 
-def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
-    """Per model (and backend), the configuration of its newest run with the highest completed req/s."""
+def latest_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (backend, model, num_ctx, concurrency): the summary row of the newest run that measured it (a later
+    sweep of a few levels updates those and leaves the others as they were measured)."""
     if summary_frame.is_empty():
         return summary_frame
-    return (newest_runs(summary_frame).sort("req_per_s", descending=True)
-            .group_by(["backend", "model"], maintain_order=True).first().sort("model"))
+    return (summary_frame.sort("created_at").group_by(CONFIG[1:], maintain_order=True).last()
+            .select(summary_frame.columns).sort(["model", "num_ctx", "concurrency"]))
+
+
+def mark_best(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """``summary_frame`` with a ``best`` column: True on each (backend, model)'s best row (``obatch.bench.best``)."""
+    chosen: set[tuple[Any, ...]] = set()
+    for _, group in summary_frame.group_by(["backend", "model"], maintain_order=True):
+        best = best_config(group.to_dicts())
+        if best is not None:
+            chosen.add(tuple(best[c] for c in CONFIG))
+    keys = [tuple(row) for row in summary_frame.select(CONFIG).rows()]
+    return summary_frame.with_columns(pl.Series("best", [k in chosen for k in keys], dtype=pl.Boolean))
+
+
+def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
+    """Per model (and backend), its best configuration by the one rule of ``obatch.bench.best``, over each
+    configuration's newest measurement. A model none of whose configurations qualifies has no row."""
+    if summary_frame.is_empty():
+        return summary_frame.with_columns(pl.lit(False).alias("best"))
+    return mark_best(latest_configs(summary_frame)).filter(pl.col("best")).sort("model")
 
 
 async def estimates(session: AsyncSession) -> pl.DataFrame:

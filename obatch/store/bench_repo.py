@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from obatch.errors import NotFoundError
-from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow
+from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow, BenchSweepRow
 from obatch.store.tables import BatchRow, RequestRow
 
 PointConfig = tuple[str, int, int, int]  # (model, num_ctx, concurrency, repeat)
@@ -118,3 +118,39 @@ async def estimated_batches(session: AsyncSession, *, owner: str | None = None, 
         statement = statement.where(col(BatchRow.owner) == owner)
     statement = statement.order_by(col(BatchRow.seq).desc()).limit(limit)
     return list((await session.execute(statement)).scalars().all())
+
+
+SWEEP_ACTIVE = ("queued", "in_progress", "cancelling")
+
+
+async def get_sweep(session: AsyncSession, sweep_id: str, owner: str | None = None) -> BenchSweepRow:
+    """A sweep (the owner's, when ``owner`` is given: another key's sweep is not found)."""
+    row = await session.get(BenchSweepRow, sweep_id)
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"No such sweep: {sweep_id}", param="sweep_id")
+    return row
+
+
+async def list_sweeps(session: AsyncSession, owner: str | None = None, limit: int = 100) -> list[BenchSweepRow]:
+    """Newest first."""
+    statement = select(BenchSweepRow).order_by(col(BenchSweepRow.created_at).desc()).limit(limit)
+    if owner is not None:
+        statement = statement.where(col(BenchSweepRow.owner) == owner)
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def active_sweep_ids(session: AsyncSession) -> list[str]:
+    """Sweeps not yet in a final status, oldest first."""
+    statement = (select(col(BenchSweepRow.id)).where(col(BenchSweepRow.status).in_(SWEEP_ACTIVE))
+                 .order_by(col(BenchSweepRow.created_at)))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def update_sweep(session: AsyncSession, sweep_id: str, *, only_if: Sequence[str] | None = None,
+                       **values: Any) -> bool:
+    """Set columns of a sweep (only while its status is one of ``only_if``, when given); whether a row changed."""
+    statement = update(BenchSweepRow).where(col(BenchSweepRow.id) == sweep_id)
+    if only_if is not None:
+        statement = statement.where(col(BenchSweepRow.status).in_(list(only_if)))
+    result = await session.execute(statement.values(**values))
+    return bool(getattr(result, "rowcount", 0))

@@ -109,3 +109,24 @@ class BenchSampleRow(SQLModel, table=True):
     latency_ms: float
     ttft_ms: float | None = None
     error_code: str | None = None
+
+
+class BenchSweepRow(SQLModel, table=True):
+    """A sweep the server runs (``POST /v1/benchmarks/sweeps``): kept until done, so a restarted server resumes it
+    where its benchmark run (``run_id``) stands."""
+
+    __tablename__ = "bench_sweeps"
+
+    id: str = Field(primary_key=True)
+    owner: str | None = Field(default=None, index=True)
+    status: str = Field(index=True)  # queued | in_progress | cancelling | cancelled | completed | failed
+    params_json: str  # obatch.bench.wire.SweepParams
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    points_done: int = 0
+    points_total: int
+    current: str | None = None
+    run_id: str | None = None
+    backend: str | None = None
+    error: str | None = None

@@ -2,32 +2,44 @@
 and the estimate-vs-actual record of finished batches. Each handler is one call into ``obatch.bench.service``, on
 the request's store session (the ``db_session`` dependency opens and closes it).
 
+Sweeps (``/v1/benchmarks/sweeps``) are run by the server's worker on the server's backend (``obatch.bench.sweeps``);
+a sweep belongs to the key that started it (another key gets 404, as for batches) and admin keys see every sweep.
+The points a sweep measures are shared benchmark data, like every other point.
+
 Every number a caller passes is bounded (a workload of 10^18 requests or a 1e300-token prompt is refused with a
 400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) are for admin keys."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from litestar import Controller, get
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar import Controller, get, post
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from obatch.bench import service
+from obatch import errors
+from obatch.bench import service, sweeps
+from obatch.bench.wire import Sweep, SweepParams
 from obatch.protocol import ListPage
-from obatch.server.deps import Admin, DbSession, Owner, Svc
+from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
+from obatch.store import bench_repo
 
 MAX_REQUESTS = 10_000_000  # requests in an estimated workload (the estimate's cost does not grow with it)
 MAX_TOKENS = 10_000_000  # prompt / output tokens of one request, num_ctx
 MAX_CONCURRENCY = 1024  # as Settings.concurrency
-HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells about the machine and its files
 
 Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
 Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
 Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
 
 
-def _page(items: list[dict[str, Any]]) -> ListPage:
-    return ListPage(data=items)
+def _page(items: Sequence[Any]) -> ListPage:
+    return ListPage(data=list(items))
+
+
+def _scope(owner: str | None, admin: bool) -> str | None:
+    """Whose sweeps a caller sees: everyone's for an admin key (or without keys), else its own."""
+    return None if admin else owner
 
 
 class BenchmarksController(Controller):
@@ -65,5 +77,25 @@ class BenchmarksController(Controller):
 
     @get("/runs", summary="Benchmark runs with their parameters and environment")
     async def runs(self, db_session: DbSession, admin: Admin) -> ListPage:
-        runs = await service.list_runs(db_session)
-        return _page(runs if admin else [{k: v for k, v in r.items() if k not in HOST_FIELDS} for r in runs])
+        return _page(await service.list_runs(db_session, host_details=admin))
+
+    @post("/sweeps", status_code=200, summary="Start a sweep on the server's backend (run by the server's worker)")
+    async def start_sweep(self, data: JSONBody[SweepParams], svc: Svc, worker: Worker, owner: Owner) -> Sweep:
+        problem = data.problem()
+        if problem is not None:
+            raise errors.ConfigError(problem[0], param=problem[1])
+        made = await sweeps.create(svc.sessions, data, owner)
+        worker.kick()
+        return made
+
+    @get("/sweeps", summary="Sweeps, newest first (an admin key sees every key's)")
+    async def list_sweeps(self, db_session: DbSession, owner: Owner, admin: Admin) -> ListPage:
+        return _page([sweeps.to_wire(r) for r in await bench_repo.list_sweeps(db_session, _scope(owner, admin))])
+
+    @get("/sweeps/{sweep_id:str}", summary="A sweep: status and points done of total")
+    async def get_sweep(self, db_session: DbSession, sweep_id: FromPath[str], owner: Owner, admin: Admin) -> Sweep:
+        return sweeps.to_wire(await bench_repo.get_sweep(db_session, sweep_id, _scope(owner, admin)))
+
+    @post("/sweeps/{sweep_id:str}/cancel", status_code=200, summary="Cancel a sweep (measured points are kept)")
+    async def cancel_sweep(self, svc: Svc, sweep_id: FromPath[str], owner: Owner, admin: Admin) -> Sweep:
+        return await sweeps.cancel(svc.sessions, sweep_id, _scope(owner, admin))
