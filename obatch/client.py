@@ -15,12 +15,14 @@ a bearer token when set. Tests inject an ``httpx`` transport (``httpx.MockTransp
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, Self
 from urllib.parse import quote
 
 import httpx
 
+from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, EstimateRecord, Sweep, SweepParams
 from obatch.protocol import Batch, FileObject
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
@@ -238,19 +240,55 @@ class Client:
 
     # ------------------------------------------------------------------------------------------ benchmarks
 
-    def benchmark_models(self) -> list[dict[str, Any]]:
-        """The best known configuration per model."""
-        return list(self._page("/v1/benchmarks/models", {}).data)
+    def benchmark_models(self) -> list[BenchConfig]:
+        """Each model's best configuration, as the server names it (``obatch.bench.best``)."""
+        return [BenchConfig.model_validate(item) for item in self._page("/v1/benchmarks/models", {}).data]
 
     def benchmark_history(self, model: str, *, num_ctx: int | None = None, concurrency: int | None = None
-                          ) -> list[dict[str, Any]]:
+                          ) -> list[BenchPoint]:
         """Every measured point of one model (optionally one context window or one concurrency)."""
         path = f"/v1/benchmarks/models/{quote(model, safe=':@')}"
-        return list(self._page(path, {"num_ctx": num_ctx, "concurrency": concurrency}).data)
+        page = self._page(path, {"num_ctx": num_ctx, "concurrency": concurrency})
+        return [BenchPoint.model_validate(item) for item in page.data]
 
-    def benchmark_compare(self, models: list[str], *, num_ctx: int | None = None) -> list[dict[str, Any]]:
-        """Points of several models side by side."""
-        return list(self._page("/v1/benchmarks/compare", {"models": ",".join(models), "num_ctx": num_ctx}).data)
+    def benchmark_compare(self, models: list[str], *, num_ctx: int | None = None) -> list[BenchConfig]:
+        """Configurations of several models side by side, each model's best marked."""
+        page = self._page("/v1/benchmarks/compare", {"models": ",".join(models), "num_ctx": num_ctx})
+        return [BenchConfig.model_validate(item) for item in page.data]
+
+    def benchmark_runs(self) -> list[BenchRun]:
+        return [BenchRun.model_validate(item) for item in self._page("/v1/benchmarks/runs", {}).data]
+
+    def start_sweep(self, params: SweepParams | None = None, **fields: Any) -> Sweep:
+        """Start a sweep on the server's backend: ``params``, or its fields as keywords (``models=[...]``,
+        ``num_ctx=[...]``, ``concurrency=[...]``, ``requests``, ``workload``, ``repeats``)."""
+        chosen = params or SweepParams.model_validate(fields)
+        return Sweep.model_validate(self._json("POST", "/v1/benchmarks/sweeps", json=chosen.model_dump()))
+
+    def get_sweep(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._json("GET", f"/v1/benchmarks/sweeps/{sweep_id}"))
+
+    def list_sweeps(self) -> list[Sweep]:
+        """Newest first."""
+        return [Sweep.model_validate(item) for item in self._page("/v1/benchmarks/sweeps", {}).data]
+
+    def cancel_sweep(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._json("POST", f"/v1/benchmarks/sweeps/{sweep_id}/cancel"))
+
+    def wait_sweep(self, sweep_id: str, *, poll: float = 1.0, timeout: float | None = None,
+                   on_progress: Callable[[Sweep], None] | None = None) -> Sweep:
+        """Poll a sweep until it is no longer active (``on_progress`` sees each state); ``TimeoutError`` after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.get_sweep(sweep_id)
+            if on_progress is not None:
+                on_progress(sweep)
+            if not sweep.active:
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"Sweep {sweep_id} is still {sweep.status} after {timeout} s.")
+            time.sleep(poll)
 
     def estimate(self, *, model: str | None = None, num_requests: int | None = None,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
@@ -261,9 +299,9 @@ class Client:
         body = self._json("GET", "/v1/benchmarks/estimate", params=_clean(params))
         return dict(body) if isinstance(body, dict) else {"data": body}
 
-    def estimate_history(self) -> list[dict[str, Any]]:
+    def estimate_history(self) -> list[EstimateRecord]:
         """Finished batches' estimated vs actual duration."""
-        return list(self._page("/v1/benchmarks/estimates", {}).data)
+        return [EstimateRecord.model_validate(item) for item in self._page("/v1/benchmarks/estimates", {}).data]
 
     def get(self, path: str, **params: Any) -> Any:
         """Any other JSON ``GET`` (for endpoints newer than this client)."""

@@ -89,7 +89,7 @@ def test_benchmark_calls_encode_their_parameters() -> None:
     fake = FakeServer()
     api = fake.client()
     assert len(api.benchmark_history("llama3.2:1b")) == 6
-    assert {p["num_ctx"] for p in api.benchmark_compare(["llama3.2:1b", "qwen2.5:0.5b"], num_ctx=4096)} == {4096}
+    assert {p.num_ctx for p in api.benchmark_compare(["llama3.2:1b", "qwen2.5:0.5b"], num_ctx=4096)} == {4096}
     assert api.estimate(input_file_id="file-1")["expected_seconds"] == 42.0
     urls = [str(r.url) for r in fake.requests]
     assert "http://fake.obatch/v1/benchmarks/compare?models=llama3.2%3A1b%2Cqwen2.5%3A0.5b&num_ctx=4096" in urls

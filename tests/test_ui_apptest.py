@@ -5,11 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -169,72 +167,6 @@ def test_failed_batch_lists_its_problems(page: Callable[..., AppTest], fake: Fak
     no_exception(at)
     assert any("refused" in t for t in texts(at.error))
     assert list(table(at, "line", "code", "message")["code"]) == ["invalid_json_line"]
-
-
-# ------------------------------------------------------------------------------------------ benchmarks
-
-
-def test_benchmark_charts_are_built_from_the_points(page: Callable[..., AppTest]) -> None:
-    at = page("pages/benchmarks.py")
-    no_exception(at)
-    best = table(at, "model", "tokens_per_s")
-    assert sorted(best["model"]) == ["llama3.2:1b", "qwen2.5:0.5b"]
-    specs = chart_specs(at)
-    by_title = {spec["title"]: (spec, data) for spec, data in specs}
-    spec, data = by_title["output tokens / s vs num_ctx"]
-    assert spec["mark"]["type"] == "line" and spec["encoding"]["color"]["field"] == "model"
-    assert spec["encoding"]["x"]["field"] == "num_ctx"
-    assert data.sort("model", "num_ctx")["num_ctx"].to_list() == [2048, 4096, 8192] * 2
-    assert set(data["concurrency"].to_list()) == {4}  # "best" concurrency per window
-    assert "latency percentiles vs num_ctx" in by_title
-    assert "requests / s vs concurrency" in by_title
-    assert by_title["best output tokens / s per model"][0]["mark"]["type"] == "bar"
-    at.selectbox(key="ctx_concurrency").set_value(1).run()
-    data = {spec["title"]: d for spec, d in chart_specs(at)}["output tokens / s vs num_ctx"]
-    assert set(data["concurrency"].to_list()) == {1}
-    at.multiselect(key="models").set_value(["qwen2.5:0.5b"]).run()
-    data = {spec["title"]: d for spec, d in chart_specs(at)}["output tokens / s vs num_ctx"]
-    assert set(data["model"].to_list()) == {"qwen2.5:0.5b"}
-
-
-def test_estimate_record_tab_charts_estimate_against_actual(page: Callable[..., AppTest]) -> None:
-    at = page("pages/benchmarks.py")
-    record = table(at, "batch_id", "estimated_seconds", "actual_seconds")
-    assert list(record["batch_id"]) == ["batch-old"]
-    frames = next(f for spec, f in chart_data(at) if "Estimate vs actual" in str(spec.get("title")))
-    assert [55.0] in [f["actual_seconds"].to_list() for f in frames]
-
-
-def test_sweep_from_the_page_runs_obatch_bench(page: Callable[..., AppTest], obatch_sim: Any,
-                                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Start a one-point sweep in the form: a real `obatch bench` child measures the simulator."""
-    for key in [k for k in os.environ if k.startswith("OBATCH_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("OBATCH_BACKEND", "ollama")
-    monkeypatch.setenv("OBATCH_OLLAMA_URL", obatch_sim.url)
-    monkeypatch.setenv("OBATCH_DATA_DIR", str(tmp_path / "data"))
-    at = page("pages/benchmarks.py")
-    at.multiselect(key="sweep_models").set_value(["qwen2.5:0.5b"])
-    at.multiselect(key="sweep_ctx").set_value([2048])
-    at.multiselect(key="sweep_conc").set_value([2])
-    at.number_input(key="sweep_requests").set_value(2)
-    at.selectbox(key="sweep_workload").set_value("tiny")
-    at.button[-1].click().run()  # the form's submit button
-    no_exception(at)
-    job = at.session_state["sweep_job"]
-    assert job.plan.points == 1
-    assert "sweep: 0 of 1 point(s) measured" in at.get("progress")[0].proto.text  # type: ignore[attr-defined]
-    assert job.process.wait(timeout=60) == 0, job.output()
-    at.run()
-    no_exception(at)
-    assert texts(at.success) == ["Sweep finished."]
-    assert "1 points measured" in texts(at.code)[0] and "qwen2.5:0.5b" in texts(at.code)[0]
-
-
-def test_benchmarks_without_data_explain_how_to_get_some(page: Callable[..., AppTest]) -> None:
-    at = page("pages/benchmarks.py", FakeServer(with_benchmarks=False))
-    no_exception(at)
-    assert any("No benchmark yet" in t for t in texts(at.info))
 
 
 # ---------------------------------------------------------------------------------------------- models

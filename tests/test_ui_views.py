@@ -17,7 +17,6 @@ from obatch.store.tables import RequestRow
 from obatch.ui import views
 from obatch.ui.launch import find_app, streamlit_command
 from tests.helpers import chat_line
-from tests.ui_fake import bench_points
 
 
 def jsonl(*objs: object) -> bytes:
@@ -157,50 +156,6 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
         ("failed", "batch_expired", 3)
 
 
-def test_bench_frame_reads_other_spellings_and_nested_objects() -> None:
-    frame = views.bench_frame([{"config": {"num_ctx": 4096, "concurrency": 2},
-                                "metrics": {"output_tokens_per_s": 55.5, "p50_latency_ms": 900}}], model="m")
-    assert frame.row(0, named=True)["model"] == "m"
-    assert frame.row(0, named=True)["tokens_per_s"] == 55.5
-    assert frame.row(0, named=True)["latency_p50_ms"] == 900
-    assert frame.schema == views.BENCH_SCHEMA
-
-
-def test_context_chart_has_one_line_per_model_at_its_best_concurrency() -> None:
-    frame = views.bench_frame(bench_points())
-    curve = views.along(frame, "num_ctx", fixed="concurrency", value=None)
-    assert curve.height == 6 and set(curve["concurrency"].to_list()) == {4}
-    spec = views.metric_chart(curve, "num_ctx", "tokens_per_s").to_dict()
-    assert spec["mark"]["type"] == "line"
-    assert spec["encoding"]["x"] | {"title": "", "axis": {}} == {"field": "num_ctx", "type": "ordinal",
-                                                                   "sort": "ascending", "title": "", "axis": {}}
-    assert spec["encoding"]["color"]["field"] == "model"
-    assert spec["encoding"]["color"]["scale"] == {"scheme": "tableau10"}
-    at_one = views.along(frame, "num_ctx", fixed="concurrency", value=1)
-    assert set(at_one["concurrency"].to_list()) == {1}
-    latency = views.latency_chart(curve, "num_ctx").to_dict()
-    assert latency["encoding"]["strokeDash"]["field"] == "percentile"
-    rows = next(iter(latency["datasets"].values()))
-    assert {r["percentile"] for r in rows} == {"p50", "p90", "p99"} and len(rows) == 18
-    assert views.compare_chart(frame).to_dict()["mark"]["type"] == "bar"
-    assert views.metric_chart(views.bench_frame([]), "concurrency", "requests_per_s").to_dict()
-
-
-def test_latest_points_averages_the_newest_runs_repeats_without_excluded_points() -> None:
-    old = {"model": "m", "num_ctx": 2048, "concurrency": 1, "output_tps": 1.0, "created_at": 1, "run_id": "a"}
-    new = [dict(old, output_tps=2.0, created_at=2, run_id="b", repeat=0),
-           dict(old, output_tps=4.0, created_at=3, run_id="b", repeat=1),
-           dict(old, output_tps=99.0, created_at=4, run_id="b", repeat=2, excluded=True)]
-    latest = views.latest_points(views.bench_frame([*new, old]))
-    assert latest["tokens_per_s"].to_list() == [3.0]
-    assert latest["run_id"].to_list() == ["b"]
-    # bench's summary rows count excluded repeats; a count is not a flag
-    assert views.bench_frame([{"model": "m", "excluded": 1}])["excluded"].to_list() == [False]
-    unlabelled = [{"model": "m", "num_ctx": 1, "concurrency": 1, "tokens_per_s": v, "created_at": t}
-                  for v, t in ((1.0, 1), (2.0, 2))]
-    assert views.latest_points(views.bench_frame(unlabelled))["tokens_per_s"].to_list() == [2.0]
-
-
 def test_estimates_and_health_are_read_generously() -> None:
     assert views.estimate_seconds({"expected_seconds": 10, "interval": [8, 14]}) == (10, 8, 14)
     assert views.describe_estimate({"seconds": 100, "low_seconds": 80, "high_seconds": 130}) == \
@@ -247,20 +202,3 @@ def test_obatch_ui_finds_the_app_or_says_where_it_looked(tmp_path: Path) -> None
     assert command[command.index("--server.port") + 1] == "9999"
 
 
-def test_sweep_plan_command_and_progress() -> None:
-    from obatch.ui.sweep import SweepPlan, measured_points
-
-    plan = SweepPlan(("a", "b"), (4096, 2048, 2048), (1, 2), requests=4, workload="tiny")
-    assert plan.points == 8 and plan.problem() is None
-    assert plan.command(python="py") == [
-        "py", "-m", "obatch", "bench", "--model", "a", "--model", "b", "--num-ctx", "2048,4096",
-        "--concurrency", "1,2", "--requests", "4", "--workload", "tiny", "--name", "ui", "--quiet"]
-    assert SweepPlan((), (1,), (1,)).problem() == "Pick at least one model."
-    points = views.bench_frame([
-        {"model": "a", "num_ctx": 2048, "concurrency": 1, "created_at": 100.0},
-        {"model": "a", "num_ctx": 2048, "concurrency": 1, "created_at": 101.0, "repeat": 1},  # same config
-        {"model": "a", "num_ctx": 4096, "concurrency": 2, "created_at": 102.0},
-        {"model": "a", "num_ctx": 8192, "concurrency": 2, "created_at": 102.0},  # not in the plan
-        {"model": "b", "num_ctx": 2048, "concurrency": 1, "created_at": 50.0},  # an older sweep
-    ])
-    assert measured_points(plan, points, since=100.0) == 2

@@ -14,8 +14,11 @@ from typing import Any
 import httpx
 import orjson
 
+from obatch.bench import views
+from obatch.bench.service import config_models
+from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
-from obatch.protocol import HostStatus
+from obatch.protocol import HostStatus, ListPage
 
 MODELS = [
     {"id": "llama3.2:1b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 131072,
@@ -25,18 +28,26 @@ MODELS = [
 ]
 
 
-def bench_points() -> list[dict[str, Any]]:
-    """Two models × three windows × two concurrencies, slower with longer windows."""
+def bench_points(models: tuple[tuple[str, float], ...] = (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)),
+                 *, run_id: str = "bench-fake", created_at: float = 1_700_000_000) -> list[BenchPoint]:
+    """Two models × three windows × two concurrencies, slower with longer windows, as the server sends them."""
     points = []
-    for model, speed in (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)):
+    for model, speed in models:
         for num_ctx in (2048, 4096, 8192):
             for concurrency in (1, 4):
                 tps = speed * concurrency ** 0.5 * 2048 / num_ctx
-                points.append({"model": model, "num_ctx": num_ctx, "concurrency": concurrency,
-                               "tokens_per_s": tps, "requests_per_s": tps / 32,
-                               "latency_p50_ms": 1000 * 32 / tps * concurrency, "latency_p90_ms": 1300 * 32 / tps,
-                               "latency_p99_ms": 1600 * 32 / tps, "created_at": 1_700_000_000 + num_ctx})
+                latency = 1000 * 32 / tps * concurrency
+                points.append(BenchPoint(
+                    id=len(points) + 1, run_id=run_id, backend="ollama", model=model, num_ctx=num_ctx,
+                    concurrency=concurrency, workload="chat", created_at=created_at + num_ctx, n_requests=16,
+                    n_completed=16, n_failed=0, success_rate=1.0, wall_seconds=16 / (tps / 32),
+                    req_per_s=tps / 32, output_tps=tps, gen_tps=tps / concurrency, latency_mean=latency,
+                    latency_p50=latency, latency_p90=1.3 * latency, latency_p99=1.6 * latency, ttft_p50=40.0))
     return points
+
+
+def _list(items: list[Any]) -> httpx.Response:
+    return _json(200, ListPage(data=items).model_dump(mode="json"))
 
 
 def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
@@ -71,6 +82,7 @@ class FakeServer:
         self.requests: list[httpx.Request] = []
         self.backend_ok = backend_ok
         self.points = bench_points() if with_benchmarks else []
+        self.sweeps: dict[str, Sweep] = {}
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
 
@@ -141,30 +153,74 @@ class FakeServer:
                                   "conflict")
                 batch.update(status="cancelling", cancelling_at=int(time.time()))
             return _json(200, batch)
-        if path == "/v1/benchmarks/models":
-            best: dict[str, dict[str, Any]] = {}
-            for p in self.points:
-                if p["model"] not in best or p["tokens_per_s"] > best[p["model"]]["tokens_per_s"]:
-                    best[p["model"]] = p
-            return _json(200, {"object": "list", "data": list(best.values())})
-        if parts[:3] == ["v1", "benchmarks", "models"] and len(parts) == 4:
-            return _json(200, {"object": "list", "data": [p for p in self.points if p["model"] == parts[3]]})
-        if path == "/v1/benchmarks/compare":
-            names = request.url.params.get("models", "").split(",")
-            num_ctx = request.url.params.get("num_ctx")
-            return _json(200, {"object": "list", "data": [
-                p for p in self.points if p["model"] in names and (num_ctx is None or p["num_ctx"] == int(num_ctx))]})
-        if path == "/v1/benchmarks/estimates":
-            return _json(200, {"object": "list", "data": [
-                {"batch_id": "batch-old", "models": "llama3.2:1b", "requests": 100, "concurrency": 4,
-                 "estimated_seconds": 50.0, "low": 40.0, "high": 60.0, "actual_seconds": 55.0, "error_pct": -9.1,
-                 "within_interval": True}] if self.points else []})
+        if parts[:2] == ["v1", "benchmarks"]:
+            answer = self._benchmarks(request, parts[2:])
+            if answer is not None:
+                return answer
         if path == "/v1/benchmarks/estimate":
             if not self.points:
                 return _error(404, "No benchmark for this model.", "not_found")
             return _json(200, {"expected_seconds": 42.0, "low_seconds": 30.0, "high_seconds": 60.0,
                                "best": {"num_ctx": 2048, "concurrency": 4}, "points_used": 3})
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
+
+    # ------------------------------------------------------------------------------------------ benchmarks
+    def summary(self, models: list[str] | None = None, num_ctx: int | None = None) -> Any:
+        """The server's own summary of the points (``obatch.bench.views``): best and compare come from it."""
+        points = [p for p in self.points if (models is None or p.model in models)
+                  and (num_ctx is None or p.num_ctx == num_ctx)]
+        return views.summary(views.frame_of_points(points))
+
+    def _benchmarks(self, request: httpx.Request, parts: list[str]) -> httpx.Response | None:
+        """The benchmark routes, answered with ``obatch.bench.wire`` models built by the server's code."""
+        params = request.url.params
+        if parts == ["models"]:
+            return _list(config_models(views.best_configs(self.summary())))
+        if parts[:1] == ["models"] and len(parts) == 2:
+            mine = [p for p in self.points if p.model == parts[1]]
+            if not mine:
+                return _error(404, f"No benchmark points for model {parts[1]!r}.", "not_found")
+            return _list(mine)
+        if parts == ["compare"]:
+            num_ctx = params.get("num_ctx")
+            summary = self.summary(params.get("models", "").split(","), int(num_ctx) if num_ctx else None)
+            return _list(config_models(views.mark_best(views.latest_configs(summary))) if not summary.is_empty()
+                         else [])
+        if parts == ["estimates"]:
+            return _list([EstimateRecord(
+                batch_id="batch-old", models="llama3.2:1b", requests=100, concurrency=4, estimated_seconds=50.0,
+                low=40.0, high=60.0, actual_seconds=55.0, error_pct=-9.1, within_interval=True)]
+                if self.points else [])
+        if parts == ["sweeps"] and request.method == "POST":
+            sweep_params = SweepParams.model_validate_json(request.content)
+            made = Sweep(id=self._id("sweep"), status="in_progress", params=sweep_params, created_at=time.time(),
+                         points_total=sweep_params.points, current="preparing the engine")
+            self.sweeps[made.id] = made
+            return _json(200, made.model_dump(mode="json"))
+        if parts == ["sweeps"]:
+            return _list(sorted(self.sweeps.values(), key=lambda x: x.created_at, reverse=True))
+        if parts[:1] == ["sweeps"] and len(parts) >= 2:
+            found = self.sweeps.get(parts[1])
+            if found is None:
+                return _error(404, f"No such sweep: {parts[1]}", "not_found")
+            if parts[2:] == ["cancel"]:
+                if not found.active:
+                    return _error(409, f"Sweep {found.id} is {found.status} and cannot be cancelled.",
+                                  "sweep_not_active")
+                found = self.sweeps[found.id] = found.model_copy(update={"status": "cancelling"})
+            return _json(200, found.model_dump(mode="json"))
+        return None
+
+    def finish_sweep(self, sweep_id: str) -> None:
+        """Complete a sweep: its models get points (measured now) and it reports every point done."""
+        found = self.sweeps[sweep_id]
+        fresh = bench_points(tuple((m, 120.0) for m in found.params.models), run_id=f"bench-{sweep_id}",
+                             created_at=time.time())
+        self.points += [p for p in fresh if p.num_ctx in found.params.num_ctx
+                        and p.concurrency in found.params.concurrency] or fresh
+        self.sweeps[sweep_id] = found.model_copy(update={"status": "completed", "points_done": found.points_total,
+                                                         "current": None, "backend": "ollama",
+                                                         "finished_at": time.time()})
 
     # ------------------------------------------------------------------------------------------ driving
     def progress(self, batch_id: str, completed: int, failed: int = 0, *, output_tokens: int = 0) -> None:

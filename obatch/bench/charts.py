@@ -77,7 +77,9 @@ def throughput_vs_concurrency(summary: pl.DataFrame, saturation: pl.DataFrame | 
 def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
     """Estimated against realised batch duration, with each estimate's interval; the diagonal is a perfect
     estimate and the grey band ±15% around it."""
-    data = estimates.filter(pl.col("actual_seconds") > 0)
+    data = estimates.filter(pl.col("actual_seconds") > 0).with_columns(
+        pl.when(pl.col("within_interval")).then(pl.lit("inside its interval"))
+        .otherwise(pl.lit("outside its interval")).alias("actual"))
     top = max([1.0, *data["actual_seconds"].to_list(), *data["high"].drop_nulls().to_list()]) * 1.1
     diagonal = pl.DataFrame({"actual_seconds": [0.0, top], "estimated_seconds": [0.0, top],
                              "low": [0.0, top * (1 - TOLERANCE)], "high": [0.0, top * (1 + TOLERANCE)]})
@@ -89,7 +91,34 @@ def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
         guide.mark_line(color="gray", strokeDash=[4, 4]).encode(x=x, y="estimated_seconds:Q"),
         base.mark_errorbar().encode(x=x, y=alt.Y("low:Q", title="estimated duration (s)"), y2="high:Q"),
         base.mark_point(filled=True, size=60).encode(
-            x=x, y="estimated_seconds:Q", color=alt.Color("within_interval:N", title="actual within interval"),
+            x=x, y="estimated_seconds:Q",
+            color=alt.Color("actual:N", title="actual duration", sort=["inside its interval", "outside its interval"],
+                            scale=alt.Scale(domain=["inside its interval", "outside its interval"],
+                                            range=["#4c78a8", "#e45756"])),
             tooltip=["batch_id:N", "models:N", "requests:Q", "concurrency:Q", "estimated_seconds:Q",
                      "actual_seconds:Q", "error_pct:Q"]),
     ).properties(width=380, height=300, title="Estimate vs actual batch duration (band: ±15%)")
+
+
+def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps") -> alt.TopLevelMixin:
+    """Throughput against latency, one point per configuration (``num_ctx``, ``concurrency``), coloured by model;
+    the line joins each model's Pareto front (no other configuration of the model is both faster and quicker to
+    answer). Works on ``views.summary`` rows (the report) and on the UI's latest points alike."""
+    from obatch.bench.views import pareto_front
+
+    data = pareto_front(frame, latency=latency, throughput=throughput).with_columns(
+        pl.format("num_ctx {} · concurrency {}", pl.col("num_ctx"), pl.col("concurrency")).alias("config"))
+    colour = alt.Color("model:N", title="model", scale=alt.Scale(scheme="tableau10"),
+                       legend=alt.Legend(labelLimit=0, orient="bottom", columns=1))
+    x = alt.X(f"{latency}:Q", title="p50 latency (ms) — lower is better", scale=alt.Scale(zero=False))
+    y = alt.Y(f"{throughput}:Q", title="output tokens / s — higher is better")
+    base = alt.Chart(data)
+    dots = base.mark_point(filled=True, size=70).encode(
+        x=x, y=y, color=colour, opacity=alt.condition("datum.pareto", alt.value(1.0), alt.value(0.35)),
+        tooltip=["model:N", "config:N", alt.Tooltip(f"{throughput}:Q", format=".1f"),
+                 alt.Tooltip(f"{latency}:Q", format=".0f"), "pareto:N"])
+    front = base.transform_filter("datum.pareto").mark_line().encode(x=x, y=y, color=colour,
+                                                                      order=alt.Order(f"{latency}:Q"))
+    chart: alt.TopLevelMixin = alt.layer(front, dots).properties(
+        width=420, height=300, title="Throughput vs latency (line: each model's Pareto front)")
+    return chart

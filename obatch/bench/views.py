@@ -8,6 +8,7 @@ configuration with the mean and the spread, leaving out points marked ``excluded
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch.bench.best import best_config
 from obatch.bench.estimate import estimates_vs_actuals
+from obatch.bench.wire import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow
@@ -47,6 +49,17 @@ ESTIMATE_SCHEMA: dict[str, Any] = {
 
 def points_frame_of(rows: list[BenchPointRow]) -> pl.DataFrame:
     return pl.DataFrame([{k: getattr(r, k) for k in POINT_SCHEMA} for r in rows], schema=POINT_SCHEMA)
+
+
+def frame_of_points(points: Sequence[BenchPoint]) -> pl.DataFrame:
+    """Wire points back into the store's frame (what a client, or a test's fake server, summarises)."""
+    records = []
+    for p in points:
+        record = p.model_dump(exclude={"errors", "sample_responses"})
+        record |= {"errors_json": orjson.dumps(p.errors).decode(),
+                   "samples_json": orjson.dumps(p.sample_responses).decode()}
+        records.append({k: record.get(k) for k in POINT_SCHEMA})
+    return pl.DataFrame(records, schema=POINT_SCHEMA)
 
 
 async def points(session: AsyncSession, **filters: Any) -> pl.DataFrame:
@@ -154,6 +167,20 @@ def best_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
     if summary_frame.is_empty():
         return summary_frame.with_columns(pl.lit(False).alias("best"))
     return mark_best(latest_configs(summary_frame)).filter(pl.col("best")).sort("model")
+
+
+def pareto_front(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps"
+                 ) -> pl.DataFrame:
+    """``frame`` (rows with model, latency and throughput) with a ``pareto`` column: True where no other row of
+    the same model has lower-or-equal latency and higher-or-equal throughput, and is better in one of them."""
+    rows = frame.drop_nulls([latency, throughput])
+    flags = []
+    for row in rows.iter_rows(named=True):
+        same = rows.filter(pl.col("model") == row["model"])
+        dominated = same.filter((pl.col(latency) <= row[latency]) & (pl.col(throughput) >= row[throughput])
+                                & ((pl.col(latency) < row[latency]) | (pl.col(throughput) > row[throughput])))
+        flags.append(dominated.is_empty())
+    return rows.with_columns(pl.Series("pareto", flags, dtype=pl.Boolean))
 
 
 async def estimates(session: AsyncSession) -> pl.DataFrame:

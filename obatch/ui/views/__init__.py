@@ -17,18 +17,19 @@ from obatch.ui.views.batches import (
     is_final,
 )
 from obatch.ui.views.benchmarks import (
-    BENCH_COLUMNS,
-    BENCH_SCHEMA,
+    CONFIG_COLUMNS,
     METRIC_TITLES,
     PERCENTILES,
+    POINT_COLUMNS,
     along,
-    bench_frame,
-    best_per,
     best_table,
     compare_chart,
+    configs_frame,
     latency_chart,
     latest_points,
     metric_chart,
+    pareto_chart,
+    points_frame,
 )
 from obatch.ui.views.estimates import (
     ESTIMATE_RECORD_SCHEMA,
@@ -44,10 +45,12 @@ from obatch.ui.views.results import filter_results, results_frame
 from obatch.ui.views.server import Health, models_frame, read_health
 
 __all__ = [
-    "BATCH_SCHEMA", "BENCH_COLUMNS", "BENCH_SCHEMA", "ESTIMATE_RECORD_SCHEMA", "FINAL_STATUSES", "METRIC_TITLES",
-    "PERCENTILES", "PREVIEW_SCHEMA", "RESULT_SCHEMA", "BatchProgress", "Health", "Preview", "along",
-    "batch_errors_frame", "batch_progress", "batches_frame", "bench_frame", "best_per", "best_table",
-    "compare_chart", "describe_estimate", "estimate_config", "estimate_record_chart", "estimate_record_frame",
+    "BATCH_SCHEMA", "CONFIG_COLUMNS", "ESTIMATE_RECORD_SCHEMA", "FINAL_STATUSES", "METRIC_TITLES",
+    "PERCENTILES", "POINT_COLUMNS", "PREVIEW_SCHEMA", "RESULT_SCHEMA", "BatchProgress", "Health", "Preview",
+    "along",
+    "batch_errors_frame", "batch_progress", "batches_frame", "best_table", "compare_chart", "configs_frame",
+    "describe_estimate", "estimate_config", "estimate_record_chart", "estimate_record_frame",
     "estimate_seconds", "filter_results", "format_seconds", "highlight_errors", "is_final", "latency_chart",
-    "latest_points", "metric_chart", "models_frame", "options_of", "preview_file", "read_health", "results_frame",
+    "latest_points", "metric_chart", "models_frame", "options_of", "pareto_chart", "points_frame", "preview_file",
+    "read_health", "results_frame",
 ]

@@ -1,116 +1,92 @@
-"""Benchmark points from the API → one tidy frame → the Benchmarks page's curves, comparisons and best table."""
+"""Benchmark answers (``obatch.bench.wire`` models, as ``obatch.client`` parses them) → frames → the Benchmarks
+page's curves, comparison and best table. Column names are the wire's; the best configuration is the one the
+server marks (``best``), never chosen here."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import altair as alt
 import polars as pl
 
-from obatch.ui.views._values import flatten, integer, number
+from obatch.bench.wire import BenchConfig, BenchPoint
 
-BENCH_COLUMNS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "model_id", "name"),
-    "num_ctx": ("num_ctx", "context", "context_window", "n_ctx"),
-    "concurrency": ("concurrency", "parallel", "num_parallel"),
-    "tokens_per_s": ("tokens_per_s", "output_tps", "output_tokens_per_s", "tokens_per_second", "tps"),
-    "requests_per_s": ("requests_per_s", "req_per_s", "requests_per_second", "rps"),
-    "latency_p50_ms": ("latency_p50_ms", "latency_p50", "p50_latency_ms", "latency_ms_p50", "p50_ms"),
-    "latency_p90_ms": ("latency_p90_ms", "latency_p90", "p90_latency_ms", "latency_ms_p90", "p90_ms"),
-    "latency_p99_ms": ("latency_p99_ms", "latency_p99", "p99_latency_ms", "latency_ms_p99", "p99_ms"),
-    "ttft_p50_ms": ("ttft_p50_ms", "ttft_p50", "p50_ttft_ms", "ttft_ms_p50"),
-    "gen_tps": ("gen_tps", "decode_tps"),
-    "success_rate": ("success_rate",),
-    "num_requests": ("num_requests", "n_requests", "requests"),
-    "run_id": ("run_id",),
-    "excluded": ("excluded",),
-    "backend": ("backend",),
-    "created_at": ("created_at", "measured_at", "timestamp", "finished_at"),
+POINT_COLUMNS: dict[str, Any] = {
+    "model": pl.Utf8, "backend": pl.Utf8, "run_id": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
+    "repeat": pl.Int64, "created_at": pl.Float64, "excluded": pl.Boolean, "n_requests": pl.Int64,
+    "success_rate": pl.Float64, "output_tps": pl.Float64, "req_per_s": pl.Float64, "gen_tps": pl.Float64,
+    "latency_p50": pl.Float64, "latency_p90": pl.Float64, "latency_p99": pl.Float64, "ttft_p50": pl.Float64,
 }
-BENCH_SCHEMA = {
-    "model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64, "tokens_per_s": pl.Float64,
-    "requests_per_s": pl.Float64, "latency_p50_ms": pl.Float64, "latency_p90_ms": pl.Float64,
-    "latency_p99_ms": pl.Float64, "ttft_p50_ms": pl.Float64, "gen_tps": pl.Float64, "success_rate": pl.Float64,
-    "num_requests": pl.Int64, "run_id": pl.Utf8, "backend": pl.Utf8, "created_at": pl.Float64, "excluded": pl.Boolean,
+CONFIG_COLUMNS: dict[str, Any] = {
+    "model": pl.Utf8, "backend": pl.Utf8, "run_id": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
+    "repeats": pl.Int64, "created_at": pl.Float64, "success_rate": pl.Float64, "output_tps": pl.Float64,
+    "req_per_s": pl.Float64, "gen_tps": pl.Float64, "latency_p50": pl.Float64, "latency_p90": pl.Float64,
+    "latency_p99": pl.Float64, "ttft_p50": pl.Float64, "best": pl.Boolean,
 }
 METRIC_TITLES = {
-    "tokens_per_s": "output tokens / s", "requests_per_s": "requests / s", "latency_p50_ms": "p50 latency (ms)",
-    "latency_p90_ms": "p90 latency (ms)", "latency_p99_ms": "p99 latency (ms)", "ttft_p50_ms": "p50 TTFT (ms)",
+    "output_tps": "output tokens / s", "req_per_s": "requests / s", "latency_p50": "p50 latency (ms)",
+    "latency_p90": "p90 latency (ms)", "latency_p99": "p99 latency (ms)", "ttft_p50": "p50 TTFT (ms)",
     "gen_tps": "decode tokens / s per request",
 }
-PERCENTILES = {"latency_p50_ms": "p50", "latency_p90_ms": "p90", "latency_p99_ms": "p99"}
+PERCENTILES = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
+DASHES = {"p50": [1, 0], "p90": [6, 3], "p99": [2, 2]}  # solid, dashed, dotted: told apart without colour
+AXIS_TITLES = {
+    "num_ctx": "context window (num_ctx, tokens) · ordinal axis: measured sizes evenly spaced",
+    "concurrency": "concurrency (requests in flight) · ordinal axis: measured levels evenly spaced",
+}
 
 
-def bench_frame(points: Iterable[Mapping[str, Any]], *, model: str | None = None) -> pl.DataFrame:
-    """Benchmark points (any of the API's spellings) → one tidy frame with ``BENCH_SCHEMA``."""
-    rows = []
-    for point in points:
-        flat = flatten(point)
-        row: dict[str, Any] = {}
-        for column, names in BENCH_COLUMNS.items():
-            value = next((flat[n] for n in names if flat.get(n) is not None), None)
-            if BENCH_SCHEMA[column] == pl.Boolean:
-                row[column] = value is True  # a point's flag (a summary row's count of excluded repeats is not)
-            elif BENCH_SCHEMA[column] == pl.Utf8:
-                row[column] = None if value is None else str(value)
-            elif BENCH_SCHEMA[column] == pl.Int64:
-                row[column] = integer(value)
-            else:
-                row[column] = number(value)
-        if row["model"] is None:
-            row["model"] = model
-        rows.append(row)
-    return pl.DataFrame(rows, schema=BENCH_SCHEMA)
+def points_frame(points: Sequence[BenchPoint]) -> pl.DataFrame:
+    """Measured points → one row each, with ``POINT_COLUMNS``."""
+    return pl.DataFrame([p.model_dump(include=set(POINT_COLUMNS)) for p in points], schema=POINT_COLUMNS)
+
+
+def configs_frame(configs: Sequence[BenchConfig]) -> pl.DataFrame:
+    """Configurations (best per model, or a comparison) → one row each, with ``CONFIG_COLUMNS``."""
+    return pl.DataFrame([c.model_dump(include=set(CONFIG_COLUMNS)) for c in configs], schema=CONFIG_COLUMNS)
 
 
 def latest_points(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per (model, num_ctx, concurrency): the mean over the repeats of its newest run, leaving out points
     marked ``excluded`` (too many failures to count as a speed)."""
     config = ["model", "num_ctx", "concurrency"]
-    frame = frame.filter(~pl.col("excluded").fill_null(False))
+    frame = frame.filter(~pl.col("excluded"))
     if frame.is_empty():
         return frame
-    keyed = frame.with_columns(
-        pl.coalesce(pl.col("run_id"), pl.col("created_at").cast(pl.Utf8), pl.lit("")).alias("_run"))
-    newest = keyed.sort("created_at", nulls_last=False).group_by(config).agg(pl.col("_run").last().alias("_newest"))
-    kept = keyed.join(newest, on=config, nulls_equal=True).filter(pl.col("_run") == pl.col("_newest"))
-    numeric = [c for c, t in BENCH_SCHEMA.items() if t == pl.Float64 and c != "created_at"]
+    newest = frame.sort("created_at").group_by(config).agg(pl.col("run_id").last().alias("_newest"))
+    kept = frame.join(newest, on=config).filter(pl.col("run_id") == pl.col("_newest"))
+    numeric = [c for c, t in POINT_COLUMNS.items() if t == pl.Float64 and c != "created_at"]
     return (kept.group_by(config, maintain_order=True)
-            .agg(*[pl.col(c).mean() for c in numeric], pl.col("num_requests").sum(), pl.col("run_id").last(),
-                 pl.col("backend").last(), pl.col("created_at").max(), pl.col("excluded").any())
-            .select(list(BENCH_SCHEMA)).sort(config))
+            .agg(*[pl.col(c).mean() for c in numeric], pl.col("n_requests").sum(), pl.col("repeat").max(),
+                 pl.col("run_id").last(), pl.col("backend").last(), pl.col("created_at").max(),
+                 pl.col("excluded").any())
+            .select(list(POINT_COLUMNS)).sort(config))
 
 
-def best_per(frame: pl.DataFrame, x: str, *, metric: str = "tokens_per_s") -> pl.DataFrame:
-    """For each (model, ``x``) keep the row with the highest ``metric`` (e.g. the best concurrency per context)."""
-    if frame.is_empty():
-        return frame
-    return (frame.sort(metric, nulls_last=False)
-            .unique(subset=["model", x], keep="last", maintain_order=True).sort("model", x))
-
-
-def along(frame: pl.DataFrame, x: str, *, fixed: str, value: int | None) -> pl.DataFrame:
-    """The curve along ``x`` (num_ctx or concurrency) with the other knob at ``value`` (None: its best)."""
-    frame = latest_points(frame).filter(pl.col(x).is_not_null())
+def along(frame: pl.DataFrame, x: str, *, fixed: str, value: int | None, best: pl.DataFrame) -> pl.DataFrame:
+    """The curve along ``x`` (num_ctx or concurrency) with the other knob at ``value``; None: at each model's best
+    configuration's ``fixed`` (as ``best``, the server's best configurations, names it)."""
+    frame = latest_points(frame)
     if value is not None:
         return frame.filter(pl.col(fixed) == value).sort("model", x)
-    return best_per(frame, x)
+    chosen = best.select("model", pl.col(fixed).alias("_at"))
+    return frame.join(chosen, on="model").filter(pl.col(fixed) == pl.col("_at")).drop("_at").sort("model", x)
 
 
 def _x_axis(x: str) -> alt.X:
     """Windows and concurrency levels double: an ordinal axis spaces them evenly and labels each measured one."""
-    title = {"num_ctx": "context window (num_ctx, tokens)", "concurrency": "concurrency (requests in flight)"}[x]
-    return alt.X(f"{x}:O", title=title, sort="ascending", axis=alt.Axis(labelAngle=0))
+    return alt.X(f"{x}:O", title=AXIS_TITLES[x], sort="ascending", axis=alt.Axis(labelAngle=0))
 
 
 def _model_colour(**kwargs: Any) -> alt.Color:
-    """One clearly different colour per model (Streamlit's theme would shade them all blue)."""
-    return alt.Color("model:N", title="model", scale=alt.Scale(scheme="tableau10"), **kwargs)
+    """One clearly different colour per model (Streamlit's theme would shade them all blue); full names."""
+    return alt.Color("model:N", title="model", scale=alt.Scale(scheme="tableau10"),
+                     **({"legend": alt.Legend(labelLimit=0, orient="bottom", columns=1)} | kwargs))
 
 
 def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
-    """One line per model: ``metric`` against ``x`` (log₂ axis, since windows and concurrency double)."""
+    """One line per model: ``metric`` against ``x``."""
     data = frame.select("model", "num_ctx", "concurrency", metric).drop_nulls([x, metric]).sort("model", x)
     chart: alt.Chart = (alt.Chart(data, title=f"{METRIC_TITLES[metric]} vs {x}")
             .mark_line(point=True)
@@ -121,39 +97,63 @@ def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
 
 
 def latency_chart(frame: pl.DataFrame, x: str) -> alt.Chart:
-    """Latency percentiles against ``x``: colour is the model, dash is the percentile."""
+    """Latency percentiles against ``x``: colour is the model, line style the percentile (p50 solid, p90 dashed,
+    p99 dotted; the legend draws the line styles)."""
     present = [c for c in PERCENTILES if frame[c].drop_nulls().len() > 0]
+    empty = pl.DataFrame(schema={"model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
+                                 "percentile": pl.Utf8, "latency_ms": pl.Float64})
     long = (frame.select("model", "num_ctx", "concurrency", *present)
             .unpivot(index=["model", "num_ctx", "concurrency"], on=present, variable_name="percentile",
                      value_name="latency_ms")
             .with_columns(pl.col("percentile").replace_strict(PERCENTILES, default=None))
-            .drop_nulls([x, "latency_ms"]).sort("model", "percentile", x)) if present else pl.DataFrame(
-                schema={"model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64, "percentile": pl.Utf8,
-                        "latency_ms": pl.Float64})
+            .drop_nulls([x, "latency_ms"]).sort("model", "percentile", x)) if present else empty
+    names = list(PERCENTILES.values())
+    dash = alt.StrokeDash("percentile:N", title="percentile", sort=names,
+                          scale=alt.Scale(domain=names, range=[DASHES[n] for n in names]),
+                          legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400,
+                                            symbolStrokeColor="gray"))
     chart: alt.Chart = (alt.Chart(long, title=f"latency percentiles vs {x}")
             .mark_line(point=True)
-            .encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"),
-                    color=_model_colour(),
-                    strokeDash=alt.StrokeDash("percentile:N", title="percentile", sort=list(PERCENTILES.values())),
+            .encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"), color=_model_colour(),
+                    strokeDash=dash, detail="percentile:N",
                     tooltip=["model:N", "percentile:N", "num_ctx:Q", "concurrency:Q",
                              alt.Tooltip("latency_ms:Q", format=".0f")]))
     return chart
 
 
-def compare_chart(frame: pl.DataFrame, metric: str = "tokens_per_s") -> alt.Chart:
-    """Models side by side at their best configuration (bars), labelled with that configuration."""
-    data = best_per(latest_points(frame), "model", metric=metric).with_columns(
-        config=pl.format("ctx {} · c {}", pl.col("num_ctx"), pl.col("concurrency")))
-    chart: alt.Chart = (alt.Chart(data, title=f"best {METRIC_TITLES[metric]} per model")
-            .mark_bar()
-            .encode(x=alt.X(f"{metric}:Q", title=METRIC_TITLES[metric]), y=alt.Y("model:N", sort="-x"),
+def compare_chart(configs: pl.DataFrame, metric: str = "output_tps") -> alt.TopLevelMixin:
+    """Each model's best configuration (the server's ``best`` rows) as one bar, its full name beside it, labelled
+    with that configuration; the chart grows with the number of models instead of squashing the bars."""
+    data = configs.filter(pl.col("best")).with_columns(
+        config=pl.format("num_ctx {} · concurrency {}", pl.col("num_ctx"), pl.col("concurrency")))
+    height = 40 * max(data.height, 1) + 20
+    chart: alt.Chart = (alt.Chart(data, title=f"{METRIC_TITLES[metric]} at each model's best configuration",
+                                  height=height)
+            .mark_bar(size=24)
+            .encode(x=alt.X(f"{metric}:Q", title=METRIC_TITLES[metric]),
+                    y=alt.Y("model:N", sort="-x", title=None, axis=alt.Axis(labelLimit=0)),
                     color=_model_colour(legend=None),
                     tooltip=["model:N", "config:N", alt.Tooltip(f"{metric}:Q", format=".2f")]))
-    return chart
+    text = chart.mark_text(align="left", dx=4).encode(text="config:N", color=alt.value("gray"))
+    layered: alt.TopLevelMixin = alt.layer(chart, text).properties(height=height)
+    return layered
 
 
-def best_table(frame: pl.DataFrame) -> pl.DataFrame:
-    """The "best known configuration" table: the columns a person compares, rounded."""
-    columns = ["model", "backend", "num_ctx", "concurrency", "tokens_per_s", "requests_per_s", "latency_p50_ms",
-               "latency_p99_ms", "ttft_p50_ms", "success_rate"]
-    return frame.select(columns).with_columns(pl.col(pl.Float64).round(2)).sort("model")
+def best_table(configs: pl.DataFrame) -> pl.DataFrame:
+    """The "best known configuration" table (the server's ``best`` rows): what a person compares, rounded, the
+    success rate in percent."""
+    return (configs.filter(pl.col("best"))
+            .select(pl.col("model"), pl.col("backend"), pl.col("num_ctx"), pl.col("concurrency"),
+                    pl.col("output_tps").round(1).alias("output tok/s"), pl.col("req_per_s").round(2).alias("req/s"),
+                    pl.col("latency_p50").round(0).alias("p50 latency (ms)"),
+                    pl.col("latency_p99").round(0).alias("p99 latency (ms)"),
+                    pl.col("ttft_p50").round(0).alias("p50 TTFT (ms)"),
+                    (pl.col("success_rate") * 100).round(1).alias("success (%)"))
+            .sort("model"))
+
+
+def pareto_chart(frame: pl.DataFrame) -> alt.TopLevelMixin:
+    """Throughput against latency of every configuration (newest measurement each), the Pareto front drawn."""
+    from obatch.bench.charts import pareto
+
+    return pareto(latest_points(frame))
