@@ -1,0 +1,204 @@
+"""Sweeps the server runs (``/v1/benchmarks/sweeps``) and the one benchmark contract: what the real server sends
+is exactly what ``obatch.client`` and the UI's views parse."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+from pydantic import BaseModel
+
+from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Sweep
+from obatch.client import ApiError, Client
+from obatch.config import Settings
+from obatch.server import create_app
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, run_in_thread
+from obatch.ui import views
+from tests.helpers import chat_line, jsonl
+from tests.serverkit import ServerProcess, server_env
+
+CHAT, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
+SIM = SimConfig(models=(SimModel(CHAT), SimModel(OTHER)), num_parallel=2, prompt_tps=50_000, decode_tps=2000,
+                default_output_tokens=4096)
+SLOW = SimConfig(models=(SimModel(CHAT),), num_parallel=2, prompt_tps=50_000, decode_tps=150,
+                 default_output_tokens=4096)
+
+
+@pytest.fixture
+def sim_url() -> Iterator[str]:
+    url, stop = run_in_thread(SIM)
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def fields_of(model: type[BaseModel], sent: dict[str, Any]) -> None:
+    """Every field the server sent is one the wire model declares, and every declared field was sent."""
+    assert set(sent) == set(model.model_fields), (model.__name__, set(sent) ^ set(model.model_fields))
+
+
+def test_a_sweep_on_the_server_and_the_contract_the_ui_parses(tmp_path: Path, sim_url: str) -> None:
+    """A real ``obatch serve`` on the simulator: a sweep started through the client runs on the server's backend
+    into its store; every benchmark answer has exactly the wire models' fields, and the UI's views, fed by the
+    client, show the best configuration the server names."""
+    server = ServerProcess.start(tmp_path / "data", server_env(tmp_path / "data", sim_url))
+    try:
+        with Client(server.url) as api:
+            started = api.start_sweep(models=[CHAT, OTHER], num_ctx=[2048], concurrency=[1, 2], requests=4,
+                                      workload="tiny")
+            assert (started.status, started.points_total, started.points_done) in (("queued", 4, 0),
+                                                                                   ("in_progress", 4, 0))
+            seen: list[int] = []
+            done = api.wait_sweep(started.id, poll=0.2, timeout=120, on_progress=lambda s: seen.append(s.points_done))
+            assert done.status == "completed", done
+            assert done.points_done == 4 and done.backend == "ollama" and done.run_id and done.error is None
+            assert seen == sorted(seen) and seen[-1] == 4
+            assert [s.id for s in api.list_sweeps()] == [started.id]
+
+            raw = httpx.get(f"{server.url}/v1/benchmarks/models").json()["data"]
+            fields_of(BenchConfig, raw[0])
+            fields_of(BenchPoint, httpx.get(f"{server.url}/v1/benchmarks/models/{CHAT}").json()["data"][0])
+            compared = httpx.get(f"{server.url}/v1/benchmarks/compare", params={"models": f"{CHAT},{OTHER}"})
+            fields_of(BenchConfig, compared.json()["data"][0])
+            fields_of(BenchRun, httpx.get(f"{server.url}/v1/benchmarks/runs").json()["data"][0])
+            fields_of(Sweep, httpx.get(f"{server.url}/v1/benchmarks/sweeps/{started.id}").json())
+
+            # the UI's path: client → wire models → views; its best table is the server's best, row for row
+            best = api.benchmark_models()
+            assert {b.model for b in best} == {CHAT, OTHER} and all(b.best for b in best)
+            table = views.best_table(views.configs_frame(best))
+            assert sorted(table.select("model", "num_ctx", "concurrency").rows()) == \
+                sorted((b.model, b.num_ctx, b.concurrency) for b in best)
+            points = views.points_frame(api.benchmark_history(CHAT))
+            assert points.height == 2 and set(points["backend"].to_list()) == {"ollama"}
+            assert points["output_tps"].min() > 0 and points["latency_p50"].min() > 0
+            compare = api.benchmark_compare([CHAT, OTHER])
+            assert {(c.model, c.num_ctx, c.concurrency) for c in compare if c.best} == \
+                {(b.model, b.num_ctx, b.concurrency) for b in best}
+
+            # bad input: OpenAI's error shape, naming the parameter
+            for body, param in (({"models": [CHAT], "concurrency": [0]}, "concurrency"),
+                                ({"models": []}, "models"), ({"models": [CHAT], "speed": 1}, "speed"),
+                                ({"models": [CHAT, OTHER], "num_ctx": list(range(1, 17)),
+                                  "concurrency": list(range(1, 17))},
+                                 "concurrency")):
+                answer = httpx.post(f"{server.url}/v1/benchmarks/sweeps", json=body)
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and param in str(error["param"]), error
+            with pytest.raises(ApiError) as missing:
+                api.get_sweep("sweep-nope")
+            assert missing.value.status == 404
+            with pytest.raises(ApiError) as finished:
+                api.cancel_sweep(started.id)
+            assert finished.value.status == 409 and finished.value.code == "sweep_not_active"
+    finally:
+        server.stop()
+
+
+def test_a_killed_server_resumes_its_sweep_measuring_only_the_missing_points(tmp_path: Path) -> None:
+    url, stop = run_in_thread(SLOW)
+    data = tmp_path / "data"
+    env = server_env(data, url)
+    server = ServerProcess.start(data, env)
+    try:
+        with Client(server.url) as api:
+            made = api.start_sweep(models=[CHAT], num_ctx=[1024, 2048], concurrency=[1, 2], requests=3,
+                                   workload="short")
+            deadline = time.monotonic() + 120
+            while api.get_sweep(made.id).points_done < 1:
+                assert time.monotonic() < deadline, api.get_sweep(made.id)
+                time.sleep(0.1)
+        server.kill()
+        server = ServerProcess.start(data, env)
+        with Client(server.url) as api:
+            before = api.get_sweep(made.id)
+            assert before.status == "in_progress" and 1 <= before.points_done < 4
+            done = api.wait_sweep(made.id, poll=0.2, timeout=180)
+            assert done.status == "completed" and done.points_done == 4, done
+            points = api.benchmark_history(CHAT)
+            assert sorted((p.num_ctx, p.concurrency) for p in points) == [(1024, 1), (1024, 2), (2048, 1),
+                                                                          (2048, 2)]
+            assert {p.run_id for p in points} == {done.run_id}
+    finally:
+        server.stop()
+        stop()
+
+
+@pytest.fixture
+async def app(tmp_path: Path, make_settings: Callable[..., Settings]) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with OllamaSim(SLOW) as sim:
+        settings = make_settings(sim.url, worker_poll_interval=0.05, concurrency=2, worker_thread=False,
+                                 api_keys="sk-alice-0123456789,sk-bob-0123456789", admin_keys="sk-admin-0123456789")
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            yield client
+
+
+ALICE = {"Authorization": "Bearer sk-alice-0123456789"}
+BOB = {"Authorization": "Bearer sk-bob-0123456789"}
+ADMIN = {"Authorization": "Bearer sk-admin-0123456789"}
+
+
+async def _sweep(app: AsyncTestClient[Any], sweep_id: str, headers: dict[str, str]) -> Sweep:
+    response = await app.get(f"/v1/benchmarks/sweeps/{sweep_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    return Sweep.model_validate(response.json())
+
+
+async def _until(app: AsyncTestClient[Any], sweep_id: str, check: Callable[[Sweep], bool],
+                 within: float = 120) -> Sweep:
+    deadline = time.monotonic() + within
+    while not check(found := await _sweep(app, sweep_id, ALICE)):
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.05)
+    return found
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_sweep_waits_for_batches_and_belongs_to_its_key(app: AsyncTestClient[Any]) -> None:
+    upload = await app.post("/v1/files", headers=ALICE, files={"file": ("b.jsonl", jsonl(
+        [chat_line(f"q{i}", "Tell me a long story.", model=CHAT, max_tokens=150) for i in range(6)]))},
+        data={"purpose": "batch"})
+    batch = (await app.post("/v1/batches", headers=ALICE, json={
+        "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})).json()
+    made = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={
+        "models": [CHAT], "num_ctx": [2048], "concurrency": [1], "requests": 2, "workload": "tiny"})
+    assert made.status_code == 200, made.text
+    sweep_id = made.json()["id"]
+    waiting = await _until(app, sweep_id, lambda s: "waiting for" in (s.current or "") or not s.active)
+    assert waiting.points_done == 0 and "batch" in str(waiting.current), waiting  # measured only after the batch
+    assert (await app.get(f"/v1/benchmarks/sweeps/{sweep_id}", headers=BOB)).status_code == 404
+    assert (await app.post(f"/v1/benchmarks/sweeps/{sweep_id}/cancel", headers=BOB)).status_code == 404
+    assert (await app.get("/v1/benchmarks/sweeps", headers=BOB)).json()["data"] == []
+    assert [s["id"] for s in (await app.get("/v1/benchmarks/sweeps", headers=ADMIN)).json()["data"]] == [sweep_id]
+    done = await _until(app, sweep_id, lambda s: not s.active)
+    assert done.status == "completed" and done.points_done == 1, done
+    finished = (await app.get(f"/v1/batches/{batch['id']}", headers=ALICE)).json()
+    assert finished["status"] == "completed"
+    point = (await app.get(f"/v1/benchmarks/models/{CHAT}", headers=ALICE)).json()["data"][0]
+    assert point["created_at"] >= finished["completed_at"] - 1  # measured after the batch had finished
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_cancel_keeps_the_points_measured_so_far(app: AsyncTestClient[Any]) -> None:
+    made = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={
+        "models": [CHAT], "num_ctx": [1024, 2048, 4096], "concurrency": [1, 2], "requests": 3, "workload": "short"})
+    sweep_id = made.json()["id"]
+    await _until(app, sweep_id, lambda s: s.points_done >= 1)
+    cancelling = await app.post(f"/v1/benchmarks/sweeps/{sweep_id}/cancel", headers=ALICE)
+    assert cancelling.status_code == 200 and cancelling.json()["status"] in ("cancelling", "cancelled")
+    done = await _until(app, sweep_id, lambda s: not s.active, within=30)
+    assert done.status == "cancelled" and 1 <= done.points_done < 6, done
+    points = (await app.get(f"/v1/benchmarks/models/{CHAT}", headers=ALICE)).json()["data"]
+    assert len(points) == done.points_done
+    queued = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={"models": [CHAT], "concurrency": [1]})
+    again = await app.post(f"/v1/benchmarks/sweeps/{queued.json()['id']}/cancel", headers=ALICE)
+    assert again.json()["status"] in ("cancelled", "cancelling")
