@@ -4,6 +4,8 @@ is exactly what ``obatch.client`` and the UI's views parse."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -99,6 +101,18 @@ def test_a_sweep_on_the_server_and_the_contract_the_ui_parses(tmp_path: Path, si
             with pytest.raises(ApiError) as finished:
                 api.cancel_sweep(started.id)
             assert finished.value.status == 409 and finished.value.code == "sweep_not_active"
+
+        # the CLI's door: `obatch bench --server URL` starts one, waits, prints the server's points
+        cli = subprocess.run([sys.executable, "-m", "obatch", "bench", "--server", server.url, "-m", OTHER,
+                              "--num-ctx", "4096", "-c", "1", "-n", "2", "-w", "tiny"],
+                             capture_output=True, text=True, timeout=120, env=server_env(tmp_path / "x", sim_url))
+        assert cli.returncode == 0, cli.stderr
+        assert "1 of 1 point(s)" in cli.stdout and f"{OTHER}: best configuration" in cli.stdout, cli.stdout
+        with Client(server.url) as api:
+            assert (4096, 1) in {(p.num_ctx, p.concurrency) for p in api.benchmark_history(OTHER)}
+        refused = subprocess.run([sys.executable, "-m", "obatch", "bench", "--server", server.url, "-m", OTHER,
+                                  "-w", "data/samples/chat.jsonl"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "cannot run on a server" in refused.stderr, refused.stderr
     finally:
         server.stop()
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,9 +40,65 @@ def _backend(args: argparse.Namespace) -> str | None:
     return None if args.backend in (None, "auto") else str(args.backend)
 
 
+async def _on_server(args: argparse.Namespace) -> int:
+    """``obatch bench --server URL``: the server runs the sweep on its backend; print progress and its points.
+    Interrupted (Ctrl-C), it asks the server to cancel the sweep (the points measured so far are kept)."""
+    from pydantic import ValidationError
+
+    from obatch.bench.wire import SweepParams
+    from obatch.client import Client, ClientError
+
+    try:
+        params = SweepParams(models=args.model, num_ctx=args.num_ctx, concurrency=args.concurrency,
+                             requests=args.requests, workload=args.workload, repeats=args.repeats,
+                             name=args.name or "")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise errors.ConfigError(f"This sweep cannot run on a server: {problems}") from None
+    with Client(args.server, api_key=args.api_key or None) as api:
+        try:
+            sweep = await asyncio.to_thread(api.start_sweep, params)
+            shown = -1
+            try:
+                while True:
+                    if sweep.points_done != shown and not args.quiet:
+                        shown = sweep.points_done
+                        print(f"{sweep.id}: {sweep.points_done} of {sweep.points_total} point(s) · {sweep.status}"
+                              + (f" · {sweep.current}" if sweep.current else ""), flush=True)
+                    if not sweep.active:
+                        break
+                    await asyncio.sleep(1.0)
+                    sweep = await asyncio.to_thread(api.get_sweep, sweep.id)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                api.cancel_sweep(sweep.id)
+                print(f"{sweep.id}: cancelled; the points measured so far are kept", file=sys.stderr)
+                raise
+            if sweep.status != "completed":
+                print(f"{sweep.id} {sweep.status}" + (f": {sweep.error}" if sweep.error else ""), file=sys.stderr)
+                return 1
+            points = [p for m in params.models for p in await asyncio.to_thread(api.benchmark_history, m)
+                      if p.run_id == sweep.run_id]
+            best = {b.model: b for b in await asyncio.to_thread(api.benchmark_models)}
+        except ClientError as exc:
+            raise errors.ObatchError(str(exc)) from None
+    print(f"run {sweep.run_id} on the server's {sweep.backend}: {sweep.points_done} points")
+    print(f"{'model':24} {'num_ctx':>7} {'c':>3} {'req/s':>8} {'out tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'ttft p50':>8} {'ok':>6}")
+    for p in points:
+        print(f"{p.model:24} {p.num_ctx:>7} {p.concurrency:>3} {p.req_per_s:>8.2f} {p.output_tps:>9.1f} "
+              f"{p.latency_p50 or 0:>8.0f} {p.latency_p99 or 0:>8.0f} {p.ttft_p50 or 0:>8.0f} {p.success_rate:>6.1%}")
+    for model in params.models:
+        if model in best:
+            print(f"{model}: best configuration num_ctx {best[model].num_ctx}, concurrency {best[model].concurrency}")
+    return 0
+
+
 async def bench(args: argparse.Namespace) -> int:
     """Measure models × num_ctx × concurrency; print one line per configuration and where it saturates."""
     from obatch.bench.sweep import SweepSpec, run_sweep
+
+    if args.server:
+        return await _on_server(args)
     from obatch.bench.views import load_report
 
     spec = SweepSpec(models=args.model, num_ctx=args.num_ctx, concurrency=args.concurrency, requests=args.requests,
@@ -181,6 +238,10 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--name", help="a label for the run")
     b.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.add_argument("--server", help="an obatch server URL: the server runs the sweep on its backend and stores "
+                                    "the points (built-in workloads only)")
+    b.add_argument("--api-key", default=os.environ.get("OBATCH_API_KEY"),
+                   help="the server's API key (default: OBATCH_API_KEY)")
     _backend_options(b)
     b.set_defaults(handler=bench)
 
