@@ -112,7 +112,7 @@ def test_a_sweep_on_the_server_and_the_contract_the_ui_parses(tmp_path: Path, si
             assert (4096, 1) in {(p.num_ctx, p.concurrency) for p in api.benchmark_history(OTHER)}
         refused = subprocess.run([sys.executable, "-m", "obatch", "bench", "--server", server.url, "-m", OTHER,
                                   "-w", "data/samples/chat.jsonl"], capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 2 and "cannot run on a server" in refused.stderr, refused.stderr
+        assert refused.returncode != 0 and "cannot run on a server" in refused.stderr, refused.stderr
     finally:
         server.stop()
 
