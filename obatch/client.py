@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, EstimateRecord, Sweep, SweepParams
+from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord, Sweep, SweepParams
 from obatch.protocol import Batch, FileObject
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
@@ -244,12 +244,20 @@ class Client:
         """Each model's best configuration, as the server names it (``obatch.bench.best``)."""
         return [BenchConfig.model_validate(item) for item in self._page("/v1/benchmarks/models", {}).data]
 
-    def benchmark_history(self, model: str, *, num_ctx: int | None = None, concurrency: int | None = None
-                          ) -> list[BenchPoint]:
-        """Every measured point of one model (optionally one context window or one concurrency)."""
+    def benchmark_history(self, model: str, *, num_ctx: int | None = None, concurrency: int | None = None,
+                          slo: str | None = None) -> list[BenchPoint]:
+        """Every measured point of one model (optionally one context window or one concurrency); with an ``slo``
+        (``"ttft=500ms,tpot=50ms"``) each point's goodput under it."""
         path = f"/v1/benchmarks/models/{quote(model, safe=':@')}"
-        page = self._page(path, {"num_ctx": num_ctx, "concurrency": concurrency})
+        page = self._page(path, {"num_ctx": num_ctx, "concurrency": concurrency, "slo": slo})
         return [BenchPoint.model_validate(item) for item in page.data]
+
+    def capacity(self, model: str, slo: str, *, num_ctx: int | None = None, min_share: float | None = None
+                 ) -> list[Capacity]:
+        """The highest concurrency meeting the SLO, per measured num_ctx."""
+        page = self._page("/v1/benchmarks/capacity", {"model": model, "slo": slo, "num_ctx": num_ctx,
+                                                       "min_share": min_share})
+        return [Capacity.model_validate(item) for item in page.data]
 
     def benchmark_compare(self, models: list[str], *, num_ctx: int | None = None) -> list[BenchConfig]:
         """Configurations of several models side by side, each model's best marked."""

@@ -216,3 +216,30 @@ async def test_cancel_keeps_the_points_measured_so_far(app: AsyncTestClient[Any]
     queued = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={"models": [CHAT], "concurrency": [1]})
     again = await app.post(f"/v1/benchmarks/sweeps/{queued.json()['id']}/cancel", headers=ALICE)
     assert again.json()["status"] in ("cancelled", "cancelling")
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_goodput_and_capacity_under_an_slo(app: AsyncTestClient[Any]) -> None:
+    made = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={
+        "models": [CHAT], "num_ctx": [2048], "concurrency": [1, 4], "requests": 4, "workload": "tiny"})
+    done = await _until(app, made.json()["id"], lambda s: not s.active)
+    assert done.status == "completed", done
+
+    async def capacity(slo: str) -> dict[str, Any]:
+        answer = await app.get("/v1/benchmarks/capacity", headers=ALICE, params={"model": CHAT, "slo": slo})
+        assert answer.status_code == 200, answer.text
+        [found] = answer.json()["data"]
+        return dict(found)
+
+    loose = await capacity("latency=600s,ttft=60s")
+    assert loose["concurrency"] == 4 and loose["slo"] == {"latency": 600_000.0, "ttft": 60_000.0}
+    assert [lv["slo_share"] for lv in loose["levels"]] == [1.0, 1.0]
+    assert loose["goodput"] == pytest.approx(loose["req_per_s"])
+    impossible = await capacity("ttft=0.001ms")
+    assert impossible["concurrency"] is None and {lv["goodput"] for lv in impossible["levels"]} == {0.0}
+    points = (await app.get(f"/v1/benchmarks/models/{CHAT}", headers=ALICE,
+                            params={"slo": "tpot=10s"})).json()["data"]
+    assert all(0 < p["goodput"] <= p["req_per_s"] * 1.0001 and p["slo_share"] == 1.0 for p in points)
+    for bad in ("ttft", "ttft=fast", "speed=5ms", ""):
+        answer = await app.get("/v1/benchmarks/capacity", headers=ALICE, params={"model": CHAT, "slo": bad})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "slo", answer.text

@@ -90,13 +90,37 @@ async def _on_server(args: argparse.Namespace) -> int:
     for model in params.models:
         if model in best:
             print(f"{model}: best configuration num_ctx {best[model].num_ctx}, concurrency {best[model].concurrency}")
+    if args.slo:
+        with Client(args.server, api_key=args.api_key or None) as api:
+            try:
+                found = [c for m in params.models for c in await asyncio.to_thread(api.capacity, m, args.slo)]
+            except ClientError as exc:
+                raise errors.ObatchError(str(exc)) from None
+        _print_capacity(found)
     return 0
+
+
+def _print_capacity(found: list[Any]) -> None:
+    for c in found:
+        bounds = ", ".join(f"{k} ≤ {v:g} ms" for k, v in c.slo.items())
+        levels = "  ".join(f"c={lv['concurrency']}: {lv['goodput'] or 0:.2f} req/s good "
+                           f"({(lv['slo_share'] or 0):.0%})" for lv in c.levels)
+        if c.concurrency is None:
+            print(f"{c.model} num_ctx {c.num_ctx}: no measured concurrency meets {bounds} for "
+                  f"{c.min_share:.0%} of requests   [{levels}]")
+        else:
+            print(f"{c.model} num_ctx {c.num_ctx}: capacity at {bounds}: concurrency {c.concurrency}, goodput "
+                  f"{c.goodput:.2f} req/s   [{levels}]")
 
 
 async def bench(args: argparse.Namespace) -> int:
     """Measure models × num_ctx × concurrency; print one line per configuration and where it saturates."""
     from obatch.bench.sweep import SweepSpec, run_sweep
 
+    if args.slo:
+        from obatch.bench.slo import parse_slo
+
+        parse_slo(args.slo)  # a mistyped SLO stops before anything is measured
     if args.server:
         return await _on_server(args)
     from obatch.bench.views import load_report
@@ -124,7 +148,23 @@ async def bench(args: argparse.Namespace) -> int:
     for row in frames.saturation.iter_rows(named=True):
         growth = "still growing at" if row["still_growing"] else "saturates at"
         print(f"{row['model']} num_ctx {row['num_ctx']}: throughput {growth} concurrency {row['saturates_at']}")
+    if args.slo:
+        _print_capacity(await _local_capacity(settings, report.run_id, args.slo))
     return 0
+
+
+async def _local_capacity(settings: Settings, run_id: str, slo: str) -> list[Any]:
+    from obatch.bench import views
+    from obatch.bench.slo import capacities, parse_slo, with_goodput
+    from obatch.store.db import open_store
+
+    bounds = parse_slo(slo)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            return capacities(await with_goodput(session, await views.points(session, run_id=run_id), bounds), bounds)
+    finally:
+        await engine.dispose()
 
 
 def _num(value: float | None, width: int, digits: int) -> str:
@@ -238,6 +278,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--name", help="a label for the run")
     b.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.add_argument("--slo", help="also report goodput and the capacity under this SLO, e.g. ttft=500ms,tpot=50ms "
+                                 "(bounds: ttft, tpot, latency; ms or s)")
     b.add_argument("--server", help="an obatch server URL: the server runs the sweep on its backend and stores "
                                     "the points (built-in workloads only)")
     b.add_argument("--api-key", default=os.environ.get("OBATCH_API_KEY"),

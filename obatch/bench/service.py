@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch import batches, errors
 from obatch.bench import views
 from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
-from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, EstimateRecord
+from obatch.bench.slo import MIN_SHARE, capacities, parse_slo, with_goodput
+from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
 from obatch.config import Settings
 from obatch.store import repo
 
@@ -50,8 +51,10 @@ async def best_per_model(session: AsyncSession) -> list[BenchConfig]:
 
 
 async def model_history(session: AsyncSession, model: str, *, num_ctx: int | None = None,
-                        concurrency: int | None = None) -> list[BenchPoint]:
-    """Every stored point of a model, oldest first, optionally at one num_ctx and/or concurrency."""
+                        concurrency: int | None = None, slo: str | None = None) -> list[BenchPoint]:
+    """Every stored point of a model, oldest first, optionally at one num_ctx and/or concurrency; with an ``slo``
+    (``ttft=500ms,tpot=50ms``) each point's goodput under it."""
+    bounds = parse_slo(slo) if slo is not None else None
     frame = await views.points(session, models=[model])
     if frame.is_empty():
         raise errors.NotFoundError(f"No benchmark points for model {model!r}.", param="name")
@@ -59,7 +62,19 @@ async def model_history(session: AsyncSession, model: str, *, num_ctx: int | Non
         frame = frame.filter(pl.col("num_ctx") == num_ctx)
     if concurrency is not None:
         frame = frame.filter(pl.col("concurrency") == concurrency)
+    if bounds is not None:
+        frame = await with_goodput(session, frame, bounds)
     return point_models(frame)
+
+
+async def capacity(session: AsyncSession, model: str, slo: str, *, num_ctx: int | None = None,
+                   min_share: float = MIN_SHARE) -> list[Capacity]:
+    """The capacity of a model under an SLO at each measured num_ctx (``obatch.bench.slo``)."""
+    bounds = parse_slo(slo)
+    frame = await views.points(session, models=[model], num_ctx=num_ctx)
+    if frame.is_empty():
+        raise errors.NotFoundError(f"No benchmark points for model {model!r}.", param="model")
+    return capacities(await with_goodput(session, frame, bounds), bounds, min_share=min_share)
 
 
 async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | None = None) -> list[BenchConfig]:

@@ -74,7 +74,8 @@ class BenchPoint(_Wire):
     itl_p99: float | None = None
     errors: dict[str, int] = Field(default_factory=dict)
     sample_responses: list[str] = Field(default_factory=list)
-    goodput: float | None = None  # completed req/s that met the SLO asked for (``?slo=``); None without one
+    goodput: float | None = None  # req/s that met the SLO asked for (``?slo=``); None without one
+    slo_share: float | None = None  # the share of the point's requests that met it
 
 
 class BenchConfig(_Wire):
@@ -155,14 +156,15 @@ class EstimateRecord(_Wire):
 
 
 class Capacity(_Wire):
-    """The highest load level of a model at one num_ctx whose requests met the SLO (``goodput`` ≥ the share asked
-    of its completed req/s), from the newest measurement of each level."""
+    """The highest concurrency of a model at one num_ctx at which at least ``min_share`` of the requests met the
+    SLO (``obatch.bench.slo``), judged on the newest measurement of each level."""
 
     object: Literal["benchmark.capacity"] = "benchmark.capacity"
     backend: str
     model: str
     num_ctx: int
-    slo: dict[str, float]
+    slo: dict[str, float]  # bounds in milliseconds: ttft, tpot, latency
+    min_share: float
     concurrency: int | None = None  # None: no measured level met the SLO
     goodput: float | None = None
     req_per_s: float | None = None

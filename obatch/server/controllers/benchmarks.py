@@ -19,6 +19,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from obatch import errors
 from obatch.bench import service, sweeps
+from obatch.bench.slo import MIN_SHARE
 from obatch.bench.wire import Sweep, SweepParams
 from obatch.protocol import ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
@@ -31,6 +32,7 @@ MAX_CONCURRENCY = 1024  # as Settings.concurrency
 Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
 Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
 Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
+Slo = Annotated[str | None, QueryParameter(max_length=200, description="e.g. ttft=500ms,tpot=50ms")]
 
 
 def _page(items: Sequence[Any]) -> ListPage:
@@ -52,8 +54,15 @@ class BenchmarksController(Controller):
 
     @get("/models/{name:str}", summary="Every stored point of a model, filterable by num_ctx and concurrency")
     async def history(self, db_session: DbSession, name: FromPath[str], num_ctx: Positive = None,
-                      concurrency: Concurrency = None) -> ListPage:
-        return _page(await service.model_history(db_session, name, num_ctx=num_ctx, concurrency=concurrency))
+                      concurrency: Concurrency = None, slo: Slo = None) -> ListPage:
+        return _page(await service.model_history(db_session, name, num_ctx=num_ctx, concurrency=concurrency,
+                                                 slo=slo))
+
+    @get("/capacity", summary="The highest concurrency meeting an SLO (?slo=ttft=500ms,tpot=50ms), per num_ctx")
+    async def capacity(self, db_session: DbSession, model: FromQuery[str], slo: FromQuery[str],
+                       num_ctx: Positive = None,
+                       min_share: Annotated[float, QueryParameter(gt=0, le=1)] = MIN_SHARE) -> ListPage:
+        return _page(await service.capacity(db_session, model, slo, num_ctx=num_ctx, min_share=min_share))
 
     @get("/compare", summary="Models side by side (each one's newest run), optionally at one num_ctx")
     async def compare(self, db_session: DbSession, models: FromQuery[str], num_ctx: Positive = None) -> ListPage:
