@@ -264,6 +264,11 @@ class Client:
         page = self._page("/v1/benchmarks/compare", {"models": ",".join(models), "num_ctx": num_ctx})
         return [BenchConfig.model_validate(item) for item in page.data]
 
+    def export_benchmarks(self, fmt: str = "csv", *, models: list[str] | None = None) -> bytes:
+        """Every point with its run's environment, as CSV or JSON bytes."""
+        params = _clean({"format": fmt, "models": ",".join(models) if models else None})
+        return self._request("GET", "/v1/benchmarks/export", params=params, timeout=120.0).content
+
     def benchmark_runs(self) -> list[BenchRun]:
         return [BenchRun.model_validate(item) for item in self._page("/v1/benchmarks/runs", {}).data]
 

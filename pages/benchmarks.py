@@ -92,6 +92,12 @@ st.subheader("Best known configuration per model")
 st.caption("Best: among configurations whose requests succeeded ≥ 99%, the highest output tokens/s; within 2% of "
            "it, the smallest context window, then the smallest concurrency.")
 st.dataframe(views.best_table(best), hide_index=True, width="stretch", key="best")
+csv_col, json_col, _ = st.columns([1, 1, 3])
+csv_col.download_button("Points as CSV", lambda: api.export_benchmarks("csv"), file_name="obatch-benchmarks.csv",
+                        mime="text/csv", icon=":material/download:", key="export_csv",
+                        help="Every measured point with the environment of the run that measured it.")
+json_col.download_button("Points as JSON", lambda: api.export_benchmarks("json"), file_name="obatch-benchmarks.json",
+                         mime="application/json", icon=":material/download:", key="export_json")
 
 names = sorted(set(best["model"].to_list()))
 finished = next((s for s in sweeps if s.status == "completed"), None)

@@ -54,5 +54,6 @@ def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
                           {"data_dir": str(data)}, cwd=ROOT)
     texts = notebook_outputs(report)
     charts = [t for t in texts if "vega" in t]
-    assert len(charts) >= 5  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, estimates
+    assert len(charts) >= 6  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, Pareto, estimates
+    assert any("Pareto front" in t for t in charts)
     assert any("saturates_at" in t for t in texts) and any(CHAT in t for t in texts)

@@ -4,6 +4,7 @@ is exactly what ``obatch.client`` and the UI's views parse."""
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
+import polars as pl
 import pytest
 from litestar.testing import AsyncTestClient
 from pydantic import BaseModel
@@ -85,6 +88,14 @@ def test_a_sweep_on_the_server_and_the_contract_the_ui_parses(tmp_path: Path, si
             assert {(c.model, c.num_ctx, c.concurrency) for c in compare if c.best} == \
                 {(b.model, b.num_ctx, b.concurrency) for b in best}
 
+            # export: every point with its run's environment
+            csv = pl.read_csv(io.BytesIO(api.export_benchmarks("csv")))
+            assert csv.height == 4 and {"env_cpu_count", "env_obatch", "env_engine_version", "output_tps",
+                                        "latency_p99", "run_name"} <= set(csv.columns)
+            exported = orjson.loads(api.export_benchmarks("json", models=[CHAT]))
+            assert len(exported["points"]) == 2 and exported["runs"][0]["environment"]["backend"] == "ollama"
+            assert httpx.get(f"{server.url}/v1/benchmarks/export", params={"format": "xml"}).status_code == 400
+
             # bad input: OpenAI's error shape, naming the parameter
             for body, param in (({"models": [CHAT], "concurrency": [0]}, "concurrency"),
                                 ({"models": []}, "models"), ({"models": [CHAT], "speed": 1}, "speed"),
@@ -110,6 +121,10 @@ def test_a_sweep_on_the_server_and_the_contract_the_ui_parses(tmp_path: Path, si
         assert "1 of 1 point(s)" in cli.stdout and f"{OTHER}: best configuration" in cli.stdout, cli.stdout
         with Client(server.url) as api:
             assert (4096, 1) in {(p.num_ctx, p.concurrency) for p in api.benchmark_history(OTHER)}
+        written = subprocess.run([sys.executable, "-m", "obatch", "bench-export", str(tmp_path / "p.json"),
+                                  "--server", server.url], capture_output=True, text=True, timeout=60)
+        assert written.returncode == 0, written.stderr
+        assert len(orjson.loads((tmp_path / "p.json").read_bytes())["points"]) == 5
         refused = subprocess.run([sys.executable, "-m", "obatch", "bench", "--server", server.url, "-m", OTHER,
                                   "-w", "data/samples/chat.jsonl"], capture_output=True, text=True, timeout=60)
         assert refused.returncode != 0 and "cannot run on a server" in refused.stderr, refused.stderr

@@ -254,6 +254,34 @@ async def estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def export(args: argparse.Namespace) -> int:
+    """Write every benchmark point (of ``--model``) with its run's environment to a CSV or JSON file."""
+    fmt = args.format or Path(args.output).suffix.lstrip(".").lower()
+    if fmt not in ("csv", "json"):
+        raise errors.ConfigError(f"Say --format csv or json (or name the file .csv / .json); got {args.output!r}.")
+    if args.server:
+        from obatch.client import Client, ClientError
+
+        with Client(args.server, api_key=args.api_key or None) as api:
+            try:
+                body = await asyncio.to_thread(api.export_benchmarks, fmt, models=args.model)
+            except ClientError as exc:
+                raise errors.ObatchError(str(exc)) from None
+    else:
+        from obatch.bench import views
+        from obatch.store.db import open_store
+
+        engine, sessions = await open_store(_settings(args).db_url)
+        try:
+            async with sessions() as session:
+                body = await views.export(session, fmt, models=args.model)
+        finally:
+            await engine.dispose()
+    await asyncio.to_thread(Path(args.output).write_bytes, body)
+    print(f"wrote {args.output} ({len(body):,} bytes, {fmt})")
+    return 0
+
+
 def _backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS,
                    help="default: OBATCH_BACKEND; sim: an in-process Ollama simulator (figures kept apart)")
@@ -286,6 +314,15 @@ def add_parsers(sub: Any) -> None:
                    help="the server's API key (default: OBATCH_API_KEY)")
     _backend_options(b)
     b.set_defaults(handler=bench)
+
+    x = sub.add_parser("bench-export", help="write benchmark points with their environment to CSV or JSON")
+    x.add_argument("output", help="the file to write (.csv or .json)")
+    x.add_argument("--format", choices=["csv", "json"], help="default: from the file's suffix")
+    x.add_argument("--model", "-m", action="append", help="only this model (repeatable)")
+    x.add_argument("--server", help="export an obatch server's points instead of the local store's")
+    x.add_argument("--api-key", default=os.environ.get("OBATCH_API_KEY"), help="the server's API key")
+    x.add_argument("--data-dir", help="where the store lives (default: OBATCH_DATA_DIR or ./data)")
+    x.set_defaults(handler=export)
 
     s = sub.add_parser("sweep", help="run notebooks/sweep.ipynb with papermill into data/runs/<time>-<name>.ipynb")
     s.add_argument("--param", "-p", type=_param, action="append", default=[], metavar="KEY=VALUE",

@@ -18,7 +18,7 @@ from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, Estim
 from obatch.config import Settings
 from obatch.store import repo
 
-HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells about the machine and its files
+HOST_FIELDS = views.HOST_FIELDS
 
 
 def _clean(value: Any) -> Any:

@@ -17,6 +17,7 @@ import orjson
 import polars as pl
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from obatch import errors
 from obatch.bench.best import best_config
 from obatch.bench.estimate import estimates_vs_actuals
 from obatch.bench.wire import BenchPoint
@@ -186,6 +187,43 @@ def pareto_front(frame: pl.DataFrame, *, latency: str = "latency_p50", throughpu
 async def estimates(session: AsyncSession) -> pl.DataFrame:
     """Estimate vs actual of every finished batch that was estimated before it ran."""
     return pl.DataFrame(await estimates_vs_actuals(session), schema=ESTIMATE_SCHEMA)
+
+
+HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells about the machine and its files
+
+
+async def export(session: AsyncSession, fmt: str, *, models: list[str] | None = None,
+                 host_details: bool = True) -> bytes:
+    """Every point (of ``models``) with the environment of the run that measured it: CSV (one row per point, the
+    run's environment in ``env_*`` columns) or JSON (``{"runs": [... with "environment"], "points": [...]}``).
+    Without ``host_details`` the machine's name, CPU and notebook paths are left out."""
+    if fmt not in ("csv", "json"):
+        raise errors.ConfigError(f"format is csv or json; got {fmt!r}.", param="format")
+    rows = await bench_repo.list_points(session, models=models)
+    runs = {r.id: r for r in await bench_repo.list_runs(session)}
+    environments = {}
+    for run_id, run in runs.items():
+        env = {k: v for k, v in orjson.loads(run.environment_json or "{}").items()
+               if k != "models" and (host_details or k not in HOST_FIELDS)}
+        environments[run_id] = env
+    frame = points_frame_of(rows)
+    if fmt == "json":
+        used = sorted({r.run_id for r in rows})
+        body = {"object": "benchmark.export", "runs": [
+            {"id": i, "name": runs[i].name, "backend": runs[i].backend, "workload": runs[i].workload,
+             "created_at": runs[i].created_at, "notebook_path": runs[i].notebook_path if host_details else None,
+             "environment": environments[i]} for i in used if i in runs],
+            "points": [{**r, "errors": orjson.loads(r.pop("errors_json") or "{}"),
+                        "sample_responses": orjson.loads(r.pop("samples_json") or "[]")} for r in frame.to_dicts()]}
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
+    keys = sorted({k for env in environments.values() for k in env})
+    env_rows = [{"run_id": i, "run_name": runs[i].name,
+                 **{f"env_{k}": None if environments[i].get(k) is None else
+                    (orjson.dumps(environments[i][k]).decode() if isinstance(environments[i][k], list | dict)
+                     else str(environments[i][k])) for k in keys}} for i in runs]
+    env_frame = pl.DataFrame(env_rows, schema={"run_id": pl.Utf8, "run_name": pl.Utf8,
+                                               **{f"env_{k}": pl.Utf8 for k in keys}})
+    return frame.drop("samples_json").join(env_frame, on="run_id", how="left").write_csv().encode()
 
 
 def store_settings(data_dir: str | Path | None = None, settings: Settings | None = None) -> Settings:

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from obatch import errors
-from obatch.bench import service, sweeps
+from obatch.bench import service, sweeps, views
 from obatch.bench.slo import MIN_SHARE
 from obatch.bench.wire import Sweep, SweepParams
 from obatch.protocol import ListPage
@@ -87,6 +87,15 @@ class BenchmarksController(Controller):
     @get("/runs", summary="Benchmark runs with their parameters and environment")
     async def runs(self, db_session: DbSession, admin: Admin) -> ListPage:
         return _page(await service.list_runs(db_session, host_details=admin))
+
+    @get("/export", summary="Every point with its run's environment, as CSV or JSON (?format=csv|json&models=a,b)")
+    async def export(self, db_session: DbSession, admin: Admin, format: FromQuery[str] = "csv",
+                     models: FromQuery[str | None] = None) -> Response[bytes]:
+        names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+        body = await views.export(db_session, format, models=names, host_details=admin)
+        media = "text/csv" if format == "csv" else "application/json"
+        return Response(body, media_type=media,
+                        headers={"content-disposition": f'attachment; filename="obatch-benchmarks.{format}"'})
 
     @post("/sweeps", status_code=200, summary="Start a sweep on the server's backend (run by the server's worker)")
     async def start_sweep(self, data: JSONBody[SweepParams], svc: Svc, worker: Worker, owner: Owner) -> Sweep:
