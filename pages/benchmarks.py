@@ -63,24 +63,30 @@ def sweep_status(sweep_id: str) -> None:
         st.rerun(scope="app")
 
 
+def sweep_outcome() -> None:
+    """How the sweep started from this page ended (shown above the charts it fed)."""
+    last = next((s for s in sweeps if s.id == st.session_state.get("sweep_id")), None)
+    if last is None or last.active:
+        return
+    if last.status == "completed":
+        st.success(f"Sweep finished: {last.points_done} point(s) measured on {last.backend}.",
+                   icon=":material/check_circle:")
+    elif last.status == "failed":
+        st.error(f"The sweep failed: {last.error}", icon=":material/error:")
+    else:
+        st.warning(f"Sweep {last.status}: {last.points_done} of {last.points_total} point(s) measured (kept).",
+                   icon=":material/stop_circle:")
+
+
 def sweep_section() -> None:
     shown = running.id if running is not None else st.session_state.get("sweep_id")
     if running is None:
         sweep_form()
-    if shown is not None:
+    if shown is not None and (running is not None or st.session_state.get("sweep_seen_done") != shown):
         sweep_status(shown)
-        last = next((s for s in sweeps if s.id == shown), None)
-        if last is not None and not last.active:
-            if last.status == "completed":
-                st.success(f"Sweep finished: {last.points_done} point(s) measured on {last.backend}.",
-                           icon=":material/check_circle:")
-            elif last.status == "failed":
-                st.error(f"The sweep failed: {last.error}", icon=":material/error:")
-            else:
-                st.warning(f"Sweep {last.status}: {last.points_done} of {last.points_total} point(s) measured.",
-                           icon=":material/stop_circle:")
 
 
+sweep_outcome()
 if best.is_empty():
     st.info("No benchmark yet: the server has no measured points. Start a sweep here (the server measures its own "
             "backend) or run `obatch bench --server URL` in a terminal; the charts appear with the first point.",
@@ -92,7 +98,7 @@ st.subheader("Best known configuration per model")
 st.caption("Best: among configurations whose requests succeeded ≥ 99%, the highest output tokens/s; within 2% of "
            "it, the smallest context window, then the smallest concurrency.")
 st.dataframe(views.best_table(best), hide_index=True, width="stretch", key="best")
-csv_col, json_col, _ = st.columns([1, 1, 3])
+csv_col, json_col, _ = st.columns([1, 1, 2])
 csv_col.download_button("Points as CSV", lambda: api.export_benchmarks("csv"), file_name="obatch-benchmarks.csv",
                         mime="text/csv", icon=":material/download:", key="export_csv",
                         help="Every measured point with the environment of the run that measured it.")
@@ -119,9 +125,9 @@ def curve_tab(axis: str, fixed: str, prefix: str, pick_key: str, label: str, hel
     pick = st.selectbox(label, [BEST, *levels], key=pick_key, help=help_text)
     curve = views.along(points, axis, fixed=fixed, value=None if pick == BEST else int(pick), best=chosen_best)
     left, right = st.columns(2)
-    left.altair_chart(views.metric_chart(curve, axis, "output_tps"), key=f"{prefix}_tokens")
-    right.altair_chart(views.metric_chart(curve, axis, "req_per_s"), key=f"{prefix}_requests")
-    st.altair_chart(views.latency_chart(curve, axis), key=f"{prefix}_latency")
+    left.altair_chart(views.metric_chart(curve, axis, "output_tps"), key=f"{prefix}_tokens", width="stretch")
+    right.altair_chart(views.metric_chart(curve, axis, "req_per_s"), key=f"{prefix}_requests", width="stretch")
+    st.altair_chart(views.latency_chart(curve, axis), key=f"{prefix}_latency", width="stretch")
     return levels
 
 
@@ -134,13 +140,14 @@ with concurrency_tab:
                         "'best': each model at its best configuration's context window.")
 
 with pareto_tab:
-    st.altair_chart(views.pareto_chart(points), key="pareto_chart")
+    st.altair_chart(views.pareto_chart(points), key="pareto_chart", width="stretch", height=380)
 
 with compare_tab:
     window = st.selectbox("Context window", ["any", *windows], key="cmp_ctx")
     compared = views.configs_frame(need(api.benchmark_compare, chosen, num_ctx=None if window == "any"
                                         else int(window))) if chosen else views.configs_frame([])
-    st.altair_chart(views.compare_chart(compared), key="cmp_chart")
+    bars = int(compared["best"].sum())
+    st.altair_chart(views.compare_chart(compared), key="cmp_chart", width="stretch", height=44 * max(bars, 1) + 90)
     st.dataframe(views.best_table(compared), hide_index=True, width="stretch", key="cmp_table")
 
 with record_tab:

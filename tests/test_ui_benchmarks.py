@@ -99,7 +99,7 @@ def test_curves_latency_styles_and_axes(page: Callable[..., AppTest]) -> None:
     spec, _ = shown["requests / s vs concurrency"]
     assert "ordinal axis" in spec["encoding"]["x"]["title"]
     spec, [latency] = shown["latency percentiles vs num_ctx"]
-    dash = spec["encoding"]["strokeDash"]
+    dash = spec["layer"][0]["encoding"]["strokeDash"]
     assert dash["legend"]["symbolType"] == "stroke"  # the legend draws line styles, not dots
     assert dash["scale"]["domain"] == ["p50", "p90", "p99"] and len({str(r) for r in dash["scale"]["range"]}) == 3
     assert set(latency["percentile"].to_list()) == {"p50", "p90", "p99"}
@@ -116,7 +116,7 @@ def test_compare_chart_reads_full_names_and_one_bar_per_model(page: Callable[...
     spec, frames = charts(at)["output tokens / s at each model's best configuration"]
     bars = spec["layer"][0]
     assert bars["mark"]["type"] == "bar" and bars["encoding"]["y"]["axis"]["labelLimit"] == 0
-    assert spec["height"] >= 40 * 2
+    assert bars["height"] >= 40 * 2
     assert sorted(frames[0]["model"].to_list()) == ["llama3.2:1b", "qwen2.5:0.5b"]
 
 

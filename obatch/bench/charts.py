@@ -119,6 +119,5 @@ def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str
                  alt.Tooltip(f"{latency}:Q", format=".0f"), "pareto:N"])
     front = base.transform_filter("datum.pareto").mark_line().encode(x=x, y=y, color=colour,
                                                                       order=alt.Order(f"{latency}:Q"))
-    chart: alt.TopLevelMixin = alt.layer(front, dots).properties(
-        width=420, height=300, title="Throughput vs latency (line: each model's Pareto front)")
+    chart: alt.TopLevelMixin = alt.layer(front, dots, title="Throughput vs latency (line: each model's Pareto front)")
     return chart

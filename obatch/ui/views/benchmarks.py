@@ -31,9 +31,9 @@ METRIC_TITLES = {
 }
 PERCENTILES = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
 DASHES = {"p50": [1, 0], "p90": [6, 3], "p99": [2, 2]}  # solid, dashed, dotted: told apart without colour
-AXIS_TITLES = {
-    "num_ctx": "context window (num_ctx, tokens) · ordinal axis: measured sizes evenly spaced",
-    "concurrency": "concurrency (requests in flight) · ordinal axis: measured levels evenly spaced",
+AXIS_TITLES = {  # ordinal: the measured levels (which double) are evenly spaced, like a log₂ axis
+    "num_ctx": "num_ctx, tokens (ordinal axis)",
+    "concurrency": "concurrency (ordinal axis)",
 }
 
 
@@ -96,7 +96,7 @@ def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
     return chart
 
 
-def latency_chart(frame: pl.DataFrame, x: str) -> alt.Chart:
+def latency_chart(frame: pl.DataFrame, x: str) -> alt.TopLevelMixin:
     """Latency percentiles against ``x``: colour is the model, line style the percentile (p50 solid, p90 dashed,
     p99 dotted; the legend draws the line styles)."""
     present = [c for c in PERCENTILES if frame[c].drop_nulls().len() > 0]
@@ -111,13 +111,14 @@ def latency_chart(frame: pl.DataFrame, x: str) -> alt.Chart:
     dash = alt.StrokeDash("percentile:N", title="percentile", sort=names,
                           scale=alt.Scale(domain=names, range=[DASHES[n] for n in names]),
                           legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400,
-                                            symbolStrokeColor="gray"))
-    chart: alt.Chart = (alt.Chart(long, title=f"latency percentiles vs {x}")
-            .mark_line(point=True)
-            .encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"), color=_model_colour(),
-                    strokeDash=dash, detail="percentile:N",
-                    tooltip=["model:N", "percentile:N", "num_ctx:Q", "concurrency:Q",
-                             alt.Tooltip("latency_ms:Q", format=".0f")]))
+                                            symbolStrokeColor="black"))
+    base = alt.Chart(long).encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"), color=_model_colour(),
+                                  tooltip=["model:N", "percentile:N", "num_ctx:Q", "concurrency:Q",
+                                           alt.Tooltip("latency_ms:Q", format=".0f")])
+    # the dots are a layer of their own: on the line mark itself they would turn the line-style legend blank
+    lines = base.mark_line().encode(strokeDash=dash, detail="percentile:N")
+    dots = base.mark_point(filled=True, size=30).encode(detail="percentile:N")
+    chart: alt.TopLevelMixin = alt.layer(lines, dots, title=f"latency percentiles vs {x}")
     return chart
 
 
@@ -127,15 +128,16 @@ def compare_chart(configs: pl.DataFrame, metric: str = "output_tps") -> alt.TopL
     data = configs.filter(pl.col("best")).with_columns(
         config=pl.format("num_ctx {} · concurrency {}", pl.col("num_ctx"), pl.col("concurrency")))
     height = 40 * max(data.height, 1) + 20
-    chart: alt.Chart = (alt.Chart(data, title=f"{METRIC_TITLES[metric]} at each model's best configuration",
-                                  height=height)
+    top = max([1e-9, *data[metric].drop_nulls().to_list()]) * 1.5  # room right of the longest bar for its label
+    bars = (alt.Chart(data, height=height)  # on the layers, not the layered chart: Streamlit drops a top height
             .mark_bar(size=24)
-            .encode(x=alt.X(f"{metric}:Q", title=METRIC_TITLES[metric]),
+            .encode(x=alt.X(f"{metric}:Q", title=METRIC_TITLES[metric], scale=alt.Scale(domain=[0, top])),
                     y=alt.Y("model:N", sort="-x", title=None, axis=alt.Axis(labelLimit=0)),
                     color=_model_colour(legend=None),
                     tooltip=["model:N", "config:N", alt.Tooltip(f"{metric}:Q", format=".2f")]))
-    text = chart.mark_text(align="left", dx=4).encode(text="config:N", color=alt.value("gray"))
-    layered: alt.TopLevelMixin = alt.layer(chart, text).properties(height=height)
+    text = bars.mark_text(align="left", dx=4).encode(text="config:N", color=alt.value("gray"))
+    layered: alt.TopLevelMixin = alt.layer(bars, text, title=f"{METRIC_TITLES[metric]} at each model's best "
+                                                             "configuration")
     return layered
 
 
