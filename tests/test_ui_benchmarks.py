@@ -116,7 +116,7 @@ def test_compare_chart_reads_full_names_and_one_bar_per_model(page: Callable[...
     spec, frames = charts(at)["output tokens / s at each model's best configuration"]
     bars = spec["layer"][0]
     assert bars["mark"]["type"] == "bar" and bars["encoding"]["y"]["axis"]["labelLimit"] == 0
-    assert bars["height"] >= 40 * 2
+    assert spec["height"] >= 40 * 2  # grows with the models (altair keeps it on the layered chart)
     assert sorted(frames[0]["model"].to_list()) == ["llama3.2:1b", "qwen2.5:0.5b"]
 
 
