@@ -397,10 +397,17 @@ class _Cancelled(Exception):
     """Raised inside the run when the batch was asked to cancel (by any process, through the store)."""
 
 
-async def _watch(svc: Services, writer: ResultWriter) -> None:
-    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store."""
+async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> None:
+    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store.
+
+    It stops between rounds when ``done`` is set, not by being cancelled: a cancel landing in its query would leave
+    the connection to be rolled back at garbage collection (SQLite's write lock held until then)."""
     while True:
-        await asyncio.sleep(svc.settings.commit_interval)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(svc.settings.commit_interval):
+                await done.wait()
+        if done.is_set():
+            return
         await writer.flush()
         async with svc.sessions() as session:
             status = (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == writer.batch_id))
@@ -449,12 +456,13 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
         try:
             async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(_watch(svc, writer))
+                done = asyncio.Event()
+                tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
                     _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
                     model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
-                watcher.cancel()
+                done.set()
         finally:
             await asyncio.shield(writer.flush())
             await asyncio.shield(_set(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
