@@ -180,8 +180,8 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
     """Record finished requests: each result is ``FINISH_COLUMNS``' values, then the line number. Only a
     still-pending row takes a result, so a line is never finished twice; the batch's live counters move by the rows
     that actually changed."""
-    succeeded = [(*r, batch_id, r[-1]) for r in results if r[_STATE] == "succeeded"]
-    failed = [(*r, batch_id, r[-1]) for r in results if r[_STATE] != "succeeded"]
+    succeeded = [r for r in results if r[_STATE] == "succeeded"]
+    failed = [r for r in results if r[_STATE] != "succeeded"]
     done = {"succeeded": 0, "failed": 0}
     dialect = _dialect(session)
     exact_rowcount = dialect.supports_sane_multi_rowcount
@@ -190,7 +190,7 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
         if group and not exact_rowcount:
             group = await _still_pending(session, batch_id, group)
         if group:
-            params = [r[:len(FINISH_COLUMNS)] + r[-2:] for r in group]
+            params = [(*r[:-1], batch_id, r[-1]) for r in group]
             outcome = await connection.exec_driver_sql(_finish_sql(dialect.paramstyle), params)
             done[state] = max(outcome.rowcount, 0) if exact_rowcount else len(group)
     tokens_in = sum(r[_PROMPT] or 0 for r in succeeded)
