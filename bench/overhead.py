@@ -1,6 +1,8 @@
 """What obatch costs on top of the engine: chat requests against an instant Ollama simulator (a subprocess).
 
-Same requests, same concurrency, each path timed whole and the median of ``--repeats`` taken:
+Same requests, same concurrency, each path timed whole; every round measures all paths one after the other and
+the ratios are taken within a round (the load of a shared machine moves in minutes), then the median of
+``--repeats`` rounds:
   (a) bare aiohttp    a floor for what any Python client can do against this simulator here
   (r) obatch runner   backend + leases + retries + timeouts (obatch.runner.run_jobs), no store
   (b) obatch run      the CLI in a subprocess, start-up included: validation, store rows, batched commits, files
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import os
 import resource
@@ -81,9 +84,15 @@ async def runner(url: str, n: int, concurrency: int) -> float:
     return seconds
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the measured processes: Python may cache its bytecode, as in any installed copy (pip
+    compiles it at install; without it every start compiles obatch and its dependencies again, a second of CPU)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def cli_run(url: str, source: Path, concurrency: int, work: Path) -> float:
     """One `obatch run` in a subprocess, on a store that already exists (as a user's second run would)."""
-    env = {**os.environ, "OBATCH_MAX_LINES": "10000000"}
+    env = {**child_env(), "OBATCH_MAX_LINES": "10000000"}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "obatch", "run", str(source), "--backend", "ollama", "--url", url,
                     "--data-dir", str(work), "-c", str(concurrency), "-q", "--fresh"], check=True, env=env,
@@ -106,7 +115,7 @@ def server_path(url: str, source: Path, n: int, concurrency: int, work: Path) ->
     from openai import OpenAI
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    env = {k: v for k, v in child_env().items() if not k.startswith("OBATCH_")}
     env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=url, OBATCH_DATA_DIR=str(work),
                OBATCH_SERVER_CONCURRENCY=str(concurrency), OBATCH_MAX_LINES="10000000",
                OBATCH_RATE_LIMIT_PER_MINUTE="0", OBATCH_WORKER_POLL_INTERVAL="0.2")
@@ -141,15 +150,11 @@ def server_path(url: str, source: Path, n: int, concurrency: int, work: Path) ->
         server.wait(timeout=30)
 
 
-def median_rate(n: int, repeats: int, measure: Callable[[int], float], cpu: Callable[[], float] = time.process_time
-                ) -> tuple[float, float]:
-    """(requests per second, client CPU microseconds per request), medians over ``repeats``."""
-    rates, costs = [], []
-    for i in range(repeats):
-        before = cpu()
-        rates.append(n / measure(i))
-        costs.append((cpu() - before) / n * 1e6)
-    return statistics.median(rates), statistics.median(costs)
+def timed(n: int, measure: Callable[[], float], cpu: Callable[[], float] = time.process_time) -> tuple[float, float]:
+    """(requests per second, client CPU microseconds per request) of one measurement."""
+    before = cpu()
+    rate = n / measure()
+    return rate, (cpu() - before) / n * 1e6
 
 
 def main() -> None:
@@ -160,26 +165,40 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip (c)")
     args = parser.parse_args()
     n, c, k = args.requests, args.concurrency, args.repeats
+    paths = ["a", "r", "b"] + ([] if args.no_server else ["c"])
+    rates: dict[str, list[float]] = {p: [] for p in paths}
+    costs: dict[str, list[float]] = {p: [] for p in paths}
     sim, url = start_sim()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             source = write_input(Path(tmp) / "in.jsonl", n)
-            print(f"{n} chat requests, concurrency {c}, median of {k}", flush=True)
-            cli_run(url, write_input(Path(tmp) / "one.jsonl", 1), c, Path(tmp) / "store")  # the store exists
-            a, a_cpu = median_rate(n, k, lambda _: asyncio.run(bare(url, n, c)))
-            print(f"  (a) bare aiohttp    {a:8.0f} req/s   client CPU {a_cpu:5.0f} us/req", flush=True)
-            r, r_cpu = median_rate(n, k, lambda _: asyncio.run(runner(url, n, c)))
-            print(f"  (r) obatch runner   {r:8.0f} req/s   client CPU {r_cpu:5.0f} us/req   r/a = {r / a:.2f}",
-                  flush=True)
-            b, b_cpu = median_rate(n, k, lambda i: cli_run(url, source, c, Path(tmp) / "store"), cpu_of_children)
-            print(f"  (b) obatch run      {b:8.0f} req/s   client CPU {b_cpu:5.0f} us/req   b/a = {b / a:.2f}"
-                  "  (start-up included)", flush=True)
-            if not args.no_server:
-                s, _ = median_rate(n, k, lambda i: server_path(url, source, n, c, Path(tmp) / f"serve-{i}"))
-                print(f"  (c) server path     {s:8.0f} req/s   c/a = {s / a:.2f}", flush=True)
+            print(f"{n} chat requests, concurrency {c}; each round measures every path in turn (a shared machine's "
+                  f"load moves: ratios are taken within a round), median of {k} rounds", flush=True)
+            cli_run(url, write_input(Path(tmp) / "one.jsonl", 1), c, Path(tmp) / "store")  # the store, bytecode exist
+            for i in range(k):
+                measured = {
+                    "a": timed(n, lambda: asyncio.run(bare(url, n, c))),
+                    "r": timed(n, lambda: asyncio.run(runner(url, n, c))),
+                    "b": timed(n, lambda: cli_run(url, source, c, Path(tmp) / "store"), cpu_of_children),
+                }
+                if "c" in paths:
+                    serve = functools.partial(server_path, url, source, n, c, Path(tmp) / f"serve-{i}")
+                    measured["c"] = timed(n, serve)
+                for p, (rate, cost) in measured.items():
+                    rates[p].append(rate)
+                    costs[p].append(cost)
+                print(f"  round {i + 1}: " + ", ".join(f"{p} {rates[p][-1]:.0f} req/s" for p in paths)
+                      + "; " + ", ".join(f"{p}/a {rates[p][-1] / rates['a'][-1]:.2f}" for p in paths[1:]), flush=True)
     finally:
         sim.terminate()
         sim.wait()
+    names = {"a": "bare aiohttp", "r": "obatch runner", "b": "obatch run", "c": "server path"}
+    for p in paths:
+        ratio = "" if p == "a" else \
+            f"   {p}/a = {statistics.median(x / y for x, y in zip(rates[p], rates['a'], strict=True)):.2f}"
+        cpu = f"   client CPU {statistics.median(costs[p]):5.0f} us/req" if p != "c" else ""
+        print(f"  ({p}) {names[p]:14} {statistics.median(rates[p]):8.0f} req/s{cpu}{ratio}"
+              + ("  (start-up included)" if p == "b" else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from obatch import context, errors, lease
 from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
 from obatch.config import Settings
-from obatch.jsonl import EnginePolicy, Limits, Request, iter_file, validate_file
+from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
 from obatch.protocol import (
     FINAL_STATUSES,
     Batch,
@@ -234,51 +234,67 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
     return batch
 
 
-def _take(items: Iterator[Any], n: int) -> list[Any]:
-    return list(itertools.islice(items, n))
+def _request_row(batch_id: str, request: Request) -> tuple[Any, ...]:
+    """A valid line as ``repo.REQUEST_COLUMNS``' values."""
+    body = request.body
+    return (batch_id, request.line, request.custom_id, request.url, str(body["model"]), orjson.dumps(body).decode(),
+            context.estimate_prompt_tokens(request.url, body), context.output_budget(body), "pending", 0, False)
 
 
-def _request_row(batch_id: str, request: Request) -> dict[str, Any]:
-    return {
-        "batch_id": batch_id, "line": request.line, "custom_id": request.custom_id, "url": request.url,
-        "model": request.model, "body": orjson.dumps(request.body).decode(),
-        "prompt_estimate": context.estimate_prompt_tokens(request.url, request.body),
-        "max_tokens": context.output_budget(request.body), "state": "pending", "attempts": 0,
-        "truncated": False,
-    }
+def _import_chunk(items: Iterator[Request | errors.LineProblem], batch_id: str, problems: list[errors.LineProblem]
+                  ) -> tuple[int, list[tuple[Any, ...]]] | None:
+    """The next ``IMPORT_CHUNK`` lines: (how many were read, rows of the valid ones), None at the end. Problems go
+    to ``problems``; once there is one, no more rows are made (the file will be refused). Blocking: a worker thread
+    runs it, so parsing and checking stay off the event loop."""
+    read, rows = 0, []
+    for item in itertools.islice(items, IMPORT_CHUNK):
+        read += 1
+        if isinstance(item, Request):
+            if not problems:
+                rows.append(_request_row(batch_id, item))
+        elif len(problems) < MAX_PROBLEMS:
+            problems.append(item)
+    return (read, rows) if read else None
 
 
 async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
-    """validating → failed (with every problem) or in_progress with one pending row per line."""
+    """validating → failed (with every problem) or in_progress with one pending row per line.
+
+    One pass over the file: lines are checked and imported together, and a file with any problem is refused with
+    every problem listed and its rows removed. Until the batch is marked imported its rows are not run, so a crash
+    mid-import only means importing again."""
     path = file_path(svc.settings, batch.input_file_id)
     limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines,
                     max_depth=svc.settings.max_json_depth,
                     policy=EnginePolicy.from_settings(svc.settings) if batch.source == "api" else None)
     endpoint = batch.endpoint or None
+    async with svc.sessions() as session:
+        await repo.replace_requests(session, batch.id)
+        await session.commit()
     try:
-        total, _ = await asyncio.to_thread(validate_file, path, limits=limits, endpoint=endpoint,
-                                           model=batch.model)
-    except errors.InputFileError as exc:
-        await _set(svc, batch, status="failed", failed_at=int(svc.clock()),
-                   errors_json=errors.problems_json(exc.problems))
-        return
+        handle = await asyncio.to_thread(path.open, "rb")
     except FileNotFoundError:
         gone = errors.LineProblem(None, "file_missing", "The input file is gone.")
         await _set(svc, batch, status="failed", failed_at=int(svc.clock()), errors_json=errors.problems_json([gone]))
         return
-    async with svc.sessions() as session:
-        await repo.replace_requests(session, batch.id)
-        await session.commit()
-    handle = await asyncio.to_thread(path.open, "rb")
+    problems: list[errors.LineProblem] = []
+    total = 0
     try:
         items = iter_file(handle, limits=limits, endpoint=endpoint, model=batch.model)
-        while chunk := await asyncio.to_thread(_take, items, IMPORT_CHUNK):
-            rows = [_request_row(batch.id, item) for item in chunk if isinstance(item, Request)]
-            async with svc.sessions() as session:
-                await repo.insert_requests(session, rows)
-                await session.commit()
+        while chunk := await asyncio.to_thread(_import_chunk, items, batch.id, problems):
+            if rows := chunk[1]:
+                total += len(rows)
+                async with svc.sessions() as session:
+                    await repo.insert_requests(session, rows)
+                    await session.commit()
     finally:
         await asyncio.to_thread(handle.close)
+    if problems:
+        async with svc.sessions() as session:
+            await repo.replace_requests(session, batch.id)
+            await session.commit()
+        await _set(svc, batch, status="failed", failed_at=int(svc.clock()), errors_json=errors.problems_json(problems))
+        return
     async with svc.sessions() as session:
         imported = (await session.execute(
             select(func.count()).select_from(RequestRow).where(col(RequestRow.batch_id) == batch.id))).scalar()
@@ -317,36 +333,26 @@ async def reload(svc: Services, batch_id: str) -> BatchRow:
 # ------------------------------------------------------------------------------------------- results
 
 
-def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
+def _outcome_row(outcome: Outcome) -> tuple[Any, ...]:
+    """A finished request as ``repo.FINISH_COLUMNS``' values, then its line number."""
     job, result, error = outcome.job, outcome.result, outcome.error
-    row: dict[str, Any] = {
-        "batch_id": batch_id, "line": job.line, "request_id": _request_id(),
-        "latency_ms": outcome.latency_ms, "attempts": outcome.attempts, "finished_at": outcome.finished_at,
-        "num_ctx": job.num_ctx, "response": None, "error_code": None, "error_message": None, "content": None,
-        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "reasoning_tokens": None,
-        "ttft_ms": None,
-        "engine_prompt_ms": None, "engine_decode_ms": None, "engine_load_ms": None, "truncated": False,
-    }
     if result is not None:
+        timings = result.timings
         usage = result.body.get("usage") or {}
         content, finish = response_content(result.body)
-        prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", result.timings.prompt_tokens))
+        prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", timings.prompt_tokens))
+        completion_tokens = usage.get("completion_tokens", usage.get("output_tokens", timings.completion_tokens))
         details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        row.update(
-            state="succeeded", status_code=result.status_code, response=orjson.dumps(result.body).decode(),
-            content=content, finish_reason=finish, prompt_tokens=prompt_tokens,
-            completion_tokens=usage.get("completion_tokens", usage.get("output_tokens",
-                                                                       result.timings.completion_tokens)),
-            reasoning_tokens=details.get("reasoning_tokens"),
-            ttft_ms=result.timings.ttft_ms, engine_prompt_ms=result.timings.prompt_ms,
-            engine_decode_ms=result.timings.decode_ms, engine_load_ms=result.timings.load_ms,
-            truncated=context.looks_truncated(prompt_tokens, job.num_ctx, job.prompt_estimate),
-        )
-    else:
-        assert error is not None
-        row.update(state="failed", status_code=error.status or error.status_code, error_code=error.code,
-                   error_message=error.message)
-    return row
+        return ("succeeded", _request_id(), result.status_code, orjson.dumps(result.body).decode(), None, None,
+                content, finish, prompt_tokens, completion_tokens, details.get("reasoning_tokens"),
+                outcome.latency_ms, timings.ttft_ms, timings.prompt_ms, timings.decode_ms, timings.load_ms,
+                job.num_ctx, outcome.attempts,
+                context.looks_truncated(prompt_tokens, job.num_ctx, job.prompt_estimate), outcome.finished_at,
+                job.line)
+    assert error is not None
+    return ("failed", _request_id(), error.status or error.status_code, None, error.code, error.message, None, None,
+            None, None, None, outcome.latency_ms, None, None, None, None, job.num_ctx, outcome.attempts, False,
+            outcome.finished_at, job.line)
 
 
 @dataclass
@@ -356,13 +362,13 @@ class ResultWriter:
     svc: Services
     batch_id: str
     progress: Progress | None = None
-    buffer: list[dict[str, Any]] = field(default_factory=list)
+    buffer: list[tuple[Any, ...]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
-        self.buffer.append(_outcome_row(self.batch_id, outcome))
+        self.buffer.append(_outcome_row(outcome))
         if self.progress is not None:
             self.progress.update(1)
         if len(self.buffer) >= self.svc.settings.commit_every:
@@ -391,10 +397,17 @@ class _Cancelled(Exception):
     """Raised inside the run when the batch was asked to cancel (by any process, through the store)."""
 
 
-async def _watch(svc: Services, writer: ResultWriter) -> None:
-    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store."""
+async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> None:
+    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store.
+
+    It stops between rounds when ``done`` is set, not by being cancelled: a cancel landing in its query would leave
+    the connection to be rolled back at garbage collection (SQLite's write lock held until then)."""
     while True:
-        await asyncio.sleep(svc.settings.commit_interval)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(svc.settings.commit_interval):
+                await done.wait()
+        if done.is_set():
+            return
         await writer.flush()
         async with svc.sessions() as session:
             status = (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == writer.batch_id))
@@ -443,12 +456,13 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
         try:
             async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(_watch(svc, writer))
+                done = asyncio.Event()
+                tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
                     _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
                     model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
-                watcher.cancel()
+                done.set()
         finally:
             await asyncio.shield(writer.flush())
             await asyncio.shield(_set(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
@@ -505,19 +519,34 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 # ----------------------------------------------------------------------------------------- finalising
 
 
-def _stats(row: RequestRow) -> LineStats:
+# What an output line needs of a row (not the request body nor the extracted content: a plain row of these costs
+# a fraction of a mapped RequestRow, on a path that runs once per line).
+_OUTPUT_COLUMNS = (RequestRow.custom_id, RequestRow.state, RequestRow.request_id, RequestRow.status_code,
+                   RequestRow.response, RequestRow.error_code, RequestRow.error_message, RequestRow.latency_ms,
+                   RequestRow.ttft_ms, RequestRow.attempts, RequestRow.num_ctx, RequestRow.loaded_context,
+                   RequestRow.truncated)
+
+
+def _stats(row: Any) -> LineStats:
     return LineStats(line=row.line, latency_ms=row.latency_ms, ttft_ms=row.ttft_ms, attempts=row.attempts,
                      num_ctx=row.num_ctx, loaded_context=row.loaded_context, truncated=row.truncated)
 
 
-def _line(row: RequestRow, pending_code: str | None) -> tuple[bool, bytes]:
-    """(is_success, output line) for one row, written through ``OutputLine`` (the body stored as JSON text is
-    passed through unparsed)."""
+def _line(row: Any, pending_code: str | None) -> tuple[bool, bytes]:
+    """(is_success, output line) for one row (``_OUTPUT_COLUMNS`` and its line). A success is the common line of a
+    big batch: it is written straight from the row, in ``OutputLine``'s shape and field order, with the body stored
+    as JSON text passed through unparsed; the others go through ``OutputLine``."""
     if row.state == "succeeded":
-        success = ResponseBody(status_code=row.status_code or 200, request_id=row.request_id or _request_id(),
-                               body=orjson.Fragment(row.response or "{}"))
-        return True, OutputLine(id=row.request_id or _request_id(), custom_id=row.custom_id, response=success,
-                                obatch=_stats(row)).to_jsonl()
+        request_id = row.request_id or _request_id()
+        return True, orjson.dumps({
+            "id": request_id, "custom_id": row.custom_id,
+            "response": {"status_code": row.status_code or 200, "request_id": request_id,
+                         "body": orjson.Fragment(row.response or "{}")},
+            "error": None,
+            "obatch": {"line": row.line, "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms,
+                       "attempts": row.attempts, "num_ctx": row.num_ctx, "loaded_context": row.loaded_context,
+                       "truncated": row.truncated},
+        }, option=orjson.OPT_APPEND_NEWLINE)
     if row.state == "pending":
         code = pending_code or "batch_cancelled"
         message = ("This request could not be executed before the completion window expired."
@@ -547,7 +576,7 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     counts = [0, 0]
     buffers: tuple[list[bytes], list[bytes]] = ([], [])
     try:
-        async for (row, _line_no) in repo.iter_rows(svc.sessions, batch_id):
+        async for row in repo.iter_rows(svc.sessions, batch_id, _OUTPUT_COLUMNS):
             ok, data = _line(row, pending_code)
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1

@@ -46,8 +46,10 @@ def _print_problems(exc: errors.InputFileError) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from obatch._heap import settle
     from obatch.api import run_batch_file
 
+    settle()  # the imports live as long as the run: out of every later collection
     report = await run_batch_file(
         Path(args.input), settings=_settings(args), model=args.model,
         output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None,

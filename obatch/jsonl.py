@@ -7,6 +7,7 @@ a file with every defect listed (``validate_file``) or import the good lines as 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import operator
@@ -161,6 +162,12 @@ def model_problem(model: str) -> str | None:
     """Why a model name cannot be right (too long, or holding control characters), or None."""
     if len(model) > MAX_MODEL_CHARS:
         return f"must be at most {MAX_MODEL_CHARS} characters"
+    return _control_problem(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _control_problem(model: str) -> str | None:
+    """Cached (names of at most ``MAX_MODEL_CHARS``): a batch names few models, on every line."""
     if any(unicodedata.category(c) in _CONTROL for c in model):
         return "must not contain control characters"
     return None

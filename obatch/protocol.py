@@ -6,7 +6,7 @@ live in ``obatch.store`` and are converted to these, never returned as they are.
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any, Literal
 
 import orjson
@@ -215,7 +215,7 @@ class ListPage(_Wire):
 def new_id(kind: str, *, sep: str = "-", length: int = 24) -> str:
     """A fresh id in OpenAI's style: ``file-…``, ``batch-…``, ``chatcmpl-…``; request ids use ``sep="_"`` and 32
     hex digits (``batch_req_…``)."""
-    return f"{kind}{sep}{uuid.uuid4().hex[:length]}"
+    return f"{kind}{sep}{os.urandom((length + 1) // 2).hex()[:length]}"  # a third of uuid4's cost
 
 
 def output_text(response: dict[str, Any]) -> str:

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
-
 from obatch import errors
 from obatch.backends.base import Backend, Result, translate
 from obatch.backends.pool import Lease, Pool
 
 if TYPE_CHECKING:
+    from tenacity import AsyncRetrying
+
     from obatch.config import Settings
 
 
@@ -65,6 +65,9 @@ Sink = Callable[[Outcome], Awaitable[None]]
 
 
 def _retrying(policy: RetryPolicy) -> AsyncRetrying:
+    # tenacity is imported on the first retry: most runs need none, and it is a tenth of the runner's start-up
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
     return AsyncRetrying(
         retry=retry_if_exception_type(errors.TransientError),
         wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),

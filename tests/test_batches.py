@@ -10,12 +10,16 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import func, select
+from sqlmodel import col
 
 from obatch import batches, errors
 from obatch.api import results_frame, run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
+from obatch.protocol import LineStats, OutputLine, ResponseBody
 from obatch.store.db import open_store
+from obatch.store.tables import RequestRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
 
@@ -147,15 +151,39 @@ async def test_expired_window_fails_unfinished_lines(tmp_path: Path, make_settin
 async def test_invalid_file_fails_the_batch_with_line_numbers(
         tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(orjson.dumps(chat_line("a")) + b"\n{oops\n" + orjson.dumps(chat_line("a")) + b"\n")
+    good = [orjson.dumps(chat_line(f"ok{i}")) + b"\n" for i in range(2500)]  # more than one import chunk
+    path.write_bytes(orjson.dumps(chat_line("a")) + b"\n{oops\n" + orjson.dumps(chat_line("a")) + b"\n"
+                     + b"".join(good))
     async with OllamaSim() as sim:
         svc, batch_id, engine = await _start(sim, make_settings(sim.url, concurrency=2), path)
         done = await batches.process(svc, batch_id)
         obj = batches.batch_object(done)
+        async with svc.sessions() as session:  # checked and imported in one pass: a refused file leaves no rows
+            rows = (await session.execute(select(func.count()).select_from(RequestRow)
+                                          .where(col(RequestRow.batch_id) == batch_id))).scalar()
         await svc.backend.aclose()
         await engine.dispose()
-    assert done.status == "failed" and obj.errors is not None
+        assert sim.stats.served == 0
+    assert done.status == "failed" and obj.errors is not None and rows == 0
     assert [(e.line, e.code) for e in obj.errors.data] == [(2, "invalid_json_line"), (3, "duplicate_custom_id")]
+
+
+async def test_output_lines_keep_the_wire_shape(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """Success lines are written straight from the rows: byte for byte what ``OutputLine`` writes."""
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=4) for i in range(20)])
+    async with OllamaSim() as sim:
+        report = await run_batch_file(path, settings=make_settings(sim.url), concurrency=4, progress=False)
+    lines = report.output.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 20
+    for raw in lines:
+        parsed = orjson.loads(raw)
+        again = OutputLine(id=parsed["id"], custom_id=parsed["custom_id"],
+                           response=ResponseBody(**{**parsed["response"],
+                                                    "body": orjson.Fragment(orjson.dumps(parsed["response"]["body"]))}),
+                           obatch=LineStats(**parsed["obatch"])).to_jsonl()
+        assert raw == again
+        assert parsed["id"] == parsed["response"]["request_id"] and parsed["id"].startswith("batch_req_")
+        assert len(parsed["id"]) == len("batch_req_") + 32
 
 
 @pytest.mark.parametrize(("window", "seconds"), [("24h", 86_400), ("1h", 3_600), ("30m", 1_800), ("7d", 604_800),

@@ -68,7 +68,7 @@ from obatch.backends.base import Backend
 from obatch.bench.best import best_config
 from obatch.bench.metrics import mean, stdev
 from obatch.jsonl import Request, iter_file
-from obatch.store import bench_repo
+from obatch.store import bench_repo, repo
 from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 from obatch.store.db import Sessions
 from obatch.store.tables import BatchRow
@@ -763,6 +763,10 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
     pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level); None when a
     model has no benchmark points."""
     async with sessions() as session:
+        models = [g.model for g in await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)]
+        for model in models:  # before the rows are read: a million of them in memory cost 250 MB, for nothing
+            if not await fits_for(session, model, backend.name):
+                return None
         rows = await bench_repo.pending_shapes(session, batch.id)
         groups: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
         for model, prompt, max_tokens in rows:

@@ -18,6 +18,7 @@ from litestar.middleware.rate_limit import RateLimitConfig, get_remote_address
 from litestar.openapi import OpenAPIConfig
 
 from obatch import batches
+from obatch._heap import settle
 from obatch.backends import Backend, open_backend
 from obatch.backends.pool import Pool
 from obatch.batches import Services
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             app.state.update(svc=svc, worker=worker, metrics=metrics)
             if settings.run_batches:  # else an API-only server: another process on the store finds new batches
                 await worker.start()
+            settle()  # what start-up built lives as long as the server: out of every later collection
             sweeper = asyncio.create_task(sweep_expired_files(svc), name="obatch-file-sweep")
             try:
                 yield
