@@ -10,11 +10,15 @@ from obatch.protocol import FINAL_STATUSES
 from obatch.ui.views._values import options_of
 from obatch.ui.views.batches import (
     BATCH_SCHEMA,
+    MODELS_KEY,
     BatchProgress,
     batch_errors_frame,
     batch_progress,
     batches_frame,
     is_final,
+    model_of,
+    not_run,
+    picked_row,
 )
 from obatch.ui.views.benchmarks import (
     BENCH_COLUMNS,
@@ -40,14 +44,15 @@ from obatch.ui.views.estimates import (
     format_seconds,
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
-from obatch.ui.views.results import filter_results, results_frame
+from obatch.ui.views.results import STATUSES, filter_results, for_display, latency_bounds, results_frame
 from obatch.ui.views.server import Health, models_frame, read_health
 
 __all__ = [
     "BATCH_SCHEMA", "BENCH_COLUMNS", "BENCH_SCHEMA", "ESTIMATE_RECORD_SCHEMA", "FINAL_STATUSES", "METRIC_TITLES",
-    "PERCENTILES", "PREVIEW_SCHEMA", "RESULT_SCHEMA", "BatchProgress", "Health", "Preview", "along",
-    "batch_errors_frame", "batch_progress", "batches_frame", "bench_frame", "best_per", "best_table",
-    "compare_chart", "describe_estimate", "estimate_config", "estimate_record_chart", "estimate_record_frame",
-    "estimate_seconds", "filter_results", "format_seconds", "highlight_errors", "is_final", "latency_chart",
-    "latest_points", "metric_chart", "models_frame", "options_of", "preview_file", "read_health", "results_frame",
+    "MODELS_KEY", "PERCENTILES", "PREVIEW_SCHEMA", "RESULT_SCHEMA", "STATUSES", "BatchProgress", "Health",
+    "Preview", "along", "batch_errors_frame", "batch_progress", "batches_frame", "bench_frame", "best_per",
+    "best_table", "compare_chart", "describe_estimate", "estimate_config", "estimate_record_chart",
+    "estimate_record_frame", "estimate_seconds", "filter_results", "for_display", "format_seconds",
+    "highlight_errors", "is_final", "latency_bounds", "latency_chart", "latest_points", "metric_chart", "model_of",
+    "models_frame", "not_run", "options_of", "picked_row", "preview_file", "read_health", "results_frame",
 ]
