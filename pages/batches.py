@@ -136,7 +136,9 @@ def show_results(batch: Batch) -> None:
     shown = views.filter_results(results, statuses=statuses, finish_reasons=reasons, latency_ms=bounds)
     st.caption(f"{shown.height} of {results.height} requests · click a row to read it whole")
     event = st.dataframe(views.for_display(shown), hide_index=True, width="stretch", key=f"res-{batch.id}",
-                         on_select="rerun", selection_mode="single-row")
+                         on_select="rerun", selection_mode="single-row", column_config={
+                             "latency_ms": st.column_config.NumberColumn("latency_ms", format="%.1f"),
+                             "ttft_ms": st.column_config.NumberColumn("ttft_ms", format="%.1f")})
     rows = event.selection.rows if event else []
     if rows and rows[0] < shown.height:
         line = shown.row(rows[0], named=True)

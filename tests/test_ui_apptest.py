@@ -442,7 +442,7 @@ def test_batches_page_round_trip_on_a_real_server(obatch_server: ServerProcess) 
     with Client(obatch_server.url, api_key=KEYS["dave"]) as api:  # closed: no socket left to the server
         at.session_state[CLIENT_KEY] = api
         at.run()
-        at.file_uploader(key="upload").set_value(("ui.jsonl", server_jsonl(lines), "application/octet-stream")).run()
+        upload(at, "ui.jsonl", server_jsonl(lines))
         assert "6 requests, all valid" in texts(at.success)[0]
         at.button(key="submit").click().run()
         no_exception(at)

@@ -88,7 +88,8 @@ def for_display(frame: pl.DataFrame) -> pl.DataFrame:
     lead = [c for c in LEAD if c in frame.columns]
     short = pl.when(pl.col("content").str.len_chars() > CONTENT_CHARS).then(
         pl.col("content").str.slice(0, CONTENT_CHARS - 1) + "…").otherwise(pl.col("content"))
-    return frame.select(*lead, *[c for c in frame.columns if c not in lead]).with_columns(content=short)
+    return (frame.select(*lead, *[c for c in frame.columns if c not in lead]).with_columns(content=short)
+            .with_columns(pl.col(pl.Utf8).fill_null("")))  # an empty cell, not "None"
 
 
 def latency_bounds(frame: pl.DataFrame) -> tuple[int, int] | None:
