@@ -169,6 +169,12 @@ async def test_health_says_what_happened_and_does_not_wait_on_a_hung_engine(tmp_
             assert max(waits) < 1.5, waits  # generous on a loaded machine; the grace is 0.3 s
             assert report["backend"]["reachable"] is False
             assert report["backend"]["error"].startswith(f"no answer from {hung_url} yet")
+            started = time.monotonic()
+            models = await client.get("/v1/models")  # would wait on the engine client's timeout
+            assert time.monotonic() - started < 1.5
+            assert models.status_code == 502
+            message = models.json()["error"]["message"]
+            assert message.startswith(f"The backend does not answer: no answer from {hung_url}")
             await asyncio.sleep(3.5)  # the probe's own timeout has passed
             report = (await client.get("/health")).json()
             assert report["backend"]["error"] == f"no answer from {hung_url} within 3 s"

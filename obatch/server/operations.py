@@ -222,7 +222,11 @@ async def chat(svc: Services, body: dict[str, Any]) -> dict[str, Any] | AsyncIte
     return events()
 
 
-async def models(svc: Services) -> dict[str, Any]:
+async def models(svc: Services, probe: BackendProbe | None = None) -> dict[str, Any]:
+    """The backend's models; with a probe that finds the backend down, that answer at once (a hung engine would
+    hold the request for the engine client's whole timeout)."""
+    if probe is not None and not (state := await probe.report())["reachable"]:
+        raise errors.TransientError(f"The backend does not answer: {state['error']}.")
     return {"object": "list", "data": [m.as_openai() for m in await svc.backend.models()]}
 
 
