@@ -10,7 +10,7 @@ import streamlit as st
 
 from obatch.client import ClientError
 from obatch.ui import views
-from obatch.ui.session import client, quietly, show_error
+from obatch.ui.session import client, health, quietly, show_error
 
 st.set_page_config(page_title="obatch", page_icon=":material/stacks:", layout="wide")
 
@@ -20,15 +20,15 @@ def server_badge() -> views.Health | None:
     api = client()
     st.sidebar.caption(f"Server: `{api.base_url}`")
     try:
-        health = views.read_health(api.health())
+        report = views.read_health(health(api))
     except ClientError:
         st.sidebar.error("Server unreachable", icon=":material/power_off:")
         return None
-    if health.backend_ok is False:
-        st.sidebar.warning(f"Server up · backend {health.backend or ''} unreachable", icon=":material/warning:")
+    if report.backend_ok is False:
+        st.sidebar.warning(f"Server up · backend {report.backend or ''} unreachable", icon=":material/warning:")
     else:
-        st.sidebar.success(f"Server up · backend {health.backend or 'ready'}", icon=":material/check_circle:")
-    return health
+        st.sidebar.success(f"Server up · backend {report.backend or 'ready'}", icon=":material/check_circle:")
+    return report
 
 
 def overview() -> None:
@@ -37,20 +37,20 @@ def overview() -> None:
              "and see how fast each model is across context windows.")
     api = client()
     try:
-        health = views.read_health(api.health())
+        report = views.read_health(health(api))
     except ClientError as exc:
         show_error(exc)
         return
-    if health.backend_ok is False:
-        st.warning(f"The server is up, but its backend ({health.backend or 'unknown'}"
-                   f"{' at ' + health.backend_url if health.backend_url else ''}) does not answer"
-                   f"{': ' + health.detail if health.detail else '.'} Batches wait until it is back.",
+    if report.backend_ok is False:
+        st.warning(f"The server is up, but its backend ({report.backend or 'unknown'}"
+                   f"{' at ' + report.backend_url if report.backend_url else ''}) does not answer"
+                   f"{': ' + report.detail if report.detail else '.'} Batches wait until it is back.",
                    icon=":material/warning:")
     batches = quietly(api.list_batches, limit=100)
     frame = views.batches_frame(batches.data if batches else [])
     running = frame.filter(~frame["status"].is_in(list(views.FINAL_STATUSES)))
     left, middle, right = st.columns(3)
-    left.metric("Backend", health.backend or "—")
+    left.metric("Backend", report.backend or "—")
     middle.metric("Batches running", running.height)
     right.metric("Batches (last 100)", frame.height)
     if not frame.is_empty():

@@ -665,10 +665,16 @@ def file_object(row: FileRow) -> FileObject:
                       purpose=row.purpose, status="processed", expires_at=row.expires_at)
 
 
-def batch_object(row: BatchRow) -> Batch:
-    """A stored batch as OpenAI's Batch object (request_counts and usage live while it runs)."""
+NOT_RUN_STATUSES = ("cancelling", "cancelled", "expired")  # whose pending lines will never run
+
+
+def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
+    """A stored batch as OpenAI's Batch object (request_counts and usage live while it runs).
+
+    ``not_run`` (a cancelled or expired batch's lines that never ran, which OpenAI's ``request_counts.failed``
+    includes) goes to the ``obatch`` field, so a client can tell them apart from real failures."""
     errors_list = orjson.loads(row.errors_json) if row.errors_json else None
-    return Batch(
+    batch = Batch(
         id=row.id, endpoint=row.endpoint, input_file_id=row.input_file_id,
         completion_window=row.completion_window, created_at=row.created_at, status=row.status,
         errors=BatchErrors(data=[BatchErrorItem(**e) for e in errors_list]) if errors_list else None,
@@ -683,6 +689,9 @@ def batch_object(row: BatchRow) -> Batch:
                          total_tokens=row.input_tokens + row.output_tokens),
         obatch={"concurrency": orjson.loads(row.concurrency_json)} if row.concurrency_json else None,
     )
+    if not_run is not None:
+        batch.obatch = {**(batch.obatch or {}), "not_run": not_run}
+    return batch
 
 
 # -------------------------------------------------------------------------------------------- driving

@@ -169,6 +169,10 @@ def test_cancel_mid_run_keeps_finished_lines(alice: OpenAI, obatch_sim: OllamaSi
     assert_exactly_once([str(line["custom_id"]) for line in lines], output, errors)
     assert len(output) >= 4 and len(errors) >= 4
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}  # type: ignore[index]
+    # OpenAI counts the unrun lines as failed; obatch's own field tells them apart (the UI shows them cancelled)
+    assert done.request_counts is not None and done.request_counts.failed == len(errors)
+    assert done.to_dict()["obatch"]["not_run"] == len(errors)
+    assert alice.batches.list(limit=5).data[0].to_dict()["obatch"]["not_run"] == len(errors)
     with pytest.raises(openai.ConflictError):
         alice.batches.cancel(wait(alice, created_and_completed(alice)).id)
 
@@ -188,6 +192,7 @@ def test_expiry_with_a_short_window(alice: OpenAI) -> None:
     assert_exactly_once([str(line["custom_id"]) for line in lines], output, errors)
     assert errors and all(e["error"]["code"] == "batch_expired" for e in errors)  # type: ignore[index]
     assert done.request_counts is not None and done.request_counts.failed == len(errors)
+    assert done.to_dict()["obatch"]["not_run"] == len(errors)
 
 
 def test_batches_share_the_engine_fairly(alice: OpenAI) -> None:

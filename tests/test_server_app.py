@@ -3,6 +3,9 @@ an engine failing mid-stream, an unreachable engine, two apps side by side, an i
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from litestar.testing import AsyncTestClient
 
 from obatch import errors
 from obatch.backends.base import ModelInfo, Result, chat_chunk
+from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
 from obatch.server import create_app
 
@@ -135,3 +139,43 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
     story = batch["obatch"]["concurrency"]  # the levels chosen, and why, travel with the batch object
     assert story["mode"] == "auto" and [h["url"] for h in story["hosts"]] == [one.url, two.url]
     assert all(h["history"] and h["reason"] for h in story["hosts"])
+
+
+async def test_health_says_what_happened_and_does_not_wait_on_a_hung_engine(tmp_path: Path) -> None:
+    """A refused connection is named with its address; an engine that accepts and never answers costs /health
+    at most the probe's grace each time (it used to wait 3 s on every call, so every UI page did)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    backend = OllamaBackend(refused_url)
+    async with AsyncTestClient(create_app(settings(tmp_path / "a"), backend=backend)) as client:
+        report = (await client.get("/health")).json()
+    await backend.aclose()
+    assert report["status"] == "degraded" and report["backend"]["reachable"] is False
+    assert report["backend"]["error"] == f"connection refused at {refused_url}"
+    assert report["backend"]["urls"] == [refused_url]
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # the kernel accepts connections; nothing ever answers
+        hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        backend = OllamaBackend(hung_url)
+        async with AsyncTestClient(create_app(settings(tmp_path / "b"), backend=backend)) as client:
+            waits = []
+            for _ in range(3):
+                started = time.monotonic()
+                report = (await client.get("/health")).json()
+                waits.append(time.monotonic() - started)
+            assert max(waits) < 1.5, waits  # generous on a loaded machine; the grace is 0.3 s
+            assert report["backend"]["reachable"] is False
+            assert report["backend"]["error"].startswith(f"no answer from {hung_url} yet")
+            started = time.monotonic()
+            models = await client.get("/v1/models")  # would wait on the engine client's timeout
+            assert time.monotonic() - started < 1.5
+            assert models.status_code == 502
+            message = models.json()["error"]["message"]
+            assert message.startswith(f"The backend does not answer: no answer from {hung_url}")
+            await asyncio.sleep(3.5)  # the probe's own timeout has passed
+            report = (await client.get("/health")).json()
+            assert report["backend"]["error"] == f"no answer from {hung_url} within 3 s"
+        await backend.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import tomllib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,12 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pytest
+from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from obatch.client import Client
-from obatch.ui.session import CLIENT_KEY
+from obatch.ui.launch import find_app
+from obatch.ui.session import CLIENT_KEY, HEALTH_TTL
 from tests.helpers import ROOT, chat_line
 from tests.helpers import jsonl as server_jsonl
 from tests.serverkit import FINAL, KEYS, ServerProcess
@@ -82,50 +85,111 @@ def chart_specs(at: AppTest) -> list[tuple[dict[str, Any], pl.DataFrame]]:
 # --------------------------------------------------------------------------------------------- batches
 
 
+def uploader(at: AppTest) -> Any:
+    """The file uploader (its key changes after each submission: that is how the form is emptied)."""
+    (widget,) = at.get("file_uploader")
+    return widget
+
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    return uploader(at).set_value((name, data, "application/octet-stream")).run()
+
+
 def test_upload_shows_each_bad_line_and_blocks_submit(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = page("pages/batches.py")
     no_exception(at)
     assert texts(at.info) == ["No batch yet: upload a file above."]
-    at.file_uploader(key="upload").set_value(("bad.jsonl", BAD, "application/octet-stream")).run()
+    upload(at, "bad.jsonl", BAD)
     no_exception(at)
     assert "2 problem(s) in 3 line(s)" in texts(at.error)[0]
     problems = table(at, "line", "code", "message")
     assert list(problems["line"]) == [2, 3]
     assert "not valid JSON" in problems["message"][0]
-    assert "appears more than once" in problems["message"][1]
+    assert "appears more than once (first on line 1)" in problems["message"][1]  # names the first occurrence
     styled = table(at, "line", "status", "prompt_tokens")  # every line, bad ones highlighted
     assert list(styled["status"]) == ["ok", "error", "error"]
+    assert str(styled["prompt_tokens"].dtype) == "Int64"  # "49", not "49.000000"
+    assert styled["prompt_tokens"][0] > 0 and styled["prompt_tokens"].isna().sum() == 2
     assert at.button(key="submit").disabled
     assert not fake.sent("POST", "/v1/files")
 
 
+def test_only_the_valid_lines_can_be_submitted(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "bad.jsonl", BAD)
+    (download,) = [b for b in at.get("download_button") if "valid line" in b.label]
+    assert download.label == "Download the 1 valid line(s)"
+    at.button(key="submit_valid").click().run()
+    no_exception(at)
+    (created,) = fake.batches.values()
+    obj, content = fake.files[created["input_file_id"]]
+    assert content == jsonl(chat_line("q1")) and obj["filename"] == "bad.valid.jsonl"
+
+
 def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeServer) -> None:
-    at = page("pages/batches.py")
-    at.file_uploader(key="upload").set_value(("chat.jsonl", GOOD, "application/octet-stream")).run()
+    at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     assert "3 requests, all valid" in texts(at.success)[0]
     assert texts(at.caption)[0] == "Expected duration from the benchmarks: about 42 s (30 s – 1 min 0 s)."
+    concurrency = at.number_input[0]
+    assert concurrency.value is None and concurrency.proto.placeholder == "auto"  # type: ignore[attr-defined]
     at.selectbox[0].set_value("qwen2.5:0.5b")
-    at.number_input[0].set_value(3)
+    concurrency.set_value(3)
     at.selectbox[1].set_value("1h")
     at.button(key="submit").click().run()
     no_exception(at)
     (created,) = fake.batches.values()
-    assert "Submitted" in texts(at.success)[-1] and created["id"] in texts(at.success)[-1]
+    assert f"Submitted {created['id']} (in_progress)." in [t.replace("**", "") for t in texts(at.success)]
     assert fake.files[created["input_file_id"]][1] == GOOD
     assert fake.files[created["input_file_id"]][0]["purpose"] == "batch"
     assert (created["endpoint"], created["completion_window"]) == ("/v1/chat/completions", "1h")
     assert created["extra_sent"] == {"model": "qwen2.5:0.5b", "concurrency": 3}
     assert at.selectbox(key="batch_pick").value == created["id"]  # the new batch is the one shown
+    assert uploader(at).value is None  # the form is emptied: a second click cannot resubmit it
 
 
-def test_running_batch_shows_progress_and_cancels(page: Callable[..., AppTest], fake: FakeServer) -> None:
+def test_auto_concurrency_sends_none_and_the_model_column_names_the_model(
+        page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
+    at.button(key="submit").click().run()
+    (created,) = fake.batches.values()
+    assert created["extra_sent"] == {"model": None, "concurrency": None}
+    assert list(table(at, "id", "progress")["model"]) == ["llama3.2:1b"]  # not "as in the file"
+    assert "model `llama3.2:1b`" in texts(at.markdown)[0]
+
+
+def test_a_second_submit_of_the_same_file_is_guarded(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
+    at.button(key="submit").click().run()
+    (first,) = fake.batches.values()
+    upload(at, "chat.jsonl", GOOD)  # the same file again
+    no_exception(at)
+    (warning,) = [t for t in texts(at.warning) if "submitted as" in t]
+    assert f"This file was submitted as **{first['id']}**" in warning and " ago " in warning
+    assert at.button(key="submit").disabled
+    at.checkbox[0].check().run()
+    assert not at.button(key="submit").disabled
+    at.button(key="submit").click().run()
+    assert len(fake.batches) == 2
+
+
+def test_the_banner_follows_the_batch(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
+    at.button(key="submit").click().run()
+    (created,) = fake.batches.values()
+    assert f"Submitted **{created['id']}** (in_progress)." in texts(at.success)
+    fake.complete(created["id"])
+    at.run()
+    assert f"Submitted **{created['id']}** (completed)." in texts(at.success)
+    assert not [t for t in texts(at.success) if "(in_progress)" in t]
+
+
+def test_running_batch_shows_progress_and_cancel_asks_first(page: Callable[..., AppTest], fake: FakeServer) -> None:
     api = fake.client()
     batch = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
     fake.progress(batch.id, completed=1, failed=1, output_tokens=50)
     at = page("pages/batches.py")
     no_exception(at)
     (bar,) = at.get("progress")
-    assert bar.proto.text == "2 of 3 requests · 1 succeeded · 1 failed"  # type: ignore[attr-defined]
+    assert bar.proto.text == "2 of 3 requests run · 1 succeeded · 1 failed"  # type: ignore[attr-defined]
     metrics = {m.label: m.value for m in at.metric}
     # started 10 s ago (a second or two more by now): 1 success, 50 tokens, 2 of 3 done
     assert 0.08 <= float(metrics["Requests / s"]) <= 0.1
@@ -133,9 +197,39 @@ def test_running_batch_shows_progress_and_cancels(page: Callable[..., AppTest], 
     assert metrics["ETA"].endswith(" s") and 5.0 <= float(metrics["ETA"].split()[0]) <= 6.5
     at.button(key=f"cancel-{batch.id}").click().run()
     no_exception(at)
+    assert not fake.sent("POST", f"/v1/batches/{batch.id}/cancel")  # not yet: it asks first
+    assert any(f"Cancel **{batch.id}**?" in t and "1 request(s) not yet run" in t for t in texts(at.warning))
+    at.button(key=f"cancel-no-{batch.id}").click().run()
+    assert not fake.sent("POST", f"/v1/batches/{batch.id}/cancel")
+    assert not any("Cancel **" in t for t in texts(at.warning))
+    at.button(key=f"cancel-{batch.id}").click().run()
+    at.button(key=f"cancel-yes-{batch.id}").click().run()
+    no_exception(at)
     assert fake.sent("POST", f"/v1/batches/{batch.id}/cancel")
     assert fake.batches[batch.id]["status"] == "cancelling"
     assert not any(b.key == f"cancel-{batch.id}" for b in at.button)
+
+
+def test_a_cancelled_batch_shows_its_unrun_lines_as_cancelled(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    lines = jsonl(*[chat_line(f"q{i}", f"question {i}") for i in range(5)])
+    api = fake.client()
+    batch = api.create_batch(api.upload_file(lines, "five.jsonl").id, endpoint="/v1/chat/completions")
+    fake.complete(batch.id, latency=True, ran=2, status="cancelled")
+    at = page("pages/batches.py")
+    no_exception(at)
+    (bar,) = at.get("progress")
+    assert bar.proto.text == "2 of 5 requests run · 2 succeeded · 0 failed · 3 cancelled (not run)"  # type: ignore[attr-defined]
+    assert bar.proto.value == 40  # type: ignore[attr-defined]  # percent: the lines that ran, not 100%
+    assert {m.label: m.value for m in at.metric}["ETA"] == "cancelled"
+    listed = table(at, "id", "progress")
+    assert (listed["completed"][0], listed["failed"][0], listed["not run"][0]) == (2, 0, 3)
+    status = at.multiselect(key=f"st-{batch.id}")
+    assert status.options == ["succeeded (2)", "failed (0)", "cancelled (3)", "expired (0)"]
+    status.set_value(["cancelled"]).run()
+    results = table(at, "custom_id", "finish_reason")
+    assert list(results["custom_id"]) == ["q2", "q3", "q4"]
+    assert list(results.columns[:5]) == ["line", "custom_id", "status", "error_code", "error_message"]
+    assert list(results.columns).index("content") > list(results.columns).index("error_message")
 
 
 def test_completed_batch_offers_downloads_and_filters(page: Callable[..., AppTest], fake: FakeServer) -> None:
@@ -153,9 +247,13 @@ def test_completed_batch_offers_downloads_and_filters(page: Callable[..., AppTes
     at.multiselect(key=f"fr-{batch.id}").set_value(["length"]).run()
     assert list(table(at, "custom_id", "finish_reason")["custom_id"]) == ["q3"]
     at.multiselect(key=f"fr-{batch.id}").set_value([]).run()
-    at.slider(key=f"lat-{batch.id}").set_value((100.0, 150.0)).run()
+    slider = at.slider(key=f"lat-{batch.id}")
+    # latencies 100.4567 and 300.4567 ms (q2 failed without one): bounds rounded outward, whole milliseconds
+    assert (slider.min, slider.max, slider.step, slider.value) == (100, 301, 1, (100, 301))
+    slider.set_value((100, 150)).run()
+    assert at.slider(key=f"lat-{batch.id}").value == (100, 150)  # kept, not reset to the default
     assert list(table(at, "custom_id", "finish_reason")["custom_id"]) == ["q1"]
-    assert "1 of 3 requests" in texts(at.caption)
+    assert "1 of 3 requests · click a row to read it whole" in texts(at.caption)
 
 
 def test_failed_batch_lists_its_problems(page: Callable[..., AppTest], fake: FakeServer) -> None:
@@ -176,20 +274,63 @@ def test_models_page_lists_models_and_backend(page: Callable[..., AppTest]) -> N
     at = page("pages/models.py")
     no_exception(at)
     assert {m.label: m.value for m in at.metric} == {"Server": "up", "Backend": "ollama", "Backend reachable": "yes"}
-    assert "version `0.9.0`" in texts(at.caption)[0]
+    assert texts(at.caption)[0] == "Backend ollama at `http://127.0.0.1:11434` · version `0.9.0`"
     models = table(at, "id", "context_length")
     assert list(models["id"]) == ["llama3.2:1b", "qwen2.5:0.5b"]
-    assert list(models["context_length"]) == [131072, 32768]
+    assert list(models["context_length"]) == ["131072", "32768"]
+    assert list(models["loaded_context_length"]) == ["—", "—"]  # not reported: a dash, not "None"
+    assert not models.isna().any().any()
     hosts = table(at, "host", "concurrency")
     assert list(hosts["concurrency"]) == ["4 (auto)"]
     assert list(hosts["why"]) == ["kept 4: 5 gave 101.0/s against 100.2/s"]
+    assert not hosts.isna().any().any()
     assert not at.warning
 
 
-def test_backend_down_is_a_warning_not_a_trace(page: Callable[..., AppTest]) -> None:
-    at = page("pages/models.py", FakeServer(backend_ok=False))
+def test_backend_down_says_what_happened_and_waits_for_nothing(page: Callable[..., AppTest]) -> None:
+    down = FakeServer(backend_ok=False)
+    at = page("pages/models.py", down)
     no_exception(at)
-    assert "does not answer: ConnectError" in texts(at.warning)[0]
+    assert "does not answer: connection refused at http://127.0.0.1:11434" in texts(at.warning)[0]
+    assert not down.sent("GET", "/v1/models")  # the backend is known down: no request that would wait on it
+    assert any("once the backend answers" in t for t in texts(at.info))
+    at = page("pages/batches.py", down)
+    no_exception(at)
+    assert not down.sent("GET", "/v1/models")
+
+
+def test_every_page_asks_health_once(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    """The sidebar badge and the page share one /health answer (each page draw used to ask twice)."""
+    at = page("streamlit_app.py")
+    no_exception(at)
+    assert len(fake.sent("GET", "/health")) == 1
+    time.sleep(HEALTH_TTL)  # a later page draw asks again
+    at.switch_page("pages/models.py").run()
+    no_exception(at)
+    assert {m.label: m.value for m in at.metric}["Backend reachable"] == "yes"
+    assert "Server up · backend ollama" in texts(at.sidebar.success)[0]  # the frame around the page
+    assert len(fake.sent("GET", "/health")) == 2
+
+
+def test_deploy_button_is_hidden() -> None:
+    """Streamlit reads .streamlit/config.toml from the folder it runs in; `obatch ui` runs it at the checkout."""
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["toolbarMode"] == "viewer"
+    assert find_app(env={}, cwd=ROOT).parent / ".streamlit" / "config.toml" == ROOT / ".streamlit" / "config.toml"
+
+
+def test_a_page_opened_outside_the_navigation_goes_through_it(page: Callable[..., AppTest]) -> None:
+    """A fresh UI (Streamlit still in its legacy pages/ mode) opened at /batches: the page is sent back through
+    the entrypoint instead of running alone."""
+    at = AppTest.from_file(str(ROOT / "pages/batches.py"), default_timeout=TIMEOUT)
+    at.session_state[CLIENT_KEY] = FakeServer().client()
+    PagesManager.uses_pages_directory = True  # as `streamlit run streamlit_app.py` starts, next to pages/
+    try:
+        at.run()
+        no_exception(at)
+        assert PagesManager.uses_pages_directory is False
+    finally:
+        PagesManager.uses_pages_directory = None
 
 
 # ------------------------------------------------------------------------------------------- server down
@@ -233,7 +374,7 @@ def test_batches_page_round_trip_on_a_real_server(obatch_server: ServerProcess) 
     with Client(obatch_server.url, api_key=KEYS["dave"]) as api:  # closed: no socket left to the server
         at.session_state[CLIENT_KEY] = api
         at.run()
-        at.file_uploader(key="upload").set_value(("ui.jsonl", server_jsonl(lines), "application/octet-stream")).run()
+        upload(at, "ui.jsonl", server_jsonl(lines))
         assert "6 requests, all valid" in texts(at.success)[0]
         at.button(key="submit").click().run()
         no_exception(at)

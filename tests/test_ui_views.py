@@ -92,6 +92,51 @@ def test_batches_frame_progress() -> None:
     assert frame.schema["created"] == pl.Datetime("ms")
 
 
+def test_cancelled_lines_are_neither_failures_nor_progress() -> None:
+    """OpenAI counts a cancelled batch's unrun lines as failed; obatch's ``not_run`` tells them apart."""
+    cancelled = batch(status="cancelled", in_progress_at=1000, cancelled_at=1030, obatch={"not_run": 234},
+                      request_counts={"total": 300, "completed": 66, "failed": 234})
+    p = views.batch_progress(cancelled)
+    assert (p.completed, p.failed, p.not_run, p.done) == (66, 0, 234, 66)
+    assert p.fraction == 66 / 300
+    assert p.sentence("cancelled") == "66 of 300 requests run · 66 succeeded · 0 failed · 234 cancelled (not run)"
+    assert views.batch_progress(batch(status="expired", obatch={"not_run": 2}, request_counts={
+        "total": 5, "completed": 2, "failed": 3})).sentence("expired").endswith("1 failed · 2 expired (not run)")
+    row = views.batches_frame([cancelled]).row(0, named=True)
+    assert (row["completed"], row["failed"], row["not run"], row["progress"]) == (66, 0, 234, 66 / 300)
+
+
+def test_elapsed_never_goes_backwards_when_the_batch_finishes() -> None:
+    """The server's stamps are whole seconds: a running batch counts whole seconds too, so the end stamp written
+    later (truncated) is never below what was shown."""
+    shown = []
+    for now in (1011.2, 1011.9, 1012.95):
+        shown.append(views.batch_progress(batch(in_progress_at=1000), now=now).elapsed_s)
+    finalizing = batch(status="finalizing", in_progress_at=1000, finalizing_at=1012)  # truncated 1012.97
+    shown.append(views.batch_progress(finalizing, now=1013.5).elapsed_s)
+    assert shown == sorted(shown) and shown[-1] == 12
+
+
+def test_model_column_names_the_model() -> None:
+    frame = views.batches_frame([batch(model="qwen2.5:0.5b"), batch(metadata={"models": "llama3.2:1b"}), batch()])
+    assert frame["model"].to_list() == ["qwen2.5:0.5b", "llama3.2:1b", "per line"]
+
+
+def test_a_clicked_row_picks_its_batch() -> None:
+    ids = ["batch-b", "batch-a"]
+    assert views.picked_row(ids, {"selection": {"rows": [1], "columns": []}}) == "batch-a"
+    assert views.picked_row(ids, {"selection": {"rows": []}}) is None
+    assert views.picked_row(ids, None) is None
+    assert views.picked_row(ids, {"selection": {"rows": [5]}}) is None  # the list changed under the click
+
+
+def test_latency_bounds_round_outward_to_whole_milliseconds() -> None:
+    frame = pl.DataFrame({"latency_ms": [100.4567, 250.0, 300.0001, None]})
+    assert views.latency_bounds(frame) == (100, 301)
+    assert views.latency_bounds(pl.DataFrame({"latency_ms": [5.0, 5.0]}, schema={"latency_ms": pl.Float64})) is None
+    assert views.latency_bounds(pl.DataFrame({"latency_ms": [None]}, schema={"latency_ms": pl.Float64})) is None
+
+
 def test_results_frame_and_filters() -> None:
     ok = {"id": "r1", "custom_id": "a", "error": None, "obatch": {"line": 1, "latency_ms": 120.0}, "response": {
         "status_code": 200, "request_id": "q", "body": {
@@ -104,7 +149,7 @@ def test_results_frame_and_filters() -> None:
                "error": {"code": "batch_expired", "message": "late"}}
     frame = views.results_frame(jsonl(ok), jsonl(failed, expired))
     assert frame["custom_id"].to_list() == ["a", "b", "c"]
-    assert frame["status"].to_list() == ["succeeded", "failed", "failed"]
+    assert frame["status"].to_list() == ["succeeded", "failed", "expired"]  # an unrun line is not a failure
     assert frame.schema == pl.Schema(result_schema())  # the notebook API's frame, column for column
     assert frame.row(0, named=True) == {
         "line": 1, "custom_id": "a", "model": None, "status": "succeeded", "status_code": 200, "content": "hi",
@@ -112,10 +157,11 @@ def test_results_frame_and_filters() -> None:
         "ttft_ms": None, "num_ctx": None, "truncated": None, "attempts": None, "error_code": None,
         "error_message": None}
     assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
-    assert views.filter_results(frame, statuses=["failed"]).height == 2
+    assert views.filter_results(frame, statuses=["failed"]).height == 1
+    assert views.filter_results(frame, statuses=["failed", "expired"]).height == 2
     assert views.filter_results(frame, finish_reasons=["length"])["custom_id"].to_list() == ["a"]
     assert views.filter_results(frame, latency_ms=(0, 100)).height == 0
-    assert views.options_of(frame, "status") == ["failed", "succeeded"]
+    assert views.options_of(frame, "status") == ["expired", "failed", "succeeded"]
     assert views.results_frame(None, None).is_empty()
     with pytest.raises(ValidationError):  # not an output line: said loudly, not shown as an empty row
         views.results_frame(jsonl({"custom_id": "a", "answer": "hi"}))
@@ -153,7 +199,7 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
     assert (by_id["bad"]["status"], by_id["bad"]["status_code"], by_id["bad"]["error_code"]) == \
         ("failed", 400, "context_length_exceeded")
     assert (by_id["late"]["status"], by_id["late"]["error_code"], by_id["late"]["line"]) == \
-        ("failed", "batch_expired", 3)
+        ("expired", "batch_expired", 3)  # never ran: not a failure
 
 
 def test_estimates_and_health_are_read_generously() -> None:

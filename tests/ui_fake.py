@@ -20,6 +20,7 @@ from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
 from obatch.protocol import HostStatus, ListPage
 
+ENGINE = "http://127.0.0.1:11434"
 MODELS = [
     {"id": "llama3.2:1b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 131072,
      "family": "llama", "parameter_size": "1.2B", "quantization": "Q8_0", "loaded": True},
@@ -101,14 +102,19 @@ class FakeServer:
             # obatch.server.operations.health: 200 while the store answers; the backend is only reported
             body = {"status": "ok" if self.backend_ok else "degraded", "db": "ok",
                     "backend": {"name": "ollama", "reachable": self.backend_ok,
-                                **({"version": "0.9.0"} if self.backend_ok else {"error": "ConnectError"}),
+                                **({"version": "0.9.0"} if self.backend_ok
+                                   else {"error": f"connection refused at {ENGINE}"}),
+                                "urls": [ENGINE],
                                 "hosts": [HostStatus(
-                                    url="http://127.0.0.1:11434", backend="ollama",
+                                    url=ENGINE, backend="ollama",
                                     state="up" if self.backend_ok else "down", concurrency=4, best=4, auto=True,
                                     reason="kept 4: 5 gave 101.0/s against 100.2/s", served=12,
                                     models=["llama3.2:1b"]).model_dump()]}}
             return _json(200, body)
         if path == "/v1/models":
+            if not self.backend_ok:
+                return _error(502, "Connection to the engine failed: ClientConnectorError: Cannot connect to host",
+                              "server_error")
             return _json(200, {"object": "list", "data": MODELS})
         if path == "/v1/files" and method == "POST":
             fields, files = _multipart(request)
@@ -152,6 +158,8 @@ class FakeServer:
                     return _error(409, f"Batch {batch['id']} is {batch['status']} and cannot be cancelled.",
                                   "conflict")
                 batch.update(status="cancelling", cancelling_at=int(time.time()))
+                counts = batch["request_counts"]  # obatch.batches.batch_object: the lines that have not run
+                batch["obatch"] = {"not_run": counts["total"] - counts["completed"] - counts["failed"]}
             return _json(200, batch)
         if parts[:2] == ["v1", "benchmarks"]:
             answer = self._benchmarks(request, parts[2:])
@@ -229,14 +237,25 @@ class FakeServer:
         batch["in_progress_at"] = int(time.time()) - 10
         batch["usage"] = {"input_tokens": 0, "output_tokens": output_tokens, "total_tokens": output_tokens}
 
-    def complete(self, batch_id: str, *, latency: bool = False) -> None:
-        """Finish a batch: lines whose prompt says 'fail' fail, the others succeed (every 3rd cut by length)."""
+    def complete(self, batch_id: str, *, latency: bool = False, ran: int | None = None,
+                 status: str = "completed") -> None:
+        """Finish a batch: lines whose prompt says 'fail' fail, the others succeed (every 3rd cut by length).
+
+        With ``ran``, only the first ``ran`` lines ran and the batch ends ``status`` (cancelled or expired): the
+        others go to the error file as ``batch_cancelled`` / ``batch_expired`` and count as failed, with the
+        ``obatch.not_run`` count beside them, as obatch's server writes them."""
         batch = self.batches[batch_id]
         _obj, content = self.files[batch["input_file_id"]]
         out, err = [], []
+        code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(status, "")
         for n, raw in enumerate(line for line in content.splitlines() if line.strip()):
             line = orjson.loads(raw)
             text = line["body"]["messages"][-1]["content"]
+            if ran is not None and n >= ran:
+                err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": code, "message": "This request was not executed."},
+                            "obatch": {"line": n + 1}})
+                continue
             if "fail" in text:
                 err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
                             "error": {"code": "server_error", "message": "The engine failed."}})
@@ -249,11 +268,13 @@ class FakeServer:
                                  "finish_reason": "length" if n % 3 == 2 else "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}}}
             if latency:
-                result["obatch"] = {"line": n + 1, "latency_ms": 100.0 * (n + 1)}  # as obatch writes it
+                result["obatch"] = {"line": n + 1, "latency_ms": 100.0 * (n + 1) + 0.4567}  # as obatch writes it
             out.append(result)
         now = int(time.time())
-        batch.update(status="completed", completed_at=now, finalizing_at=now,
+        batch.update(status=status, finalizing_at=now, **{f"{status}_at": now},
                      request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
+        if ran is not None:
+            batch["obatch"] = {"not_run": sum(1 for e in err if e["error"]["code"] == code)}
         for kind, lines in (("output", out), ("error", err)):
             if lines:
                 data = b"".join(orjson.dumps(x) + b"\n" for x in lines)

@@ -37,6 +37,7 @@ from obatch.server.errors import exception_handler
 from obatch.server.guard import body_timeouts, json_guard
 from obatch.server.metrics import Metrics
 from obatch.server.observe import log_unrouted, request_middleware
+from obatch.server.operations import BackendProbe
 from obatch.store import db
 from obatch.store.db import open_store
 from obatch.worker import BatchWorker, ThreadedWorker
@@ -97,7 +98,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                                                      poll_interval=settings.worker_poll_interval)
             else:
                 worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
-            app.state.update(svc=svc, worker=worker, metrics=metrics)
+            probe = BackendProbe(svc.backend, ", ".join(h["url"] for h in svc.pool.describe()))
+            app.state.update(svc=svc, worker=worker, metrics=metrics, probe=probe)
             if settings.run_batches:  # else an API-only server: another process on the store finds new batches
                 await worker.start()
             settle()  # what start-up built lives as long as the server: out of every later collection
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
                 await worker.stop()
+                await probe.aclose()
         finally:
             if backend is None:
                 await client.aclose()

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch.batches import Services
 from obatch.server.auth import is_admin
 from obatch.server.metrics import Metrics
+from obatch.server.operations import BackendProbe
 from obatch.worker import BatchWorker
 
 Svc: TypeAlias = NamedDependency[Services]
@@ -20,6 +21,7 @@ Worker: TypeAlias = NamedDependency[BatchWorker]
 Owner: TypeAlias = NamedDependency[str | None]  # the caller's owner id; None when authentication is off
 MetricsDep: TypeAlias = NamedDependency[Metrics]
 Admin: TypeAlias = NamedDependency[bool]  # an admin key (or authentication off): may see what spans tenants
+Probe: TypeAlias = NamedDependency[BackendProbe]  # the backend's reachability, probed off the request path
 DbSession: TypeAlias = NamedDependency[AsyncSession]  # one store session per request, closed after the response
 
 
@@ -29,6 +31,10 @@ def _svc(state: State) -> Services:
 
 def _worker(state: State) -> BatchWorker:
     return cast(BatchWorker, state.worker)
+
+
+def _probe(state: State) -> BackendProbe:
+    return cast(BackendProbe, state.probe)
 
 
 def _metrics(state: State) -> Metrics:
@@ -50,6 +56,6 @@ def _admin(request: Request[Any, Any, Any]) -> bool:
 
 def providers() -> dict[str, Provide]:
     plain = {name: Provide(fn, sync_to_thread=False)
-             for name, fn in (("svc", _svc), ("worker", _worker), ("metrics", _metrics), ("owner", _owner),
-                              ("admin", _admin))}
+             for name, fn in (("svc", _svc), ("worker", _worker), ("metrics", _metrics), ("probe", _probe),
+                              ("owner", _owner), ("admin", _admin))}
     return plain | {"db_session": Provide(_db_session)}  # a generator: closed after the response

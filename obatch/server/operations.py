@@ -7,18 +7,24 @@ Controllers call one of these per route. ``owner`` is the caller's owner id, or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
 from obatch.batches import Services
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import Batch, FileObject, ListPage, endpoint_problem
 from obatch.store import repo
+from obatch.store.tables import BatchRow
 from obatch.worker import BatchWorker
 
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
@@ -121,19 +127,28 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
     return batches.batch_object(row)
 
 
+async def _wire(session: AsyncSession, rows: list[BatchRow]) -> list[Batch]:
+    """Batch objects, with the count of lines that never ran on those cancelled or expired (one query)."""
+    stopped = [r.id for r in rows if r.status in batches.NOT_RUN_STATUSES]
+    not_run = await repo.not_run_counts(session, stopped)
+    return [batches.batch_object(r, not_run=not_run.get(r.id, 0) if r.id in stopped else None) for r in rows]
+
+
 async def get_batch(svc: Services, owner: str | None, batch_id: str) -> Batch:
     async with svc.sessions() as session:
-        return batches.batch_object(await repo.get_batch(session, batch_id, owner))
+        return (await _wire(session, [await repo.get_batch(session, batch_id, owner)]))[0]
 
 
 async def list_batches(svc: Services, owner: str | None, *, after: str | None, limit: int) -> ListPage:
     async with svc.sessions() as session:
         rows, more = await repo.list_batches(session, owner=owner, after=after, limit=limit)
-    return _page([batches.batch_object(r) for r in rows], more)
+        return _page(await _wire(session, rows), more)
 
 
 async def cancel_batch(svc: Services, owner: str | None, batch_id: str) -> Batch:
-    return batches.batch_object(await batches.request_cancel(svc, batch_id, owner))
+    row = await batches.request_cancel(svc, batch_id, owner)
+    async with svc.sessions() as session:
+        return (await _wire(session, [row]))[0]
 
 
 # ---------------------------------------------------------------------------------------- pass-through
@@ -207,7 +222,11 @@ async def chat(svc: Services, body: dict[str, Any]) -> dict[str, Any] | AsyncIte
     return events()
 
 
-async def models(svc: Services) -> dict[str, Any]:
+async def models(svc: Services, probe: BackendProbe | None = None) -> dict[str, Any]:
+    """The backend's models; with a probe that finds the backend down, that answer at once (a hung engine would
+    hold the request for the engine client's whole timeout)."""
+    if probe is not None and not (state := await probe.report())["reachable"]:
+        raise errors.TransientError(f"The backend does not answer: {state['error']}.")
     return {"object": "list", "data": [m.as_openai() for m in await svc.backend.models()]}
 
 
@@ -218,7 +237,60 @@ async def model(svc: Services, model_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ health
 
 
-async def health(svc: Services, worker: BatchWorker | None = None) -> tuple[bool, dict[str, Any]]:
+def describe_failure(exc: BaseException, where: str, timeout: float) -> str:
+    """What happened, in words a person can act on ("connection refused at http://…"), not an exception's name."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError | errors.BackendTimeout):
+            return f"no answer from {where} within {timeout:g} s"
+        if isinstance(seen, socket.gaierror):
+            return f"cannot resolve the host of {where}"
+        if isinstance(seen, OSError) and seen.errno == errno.ECONNREFUSED:
+            return f"connection refused at {where}"
+        seen = seen.__cause__ or seen.__context__
+    return f"{getattr(exc, 'message', None) or exc or type(exc).__name__} ({where})"
+
+
+class BackendProbe:
+    """The backend's reachability for ``/health``, without making every ``/health`` (and so every UI page) wait
+    on a hung engine: a probe runs at most every ``fresh`` seconds, and a caller waits for a running probe only
+    ``grace`` seconds, then gets the last answer while the probe finishes in the background."""
+
+    def __init__(self, backend: Any, where: str, *, timeout: float = 3.0, grace: float = 0.3,
+                 fresh: float = 2.0) -> None:
+        self.backend, self.where, self.timeout, self.grace, self.fresh = backend, where, timeout, grace, fresh
+        self._task: asyncio.Task[dict[str, Any]] | None = None
+        self._started = 0.0
+        self._last: dict[str, Any] | None = None
+
+    async def report(self) -> dict[str, Any]:
+        """``{"reachable": bool, "version" | "error": ...}``."""
+        if self._task is None or (self._task.done() and time.monotonic() - self._started >= self.fresh):
+            self._started = time.monotonic()
+            self._task = asyncio.create_task(self._probe(), name="obatch-health-probe")
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(self._task), self.grace)
+        return self._last or {"reachable": False,
+                              "error": f"no answer from {self.where} yet (waited {self.grace:g} s; still asking)"}
+
+    async def _probe(self) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                version = await self.backend.version()
+            self._last = {"reachable": True, "version": version}
+        except Exception as exc:
+            self._last = {"reachable": False, "error": describe_failure(exc, self.where, self.timeout)}
+        return self._last
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def health(svc: Services, worker: BatchWorker | None = None, probe: BackendProbe | None = None
+                 ) -> tuple[bool, dict[str, Any]]:
     """(healthy, report): the store must answer; the backend's reachability is reported (not fatal: an engine
     that is still starting does not make the server unhealthy)."""
     report: dict[str, Any] = {"status": "ok", "db": "ok", "backend": {"name": svc.backend.name}}
@@ -228,16 +300,12 @@ async def health(svc: Services, worker: BatchWorker | None = None) -> tuple[bool
             await session.execute(text("SELECT 1"))
     except Exception as exc:
         healthy, report["status"], report["db"] = False, "error", f"unreachable: {type(exc).__name__}"
-    try:
-        async with asyncio.timeout(3):
-            version = await svc.backend.version()
-        report["backend"].update(reachable=True, version=version)
-    except Exception as exc:
-        report["backend"].update(reachable=False, error=type(exc).__name__)
-        if healthy:
-            report["status"] = "degraded"
     # Each engine host: state, concurrency and why, models — as the batches see them (the worker may run its own
     # pool on its own loop, where the levels are learned).
     pool = (worker.pool if worker is not None else None) or svc.pool
-    report["backend"]["hosts"] = pool.describe()
+    hosts = pool.describe()
+    backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
+    report["backend"].update(backend, urls=[h["url"] for h in hosts], hosts=hosts)
+    if not backend["reachable"] and healthy:
+        report["status"] = "degraded"
     return healthy, report

@@ -329,6 +329,17 @@ async def line_state_counts(session: AsyncSession) -> dict[str, int]:
     return {state: int(n) for state, n in rows}
 
 
+async def not_run_counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, int]:
+    """Lines of these batches that never ran (still pending): what a cancelled or expired batch reports as failed,
+    told apart from the lines that really failed."""
+    if not batch_ids:
+        return {}
+    statement = (select(col(RequestRow.batch_id), func.count()).where(col(RequestRow.batch_id).in_(list(batch_ids)),
+                                                                      col(RequestRow.state) == "pending")
+                 .group_by(col(RequestRow.batch_id)))
+    return {batch_id: int(n) for batch_id, n in (await session.execute(statement)).all()}
+
+
 async def queued_lines(session: AsyncSession) -> int:
     """Pending lines of batches that are still to run (the work queue's depth)."""
     statement = (select(func.count()).select_from(RequestRow)

@@ -8,15 +8,19 @@ Tests put their own client (an ``httpx.MockTransport`` or a test server's transp
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from obatch.client import ApiError, Client, ClientError, ServerUnavailable
 
 CLIENT_KEY = "obatch_client"
 FILES_KEY = "obatch_file_cache"
+HEALTH_KEY = "obatch_health"
+HEALTH_TTL = 1.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -25,12 +29,55 @@ START_HINT = ("Start it with `obatch serve` (or `make serve` for the server and 
 
 
 def client() -> Client:
-    """This session's client: the injected one, else one built from ``OBATCH_SERVER_URL``/``OBATCH_API_KEY``."""
+    """This session's client: the injected one, else one built from ``OBATCH_SERVER_URL``/``OBATCH_API_KEY``.
+
+    Every page asks for it first, so it is also where a page opened outside ``streamlit_app.py``'s navigation is
+    sent back through it (see ``inside_navigation``)."""
+    inside_navigation()
     api = st.session_state.get(CLIENT_KEY)
     if not isinstance(api, Client):
         api = Client.from_env()
         st.session_state[CLIENT_KEY] = api
     return api
+
+
+def inside_navigation() -> None:
+    """Run this page inside the app's frame (server badge, sidebar), whatever URL opened it.
+
+    Streamlit keeps its legacy ``pages/`` auto-discovery on until some session has run ``st.navigation``: a fresh
+    UI opened first at ``/batches`` (a bookmark, a refresh) would run ``pages/batches.py`` alone. The pages stay in
+    ``pages/`` (the project's layout), so the switch Streamlit makes on ``st.navigation`` is made here instead,
+    and the run starts again through the entrypoint, which routes to the same page (page ids follow URL paths).
+    """
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def health(api: Client) -> dict[str, Any]:
+    """The server's ``/health`` answer, asked once per page draw however many parts of the page show it (the
+    sidebar badge and the page): an answer younger than ``HEALTH_TTL`` seconds is reused, a failure raised again."""
+    cached = st.session_state.get(HEALTH_KEY)
+    answer: dict[str, Any] | ClientError
+    if cached is not None and cached[0] is api and time.monotonic() - cached[1] < HEALTH_TTL:
+        answer = cached[2]
+    else:
+        try:
+            answer = api.health()
+        except ClientError as exc:
+            answer = exc
+        st.session_state[HEALTH_KEY] = (api, time.monotonic(), answer)
+    if isinstance(answer, ClientError):
+        raise answer
+    return answer
+
+
+def backend_up(api: Client) -> bool:
+    """Whether asking the backend (models, estimates) is worth a request: not when ``/health`` says it is down."""
+    try:
+        return health(api).get("backend", {}).get("reachable") is not False
+    except ClientError:
+        return False
 
 
 def show_error(exc: ClientError, *, doing: str | None = None) -> None:

@@ -10,7 +10,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from obatch.server import operations as ops
-from obatch.server.deps import Svc
+from obatch.server.deps import Probe, Svc
 
 
 class PassthroughController(Controller):
@@ -36,8 +36,8 @@ class PassthroughController(Controller):
         return await ops.complete(svc, "/v1/embeddings", data)
 
     @get("/models", summary="The backend's models")
-    async def models(self, svc: Svc) -> dict[str, Any]:
-        return await ops.models(svc)
+    async def models(self, svc: Svc, probe: Probe) -> dict[str, Any]:
+        return await ops.models(svc, probe)
 
     @get("/models/{model_id:path}", summary="One of the backend's models")
     async def model(self, svc: Svc, model_id: FromPath[str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Controller, Response, get
 
 from obatch.server import operations as ops
-from obatch.server.deps import Admin, MetricsDep, Owner, Svc, Worker
+from obatch.server.deps import Admin, MetricsDep, Owner, Probe, Svc, Worker
 from obatch.server.metrics import CONTENT_TYPE, tenant_metrics
 
 
@@ -17,8 +17,8 @@ class SystemController(Controller):
     tags = ("system",)
 
     @get("/health", summary="Store and backend reachability")
-    async def health(self, svc: Svc, worker: Worker) -> Response[dict[str, Any]]:
-        healthy, report = await ops.health(svc, worker)
+    async def health(self, svc: Svc, worker: Worker, probe: Probe) -> Response[dict[str, Any]]:
+        healthy, report = await ops.health(svc, worker, probe)
         return Response(report, status_code=200 if healthy else 503)
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)

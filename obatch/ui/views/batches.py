@@ -14,19 +14,40 @@ from obatch.ui.views.estimates import estimate_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
-    "failed": pl.Int64, "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
+    "failed": pl.Int64, "not run": pl.Int64, "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
     "output_file_id": pl.Utf8, "error_file_id": pl.Utf8, "input_file_id": pl.Utf8,
 }
+MODELS_KEY = "models"  # the metadata key the UI sets at submission: the file's models, for the batch list
+
+
+def not_run(batch: Batch) -> int:
+    """Lines of a cancelled or expired batch that never ran (the server's ``obatch.not_run``; OpenAI's
+    ``request_counts.failed`` counts them as failed)."""
+    value = (batch.obatch or {}).get("not_run")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def counts(batch: Batch) -> tuple[int, int, int, int]:
+    """(total, succeeded, really failed, never run)."""
+    c = batch.request_counts
+    total, completed, failed = (c.total, c.completed, c.failed) if c else (0, 0, 0)
+    skipped = min(not_run(batch), max(0, failed))
+    return total, completed, failed - skipped, skipped
+
+
+def model_of(batch: Batch) -> str:
+    """The override, else the models the file names (recorded by the UI at submission), else "per line"."""
+    return batch.model or (batch.metadata or {}).get(MODELS_KEY) or "per line"
 
 
 def batches_frame(batches: Sequence[Batch]) -> pl.DataFrame:
-    """The batch list table: one row per batch, newest first, with a 0..1 progress."""
+    """The batch list table: one row per batch, newest first, with a 0..1 progress of the lines that ran."""
     rows = []
     for b in batches:
-        counts = b.request_counts
-        total, completed, failed = (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
-        rows.append({"id": b.id, "status": b.status, "model": b.model or "as in the file", "endpoint": b.endpoint,
+        total, completed, failed, skipped = counts(b)
+        rows.append({"id": b.id, "status": b.status, "model": model_of(b), "endpoint": b.endpoint,
                      "created": b.created_at * 1000, "total": total, "completed": completed, "failed": failed,
+                     "not run": skipped,
                      "progress": (completed + failed) / total if total else (1.0 if b.status == "completed" else 0.0),
                      "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
                      "input_file_id": b.input_file_id})
@@ -39,7 +60,8 @@ def is_final(batch: Batch) -> bool:
 
 @dataclass
 class BatchProgress:
-    """What the progress panel shows. Rates count succeeded requests only; the ETA uses everything finished."""
+    """What the progress panel shows. Rates count succeeded requests only; the ETA uses everything finished;
+    lines a cancel or an expiry stopped (``not_run``) are neither failures nor progress."""
 
     total: int
     completed: int
@@ -49,6 +71,7 @@ class BatchProgress:
     tokens_per_s: float | None
     eta_s: float | None
     expected_s: float | None = None
+    not_run: int = 0
 
     @property
     def done(self) -> int:
@@ -57,6 +80,14 @@ class BatchProgress:
     @property
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 0.0
+
+    def sentence(self, status: str) -> str:
+        """``2 of 3 requests run · 1 succeeded · 1 failed`` (and the lines a cancel or an expiry left unrun)."""
+        text = f"{self.done} of {self.total} requests run · {self.completed} succeeded · {self.failed} failed"
+        if self.not_run:
+            why = {"expired": "expired"}.get(status, "cancelled")
+            text += f" · {self.not_run} {why} (not run)"
+        return text
 
 
 def _end_of(batch: Batch) -> int | None:
@@ -68,21 +99,23 @@ def _end_of(batch: Batch) -> int | None:
 
 def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[str, Any] | None = None
                    ) -> BatchProgress:
-    """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate."""
+    """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate.
+
+    Elapsed time is counted in the server's whole seconds (its timestamps have no fraction): a running batch's
+    ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
     now = time.time() if now is None else now
-    counts = batch.request_counts
-    total, completed, failed = (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
+    total, completed, failed, skipped = counts(batch)
     expected = estimate_seconds(estimate)[0] if estimate else None
     if not batch.in_progress_at:
-        return BatchProgress(total, completed, failed, None, None, None, expected, expected)
-    end = _end_of(batch) or now
-    elapsed = max(0.0, end - batch.in_progress_at)
+        return BatchProgress(total, completed, failed, None, None, None, expected, expected, skipped)
+    end = _end_of(batch) or int(now)
+    elapsed = float(max(0, end - batch.in_progress_at))
     rate = completed / elapsed if elapsed > 0 else None
     tokens = batch.usage.output_tokens if batch.usage else 0
     tps = tokens / elapsed if elapsed > 0 and tokens else None
     done = completed + failed
     eta: float | None
-    if is_final(batch) or batch.status == "finalizing":
+    if is_final(batch) or batch.status in ("finalizing", "cancelling"):
         eta = 0.0
     elif done and elapsed > 0:
         eta = (total - done) / (done / elapsed)
@@ -90,7 +123,13 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[
         eta = max(0.0, expected - elapsed)
     else:
         eta = None
-    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected)
+    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected, skipped)
+
+
+def picked_row(ids: Sequence[str], selection: Any) -> str | None:
+    """The batch id of the row a user clicked in the batch table (Streamlit's selection state), if any."""
+    rows = ((selection or {}).get("selection") or {}).get("rows") or []
+    return ids[rows[0]] if rows and 0 <= rows[0] < len(ids) else None
 
 
 def batch_errors_frame(batch: Batch) -> pl.DataFrame:

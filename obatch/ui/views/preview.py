@@ -27,6 +27,7 @@ class Preview:
     lines: pl.DataFrame
     file_problems: list[LineProblem] = field(default_factory=list)
     endpoint: str | None = None
+    source: list[bytes] = field(default_factory=list, repr=False)  # the file's raw lines, for ``valid_bytes``
 
     @property
     def n_requests(self) -> int:
@@ -51,6 +52,11 @@ class Preview:
     @property
     def models(self) -> list[str]:
         return sorted(m for m in self.lines.filter(pl.col("status") == "ok")["model"].unique().to_list() if m)
+
+    def valid_bytes(self) -> bytes:
+        """Only the lines that passed (a duplicate's first occurrence included), as a file to submit or keep."""
+        good = self.lines.filter(pl.col("status") == "ok")["line"].to_list()
+        return b"".join(self.source[n - 1].rstrip(b"\r\n") + b"\n" for n in good)
 
     def mean_tokens(self) -> tuple[int | None, int | None]:
         """Mean prompt-token estimate and mean requested output tokens of the valid lines (for the estimate)."""
@@ -116,7 +122,7 @@ def preview_file(data: bytes, *, model: str | None = None, endpoint: str | None 
                          "text": _snippet(raw.decode("utf-8", "replace")), "prompt_tokens": None,
                          "max_tokens": None})
     frame = pl.DataFrame(rows, schema=PREVIEW_SCHEMA).sort("line")
-    return Preview(frame, file_problems, endpoint)
+    return Preview(frame, file_problems, endpoint, raw_lines)
 
 
 def _custom_id_of(raw: bytes) -> str | None:
@@ -131,6 +137,9 @@ def _custom_id_of(raw: bytes) -> str | None:
 def highlight_errors(frame: pl.DataFrame) -> Any:
     """A pandas Styler painting bad lines red (what ``st.dataframe`` shows as highlighted rows)."""
     pdf = frame.to_pandas()
+    for name, dtype in frame.schema.items():  # pandas turns an integer column with gaps into floats ("49.000000")
+        if dtype.is_integer():
+            pdf[name] = pdf[name].astype("Int64")
 
     def paint(row: Any) -> list[str]:
         colour = "background-color: #fde2e1; color: #8a1c1c" if row["status"] == "error" else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,6 +23,19 @@ def _content(body: dict[str, Any]) -> tuple[str | None, str | None]:
     return content, finish_reason
 
 
+NOT_RUN = {"batch_cancelled": "cancelled", "batch_expired": "expired"}  # error codes of lines that never ran
+STATUSES = ("succeeded", "failed", "cancelled", "expired")
+LEAD = ("line", "custom_id", "status", "error_code", "error_message", "finish_reason", "latency_ms",
+        "completion_tokens", "prompt_tokens", "content")  # what a reader scans first; long text last
+CONTENT_CHARS = 80
+
+
+def _status(ok: bool, line: OutputLine) -> str:
+    if ok:
+        return "succeeded"
+    return NOT_RUN.get(line.error.code or "", "failed") if line.error is not None else "failed"
+
+
 def _result_row(line: OutputLine) -> dict[str, Any]:
     response = line.response
     body = response.body if response is not None and isinstance(response.body, dict) else {}
@@ -32,7 +46,7 @@ def _result_row(line: OutputLine) -> dict[str, Any]:
     stats = line.obatch or LineStats()
     return {
         "line": stats.line, "custom_id": line.custom_id, "model": body.get("model"),
-        "status": "succeeded" if ok else "failed", "status_code": status_code, "content": content,
+        "status": _status(ok, line), "status_code": status_code, "content": content,
         "finish_reason": finish_reason, "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"), "latency_ms": stats.latency_ms,
         "ttft_ms": stats.ttft_ms, "num_ctx": stats.num_ctx, "truncated": stats.truncated,
@@ -66,3 +80,24 @@ def filter_results(frame: pl.DataFrame, *, statuses: Sequence[str] | None = None
         low, high = latency_ms
         frame = frame.filter(pl.col("latency_ms").is_between(low, high))
     return frame
+
+
+def for_display(frame: pl.DataFrame) -> pl.DataFrame:
+    """The results table as shown: status and errors before the answer, the answer cut to ``CONTENT_CHARS``
+    (the whole line is shown on demand), so an error is readable without scrolling past long text."""
+    lead = [c for c in LEAD if c in frame.columns]
+    short = pl.when(pl.col("content").str.len_chars() > CONTENT_CHARS).then(
+        pl.col("content").str.slice(0, CONTENT_CHARS - 1) + "…").otherwise(pl.col("content"))
+    return (frame.select(*lead, *[c for c in frame.columns if c not in lead]).with_columns(content=short)
+            .with_columns(pl.col(pl.Utf8).fill_null("")))  # an empty cell, not "None"
+
+
+def latency_bounds(frame: pl.DataFrame) -> tuple[int, int] | None:
+    """The latency slider's range in whole milliseconds, rounded outward so every row lies inside it (a slider
+    whose bounds are exact floats gets a rounded value back from the browser, below its minimum, and Streamlit
+    then silently resets it); None when there is nothing to filter."""
+    latency = frame["latency_ms"].drop_nulls()
+    if latency.is_empty():
+        return None
+    low, high = math.floor(float(latency.min())), math.ceil(float(latency.max()))  # type: ignore[arg-type]
+    return (low, high) if high > low else None

@@ -56,7 +56,8 @@ def read_health(body: Mapping[str, Any]) -> Health:
     backend_ok: bool | None = None
     if isinstance(backend, Mapping):
         name = backend.get("name") or backend.get("kind") or backend.get("type")
-        url = backend.get("url") or backend.get("base_url")
+        hosts = [str(h["url"]) for h in backend.get("hosts") or [] if isinstance(h, Mapping) and h.get("url")]
+        url = backend.get("url") or backend.get("base_url") or ", ".join(map(str, backend.get("urls") or hosts))
         backend_ok = _truthy_status(backend.get("ok", backend.get("reachable", backend.get("status"))))
         detail = backend.get("error") or backend.get("detail") or backend.get("message")
         version = backend.get("version")
