@@ -49,7 +49,7 @@ def inside_navigation() -> None:
     ``pages/`` (the project's layout), so the switch Streamlit makes on ``st.navigation`` is made here instead,
     and the run starts again through the entrypoint, which routes to the same page (page ids follow URL paths).
     """
-    if PagesManager.uses_pages_directory:
+    if getattr(PagesManager, "uses_pages_directory", False):  # a Streamlit internal: absent means nothing to do
         PagesManager.uses_pages_directory = False
         st.rerun()
 
