@@ -12,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 
+from obatch import errors
 from obatch.api import run_batch_file
+from obatch.backends import open_backend
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
@@ -94,3 +97,21 @@ async def test_a_line_goes_only_to_hosts_that_have_its_model(tmp_path: Path,
     failed = [orjson.loads(line) for line in report.errors.read_bytes().splitlines()]
     assert [f["custom_id"] for f in failed] == ["nowhere"]
     assert failed[0]["error"]["code"] == "model_not_found"
+
+
+async def test_a_pool_is_unreachable_only_when_every_host_is(make_settings: Callable[..., Settings]) -> None:
+    async with OllamaSim(SimConfig()) as up:
+        down = OllamaSim(SimConfig())
+        await down.start()
+        await down.stop()  # a port that refuses connections
+        pool = await open_backend(make_settings(f"{up.url},{down.url}"))
+        try:
+            assert (await pool.version() or "").endswith(", unreachable")
+        finally:
+            await pool.aclose()
+        pool = await open_backend(make_settings(f"{down.url},{down.url}"))
+        try:
+            with pytest.raises(errors.BackendError):
+                await pool.version()
+        finally:
+            await pool.aclose()

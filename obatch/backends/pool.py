@@ -315,12 +315,17 @@ class Pool:
         return None
 
     async def version(self) -> str | None:
-        versions = []
+        """Each host's version; the pool is unreachable only when every host is (its first error is raised)."""
+        versions: list[str] = []
+        failures: list[errors.BackendError] = []
         for host in self.hosts:
             try:
                 versions.append(await host.backend.version() or "?")
-            except errors.BackendError:
+            except errors.BackendError as exc:
+                failures.append(exc)
                 versions.append("unreachable")
+        if len(failures) == len(self.hosts):
+            raise failures[0]
         return ", ".join(versions)
 
     async def aclose(self) -> None:
