@@ -64,7 +64,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import context, errors
-from obatch.backends.base import Backend
+from obatch.backends.base import Backend, capabilities_of
 from obatch.bench.metrics import mean, stdev
 from obatch.jsonl import Request, iter_file
 from obatch.store import bench_repo
@@ -775,7 +775,8 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
                 return None
             need = max(context.need_of(p, m) for p, m in requests)
             context_length = (await backend.show(model)).context_length
-            num_ctx = None if backend.name == "openai" else context.fit_num_ctx(need, context_length).num_ctx
+            sets = capabilities_of(backend).sets_num_ctx
+            num_ctx = context.fit_num_ctx(need, context_length).num_ctx if sets else None
             texts = [prompt_text(url, orjson.loads(body))
                      for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
             rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
