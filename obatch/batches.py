@@ -54,7 +54,7 @@ from obatch.protocol import (
     response_content,
 )
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
-from obatch.store import repo
+from obatch.store import pilots, repo
 from obatch.store.db import Sessions
 from obatch.store.tables import BatchRow, FileRow, RequestRow
 
@@ -268,6 +268,8 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
         return
     async with svc.sessions() as session:
         await repo.replace_requests(session, batch.id)
+        await session.execute(update(BatchRow).where(col(BatchRow.id) == batch.id).values(  # pilot lines counted
+            completed=0, failed=0, input_tokens=0, output_tokens=0, reasoning_tokens=0))  # by an import cut short
         await session.commit()
     handle = await asyncio.to_thread(path.open, "rb")
     try:
@@ -284,6 +286,10 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
             select(func.count()).select_from(RequestRow).where(col(RequestRow.batch_id) == batch.id))).scalar()
     if imported != total:  # never mark a batch imported (and so completable) with lines missing
         raise errors.ConflictError(f"Batch {batch.id}: imported {imported} of {total} lines; importing again.")
+    async with svc.sessions() as session:  # lines a pilot of this very file already ran are not run again
+        stored = await session.get(FileRow, batch.input_file_id)
+        if stored is not None and stored.sha256 and await pilots.adopt(session, batch.id, stored.sha256):
+            await session.commit()
     first_url = None
     async with svc.sessions() as session:
         first_url = (await session.execute(

@@ -118,3 +118,39 @@ async def estimated_batches(session: AsyncSession, *, owner: str | None = None, 
         statement = statement.where(col(BatchRow.owner) == owner)
     statement = statement.order_by(col(BatchRow.seq).desc()).limit(limit)
     return list((await session.execute(statement)).scalars().all())
+
+
+async def answer_observations(session: AsyncSession, model: str, limit: int = 5000
+                              ) -> list[tuple[str, int | None, int, str | None, str]]:
+    """(url, max_tokens, completion_tokens, finish_reason, batch_id) of a model's newest succeeded batch requests:
+    what its answers really took, and which of them a cap cut."""
+    statement = (
+        select(col(RequestRow.url), col(RequestRow.max_tokens), col(RequestRow.completion_tokens),
+               col(RequestRow.finish_reason), col(RequestRow.batch_id))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.completion_tokens).is_not(None))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(u, m, int(c or 0), f, b) for u, m, c, f, b in (await session.execute(statement)).all()]
+
+
+async def natural_bench_answers(session: AsyncSession, model: str, limit: int = 5000) -> list[tuple[int, str]]:
+    """(completion_tokens, run_id) of a model's benchmark requests that ran without a cap: only file workloads
+    send such requests (generated ones force their lengths), so these answers ended where the model chose."""
+    statement = (
+        select(col(BenchSampleRow.completion_tokens), col(BenchPointRow.run_id))
+        .join(BenchPointRow, col(BenchPointRow.id) == col(BenchSampleRow.point_id))
+        .where(col(BenchPointRow.model) == model, col(BenchSampleRow.ok).is_(True),
+               col(BenchSampleRow.max_tokens).is_(None), col(BenchSampleRow.completion_tokens).is_not(None))
+        .order_by(col(BenchSampleRow.point_id).desc()).limit(limit)
+    )
+    return [(int(c or 0), r) for c, r in (await session.execute(statement)).all()]
+
+
+async def pending_lines(session: AsyncSession, batch_id: str) -> list[tuple[str, str, int, int | None]]:
+    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
+    statement = (select(col(RequestRow.model), col(RequestRow.url), col(RequestRow.prompt_estimate),
+                        col(RequestRow.max_tokens))
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
+                 .order_by(col(RequestRow.line)))
+    return [(m, u, int(p or 0), x) for m, u, p, x in (await session.execute(statement)).all()]
