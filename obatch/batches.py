@@ -355,6 +355,9 @@ def _outcome_row(batch_id: str, outcome: Outcome) -> dict[str, Any]:
     return row
 
 
+outcome_row = _outcome_row  # a finished request as the store keeps it (pilots store theirs the same way)
+
+
 @dataclass
 class ResultWriter:
     """Buffers outcomes and commits them together (every ``every`` results or ``interval`` seconds)."""

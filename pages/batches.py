@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import streamlit as st
@@ -41,16 +42,30 @@ if upload is not None:
         st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
         st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
-    if preview.ok:
-        prompt_tokens, output_tokens = preview.mean_tokens()
-        estimate = quietly(api.estimate, model=model or preview.models[0], num_requests=preview.n_requests,
-                           prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                           concurrency=int(concurrency) or None)
+    uploaded = None
+    if preview.ok:  # the file itself is estimated, as the server will estimate its batch at the start
+        uploads = st.session_state.setdefault("estimate_uploads", {})
+        content_key = (hashlib.sha256(upload.getvalue()).hexdigest(), upload.name)
+        if content_key not in uploads:
+            uploads[content_key] = quietly(api.upload_file, upload.getvalue(), upload.name)
+        uploaded = uploads[content_key]
+        asked = {"model": model, "concurrency": int(concurrency) or None}
+        estimate = quietly(api.estimate, input_file_id=uploaded.id, **asked) if uploaded else None
         sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
         st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
                    if sentence else "No benchmark of this model yet: no duration estimate.")
+        if uploaded and views.offers_pilot(estimate) and st.button(
+                f"Run a pilot of {views.PILOT_LINES} lines", key="pilot", icon=":material/science:",
+                help="Runs a random sample of the file now to learn its answer lengths; the batch then takes those "
+                     "lines as finished."):
+            with st.spinner("Running the pilot…"):
+                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT_LINES, **asked):
+                    st.rerun()
+        if notes := views.estimate_notes(estimate):
+            with st.expander("How this estimate was made"):
+                st.markdown("\n".join(f"- {note}" for note in notes))
     if st.button("Submit batch", type="primary", disabled=not preview.ok, key="submit"):
-        stored = attempt(api.upload_file, upload.getvalue(), upload.name)
+        stored = uploaded or attempt(api.upload_file, upload.getvalue(), upload.name)
         created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
                                      completion_window=window, model=model, concurrency=int(concurrency) or None,
                                      metadata={"source": "obatch-ui", "filename": upload.name[:512]})

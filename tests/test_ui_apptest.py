@@ -105,7 +105,11 @@ def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeS
     at = page("pages/batches.py")
     at.file_uploader(key="upload").set_value(("chat.jsonl", GOOD, "application/octet-stream")).run()
     assert "3 requests, all valid" in texts(at.success)[0]
-    assert texts(at.caption)[0] == "Expected duration from the benchmarks: about 42 s (30 s – 1 min 0 s)."
+    assert texts(at.caption)[0] == ("Expected duration from the benchmarks: about 42 s (30 s – 1 min 0 s) "
+                                    "(num_ctx 2048 · concurrency 4).")
+    at.button(key="pilot").click().run()  # the answer lengths are unknown: a pilot of the uploaded file is offered
+    no_exception(at)
+    assert any("pilot=16" in str(r.url) and "input_file_id=" in str(r.url) for r in fake.requests)
     at.selectbox[0].set_value("qwen2.5:0.5b")
     at.number_input[0].set_value(3)
     at.selectbox[1].set_value("1h")
@@ -114,6 +118,7 @@ def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeS
     (created,) = fake.batches.values()
     assert "Submitted" in texts(at.success)[-1] and created["id"] in texts(at.success)[-1]
     assert fake.files[created["input_file_id"]][1] == GOOD
+    assert len(fake.files) == 1  # the file estimated (and piloted) is the file submitted
     assert fake.files[created["input_file_id"]][0]["purpose"] == "batch"
     assert (created["endpoint"], created["completion_window"]) == ("/v1/chat/completions", "1h")
     assert created["extra_sent"] == {"model": "qwen2.5:0.5b", "concurrency": 3}

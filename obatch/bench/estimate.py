@@ -48,7 +48,6 @@ are ``max_tokens`` times the share of max_tokens the model's finished batch answ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import heapq
@@ -64,9 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col as column
 
 from obatch import context, errors
 from obatch.backends.base import Backend, capabilities_of
@@ -628,7 +625,7 @@ class Estimate:
     num_ctx: int
     concurrency: int
     req_per_s: float
-    best: dict[str, Any]
+    best: dict[str, Any] | None
     candidates: list[dict[str, Any]]
     points: list[dict[str, Any]]
     method: str = "per-config token cost model; makespan at the calibrated parallelism; stored points"
@@ -835,8 +832,7 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
 
 
 async def pilot_rows(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
-    statement = select(PilotRow).where(column(PilotRow.file_sha256) == file_sha256)
-    return list((await session.execute(statement)).scalars().all())
+    return await pilots.all_of(session, file_sha256)
 
 
 async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line], *, backend: str | None,
@@ -847,8 +843,9 @@ async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line
     batch at its start): the same rows, answer lengths, context window and draws give the same figures.
 
     The context window is the one the batch will run: obatch's pick for the longest request when the engine sets
-    one (``engine``'s capabilities; assumed when no engine is at hand), within the model's context length when the
-    engine can tell it. Without benchmark points, a pilot's own latencies are extrapolated instead."""
+    one (``engine``'s capabilities; assumed when no engine is at hand). The model's context length is not asked
+    (an estimate needs no engine): it only lowers that pick for requests too long to run at all. Without benchmark
+    points, a pilot's own latencies are extrapolated instead."""
     try:
         fits = (await fits_for(session, model, backend)) if strict_backend else \
             await fits_preferring(session, model, backend)
@@ -865,12 +862,7 @@ async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line
     if not lines:
         return _nothing_left(fits[0], model, done)
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
-        context_length = None
-        if engine is not None:
-            with contextlib.suppress(errors.ObatchError):
-                context_length = (await engine.show(model)).context_length
-        num_ctx = context.fit_num_ctx(max(context.need_of(x.prompt, x.max_tokens) for x in lines),
-                                      context_length).num_ctx
+        num_ctx = context.fit_num_ctx(max(context.need_of(x.prompt, x.max_tokens) for x in lines), None).num_ctx
     endpoints = {x.url for x in lines}
     calibration = await calibration_for(session, model, fits, endpoint=endpoints.pop() if len(endpoints) == 1 else
                                         None, pilot=pilot, population=population)
@@ -888,7 +880,7 @@ async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line
 def _nothing_left(fit: ConfigFit, model: str, done: int) -> Estimate:
     return Estimate(model=model, backend=fit.backend, num_requests=0, prompt_tokens_mean=0.0, output_tokens_mean=0.0,
                     seconds=0.0, low=0.0, high=0.0, load_seconds=0.0, num_ctx=fit.num_ctx,
-                    concurrency=fit.concurrency, req_per_s=0.0, best={}, candidates=[], points=[],
+                    concurrency=fit.concurrency, req_per_s=0.0, best=None, candidates=[], points=[],
                     done_requests=done, notes=[f"every line was already run by a pilot ({done})"])
 
 
@@ -914,7 +906,7 @@ def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequenc
         model=model, backend=backend, num_requests=remaining, prompt_tokens_mean=0.0,
         output_tokens_mean=statistics.fmean(tokens), seconds=seconds, low=seconds / (1 + margin),
         high=seconds * (1 + margin), load_seconds=0.0, num_ctx=0, concurrency=c,
-        req_per_s=remaining / seconds if seconds > 0 else 0.0, best={}, candidates=[], points=[],
+        req_per_s=remaining / seconds if seconds > 0 else 0.0, best=None, candidates=[], points=[],
         method="a pilot of the file itself: its latencies drawn for the remaining lines, makespan at its concurrency",
         notes=[f"no benchmark points for {model}: extrapolated from {n} pilot lines run {c} at a time "
                f"(±{margin:.0%} is what a sample of {n} supports)"],

@@ -32,6 +32,12 @@ async def unused(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
     return list((await session.execute(statement)).scalars().all())
 
 
+async def all_of(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
+    """Every pilot line of the file (taken by a batch or not): what its answers are known to take."""
+    statement = select(PilotRow).where(col(PilotRow.file_sha256) == file_sha256)
+    return list((await session.execute(statement)).scalars().all())
+
+
 async def save(session: AsyncSession, rows: Sequence[PilotRow]) -> None:
     for row in rows:
         await session.merge(row)

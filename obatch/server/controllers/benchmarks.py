@@ -13,7 +13,7 @@ from litestar import Controller, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from obatch.bench import service
-from obatch.protocol import ListPage
+from obatch.protocol import DurationEstimate, ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc
 
 MAX_REQUESTS = 10_000_000  # requests in an estimated workload (the estimate's cost does not grow with it)
@@ -24,6 +24,8 @@ HOST_FIELDS = ("hostname", "cpu", "notebook_path")  # what a benchmark run tells
 Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
 Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
 Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
+Pilot = Annotated[int | None, QueryParameter(ge=1, le=256, description="run this many random lines of the file "
+                                             "first (the batch takes them as finished) and estimate from them")]
 
 
 def _page(items: list[dict[str, Any]]) -> ListPage:
@@ -53,11 +55,11 @@ class BenchmarksController(Controller):
                        num_requests: Annotated[int | None, QueryParameter(ge=1, le=MAX_REQUESTS)] = None,
                        prompt_tokens: Tokens = None, output_tokens: Tokens = None,
                        input_file_id: FromQuery[str | None] = None, num_ctx: Positive = None,
-                       concurrency: Concurrency = None) -> dict[str, Any]:
+                       concurrency: Concurrency = None, pilot: Pilot = None) -> DurationEstimate:
         return await service.estimate(
             db_session, svc.settings, owner, backend=svc.backend.name, input_file_id=input_file_id, model=model,
             num_requests=num_requests, prompt_tokens=prompt_tokens, output_tokens=output_tokens, num_ctx=num_ctx,
-            concurrency=concurrency)
+            concurrency=concurrency, pilot=pilot, engine=svc.pool, sessions=svc.sessions)
 
     @get("/estimates", summary="Estimate vs actual duration of finished batches")
     async def estimates(self, db_session: DbSession, owner: Owner) -> ListPage:

@@ -51,3 +51,7 @@ __all__ = [
     "estimate_seconds", "filter_results", "format_seconds", "highlight_errors", "is_final", "latency_chart",
     "latest_points", "metric_chart", "models_frame", "options_of", "preview_file", "read_health", "results_frame",
 ]
+
+from obatch.ui.views.estimates import PILOT_LINES, estimate_notes, offers_pilot
+
+__all__ += ["PILOT_LINES", "estimate_notes", "offers_pilot"]

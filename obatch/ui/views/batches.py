@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
 from obatch.protocol import FINAL_STATUSES, Batch
-from obatch.ui.views.estimates import estimate_seconds
+from obatch.ui.views.estimates import EstimateLike, estimate_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
@@ -66,7 +66,7 @@ def _end_of(batch: Batch) -> int | None:
     return None
 
 
-def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[str, Any] | None = None
+def batch_progress(batch: Batch, *, now: float | None = None, estimate: EstimateLike = None
                    ) -> BatchProgress:
     """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate."""
     now = time.time() if now is None else now
