@@ -115,12 +115,7 @@ def show_results(batch: Batch) -> None:
 
 def show_batch(batch: Batch) -> None:
     """Status, live progress (throughput, ETA), cancel, and the results once there are any."""
-    estimate = None
-    if not views.is_final(batch):
-        cache = st.session_state.setdefault("estimates", {})
-        if batch.id not in cache:
-            cache[batch.id] = quietly(api.estimate, input_file_id=batch.input_file_id)
-        estimate = cache[batch.id]
+    estimate = (batch.obatch or {}).get("estimate")  # the one made at its start (the ETA refines it as it runs)
     progress = views.batch_progress(batch, estimate=estimate)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{batch.model or 'as in the file'}` · "
                 f"`{batch.endpoint}`")

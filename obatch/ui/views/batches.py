@@ -72,7 +72,7 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Estimate
     now = time.time() if now is None else now
     counts = batch.request_counts
     total, completed, failed = (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
-    expected = estimate_seconds(estimate)[0] if estimate else None
+    expected = estimate_seconds(estimate or (batch.obatch or {}).get("estimate"))[0]
     if not batch.in_progress_at:
         return BatchProgress(total, completed, failed, None, None, None, expected, expected)
     end = _end_of(batch) or now
@@ -82,8 +82,11 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Estimate
     tps = tokens / elapsed if elapsed > 0 and tokens else None
     done = completed + failed
     eta: float | None
+    live = (batch.obatch or {}).get("eta") or {}  # refined by the server from the lines finished, tokens-aware
     if is_final(batch) or batch.status == "finalizing":
         eta = 0.0
+    elif live.get("seconds_left") is not None:
+        eta = max(0.0, float(live["seconds_left"]) - max(0.0, now - float(live.get("at") or now)))
     elif done and elapsed > 0:
         eta = (total - done) / (done / elapsed)
     elif expected is not None:
