@@ -124,31 +124,43 @@ async def sweep(args: argparse.Namespace) -> int:
 async def estimate(args: argparse.Namespace) -> int:
     """Print an estimate (or, with --history, the estimate-vs-actual record of finished batches). ``--pilot N``
     runs N random lines of the file first (``obatch run`` of that file then takes them as finished)."""
-    from obatch.bench.estimate import estimates_vs_actuals
-    from obatch.bench.service import estimate as make_estimate
-    from obatch.store.db import open_store
+    if args.history:
+        from obatch.bench.estimate import estimates_vs_actuals
+        from obatch.store.db import open_store
 
-    settings = _settings(args)
-    engine, sessions = await open_store(settings.db_url)
-    try:
-        async with sessions() as session:
-            if args.history:
+        engine, sessions = await open_store(_settings(args).db_url)
+        try:
+            async with sessions() as session:
                 for row in await estimates_vs_actuals(session):
                     print(f"{row['batch_id']}  {row['models']:20} n={row['requests']:<6} c={row['concurrency']}  "
                           f"estimate {row['estimated_seconds']:8.1f} s  actual {row['actual_seconds']:8.1f} s  "
                           f"error {row['error_pct'] or 0:+6.1f}%  {'in' if row['within_interval'] else 'OUT of'} "
                           "interval")
-                return 0
-            if not args.model and not args.file:
-                raise errors.ConfigError("--model is required (or --file, or --history).")
-            if args.pilot and not args.file:
-                raise errors.ConfigError("--pilot runs lines of a batch file: give --file.")
-            made = await _estimate_file(session, sessions, settings, args, make_estimate)
-    finally:
-        await engine.dispose()
-    for line in describe(made):
+        finally:
+            await engine.dispose()
+        return 0
+    for line in describe(await estimate_answer(args)):
         print(line)
     return 0
+
+
+async def estimate_answer(args: argparse.Namespace, settings: Settings | None = None) -> Any:
+    """The ``obatch.protocol.DurationEstimate`` the command prints: the server's estimate for the same file and
+    settings (``obatch.bench.service``), on the store of ``settings`` (default: the command's)."""
+    from obatch.bench.service import estimate as make_estimate
+    from obatch.store.db import open_store
+
+    if not args.model and not args.file:
+        raise errors.ConfigError("--model is required (or --file, or --history).")
+    if args.pilot and not args.file:
+        raise errors.ConfigError("--pilot runs lines of a batch file: give --file.")
+    settings = settings or _settings(args)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            return await _estimate_file(session, sessions, settings, args, make_estimate)
+    finally:
+        await engine.dispose()
 
 
 async def _estimate_file(session: Any, sessions: Any, settings: Settings, args: argparse.Namespace,

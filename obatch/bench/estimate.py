@@ -576,14 +576,16 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
 
 async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit], *,
                           endpoint: str | None = None, pilot: Sequence[PilotRow] = (),
-                          population: int | None = None) -> TokenCalibration:
+                          population: int | None = None, exclude_batch: str | None = None) -> TokenCalibration:
     """Text-estimate → engine-token line from measured requests and finished batches, and the model's answer
     lengths (``obatch.bench.answers``): a pilot's of this file when given (``population``: the file's lines), else
-    those of finished batches (on ``endpoint`` when it has enough) and of natural benchmark requests."""
+    those of finished batches (on ``endpoint`` when it has enough) and of natural benchmark requests. A batch being
+    estimated at its start leaves its own rows out (``exclude_batch``: the lines a pilot ran are already finished
+    there), so it is estimated from what its file's estimate saw."""
     ids = [i for f in fits for i in f.point_ids]
     pairs = [(float(s.prompt_estimate), float(s.prompt_tokens)) for s in await bench_repo.samples_of(session, ids)
              if s.ok and s.prompt_tokens is not None and s.prompt_estimate > 0]
-    history = await bench_repo.batch_token_pairs(session, model)
+    history = await bench_repo.batch_token_pairs(session, model, exclude=exclude_batch)
     pairs += [(float(e), float(p)) for e, p, _, _ in history if e > 0]
     slope, intercept = 1.0, 0.0
     if pairs:
@@ -596,7 +598,8 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
     for row in pilot:
         if (seen := observe(row.completion_tokens, row.max_tokens, row.finish_reason, "pilot")) is not None:
             sources.pilot.append(seen)
-    for url, max_tokens, tokens, reason, batch_id in await bench_repo.answer_observations(session, model):
+    for url, max_tokens, tokens, reason, batch_id in await bench_repo.answer_observations(session, model,
+                                                                                        exclude=exclude_batch):
         if (seen := observe(tokens, max_tokens, reason, batch_id)) is not None:
             sources.batches[url].append(seen)
     for tokens, run_id in await bench_repo.natural_bench_answers(session, model):
@@ -838,7 +841,7 @@ async def pilot_rows(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
 async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line], *, backend: str | None,
                          engine: Backend | None = None, num_ctx: int | None = None, concurrency: int | None = None,
                          include_load: bool = True, pilot: Sequence[PilotRow] = (), done: int = 0,
-                         strict_backend: bool = False) -> Estimate:
+                         strict_backend: bool = False, exclude_batch: str | None = None) -> Estimate:
     """The one estimate of a model's lines, whoever asks (the estimate endpoint and command line for a file, the
     batch at its start): the same rows, answer lengths, context window and draws give the same figures.
 
@@ -865,7 +868,7 @@ async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line
         num_ctx = context.fit_num_ctx(max(context.need_of(x.prompt, x.max_tokens) for x in lines), None).num_ctx
     endpoints = {x.url for x in lines}
     calibration = await calibration_for(session, model, fits, endpoint=endpoints.pop() if len(endpoints) == 1 else
-                                        None, pilot=pilot, population=population)
+                                        None, pilot=pilot, population=population, exclude_batch=exclude_batch)
     history = await history_ratios(session, model, fits[0].backend)
     rows = [(x.prompt, x.max_tokens, x.text) for x in lines]
     made = await asyncio.to_thread(_estimate_rows, fits, rows, calibration,
@@ -948,7 +951,8 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
             try:
                 parts.append(await estimate_model(
                     session, model, lines, backend=backend.name, engine=backend, concurrency=concurrency,
-                    pilot=mine, done=sum(p.used_by == batch.id for p in mine), strict_backend=True))
+                    pilot=mine, done=sum(p.used_by == batch.id for p in mine), strict_backend=True,
+                    exclude_batch=batch.id))
             except errors.NotFoundError:
                 return None
     if not parts:

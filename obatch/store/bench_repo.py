@@ -79,7 +79,7 @@ async def samples_of(session: AsyncSession, point_ids: Sequence[int]) -> list[Be
     return list((await session.execute(statement)).scalars().all())
 
 
-async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
+async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000, *, exclude: str | None = None
                             ) -> list[tuple[int, int, int | None, int]]:
     """(prompt_estimate, prompt_tokens, max_tokens, completion_tokens) of recent succeeded batch requests of a
     model: what real runs say about obatch's prompt estimate and about how much of max_tokens answers use."""
@@ -87,7 +87,8 @@ async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
         select(col(RequestRow.prompt_estimate), col(RequestRow.prompt_tokens), col(RequestRow.max_tokens),
                col(RequestRow.completion_tokens))
         .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
-               col(RequestRow.prompt_tokens).is_not(None), col(RequestRow.completion_tokens).is_not(None))
+               col(RequestRow.prompt_tokens).is_not(None), col(RequestRow.completion_tokens).is_not(None),
+               col(RequestRow.batch_id) != (exclude or ""))
         .order_by(col(RequestRow.finished_at).desc()).limit(limit)
     )
     return [(int(e), int(p or 0), m, int(c or 0)) for e, p, m, c in (await session.execute(statement)).all()]
@@ -120,15 +121,15 @@ async def estimated_batches(session: AsyncSession, *, owner: str | None = None, 
     return list((await session.execute(statement)).scalars().all())
 
 
-async def answer_observations(session: AsyncSession, model: str, limit: int = 5000
+async def answer_observations(session: AsyncSession, model: str, limit: int = 5000, *, exclude: str | None = None
                               ) -> list[tuple[str, int | None, int, str | None, str]]:
-    """(url, max_tokens, completion_tokens, finish_reason, batch_id) of a model's newest succeeded batch requests:
-    what its answers really took, and which of them a cap cut."""
+    """(url, max_tokens, completion_tokens, finish_reason, batch_id) of a model's newest succeeded batch requests
+    (but those of the batch ``exclude``): what its answers really took, and which of them a cap cut."""
     statement = (
         select(col(RequestRow.url), col(RequestRow.max_tokens), col(RequestRow.completion_tokens),
                col(RequestRow.finish_reason), col(RequestRow.batch_id))
         .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
-               col(RequestRow.completion_tokens).is_not(None))
+               col(RequestRow.completion_tokens).is_not(None), col(RequestRow.batch_id) != (exclude or ""))
         .order_by(col(RequestRow.finished_at).desc()).limit(limit)
     )
     return [(u, m, int(c or 0), f, b) for u, m, c, f, b in (await session.execute(statement)).all()]
