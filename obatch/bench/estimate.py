@@ -366,6 +366,7 @@ class ConfigFit:
     output_range: tuple[float, float]
     rel_rmse: float
     n_samples: int
+    stall_share: float = 1.0  # how much of the prompt stall shows in this engine's decode timings (0-1)
     measured_req_per_s: float = 0.0  # what the points measured on their own workload (completed req/s)
     measured_output_tps: float = 0.0
     measured_output_mean: float = 0.0  # their answers' mean length
@@ -378,7 +379,7 @@ class ConfigFit:
         flight attend to ``context`` tokens on average and their prompts stall decoding by ``stall`` ms per output
         token (default: as much as when it was measured)."""
         shift = self.ctx_slope * ((own - self.decode_ctx) + (self.concurrency - 1) * (context - self.decode_ctx))
-        shift += (self.prompt_stall if stall is None else stall) - self.prompt_stall
+        shift += self.stall_share * ((self.prompt_stall if stall is None else stall) - self.prompt_stall)
         return max(self.decode_ms / 2, self.decode_ms + shift)
 
     def stall_of(self, requests: Sequence[tuple[float, float, float]]) -> float:
@@ -571,6 +572,11 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
             fits.append(fit)
     for fit in fits:  # a cold start: Ollama loads once per num_ctx (the first point has it), llama.cpp every point
         fit.load_seconds = max(f.load_seconds for f in fits if f.num_ctx == fit.num_ctx)
+        alone = min((f for f in fits if f.num_ctx == fit.num_ctx), key=lambda f: f.concurrency)
+        if alone.concurrency == 1 and fit.concurrency > 1 and fit.prompt_stall > 0:
+            # the stall is only charged as far as decoding with others in flight was slower than alone: an engine
+            # that keeps decoding while it takes in prompts (or a simulator) shows none of it
+            fit.stall_share = min(1.0, max(0.0, (fit.decode_ms - alone.decode_ms) / fit.prompt_stall))
     return fits
 
 
