@@ -261,3 +261,55 @@ def test_backends_say_what_they_can_do() -> None:
     assert not Pool([openai]).sets_num_ctx and Pool([openai, ollama]).sets_num_ctx
     assert capabilities_of(object()) == Capabilities()  # type: ignore[arg-type]
     assert context.fit_num_ctx(300, None).num_ctx >= 300
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+@pytest.mark.timeout(180)
+async def test_the_estimate_endpoint_runs_a_pilot_of_an_uploaded_file(make_settings: Callable[..., Settings],
+                                                                     tmp_path: Path) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from obatch.server import create_app
+    from obatch.testing.ollama_sim import run_in_thread
+
+    sim = OllamaSim(SIM)
+    url, stop = run_in_thread(sim=sim)  # its own loop: the test client runs the app on another thread
+    try:
+        settings = make_settings(url, concurrency=2, worker_thread=False, worker_poll_interval=0.05)
+        await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short",
+                                  seed=1), settings=settings, progress=False)
+        await _endpoint_pilot(settings, sim, tmp_path, create_app, AsyncTestClient)
+    finally:
+        stop()
+
+
+async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, create_app: Any,
+                          client: Any) -> None:
+    path = natural_file(tmp_path / "natural.jsonl", 20, seed=11)
+    async with client(app=create_app(settings)) as api:
+        uploaded = (await api.post("/v1/files", files={"file": ("n.jsonl", path.read_bytes())},
+                                   data={"purpose": "batch"})).json()
+        blind = DurationEstimate.model_validate((await api.get("/v1/benchmarks/estimate", params={
+            "input_file_id": uploaded["id"], "concurrency": 2})).json())
+        assert blind.answers is not None and not blind.answers.known and blind.low >= 0
+        refused = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 0})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "pilot"
+        response = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 5,
+                                                                    "concurrency": 2})
+        assert response.status_code == 200, response.text
+        made = DurationEstimate.model_validate(response.json())
+        assert made.pilot is not None and made.pilot.ran == 5 and made.done_requests == 5
+        assert made.answers is not None and made.answers.source == "pilot" and made.num_requests == 15
+        served = sim.stats.served
+        batch = (await api.post("/v1/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
+                                                     "endpoint": "/v1/chat/completions"})).json()
+        for _ in range(400):
+            batch = (await api.get(f"/v1/batches/{batch['id']}")).json()
+            if batch["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 20
+        assert sim.stats.served - served == 15
+        assert batch["obatch"]["estimate"]["seconds"] == pytest.approx(made.seconds, rel=1e-9)

@@ -41,8 +41,16 @@ single batch moves the estimate half way and many batches all the way. Their spr
 batch has no such help.
 
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
-counts by a straight line fitted on the measured requests (and the model's finished batch requests); output lengths
-are ``max_tokens`` times the share of max_tokens the model's finished batch answers actually used (1 when unknown).
+counts by a straight line fitted on the measured requests (and the model's finished batch requests). Answer lengths
+come from what the model's answers really took (``obatch.bench.answers``: a pilot of the file, finished batches,
+natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``. The run
+is replayed with lengths drawn from that distribution (a long answer late in the run lengthens the makespan), and
+the interval widens by the draws' spread and by how far a new file's mean answer may lie from the learnt one.
+Where nothing is known, the cap (or 256 tokens) is assumed, the interval is wide, and the notes offer a pilot.
+
+Intervals are multiplicative (``seconds / (1 + margin)`` to ``seconds · (1 + margin)``): durations err by factors,
+and a lower bound never falls below zero. A file is estimated by one function (``estimate_model``) whoever asks —
+the estimate endpoint, ``obatch estimate`` and the batch at its start — so one file gets one figure.
 """
 
 from __future__ import annotations
