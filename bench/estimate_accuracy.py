@@ -11,6 +11,12 @@ function ``GET /v1/benchmarks/estimate?input_file_id=`` answers with; (4) the ba
 (which also stores its own estimate at start); (5) estimate vs actual and the error. Steps 2-5 repeat with a new
 file per run (``--runs``); later estimates may learn from earlier batches how much of max_tokens answers use.
 
+Natural files (``--cases uncapped,mixed``): requests without max_tokens, or a mix of caps, each kind on a copy of the
+swept store so the first file knows nothing of the model's answer lengths: it is estimated blind, then after a pilot
+of ``--pilot`` lines (which the batch takes as finished), and the next files from the finished batches' answers.
+SmolLM2-135M's uncapped answers often run to the context window (a pilot measured 1,278 tokens on average at
+num_ctx 2048, two thirds cut by the context): keep ``--requests`` small on the embedded engine.
+
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
 The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
 runs they disturbed.
@@ -313,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave out runs during which other processes used more than this share of the CPU")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each result as soon as it is known
     worst = asyncio.run(measure(args))
     return 0 if abs(worst) <= 15 else 1
 
