@@ -11,6 +11,12 @@ function ``GET /v1/benchmarks/estimate?input_file_id=`` answers with; (4) the ba
 (which also stores its own estimate at start); (5) estimate vs actual and the error. Steps 2-5 repeat with a new
 file per run (``--runs``); later estimates may learn from earlier batches how much of max_tokens answers use.
 
+Natural files (``--cases uncapped,mixed``): requests without max_tokens, or a mix of caps, each kind on a copy of the
+swept store so the first file knows nothing of the model's answer lengths: it is estimated blind, then after a pilot
+of ``--pilot`` lines (which the batch takes as finished), and the next files from the finished batches' answers.
+SmolLM2-135M's uncapped answers often run to the context window (a pilot measured 1,278 tokens on average at
+num_ctx 2048, two thirds cut by the context): keep ``--requests`` small on the embedded engine.
+
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
 The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
 runs they disturbed.
@@ -22,16 +28,22 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from obatch import bench
 from obatch.api import run_batch_file
+from obatch.bench.estimate import estimate_groups
+from obatch.bench.pilot import file_sha256, run_pilot
+from obatch.bench.service import combined
 from obatch.config import Settings
+from obatch.protocol import DurationEstimate
 from obatch.store.db import open_store
 
 MODEL_LOCAL = "smollm2:135m"
@@ -85,18 +97,101 @@ class ForeignCpu:
         return max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0)) / wall if wall > 0 else 0.0
 
 
-def held_out_file(path: Path, model: str, n: int, seed: int) -> Path:
-    """Natural requests the sweep never saw: varied context passages, instructions and max_tokens."""
+CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, None, 32, 64, 128, 256)}
+
+
+def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped") -> Path:
+    """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
+    none (``uncapped``: the model stops where it likes) or some of each (``mixed``)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         context = PASSAGE * rng.randint(0, 4)
         ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
-        body = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
-                "max_tokens": rng.choice((48, 64, 96, 128, 160)), "temperature": 0}
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
+                                "temperature": 0}
+        cap = rng.choice(CAPS[kind])
+        if cap is not None:
+            body["max_tokens"] = cap
         lines.append({"custom_id": f"held-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
     path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
     return path
+
+
+async def file_estimate(settings: Settings, path: Path, concurrency: int, backend_name: str) -> DurationEstimate:
+    """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out)."""
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            return combined(await estimate_groups(session, backend=backend_name, file=path,
+                                                  file_sha256=await asyncio.to_thread(file_sha256, path),
+                                                  concurrency=concurrency))
+    finally:
+        await engine.dispose()
+
+
+async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign: ForeignCpu,
+                       backend_name: str, sim_url: str | None) -> list[tuple[str, float, bool, bool]]:
+    """Held-out files of one kind on a copy of the swept store, so the first knows nothing of answer lengths:
+    the first estimated with nothing learnt, then after a pilot of ``--pilot`` lines (the batch takes those lines
+    as finished; the estimate and the run cover the rest), the next ones from the finished batches' answers.
+    Returns (label, error %, within interval, disturbed) per estimate."""
+    data_dir = base.parent / f"{base.name}-{kind}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.copytree(base, data_dir)
+    settings = _settings(args, data_dir, sim_url)
+    results = []
+    from obatch.backends import open_backend
+
+    backend = await open_backend(settings)
+    try:
+        for attempt in range(args.natural_runs):
+            held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
+                                 seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind)
+            blind = await file_estimate(settings, held, args.concurrency, backend_name)
+            guesses = [("nothing learnt", blind)]
+            if attempt == 0:
+                engine, sessions = await open_store(settings.db_url)
+                try:
+                    await run_pilot(sessions, backend, settings, held, size=args.pilot, concurrency=args.concurrency)
+                finally:
+                    await engine.dispose()
+                guesses = [("nothing learnt", blind),
+                           (f"pilot {args.pilot}", await file_estimate(settings, held, args.concurrency,
+                                                                       backend_name))]
+            else:
+                guesses = [("history", blind)]
+            foreign.start()
+            run = await run_batch_file(held, settings=settings, backend=backend, concurrency=args.concurrency,
+                                       progress=False, fresh=True)
+            actual, others = run.batch.run_seconds, foreign.share()
+            disturbed = others > args.max_foreign
+            for label, guess in guesses:
+                if label == "nothing learnt" and attempt == 0 and len(guesses) > 1:
+                    # the run covers the lines the pilot left; scale the blind estimate of all lines to them
+                    share = (guess.num_requests - args.pilot) / guess.num_requests
+                    seconds, low, high = guess.seconds * share, guess.low * share, guess.high * share
+                else:
+                    seconds, low, high = guess.seconds, guess.low, guess.high
+                error = (seconds - actual) / actual * 100
+                within = low <= actual <= high
+                results.append((f"{kind} #{attempt + 1} {label}", error, within, disturbed))
+                answers = guess.answers
+                print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
+                      f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
+                      f"answers from {answers.source if answers else '-'}"
+                      f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}; run: "
+                      f"{run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line"
+                      f"{', DISTURBED' if disturbed else ''}")
+    finally:
+        await backend.aclose()
+    return results
+
+
+def _settings(args: argparse.Namespace, data_dir: Path, sim_url: str | None) -> Settings:
+    backend = "ollama" if args.backend == "sim" else args.backend
+    return Settings(_env_file=None, data_dir=data_dir, backend=backend,
+                    ollama_url=sim_url or Settings().ollama_url, local_threads=args.threads)
 
 
 async def measure(args: argparse.Namespace) -> float:
@@ -107,7 +202,7 @@ async def measure(args: argparse.Namespace) -> float:
         from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 
         sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=2, prompt_tps=3000, decode_tps=300,
-                                  default_output_tokens=256, load_seconds=0.2))
+                                  default_output_tokens=args.sim_answer, load_seconds=0.2))
         await sim.start()
     settings = Settings(_env_file=None, data_dir=data_dir, backend=backend,
                         ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
@@ -125,6 +220,11 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
                   f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
                   f"tok/s per request, p50 {row['latency_p50']:.0f} ms")
+        natural: list[tuple[str, float, bool, bool]] = []
+        for kind in [k for k in args.cases.split(",") if k]:
+            print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
+            natural += await natural_case(args, data_dir, kind, foreign, backend,
+                                          sim.url if sim else None)
         errors, disturbed, actuals = [], [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
@@ -174,6 +274,15 @@ async def measure(args: argparse.Namespace) -> float:
         if disturbed:
             print(f"left out: {len(disturbed)} run(s) that other processes competed with "
                   f"({', '.join(f'{e:+.1f}%' for e in disturbed)})")
+        if natural:
+            kept = [(label, e, w) for label, e, w, d in natural if not d and "nothing learnt" not in label]
+            print("natural files, estimates from a pilot or history (undisturbed): " + ", ".join(
+                f"{label} {e:+.1f}%{'' if w else ' (outside interval)'}" for label, e, w in kept))
+            if kept:
+                worst_natural = max((e for _, e, _ in kept), key=abs)
+                print(f"RESULT natural: mean error {sum(e for _, e, _ in kept) / len(kept):+.1f}%, worst "
+                      f"{worst_natural:+.1f}%, {sum(w for _, _, w in kept)} of {len(kept)} within their interval")
+                errors.append(worst_natural)
         if not errors:
             print("RESULT: no undisturbed run; measure again on a quiet machine")
             return float("inf")
@@ -197,13 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-repeats", type=int, default=2, help="repeats of each sweep point (their spread widens "
                    "the interval; on a noisy machine they also steady the estimate)")
     p.add_argument("--workload", default="chat")
-    p.add_argument("--runs", type=int, default=2, help="how many held-out batches to estimate and run")
+    p.add_argument("--runs", type=int, default=2, help="how many held-out capped batches to estimate and run")
+    p.add_argument("--cases", default="uncapped,mixed",
+                   help="natural held-out files to run besides the capped ones: uncapped, mixed (comma-separated)")
+    p.add_argument("--natural-runs", type=int, default=3,
+                   help="files per natural case: the first with a pilot, the next with the history of the others")
+    p.add_argument("--pilot", type=int, default=16, help="lines the first natural file's pilot runs")
+    p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-foreign", type=float, default=0.10,
                    help="leave out runs during which other processes used more than this share of the CPU")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each result as soon as it is known
     worst = asyncio.run(measure(args))
     return 0 if abs(worst) <= 15 else 1
 

@@ -35,6 +35,7 @@ from obatch.backends.base import Backend, loaded_context
 from obatch.backends.pool import Pool
 from obatch.config import Settings
 from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
+from obatch.progress import LiveEta
 from obatch.protocol import (
     FINAL_STATUSES,
     Batch,
@@ -54,7 +55,7 @@ from obatch.protocol import (
     response_content,
 )
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
-from obatch.store import repo
+from obatch.store import pilots, repo
 from obatch.store.db import Sessions
 from obatch.store.tables import BatchRow, FileRow, RequestRow
 
@@ -270,6 +271,8 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
     endpoint = batch.endpoint or None
     async with svc.sessions() as session:
         await repo.replace_requests(session, batch.id)
+        await session.execute(update(BatchRow).where(col(BatchRow.id) == batch.id).values(  # pilot lines counted
+            completed=0, failed=0, input_tokens=0, output_tokens=0, reasoning_tokens=0))  # by an import cut short
         await session.commit()
     try:
         handle = await asyncio.to_thread(path.open, "rb")
@@ -300,6 +303,10 @@ async def _validate_and_import(svc: Services, batch: BatchRow) -> None:
             select(func.count()).select_from(RequestRow).where(col(RequestRow.batch_id) == batch.id))).scalar()
     if imported != total:  # never mark a batch imported (and so completable) with lines missing
         raise errors.ConflictError(f"Batch {batch.id}: imported {imported} of {total} lines; importing again.")
+    async with svc.sessions() as session:  # lines a pilot of this very file already ran are not run again
+        stored = await session.get(FileRow, batch.input_file_id)
+        if stored is not None and stored.sha256 and await pilots.adopt(session, batch.id, stored.sha256):
+            await session.commit()
     first_url = None
     async with svc.sessions() as session:
         first_url = (await session.execute(
@@ -355,6 +362,9 @@ def _outcome_row(outcome: Outcome) -> tuple[Any, ...]:
             outcome.finished_at, job.line)
 
 
+outcome_row = _outcome_row  # a finished request as the store keeps it (pilots store theirs the same way)
+
+
 @dataclass
 class ResultWriter:
     """Buffers outcomes and commits them together (every ``every`` results or ``interval`` seconds)."""
@@ -362,13 +372,20 @@ class ResultWriter:
     svc: Services
     batch_id: str
     progress: Progress | None = None
+    eta: LiveEta | None = None
     buffer: list[tuple[Any, ...]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
-        self.buffer.append(_outcome_row(outcome))
+        row = _outcome_row(outcome)
+        self.buffer.append(row)
+        if self.eta is not None:
+            timings = outcome.result.timings if outcome.result is not None else None
+            self.eta.observe(context.output_budget(outcome.job.body), row[repo.COMPLETION_AT],
+                             prompt_ms=timings.prompt_ms if timings else None,
+                             decode_ms=timings.decode_ms if timings else None)
         if self.progress is not None:
             self.progress.update(1)
         if len(self.buffer) >= self.svc.settings.commit_every:
@@ -413,10 +430,13 @@ async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> No
             status = (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == writer.batch_id))
                       ).scalar()
             await session.execute(update(BatchRow).where(col(BatchRow.id) == writer.batch_id)
-                                  .values(concurrency_json=concurrency_json(svc.pool, writer.started)))
+                                  .values(concurrency_json=concurrency_json(svc.pool, writer.started),
+                                          eta_json=orjson.dumps(writer.eta.as_dict()).decode() if writer.eta
+                                          else None))
             await session.commit()
         if writer.progress is not None:
-            writer.progress.set_postfix_str(svc.pool.levels(), refresh=False)
+            eta = writer.eta.describe() if writer.eta is not None else ""
+            writer.progress.set_postfix_str(svc.pool.levels() + (f"; {eta}" if eta else ""), refresh=False)
         if status == "cancelling":
             raise _Cancelled
 
@@ -444,7 +464,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
     """Run every pending row, one model group after another (fewest model swaps), resuming where rows stand."""
     async with svc.sessions() as session:
         groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
-    writer = ResultWriter(svc, batch.id, progress)
+    writer = ResultWriter(svc, batch.id, progress, eta=await live_eta(svc, batch))
     pool = svc.pool
     for group in groups:
         try:
@@ -467,6 +487,19 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await asyncio.shield(writer.flush())
             await asyncio.shield(_set(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
         await _record_loaded_context(svc, batch.id, group.model)
+
+
+async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:
+    """The remaining-time tracker of this run: the pending lines by cap, and the start estimate as its prior."""
+    async with svc.sessions() as session:
+        caps = await repo.pending_caps(session, batch.id)
+    made = orjson.loads(batch.estimate_json) if batch.estimate_json else {}
+    groups = made.get("groups") or []
+    load = sum(float(g.get("load_seconds") or 0.0) for g in groups)
+    lines = sum(int(g.get("num_requests") or 0) for g in groups)
+    output = sum(float(g.get("output_tokens_mean") or 0.0) * int(g.get("num_requests") or 0) for g in groups)
+    return LiveEta(caps, prior_seconds=max(0.0, float(made["seconds"]) - load) if made.get("seconds") else None,
+                   prior_output=output / lines if lines else None)
 
 
 async def _record_loaded_context(svc: Services, batch_id: str, model: str) -> None:
@@ -687,11 +720,25 @@ def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
         usage=BatchUsage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
                          output_tokens_details=OutputTokensDetails(reasoning_tokens=row.reasoning_tokens or 0),
                          total_tokens=row.input_tokens + row.output_tokens),
-        obatch={"concurrency": orjson.loads(row.concurrency_json)} if row.concurrency_json else None,
+        obatch=_extension(row),
     )
     if not_run is not None:
         batch.obatch = {**(batch.obatch or {}), "not_run": not_run}
     return batch
+
+
+def _extension(row: BatchRow) -> dict[str, Any] | None:
+    """The batch object's ``obatch`` field: how it runs (concurrency), the estimate made at its start and, while it
+    runs, the remaining time refined from the lines already finished."""
+    extension: dict[str, Any] = {}
+    if row.concurrency_json:
+        extension["concurrency"] = orjson.loads(row.concurrency_json)
+    if row.estimate_json:
+        made = orjson.loads(row.estimate_json)
+        extension["estimate"] = {k: made.get(k) for k in ("seconds", "low", "high", "made_at")}
+    if row.eta_json and row.status in ("in_progress", "finalizing"):
+        extension["eta"] = orjson.loads(row.eta_json)
+    return extension or None
 
 
 # -------------------------------------------------------------------------------------------- driving

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord, Sweep, SweepParams
-from obatch.protocol import Batch, FileObject
+from obatch.protocol import Batch, DurationEstimate, FileObject
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 
@@ -305,12 +305,17 @@ class Client:
 
     def estimate(self, *, model: str | None = None, num_requests: int | None = None,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
-                 input_file_id: str | None = None, concurrency: int | None = None) -> dict[str, Any]:
-        """Expected duration of a batch (with an interval, the best config and the points it rests on)."""
+                 input_file_id: str | None = None, concurrency: int | None = None, pilot: int | None = None,
+                 timeout: float | None = None) -> DurationEstimate:
+        """Expected duration of a batch (with an interval, the best config and the points it rests on). ``pilot``
+        runs that many random lines of the file first (the batch later takes them as finished): that takes as
+        long as those requests do, so the call waits up to ``timeout`` (10 minutes by default then)."""
         params = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
-                  "output_tokens": output_tokens, "input_file_id": input_file_id, "concurrency": concurrency}
-        body = self._json("GET", "/v1/benchmarks/estimate", params=_clean(params))
-        return dict(body) if isinstance(body, dict) else {"data": body}
+                  "output_tokens": output_tokens, "input_file_id": input_file_id, "concurrency": concurrency,
+                  "pilot": pilot}
+        wait = timeout if timeout is not None else (600.0 if pilot else None)
+        return DurationEstimate.model_validate(
+            self._json("GET", "/v1/benchmarks/estimate", params=_clean(params), timeout=wait))
 
     def estimate_history(self) -> list[EstimateRecord]:
         """Finished batches' estimated vs actual duration."""

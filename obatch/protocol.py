@@ -10,7 +10,7 @@ import os
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, InstanceOf
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, model_validator
 
 ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
@@ -189,6 +189,96 @@ class HostStatus(_Wire):
     served: int = 0
     error: str | None = None
     models: list[str] | None = None
+
+
+class EstimateCandidate(_Wire):
+    """A configuration an estimate considered: its predicted duration and rate for this workload, beside the rates
+    its stored points measured on their own (benchmark) workload."""
+
+    num_ctx: int
+    concurrency: int
+    seconds: float
+    req_per_s: float | None = None  # predicted for this workload
+    measured_req_per_s: float | None = None  # what the benchmark measured at this configuration
+    measured_output_tokens_per_s: float | None = None
+
+
+class EstimatePoint(_Wire):
+    """A stored benchmark point an estimate rests on."""
+
+    id: int
+    run_id: str
+    num_ctx: int
+    concurrency: int
+
+
+class AnswerLengthsInfo(_Wire):
+    """Where an estimate took its answer lengths from (``obatch.bench.answers``)."""
+
+    source: Literal["pilot", "batches", "benchmarks", "none"] = "none"
+    known: bool = False
+    samples: int = 0
+    cut: int = 0  # of the samples, answers a cap or the context cut (they tell a lower bound)
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    mean_cv: float = 0.0  # how far a new file's mean answer may lie from the learnt one (relative, one sigma)
+    groups: int = 0
+    endpoint: str | None = None
+    open_ended: bool | None = None
+
+
+class PilotInfo(_Wire):
+    """The pilot behind an estimate: lines of the file run ahead of the batch (it takes them as finished)."""
+
+    requests: int
+    ran: int = 0
+    reused: int = 0  # lines an earlier pilot of the same file had run
+    failed: int = 0
+    seconds: float = 0.0
+    concurrency: int | None = None
+    file_sha256: str | None = None
+
+
+class DurationEstimate(_Wire):
+    """``GET /v1/benchmarks/estimate``: how long a workload will take, with its interval (never below zero, and
+    around the expected duration), the configuration it is for, the best one, the stored points it rests on and
+    what the answer lengths were taken from. A file of several models has one estimate per model in ``groups``
+    and their totals at the top."""
+
+    object: Literal["benchmark.estimate"] = "benchmark.estimate"
+    model: str
+    backend: str | None = None
+    num_requests: int
+    prompt_tokens_mean: float | None = None
+    output_tokens_mean: float | None = None
+    seconds: float
+    low: float
+    high: float
+    load_seconds: float = 0.0
+    num_ctx: int | None = None
+    concurrency: int | None = None
+    req_per_s: float | None = None  # predicted for this workload
+    measured_req_per_s: float | None = None  # what the points it rests on measured, on the benchmark's workload
+    best: EstimateCandidate | None = None
+    candidates: list[EstimateCandidate] = Field(default_factory=list)
+    points: list[EstimatePoint] = Field(default_factory=list)
+    method: str | None = None
+    history_factor: float = 1.0
+    history_batches: int = 0
+    notes: list[str] = Field(default_factory=list)
+    answers: AnswerLengthsInfo | None = None
+    pilot: PilotInfo | None = None
+    done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
+    groups: list[DurationEstimate] | None = None
+
+    @model_validator(mode="after")
+    def _honest_interval(self) -> DurationEstimate:
+        slack = 1e-6 * max(1.0, self.high)
+        if not (0 <= self.low <= self.seconds + slack and self.seconds <= self.high + slack):
+            raise ValueError(f"an estimate's interval must hold it and stay at or above zero: {self.low} ≤ "
+                             f"{self.seconds} ≤ {self.high}")
+        return self
 
 
 class ErrorDetail(_Wire):

@@ -7,7 +7,7 @@ import time
 
 import streamlit as st
 
-from obatch.protocol import Batch
+from obatch.protocol import Batch, FileObject
 from obatch.ui import views
 from obatch.ui.session import attempt, backend_up, client, file_bytes, need, quietly
 
@@ -30,9 +30,10 @@ def ago(stamp: int) -> str:
 
 
 def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
-           concurrency: int | None, digest: str) -> None:
-    """Upload, create the batch, empty the form; the banner in the list below then follows the batch."""
-    stored = attempt(api.upload_file, content, name)
+           concurrency: int | None, digest: str, stored: FileObject | None = None) -> None:
+    """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
+    then follows the batch."""
+    stored = stored or attempt(api.upload_file, content, name)
     metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest,
                 views.MODELS_KEY: ", ".join(preview.models)[:512]}
     created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
@@ -69,13 +70,27 @@ if upload is not None:
         st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
         st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
-    if preview.ok:
-        prompt_tokens, output_tokens = preview.mean_tokens()
-        estimate = quietly(api.estimate, model=model or preview.models[0], num_requests=preview.n_requests,
-                           prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=level)
+    uploaded = None
+    if preview.ok:  # the file itself is estimated, as the server will estimate its batch at the start
+        uploads = st.session_state.setdefault("estimate_uploads", {})
+        if digest not in uploads:
+            uploads[digest] = quietly(api.upload_file, content, upload.name)
+        uploaded = uploads[digest]
+        asked = {"model": model, "concurrency": level}
+        estimate = quietly(api.estimate, input_file_id=uploaded.id, **asked) if uploaded else None
         sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
         st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
                    if sentence else "No benchmark of this model yet: no duration estimate.")
+        if uploaded and views.offers_pilot(estimate) and st.button(
+                f"Run a pilot of {views.PILOT_LINES} lines", key="pilot", icon=":material/science:",
+                help="Runs a random sample of the file now to learn its answer lengths; the batch then takes those "
+                     "lines as finished."):
+            with st.spinner("Running the pilot…"):
+                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT_LINES, **asked):
+                    st.rerun()
+        if notes := views.estimate_notes(estimate):
+            with st.expander("How this estimate was made"):
+                st.markdown("\n".join(f"- {note}" for note in notes))
     earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest), None)
     again = True
     if earlier is not None:
@@ -84,7 +99,7 @@ if upload is not None:
         again = st.checkbox("Submit it again anyway", key=f"again-{digest}")
     options = {"window": window, "model": model, "concurrency": level}
     if st.button("Submit batch", type="primary", disabled=not (preview.ok and again), key="submit"):
-        submit(content, upload.name, preview, digest=digest, **options)
+        submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
     if not preview.ok and preview.n_requests:
         valid = preview.valid_bytes()
         name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
@@ -149,12 +164,7 @@ def show_results(batch: Batch) -> None:
 
 def show_batch(batch: Batch) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
-    estimate = None
-    if not views.is_final(batch):
-        cache = st.session_state.setdefault("estimates", {})
-        if batch.id not in cache:
-            cache[batch.id] = quietly(api.estimate, input_file_id=batch.input_file_id)
-        estimate = cache[batch.id]
+    estimate = (batch.obatch or {}).get("estimate")  # the one made at its start (the ETA refines it as it runs)
     progress = views.batch_progress(batch, estimate=estimate)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")

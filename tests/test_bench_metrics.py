@@ -348,4 +348,7 @@ def test_the_low_end_of_the_interval_is_never_negative() -> None:
     wild = _fake_fit(4, efficiency=(0.1, 1.0, 3.0))  # repeats that disagree wildly: a margin over 100%
     made = estimate_from_fits([wild], Shape.uniform(1, 50, 100), concurrency=64)
     assert made.high > 2 * (made.seconds - made.load_seconds)
-    assert made.low == pytest.approx(made.load_seconds) and made.low >= 0
+    # errors of a duration are multiplicative: the low end divides by what the high end multiplies by
+    assert made.load_seconds < made.low < made.seconds
+    assert (made.seconds - made.load_seconds) / (made.low - made.load_seconds) == pytest.approx(
+        (made.high - made.load_seconds) / (made.seconds - made.load_seconds))

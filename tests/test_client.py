@@ -90,10 +90,14 @@ def test_benchmark_calls_encode_their_parameters() -> None:
     api = fake.client()
     assert len(api.benchmark_history("llama3.2:1b")) == 6
     assert {p.num_ctx for p in api.benchmark_compare(["llama3.2:1b", "qwen2.5:0.5b"], num_ctx=4096)} == {4096}
-    assert api.estimate(input_file_id="file-1")["expected_seconds"] == 42.0
+    made = api.estimate(input_file_id="file-1")
+    assert (made.seconds, made.low, made.high) == (42.0, 30.0, 60.0) and made.answers and not made.answers.known
+    piloted = api.estimate(input_file_id="file-1", pilot=16)
+    assert piloted.pilot is not None and piloted.pilot.requests == 16 and piloted.done_requests == 16
     urls = [str(r.url) for r in fake.requests]
     assert "http://fake.obatch/v1/benchmarks/compare?models=llama3.2%3A1b%2Cqwen2.5%3A0.5b&num_ctx=4096" in urls
     assert "http://fake.obatch/v1/benchmarks/estimate?input_file_id=file-1" in urls
+    assert "http://fake.obatch/v1/benchmarks/estimate?input_file_id=file-1&pilot=16" in urls
 
 
 def test_client_and_views_import_no_ui_framework() -> None:

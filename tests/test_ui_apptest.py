@@ -128,9 +128,13 @@ def test_only_the_valid_lines_can_be_submitted(page: Callable[..., AppTest], fak
 def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     assert "3 requests, all valid" in texts(at.success)[0]
-    assert texts(at.caption)[0] == "Expected duration from the benchmarks: about 42 s (30 s – 1 min 0 s)."
+    assert texts(at.caption)[0] == ("Expected duration from the benchmarks: about 42 s (30 s – 1 min 0 s) "
+                                    "(num_ctx 2048 · concurrency 4).")
     concurrency = at.number_input[0]
     assert concurrency.value is None and concurrency.proto.placeholder == "auto"  # type: ignore[attr-defined]
+    at.button(key="pilot").click().run()  # the answer lengths are unknown: a pilot of the uploaded file is offered
+    no_exception(at)
+    assert any("pilot=16" in str(r.url) and "input_file_id=" in str(r.url) for r in fake.requests)
     at.selectbox[0].set_value("qwen2.5:0.5b")
     concurrency.set_value(3)
     at.selectbox[1].set_value("1h")
@@ -139,6 +143,7 @@ def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeS
     (created,) = fake.batches.values()
     assert f"Submitted {created['id']} (in_progress)." in [t.replace("**", "") for t in texts(at.success)]
     assert fake.files[created["input_file_id"]][1] == GOOD
+    assert len(fake.files) == 1  # the file estimated (and piloted) is the file submitted
     assert fake.files[created["input_file_id"]][0]["purpose"] == "batch"
     assert (created["endpoint"], created["completion_window"]) == ("/v1/chat/completions", "1h")
     assert created["extra_sent"] == {"model": "qwen2.5:0.5b", "concurrency": 3}

@@ -18,7 +18,15 @@ from obatch.bench import views
 from obatch.bench.service import config_models
 from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
-from obatch.protocol import HostStatus, ListPage
+from obatch.protocol import (
+    AnswerLengthsInfo,
+    DurationEstimate,
+    EstimateCandidate,
+    EstimatePoint,
+    HostStatus,
+    ListPage,
+    PilotInfo,
+)
 
 ENGINE = "http://127.0.0.1:11434"
 MODELS = [
@@ -65,6 +73,20 @@ def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[
         else:
             fields[name] = payload.decode()
     return fields, files
+
+
+def fake_estimate(params: Any) -> DurationEstimate:
+    """The estimate the fake answers, in the server's own model; ``pilot=N`` reports a pilot of N lines, and a file
+    estimated without one says its answer lengths are unknown (so the page offers a pilot)."""
+    pilot = int(params["pilot"]) if params.get("pilot") else None
+    best = EstimateCandidate(num_ctx=2048, concurrency=4, seconds=42.0, req_per_s=2.4, measured_req_per_s=3.9)
+    known = pilot is not None or not params.get("input_file_id")
+    return DurationEstimate(
+        model=params.get("model") or "llama3.2:1b", backend="ollama", num_requests=100, seconds=42.0, low=30.0,
+        high=60.0, num_ctx=2048, concurrency=4, req_per_s=2.4, measured_req_per_s=3.9, best=best,
+        candidates=[best], points=[EstimatePoint(id=i, run_id="run-1", num_ctx=2048, concurrency=4) for i in (1, 2, 3)],
+        answers=AnswerLengthsInfo(source="pilot" if pilot else "none", known=known, samples=pilot or 0),
+        pilot=PilotInfo(requests=pilot, ran=pilot) if pilot else None, done_requests=pilot or 0)
 
 
 def _json(status: int, body: Any) -> httpx.Response:
@@ -168,8 +190,7 @@ class FakeServer:
         if path == "/v1/benchmarks/estimate":
             if not self.points:
                 return _error(404, "No benchmark for this model.", "not_found")
-            return _json(200, {"expected_seconds": 42.0, "low_seconds": 30.0, "high_seconds": 60.0,
-                               "best": {"num_ctx": 2048, "concurrency": 4}, "points_used": 3})
+            return _json(200, fake_estimate(request.url.params).model_dump(mode="json"))
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
 
     # ------------------------------------------------------------------------------------------ benchmarks

@@ -62,9 +62,27 @@ class ModelInfo:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an engine lets obatch do. Callers ask these instead of recognising a backend by its name, so a new
+    engine (or a wrapper, or a pool) says what it is once, where it is defined."""
+
+    sets_num_ctx: bool = True  # takes a context window per model load (Ollama, embedded); False: fixed at its start
+    reloads_on_num_ctx: bool = True  # a different num_ctx reloads the model (a load time to pay, and to measure)
+    engine_timings: bool = True  # reports its own prompt and decode durations with every answer
+
+
+FIXED_CONTEXT = Capabilities(sets_num_ctx=False, reloads_on_num_ctx=False, engine_timings=False)
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the engine lets obatch do (``Capabilities``)."""
+        ...
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
@@ -103,6 +121,7 @@ class BackendWrapper:
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.capabilities = capabilities_of(inner)
 
     async def models(self) -> list[ModelInfo]:
         return await self.inner.models()
@@ -124,6 +143,12 @@ class BackendWrapper:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def capabilities_of(backend: Backend) -> Capabilities:
+    """A backend's capabilities; one that does not declare them (a test double) counts as Ollama-like."""
+    found = getattr(backend, "capabilities", None)
+    return found if isinstance(found, Capabilities) else Capabilities()
 
 
 async def loaded_context(backend: Backend, model: str) -> int | None:

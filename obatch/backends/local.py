@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch import errors
-from obatch.backends.base import ModelInfo, Result
+from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
 from obatch.engine import LocalEngine
 
@@ -27,6 +27,7 @@ DEFAULT_PARALLEL = 8
 
 class LocalBackend:
     name = "local"
+    capabilities = Capabilities(sets_num_ctx=True, reloads_on_num_ctx=True, engine_timings=True)  # restarts
 
     def __init__(self, model_path: Path | None = None, *, alias: str = "smollm2:135m",
                  threads: int | None = None, parallel: int = DEFAULT_PARALLEL) -> None:

@@ -26,6 +26,7 @@ import orjson
 from obatch import errors
 from obatch.backends import responses
 from obatch.backends.base import (
+    Capabilities,
     ModelInfo,
     Result,
     Timings,
@@ -345,6 +346,7 @@ class OllamaBackend:
     """A client of one Ollama server."""
 
     name = "ollama"
+    capabilities = Capabilities(sets_num_ctx=True, reloads_on_num_ctx=True, engine_timings=True)
 
     def __init__(self, url: str = "http://127.0.0.1:11434") -> None:
         self.url = url.rstrip("/")

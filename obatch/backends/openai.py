@@ -19,6 +19,7 @@ import orjson
 from obatch import errors
 from obatch.backends import responses
 from obatch.backends.base import (
+    FIXED_CONTEXT,
     ModelInfo,
     Result,
     Timings,
@@ -42,6 +43,8 @@ class OpenAIBackend:
     """A client of one OpenAI-compatible server at ``base_url`` (ending in ``/v1``)."""
 
     name = "openai"
+    # the context window is the engine's start-up flag; llama.cpp sends timings, other engines may not
+    capabilities = FIXED_CONTEXT
 
     def __init__(self, base_url: str, *, api_key: str | None = None, map_responses: bool = False) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None

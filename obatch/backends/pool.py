@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obatch import errors
-from obatch.backends.base import Backend, ModelInfo, Result, loaded_context
+from obatch.backends.base import Backend, Capabilities, ModelInfo, Result, capabilities_of, loaded_context
 from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
 from obatch.protocol import HostStatus
 
@@ -120,7 +120,16 @@ class Pool:
     @property
     def sets_num_ctx(self) -> bool:
         """Whether any host takes a per-request context window (Ollama, the embedded engine)."""
-        return any(h.backend.name != "openai" for h in self.hosts)
+        return self.capabilities.sets_num_ctx
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the hosts can do together: a context window is set when any host takes one, reloads and timings
+        are expected when any host has them."""
+        each = [capabilities_of(h.backend) for h in self.hosts]
+        return Capabilities(sets_num_ctx=any(c.sets_num_ctx for c in each),
+                            reloads_on_num_ctx=any(c.reloads_on_num_ctx for c in each),
+                            engine_timings=any(c.engine_timings for c in each))
 
     def describe(self) -> list[dict[str, Any]]:
         return [h.status().model_dump() for h in self.hosts]

@@ -219,39 +219,107 @@ async def sweep(args: argparse.Namespace) -> int:
 
 
 async def estimate(args: argparse.Namespace) -> int:
-    """Print an estimate (or, with --history, the estimate-vs-actual record of finished batches)."""
-    from obatch.bench.estimate import estimate as make_estimate
-    from obatch.bench.estimate import estimates_vs_actuals
-    from obatch.store.db import open_store
+    """Print an estimate (or, with --history, the estimate-vs-actual record of finished batches). ``--pilot N``
+    runs N random lines of the file first (``obatch run`` of that file then takes them as finished)."""
+    if args.history:
+        from obatch.bench.estimate import estimates_vs_actuals
+        from obatch.store.db import open_store
 
-    engine, sessions = await open_store(_settings(args).db_url)
-    try:
-        async with sessions() as session:
-            if args.history:
+        engine, sessions = await open_store(_settings(args).db_url)
+        try:
+            async with sessions() as session:
                 for row in await estimates_vs_actuals(session):
                     print(f"{row['batch_id']}  {row['models']:20} n={row['requests']:<6} c={row['concurrency']}  "
                           f"estimate {row['estimated_seconds']:8.1f} s  actual {row['actual_seconds']:8.1f} s  "
                           f"error {row['error_pct'] or 0:+6.1f}%  {'in' if row['within_interval'] else 'OUT of'} "
                           "interval")
-                return 0
-            if not args.model:
-                raise errors.ConfigError("--model is required (or --history).")
-            made = await make_estimate(
-                session, args.model, num_requests=args.requests, prompt_tokens=args.prompt_tokens,
-                output_tokens=args.output_tokens, file=Path(args.file) if args.file else None,
-                backend=_backend(args), num_ctx=args.num_ctx, concurrency=args.concurrency)
+        finally:
+            await engine.dispose()
+        return 0
+    for line in describe(await estimate_answer(args)):
+        print(line)
+    return 0
+
+
+async def estimate_answer(args: argparse.Namespace, settings: Settings | None = None) -> Any:
+    """The ``obatch.protocol.DurationEstimate`` the command prints: the server's estimate for the same file and
+    settings (``obatch.bench.service``), on the store of ``settings`` (default: the command's)."""
+    from obatch.bench.service import estimate as make_estimate
+    from obatch.store.db import open_store
+
+    if not args.model and not args.file:
+        raise errors.ConfigError("--model is required (or --file, or --history).")
+    if args.pilot and not args.file:
+        raise errors.ConfigError("--pilot runs lines of a batch file: give --file.")
+    settings = settings or _settings(args)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            return await _estimate_file(session, sessions, settings, args, make_estimate)
     finally:
         await engine.dispose()
-    print(f"{made.model} on {made.backend}: {made.num_requests} requests × ~{made.prompt_tokens_mean:.0f} prompt + "
-          f"~{made.output_tokens_mean:.0f} output tokens")
-    print(f"  at num_ctx {made.num_ctx}, concurrency {made.concurrency}: {made.seconds:.1f} s "
-          f"[{made.low:.1f}, {made.high:.1f}] ({made.req_per_s:.2f} req/s, load {made.load_seconds:.1f} s)")
-    print(f"  best config: num_ctx {made.best['num_ctx']}, concurrency {made.best['concurrency']} "
-          f"({made.best['seconds']:.1f} s)")
-    print(f"  rests on points {', '.join(str(p['id']) for p in made.points)}")
-    for note in made.notes:
-        print(f"  note: {note}")
-    return 0
+
+
+async def _estimate_file(session: Any, sessions: Any, settings: Settings, args: argparse.Namespace,
+                         make_estimate: Any) -> Any:
+    """The estimate the server's endpoint gives (``obatch.bench.service.estimate``), for a local file or token
+    lengths; with a file, the engine is asked the context window the batch will use (only a pilot needs it)."""
+    from obatch.bench.pilot import file_sha256
+
+    common = {"model": args.model, "num_ctx": args.num_ctx, "concurrency": args.concurrency}
+    if not args.file:
+        return await make_estimate(session, settings, None, backend=_backend(args), num_requests=args.requests,
+                                   prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, **common)
+    path = Path(args.file)
+    if not await asyncio.to_thread(path.is_file):
+        raise errors.ConfigError(f"No such file: {path}")
+    from obatch.bench.estimate import estimate_groups
+    from obatch.bench.service import combined
+
+    if not args.pilot:
+        sha = await asyncio.to_thread(file_sha256, path)
+        return combined(await estimate_groups(session, backend=_backend(args), file=path, file_sha256=sha, **common))
+    from obatch.backends import open_backend
+    from obatch.bench.pilot import run_pilot
+
+    chosen = settings.model_copy(update={"backend": args.backend}) if _backend(args) else settings
+    backend = await open_backend(chosen.with_urls([args.url] if args.url else []))
+    try:
+        ran = await run_pilot(sessions, backend, settings, path, size=args.pilot, model=args.model,
+                              concurrency=args.concurrency)
+        return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
+                                              file_sha256=ran["file_sha256"], **common), ran)
+    finally:
+        await backend.aclose()
+
+
+def describe(made: Any) -> list[str]:
+    """An estimate (``obatch.protocol.DurationEstimate``) as the command line prints it."""
+    out = []
+    for part in made.groups or [made]:
+        out.append(f"{part.model} on {part.backend}: {part.num_requests} requests × ~{part.prompt_tokens_mean or 0:.0f}"
+                   f" prompt + ~{part.output_tokens_mean or 0:.0f} output tokens")
+        out.append(f"  at num_ctx {part.num_ctx}, concurrency {part.concurrency}: {part.seconds:.1f} s "
+                   f"[{part.low:.1f}, {part.high:.1f}] ({part.req_per_s or 0:.2f} req/s predicted, load "
+                   f"{part.load_seconds:.1f} s)")
+        if part.measured_req_per_s:
+            out.append(f"  the points it rests on measured {part.measured_req_per_s:.2f} req/s on their own workload")
+        if part.best is not None:
+            out.append(f"  best config: num_ctx {part.best.num_ctx}, concurrency {part.best.concurrency} "
+                       f"({part.best.seconds:.1f} s)")
+        if part.points:
+            out.append(f"  rests on points {', '.join(str(p.id) for p in part.points)}")
+        if part.done_requests:
+            out.append(f"  {part.done_requests} line(s) already run by the pilot: the batch takes them as finished")
+        for note in part.notes:
+            out.append(f"  note: {note}")
+    if made.groups:
+        out.append(f"total: {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}]")
+    if made.pilot is not None:
+        p = made.pilot
+        out.append(f"pilot: {p.requests} lines ({p.ran} run now in {p.seconds:.1f} s, {p.reused} from an earlier "
+                   f"pilot, {p.failed} failed)")
+    return out
 
 
 async def export(args: argparse.Namespace) -> int:
@@ -341,5 +409,8 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--num-ctx", type=int, help="estimate for this num_ctx (default: the best config)")
     e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the best)")
     e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
+    e.add_argument("--pilot", type=int, metavar="N",
+                   help="run N random lines of --file first and estimate from their answers (the batch of that "
+                        "file then takes them as finished)")
     _backend_options(e)
     e.set_defaults(handler=estimate)

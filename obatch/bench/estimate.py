@@ -41,17 +41,27 @@ single batch moves the estimate half way and many batches all the way. Their spr
 batch has no such help.
 
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
-counts by a straight line fitted on the measured requests (and the model's finished batch requests); output lengths
-are ``max_tokens`` times the share of max_tokens the model's finished batch answers actually used (1 when unknown).
+counts by a straight line fitted on the measured requests (and the model's finished batch requests). Answer lengths
+come from what the model's answers really took (``obatch.bench.answers``: a pilot of the file, finished batches,
+natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``. The run
+is replayed with lengths drawn from that distribution (a long answer late in the run lengthens the makespan), and
+the interval widens by the draws' spread and by how far a new file's mean answer may lie from the learnt one.
+Where nothing is known, the cap (or 256 tokens) is assumed, the interval is wide, and the notes offer a pilot.
+
+Intervals are multiplicative (``seconds / (1 + margin)`` to ``seconds · (1 + margin)``): durations err by factors,
+and a lower bound never falls below zero. A file is estimated by one function (``estimate_model``) whoever asks —
+the estimate endpoint, ``obatch estimate`` and the batch at its start — so one file gets one figure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import logging
 import math
+import random
 import statistics
 import time
 from collections import defaultdict
@@ -64,14 +74,15 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import context, errors
-from obatch.backends.base import Backend
+from obatch.backends.base import Backend, capabilities_of
+from obatch.bench.answers import UNBOUNDED_OUTPUT, AnswerLengths, AnswerSources, observe, t_quantile
 from obatch.bench.best import best_config
-from obatch.bench.metrics import mean, stdev
+from obatch.bench.metrics import stdev
 from obatch.jsonl import Request, iter_file
-from obatch.store import bench_repo, repo
+from obatch.store import bench_repo, pilots, repo
 from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 from obatch.store.db import Sessions
-from obatch.store.tables import BatchRow
+from obatch.store.tables import BatchRow, FileRow, PilotRow
 
 log = logging.getLogger("obatch.bench")
 
@@ -81,7 +92,8 @@ EXTRAPOLATION_PENALTY = 0.10
 MIN_MARGIN = 0.05
 TIE = 0.02  # configs this close to the fastest count as equally fast
 HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new estimates
-UNBOUNDED_OUTPUT = 256  # assumed answer length of a request without max_tokens, when history cannot tell
+DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
+DRAW_BUDGET = 200_000
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
 DEFAULT_WINDOW = 4  # recent requests a prompt is compared with when the concurrency is not known
 
@@ -98,6 +110,8 @@ class Shape:
     cached: list[float] | None = None  # share of each prompt the engine's prefix cache already holds (0-1)
     notes: list[str] = field(default_factory=list)
     count: int | None = None  # set: the workload is this many copies of the one request listed
+    caps: list[int | None] | None = None  # each request's max_tokens, when its output is drawn from ``answers``
+    answers: AnswerLengths | None = None  # what the model's answers are known to take
 
     def requests(self) -> list[tuple[float, float, float]]:
         """(prompt tokens, output tokens, cached share) per listed request."""
@@ -137,11 +151,14 @@ class TokenCalibration:
     intercept: float = 0.0
     output_fill: float = 1.0
     unbounded_output: float = UNBOUNDED_OUTPUT
+    answers: AnswerLengths | None = None  # learnt answer lengths; when known they replace the two above
 
     def prompt(self, estimate: int) -> float:
         return max(1.0, self.slope * estimate + self.intercept)
 
     def output(self, max_tokens: int | None) -> float:
+        if self.answers is not None and self.answers.known:
+            return self.answers.expected(max_tokens)
         return self.unbounded_output if max_tokens is None else max_tokens * self.output_fill
 
 
@@ -193,7 +210,11 @@ def shape_of(rows: Sequence[tuple[int, int | None, str | None]], calibration: To
     typical = sum(shares) / len(shares) if shares else 0.0
     cached = shares + [typical] * (len(rows) - len(shares))
     shape = Shape([calibration.prompt(p) for p, _, _ in rows], [calibration.output(m) for _, m, _ in rows], cached)
-    if any(m is None for _, m, _ in rows):
+    uncapped = sum(m is None for _, m, _ in rows)
+    if calibration.answers is not None:
+        shape.caps, shape.answers = [m for _, m, _ in rows], calibration.answers
+        shape.notes.extend(calibration.answers.notes(len(rows) - uncapped, uncapped))
+    elif uncapped:
         shape.notes.append(f"requests without max_tokens assumed to answer {calibration.unbounded_output:.0f} "
                            "tokens")
     if typical >= 0.05:
@@ -202,19 +223,35 @@ def shape_of(rows: Sequence[tuple[int, int | None, str | None]], calibration: To
     return shape
 
 
-def file_rows(path: Path, model: str | None = None) -> list[tuple[str, int, int | None, str | None]]:
-    """(model, prompt_estimate, max_tokens, prompt text) of each valid request of a batch file, the text only for
-    the first ``SHARE_SAMPLE`` requests of each model (blocking: use a thread)."""
-    seen: dict[str, int] = defaultdict(int)
-    rows = []
+@dataclass(frozen=True, slots=True)
+class Line:
+    """What an estimate needs of one request: obatch's prompt estimate, its cap, its text (or None beyond the
+    sample read) and its endpoint."""
+
+    prompt: int
+    max_tokens: int | None
+    text: str | None
+    url: str = "/v1/chat/completions"
+
+
+def file_rows(path: Path, model: str | None = None, *, done: set[tuple[str, str]] | None = None
+              ) -> tuple[dict[str, list[Line]], dict[str, int]]:
+    """The valid requests of a batch file by model, in file order (blocking: use a thread), leaving out those
+    whose (custom_id, body sha256) is in ``done`` (a pilot ran them: the batch will take them as finished), and
+    how many were left out per model. The text is read for the first ``SHARE_SAMPLE`` requests of each model."""
+    groups: dict[str, list[Line]] = defaultdict(list)
+    skipped: dict[str, int] = defaultdict(int)
     with path.open("rb") as handle:
         for r in iter_file(handle, model=model):
-            if isinstance(r, Request):
-                seen[r.model] += 1
-                text = prompt_text(r.url, r.body) if seen[r.model] <= SHARE_SAMPLE else None
-                rows.append((r.model, context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body),
-                             text))
-    return rows
+            if not isinstance(r, Request):
+                continue
+            if done and (r.custom_id, pilots.body_sha256(orjson.dumps(r.body))) in done:
+                skipped[r.model] += 1
+                continue
+            text = prompt_text(r.url, r.body) if len(groups[r.model]) < SHARE_SAMPLE else None
+            groups[r.model].append(Line(context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body),
+                                        text, r.url))
+    return dict(groups), dict(skipped)
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -338,6 +375,10 @@ class ConfigFit:
     output_range: tuple[float, float]
     rel_rmse: float
     n_samples: int
+    stall_share: float = 1.0  # how much of the prompt stall shows in this engine's decode timings (0-1)
+    measured_req_per_s: float = 0.0  # what the points measured on their own workload (completed req/s)
+    measured_output_tps: float = 0.0
+    measured_output_mean: float = 0.0  # their answers' mean length
 
     def prompt_ms(self, prompt: float, cached: float = 0.0) -> float:
         return prompt * (1 - cached) * (self.p0 + self.p1 * prompt)
@@ -347,7 +388,7 @@ class ConfigFit:
         flight attend to ``context`` tokens on average and their prompts stall decoding by ``stall`` ms per output
         token (default: as much as when it was measured)."""
         shift = self.ctx_slope * ((own - self.decode_ctx) + (self.concurrency - 1) * (context - self.decode_ctx))
-        shift += (self.prompt_stall if stall is None else stall) - self.prompt_stall
+        shift += self.stall_share * ((self.prompt_stall if stall is None else stall) - self.prompt_stall)
         return max(self.decode_ms / 2, self.decode_ms + shift)
 
     def stall_of(self, requests: Sequence[tuple[float, float, float]]) -> float:
@@ -498,6 +539,9 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
     fit.efficiency = fit.efficiency or [1.0]
     loads = sorted(p.load_seconds for p in points)
     fit.load_seconds = loads[len(loads) // 2]
+    fit.measured_req_per_s = sum(p.req_per_s for p in points) / len(points)
+    fit.measured_output_tps = sum(p.output_tps for p in points) / len(points)
+    fit.measured_output_mean = sum(o for _, o in pairs) / len(pairs)
     return fit
 
 
@@ -537,15 +581,26 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
             fits.append(fit)
     for fit in fits:  # a cold start: Ollama loads once per num_ctx (the first point has it), llama.cpp every point
         fit.load_seconds = max(f.load_seconds for f in fits if f.num_ctx == fit.num_ctx)
+        alone = min((f for f in fits if f.num_ctx == fit.num_ctx), key=lambda f: f.concurrency)
+        if alone.concurrency == 1 and fit.concurrency > 1 and fit.prompt_stall > 0:
+            # the stall is only charged as far as decoding with others in flight was slower than alone: an engine
+            # that keeps decoding while it takes in prompts (or a simulator) shows none of it
+            fit.stall_share = min(1.0, max(0.0, (fit.decode_ms - alone.decode_ms) / fit.prompt_stall))
     return fits
 
 
-async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit]) -> TokenCalibration:
-    """Text-estimate → engine-token line, and the output fill, from measured requests and finished batches."""
+async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit], *,
+                          endpoint: str | None = None, pilot: Sequence[PilotRow] = (),
+                          population: int | None = None, exclude_batch: str | None = None) -> TokenCalibration:
+    """Text-estimate → engine-token line from measured requests and finished batches, and the model's answer
+    lengths (``obatch.bench.answers``): a pilot's of this file when given (``population``: the file's lines), else
+    those of finished batches (on ``endpoint`` when it has enough) and of natural benchmark requests. A batch being
+    estimated at its start leaves its own rows out (``exclude_batch``: the lines a pilot ran are already finished
+    there), so it is estimated from what its file's estimate saw."""
     ids = [i for f in fits for i in f.point_ids]
     pairs = [(float(s.prompt_estimate), float(s.prompt_tokens)) for s in await bench_repo.samples_of(session, ids)
              if s.ok and s.prompt_tokens is not None and s.prompt_estimate > 0]
-    history = await bench_repo.batch_token_pairs(session, model)
+    history = await bench_repo.batch_token_pairs(session, model, exclude=exclude_batch)
     pairs += [(float(e), float(p)) for e, p, _, _ in history if e > 0]
     slope, intercept = 1.0, 0.0
     if pairs:
@@ -554,10 +609,18 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
             slope, intercept = coef
         else:
             slope = sum(p for _, p in pairs) / sum(e for e, _ in pairs)
-    bounded = [(m, c) for _, _, m, c in history if m]
-    fill = min(1.0, sum(c for _, c in bounded) / sum(m for m, _ in bounded)) if bounded else 1.0
-    unbounded = [c for _, _, m, c in history if not m]
-    return TokenCalibration(slope, intercept, fill, mean([float(c) for c in unbounded]) or UNBOUNDED_OUTPUT)
+    sources = AnswerSources()
+    for row in pilot:
+        if (seen := observe(row.completion_tokens, row.max_tokens, row.finish_reason, "pilot")) is not None:
+            sources.pilot.append(seen)
+    for url, max_tokens, tokens, reason, batch_id in await bench_repo.answer_observations(session, model,
+                                                                                        exclude=exclude_batch):
+        if (seen := observe(tokens, max_tokens, reason, batch_id)) is not None:
+            sources.batches[url].append(seen)
+    for tokens, run_id in await bench_repo.natural_bench_answers(session, model):
+        if (seen := observe(tokens, None, None, run_id)) is not None:
+            sources.benchmarks.append(seen)
+    return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population))
 
 
 # ------------------------------------------------------------------------------------------------ estimating
@@ -580,13 +643,17 @@ class Estimate:
     num_ctx: int
     concurrency: int
     req_per_s: float
-    best: dict[str, Any]
+    best: dict[str, Any] | None
     candidates: list[dict[str, Any]]
     points: list[dict[str, Any]]
     method: str = "per-config token cost model; makespan at the calibrated parallelism; stored points"
     history_factor: float = 1.0  # the correction learned from finished batches (1: none yet)
     history_batches: int = 0
     notes: list[str] = field(default_factory=list)
+    measured_req_per_s: float | None = None  # what the points the estimate rests on measured (their workload)
+    answers: dict[str, Any] | None = None  # what the answer lengths were taken from (``AnswerLengths.summary``)
+    pilot: dict[str, Any] | None = None  # the pilot run behind it, if any
+    done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -639,8 +706,11 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         notes.append(f"no measured num_ctx holds the longest request ({need} tokens): prompts may be truncated")
     pool = holding or list(fits)
     ranked = sorted((f.run_seconds(shape), f.num_ctx, f.concurrency) for f in pool)
+    measured = {(f.num_ctx, f.concurrency): f for f in pool}
     candidates: list[dict[str, Any]] = [
-        {"num_ctx": n, "concurrency": c, "seconds": t, "req_per_s": shape.n / t if t > 0 else None}
+        {"num_ctx": n, "concurrency": c, "seconds": t, "req_per_s": shape.n / t if t > 0 else None,
+         "measured_req_per_s": measured[(n, c)].measured_req_per_s,
+         "measured_output_tokens_per_s": measured[(n, c)].measured_output_tps}
         for t, n, c in ranked]
     best = best_config(candidates, speed="req_per_s") or candidates[0]  # obatch.bench.best: the one rule
     if concurrency is None and num_ctx is None:
@@ -652,6 +722,10 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
     run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
+    if shape.answers is not None and shape.caps is not None and shape.count is None:
+        drawn, draw_cv, mean_cv = answer_spread(basis, shape)
+        run_seconds *= drawn
+        margin = math.sqrt(margin ** 2 + (Z * draw_cv) ** 2 + (Z * mean_cv) ** 2)
     ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
     factor = math.exp(statistics.median(map(math.log, ratios)) * len(ratios) / (len(ratios) + 1)) if ratios else 1.0
     if ratios:
@@ -668,16 +742,46 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
                      f"tokens) lie outside the measured ones; the interval is widened")
     load = basis.load_seconds if include_load else 0.0
     seconds = run_seconds + load
+    rate = shape.n / seconds if seconds > 0 else 0.0
+    if basis.measured_req_per_s and rate > 1.25 * basis.measured_req_per_s:
+        notes.append(f"the benchmark measured {basis.measured_req_per_s:.2f} req/s at num_ctx {basis.num_ctx}, "
+                     f"concurrency {basis.concurrency}, with answers of {basis.measured_output_mean:.0f} tokens; "
+                     f"this workload's {shape.mean_output:.0f}-token answers are predicted to go at {rate:.2f} req/s")
     used = [f for f in same_ctx if f.concurrency == chosen_c] or [basis]
     points = [{"id": i, "run_id": f.run_id, "num_ctx": f.num_ctx, "concurrency": f.concurrency}
               for f in used for i in f.point_ids]
     return Estimate(
         model=basis.model, backend=basis.backend, num_requests=shape.n, prompt_tokens_mean=shape.mean_prompt,
-        output_tokens_mean=shape.mean_output, seconds=seconds, low=max(0.0, run_seconds * (1 - margin)) + load,
+        output_tokens_mean=shape.mean_output, seconds=seconds, low=run_seconds / (1 + margin) + load,
         high=run_seconds * (1 + margin) + load, load_seconds=load, num_ctx=chosen_ctx, concurrency=chosen_c,
-        req_per_s=shape.n / seconds if seconds > 0 else 0.0, best=best, candidates=candidates, points=points,
+        req_per_s=rate, best=best, candidates=candidates, points=points,
         history_factor=factor, history_batches=len(ratios), notes=notes,
+        measured_req_per_s=basis.measured_req_per_s,
+        answers=shape.answers.summary() if shape.answers is not None else None,
     )
+
+
+def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
+    """What the answers' spread does to a run: (mean running time with lengths drawn from the learnt curve / with
+    every answer at its expected length, the relative spread of those draws, the relative uncertainty the file's
+    unknown mean answer adds). The draws are seeded by the workload, so one file gets one estimate whichever path
+    asks (before submitting, at the batch's start, the command line)."""
+    assert shape.answers is not None and shape.caps is not None
+    answers, caps = shape.answers, shape.caps
+    base = fit.run_seconds(shape)
+    if base <= 0:
+        return 1.0, 0.0, 0.0
+    rng = random.Random(f"{shape.n}|{sum(shape.output_tokens):.3f}")
+    runs = []
+    for _ in range(max(4, min(DRAWS, DRAW_BUDGET // max(shape.n, 1)))):
+        drawn = [answers.draw(cap, rng.random()) for cap in caps]
+        runs.append(fit.run_seconds(dataclasses.replace(shape, output_tokens=drawn)))
+    centre = statistics.fmean(runs)
+    spread = statistics.stdev(runs) / centre if len(runs) > 1 and centre > 0 else 0.0
+    longer = [min(o * 1.1, cap) if cap is not None else o * 1.1 for o, cap in zip(shape.output_tokens, caps,
+                                                                                  strict=True)]
+    elasticity = max(0.0, (fit.run_seconds(dataclasses.replace(shape, output_tokens=longer)) / base - 1) / 0.1)
+    return centre / base, spread, answers.mean_cv * elasticity
 
 
 async def history_ratios(session: AsyncSession, model: str, backend: str, limit: int = HISTORY
@@ -713,10 +817,13 @@ async def fits_preferring(session: AsyncSession, model: str, backend: str | None
 async def estimate_groups(session: AsyncSession, *, model: str | None = None, num_requests: int | None = None,
                           prompt_tokens: float | None = None, output_tokens: float | None = None,
                           file: Path | None = None, backend: str | None = None, num_ctx: int | None = None,
-                          concurrency: int | None = None, include_load: bool = True) -> list[Estimate]:
+                          concurrency: int | None = None, include_load: bool = True,
+                          engine: Backend | None = None, file_sha256: str | None = None) -> list[Estimate]:
     """Estimates for ``num_requests`` × (prompt_tokens, output_tokens) on ``model``, or for a batch file: one per
     model group of the file (``model`` then overrides every line's model, as ``obatch run --model`` does).
-    Points measured on ``backend`` are preferred."""
+    Points measured on ``backend`` are preferred. A file is estimated exactly as its batch will be at its start
+    (``estimate_model``): ``engine``, when given, tells the context window obatch will pick; ``file_sha256`` finds
+    the lines a pilot already ran (left out: the batch takes them as finished) and the answers it measured."""
     if file is None:
         if model is None or num_requests is None or prompt_tokens is None or output_tokens is None:
             raise errors.ConfigError("Give model, num_requests, prompt_tokens and output_tokens, or an input file.",
@@ -726,21 +833,100 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
         return [await asyncio.to_thread(
             functools.partial(estimate_from_fits, fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
                               num_ctx=num_ctx, concurrency=concurrency, include_load=include_load, history=history))]
-    rows = await asyncio.to_thread(file_rows, file, model)
-    if not rows:
+    piloted = await pilot_rows(session, file_sha256) if file_sha256 else []
+    done = {(p.custom_id, p.body_sha256) for p in piloted if p.used_by is None}
+    groups, skipped = await asyncio.to_thread(file_rows, file, model, done=done)
+    if not groups and not skipped:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
-    groups: dict[str, list[tuple[int, int | None, str | None]]] = defaultdict(list)
-    for name, prompt, max_tokens, text in rows:
-        groups[name].append((prompt, max_tokens, text))
     out = []
-    for name, requests in groups.items():
-        fits = await fits_preferring(session, name, backend)
-        calibration = await calibration_for(session, name, fits)
-        history = await history_ratios(session, name, fits[0].backend)
-        out.append(await asyncio.to_thread(_estimate_rows, fits, requests, calibration, window=concurrency or
-                                           DEFAULT_WINDOW, num_ctx=num_ctx, concurrency=concurrency,
-                                           include_load=include_load, history=history))
+    for name in [*groups, *(m for m in skipped if m not in groups)]:
+        out.append(await estimate_model(
+            session, name, groups.get(name, []), backend=backend, engine=engine, num_ctx=num_ctx,
+            concurrency=concurrency, include_load=include_load, pilot=[p for p in piloted if p.model == name],
+            done=skipped.get(name, 0)))
     return out
+
+
+async def pilot_rows(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
+    return await pilots.all_of(session, file_sha256)
+
+
+async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line], *, backend: str | None,
+                         engine: Backend | None = None, num_ctx: int | None = None, concurrency: int | None = None,
+                         include_load: bool = True, pilot: Sequence[PilotRow] = (), done: int = 0,
+                         strict_backend: bool = False, exclude_batch: str | None = None) -> Estimate:
+    """The one estimate of a model's lines, whoever asks (the estimate endpoint and command line for a file, the
+    batch at its start): the same rows, answer lengths, context window and draws give the same figures.
+
+    The context window is the one the batch will run: obatch's pick for the longest request when the engine sets
+    one (``engine``'s capabilities; assumed when no engine is at hand). The model's context length is not asked
+    (an estimate needs no engine): it only lowers that pick for requests too long to run at all. Without benchmark
+    points, a pilot's own latencies are extrapolated instead."""
+    try:
+        fits = (await fits_for(session, model, backend)) if strict_backend else \
+            await fits_preferring(session, model, backend)
+    except errors.NotFoundError:
+        fits = []
+    population = len(lines) + done
+    if not fits:
+        timed = [p for p in pilot if p.latency_ms]
+        if len(timed) >= 2:
+            return pilot_extrapolation(model, backend or (engine.name if engine else ""), len(lines), timed, done,
+                                       include_load=include_load)
+        raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
+                                   "first, or a pilot of the file (--pilot 16).", param="model")
+    if not lines:
+        return _nothing_left(fits[0], model, done)
+    if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
+        num_ctx = context.fit_num_ctx(max(context.need_of(x.prompt, x.max_tokens) for x in lines), None).num_ctx
+    endpoints = {x.url for x in lines}
+    calibration = await calibration_for(session, model, fits, endpoint=endpoints.pop() if len(endpoints) == 1 else
+                                        None, pilot=pilot, population=population, exclude_batch=exclude_batch)
+    history = await history_ratios(session, model, fits[0].backend)
+    rows = [(x.prompt, x.max_tokens, x.text) for x in lines]
+    made = await asyncio.to_thread(_estimate_rows, fits, rows, calibration,
+                                   window=concurrency or max(f.concurrency for f in fits), num_ctx=num_ctx,
+                                   concurrency=concurrency, include_load=include_load, history=history)
+    made.done_requests = done
+    if done:
+        made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
+    return made
+
+
+def _nothing_left(fit: ConfigFit, model: str, done: int) -> Estimate:
+    return Estimate(model=model, backend=fit.backend, num_requests=0, prompt_tokens_mean=0.0, output_tokens_mean=0.0,
+                    seconds=0.0, low=0.0, high=0.0, load_seconds=0.0, num_ctx=fit.num_ctx,
+                    concurrency=fit.concurrency, req_per_s=0.0, best=None, candidates=[], points=[],
+                    done_requests=done, notes=[f"every line was already run by a pilot ({done})"])
+
+
+def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequence[PilotRow], done: int, *,
+                        include_load: bool = True) -> Estimate:
+    """No benchmark of the model: the pilot's own requests, run ``c`` at a time, are the measurement. The
+    remaining lines' latencies are drawn from the pilot's (a bootstrap of the makespan at the pilot's ``c``), and
+    the interval is the t-interval of the pilot's mean latency (a sample of n out of N lines) with the draws'
+    spread."""
+    latencies = [float(p.latency_ms or 0.0) for p in pilot]
+    c = max(1, max(p.concurrency or 1 for p in pilot))
+    n, population = len(latencies), remaining + done
+    rng = random.Random(f"{n}|{remaining}|{sum(latencies):.3f}")
+    runs = [makespan([rng.choice(latencies) for _ in range(remaining)], c) / 1000
+            for _ in range(max(4, min(DRAWS, DRAW_BUDGET // max(remaining, 1))))] if remaining else [0.0]
+    seconds = statistics.fmean(runs)
+    spread = statistics.stdev(runs) / seconds if len(runs) > 1 and seconds > 0 else 0.0
+    fpc = math.sqrt(max(0.0, 1 - n / population)) if population > n else 0.0
+    half = t_quantile(0.975, n - 1) * statistics.stdev(latencies) / math.sqrt(n) / statistics.fmean(latencies) * fpc
+    margin = max(MIN_MARGIN, math.sqrt(half ** 2 + (Z * spread) ** 2))
+    tokens = [float(p.completion_tokens or 0) for p in pilot]
+    return Estimate(
+        model=model, backend=backend, num_requests=remaining, prompt_tokens_mean=0.0,
+        output_tokens_mean=statistics.fmean(tokens), seconds=seconds, low=seconds / (1 + margin),
+        high=seconds * (1 + margin), load_seconds=0.0, num_ctx=0, concurrency=c,
+        req_per_s=remaining / seconds if seconds > 0 else 0.0, best=None, candidates=[], points=[],
+        method="a pilot of the file itself: its latencies drawn for the remaining lines, makespan at its concurrency",
+        notes=[f"no benchmark points for {model}: extrapolated from {n} pilot lines run {c} at a time "
+               f"(±{margin:.0%} is what a sample of {n} supports)"],
+        measured_req_per_s=None, done_requests=done)
 
 
 def _estimate_rows(fits: Sequence[ConfigFit], rows: Sequence[tuple[int, int | None, str | None]],
@@ -749,7 +935,7 @@ def _estimate_rows(fits: Sequence[ConfigFit], rows: Sequence[tuple[int, int | No
     return estimate_from_fits(fits, shape_of(rows, calibration, window=window), **options)
 
 
-async def estimate(session: AsyncSession, model: str, **kwargs: Any) -> Estimate:
+async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> Estimate:
     """``estimate_groups`` for one model (a file's lines all count as ``model``): the notebook and CLI form."""
     return (await estimate_groups(session, model=model, **kwargs))[0]
 
@@ -760,33 +946,32 @@ async def estimate(session: AsyncSession, model: str, **kwargs: Any) -> Estimate
 async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None
                          ) -> dict[str, Any] | None:
     """The estimate for a batch about to run (its pending requests, per model group, at the num_ctx obatch will
-    pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level); None when a
-    model has no benchmark points."""
+    pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level), made by
+    ``estimate_model`` as the file's estimate is; None when a model has no benchmark points."""
     async with sessions() as session:
+        stored = await session.get(FileRow, batch.input_file_id)
+        piloted = await pilot_rows(session, stored.sha256) if stored is not None and stored.sha256 else []
         models = [g.model for g in await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)]
         for model in models:  # before the rows are read: a million of them in memory cost 250 MB, for nothing
-            if not await fits_for(session, model, backend.name):
+            if not any(p.model == model for p in piloted) and not await fits_for(session, model, backend.name):
                 return None
-        rows = await bench_repo.pending_shapes(session, batch.id)
-        groups: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
-        for model, prompt, max_tokens in rows:
-            groups[model].append((prompt, max_tokens))
+        rows = await bench_repo.pending_lines(session, batch.id)
+        groups: dict[str, list[tuple[str, int, int | None]]] = defaultdict(list)
+        for model, url, prompt, max_tokens in rows:
+            groups[model].append((url, prompt, max_tokens))
         parts = []
         for model, requests in groups.items():
-            fits = await fits_for(session, model, backend.name)
-            if not fits:
-                return None
-            need = max(context.need_of(p, m) for p, m in requests)
-            context_length = (await backend.show(model)).context_length
-            num_ctx = None if backend.name == "openai" else context.fit_num_ctx(need, context_length).num_ctx
             texts = [prompt_text(url, orjson.loads(body))
                      for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
-            rows_with_text = [(p, m, texts[i] if i < len(texts) else None) for i, (p, m) in enumerate(requests)]
-            window = concurrency or max(f.concurrency for f in fits)
-            calibration = await calibration_for(session, model, fits)
-            history = await history_ratios(session, model, backend.name)
-            parts.append(await asyncio.to_thread(_estimate_rows, fits, rows_with_text, calibration, window=window,
-                                                 num_ctx=num_ctx, concurrency=concurrency, history=history))
+            lines = [Line(p, m, texts[i] if i < len(texts) else None, url) for i, (url, p, m) in enumerate(requests)]
+            mine = [p for p in piloted if p.model == model]
+            try:
+                parts.append(await estimate_model(
+                    session, model, lines, backend=backend.name, engine=backend, concurrency=concurrency,
+                    pilot=mine, done=sum(p.used_by == batch.id for p in mine), strict_backend=True,
+                    exclude_batch=batch.id))
+            except errors.NotFoundError:
+                return None
     if not parts:
         return None
     return {

@@ -11,12 +11,15 @@ import polars as pl
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
+from obatch.backends.base import Backend
 from obatch.bench import views
 from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
 from obatch.bench.slo import MIN_SHARE, capacities, parse_slo, with_goodput
 from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
 from obatch.config import Settings
+from obatch.protocol import DurationEstimate
 from obatch.store import repo
+from obatch.store.db import Sessions
 
 HOST_FIELDS = views.HOST_FIELDS
 
@@ -87,25 +90,40 @@ async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | No
     return config_models(views.mark_best(views.latest_configs(summary)).sort(["num_ctx", "concurrency", "model"]))
 
 
-def _combined(parts: list[Estimate]) -> dict[str, Any]:
-    if len(parts) == 1:
-        return {"object": "benchmark.estimate", **parts[0].as_dict(), "groups": None}
-    return {
-        "object": "benchmark.estimate", "model": ",".join(p.model for p in parts),
-        "num_requests": sum(p.num_requests for p in parts), "seconds": sum(p.seconds for p in parts),
-        "low": sum(p.low for p in parts), "high": sum(p.high for p in parts),
-        "groups": [p.as_dict() for p in parts],
-    }
+def combined(parts: list[Estimate], pilot: dict[str, Any] | None = None) -> DurationEstimate:
+    """One answer: the estimate itself for one model; for several, their totals and each in ``groups``."""
+    made = [DurationEstimate.model_validate(p.as_dict() | {"pilot": pilot}) for p in parts]
+    if len(made) == 1:
+        return made[0]
+    return DurationEstimate(
+        model=",".join(p.model for p in made), backend=made[0].backend,
+        num_requests=sum(p.num_requests for p in made), seconds=sum(p.seconds for p in made),
+        low=sum(p.low for p in made), high=sum(p.high for p in made),
+        load_seconds=sum(p.load_seconds for p in made), done_requests=sum(p.done_requests for p in made),
+        notes=[n for p in made for n in p.notes], pilot=made[0].pilot, groups=made)
 
 
 async def estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,
-                   input_file_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """``estimate_groups`` as one answer (the estimate itself for one model, totals and ``groups`` for several),
-    for token lengths or for a stored input file the caller owns."""
-    file = None
+                   input_file_id: str | None = None, pilot: int | None = None, engine: Backend | None = None,
+                   sessions: Sessions | None = None, **kwargs: Any) -> DurationEstimate:
+    """``estimate_groups`` as one answer, for token lengths or for a stored input file the caller owns. With
+    ``pilot``, a random sample of that many lines of the file runs first on ``engine`` (``obatch.bench.pilot``)
+    and the estimate goes by its answers; the batch of that file later takes those lines as finished."""
+    file = sha = None
     if input_file_id is not None:
-        file = batches.file_path(settings, (await repo.get_file(session, input_file_id, owner)).id)
-    return _combined(await estimate_groups(session, backend=backend, file=file, **kwargs))
+        row = await repo.get_file(session, input_file_id, owner)
+        file, sha = batches.file_path(settings, row.id), row.sha256 or None
+    ran = None
+    if pilot is not None:
+        if file is None or engine is None or sessions is None:
+            raise errors.ConfigError("A pilot runs lines of an input file: give input_file_id.", param="pilot")
+        from obatch.bench.pilot import run_pilot
+
+        ran = await run_pilot(sessions, engine, settings, file, size=pilot, model=kwargs.get("model"),
+                              concurrency=kwargs.get("concurrency"))
+        sha = ran["file_sha256"]
+    return combined(await estimate_groups(session, backend=backend, file=file, engine=engine, file_sha256=sha,
+                                           **kwargs), ran)
 
 
 async def estimate_records(session: AsyncSession, owner: str | None = None) -> list[EstimateRecord]:

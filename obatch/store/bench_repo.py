@@ -79,7 +79,7 @@ async def samples_of(session: AsyncSession, point_ids: Sequence[int]) -> list[Be
     return list((await session.execute(statement)).scalars().all())
 
 
-async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
+async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000, *, exclude: str | None = None
                             ) -> list[tuple[int, int, int | None, int]]:
     """(prompt_estimate, prompt_tokens, max_tokens, completion_tokens) of recent succeeded batch requests of a
     model: what real runs say about obatch's prompt estimate and about how much of max_tokens answers use."""
@@ -87,18 +87,11 @@ async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
         select(col(RequestRow.prompt_estimate), col(RequestRow.prompt_tokens), col(RequestRow.max_tokens),
                col(RequestRow.completion_tokens))
         .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
-               col(RequestRow.prompt_tokens).is_not(None), col(RequestRow.completion_tokens).is_not(None))
+               col(RequestRow.prompt_tokens).is_not(None), col(RequestRow.completion_tokens).is_not(None),
+               col(RequestRow.batch_id) != (exclude or ""))
         .order_by(col(RequestRow.finished_at).desc()).limit(limit)
     )
     return [(int(e), int(p or 0), m, int(c or 0)) for e, p, m, c in (await session.execute(statement)).all()]
-
-
-async def pending_shapes(session: AsyncSession, batch_id: str) -> list[tuple[str, int, int | None]]:
-    """(model, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
-    statement = (select(col(RequestRow.model), col(RequestRow.prompt_estimate), col(RequestRow.max_tokens))
-                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
-                 .order_by(col(RequestRow.line)))
-    return [(m, int(p or 0), x) for m, p, x in (await session.execute(statement)).all()]
 
 
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
@@ -154,3 +147,39 @@ async def update_sweep(session: AsyncSession, sweep_id: str, *, only_if: Sequenc
         statement = statement.where(col(BenchSweepRow.status).in_(list(only_if)))
     result = await session.execute(statement.values(**values))
     return bool(getattr(result, "rowcount", 0))
+
+
+async def answer_observations(session: AsyncSession, model: str, limit: int = 5000, *, exclude: str | None = None
+                              ) -> list[tuple[str, int | None, int, str | None, str]]:
+    """(url, max_tokens, completion_tokens, finish_reason, batch_id) of a model's newest succeeded batch requests
+    (but those of the batch ``exclude``): what its answers really took, and which of them a cap cut."""
+    statement = (
+        select(col(RequestRow.url), col(RequestRow.max_tokens), col(RequestRow.completion_tokens),
+               col(RequestRow.finish_reason), col(RequestRow.batch_id))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.completion_tokens).is_not(None), col(RequestRow.batch_id) != (exclude or ""))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(u, m, int(c or 0), f, b) for u, m, c, f, b in (await session.execute(statement)).all()]
+
+
+async def natural_bench_answers(session: AsyncSession, model: str, limit: int = 5000) -> list[tuple[int, str]]:
+    """(completion_tokens, run_id) of a model's benchmark requests that ran without a cap: only file workloads
+    send such requests (generated ones force their lengths), so these answers ended where the model chose."""
+    statement = (
+        select(col(BenchSampleRow.completion_tokens), col(BenchPointRow.run_id))
+        .join(BenchPointRow, col(BenchPointRow.id) == col(BenchSampleRow.point_id))
+        .where(col(BenchPointRow.model) == model, col(BenchSampleRow.ok).is_(True),
+               col(BenchSampleRow.max_tokens).is_(None), col(BenchSampleRow.completion_tokens).is_not(None))
+        .order_by(col(BenchSampleRow.point_id).desc()).limit(limit)
+    )
+    return [(int(c or 0), r) for c, r in (await session.execute(statement)).all()]
+
+
+async def pending_lines(session: AsyncSession, batch_id: str) -> list[tuple[str, str, int, int | None]]:
+    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
+    statement = (select(col(RequestRow.model), col(RequestRow.url), col(RequestRow.prompt_estimate),
+                        col(RequestRow.max_tokens))
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
+                 .order_by(col(RequestRow.line)))
+    return [(m, u, int(p or 0), x) for m, u, p, x in (await session.execute(statement)).all()]

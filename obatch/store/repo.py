@@ -165,6 +165,7 @@ FINISH_COLUMNS = (
 )
 _STATE, _PROMPT, _COMPLETION, _REASONING = (FINISH_COLUMNS.index(c) for c in (
     "state", "prompt_tokens", "completion_tokens", "reasoning_tokens"))
+COMPLETION_AT = _COMPLETION  # where a finished row (``FINISH_COLUMNS`` order) holds its completion tokens
 
 
 @functools.cache
@@ -433,3 +434,11 @@ async def upsert_file(session: AsyncSession, row: FileRow) -> None:
     statement = _upsert(session)(FileRow).values(**values)
     await session.execute(statement.on_conflict_do_update(
         index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"}))
+
+
+async def pending_caps(session: AsyncSession, batch_id: str) -> dict[int | None, int]:
+    """A batch's pending lines counted by max_tokens (None: uncapped): the work a run has left."""
+    statement = (select(col(RequestRow.max_tokens), func.count())
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
+                 .group_by(col(RequestRow.max_tokens)))
+    return {m: int(n) for m, n in (await session.execute(statement)).all()}

@@ -68,6 +68,7 @@ class BatchRow(SQLModel, table=True):
     run_seconds: float = 0.0  # time spent executing, summed over resumed runs
     estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
     concurrency_json: str | None = None  # each engine host's level, the reason for it, and its changes (auto)
+    eta_json: str | None = None  # the live remaining-time estimate while it runs (``obatch.progress.LiveEta``)
 
 
 class RequestRow(SQLModel, table=True):
@@ -119,3 +120,26 @@ class LeaseRow(SQLModel, table=True):
     claimed_at: float
     heartbeat: float
     expires_at: float
+
+
+class PilotRow(SQLModel, table=True):
+    """A line of an input file run ahead of its batch by a pilot (``obatch estimate --pilot``): its answer tells how
+    long the file's answers are, and the batch that later imports the same file takes it as a finished line instead
+    of running it again (once: ``used_by`` names that batch). Keyed by the file's content, the line's custom_id and
+    its body, so a changed line is never mistaken for the one that ran."""
+
+    __tablename__ = "pilots"
+
+    file_sha256: str = Field(primary_key=True)
+    custom_id: str = Field(primary_key=True)
+    body_sha256: str
+    model: str
+    url: str
+    max_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    latency_ms: float | None = None
+    concurrency: int | None = None  # requests the pilot had in flight (its latencies belong to that level)
+    result_json: str  # the finished request row's fields, as the batch stores them
+    created_at: float
+    used_by: str | None = None

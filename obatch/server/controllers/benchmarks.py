@@ -21,7 +21,7 @@ from obatch import errors
 from obatch.bench import service, sweeps, views
 from obatch.bench.slo import MIN_SHARE
 from obatch.bench.wire import Sweep, SweepParams
-from obatch.protocol import ListPage
+from obatch.protocol import DurationEstimate, ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
 from obatch.store import bench_repo
 
@@ -33,6 +33,8 @@ Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
 Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
 Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
 Slo = Annotated[str | None, QueryParameter(max_length=200, description="e.g. ttft=500ms,tpot=50ms")]
+Pilot = Annotated[int | None, QueryParameter(ge=1, le=256, description="run this many random lines of the file "
+                                             "first (the batch takes them as finished) and estimate from them")]
 
 
 def _page(items: Sequence[Any]) -> ListPage:
@@ -74,11 +76,11 @@ class BenchmarksController(Controller):
                        num_requests: Annotated[int | None, QueryParameter(ge=1, le=MAX_REQUESTS)] = None,
                        prompt_tokens: Tokens = None, output_tokens: Tokens = None,
                        input_file_id: FromQuery[str | None] = None, num_ctx: Positive = None,
-                       concurrency: Concurrency = None) -> dict[str, Any]:
+                       concurrency: Concurrency = None, pilot: Pilot = None) -> DurationEstimate:
         return await service.estimate(
             db_session, svc.settings, owner, backend=svc.backend.name, input_file_id=input_file_id, model=model,
             num_requests=num_requests, prompt_tokens=prompt_tokens, output_tokens=output_tokens, num_ctx=num_ctx,
-            concurrency=concurrency)
+            concurrency=concurrency, pilot=pilot, engine=svc.pool, sessions=svc.sessions)
 
     @get("/estimates", summary="Estimate vs actual duration of finished batches")
     async def estimates(self, db_session: DbSession, owner: Owner) -> ListPage:

@@ -95,3 +95,7 @@ __all__ = [
     "read_health",
     "results_frame",
 ]
+
+from obatch.ui.views.estimates import PILOT_LINES, estimate_notes, offers_pilot
+
+__all__ += ["PILOT_LINES", "estimate_notes", "offers_pilot"]

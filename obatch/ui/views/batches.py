@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
 from obatch.protocol import FINAL_STATUSES, Batch
-from obatch.ui.views.estimates import estimate_seconds
+from obatch.ui.views.estimates import EstimateLike, estimate_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
@@ -97,7 +97,7 @@ def _end_of(batch: Batch) -> int | None:
     return None
 
 
-def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[str, Any] | None = None
+def batch_progress(batch: Batch, *, now: float | None = None, estimate: EstimateLike = None
                    ) -> BatchProgress:
     """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate.
 
@@ -105,7 +105,7 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[
     ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
     now = time.time() if now is None else now
     total, completed, failed, skipped = counts(batch)
-    expected = estimate_seconds(estimate)[0] if estimate else None
+    expected = estimate_seconds(estimate or (batch.obatch or {}).get("estimate"))[0]
     if not batch.in_progress_at:
         return BatchProgress(total, completed, failed, None, None, None, expected, expected, skipped)
     end = _end_of(batch) or int(now)
@@ -115,8 +115,11 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Mapping[
     tps = tokens / elapsed if elapsed > 0 and tokens else None
     done = completed + failed
     eta: float | None
+    live = (batch.obatch or {}).get("eta") or {}  # refined by the server from the lines finished, tokens-aware
     if is_final(batch) or batch.status in ("finalizing", "cancelling"):
         eta = 0.0
+    elif live.get("seconds_left") is not None:
+        eta = max(0.0, float(live["seconds_left"]) - max(0.0, now - float(live.get("at") or now)))
     elif done and elapsed > 0:
         eta = (total - done) / (done / elapsed)
     elif expected is not None:

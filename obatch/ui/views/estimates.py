@@ -9,6 +9,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
+from obatch.protocol import DurationEstimate
 from obatch.ui.views._values import flatten, integer, number
 
 
@@ -33,8 +34,15 @@ _LOW = ("low_seconds", "lower_seconds", "min_seconds", "low_s", "low")
 _HIGH = ("high_seconds", "upper_seconds", "max_seconds", "high_s", "high")
 
 
-def estimate_seconds(estimate: Mapping[str, Any] | None) -> tuple[float | None, float | None, float | None]:
+PILOT_LINES = 16  # the pilot the Batches page offers when nothing is known about a model's answer lengths
+
+EstimateLike = DurationEstimate | Mapping[str, Any] | None
+
+
+def estimate_seconds(estimate: EstimateLike) -> tuple[float | None, float | None, float | None]:
     """(expected, low, high) seconds of an estimate answer, whichever spelling it uses."""
+    if isinstance(estimate, DurationEstimate):
+        return estimate.seconds, estimate.low, estimate.high
     if not estimate:
         return None, None, None
     flat = flatten(estimate)
@@ -49,20 +57,47 @@ def estimate_seconds(estimate: Mapping[str, Any] | None) -> tuple[float | None, 
     return pick(_EXPECTED), low, high
 
 
-def estimate_config(estimate: Mapping[str, Any] | None) -> str | None:
+def estimate_config(estimate: EstimateLike) -> str | None:
     """``num_ctx 4096 · concurrency 4``: the configuration an estimate assumes (None when it does not say)."""
+    if isinstance(estimate, DurationEstimate):
+        estimate = estimate.model_dump()
     if not estimate or estimate.get("num_ctx") is None or estimate.get("concurrency") is None:
         return None
     return f"num_ctx {estimate['num_ctx']} · concurrency {estimate['concurrency']}"
 
 
-def describe_estimate(estimate: Mapping[str, Any] | None) -> str | None:
+def describe_estimate(estimate: EstimateLike) -> str | None:
     """One sentence: ``about 2 min 10 s (1 min 50 s – 2 min 40 s)``, or None without an expected duration."""
     expected, low, high = estimate_seconds(estimate)
     if expected is None:
         return None
     interval = f" ({format_seconds(low)} – {format_seconds(high)})" if low is not None and high is not None else ""
     return f"about {format_seconds(expected)}{interval}"
+
+
+def offers_pilot(estimate: DurationEstimate | None) -> bool:
+    """Whether the answer lengths behind a file's estimate are unknown, so a pilot would tell them."""
+    if estimate is None or estimate.pilot is not None:
+        return False
+    return any(part.answers is not None and not part.answers.known for part in estimate.groups or [estimate])
+
+
+def estimate_notes(estimate: DurationEstimate | None) -> list[str]:
+    """How an estimate was made, in sentences (its notes, the pilot it ran, what the points measured)."""
+    if estimate is None:
+        return []
+    out = []
+    for part in estimate.groups or [estimate]:
+        prefix = f"{part.model}: " if estimate.groups else ""
+        if part.measured_req_per_s:
+            out.append(f"{prefix}the benchmark points it rests on measured {part.measured_req_per_s:.2f} req/s "
+                       "on their own workload")
+        out += [prefix + note for note in part.notes]
+    if estimate.pilot is not None:
+        p = estimate.pilot
+        out.append(f"pilot: {p.requests} lines of this file ({p.ran} run now, {p.reused} earlier, {p.failed} failed); "
+                   "the batch takes them as finished")
+    return out
 
 
 ESTIMATE_RECORD_SCHEMA: dict[str, Any] = {

@@ -1,0 +1,315 @@
+"""Estimates of natural files (answers with no max_tokens, mixed caps) on the simulator: answer lengths learnt from
+finished batches or a pilot, intervals that hold the estimate and stay above zero, pilot lines never run twice, one
+figure for one file whichever way it is asked, and the live remaining time of a running batch."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from obatch import context
+from obatch.api import run_batch_file
+from obatch.backends.base import Capabilities, capabilities_of
+from obatch.backends.ollama import OllamaBackend
+from obatch.backends.openai import OpenAIBackend
+from obatch.backends.pool import Pool
+from obatch.bench import cli as bench_cli
+from obatch.bench.answers import AnswerLengths, Observation, observe, survival, t_quantile
+from obatch.bench.estimate import Shape, estimate_from_fits, estimate_groups
+from obatch.bench.pilot import file_sha256, run_pilot
+from obatch.bench.service import combined
+from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.cli import _parser
+from obatch.config import Settings
+from obatch.progress import LiveEta
+from obatch.protocol import DurationEstimate
+from obatch.store.db import open_store
+from obatch.store.tables import PilotRow
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
+from obatch.ui import views
+from tests.helpers import chat_line, write_jsonl
+
+CHAT = "llama3.2:1b"
+# Natural answers: the simulator ends each answer after 8-80 words drawn from the prompt (when nothing cuts it).
+SIM = SimConfig(models=(SimModel(CHAT),), num_parallel=2, prompt_tps=20_000, decode_tps=2000,
+                default_output_tokens=40)
+
+
+def natural_file(path: Path, n: int, *, seed: int, caps: tuple[int | None, ...] = (None,)) -> Path:
+    rng = random.Random(seed)
+    topics = ("rivers", "bread", "owls", "glass", "maps", "tea", "snow", "clocks")
+    lines = []
+    for i in range(n):
+        cap = rng.choice(caps)
+        extra = {"max_tokens": cap} if cap is not None else {}
+        text = f"Tell me about {rng.choice(topics)} number {seed}-{i}. " + "Some context. " * rng.randint(0, 6)
+        lines.append(chat_line(f"line-{i}", text, model=CHAT, **extra))
+    return write_jsonl(path, lines)
+
+
+# ------------------------------------------------------------------------------------------ answer lengths
+
+
+def test_answer_lengths_take_cut_answers_as_lower_bounds() -> None:
+    ended = [Observation(float(t), True) for t in (10, 20, 30, 40)]
+    curve = survival(ended)
+    assert curve == [(10, 0.75), (20, 0.5), (30, 0.25), (40, 0.0)]
+    lengths = AnswerLengths.learn(ended * 2, "batches")
+    assert lengths.known and lengths.expected(None) == pytest.approx(25.0)
+    assert lengths.expected(20) == pytest.approx(10 + 0.75 * 10)  # min(X, 20): a cap is a hard bound
+    assert lengths.expected(5) == 5.0
+    assert lengths.draw(None, 0.1) == 10 and lengths.draw(None, 0.99) == 40 and lengths.draw(15, 0.99) == 15
+    # answers cut at their cap of 25 only say "at least 25": the mean of what ran without a cap rises
+    cut = [observe(25, 25, "length"), observe(25, 25, None), observe(12, 25, "stop")]
+    assert [o.ended for o in cut if o] == [False, False, True]
+    cut_at_25 = [Observation(25.0, False)] * 6
+    censored = AnswerLengths.learn(ended * 2 + cut_at_25, "batches")
+    naive = AnswerLengths.learn(ended * 2 + [Observation(25.0, True)] * 6, "batches")
+    assert censored.expected(None) > naive.expected(None) + 3  # the cut ones went on past 25 (to 30 or 40 here)
+    assert censored.expected(25) == pytest.approx(naive.expected(25))  # under the cap they agree
+    # nothing known: the cap, or the assumed default for an uncapped request, and a note offering a pilot
+    unknown = AnswerLengths()
+    assert not unknown.known and unknown.expected(64) == 64
+    assert any("pilot" in n for n in unknown.notes(capped=0, uncapped=3))
+
+
+def test_a_pilot_interval_is_the_t_interval_of_its_sample() -> None:
+    assert t_quantile(0.975, 15) == pytest.approx(2.131, abs=0.01)
+    assert t_quantile(0.975, 5) == pytest.approx(2.571, abs=0.03)
+    values = [10.0, 30.0, 50.0, 70.0] * 4
+    pilot = AnswerLengths.learn([Observation(v, True, "pilot") for v in values], "pilot", population=1000)
+    half = 2.131 * 22.9 / 4 * math.sqrt(1 - 16 / 1000)  # t · s / √n, finite-population corrected
+    assert pilot.mean_cv * 1.96 * 40 == pytest.approx(half, rel=0.02)
+    whole = AnswerLengths.learn([Observation(v, True, "pilot") for v in values], "pilot", population=16)
+    assert whole.mean_cv == 0.0  # the pilot was the whole file
+
+
+def test_intervals_never_go_below_zero_and_hold_the_estimate() -> None:
+    from tests.test_bench_metrics import _fake_fit
+
+    unknown = AnswerLengths()
+    for efficiency in ((1.0,), (0.1, 1.0, 3.0), (0.01, 5.0)):
+        fit = _fake_fit(4, efficiency=efficiency)
+        for caps in ([None] * 20, [16, None, 400] * 7, [8] * 3):
+            shape = Shape([50.0] * len(caps), [unknown.expected(c) for c in caps], caps=list(caps), answers=unknown)
+            made = estimate_from_fits([fit], shape)
+            assert 0 <= made.low <= made.seconds <= made.high
+            DurationEstimate.model_validate(made.as_dict())  # the wire model refuses anything else
+    with pytest.raises(ValueError, match="interval"):
+        DurationEstimate(model="m", num_requests=1, seconds=10, low=-1, high=20)
+
+
+# ---------------------------------------------------------------------------------------- on the simulator
+
+
+@pytest.fixture
+async def swept(make_settings: Callable[..., Settings], db_url: str | None) -> AsyncIterator[tuple[Settings,
+                                                                                                  OllamaSim]]:
+    """The simulator with natural answer lengths, and a store holding a small sweep of it (forced lengths)."""
+    async with OllamaSim(SIM) as sim:
+        settings = make_settings(sim.url, concurrency=2)
+        spec = SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short", seed=1)
+        await run_sweep(spec, settings=settings, progress=False)
+        yield settings, sim
+
+
+async def _file_estimate(settings: Settings, path: Path, **kwargs: Any) -> DurationEstimate:
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            sha = await asyncio.to_thread(file_sha256, path)
+            return combined(await estimate_groups(session, backend="ollama", file=path, file_sha256=sha,
+                                                  concurrency=2, **kwargs))
+    finally:
+        await engine.dispose()
+
+
+async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tuple[Settings, OllamaSim],
+                                                                      tmp_path: Path) -> None:
+    settings, _sim = swept
+    first = natural_file(tmp_path / "first.jsonl", 24, seed=1)
+    before = await _file_estimate(settings, first)
+    assert before.answers is not None and before.answers.source == "none" and not before.answers.known
+    assert any("pilot" in note for note in before.notes) and views.offers_pilot(before)
+    await run_batch_file(first, settings=settings, concurrency=2, progress=False)
+    # a new file of the same kind: its answers are now expected to be as long as the first batch's were
+    second = natural_file(tmp_path / "second.jsonl", 24, seed=2)
+    after = await _file_estimate(settings, second)
+    assert after.answers is not None and after.answers.source == "batches" and after.answers.known
+    assert after.answers.samples == 24 and 8 <= (after.answers.mean or 0) <= 90
+    assert after.output_tokens_mean == pytest.approx(after.answers.mean, rel=0.01)
+    assert 0 < after.low < after.seconds < after.high and not views.offers_pilot(after)
+    # a mixed file: capped lines expect min(answer, cap), never more than their cap
+    mixed = natural_file(tmp_path / "mixed.jsonl", 24, seed=3, caps=(None, 8, 200))
+    capped = await _file_estimate(settings, mixed)
+    assert capped.output_tokens_mean is not None and capped.output_tokens_mean < after.output_tokens_mean
+
+
+async def test_a_pilot_estimates_the_file_and_its_lines_are_not_run_twice(swept: tuple[Settings, OllamaSim],
+                                                                         tmp_path: Path) -> None:
+    settings, sim = swept
+    path = natural_file(tmp_path / "natural.jsonl", 24, seed=5)
+    engine, sessions = await open_store(settings.db_url)
+    backend = OllamaBackend(sim.url)
+    try:
+        ran = await run_pilot(sessions, backend, settings, path, size=8, concurrency=2)
+        assert (ran["requests"], ran["ran"], ran["reused"], ran["failed"]) == (8, 8, 0, 0)
+        again = await run_pilot(sessions, backend, settings, path, size=8, concurrency=2)
+        assert (again["ran"], again["reused"]) == (0, 8)  # a second pilot of the same file runs nothing again
+    finally:
+        await backend.aclose()
+        await engine.dispose()
+    made = await _file_estimate(settings, path)
+    assert made.answers is not None and made.answers.source == "pilot" and made.answers.samples == 8
+    assert made.num_requests == 16 and made.done_requests == 8
+    assert 0 < made.low < made.seconds < made.high
+    # the command line gives the same figures for the same file and settings
+    args = _parser().parse_args([
+        "estimate", "--file", str(path), "--backend", "ollama", "-c", "2", "--data-dir", str(settings.data_dir)])
+    printed = await bench_cli.estimate_answer(args, settings)
+    assert printed.seconds == pytest.approx(made.seconds, rel=1e-9)
+    assert (printed.low, printed.high) == pytest.approx((made.low, made.high), rel=1e-9)
+    served = sim.stats.served
+    report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+    assert sim.stats.served - served == 16  # the 8 pilot lines were taken as finished
+    lines = [orjson.loads(x) for x in report.output.read_bytes().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"line-{i}" for i in range(24))
+    assert report.batch.completed == 24 and report.batch.failed == 0
+    # the estimate stored at the batch's start is the one the file got before it ran
+    stored = orjson.loads(report.batch.estimate_json or "{}")
+    assert stored["seconds"] == pytest.approx(made.seconds, rel=1e-9)
+    assert (stored["low"], stored["high"]) == pytest.approx((made.low, made.high), rel=1e-9)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            from sqlalchemy import select
+
+            pilots = (await session.execute(select(PilotRow))).scalars().all()
+        assert {p.used_by for p in pilots} == {report.batch.id}
+    finally:
+        await engine.dispose()
+    # run again: the pilot lines were taken once, so every line runs in the new batch
+    served = sim.stats.served
+    await run_batch_file(path, settings=settings, concurrency=2, progress=False, fresh=True)
+    assert sim.stats.served - served == 24
+
+
+async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_settings: Callable[..., Settings],
+                                                                        tmp_path: Path) -> None:
+    async with OllamaSim(SIM) as sim:
+        settings = make_settings(sim.url)
+        path = natural_file(tmp_path / "natural.jsonl", 40, seed=9)
+        with pytest.raises(Exception, match="pilot"):
+            await _file_estimate(settings, path)
+        engine, sessions = await open_store(settings.db_url)
+        backend = OllamaBackend(sim.url)
+        try:
+            await run_pilot(sessions, backend, settings, path, size=10, concurrency=2)
+        finally:
+            await backend.aclose()
+            await engine.dispose()
+        made = await _file_estimate(settings, path)
+        assert made.num_requests == 30 and made.done_requests == 10 and made.concurrency == 2
+        assert 0 < made.low < made.seconds < made.high and not made.points
+        assert any("extrapolated from 10 pilot lines" in n for n in made.notes)
+
+
+# ------------------------------------------------------------------------------------------- live ETA
+
+
+def test_the_live_eta_counts_the_tokens_left() -> None:
+    eta = LiveEta({None: 10, 100: 10}, prior_seconds=100.0, prior_output=50.0, started=0.0)
+    assert eta.seconds_left(now=0.0) == pytest.approx(100.0)  # nothing done: the start estimate
+    assert eta.tokens_left() == pytest.approx(10 * 50 + 10 * 50)
+    for _ in range(10):  # the uncapped lines answer 150 tokens, three times what was expected
+        eta.observe(None, 150, prompt_ms=10, decode_ms=990)
+    assert eta.tokens_left() == pytest.approx(10 * 100 * (4 * 0.5 * 100) / (4 * 100))  # capped: no news yet
+    left = eta.seconds_left(now=30.0)
+    assert left is not None
+    # 1500 tokens in 30 s; 500 tokens left by the capped lines' prior → about 10 s by tokens, 30 s by lines;
+    # decoding is 99% of the engine's time, so tokens decide, and the start estimate still counts a little
+    assert 8 < left < 30
+    for _ in range(10):
+        eta.observe(100, 100)
+    assert eta.seconds_left(now=40.0) == 0.0
+    assert eta.as_dict()["lines_left"] == 0
+
+
+def test_the_batch_object_and_the_ui_carry_the_live_eta() -> None:
+    from tests.test_ui_views import batch
+
+    running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 10, "failed": 0},
+                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0}, "estimate": {"seconds": 80.0}})
+    progress = views.batch_progress(running, now=1020)
+    assert progress.eta_s == pytest.approx(25.0) and progress.expected_s == 80.0
+
+
+# ---------------------------------------------------------------------------------------- capabilities
+
+
+def test_backends_say_what_they_can_do() -> None:
+    ollama, openai = OllamaBackend("http://127.0.0.1:9"), OpenAIBackend("http://127.0.0.1:9/v1")
+    assert capabilities_of(ollama).sets_num_ctx and capabilities_of(ollama).reloads_on_num_ctx
+    assert not capabilities_of(openai).sets_num_ctx
+    assert not Pool([openai]).sets_num_ctx and Pool([openai, ollama]).sets_num_ctx
+    assert capabilities_of(object()) == Capabilities()  # type: ignore[arg-type]
+    assert context.fit_num_ctx(300, None).num_ctx >= 300
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+@pytest.mark.timeout(180)
+async def test_the_estimate_endpoint_runs_a_pilot_of_an_uploaded_file(make_settings: Callable[..., Settings],
+                                                                     tmp_path: Path) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from obatch.server import create_app
+    from obatch.testing.ollama_sim import run_in_thread
+
+    sim = OllamaSim(SIM)
+    url, stop = run_in_thread(sim=sim)  # its own loop: the test client runs the app on another thread
+    try:
+        settings = make_settings(url, concurrency=2, worker_thread=False, worker_poll_interval=0.05)
+        await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short",
+                                  seed=1), settings=settings, progress=False)
+        await _endpoint_pilot(settings, sim, tmp_path, create_app, AsyncTestClient)
+    finally:
+        stop()
+
+
+async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, create_app: Any,
+                          client: Any) -> None:
+    path = natural_file(tmp_path / "natural.jsonl", 20, seed=11)
+    async with client(app=create_app(settings)) as api:
+        uploaded = (await api.post("/v1/files", files={"file": ("n.jsonl", path.read_bytes())},
+                                   data={"purpose": "batch"})).json()
+        blind = DurationEstimate.model_validate((await api.get("/v1/benchmarks/estimate", params={
+            "input_file_id": uploaded["id"], "concurrency": 2})).json())
+        assert blind.answers is not None and not blind.answers.known and blind.low >= 0
+        refused = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 0})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "pilot"
+        response = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 5,
+                                                                    "concurrency": 2})
+        assert response.status_code == 200, response.text
+        made = DurationEstimate.model_validate(response.json())
+        assert made.pilot is not None and made.pilot.ran == 5 and made.done_requests == 5
+        assert made.answers is not None and made.answers.source == "pilot" and made.num_requests == 15
+        served = sim.stats.served
+        batch = (await api.post("/v1/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
+                                                     "endpoint": "/v1/chat/completions"})).json()
+        for _ in range(400):
+            batch = (await api.get(f"/v1/batches/{batch['id']}")).json()
+            if batch["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 20
+        assert sim.stats.served - served == 15
+        assert batch["obatch"]["estimate"]["seconds"] == pytest.approx(made.seconds, rel=1e-9)
