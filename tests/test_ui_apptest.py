@@ -136,7 +136,7 @@ def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeS
     no_exception(at)
     assert any("pilot=16" in str(r.url) and "input_file_id=" in str(r.url) for r in fake.requests)
     at.selectbox[0].set_value("qwen2.5:0.5b")
-    concurrency.set_value(3)
+    at.number_input[0].set_value(3)  # the widget as drawn after the pilot's rerun
     at.selectbox[1].set_value("1h")
     at.button(key="submit").click().run()
     no_exception(at)
