@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import test_ui_browser
 from tests.helpers import ROOT
 from tests.serverkit import free_port, server_env
-from tests.test_ui_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Child, settle, shot, start, wait_http
+from tests.test_ui_browser import ARTIFACTS, CHROMIUM, Child, settle, shot, start, wait_http
+
+browser = test_ui_browser.browser  # the same Chromium fixture
 
 MODELS = ("qwen2.5:0.5b", "llama3.2:1b")
 
@@ -51,19 +54,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
     finally:
         for child in reversed(children):
             child.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_a_sweep_from_the_benchmarks_page_measures_the_servers_backend(stack: tuple[str, str, Path],
