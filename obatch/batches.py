@@ -367,7 +367,11 @@ outcome_row = _outcome_row  # a finished request as the store keeps it (pilots s
 
 @dataclass
 class ResultWriter:
-    """Buffers outcomes and commits them together (every ``every`` results or ``interval`` seconds)."""
+    """Buffers outcomes and commits them together (every ``every`` results or ``interval`` seconds).
+
+    Double-buffered: a full buffer is committed in the background while the next one fills, so the engine is not
+    kept waiting on the store. Only when a second buffer is full before the first is committed does ``add`` wait
+    (back-pressure: memory stays bounded however fast the engine is)."""
 
     svc: Services
     batch_id: str
@@ -377,6 +381,7 @@ class ResultWriter:
     started: float = field(default_factory=time.monotonic)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    _last: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
         row = _outcome_row(outcome)
@@ -388,26 +393,40 @@ class ResultWriter:
                              decode_ms=timings.decode_ms if timings else None)
         if self.progress is not None:
             self.progress.update(1)
-        if len(self.buffer) >= self.svc.settings.commit_every:
-            await self.flush()
+        every = self.svc.settings.commit_every
+        while len(self.buffer) >= every:
+            last = self._last
+            if last is None or last.done():
+                self._start()
+                return
+            if len(self.buffer) < 2 * every:
+                return  # the commit in flight ends soon; this buffer is next
+            await asyncio.shield(last)
 
     async def flush(self) -> None:
-        """Commit the buffered results. The write runs shielded, one at a time: a cancel (the run ending, expiry,
-        cancellation) that lands mid-transaction would leave the aiosqlite connection holding SQLite's write
-        lock until garbage collection, stalling every other writer; and a later flush waits for an earlier one."""
-        write = asyncio.ensure_future(self._write())
+        """Commit what is buffered, after any commit in flight (and raise its error, if it failed)."""
+        if self._last is not None:
+            await asyncio.shield(self._last)
+        if self.buffer:
+            await asyncio.shield(self._start())
+
+    def _start(self) -> asyncio.Task[None]:
+        """Commit the buffer in a task of its own. The write is never cancelled midway: a cancel (the run ending,
+        expiry, cancellation) landing mid-transaction would leave the aiosqlite connection holding SQLite's write
+        lock until garbage collection, stalling every other writer. Commits run one at a time, in order."""
+        if self._last is not None and self._last.done():
+            self._last.result()  # a failed commit fails the run here
+        rows, self.buffer = self.buffer, []
+        write = asyncio.ensure_future(self._write(rows))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
-        await asyncio.shield(write)
+        self._last = write
+        return write
 
-    async def _write(self) -> None:
-        async with self._lock:
-            if not self.buffer:
-                return
-            rows, self.buffer = self.buffer, []
-            async with self.svc.sessions() as session:
-                await repo.finish_requests(session, self.batch_id, rows)
-                await session.commit()
+    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        async with self._lock, self.svc.sessions() as session:
+            await repo.finish_requests(session, self.batch_id, rows)
+            await session.commit()
 
 
 class _Cancelled(Exception):

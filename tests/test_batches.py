@@ -196,3 +196,56 @@ def test_completion_windows(window: str, seconds: int) -> None:
 def test_bad_completion_windows(window: str) -> None:
     with pytest.raises(errors.ConfigError):
         batches.window_seconds(window)
+
+
+async def test_results_commit_in_the_background_with_back_pressure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full buffer is committed while the next one fills; only a second full buffer waits for the store; every
+    result is committed once, in order; a failed commit fails the run."""
+    from types import SimpleNamespace
+
+    from obatch.backends.base import Result
+    from obatch.runner import Job, Outcome
+
+    release = asyncio.Event()
+    committed: list[list[int]] = []
+    fail = False
+
+    async def finish_requests(_session: Any, _batch_id: str, rows: list[tuple[Any, ...]]) -> None:
+        await release.wait()
+        if fail:
+            raise RuntimeError("disk full")
+        committed.append([row[-1] for row in rows])
+
+    class Session:
+        async def __aenter__(self) -> Session:
+            return self
+
+        async def __aexit__(self, *_: object) -> None:
+            return None
+
+        async def commit(self) -> None:
+            return None
+
+    monkeypatch.setattr(batches.repo, "finish_requests", finish_requests)
+    svc: Any = SimpleNamespace(settings=SimpleNamespace(commit_every=4), sessions=Session)
+    writer = batches.ResultWriter(svc, "batch-1")
+
+    def outcome(line: int) -> Outcome:
+        return Outcome(Job(line, f"r{line}", "/v1/chat/completions", {}), Result({"choices": []}), None, 1.0, 1, 0.0)
+
+    for line in range(11):  # the first four go to the store; the next seven wait in the second buffer
+        await asyncio.wait_for(writer.add(outcome(line)), 1)
+    assert len(writer.buffer) == 7 and committed == []
+    blocked = asyncio.create_task(writer.add(outcome(11)))  # two buffers full: waits for the store
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    release.set()
+    await asyncio.wait_for(blocked, 1)
+    await writer.flush()
+    assert committed == [[0, 1, 2, 3], list(range(4, 12))] and writer.buffer == []
+
+    fail = True
+    for line in range(9, 13):
+        await writer.add(outcome(line))
+    with pytest.raises(RuntimeError, match="disk full"):
+        await writer.flush()
