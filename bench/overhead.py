@@ -5,6 +5,8 @@ the ratios are taken within a round (the load of a shared machine moves in minut
 ``--repeats`` rounds:
   (a) bare aiohttp    a floor for what any Python client can do against this simulator here
   (r) obatch runner   backend + leases + retries + timeouts (obatch.runner.run_jobs), no store
+  (s) store path      obatch's batch lifecycle in-process (validation, store rows, commits, output files) with an
+                      engine that answers in-process at once: what a line costs obatch without the network
   (b) obatch run      the CLI in a subprocess, start-up included: validation, store rows, batched commits, files
   (c) server path     `obatch serve` (started before timing) driven by the OpenAI SDK: upload, batch, wait, download
 
@@ -30,13 +32,17 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 from simproc import start_sim
 
+from obatch.api import run_batch_file
+from obatch.backends.base import BackendWrapper, Result
 from obatch.backends.ollama import OllamaBackend
 from obatch.backends.pool import fixed
+from obatch.config import Settings
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 
 MODEL = "llama3.2:1b"
@@ -81,6 +87,33 @@ async def runner(url: str, n: int, concurrency: int) -> float:
     await run_jobs(jobs(), fixed(backend, concurrency), sink, policy=RetryPolicy())
     seconds = time.perf_counter() - started
     await backend.aclose()
+    return seconds
+
+
+class Instant(BackendWrapper):
+    """The simulator's models and facts, but every request answered in-process at once with one real answer."""
+
+    def __init__(self, inner: OllamaBackend, answer: Result) -> None:
+        super().__init__(inner)
+        self.answer = answer
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        return Result(dict(self.answer.body), self.answer.timings)
+
+    def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.stream_chat(body, num_ctx=num_ctx)
+
+
+async def store_path(url: str, source: Path, concurrency: int, work: Path) -> float:
+    inner = OllamaBackend(url)
+    answer = await inner.complete("/v1/chat/completions", BODY)
+    settings = Settings(backend="ollama", data_dir=work, max_lines=10_000_000).with_urls([url])
+    started = time.perf_counter()
+    await run_batch_file(source, settings=settings, backend=Instant(inner, answer), concurrency=concurrency,
+                         progress=False, fresh=True)
+    seconds = time.perf_counter() - started
+    await inner.aclose()
     return seconds
 
 
@@ -165,7 +198,7 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip (c)")
     args = parser.parse_args()
     n, c, k = args.requests, args.concurrency, args.repeats
-    paths = ["a", "r", "b"] + ([] if args.no_server else ["c"])
+    paths = ["a", "r", "s", "b"] + ([] if args.no_server else ["c"])
     rates: dict[str, list[float]] = {p: [] for p in paths}
     costs: dict[str, list[float]] = {p: [] for p in paths}
     sim, url = start_sim()
@@ -174,11 +207,14 @@ def main() -> None:
             source = write_input(Path(tmp) / "in.jsonl", n)
             print(f"{n} chat requests, concurrency {c}; each round measures every path in turn (a shared machine's "
                   f"load moves: ratios are taken within a round), median of {k} rounds", flush=True)
-            cli_run(url, write_input(Path(tmp) / "one.jsonl", 1), c, Path(tmp) / "store")  # the store, bytecode exist
+            one = write_input(Path(tmp) / "one.jsonl", 1)
+            cli_run(url, one, c, Path(tmp) / "store")  # the stores and the bytecode exist before any timing
+            asyncio.run(store_path(url, one, c, Path(tmp) / "inproc"))
             for i in range(k):
                 measured = {
                     "a": timed(n, lambda: asyncio.run(bare(url, n, c))),
                     "r": timed(n, lambda: asyncio.run(runner(url, n, c))),
+                    "s": timed(n, lambda: asyncio.run(store_path(url, source, c, Path(tmp) / "inproc"))),
                     "b": timed(n, lambda: cli_run(url, source, c, Path(tmp) / "store"), cpu_of_children),
                 }
                 if "c" in paths:
@@ -188,13 +224,14 @@ def main() -> None:
                     rates[p].append(rate)
                     costs[p].append(cost)
                 print(f"  round {i + 1}: " + ", ".join(f"{p} {rates[p][-1]:.0f} req/s" for p in paths)
-                      + "; " + ", ".join(f"{p}/a {rates[p][-1] / rates['a'][-1]:.2f}" for p in paths[1:]), flush=True)
+                      + "; " + ", ".join(f"{p}/a {rates[p][-1] / rates['a'][-1]:.2f}" for p in paths if p not in "as"),
+                      flush=True)
     finally:
         sim.terminate()
         sim.wait()
-    names = {"a": "bare aiohttp", "r": "obatch runner", "b": "obatch run", "c": "server path"}
+    names = {"a": "bare aiohttp", "r": "obatch runner", "s": "store path", "b": "obatch run", "c": "server path"}
     for p in paths:
-        ratio = "" if p == "a" else \
+        ratio = "" if p in "as" else \
             f"   {p}/a = {statistics.median(x / y for x, y in zip(rates[p], rates['a'], strict=True)):.2f}"
         cpu = f"   client CPU {statistics.median(costs[p]):5.0f} us/req" if p != "c" else ""
         print(f"  ({p}) {names[p]:14} {statistics.median(rates[p]):8.0f} req/s{cpu}{ratio}"
