@@ -382,6 +382,7 @@ class ResultWriter:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _writes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
     _last: asyncio.Task[None] | None = field(default=None, repr=False)
+    _failed: BaseException | None = field(default=None, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
         row = _outcome_row(outcome)
@@ -407,21 +408,26 @@ class ResultWriter:
         """Commit what is buffered, after any commit in flight (and raise its error, if it failed)."""
         if self._last is not None:
             await asyncio.shield(self._last)
-        if self.buffer:
+        if self.buffer or self._failed is not None:
             await asyncio.shield(self._start())
 
     def _start(self) -> asyncio.Task[None]:
         """Commit the buffer in a task of its own. The write is never cancelled midway: a cancel (the run ending,
         expiry, cancellation) landing mid-transaction would leave the aiosqlite connection holding SQLite's write
         lock until garbage collection, stalling every other writer. Commits run one at a time, in order."""
-        if self._last is not None and self._last.done():
-            self._last.result()  # a failed commit fails the run here
+        if self._failed is not None:
+            raise self._failed  # a failed commit (any of them) fails the run
         rows, self.buffer = self.buffer, []
         write = asyncio.ensure_future(self._write(rows))
         self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
+        write.add_done_callback(self._written)
         self._last = write
         return write
+
+    def _written(self, write: asyncio.Task[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None and self._failed is None:
+            self._failed = write.exception()
 
     async def _write(self, rows: list[tuple[Any, ...]]) -> None:
         async with self._lock, self.svc.sessions() as session:

@@ -245,7 +245,11 @@ async def test_results_commit_in_the_background_with_back_pressure(monkeypatch: 
     assert committed == [[0, 1, 2, 3], list(range(4, 12))] and writer.buffer == []
 
     fail = True
-    for line in range(9, 13):
+    for line in range(12, 16):  # the fourth starts a commit, which fails
         await writer.add(outcome(line))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RuntimeError, match="disk full"):  # the next full buffer: the run fails (its rows stay pending)
+        for line in range(16, 20):
+            await writer.add(outcome(line))
     with pytest.raises(RuntimeError, match="disk full"):
         await writer.flush()
