@@ -26,12 +26,13 @@ from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow
 from obatch.store.db import open_store
 
-CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency"]
+CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency", "rate", "arrival"]  # rate: None for concurrency
 SATURATION_GAIN = 0.10  # a level that adds less than this share of throughput is past saturation
 
 POINT_SCHEMA: dict[str, Any] = {
     "id": pl.Int64, "run_id": pl.Utf8, "backend": pl.Utf8, "model": pl.Utf8, "num_ctx": pl.Int64,
-    "concurrency": pl.Int64, "repeat": pl.Int64, "workload": pl.Utf8, "created_at": pl.Float64,
+    "concurrency": pl.Int64, "repeat": pl.Int64, "rate": pl.Float64, "arrival": pl.Utf8,
+    "achieved_rate": pl.Float64, "workload": pl.Utf8, "created_at": pl.Float64,
     "engine_version": pl.Utf8, "quantization": pl.Utf8, "parameter_size": pl.Utf8, "n_requests": pl.Int64,
     "n_completed": pl.Int64, "n_failed": pl.Int64, "success_rate": pl.Float64, "excluded": pl.Boolean,
     "wall_seconds": pl.Float64, "load_seconds": pl.Float64, "req_per_s": pl.Float64, "output_tps": pl.Float64,
@@ -105,10 +106,11 @@ def summary(frame: pl.DataFrame) -> pl.DataFrame:
             pl.col("latency_mean").mean(), pl.col("latency_p50").mean(), pl.col("latency_p90").mean(),
             pl.col("latency_p99").mean(), pl.col("ttft_p50").mean(), pl.col("ttft_p90").mean(),
             pl.col("tpot_p50").mean(), pl.col("itl_p50").mean(), pl.col("load_seconds").mean(),
-            pl.col("success_rate").mean(), pl.col("created_at").max(),
+            pl.col("success_rate").mean(), pl.col("achieved_rate").mean(), pl.col("created_at").max(),
         )
-        .join(frame.group_by(CONFIG).agg(pl.col("excluded").sum().alias("excluded")), on=CONFIG, how="left")
-        .sort(["model", "num_ctx", "concurrency"])
+        .join(frame.group_by(CONFIG).agg(pl.col("excluded").sum().alias("excluded")), on=CONFIG, how="left",
+              nulls_equal=True)
+        .sort(["model", "num_ctx", "rate", "concurrency"], nulls_last=False)
     )
 
 
@@ -116,8 +118,8 @@ def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
     """Per (run, model, num_ctx): the concurrency where throughput saturates — the first level whose next level
     adds less than ``SATURATION_GAIN`` of req/s (the highest level when it keeps growing)."""
     rows = []
-    for key, group in summary_frame.sort("concurrency").group_by(["run_id", "model", "num_ctx"],
-                                                                  maintain_order=True):
+    closed = summary_frame.filter(pl.col("rate").is_null())  # the concurrency levels, not the request rates
+    for key, group in closed.sort("concurrency").group_by(["run_id", "model", "num_ctx"], maintain_order=True):
         levels = group.select("concurrency", "req_per_s").rows()
         chosen = levels[-1]
         for (c, rps), (_, next_rps) in itertools.pairwise(levels):
@@ -148,7 +150,7 @@ def latest_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
     if summary_frame.is_empty():
         return summary_frame
     return (summary_frame.sort("created_at").group_by(CONFIG[1:], maintain_order=True).last()
-            .select(summary_frame.columns).sort(["model", "num_ctx", "concurrency"]))
+            .select(summary_frame.columns).sort(["model", "num_ctx", "rate", "concurrency"], nulls_last=False))
 
 
 def mark_best(summary_frame: pl.DataFrame) -> pl.DataFrame:
