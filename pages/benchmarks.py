@@ -32,9 +32,13 @@ def sweep_form() -> None:
         sweep_conc = right.multiselect("Concurrency", sweep.CONCURRENCY_CHOICES, default=[1, 2], key="sweep_conc")
         sweep_requests = left.number_input("Requests per point", 1, 512, 8, key="sweep_requests")
         sweep_workload = right.selectbox("Workload", sweep.WORKLOADS, index=1, key="sweep_workload")
+        sweep_rates = left.text_input("Request rates, req/s (optional)", key="sweep_rates", placeholder="e.g. 2,4,8",
+                                      help="Open loop: requests sent at this rate whatever the engine answers, "
+                                           "beside the concurrency levels.")
+        sweep_arrival = right.selectbox("Arrivals", ("poisson", "constant"), key="sweep_arrival")
         start = st.form_submit_button("Start sweep", type="primary", icon=":material/play_arrow:")
     plan = sweep.SweepPlan(tuple(sweep_models), tuple(sweep_ctx), tuple(sweep_conc), int(sweep_requests),
-                           sweep_workload)
+                           sweep_workload, rates=sweep_rates, arrival=sweep_arrival)
     if start and plan.problem():
         st.error(plan.problem(), icon=":material/block:")
     elif start:

@@ -4,6 +4,7 @@ stored beside concurrency points, kept out of the best configuration and the est
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -40,8 +41,13 @@ def test_poisson_gaps_have_the_rates_mean_and_spread_and_repeat_with_their_seed(
     offsets = arrival_offsets("poisson", rate, 4001, seed=7)
     gaps = [b - a for a, b in itertools.pairwise(offsets)]
     assert offsets[0] == 0.0 and all(g >= 0 for g in gaps)
-    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.05)
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=1e-9)  # the schedule's rate is the rate asked
     assert statistics.stdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, abs=0.08)  # exponential: CV 1
+    short = [b - a for a, b in itertools.pairwise(arrival_offsets("poisson", rate, 96, seed=0))]
+    assert statistics.fmean(short) == pytest.approx(1 / rate) and statistics.stdev(short) > 0.5 / rate
+    # independent (memoryless) arrivals: a gap says nothing about the next one
+    assert abs(statistics.correlation(gaps[:-1], gaps[1:])) < 0.05
+    assert sum(g < 0.1 / rate for g in gaps) / len(gaps) == pytest.approx(1 - math.exp(-0.1), abs=0.02)
     assert arrival_offsets("poisson", rate, 4001, seed=7) == offsets
     assert arrival_offsets("poisson", rate, 4001, seed=8) != offsets
     constant = arrival_offsets("constant", rate, 5)

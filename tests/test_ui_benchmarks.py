@@ -168,6 +168,12 @@ def test_sweep_plan_checks_what_the_server_checks() -> None:
     assert plan.points == 8 and plan.problem() is None
     assert plan.params().num_ctx == [2048, 4096]
     assert SweepPlan((), (1,), (1,)).problem() == "Pick at least one model."
+    rated = SweepPlan(("a",), (2048,), (), rates="2, 4/s,8", arrival="constant")
+    assert rated.problem() is None and rated.points == 3
+    assert (rated.params().rates, rated.params().concurrency, rated.params().arrival) == ([2.0, 4.0, 8.0], [],
+                                                                                       "constant")
+    assert "'fast' is not a request rate" in str(SweepPlan(("a",), (2048,), (1,), rates="2,fast").problem())
+    assert "concurrency level or request rate" in str(SweepPlan(("a",), (2048,), ()).problem())
     assert "at most 256" in str(SweepPlan(tuple(f"m{i}" for i in range(16)), (1, 2, 3, 4), (1, 2, 4, 8, 16),
                                           ).problem())
 
@@ -256,3 +262,16 @@ def test_rate_points_are_plotted_against_the_offered_rate_and_stay_off_the_concu
     _, [by_concurrency] = shown["requests / s vs concurrency"]
     assert 0 not in by_concurrency["concurrency"].to_list()  # the rate points' "no cap" is no level
     assert at.selectbox(key="conc_ctx").options == ["best", "2048", "4096", "8192"]
+
+
+def test_a_sweep_of_request_rates_from_the_page(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = page()
+    at.multiselect(key="sweep_models").set_value(["qwen2.5:0.5b"])
+    at.multiselect(key="sweep_conc").set_value([])
+    at.text_input(key="sweep_rates").set_value("1, 3")
+    at.selectbox(key="sweep_arrival").set_value("constant")
+    next(b for b in at.button if "Start sweep" in str(b.label)).click().run()
+    no_exception(at)
+    [sent] = fake.sent("POST", "/v1/benchmarks/sweeps")
+    params = SweepParams.model_validate_json(sent.content)
+    assert (params.concurrency, params.rates, params.arrival, params.points) == ([], [1.0, 3.0], "constant", 2)

@@ -100,10 +100,10 @@ async def _on_server(args: argparse.Namespace) -> int:
         except ClientError as exc:
             raise errors.ObatchError(str(exc)) from None
     print(f"run {sweep.run_id} on the server's {sweep.backend}: {sweep.points_done} points")
-    print(f"{'model':24} {'num_ctx':>7} {'load':>16} {'req/s':>8} {'out tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'model':24} {'num_ctx':>7} {'load':>20} {'req/s':>8} {'out tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'ttft p50':>8} {'ok':>6}")
     for p in points:
-        print(f"{p.model:24} {p.num_ctx:>7} {_load(p.concurrency, p.rate, p.arrival, p.achieved_rate):>16} "
+        print(f"{p.model:24} {p.num_ctx:>7} {_load(p.concurrency, p.rate, p.arrival, p.achieved_rate):>20} "
               f"{p.req_per_s:>8.2f} {p.output_tps:>9.1f} {p.latency_p50 or 0:>8.0f} {p.latency_p99 or 0:>8.0f} "
               f"{p.ttft_p50 or 0:>8.0f} {p.success_rate:>6.1%}")
     for model in params.models:
@@ -123,7 +123,7 @@ def _load(concurrency: int, rate: float | None, arrival: str | None, achieved: f
     """``c=4``, or ``4/s→3.9 poisson`` (offered → achieved rate) for a rate point."""
     if rate is None:
         return f"c={concurrency}"
-    sent = f"→{achieved:.3g}" if achieved is not None else ""
+    sent = f"→{achieved:.1f}" if achieved is not None else ""
     return f"{rate:g}/s{sent} {arrival or ''}".rstrip() + (f" ≤{concurrency}" if concurrency else "")
 
 
@@ -173,11 +173,11 @@ async def bench(args: argparse.Namespace) -> int:
     frames = await load_report(settings=settings, run_id=report.run_id)
     print(f"run {report.run_id}: {len(report.measured)} points measured, {len(report.skipped)} already stored, "
           f"{report.seconds:.1f} s")
-    print(f"{'model':24} {'num_ctx':>7} {'load':>16} {'req/s':>8} {'±':>6} {'out tok/s':>9} {'gen tok/s':>9} "
+    print(f"{'model':24} {'num_ctx':>7} {'load':>20} {'req/s':>8} {'±':>6} {'out tok/s':>9} {'gen tok/s':>9} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'ttft p50':>8} {'ok':>6}")
     for row in frames.summary.iter_rows(named=True):
         load = _load(row["concurrency"], row["rate"], row["arrival"], row["achieved_rate"])
-        print(f"{row['model']:24} {row['num_ctx']:>7} {load:>16} {row['req_per_s']:>8.2f} "
+        print(f"{row['model']:24} {row['num_ctx']:>7} {load:>20} {row['req_per_s']:>8.2f} "
               f"{_num(row['req_per_s_std'], 6, 2)} {row['output_tps']:>9.1f} {row['gen_tps'] or 0:>9.1f} "
               f"{row['latency_p50'] or 0:>8.0f} {row['latency_p99'] or 0:>8.0f} {row['ttft_p50'] or 0:>8.0f} "
               f"{row['success_rate']:>6.1%}")
