@@ -202,3 +202,44 @@ def test_cli_rate_sweep_with_an_slo(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as refused:
         main(["bench", "--backend", "sim", "-m", CHAT, "--rate", "0", "--data-dir", data])
     assert refused.value.code == 2 and "request rates are positive" in capsys.readouterr().err
+
+
+class _PowerCut(Exception):
+    pass
+
+
+class CrashOnPrepare(OllamaBackend):
+    def __init__(self, url: str, crash_at: int) -> None:
+        super().__init__(url)
+        self.prepared, self.crash_at = 0, crash_at
+
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
+        self.prepared += 1
+        if self.prepared == self.crash_at:
+            raise _PowerCut
+        return await super().prepare(model, num_ctx=num_ctx, parallel=parallel)
+
+
+async def test_an_interrupted_rate_sweep_measures_only_the_missing_rates(
+        sim4: OllamaSim, make_settings: Callable[..., Settings]) -> None:
+    from obatch.bench.sweep import sweep_with
+    from obatch.store import bench_repo
+
+    settings = make_settings(sim4.url)
+    spec = SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[2], rates=[5.0, 10.0], requests=4, workload="tiny")
+    engine, sessions = await open_store(settings.db_url)
+    backend = CrashOnPrepare(sim4.url, crash_at=3)
+    try:
+        with pytest.raises(_PowerCut):
+            await sweep_with(sessions, backend, spec, settings=settings, progress=False)
+        async with sessions() as session:
+            [run] = await bench_repo.list_runs(session)
+            assert await bench_repo.done_points(session, run.id) == {(CHAT, 2048, 2, 0, None, None),
+                                                                    (CHAT, 2048, 0, 0, 5.0, "poisson")}
+    finally:
+        await backend.aclose()
+        await engine.dispose()
+    resumed = await run_sweep(spec, settings=settings, progress=False)
+    assert resumed.run_id == run.id
+    assert [(p.concurrency, p.rate) for p in resumed.measured] == [(0, 10.0)]
+    assert len(resumed.skipped) == 2
