@@ -8,7 +8,7 @@ runner ``obatch run`` uses, one shared queue, ``concurrency`` workers) or a requ
 transient faults and measure latency from the moment a request is sent. Wall time runs from the first measured
 request to the last answer.
 
-A sweep stores each point as it finishes. Its order changes the model, then num_ctx, then concurrency, with
+A sweep stores each point as it finishes. Its order changes the model, then num_ctx, then the load, with
 repeats innermost, so every engine (re)load happens once per configuration. Running the same sweep again resumes
 the unfinished run and measures only the points it lacks.
 """
