@@ -171,6 +171,7 @@ async def test_a_rate_sweep_is_stored_beside_concurrency_and_kept_out_of_best_an
     assert fast["output_tps"] > 1.2 * slow["output_tps"]  # the rate point is the fastest measured ...
     assert frames.best.select("concurrency", "rate").rows() == [(1, None)]  # ... and still not the best
     assert frames.summary.height == 3 and frames.saturation["saturates_at"].to_list() == [1]
+    assert frames.runs.select("concurrency", "rates").row(0) == ("[1]", "[2.0,40.0] poisson")
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:

@@ -348,6 +348,8 @@ async def start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, fr
                                                                                ).decode(),
             models_json=orjson.dumps(spec.models).decode(), num_ctx_json=orjson.dumps(spec.num_ctx).decode(),
             concurrency_json=orjson.dumps(spec.concurrency).decode(), requests=spec.requests,
+            rates_json=orjson.dumps({"rates": spec.rates, "arrival": spec.arrival,
+                                     "max_concurrency": spec.max_concurrency}).decode() if spec.rates else None,
             repeats=spec.repeats, warmup=spec.warmup, seed=spec.seed, max_failure_rate=spec.max_failure_rate,
             signature=signature, params_json=orjson.dumps(params, default=str).decode() if params else None,
             environment_json=orjson.dumps(env).decode(), notebook_path=notebook, obatch_version=obatch_version(),

@@ -23,7 +23,7 @@ from obatch.bench.estimate import estimates_vs_actuals
 from obatch.bench.wire import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo
-from obatch.store.bench_tables import BenchPointRow
+from obatch.store.bench_tables import BenchPointRow, BenchRunRow
 from obatch.store.db import open_store
 
 CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency", "rate", "arrival"]  # rate: None for concurrency
@@ -79,17 +79,27 @@ async def runs(session: AsyncSession) -> pl.DataFrame:
             "finished_at": r.finished_at, "backend": r.backend, "workload": r.workload,
             "models": ",".join(orjson.loads(r.models_json)), "num_ctx": orjson.dumps(orjson.loads(r.num_ctx_json)
                                                                                      ).decode(),
-            "concurrency": orjson.dumps(orjson.loads(r.concurrency_json)).decode(), "requests": r.requests,
+            "concurrency": orjson.dumps(orjson.loads(r.concurrency_json)).decode(), "rates": _rates_of(r),
+            "requests": r.requests,
             "repeats": r.repeats, "hostname": env.get("hostname"), "cpu": env.get("cpu"),
             "engine_version": env.get("engine_version"), "obatch_version": r.obatch_version,
             "notebook_path": r.notebook_path,
         })
     schema = {"id": pl.Utf8, "name": pl.Utf8, "status": pl.Utf8, "created_at": pl.Float64,
               "finished_at": pl.Float64, "backend": pl.Utf8, "workload": pl.Utf8, "models": pl.Utf8,
-              "num_ctx": pl.Utf8, "concurrency": pl.Utf8, "requests": pl.Int64, "repeats": pl.Int64,
+              "num_ctx": pl.Utf8, "concurrency": pl.Utf8, "rates": pl.Utf8, "requests": pl.Int64, "repeats": pl.Int64,
               "hostname": pl.Utf8, "cpu": pl.Utf8, "engine_version": pl.Utf8, "obatch_version": pl.Utf8,
               "notebook_path": pl.Utf8}
     return pl.DataFrame(records, schema=schema)
+
+
+def _rates_of(run: BenchRunRow) -> str | None:
+    """``[2.0,4.0] poisson`` (``, ≤ 8 in flight``): the request rates a run measured, None for none."""
+    if not run.rates_json:
+        return None
+    load = orjson.loads(run.rates_json)
+    cap = load.get("max_concurrency") or 0
+    return f"{orjson.dumps(load['rates']).decode()} {load['arrival']}" + (f", ≤ {cap} in flight" if cap else "")
 
 
 def summary(frame: pl.DataFrame) -> pl.DataFrame:

@@ -135,6 +135,7 @@ class BenchRun(_Wire):
     models: str
     num_ctx: str
     concurrency: str
+    rates: str | None = None  # the request rates measured, their arrival kind and cap
     requests: int
     repeats: int
     hostname: str | None = None

@@ -31,6 +31,7 @@ class BenchRunRow(SQLModel, table=True):
     models_json: str
     num_ctx_json: str
     concurrency_json: str
+    rates_json: str | None = None  # request rates of an open-loop sweep, with its arrival kind and cap
     requests: int
     repeats: int = 1
     warmup: int = 1

@@ -1,4 +1,5 @@
-"""request-rate (open-loop) benchmark points: offered rate, arrival kind and achieved rate beside concurrency
+"""request-rate (open-loop) benchmark points: offered rate, arrival kind and achieved rate beside concurrency;
+the rates a run measured
 
 Existing points keep a NULL rate: closed-loop concurrency. The unique key of a point becomes two partial unique
 indexes, one per kind of load, so a rate point never collides with a concurrency point (NULL is never equal to
@@ -23,6 +24,8 @@ OPEN = sa.text("rate IS NOT NULL")
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('bench_runs') as batch:
+        batch.add_column(sa.Column('rates_json', sqlmodel.sql.sqltypes.AutoString(), nullable=True))
     with op.batch_alter_table('bench_points') as batch:
         batch.add_column(sa.Column('rate', sa.Float(), nullable=True))
         batch.add_column(sa.Column('arrival', sqlmodel.sql.sqltypes.AutoString(), nullable=True))
@@ -47,3 +50,5 @@ def downgrade() -> None:
         batch.drop_column('rate')
         batch.create_unique_constraint('uq_bench_points_config',
                                        ['run_id', 'model', 'num_ctx', 'concurrency', 'repeat'])
+    # not in batch mode: recreating bench_runs would break bench_points' foreign key (SQLite ≥ 3.35 drops columns)
+    op.drop_column('bench_runs', 'rates_json')
