@@ -1,6 +1,6 @@
-"""Benchmarks: each model's best configuration (as the server names it), throughput and latency across context
-windows and concurrency, throughput against latency, a compare view, how past estimates held up, and sweeps the
-server runs on its own backend."""
+"""Benchmarks: each model's best configuration (as the server names it), goodput and capacity under an SLO the user
+types, throughput and latency across context windows, concurrency and request rates, throughput against latency,
+a compare view, how past estimates held up, and sweeps the server runs on its own backend."""
 
 from __future__ import annotations
 
@@ -32,9 +32,13 @@ def sweep_form() -> None:
         sweep_conc = right.multiselect("Concurrency", sweep.CONCURRENCY_CHOICES, default=[1, 2], key="sweep_conc")
         sweep_requests = left.number_input("Requests per point", 1, 512, 8, key="sweep_requests")
         sweep_workload = right.selectbox("Workload", sweep.WORKLOADS, index=1, key="sweep_workload")
+        sweep_rates = left.text_input("Request rates, req/s (optional)", key="sweep_rates", placeholder="e.g. 2,4,8",
+                                      help="Open loop: requests sent at this rate whatever the engine answers, "
+                                           "beside the concurrency levels.")
+        sweep_arrival = right.selectbox("Arrivals", ("poisson", "constant"), key="sweep_arrival")
         start = st.form_submit_button("Start sweep", type="primary", icon=":material/play_arrow:")
     plan = sweep.SweepPlan(tuple(sweep_models), tuple(sweep_ctx), tuple(sweep_conc), int(sweep_requests),
-                           sweep_workload)
+                           sweep_workload, rates=sweep_rates, arrival=sweep_arrival)
     if start and plan.problem():
         st.error(plan.problem(), icon=":material/block:")
     elif start:
@@ -112,16 +116,34 @@ if "models" not in st.session_state:
     st.session_state["models"] = from_sweep or names[:4]
 st.session_state["models"] = [m for m in st.session_state["models"] if m in names]
 chosen = st.multiselect("Models", names, key="models")
-points = views.points_frame([p for name in chosen for p in need(api.benchmark_history, name)])
+ttft_col, tpot_col, _ = st.columns([1, 1, 2])
+slo = views.slo_text(
+    ttft_col.number_input("SLO: TTFT ≤ ms", min_value=1.0, value=None, step=50.0, key="slo_ttft",
+                          placeholder="no bound", help="Time to first token. Empty bounds: no SLO view."),
+    tpot_col.number_input("SLO: TPOT ≤ ms", min_value=0.1, value=None, step=5.0, key="slo_tpot",
+                          placeholder="no bound", help="Time per output token after the first."))
+points = views.points_frame([p for name in chosen for p in need(api.benchmark_history, name, slo=slo)])
 chosen_best = best.filter(pl.col("model").is_in(chosen))
+if slo is not None:
+    st.caption(f"Goodput: requests per second that succeeded within {slo.replace(',', ' and ')}. Capacity: the "
+               "highest measured concurrency (or offered request rate) at which at least 95% of requests met it.")
+    found = [c for name in chosen for c in attempt(api.capacity, name, slo) or []]
+    st.dataframe(views.capacity_table(found), hide_index=True, width="stretch", key="capacity")
+    with st.expander("Goodput per configuration"):
+        st.dataframe(views.goodput_table(points), hide_index=True, width="stretch", key="goodput")
+rated = points.filter(pl.col("rate").is_not_null())
 
-context_tab, concurrency_tab, pareto_tab, compare_tab, record_tab, sweep_tab = st.tabs(
-    ["Context window", "Concurrency", "Throughput vs latency", "Compare", "Estimate vs actual", "Run a sweep"])
+labels = ["Context window", "Concurrency", *(["Request rate"] if not rated.is_empty() else []),
+          "Throughput vs latency", "Compare", "Estimate vs actual", "Run a sweep"]
+tabs = dict(zip(labels, st.tabs(labels), strict=True))
+context_tab, concurrency_tab, pareto_tab, compare_tab, record_tab, sweep_tab = (
+    tabs[k] for k in ("Context window", "Concurrency", "Throughput vs latency", "Compare", "Estimate vs actual",
+                      "Run a sweep"))
 
 
 def curve_tab(axis: str, fixed: str, prefix: str, pick_key: str, label: str, help_text: str) -> list[int]:
     """Throughput and latency along ``axis`` at one level of ``fixed`` (or at each model's best); the levels."""
-    levels = sorted({int(c) for c in points[fixed].drop_nulls().to_list()})
+    levels = sorted({int(c) for c in points.filter(pl.col("rate").is_null())[fixed].drop_nulls().to_list()})
     pick = st.selectbox(label, [BEST, *levels], key=pick_key, help=help_text)
     curve = views.along(points, axis, fixed=fixed, value=None if pick == BEST else int(pick), best=chosen_best)
     left, right = st.columns(2)
@@ -138,6 +160,19 @@ with context_tab:
 with concurrency_tab:
     windows = curve_tab("concurrency", "num_ctx", "conc", "conc_ctx", "At context window",
                         "'best': each model at its best configuration's context window.")
+
+if "Request rate" in tabs:
+    with tabs["Request rate"]:
+        st.caption("Open-loop load: requests sent at the offered rate whatever the engine answers (`obatch bench "
+                   "--rate`). Achieved: the rate they really went out at; latency grows where the engine falls "
+                   "behind.")
+        rate_windows = sorted({int(n) for n in rated["num_ctx"].to_list()})
+        window_pick = st.selectbox("At context window", rate_windows, key="rate_ctx")
+        curve = views.rate_points(points, int(window_pick))
+        left, right = st.columns(2)
+        left.altair_chart(views.metric_chart(curve, "rate", "achieved_rate"), key="rate_achieved", width="stretch")
+        right.altair_chart(views.metric_chart(curve, "rate", "req_per_s"), key="rate_requests", width="stretch")
+        st.altair_chart(views.latency_chart(curve, "rate"), key="rate_latency", width="stretch")
 
 with pareto_tab:
     st.altair_chart(views.pareto_chart(points), key="pareto_chart", width="stretch", height=380)

@@ -1,9 +1,10 @@
-"""Migration 0002 (benchmark tables): it creates exactly what the SQLModel tables declare, and goes back down."""
+"""Migrations of the benchmark tables: they create exactly what the SQLModel tables declare, and go back down."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -60,3 +61,67 @@ def test_the_start_up_check_knows_alembics_head(tmp_path: Path) -> None:
         return version
 
     assert asyncio.run(upgrade_and_read()) == head_revision()
+
+
+POINT = {"run_id": "r", "backend": "sim", "model": "m", "num_ctx": 2048, "concurrency": 4, "repeat": 0,
+         "workload": "chat", "created_at": 1.0, "n_requests": 1, "n_completed": 1, "n_failed": 0,
+         "success_rate": 1.0, "excluded": False, "wall_seconds": 1.0, "load_seconds": 0.0, "req_per_s": 1.0,
+         "output_tps": 1.0}
+RUN = {"id": "r", "name": "", "status": "completed", "created_at": 1.0, "backend": "sim", "workload": "chat",
+       "workload_json": "{}", "models_json": "[]", "num_ctx_json": "[]", "concurrency_json": "[]", "requests": 1,
+       "repeats": 1, "warmup": 0, "seed": 0, "max_failure_rate": 0.05, "signature": "s", "obatch_version": ""}
+
+
+def _insert(conn: sa.Connection, table: str, row: dict[str, object]) -> None:
+    columns = ", ".join(row)
+    conn.execute(sa.text(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(':' + k for k in row)})"), row)
+
+
+async def _migrate(url: str, *steps: tuple[str, str]) -> None:
+    """Alembic commands on the async engine obatch uses (``upgrade``/``downgrade`` to a revision, in order)."""
+    from obatch.store.db import create_engine
+
+    engine = create_engine(url)
+    try:
+        for verb, revision in steps:
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda c, v=verb, r=revision: getattr(command, v)(alembic_config(c), r))
+    finally:
+        await engine.dispose()
+
+
+async def test_0008_keeps_concurrency_points_and_keys_rate_points_apart(db_url: str | None, tmp_path: Path) -> None:
+    """Old points become closed-loop points (NULL rate); a rate point with the same run, model, num_ctx, cap and
+    repeat is a different point, while a second closed-loop point with the same key is still refused; down again,
+    the rate points go (the old schema cannot tell them apart) and the old unique key is back."""
+    url = db_url or f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    from obatch.store.db import create_engine
+
+    await _migrate(url, ("upgrade", "0007_estimates"))
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: (_insert(c, "bench_runs", RUN), _insert(c, "bench_points", POINT)))
+        await engine.dispose()
+        await _migrate(url, ("upgrade", "0008_rate"))
+        async with engine.begin() as conn:
+            rows = (await conn.execute(sa.text("SELECT concurrency, rate, arrival FROM bench_points"))).all()
+            assert [tuple(r) for r in rows] == [(4, None, None)]
+            for arrival in ("poisson", "constant"):
+                await conn.run_sync(_insert, "bench_points", POINT | {"rate": 2.0, "arrival": arrival})
+            await conn.run_sync(_insert, "bench_points", POINT | {"rate": 4.0, "arrival": "poisson"})
+        for duplicate in (POINT, POINT | {"rate": 2.0, "arrival": "poisson"}):
+            with pytest.raises(sa.exc.IntegrityError):
+                async with engine.begin() as conn:
+                    await conn.run_sync(_insert, "bench_points", duplicate)
+        await engine.dispose()
+        await _migrate(url, ("downgrade", "0007_estimates"))
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT count(*) FROM bench_points"))).scalar() == 1
+        with pytest.raises(sa.exc.IntegrityError):
+            async with engine.begin() as conn:
+                await conn.run_sync(_insert, "bench_points", POINT)
+        await engine.dispose()
+        await _migrate(url, ("upgrade", "head"))
+    finally:
+        await engine.dispose()

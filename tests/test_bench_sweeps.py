@@ -258,3 +258,31 @@ async def test_goodput_and_capacity_under_an_slo(app: AsyncTestClient[Any]) -> N
     for bad in ("ttft", "ttft=fast", "speed=5ms", ""):
         answer = await app.get("/v1/benchmarks/capacity", headers=ALICE, params={"model": CHAT, "slo": bad})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "slo", answer.text
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_server_sweep_of_request_rates(app: AsyncTestClient[Any]) -> None:
+    """Rates through ``POST /v1/benchmarks/sweeps``: stored as rate points, reported with their capacity over
+    rates, never named the best configuration."""
+    made = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json={
+        "models": [CHAT], "num_ctx": [2048], "concurrency": [1], "rates": [50, 5], "arrival": "constant",
+        "requests": 4, "workload": "tiny"})
+    assert made.status_code == 200, made.text
+    assert made.json()["points_total"] == 3 and made.json()["params"]["rates"] == [5.0, 50.0]
+    done = await _until(app, made.json()["id"], lambda s: not s.active)
+    assert done.status == "completed" and done.points_done == 3, done
+    points = (await app.get(f"/v1/benchmarks/models/{CHAT}", headers=ALICE)).json()["data"]
+    assert sorted((p["rate"] or 0, p["arrival"] or "", p["concurrency"]) for p in points) == [
+        (0, "", 1), (5.0, "constant", 0), (50.0, "constant", 0)]
+    assert all(p["achieved_rate"] > 0 for p in points if p["rate"])
+    [best] = (await app.get("/v1/benchmarks/models", headers=ALICE)).json()["data"]
+    assert (best["concurrency"], best["rate"]) == (1, None)
+    answer = await app.get("/v1/benchmarks/capacity", headers=ALICE, params={"model": CHAT, "slo": "latency=600s"})
+    by_load = {c["load"]: c for c in answer.json()["data"]}
+    assert by_load["concurrency"]["concurrency"] == 1
+    assert (by_load["rate"]["rate"], by_load["rate"]["arrival"]) == (50.0, "constant")
+    for body, param in (({"models": [CHAT], "rates": [0]}, "rates"), ({"models": [CHAT], "rates": [1],
+                                                                       "arrival": "bursty"}, "arrival"),
+                        ({"models": [CHAT], "concurrency": []}, "concurrency")):
+        answer = await app.post("/v1/benchmarks/sweeps", headers=ALICE, json=body)
+        assert answer.status_code == 400 and param in str(answer.json()["error"]["param"]), answer.text

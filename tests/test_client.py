@@ -88,7 +88,7 @@ def test_health_503_is_a_report_not_an_error() -> None:
 def test_benchmark_calls_encode_their_parameters() -> None:
     fake = FakeServer()
     api = fake.client()
-    assert len(api.benchmark_history("llama3.2:1b")) == 6
+    assert len(api.benchmark_history("llama3.2:1b")) == 9  # 3 windows × 2 concurrency levels, 3 request rates
     assert {p.num_ctx for p in api.benchmark_compare(["llama3.2:1b", "qwen2.5:0.5b"], num_ctx=4096)} == {4096}
     made = api.estimate(input_file_id="file-1")
     assert (made.seconds, made.low, made.high) == (42.0, 30.0, 60.0) and made.answers and not made.answers.known

@@ -168,6 +168,12 @@ def test_sweep_plan_checks_what_the_server_checks() -> None:
     assert plan.points == 8 and plan.problem() is None
     assert plan.params().num_ctx == [2048, 4096]
     assert SweepPlan((), (1,), (1,)).problem() == "Pick at least one model."
+    rated = SweepPlan(("a",), (2048,), (), rates="2, 4/s,8", arrival="constant")
+    assert rated.problem() is None and rated.points == 3
+    assert (rated.params().rates, rated.params().concurrency, rated.params().arrival) == ([2.0, 4.0, 8.0], [],
+                                                                                       "constant")
+    assert "'fast' is not a request rate" in str(SweepPlan(("a",), (2048,), (1,), rates="2,fast").problem())
+    assert "concurrency level or request rate" in str(SweepPlan(("a",), (2048,), ()).problem())
     assert "at most 256" in str(SweepPlan(tuple(f"m{i}" for i in range(16)), (1, 2, 3, 4), (1, 2, 4, 8, 16),
                                           ).problem())
 
@@ -211,3 +217,61 @@ def test_progress_text() -> None:
     made = fake.client().start_sweep(models=["m"], num_ctx=[2048], concurrency=[1, 2])
     assert progress_text(made) == "0 of 2 point(s) measured · in progress · preparing the engine"
     assert isinstance(fake.client().benchmark_history("llama3.2:1b")[0], BenchPoint)
+
+
+def test_an_slo_typed_on_the_page_shows_each_models_capacity_and_goodput(page: Callable[..., AppTest],
+                                                                         fake: FakeServer) -> None:
+    at = page()
+    no_exception(at)
+    assert not [d for d in at.dataframe if "capacity" in d.value.columns]  # empty bounds: no SLO view
+    assert not fake.sent("GET", "/v1/benchmarks/capacity")
+    at.number_input(key="slo_ttft").set_value(150.0).run()
+    no_exception(at)
+    asked = {r.url.params["slo"] for r in fake.sent("GET", "/v1/benchmarks/capacity")}
+    assert asked == {"ttft=150ms"}
+    shown = table(at, "model", "capacity", "goodput (req/s)")
+    served = {(c.model, c.num_ctx, c.load): c for m in ("llama3.2:1b", "qwen2.5:0.5b")
+              for c in fake.client().capacity(m, "ttft=150ms")}
+    assert len(shown) == len(served) == 2 * 4  # per model: three windows of concurrency, one of rates
+    rows = {(r["model"], r["num_ctx"], r["load"]): r["capacity"] for r in shown.to_dict("records")}
+    assert rows[("llama3.2:1b", 2048, "concurrency")] == "4 in flight"
+    # rate points' TTFT grows with the rate: only 1 req/s keeps 95% of first tokens within 150 ms
+    assert rows[("llama3.2:1b", 2048, "rate")] == "1 req/s offered (poisson)"
+    assert served[("llama3.2:1b", 2048, "rate")].rate == 1.0
+    goodput = table(at, "configuration", "goodput (req/s)", "met (%)")
+    at_rate = goodput[(goodput["configuration"] == "num_ctx 2048 · 4.0/s poisson")
+                      & (goodput["model"] == "llama3.2:1b")]
+    assert list(at_rate["met (%)"]) == [18.8]  # 3 of its 16 requests had their first token within 150 ms
+    at.number_input(key="slo_tpot").set_value(0.1).run()  # no request meets 0.1 ms per token
+    shown = table(at, "model", "capacity", "goodput (req/s)")
+    assert set(shown["capacity"]) == {"not met at any measured concurrency", "not met at any measured rate"}
+
+
+def test_rate_points_are_plotted_against_the_offered_rate_and_stay_off_the_concurrency_curves(
+        page: Callable[..., AppTest]) -> None:
+    at = page()
+    no_exception(at)
+    shown = charts(at)
+    spec, [achieved] = shown["achieved requests / s vs rate"]
+    assert spec["encoding"]["x"]["field"] == "rate" and "offered rate" in spec["encoding"]["x"]["title"]
+    assert achieved.sort("model", "rate")["rate"].to_list() == [1.0, 2.0, 4.0] * 2
+    assert achieved["achieved_rate"].to_list() == pytest.approx([0.97 * r for r in achieved["rate"].to_list()])
+    _, [latency] = shown["latency percentiles vs rate"]
+    p50 = latency.filter((pl.col("percentile") == "p50") & (pl.col("model") == "llama3.2:1b")).sort("rate")
+    assert p50["latency_ms"].is_sorted() and p50.height == 3  # queueing: slower as the rate grows
+    _, [by_concurrency] = shown["requests / s vs concurrency"]
+    assert 0 not in by_concurrency["concurrency"].to_list()  # the rate points' "no cap" is no level
+    assert at.selectbox(key="conc_ctx").options == ["best", "2048", "4096", "8192"]
+
+
+def test_a_sweep_of_request_rates_from_the_page(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    at = page()
+    at.multiselect(key="sweep_models").set_value(["qwen2.5:0.5b"])
+    at.multiselect(key="sweep_conc").set_value([])
+    at.text_input(key="sweep_rates").set_value("1, 3")
+    at.selectbox(key="sweep_arrival").set_value("constant")
+    next(b for b in at.button if "Start sweep" in str(b.label)).click().run()
+    no_exception(at)
+    [sent] = fake.sent("POST", "/v1/benchmarks/sweeps")
+    params = SweepParams.model_validate_json(sent.content)
+    assert (params.concurrency, params.rates, params.arrival, params.points) == ([], [1.0, 3.0], "constant", 2)

@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import orjson
 
+from obatch import errors
 from obatch.bench import views
-from obatch.bench.service import config_models
+from obatch.bench.service import config_models, point_models
+from obatch.bench.slo import add_goodput, capacities, count_met, parse_slo
 from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
 from obatch.protocol import (
@@ -27,6 +29,7 @@ from obatch.protocol import (
     ListPage,
     PilotInfo,
 )
+from obatch.store.bench_tables import BenchSampleRow
 
 ENGINE = "http://127.0.0.1:11434"
 MODELS = [
@@ -38,8 +41,10 @@ MODELS = [
 
 
 def bench_points(models: tuple[tuple[str, float], ...] = (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)),
-                 *, run_id: str = "bench-fake", created_at: float = 1_700_000_000) -> list[BenchPoint]:
-    """Two models × three windows × two concurrencies, slower with longer windows, as the server sends them."""
+                 *, run_id: str = "bench-fake", created_at: float = 1_700_000_000,
+                 rates: tuple[float, ...] = ()) -> list[BenchPoint]:
+    """Two models × three windows × two concurrencies, slower with longer windows, as the server sends them; with
+    ``rates``, request-rate points of each model at 2048 tokens too, whose latency grows with the rate."""
     points = []
     for model, speed in models:
         for num_ctx in (2048, 4096, 8192):
@@ -52,7 +57,25 @@ def bench_points(models: tuple[tuple[str, float], ...] = (("llama3.2:1b", 100.0)
                     n_completed=16, n_failed=0, success_rate=1.0, wall_seconds=16 / (tps / 32),
                     req_per_s=tps / 32, output_tps=tps, gen_tps=tps / concurrency, latency_mean=latency,
                     latency_p50=latency, latency_p90=1.3 * latency, latency_p99=1.6 * latency, ttft_p50=40.0))
+        for rate in rates:
+            latency = 1000 * 32 / speed * (1 + rate / 2)
+            points.append(BenchPoint(
+                id=len(points) + 1, run_id=run_id, backend="ollama", model=model, num_ctx=2048, concurrency=0,
+                rate=rate, arrival="poisson", achieved_rate=0.97 * rate, workload="chat",
+                created_at=created_at + 9000 + rate, n_requests=16, n_completed=16, n_failed=0, success_rate=1.0,
+                wall_seconds=16 / (0.95 * rate), req_per_s=0.95 * rate, output_tps=0.95 * rate * 32, gen_tps=speed,
+                latency_mean=latency, latency_p50=latency, latency_p90=1.3 * latency, latency_p99=1.6 * latency,
+                ttft_p50=40.0 * (1 + rate)))
     return points
+
+
+def bench_samples(point: BenchPoint) -> list[BenchSampleRow]:
+    """The point's requests as the server stores them: 32 output tokens each, TTFT and latency spread around the
+    point's p50 (from 0.6 to 1.4 times it), so an SLO between those meets a share of them."""
+    n = point.n_requests
+    return [BenchSampleRow(point_id=point.id or 0, idx=i, ok=True, completion_tokens=32,
+                           latency_ms=(point.latency_p50 or 0.0) * (0.6 + 0.8 * (i + 0.5) / n),
+                           ttft_ms=(point.ttft_p50 or 0.0) * (0.6 + 0.8 * (i + 0.5) / n)) for i in range(n)]
 
 
 def _list(items: list[Any]) -> httpx.Response:
@@ -104,7 +127,7 @@ class FakeServer:
         self.batches: dict[str, dict[str, Any]] = {}
         self.requests: list[httpx.Request] = []
         self.backend_ok = backend_ok
-        self.points = bench_points() if with_benchmarks else []
+        self.points = bench_points(rates=(1.0, 2.0, 4.0)) if with_benchmarks else []
         self.sweeps: dict[str, Sweep] = {}
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
@@ -200,16 +223,30 @@ class FakeServer:
                   and (num_ctx is None or p.num_ctx == num_ctx)]
         return views.summary(views.frame_of_points(points))
 
+    def with_goodput(self, points: list[BenchPoint], slo: str) -> Any:
+        """``points`` as the server's frame with goodput under ``slo`` (``obatch.bench.slo``, on their requests)."""
+        bounds = parse_slo(slo)
+        counts = count_met([p.id or 0 for p in points], [s for p in points for s in bench_samples(p)], bounds)
+        return add_goodput(views.frame_of_points(points), counts), bounds
+
     def _benchmarks(self, request: httpx.Request, parts: list[str]) -> httpx.Response | None:
         """The benchmark routes, answered with ``obatch.bench.wire`` models built by the server's code."""
         params = request.url.params
         if parts == ["models"]:
             return _list(config_models(views.best_configs(self.summary())))
-        if parts[:1] == ["models"] and len(parts) == 2:
-            mine = [p for p in self.points if p.model == parts[1]]
+        if (parts[:1] == ["models"] and len(parts) == 2) or parts == ["capacity"]:
+            name = parts[1] if len(parts) == 2 else params.get("model", "")
+            mine = [p for p in self.points if p.model == name]
             if not mine:
-                return _error(404, f"No benchmark points for model {parts[1]!r}.", "not_found")
-            return _list(mine)
+                return _error(404, f"No benchmark points for model {name!r}.", "not_found")
+            if "slo" not in params and parts != ["capacity"]:
+                return _list(mine)
+            try:
+                frame, bounds = self.with_goodput(mine, params.get("slo", ""))
+            except errors.ConfigError as exc:
+                return _json(400, {"error": {"message": exc.message, "type": "invalid_request_error",
+                                             "param": "slo", "code": None}})
+            return _list(capacities(frame, bounds) if parts == ["capacity"] else point_models(frame))
         if parts == ["compare"]:
             num_ctx = params.get("num_ctx")
             summary = self.summary(params.get("models", "").split(","), int(num_ctx) if num_ctx else None)

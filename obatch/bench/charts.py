@@ -18,10 +18,22 @@ import altair as alt  # noqa: E402  (after the check: a missing extra is a sente
 TOLERANCE = 0.15  # the band drawn around "estimate = actual"
 
 
+def _closed(frame: pl.DataFrame) -> pl.DataFrame:
+    """The closed-loop (concurrency) rows: a request-rate row has no place on a concurrency axis."""
+    return frame.filter(pl.col("rate").is_null()) if "rate" in frame.columns else frame
+
+
+def load_label() -> pl.Expr:
+    """``num_ctx 2048 · concurrency 4``, or ``num_ctx 2048 · 8/s poisson`` for a request-rate row."""
+    closed = pl.format("num_ctx {} · concurrency {}", pl.col("num_ctx"), pl.col("concurrency"))
+    return pl.when(pl.col("rate").is_null()).then(closed).otherwise(
+        pl.format("num_ctx {} · {}/s {}", pl.col("num_ctx"), pl.col("rate").round(3), pl.col("arrival")))
+
+
 def throughput_vs_num_ctx(summary: pl.DataFrame, *, metric: str = "req_per_s") -> alt.TopLevelMixin:
     """Throughput (completed req/s by default, or ``output_tps``) against the context window, one panel per
     model, one line per concurrency level."""
-    base = alt.Chart(summary)
+    base = alt.Chart(_closed(summary))
     lines = base.mark_line(point=True).encode(
         x=alt.X("num_ctx:O", title="num_ctx (tokens)"),
         y=alt.Y(f"{metric}:Q", title="completed req/s" if metric == "req_per_s" else "output tokens/s"),
@@ -35,7 +47,7 @@ def throughput_vs_num_ctx(summary: pl.DataFrame, *, metric: str = "req_per_s") -
 
 def latency_vs_num_ctx(summary: pl.DataFrame) -> alt.TopLevelMixin:
     """End-to-end latency p50 (line) and p90 (band top) against the context window, per model and concurrency."""
-    base = alt.Chart(summary)
+    base = alt.Chart(_closed(summary))
     band = base.mark_area(opacity=0.2).encode(
         x=alt.X("num_ctx:O", title="num_ctx (tokens)"), y=alt.Y("latency_p50:Q", title="latency (ms)"),
         y2="latency_p90:Q", color=alt.Color("concurrency:O", title="concurrency"))
@@ -50,7 +62,7 @@ def latency_vs_num_ctx(summary: pl.DataFrame) -> alt.TopLevelMixin:
 def throughput_vs_concurrency(summary: pl.DataFrame, saturation: pl.DataFrame | None = None) -> alt.TopLevelMixin:
     """Completed req/s against concurrency (log scale), one line per model and num_ctx, error bars for the
     spread over repeats, and a ring where throughput saturates."""
-    data = summary.with_columns(
+    data = _closed(summary).with_columns(
         (pl.col("model") + " · ctx " + pl.col("num_ctx").cast(pl.Utf8)).alias("series"),
         (pl.col("req_per_s") - pl.col("req_per_s_std").fill_null(0)).alias("rps_low"),
         (pl.col("req_per_s") + pl.col("req_per_s_std").fill_null(0)).alias("rps_high"),
@@ -101,13 +113,14 @@ def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
 
 
 def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps") -> alt.TopLevelMixin:
-    """Throughput against latency, one point per configuration (``num_ctx``, ``concurrency``), coloured by model;
-    the line joins each model's Pareto front (no other configuration of the model is both faster and quicker to
-    answer). Works on ``views.summary`` rows (the report) and on the UI's latest points alike."""
+    """Throughput against latency, one point per configuration (``num_ctx`` and its concurrency or request rate),
+    coloured by model; the line joins each model's Pareto front (no other configuration of the model is both faster
+    and quicker to answer). Works on ``views.summary`` rows (the report) and on the UI's latest points alike."""
     from obatch.bench.views import pareto_front
 
-    data = pareto_front(frame, latency=latency, throughput=throughput).with_columns(
-        pl.format("num_ctx {} · concurrency {}", pl.col("num_ctx"), pl.col("concurrency")).alias("config"))
+    if "rate" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.Float64).alias("rate"), pl.lit(None, pl.Utf8).alias("arrival"))
+    data = pareto_front(frame, latency=latency, throughput=throughput).with_columns(load_label().alias("config"))
     colour = alt.Color("model:N", title="model", scale=alt.Scale(scheme="tableau10"),
                        legend=alt.Legend(labelLimit=0, orient="bottom", columns=1))
     x = alt.X(f"{latency}:Q", title="p50 latency (ms) — lower is better", scale=alt.Scale(zero=False))

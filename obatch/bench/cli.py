@@ -30,6 +30,23 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated requests per second, got {text!r}") from exc
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"request rates are positive numbers per second, got {text!r}")
+    return rates
+
+
+def _levels(args: argparse.Namespace) -> list[int]:
+    """The concurrency levels to measure: as given; by default 1,2,4, or none when only rates are asked for."""
+    if args.concurrency is not None:
+        return list(args.concurrency)
+    return [] if args.rate else [1, 2, 4]
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     from obatch.bench.views import store_settings
 
@@ -49,7 +66,8 @@ async def _on_server(args: argparse.Namespace) -> int:
     from obatch.client import Client, ClientError
 
     try:
-        params = SweepParams(models=args.model, num_ctx=args.num_ctx, concurrency=args.concurrency,
+        params = SweepParams(models=args.model, num_ctx=args.num_ctx, concurrency=_levels(args),
+                             rates=args.rate or [], arrival=args.arrival, max_concurrency=args.max_concurrency,
                              requests=args.requests, workload=args.workload, repeats=args.repeats,
                              name=args.name or "")
     except ValidationError as exc:
@@ -82,11 +100,12 @@ async def _on_server(args: argparse.Namespace) -> int:
         except ClientError as exc:
             raise errors.ObatchError(str(exc)) from None
     print(f"run {sweep.run_id} on the server's {sweep.backend}: {sweep.points_done} points")
-    print(f"{'model':24} {'num_ctx':>7} {'c':>3} {'req/s':>8} {'out tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'model':24} {'num_ctx':>7} {'load':>20} {'req/s':>8} {'out tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'ttft p50':>8} {'ok':>6}")
     for p in points:
-        print(f"{p.model:24} {p.num_ctx:>7} {p.concurrency:>3} {p.req_per_s:>8.2f} {p.output_tps:>9.1f} "
-              f"{p.latency_p50 or 0:>8.0f} {p.latency_p99 or 0:>8.0f} {p.ttft_p50 or 0:>8.0f} {p.success_rate:>6.1%}")
+        print(f"{p.model:24} {p.num_ctx:>7} {_load(p.concurrency, p.rate, p.arrival, p.achieved_rate):>20} "
+              f"{p.req_per_s:>8.2f} {p.output_tps:>9.1f} {p.latency_p50 or 0:>8.0f} {p.latency_p99 or 0:>8.0f} "
+              f"{p.ttft_p50 or 0:>8.0f} {p.success_rate:>6.1%}")
     for model in params.models:
         if model in best:
             print(f"{model}: best configuration num_ctx {best[model].num_ctx}, concurrency {best[model].concurrency}")
@@ -100,9 +119,27 @@ async def _on_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(concurrency: int, rate: float | None, arrival: str | None, achieved: float | None) -> str:
+    """``c=4``, or ``4/s→3.9 poisson`` (offered → achieved rate) for a rate point."""
+    if rate is None:
+        return f"c={concurrency}"
+    sent = f"→{achieved:.1f}" if achieved is not None else ""
+    return f"{rate:g}/s{sent} {arrival or ''}".rstrip() + (f" ≤{concurrency}" if concurrency else "")
+
+
 def _print_capacity(found: list[Any]) -> None:
     for c in found:
         bounds = ", ".join(f"{k} ≤ {v:g} ms" for k, v in c.slo.items())
+        if c.load == "rate":
+            levels = "  ".join(f"{lv['rate']:g}/s: {lv['goodput'] or 0:.2f} req/s good ({(lv['slo_share'] or 0):.0%})"
+                               for lv in c.levels)
+            if c.rate is None:
+                print(f"{c.model} num_ctx {c.num_ctx}: no offered rate meets {bounds} for {c.min_share:.0%} of "
+                      f"requests   [{levels}]")
+            else:
+                print(f"{c.model} num_ctx {c.num_ctx}: capacity at {bounds}: {c.rate:g} req/s offered ({c.arrival}),"
+                      f" goodput {c.goodput:.2f} req/s   [{levels}]")
+            continue
         levels = "  ".join(f"c={lv['concurrency']}: {lv['goodput'] or 0:.2f} req/s good "
                            f"({(lv['slo_share'] or 0):.0%})" for lv in c.levels)
         if c.concurrency is None:
@@ -125,20 +162,22 @@ async def bench(args: argparse.Namespace) -> int:
         return await _on_server(args)
     from obatch.bench.views import load_report
 
-    spec = SweepSpec(models=args.model, num_ctx=args.num_ctx, concurrency=args.concurrency, requests=args.requests,
+    spec = SweepSpec(models=args.model, num_ctx=args.num_ctx, concurrency=_levels(args), requests=args.requests,
                      workload=args.workload, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                      max_failure_rate=args.max_failure_rate, backend=_backend(args), url=args.url,
-                     name=args.name or "")
+                     name=args.name or "", rates=args.rate or [], arrival=args.arrival,
+                     max_concurrency=args.max_concurrency)
     settings = _settings(args)
     report = await run_sweep(spec, settings=settings, progress=not args.quiet, fresh=args.fresh,
                              params={k: v for k, v in vars(args).items() if k != "handler"})
     frames = await load_report(settings=settings, run_id=report.run_id)
     print(f"run {report.run_id}: {len(report.measured)} points measured, {len(report.skipped)} already stored, "
           f"{report.seconds:.1f} s")
-    print(f"{'model':24} {'num_ctx':>7} {'c':>3} {'req/s':>8} {'±':>6} {'out tok/s':>9} {'gen tok/s':>9} "
+    print(f"{'model':24} {'num_ctx':>7} {'load':>20} {'req/s':>8} {'±':>6} {'out tok/s':>9} {'gen tok/s':>9} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'ttft p50':>8} {'ok':>6}")
     for row in frames.summary.iter_rows(named=True):
-        print(f"{row['model']:24} {row['num_ctx']:>7} {row['concurrency']:>3} {row['req_per_s']:>8.2f} "
+        load = _load(row["concurrency"], row["rate"], row["arrival"], row["achieved_rate"])
+        print(f"{row['model']:24} {row['num_ctx']:>7} {load:>20} {row['req_per_s']:>8.2f} "
               f"{_num(row['req_per_s_std'], 6, 2)} {row['output_tps']:>9.1f} {row['gen_tps'] or 0:>9.1f} "
               f"{row['latency_p50'] or 0:>8.0f} {row['latency_p99'] or 0:>8.0f} {row['ttft_p50'] or 0:>8.0f} "
               f"{row['success_rate']:>6.1%}")
@@ -362,7 +401,15 @@ def add_parsers(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark models × num_ctx × concurrency (resumable; stored for estimates)")
     b.add_argument("--model", "-m", action="append", required=True, help="a model to measure (repeatable)")
     b.add_argument("--num-ctx", type=_ints, default=[2048], help="context windows, e.g. 2048,8192")
-    b.add_argument("--concurrency", "-c", type=_ints, default=[1, 2, 4], help="levels, e.g. 1,2,4,8")
+    b.add_argument("--concurrency", "-c", type=_ints,
+                   help="levels of requests in flight, e.g. 1,2,4,8 (default 1,2,4; none with --rate alone)")
+    b.add_argument("--rate", type=_rates,
+                   help="request rates (requests/s), e.g. 2,4,8: requests are sent on that schedule whatever the "
+                        "engine answers (open loop), beside or instead of --concurrency")
+    b.add_argument("--arrival", choices=["poisson", "constant"], default="poisson",
+                   help="gaps between requests at a --rate: exponential (poisson, seeded by --seed) or fixed")
+    b.add_argument("--max-concurrency", type=int, default=0, metavar="N",
+                   help="at most N requests in flight at a --rate (they wait for a slot); default: no cap")
     b.add_argument("--requests", "-n", type=int, default=32, help="measured requests per point")
     b.add_argument("--workload", "-w", default="chat",
                    help="tiny|short|chat|long-prompt|long-output, 'prompt=64-512,output=32-128', or a batch file")

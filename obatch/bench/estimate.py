@@ -550,6 +550,7 @@ async def fits_for(session: AsyncSession, model: str, backend: str | None = None
 
     Without ``backend``, the backend of the model's newest point is used (estimates never mix engines)."""
     points = await bench_repo.list_points(session, models=[model], backend=backend, include_excluded=False)
+    points = [p for p in points if p.rate is None]  # request-rate points: no concurrency a batch could run at
     if not points:
         return []
     backend = backend or points[-1].backend

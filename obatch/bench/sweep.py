@@ -1,18 +1,21 @@
-"""Measuring: one point (a configuration, once), and sweeps of models × num_ctx × concurrency × repeats.
+"""Measuring: one point (a configuration, once), and sweeps of models × num_ctx × load levels × repeats.
 
 A point goes: ``backend.prepare`` (the engine (re)loads for this num_ctx and this many parallel slots; Ollama
-loads on the first request instead), warm-up requests (not measured), then the workload's requests through the
-same runner ``obatch run`` uses (one shared queue, ``concurrency`` workers, retries of transient faults), streamed
-so that TTFT and inter-token gaps are seen by the client. Wall time runs from the first measured request to the
-last answer.
+loads on the first request instead), warm-up requests (not measured), then the workload's requests, streamed so
+that TTFT and inter-token gaps are seen by the client. A load level is either a concurrency (closed loop: the same
+runner ``obatch run`` uses, one shared queue, ``concurrency`` workers) or a request rate (open loop,
+``obatch.bench.load``: each request sent when its arrival is due, whatever the engine is doing); both retry
+transient faults and measure latency from the moment a request is sent. Wall time runs from the first measured
+request to the last answer.
 
-A sweep stores each point as it finishes. Its order changes the model, then num_ctx, then concurrency, with
+A sweep stores each point as it finishes. Its order changes the model, then num_ctx, then the load, with
 repeats innermost, so every engine (re)load happens once per configuration. Running the same sweep again resumes
 the unfinished run and measures only the points it lacks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -26,12 +29,13 @@ from obatch import errors
 from obatch.backends.base import Backend, BackendWrapper, Result, complete_by_streaming
 from obatch.backends.pool import fixed
 from obatch.bench.environment import environment, obatch_version
+from obatch.bench.load import ARRIVALS, MAX_RATE, achieved_rate, arrival_offsets, rate_label
 from obatch.bench.metrics import Sample, summarise
 from obatch.bench.workloads import BenchRequest, Workload, parse_workload
 from obatch.config import Settings
 from obatch.progress import progress_bar
 from obatch.protocol import new_id
-from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
+from obatch.runner import Job, Outcome, RetryPolicy, call_with_retries, run_jobs
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow
 from obatch.store.db import Sessions, open_store
@@ -42,14 +46,26 @@ SAMPLE_CHARS = 300
 
 @dataclass(frozen=True, slots=True)
 class PointKey:
+    """One point. With a ``rate`` the load is open-loop and ``concurrency`` caps the requests in flight (0: no
+    cap); without, ``concurrency`` requests are kept in flight."""
+
     model: str
     num_ctx: int
     concurrency: int
     repeat: int = 0
+    rate: float | None = None
+    arrival: str | None = None
 
     @property
-    def config(self) -> tuple[str, int, int, int]:
-        return (self.model, self.num_ctx, self.concurrency, self.repeat)
+    def config(self) -> bench_repo.PointConfig:
+        return (self.model, self.num_ctx, self.concurrency, self.repeat, self.rate, self.arrival)
+
+    @property
+    def load(self) -> str:
+        """``concurrency 4`` or ``rate 2/s poisson``: what a progress line calls the load."""
+        if self.rate is None:
+            return f"concurrency {self.concurrency}"
+        return f"rate {rate_label(self.rate, self.arrival, self.concurrency)}"
 
 
 @dataclass
@@ -68,20 +84,37 @@ class SweepSpec:
     backend: str | None = None  # None: the settings' backend; "sim": an in-process Ollama simulator
     url: str | None = None
     name: str = ""
+    rates: list[float] = field(default_factory=list)  # requests per second (open loop), beside ``concurrency``
+    arrival: str = "poisson"  # of the rate points: constant | poisson
+    max_concurrency: int = 0  # of the rate points: the most requests in flight, 0 for no cap
 
     def __post_init__(self) -> None:
-        if not self.models or not self.num_ctx or not self.concurrency:
-            raise errors.ConfigError("A sweep needs at least one model, one num_ctx and one concurrency level.")
-        if min(self.concurrency) < 1 or min(self.num_ctx) < 1 or self.requests < 1 or self.repeats < 1:
+        if not self.models or not self.num_ctx or not (self.concurrency or self.rates):
+            raise errors.ConfigError("A sweep needs at least one model, one num_ctx and one concurrency level or "
+                                     "request rate.")
+        if (min(self.concurrency, default=1) < 1 or min(self.num_ctx) < 1 or self.requests < 1
+                or self.repeats < 1 or self.max_concurrency < 0):
             raise errors.ConfigError("num_ctx, concurrency, requests and repeats must be positive.")
+        if any(not 0 < r <= MAX_RATE for r in self.rates):
+            raise errors.ConfigError(f"Request rates are between 0 and {MAX_RATE:g} per second.", param="rate")
+        if self.arrival not in ARRIVALS:
+            raise errors.ConfigError(f"arrival is one of {', '.join(ARRIVALS)}; got {self.arrival!r}.",
+                                     param="arrival")
         self.num_ctx = sorted(set(self.num_ctx))
         self.concurrency = sorted(set(self.concurrency))
+        self.rates = sorted({float(r) for r in self.rates})
 
     def resolved_workload(self) -> Workload:
         return parse_workload(self.workload)
 
+    def points(self) -> list[PointKey]:
+        return plan(self.models, self.num_ctx, self.concurrency, self.repeats, rates=self.rates,
+                    arrival=self.arrival, max_concurrency=self.max_concurrency)
+
     def signature(self, backend: str) -> str:
         identity = {k: v for k, v in asdict(self).items() if k not in ("name", "workload")}
+        if not self.rates:  # a sweep without rates keeps the signature it had before rates existed (it resumes)
+            identity = {k: v for k, v in identity.items() if k not in ("rates", "arrival", "max_concurrency")}
         identity |= {"backend": backend, "workload": self.resolved_workload().as_dict()}
         return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -94,13 +127,16 @@ class SweepReport:
     seconds: float = 0.0
 
 
-def plan(models: Sequence[str], num_ctx: Sequence[int], concurrency: Sequence[int], repeats: int = 1
-         ) -> list[PointKey]:
-    """Every point of a sweep in measuring order: model, then num_ctx, then concurrency, repeats innermost.
+def plan(models: Sequence[str], num_ctx: Sequence[int], concurrency: Sequence[int], repeats: int = 1, *,
+         rates: Sequence[float] = (), arrival: str = "poisson", max_concurrency: int = 0) -> list[PointKey]:
+    """Every point of a sweep in measuring order: model, then num_ctx, then the load (concurrency levels, then
+    request rates), repeats innermost.
 
     Ollama reloads a model when num_ctx changes; the embedded engine restarts when num_ctx or its slot count
     changes. This order makes each of those changes once per configuration (the fewest possible)."""
-    return [PointKey(m, n, c, r) for m in models for n in num_ctx for c in concurrency for r in range(repeats)]
+    loads = [(c, None) for c in concurrency] + [(max_concurrency, float(r)) for r in rates]
+    return [PointKey(m, n, c, r, rate, arrival if rate is not None else None)
+            for m in models for n in num_ctx for c, rate in loads for r in range(repeats)]
 
 
 def reloads(points: Sequence[PointKey], *, restart_on_concurrency: bool) -> int:
@@ -148,6 +184,7 @@ class MeasuredPoint:
     wall_seconds: float
     load_seconds: float
     metrics: dict[str, Any]
+    achieved_rate: float | None = None  # requests sent per second, for a rate point
 
 
 def _sample(outcome: Outcome, request: BenchRequest, gaps: list[float]) -> Sample:
@@ -190,20 +227,60 @@ async def _run(backend: ChunkClock, requests: Sequence[BenchRequest], key: Point
     return [s for s in samples if s is not None], last - started
 
 
+async def _run_open(backend: ChunkClock, requests: Sequence[BenchRequest], key: PointKey, policy: RetryPolicy,
+                    on_done: Callable[[], None] | None, *, seed: int) -> tuple[list[Sample], float, list[float]]:
+    """Send each request when its arrival is due (``obatch.bench.load``), however many are still unanswered (up
+    to the point's cap, when it has one); (samples in request order, wall seconds, when each request was sent)."""
+    assert key.rate is not None
+    due = arrival_offsets(key.arrival or "poisson", key.rate, len(requests), seed=seed)
+    pool = fixed(backend, key.concurrency or max(len(requests), 1))
+    samples: list[Sample | None] = [None] * len(requests)
+    sent: list[float] = []
+    last = started = time.perf_counter()
+
+    async def one(index: int, job: Job) -> None:
+        nonlocal last
+        lease = await pool.lease(None)  # at once without a cap; with one, in arrival order as slots free up
+        sent.append(begun := time.perf_counter())
+        result, error, attempts = await call_with_retries(pool, job, policy, stream=True, first=lease)
+        last = time.perf_counter()
+        outcome = Outcome(job, result, error, (last - begun) * 1000, attempts, time.time())
+        samples[index] = _sample(outcome, requests[index], backend.gaps.pop(id(job.body), []))
+        if on_done is not None:
+            on_done()
+
+    async with asyncio.TaskGroup() as group:
+        for i, (request, offset) in enumerate(zip(requests, due, strict=True)):
+            wait = started + offset - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            job = Job(i, f"bench-{i}", request.url, request.body, num_ctx=key.num_ctx,
+                      prompt_estimate=request.prompt_estimate)
+            group.create_task(one(i, job))
+    return [s for s in samples if s is not None], last - started, sent
+
+
 async def measure_point(backend: Backend, key: PointKey, requests: Sequence[BenchRequest], *, warmup: int,
                         policy: RetryPolicy, max_failure_rate: float,
-                        on_done: Callable[[], None] | None = None) -> MeasuredPoint:
-    """(Re)load the engine for the point, warm it up (``warmup`` extra requests, not measured), measure."""
+                        on_done: Callable[[], None] | None = None, seed: int = 0) -> MeasuredPoint:
+    """(Re)load the engine for the point, warm it up (``warmup`` extra requests, not measured, one at a time for
+    a rate point), measure. ``seed`` draws a rate point's Poisson arrivals."""
     clock = ChunkClock(backend)
-    load_seconds = await backend.prepare(key.model, num_ctx=key.num_ctx, parallel=key.concurrency)
+    slots = key.concurrency if key.rate is None else key.concurrency or None  # uncapped: the engine's own width
+    load_seconds = await backend.prepare(key.model, num_ctx=key.num_ctx, parallel=slots)
     warm, measured = requests[:warmup], requests[warmup:]
     if warm:
-        warm_samples, _ = await _run(clock, warm, key, policy, None)
+        warm_key = key if key.rate is None else PointKey(key.model, key.num_ctx, 1)
+        warm_samples, _ = await _run(clock, warm, warm_key, policy, None)
         reported = max((s.load_ms or 0.0 for s in warm_samples), default=0.0) / 1000
         load_seconds = max(load_seconds, reported)  # Ollama loads on the first request and reports it there
-    samples, wall = await _run(clock, measured, key, policy, on_done)
+    if key.rate is None:
+        samples, wall = await _run(clock, measured, key, policy, on_done)
+        return MeasuredPoint(key, samples, wall, load_seconds, summarise(samples, wall,
+                                                                         max_failure_rate=max_failure_rate))
+    samples, wall, sent = await _run_open(clock, measured, key, policy, on_done, seed=seed)
     metrics = summarise(samples, wall, max_failure_rate=max_failure_rate)
-    return MeasuredPoint(key, samples, wall, load_seconds, metrics)
+    return MeasuredPoint(key, samples, wall, load_seconds, metrics, achieved_rate=achieved_rate(sent))
 
 
 def point_row(run: BenchRunRow, point: MeasuredPoint, env: dict[str, Any]) -> BenchPointRow:
@@ -213,7 +290,8 @@ def point_row(run: BenchRunRow, point: MeasuredPoint, env: dict[str, Any]) -> Be
     responses = [s.content[:SAMPLE_CHARS] for s in point.samples if s.ok and s.content][:SAMPLE_RESPONSES]
     return BenchPointRow(
         run_id=run.id, backend=run.backend, model=point.key.model, num_ctx=point.key.num_ctx,
-        concurrency=point.key.concurrency, repeat=point.key.repeat, workload=run.workload, created_at=time.time(),
+        concurrency=point.key.concurrency, repeat=point.key.repeat, rate=point.key.rate, arrival=point.key.arrival,
+        achieved_rate=point.achieved_rate, workload=run.workload, created_at=time.time(),
         engine_version=env.get("engine_version"), quantization=model_facts.get("quantization"),
         parameter_size=model_facts.get("parameter_size"), load_seconds=point.load_seconds,
         errors_json=orjson.dumps(errors_seen).decode() if errors_seen else None,
@@ -270,6 +348,8 @@ async def start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, fr
                                                                                ).decode(),
             models_json=orjson.dumps(spec.models).decode(), num_ctx_json=orjson.dumps(spec.num_ctx).decode(),
             concurrency_json=orjson.dumps(spec.concurrency).decode(), requests=spec.requests,
+            rates_json=orjson.dumps({"rates": spec.rates, "arrival": spec.arrival,
+                                     "max_concurrency": spec.max_concurrency}).decode() if spec.rates else None,
             repeats=spec.repeats, warmup=spec.warmup, seed=spec.seed, max_failure_rate=spec.max_failure_rate,
             signature=signature, params_json=orjson.dumps(params, default=str).decode() if params else None,
             environment_json=orjson.dumps(env).decode(), notebook_path=notebook, obatch_version=obatch_version(),
@@ -287,7 +367,7 @@ async def sweep_with(sessions: Sessions, backend: Backend, spec: SweepSpec, *, s
     run, env = await start_run(sessions, spec, backend, fresh=fresh, params=params, notebook=notebook)
     async with sessions() as session:
         done = await bench_repo.done_points(session, run.id)
-    points = plan(spec.models, spec.num_ctx, spec.concurrency, spec.repeats)
+    points = spec.points()
     report = SweepReport(run.id, skipped=[p for p in points if p.config in done])
     todo = [p for p in points if p.config not in done]
     policy = RetryPolicy.from_settings(settings, max_attempts=3)
@@ -295,11 +375,11 @@ async def sweep_with(sessions: Sessions, backend: Backend, spec: SweepSpec, *, s
     bar = progress_bar(len(todo) * spec.requests, run.id[:14], enabled=progress)
     try:
         for key in todo:
-            bar.set_description(f"{key.model} ctx={key.num_ctx} c={key.concurrency} r={key.repeat}")
+            bar.set_description(f"{key.model} ctx={key.num_ctx} {key.load} r={key.repeat}")
             requests = workload.requests(key.model, spec.requests + spec.warmup, seed=spec.seed + key.repeat)
             measured = await measure_point(backend, key, requests, warmup=spec.warmup, policy=policy,
                                            max_failure_rate=spec.max_failure_rate,
-                                           on_done=bar.update)
+                                           on_done=bar.update, seed=spec.seed + key.repeat)
             async with sessions() as session:
                 await bench_repo.add_point(session, point_row(run, measured, env), sample_rows(measured))
                 await session.commit()

@@ -75,7 +75,8 @@ async def cancel(sessions: Sessions, sweep_id: str, owner: str | None) -> Sweep:
 def spec_of(params: SweepParams, sweep_id: str) -> measuring.SweepSpec:
     return measuring.SweepSpec(models=params.models, num_ctx=params.num_ctx, concurrency=params.concurrency,
                                requests=params.requests, workload=params.workload, repeats=params.repeats,
-                               name=params.name or f"sweep {sweep_id}")
+                               name=params.name or f"sweep {sweep_id}", rates=params.rates,
+                               arrival=params.arrival, max_concurrency=params.max_concurrency)
 
 
 class Cancelled(Exception):
@@ -165,7 +166,7 @@ class SweepRunner:
         run, env = await self._run_row(row, spec)
         async with self.svc.sessions() as session:
             done = await bench_repo.done_points(session, run.id)
-        points = measuring.plan(spec.models, spec.num_ctx, spec.concurrency, spec.repeats)
+        points = spec.points()
         todo = [p for p in points if p.config not in done]
         count = len(points) - len(todo)
         await self._set(sweep_id, run_id=run.id, backend=run.backend, points_done=count)
@@ -176,9 +177,8 @@ class SweepRunner:
             measured = None
             while measured is None:
                 await self._wait_for_batches(sweep_id)
-                await self._set(sweep_id, current=f"{key.model} · num_ctx {key.num_ctx} · concurrency "
-                                                  f"{key.concurrency}" + (f" · repeat {key.repeat + 1}"
-                                                                          if spec.repeats > 1 else ""))
+                await self._set(sweep_id, current=f"{key.model} · num_ctx {key.num_ctx} · {key.load}"
+                                + (f" · repeat {key.repeat + 1}" if spec.repeats > 1 else ""))
                 measured = await self._measure(sweep_id, key, requests, spec, policy)
             async with self.svc.sessions() as session:
                 await bench_repo.add_point(session, measuring.point_row(run, measured, env),
@@ -206,7 +206,7 @@ class SweepRunner:
         """Measure one point, watching the store: None when a batch started meanwhile (the point is void)."""
         task = asyncio.create_task(measuring.measure_point(
             self.svc.backend, key, requests, warmup=spec.warmup, policy=policy,
-            max_failure_rate=spec.max_failure_rate))
+            max_failure_rate=spec.max_failure_rate, seed=spec.seed + key.repeat))
         try:
             while True:
                 finished, _ = await asyncio.wait({task}, timeout=self.poll)

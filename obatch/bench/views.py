@@ -23,15 +23,16 @@ from obatch.bench.estimate import estimates_vs_actuals
 from obatch.bench.wire import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo
-from obatch.store.bench_tables import BenchPointRow
+from obatch.store.bench_tables import BenchPointRow, BenchRunRow
 from obatch.store.db import open_store
 
-CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency"]
+CONFIG = ["run_id", "backend", "model", "num_ctx", "concurrency", "rate", "arrival"]  # rate: None for concurrency
 SATURATION_GAIN = 0.10  # a level that adds less than this share of throughput is past saturation
 
 POINT_SCHEMA: dict[str, Any] = {
     "id": pl.Int64, "run_id": pl.Utf8, "backend": pl.Utf8, "model": pl.Utf8, "num_ctx": pl.Int64,
-    "concurrency": pl.Int64, "repeat": pl.Int64, "workload": pl.Utf8, "created_at": pl.Float64,
+    "concurrency": pl.Int64, "repeat": pl.Int64, "rate": pl.Float64, "arrival": pl.Utf8,
+    "achieved_rate": pl.Float64, "workload": pl.Utf8, "created_at": pl.Float64,
     "engine_version": pl.Utf8, "quantization": pl.Utf8, "parameter_size": pl.Utf8, "n_requests": pl.Int64,
     "n_completed": pl.Int64, "n_failed": pl.Int64, "success_rate": pl.Float64, "excluded": pl.Boolean,
     "wall_seconds": pl.Float64, "load_seconds": pl.Float64, "req_per_s": pl.Float64, "output_tps": pl.Float64,
@@ -78,17 +79,27 @@ async def runs(session: AsyncSession) -> pl.DataFrame:
             "finished_at": r.finished_at, "backend": r.backend, "workload": r.workload,
             "models": ",".join(orjson.loads(r.models_json)), "num_ctx": orjson.dumps(orjson.loads(r.num_ctx_json)
                                                                                      ).decode(),
-            "concurrency": orjson.dumps(orjson.loads(r.concurrency_json)).decode(), "requests": r.requests,
+            "concurrency": orjson.dumps(orjson.loads(r.concurrency_json)).decode(), "rates": _rates_of(r),
+            "requests": r.requests,
             "repeats": r.repeats, "hostname": env.get("hostname"), "cpu": env.get("cpu"),
             "engine_version": env.get("engine_version"), "obatch_version": r.obatch_version,
             "notebook_path": r.notebook_path,
         })
     schema = {"id": pl.Utf8, "name": pl.Utf8, "status": pl.Utf8, "created_at": pl.Float64,
               "finished_at": pl.Float64, "backend": pl.Utf8, "workload": pl.Utf8, "models": pl.Utf8,
-              "num_ctx": pl.Utf8, "concurrency": pl.Utf8, "requests": pl.Int64, "repeats": pl.Int64,
+              "num_ctx": pl.Utf8, "concurrency": pl.Utf8, "rates": pl.Utf8, "requests": pl.Int64, "repeats": pl.Int64,
               "hostname": pl.Utf8, "cpu": pl.Utf8, "engine_version": pl.Utf8, "obatch_version": pl.Utf8,
               "notebook_path": pl.Utf8}
     return pl.DataFrame(records, schema=schema)
+
+
+def _rates_of(run: BenchRunRow) -> str | None:
+    """``[2.0,4.0] poisson`` (``, ≤ 8 in flight``): the request rates a run measured, None for none."""
+    if not run.rates_json:
+        return None
+    load = orjson.loads(run.rates_json)
+    cap = load.get("max_concurrency") or 0
+    return f"{orjson.dumps(load['rates']).decode()} {load['arrival']}" + (f", ≤ {cap} in flight" if cap else "")
 
 
 def summary(frame: pl.DataFrame) -> pl.DataFrame:
@@ -105,10 +116,11 @@ def summary(frame: pl.DataFrame) -> pl.DataFrame:
             pl.col("latency_mean").mean(), pl.col("latency_p50").mean(), pl.col("latency_p90").mean(),
             pl.col("latency_p99").mean(), pl.col("ttft_p50").mean(), pl.col("ttft_p90").mean(),
             pl.col("tpot_p50").mean(), pl.col("itl_p50").mean(), pl.col("load_seconds").mean(),
-            pl.col("success_rate").mean(), pl.col("created_at").max(),
+            pl.col("success_rate").mean(), pl.col("achieved_rate").mean(), pl.col("created_at").max(),
         )
-        .join(frame.group_by(CONFIG).agg(pl.col("excluded").sum().alias("excluded")), on=CONFIG, how="left")
-        .sort(["model", "num_ctx", "concurrency"])
+        .join(frame.group_by(CONFIG).agg(pl.col("excluded").sum().alias("excluded")), on=CONFIG, how="left",
+              nulls_equal=True)
+        .sort(["model", "num_ctx", "rate", "concurrency"], nulls_last=False)
     )
 
 
@@ -116,8 +128,8 @@ def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
     """Per (run, model, num_ctx): the concurrency where throughput saturates — the first level whose next level
     adds less than ``SATURATION_GAIN`` of req/s (the highest level when it keeps growing)."""
     rows = []
-    for key, group in summary_frame.sort("concurrency").group_by(["run_id", "model", "num_ctx"],
-                                                                  maintain_order=True):
+    closed = summary_frame.filter(pl.col("rate").is_null())  # the concurrency levels, not the request rates
+    for key, group in closed.sort("concurrency").group_by(["run_id", "model", "num_ctx"], maintain_order=True):
         levels = group.select("concurrency", "req_per_s").rows()
         chosen = levels[-1]
         for (c, rps), (_, next_rps) in itertools.pairwise(levels):
@@ -148,7 +160,7 @@ def latest_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
     if summary_frame.is_empty():
         return summary_frame
     return (summary_frame.sort("created_at").group_by(CONFIG[1:], maintain_order=True).last()
-            .select(summary_frame.columns).sort(["model", "num_ctx", "concurrency"]))
+            .select(summary_frame.columns).sort(["model", "num_ctx", "rate", "concurrency"], nulls_last=False))
 
 
 def mark_best(summary_frame: pl.DataFrame) -> pl.DataFrame:

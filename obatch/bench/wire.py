@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from obatch.bench.load import MAX_RATE, Arrival
 
 SweepStatus = Literal["queued", "in_progress", "cancelling", "cancelled", "completed", "failed"]
 SWEEP_ACTIVE: frozenset[str] = frozenset({"queued", "in_progress", "cancelling"})
 
-MAX_SWEEP_POINTS = 256  # models × num_ctx × load levels × repeats of one server-run sweep
+MAX_SWEEP_POINTS = 256  # models × num_ctx × load levels (concurrency levels and rates) × repeats of one sweep
 MAX_SWEEP_REQUESTS = 4096  # measured requests per point
 MAX_NUM_CTX = 1 << 20
 MAX_LEVEL = 1024  # concurrency
@@ -28,7 +30,9 @@ class _Wire(BaseModel):
 
 
 class BenchPoint(_Wire):
-    """One measured point: one repeat of one configuration (backend, model, num_ctx, load) in one run."""
+    """One measured point: one repeat of one configuration (backend, model, num_ctx, load) in one run. The load is
+    ``concurrency`` requests in flight, or, with a ``rate``, requests sent at that rate (open loop) with
+    ``concurrency`` as their cap in flight (0: none)."""
 
     object: Literal["benchmark.point"] = "benchmark.point"
     id: int | None = None
@@ -38,6 +42,9 @@ class BenchPoint(_Wire):
     num_ctx: int
     concurrency: int
     repeat: int = 0
+    rate: float | None = None  # offered requests per second; None: a closed-loop concurrency point
+    arrival: str | None = None  # constant | poisson
+    achieved_rate: float | None = None  # requests really sent per second
     workload: str = ""
     created_at: float
     engine_version: str | None = None
@@ -87,6 +94,9 @@ class BenchConfig(_Wire):
     model: str
     num_ctx: int
     concurrency: int
+    rate: float | None = None  # as ``BenchPoint``: a rate configuration is never the best one
+    arrival: str | None = None
+    achieved_rate: float | None = None
     repeats: int
     excluded: int = 0  # repeats left out for failing too much
     n_completed: int
@@ -125,6 +135,7 @@ class BenchRun(_Wire):
     models: str
     num_ctx: str
     concurrency: str
+    rates: str | None = None  # the request rates measured, their arrival kind and cap
     requests: int
     repeats: int
     hostname: str | None = None
@@ -156,8 +167,9 @@ class EstimateRecord(_Wire):
 
 
 class Capacity(_Wire):
-    """The highest concurrency of a model at one num_ctx at which at least ``min_share`` of the requests met the
-    SLO (``obatch.bench.slo``), judged on the newest measurement of each level."""
+    """The highest load of a model at one num_ctx at which at least ``min_share`` of the requests met the SLO
+    (``obatch.bench.slo``), judged on the newest measurement of each level: the highest concurrency (``load`` is
+    ``"concurrency"``), or, over request-rate points, the highest offered rate (``load`` is ``"rate"``)."""
 
     object: Literal["benchmark.capacity"] = "benchmark.capacity"
     backend: str
@@ -165,24 +177,45 @@ class Capacity(_Wire):
     num_ctx: int
     slo: dict[str, float]  # bounds in milliseconds: ttft, tpot, latency
     min_share: float
-    concurrency: int | None = None  # None: no measured level met the SLO
+    load: Literal["concurrency", "rate"] = "concurrency"
+    concurrency: int | None = None  # the capacity in concurrency; None: no measured level met the SLO
+    rate: float | None = None  # the capacity in offered req/s (``load`` "rate"); None: no rate met it
+    arrival: str | None = None
     goodput: float | None = None
     req_per_s: float | None = None
-    levels: list[dict[str, Any]] = Field(default_factory=list)  # every level: concurrency, goodput, share met
+    levels: list[dict[str, Any]] = Field(default_factory=list)  # every level: its load, goodput, share met
+
+    @property
+    def met(self) -> bool:
+        """Whether some measured level met the SLO."""
+        return (self.rate if self.load == "rate" else self.concurrency) is not None
 
 
 class SweepParams(BaseModel):
-    """What ``POST /v1/benchmarks/sweeps`` takes (as ``obatch bench``: models × num_ctx × concurrency × repeats)."""
+    """What ``POST /v1/benchmarks/sweeps`` takes (as ``obatch bench``: models × num_ctx × load levels × repeats).
+    The load levels are ``concurrency`` levels and request ``rates`` (open loop, ``arrival`` gaps, at most
+    ``max_concurrency`` in flight, 0 for no cap); given rates without concurrency, only the rates are measured."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: list[str] = Field(min_length=1, max_length=16)
     num_ctx: list[int] = Field(default_factory=lambda: [2048], min_length=1, max_length=16)
-    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1, max_length=16)
+    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4], max_length=16)
+    rates: list[float] = Field(default_factory=list, max_length=16)
+    arrival: Arrival = "poisson"
+    max_concurrency: int = Field(default=0, ge=0, le=MAX_LEVEL)
     requests: int = Field(default=16, ge=1, le=MAX_SWEEP_REQUESTS)
     workload: Literal["tiny", "short", "chat", "long-prompt", "long-output"] = "chat"
     repeats: int = Field(default=1, ge=1, le=10)
     name: str = Field(default="", max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rates_alone(cls, data: Any) -> Any:
+        """Rates without concurrency levels measure the rates only (not the default levels as well)."""
+        if isinstance(data, dict) and data.get("rates") and "concurrency" not in data:
+            return {**data, "concurrency": []}
+        return data
 
     @field_validator("models")
     @classmethod
@@ -206,12 +239,21 @@ class SweepParams(BaseModel):
             raise ValueError(f"each concurrency level is between 1 and {MAX_LEVEL}")
         return sorted(set(value))
 
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, value: list[float]) -> list[float]:
+        if any(not 0 < r <= MAX_RATE for r in value):
+            raise ValueError(f"each request rate is above 0 and at most {MAX_RATE:g} per second")
+        return sorted(set(value))
+
     @property
     def points(self) -> int:
-        return len(self.models) * len(self.num_ctx) * len(self.concurrency) * self.repeats
+        return len(self.models) * len(self.num_ctx) * (len(self.concurrency) + len(self.rates)) * self.repeats
 
     def problem(self) -> tuple[str, str] | None:
         """(message, param) of what makes the sweep unrunnable beyond each field's own bounds, or None."""
+        if not self.concurrency and not self.rates:
+            return "A sweep needs at least one concurrency level or request rate.", "concurrency"
         if self.points > MAX_SWEEP_POINTS:
             return (f"This sweep has {self.points} points; at most {MAX_SWEEP_POINTS} may run in one sweep.",
                     "concurrency")

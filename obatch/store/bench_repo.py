@@ -13,7 +13,7 @@ from obatch.errors import NotFoundError
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow, BenchSweepRow
 from obatch.store.tables import BatchRow, RequestRow
 
-PointConfig = tuple[str, int, int, int]  # (model, num_ctx, concurrency, repeat)
+PointConfig = tuple[str, int, int, int, float | None, str | None]  # model, num_ctx, concurrency, repeat, rate, arrival
 
 
 async def get_run(session: AsyncSession, run_id: str) -> BenchRunRow:
@@ -33,8 +33,9 @@ async def find_unfinished_run(session: AsyncSession, signature: str) -> BenchRun
 
 async def done_points(session: AsyncSession, run_id: str) -> set[PointConfig]:
     statement = select(col(BenchPointRow.model), col(BenchPointRow.num_ctx), col(BenchPointRow.concurrency),
-                       col(BenchPointRow.repeat)).where(col(BenchPointRow.run_id) == run_id)
-    return {(m, n, c, r) for m, n, c, r in (await session.execute(statement)).all()}
+                       col(BenchPointRow.repeat), col(BenchPointRow.rate), col(BenchPointRow.arrival)
+                       ).where(col(BenchPointRow.run_id) == run_id)
+    return {(m, n, c, r, rate, a) for m, n, c, r, rate, a in (await session.execute(statement)).all()}
 
 
 async def add_point(session: AsyncSession, point: BenchPointRow, samples: Sequence[dict[str, Any]]) -> int:

@@ -2,13 +2,17 @@
 
 A *point* is one repeat of one configuration (backend, model, num_ctx, concurrency, workload) inside a run; its
 aggregate metrics are columns (so views and the REST API read them without recomputing), and its requests are kept
-as ``BenchSampleRow`` rows: the estimator fits its per-token model on them. ``(run_id, model, num_ctx, concurrency,
-repeat)`` is unique, which is what makes an interrupted sweep resumable.
+as ``BenchSampleRow`` rows: the estimator fits its per-token model on them. A point's load is either closed-loop
+(``concurrency`` requests in flight, ``rate`` NULL) or open-loop (requests sent at ``rate`` per second with
+``arrival`` gaps, whatever the engine answers; ``concurrency`` is then its cap on requests in flight, 0 for none).
+``(run_id, model, num_ctx, concurrency, repeat)`` is unique among closed-loop points and, with ``rate`` and
+``arrival``, among open-loop ones (two partial indexes: NULL never equals NULL in a unique key), which is what makes
+an interrupted sweep resumable.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import Index, text
 from sqlmodel import Field, SQLModel
 
 
@@ -27,6 +31,7 @@ class BenchRunRow(SQLModel, table=True):
     models_json: str
     num_ctx_json: str
     concurrency_json: str
+    rates_json: str | None = None  # request rates of an open-loop sweep, with its arrival kind and cap
     requests: int
     repeats: int = 1
     warmup: int = 1
@@ -42,7 +47,10 @@ class BenchRunRow(SQLModel, table=True):
 class BenchPointRow(SQLModel, table=True):
     __tablename__ = "bench_points"
     __table_args__ = (
-        UniqueConstraint("run_id", "model", "num_ctx", "concurrency", "repeat", name="uq_bench_points_config"),
+        Index("uq_bench_points_config", "run_id", "model", "num_ctx", "concurrency", "repeat", unique=True,
+              sqlite_where=text("rate IS NULL"), postgresql_where=text("rate IS NULL")),
+        Index("uq_bench_points_rate", "run_id", "model", "num_ctx", "concurrency", "rate", "arrival", "repeat",
+              unique=True, sqlite_where=text("rate IS NOT NULL"), postgresql_where=text("rate IS NOT NULL")),
         Index("ix_bench_points_model_config", "model", "num_ctx", "concurrency"),
     )
 
@@ -51,8 +59,11 @@ class BenchPointRow(SQLModel, table=True):
     backend: str
     model: str
     num_ctx: int
-    concurrency: int
+    concurrency: int  # in flight (closed loop); for a rate point its cap, 0 for none
     repeat: int = 0
+    rate: float | None = None  # requests sent per second (open loop); NULL: closed-loop concurrency
+    arrival: str | None = None  # constant | poisson, for a rate point
+    achieved_rate: float | None = None  # requests really sent per second (a cap or a busy client falls behind)
     workload: str
     created_at: float
     engine_version: str | None = None

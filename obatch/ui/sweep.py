@@ -26,17 +26,35 @@ class SweepPlan:
     workload: str = "short"
     repeats: int = 1
     name: str = "ui"
+    rates: str = ""  # request rates as typed, e.g. "2, 4, 8" (requests per second, open loop)
+    arrival: str = "poisson"
 
     @property
     def points(self) -> int:
-        return len(set(self.models)) * len(set(self.num_ctx)) * len(set(self.concurrency)) * self.repeats
+        levels = len(set(self.concurrency)) + len(set(self.rate_values()))
+        return len(set(self.models)) * len(set(self.num_ctx)) * levels * self.repeats
+
+    def rate_values(self) -> list[float]:
+        """The typed rates as numbers (ValueError names the one that is not a number)."""
+        values = []
+        for part in (p.strip() for p in self.rates.replace(";", ",").split(",")):
+            if part:
+                try:
+                    values.append(float(part.removesuffix("/s")))
+                except ValueError:
+                    raise ValueError(f"{part!r} is not a request rate (requests per second, e.g. 2,4,8)") from None
+        return values
 
     def problem(self) -> str | None:
         """Why the sweep cannot start, or None (the server checks again, with the same model)."""
         if not self.models:
             return "Pick at least one model."
-        if not self.num_ctx or not self.concurrency:
-            return "Pick at least one context window and one concurrency level."
+        try:
+            rates = self.rate_values()
+        except ValueError as exc:
+            return str(exc)
+        if not self.num_ctx or not (self.concurrency or rates):
+            return "Pick at least one context window and one concurrency level or request rate."
         if self.requests < 1:
             return "Measure at least one request per point."
         try:
@@ -48,8 +66,8 @@ class SweepPlan:
 
     def params(self) -> SweepParams:
         return SweepParams(models=list(self.models), num_ctx=list(self.num_ctx), concurrency=list(self.concurrency),
-                           requests=self.requests, workload=self.workload,
-                           repeats=self.repeats, name=self.name)
+                           rates=self.rate_values(), arrival=self.arrival,
+                           requests=self.requests, workload=self.workload, repeats=self.repeats, name=self.name)
 
 
 def start(api: Client, plan: SweepPlan) -> Sweep:

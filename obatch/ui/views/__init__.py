@@ -27,13 +27,17 @@ from obatch.ui.views.benchmarks import (
     POINT_COLUMNS,
     along,
     best_table,
+    capacity_table,
     compare_chart,
     configs_frame,
+    goodput_table,
     latency_chart,
     latest_points,
     metric_chart,
     pareto_chart,
     points_frame,
+    rate_points,
+    slo_text,
 )
 from obatch.ui.views.estimates import (
     ESTIMATE_RECORD_SCHEMA,
@@ -68,6 +72,7 @@ __all__ = [
     "batch_progress",
     "batches_frame",
     "best_table",
+    "capacity_table",
     "compare_chart",
     "configs_frame",
     "describe_estimate",
@@ -78,6 +83,7 @@ __all__ = [
     "filter_results",
     "for_display",
     "format_seconds",
+    "goodput_table",
     "highlight_errors",
     "is_final",
     "latency_bounds",
@@ -92,8 +98,10 @@ __all__ = [
     "picked_row",
     "points_frame",
     "preview_file",
+    "rate_points",
     "read_health",
     "results_frame",
+    "slo_text",
 ]
 
 from obatch.ui.views.estimates import PILOT_LINES, estimate_notes, offers_pilot

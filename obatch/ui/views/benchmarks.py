@@ -1,6 +1,7 @@
 """Benchmark answers (``obatch.bench.wire`` models, as ``obatch.client`` parses them) → frames → the Benchmarks
-page's curves, comparison and best table. Column names are the wire's; the best configuration is the one the
-server marks (``best``), never chosen here."""
+page's curves, comparison, best table, request-rate curves and goodput under an SLO. Column names are the wire's;
+the best configuration is the one the server marks (``best``) and the capacity the one it computes, never chosen
+here."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from obatch.bench.wire import BenchConfig, BenchPoint
+from obatch.bench.charts import load_label
+from obatch.bench.wire import BenchConfig, BenchPoint, Capacity
 
 POINT_COLUMNS: dict[str, Any] = {
     "model": pl.Utf8, "backend": pl.Utf8, "run_id": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
-    "repeat": pl.Int64, "created_at": pl.Float64, "excluded": pl.Boolean, "n_requests": pl.Int64,
-    "success_rate": pl.Float64, "output_tps": pl.Float64, "req_per_s": pl.Float64, "gen_tps": pl.Float64,
-    "latency_p50": pl.Float64, "latency_p90": pl.Float64, "latency_p99": pl.Float64, "ttft_p50": pl.Float64,
+    "rate": pl.Float64, "arrival": pl.Utf8, "repeat": pl.Int64, "created_at": pl.Float64, "excluded": pl.Boolean,
+    "n_requests": pl.Int64, "success_rate": pl.Float64, "output_tps": pl.Float64, "req_per_s": pl.Float64,
+    "gen_tps": pl.Float64, "latency_p50": pl.Float64, "latency_p90": pl.Float64, "latency_p99": pl.Float64,
+    "ttft_p50": pl.Float64, "achieved_rate": pl.Float64, "goodput": pl.Float64, "slo_share": pl.Float64,
 }
+LOAD = ["model", "num_ctx", "concurrency", "rate", "arrival"]  # a configuration; rate None: closed loop
 CONFIG_COLUMNS: dict[str, Any] = {
     "model": pl.Utf8, "backend": pl.Utf8, "run_id": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
     "repeats": pl.Int64, "created_at": pl.Float64, "success_rate": pl.Float64, "output_tps": pl.Float64,
@@ -27,13 +31,14 @@ CONFIG_COLUMNS: dict[str, Any] = {
 METRIC_TITLES = {
     "output_tps": "output tokens / s", "req_per_s": "requests / s", "latency_p50": "p50 latency (ms)",
     "latency_p90": "p90 latency (ms)", "latency_p99": "p99 latency (ms)", "ttft_p50": "p50 TTFT (ms)",
-    "gen_tps": "decode tokens / s per request",
+    "gen_tps": "decode tokens / s per request", "achieved_rate": "achieved requests / s",
 }
 PERCENTILES = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
 DASHES = {"p50": [1, 0], "p90": [6, 3], "p99": [2, 2]}  # solid, dashed, dotted: told apart without colour
 AXIS_TITLES = {  # ordinal: the measured levels (which double) are evenly spaced, like a log₂ axis
     "num_ctx": "num_ctx, tokens (ordinal axis)",
     "concurrency": "concurrency (ordinal axis)",
+    "rate": "offered rate, requests / s (ordinal axis)",
 }
 
 
@@ -48,26 +53,38 @@ def configs_frame(configs: Sequence[BenchConfig]) -> pl.DataFrame:
 
 
 def latest_points(frame: pl.DataFrame) -> pl.DataFrame:
-    """One row per (model, num_ctx, concurrency): the mean over the repeats of its newest run, leaving out points
-    marked ``excluded`` (too many failures to count as a speed)."""
-    config = ["model", "num_ctx", "concurrency"]
+    """One row per configuration (model, num_ctx, concurrency or request rate): the mean over the repeats of its
+    newest run, leaving out points marked ``excluded`` (too many failures to count as a speed)."""
     frame = frame.filter(~pl.col("excluded"))
     if frame.is_empty():
         return frame
-    newest = frame.sort("created_at").group_by(config).agg(pl.col("run_id").last().alias("_newest"))
-    kept = frame.join(newest, on=config).filter(pl.col("run_id") == pl.col("_newest"))
-    numeric = [c for c, t in POINT_COLUMNS.items() if t == pl.Float64 and c != "created_at"]
-    return (kept.group_by(config, maintain_order=True)
+    newest = frame.sort("created_at").group_by(LOAD).agg(pl.col("run_id").last().alias("_newest"))
+    kept = frame.join(newest, on=LOAD, nulls_equal=True).filter(pl.col("run_id") == pl.col("_newest"))
+    numeric = [c for c, t in POINT_COLUMNS.items() if t == pl.Float64 and c not in ("created_at", "rate")]
+    return (kept.group_by(LOAD, maintain_order=True)
             .agg(*[pl.col(c).mean() for c in numeric], pl.col("n_requests").sum(), pl.col("repeat").max(),
                  pl.col("run_id").last(), pl.col("backend").last(), pl.col("created_at").max(),
                  pl.col("excluded").any())
-            .select(list(POINT_COLUMNS)).sort(config))
+            .select(list(POINT_COLUMNS)).sort(["model", "num_ctx", "rate", "concurrency"], nulls_last=False))
+
+
+def closed_points(frame: pl.DataFrame) -> pl.DataFrame:
+    """The concurrency (closed-loop) rows: what the context-window and concurrency curves draw."""
+    return frame.filter(pl.col("rate").is_null())
+
+
+def rate_points(frame: pl.DataFrame, num_ctx: int | None = None) -> pl.DataFrame:
+    """The request-rate rows' newest measurements (at one ``num_ctx`` when given), by model and offered rate."""
+    rated = latest_points(frame.filter(pl.col("rate").is_not_null()))
+    if num_ctx is not None:
+        rated = rated.filter(pl.col("num_ctx") == num_ctx)
+    return rated.sort("model", "rate")
 
 
 def along(frame: pl.DataFrame, x: str, *, fixed: str, value: int | None, best: pl.DataFrame) -> pl.DataFrame:
     """The curve along ``x`` (num_ctx or concurrency) with the other knob at ``value``; None: at each model's best
     configuration's ``fixed`` (as ``best``, the server's best configurations, names it)."""
-    frame = latest_points(frame)
+    frame = closed_points(latest_points(frame))
     if value is not None:
         return frame.filter(pl.col(fixed) == value).sort("model", x)
     chosen = best.select("model", pl.col(fixed).alias("_at"))
@@ -87,12 +104,14 @@ def _model_colour(**kwargs: Any) -> alt.Color:
 
 def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
     """One line per model: ``metric`` against ``x``."""
-    data = frame.select("model", "num_ctx", "concurrency", metric).drop_nulls([x, metric]).sort("model", x)
+    index = list(dict.fromkeys(["model", "num_ctx", "concurrency", x]))
+    data = frame.select(*index, metric).drop_nulls([x, metric]).sort("model", x)
     chart: alt.Chart = (alt.Chart(data, title=f"{METRIC_TITLES[metric]} vs {x}")
             .mark_line(point=True)
             .encode(x=_x_axis(x), y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
                     color=_model_colour(),
-                    tooltip=["model:N", "num_ctx:Q", "concurrency:Q", alt.Tooltip(f"{metric}:Q", format=".2f")]))
+                    tooltip=[*(f"{c}:N" if c == "model" else f"{c}:Q" for c in index),
+                             alt.Tooltip(f"{metric}:Q", format=".2f")]))
     return chart
 
 
@@ -100,11 +119,12 @@ def latency_chart(frame: pl.DataFrame, x: str) -> alt.TopLevelMixin:
     """Latency percentiles against ``x``: colour is the model, line style the percentile (p50 solid, p90 dashed,
     p99 dotted; the legend draws the line styles)."""
     present = [c for c in PERCENTILES if frame[c].drop_nulls().len() > 0]
-    empty = pl.DataFrame(schema={"model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,
-                                 "percentile": pl.Utf8, "latency_ms": pl.Float64})
-    long = (frame.select("model", "num_ctx", "concurrency", *present)
-            .unpivot(index=["model", "num_ctx", "concurrency"], on=present, variable_name="percentile",
-                     value_name="latency_ms")
+    index = list(dict.fromkeys(["model", "num_ctx", "concurrency", x]))
+    empty = pl.DataFrame(schema={"model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64, "rate": pl.Float64,
+                                 "percentile": pl.Utf8, "latency_ms": pl.Float64}).select(*index, "percentile",
+                                                                                          "latency_ms")
+    long = (frame.select(*index, *present)
+            .unpivot(index=index, on=present, variable_name="percentile", value_name="latency_ms")
             .with_columns(pl.col("percentile").replace_strict(PERCENTILES, default=None))
             .drop_nulls([x, "latency_ms"]).sort("model", "percentile", x)) if present else empty
     names = list(PERCENTILES.values())
@@ -113,7 +133,7 @@ def latency_chart(frame: pl.DataFrame, x: str) -> alt.TopLevelMixin:
                           legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400,
                                             symbolStrokeColor="black"))
     base = alt.Chart(long).encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"), color=_model_colour(),
-                                  tooltip=["model:N", "percentile:N", "num_ctx:Q", "concurrency:Q",
+                                  tooltip=["model:N", "percentile:N", *(f"{c}:Q" for c in index[1:]),
                                            alt.Tooltip("latency_ms:Q", format=".0f")])
     # the dots are a layer of their own: on the line mark itself they would turn the line-style legend blank
     lines = base.mark_line().encode(strokeDash=dash, detail="percentile:N")
@@ -152,6 +172,35 @@ def best_table(configs: pl.DataFrame) -> pl.DataFrame:
                     pl.col("ttft_p50").round(0).alias("p50 TTFT (ms)"),
                     (pl.col("success_rate") * 100).round(1).alias("success (%)"))
             .sort("model"))
+
+
+def slo_text(ttft_ms: float | None, tpot_ms: float | None) -> str | None:
+    """The SLO the server takes (``ttft=500ms,tpot=50ms``) from the page's two bounds; None when both are empty."""
+    parts = [f"{name}={value:g}ms" for name, value in (("ttft", ttft_ms), ("tpot", tpot_ms)) if value is not None]
+    return ",".join(parts) or None
+
+
+def capacity_table(capacities: Sequence[Capacity]) -> pl.DataFrame:
+    """The server's capacities (``/v1/benchmarks/capacity``) as a person reads them: per model and context window,
+    the highest concurrency — or offered request rate — whose requests met the SLO, and its goodput."""
+    def said(c: Capacity) -> str:
+        if not c.met:
+            return f"not met at any measured {'rate' if c.load == 'rate' else 'concurrency'}"
+        return f"{c.rate:g} req/s offered ({c.arrival})" if c.load == "rate" else f"{c.concurrency} in flight"
+
+    rows = [{"model": c.model, "num_ctx": c.num_ctx, "load": c.load, "capacity": said(c),
+             "goodput (req/s)": None if c.goodput is None else round(c.goodput, 2),
+             "req/s": None if c.req_per_s is None else round(c.req_per_s, 2)} for c in capacities]
+    return pl.DataFrame(rows, schema={"model": pl.Utf8, "num_ctx": pl.Int64, "load": pl.Utf8, "capacity": pl.Utf8,
+                                      "goodput (req/s)": pl.Float64, "req/s": pl.Float64})
+
+
+def goodput_table(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration (newest measurement): req/s, goodput (req/s that met the SLO) and the share that met it."""
+    latest = latest_points(frame)
+    return latest.select(
+        pl.col("model"), load_label().alias("configuration"), pl.col("req_per_s").round(2).alias("req/s"),
+        pl.col("goodput").round(2).alias("goodput (req/s)"), (pl.col("slo_share") * 100).round(1).alias("met (%)"))
 
 
 def pareto_chart(frame: pl.DataFrame) -> alt.TopLevelMixin:
