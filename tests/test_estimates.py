@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+import obatch.bench.estimate as estimate_module
 from obatch import context
 from obatch.api import run_batch_file
 from obatch.backends.base import Capabilities, capabilities_of
@@ -22,7 +23,16 @@ from obatch.backends.openai import OpenAIBackend
 from obatch.backends.pool import Pool
 from obatch.bench import cli as bench_cli
 from obatch.bench.answers import AnswerLengths, Observation, observe, survival, t_quantile
-from obatch.bench.estimate import Shape, estimate_from_fits, estimate_groups
+from obatch.bench.estimate import (
+    SAMPLE,
+    Line,
+    Lines,
+    Shape,
+    TokenCalibration,
+    estimate_from_fits,
+    estimate_groups,
+    shape_of,
+)
 from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.bench.sweep import SweepSpec, run_sweep
@@ -104,6 +114,52 @@ def test_intervals_never_go_below_zero_and_hold_the_estimate() -> None:
             DurationEstimate.model_validate(made.as_dict())  # the wire model refuses anything else
     with pytest.raises(ValueError, match="interval"):
         DurationEstimate(model="m", num_requests=1, seconds=10, low=-1, high=20)
+
+
+def test_a_big_file_is_estimated_on_a_bounded_sample() -> None:
+    """Beyond ``SAMPLE`` lines an estimate reads a uniform random sample (memory does not grow with the file) and
+    scales the running time by N/n, not the load; up to ``SAMPLE`` lines it reads them all, as before."""
+    from tests.test_bench_metrics import _fake_fit
+
+    rng = random.Random(3)
+    rows = [Line(rng.randint(20, 900), rng.choice((None, 16, 64, 400))) for _ in range(5 * SAMPLE)]
+    answers = AnswerLengths.learn([Observation(float(rng.randint(5, 300)), True, "b") for _ in range(200)],
+                                  "batches")
+    calibration = TokenCalibration(answers=answers)
+    fit = _fake_fit(4, 8192, per_token_ms=12.0, load=30.0)
+    fit.p0, fit.p1, fit.overhead_ms = 0.3, 0.0002, 5.0
+
+    def made(lines: Lines) -> Any:
+        return estimate_from_fits([fit], shape_of(lines, calibration), concurrency=4)
+
+    whole, sampled = Lines.of(rows, limit=len(rows)), Lines.of(rows)
+    assert sampled.count == whole.count == len(rows) and len(sampled.kept) == SAMPLE and sampled.sampled
+    assert sampled.need == whole.need and sampled.uncapped == whole.uncapped
+    full, quick = made(whole), made(sampled)
+    assert quick.num_requests == full.num_requests == len(rows)
+    assert quick.load_seconds == full.load_seconds == 30.0  # the one-off load is not multiplied by N/n
+    assert quick.seconds - 30 == pytest.approx(full.seconds - 30, rel=0.03)
+    assert any("sample of 4000 of the 20000" in n for n in quick.notes)
+    few = rows[:SAMPLE]  # a file within the sample size: every line, the same figures as before
+    assert made(Lines.of(few)).seconds == made(Lines.of(few, limit=10 * SAMPLE)).seconds
+    assert Lines.of(rows).sample() == sampled.sample()  # seeded: one file, one sample
+
+
+async def test_a_sampled_file_gets_one_figure_before_and_at_its_start(swept: tuple[Settings, OllamaSim],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _sim = swept
+    path = natural_file(tmp_path / "big.jsonl", 90, seed=4, caps=(None, 8, 60))
+    whole = await _file_estimate(settings, path)
+    monkeypatch.setattr(estimate_module, "SAMPLE", 30)
+    sampled = await _file_estimate(settings, path)
+    assert sampled.num_requests == whole.num_requests == 90
+    assert any("sample of 30 of the 90" in n for n in sampled.notes)
+    load = sampled.load_seconds or 0.0
+    assert sampled.seconds - load == pytest.approx(whole.seconds - load, rel=0.15)
+    report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+    stored = orjson.loads(report.batch.estimate_json or "{}")  # the store gives the same sample of the same lines
+    assert stored["seconds"] == pytest.approx(sampled.seconds, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------- on the simulator

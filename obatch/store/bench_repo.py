@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -176,10 +176,13 @@ async def natural_bench_answers(session: AsyncSession, model: str, limit: int = 
     return [(int(c or 0), r) for c, r in (await session.execute(statement)).all()]
 
 
-async def pending_lines(session: AsyncSession, batch_id: str) -> list[tuple[str, str, int, int | None]]:
-    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
+async def pending_lines(session: AsyncSession, batch_id: str, page: int = 10_000
+                        ) -> AsyncIterator[tuple[str, str, int, int | None]]:
+    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order, read ``page`` rows at
+    a time (a server-side cursor: a million rows are never in memory together)."""
     statement = (select(col(RequestRow.model), col(RequestRow.url), col(RequestRow.prompt_estimate),
                         col(RequestRow.max_tokens))
                  .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
-                 .order_by(col(RequestRow.line)))
-    return [(m, u, int(p or 0), x) for m, u, p, x in (await session.execute(statement)).all()]
+                 .order_by(col(RequestRow.line)).execution_options(yield_per=page))
+    async for m, u, p, x in await session.stream(statement):
+        yield m, u, int(p or 0), x
