@@ -180,7 +180,9 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                 print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
                       f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
                       f"answers from {answers.source if answers else '-'}"
-                      f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}; run: "
+                      f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}, "
+                      f"{guess.output_tokens_mean or 0:.0f} output tokens per line expected, history "
+                      f"×{guess.history_factor:.2f}; run: "
                       f"{run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line"
                       f"{', DISTURBED' if disturbed else ''}")
     finally:

@@ -36,15 +36,17 @@ from obatch.bench.estimate import (
 from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.wire import EstimateRecord
 from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta
-from obatch.protocol import DurationEstimate
+from obatch.protocol import Batch, BatchEta, DurationEstimate
 from obatch.store.db import open_store
 from obatch.store.tables import PilotRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from obatch.ui import views
 from tests.helpers import chat_line, write_jsonl
+from tests.ui_fake import FakeServer
 
 CHAT = "llama3.2:1b"
 # Natural answers: the simulator ends each answer after 8-80 words drawn from the prompt (when nothing cuts it).
@@ -296,13 +298,17 @@ def test_the_live_eta_counts_the_tokens_left() -> None:
         eta.observe(100, 100)
     assert eta.seconds_left(now=40.0) == 0.0
     assert eta.as_dict()["lines_left"] == 0
+    carried = BatchEta.model_validate(eta.as_dict())  # what the batch object carries, field for field
+    assert not carried.model_extra and carried.lines_done == 20
 
 
 def test_the_batch_object_and_the_ui_carry_the_live_eta() -> None:
     from tests.test_ui_views import batch
 
     running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 10, "failed": 0},
-                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0}, "estimate": {"seconds": 80.0}})
+                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0},
+                            "estimate": DurationEstimate(model=CHAT, num_requests=100, seconds=80.0, low=60.0,
+                                                         high=100.0).model_dump(mode="json")})
     progress = views.batch_progress(running, now=1020)
     assert progress.eta_s == pytest.approx(25.0) and progress.expected_s == 80.0
 
@@ -369,3 +375,18 @@ async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, cr
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 20
         assert sim.stats.served - served == 15
         assert batch["obatch"]["estimate"]["seconds"] == pytest.approx(made.seconds, rel=1e-9)
+        # what the server sends is what the client and the UI parse: a field either side does not know fails here
+        parsed = Batch.model_validate(batch)
+        assert parsed.obatch is not None and parsed.obatch.estimate is not None
+        assert not parsed.obatch.model_extra and not parsed.obatch.estimate.model_extra
+        assert parsed.obatch.estimate.made_at and parsed.obatch.estimate.answers is not None
+        assert views.describe_estimate(parsed.obatch.estimate) == views.describe_estimate(made)
+        [sent] = (await api.get("/v1/benchmarks/estimates")).json()["data"]
+        record = EstimateRecord.model_validate(sent)
+        assert not record.model_extra and record.batch_id == batch["id"] and record.estimated_seconds > 0
+        assert views.estimate_record_frame([record])["batch_id"].to_list() == [batch["id"]]
+    fake = FakeServer()  # the UI tests' fake emits the same models
+    api = fake.client()
+    made_by_fake = api.create_batch(api.upload_file(path.read_bytes(), "n.jsonl").id, endpoint="/v1/chat/completions")
+    assert made_by_fake.obatch is not None and made_by_fake.obatch.estimate is not None
+    assert not made_by_fake.obatch.model_extra and not made_by_fake.obatch.estimate.model_extra
