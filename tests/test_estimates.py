@@ -164,6 +164,37 @@ async def test_a_sampled_file_gets_one_figure_before_and_at_its_start(swept: tup
     assert stored["seconds"] == pytest.approx(sampled.seconds, rel=1e-9)
 
 
+def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> None:
+    """A prompt that repeats what recent requests sent is charged only its new part, as llama.cpp and Ollama
+    process it; an engine without a prefix cache (the simulator) processes it again, and its timings say so."""
+    from tests.test_bench_metrics import _fake_fit
+
+    fit = _fake_fit(1)
+    fit.p0 = 1.0  # ms per prompt token
+    passage = "A long shared passage of context. " * 20
+    texts = [passage + f"Question {i}?" for i in range(30)]
+    bodies = [orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": t}]}).decode() for t in texts]
+    shares = estimate_module.cached_shares([estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+                                            for b in bodies], 4)
+
+    def timed(skipped: float) -> list[tuple[str, int, str, str, int, float]]:
+        return [("b", i, "/v1/chat/completions", body, 200, 200 * (1 - skipped * share))
+                for i, (body, share) in enumerate(zip(bodies, shares, strict=True))]
+
+    def kept(skipped: float) -> float:
+        return estimate_module.cache_kept(timed(skipped), fit, float, window=4)
+
+    assert kept(1.0) == pytest.approx(1.0) and kept(0.0) == pytest.approx(0.0)
+    assert kept(0.5) == pytest.approx(0.5, abs=0.01)
+    assert estimate_module.cache_kept(timed(0.0)[:6], fit, float, window=4) == 1.0  # too little to tell
+    lines = Lines.of([Line(200, 32)] * 30, [estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+                                            for b in bodies])
+    cached = shape_of(lines, TokenCalibration()).cached
+    uncached = shape_of(lines, TokenCalibration(cache_kept=0.0))
+    assert cached is not None and sum(cached) > 20 and uncached.cached == [0.0] * 30
+    assert any("processed again" in note for note in uncached.notes)
+
+
 # ---------------------------------------------------------------------------------------- on the simulator
 
 

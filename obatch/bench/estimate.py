@@ -161,6 +161,7 @@ class TokenCalibration:
     output_fill: float = 1.0
     unbounded_output: float = UNBOUNDED_OUTPUT
     answers: AnswerLengths | None = None  # learnt answer lengths; when known they replace the two above
+    cache_kept: float = 1.0  # how much of a repeated prompt prefix the engine really skipped (finished batches)
 
     def prompt(self, estimate: int) -> float:
         return max(1.0, self.slope * estimate + self.intercept)
@@ -271,7 +272,7 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) ->
     texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
     not neighbours in the run)."""
     sample = lines.sample()
-    shares = cached_shares(lines.texts, window)
+    shares = [share * calibration.cache_kept for share in cached_shares(lines.texts, window)]
     typical = sum(shares) / len(shares) if shares else 0.0
     cached = [] if lines.sampled else shares[:len(sample)]
     cached += [typical] * (len(sample) - len(cached))
@@ -290,6 +291,9 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) ->
     if typical >= 0.05:
         shape.notes.append(f"about {typical:.0%} of the prompt text repeats what recent requests sent: the engine's "
                            "prefix cache holds it, so only the rest is charged prompt processing")
+    if calibration.cache_kept < 0.95:
+        shape.notes.append(f"finished batches show the engine skipped only {calibration.cache_kept:.0%} of the "
+                           "prompt prefixes it had just seen: the rest is charged as processed again")
     return shape
 
 
@@ -680,7 +684,36 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
     for tokens, run_id in await bench_repo.natural_bench_answers(session, model):
         if (seen := observe(tokens, None, None, run_id)) is not None:
             sources.benchmarks.append(seen)
-    return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population))
+    timed = await bench_repo.prompt_timings(session, model, exclude=exclude_batch)
+    kept = cache_kept(timed, min(fits, key=lambda f: f.concurrency), lambda e: max(1.0, slope * e + intercept),
+                      window=max(f.concurrency for f in fits))
+    return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population),
+                            cache_kept=kept)
+
+
+def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: ConfigFit,
+               tokens: Callable[[int], float], *, window: int) -> float:
+    """How much of the prefix an engine's cache should hold (``cached_shares``) it really skipped, from finished
+    batch requests the engine timed: the least-squares slope of (full prompt time − measured) on the time the
+    cache should have saved, in [0, 1]. llama.cpp and Ollama skip it (about 1); an engine without a prefix cache
+    processes every prompt in full (0). 1 (the cache works) until enough requests had a prefix to skip. The first
+    ``window`` lines of a batch are left out: their prompts were processed as one batch."""
+    by_batch: dict[str, list[tuple[int, str, str, int, float]]] = defaultdict(list)
+    for batch_id, line, url, body, estimate, ms in timed:
+        by_batch[batch_id].append((line, url, body, estimate, ms))
+    num = den = saved_total = 0.0
+    for rows in by_batch.values():
+        rows.sort()
+        texts = [prompt_text(url, orjson.loads(body)) for _, url, body, _, _ in rows]
+        for i, ((_, _, _, estimate, ms), share) in enumerate(zip(rows, cached_shares(texts, window), strict=True)):
+            if i < window:
+                continue
+            full = fit.prompt_ms(tokens(estimate))
+            saved = full * share
+            num, den, saved_total = num + (full - ms) * saved, den + saved * saved, saved_total + saved
+    if den <= 0 or saved_total < 0.05 * sum(fit.prompt_ms(tokens(r[4])) for r in timed) or len(timed) < 8:
+        return 1.0
+    return min(1.0, max(0.0, num / den))
 
 
 # ------------------------------------------------------------------------------------------------ estimating

@@ -94,6 +94,21 @@ async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
     return [(int(e), int(p or 0), m, int(c or 0)) for e, p, m, c in (await session.execute(statement)).all()]
 
 
+async def prompt_timings(session: AsyncSession, model: str, limit: int = 400, *, exclude: str | None = None
+                         ) -> list[tuple[str, int, str, str, int, float]]:
+    """(batch_id, line, url, body JSON, prompt_estimate, engine prompt ms) of a model's newest succeeded batch
+    requests that the engine timed: how long their prompts really took, against what the prefix cache promised."""
+    statement = (
+        select(col(RequestRow.batch_id), col(RequestRow.line), col(RequestRow.url), col(RequestRow.body),
+               col(RequestRow.prompt_estimate), col(RequestRow.engine_prompt_ms))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.engine_prompt_ms).is_not(None), col(RequestRow.batch_id) != (exclude or ""))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(b, int(n), u, body, int(e or 0), float(ms or 0.0))
+            for b, n, u, body, e, ms in (await session.execute(statement)).all()]
+
+
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
     """(url, body JSON) of the first ``limit`` pending requests of one model of a batch, in line order."""
     statement = (select(col(RequestRow.url), col(RequestRow.body))
