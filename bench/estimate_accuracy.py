@@ -52,6 +52,10 @@ TOPICS = ("rivers", "the moon", "bread", "trains", "volcanoes", "bees", "music",
 ASKS = ("Write a short paragraph about {t}.", "Explain how {t} work, in a few sentences.",
         "Describe {t} to a child.", "List some facts about {t} and explain each one.",
         "Write a short story that involves {t}.")
+SHORT_ASKS = ("Name a colour.", "What is 2+3?", "What is the capital of France?", "Name an animal that lives in "
+              "the sea.", "Say hello in Spanish.", "What is 7 times 6?", "Which planet is closest to the sun?",
+              "Name a yellow fruit.", "How many legs does a spider have?", "What colour is the sky on a clear day?",
+              "Name a musical instrument.", "What is the opposite of hot?")
 PASSAGE = ("The survey team walked along the valley at dawn and recorded what they saw. The water was cold and "
            "clear, the stones were smooth, and the old bridge still carried carts to the market twice a week. "
            "Nobody in the village remembered when the bridge was built, but the records in the library said that "
@@ -100,14 +104,18 @@ class ForeignCpu:
 CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, None, 32, 64, 128, 256)}
 
 
-def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped") -> Path:
+def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long") -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
-    none (``uncapped``: the model stops where it likes) or some of each (``mixed``)."""
+    none (``uncapped``: the model stops where it likes) or some of each (``mixed``). ``questions="short"`` asks
+    questions a small model answers in a few words (so it stops by itself well inside its context)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
-        context = PASSAGE * rng.randint(0, 4)
-        ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
+        if questions == "short":
+            context, ask = "", rng.choice(SHORT_ASKS)
+        else:
+            context = PASSAGE * rng.randint(0, 4)
+            ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
                                 "temperature": 0}
         cap = rng.choice(CAPS[kind])
@@ -147,7 +155,8 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
     try:
         for attempt in range(args.natural_runs):
             held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind)
+                                 seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind,
+                                 questions=args.questions)
             blind = await file_estimate(settings, held, args.concurrency, backend_name)
             guesses = [("nothing learnt", blind)]
             if attempt == 0:
@@ -230,7 +239,7 @@ async def measure(args: argparse.Namespace) -> float:
         errors, disturbed, actuals = [], [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + attempt)
+                                 seed=args.seed + attempt, questions=args.questions)
             guess = await bench.estimate_workload(args.model, settings=settings, file=held,
                                                   concurrency=args.concurrency)
             foreign.start()
@@ -314,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--natural-runs", type=int, default=3,
                    help="files per natural case: the first with a pilot, the next with the history of the others")
     p.add_argument("--pilot", type=int, default=16, help="lines the first natural file's pilot runs")
+    p.add_argument("--questions", choices=["long", "short"], default="long",
+                   help="long: instructions over context passages; short: questions answered in a few words (a "
+                        "small model then stops by itself)")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)
