@@ -279,6 +279,7 @@ class DurationEstimate(_Wire):
     done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
     groups: list[DurationEstimate] | None = None
     made_at: float | None = None  # Unix time; set on the estimate a batch made at its start
+    output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
 
     @classmethod
     def of_groups(cls, parts: list[DurationEstimate], **extra: Any) -> DurationEstimate:

@@ -195,6 +195,34 @@ def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> 
     assert any("processed again" in note for note in uncached.notes)
 
 
+@pytest.mark.usefixtures("db_url")
+async def test_history_corrects_the_cost_model_not_the_answer_lengths_again(
+        make_settings: Callable[..., Settings]) -> None:
+    """A batch whose answers ran twice as long as expected took about twice as long: its answers are learnt
+    already, so the next file's estimate is not scaled for them a second time; a batch that was slower at the
+    answer lengths expected is."""
+    from obatch.bench.estimate import history_ratios
+    from obatch.store.tables import BatchRow
+
+    def finished(batch_id: str, seq: int, output_tokens: int, run_seconds: float) -> BatchRow:
+        group = {"model": CHAT, "seconds": 12.0, "load_seconds": 2.0, "concurrency": 4, "output_tokens_mean": 50.0,
+                 "output_share": 0.9}
+        return BatchRow(id=batch_id, endpoint="/v1/chat/completions", input_file_id="file-1", created_at=1, seq=seq,
+                        status="completed", backend="ollama", completed=10, output_tokens=output_tokens,
+                        run_seconds=run_seconds, estimate_json=orjson.dumps({"groups": [group]}).decode())
+
+    engine, sessions = await open_store(make_settings().db_url)
+    try:
+        async with sessions() as session:
+            session.add(finished("batch-long", 1, 1000, 2 + 10 * 2 ** 0.9))  # answers of 100 tokens, not 50
+            session.add(finished("batch-slow", 2, 500, 2 + 10 * 1.3))  # answers as expected, 30% slower
+            await session.commit()
+            ratios = await history_ratios(session, CHAT, "ollama")
+    finally:
+        await engine.dispose()
+    assert sorted(ratios) == [(4, pytest.approx(1.0)), (4, pytest.approx(1.3))]
+
+
 # ---------------------------------------------------------------------------------------- on the simulator
 
 

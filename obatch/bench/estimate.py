@@ -747,6 +747,7 @@ class Estimate:
     answers: dict[str, Any] | None = None  # what the answer lengths were taken from (``AnswerLengths.summary``)
     pilot: dict[str, Any] | None = None  # the pilot run behind it, if any
     done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
+    output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -815,10 +816,12 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
     run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
+    share = None
     if shape.answers is not None and shape.caps is not None and shape.count is None:
         drawn, draw_cv, mean_cv = answer_spread(basis, shape)
         run_seconds *= drawn
         margin = math.sqrt(margin ** 2 + (Z * draw_cv) ** 2 + (Z * mean_cv) ** 2)
+        share = output_share(basis, shape)
     ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
     factor = math.exp(statistics.median(map(math.log, ratios)) * len(ratios) / (len(ratios) + 1)) if ratios else 1.0
     if ratios:
@@ -850,8 +853,15 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         req_per_s=rate, best=best, candidates=candidates, points=points,
         history_factor=factor, history_batches=len(ratios), notes=notes,
         measured_req_per_s=basis.measured_req_per_s,
-        answers=shape.answers.summary() if shape.answers is not None else None,
+        answers=shape.answers.summary() if shape.answers is not None else None, output_share=share,
     )
+
+
+def output_share(fit: ConfigFit, shape: Shape) -> float:
+    """How the running time scales with the answers' length: (d log t / d log O), from every answer 10% longer."""
+    base = fit.run_seconds(shape)
+    longer = fit.run_seconds(dataclasses.replace(shape, output_tokens=[o * 1.1 for o in shape.output_tokens]))
+    return max(0.0, (longer / base - 1) / 0.1) if base > 0 else 0.0
 
 
 def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
@@ -881,7 +891,10 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
                          ) -> list[tuple[int, float]]:
     """(concurrency, actual / estimated running time) of the newest finished batches that ran ``model`` alone on
     ``backend`` and were estimated before they ran. Running time leaves the load out, and the estimate is taken as
-    the model made it (before any earlier correction), so corrections do not compound."""
+    the model made it (before any earlier correction), so corrections do not compound, and as it would have been
+    with the answer lengths the batch really had: what its answers took is learnt already (``calibration_for``),
+    so a batch whose answers ran longer than expected must not make the next file's estimate longer a second time;
+    what is left is what the cost model got wrong."""
     out: list[tuple[int, float]] = []
     for batch in await bench_repo.estimated_batches(session, limit=10 * limit):
         groups = orjson.loads(batch.estimate_json or "{}").get("groups") or []
@@ -890,6 +903,9 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
         made = groups[0]
         load = float(made.get("load_seconds") or 0.0)
         raw = (float(made["seconds"]) - load) / float(made.get("history_factor") or 1.0)
+        expected, share = float(made.get("output_tokens_mean") or 0.0), made.get("output_share")
+        if expected > 0 and share is not None and batch.completed and batch.output_tokens > 0:
+            raw *= (batch.output_tokens / batch.completed / expected) ** float(share)
         if raw > 0 and batch.run_seconds > load:
             out.append((int(made["concurrency"]), (batch.run_seconds - load) / raw))
         if len(out) >= limit:
