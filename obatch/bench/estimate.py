@@ -272,7 +272,8 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) ->
     texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
     not neighbours in the run)."""
     sample = lines.sample()
-    shares = [share * calibration.cache_kept for share in cached_shares(lines.texts, window)]
+    repeated = cached_shares(lines.texts, window)
+    shares = [share * calibration.cache_kept for share in repeated]
     typical = sum(shares) / len(shares) if shares else 0.0
     cached = [] if lines.sampled else shares[:len(sample)]
     cached += [typical] * (len(sample) - len(cached))
@@ -291,7 +292,7 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) ->
     if typical >= 0.05:
         shape.notes.append(f"about {typical:.0%} of the prompt text repeats what recent requests sent: the engine's "
                            "prefix cache holds it, so only the rest is charged prompt processing")
-    if calibration.cache_kept < 0.95:
+    if calibration.cache_kept < 0.95 and sum(repeated) >= 0.05 * len(repeated) > 0:
         shape.notes.append(f"finished batches show the engine skipped only {calibration.cache_kept:.0%} of the "
                            "prompt prefixes it had just seen: the rest is charged as processed again")
     return shape
