@@ -107,7 +107,8 @@ CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, N
 def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long") -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
     none (``uncapped``: the model stops where it likes) or some of each (``mixed``). ``questions="short"`` asks
-    questions a small model answers in a few words (so it stops by itself well inside its context)."""
+    questions a small model answers in a few words, ended at the first line break (so it stops by itself well
+    inside its context)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
@@ -118,6 +119,8 @@ def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped
             ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
                                 "temperature": 0}
+        if questions == "short":
+            body["stop"] = ["\n"]  # one line: SmolLM2-135M runs a quarter of such answers on to its context
         cap = rng.choice(CAPS[kind])
         if cap is not None:
             body["max_tokens"] = cap
