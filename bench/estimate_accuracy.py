@@ -52,6 +52,10 @@ TOPICS = ("rivers", "the moon", "bread", "trains", "volcanoes", "bees", "music",
 ASKS = ("Write a short paragraph about {t}.", "Explain how {t} work, in a few sentences.",
         "Describe {t} to a child.", "List some facts about {t} and explain each one.",
         "Write a short story that involves {t}.")
+SHORT_ASKS = ("Name a colour.", "What is 2+3?", "What is the capital of France?", "Name an animal that lives in "
+              "the sea.", "Say hello in Spanish.", "What is 7 times 6?", "Which planet is closest to the sun?",
+              "Name a yellow fruit.", "How many legs does a spider have?", "What colour is the sky on a clear day?",
+              "Name a musical instrument.", "What is the opposite of hot?")
 PASSAGE = ("The survey team walked along the valley at dawn and recorded what they saw. The water was cold and "
            "clear, the stones were smooth, and the old bridge still carried carts to the market twice a week. "
            "Nobody in the village remembered when the bridge was built, but the records in the library said that "
@@ -100,16 +104,23 @@ class ForeignCpu:
 CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, None, 32, 64, 128, 256)}
 
 
-def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped") -> Path:
+def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long") -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
-    none (``uncapped``: the model stops where it likes) or some of each (``mixed``)."""
+    none (``uncapped``: the model stops where it likes) or some of each (``mixed``). ``questions="short"`` asks
+    questions a small model answers in a few words, ended at the first line break (so it stops by itself well
+    inside its context)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
-        context = PASSAGE * rng.randint(0, 4)
-        ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
+        if questions == "short":
+            context, ask = "", rng.choice(SHORT_ASKS)
+        else:
+            context = PASSAGE * rng.randint(0, 4)
+            ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
                                 "temperature": 0}
+        if questions == "short":
+            body["stop"] = ["\n"]  # one line: SmolLM2-135M runs a quarter of such answers on to its context
         cap = rng.choice(CAPS[kind])
         if cap is not None:
             body["max_tokens"] = cap
@@ -147,7 +158,8 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
     try:
         for attempt in range(args.natural_runs):
             held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind)
+                                 seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind,
+                                 questions=args.questions)
             blind = await file_estimate(settings, held, args.concurrency, backend_name)
             guesses = [("nothing learnt", blind)]
             if attempt == 0:
@@ -180,7 +192,9 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                 print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
                       f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
                       f"answers from {answers.source if answers else '-'}"
-                      f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}; run: "
+                      f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}, "
+                      f"{guess.output_tokens_mean or 0:.0f} output tokens per line expected, history "
+                      f"×{guess.history_factor:.2f}; run: "
                       f"{run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line"
                       f"{', DISTURBED' if disturbed else ''}")
     finally:
@@ -228,7 +242,7 @@ async def measure(args: argparse.Namespace) -> float:
         errors, disturbed, actuals = [], [], []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + attempt)
+                                 seed=args.seed + attempt, questions=args.questions)
             guess = await bench.estimate_workload(args.model, settings=settings, file=held,
                                                   concurrency=args.concurrency)
             foreign.start()
@@ -312,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--natural-runs", type=int, default=3,
                    help="files per natural case: the first with a pilot, the next with the history of the others")
     p.add_argument("--pilot", type=int, default=16, help="lines the first natural file's pilot runs")
+    p.add_argument("--questions", choices=["long", "short"], default="long",
+                   help="long: instructions over context passages; short: questions answered in a few words (a "
+                        "small model then stops by itself)")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)

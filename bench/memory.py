@@ -3,9 +3,11 @@
 Runs the real CLI in a subprocess against an instant Ollama simulator (also a subprocess, so it does not count),
 for files of 10k / 100k / 1M requests, and prints peak RSS (ru_maxrss of the CLI process) and req/s; with
 ``--server``, the same files go through `obatch serve` (upload, batch, wait, download the output) and the server
-process's peak RSS (VmHWM) is printed too. Target (issue #9): under 300 MB and flat.
+process's peak RSS (VmHWM) is printed too. Target (issue #9): under 300 MB and flat. With ``--bench-points`` a small
+benchmark of the model is stored first, so the run also makes its start estimate (which reads the pending lines).
 
     python bench/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
+                           [--bench-points]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,20 +41,39 @@ def write_input(path: Path, n: int, endpoint: str) -> None:
             handle.write(orjson.dumps(line) + b"\n")
 
 
-def measure(n: int, url: str, concurrency: int, work: Path, endpoint: str) -> tuple[float, float]:
+def store_bench_points(url: str, data_dir: Path, endpoint: str) -> None:
+    """A small benchmark of the file's model in the store the run will use (so the run estimates itself)."""
+    model = "nomic-embed-text" if endpoint == "embeddings" else "llama3.2:1b"
+    subprocess.run([sys.executable, "-m", "obatch", "bench", "--model", model, "--num-ctx", "2048",
+                    "--concurrency", "1,4", "--requests", "8", "--workload", "tiny", "-q", "--backend", "ollama",
+                    "--url", url, "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
+
+
+def was_estimated(data_dir: Path) -> bool:
+    with sqlite3.connect(data_dir / "obatch.db") as db:
+        return bool(db.execute("select count(*) from batches where estimate_json is not null").fetchone()[0])
+
+
+def measure(n: int, url: str, concurrency: int, work: Path, endpoint: str, bench_points: bool = False
+            ) -> tuple[float, float]:
     source = work / f"in-{n}.jsonl"
     write_input(source, n, endpoint)
+    data_dir = work / f"data-{n}"
+    if bench_points:
+        store_bench_points(url, data_dir, endpoint)
     env = {**os.environ, "OBATCH_MAX_LINES": str(max(n, 50_000)), "OBATCH_COMMIT_EVERY": "256",
            "OBATCH_MAX_FILE_BYTES": str(1 << 34)}
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "obatch", "run", str(source), "--backend", "ollama", "--url", url,
-                             "--data-dir", str(work / f"data-{n}"), "-c", str(concurrency), "-q"],
+                             "--data-dir", str(data_dir), "-c", str(concurrency), "-q"],
                             env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(f"obatch run failed with exit code {proc.returncode}")
+    if bench_points and not was_estimated(data_dir):
+        raise SystemExit("the run made no start estimate although benchmark points were stored")
     return usage.ru_maxrss / 1024, n / seconds
 
 
@@ -114,6 +136,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--endpoint", choices=["chat/completions", "embeddings"], default="chat/completions")
     parser.add_argument("--server", action="store_true", help="also measure `obatch serve`")
+    parser.add_argument("--bench-points", action="store_true",
+                        help="store a small benchmark of the model first, so `obatch run` estimates its batch")
     args = parser.parse_args()
     sim, url = start_sim()
     try:
@@ -121,7 +145,7 @@ def main() -> None:
             print(f"{'lines':>8} {'obatch run: peak RSS (MB)':>26} {'req/s':>7}"
                   + (f" {'obatch serve: peak RSS (MB)':>28} {'req/s':>7}" if args.server else ""))
             for n in (int(s) for s in args.sizes.split(",")):
-                peak, rate = measure(n, url, args.concurrency, Path(tmp), args.endpoint)
+                peak, rate = measure(n, url, args.concurrency, Path(tmp), args.endpoint, args.bench_points)
                 line = f"{n:>8} {peak:>26.0f} {rate:>7.0f}"
                 if args.server:
                     server_peak, server_rate = measure_server(n, url, args.concurrency, Path(tmp), args.endpoint)

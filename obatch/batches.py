@@ -41,7 +41,10 @@ from obatch.protocol import (
     Batch,
     BatchErrorItem,
     BatchErrors,
+    BatchEta,
+    BatchExtension,
     BatchUsage,
+    DurationEstimate,
     ErrorDetail,
     ErrorResponse,
     FileObject,
@@ -748,22 +751,19 @@ def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
         obatch=_extension(row),
     )
     if not_run is not None:
-        batch.obatch = {**(batch.obatch or {}), "not_run": not_run}
+        batch.obatch = (batch.obatch or BatchExtension()).model_copy(update={"not_run": not_run})
     return batch
 
 
-def _extension(row: BatchRow) -> dict[str, Any] | None:
+def _extension(row: BatchRow) -> BatchExtension | None:
     """The batch object's ``obatch`` field: how it runs (concurrency), the estimate made at its start and, while it
     runs, the remaining time refined from the lines already finished."""
-    extension: dict[str, Any] = {}
-    if row.concurrency_json:
-        extension["concurrency"] = orjson.loads(row.concurrency_json)
-    if row.estimate_json:
-        made = orjson.loads(row.estimate_json)
-        extension["estimate"] = {k: made.get(k) for k in ("seconds", "low", "high", "made_at")}
-    if row.eta_json and row.status in ("in_progress", "finalizing"):
-        extension["eta"] = orjson.loads(row.eta_json)
-    return extension or None
+    extension = BatchExtension(
+        concurrency=orjson.loads(row.concurrency_json) if row.concurrency_json else None,
+        estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
+        eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
+                                                                                          "finalizing") else None)
+    return extension if extension.model_dump() else None
 
 
 # -------------------------------------------------------------------------------------------- driving

@@ -10,7 +10,15 @@ import os
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, InstanceOf, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
@@ -169,9 +177,8 @@ class Batch(_Wire):
     metadata: dict[str, str] | None = None
     model: str | None = None
     usage: BatchUsage | None = None
-    # obatch's own, beside OpenAI's fields (clients that do not know it ignore it): how the batch was run, e.g.
-    # {"concurrency": {"mode": "auto", "hosts": [{"url", "concurrency", "reason", "history", ...}]}}
-    obatch: dict[str, Any] | None = None
+    # obatch's own, beside OpenAI's fields (clients that do not know it ignore it)
+    obatch: BatchExtension | None = None
 
 
 class HostStatus(_Wire):
@@ -271,6 +278,31 @@ class DurationEstimate(_Wire):
     pilot: PilotInfo | None = None
     done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
     groups: list[DurationEstimate] | None = None
+    made_at: float | None = None  # Unix time; set on the estimate a batch made at its start
+    output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
+
+    @classmethod
+    def of_groups(cls, parts: list[DurationEstimate], **extra: Any) -> DurationEstimate:
+        """One answer for a file: the estimate itself for one model; for several, their totals and each in
+        ``groups``. ``extra`` fields (``pilot``, ``made_at``) go to the answer."""
+        if len(parts) == 1:
+            return parts[0].model_copy(update=extra)
+        return cls(model=",".join(p.model for p in parts), backend=parts[0].backend,
+                   num_requests=sum(p.num_requests for p in parts), seconds=sum(p.seconds for p in parts),
+                   low=sum(p.low for p in parts), high=sum(p.high for p in parts),
+                   load_seconds=sum(p.load_seconds for p in parts), done_requests=sum(p.done_requests for p in parts),
+                   notes=[n for p in parts for n in p.notes], groups=parts, **extra)
+
+    @classmethod
+    def stored(cls, text: str) -> DurationEstimate | None:
+        """The estimate a batch made at its start, from what it keeps (``BatchRow.estimate_json``: each model
+        group's estimate, when it was made)."""
+        made = orjson.loads(text)
+        try:
+            groups = [cls.model_validate(g) for g in made.get("groups") or []]
+        except ValueError:  # advice kept by an older version: the batch is shown without it
+            return None
+        return cls.of_groups(groups, made_at=made.get("made_at")) if groups else None
 
     @model_validator(mode="after")
     def _honest_interval(self) -> DurationEstimate:
@@ -279,6 +311,37 @@ class DurationEstimate(_Wire):
             raise ValueError(f"an estimate's interval must hold it and stay at or above zero: {self.low} ≤ "
                              f"{self.seconds} ≤ {self.high}")
         return self
+
+
+class BatchEta(_Wire):
+    """A running batch's remaining time, refined from the lines already finished (``obatch.progress.LiveEta``):
+    ``seconds_left`` as of ``at`` (Unix time)."""
+
+    seconds_left: float | None = None
+    at: float
+    lines_done: int = 0
+    lines_left: int = 0
+    tokens_done: float = 0.0
+    tokens_left: float = 0.0
+    tokens_per_s: float | None = None
+
+
+class BatchExtension(_Wire):
+    """The batch object's ``obatch`` field: how the batch runs (``concurrency``: the levels chosen per host, and
+    why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
+    never ran. Fields without a value are left out."""
+
+    concurrency: dict[str, Any] | None = None
+    estimate: DurationEstimate | None = None
+    eta: BatchEta | None = None
+    not_run: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+Batch.model_rebuild()  # its ``obatch`` field is defined above it
 
 
 class ErrorDetail(_Wire):

@@ -164,7 +164,7 @@ def show_results(batch: Batch) -> None:
 
 def show_batch(batch: Batch) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
-    estimate = (batch.obatch or {}).get("estimate")  # the one made at its start (the ETA refines it as it runs)
+    estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
     progress = views.batch_progress(batch, estimate=estimate)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")

@@ -186,7 +186,7 @@ with compare_tab:
     st.dataframe(views.best_table(compared), hide_index=True, width="stretch", key="cmp_table")
 
 with record_tab:
-    record = views.estimate_record_frame([r.model_dump() for r in sweep.estimate_records(api)])
+    record = views.estimate_record_frame(sweep.estimate_records(api))
     if record.is_empty():
         st.info("No finished batch with an estimate yet: each batch started after a benchmark gets one.")
     else:

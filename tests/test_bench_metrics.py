@@ -11,6 +11,8 @@ import pytest
 from obatch import errors
 from obatch.bench.estimate import (
     ConfigFit,
+    Line,
+    Lines,
     Shape,
     TokenCalibration,
     cached_shares,
@@ -274,7 +276,7 @@ def test_fit_recovers_a_known_engine_and_calibrates_parallelism() -> None:
 
 def test_shapes_from_files_use_the_calibration() -> None:
     calibration = TokenCalibration(slope=0.8, intercept=10.0, output_fill=0.5, unbounded_output=300)
-    shape = shape_of([(100, 64, None), (200, None, None)], calibration)
+    shape = shape_of(Lines.of([Line(100, 64), Line(200, None)]), calibration)
     assert shape.prompt_tokens == [90.0, 170.0]
     assert shape.output_tokens == [32.0, 300.0]
     assert shape.cached == [0.0, 0.0]
@@ -298,8 +300,8 @@ def test_shared_prompt_prefixes_are_not_charged_twice() -> None:
     fit = _fake_fit(1)
     fit.p0, fit.decode_ms = 10.0, 0.0
     assert fit.service_ms(100, 0, cached=0.8) == pytest.approx(0.2 * fit.service_ms(100, 0))
-    rows = [(100, 10, system + f"question {i}") for i in range(10)] + [(100, 10, None)] * 10
-    shape = shape_of(rows, TokenCalibration())
+    texts = [system + f"question {i}" for i in range(10)]
+    shape = shape_of(Lines.of([Line(100, 10)] * 20, texts), TokenCalibration())
     assert shape.cached is not None and shape.cached[10:] == [pytest.approx(sum(shape.cached[:10]) / 10)] * 10
     assert any("prefix cache" in note for note in shape.notes)
 

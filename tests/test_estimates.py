@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+import obatch.bench.estimate as estimate_module
 from obatch import context
 from obatch.api import run_batch_file
 from obatch.backends.base import Capabilities, capabilities_of
@@ -22,19 +23,30 @@ from obatch.backends.openai import OpenAIBackend
 from obatch.backends.pool import Pool
 from obatch.bench import cli as bench_cli
 from obatch.bench.answers import AnswerLengths, Observation, observe, survival, t_quantile
-from obatch.bench.estimate import Shape, estimate_from_fits, estimate_groups
+from obatch.bench.estimate import (
+    SAMPLE,
+    Line,
+    Lines,
+    Shape,
+    TokenCalibration,
+    estimate_from_fits,
+    estimate_groups,
+    shape_of,
+)
 from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.wire import EstimateRecord
 from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta
-from obatch.protocol import DurationEstimate
+from obatch.protocol import Batch, BatchEta, DurationEstimate
 from obatch.store.db import open_store
 from obatch.store.tables import PilotRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from obatch.ui import views
 from tests.helpers import chat_line, write_jsonl
+from tests.ui_fake import FakeServer
 
 CHAT = "llama3.2:1b"
 # Natural answers: the simulator ends each answer after 8-80 words drawn from the prompt (when nothing cuts it).
@@ -104,6 +116,111 @@ def test_intervals_never_go_below_zero_and_hold_the_estimate() -> None:
             DurationEstimate.model_validate(made.as_dict())  # the wire model refuses anything else
     with pytest.raises(ValueError, match="interval"):
         DurationEstimate(model="m", num_requests=1, seconds=10, low=-1, high=20)
+
+
+def test_a_big_file_is_estimated_on_a_bounded_sample() -> None:
+    """Beyond ``SAMPLE`` lines an estimate reads a uniform random sample (memory does not grow with the file) and
+    scales the running time by N/n, not the load; up to ``SAMPLE`` lines it reads them all, as before."""
+    from tests.test_bench_metrics import _fake_fit
+
+    rng = random.Random(3)
+    rows = [Line(rng.randint(20, 900), rng.choice((None, 16, 64, 400))) for _ in range(5 * SAMPLE)]
+    answers = AnswerLengths.learn([Observation(float(rng.randint(5, 300)), True, "b") for _ in range(200)],
+                                  "batches")
+    calibration = TokenCalibration(answers=answers)
+    fit = _fake_fit(4, 8192, per_token_ms=12.0, load=30.0)
+    fit.p0, fit.p1, fit.overhead_ms = 0.3, 0.0002, 5.0
+
+    def made(lines: Lines) -> Any:
+        return estimate_from_fits([fit], shape_of(lines, calibration), concurrency=4)
+
+    whole, sampled = Lines.of(rows, limit=len(rows)), Lines.of(rows)
+    assert sampled.count == whole.count == len(rows) and len(sampled.kept) == SAMPLE and sampled.sampled
+    assert sampled.need == whole.need and sampled.uncapped == whole.uncapped
+    full, quick = made(whole), made(sampled)
+    assert quick.num_requests == full.num_requests == len(rows)
+    assert quick.load_seconds == full.load_seconds == 30.0  # the one-off load is not multiplied by N/n
+    assert quick.seconds - 30 == pytest.approx(full.seconds - 30, rel=0.03)
+    assert any("sample of 4000 of the 20000" in n for n in quick.notes)
+    few = rows[:SAMPLE]  # a file within the sample size: every line, the same figures as before
+    assert made(Lines.of(few)).seconds == made(Lines.of(few, limit=10 * SAMPLE)).seconds
+    assert Lines.of(rows).sample() == sampled.sample()  # seeded: one file, one sample
+
+
+async def test_a_sampled_file_gets_one_figure_before_and_at_its_start(swept: tuple[Settings, OllamaSim],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _sim = swept
+    path = natural_file(tmp_path / "big.jsonl", 90, seed=4, caps=(None, 8, 60))
+    whole = await _file_estimate(settings, path)
+    monkeypatch.setattr(estimate_module, "SAMPLE", 30)
+    sampled = await _file_estimate(settings, path)
+    assert sampled.num_requests == whole.num_requests == 90
+    assert any("sample of 30 of the 90" in n for n in sampled.notes)
+    load = sampled.load_seconds or 0.0
+    assert sampled.seconds - load == pytest.approx(whole.seconds - load, rel=0.15)
+    report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+    stored = orjson.loads(report.batch.estimate_json or "{}")  # the store gives the same sample of the same lines
+    assert stored["seconds"] == pytest.approx(sampled.seconds, rel=1e-9)
+
+
+def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> None:
+    """A prompt that repeats what recent requests sent is charged only its new part, as llama.cpp and Ollama
+    process it; an engine without a prefix cache (the simulator) processes it again, and its timings say so."""
+    from tests.test_bench_metrics import _fake_fit
+
+    fit = _fake_fit(1)
+    fit.p0 = 1.0  # ms per prompt token
+    passage = "A long shared passage of context. " * 20
+    texts = [passage + f"Question {i}?" for i in range(30)]
+    bodies = [orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": t}]}).decode() for t in texts]
+    shares = estimate_module.cached_shares([estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+                                            for b in bodies], 4)
+
+    def timed(skipped: float) -> list[tuple[str, int, str, str, int, float]]:
+        return [("b", i, "/v1/chat/completions", body, 200, 200 * (1 - skipped * share))
+                for i, (body, share) in enumerate(zip(bodies, shares, strict=True))]
+
+    def kept(skipped: float) -> float:
+        return estimate_module.cache_kept(timed(skipped), fit, float, window=4)
+
+    assert kept(1.0) == pytest.approx(1.0) and kept(0.0) == pytest.approx(0.0)
+    assert kept(0.5) == pytest.approx(0.5, abs=0.01)
+    assert estimate_module.cache_kept(timed(0.0)[:6], fit, float, window=4) == 1.0  # too little to tell
+    lines = Lines.of([Line(200, 32)] * 30, [estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+                                            for b in bodies])
+    cached = shape_of(lines, TokenCalibration()).cached
+    uncached = shape_of(lines, TokenCalibration(cache_kept=0.0))
+    assert cached is not None and sum(cached) > 20 and uncached.cached == [0.0] * 30
+    assert any("processed again" in note for note in uncached.notes)
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_history_corrects_the_cost_model_not_the_answer_lengths_again(
+        make_settings: Callable[..., Settings]) -> None:
+    """A batch whose answers ran twice as long as expected took about twice as long: its answers are learnt
+    already, so the next file's estimate is not scaled for them a second time; a batch that was slower at the
+    answer lengths expected is."""
+    from obatch.bench.estimate import history_ratios
+    from obatch.store.tables import BatchRow
+
+    def finished(batch_id: str, seq: int, output_tokens: int, run_seconds: float) -> BatchRow:
+        group = {"model": CHAT, "seconds": 12.0, "load_seconds": 2.0, "concurrency": 4, "output_tokens_mean": 50.0,
+                 "output_share": 0.9}
+        return BatchRow(id=batch_id, endpoint="/v1/chat/completions", input_file_id="file-1", created_at=1, seq=seq,
+                        status="completed", backend="ollama", completed=10, output_tokens=output_tokens,
+                        run_seconds=run_seconds, estimate_json=orjson.dumps({"groups": [group]}).decode())
+
+    engine, sessions = await open_store(make_settings().db_url)
+    try:
+        async with sessions() as session:
+            session.add(finished("batch-long", 1, 1000, 2 + 10 * 2 ** 0.9))  # answers of 100 tokens, not 50
+            session.add(finished("batch-slow", 2, 500, 2 + 10 * 1.3))  # answers as expected, 30% slower
+            await session.commit()
+            ratios = await history_ratios(session, CHAT, "ollama")
+    finally:
+        await engine.dispose()
+    assert sorted(ratios) == [(4, pytest.approx(1.0)), (4, pytest.approx(1.3))]
 
 
 # ---------------------------------------------------------------------------------------- on the simulator
@@ -240,13 +357,17 @@ def test_the_live_eta_counts_the_tokens_left() -> None:
         eta.observe(100, 100)
     assert eta.seconds_left(now=40.0) == 0.0
     assert eta.as_dict()["lines_left"] == 0
+    carried = BatchEta.model_validate(eta.as_dict())  # what the batch object carries, field for field
+    assert not carried.model_extra and carried.lines_done == 20
 
 
 def test_the_batch_object_and_the_ui_carry_the_live_eta() -> None:
     from tests.test_ui_views import batch
 
     running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 10, "failed": 0},
-                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0}, "estimate": {"seconds": 80.0}})
+                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0},
+                            "estimate": DurationEstimate(model=CHAT, num_requests=100, seconds=80.0, low=60.0,
+                                                         high=100.0).model_dump(mode="json")})
     progress = views.batch_progress(running, now=1020)
     assert progress.eta_s == pytest.approx(25.0) and progress.expected_s == 80.0
 
@@ -313,3 +434,18 @@ async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, cr
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 20
         assert sim.stats.served - served == 15
         assert batch["obatch"]["estimate"]["seconds"] == pytest.approx(made.seconds, rel=1e-9)
+        # what the server sends is what the client and the UI parse: a field either side does not know fails here
+        parsed = Batch.model_validate(batch)
+        assert parsed.obatch is not None and parsed.obatch.estimate is not None
+        assert not parsed.obatch.model_extra and not parsed.obatch.estimate.model_extra
+        assert parsed.obatch.estimate.made_at and parsed.obatch.estimate.answers is not None
+        assert views.describe_estimate(parsed.obatch.estimate) == views.describe_estimate(made)
+        [sent] = (await api.get("/v1/benchmarks/estimates")).json()["data"]
+        record = EstimateRecord.model_validate(sent)
+        assert not record.model_extra and record.batch_id == batch["id"] and record.estimated_seconds > 0
+        assert views.estimate_record_frame([record])["batch_id"].to_list() == [batch["id"]]
+    fake = FakeServer()  # the UI tests' fake emits the same models
+    api = fake.client()
+    made_by_fake = api.create_batch(api.upload_file(path.read_bytes(), "n.jsonl").id, endpoint="/v1/chat/completions")
+    assert made_by_fake.obatch is not None and made_by_fake.obatch.estimate is not None
+    assert not made_by_fake.obatch.model_extra and not made_by_fake.obatch.estimate.model_extra

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from obatch import batches
 from obatch.api import result_schema
+from obatch.bench.wire import EstimateRecord
 from obatch.errors import ConfigError
-from obatch.protocol import Batch, LineError, OutputLine
+from obatch.protocol import Batch, DurationEstimate, LineError, OutputLine
 from obatch.store.tables import RequestRow
 from obatch.ui import views
 from obatch.ui.launch import find_app, streamlit_command
@@ -58,6 +59,9 @@ def test_preview_mean_tokens_feed_the_estimate() -> None:
     assert output == 100
 
 
+ESTIMATE = DurationEstimate(model="m", num_requests=100, seconds=100, low=80, high=130, num_ctx=4096, concurrency=4)
+
+
 def batch(**fields: object) -> Batch:
     base: dict[str, object] = {"id": "batch-1", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",
                                "completion_window": "24h", "created_at": 1000, "status": "in_progress"}
@@ -74,7 +78,7 @@ def test_progress_rates_count_successes_and_eta_falls_back_to_the_estimate() -> 
     assert p.tokens_per_s == 30
     assert p.eta_s == 30  # 60 left at 2 finished per second
     fresh = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 0, "failed": 0})
-    assert views.batch_progress(fresh, now=1010, estimate={"expected_seconds": 50}).eta_s == 40
+    assert views.batch_progress(fresh, now=1010, estimate=ESTIMATE.model_copy(update={"seconds": 50})).eta_s == 40
     assert views.batch_progress(fresh, now=1010).eta_s is None
     done = batch(status="completed", in_progress_at=1000, completed_at=1050,
                  request_counts={"total": 10, "completed": 10, "failed": 0})
@@ -202,20 +206,29 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
         ("expired", "batch_expired", 3)  # never ran: not a failure
 
 
-def test_estimates_and_health_are_read_generously() -> None:
-    assert views.estimate_seconds({"expected_seconds": 10, "interval": [8, 14]}) == (10, 8, 14)
-    assert views.describe_estimate({"seconds": 100, "low_seconds": 80, "high_seconds": 130}) == \
-        "about 1 min 40 s (1 min 20 s – 2 min 10 s)"
-    assert views.describe_estimate(None) is None
-    assert views.estimate_config({"seconds": 1, "num_ctx": 4096, "concurrency": 4}) == "num_ctx 4096 · concurrency 4"
+def test_estimates_are_rendered_from_the_servers_models() -> None:
+    assert views.estimate_seconds(ESTIMATE) == (100, 80, 130)
+    assert views.describe_estimate(ESTIMATE) == "about 1 min 40 s (1 min 20 s – 2 min 10 s)"
+    assert views.describe_estimate(None) is None and views.estimate_seconds(None) == (None, None, None)
+    assert views.estimate_config(ESTIMATE) == "num_ctx 4096 · concurrency 4"
+    assert views.estimate_config(ESTIMATE.model_copy(update={"num_ctx": None})) is None
+    # the batch object carries the estimate made at its start, parsed into the same model
+    started = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 0, "failed": 0},
+                    obatch={"estimate": ESTIMATE.model_dump(mode="json")})
+    assert started.obatch is not None and started.obatch.estimate == ESTIMATE
+    assert views.batch_progress(started, now=1030).eta_s == 70
     record = views.estimate_record_frame([
-        {"batch_id": "b", "models": "m", "estimated_seconds": 10, "low": 8, "high": 11, "actual_seconds": 12},
-        {"batch_id": "c", "models": ["m", "n"], "requests": 5, "estimated_seconds": 10, "low": 8, "high": 14,
-         "actual_seconds": 12, "error_pct": -16.7, "within_interval": True}])
+        EstimateRecord(batch_id="b", models="m", requests=5, estimated_seconds=10, low=8, high=11, actual_seconds=12,
+                       error_pct=-16.7, within_interval=False),
+        EstimateRecord(batch_id="c", models="m,n", requests=5, estimated_seconds=10, low=8, high=14,
+                       actual_seconds=12, error_pct=-16.7, within_interval=True)])
+    assert record.columns == list(views.ESTIMATE_RECORD_SCHEMA)
     assert record["within_interval"].to_list() == [False, True]
-    assert record["error_pct"].round(1).to_list() == [-16.7, -16.7]
     assert record["models"].to_list() == ["m", "m,n"]
     assert views.estimate_record_chart(record).to_dict()["layer"]
+
+
+def test_health_is_read_generously() -> None:
     down = views.read_health({"status": "degraded", "http_status": 503,
                               "backend": {"name": "ollama", "ok": False, "error": "refused"}})
     assert (down.server_ok, down.backend, down.backend_ok, down.detail) == (False, "ollama", False, "refused")

@@ -22,6 +22,7 @@ from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
 from obatch.protocol import (
     AnswerLengthsInfo,
+    BatchExtension,
     DurationEstimate,
     EstimateCandidate,
     EstimatePoint,
@@ -112,6 +113,12 @@ def fake_estimate(params: Any) -> DurationEstimate:
         pilot=PilotInfo(requests=pilot, ran=pilot) if pilot else None, done_requests=pilot or 0)
 
 
+def _extension(batch: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The batch object's ``obatch`` field with ``fields`` set, in the server's own model."""
+    made = BatchExtension.model_validate(batch.get("obatch") or {}).model_copy(update=fields)
+    return made.model_dump(mode="json")
+
+
 def _json(status: int, body: Any) -> httpx.Response:
     return httpx.Response(status, content=orjson.dumps(body), headers={"content-type": "application/json"})
 
@@ -185,6 +192,9 @@ class FakeServer:
                      "created_at": now, "status": "in_progress", "in_progress_at": now, "model": body.get("model"),
                      "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
                      "extra_sent": {k: body.get(k) for k in ("model", "concurrency")}}
+            if self.points:  # the server estimates a batch at its start when the model has benchmark points
+                batch["obatch"] = _extension(batch, estimate=fake_estimate({"input_file_id": body["input_file_id"]})
+                                             .model_copy(update={"made_at": float(now)}))
             batch["request_counts"]["total"] = sum(
                 1 for line in self.files[body["input_file_id"]][1].splitlines() if line.strip())
             self.batches[batch["id"]] = batch
@@ -204,7 +214,7 @@ class FakeServer:
                                   "conflict")
                 batch.update(status="cancelling", cancelling_at=int(time.time()))
                 counts = batch["request_counts"]  # obatch.batches.batch_object: the lines that have not run
-                batch["obatch"] = {"not_run": counts["total"] - counts["completed"] - counts["failed"]}
+                batch["obatch"] = _extension(batch, not_run=counts["total"] - counts["completed"] - counts["failed"])
             return _json(200, batch)
         if parts[:2] == ["v1", "benchmarks"]:
             answer = self._benchmarks(request, parts[2:])
@@ -332,7 +342,7 @@ class FakeServer:
         batch.update(status=status, finalizing_at=now, **{f"{status}_at": now},
                      request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
         if ran is not None:
-            batch["obatch"] = {"not_run": sum(1 for e in err if e["error"]["code"] == code)}
+            batch["obatch"] = _extension(batch, not_run=sum(1 for e in err if e["error"]["code"] == code))
         for kind, lines in (("output", out), ("error", err)):
             if lines:
                 data = b"".join(orjson.dumps(x) + b"\n" for x in lines)

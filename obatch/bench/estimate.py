@@ -65,7 +65,7 @@ import random
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new est
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
+SAMPLE = 4000  # lines per model an estimate reads at most; beyond that a uniform random sample of this many
 DEFAULT_WINDOW = 4  # recent requests a prompt is compared with when the concurrency is not known
 
 
@@ -112,6 +113,8 @@ class Shape:
     count: int | None = None  # set: the workload is this many copies of the one request listed
     caps: list[int | None] | None = None  # each request's max_tokens, when its output is drawn from ``answers``
     answers: AnswerLengths | None = None  # what the model's answers are known to take
+    sampled: int | None = None  # set: the listed requests are a uniform random sample of this many
+    longest: float = 0.0  # the context the longest request needs (it may not be among a sample's)
 
     def requests(self) -> list[tuple[float, float, float]]:
         """(prompt tokens, output tokens, cached share) per listed request."""
@@ -127,12 +130,18 @@ class Shape:
 
     @property
     def n(self) -> int:
-        return len(self.prompt_tokens) if self.count is None else self.count
+        return self.count if self.count is not None else self.sampled or len(self.prompt_tokens)
+
+    @property
+    def scale(self) -> float:
+        """Running time of the whole workload per running time of the requests listed (a sample's N/n)."""
+        return self.sampled / len(self.prompt_tokens) if self.sampled and self.prompt_tokens else 1.0
 
     @property
     def need(self) -> int:
         """The context the longest request needs (prompt + output)."""
-        return int(max((p + o for p, o in zip(self.prompt_tokens, self.output_tokens, strict=True)), default=0))
+        return int(max(self.longest, *(p + o for p, o in zip(self.prompt_tokens, self.output_tokens, strict=True)),
+                       0.0))
 
     @property
     def mean_prompt(self) -> float:
@@ -152,6 +161,7 @@ class TokenCalibration:
     output_fill: float = 1.0
     unbounded_output: float = UNBOUNDED_OUTPUT
     answers: AnswerLengths | None = None  # learnt answer lengths; when known they replace the two above
+    cache_kept: float = 1.0  # how much of a repeated prompt prefix the engine really skipped (finished batches)
 
     def prompt(self, estimate: int) -> float:
         return max(1.0, self.slope * estimate + self.intercept)
@@ -200,46 +210,100 @@ def cached_shares(texts: Sequence[str], window: int) -> list[float]:
     return shares
 
 
-def shape_of(rows: Sequence[tuple[int, int | None, str | None]], calibration: TokenCalibration, *,
-             window: int = 4) -> Shape:
-    """(prompt_estimate, max_tokens, prompt text or None) per request, in run order → a Shape in engine tokens.
+@dataclass(frozen=True, slots=True)
+class Line:
+    """What an estimate needs of one request: obatch's prompt estimate, its cap and its endpoint."""
 
-    Requests whose text is not given (beyond the sample read) take the mean cached share of those that have one."""
-    texts = [t for _, _, t in rows if t is not None]
-    shares = cached_shares(texts, window)
+    prompt: int
+    max_tokens: int | None
+    url: str = "/v1/chat/completions"
+
+
+@dataclass(slots=True)
+class Lines:
+    """One model's requests as an estimate reads them, in bounded memory however long the file: every line up to
+    ``limit`` of them, beyond that a uniform random sample of ``limit`` (a reservoir with a fixed seed, kept in
+    file order, so the same lines give the same sample whichever path reads them: the file before it is submitted,
+    the store at the batch's start). What must hold for all of them is counted as they pass: how many, how many
+    without a cap, the longest, the endpoints. The prompt texts of the first ``SHARE_SAMPLE`` lines tell how much
+    of a prompt the engine's prefix cache holds."""
+
+    limit: int = field(default_factory=lambda: SAMPLE)
+    count: int = 0
+    uncapped: int = 0
+    longest: Line | None = None
+    need: int = 0  # the longest line's prompt + output budget (``context.need_of``): what picks the num_ctx
+    urls: set[str] = field(default_factory=set)
+    texts: list[str] = field(default_factory=list)
+    kept: list[tuple[int, Line]] = field(default_factory=list)
+    rng: random.Random = field(default_factory=lambda: random.Random("obatch-estimate-sample"))
+
+    @classmethod
+    def of(cls, lines: Iterable[Line], texts: Sequence[str] = (), *, limit: int | None = None) -> Lines:
+        made = cls() if limit is None else cls(limit=limit)
+        for line in lines:
+            made.add(line)
+        made.texts = list(texts)
+        return made
+
+    def add(self, line: Line) -> None:
+        need = context.need_of(line.prompt, line.max_tokens)
+        if self.longest is None or need > self.need:
+            self.longest, self.need = line, need
+        self.uncapped += line.max_tokens is None
+        self.urls.add(line.url)
+        if self.count < self.limit:
+            self.kept.append((self.count, line))
+        elif (slot := self.rng.randrange(self.count + 1)) < self.limit:  # Algorithm R
+            self.kept[slot] = (self.count, line)
+        self.count += 1
+
+    @property
+    def sampled(self) -> bool:
+        return self.count > len(self.kept)
+
+    def sample(self) -> list[Line]:
+        """The lines kept (all of them, or the sample), in file order."""
+        return [line for _, line in sorted(self.kept, key=lambda kept: kept[0])]
+
+
+def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) -> Shape:
+    """A model's lines → a Shape in engine tokens. The first lines have their own prefix-cache share (of the
+    texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
+    not neighbours in the run)."""
+    sample = lines.sample()
+    repeated = cached_shares(lines.texts, window)
+    shares = [share * calibration.cache_kept for share in repeated]
     typical = sum(shares) / len(shares) if shares else 0.0
-    cached = shares + [typical] * (len(rows) - len(shares))
-    shape = Shape([calibration.prompt(p) for p, _, _ in rows], [calibration.output(m) for _, m, _ in rows], cached)
-    uncapped = sum(m is None for _, m, _ in rows)
+    cached = [] if lines.sampled else shares[:len(sample)]
+    cached += [typical] * (len(sample) - len(cached))
+    shape = Shape([calibration.prompt(x.prompt) for x in sample], [calibration.output(x.max_tokens) for x in sample],
+                  cached)
+    if lines.sampled and lines.longest is not None:
+        shape.sampled = lines.count
+        shape.longest = calibration.prompt(lines.longest.prompt) + calibration.output(lines.longest.max_tokens)
+        shape.notes.append(f"estimated on a uniform random sample of {len(sample)} of the {lines.count} lines")
     if calibration.answers is not None:
-        shape.caps, shape.answers = [m for _, m, _ in rows], calibration.answers
-        shape.notes.extend(calibration.answers.notes(len(rows) - uncapped, uncapped))
-    elif uncapped:
+        shape.caps, shape.answers = [x.max_tokens for x in sample], calibration.answers
+        shape.notes.extend(calibration.answers.notes(lines.count - lines.uncapped, lines.uncapped))
+    elif lines.uncapped:
         shape.notes.append(f"requests without max_tokens assumed to answer {calibration.unbounded_output:.0f} "
                            "tokens")
     if typical >= 0.05:
         shape.notes.append(f"about {typical:.0%} of the prompt text repeats what recent requests sent: the engine's "
                            "prefix cache holds it, so only the rest is charged prompt processing")
+    if calibration.cache_kept < 0.95 and sum(repeated) >= 0.05 * len(repeated) > 0:
+        shape.notes.append(f"finished batches show the engine skipped only {calibration.cache_kept:.0%} of the "
+                           "prompt prefixes it had just seen: the rest is charged as processed again")
     return shape
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
-    """What an estimate needs of one request: obatch's prompt estimate, its cap, its text (or None beyond the
-    sample read) and its endpoint."""
-
-    prompt: int
-    max_tokens: int | None
-    text: str | None
-    url: str = "/v1/chat/completions"
-
-
 def file_rows(path: Path, model: str | None = None, *, done: set[tuple[str, str]] | None = None
-              ) -> tuple[dict[str, list[Line]], dict[str, int]]:
-    """The valid requests of a batch file by model, in file order (blocking: use a thread), leaving out those
-    whose (custom_id, body sha256) is in ``done`` (a pilot ran them: the batch will take them as finished), and
-    how many were left out per model. The text is read for the first ``SHARE_SAMPLE`` requests of each model."""
-    groups: dict[str, list[Line]] = defaultdict(list)
+              ) -> tuple[dict[str, Lines], dict[str, int]]:
+    """The valid requests of a batch file by model (``Lines``: bounded, whatever the file's size; blocking: use a
+    thread), leaving out those whose (custom_id, body sha256) is in ``done`` (a pilot ran them: the batch will take
+    them as finished), and how many were left out per model."""
+    groups: dict[str, Lines] = defaultdict(Lines)
     skipped: dict[str, int] = defaultdict(int)
     with path.open("rb") as handle:
         for r in iter_file(handle, model=model):
@@ -248,9 +312,10 @@ def file_rows(path: Path, model: str | None = None, *, done: set[tuple[str, str]
             if done and (r.custom_id, pilots.body_sha256(orjson.dumps(r.body))) in done:
                 skipped[r.model] += 1
                 continue
-            text = prompt_text(r.url, r.body) if len(groups[r.model]) < SHARE_SAMPLE else None
-            groups[r.model].append(Line(context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body),
-                                        text, r.url))
+            group = groups[r.model]
+            if len(group.texts) < SHARE_SAMPLE:
+                group.texts.append(prompt_text(r.url, r.body))
+            group.add(Line(context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body), r.url))
     return dict(groups), dict(skipped)
 
 
@@ -440,7 +505,7 @@ class ConfigFit:
     def run_seconds(self, shape: Shape) -> float:
         if shape.count is not None:
             return self.k * makespan_runs_at(self.uniform_runs(shape), self.parallelism) / 1000
-        return self.k * makespan_at(self.services(shape.requests()), self.parallelism) / 1000
+        return self.k * makespan_at(self.services(shape.requests()), self.parallelism) / 1000 * shape.scale
 
     def covers(self, shape: Shape) -> bool:
         return (self.prompt_range[0] * 0.8 <= shape.mean_prompt <= self.prompt_range[1] * 1.25
@@ -621,7 +686,36 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
     for tokens, run_id in await bench_repo.natural_bench_answers(session, model):
         if (seen := observe(tokens, None, None, run_id)) is not None:
             sources.benchmarks.append(seen)
-    return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population))
+    timed = await bench_repo.prompt_timings(session, model, exclude=exclude_batch)
+    kept = cache_kept(timed, min(fits, key=lambda f: f.concurrency), lambda e: max(1.0, slope * e + intercept),
+                      window=max(f.concurrency for f in fits))
+    return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population),
+                            cache_kept=kept)
+
+
+def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: ConfigFit,
+               tokens: Callable[[int], float], *, window: int) -> float:
+    """How much of the prefix an engine's cache should hold (``cached_shares``) it really skipped, from finished
+    batch requests the engine timed: the least-squares slope of (full prompt time − measured) on the time the
+    cache should have saved, in [0, 1]. llama.cpp and Ollama skip it (about 1); an engine without a prefix cache
+    processes every prompt in full (0). 1 (the cache works) until enough requests had a prefix to skip. The first
+    ``window`` lines of a batch are left out: their prompts were processed as one batch."""
+    by_batch: dict[str, list[tuple[int, str, str, int, float]]] = defaultdict(list)
+    for batch_id, line, url, body, estimate, ms in timed:
+        by_batch[batch_id].append((line, url, body, estimate, ms))
+    num = den = saved_total = 0.0
+    for rows in by_batch.values():
+        rows.sort()
+        texts = [prompt_text(url, orjson.loads(body)) for _, url, body, _, _ in rows]
+        for i, ((_, _, _, estimate, ms), share) in enumerate(zip(rows, cached_shares(texts, window), strict=True)):
+            if i < window:
+                continue
+            full = fit.prompt_ms(tokens(estimate))
+            saved = full * share
+            num, den, saved_total = num + (full - ms) * saved, den + saved * saved, saved_total + saved
+    if den <= 0 or saved_total < 0.05 * sum(fit.prompt_ms(tokens(r[4])) for r in timed) or len(timed) < 8:
+        return 1.0
+    return min(1.0, max(0.0, num / den))
 
 
 # ------------------------------------------------------------------------------------------------ estimating
@@ -655,6 +749,7 @@ class Estimate:
     answers: dict[str, Any] | None = None  # what the answer lengths were taken from (``AnswerLengths.summary``)
     pilot: dict[str, Any] | None = None  # the pilot run behind it, if any
     done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
+    output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -723,10 +818,12 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
     run_seconds, basis, note = _at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
+    share = None
     if shape.answers is not None and shape.caps is not None and shape.count is None:
         drawn, draw_cv, mean_cv = answer_spread(basis, shape)
         run_seconds *= drawn
         margin = math.sqrt(margin ** 2 + (Z * draw_cv) ** 2 + (Z * mean_cv) ** 2)
+        share = output_share(basis, shape)
     ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
     factor = math.exp(statistics.median(map(math.log, ratios)) * len(ratios) / (len(ratios) + 1)) if ratios else 1.0
     if ratios:
@@ -758,8 +855,15 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         req_per_s=rate, best=best, candidates=candidates, points=points,
         history_factor=factor, history_batches=len(ratios), notes=notes,
         measured_req_per_s=basis.measured_req_per_s,
-        answers=shape.answers.summary() if shape.answers is not None else None,
+        answers=shape.answers.summary() if shape.answers is not None else None, output_share=share,
     )
+
+
+def output_share(fit: ConfigFit, shape: Shape) -> float:
+    """How the running time scales with the answers' length: (d log t / d log O), from every answer 10% longer."""
+    base = fit.run_seconds(shape)
+    longer = fit.run_seconds(dataclasses.replace(shape, output_tokens=[o * 1.1 for o in shape.output_tokens]))
+    return max(0.0, (longer / base - 1) / 0.1) if base > 0 else 0.0
 
 
 def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
@@ -774,7 +878,7 @@ def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
         return 1.0, 0.0, 0.0
     rng = random.Random(f"{shape.n}|{sum(shape.output_tokens):.3f}")
     runs = []
-    for _ in range(max(4, min(DRAWS, DRAW_BUDGET // max(shape.n, 1)))):
+    for _ in range(max(4, min(DRAWS, DRAW_BUDGET // max(len(caps), 1)))):
         drawn = [answers.draw(cap, rng.random()) for cap in caps]
         runs.append(fit.run_seconds(dataclasses.replace(shape, output_tokens=drawn)))
     centre = statistics.fmean(runs)
@@ -789,7 +893,10 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
                          ) -> list[tuple[int, float]]:
     """(concurrency, actual / estimated running time) of the newest finished batches that ran ``model`` alone on
     ``backend`` and were estimated before they ran. Running time leaves the load out, and the estimate is taken as
-    the model made it (before any earlier correction), so corrections do not compound."""
+    the model made it (before any earlier correction), so corrections do not compound, and as it would have been
+    with the answer lengths the batch really had: what its answers took is learnt already (``calibration_for``),
+    so a batch whose answers ran longer than expected must not make the next file's estimate longer a second time;
+    what is left is what the cost model got wrong."""
     out: list[tuple[int, float]] = []
     for batch in await bench_repo.estimated_batches(session, limit=10 * limit):
         groups = orjson.loads(batch.estimate_json or "{}").get("groups") or []
@@ -798,6 +905,9 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
         made = groups[0]
         load = float(made.get("load_seconds") or 0.0)
         raw = (float(made["seconds"]) - load) / float(made.get("history_factor") or 1.0)
+        expected, share = float(made.get("output_tokens_mean") or 0.0), made.get("output_share")
+        if expected > 0 and share is not None and batch.completed and batch.output_tokens > 0:
+            raw *= (batch.output_tokens / batch.completed / expected) ** float(share)
         if raw > 0 and batch.run_seconds > load:
             out.append((int(made["concurrency"]), (batch.run_seconds - load) / raw))
         if len(out) >= limit:
@@ -842,7 +952,7 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
     out = []
     for name in [*groups, *(m for m in skipped if m not in groups)]:
         out.append(await estimate_model(
-            session, name, groups.get(name, []), backend=backend, engine=engine, num_ctx=num_ctx,
+            session, name, groups.get(name) or Lines(), backend=backend, engine=engine, num_ctx=num_ctx,
             concurrency=concurrency, include_load=include_load, pilot=[p for p in piloted if p.model == name],
             done=skipped.get(name, 0)))
     return out
@@ -852,7 +962,7 @@ async def pilot_rows(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
     return await pilots.all_of(session, file_sha256)
 
 
-async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line], *, backend: str | None,
+async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, backend: str | None,
                          engine: Backend | None = None, num_ctx: int | None = None, concurrency: int | None = None,
                          include_load: bool = True, pilot: Sequence[PilotRow] = (), done: int = 0,
                          strict_backend: bool = False, exclude_batch: str | None = None) -> Estimate:
@@ -868,24 +978,23 @@ async def estimate_model(session: AsyncSession, model: str, lines: Sequence[Line
             await fits_preferring(session, model, backend)
     except errors.NotFoundError:
         fits = []
-    population = len(lines) + done
+    population = lines.count + done
     if not fits:
         timed = [p for p in pilot if p.latency_ms]
         if len(timed) >= 2:
-            return pilot_extrapolation(model, backend or (engine.name if engine else ""), len(lines), timed, done,
+            return pilot_extrapolation(model, backend or (engine.name if engine else ""), lines.count, timed, done,
                                        include_load=include_load)
         raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
                                    "first, or a pilot of the file (--pilot 16).", param="model")
-    if not lines:
+    if not lines.count:
         return _nothing_left(fits[0], model, done)
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
-        num_ctx = context.fit_num_ctx(max(context.need_of(x.prompt, x.max_tokens) for x in lines), None).num_ctx
-    endpoints = {x.url for x in lines}
-    calibration = await calibration_for(session, model, fits, endpoint=endpoints.pop() if len(endpoints) == 1 else
-                                        None, pilot=pilot, population=population, exclude_batch=exclude_batch)
+        num_ctx = context.fit_num_ctx(lines.need, None).num_ctx
+    endpoint = next(iter(lines.urls)) if len(lines.urls) == 1 else None
+    calibration = await calibration_for(session, model, fits, endpoint=endpoint, pilot=pilot, population=population,
+                                        exclude_batch=exclude_batch)
     history = await history_ratios(session, model, fits[0].backend)
-    rows = [(x.prompt, x.max_tokens, x.text) for x in lines]
-    made = await asyncio.to_thread(_estimate_rows, fits, rows, calibration,
+    made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration,
                                    window=concurrency or max(f.concurrency for f in fits), num_ctx=num_ctx,
                                    concurrency=concurrency, include_load=include_load, history=history)
     made.done_requests = done
@@ -930,10 +1039,10 @@ def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequenc
         measured_req_per_s=None, done_requests=done)
 
 
-def _estimate_rows(fits: Sequence[ConfigFit], rows: Sequence[tuple[int, int | None, str | None]],
-                   calibration: TokenCalibration, *, window: int, **options: Any) -> Estimate:
+def _estimate_rows(fits: Sequence[ConfigFit], lines: Lines, calibration: TokenCalibration, *, window: int,
+                   **options: Any) -> Estimate:
     """``shape_of`` then ``estimate_from_fits``: the CPU part of an estimate, run in a worker thread."""
-    return estimate_from_fits(fits, shape_of(rows, calibration, window=window), **options)
+    return estimate_from_fits(fits, shape_of(lines, calibration, window=window), **options)
 
 
 async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> Estimate:
@@ -953,18 +1062,16 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
         stored = await session.get(FileRow, batch.input_file_id)
         piloted = await pilot_rows(session, stored.sha256) if stored is not None and stored.sha256 else []
         models = [g.model for g in await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)]
-        for model in models:  # before the rows are read: a million of them in memory cost 250 MB, for nothing
+        for model in models:  # before the rows are read: reading them costs time, for nothing
             if not any(p.model == model for p in piloted) and not await fits_for(session, model, backend.name):
                 return None
-        rows = await bench_repo.pending_lines(session, batch.id)
-        groups: dict[str, list[tuple[str, int, int | None]]] = defaultdict(list)
-        for model, url, prompt, max_tokens in rows:
-            groups[model].append((url, prompt, max_tokens))
+        groups: dict[str, Lines] = defaultdict(Lines)
+        async for model, url, prompt, max_tokens in bench_repo.pending_lines(session, batch.id):
+            groups[model].add(Line(prompt, max_tokens, url))
         parts = []
-        for model, requests in groups.items():
-            texts = [prompt_text(url, orjson.loads(body))
-                     for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
-            lines = [Line(p, m, texts[i] if i < len(texts) else None, url) for i, (url, p, m) in enumerate(requests)]
+        for model, lines in groups.items():
+            lines.texts = [prompt_text(url, orjson.loads(body))
+                           for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
             mine = [p for p in piloted if p.model == model]
             try:
                 parts.append(await estimate_model(

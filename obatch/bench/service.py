@@ -93,14 +93,7 @@ async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | No
 def combined(parts: list[Estimate], pilot: dict[str, Any] | None = None) -> DurationEstimate:
     """One answer: the estimate itself for one model; for several, their totals and each in ``groups``."""
     made = [DurationEstimate.model_validate(p.as_dict() | {"pilot": pilot}) for p in parts]
-    if len(made) == 1:
-        return made[0]
-    return DurationEstimate(
-        model=",".join(p.model for p in made), backend=made[0].backend,
-        num_requests=sum(p.num_requests for p in made), seconds=sum(p.seconds for p in made),
-        low=sum(p.low for p in made), high=sum(p.high for p in made),
-        load_seconds=sum(p.load_seconds for p in made), done_requests=sum(p.done_requests for p in made),
-        notes=[n for p in made for n in p.notes], pilot=made[0].pilot, groups=made)
+    return DurationEstimate.of_groups(made, pilot=made[0].pilot)
 
 
 async def estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -95,6 +95,21 @@ async def batch_token_pairs(session: AsyncSession, model: str, limit: int = 5000
     return [(int(e), int(p or 0), m, int(c or 0)) for e, p, m, c in (await session.execute(statement)).all()]
 
 
+async def prompt_timings(session: AsyncSession, model: str, limit: int = 400, *, exclude: str | None = None
+                         ) -> list[tuple[str, int, str, str, int, float]]:
+    """(batch_id, line, url, body JSON, prompt_estimate, engine prompt ms) of a model's newest succeeded batch
+    requests that the engine timed: how long their prompts really took, against what the prefix cache promised."""
+    statement = (
+        select(col(RequestRow.batch_id), col(RequestRow.line), col(RequestRow.url), col(RequestRow.body),
+               col(RequestRow.prompt_estimate), col(RequestRow.engine_prompt_ms))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.engine_prompt_ms).is_not(None), col(RequestRow.batch_id) != (exclude or ""))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(b, int(n), u, body, int(e or 0), float(ms or 0.0))
+            for b, n, u, body, e, ms in (await session.execute(statement)).all()]
+
+
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
     """(url, body JSON) of the first ``limit`` pending requests of one model of a batch, in line order."""
     statement = (select(col(RequestRow.url), col(RequestRow.body))
@@ -177,10 +192,13 @@ async def natural_bench_answers(session: AsyncSession, model: str, limit: int = 
     return [(int(c or 0), r) for c, r in (await session.execute(statement)).all()]
 
 
-async def pending_lines(session: AsyncSession, batch_id: str) -> list[tuple[str, str, int, int | None]]:
-    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order."""
+async def pending_lines(session: AsyncSession, batch_id: str, page: int = 10_000
+                        ) -> AsyncIterator[tuple[str, str, int, int | None]]:
+    """(model, url, prompt_estimate, max_tokens) of a batch's pending requests in line order, read ``page`` rows at
+    a time (a server-side cursor: a million rows are never in memory together)."""
     statement = (select(col(RequestRow.model), col(RequestRow.url), col(RequestRow.prompt_estimate),
                         col(RequestRow.max_tokens))
                  .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending")
-                 .order_by(col(RequestRow.line)))
-    return [(m, u, int(p or 0), x) for m, u, p, x in (await session.execute(statement)).all()]
+                 .order_by(col(RequestRow.line)).execution_options(yield_per=page))
+    async for m, u, p, x in await session.stream(statement):
+        yield m, u, int(p or 0), x

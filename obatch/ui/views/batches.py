@@ -9,8 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from obatch.protocol import FINAL_STATUSES, Batch
-from obatch.ui.views.estimates import EstimateLike, estimate_seconds
+from obatch.protocol import FINAL_STATUSES, Batch, BatchExtension, DurationEstimate
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
@@ -23,8 +22,8 @@ MODELS_KEY = "models"  # the metadata key the UI sets at submission: the file's 
 def not_run(batch: Batch) -> int:
     """Lines of a cancelled or expired batch that never ran (the server's ``obatch.not_run``; OpenAI's
     ``request_counts.failed`` counts them as failed)."""
-    value = (batch.obatch or {}).get("not_run")
-    return value if isinstance(value, int) and value > 0 else 0
+    value = batch.obatch.not_run if batch.obatch else None
+    return value if value is not None and value > 0 else 0
 
 
 def counts(batch: Batch) -> tuple[int, int, int, int]:
@@ -97,7 +96,7 @@ def _end_of(batch: Batch) -> int | None:
     return None
 
 
-def batch_progress(batch: Batch, *, now: float | None = None, estimate: EstimateLike = None
+def batch_progress(batch: Batch, *, now: float | None = None, estimate: DurationEstimate | None = None
                    ) -> BatchProgress:
     """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate.
 
@@ -105,7 +104,9 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Estimate
     ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
     now = time.time() if now is None else now
     total, completed, failed, skipped = counts(batch)
-    expected = estimate_seconds(estimate or (batch.obatch or {}).get("estimate"))[0]
+    extension = batch.obatch or BatchExtension()
+    estimate = estimate or extension.estimate
+    expected = estimate.seconds if estimate is not None else None
     if not batch.in_progress_at:
         return BatchProgress(total, completed, failed, None, None, None, expected, expected, skipped)
     end = _end_of(batch) or int(now)
@@ -115,11 +116,11 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Estimate
     tps = tokens / elapsed if elapsed > 0 and tokens else None
     done = completed + failed
     eta: float | None
-    live = (batch.obatch or {}).get("eta") or {}  # refined by the server from the lines finished, tokens-aware
+    live = extension.eta  # refined by the server from the lines finished, tokens-aware
     if is_final(batch) or batch.status in ("finalizing", "cancelling"):
         eta = 0.0
-    elif live.get("seconds_left") is not None:
-        eta = max(0.0, float(live["seconds_left"]) - max(0.0, now - float(live.get("at") or now)))
+    elif live is not None and live.seconds_left is not None:
+        eta = max(0.0, live.seconds_left - max(0.0, now - live.at))
     elif done and elapsed > 0:
         eta = (total - done) / (done / elapsed)
     elif expected is not None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import altair as alt
 import polars as pl
 
+from obatch.bench.wire import EstimateRecord
 from obatch.protocol import DurationEstimate
-from obatch.ui.views._values import flatten, integer, number
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -29,50 +29,27 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours} h {minutes} min"
 
 
-_EXPECTED = ("expected_seconds", "seconds", "duration_s", "expected_s", "estimate_seconds", "eta_seconds")
-_LOW = ("low_seconds", "lower_seconds", "min_seconds", "low_s", "low")
-_HIGH = ("high_seconds", "upper_seconds", "max_seconds", "high_s", "high")
-
-
 PILOT_LINES = 16  # the pilot the Batches page offers when nothing is known about a model's answer lengths
 
-EstimateLike = DurationEstimate | Mapping[str, Any] | None
+
+def estimate_seconds(estimate: DurationEstimate | None) -> tuple[float | None, float | None, float | None]:
+    """(expected, low, high) seconds of an estimate answer (all None without one)."""
+    return (estimate.seconds, estimate.low, estimate.high) if estimate is not None else (None, None, None)
 
 
-def estimate_seconds(estimate: EstimateLike) -> tuple[float | None, float | None, float | None]:
-    """(expected, low, high) seconds of an estimate answer, whichever spelling it uses."""
-    if isinstance(estimate, DurationEstimate):
-        return estimate.seconds, estimate.low, estimate.high
-    if not estimate:
-        return None, None, None
-    flat = flatten(estimate)
-    interval = estimate.get("interval") or estimate.get("interval_seconds")
-
-    def pick(names: Sequence[str]) -> float | None:
-        return next((n for n in (number(flat.get(k)) for k in names) if n is not None), None)
-
-    low, high = pick(_LOW), pick(_HIGH)
-    if isinstance(interval, Sequence) and not isinstance(interval, str) and len(interval) == 2:
-        low, high = number(interval[0]), number(interval[1])
-    return pick(_EXPECTED), low, high
-
-
-def estimate_config(estimate: EstimateLike) -> str | None:
+def estimate_config(estimate: DurationEstimate | None) -> str | None:
     """``num_ctx 4096 · concurrency 4``: the configuration an estimate assumes (None when it does not say)."""
-    if isinstance(estimate, DurationEstimate):
-        estimate = estimate.model_dump()
-    if not estimate or estimate.get("num_ctx") is None or estimate.get("concurrency") is None:
+    if estimate is None or estimate.num_ctx is None or estimate.concurrency is None:
         return None
-    return f"num_ctx {estimate['num_ctx']} · concurrency {estimate['concurrency']}"
+    return f"num_ctx {estimate.num_ctx} · concurrency {estimate.concurrency}"
 
 
-def describe_estimate(estimate: EstimateLike) -> str | None:
-    """One sentence: ``about 2 min 10 s (1 min 50 s – 2 min 40 s)``, or None without an expected duration."""
-    expected, low, high = estimate_seconds(estimate)
-    if expected is None:
+def describe_estimate(estimate: DurationEstimate | None) -> str | None:
+    """One sentence: ``about 2 min 10 s (1 min 50 s – 2 min 40 s)``, or None without an estimate."""
+    if estimate is None:
         return None
-    interval = f" ({format_seconds(low)} – {format_seconds(high)})" if low is not None and high is not None else ""
-    return f"about {format_seconds(expected)}{interval}"
+    return f"about {format_seconds(estimate.seconds)} ({format_seconds(estimate.low)} – " \
+           f"{format_seconds(estimate.high)})"
 
 
 def offers_pilot(estimate: DurationEstimate | None) -> bool:
@@ -107,29 +84,10 @@ ESTIMATE_RECORD_SCHEMA: dict[str, Any] = {
 }
 
 
-def estimate_record_frame(records: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
-    """Past batches' estimated vs actual durations (the bench store's ``estimates`` view, as the API sends it)."""
-    rows = []
-    for record in records:
-        flat = flatten(record)
-        expected, low, high = estimate_seconds({**flat, "seconds": flat.get("estimated_seconds",
-                                                                          flat.get("seconds"))})
-        actual = next((v for v in (number(flat.get(k)) for k in ("actual_seconds", "actual_s", "actual"))
-                       if v is not None), None)
-        error = number(flat.get("error_pct"))
-        if error is None and actual and expected:
-            error = 100.0 * (expected - actual) / actual
-        within = flat.get("within_interval")
-        if within is None and None not in (actual, low, high):
-            within = low <= actual <= high  # type: ignore[operator]
-        models = flat.get("models") or flat.get("model")
-        rows.append({"batch_id": flat.get("batch_id") or flat.get("id"),
-                     "models": ",".join(models) if isinstance(models, list) else models,
-                     "requests": integer(flat.get("requests") or flat.get("num_requests")),
-                     "concurrency": integer(flat.get("concurrency")), "estimated_seconds": expected, "low": low,
-                     "high": high, "actual_seconds": actual, "error_pct": error,
-                     "within_interval": None if within is None else bool(within)})
-    return pl.DataFrame(rows, schema=ESTIMATE_RECORD_SCHEMA)
+def estimate_record_frame(records: Iterable[EstimateRecord]) -> pl.DataFrame:
+    """Past batches' estimated vs actual durations (``GET /v1/benchmarks/estimates``, as the client parses it)."""
+    return pl.DataFrame([{name: getattr(r, name) for name in ESTIMATE_RECORD_SCHEMA} for r in records],
+                        schema=ESTIMATE_RECORD_SCHEMA)
 
 
 def estimate_record_chart(frame: pl.DataFrame) -> alt.TopLevelMixin:
