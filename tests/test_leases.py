@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,29 @@ async def test_migrations_match_the_tables(make_settings: Callable[..., Settings
     assert diff == []
     if engine.dialect.name == "postgresql":
         assert wide["created_at"] == "BIGINT" and wide["input_tokens"] == "BIGINT"
+
+
+async def test_a_store_created_while_another_process_writes_it_opens(tmp_path: Path, db_url: str | None) -> None:
+    """Processes starting together on a new SQLite store: while one writes, another's switch to WAL is answered
+    "database is locked" at once (SQLite does not wait out its busy timeout there). It waits its turn instead."""
+    if db_url is not None:
+        pytest.skip("a SQLite store's creation")
+    path = tmp_path / "obatch.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE other (a)")
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("INSERT INTO other VALUES (1)")
+        asyncio.get_running_loop().call_later(0.3, holder.execute, "COMMIT")
+        engine, _ = await open_store(f"sqlite+aiosqlite:///{path}")
+        try:
+            async with engine.connect() as conn:
+                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+                assert (await conn.exec_driver_sql("SELECT count(*) FROM batches")).scalar() == 0
+        finally:
+            await engine.dispose()
+    finally:
+        holder.close()
 
 
 async def test_a_lease_is_claimed_once_renewed_released_and_taken_over_after_expiry(

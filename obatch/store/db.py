@@ -7,8 +7,10 @@ nothing here is global.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,39 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 
+def _sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None for another database or an in-memory one)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[-1]
+    return path if path and path != ":memory:" else None
+
+
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _switch_to_wal(path: str) -> None:
+    """Put a SQLite file in WAL mode before any pooled connection opens it (once in WAL, it stays so, and asking
+    again takes no lock). Processes creating one store at once race for this switch, and SQLite answers the losers
+    "database is locked" at once, without waiting out the busy timeout: they try again."""
+    def switch() -> None:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+
+    try:
+        switch()
+    except sqlite3.OperationalError as exc:
+        if not _locked(exc):
+            raise
+        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+        wait = wait_exponential_jitter(multiplier=0.01, max=0.25, jitter=0.01)
+        for attempt in Retrying(retry=retry_if_exception(_locked), wait=wait, stop=stop_after_delay(30), reraise=True):
+            with attempt:
+                switch()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -36,8 +71,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def create_engine(url: str) -> AsyncEngine:
     """An async engine; for SQLite, the parent folder is created and WAL + busy timeout are switched on."""
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
+        path = _sqlite_path(url)
+        if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -104,5 +139,7 @@ async def migrate(engine: AsyncEngine) -> None:
 
 async def open_store(url: str) -> tuple[AsyncEngine, Sessions]:
     engine = create_engine(url)
+    if path := _sqlite_path(url):
+        await asyncio.to_thread(_switch_to_wal, path)
     await migrate(engine)
     return engine, sessions(engine)
