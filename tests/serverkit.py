@@ -7,6 +7,7 @@ server test file.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -179,6 +180,18 @@ def assert_exactly_once(expected: Iterable[str], output: list[dict[str, Any]], e
     assert all(line["response"] and line["response"]["status_code"] == 200 and line["error"] is None
                for line in output)
     assert all(line["error"] and line["error"]["code"] for line in errors)
+
+
+async def settled(api: Any, batch_id: str, *, headers: dict[str, str] | None = None, within: float = 30.0,
+                  pause: float = 0.05) -> dict[str, Any]:
+    """Poll an in-process server (a test client) until the batch reaches a final status; returns the batch object."""
+    deadline = time.monotonic() + within
+    while True:
+        batch: dict[str, Any] = (await api.get(f"/v1/batches/{batch_id}", headers=headers)).json()
+        if batch["status"] in FINAL:
+            return batch
+        assert time.monotonic() < deadline, f"batch stuck in {batch['status']}"
+        await asyncio.sleep(pause)
 
 
 def assert_openai_error(response: httpx.Response, status: int | tuple[int, ...]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, run_in_thread
 from tests.helpers import chat_line, jsonl
-from tests.serverkit import ServerProcess, server_env
+from tests.serverkit import ServerProcess, server_env, settled
 
 CHAT, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
 
@@ -139,10 +139,7 @@ async def test_estimate_of_an_uploaded_file_and_the_estimate_vs_actual_record(ap
                                                   "completion_window": "24h"})
     assert created.status_code == 200, created.text
     batch_id = created.json()["id"]
-    deadline = time.monotonic() + 30
-    while (await api.get(f"/v1/batches/{batch_id}")).json()["status"] != "completed":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
+    assert (await settled(api, batch_id, pause=0.1))["status"] == "completed"
 
     record = (await api.get("/v1/benchmarks/estimates")).json()["data"]
     assert [r["batch_id"] for r in record] == [batch_id]

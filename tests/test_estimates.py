@@ -46,6 +46,7 @@ from obatch.store.tables import PilotRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from obatch.ui import views
 from tests.helpers import chat_line, write_jsonl
+from tests.serverkit import settled
 from tests.ui_fake import FakeServer
 
 CHAT = "llama3.2:1b"
@@ -426,11 +427,7 @@ async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, cr
         served = sim.stats.served
         batch = (await api.post("/v1/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
                                                      "endpoint": "/v1/chat/completions"})).json()
-        for _ in range(400):
-            batch = (await api.get(f"/v1/batches/{batch['id']}")).json()
-            if batch["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
+        batch = await settled(api, batch["id"], within=20)
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 20
         assert sim.stats.served - served == 15
         assert batch["obatch"]["estimate"]["seconds"] == pytest.approx(made.seconds, rel=1e-9)

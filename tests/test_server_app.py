@@ -107,10 +107,9 @@ async def test_two_apps_keep_separate_metrics(tmp_path: Path) -> None:
 
 async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path: Path) -> None:
     """Two engine hosts in OBATCH_OLLAMA_URL: /health shows each with its level; a batch uses both."""
-    import asyncio
-
     from obatch.testing.ollama_sim import OllamaSim, SimConfig
     from tests.helpers import chat_line, jsonl
+    from tests.serverkit import settled
 
     async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as one, \
             OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as two:
@@ -126,11 +125,7 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
             batch = (await client.post("/v1/batches", json={
                 "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
                 "completion_window": "24h"})).json()
-            for _ in range(300):
-                batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
-                if batch["status"] == "completed":
-                    break
-                await asyncio.sleep(0.1)
+            batch = await settled(client, batch["id"], pause=0.1)
             # /health shows the hosts as the batches saw them (the worker runs its own pool on its own loop)
             served = sum(h["served"] for h in (await client.get("/health")).json()["backend"]["hosts"])
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 80

@@ -4,9 +4,7 @@ disk, or read other tenants' numbers. Each test fails on the server as it was be
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,12 +16,11 @@ from obatch.config import Settings
 from obatch.server import auth, create_app
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import chat_line, jsonl
-from tests.serverkit import assert_openai_error
+from tests.serverkit import assert_openai_error, settled
 
 KEYS = {"alice": "sk-alice-0123456789abcdef", "bob": "sk-bob-0123456789abcdef"}
 ADMIN = "sk-admin-0123456789abcdef"
 CHAT = "/v1/chat/completions"
-FINAL = ("completed", "failed", "expired", "cancelled")
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -67,13 +64,7 @@ async def run_batch(api: AsyncTestClient[Any], lines: list[dict[str, Any]] | byt
     created = await api.post("/v1/batches", headers=headers, json={
         "input_file_id": stored.json()["id"], "endpoint": CHAT, "completion_window": "24h"})
     assert created.status_code == 200, created.text
-    batch: dict[str, Any] = created.json()
-    deadline = time.monotonic() + 30
-    while batch["status"] not in FINAL:
-        assert time.monotonic() < deadline, f"batch stuck in {batch['status']}"
-        await asyncio.sleep(0.05)
-        batch = (await api.get(f"/v1/batches/{batch['id']}", headers=headers)).json()
-    return batch
+    return await settled(api, created.json()["id"], headers=headers)
 
 
 def nested(depth: int) -> Any:
