@@ -170,8 +170,9 @@ def show_batch(batch: Batch) -> None:
                 f"`{batch.endpoint}`")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)
-    a.metric("Requests / s", f"{progress.requests_per_s:.2f}" if progress.requests_per_s is not None else "—")
-    b.metric("Output tokens / s", f"{progress.tokens_per_s:.1f}" if progress.tokens_per_s is not None else "—")
+    more = "≥ " if progress.rates_at_least else ""  # ended within its first second: rates over one second
+    a.metric("Requests / s", f"{more}{progress.requests_per_s:.2f}" if progress.requests_per_s is not None else "—")
+    b.metric("Output tokens / s", f"{more}{progress.tokens_per_s:.1f}" if progress.tokens_per_s is not None else "—")
     c.metric("Elapsed", views.format_seconds(progress.elapsed_s))
     final = {"completed": "done", "cancelled": "cancelled", "expired": "expired", "failed": "—"}
     d.metric("ETA", final.get(batch.status) or views.format_seconds(progress.eta_s),

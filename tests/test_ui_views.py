@@ -84,6 +84,11 @@ def test_progress_rates_count_successes_and_eta_falls_back_to_the_estimate() -> 
                  request_counts={"total": 10, "completed": 10, "failed": 0})
     assert views.batch_progress(done, now=9999).elapsed_s == 50
     assert views.batch_progress(done).eta_s == 0
+    quick = batch(status="completed", in_progress_at=1000, completed_at=1000, usage={"output_tokens": 48},
+                  request_counts={"total": 24, "completed": 24, "failed": 0})
+    p = views.batch_progress(quick, now=1000.5)
+    assert (p.requests_per_s, p.tokens_per_s, p.rates_at_least, p.elapsed_s) == (24, 48, True, 0)
+    assert not views.batch_progress(done).rates_at_least
     assert views.format_seconds(95) == "1 min 35 s"
     assert views.format_seconds(None) == "—"
     assert views.format_seconds(0) == "< 1 s"

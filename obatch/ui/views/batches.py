@@ -60,7 +60,9 @@ def is_final(batch: Batch) -> bool:
 @dataclass
 class BatchProgress:
     """What the progress panel shows. Rates count succeeded requests only; the ETA uses everything finished;
-    lines a cancel or an expiry stopped (``not_run``) are neither failures nor progress."""
+    lines a cancel or an expiry stopped (``not_run``) are neither failures nor progress. ``rates_at_least``: the
+    batch ended within the second it started (the server's stamps are whole seconds), so the rates are over one
+    second and the true ones are higher."""
 
     total: int
     completed: int
@@ -71,6 +73,7 @@ class BatchProgress:
     eta_s: float | None
     expected_s: float | None = None
     not_run: int = 0
+    rates_at_least: bool = False
 
     @property
     def done(self) -> int:
@@ -109,11 +112,13 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Duration
     expected = estimate.seconds if estimate is not None else None
     if not batch.in_progress_at:
         return BatchProgress(total, completed, failed, None, None, None, expected, expected, skipped)
-    end = _end_of(batch) or int(now)
-    elapsed = float(max(0, end - batch.in_progress_at))
-    rate = completed / elapsed if elapsed > 0 else None
+    ended = _end_of(batch)
+    elapsed = float(max(0, (ended or int(now)) - batch.in_progress_at))
+    at_least = ended is not None and elapsed == 0
+    span = 1.0 if at_least else elapsed
+    rate = completed / span if span > 0 else None
     tokens = batch.usage.output_tokens if batch.usage else 0
-    tps = tokens / elapsed if elapsed > 0 and tokens else None
+    tps = tokens / span if span > 0 and tokens else None
     done = completed + failed
     eta: float | None
     live = extension.eta  # refined by the server from the lines finished, tokens-aware
@@ -127,7 +132,7 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Duration
         eta = max(0.0, expected - elapsed)
     else:
         eta = None
-    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected, skipped)
+    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected, skipped, at_least)
 
 
 def picked_row(ids: Sequence[str], selection: Any) -> str | None:
