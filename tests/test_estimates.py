@@ -5,6 +5,7 @@ figure for one file whichever way it is asked, and the live remaining time of a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from collections.abc import AsyncIterator, Callable
@@ -29,8 +30,10 @@ from obatch.bench.estimate import (
     Lines,
     Shape,
     TokenCalibration,
+    _fit_configs,
     estimate_from_fits,
     estimate_groups,
+    position_fit,
     shape_of,
 )
 from obatch.bench.pilot import file_sha256, run_pilot
@@ -41,6 +44,7 @@ from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta
 from obatch.protocol import Batch, BatchEta, DurationEstimate
+from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 from obatch.store.db import open_store
 from obatch.store.tables import PilotRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
@@ -117,6 +121,79 @@ def test_intervals_never_go_below_zero_and_hold_the_estimate() -> None:
             DurationEstimate.model_validate(made.as_dict())  # the wire model refuses anything else
     with pytest.raises(ValueError, match="interval"):
         DurationEstimate(model="m", num_requests=1, seconds=10, low=-1, high=20)
+
+
+# ------------------------------------------------------------------------------ decoding slows as context grows
+
+# A synthetic engine: a token decoded at context position x takes 5 + 0.002·x + 4e-6·x² ms (attention over a
+# longer context; at 1,900 tokens more than three times the time near the start), prompts 0.5 ms per token.
+SLOPE, CURVE, BASE = 0.002, 4e-6, 5.0
+
+
+def _decode_ms(prompt: float, output: float, offset: float = 0.0) -> float:
+    """The exact sum over the answer's tokens at positions prompt … prompt + output."""
+    return sum(BASE + offset + SLOPE * x + CURVE * x * x for x in
+               (prompt + i + 0.5 for i in range(int(output))))
+
+
+def _short_sweep() -> tuple[BenchPointRow, list[BenchSampleRow]]:
+    """A sweep point at concurrency 1 whose requests all sit near the start of the context (forced answers of a
+    few dozen tokens), as a sweep's do: it cannot see how decoding slows further on."""
+    shapes = [(100.0, 64.0)] * 16
+    samples = [BenchSampleRow(point_id=1, idx=i, ok=True, prompt_tokens=int(p), completion_tokens=int(o),
+                              prompt_ms=0.5 * p, decode_ms=_decode_ms(p, o), latency_ms=0.5 * p + _decode_ms(p, o),
+                              prompt_estimate=int(p)) for i, (p, o) in enumerate(shapes)]
+    wall = sum(s.latency_ms for s in samples) / 1000
+    point = BenchPointRow(id=1, run_id="r", backend="local", model="m", num_ctx=2048, concurrency=1, workload="w",
+                          created_at=0.0, n_requests=16, n_completed=16, n_failed=0, success_rate=1.0,
+                          wall_seconds=wall, req_per_s=16 / wall, output_tps=1.0, load_seconds=0.0)
+    return point, samples
+
+
+def _long_answers(offset: float) -> list[tuple[float, float, float]]:
+    """Timed natural answers of a finished batch (or a pilot): some stop early, some run on to the window."""
+    return [(p, o, _decode_ms(p, o, offset)) for p in (20.0, 60.0) for o in (12.0, 150.0, 700.0, 1300.0, 1900.0)]
+
+
+def test_the_decode_model_learns_how_decoding_slows_at_long_contexts() -> None:
+    # each group (a batch, a pilot) runs at its own speed: only the growth within a group is pooled
+    groups = [_long_answers(0.0), _long_answers(3.0)]
+    slope, curve = position_fit(groups)
+    assert slope == pytest.approx(SLOPE, rel=0.02) and curve == pytest.approx(CURVE, rel=0.02)
+    line, none = position_fit(groups, curve=False)
+    assert line > SLOPE and none == 0.0  # a straight line through the same timings
+    assert position_fit([_long_answers(0.0)[:2]]) == (0.0, 0.0)  # too few to tell anything
+
+    point, samples = _short_sweep()
+    flat = _fit_configs([point], samples)[0]  # the sweep alone: every request at the same short context
+    learnt = _fit_configs([point], samples, groups)[0]
+    assert (learnt.ctx_slope, learnt.ctx_curve) == pytest.approx((SLOPE, CURVE), rel=0.02)
+    assert learnt.k == pytest.approx(1.0, abs=0.01)  # the sweep's own requests are still what it measured
+    for prompt, output in ((30.0, 1900.0), (200.0, 800.0), (100.0, 64.0)):
+        truth = (0.5 * prompt + _decode_ms(prompt, output)) / 1000
+        shape = Shape([prompt], [output])
+        assert learnt.run_seconds(shape) == pytest.approx(truth, rel=0.03)
+    long_truth = (15 + _decode_ms(30.0, 1900.0)) / 1000
+    assert flat.run_seconds(Shape([30.0], [1900.0])) < 0.5 * long_truth  # what the sweep alone would say
+    # the squared term is what holds at the end of the window: without it the same fit falls well short
+    straight = dataclasses.replace(learnt, ctx_curve=0.0)
+    assert straight.run_seconds(Shape([30.0], [1900.0])) < 0.8 * long_truth
+
+
+def test_a_long_tailed_answer_length_is_integrated_not_taken_at_its_mean() -> None:
+    """Half the answers stop after 20 tokens, half run to 1,900: a run of them takes the mean of their times,
+    which (decoding slowing as the context grows) is far more than the time of answers of the mean length."""
+    point, samples = _short_sweep()
+    fit = _fit_configs([point], samples, [_long_answers(0.0)])[0]
+    lengths = AnswerLengths.learn([Observation(t, True, "b") for t in [20.0, 1900.0] * 20], "batches")
+    n = 40
+    at_mean = Shape([30.0] * n, [lengths.expected(None)] * n)
+    drawn = Shape([30.0] * n, [lengths.expected(None)] * n, caps=[None] * n, answers=lengths)
+    made = estimate_from_fits([fit], drawn, include_load=False)
+    exact = n * (15 + (_decode_ms(30.0, 20.0) + _decode_ms(30.0, 1900.0)) / 2) / 1000
+    assert made.seconds == pytest.approx(exact, rel=0.1)
+    assert made.seconds > 1.2 * fit.run_seconds(at_mean)
+    assert made.low <= exact <= made.high
 
 
 def test_a_big_file_is_estimated_on_a_bounded_sample() -> None:
