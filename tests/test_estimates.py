@@ -36,7 +36,7 @@ from obatch.bench.estimate import (
     position_fit,
     shape_of,
 )
-from obatch.bench.pilot import file_sha256, run_pilot
+from obatch.bench.pilot import allocate, file_sha256, run_pilot, sample_file, stratum
 from obatch.bench.service import combined
 from obatch.bench.sweep import SweepSpec, run_sweep
 from obatch.bench.wire import EstimateRecord
@@ -273,6 +273,33 @@ def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> 
     assert any("processed again" in note for note in uncached.notes)
 
 
+def test_a_pilot_tells_whether_the_prefix_cache_worked_before_any_batch_did() -> None:
+    """Sixteen random lines of a file whose prompts repeat 60% of each other on average: an engine that skips
+    the repeated part answers them in 40% of the full prompt time, one that processes them again in all of it."""
+    from tests.test_bench_metrics import _fake_fit
+
+    fit = _fake_fit(4)
+    fit.p0 = 1.0
+
+    def pilot(skipped: float, n: int = 16) -> list[PilotRow]:
+        rows = []
+        for i in range(n):
+            ms = 300.0 * (3.0 if i < 4 else 1 - skipped * 0.6)  # the first wave: its prompts in one batch
+            done = {"prompt_tokens": 300, "engine_prompt_ms": ms, "finished_at": 100.0 + i}
+            rows.append(PilotRow(file_sha256="f", custom_id=f"l{i}", body_sha256="b", model=CHAT, url="/v1/chat",
+                                 latency_ms=1000.0, concurrency=4, result_json=orjson.dumps(done).decode(),
+                                 created_at=0.0))
+        return rows
+
+    assert estimate_module.pilot_cache_kept(pilot(1.0), fit, 0.6) == pytest.approx(1.0)
+    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.6) == pytest.approx(0.0)
+    assert estimate_module.pilot_cache_kept(pilot(0.5), fit, 0.6) == pytest.approx(0.5)
+    assert estimate_module.pilot_cache_kept(pilot(0.0, 10), fit, 0.6) is None  # 6 after the first wave: too few
+    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.01) is None  # nothing repeated: nothing to tell
+    timed = [("b", i, "/v1/chat/completions", "{}", 200, 200.0) for i in range(3)]
+    assert estimate_module.cache_kept(timed, fit, float, window=4, default=0.3) == 0.3  # batches too few: the pilot
+
+
 @pytest.mark.usefixtures("db_url")
 async def test_history_corrects_the_cost_model_not_the_answer_lengths_again(
         make_settings: Callable[..., Settings]) -> None:
@@ -345,6 +372,26 @@ async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tu
     mixed = natural_file(tmp_path / "mixed.jsonl", 24, seed=3, caps=(None, 8, 200))
     capped = await _file_estimate(settings, mixed)
     assert capped.output_tokens_mean is not None and capped.output_tokens_mean < after.output_tokens_mean
+
+
+def test_a_pilot_samples_each_kind_of_cap_in_its_share_of_the_file(tmp_path: Path) -> None:
+    caps = [None] * 30 + [64] * 20 + [256] * 10
+    random.Random(5).shuffle(caps)
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        chat_line(f"line-{i}", f"Question {i}?" + " context" * (i % 7), model=CHAT,
+                  **({"max_tokens": cap} if cap is not None else {})) for i, cap in enumerate(caps)])
+    chosen, need, total = sample_file(path, None, 12, "seed")
+    assert total == 60 and need == {CHAT: max(context.need_of(context.estimate_prompt_tokens(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Question {i}?" + " context" * (i % 7)}]}),
+        cap) for i, cap in enumerate(caps))}
+    kinds = [r.body.get("max_tokens") for r in chosen]
+    assert (kinds.count(None), kinds.count(64), kinds.count(256)) == (6, 4, 2)  # the file's 50/33/17%
+    smaller, _, _ = sample_file(path, None, 6, "seed")
+    assert {r.custom_id for r in smaller} < {r.custom_id for r in chosen}  # a larger pilot extends a smaller one
+    assert [r.custom_id for r in sample_file(path, None, 12, "seed")[0]] == [r.custom_id for r in chosen]
+    assert {r.custom_id for r in sample_file(path, None, 12, "other")[0]} != {r.custom_id for r in chosen}
+    assert allocate({-1: 3, 6: 1}, 16) == {-1: 3, 6: 1} and sum(allocate({-1: 7, 5: 7, 8: 7}, 10).values()) == 10
+    assert stratum(None) == -1 and stratum(64) == stratum(33) == 6 and stratum(65) == 7
 
 
 async def test_a_pilot_estimates_the_file_and_its_lines_are_not_run_twice(swept: tuple[Settings, OllamaSim],

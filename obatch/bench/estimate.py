@@ -732,12 +732,14 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
 
 async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit], *,
                           endpoint: str | None = None, pilot: Sequence[PilotRow] = (),
-                          population: int | None = None, exclude_batch: str | None = None) -> TokenCalibration:
+                          population: int | None = None, exclude_batch: str | None = None,
+                          repeated: float = 0.0) -> TokenCalibration:
     """Text-estimate → engine-token line from measured requests and finished batches, and the model's answer
     lengths (``obatch.bench.answers``): a pilot's of this file when given (``population``: the file's lines), else
     those of finished batches (on ``endpoint`` when it has enough) and of natural benchmark requests. A batch being
     estimated at its start leaves its own rows out (``exclude_batch``: the lines a pilot ran are already finished
-    there), so it is estimated from what its file's estimate saw."""
+    there), so it is estimated from what its file's estimate saw. ``repeated``: the mean share of a line's prompt
+    that repeats the lines before it (``cached_shares``), for what a pilot tells of the prefix cache."""
     ids = [i for f in fits for i in f.point_ids]
     pairs = [(float(s.prompt_estimate), float(s.prompt_tokens)) for s in await bench_repo.samples_of(session, ids)
              if s.ok and s.prompt_tokens is not None and s.prompt_estimate > 0]
@@ -762,19 +764,22 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
         if (seen := observe(tokens, None, None, run_id)) is not None:
             sources.benchmarks.append(seen)
     timed = await bench_repo.prompt_timings(session, model, exclude=exclude_batch)
-    kept = cache_kept(timed, min(fits, key=lambda f: f.concurrency), lambda e: max(1.0, slope * e + intercept),
-                      window=max(f.concurrency for f in fits))
+    alone = min(fits, key=lambda f: f.concurrency)
+    piloted = pilot_cache_kept(pilot, alone, repeated) if pilot else None
+    kept = cache_kept(timed, alone, lambda e: max(1.0, slope * e + intercept),
+                      window=max(f.concurrency for f in fits), default=1.0 if piloted is None else piloted)
     return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population),
                             cache_kept=kept)
 
 
 def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: ConfigFit,
-               tokens: Callable[[int], float], *, window: int) -> float:
+               tokens: Callable[[int], float], *, window: int, default: float = 1.0) -> float:
     """How much of the prefix an engine's cache should hold (``cached_shares``) it really skipped, from finished
     batch requests the engine timed: the least-squares slope of (full prompt time − measured) on the time the
     cache should have saved, in [0, 1]. llama.cpp and Ollama skip it (about 1); an engine without a prefix cache
-    processes every prompt in full (0). 1 (the cache works) until enough requests had a prefix to skip. The first
-    ``window`` lines of a batch are left out: their prompts were processed as one batch."""
+    processes every prompt in full (0). ``default`` (1: the cache works; or what a pilot showed) until enough
+    requests had a prefix to skip. The first ``window`` lines of a batch are left out: their prompts were processed
+    as one batch."""
     by_batch: dict[str, list[tuple[int, str, str, int, float]]] = defaultdict(list)
     for batch_id, line, url, body, estimate, ms in timed:
         by_batch[batch_id].append((line, url, body, estimate, ms))
@@ -789,8 +794,27 @@ def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: Conf
             saved = full * share
             num, den, saved_total = num + (full - ms) * saved, den + saved * saved, saved_total + saved
     if den <= 0 or saved_total < 0.05 * sum(fit.prompt_ms(tokens(r[4])) for r in timed) or len(timed) < 8:
-        return 1.0
+        return default
     return min(1.0, max(0.0, num / den))
+
+
+def pilot_cache_kept(pilot: Sequence[PilotRow], fit: ConfigFit, repeated: float) -> float | None:
+    """``cache_kept`` from a pilot, before any batch tells it: the pilot ran random lines of the file, so each had
+    about the file's mean repeated share (``repeated``, of ``cached_shares``) in common with those before it; what
+    its prompts took against their full cost (``fit.prompt_ms`` of the engine's own token counts) says how much of
+    that share the engine skipped. The first wave (the pilot's first ``c`` lines by start time) is left out; None
+    when the pilot cannot tell (too few lines, or too little repeated)."""
+    rows = []
+    for row in pilot:
+        done = orjson.loads(row.result_json or "{}")
+        prompt, ms, end = done.get("prompt_tokens"), done.get("engine_prompt_ms"), done.get("finished_at")
+        if prompt and ms is not None and end is not None and row.latency_ms is not None:
+            rows.append((float(end) - row.latency_ms / 1000, float(prompt), float(ms)))
+    rows = sorted(rows)[max((p.concurrency or 1) for p in pilot):] if rows else []
+    full = sum(fit.prompt_ms(p) for _, p, _ in rows)
+    if len(rows) < 8 or repeated < 0.05 or full <= 0:
+        return None
+    return min(1.0, max(0.0, (full - sum(ms for _, _, ms in rows)) / (repeated * full)))
 
 
 # ------------------------------------------------------------------------------------------------ estimating
@@ -1068,8 +1092,11 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
         num_ctx = context.fit_num_ctx(lines.need, None).num_ctx
     endpoint = next(iter(lines.urls)) if len(lines.urls) == 1 else None
+    window = concurrency or max(f.concurrency for f in fits)
+    shares = cached_shares(lines.texts, window) if pilot else []
     calibration = await calibration_for(session, model, fits, endpoint=endpoint, pilot=pilot, population=population,
-                                        exclude_batch=exclude_batch)
+                                        exclude_batch=exclude_batch,
+                                        repeated=statistics.fmean(shares) if shares else 0.0)
     history = await history_ratios(session, model, fits[0].backend)
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration,
                                    window=concurrency or max(f.concurrency for f in fits), num_ctx=num_ctx,
