@@ -63,6 +63,7 @@ import asyncio
 import dataclasses
 import functools
 import heapq
+import itertools
 import logging
 import math
 import random
@@ -546,7 +547,7 @@ def mean_context2(requests: Sequence[tuple[float, float, float]]) -> float:
     return sum(o * position_moments(p, o)[1] for p, o, _ in requests) / tokens if tokens else 0.0
 
 
-Timed = tuple[float, float, float]  # a timed request: (prompt tokens, completion tokens, engine decode ms)
+Timed = tuple[float, ...]  # a timed request: (prompt tokens, completion tokens, engine decode ms[, start s, end s])
 
 
 def _timed(samples: Sequence[BenchSampleRow]) -> list[Timed]:
@@ -556,34 +557,87 @@ def _timed(samples: Sequence[BenchSampleRow]) -> list[Timed]:
 
 def _decoded(samples: Sequence[BenchSampleRow]) -> list[tuple[float, float, float]]:
     """(context, ms per output token, output tokens) of the samples with decode timings."""
-    return [(p + o / 2, ms / o, o) for p, o, ms in _timed(samples)]
+    return [(t[0] + t[1] / 2, t[2] / t[1], t[1]) for t in _timed(samples)]
+
+
+def in_flight(group: Sequence[Timed]) -> list[tuple[float, float, float]]:
+    """Per request of a group: (mean number of sequences in flight, mean sum of their context positions, mean sum
+    of their squared positions) over its life. A decode step attends to every sequence in flight, so a request's
+    time per token follows what all of them attend to, not its own context alone: a short answer that ran beside
+    three long ones at 1,900 tokens of context was slow for their sake. With start and end times (finished batch
+    lines, a pilot) each other request counts for the share of the life it overlapped, at the positions it went
+    through meanwhile (linearly from its prompt end to its answer end); without them (a sweep's requests), a request
+    counts alone (its group's mean absorbs the others)."""
+    timed = all(len(t) >= 5 for t in group)
+    out = []
+    for i, mine in enumerate(group):
+        own1, own2 = position_moments(mine[0], mine[1])
+        count, sum1, sum2 = 1.0, own1, own2
+        if timed and mine[4] > mine[3]:
+            life = mine[4] - mine[3]
+            for j, other in enumerate(group):
+                if j == i or other[4] <= other[3]:
+                    continue
+                start, end = max(mine[3], other[3]), min(mine[4], other[4])
+                if end <= start:
+                    continue
+                at_start = other[0] + other[1] * (start - other[3]) / (other[4] - other[3])
+                at_end = other[0] + other[1] * (end - other[3]) / (other[4] - other[3])
+                share = (end - start) / life
+                count += share
+                sum1 += share * (at_start + at_end) / 2
+                sum2 += share * (at_start * at_start + at_start * at_end + at_end * at_end) / 3
+        out.append((count, sum1, sum2))
+    return out
 
 
 def position_fit(groups: Sequence[Sequence[Timed]], *, curve: bool = True) -> tuple[float, float]:
-    """How a decoded token's time grows with its context position ``x``: ``(a, b)`` of ``a·x + b·x²`` (ms per
-    token), the output-weighted least squares of each request's ms per token on its span's mean position and mean
-    squared position (``position_moments``), each group (a sweep configuration, a batch, a pilot: one concurrency,
-    one engine state) against its own means, pooled. Neither is negative (``least_squares`` drops the square
-    first); ``curve=False`` fits the straight line alone. Groups of fewer than 3 requests tell nothing."""
+    """How a decoded token's time grows with the context positions ``x`` of the sequences in flight: ``(a, b)``
+    of ``a·Σx + b·Σx²`` (ms per token). The output-weighted least squares of each request's ms per token on what
+    was in flight over its life (``in_flight``: how many, and the sums of their mean positions and mean squared
+    positions), each group (a sweep configuration, a batch, a pilot: one engine state) against its own means,
+    pooled. No coefficient is negative (where the joint fit makes one so, the best fit of a subset of the terms);
+    ``curve=False`` leaves the squares out. Groups of fewer than 3 requests tell nothing."""
     rows: list[list[float]] = []
     targets: list[float] = []
+    roots: list[float] = []
     for group in groups:
-        kept = [(position_moments(p, o), ms / o, o) for p, o, ms in group if o > 0 and ms >= 0]
-        weight = sum(w for _, _, w in kept)
+        kept = [t for t in group if t[1] > 0 and t[2] >= 0]
+        weight = sum(t[1] for t in kept)
         if len(kept) < 3 or weight <= 0:
             continue
-        m1 = sum(w * m[0] for m, _, w in kept) / weight
-        m2 = sum(w * m[1] for m, _, w in kept) / weight
-        y0 = sum(w * y for _, y, w in kept) / weight
-        for (x1, x2), y, w in kept:
-            root = math.sqrt(w)
-            rows.append([root * (x1 - m1), root * (x2 - m2) / 1000] if curve else [root * (x1 - m1)])
-            targets.append(root * (y - y0))
+        features = [[n, s1, s2 / 1000] for n, s1, s2 in in_flight(kept)]
+        means = [sum(t[1] * f[k] for t, f in zip(kept, features, strict=True)) / weight for k in range(3)]
+        y0 = sum(t[2] for t in kept) / weight
+        for t, f in zip(kept, features, strict=True):
+            root = math.sqrt(t[1])
+            rows.append([root * (f[k] - means[k]) for k in range(3 if curve else 2)])
+            targets.append(root * (t[2] / t[1] - y0))
+            roots.append(root)
     if not rows:
         return 0.0, 0.0
+    coef = _nonnegative_fit(rows, targets)
+    # one pass of trimming: a request a busy machine stalled (another process's work, a swap) says nothing of the
+    # engine: those whose residual per token lies beyond 3.5 median absolute deviations are left out, the rest
+    # fitted again
+    residuals = [(t - sum(c * x for c, x in zip(coef, r, strict=True))) / root
+                 for r, t, root in zip(rows, targets, roots, strict=True)]
+    centre = statistics.median(residuals)
+    spread = statistics.median(abs(e - centre) for e in residuals)
+    inliers = [i for i, e in enumerate(residuals) if abs(e - centre) <= 3.5 * 1.4826 * spread] if spread else []
+    if 3 <= len(inliers) < len(rows):
+        coef = _nonnegative_fit([rows[i] for i in inliers], [targets[i] for i in inliers])
+    return coef[1], (coef[2] / 1000 if curve else 0.0)
+
+
+def _nonnegative_fit(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Least squares with no negative coefficient: the full fit, else the best fit of a subset of the columns
+    (the others zero); all zero when nothing fits."""
     width = len(rows[0])
+    subsets = sorted((c for r in range(width, 0, -1) for c in itertools.combinations(range(width), r)),
+                     key=len, reverse=True)
     best: tuple[float, list[float]] | None = None
-    for columns in ([0, 1], [0], [1]) if width == 2 else ([0],):  # the full fit, else the best non-negative part
+    for columns in subsets:  # the full fit, else the best non-negative subset of the terms
         coef = _solve([[sum(r[i] * r[j] for r in rows) for j in columns] for i in columns],
                       [sum(r[i] * t for r, t in zip(rows, targets, strict=True)) for i in columns])
         if coef is None or any(c < 0 for c in coef):
@@ -595,11 +649,9 @@ def position_fit(groups: Sequence[Sequence[Timed]], *, curve: bool = True) -> tu
                                                                                                 strict=True))
         if best is None or error < best[0] - 1e-12:
             best = (error, full)
-        if columns == [0, 1]:
+        if len(columns) == width:
             break
-    if best is None:
-        return 0.0, 0.0
-    return best[1][0], (best[1][1] / 1000 if curve else 0.0)
+    return best[1] if best is not None else [0.0] * width
 
 
 def context_slope(groups: Sequence[Sequence[BenchSampleRow]]) -> float:
@@ -1113,16 +1165,17 @@ async def decode_timings(session: AsyncSession, model: str, pilot: Sequence[Pilo
     pilot's lines (one group, on the engine being estimated): natural answers, at every context position they
     reached."""
     groups: dict[tuple[str, str], list[Timed]] = defaultdict(list)
-    for backend, batch_id, prompt, tokens, ms in await bench_repo.decode_timings(session, model,
-                                                                                exclude=exclude_batch):
-        groups[(backend, batch_id)].append((float(prompt), float(tokens), ms))
+    for backend, batch_id, prompt, tokens, ms, latency, end in await bench_repo.decode_timings(
+            session, model, exclude=exclude_batch):
+        groups[(backend, batch_id)].append((float(prompt), float(tokens), ms, end - latency / 1000, end))
     out: list[tuple[str | None, list[Timed]]] = [(backend, rows) for (backend, _), rows in groups.items()]
-    piloted = []
+    piloted: list[Timed] = []
     for row in pilot:
         done = orjson.loads(row.result_json or "{}")
-        prompt, tokens, ms = done.get("prompt_tokens"), done.get("completion_tokens"), done.get("engine_decode_ms")
-        if prompt is not None and tokens and ms is not None:
-            piloted.append((float(prompt), float(tokens), float(ms)))
+        values = [done.get(k) for k in ("prompt_tokens", "completion_tokens", "engine_decode_ms", "finished_at")]
+        if all(v is not None for v in values) and values[1] and row.latency_ms is not None:
+            p, o, ms, finished = (float(v) for v in values)
+            piloted.append((p, o, ms, finished - row.latency_ms / 1000, finished))
     if piloted:
         out.append((None, piloted))
     return out
