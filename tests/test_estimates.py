@@ -180,6 +180,29 @@ def test_the_decode_model_learns_how_decoding_slows_at_long_contexts() -> None:
     assert straight.run_seconds(Shape([30.0], [1900.0])) < 0.8 * long_truth
 
 
+def test_a_short_answer_beside_long_ones_is_slow_for_their_sake() -> None:
+    """A decode step attends to every sequence in flight: short answers that ran beside long ones late in their
+    lives were slow per token, short answers alone fast. With what was in flight (start and end times), the slope
+    comes back exactly, and a
+    request a busy machine stalled twenty-fold does not move it. Regressed on each answer's own context, the slope
+    comes out wrong (the long answers' time per token is as much the others' doing as their own)."""
+    slope = 0.004
+    layout = [(30.0, 1900.0, 0.0, 100.0), (30.0, 1900.0, 0.0, 100.0), (30.0, 1900.0, 0.0, 100.0)]
+    layout += [(30.0, 40.0, 10.0 * k, 10.0 * k + 3) for k in range(9)]  # beside the long ones, ever later
+    layout += [(30.0, 40.0, 100.0 + 4 * k, 103.0 + 4 * k) for k in range(5)]  # alone, after them
+    shape = [(p, o, 0.0, start, end) for p, o, start, end in layout]
+    loads = estimate_module.in_flight(shape)
+    group = [(p, o, o * (20.0 + slope * s1), start, end) for (p, o, _, start, end), (_, s1, _) in zip(shape, loads,
+                                                                                                    strict=True)]
+    assert loads[-1][0] == pytest.approx(1.0) and loads[3][0] == pytest.approx(4.0)  # alone; three beside it
+    assert loads[8][1] > loads[3][1] + 3 * 900  # later beside them: the long ones attend to more by then
+    assert position_fit([group], curve=False) == pytest.approx((slope, 0.0), rel=1e-6)
+    own_only = [t[:3] for t in group]
+    assert abs(position_fit([own_only], curve=False)[0] / slope - 1) > 0.3  # on its own context alone: wrong
+    stalled = [*group[:5], (group[5][0], group[5][1], group[5][2] * 20, *group[5][3:]), *group[6:]]
+    assert position_fit([stalled], curve=False)[0] == pytest.approx(slope, rel=0.05)
+
+
 def test_a_long_tailed_answer_length_is_integrated_not_taken_at_its_mean() -> None:
     """Half the answers stop after 20 tokens, half run to 1,900: a run of them takes the mean of their times,
     which (decoding slowing as the context grows) is far more than the time of answers of the mean length."""

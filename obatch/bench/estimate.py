@@ -594,40 +594,50 @@ def in_flight(group: Sequence[Timed]) -> list[tuple[float, float, float]]:
 def position_fit(groups: Sequence[Sequence[Timed]], *, curve: bool = True) -> tuple[float, float]:
     """How a decoded token's time grows with the context positions ``x`` of the sequences in flight: ``(a, b)``
     of ``a·Σx + b·Σx²`` (ms per token). The output-weighted least squares of each request's ms per token on what
-    was in flight over its life (``in_flight``: how many, and the sums of their mean positions and mean squared
-    positions), each group (a sweep configuration, a batch, a pilot: one engine state) against its own means,
-    pooled. No coefficient is negative (where the joint fit makes one so, the best fit of a subset of the terms);
-    ``curve=False`` leaves the squares out. Groups of fewer than 3 requests tell nothing."""
-    rows: list[list[float]] = []
-    targets: list[float] = []
-    roots: list[float] = []
+    was in flight over its life (``in_flight``: the sums of their mean positions and mean squared positions), each
+    group (a sweep configuration, a batch, a pilot: one engine state, one concurrency) against its own means,
+    pooled. How many were in flight is left out: it moves with the positions at a batch's tail, and on timings as
+    noisy as a shared CPU's the two cannot be told apart. Neither coefficient is negative (where the joint fit
+    makes one so, the better of the two alone); ``curve=False`` leaves the squares out. Groups of fewer than 3
+    requests tell nothing."""
+    width = 2 if curve else 1
+    raw: list[list[tuple[list[float], float, float]]] = []  # per group: (features, ms per token, tokens)
     for group in groups:
-        kept = [t for t in group if t[1] > 0 and t[2] >= 0]
-        weight = sum(t[1] for t in kept)
-        if len(kept) < 3 or weight <= 0:
-            continue
-        features = [[n, s1, s2 / 1000] for n, s1, s2 in in_flight(kept)]
-        means = [sum(t[1] * f[k] for t, f in zip(kept, features, strict=True)) / weight for k in range(3)]
-        y0 = sum(t[2] for t in kept) / weight
-        for t, f in zip(kept, features, strict=True):
-            root = math.sqrt(t[1])
-            rows.append([root * (f[k] - means[k]) for k in range(3 if curve else 2)])
-            targets.append(root * (t[2] / t[1] - y0))
-            roots.append(root)
-    if not rows:
-        return 0.0, 0.0
-    coef = _nonnegative_fit(rows, targets)
+        timed = [t for t in group if t[1] > 0 and t[2] >= 0]
+        if len(timed) >= 3:
+            raw.append([([s1, s2 / 1000][:width], t[2] / t[1], t[1]) for t, (_, s1, s2) in
+                        zip(timed, in_flight(timed), strict=True)])
+
+    def fit(kept: list[list[tuple[list[float], float, float]]]) -> tuple[list[float], list[tuple[int, int, float]]]:
+        rows, targets, where = [], [], []
+        for g, group in enumerate(kept):
+            weight = sum(w for _, _, w in group)
+            if len(group) < 3 or weight <= 0:
+                continue
+            means = [sum(w * f[k] for f, _, w in group) / weight for k in range(width)]
+            y0 = sum(w * y for _, y, w in group) / weight
+            for i, (f, y, w) in enumerate(group):
+                root = math.sqrt(w)
+                rows.append([root * (f[k] - means[k]) for k in range(width)])
+                targets.append(root * (y - y0))
+                where.append((g, i, root))
+        if not rows:
+            return [0.0] * width, []
+        coef = _nonnegative_fit(rows, targets)
+        return coef, [(g, i, (t - sum(c * x for c, x in zip(coef, r, strict=True))) / root)
+                      for (g, i, root), r, t in zip(where, rows, targets, strict=True)]
+
+    coef, residuals = fit(raw)
     # one pass of trimming: a request a busy machine stalled (another process's work, a swap) says nothing of the
-    # engine: those whose residual per token lies beyond 3.5 median absolute deviations are left out, the rest
-    # fitted again
-    residuals = [(t - sum(c * x for c, x in zip(coef, r, strict=True))) / root
-                 for r, t, root in zip(rows, targets, roots, strict=True)]
-    centre = statistics.median(residuals)
-    spread = statistics.median(abs(e - centre) for e in residuals)
-    inliers = [i for i, e in enumerate(residuals) if abs(e - centre) <= 3.5 * 1.4826 * spread] if spread else []
-    if 3 <= len(inliers) < len(rows):
-        coef = _nonnegative_fit([rows[i] for i in inliers], [targets[i] for i in inliers])
-    return coef[1], (coef[2] / 1000 if curve else 0.0)
+    # engine: those whose residual per token lies beyond 3.5 median absolute deviations are left out, and the rest
+    # (each group against its own new means) fitted again
+    if residuals:
+        centre = statistics.median(e for _, _, e in residuals)
+        spread = 1.4826 * statistics.median(abs(e - centre) for _, _, e in residuals)
+        out = {(g, i) for g, i, e in residuals if abs(e - centre) > 3.5 * spread} if spread > 0 else set()
+        if out:
+            coef, _ = fit([[row for i, row in enumerate(group) if (g, i) not in out] for g, group in enumerate(raw)])
+    return coef[0], (coef[1] / 1000 if curve else 0.0)
 
 
 def _nonnegative_fit(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
