@@ -12,10 +12,10 @@ is the measured time per decoded token with ``c`` requests in flight (so it incl
 in flight, so a token decoded at context position ``x`` costs ``a·x + b·x²`` more than one at position 0, and a
 request's own tokens cost that on average over its span ``[P, P + O]``: ``g(own) = a·(P + O/2) + b·(P² + P·O +
 O²/3)``; the ``c - 1`` others cost the workload's token-weighted mean of ``g``. ``a`` and ``b`` (not negative) are
-pooled over every timed request of the model on the backend — all concurrency levels of the sweep, and the engine
-timings of finished batch lines and of a pilot of the file, each group against its own mean — because a sweep's
-forced answers reach a few hundred tokens of context while natural answers run on to the context window, where
-decoding is much slower than a slope measured near the start extrapolates.
+fitted (``position_fit``) on every timed request of the model on the backend — all concurrency levels of the sweep,
+and the engine timings of finished batch lines and of a pilot of the file, whose start and end times tell what
+ran beside each (``in_flight``: a short answer beside long ones is slow for their sake) — because a sweep's forced
+answers reach a few hundred tokens of context while natural answers may run on to the context window.
 (all in ms). Continuous batching runs a newcomer's prompt inside the steps of the ``c - 1`` requests decoding,
 so their decode also pays for it: ``stall = (c - 1) · Σ prompt time / Σ output tokens`` of the workload, against
 the stall the point measured under. ``cached`` is the share of the prompt the engine's prefix cache already
