@@ -223,13 +223,19 @@ async def measure(args: argparse.Namespace) -> float:
     try:
         print(f"load average at start: {os.getloadavg()[0]:.2f} (the engine shares {os.cpu_count()} cores with it)")
         started, foreign = time.monotonic(), ForeignCpu()
-        spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
-                               requests=args.sweep_requests, repeats=args.sweep_repeats, workload=args.workload,
-                               seed=1)
-        report = await bench.run_sweep(spec, settings=settings, progress=False)
-        print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s "
-              f"(other processes used {foreign.share():.0%} of the CPU meanwhile)")
-        frames = await bench.load_report(settings=settings, run_id=report.run_id)
+        if args.swept:  # a store swept before (its disturbed points marked excluded): the sweep is not run again
+            shutil.rmtree(data_dir, ignore_errors=True)
+            shutil.copytree(args.swept, data_dir)
+            frames = await bench.load_report(settings=settings)
+            print(f"sweep reused from {args.swept}: {frames.points.height} points")
+        else:
+            spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
+                                   requests=args.sweep_requests, repeats=args.sweep_repeats, workload=args.workload,
+                                   seed=1)
+            report = await bench.run_sweep(spec, settings=settings, progress=False)
+            print(f"sweep {report.run_id}: {len(report.measured)} points in {time.monotonic() - started:.1f} s "
+                  f"(other processes used {foreign.share():.0%} of the CPU meanwhile)")
+            frames = await bench.load_report(settings=settings, run_id=report.run_id)
         for row in frames.summary.iter_rows(named=True):
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
                   f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
@@ -239,7 +245,9 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
             natural += await natural_case(args, data_dir, kind, foreign, backend,
                                           sim.url if sim else None)
-        errors, disturbed, actuals = [], [], []
+        errors: list[float] = []
+        disturbed: list[float] = []
+        actuals: list[float] = []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + attempt, questions=args.questions)
@@ -267,12 +275,13 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"repeatability: held-out file 1 run again took {again_run.batch.run_seconds:.1f} s, "
                   f"{actuals[0]:.1f} s the first time ({(again_run.batch.run_seconds / actuals[0] - 1) * 100:+.1f}%)")
         # the machine's own drift: measure the held-out runs' configuration again, as the sweep did
-        again = await bench.run_sweep(bench.SweepSpec(models=[args.model], num_ctx=[2048],
+        again = None if not args.runs else await bench.run_sweep(bench.SweepSpec(models=[args.model], num_ctx=[2048],
                                                       concurrency=[args.concurrency], requests=args.sweep_requests,
                                                       workload=args.workload, seed=1), settings=settings,
                                       progress=False, fresh=True)
         before = frames.points.filter(frames.points["concurrency"] == args.concurrency)["wall_seconds"].to_list()
-        after = (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"].to_list()
+        after = [] if again is None else \
+            (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"].to_list()
         if before and after:
             print(f"drift: the sweep's c={args.concurrency} point took {', '.join(f'{b:.1f}' for b in before)} s, "
                   f"the same point measured again after the batches {after[0]:.1f} s "
@@ -335,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-foreign", type=float, default=0.10,
                    help="leave out runs during which other processes used more than this share of the CPU")
     p.add_argument("--data-dir")
+    p.add_argument("--swept", help="a data dir swept before (by this script): copied, and its sweep not run again")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each result as soon as it is known
     worst = asyncio.run(measure(args))

@@ -50,10 +50,14 @@ def test_obatch_sweep_then_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (name, notebook_path, points) == ("tiny sweep", str(executed), 6)
     assert params["num_ctx"] == [2048, 4096] and params["concurrency"] == [1, 2, 4] and params["backend"] == "sim"
 
+    assert main(["bench", "--backend", "sim", "--data-dir", str(data), "--model", CHAT, "--rate", "2,4",
+                 "--requests", "4", "--workload", "tiny", "--warmup", "0", "--quiet"]) == 0  # request-rate points
     report = run_notebook(ROOT / "notebooks" / "report.ipynb", tmp_path / "report.ipynb",
                           {"data_dir": str(data)}, cwd=ROOT)
     texts = notebook_outputs(report)
     charts = [t for t in texts if "vega" in t]
-    assert len(charts) >= 6  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, Pareto, estimates
-    assert any("Pareto front" in t for t in charts)
+    assert len(charts) >= 7  # throughput (req/s, tokens/s) and latency vs num_ctx, vs concurrency, vs the offered
+    assert any("Pareto front" in t for t in charts)  # rate, Pareto, estimates
+    [rated] = [t for t in charts if "vs the offered rate" in t]
+    assert '"rate": 2.0' in rated and '"rate": 4.0' in rated and "achieved_rate" in rated  # both rates plotted
     assert any("saturates_at" in t for t in texts) and any(CHAT in t for t in texts)

@@ -5,6 +5,7 @@ figure for one file whichever way it is asked, and the live remaining time of a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from collections.abc import AsyncIterator, Callable
@@ -29,11 +30,13 @@ from obatch.bench.estimate import (
     Lines,
     Shape,
     TokenCalibration,
+    _fit_configs,
     estimate_from_fits,
     estimate_groups,
+    position_fit,
     shape_of,
 )
-from obatch.bench.pilot import file_sha256, run_pilot
+from obatch.bench.pilot import allocate, file_sha256, run_pilot, sample_file, stratum
 from obatch.bench.service import combined
 from obatch.bench.sweep import SweepSpec, run_sweep
 from obatch.bench.wire import EstimateRecord
@@ -41,6 +44,7 @@ from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta
 from obatch.protocol import Batch, BatchEta, DurationEstimate
+from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 from obatch.store.db import open_store
 from obatch.store.tables import PilotRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
@@ -117,6 +121,102 @@ def test_intervals_never_go_below_zero_and_hold_the_estimate() -> None:
             DurationEstimate.model_validate(made.as_dict())  # the wire model refuses anything else
     with pytest.raises(ValueError, match="interval"):
         DurationEstimate(model="m", num_requests=1, seconds=10, low=-1, high=20)
+
+
+# ------------------------------------------------------------------------------ decoding slows as context grows
+
+# A synthetic engine: a token decoded at context position x takes 5 + 0.002·x + 4e-6·x² ms (attention over a
+# longer context; at 1,900 tokens more than three times the time near the start), prompts 0.5 ms per token.
+SLOPE, CURVE, BASE = 0.002, 4e-6, 5.0
+
+
+def _decode_ms(prompt: float, output: float, offset: float = 0.0) -> float:
+    """The exact sum over the answer's tokens at positions prompt … prompt + output."""
+    return sum(BASE + offset + SLOPE * x + CURVE * x * x for x in
+               (prompt + i + 0.5 for i in range(int(output))))
+
+
+def _short_sweep() -> tuple[BenchPointRow, list[BenchSampleRow]]:
+    """A sweep point at concurrency 1 whose requests all sit near the start of the context (forced answers of a
+    few dozen tokens), as a sweep's do: it cannot see how decoding slows further on."""
+    shapes = [(100.0, 64.0)] * 16
+    samples = [BenchSampleRow(point_id=1, idx=i, ok=True, prompt_tokens=int(p), completion_tokens=int(o),
+                              prompt_ms=0.5 * p, decode_ms=_decode_ms(p, o), latency_ms=0.5 * p + _decode_ms(p, o),
+                              prompt_estimate=int(p)) for i, (p, o) in enumerate(shapes)]
+    wall = sum(s.latency_ms for s in samples) / 1000
+    point = BenchPointRow(id=1, run_id="r", backend="local", model="m", num_ctx=2048, concurrency=1, workload="w",
+                          created_at=0.0, n_requests=16, n_completed=16, n_failed=0, success_rate=1.0,
+                          wall_seconds=wall, req_per_s=16 / wall, output_tps=1.0, load_seconds=0.0)
+    return point, samples
+
+
+def _long_answers(offset: float) -> list[tuple[float, float, float]]:
+    """Timed natural answers of a finished batch (or a pilot): some stop early, some run on to the window."""
+    return [(p, o, _decode_ms(p, o, offset)) for p in (20.0, 60.0) for o in (12.0, 150.0, 700.0, 1300.0, 1900.0)]
+
+
+def test_the_decode_model_learns_how_decoding_slows_at_long_contexts() -> None:
+    # each group (a batch, a pilot) runs at its own speed: only the growth within a group is pooled
+    groups = [_long_answers(0.0), _long_answers(3.0)]
+    slope, curve = position_fit(groups)
+    assert slope == pytest.approx(SLOPE, rel=0.02) and curve == pytest.approx(CURVE, rel=0.02)
+    line, none = position_fit(groups, curve=False)
+    assert line > SLOPE and none == 0.0  # a straight line through the same timings
+    assert position_fit([_long_answers(0.0)[:2]]) == (0.0, 0.0)  # too few to tell anything
+
+    point, samples = _short_sweep()
+    flat = _fit_configs([point], samples)[0]  # the sweep alone: every request at the same short context
+    learnt = _fit_configs([point], samples, groups)[0]
+    assert (learnt.ctx_slope, learnt.ctx_curve) == pytest.approx((SLOPE, CURVE), rel=0.02)
+    assert learnt.k == pytest.approx(1.0, abs=0.01)  # the sweep's own requests are still what it measured
+    for prompt, output in ((30.0, 1900.0), (200.0, 800.0), (100.0, 64.0)):
+        truth = (0.5 * prompt + _decode_ms(prompt, output)) / 1000
+        shape = Shape([prompt], [output])
+        assert learnt.run_seconds(shape) == pytest.approx(truth, rel=0.03)
+    long_truth = (15 + _decode_ms(30.0, 1900.0)) / 1000
+    assert flat.run_seconds(Shape([30.0], [1900.0])) < 0.5 * long_truth  # what the sweep alone would say
+    # the squared term is what holds at the end of the window: without it the same fit falls well short
+    straight = dataclasses.replace(learnt, ctx_curve=0.0)
+    assert straight.run_seconds(Shape([30.0], [1900.0])) < 0.8 * long_truth
+
+
+def test_a_short_answer_beside_long_ones_is_slow_for_their_sake() -> None:
+    """A decode step attends to every sequence in flight: short answers that ran beside long ones late in their
+    lives were slow per token, short answers alone fast. With what was in flight (start and end times), the slope
+    comes back exactly, and a
+    request a busy machine stalled twenty-fold does not move it. Regressed on each answer's own context, the slope
+    comes out wrong (the long answers' time per token is as much the others' doing as their own)."""
+    slope = 0.004
+    layout = [(30.0, 1900.0, 0.0, 100.0), (30.0, 1900.0, 0.0, 100.0), (30.0, 1900.0, 0.0, 100.0)]
+    layout += [(30.0, 40.0, 10.0 * k, 10.0 * k + 3) for k in range(9)]  # beside the long ones, ever later
+    layout += [(30.0, 40.0, 100.0 + 4 * k, 103.0 + 4 * k) for k in range(5)]  # alone, after them
+    shape = [(p, o, 0.0, start, end) for p, o, start, end in layout]
+    loads = estimate_module.in_flight(shape)
+    group = [(p, o, o * (20.0 + slope * s1), start, end) for (p, o, _, start, end), (_, s1, _) in zip(shape, loads,
+                                                                                                    strict=True)]
+    assert loads[-1][0] == pytest.approx(1.0) and loads[3][0] == pytest.approx(4.0)  # alone; three beside it
+    assert loads[8][1] > loads[3][1] + 3 * 900  # later beside them: the long ones attend to more by then
+    assert position_fit([group], curve=False) == pytest.approx((slope, 0.0), rel=1e-6)
+    own_only = [t[:3] for t in group]
+    assert abs(position_fit([own_only], curve=False)[0] / slope - 1) > 0.3  # on its own context alone: wrong
+    stalled = [*group[:5], (group[5][0], group[5][1], group[5][2] * 20, *group[5][3:]), *group[6:]]
+    assert position_fit([stalled], curve=False)[0] == pytest.approx(slope, rel=0.05)
+
+
+def test_a_long_tailed_answer_length_is_integrated_not_taken_at_its_mean() -> None:
+    """Half the answers stop after 20 tokens, half run to 1,900: a run of them takes the mean of their times,
+    which (decoding slowing as the context grows) is far more than the time of answers of the mean length."""
+    point, samples = _short_sweep()
+    fit = _fit_configs([point], samples, [_long_answers(0.0)])[0]
+    lengths = AnswerLengths.learn([Observation(t, True, "b") for t in [20.0, 1900.0] * 20], "batches")
+    n = 40
+    at_mean = Shape([30.0] * n, [lengths.expected(None)] * n)
+    drawn = Shape([30.0] * n, [lengths.expected(None)] * n, caps=[None] * n, answers=lengths)
+    made = estimate_from_fits([fit], drawn, include_load=False)
+    exact = n * (15 + (_decode_ms(30.0, 20.0) + _decode_ms(30.0, 1900.0)) / 2) / 1000
+    assert made.seconds == pytest.approx(exact, rel=0.1)
+    assert made.seconds > 1.2 * fit.run_seconds(at_mean)
+    assert made.low <= exact <= made.high
 
 
 def test_a_big_file_is_estimated_on_a_bounded_sample() -> None:
@@ -196,6 +296,33 @@ def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> 
     assert any("processed again" in note for note in uncached.notes)
 
 
+def test_a_pilot_tells_whether_the_prefix_cache_worked_before_any_batch_did() -> None:
+    """Sixteen random lines of a file whose prompts repeat 60% of each other on average: an engine that skips
+    the repeated part answers them in 40% of the full prompt time, one that processes them again in all of it."""
+    from tests.test_bench_metrics import _fake_fit
+
+    fit = _fake_fit(4)
+    fit.p0 = 1.0
+
+    def pilot(skipped: float, n: int = 16) -> list[PilotRow]:
+        rows = []
+        for i in range(n):
+            ms = 300.0 * (3.0 if i < 4 else 1 - skipped * 0.6)  # the first wave: its prompts in one batch
+            done = {"prompt_tokens": 300, "engine_prompt_ms": ms, "finished_at": 100.0 + i}
+            rows.append(PilotRow(file_sha256="f", custom_id=f"l{i}", body_sha256="b", model=CHAT, url="/v1/chat",
+                                 latency_ms=1000.0, concurrency=4, result_json=orjson.dumps(done).decode(),
+                                 created_at=0.0))
+        return rows
+
+    assert estimate_module.pilot_cache_kept(pilot(1.0), fit, 0.6) == pytest.approx(1.0)
+    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.6) == pytest.approx(0.0)
+    assert estimate_module.pilot_cache_kept(pilot(0.5), fit, 0.6) == pytest.approx(0.5)
+    assert estimate_module.pilot_cache_kept(pilot(0.0, 10), fit, 0.6) is None  # 6 after the first wave: too few
+    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.01) is None  # nothing repeated: nothing to tell
+    timed = [("b", i, "/v1/chat/completions", "{}", 200, 200.0) for i in range(3)]
+    assert estimate_module.cache_kept(timed, fit, float, window=4, default=0.3) == 0.3  # batches too few: the pilot
+
+
 @pytest.mark.usefixtures("db_url")
 async def test_history_corrects_the_cost_model_not_the_answer_lengths_again(
         make_settings: Callable[..., Settings]) -> None:
@@ -268,6 +395,26 @@ async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tu
     mixed = natural_file(tmp_path / "mixed.jsonl", 24, seed=3, caps=(None, 8, 200))
     capped = await _file_estimate(settings, mixed)
     assert capped.output_tokens_mean is not None and capped.output_tokens_mean < after.output_tokens_mean
+
+
+def test_a_pilot_samples_each_kind_of_cap_in_its_share_of_the_file(tmp_path: Path) -> None:
+    caps = [None] * 30 + [64] * 20 + [256] * 10
+    random.Random(5).shuffle(caps)
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        chat_line(f"line-{i}", f"Question {i}?" + " context" * (i % 7), model=CHAT,
+                  **({"max_tokens": cap} if cap is not None else {})) for i, cap in enumerate(caps)])
+    chosen, need, total = sample_file(path, None, 12, "seed")
+    assert total == 60 and need == {CHAT: max(context.need_of(context.estimate_prompt_tokens(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Question {i}?" + " context" * (i % 7)}]}),
+        cap) for i, cap in enumerate(caps))}
+    kinds = [r.body.get("max_tokens") for r in chosen]
+    assert (kinds.count(None), kinds.count(64), kinds.count(256)) == (6, 4, 2)  # the file's 50/33/17%
+    smaller, _, _ = sample_file(path, None, 6, "seed")
+    assert {r.custom_id for r in smaller} < {r.custom_id for r in chosen}  # a larger pilot extends a smaller one
+    assert [r.custom_id for r in sample_file(path, None, 12, "seed")[0]] == [r.custom_id for r in chosen]
+    assert {r.custom_id for r in sample_file(path, None, 12, "other")[0]} != {r.custom_id for r in chosen}
+    assert allocate({-1: 3, 6: 1}, 16) == {-1: 3, 6: 1} and sum(allocate({-1: 7, 5: 7, 8: 7}, 10).values()) == 10
+    assert stratum(None) == -1 and stratum(64) == stratum(33) == 6 and stratum(65) == 7
 
 
 async def test_a_pilot_estimates_the_file_and_its_lines_are_not_run_twice(swept: tuple[Settings, OllamaSim],

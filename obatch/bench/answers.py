@@ -17,8 +17,10 @@ least the longest seen, and the estimate says so.
 
 The spread of single answers is kept (estimates draw lengths from the curve, so a long answer late in the run
 shows in the makespan); ``mean_cv`` is how far a new file's mean answer may lie from the learnt one: the spread of
-the learnt batches' means around their mean (a prior of ``PRIOR_CV`` counted as one batch), or for a pilot the
-t-interval of its mean (a sample of ``n`` out of ``N`` lines, finite-population corrected).
+the learnt batches' means around their mean (a prior of ``PRIOR_CV`` counted as one batch) with the standard error
+of the learnt mean (a few answers of a model whose answers sometimes run on to the context window may not have
+caught that tail), or for a pilot the t-interval of its mean (a sample of ``n`` out of ``N`` lines,
+finite-population corrected).
 """
 
 from __future__ import annotations
@@ -123,11 +125,15 @@ class AnswerLengths:
             by_group[o.group].append(o)
         means = [m for group in by_group.values() if len(group) >= MIN_SAMPLES
                  for m in [cls(tuple(survival(group)), len(group)).expected(None)] if m > 0]
+        values = [o.tokens for o in observations]
+        mean = statistics.fmean(values)
+        # the learnt mean's own standard error: a few answers of a long-tailed model may have missed its tail
+        sampled = statistics.stdev(values) / math.sqrt(len(values)) / mean if len(values) > 1 and mean > 0 else 0.0
         if not means:
-            return _with(made, mean_cv=PRIOR_CV)
+            return _with(made, mean_cv=math.hypot(PRIOR_CV, sampled))
         centre = statistics.fmean(means)
         spread = sum((m / centre - 1) ** 2 for m in means)
-        return _with(made, mean_cv=math.sqrt((PRIOR_CV ** 2 + spread) / len(means)))
+        return _with(made, mean_cv=math.hypot(math.sqrt((PRIOR_CV ** 2 + spread) / len(means)), sampled))
 
     @property
     def known(self) -> bool:

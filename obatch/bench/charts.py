@@ -134,3 +134,34 @@ def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str
                                                                       order=alt.Order(f"{latency}:Q"))
     chart: alt.TopLevelMixin = alt.layer(front, dots, title="Throughput vs latency (line: each model's Pareto front)")
     return chart
+
+
+def versus_rate(summary: pl.DataFrame) -> alt.TopLevelMixin:
+    """Open-loop (request-rate) points: completed and achieved requests/s against the offered rate (left; the
+    dashed diagonal is an engine that keeps up) and latency p50 with its p90 band (right), one colour per model and
+    num_ctx. Where throughput leaves the diagonal and latency climbs, the engine has fallen behind."""
+    data = summary.filter(pl.col("rate").is_not_null()) if "rate" in summary.columns else summary.clear()
+    data = data.with_columns((pl.col("model") + " · ctx " + pl.col("num_ctx").cast(pl.Utf8)).alias("series"))
+    series = alt.Color("series:N", title="model · num_ctx")
+    x = alt.X("rate:Q", title="offered rate (requests / s)")
+    base = alt.Chart(data)
+    top = max([1.0, *data["rate"].drop_nulls().to_list()])
+    keeps_up = alt.Chart(pl.DataFrame({"rate": [0.0, top], "req_per_s": [0.0, top]})).mark_line(
+        color="gray", strokeDash=[4, 4]).encode(x=x, y="req_per_s:Q")
+    throughput = alt.layer(
+        keeps_up,
+        base.mark_line(point=True).encode(x=x, y=alt.Y("req_per_s:Q", title="completed requests / s"), color=series,
+                                          tooltip=["series:N", "arrival:N", "rate:Q", "achieved_rate:Q",
+                                                   "req_per_s:Q", "output_tps:Q"]),
+        base.mark_point(shape="triangle", size=60).encode(x=x, y="achieved_rate:Q", color=series),
+    ).properties(width=300, height=240, title="Throughput vs offered rate (triangles: achieved rate)")
+    latency = alt.layer(
+        base.mark_area(opacity=0.2).encode(x=x, y=alt.Y("latency_p50:Q", title="latency (ms)"),
+                                           y2="latency_p90:Q", color=series),
+        base.mark_line(point=True).encode(x=x, y="latency_p50:Q", color=series,
+                                          tooltip=["series:N", "rate:Q", "latency_p50:Q", "latency_p90:Q",
+                                                   "ttft_p50:Q"]),
+    ).properties(width=300, height=240, title="Latency p50 (p90 band) vs offered rate")
+    chart: alt.TopLevelMixin = alt.hconcat(throughput, latency, title="Request-rate load: throughput and latency "
+                                                                      "vs the offered rate")
+    return chart

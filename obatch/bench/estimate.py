@@ -4,14 +4,18 @@ The model, per configuration (backend, model, num_ctx, concurrency ``c``), fitte
 measured (least squares on the engine's own timings, coefficients kept non-negative):
 
     service(P, O) = overhead + P·(1 - cached)·(p0 + p1·P)
-                    + O·(d + a·(own - ctx_measured) + (c - 1)·a·(ctx - ctx_measured) + stall - stall_measured)
+                    + O·(d + g(own) - g_measured + (c - 1)·(g(ctx) - g_measured) + stall - stall_measured)
 
 ``P`` prompt tokens, ``O`` output tokens: prompt processing grows a little faster than linearly (attention). ``d``
 is the measured time per decoded token with ``c`` requests in flight (so it includes sharing the engine with the
 ``c - 1`` others) at the mean context the point measured; a decode step attends to the context of every sequence
-in flight: a request's own context ``own = P + O/2`` and the workload's mean context ``ctx`` (token-weighted) for the
-``c - 1`` others cost ``a`` per token of difference each, with ``a`` the context slope pooled over all concurrency
-levels of the model and num_ctx (per-point slopes are mostly timing noise at the contexts a sweep covers).
+in flight, so a token decoded at context position ``x`` costs ``a·x + b·x²`` more than one at position 0, and a
+request's own tokens cost that on average over its span ``[P, P + O]``: ``g(own) = a·(P + O/2) + b·(P² + P·O +
+O²/3)``; the ``c - 1`` others cost the workload's token-weighted mean of ``g``. ``a`` and ``b`` (not negative) are
+fitted (``position_fit``) on every timed request of the model on the backend — all concurrency levels of the sweep,
+and the engine timings of finished batch lines and of a pilot of the file, whose start and end times tell what
+ran beside each (``in_flight``: a short answer beside long ones is slow for their sake) — because a sweep's forced
+answers reach a few hundred tokens of context while natural answers may run on to the context window.
 (all in ms). Continuous batching runs a newcomer's prompt inside the steps of the ``c - 1`` requests decoding,
 so their decode also pays for it: ``stall = (c - 1) · Σ prompt time / Σ output tokens`` of the workload, against
 the stall the point measured under. ``cached`` is the share of the prompt the engine's prefix cache already
@@ -59,6 +63,7 @@ import asyncio
 import dataclasses
 import functools
 import heapq
+import itertools
 import logging
 import math
 import random
@@ -444,15 +449,23 @@ class ConfigFit:
     measured_req_per_s: float = 0.0  # what the points measured on their own workload (completed req/s)
     measured_output_tps: float = 0.0
     measured_output_mean: float = 0.0  # their answers' mean length
+    ctx_curve: float = 0.0  # b: ms per output token per squared token of context (decoding slows as context grows)
+    decode_ctx2: float | None = None  # token-weighted mean of the squared context decode_ms was measured at
 
     def prompt_ms(self, prompt: float, cached: float = 0.0) -> float:
         return prompt * (1 - cached) * (self.p0 + self.p1 * prompt)
 
-    def per_token_ms(self, own: float, context: float, stall: float | None = None) -> float:
+    def per_token_ms(self, own: float, context: float, stall: float | None = None, own2: float | None = None,
+                     context2: float | None = None) -> float:
         """Decode time per output token of a request attending to ``own`` tokens while the ``c - 1`` others in
         flight attend to ``context`` tokens on average and their prompts stall decoding by ``stall`` ms per output
-        token (default: as much as when it was measured)."""
+        token (default: as much as when it was measured). ``own2`` and ``context2`` are the mean squared context
+        positions (``position_moments``; default: the squares of ``own`` and ``context``)."""
+        ref2 = self.decode_ctx ** 2 if self.decode_ctx2 is None else self.decode_ctx2
+        mine = own ** 2 if own2 is None else own2
+        theirs = context ** 2 if context2 is None else context2
         shift = self.ctx_slope * ((own - self.decode_ctx) + (self.concurrency - 1) * (context - self.decode_ctx))
+        shift += self.ctx_curve * ((mine - ref2) + (self.concurrency - 1) * (theirs - ref2))
         shift += self.stall_share * ((self.prompt_stall if stall is None else stall) - self.prompt_stall)
         return max(self.decode_ms / 2, self.decode_ms + shift)
 
@@ -464,13 +477,13 @@ class ConfigFit:
         return (self.concurrency - 1) * prompts / tokens if tokens else 0.0
 
     def service_ms(self, prompt: float, output: float, cached: float = 0.0, context: float | None = None,
-                   stall: float | None = None) -> float:
+                   stall: float | None = None, context2: float | None = None) -> float:
         """One request's time in the engine plus overhead (ms); ``cached`` is the share of the prompt found in the
-        prefix cache (not processed again, but attended to); ``context`` the workload's mean context (default:
-        this request's own); ``stall`` see ``per_token_ms``."""
-        own = prompt + output / 2
+        prefix cache (not processed again, but attended to); ``context`` and ``context2`` the workload's mean
+        context and mean squared context (default: this request's own); ``stall`` see ``per_token_ms``."""
+        own, own2 = position_moments(prompt, output)
         return self.overhead_ms + self.prompt_ms(prompt, cached) + output * self.per_token_ms(
-            own, own if context is None else context, stall)
+            own, own if context is None else context, stall, own2, own2 if context2 is None else context2)
 
     @property
     def k(self) -> float:
@@ -484,8 +497,8 @@ class ConfigFit:
     def services(self, requests: Sequence[tuple[float, float, float]]) -> list[float]:
         """Service times of requests (prompt, output, cached share) sent in this order: the first wave (the first
         ``concurrency``, sent together) waits for all of its prompts, which the engine processes as one batch."""
-        context, stall = mean_context(requests), self.stall_of(requests)
-        out = [self.service_ms(p, o, c, context, stall) for p, o, c in requests]
+        context, context2, stall = mean_context(requests), mean_context2(requests), self.stall_of(requests)
+        out = [self.service_ms(p, o, c, context, stall, context2) for p, o, c in requests]
         wave = requests[:self.concurrency]
         if len(wave) > 1:
             own = [self.prompt_ms(p, c) for p, _, c in wave]
@@ -516,42 +529,155 @@ class ConfigFit:
         return max(MIN_MARGIN, margin) + (0.0 if self.covers(shape) else EXTRAPOLATION_PENALTY)
 
 
+def position_moments(prompt: float, output: float) -> tuple[float, float]:
+    """The mean context position and mean squared position of a request's decoded tokens, which run from ``P``
+    to ``P + O``: ``P + O/2`` and ``P² + P·O + O²/3`` (a cost growing as ``a·x + b·x²`` integrates exactly)."""
+    return prompt + output / 2, prompt * prompt + prompt * output + output * output / 3
+
+
 def mean_context(requests: Sequence[tuple[float, float, float]]) -> float:
     """The context decoded tokens attend to on average, weighted by output tokens: ``P + O/2``."""
     tokens = sum(o for _, o, _ in requests)
     return sum(o * (p + o / 2) for p, o, _ in requests) / tokens if tokens else 0.0
 
 
-def _decoded(samples: Sequence[BenchSampleRow]) -> list[tuple[float, float, float]]:
-    """(context, ms per output token, output tokens) of the samples with decode timings."""
-    return [(float(s.prompt_tokens or 0) + s.completion_tokens / 2, (s.decode_ms or 0.0) / s.completion_tokens,
-             float(s.completion_tokens)) for s in samples
+def mean_context2(requests: Sequence[tuple[float, float, float]]) -> float:
+    """The mean squared context position of decoded tokens, weighted by output tokens (``position_moments``)."""
+    tokens = sum(o for _, o, _ in requests)
+    return sum(o * position_moments(p, o)[1] for p, o, _ in requests) / tokens if tokens else 0.0
+
+
+Timed = tuple[float, ...]  # a timed request: (prompt tokens, completion tokens, engine decode ms[, start s, end s])
+
+
+def _timed(samples: Sequence[BenchSampleRow]) -> list[Timed]:
+    return [(float(s.prompt_tokens or 0), float(s.completion_tokens), float(s.decode_ms or 0.0)) for s in samples
             if s.ok and s.completion_tokens and s.decode_ms is not None and s.prompt_tokens is not None]
 
 
-def context_slope(groups: Sequence[Sequence[BenchSampleRow]]) -> float:
-    """How much a decoded token's time grows per token of its own context: the output-weighted least-squares slope
-    within each configuration's requests, pooled over configurations (never negative)."""
-    num = den = 0.0
-    for samples in groups:
-        rows = _decoded(samples)
-        weight = sum(w for _, _, w in rows)
-        if len(rows) < 3 or weight <= 0:
+def _decoded(samples: Sequence[BenchSampleRow]) -> list[tuple[float, float, float]]:
+    """(context, ms per output token, output tokens) of the samples with decode timings."""
+    return [(t[0] + t[1] / 2, t[2] / t[1], t[1]) for t in _timed(samples)]
+
+
+def in_flight(group: Sequence[Timed]) -> list[tuple[float, float, float]]:
+    """Per request of a group: (mean number of sequences in flight, mean sum of their context positions, mean sum
+    of their squared positions) over its life. A decode step attends to every sequence in flight, so a request's
+    time per token follows what all of them attend to, not its own context alone: a short answer that ran beside
+    three long ones at 1,900 tokens of context was slow for their sake. With start and end times (finished batch
+    lines, a pilot) each other request counts for the share of the life it overlapped, at the positions it went
+    through meanwhile (linearly from its prompt end to its answer end); without them (a sweep's requests), a request
+    counts alone (its group's mean absorbs the others)."""
+    timed = all(len(t) >= 5 for t in group)
+    out = []
+    for i, mine in enumerate(group):
+        own1, own2 = position_moments(mine[0], mine[1])
+        count, sum1, sum2 = 1.0, own1, own2
+        if timed and mine[4] > mine[3]:
+            life = mine[4] - mine[3]
+            for j, other in enumerate(group):
+                if j == i or other[4] <= other[3]:
+                    continue
+                start, end = max(mine[3], other[3]), min(mine[4], other[4])
+                if end <= start:
+                    continue
+                at_start = other[0] + other[1] * (start - other[3]) / (other[4] - other[3])
+                at_end = other[0] + other[1] * (end - other[3]) / (other[4] - other[3])
+                share = (end - start) / life
+                count += share
+                sum1 += share * (at_start + at_end) / 2
+                sum2 += share * (at_start * at_start + at_start * at_end + at_end * at_end) / 3
+        out.append((count, sum1, sum2))
+    return out
+
+
+def position_fit(groups: Sequence[Sequence[Timed]], *, curve: bool = True) -> tuple[float, float]:
+    """How a decoded token's time grows with the context positions ``x`` of the sequences in flight: ``(a, b)``
+    of ``a·Σx + b·Σx²`` (ms per token). The output-weighted least squares of each request's ms per token on what
+    was in flight over its life (``in_flight``: the sums of their mean positions and mean squared positions), each
+    group (a sweep configuration, a batch, a pilot: one engine state, one concurrency) against its own means,
+    pooled. How many were in flight is left out: it moves with the positions at a batch's tail, and on timings as
+    noisy as a shared CPU's the two cannot be told apart. Neither coefficient is negative (where the joint fit
+    makes one so, the better of the two alone); ``curve=False`` leaves the squares out. Groups of fewer than 3
+    requests tell nothing."""
+    width = 2 if curve else 1
+    raw: list[list[tuple[list[float], float, float]]] = []  # per group: (features, ms per token, tokens)
+    for group in groups:
+        timed = [t for t in group if t[1] > 0 and t[2] >= 0]
+        if len(timed) >= 3:
+            raw.append([([s1, s2 / 1000][:width], t[2] / t[1], t[1]) for t, (_, s1, s2) in
+                        zip(timed, in_flight(timed), strict=True)])
+
+    def fit(kept: list[list[tuple[list[float], float, float]]]) -> tuple[list[float], list[tuple[int, int, float]]]:
+        rows, targets, where = [], [], []
+        for g, group in enumerate(kept):
+            weight = sum(w for _, _, w in group)
+            if len(group) < 3 or weight <= 0:
+                continue
+            means = [sum(w * f[k] for f, _, w in group) / weight for k in range(width)]
+            y0 = sum(w * y for _, y, w in group) / weight
+            for i, (f, y, w) in enumerate(group):
+                root = math.sqrt(w)
+                rows.append([root * (f[k] - means[k]) for k in range(width)])
+                targets.append(root * (y - y0))
+                where.append((g, i, root))
+        if not rows:
+            return [0.0] * width, []
+        coef = _nonnegative_fit(rows, targets)
+        return coef, [(g, i, (t - sum(c * x for c, x in zip(coef, r, strict=True))) / root)
+                      for (g, i, root), r, t in zip(where, rows, targets, strict=True)]
+
+    coef, residuals = fit(raw)
+    # one pass of trimming: a request a busy machine stalled (another process's work, a swap) says nothing of the
+    # engine: those whose residual per token lies beyond 3.5 median absolute deviations are left out, and the rest
+    # (each group against its own new means) fitted again
+    if residuals:
+        centre = statistics.median(e for _, _, e in residuals)
+        spread = 1.4826 * statistics.median(abs(e - centre) for _, _, e in residuals)
+        out = {(g, i) for g, i, e in residuals if abs(e - centre) > 3.5 * spread} if spread > 0 else set()
+        if out:
+            coef, _ = fit([[row for i, row in enumerate(group) if (g, i) not in out] for g, group in enumerate(raw)])
+    return coef[0], (coef[1] / 1000 if curve else 0.0)
+
+
+def _nonnegative_fit(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Least squares with no negative coefficient: the full fit, else the best fit of a subset of the columns
+    (the others zero); all zero when nothing fits."""
+    width = len(rows[0])
+    subsets = sorted((c for r in range(width, 0, -1) for c in itertools.combinations(range(width), r)),
+                     key=len, reverse=True)
+    best: tuple[float, list[float]] | None = None
+    for columns in subsets:  # the full fit, else the best non-negative subset of the terms
+        coef = _solve([[sum(r[i] * r[j] for r in rows) for j in columns] for i in columns],
+                      [sum(r[i] * t for r, t in zip(rows, targets, strict=True)) for i in columns])
+        if coef is None or any(c < 0 for c in coef):
             continue
-        x_mean = sum(w * x for x, _, w in rows) / weight
-        y_mean = sum(w * y for _, y, w in rows) / weight
-        num += sum(w * (x - x_mean) * (y - y_mean) for x, y, w in rows)
-        den += sum(w * (x - x_mean) ** 2 for x, _, w in rows)
-    return max(0.0, num / den) if den > 0 else 0.0
+        full = [0.0] * width
+        for i, c in zip(columns, coef, strict=True):
+            full[i] = c
+        error = sum((t - sum(c * x for c, x in zip(full, r, strict=True))) ** 2 for r, t in zip(rows, targets,
+                                                                                                strict=True))
+        if best is None or error < best[0] - 1e-12:
+            best = (error, full)
+        if len(columns) == width:
+            break
+    return best[1] if best is not None else [0.0] * width
+
+
+def context_slope(groups: Sequence[Sequence[BenchSampleRow]]) -> float:
+    """How much a decoded token's time grows per token of its own context, as a straight line: the
+    output-weighted least-squares slope within each configuration's requests, pooled (never negative)."""
+    return position_fit([_timed(samples) for samples in groups], curve=False)[0]
 
 
 def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow], *, ctx_slope: float = 0.0,
-               max_overhead_ms: float | None = None) -> ConfigFit | None:
+               ctx_curve: float = 0.0, max_overhead_ms: float | None = None) -> ConfigFit | None:
     """Fit one configuration's cost model on its points (repeats) and their requests; None without data.
 
     The first wave of a point (its first ``c`` requests, sent together) is left out of the prompt fit: the engine
     processes their prompts as one batch and reports that batch's time for each (``ConfigFit.services`` models it).
-    ``ctx_slope`` is the context slope pooled over the model's configurations (``context_slope``).
+    ``ctx_slope`` and ``ctx_curve`` are how decoding slows with context, pooled over the model's configurations
+    and timed batch lines (``position_fit``).
     ``max_overhead_ms`` caps the per-request overhead (latency not spent in the engine) at what the lowest
     concurrency measured: above it, the extra is waiting for a free engine slot, which scales with the other
     requests' work and belongs in the calibrated parallelism, not in a per-request constant."""
@@ -567,7 +693,8 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
         decode_ctx=mean_context([(p, o, 0.0) for p, o in pairs]), ctx_slope=ctx_slope, prompt_stall=0.0,
         parallelism=float(c),
         efficiency=[], load_seconds=0.0, prompt_range=(min(p for p, _ in pairs), max(p for p, _ in pairs)),
-        output_range=(min(o for _, o in pairs), max(o for _, o in pairs)), rel_rmse=0.0, n_samples=len(ok))
+        output_range=(min(o for _, o in pairs), max(o for _, o in pairs)), rel_rmse=0.0, n_samples=len(ok),
+        ctx_curve=ctx_curve, decode_ctx2=mean_context2([(p, o, 0.0) for p, o in pairs]))
     decoded = _decoded(ok)
     if len(decoded) == len(ok) and all(s.prompt_ms is not None for s in ok):
         staggered = [s for s in ok if s.idx >= c] if c > 1 and sum(s.idx >= c for s in ok) >= max(4, c) else ok
@@ -579,7 +706,7 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
     else:  # an engine without timings: fit the client-side latency itself
         coef = least_squares([[1.0, p, o] for p, o in pairs], [s.latency_ms for s in ok])
         fit.p0, fit.decode_ms = (coef[1], coef[2]) if coef else (0.0, 0.0)
-        fit.ctx_slope = 0.0
+        fit.ctx_slope = fit.ctx_curve = 0.0
     by_point: dict[int, list[BenchSampleRow]] = defaultdict(list)
     for s in ok:
         by_point[s.point_id].append(s)
@@ -610,10 +737,16 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
     return fit
 
 
-async def fits_for(session: AsyncSession, model: str, backend: str | None = None) -> list[ConfigFit]:
+TimedGroups = Sequence[tuple[str | None, Sequence[Timed]]]  # (backend, None: the one estimated; a group's requests)
+
+
+async def fits_for(session: AsyncSession, model: str, backend: str | None = None, *, timings: TimedGroups = ()
+                   ) -> list[ConfigFit]:
     """One fit per measured configuration of a model: the newest run's non-excluded points of each.
 
-    Without ``backend``, the backend of the model's newest point is used (estimates never mix engines)."""
+    Without ``backend``, the backend of the model's newest point is used (estimates never mix engines).
+    ``timings``: groups of timed requests besides the sweep's (finished batches, a pilot), which tell how decoding
+    slows at context positions the sweep did not reach (``position_fit``); those of another backend are left out."""
     points = await bench_repo.list_points(session, models=[model], backend=backend, include_excluded=False)
     points = [p for p in points if p.rate is None]  # request-rate points: no concurrency a batch could run at
     if not points:
@@ -625,10 +758,12 @@ async def fits_for(session: AsyncSession, model: str, backend: str | None = None
             newest[(p.num_ctx, p.concurrency)] = p.run_id
     chosen = [p for p in points if p.backend == backend and newest[(p.num_ctx, p.concurrency)] == p.run_id]
     samples = await bench_repo.samples_of(session, [p.id for p in chosen if p.id is not None])
-    return await asyncio.to_thread(_fit_configs, chosen, samples)  # CPU work: off the event loop
+    extra = [group for owner, group in timings if owner in (None, backend)]
+    return await asyncio.to_thread(_fit_configs, chosen, samples, extra)  # CPU work: off the event loop
 
 
-def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow]) -> list[ConfigFit]:
+def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow],
+                 timings: Sequence[Sequence[Timed]] = ()) -> list[ConfigFit]:
     by_config: dict[tuple[int, int], list[BenchPointRow]] = defaultdict(list)
     for p in chosen:
         by_config[(p.num_ctx, p.concurrency)].append(p)
@@ -636,11 +771,13 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
     for s in samples:
         by_point[s.point_id].append(s)
     own = {config: [s for p in group for s in by_point.get(p.id or -1, [])] for config, group in by_config.items()}
-    slopes = {n: context_slope([samples for (m, _), samples in own.items() if m == n]) for n, _ in own}
+    slopes = {n: position_fit([*(_timed(samples) for (m, _), samples in own.items() if m == n), *timings])
+              for n, _ in own}
     fits: list[ConfigFit] = []
     base_overhead: dict[int, float] = {}  # per num_ctx, from its lowest concurrency (no client-made queue)
     for num_ctx, concurrency in sorted(by_config):
-        fit = fit_config(by_config[(num_ctx, concurrency)], own[(num_ctx, concurrency)], ctx_slope=slopes[num_ctx],
+        fit = fit_config(by_config[(num_ctx, concurrency)], own[(num_ctx, concurrency)],
+                         ctx_slope=slopes[num_ctx][0], ctx_curve=slopes[num_ctx][1],
                          max_overhead_ms=base_overhead.get(num_ctx))
         if fit is not None:
             base_overhead.setdefault(num_ctx, fit.overhead_ms)
@@ -657,12 +794,14 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
 
 async def calibration_for(session: AsyncSession, model: str, fits: Sequence[ConfigFit], *,
                           endpoint: str | None = None, pilot: Sequence[PilotRow] = (),
-                          population: int | None = None, exclude_batch: str | None = None) -> TokenCalibration:
+                          population: int | None = None, exclude_batch: str | None = None,
+                          repeated: float = 0.0) -> TokenCalibration:
     """Text-estimate → engine-token line from measured requests and finished batches, and the model's answer
     lengths (``obatch.bench.answers``): a pilot's of this file when given (``population``: the file's lines), else
     those of finished batches (on ``endpoint`` when it has enough) and of natural benchmark requests. A batch being
     estimated at its start leaves its own rows out (``exclude_batch``: the lines a pilot ran are already finished
-    there), so it is estimated from what its file's estimate saw."""
+    there), so it is estimated from what its file's estimate saw. ``repeated``: the mean share of a line's prompt
+    that repeats the lines before it (``cached_shares``), for what a pilot tells of the prefix cache."""
     ids = [i for f in fits for i in f.point_ids]
     pairs = [(float(s.prompt_estimate), float(s.prompt_tokens)) for s in await bench_repo.samples_of(session, ids)
              if s.ok and s.prompt_tokens is not None and s.prompt_estimate > 0]
@@ -687,19 +826,22 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
         if (seen := observe(tokens, None, None, run_id)) is not None:
             sources.benchmarks.append(seen)
     timed = await bench_repo.prompt_timings(session, model, exclude=exclude_batch)
-    kept = cache_kept(timed, min(fits, key=lambda f: f.concurrency), lambda e: max(1.0, slope * e + intercept),
-                      window=max(f.concurrency for f in fits))
+    alone = min(fits, key=lambda f: f.concurrency)
+    piloted = pilot_cache_kept(pilot, alone, repeated) if pilot else None
+    kept = cache_kept(timed, alone, lambda e: max(1.0, slope * e + intercept),
+                      window=max(f.concurrency for f in fits), default=1.0 if piloted is None else piloted)
     return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population),
                             cache_kept=kept)
 
 
 def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: ConfigFit,
-               tokens: Callable[[int], float], *, window: int) -> float:
+               tokens: Callable[[int], float], *, window: int, default: float = 1.0) -> float:
     """How much of the prefix an engine's cache should hold (``cached_shares``) it really skipped, from finished
     batch requests the engine timed: the least-squares slope of (full prompt time − measured) on the time the
     cache should have saved, in [0, 1]. llama.cpp and Ollama skip it (about 1); an engine without a prefix cache
-    processes every prompt in full (0). 1 (the cache works) until enough requests had a prefix to skip. The first
-    ``window`` lines of a batch are left out: their prompts were processed as one batch."""
+    processes every prompt in full (0). ``default`` (1: the cache works; or what a pilot showed) until enough
+    requests had a prefix to skip. The first ``window`` lines of a batch are left out: their prompts were processed
+    as one batch."""
     by_batch: dict[str, list[tuple[int, str, str, int, float]]] = defaultdict(list)
     for batch_id, line, url, body, estimate, ms in timed:
         by_batch[batch_id].append((line, url, body, estimate, ms))
@@ -714,8 +856,27 @@ def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: Conf
             saved = full * share
             num, den, saved_total = num + (full - ms) * saved, den + saved * saved, saved_total + saved
     if den <= 0 or saved_total < 0.05 * sum(fit.prompt_ms(tokens(r[4])) for r in timed) or len(timed) < 8:
-        return 1.0
+        return default
     return min(1.0, max(0.0, num / den))
+
+
+def pilot_cache_kept(pilot: Sequence[PilotRow], fit: ConfigFit, repeated: float) -> float | None:
+    """``cache_kept`` from a pilot, before any batch tells it: the pilot ran random lines of the file, so each had
+    about the file's mean repeated share (``repeated``, of ``cached_shares``) in common with those before it; what
+    its prompts took against their full cost (``fit.prompt_ms`` of the engine's own token counts) says how much of
+    that share the engine skipped. The first wave (the pilot's first ``c`` lines by start time) is left out; None
+    when the pilot cannot tell (too few lines, or too little repeated)."""
+    rows = []
+    for row in pilot:
+        done = orjson.loads(row.result_json or "{}")
+        prompt, ms, end = done.get("prompt_tokens"), done.get("engine_prompt_ms"), done.get("finished_at")
+        if prompt and ms is not None and end is not None and row.latency_ms is not None:
+            rows.append((float(end) - row.latency_ms / 1000, float(prompt), float(ms)))
+    rows = sorted(rows)[max((p.concurrency or 1) for p in pilot):] if rows else []
+    full = sum(fit.prompt_ms(p) for _, p, _ in rows)
+    if len(rows) < 8 or repeated < 0.05 or full <= 0:
+        return None
+    return min(1.0, max(0.0, (full - sum(ms for _, _, ms in rows)) / (repeated * full)))
 
 
 # ------------------------------------------------------------------------------------------------ estimating
@@ -915,10 +1076,11 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
     return out
 
 
-async def fits_preferring(session: AsyncSession, model: str, backend: str | None) -> list[ConfigFit]:
+async def fits_preferring(session: AsyncSession, model: str, backend: str | None, *, timings: TimedGroups = ()
+                          ) -> list[ConfigFit]:
     """The model's fits on ``backend`` when it has some, else on the backend it was measured on last."""
-    fits = (await fits_for(session, model, backend)) if backend else []
-    fits = fits or await fits_for(session, model)
+    fits = (await fits_for(session, model, backend, timings=timings)) if backend else []
+    fits = fits or await fits_for(session, model, timings=timings)
     if not fits:
         raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
                                    "first.", param="model")
@@ -973,9 +1135,10 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     one (``engine``'s capabilities; assumed when no engine is at hand). The model's context length is not asked
     (an estimate needs no engine): it only lowers that pick for requests too long to run at all. Without benchmark
     points, a pilot's own latencies are extrapolated instead."""
+    timings = await decode_timings(session, model, pilot, exclude_batch=exclude_batch)
     try:
-        fits = (await fits_for(session, model, backend)) if strict_backend else \
-            await fits_preferring(session, model, backend)
+        fits = (await fits_for(session, model, backend, timings=timings)) if strict_backend else \
+            await fits_preferring(session, model, backend, timings=timings)
     except errors.NotFoundError:
         fits = []
     population = lines.count + done
@@ -991,8 +1154,11 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
         num_ctx = context.fit_num_ctx(lines.need, None).num_ctx
     endpoint = next(iter(lines.urls)) if len(lines.urls) == 1 else None
+    window = concurrency or max(f.concurrency for f in fits)
+    shares = cached_shares(lines.texts, window) if pilot else []
     calibration = await calibration_for(session, model, fits, endpoint=endpoint, pilot=pilot, population=population,
-                                        exclude_batch=exclude_batch)
+                                        exclude_batch=exclude_batch,
+                                        repeated=statistics.fmean(shares) if shares else 0.0)
     history = await history_ratios(session, model, fits[0].backend)
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration,
                                    window=concurrency or max(f.concurrency for f in fits), num_ctx=num_ctx,
@@ -1001,6 +1167,28 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
     return made
+
+
+async def decode_timings(session: AsyncSession, model: str, pilot: Sequence[PilotRow] = (), *,
+                         exclude_batch: str | None = None) -> list[tuple[str | None, list[Timed]]]:
+    """The engine's decode timings of the model's finished batch lines (per batch, with its backend) and of a
+    pilot's lines (one group, on the engine being estimated): natural answers, at every context position they
+    reached."""
+    groups: dict[tuple[str, str], list[Timed]] = defaultdict(list)
+    for backend, batch_id, prompt, tokens, ms, latency, end in await bench_repo.decode_timings(
+            session, model, exclude=exclude_batch):
+        groups[(backend, batch_id)].append((float(prompt), float(tokens), ms, end - latency / 1000, end))
+    out: list[tuple[str | None, list[Timed]]] = [(backend, rows) for (backend, _), rows in groups.items()]
+    piloted: list[Timed] = []
+    for row in pilot:
+        done = orjson.loads(row.result_json or "{}")
+        values = [done.get(k) for k in ("prompt_tokens", "completion_tokens", "engine_decode_ms", "finished_at")]
+        if all(v is not None for v in values) and values[1] and row.latency_ms is not None:
+            p, o, ms, finished = (float(v) for v in values)
+            piloted.append((p, o, ms, finished - row.latency_ms / 1000, finished))
+    if piloted:
+        out.append((None, piloted))
+    return out
 
 
 def _nothing_left(fit: ConfigFit, model: str, done: int) -> Estimate:

@@ -1,8 +1,12 @@
 """A pilot: run a small random sample of a batch file itself, to learn how long its answers are (and, without any
 benchmark of the model, how long its requests take), before estimating the whole file.
 
-The sample is a seeded shuffle of the file's valid lines (the same file gives the same sample; a larger pilot
-extends a smaller one), run at the context window the batch will use, a few at a time. Every answer is stored as a
+The sample is drawn as the file streams past (a file of any size costs the memory of the sample alone): each valid
+line gets a seeded random key (a hash of the file, the seed and its custom_id: the same file gives the same sample,
+and a larger pilot extends a smaller one), and the lines with the smallest keys are taken **per stratum of caps**
+(no max_tokens, or the cap's power of two), as many from each as its share of the file: a 16-line pilot of a file
+with mixed caps then runs the file's mix of caps, not whatever 16 lines chance picked. It runs at the context
+window the batch will use, a few at a time. Every answer is stored as a
 ``PilotRow`` keyed by the file's content, the line's custom_id and its body: the batch that later imports the same
 file takes those lines as finished (``obatch.store.pilots.adopt``), so no line runs twice. Lines a pilot already
 ran are not run again by a second pilot. Failed lines are not stored: the batch runs them.
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
+import heapq
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -44,9 +48,50 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _requests(path: Path, model: str | None) -> list[Request]:
+def stratum(max_tokens: int | None) -> int:
+    """The cap kind a line counts in: -1 without max_tokens, else the cap's power of two."""
+    return -1 if max_tokens is None else max(0, max_tokens - 1).bit_length()
+
+
+def allocate(counts: dict[int, int], size: int) -> dict[int, int]:
+    """``size`` lines shared among strata in proportion to their ``counts`` (largest remainders; never more than a
+    stratum holds)."""
+    total = sum(counts.values())
+    if total <= size:
+        return dict(counts)
+    shares = {k: size * n / total for k, n in counts.items()}
+    taken = {k: int(v) for k, v in shares.items()}
+    for k in sorted(shares, key=lambda k: (taken[k] - shares[k], k))[:size - sum(taken.values())]:
+        taken[k] += 1
+    return taken
+
+
+def sample_file(path: Path, model: str | None, size: int, key: str) -> tuple[list[Request], dict[str, int], int]:
+    """The pilot's lines (stratified by cap kind, see the module docstring; in key order, which is random), the
+    context each model's longest line needs, and how many valid lines the file holds. Reads the file once, keeping
+    at most ``size`` lines per stratum (blocking: use a thread)."""
+    kept: dict[int, list[tuple[int, int, Request]]] = defaultdict(list)  # per stratum, a max-heap of smallest keys
+    counts: dict[int, int] = defaultdict(int)
+    need: dict[str, int] = {}
     with path.open("rb") as handle:
-        return [r for r in iter_file(handle, model=model) if isinstance(r, Request)]
+        for r in iter_file(handle, model=model):
+            if not isinstance(r, Request):
+                continue
+            cap = context.output_budget(r.body)
+            need[r.model] = max(need.get(r.model, 0),
+                                context.need_of(context.estimate_prompt_tokens(r.url, r.body), cap))
+            kind = stratum(cap)
+            counts[kind] += 1
+            rank = int.from_bytes(hashlib.sha256(f"{key}|{r.custom_id}".encode()).digest()[:8], "big")
+            heap = kept[kind]
+            if len(heap) < size:
+                heapq.heappush(heap, (-rank, r.line, r))
+            elif -heap[0][0] > rank:
+                heapq.heapreplace(heap, (-rank, r.line, r))
+    wanted = allocate(dict(counts), size)
+    chosen = [(-rank, r) for kind, heap in kept.items()
+              for rank, _, r in sorted(heap, key=lambda item: (-item[0], item[1]))[:wanted.get(kind, 0)]]
+    return [r for _, r in sorted(chosen, key=lambda item: (item[0], item[1].line))], need, sum(counts.values())
 
 
 async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, path: Path, *, size: int,
@@ -56,14 +101,11 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
     if not 1 <= size <= MAX_PILOT:
         raise errors.ConfigError(f"pilot must be between 1 and {MAX_PILOT} lines.", param="pilot")
     sha = await asyncio.to_thread(file_sha256, path)
-    requests = await asyncio.to_thread(_requests, path, model)
-    if not requests:
+    wanted, need, total = await asyncio.to_thread(sample_file, path, model, size, f"{sha}|{seed}")
+    if not total:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
     async with sessions() as session:
         have = {p.custom_id for p in await pilots.all_of(session, sha)}
-    order = list(range(len(requests)))
-    random.Random(f"{sha}|{seed}").shuffle(order)
-    wanted = [requests[i] for i in order[:min(size, len(requests))]]
     todo = [r for r in wanted if r.custom_id not in have]
     level = concurrency or DEFAULT_CONCURRENCY
     started = time.monotonic()
@@ -73,21 +115,19 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
         by_model[r.model].append(r)
     pool = backend if isinstance(backend, Pool) else Pool([backend], concurrency=level)
     for name, group in by_model.items():
-        stored, errored = await _run_group(sessions, pool, settings, sha, name, group,
-                                           [r for r in requests if r.model == name], level)
+        stored, errored = await _run_group(sessions, pool, settings, sha, name, group, need[name], level)
         ran, failed = ran + stored, failed + errored
     return {"requests": len(wanted), "ran": ran, "reused": len(wanted) - len(todo), "failed": failed,
             "seconds": time.monotonic() - started, "concurrency": level, "file_sha256": sha}
 
 
 async def _run_group(sessions: Sessions, pool: Pool, settings: Settings, sha: str, model: str,
-                     group: Sequence[Request], every: Sequence[Request], level: int) -> tuple[int, int]:
-    """One model's sample lines, at the context window the batch will pick for all of that model's lines."""
+                     group: Sequence[Request], need: int, level: int) -> tuple[int, int]:
+    """One model's sample lines, at the context window the batch will pick for all of that model's lines (whose
+    longest needs ``need`` tokens)."""
     num_ctx = None
     if pool.sets_num_ctx:
         info = await pool.route(model)
-        need = max(context.need_of(context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body))
-                   for r in every)
         num_ctx = context.fit_num_ctx(need, info.context_length).num_ctx
     await pool.prepare(model, num_ctx=num_ctx, parallel=None)  # the engine's own width: the batch's, not ours
     rows: list[PilotRow] = []

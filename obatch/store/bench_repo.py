@@ -110,6 +110,26 @@ async def prompt_timings(session: AsyncSession, model: str, limit: int = 400, *,
             for b, n, u, body, e, ms in (await session.execute(statement)).all()]
 
 
+async def decode_timings(session: AsyncSession, model: str, limit: int = 2000, *, exclude: str | None = None
+                         ) -> list[tuple[str, str, int, int, float, float, float]]:
+    """(backend, batch_id, prompt_tokens, completion_tokens, engine decode ms, latency ms, finished at) of a
+    model's newest succeeded batch requests the engine timed: how decoding slows down as the context of the
+    sequences in flight grows, at lengths a sweep never reached."""
+    statement = (
+        select(col(BatchRow.backend), col(RequestRow.batch_id), col(RequestRow.prompt_tokens),
+               col(RequestRow.completion_tokens), col(RequestRow.engine_decode_ms), col(RequestRow.latency_ms),
+               col(RequestRow.finished_at))
+        .join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id))
+        .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
+               col(RequestRow.engine_decode_ms).is_not(None), col(RequestRow.prompt_tokens).is_not(None),
+               col(RequestRow.latency_ms).is_not(None), col(RequestRow.finished_at).is_not(None),
+               col(RequestRow.completion_tokens) > 0, col(RequestRow.batch_id) != (exclude or ""))
+        .order_by(col(RequestRow.finished_at).desc()).limit(limit)
+    )
+    return [(b or "", i, int(p or 0), int(c or 0), float(ms or 0.0), float(lat or 0.0), float(end or 0.0))
+            for b, i, p, c, ms, lat, end in (await session.execute(statement)).all()]
+
+
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
     """(url, body JSON) of the first ``limit`` pending requests of one model of a batch, in line order."""
     statement = (select(col(RequestRow.url), col(RequestRow.body))
