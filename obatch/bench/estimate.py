@@ -60,6 +60,7 @@ the estimate endpoint, ``obatch estimate`` and the batch at its start — so one
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
 import heapq
@@ -569,14 +570,19 @@ def in_flight(group: Sequence[Timed]) -> list[tuple[float, float, float]]:
     through meanwhile (linearly from its prompt end to its answer end); without them (a sweep's requests), a request
     counts alone (its group's mean absorbs the others)."""
     timed = all(len(t) >= 5 for t in group)
+    lives = sorted((t[3], j) for j, t in enumerate(group) if t[4] > t[3]) if timed else []
+    starts = [start for start, _ in lives]
+    longest = max((group[j][4] - start for start, j in lives), default=0.0)
     out = []
     for i, mine in enumerate(group):
         own1, own2 = position_moments(mine[0], mine[1])
         count, sum1, sum2 = 1.0, own1, own2
         if timed and mine[4] > mine[3]:
             life = mine[4] - mine[3]
-            for j, other in enumerate(group):
-                if j == i or other[4] <= other[3]:
+            # only requests started within the longest life before this one's start can overlap it
+            for _, j in lives[bisect.bisect_right(starts, mine[3] - longest):bisect.bisect_left(starts, mine[4])]:
+                other = group[j]
+                if j == i:
                     continue
                 start, end = max(mine[3], other[3]), min(mine[4], other[4])
                 if end <= start:
