@@ -109,7 +109,7 @@ class Services:
 
 
 def _request_id() -> str:
-    return new_id("batch_req", sep="_", length=32)
+    return new_id("batch_req", sep="_", length=32, secret=False)
 
 
 def file_path(settings: Settings, file_id: str) -> Path:
