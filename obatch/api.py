@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
+from sqlalchemy import delete
+from sqlmodel import col
 
 from obatch import errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
 from obatch.concurrency import Concurrency
 from obatch.config import Settings
-from obatch.jsonl import Limits, validate_file
+from obatch.jsonl import summarise
 from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
 from obatch.protocol import Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
-from obatch.store.tables import BatchRow, RequestRow
+from obatch.store.tables import BatchRow, FileRow, RequestRow
 
 if TYPE_CHECKING:
     import polars as pl
@@ -138,14 +140,9 @@ async def run_batch_file(
             filename = "requests.jsonl"
         stored = await store_file(svc, chunks, filename=filename, purpose="batch")
         stored_path = file_path(settings, stored.id)
-        limits = Limits(max_bytes=settings.max_file_bytes, max_lines=settings.max_lines)
-        try:
-            total, _ = await asyncio.to_thread(validate_file, stored_path, limits=limits, model=model)
-        except errors.InputFileError as exc:
-            if path is not None:
-                exc.message = exc.message.replace(stored_path.name, path.name)
-            await asyncio.to_thread(stored_path.unlink, missing_ok=True)
-            raise
+        # The lines are checked once, as they are imported (a file with any problem is refused before any request);
+        # here they are only counted, for the progress bar.
+        total = await asyncio.to_thread(_count_lines, stored_path)
         signature = hashlib.sha256(
             f"{stored.sha256}|{model}|{backend.name}|{source}".encode()).hexdigest()
         async with sessions() as session:
@@ -178,12 +175,31 @@ async def run_batch_file(
             await write_results(svc, done.id, output, errors_path,
                                 {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(done.status))
         if done.status == "failed":
-            raise errors.InputFileError(f"Batch {done.id} failed.", errors.problems_from_json(done.errors_json))
+            problems = errors.problems_from_json(done.errors_json)
+            if done.in_progress_at is None:  # refused at import: the file is the problem, and it is not kept
+                await _forget(svc, done.id, done.input_file_id)
+                raise errors.InputFileError(summarise(problems, filename), problems)
+            raise errors.InputFileError(f"Batch {done.id} failed.", problems)
         return RunReport(done, output, errors_path, time.monotonic() - started)
     finally:
         if owned:
             await backend.aclose()
         await engine.dispose()
+
+
+def _count_lines(path: Path) -> int:
+    """The file's non-blank lines (what the import will count as requests, when the file is valid)."""
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if not line.isspace())
+
+
+async def _forget(svc: Services, batch_id: str, file_id: str) -> None:
+    """Remove a batch refused at import, and its input file: a refused file leaves nothing behind in the store."""
+    async with svc.sessions() as session:
+        await session.execute(delete(BatchRow).where(col(BatchRow.id) == batch_id))
+        await session.execute(delete(FileRow).where(col(FileRow.id) == file_id))
+        await session.commit()
+    await asyncio.to_thread(file_path(svc.settings, file_id).unlink, missing_ok=True)
 
 
 async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:

@@ -109,7 +109,7 @@ class Services:
 
 
 def _request_id() -> str:
-    return new_id("batch_req", sep="_", length=32)
+    return new_id("batch_req", sep="_", length=32, secret=False)
 
 
 def file_path(settings: Settings, file_id: str) -> Path:
@@ -482,10 +482,9 @@ def concurrency_json(pool: Pool, since: float) -> str:
 
 
 async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
-    async for row in repo.iter_pending(svc.sessions, batch_id, model):
-        body = orjson.loads(row.body)
-        yield Job(row.line, row.custom_id, row.url, body,
-                  num_ctx=context.explicit_num_ctx(body) or num_ctx, prompt_estimate=row.prompt_estimate)
+    async for line, custom_id, url, text, prompt_estimate in repo.iter_pending(svc.sessions, batch_id, model):
+        body = orjson.loads(text)
+        yield Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
 
 
 async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None, stream: bool = False) -> None:
@@ -580,49 +579,45 @@ async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_le
 # ----------------------------------------------------------------------------------------- finalising
 
 
-# What an output line needs of a row (not the request body nor the extracted content: a plain row of these costs
-# a fraction of a mapped RequestRow, on a path that runs once per line).
-_OUTPUT_COLUMNS = (RequestRow.custom_id, RequestRow.state, RequestRow.request_id, RequestRow.status_code,
-                   RequestRow.response, RequestRow.error_code, RequestRow.error_message, RequestRow.latency_ms,
-                   RequestRow.ttft_ms, RequestRow.attempts, RequestRow.num_ctx, RequestRow.loaded_context,
-                   RequestRow.truncated)
+# What an output line needs of a row, in this order, then its line (not the request body nor the extracted content:
+# plain values of these, read through the driver, cost a fraction of a mapped row on a path that runs once per line).
+_OUTPUT_COLUMNS = ("custom_id", "state", "request_id", "status_code", "response", "error_code", "error_message",
+                   "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated")
 
 
-def _stats(row: Any) -> LineStats:
-    return LineStats(line=row.line, latency_ms=row.latency_ms, ttft_ms=row.ttft_ms, attempts=row.attempts,
-                     num_ctx=row.num_ctx, loaded_context=row.loaded_context, truncated=row.truncated)
-
-
-def _line(row: Any, pending_code: str | None) -> tuple[bool, bytes]:
-    """(is_success, output line) for one row (``_OUTPUT_COLUMNS`` and its line). A success is the common line of a
-    big batch: it is written straight from the row, in ``OutputLine``'s shape and field order, with the body stored
-    as JSON text passed through unparsed; the others go through ``OutputLine``."""
-    if row.state == "succeeded":
-        request_id = row.request_id or _request_id()
+def _line(row: tuple[Any, ...], pending_code: str | None) -> tuple[bool, bytes]:
+    """(is_success, output line) for one row (``_OUTPUT_COLUMNS``' values and its line). A success is the common line
+    of a big batch: it is written straight from the row, in ``OutputLine``'s shape and field order, with the body
+    stored as JSON text passed through unparsed; the others go through ``OutputLine``."""
+    (custom_id, state, request_id, status_code, response, error_code, error_message, latency_ms, ttft_ms, attempts,
+     num_ctx, loaded_context, truncated, line) = row
+    truncated = bool(truncated)  # SQLite keeps booleans as 0/1
+    if state == "succeeded":
+        request_id = request_id or _request_id()
         return True, orjson.dumps({
-            "id": request_id, "custom_id": row.custom_id,
-            "response": {"status_code": row.status_code or 200, "request_id": request_id,
-                         "body": orjson.Fragment(row.response or "{}")},
+            "id": request_id, "custom_id": custom_id,
+            "response": {"status_code": status_code or 200, "request_id": request_id,
+                         "body": orjson.Fragment(response or "{}")},
             "error": None,
-            "obatch": {"line": row.line, "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms,
-                       "attempts": row.attempts, "num_ctx": row.num_ctx, "loaded_context": row.loaded_context,
-                       "truncated": row.truncated},
+            "obatch": {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
+                       "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated},
         }, option=orjson.OPT_APPEND_NEWLINE)
-    if row.state == "pending":
+    if state == "pending":
         code = pending_code or "batch_cancelled"
         message = ("This request could not be executed before the completion window expired."
                    if code == "batch_expired" else "This request was not executed: the batch was cancelled.")
-        return False, OutputLine(id=_request_id(), custom_id=row.custom_id, error=LineError(code=code, message=message),
-                                 obatch=LineStats(line=row.line)).to_jsonl()
-    response = None
-    if row.status_code:
-        kind = "invalid_request_error" if row.status_code < 500 else "server_error"
-        detail = ErrorDetail(message=row.error_message or "", type=kind, code=row.error_code)
-        response = ResponseBody(status_code=row.status_code, request_id=row.request_id or _request_id(),
-                                body=ErrorResponse(error=detail).model_dump())
-    return False, OutputLine(id=row.request_id or _request_id(), custom_id=row.custom_id, response=response,
-                             error=LineError(code=row.error_code, message=row.error_message),
-                             obatch=_stats(row)).to_jsonl()
+        return False, OutputLine(id=_request_id(), custom_id=custom_id, error=LineError(code=code, message=message),
+                                 obatch=LineStats(line=line)).to_jsonl()
+    response_body = None
+    if status_code:
+        kind = "invalid_request_error" if status_code < 500 else "server_error"
+        detail = ErrorDetail(message=error_message or "", type=kind, code=error_code)
+        response_body = ResponseBody(status_code=status_code, request_id=request_id or _request_id(),
+                                     body=ErrorResponse(error=detail).model_dump())
+    stats = LineStats(line=line, latency_ms=latency_ms, ttft_ms=ttft_ms, attempts=attempts, num_ctx=num_ctx,
+                      loaded_context=loaded_context, truncated=truncated)
+    return False, OutputLine(id=request_id or _request_id(), custom_id=custom_id, response=response_body,
+                             error=LineError(code=error_code, message=error_message), obatch=stats).to_jsonl()
 
 
 async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
@@ -637,7 +632,7 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     counts = [0, 0]
     buffers: tuple[list[bytes], list[bytes]] = ([], [])
     try:
-        async for row in repo.iter_rows(svc.sessions, batch_id, _OUTPUT_COLUMNS):
+        async for row in repo.iter_values(svc.sessions, batch_id, _OUTPUT_COLUMNS):
             ok, data = _line(row, pending_code)
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=10, ge=1)
     retry_initial_wait: float = Field(default=0.5, ge=0)
     retry_max_wait: float = Field(default=30.0, ge=0)
-    commit_every: int = Field(default=256, ge=1)  # with commit_interval: what a crash may send again
+    commit_every: int = Field(default=1024, ge=1)  # with commit_interval: what a crash may send again
     commit_interval: float = Field(default=0.5, gt=0)
 
     # Embedded engine (llama.cpp via xllamacpp).

@@ -176,6 +176,9 @@ def _control_problem(model: str) -> str | None:
 _CONTROL = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
+_LINE_FIELDS = frozenset(RequestLine.model_fields)  # read once: pydantic's class attribute costs per access
+
+
 def check_line(
     line_no: int, obj: Any, *, endpoint: str | None = None, model: str | None = None,
     policy: EnginePolicy | None = None,
@@ -185,7 +188,7 @@ def check_line(
     refuses engine options a client may not set."""
     if not isinstance(obj, dict):
         return LineProblem(line_no, "invalid_json_line", "Each line must be a JSON object.")
-    unknown = set(obj) - RequestLine.model_fields.keys()
+    unknown = obj.keys() - _LINE_FIELDS
     if unknown:
         return LineProblem(line_no, "invalid_request", f"Unknown field(s): {', '.join(sorted(unknown))}.")
     custom_id = obj.get("custom_id")

@@ -187,7 +187,8 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
             RequestRow(line=2, custom_id="bad", state="failed", status_code=400, request_id="batch_req_2",
                        error_code="context_length_exceeded", error_message="too long", **common),
             RequestRow(line=3, custom_id="late", state="pending", **common)]
-    written = [batches._line(row, "batch_expired") for row in rows]
+    stored = [(*(getattr(row, c) for c in batches._OUTPUT_COLUMNS), row.line) for row in rows]  # as the driver reads
+    written = [batches._line(values, "batch_expired") for values in stored]
     assert [ok for ok, _ in written] == [True, False, False]
     for _, data in written:  # the fast writer says what model_dump says
         line = OutputLine.model_validate_json(data)

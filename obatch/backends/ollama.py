@@ -266,7 +266,8 @@ def chat_response(data: dict[str, Any]) -> dict[str, Any]:
         reasoning = reasoning_share(int(data.get("eval_count") or 0), message["thinking"],
                                     str(message.get("content") or ""))
     return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": data.get("model"),
+        "id": new_id("chatcmpl", secret=False), "object": "chat.completion", "created": now(),
+        "model": data.get("model"),
         "choices": [{"index": 0, "message": out_message, "finish_reason": _finish_reason(data, bool(calls)),
                      "logprobs": chat_logprobs(data.get("logprobs"))}],
         "usage": _usage(data, reasoning),
@@ -297,7 +298,7 @@ def generate_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any
 def generate_response(data: dict[str, Any]) -> dict[str, Any]:
     text = data.get("response", "")
     return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": data.get("model"),
+        "id": new_id("cmpl", secret=False), "object": "text_completion", "created": now(), "model": data.get("model"),
         "choices": [{"index": 0, "text": text, "logprobs": completion_logprobs(data.get("logprobs"), text),
                      "finish_reason": _finish_reason(data, False)}],
         "usage": _usage(data),

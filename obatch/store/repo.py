@@ -6,7 +6,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import CursorResult, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -107,36 +107,51 @@ async def pending_groups(session: AsyncSession, batch_id: str, default_budget: i
     return [Group(model=m, pending=n, max_prompt_estimate=p or 0, max_need=x or 0) for m, n, p, x in rows]
 
 
-class PendingRow(Protocol):
-    line: int
-    custom_id: str
-    url: str
-    body: str
-    prompt_estimate: int
+# What a job needs of a pending row, in this order: line, custom_id, url, body (JSON text), prompt_estimate.
+PendingRow = tuple[int, str, str, str, int]
 
 
 async def iter_pending(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[PendingRow]:
     """Pending rows of one model in line order, a page at a time (keyset pagination, one short session each).
 
-    Plain rows of the five columns a job needs, not ORM objects: this is the hot path of a batch, and building a
-    mapped object per line cost more than the query."""
+    Plain tuples from the driver, not ORM objects nor SQLAlchemy's named rows: this is the hot path of a batch, and
+    building and reading a mapped row per line cost more than the query."""
     last = 0
     while True:
-        async with sessions() as session:
-            statement = (
-                select(col(RequestRow.line), col(RequestRow.custom_id), col(RequestRow.url), col(RequestRow.body),
-                       col(RequestRow.prompt_estimate))
-                .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
-                       col(RequestRow.state) == "pending", col(RequestRow.line) > last)
-                .order_by(col(RequestRow.line))
-                .limit(PAGE)
-            )
-            page: list[Any] = list((await session.execute(statement)).all())
+        page: list[Any] = await _page(sessions, _PENDING_SQL, batch_id, model, last)
         for row in page:
             yield row
         if len(page) < PAGE:
             return
-        last = page[-1].line
+        last = page[-1][0]
+
+
+_PENDING_SQL = ("SELECT line, custom_id, url, body, prompt_estimate FROM requests WHERE batch_id={} AND model={} "
+                "AND state='pending' AND line>{} ORDER BY line LIMIT " + str(PAGE))
+
+
+async def iter_values(sessions: Sessions, batch_id: str, columns: Sequence[str]) -> AsyncIterator[tuple[Any, ...]]:
+    """Every row of a batch in line order as plain tuples of ``columns`` (names of ``requests``' columns), then the
+    line number; a page at a time. The values are the driver's own (SQLite gives booleans as 0/1)."""
+    sql = (f"SELECT {', '.join(columns)}, line FROM requests WHERE batch_id={{}} AND line>{{}} ORDER BY line "
+           f"LIMIT {PAGE}")
+    last = 0
+    while True:
+        page = await _page(sessions, sql, batch_id, last)
+        for row in page:
+            yield row
+        if len(page) < PAGE:
+            return
+        last = page[-1][-1]
+
+
+async def _page(sessions: Sessions, sql: str, *params: Any) -> list[Any]:
+    """One page of ``sql`` (``{}`` where its parameters go) run through the driver in a short session of its own."""
+    async with sessions() as session:
+        dialect = _dialect(session)
+        connection = await session.connection()
+        statement = sql.format(*_marks(dialect.paramstyle, len(params)))
+        return list((await connection.exec_driver_sql(statement, params)).all())
 
 
 async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[Any] | None = None
