@@ -114,6 +114,11 @@ class ProcessWorker(BatchWorker):
     async def stop(self) -> None:
         """Close the child's stdin (it stops its batches and releases their leases), kill it if it lingers."""
         self._stopping = True
+        if self._supervisor is not None:  # first, so that no new child is started meanwhile
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._supervisor = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None:
@@ -124,11 +129,6 @@ class ProcessWorker(BatchWorker):
                 log.warning("batch process did not stop in time; killing it", extra={"pid": proc.pid})
                 proc.kill()
                 await proc.wait()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        self._supervisor = None
 
     def _send(self, line: bytes) -> bool:
         proc = self._proc
@@ -140,7 +140,11 @@ class ProcessWorker(BatchWorker):
     async def _wait_report(self) -> None:
         future = asyncio.get_running_loop().create_future()
         self._reports.append(future)
-        await future
+        try:
+            await future
+        finally:
+            with contextlib.suppress(ValueError):  # answered (the list was swapped) or given up on
+                self._reports.remove(future)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "OBATCH_PARENT_PID": str(os.getpid()), "OBATCH_WORKER_NICE": str(self._nice)}
