@@ -3,8 +3,9 @@
 Runs the real CLI in a subprocess against an instant Ollama simulator (also a subprocess, so it does not count),
 for files of 10k / 100k / 1M requests, and prints peak RSS (ru_maxrss of the CLI process) and req/s; with
 ``--server``, the same files go through `obatch serve` (upload, batch, wait, download the output) and the server
-process's peak RSS (VmHWM) is printed too. Target (issue #9): under 300 MB and flat. With ``--bench-points`` a small
-benchmark of the model is stored first, so the run also makes its start estimate (which reads the pending lines).
+process's peak RSS (VmHWM, its batch process's added) is printed too. Target (issue #9): under 300 MB and flat.
+With ``--bench-points`` a small benchmark of the model is stored first, so the run also makes its start estimate
+(which reads the pending lines).
 
     python bench/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
                            [--bench-points]
@@ -122,8 +123,11 @@ def measure_server(n: int, url: str, concurrency: int, work: Path, endpoint: str
                     lines += chunk.count(b"\n")
             seconds = time.perf_counter() - started
             assert lines == n, (lines, n)
-        status = Path(f"/proc/{server.pid}/status").read_text()
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+        # The server and its batch process (OBATCH_BATCH_WORKER=process): each one's peak, summed.
+        pids = [server.pid, *(int(c) for task in Path(f"/proc/{server.pid}/task").iterdir()
+                              for c in (task / "children").read_text().split())]
+        peak = sum(int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())  # type: ignore[union-attr]
+                       .group(1)) for pid in pids) / 1024
         return peak, n / seconds
     finally:
         server.terminate()

@@ -3,6 +3,7 @@
 (nothing holds the event loop: file I/O, JSON of big bodies and DB work stay off it).
 
     python bench/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
+    python bench/responsiveness.py --batch-worker thread   # batches on a loop of their own in the server's process
     python bench/responsiveness.py --split    # API-only server; the batches run in a second process on the store
     python bench/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
 
@@ -92,7 +93,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
         "OBATCH_BACKEND": "ollama", "OBATCH_OLLAMA_URL": f"http://127.0.0.1:{sim_port}",
         "OBATCH_DATA_DIR": str(root / "data"), "OBATCH_SERVER_CONCURRENCY": str(args.concurrency),
         "OBATCH_RATE_LIMIT_PER_MINUTE": "0", "OBATCH_MAX_LINES": str(max(args.lines, 50_000)),
-        "OBATCH_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1",
+        "OBATCH_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1", "OBATCH_BATCH_WORKER": args.batch_worker,
     })
     if database_url:
         env["OBATCH_DATABASE_URL"] = database_url
@@ -104,7 +105,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
     if args.split:  # an API-only server, and a second process on the same store that runs the batches
         worker = spawn([sys.executable, "-m", "obatch", "serve", "--port", str(free_port())], env,
                        root / "worker.log")
-        env = {**env, "OBATCH_RUN_BATCHES": "false"}
+        env = {**env, "OBATCH_BATCH_WORKER": "none"}
     server = spawn([*spy, sys.executable, "-m", "obatch", "serve", "--port", str(port)], env, root / "server.log")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -150,7 +151,7 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
         sim.wait(timeout=30)
     done = sum(s["request_counts"]["completed"] for s in states)
     store = "PostgreSQL" if database_url else "SQLite"
-    topology = ", an API-only server + a batch process" if args.split else ""
+    topology = ", an API-only server + a second server" if args.split else f", batches in a {args.batch_worker}"
     print(f"responsiveness on {store}{topology}: {args.batches} × {args.lines} lines, {args.concurrency} slots, "
           f"{args.uploads} uploads of {args.upload_lines} lines at once{' (asyncio debug)' if args.debug else ''}")
     print(f"  idle  GET /v1/batches/{{id}}: n={len(idle)} p50 {pct(idle, .5):.1f} ms, p99 {pct(idle, .99):.1f} ms")
@@ -187,8 +188,10 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--postgres", action="store_true")
     p.add_argument("--database-url")
+    p.add_argument("--batch-worker", choices=["process", "thread", "loop"], default="process",
+                   help="where the server drives the batches (OBATCH_BATCH_WORKER)")
     p.add_argument("--split", action="store_true",
-                   help="OBATCH_RUN_BATCHES=false on the measured server; a second server process runs the batches")
+                   help="OBATCH_BATCH_WORKER=none on the measured server; a second server process runs the batches")
     p.add_argument("--debug", action="store_true", help="asyncio debug mode in the server; list slow callbacks")
     p.add_argument("--py-spy", metavar="FILE", help="sample the server with py-spy into FILE (collapsed stacks)")
     args = p.parse_args()

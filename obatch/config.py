@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "ollama", "openai", "local"]
@@ -70,8 +70,14 @@ class Settings(BaseSettings):
     worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
     min_file_expiry: int = Field(default=3600, ge=1)  # shortest expires_after / output_expires_after, seconds
     file_sweep_interval: float = Field(default=60.0, gt=0)  # how often the server deletes expired files
-    worker_thread: bool = True  # the server drives batches on an event loop of its own (keeps the API responsive)
-    run_batches: bool = True  # false: an API-only server; other processes on the same store run the batches
+    # Where the server drives batches: "process" (a supervised child at lower CPU priority; the API stays as quick
+    # as when idle), "thread" (an event loop of its own in the server's process), "loop" (the API's own loop), or
+    # "none" (an API-only server; other processes on the same store run the batches). The embedded engine ("local")
+    # runs in the server's process, so its batches do too ("thread" and "process" mean "loop" there).
+    batch_worker: Literal["process", "thread", "loop", "none"] = "process"
+    worker_nice: int = Field(default=10, ge=0, le=19)  # how much lower the batch process's CPU priority is
+    worker_thread: bool | None = None  # older spelling: false = batch_worker "loop", true = "thread"
+    run_batches: bool | None = None  # older spelling: false = batch_worker "none"
 
     # Leases: one process drives a batch at a time; a dead process's batches are taken over once its lease expires.
     lease_ttl: float = Field(default=30.0, gt=0)  # seconds a lease lasts without a heartbeat
@@ -98,6 +104,14 @@ class Settings(BaseSettings):
     max_client_output_tokens: int = Field(default=32768, ge=1)  # largest max_tokens / num_predict
     allow_client_keep_alive: bool = False  # may clients set keep_alive (how long the engine keeps a model)?
     max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0)  # stored files per key; 0 = no quota
+
+    @model_validator(mode="after")
+    def _older_spellings(self) -> Settings:
+        if self.run_batches is False:
+            self.batch_worker = "none"
+        elif self.worker_thread is not None and "batch_worker" not in self.model_fields_set:
+            self.batch_worker = "thread" if self.worker_thread else "loop"
+        return self
 
     @field_validator("ollama_url", "openai_base_url")
     @classmethod

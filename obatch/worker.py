@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from obatch import batches, lease
 from obatch.backends.pool import Pool
@@ -55,6 +56,14 @@ class BatchWorker:
     def pool(self) -> Pool | None:
         """The engine hosts the batches lease from (with their levels), for ``/health``."""
         return self.svc.pool
+
+    def describe(self) -> list[dict[str, Any]] | None:
+        """The engine hosts as the batches see them (levels learned while they run), for ``/health``."""
+        pool = self.pool
+        return pool.describe() if pool is not None else None
+
+    async def refresh(self) -> None:
+        """Bring ``describe`` and ``running`` up to date: nothing to do here (a worker elsewhere is asked)."""
 
     async def start(self) -> None:
         if self._supervisor is None:

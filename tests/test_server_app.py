@@ -105,8 +105,10 @@ async def test_two_apps_keep_separate_metrics(tmp_path: Path) -> None:
     assert 'route="/v1/models"' not in text_two
 
 
-async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path: Path) -> None:
-    """Two engine hosts in OBATCH_OLLAMA_URL: /health shows each with its level; a batch uses both."""
+@pytest.mark.parametrize("batch_worker", ["process", "thread"])
+async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path: Path, batch_worker: str) -> None:
+    """Two engine hosts in OBATCH_OLLAMA_URL: /health shows each with its level; a batch uses both (batches in a
+    child process, or on a loop of their own)."""
     from obatch.testing.ollama_sim import OllamaSim, SimConfig
     from tests.helpers import chat_line, jsonl
     from tests.serverkit import settled
@@ -114,7 +116,8 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
     async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as one, \
             OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as two:
         config = Settings(_env_file=None, data_dir=tmp_path / "data", rate_limit_per_minute=0,  # type: ignore[call-arg]
-                          backend="ollama", ollama_url=f"{one.url},{two.url}", worker_poll_interval=0.1)
+                          backend="ollama", ollama_url=f"{one.url},{two.url}", worker_poll_interval=0.1,
+                          batch_worker=batch_worker)
         async with AsyncTestClient(create_app(config)) as client:
             hosts = (await client.get("/health")).json()["backend"]["hosts"]
             assert [h["url"] for h in hosts] == [one.url, two.url]
@@ -126,7 +129,7 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
                 "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
                 "completion_window": "24h"})).json()
             batch = await settled(client, batch["id"], pause=0.1)
-            # /health shows the hosts as the batches saw them (the worker runs its own pool on its own loop)
+            # /health shows the hosts as the batches saw them (the worker runs its own pool, in its process or thread)
             served = sum(h["served"] for h in (await client.get("/health")).json()["backend"]["hosts"])
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 80
     assert served == 80

@@ -4,9 +4,15 @@ resumes and every input custom_id ends in exactly one of the two result files, o
 from __future__ import annotations
 
 import io
+import os
+import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import pytest
 from openai import OpenAI
 
 from obatch.testing.ollama_sim import OllamaSim
@@ -58,3 +64,50 @@ def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_
         restarted.stop()
     # SIGTERM shuts down cleanly (uvicorn re-raises the signal once the app's lifespan has ended).
     assert restarted.proc.returncode in (0, -15) and "Application shutdown complete." in restarted.log()
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_batch_process_is_niced_restarted_and_dies_with_the_server(obatch_sim: OllamaSim, tmp_path: Path
+                                                                      ) -> None:
+    """The server's batches run in a child at a lower CPU priority; a killed child is replaced (and /health shows
+    the new child's hosts); a SIGKILLed server takes its child with it."""
+    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"])
+    server = ServerProcess.start(tmp_path / "data", env)
+    try:
+        [first] = children(server.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, first) - os.getpriority(os.PRIO_PROCESS, server.proc.pid) == 10
+        os.kill(first, signal.SIGKILL)
+        with OpenAI(base_url=server.v1, api_key=KEYS["alice"], max_retries=0) as client:
+            file_id = client.files.create(file=("after.jsonl", io.BytesIO(jsonl(
+                chat_line(f"a{i}", max_tokens=4) for i in range(20)))), purpose="batch").id
+            batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            wait_for(lambda: client.batches.retrieve(batch.id).status in FINAL)
+            assert client.batches.retrieve(batch.id).status == "completed"
+        hosts = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {KEYS['alice']}"}
+                          ).json()["backend"]["hosts"]
+        assert sum(h["served"] for h in hosts) == 20  # counted by the new child, which ran the whole batch
+        [second] = children(server.proc.pid)
+        assert second != first and "batch process exited; starting another" in server.log()
+        server.kill()
+        wait_for(lambda: not alive(second), timeout=10)
+    finally:
+        server.kill()

@@ -20,11 +20,10 @@ from litestar.openapi import OpenAPIConfig
 from obatch import batches
 from obatch._heap import settle
 from obatch.backends import Backend, open_backend
-from obatch.backends.pool import Pool
 from obatch.batches import Services
-from obatch.bench.estimate import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.server import auth
+from obatch.server.batchproc import ProcessWorker, batch_services
 from obatch.server.controllers import (
     BatchesController,
     BenchmarksController,
@@ -66,11 +65,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     metrics = Metrics()
 
     def services(sessions: db.Sessions, client: Backend) -> Services:
-        """What batch work needs: every engine host metered, each at the server's level (fixed or auto)."""
-        level = settings.server_concurrency or settings.concurrency
-        metered = client.mapped(metrics.wrap) if isinstance(client, Pool) else metrics.wrap(client)
-        return Services(settings.model_copy(update={"concurrency": level}), sessions, metered,
-                        estimator=estimate_json_for_batch)
+        return batch_services(settings, sessions, client, metrics)
 
     @asynccontextmanager
     async def worker_services(kind: str) -> AsyncIterator[Services]:
@@ -91,16 +86,21 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         client = backend or await open_backend(settings)
         try:
             svc = services(sessions, client)
-            if backend is None and settings.worker_thread and client.name != "local":
-                # Batches run on their own loop (an HTTP engine client is cheap to open twice; the embedded
-                # engine is not, and stays on this loop). The worker's pool learns its own levels.
-                worker: BatchWorker = ThreadedWorker(lambda: worker_services(client.name),
-                                                     poll_interval=settings.worker_poll_interval)
+            # Batches run in a process or on a loop of their own (an HTTP engine client is cheap to open twice; the
+            # embedded engine is not, and stays on this loop, as does a backend passed in). The worker's pool
+            # learns its own levels.
+            apart = backend is None and client.name != "local"
+            worker: BatchWorker
+            if apart and settings.batch_worker == "process":
+                worker = ProcessWorker(settings, kind=client.name, owner=svc.owner, metrics=metrics)
+            elif apart and settings.batch_worker == "thread":
+                worker = ThreadedWorker(lambda: worker_services(client.name),
+                                        poll_interval=settings.worker_poll_interval)
             else:
                 worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             probe = BackendProbe(svc.backend, ", ".join(h["url"] for h in svc.pool.describe()))
             app.state.update(svc=svc, worker=worker, metrics=metrics, probe=probe)
-            if settings.run_batches:  # else an API-only server: another process on the store finds new batches
+            if settings.batch_worker != "none":  # else an API-only server: another process on the store runs them
                 await worker.start()
             settle()  # what start-up built lives as long as the server: out of every later collection
             sweeper = asyncio.create_task(sweep_expired_files(svc), name="obatch-file-sweep")

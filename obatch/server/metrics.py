@@ -7,10 +7,12 @@ same metric names, and nothing about other keys' traffic.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from sqlalchemy import func, select
 from sqlmodel import col
 
@@ -38,7 +40,9 @@ class Metrics:
                                          ["method", "route"], registry=r)
         self.backend_seconds = Histogram("obatch_backend_request_duration_seconds",
                                          "Engine request latency (batch lines and pass-through).",
-                                         ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+                                         ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=None)
+        self.remote_backend_samples: list[list[Any]] = []  # the batch process's histogram: [name, labels, value]
+        r.register(_Merged(self.backend_seconds, self))
         self.batches = Gauge("obatch_batches", "Batches in the store by status.", ["status"], registry=r)
         self.lines = Gauge("obatch_batch_lines", "Batch lines (requests) in the store by status.", ["status"],
                            registry=r)
@@ -88,6 +92,28 @@ async def tenant_metrics(svc: Services, owner: str) -> bytes:
         lines.labels(state).set(by_state.get(state, 0))
     Gauge("obatch_queue_depth", "Your lines waiting to run in active batches.", registry=registry).set(queued or 0)
     return generate_latest(registry)
+
+
+class _Merged(Collector):
+    """This process's engine-latency histogram plus the last samples the batch process reported (its lines ran
+    there): one metric, as if one process had run them all."""
+
+    def __init__(self, local: Histogram, metrics: Metrics) -> None:
+        self._local, self._metrics = local, metrics
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._local.collect():
+            merged: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {
+                (s.name, tuple(sorted(s.labels.items()))): s for s in family.samples}
+            for name, labels, value in self._metrics.remote_backend_samples:
+                key = (name, tuple(sorted(labels.items())))
+                mine = merged.get(key)
+                if mine is None:
+                    merged[key] = Sample(name, labels, value)
+                elif not name.endswith("_created"):
+                    merged[key] = mine._replace(value=mine.value + value)
+            family.samples = list(merged.values())
+            yield family
 
 
 class MeteredBackend(BackendWrapper):

@@ -301,9 +301,10 @@ async def health(svc: Services, worker: BatchWorker | None = None, probe: Backen
     except Exception as exc:
         healthy, report["status"], report["db"] = False, "error", f"unreachable: {type(exc).__name__}"
     # Each engine host: state, concurrency and why, models — as the batches see them (the worker may run its own
-    # pool on its own loop, where the levels are learned).
-    pool = (worker.pool if worker is not None else None) or svc.pool
-    hosts = pool.describe()
+    # pool on its own loop or in its own process, where the levels are learned).
+    if worker is not None:
+        await worker.refresh()
+    hosts = (worker.describe() if worker is not None else None) or svc.pool.describe()
     backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
     report["backend"].update(backend, urls=[h["url"] for h in hosts], hosts=hosts)
     if not backend["reachable"] and healthy:

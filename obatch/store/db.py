@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -59,6 +59,9 @@ def _switch_to_wal(path: str) -> None:
                 switch()
 
 
+SQLITE_OVERFLOW = 128  # connections beyond the pool's 5, opened under bursts and closed after them
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -74,7 +77,12 @@ def create_engine(url: str) -> AsyncEngine:
         path = _sqlite_path(url)
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # Writers wait for SQLite's one write lock holding a connection; with the default pool (5 + 10) twenty
+        # uploads committing while the batch process wrote took every connection, and reads (which WAL never makes
+        # wait) queued behind them for 0.2-0.5 s. Connections to a local file are cheap: room for reads too.
+        in_memory = make_url(url).database in (None, "", ":memory:")  # one static connection: no pool to size
+        pool: dict[str, Any] = {} if in_memory else {"max_overflow": SQLITE_OVERFLOW}
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(url, pool_pre_ping=True)

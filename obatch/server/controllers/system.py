@@ -26,5 +26,6 @@ class SystemController(Controller):
                       admin: Admin) -> Response[bytes]:
         if not admin:
             return Response(await tenant_metrics(svc, owner or ""), media_type=CONTENT_TYPE)
+        await worker.refresh()  # the engine latencies and running batches of a batch process
         await metrics.refresh(svc, len(worker.running))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
