@@ -117,7 +117,7 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
         "OBATCH_WORKER_POLL_INTERVAL": "0.25", "OBATCH_LEASE_TTL": str(args.lease_ttl),
         "OBATCH_LEASE_HEARTBEAT": str(args.lease_ttl / 4), "OBATCH_RATE_LIMIT_PER_MINUTE": "0",
         "OBATCH_MAX_LINES": str(max(args.lines, 50_000)), "OBATCH_COMMIT_INTERVAL": str(args.commit_interval),
-        "TQDM_DISABLE": "1",
+        "OBATCH_BATCH_WORKER": args.batch_worker, "TQDM_DISABLE": "1",
     })
     if database_url:
         env["OBATCH_DATABASE_URL"] = database_url
@@ -222,6 +222,8 @@ def main() -> int:
     p.add_argument("--lease-ttl", type=float, default=3.0)
     p.add_argument("--postgres", action="store_true", help="run on a throwaway PostgreSQL cluster")
     p.add_argument("--database-url", default=None)
+    p.add_argument("--batch-worker", choices=["process", "thread", "loop"], default="process",
+                   help="where each server drives its batches (OBATCH_BATCH_WORKER)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()

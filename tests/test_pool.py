@@ -17,6 +17,7 @@ import pytest
 from obatch import errors
 from obatch.api import run_batch_file
 from obatch.backends import open_backend
+from obatch.backends import pool as pool_module
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
@@ -115,3 +116,23 @@ async def test_a_pool_is_unreachable_only_when_every_host_is(make_settings: Call
                 await pool.version()
         finally:
             await pool.aclose()
+
+
+async def test_a_busy_host_is_not_sent_more_than_it_holds(tmp_path: Path, make_settings: Callable[..., Settings],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine with one slot and no queue answers 503 to everything beyond it. At a fixed level of 8 each refusal
+    used to free a slot for the next line, refused in turn; now a refusal makes no room for a moment."""
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=16) for i in range(20)])
+
+    async def refusals() -> int:
+        async with OllamaSim(SimConfig(num_parallel=1, max_queue=0, decode_tps=400)) as sim:
+            settings = make_settings(sim.url, concurrency=8, max_attempts=1000, commit_every=1)
+            report = await run_batch_file(path, settings=settings, progress=False)
+        assert report.batch.completed == 20 and output_ids(report.output) == Counter({f"r{i}": 1 for i in range(20)})
+        return sim.stats.busy_503
+
+    paused = await refusals()
+    monkeypatch.setattr(pool_module, "BUSY_PAUSE", 0.0)
+    monkeypatch.setattr(pool_module, "BUSY_PAUSE_MAX", 0.0)
+    unpaused = await refusals()
+    assert paused < 60 and unpaused > 3 * paused, (paused, unpaused)

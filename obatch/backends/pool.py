@@ -11,6 +11,11 @@ it takes no new request, its in-flight requests fail and are retried on the othe
 until it answers again. A pool of one host is never drained: there is no other host to hand its lines to, and the
 retry policy alone decides when a line gives up. For the same reason the last host up is never drained: with every
 host failing, lines spend their attempts and fail as they would against one engine, rather than wait for ever.
+
+A host that answers "busy" (503/429: its queue is full) is given, for a moment (``BUSY_PAUSE``, doubling while it
+stays busy, reset by an answer), no more requests than it still holds: one that ends makes room for one more, a
+refusal makes none. Without this a slot freed by a refusal went at once to the next line, which the full queue
+refused in turn: a stream of 503s as fast as the client could send, at any fixed level.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ log = logging.getLogger("obatch.pool")
 
 FAILURES_TO_DRAIN = 3
 PROBE_INITIAL, PROBE_MAX = 0.5, 30.0
+BUSY_PAUSE, BUSY_PAUSE_MAX = 0.25, 4.0  # seconds a busy host is left alone; doubles while it stays busy
 
 
 def host_url(backend: Backend) -> str:
@@ -58,10 +64,14 @@ class Host:
     served: int = 0
     models: set[str] | None = None  # None: not asked yet
     error: str | None = None
+    busy_until: float = 0.0  # time.monotonic() until which the host holds at most ``busy_room`` (it answered busy)
+    busy_room: int = 0
+    busy_pause: float = 0.0  # the last pause; 0 after an answer
     _probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def has_room(self) -> bool:
-        return self.up and self.inflight < self.limit.level
+        room = self.limit.level if time.monotonic() >= self.busy_until else min(self.limit.level, self.busy_room)
+        return self.up and self.inflight < room
 
     def serves(self, model: str | None) -> bool:
         return model is None or self.models is None or model in self.models
@@ -202,9 +212,11 @@ class Pool:
         latency = time.perf_counter() - lease.started
         busy = isinstance(error, errors.ServerBusyError)
         host.limit.done(lease.epoch, work=work if error is None else None, latency=latency, overloaded=busy)
+        if busy:
+            self._pause(host)
         if error is None and work is not None:
             host.served += 1
-            host.failures, host.error = 0, None
+            host.failures, host.error, host.busy_pause = 0, None, 0.0
         elif isinstance(error, errors.TransientError) and not busy:
             host.failures += 1
             host.error = error.message
@@ -212,6 +224,18 @@ class Pool:
             if host.failures >= FAILURES_TO_DRAIN and host.up and others_up:
                 self._drain(host)
         self._wake()
+
+    def _pause(self, host: Host) -> None:
+        """A busy host holds no more than it still has in flight for a moment; refusals of requests already sent
+        lower that room but do not lengthen the pause."""
+        now = time.monotonic()
+        if now < host.busy_until:
+            host.busy_room = min(host.busy_room, host.inflight)
+            return
+        host.busy_room = host.inflight
+        host.busy_pause = min(BUSY_PAUSE_MAX, host.busy_pause * 2 or BUSY_PAUSE)
+        host.busy_until = now + host.busy_pause
+        asyncio.get_running_loop().call_later(host.busy_pause, self._wake)
 
     # ---------------------------------------------------------------------------------------------- health
 
