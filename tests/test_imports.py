@@ -54,3 +54,13 @@ def test_the_batch_lifecycle_imports_nothing_from_the_benchmarks(tmp_path: objec
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
                             cwd=str(tmp_path))
     assert result.stdout.strip() == "clean"
+
+
+def test_the_servers_batch_process_loads_no_web_framework(tmp_path: object) -> None:
+    """The batch process drives engines and the store only: every library it loads without need is memory
+    the server's pair of processes holds for nothing (Litestar alone is about 40 MB)."""
+    check = ("import sys, obatch.server.batchproc\n"
+             "print(','.join(sorted(m for m in ('litestar', 'uvicorn', 'streamlit') if m in sys.modules)) or 'clean')")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                            cwd=str(tmp_path))
+    assert result.stdout.strip() == "clean"
