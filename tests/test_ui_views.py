@@ -166,6 +166,8 @@ def test_results_frame_and_filters() -> None:
         "ttft_ms": None, "num_ctx": None, "truncated": None, "attempts": None, "error_code": None,
         "error_message": None}
     assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
+    later = {**ok, "custom_id": "0-first-by-name", "obatch": {"line": 9}}
+    assert views.results_frame(jsonl(later, ok))["line"].to_list() == [1, 9]  # input order, not the names'
     assert views.filter_results(frame, statuses=["failed"]).height == 1
     assert views.filter_results(frame, statuses=["failed", "expired"]).height == 2
     assert views.filter_results(frame, finish_reasons=["length"])["custom_id"].to_list() == ["a"]

@@ -326,7 +326,8 @@ class FakeServer:
                 continue
             if "fail" in text:
                 err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
-                            "error": {"code": "server_error", "message": "The engine failed."}})
+                            "error": {"code": "server_error", "message": "The engine failed."},
+                            "obatch": {"line": n + 1}})
                 continue
             result: dict[str, Any] = {
                 "id": f"batch_req_{n}", "custom_id": line["custom_id"], "error": None,
@@ -335,8 +336,9 @@ class FakeServer:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"},
                                  "finish_reason": "length" if n % 3 == 2 else "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}}}
+            result["obatch"] = {"line": n + 1}  # as obatch writes every line
             if latency:
-                result["obatch"] = {"line": n + 1, "latency_ms": 100.0 * (n + 1) + 0.4567}  # as obatch writes it
+                result["obatch"]["latency_ms"] = 100.0 * (n + 1) + 0.4567
             out.append(result)
         now = int(time.time())
         batch.update(status=status, finalizing_at=now, **{f"{status}_at": now},

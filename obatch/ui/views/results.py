@@ -62,10 +62,11 @@ def _lines(data: bytes | None) -> Iterable[OutputLine]:
 
 
 def results_frame(output: bytes | None, errors: bytes | None = None) -> pl.DataFrame:
-    """Output and error files → one row per request (matched on ``custom_id``, sorted by it), in the notebook API's
-    ``RESULT_SCHEMA``. A line that is not an output line fails loudly (``pydantic.ValidationError``)."""
+    """Output and error files → one row per request, in input order (obatch's ``line``; lines without one, as in
+    another service's files, after them by ``custom_id``), in the notebook API's ``RESULT_SCHEMA``. A line that is
+    not an output line fails loudly (``pydantic.ValidationError``)."""
     rows = [_result_row(line) for data in (output, errors) for line in _lines(data)]
-    return pl.DataFrame(rows, schema=result_schema()).sort("custom_id")
+    return pl.DataFrame(rows, schema=result_schema()).sort(["line", "custom_id"], nulls_last=True)
 
 
 def filter_results(frame: pl.DataFrame, *, statuses: Sequence[str] | None = None,
