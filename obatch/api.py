@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy import delete
 from sqlmodel import col
 
-from obatch import errors
+from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
 from obatch.concurrency import Concurrency
@@ -243,7 +243,7 @@ def run_sync(requests: RequestsInput, **kwargs: Any) -> pl.DataFrame:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run(requests, **kwargs))
+        return _loop.run(run(requests, **kwargs))
     import nest_asyncio
 
     nest_asyncio.apply()

@@ -1,15 +1,15 @@
-"""``obatch`` command line. Handlers are coroutines; ``main`` runs one with ``asyncio.run`` and turns obatch's
-errors into one line on stderr and an exit status (``api.run_sync`` is the notebook's other way onto a loop)."""
+"""``obatch`` command line. Handlers are coroutines; ``main`` runs one on obatch's loop (``_loop.run``) and turns
+obatch's errors into one line on stderr and an exit status
+(``api.run_sync`` is the notebook's other way onto a loop)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
-from obatch import errors
+from obatch import _loop, errors
 from obatch._extras import require
 from obatch.config import Settings
 
@@ -174,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(asyncio.run(args.handler(args)))
+        return int(_loop.run(args.handler(args)))
     except errors.InputFileError as exc:
         _print_problems(exc)
         return 2

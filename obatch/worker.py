@@ -25,7 +25,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from obatch import batches, lease
+from obatch import _loop, batches, lease
 from obatch.backends.pool import Pool
 from obatch.bench.sweeps import SweepRunner
 from obatch.store import repo
@@ -171,7 +171,7 @@ class ThreadedWorker(BatchWorker):
         if self._thread is None:
             # The worker's thread is busy: let the API's loop have the GIL back within 0.5 ms, not 5.
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-            self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="obatch-worker",
+            self._thread = threading.Thread(target=_loop.run, args=(self._main(),), name="obatch-worker",
                                             daemon=True)
             self._thread.start()
             await asyncio.to_thread(self._ready.wait)

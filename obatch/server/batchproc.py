@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
-from obatch import batches
+from obatch import _loop, batches
 from obatch.backends import Backend, open_backend
 from obatch.backends.pool import Pool
 from obatch.bench.estimate import estimate_json_for_batch
@@ -253,7 +253,7 @@ def main() -> None:
         os.nice(int(os.environ.get("OBATCH_WORKER_NICE", "0")))
     out = os.dup(1)
     os.dup2(2, 1)  # anything printed goes to the log, not into the pipe
-    asyncio.run(_child(out))
+    _loop.run(_child(out))
 
 
 if __name__ == "__main__":
