@@ -56,6 +56,7 @@ from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.config import Settings
 from obatch.protocol import DurationEstimate
+from obatch.store import pilots
 from obatch.store.db import open_store
 
 MODEL_LOCAL = "smollm2:135m"
@@ -142,18 +143,19 @@ class Windowed(BackendWrapper):
 CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, None, 32, 64, 128, 256)}
 
 
-def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long") -> Path:
+def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long",
+                  passages: int = 4) -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
     none (``uncapped``: the model stops where it likes) or some of each (``mixed``). ``questions="short"`` asks
     questions a small model answers in a few words, ended at the first line break (so it stops by itself well
-    inside its context)."""
+    inside its context); ``passages``: the most context passages a long one carries (each about 100 tokens)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         if questions == "short":
             context, ask = "", rng.choice(SHORT_ASKS)
         else:
-            context = PASSAGE * rng.randint(0, 4)
+            context = PASSAGE * rng.randint(0, passages)
             ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
                                 "temperature": 0}
@@ -179,6 +181,17 @@ async def file_estimate(settings: Settings, path: Path, concurrency: int, backen
         await engine.dispose()
 
 
+async def pilot_answers(settings: Settings, path: Path) -> tuple[int, int]:
+    """(lines, completion tokens) a pilot ran of this file."""
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            rows = await pilots.all_of(session, await asyncio.to_thread(file_sha256, path))
+        return len(rows), sum(r.completion_tokens or 0 for r in rows)
+    finally:
+        await engine.dispose()
+
+
 async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign: ForeignCpu,
                        sim_url: str | None) -> list[tuple[str, float, bool, bool]]:
     """Held-out files of one kind on a copy of the swept store, so the first knows nothing of answer lengths:
@@ -195,7 +208,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
         for attempt in range(args.natural_runs):
             held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind,
-                                 questions=args.questions)
+                                 questions=args.questions, passages=args.passages)
             blind = await file_estimate(settings, held, args.concurrency, backend)
             guesses = [("nothing learnt", blind)]
             if attempt == 0:
@@ -214,6 +227,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                                        progress=False, fresh=True)
             actual, others = run.batch.run_seconds, foreign.share()
             disturbed = others > args.max_foreign
+            piloted = await pilot_answers(settings, held) if attempt == 0 else (0, 0)
             for label, guess in guesses:
                 if label == "nothing learnt" and attempt == 0 and len(guesses) > 1:
                     # the run covers the lines the pilot left; scale the blind estimate of all lines to them
@@ -225,14 +239,20 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                 within = low <= actual <= high
                 results.append((f"{kind} #{attempt + 1} {label}", error, within, disturbed))
                 answers = guess.answers
+                # the duration model alone: the estimate rescaled to the answer lengths the run really had (the
+                # lines a pilot ran are the batch's too, but not the run's)
+                ran = (run.batch.output_tokens - piloted[1]) / max(run.batch.completed - piloted[0], 1)
+                load = guess.load_seconds or 0.0
+                ratio = ran / guess.output_tokens_mean if guess.output_tokens_mean else 1.0
+                own = ((seconds - load) * ratio ** (guess.output_share or 0.0) + load - actual) / actual * 100
                 print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
                       f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
                       f"answers from {answers.source if answers else '-'}"
                       f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}, "
                       f"{guess.output_tokens_mean or 0:.0f} output tokens per line expected, history "
                       f"×{guess.history_factor:.2f}; run: "
-                      f"{run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line"
-                      f"{', DISTURBED' if disturbed else ''}")
+                      f"{ran:.0f} output tokens per line; at those answer lengths the estimate would have erred "
+                      f"{own:+.1f}%{', DISTURBED' if disturbed else ''}")
     finally:
         await backend.aclose()
     return results
@@ -295,7 +315,8 @@ async def measure(args: argparse.Namespace) -> float:
         actuals: list[float] = []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + attempt, questions=args.questions)
+                                 seed=args.seed + attempt, questions=args.questions,
+                                 passages=args.passages)
             guess = await bench.estimate_workload(args.model, settings=settings, file=held,
                                                   concurrency=args.concurrency)
             foreign.start()
@@ -388,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", choices=["long", "short"], default="long",
                    help="long: instructions over context passages; short: questions answered in a few words (a "
                         "small model then stops by itself)")
+    p.add_argument("--passages", type=int, default=4, help="the most context passages of a long question (about "
+                   "100 tokens each; at --num-ctx 512 use 2, or the longest prompts do not fit)")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)

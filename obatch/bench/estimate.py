@@ -31,6 +31,10 @@ stored points, replaying each point's own requests: ``m`` is the parallelism (be
 values interpolate) whose makespan matches the point's measured wall time — ``c`` when the engine has a slot per
 request in flight, fewer when it queues them (Ollama with ``OLLAMA_NUM_PARALLEL`` below ``c``) — and ``k``
 (``wall / predicted``, about 1) keeps what is left, e.g. an engine faster than its per-request timings suggest.
+A service time is a request's time beside ``c - 1`` others; with fewer left in flight (a run's tail) each goes
+faster, by the ratio of the decode times the lower concurrency levels of the sweep measured (``speedups``: on two
+CPU cores one sequence alone decodes about 2.6 times as fast as one of four), so one long answer at the end of a
+small file costs its own time alone, not its time at full load.
 Add the model's load time (the longest the points of that num_ctx measured) for the engine's (re)load.
 
 Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of k over the repeats (0.05 assumed with
@@ -47,7 +51,8 @@ batch has no such help.
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
 counts by a straight line fitted on the measured requests (and the model's finished batch requests). Answer lengths
 come from what the model's answers really took (``obatch.bench.answers``: a pilot of the file, finished batches,
-natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``. The run
+natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``, where
+answers that run on to the context stop at the context left at the num_ctx the batch will run with. The run
 is replayed with lengths drawn from that distribution (a long answer late in the run lengthens the makespan), and
 the interval widens by the draws' spread and by how far a new file's mean answer may lie from the learnt one.
 Where nothing is known, the cap (or 256 tokens) is assumed, the interval is wide, and the notes offer a pilot.
