@@ -169,14 +169,17 @@ def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped
     return path
 
 
-async def file_estimate(settings: Settings, path: Path, concurrency: int, backend: Backend) -> DurationEstimate:
-    """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out)."""
+async def file_estimate(settings: Settings, path: Path, concurrency: int, backend: Backend,
+                        num_ctx: int) -> DurationEstimate:
+    """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out),
+    for the num_ctx its batch runs with when that is below obatch's own pick (``Windowed``)."""
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:
             return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
                                                   file_sha256=await asyncio.to_thread(file_sha256, path),
-                                                  concurrency=concurrency))
+                                                  concurrency=concurrency, num_ctx=num_ctx if num_ctx < 2048
+                                                  else None))
     finally:
         await engine.dispose()
 
@@ -209,7 +212,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
             held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind,
                                  questions=args.questions, passages=args.passages)
-            blind = await file_estimate(settings, held, args.concurrency, backend)
+            blind = await file_estimate(settings, held, args.concurrency, backend, args.num_ctx)
             guesses = [("nothing learnt", blind)]
             if attempt == 0:
                 engine, sessions = await open_store(settings.db_url)
@@ -219,7 +222,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                     await engine.dispose()
                 guesses = [("nothing learnt", blind),
                            (f"pilot {args.pilot}", await file_estimate(settings, held, args.concurrency,
-                                                                       backend))]
+                                                                       backend, args.num_ctx))]
             else:
                 guesses = [("history", blind)]
             foreign.start()

@@ -18,7 +18,7 @@ import pytest
 import obatch.bench.estimate as estimate_module
 from obatch import context
 from obatch.api import run_batch_file
-from obatch.backends.base import BackendWrapper, Capabilities, ModelInfo, capabilities_of
+from obatch.backends.base import Capabilities, capabilities_of
 from obatch.backends.ollama import OllamaBackend
 from obatch.backends.openai import OpenAIBackend
 from obatch.backends.pool import Pool
@@ -164,23 +164,14 @@ def test_a_long_answer_left_alone_at_the_end_runs_at_the_speed_of_one() -> None:
     assert fit.run_seconds(shape) < 0.4 * 480 * 24.0 / 1000
 
 
-async def test_an_estimate_uses_the_context_the_engine_allows(swept: tuple[Settings, OllamaSim],
-                                                              tmp_path: Path) -> None:
-    """A model whose context length is 160 tokens runs its batch at num_ctx 160, whatever obatch would pick
-    otherwise: the file's uncapped answers can take at most the context left, and the estimate says so."""
-    settings, sim = swept
-
-    class Narrow(BackendWrapper):
-        async def show(self, model: str) -> ModelInfo:
-            return dataclasses.replace(await self.inner.show(model), context_length=160)
-
+async def test_an_estimate_ends_answers_at_the_context_it_is_made_for(swept: tuple[Settings, OllamaSim],
+                                                                       tmp_path: Path) -> None:
+    """A batch run at num_ctx 160 (a model of that context): its uncapped answers can take at most the context
+    left after each prompt, and the estimate made for that num_ctx says so."""
+    settings, _sim = swept
     path = natural_file(tmp_path / "narrow.jsonl", 12, seed=5)
-    backend = OllamaBackend(sim.url)
-    try:
-        wide = await _file_estimate(settings, path, engine=backend)
-        narrow = await _file_estimate(settings, path, engine=Narrow(backend))
-    finally:
-        await backend.aclose()
+    wide = await _file_estimate(settings, path)
+    narrow = await _file_estimate(settings, path, num_ctx=160)
     assert wide.output_tokens_mean == pytest.approx(256)  # nothing known: 256 tokens assumed per answer
     # ended by the context left after each prompt
     assert narrow.output_tokens_mean is not None and narrow.output_tokens_mean < 160 - 20

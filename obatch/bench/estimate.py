@@ -1208,9 +1208,10 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     batch at its start): the same rows, answer lengths, context window and draws give the same figures.
 
     The context window is the one the batch will run: obatch's pick for the longest request when the engine sets
-    one (``engine``'s capabilities; assumed when no engine is at hand), within the model's context length when
-    ``engine`` tells it (an estimate needs no engine; the pick is capped there, and answers that run on to the
-    context end there). Without benchmark
+    one (``engine``'s capabilities; assumed when no engine is at hand), or ``num_ctx`` when given; answers that
+    run on to the context end there. The model's context length is not asked (an estimate needs no engine, and
+    must not wait on a busy one): it only lowers that pick for a model whose context is smaller, for which the
+    caller gives ``num_ctx``. Without benchmark
     points, a pilot's own latencies are extrapolated instead."""
     timings = await decode_timings(session, model, pilot, exclude_batch=exclude_batch)
     try:
@@ -1229,7 +1230,7 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if not lines.count:
         return _nothing_left(fits[0], model, done)
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
-        num_ctx = context.fit_num_ctx(lines.need, await _context_length(engine, model)).num_ctx
+        num_ctx = context.fit_num_ctx(lines.need, None).num_ctx
     endpoint = next(iter(lines.urls)) if len(lines.urls) == 1 else None
     window = concurrency or max(f.concurrency for f in fits)
     shares = cached_shares(lines.texts, window) if pilot else []
@@ -1244,17 +1245,6 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
     return made
-
-
-async def _context_length(engine: Backend | None, model: str) -> int | None:
-    """The model's context length as the batch's num_ctx pick sees it (it caps the pick), when an engine is at
-    hand and tells it: an answer that runs on to the context ends there."""
-    if engine is None:
-        return None
-    try:
-        return (await engine.show(model)).context_length
-    except errors.BackendError:
-        return None
 
 
 async def decode_timings(session: AsyncSession, model: str, pilot: Sequence[PilotRow] = (), *,
