@@ -14,8 +14,17 @@ file per run (``--runs``); later estimates may learn from earlier batches how mu
 Natural files (``--cases uncapped,mixed``): requests without max_tokens, or a mix of caps, each kind on a copy of the
 swept store so the first file knows nothing of the model's answer lengths: it is estimated blind, then after a pilot
 of ``--pilot`` lines (which the batch takes as finished), and the next files from the finished batches' answers.
-SmolLM2-135M's uncapped answers often run to the context window (a pilot measured 1,278 tokens on average at
-num_ctx 2048, two thirds cut by the context): keep ``--requests`` small on the embedded engine.
+SmolLM2-135M runs a share of its uncapped answers on to the context window (about two minutes each at num_ctx
+2048 on two cores), so on the embedded engine measure at a small context:
+
+    python bench/estimate_accuracy.py --num-ctx 512 --workload prompt=16-160,output=32-320 --runs 0 --cases "" \
+        --data-dir /tmp/swept                                          # the sweep, once (~10 minutes)
+    python bench/estimate_accuracy.py --num-ctx 512 --swept /tmp/swept --runs 0 --cases uncapped \
+        --questions short --requests 48 --pilot 16                     # then each case on a copy of it
+
+``--num-ctx`` sets the sweep's context window and the held-out batches' (and pilots'): obatch never picks less
+than 2,048 on its own, so the engine is presented to them as a model of that context length. The sweep's workload
+must then fit it (prompt + output below ``--num-ctx``).
 
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
 The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
@@ -26,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +50,13 @@ import orjson
 
 from obatch import bench
 from obatch.api import run_batch_file
+from obatch.backends.base import Backend, BackendWrapper, ModelInfo, Result
 from obatch.bench.estimate import estimate_groups
 from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.config import Settings
 from obatch.protocol import DurationEstimate
+from obatch.store import pilots
 from obatch.store.db import open_store
 
 MODEL_LOCAL = "smollm2:135m"
@@ -101,21 +114,48 @@ class ForeignCpu:
         return max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0)) / wall if wall > 0 else 0.0
 
 
+class Windowed(BackendWrapper):
+    """The engine as if the model's context were ``window`` tokens: obatch then runs the batch (and its pilot) at
+    that num_ctx (it never picks less than 2,048 on its own), so an answer that runs on to the context costs
+    seconds, not minutes."""
+
+    def __init__(self, inner: Backend, window: int) -> None:
+        super().__init__(inner)
+        self.window = window
+
+    def _narrow(self, info: ModelInfo) -> ModelInfo:
+        return dataclasses.replace(info, context_length=min(info.context_length or self.window, self.window))
+
+    async def models(self) -> list[ModelInfo]:
+        return [self._narrow(info) for info in await self.inner.models()]
+
+    async def show(self, model: str) -> ModelInfo:
+        return self._narrow(await self.inner.show(model))
+
+    async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
+                       stream: bool = False) -> Result:
+        return await self.inner.complete(url, body, num_ctx=num_ctx, stream=stream)
+
+    def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.stream_chat(body, num_ctx=num_ctx)
+
+
 CAPS = {"capped": (48, 64, 96, 128, 160), "uncapped": (None,), "mixed": (None, None, 32, 64, 128, 256)}
 
 
-def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long") -> Path:
+def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped", questions: str = "long",
+                  passages: int = 4) -> Path:
     """Natural requests the sweep never saw: varied context passages, instructions and max_tokens (``capped``),
     none (``uncapped``: the model stops where it likes) or some of each (``mixed``). ``questions="short"`` asks
     questions a small model answers in a few words, ended at the first line break (so it stops by itself well
-    inside its context)."""
+    inside its context); ``passages``: the most context passages a long one carries (each about 100 tokens)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         if questions == "short":
             context, ask = "", rng.choice(SHORT_ASKS)
         else:
-            context = PASSAGE * rng.randint(0, 4)
+            context = PASSAGE * rng.randint(0, passages)
             ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"{context}{ask}".strip()}],
                                 "temperature": 0}
@@ -129,20 +169,34 @@ def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped
     return path
 
 
-async def file_estimate(settings: Settings, path: Path, concurrency: int, backend_name: str) -> DurationEstimate:
-    """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out)."""
+async def file_estimate(settings: Settings, path: Path, concurrency: int, backend: Backend,
+                        num_ctx: int) -> DurationEstimate:
+    """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out),
+    for the num_ctx its batch runs with when that is below obatch's own pick (``Windowed``)."""
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:
-            return combined(await estimate_groups(session, backend=backend_name, file=path,
+            return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
                                                   file_sha256=await asyncio.to_thread(file_sha256, path),
-                                                  concurrency=concurrency))
+                                                  concurrency=concurrency, num_ctx=num_ctx if num_ctx < 2048
+                                                  else None))
+    finally:
+        await engine.dispose()
+
+
+async def pilot_answers(settings: Settings, path: Path) -> tuple[int, int]:
+    """(lines, completion tokens) a pilot ran of this file."""
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            rows = await pilots.all_of(session, await asyncio.to_thread(file_sha256, path))
+        return len(rows), sum(r.completion_tokens or 0 for r in rows)
     finally:
         await engine.dispose()
 
 
 async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign: ForeignCpu,
-                       backend_name: str, sim_url: str | None) -> list[tuple[str, float, bool, bool]]:
+                       sim_url: str | None) -> list[tuple[str, float, bool, bool]]:
     """Held-out files of one kind on a copy of the swept store, so the first knows nothing of answer lengths:
     the first estimated with nothing learnt, then after a pilot of ``--pilot`` lines (the batch takes those lines
     as finished; the estimate and the run cover the rest), the next ones from the finished batches' answers.
@@ -152,15 +206,13 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
     shutil.copytree(base, data_dir)
     settings = _settings(args, data_dir, sim_url)
     results = []
-    from obatch.backends import open_backend
-
-    backend = await open_backend(settings)
+    backend = await open_windowed(settings, args.num_ctx)
     try:
         for attempt in range(args.natural_runs):
             held = held_out_file(data_dir / f"{kind}_{attempt}.jsonl", args.model, args.requests,
                                  seed=args.seed + 100 * (attempt + 1) + len(kind), kind=kind,
-                                 questions=args.questions)
-            blind = await file_estimate(settings, held, args.concurrency, backend_name)
+                                 questions=args.questions, passages=args.passages)
+            blind = await file_estimate(settings, held, args.concurrency, backend, args.num_ctx)
             guesses = [("nothing learnt", blind)]
             if attempt == 0:
                 engine, sessions = await open_store(settings.db_url)
@@ -170,7 +222,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                     await engine.dispose()
                 guesses = [("nothing learnt", blind),
                            (f"pilot {args.pilot}", await file_estimate(settings, held, args.concurrency,
-                                                                       backend_name))]
+                                                                       backend, args.num_ctx))]
             else:
                 guesses = [("history", blind)]
             foreign.start()
@@ -178,6 +230,7 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                                        progress=False, fresh=True)
             actual, others = run.batch.run_seconds, foreign.share()
             disturbed = others > args.max_foreign
+            piloted = await pilot_answers(settings, held) if attempt == 0 else (0, 0)
             for label, guess in guesses:
                 if label == "nothing learnt" and attempt == 0 and len(guesses) > 1:
                     # the run covers the lines the pilot left; scale the blind estimate of all lines to them
@@ -189,17 +242,31 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                 within = low <= actual <= high
                 results.append((f"{kind} #{attempt + 1} {label}", error, within, disturbed))
                 answers = guess.answers
+                # the duration model alone: the estimate rescaled to the answer lengths the run really had (the
+                # lines a pilot ran are the batch's too, but not the run's)
+                ran = (run.batch.output_tokens - piloted[1]) / max(run.batch.completed - piloted[0], 1)
+                load = guess.load_seconds or 0.0
+                ratio = ran / guess.output_tokens_mean if guess.output_tokens_mean else 1.0
+                own = ((seconds - load) * ratio ** (guess.output_share or 0.0) + load - actual) / actual * 100
                 print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
                       f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
                       f"answers from {answers.source if answers else '-'}"
                       f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}, "
                       f"{guess.output_tokens_mean or 0:.0f} output tokens per line expected, history "
                       f"×{guess.history_factor:.2f}; run: "
-                      f"{run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line"
-                      f"{', DISTURBED' if disturbed else ''}")
+                      f"{ran:.0f} output tokens per line; at those answer lengths the estimate would have erred "
+                      f"{own:+.1f}%{', DISTURBED' if disturbed else ''}")
     finally:
         await backend.aclose()
     return results
+
+
+async def open_windowed(settings: Settings, num_ctx: int) -> Backend:
+    """The backend, presented as a model of ``num_ctx`` tokens of context when that is below obatch's own pick."""
+    from obatch.backends import open_backend
+
+    backend = await open_backend(settings)
+    return Windowed(backend, num_ctx) if num_ctx < 2048 else backend
 
 
 def _settings(args: argparse.Namespace, data_dir: Path, sim_url: str | None) -> Settings:
@@ -220,6 +287,7 @@ async def measure(args: argparse.Namespace) -> float:
         await sim.start()
     settings = Settings(_env_file=None, data_dir=data_dir, backend=backend,
                         ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
+    windowed: Backend | None = None
     try:
         print(f"load average at start: {os.getloadavg()[0]:.2f} (the engine shares {os.cpu_count()} cores with it)")
         started, foreign = time.monotonic(), ForeignCpu()
@@ -229,7 +297,7 @@ async def measure(args: argparse.Namespace) -> float:
             frames = await bench.load_report(settings=settings)
             print(f"sweep reused from {args.swept}: {frames.points.height} points")
         else:
-            spec = bench.SweepSpec(models=[args.model], num_ctx=[2048], concurrency=args.sweep_concurrency,
+            spec = bench.SweepSpec(models=[args.model], num_ctx=[args.num_ctx], concurrency=args.sweep_concurrency,
                                    requests=args.sweep_requests, repeats=args.sweep_repeats, workload=args.workload,
                                    seed=1)
             report = await bench.run_sweep(spec, settings=settings, progress=False)
@@ -243,19 +311,20 @@ async def measure(args: argparse.Namespace) -> float:
         natural: list[tuple[str, float, bool, bool]] = []
         for kind in [k for k in args.cases.split(",") if k]:
             print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
-            natural += await natural_case(args, data_dir, kind, foreign, backend,
-                                          sim.url if sim else None)
+            natural += await natural_case(args, data_dir, kind, foreign, sim.url if sim else None)
+        windowed = await open_windowed(settings, args.num_ctx)
         errors: list[float] = []
         disturbed: list[float] = []
         actuals: list[float] = []
         for attempt in range(args.runs):  # a new file each time: none was seen before its estimate was made
             held = held_out_file(data_dir / f"held_out_{attempt}.jsonl", args.model, args.requests,
-                                 seed=args.seed + attempt, questions=args.questions)
+                                 seed=args.seed + attempt, questions=args.questions,
+                                 passages=args.passages)
             guess = await bench.estimate_workload(args.model, settings=settings, file=held,
                                                   concurrency=args.concurrency)
             foreign.start()
-            run = await run_batch_file(held, settings=settings, concurrency=args.concurrency, progress=False,
-                                       fresh=True)
+            run = await run_batch_file(held, settings=settings, backend=windowed, concurrency=args.concurrency,
+                                       progress=False, fresh=True)
             actual, others = run.batch.run_seconds, foreign.share()
             actuals.append(actual)
             error = (guess.seconds - actual) / actual * 100
@@ -270,15 +339,15 @@ async def measure(args: argparse.Namespace) -> float:
                   f"corrected ×{guess.history_factor:.2f} by {guess.history_batches} finished batch(es); "
                   f"other processes used {others:.0%} of the CPU{', DISTURBED' if others > args.max_foreign else ''})")
         if actuals:  # the machine's own repeatability: the first held-out file once more, estimated and all
-            again_run = await run_batch_file(data_dir / "held_out_0.jsonl", settings=settings,
+            again_run = await run_batch_file(data_dir / "held_out_0.jsonl", settings=settings, backend=windowed,
                                              concurrency=args.concurrency, progress=False, fresh=True)
             print(f"repeatability: held-out file 1 run again took {again_run.batch.run_seconds:.1f} s, "
                   f"{actuals[0]:.1f} s the first time ({(again_run.batch.run_seconds / actuals[0] - 1) * 100:+.1f}%)")
         # the machine's own drift: measure the held-out runs' configuration again, as the sweep did
-        again = None if not args.runs else await bench.run_sweep(bench.SweepSpec(models=[args.model], num_ctx=[2048],
-                                                      concurrency=[args.concurrency], requests=args.sweep_requests,
-                                                      workload=args.workload, seed=1), settings=settings,
-                                      progress=False, fresh=True)
+        again = None if not args.runs else await bench.run_sweep(
+            bench.SweepSpec(models=[args.model], num_ctx=[args.num_ctx], concurrency=[args.concurrency],
+                            requests=args.sweep_requests, workload=args.workload, seed=1),
+            settings=settings, progress=False, fresh=True)
         before = frames.points.filter(frames.points["concurrency"] == args.concurrency)["wall_seconds"].to_list()
         after = [] if again is None else \
             (await bench.load_report(settings=settings, run_id=again.run_id)).points["wall_seconds"].to_list()
@@ -314,6 +383,8 @@ async def measure(args: argparse.Namespace) -> float:
               f"undisturbed runs ({'within' if abs(worst) <= 15 else 'OUTSIDE'} ±15%)")
         return worst
     finally:
+        if windowed is not None:
+            await windowed.aclose()
         if sim is not None:
             await sim.stop()
 
@@ -328,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-requests", type=int, default=32)
     p.add_argument("--sweep-repeats", type=int, default=2, help="repeats of each sweep point (their spread widens "
                    "the interval; on a noisy machine they also steady the estimate)")
-    p.add_argument("--workload", default="chat")
+    p.add_argument("--workload", default="chat", help="the sweep's workload (a name or a spec such as "
+                   "'prompt=16-160,output=32-320': at a small --num-ctx, prompt + output must fit it)")
+    p.add_argument("--num-ctx", type=int, default=2048, help="the context window of the sweep and of the held-out "
+                   "batches (below 2,048 the engine is presented as a model of that context, so obatch picks it)")
     p.add_argument("--runs", type=int, default=2, help="how many held-out capped batches to estimate and run")
     p.add_argument("--cases", default="uncapped,mixed",
                    help="natural held-out files to run besides the capped ones: uncapped, mixed (comma-separated)")
@@ -338,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", choices=["long", "short"], default="long",
                    help="long: instructions over context passages; short: questions answered in a few words (a "
                         "small model then stops by itself)")
+    p.add_argument("--passages", type=int, default=4, help="the most context passages of a long question (about "
+                   "100 tokens each; at --num-ctx 512 use 2, or the longest prompts do not fit)")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)

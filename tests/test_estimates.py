@@ -33,8 +33,10 @@ from obatch.bench.estimate import (
     _fit_configs,
     estimate_from_fits,
     estimate_groups,
+    makespan,
     position_fit,
     shape_of,
+    speedups,
 )
 from obatch.bench.pilot import allocate, file_sha256, run_pilot, sample_file, stratum
 from obatch.bench.service import combined
@@ -95,6 +97,85 @@ def test_answer_lengths_take_cut_answers_as_lower_bounds() -> None:
     unknown = AnswerLengths()
     assert not unknown.known and unknown.expected(64) == 64
     assert any("pilot" in n for n in unknown.notes(capped=0, uncapped=3))
+
+
+def test_answers_the_context_cut_run_to_the_context_left_at_the_next_batch() -> None:
+    """A small model loops on a quarter of its answers until the context is full: at num_ctx 2,048 such an answer
+    is cut at 2,048 − prompt. That length belongs to that run: at num_ctx 512 the same answer runs to 512 − prompt,
+    and with a cap to the cap. The share that runs on is what is learnt, not 2,018 tokens as a natural length."""
+    runaway = observe(2018, None, "length", "b1")
+    assert runaway is not None and runaway.runaway and not runaway.ended
+    at_cap = observe(64, 64, "length", "b1")
+    assert at_cap is not None and not at_cap.runaway  # its cap cut it: it says "at least 64", nothing more
+    below_cap = observe(400, 1024, "length", "b1")  # the context ended it before its cap
+    assert below_cap is not None and below_cap.runaway
+    stopped = [Observation(float(t), True, "b1") for t in (8, 12, 16, 20) * 6]  # 24 answers, mean 14
+    lengths = AnswerLengths.learn(stopped + [runaway] * 8, "batches")
+    assert lengths.runaways == 8 and lengths.runaway_share == pytest.approx(0.25)
+    assert lengths.expected(None, room=482) == pytest.approx(0.75 * 14 + 0.25 * 482)
+    assert lengths.expected(None, room=4000) == pytest.approx(0.75 * 14 + 0.25 * 4000)
+    assert lengths.expected(100, room=482) == pytest.approx(0.75 * 14 + 0.25 * 100)  # the cap comes first
+    assert lengths.draw(None, 0.9, room=482) == 482 and lengths.draw(64, 0.9, room=482) == 64
+    assert lengths.draw(None, 0.5, room=482) == 16
+    assert any("context window" in n for n in lengths.notes(capped=0, uncapped=10))
+    # answers cut only at their caps (none by the context): the open tail still stops at the longest seen
+    capped = AnswerLengths.learn(stopped + [Observation(64.0, False, "b1")] * 8, "batches")
+    assert capped.runaways == 0 and capped.expected(None, room=4000) == pytest.approx(0.75 * 14 + 0.25 * 64)
+
+
+def test_an_estimate_ends_runaway_answers_at_its_own_num_ctx() -> None:
+    """History at num_ctx 2,048 (a quarter of the answers cut there), the next batch at 512: its uncapped lines
+    are expected to run a quarter of the time to 512 − prompt, not to the 2,018 tokens seen at 2,048."""
+    from tests.test_bench_metrics import _fake_fit
+
+    stopped = [Observation(float(t), True, "b1") for t in (8, 12, 16, 20) * 6]
+    answers = AnswerLengths.learn(stopped + [Observation(2018.0, False, "b1", runaway=True)] * 8, "batches")
+    lines = Lines.of([Line(30, None)] * 40)
+    calibration = TokenCalibration(answers=answers)
+    small = shape_of(lines, calibration, num_ctx=512)
+    assert small.mean_output == pytest.approx(0.75 * 14 + 0.25 * (512 - 30))
+    fit = _fake_fit(4, 512, per_token_ms=20.0)
+    made = estimate_from_fits([fit], small, concurrency=4, include_load=False)
+    assert made.output_tokens_mean == pytest.approx(0.75 * 14 + 0.25 * 482)
+    assert made.seconds < 0.5 * estimate_from_fits([fit], shape_of(lines, calibration, num_ctx=2048),
+                                                   concurrency=4, include_load=False).seconds
+
+
+def test_a_long_answer_left_alone_at_the_end_runs_at_the_speed_of_one() -> None:
+    """On a CPU, four sequences decoding side by side take 24 ms per token each, one alone 8 ms: the run's last
+    long answer, once the others are done, goes three times as fast as its service time at full load says. The
+    makespan of a small file with one runaway answer is that answer's own time alone, not at full load."""
+    assert speedups({1: 8.0, 2: 16.0, 4: 24.0}, 4) == pytest.approx((3.0, 1.5, 1.2))
+    assert speedups({4: 24.0}, 4) == () and speedups({2: 8.0, 4: 24.0}, 4) == ()  # nothing below tells
+    assert speedups({1: 30.0, 4: 24.0}, 4) == pytest.approx((1.0, 1.0, 1.0))  # never slower alone
+    assert speedups({1: 1.0, 4: 24.0}, 4) == pytest.approx((4.0, 2.0, 4 / 3))  # nor more throughput than at 4
+    # three short jobs and a long one, four at a time: all at full load until 1,000 ms, then the long one alone
+    assert makespan([1000.0] * 3 + [10000.0], 4, (3.0, 1.5, 1.2)) == pytest.approx(1000 + 9000 / 3)
+    assert makespan([1000.0] * 3 + [10000.0], 4) == 10000.0  # as before: every job at its full-load time
+    assert makespan([1000.0] * 8, 4, (3.0, 1.5, 1.2)) == makespan([1000.0] * 8, 4)  # equal jobs end together
+    # through an estimate: a file of 11 short answers and one that runs to the context, four at a time
+    from tests.test_bench_metrics import _fake_fit
+
+    fit = _fake_fit(4, 512, per_token_ms=24.0)
+    fit.speed = speedups({1: 8.0, 2: 16.0, 4: 24.0}, 4)
+    shape = Shape([30.0] * 12, [10.0] * 11 + [480.0])
+    # two waves of short ones (0.48 s), then the long one beside the last three for their 10 tokens, then alone
+    assert fit.run_seconds(shape) == pytest.approx(0.48 + 10 * 0.024 + 470 * 0.008, rel=0.01)
+    assert fit.run_seconds(shape) < 0.4 * 480 * 24.0 / 1000
+
+
+async def test_an_estimate_ends_answers_at_the_context_it_is_made_for(swept: tuple[Settings, OllamaSim],
+                                                                       tmp_path: Path) -> None:
+    """A batch run at num_ctx 160 (a model of that context): its uncapped answers can take at most the context
+    left after each prompt, and the estimate made for that num_ctx says so."""
+    settings, _sim = swept
+    path = natural_file(tmp_path / "narrow.jsonl", 12, seed=5)
+    wide = await _file_estimate(settings, path)
+    narrow = await _file_estimate(settings, path, num_ctx=160)
+    assert wide.output_tokens_mean == pytest.approx(256)  # nothing known: 256 tokens assumed per answer
+    # ended by the context left after each prompt
+    assert narrow.output_tokens_mean is not None and narrow.output_tokens_mean < 160 - 20
+    assert narrow.seconds < wide.seconds
 
 
 def test_a_pilot_interval_is_the_t_interval_of_its_sample() -> None:

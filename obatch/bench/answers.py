@@ -15,6 +15,14 @@ events, answers cut at their cap are censored), and a request with cap ``m`` is 
 Where the curve ends above zero (every long answer was cut), an uncapped request's length is only known to be at
 least the longest seen, and the estimate says so.
 
+An answer the **context window** cut (``length`` before any cap it had) did not stop by itself: a small model that
+loops runs on until the context is full, so its length is the context that was left (``num_ctx`` − prompt), a fact
+of that run, not of the answer. Such answers count as never ending (they stay at risk past every length seen), so
+the curve's tail is the share of answers that **run to the limit**; a new request is expected to run that share to
+its own limit — its cap, or the context left at the ``num_ctx`` its batch will run with (``room``) — whatever
+context the answers were learnt at. Without any such answer, a tail of cap-cut answers still stops at the longest
+seen (uncapped) or the cap.
+
 The spread of single answers is kept (estimates draw lengths from the curve, so a long answer late in the run
 shows in the makespan); ``mean_cv`` is how far a new file's mean answer may lie from the learnt one: the spread of
 the learnt batches' means around their mean (a prior of ``PRIOR_CV`` counted as one batch) with the standard error
@@ -61,30 +69,44 @@ class Observation:
     tokens: float
     ended: bool
     group: str = ""  # the batch (or pilot, or benchmark run) it belongs to
+    runaway: bool = False  # the context window cut it before any cap: it ran to the limit (see the module docstring)
 
 
 def observe(completion_tokens: int | None, max_tokens: int | None, finish_reason: str | None = None,
             group: str = "") -> Observation | None:
-    """An answer as an observation: cut when the engine says ``length`` or it reached its cap."""
+    """An answer as an observation: cut when the engine says ``length`` or it reached its cap; cut below its cap
+    (or without one), the context cut it: a runaway."""
     if completion_tokens is None:
         return None
-    cut = finish_reason == "length" or (max_tokens is not None and completion_tokens >= max_tokens)
-    return Observation(float(completion_tokens), not cut, group)
+    capped = max_tokens is not None and completion_tokens >= max_tokens - 1  # an engine may count one fewer
+    cut = finish_reason == "length" or capped
+    return Observation(float(completion_tokens), not cut, group, runaway=cut and not capped)
 
 
 def survival(observations: Iterable[Observation]) -> list[tuple[float, float]]:
-    """Kaplan–Meier: ``(t, S(t))`` after each time at which answers ended (S: the share still going on)."""
-    ordered = sorted(observations, key=lambda o: (o.tokens, not o.ended))
+    """Kaplan–Meier: ``(t, S(t))`` after each time at which answers ended (S: the share still going on). Runaways
+    stay at risk past every length (they never end)."""
+    ordered = sorted(observations, key=lambda o: (_length(o), not o.ended))
     at_risk, s, curve, i = len(ordered), 1.0, [], 0
     while i < len(ordered):
-        t, ended, cut = ordered[i].tokens, 0, 0
-        while i < len(ordered) and ordered[i].tokens == t:
+        t, ended, cut = _length(ordered[i]), 0, 0
+        while i < len(ordered) and _length(ordered[i]) == t:
             ended, cut, i = ended + ordered[i].ended, cut + (not ordered[i].ended), i + 1
         if ended:
             s *= 1 - ended / at_risk
             curve.append((t, s))
         at_risk -= ended + cut
     return curve
+
+
+def _length(o: Observation) -> float:
+    return math.inf if o.runaway else o.tokens
+
+
+def _limit(cap: int | float | None, room: float | None) -> float | None:
+    """How far an answer can run: its cap or the context left, whichever is smaller (None: neither is known)."""
+    bounds = [float(b) for b in (cap, room) if b is not None and b > 0]
+    return min(bounds) if bounds else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +121,7 @@ class AnswerLengths:
     mean_cv: float = UNKNOWN_CV
     groups: int = 0  # batches (or pilot, or benchmark runs) the samples come from
     endpoint: str | None = None  # the endpoint they were learnt on, when it was told apart
+    runaways: int = 0  # of the cut samples, answers the context window cut before any cap (ran to the limit)
 
     @classmethod
     def learn(cls, observations: Sequence[Observation], source: str, *, endpoint: str | None = None,
@@ -110,7 +133,7 @@ class AnswerLengths:
         curve = tuple(survival(observations))
         made = cls(curve, len(observations), sum(not o.ended for o in observations),
                    max(o.tokens for o in observations), source, UNKNOWN_CV, len({o.group for o in observations}),
-                   endpoint)
+                   endpoint, sum(o.runaway for o in observations))
         if population is not None:
             n = len(observations)
             values = [o.tokens for o in observations]
@@ -123,8 +146,10 @@ class AnswerLengths:
         by_group: dict[str, list[Observation]] = defaultdict(list)
         for o in observations:
             by_group[o.group].append(o)
+        # each batch's mean uncapped answer, its tail at that batch's longest (the context it ran at)
         means = [m for group in by_group.values() if len(group) >= MIN_SAMPLES
-                 for m in [cls(tuple(survival(group)), len(group)).expected(None)] if m > 0]
+                 for m in [cls(tuple(survival(group)), len(group), longest=max(o.tokens for o in group),
+                               runaways=sum(o.runaway for o in group)).expected(None)] if m > 0]
         values = [o.tokens for o in observations]
         mean = statistics.fmean(values)
         # the learnt mean's own standard error: a few answers of a long-tailed model may have missed its tail
@@ -150,31 +175,50 @@ class AnswerLengths:
         """Uncapped answers' length is only a lower bound: too many of the longest ones were cut."""
         return self.tail > OPEN_TAIL
 
-    def expected(self, cap: int | float | None) -> float:
-        """Expected tokens of an answer capped at ``cap`` (None: uncapped): ``∫₀^cap S(t) dt``; beyond the
-        curve's end, answers still going run to the cap (or, uncapped, stop at the longest seen)."""
+    @property
+    def runaway_share(self) -> float:
+        """The share of answers that run to their limit (the context left, or their cap) instead of stopping."""
+        return self.tail if self.runaways else 0.0
+
+    def expected(self, cap: int | float | None, room: float | None = None) -> float:
+        """Expected tokens of an answer capped at ``cap`` (None: uncapped) with ``room`` tokens of context left
+        (None: not known): ``∫₀^limit S(t) dt``. Beyond the curve's end, answers still going run to their limit
+        when some answers were seen to run on to the context (else to the cap, or, uncapped, stop at the longest
+        seen); without a known limit, to the longest seen."""
+        limit = _limit(cap, room)
         if not self.known:
-            return float(cap) if cap is not None else float(UNBOUNDED_OUTPUT)
-        limit = math.inf if cap is None else float(cap)
+            assumed = float(cap) if cap is not None else float(UNBOUNDED_OUTPUT)
+            return min(assumed, room) if room is not None and room > 0 else assumed
         area, before, s = 0.0, 0.0, 1.0
         for t, after in self.curve:
-            if t >= limit:
+            if limit is not None and t >= limit:
                 break
             area += s * (t - before)
             before, s = t, after
-        end = limit if cap is not None else max(before, self.longest)
+        end = self._end(cap, limit, before)
         return area + s * max(0.0, end - before)
 
-    def draw(self, cap: int | float | None, u: float) -> float:
-        """The answer length at quantile ``u`` (0-1) of the curve, capped: a random answer for ``u`` uniform."""
+    def _end(self, cap: int | float | None, limit: float | None, before: float) -> float:
+        """Where the answers still going beyond the curve's last point stop."""
+        if self.runaways and limit is not None:
+            return limit
+        end = float(cap) if cap is not None else max(before, self.longest)
+        return min(end, limit) if limit is not None else end
+
+    def draw(self, cap: int | float | None, u: float, room: float | None = None) -> float:
+        """The answer length at quantile ``u`` (0-1) of the curve within its limit (``expected``): a random
+        answer for ``u`` uniform."""
         if not self.known:
-            return self.expected(cap)
-        value = self.longest
+            return self.expected(cap, room)
+        limit = _limit(cap, room)
+        value = None
         for t, s in self.curve:
             if 1 - s >= u:
                 value = t
                 break
-        return min(value, float(cap)) if cap is not None else value
+        if value is None:  # in the tail: a runaway runs to its limit, an open tail stops at the longest seen
+            value = limit if self.runaways and limit is not None else self.longest
+        return min(value, limit) if limit is not None else value
 
     def quantile(self, p: float) -> float | None:
         return self.draw(None, p) if self.known else None
@@ -205,7 +249,10 @@ class AnswerLengths:
         out = [f"answer lengths learnt from {learnt}: mean {self.expected(None):.0f} tokens, median "
                f"{self.quantile(0.5):.0f}, 90% under {self.quantile(0.9):.0f}; a new file's mean may differ by "
                f"±{Z * self.mean_cv:.0%}"]
-        if uncapped and self.open_ended:
+        if self.runaways:
+            out.append(f"{self.runaway_share:.0%} of the answers ran on until the context window cut them: such "
+                       "answers are expected to run to the context left (or their cap) at this batch's num_ctx")
+        elif uncapped and self.open_ended:
             out.append(f"{self.tail:.0%} of the answers learnt from were cut at their cap or the context: requests "
                        f"without max_tokens may answer longer than the {self.longest:.0f} tokens seen")
         return out

@@ -31,6 +31,10 @@ stored points, replaying each point's own requests: ``m`` is the parallelism (be
 values interpolate) whose makespan matches the point's measured wall time — ``c`` when the engine has a slot per
 request in flight, fewer when it queues them (Ollama with ``OLLAMA_NUM_PARALLEL`` below ``c``) — and ``k``
 (``wall / predicted``, about 1) keeps what is left, e.g. an engine faster than its per-request timings suggest.
+A service time is a request's time beside ``c - 1`` others; with fewer left in flight (a run's tail) each goes
+faster, by the ratio of the decode times the lower concurrency levels of the sweep measured (``speedups``: on two
+CPU cores one sequence alone decodes about 2.6 times as fast as one of four), so one long answer at the end of a
+small file costs its own time alone, not its time at full load.
 Add the model's load time (the longest the points of that num_ctx measured) for the engine's (re)load.
 
 Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of k over the repeats (0.05 assumed with
@@ -47,7 +51,8 @@ batch has no such help.
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
 counts by a straight line fitted on the measured requests (and the model's finished batch requests). Answer lengths
 come from what the model's answers really took (``obatch.bench.answers``: a pilot of the file, finished batches,
-natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``. The run
+natural benchmark requests): a request with cap ``m`` expects ``E[min(X, m)]``, one without a cap ``E[X]``, where
+answers that run on to the context stop at the context left at the num_ctx the batch will run with. The run
 is replayed with lengths drawn from that distribution (a long answer late in the run lengthens the makespan), and
 the interval widens by the draws' spread and by how far a new file's mean answer may lie from the learnt one.
 Where nothing is known, the cap (or 256 tokens) is assumed, the interval is wide, and the notes offer a pilot.
@@ -120,6 +125,7 @@ class Shape:
     caps: list[int | None] | None = None  # each request's max_tokens, when its output is drawn from ``answers``
     answers: AnswerLengths | None = None  # what the model's answers are known to take
     sampled: int | None = None  # set: the listed requests are a uniform random sample of this many
+    rooms: list[float | None] | None = None  # each request's context left at the num_ctx it runs with (None: unknown)
     longest: float = 0.0  # the context the longest request needs (it may not be among a sample's)
 
     def requests(self) -> list[tuple[float, float, float]]:
@@ -172,10 +178,13 @@ class TokenCalibration:
     def prompt(self, estimate: int) -> float:
         return max(1.0, self.slope * estimate + self.intercept)
 
-    def output(self, max_tokens: int | None) -> float:
+    def output(self, max_tokens: int | None, room: float | None = None) -> float:
+        """Expected output tokens of a request; ``room``: the context left for its answer (an answer the context
+        cuts ends there)."""
         if self.answers is not None and self.answers.known:
-            return self.answers.expected(max_tokens)
-        return self.unbounded_output if max_tokens is None else max_tokens * self.output_fill
+            return self.answers.expected(max_tokens, room)
+        guess = self.unbounded_output if max_tokens is None else max_tokens * self.output_fill
+        return min(guess, room) if room is not None and room > 0 else guess
 
 
 def _text(value: Any) -> str:
@@ -273,21 +282,29 @@ class Lines:
         return [line for _, line in sorted(self.kept, key=lambda kept: kept[0])]
 
 
-def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4) -> Shape:
+def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, num_ctx: int | None = None) -> Shape:
     """A model's lines → a Shape in engine tokens. The first lines have their own prefix-cache share (of the
     texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
-    not neighbours in the run)."""
+    not neighbours in the run). ``num_ctx``: the context window the batch runs with, which ends an answer that
+    runs on to it (``num_ctx`` − its prompt)."""
     sample = lines.sample()
     repeated = cached_shares(lines.texts, window)
     shares = [share * calibration.cache_kept for share in repeated]
     typical = sum(shares) / len(shares) if shares else 0.0
     cached = [] if lines.sampled else shares[:len(sample)]
     cached += [typical] * (len(sample) - len(cached))
-    shape = Shape([calibration.prompt(x.prompt) for x in sample], [calibration.output(x.max_tokens) for x in sample],
-                  cached)
+    prompts = [calibration.prompt(x.prompt) for x in sample]
+
+    def room(prompt: float) -> float | None:
+        return max(1.0, num_ctx - prompt) if num_ctx else None
+
+    rooms = [room(p) for p in prompts]
+    shape = Shape(prompts, [calibration.output(x.max_tokens, r) for x, r in zip(sample, rooms, strict=True)], cached,
+                  rooms=rooms)
     if lines.sampled and lines.longest is not None:
         shape.sampled = lines.count
-        shape.longest = calibration.prompt(lines.longest.prompt) + calibration.output(lines.longest.max_tokens)
+        longest = calibration.prompt(lines.longest.prompt)
+        shape.longest = longest + calibration.output(lines.longest.max_tokens, room(longest))
         shape.notes.append(f"estimated on a uniform random sample of {len(sample)} of the {lines.count} lines")
     if calibration.answers is not None:
         shape.caps, shape.answers = [x.max_tokens for x in sample], calibration.answers
@@ -359,12 +376,33 @@ def least_squares(features: Sequence[Sequence[float]], y: Sequence[float]) -> li
     return None
 
 
-def makespan(service_ms: Sequence[float], workers: int) -> float:
-    """When the last of these jobs ends, ``workers`` at a time pulling from one queue in order (ms)."""
-    ends = [0.0] * max(1, min(workers, len(service_ms)))
-    for s in service_ms:
-        heapq.heapreplace(ends, ends[0] + s)
-    return max(ends)
+def makespan(service_ms: Sequence[float], workers: int, speed: Sequence[float] = ()) -> float:
+    """When the last of these jobs ends, ``workers`` at a time pulling from one queue in order (ms).
+
+    ``speed[k - 1]``: how much faster each job runs while only ``k`` are in flight (1 beyond the list): an engine
+    that decodes one sequence alone does so faster than four side by side, so a long answer left alone at the end
+    of a run finishes sooner than its service time at full load says. The jobs in flight share the engine, so
+    they advance at one rate: a job of service ``s`` ends when the work done per job since it started reaches
+    ``s``."""
+    slots = max(1, min(workers, len(service_ms)))
+    if not any(v != 1.0 for v in speed[:slots]):
+        ends = [0.0] * slots
+        for s in service_ms:
+            heapq.heapreplace(ends, ends[0] + s)
+        return max(ends)
+    jobs = iter(service_ms)
+    ends = sorted(itertools.islice(jobs, slots))  # the work done per job at which each in flight ends
+    clock = done = 0.0
+    while ends:
+        k = len(ends)
+        clock += (ends[0] - done) / (speed[k - 1] if k <= len(speed) else 1.0)
+        done = ends[0]
+        following = next(jobs, None)
+        if following is None:
+            heapq.heappop(ends)
+        else:
+            heapq.heapreplace(ends, done + following)
+    return clock
 
 
 def makespan_runs(runs: Sequence[tuple[float, int]], workers: int) -> float:
@@ -399,9 +437,9 @@ def _interpolated(makespan_of: Callable[[int], float], parallelism: float) -> fl
     return at_low + (makespan_of(low + 1) - at_low) * (parallelism - low)
 
 
-def makespan_at(service_ms: Sequence[float], parallelism: float) -> float:
+def makespan_at(service_ms: Sequence[float], parallelism: float, speed: Sequence[float] = ()) -> float:
     """``makespan`` for a fractional number of servers, linear between the two whole numbers around it."""
-    return _interpolated(lambda workers: makespan(service_ms, workers), parallelism)
+    return _interpolated(lambda workers: makespan(service_ms, workers, speed), parallelism)
 
 
 def makespan_runs_at(runs: Sequence[tuple[float, int]], parallelism: float) -> float:
@@ -409,17 +447,39 @@ def makespan_runs_at(runs: Sequence[tuple[float, int]], parallelism: float) -> f
     return _interpolated(lambda workers: makespan_runs(runs, workers), parallelism)
 
 
-def effective_parallelism(service_ms: Sequence[float], wall_ms: float, concurrency: int) -> float:
+def effective_parallelism(service_ms: Sequence[float], wall_ms: float, concurrency: int,
+                          speed: Sequence[float] = ()) -> float:
     """The parallelism in [1, concurrency] whose makespan of these jobs equals the measured wall time."""
-    if not service_ms or makespan(service_ms, concurrency) >= wall_ms:
+    if not service_ms or makespan(service_ms, concurrency, speed) >= wall_ms:
         return float(concurrency)
-    if makespan(service_ms, 1) <= wall_ms:
+    if makespan(service_ms, 1, speed) <= wall_ms:
         return 1.0
     low, high = 1.0, float(concurrency)
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (middle, high) if makespan_at(service_ms, middle) > wall_ms else (low, middle)
+        low, high = (middle, high) if makespan_at(service_ms, middle, speed) > wall_ms else (low, middle)
     return (low + high) / 2
+
+
+def speedups(decode_ms: dict[int, float], concurrency: int) -> tuple[float, ...]:
+    """``makespan``'s ``speed`` for a configuration of ``concurrency`` from the decode time per token measured at
+    each concurrency level (of the same num_ctx): with ``k`` in flight a job runs ``d(c) / d(k)`` times as fast,
+    ``d`` linear between the measured levels; at least as fast as at ``c`` and never more throughput than ``c``
+    in flight gave (``c / k``). Empty when no lower level was measured."""
+    levels = sorted((c, d) for c, d in decode_ms.items() if c <= concurrency and d > 0)
+    if concurrency not in decode_ms or len(levels) < 2:
+        return ()
+    top = decode_ms[concurrency]
+    out = []
+    for k in range(1, concurrency):
+        below = [(c, d) for c, d in levels if c <= k]
+        above = [(c, d) for c, d in levels if c >= k]
+        if not below:
+            return ()  # below the lowest level measured: nothing tells
+        (c0, d0), (c1, d1) = below[-1], above[0]
+        at_k = d0 if c1 == c0 else d0 + (d1 - d0) * (k - c0) / (c1 - c0)
+        out.append(min(concurrency / k, max(1.0, top / at_k)))
+    return tuple(out)
 
 
 @dataclass
@@ -452,6 +512,7 @@ class ConfigFit:
     measured_output_mean: float = 0.0  # their answers' mean length
     ctx_curve: float = 0.0  # b: ms per output token per squared token of context (decoding slows as context grows)
     decode_ctx2: float | None = None  # token-weighted mean of the squared context decode_ms was measured at
+    speed: tuple[float, ...] = ()  # how much faster requests run with fewer in flight (``speedups``)
 
     def prompt_ms(self, prompt: float, cached: float = 0.0) -> float:
         return prompt * (1 - cached) * (self.p0 + self.p1 * prompt)
@@ -519,7 +580,8 @@ class ConfigFit:
     def run_seconds(self, shape: Shape) -> float:
         if shape.count is not None:
             return self.k * makespan_runs_at(self.uniform_runs(shape), self.parallelism) / 1000
-        return self.k * makespan_at(self.services(shape.requests()), self.parallelism) / 1000 * shape.scale
+        return self.k * makespan_at(self.services(shape.requests()), self.parallelism, self.speed) / 1000 * \
+            shape.scale
 
     def covers(self, shape: Shape) -> bool:
         return (self.prompt_range[0] * 0.8 <= shape.mean_prompt <= self.prompt_range[1] * 1.25
@@ -677,7 +739,8 @@ def context_slope(groups: Sequence[Sequence[BenchSampleRow]]) -> float:
 
 
 def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow], *, ctx_slope: float = 0.0,
-               ctx_curve: float = 0.0, max_overhead_ms: float | None = None) -> ConfigFit | None:
+               ctx_curve: float = 0.0, max_overhead_ms: float | None = None,
+               decode_at: dict[int, float] | None = None) -> ConfigFit | None:
     """Fit one configuration's cost model on its points (repeats) and their requests; None without data.
 
     The first wave of a point (its first ``c`` requests, sent together) is left out of the prompt fit: the engine
@@ -686,7 +749,9 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
     and timed batch lines (``position_fit``).
     ``max_overhead_ms`` caps the per-request overhead (latency not spent in the engine) at what the lowest
     concurrency measured: above it, the extra is waiting for a free engine slot, which scales with the other
-    requests' work and belongs in the calibrated parallelism, not in a per-request constant."""
+    requests' work and belongs in the calibrated parallelism, not in a per-request constant.
+    ``decode_at``: the decode time per token the lower concurrency levels of the same num_ctx measured, which
+    tells how much faster the last requests of a run go as fewer remain in flight (``speedups``)."""
     ok = [s for s in samples if s.ok and s.prompt_tokens is not None and s.completion_tokens is not None]
     if not ok or not points:
         return None
@@ -713,6 +778,7 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
         coef = least_squares([[1.0, p, o] for p, o in pairs], [s.latency_ms for s in ok])
         fit.p0, fit.decode_ms = (coef[1], coef[2]) if coef else (0.0, 0.0)
         fit.ctx_slope = fit.ctx_curve = 0.0
+    fit.speed = speedups({**(decode_at or {}), c: fit.decode_ms}, c)
     by_point: dict[int, list[BenchSampleRow]] = defaultdict(list)
     for s in ok:
         by_point[s.point_id].append(s)
@@ -732,8 +798,9 @@ def fit_config(points: Sequence[BenchPointRow], samples: Sequence[BenchSampleRow
         if services and point.wall_seconds > 0:
             replays.append((services, point.wall_seconds * 1000))
     if replays:
-        fit.parallelism = sum(effective_parallelism(s, w, c) for s, w in replays) / len(replays)
-        fit.efficiency = [w / makespan_at(s, fit.parallelism) for s, w in replays if makespan_at(s, fit.parallelism)]
+        fit.parallelism = sum(effective_parallelism(s, w, c, fit.speed) for s, w in replays) / len(replays)
+        fit.efficiency = [w / makespan_at(s, fit.parallelism, fit.speed) for s, w in replays
+                          if makespan_at(s, fit.parallelism, fit.speed)]
     fit.efficiency = fit.efficiency or [1.0]
     loads = sorted(p.load_seconds for p in points)
     fit.load_seconds = loads[len(loads) // 2]
@@ -781,12 +848,14 @@ def _fit_configs(chosen: Sequence[BenchPointRow], samples: Sequence[BenchSampleR
               for n, _ in own}
     fits: list[ConfigFit] = []
     base_overhead: dict[int, float] = {}  # per num_ctx, from its lowest concurrency (no client-made queue)
+    decode_at: dict[int, dict[int, float]] = defaultdict(dict)  # per num_ctx: concurrency -> decode ms per token
     for num_ctx, concurrency in sorted(by_config):
         fit = fit_config(by_config[(num_ctx, concurrency)], own[(num_ctx, concurrency)],
                          ctx_slope=slopes[num_ctx][0], ctx_curve=slopes[num_ctx][1],
-                         max_overhead_ms=base_overhead.get(num_ctx))
+                         max_overhead_ms=base_overhead.get(num_ctx), decode_at=decode_at[num_ctx])
         if fit is not None:
             base_overhead.setdefault(num_ctx, fit.overhead_ms)
+            decode_at[num_ctx][concurrency] = fit.decode_ms
             fits.append(fit)
     for fit in fits:  # a cold start: Ollama loads once per num_ctx (the first point has it), llama.cpp every point
         fit.load_seconds = max(f.load_seconds for f in fits if f.num_ctx == fit.num_ctx)
@@ -1043,15 +1112,16 @@ def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
     base = fit.run_seconds(shape)
     if base <= 0:
         return 1.0, 0.0, 0.0
+    rooms = shape.rooms or [None] * len(caps)
     rng = random.Random(f"{shape.n}|{sum(shape.output_tokens):.3f}")
     runs = []
     for _ in range(max(4, min(DRAWS, DRAW_BUDGET // max(len(caps), 1)))):
-        drawn = [answers.draw(cap, rng.random()) for cap in caps]
+        drawn = [answers.draw(cap, rng.random(), room) for cap, room in zip(caps, rooms, strict=True)]
         runs.append(fit.run_seconds(dataclasses.replace(shape, output_tokens=drawn)))
     centre = statistics.fmean(runs)
     spread = statistics.stdev(runs) / centre if len(runs) > 1 and centre > 0 else 0.0
-    longer = [min(o * 1.1, cap) if cap is not None else o * 1.1 for o, cap in zip(shape.output_tokens, caps,
-                                                                                  strict=True)]
+    longer = [min([o * 1.1, *(b for b in (cap, room) if b is not None)])
+              for o, cap, room in zip(shape.output_tokens, caps, rooms, strict=True)]
     elasticity = max(0.0, (fit.run_seconds(dataclasses.replace(shape, output_tokens=longer)) / base - 1) / 0.1)
     return centre / base, spread, answers.mean_cv * elasticity
 
@@ -1138,8 +1208,10 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     batch at its start): the same rows, answer lengths, context window and draws give the same figures.
 
     The context window is the one the batch will run: obatch's pick for the longest request when the engine sets
-    one (``engine``'s capabilities; assumed when no engine is at hand). The model's context length is not asked
-    (an estimate needs no engine): it only lowers that pick for requests too long to run at all. Without benchmark
+    one (``engine``'s capabilities; assumed when no engine is at hand), or ``num_ctx`` when given; answers that
+    run on to the context end there. The model's context length is not asked (an estimate needs no engine, and
+    must not wait on a busy one): it only lowers that pick for a model whose context is smaller, for which the
+    caller gives ``num_ctx``. Without benchmark
     points, a pilot's own latencies are extrapolated instead."""
     timings = await decode_timings(session, model, pilot, exclude_batch=exclude_batch)
     try:
@@ -1235,8 +1307,10 @@ def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequenc
 
 def _estimate_rows(fits: Sequence[ConfigFit], lines: Lines, calibration: TokenCalibration, *, window: int,
                    **options: Any) -> Estimate:
-    """``shape_of`` then ``estimate_from_fits``: the CPU part of an estimate, run in a worker thread."""
-    return estimate_from_fits(fits, shape_of(lines, calibration, window=window), **options)
+    """``shape_of`` then ``estimate_from_fits``: the CPU part of an estimate, run in a worker thread. Answers
+    that run on to the context end at the batch's num_ctx (when known, else the measured one it would use)."""
+    num_ctx = options.get("num_ctx") or _pick_num_ctx(fits, lines.need, None)
+    return estimate_from_fits(fits, shape_of(lines, calibration, window=window, num_ctx=num_ctx), **options)
 
 
 async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> Estimate:
