@@ -1,6 +1,6 @@
 """``obatch`` command line. Handlers are coroutines; ``main`` runs one on obatch's loop (``_loop.run``) and turns
-obatch's errors into one line on stderr and an exit status
-(``api.run_sync`` is the notebook's other way onto a loop)."""
+obatch's errors into one line on stderr and an exit status (``api.run_sync`` is the notebook's other way onto a
+loop)."""
 
 from __future__ import annotations
 
