@@ -55,6 +55,7 @@ from obatch.bench.estimate import estimate_groups
 from obatch.bench.pilot import file_sha256, run_pilot
 from obatch.bench.service import combined
 from obatch.config import Settings
+from obatch.context import MIN_NUM_CTX
 from obatch.protocol import DurationEstimate
 from obatch.store import pilots
 from obatch.store.db import open_store
@@ -178,7 +179,7 @@ async def file_estimate(settings: Settings, path: Path, concurrency: int, backen
         async with sessions() as session:
             return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
                                                   file_sha256=await asyncio.to_thread(file_sha256, path),
-                                                  concurrency=concurrency, num_ctx=num_ctx if num_ctx < 2048
+                                                  concurrency=concurrency, num_ctx=num_ctx if num_ctx < MIN_NUM_CTX
                                                   else None))
     finally:
         await engine.dispose()
@@ -266,7 +267,7 @@ async def open_windowed(settings: Settings, num_ctx: int) -> Backend:
     from obatch.backends import open_backend
 
     backend = await open_backend(settings)
-    return Windowed(backend, num_ctx) if num_ctx < 2048 else backend
+    return Windowed(backend, num_ctx) if num_ctx < MIN_NUM_CTX else backend
 
 
 def _settings(args: argparse.Namespace, data_dir: Path, sim_url: str | None) -> Settings:
@@ -401,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                    "the interval; on a noisy machine they also steady the estimate)")
     p.add_argument("--workload", default="chat", help="the sweep's workload (a name or a spec such as "
                    "'prompt=16-160,output=32-320': at a small --num-ctx, prompt + output must fit it)")
-    p.add_argument("--num-ctx", type=int, default=2048, help="the context window of the sweep and of the held-out "
-                   "batches (below 2,048 the engine is presented as a model of that context, so obatch picks it)")
+    p.add_argument("--num-ctx", type=int, default=MIN_NUM_CTX, help="the context window of the sweep and of the "
+                   "held-out batches (below 2,048 the engine is presented as a model of that context, so obatch "
+                   "picks it)")
     p.add_argument("--runs", type=int, default=2, help="how many held-out capped batches to estimate and run")
     p.add_argument("--cases", default="uncapped,mixed",
                    help="natural held-out files to run besides the capped ones: uncapped, mixed (comma-separated)")
