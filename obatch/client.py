@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Literal, Self
 from urllib.parse import quote
 
 import httpx
@@ -305,11 +305,12 @@ class Client:
 
     def estimate(self, *, model: str | None = None, num_requests: int | None = None,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
-                 input_file_id: str | None = None, concurrency: int | None = None, pilot: int | None = None,
-                 timeout: float | None = None) -> DurationEstimate:
+                 input_file_id: str | None = None, concurrency: int | None = None,
+                 pilot: int | Literal["auto"] | None = None, timeout: float | None = None) -> DurationEstimate:
         """Expected duration of a batch (with an interval, the best config and the points it rests on). ``pilot``
-        runs that many random lines of the file first (the batch later takes them as finished): that takes as
-        long as those requests do, so the call waits up to ``timeout`` (10 minutes by default then)."""
+        runs that many random lines of the file first (the batch later takes them as finished; ``"auto"``: 16,
+        more while the estimate stays unsure): that takes as long as those requests do, so the call waits up to
+        ``timeout`` (10 minutes by default then)."""
         params = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
                   "output_tokens": output_tokens, "input_file_id": input_file_id, "concurrency": concurrency,
                   "pilot": pilot}

@@ -246,6 +246,8 @@ class PilotInfo(_Wire):
     seconds: float = 0.0
     concurrency: int | None = None
     file_sha256: str | None = None
+    lines: int | None = None  # valid lines of the file
+    auto: bool = False  # an automatic pilot: it grew until its answers left the estimate sure enough
 
 
 class DurationEstimate(_Wire):

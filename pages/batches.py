@@ -82,11 +82,12 @@ if upload is not None:
         st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
                    if sentence else "No benchmark of this model yet: no duration estimate.")
         if uploaded and views.offers_pilot(estimate) and st.button(
-                f"Run a pilot of {views.PILOT_LINES} lines", key="pilot", icon=":material/science:",
-                help="Runs a random sample of the file now to learn its answer lengths; the batch then takes those "
+                "Run a pilot", key="pilot", icon=":material/science:",
+                help="Runs a random sample of the file now to learn its answer lengths: 16 lines, more while they "
+                     "vary too much to estimate from (up to a quarter of the file). The batch then takes those "
                      "lines as finished."):
             with st.spinner("Running the pilot…"):
-                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT_LINES, **asked):
+                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT, **asked):
                     st.rerun()
         if notes := views.estimate_notes(estimate):
             with st.expander("How this estimate was made"):

@@ -38,8 +38,17 @@ from obatch.bench.estimate import (
     shape_of,
     speedups,
 )
-from obatch.bench.pilot import allocate, file_sha256, run_pilot, sample_file, stratum
-from obatch.bench.service import combined
+from obatch.bench.pilot import (
+    AUTO_WITHIN,
+    allocate,
+    auto_sizes,
+    file_sha256,
+    pilot_size,
+    run_pilot,
+    sample_file,
+    stratum,
+)
+from obatch.bench.service import answers_margin, combined
 from obatch.bench.sweep import SweepSpec, run_sweep
 from obatch.bench.wire import EstimateRecord
 from obatch.cli import _parser
@@ -547,6 +556,40 @@ async def test_a_pilot_estimates_the_file_and_its_lines_are_not_run_twice(swept:
     assert sim.stats.served - served == 24
 
 
+def test_an_automatic_pilot_doubles_up_to_a_quarter_of_the_file() -> None:
+    assert auto_sizes(40) == [10] and auto_sizes(100) == [16, 25] and auto_sizes(400) == [16, 32, 64, 100]
+    assert auto_sizes(5) == [2]  # what a t-interval needs
+    assert auto_sizes(10_000) == [16, 32, 64, 128, 256]  # never more than MAX_PILOT
+    assert pilot_size("auto") == "auto" and pilot_size("24") == 24 and pilot_size(None) is None
+    for bad in ("0", "257", "many", -3):
+        with pytest.raises(Exception, match="pilot must be between 1 and 256 lines, or 'auto'"):
+            pilot_size(bad)
+
+
+async def test_an_automatic_pilot_grows_while_its_answers_leave_the_estimate_unsure(
+        swept: tuple[Settings, OllamaSim], tmp_path: Path) -> None:
+    settings, sim = swept
+
+    async def pilot_of(path: Path) -> DurationEstimate:
+        args = _parser().parse_args(["estimate", "--file", str(path), "--pilot", "auto", "--backend", "ollama",
+                                     "-c", "2", "--data-dir", str(settings.data_dir)])
+        made: DurationEstimate = await bench_cli.estimate_answer(args, settings)
+        return made
+
+    # the simulator's natural answers take 1-80 words: 16 of them leave the mean of 200 unsure by about ±25%
+    served = sim.stats.served
+    varied = await pilot_of(natural_file(tmp_path / "varied.jsonl", 200, seed=21))
+    assert varied.pilot is not None and varied.pilot.auto and varied.pilot.lines == 200
+    assert 16 < varied.pilot.requests <= 50 and varied.done_requests == varied.pilot.requests
+    assert sim.stats.served - served == varied.pilot.requests  # each round ran only the lines new to it
+    assert varied.answers is not None and varied.answers.samples == varied.pilot.requests
+    assert answers_margin(varied) <= AUTO_WITHIN or varied.pilot.requests == 50
+    # every answer cut at its cap of 2 tokens: nothing is unsure after the first 16
+    same = await pilot_of(natural_file(tmp_path / "same.jsonl", 200, seed=22, caps=(2,)))
+    assert same.pilot is not None and same.pilot.requests == 16 and answers_margin(same) < 0.01
+    assert any("pilot (automatic): 16 lines of 200" in line for line in bench_cli.describe(same))
+
+
 async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_settings: Callable[..., Settings],
                                                                         tmp_path: Path) -> None:
     async with OllamaSim(SIM) as sim:
@@ -644,8 +687,9 @@ async def _endpoint_pilot(settings: Settings, sim: OllamaSim, tmp_path: Path, cr
         blind = DurationEstimate.model_validate((await api.get("/v1/benchmarks/estimate", params={
             "input_file_id": uploaded["id"], "concurrency": 2})).json())
         assert blind.answers is not None and not blind.answers.known and blind.low >= 0
-        refused = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 0})
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == "pilot"
+        for bad in (0, "some"):
+            refused = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": bad})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "pilot"
         response = await api.get("/v1/benchmarks/estimate", params={"input_file_id": uploaded["id"], "pilot": 5,
                                                                     "concurrency": 2})
         assert response.status_code == 200, response.text

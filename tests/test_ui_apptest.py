@@ -134,7 +134,7 @@ def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeS
     assert concurrency.value is None and concurrency.proto.placeholder == "auto"  # type: ignore[attr-defined]
     at.button(key="pilot").click().run()  # the answer lengths are unknown: a pilot of the uploaded file is offered
     no_exception(at)
-    assert any("pilot=16" in str(r.url) and "input_file_id=" in str(r.url) for r in fake.requests)
+    assert any("pilot=auto" in str(r.url) and "input_file_id=" in str(r.url) for r in fake.requests)
     at.selectbox[0].set_value("qwen2.5:0.5b")
     at.number_input[0].set_value(3)  # the widget as drawn after the pilot's rerun
     at.selectbox[1].set_value("1h")

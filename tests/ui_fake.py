@@ -100,9 +100,11 @@ def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[
 
 
 def fake_estimate(params: Any) -> DurationEstimate:
-    """The estimate the fake answers, in the server's own model; ``pilot=N`` reports a pilot of N lines, and a file
-    estimated without one says its answer lengths are unknown (so the page offers a pilot)."""
-    pilot = int(params["pilot"]) if params.get("pilot") else None
+    """The estimate the fake answers, in the server's own model; ``pilot=N`` reports a pilot of N lines (``auto``:
+    an automatic one of 16), and a file estimated without one says its answer lengths are unknown (so the page
+    offers a pilot)."""
+    asked = params.get("pilot")
+    pilot = (16 if asked == "auto" else int(asked)) if asked else None
     best = EstimateCandidate(num_ctx=2048, concurrency=4, seconds=42.0, req_per_s=2.4, measured_req_per_s=3.9)
     known = pilot is not None or not params.get("input_file_id")
     return DurationEstimate(
@@ -110,7 +112,7 @@ def fake_estimate(params: Any) -> DurationEstimate:
         high=60.0, num_ctx=2048, concurrency=4, req_per_s=2.4, measured_req_per_s=3.9, best=best,
         candidates=[best], points=[EstimatePoint(id=i, run_id="run-1", num_ctx=2048, concurrency=4) for i in (1, 2, 3)],
         answers=AnswerLengthsInfo(source="pilot" if pilot else "none", known=known, samples=pilot or 0),
-        pilot=PilotInfo(requests=pilot, ran=pilot) if pilot else None, done_requests=pilot or 0)
+        pilot=PilotInfo(requests=pilot, ran=pilot, auto=asked == "auto") if pilot else None, done_requests=pilot or 0)
 
 
 def _extension(batch: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ models × num_ctx × concurrency resumably, store them, view them as polars fram
     frames = await bench.load_report("data")
     guess = await bench.estimate_workload("smollm2:135m", num_requests=500, prompt_tokens=300,
                                           output_tokens=120)
+    made = await bench.estimate_file("data/samples/chat.jsonl", pilot="auto")  # a file, after a pilot of it
 
 Charts live in ``obatch.bench.charts`` (imported on demand: altair is only needed there).
 """
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from obatch.bench.views import Report, load_report
     from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
     from obatch.config import Settings
+    from obatch.protocol import DurationEstimate
 
 # Names load on first use (PEP 562): `obatch.bench.cli` is part of every `obatch` command line, and the frames
 # (polars) and the store behind these names are a large part of start-up that `obatch run` does not need.
@@ -41,9 +43,9 @@ __getattr__ = lazy_names(__name__, _HOME, globals())
 
 __all__ = [
     "WORKLOADS", "ConfigFit", "Estimate", "Lengths", "PointKey", "Report", "Sample", "Shape", "SweepReport",
-    "SweepSpec", "Workload", "estimate", "estimate_workload", "estimates_vs_actuals", "fits_for", "load_report",
-    "measure_point", "parse_workload", "percentile", "plan", "run_sweep", "run_sweep_notebook", "summarise",
-    "sweep_with",
+    "SweepSpec", "Workload", "estimate", "estimate_file", "estimate_workload", "estimates_vs_actuals", "fits_for",
+    "load_report", "measure_point", "parse_workload", "percentile", "plan", "run_sweep", "run_sweep_notebook",
+    "summarise", "sweep_with",
 ]
 
 
@@ -90,5 +92,43 @@ async def estimate_workload(model: str, *, data_dir: str | Path | None = None, s
     try:
         async with sessions() as session:
             return await estimate(session, model, **kwargs)
+    finally:
+        await engine.dispose()
+
+
+async def estimate_file(path: str | Path, *, pilot: int | str | None = None, backend: str | None = None,
+                        data_dir: str | Path | None = None, settings: Settings | None = None,
+                        **kwargs: Any) -> DurationEstimate:
+    """How long a batch file will take, as ``obatch estimate --file`` and the server's estimate endpoint answer:
+    ``pilot`` (lines, or ``"auto"``) runs a random sample of the file first on the settings' engine, whose batch
+    later takes those lines as finished. ``backend``: prefer points measured on it; ``kwargs``: ``model``,
+    ``num_ctx``, ``concurrency``."""
+    import asyncio
+
+    from obatch.bench.estimate import estimate_groups
+    from obatch.bench.pilot import file_sha256, pilot_size
+    from obatch.bench.service import combined, piloted
+    from obatch.bench.views import store_settings
+    from obatch.store.db import open_store
+
+    chosen, file, pilot = store_settings(data_dir, settings), Path(path), pilot_size(pilot)
+    if not await asyncio.to_thread(file.is_file):
+        from obatch import errors
+
+        raise errors.ConfigError(f"No such file: {file}")
+    engine, sessions = await open_store(chosen.db_url)
+    try:
+        async with sessions() as session:
+            if pilot is None:
+                sha = await asyncio.to_thread(file_sha256, file)
+                return combined(await estimate_groups(session, backend=backend, file=file, file_sha256=sha,
+                                                      **kwargs))
+            from obatch.backends import open_backend
+
+            opened = await open_backend(chosen)
+            try:
+                return await piloted(session, sessions, chosen, opened, file, pilot, backend=opened.name, **kwargs)
+            finally:
+                await opened.aclose()
     finally:
         await engine.dispose()

@@ -283,53 +283,33 @@ async def estimate(args: argparse.Namespace) -> int:
 async def estimate_answer(args: argparse.Namespace, settings: Settings | None = None) -> Any:
     """The ``obatch.protocol.DurationEstimate`` the command prints: the server's estimate for the same file and
     settings (``obatch.bench.service``), on the store of ``settings`` (default: the command's)."""
-    from obatch.bench.service import estimate as make_estimate
-    from obatch.store.db import open_store
-
     if not args.model and not args.file:
         raise errors.ConfigError("--model is required (or --file, or --history).")
     if args.pilot and not args.file:
         raise errors.ConfigError("--pilot runs lines of a batch file: give --file.")
     settings = settings or _settings(args)
+    common = {"model": args.model, "num_ctx": args.num_ctx, "concurrency": args.concurrency}
+    if args.file:  # a pilot runs on the engine of --backend / --url
+        from obatch.bench import estimate_file
+
+        chosen = settings.model_copy(update={"backend": args.backend}) if _backend(args) else settings
+        return await estimate_file(args.file, pilot=args.pilot, backend=_backend(args),
+                                   settings=chosen.with_urls([args.url] if args.url else []), **common)
+    from obatch.bench.service import estimate as make_estimate
+    from obatch.store.db import open_store
+
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:
-            return await _estimate_file(session, sessions, settings, args, make_estimate)
+            return await make_estimate(session, settings, None, backend=_backend(args), num_requests=args.requests,
+                                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, **common)
     finally:
         await engine.dispose()
 
 
-async def _estimate_file(session: Any, sessions: Any, settings: Settings, args: argparse.Namespace,
-                         make_estimate: Any) -> Any:
-    """The estimate the server's endpoint gives (``obatch.bench.service.estimate``), for a local file or token
-    lengths; with a file, the engine is asked the context window the batch will use (only a pilot needs it)."""
-    from obatch.bench.pilot import file_sha256
-
-    common = {"model": args.model, "num_ctx": args.num_ctx, "concurrency": args.concurrency}
-    if not args.file:
-        return await make_estimate(session, settings, None, backend=_backend(args), num_requests=args.requests,
-                                   prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, **common)
-    path = Path(args.file)
-    if not await asyncio.to_thread(path.is_file):
-        raise errors.ConfigError(f"No such file: {path}")
-    from obatch.bench.estimate import estimate_groups
-    from obatch.bench.service import combined
-
-    if not args.pilot:
-        sha = await asyncio.to_thread(file_sha256, path)
-        return combined(await estimate_groups(session, backend=_backend(args), file=path, file_sha256=sha, **common))
-    from obatch.backends import open_backend
-    from obatch.bench.pilot import run_pilot
-
-    chosen = settings.model_copy(update={"backend": args.backend}) if _backend(args) else settings
-    backend = await open_backend(chosen.with_urls([args.url] if args.url else []))
-    try:
-        ran = await run_pilot(sessions, backend, settings, path, size=args.pilot, model=args.model,
-                              concurrency=args.concurrency)
-        return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
-                                              file_sha256=ran["file_sha256"], **common), ran)
-    finally:
-        await backend.aclose()
+def _pilot(value: str) -> int | str:
+    """``--pilot``: a number of lines or ``auto`` (its range is checked where the pilot runs)."""
+    return value if value == "auto" else int(value)
 
 
 def describe(made: Any) -> list[str]:
@@ -356,8 +336,9 @@ def describe(made: Any) -> list[str]:
         out.append(f"total: {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}]")
     if made.pilot is not None:
         p = made.pilot
-        out.append(f"pilot: {p.requests} lines ({p.ran} run now in {p.seconds:.1f} s, {p.reused} from an earlier "
-                   f"pilot, {p.failed} failed)")
+        out.append(f"pilot{' (automatic)' if p.auto else ''}: {p.requests} lines"
+                   f"{f' of {p.lines}' if p.lines else ''} ({p.ran} run now in {p.seconds:.1f} s, {p.reused} from an "
+                   f"earlier pilot, {p.failed} failed)")
     return out
 
 
@@ -456,8 +437,9 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--num-ctx", type=int, help="estimate for this num_ctx (default: the best config)")
     e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the best)")
     e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
-    e.add_argument("--pilot", type=int, metavar="N",
+    e.add_argument("--pilot", type=_pilot, metavar="N|auto",
                    help="run N random lines of --file first and estimate from their answers (the batch of that "
-                        "file then takes them as finished)")
+                        "file then takes them as finished); auto: 16 lines, more while their answers leave the "
+                        "estimate unsure by over ±15%% (up to a quarter of the file)")
     _backend_options(e)
     e.set_defaults(handler=estimate)

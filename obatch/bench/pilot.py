@@ -10,6 +10,13 @@ window the batch will use, a few at a time. Every answer is stored as a
 ``PilotRow`` keyed by the file's content, the line's custom_id and its body: the batch that later imports the same
 file takes those lines as finished (``obatch.store.pilots.adopt``), so no line runs twice. Lines a pilot already
 ran are not run again by a second pilot. Failed lines are not stored: the batch runs them.
+
+How many lines a pilot needs depends on the file: answers that all take about as long are known from a few, but a
+model that runs some answers on to its context window (a small one at temperature 0 does) makes a file's duration
+hang on how many of its lines do, and 16 lines may hold none or five of them. An **automatic** pilot (``"auto"``)
+runs 16 lines, estimates, and doubles its sample while the answers it measured still leave the estimate unsure by
+more than ±15% (``AUTO_WITHIN``, half the 95% interval), never beyond a quarter of the file (``AUTO_SHARE``) or
+``MAX_PILOT`` lines. Its lines count toward the batch, so a larger pilot costs the wait, not extra work.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import heapq
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -37,6 +45,39 @@ from obatch.store.tables import PilotRow
 
 DEFAULT_CONCURRENCY = 4
 MAX_PILOT = 256
+AUTO = "auto"
+AUTO_START = 16  # an automatic pilot's first round (see the module docstring)
+AUTO_SHARE = 0.25  # the largest share of the file it runs
+AUTO_WITHIN = 0.15  # it stops once its answers leave the estimate unsure by no more than this (half the 95% interval)
+
+
+def pilot_size(value: int | str | None) -> int | str | None:
+    """A pilot as asked (a number of lines, or ``"auto"``), checked: ``ConfigError`` names ``pilot`` otherwise."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if not 1 <= size <= MAX_PILOT:
+        raise errors.ConfigError(f"pilot must be between 1 and {MAX_PILOT} lines, or {AUTO!r}.", param="pilot")
+    return size
+
+
+def auto_sizes(lines: int) -> list[int]:
+    """An automatic pilot's rounds for a file of ``lines`` valid lines: 16, doubled each round, up to a quarter of
+    the file (and ``MAX_PILOT``; at least 2 lines, what a t-interval needs)."""
+    most = min(MAX_PILOT, max(2, math.ceil(lines * AUTO_SHARE)))
+    sizes = [min(AUTO_START, most)]
+    while sizes[-1] < most:
+        sizes.append(min(2 * sizes[-1], most))
+    return sizes
+
+
+def valid_lines(path: Path, model: str | None = None) -> int:
+    """How many valid requests the file holds (blocking: use a thread)."""
+    with path.open("rb") as handle:
+        return sum(isinstance(r, Request) for r in iter_file(handle, model=model))
 
 
 def file_sha256(path: Path) -> str:
@@ -98,8 +139,7 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
                     model: str | None = None, concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Run (or reuse) a pilot of ``size`` lines of the file at ``path``; returns what it did
     (``obatch.protocol.PilotInfo``'s fields)."""
-    if not 1 <= size <= MAX_PILOT:
-        raise errors.ConfigError(f"pilot must be between 1 and {MAX_PILOT} lines.", param="pilot")
+    pilot_size(size)
     sha = await asyncio.to_thread(file_sha256, path)
     wanted, need, total = await asyncio.to_thread(sample_file, path, model, size, f"{sha}|{seed}")
     if not total:
@@ -118,7 +158,7 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
         stored, errored = await _run_group(sessions, pool, settings, sha, name, group, need[name], level)
         ran, failed = ran + stored, failed + errored
     return {"requests": len(wanted), "ran": ran, "reused": len(wanted) - len(todo), "failed": failed,
-            "seconds": time.monotonic() - started, "concurrency": level, "file_sha256": sha}
+            "seconds": time.monotonic() - started, "concurrency": level, "file_sha256": sha, "lines": total}
 
 
 async def _run_group(sessions: Sessions, pool: Pool, settings: Settings, sha: str, model: str,

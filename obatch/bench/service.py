@@ -3,7 +3,9 @@ nothing here knows about HTTP)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch import batches, errors
 from obatch.backends.base import Backend
 from obatch.bench import views
+from obatch.bench.answers import Z
 from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
 from obatch.bench.slo import MIN_SHARE, capacities, parse_slo, with_goodput
 from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
@@ -97,26 +100,64 @@ def combined(parts: list[Estimate], pilot: dict[str, Any] | None = None) -> Dura
 
 
 async def estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,
-                   input_file_id: str | None = None, pilot: int | None = None, engine: Backend | None = None,
+                   input_file_id: str | None = None, pilot: int | str | None = None, engine: Backend | None = None,
                    sessions: Sessions | None = None, **kwargs: Any) -> DurationEstimate:
     """``estimate_groups`` as one answer, for token lengths or for a stored input file the caller owns. With
-    ``pilot``, a random sample of that many lines of the file runs first on ``engine`` (``obatch.bench.pilot``)
-    and the estimate goes by its answers; the batch of that file later takes those lines as finished."""
+    ``pilot`` (lines, or ``"auto"``), a random sample of the file runs first on ``engine`` (``piloted``)."""
+    from obatch.bench.pilot import pilot_size
+
+    pilot = pilot_size(pilot)
     file = sha = None
     if input_file_id is not None:
         row = await repo.get_file(session, input_file_id, owner)
         file, sha = batches.file_path(settings, row.id), row.sha256 or None
-    ran = None
     if pilot is not None:
         if file is None or engine is None or sessions is None:
             raise errors.ConfigError("A pilot runs lines of an input file: give input_file_id.", param="pilot")
-        from obatch.bench.pilot import run_pilot
-
-        ran = await run_pilot(sessions, engine, settings, file, size=pilot, model=kwargs.get("model"),
-                              concurrency=kwargs.get("concurrency"))
-        sha = ran["file_sha256"]
+        return await piloted(session, sessions, settings, engine, file, pilot, backend=backend, **kwargs)
     return combined(await estimate_groups(session, backend=backend, file=file, engine=engine, file_sha256=sha,
-                                           **kwargs), ran)
+                                           **kwargs))
+
+
+async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings, engine: Backend, file: Path,
+                  pilot: int | str, *, backend: str | None, **kwargs: Any) -> DurationEstimate:
+    """Run a pilot of the file on ``engine`` and estimate by its answers; the batch of that file later takes its
+    lines as finished. ``pilot="auto"`` grows it while its answers leave the estimate unsure
+    (``obatch.bench.pilot``: 16 lines, doubled up to a quarter of the file, until within ±15%)."""
+    from obatch.bench.pilot import AUTO, AUTO_WITHIN, auto_sizes, run_pilot, valid_lines
+
+    auto = pilot == AUTO
+    sizes = auto_sizes(await asyncio.to_thread(valid_lines, file, kwargs.get("model"))) if auto else [int(pilot)]
+    done: dict[str, Any] = {}
+    for size in sizes:
+        ran = await run_pilot(sessions, engine, settings, file, size=size, model=kwargs.get("model"),
+                              concurrency=kwargs.get("concurrency"))
+        done = ran | {"ran": done.get("ran", 0) + ran["ran"], "failed": done.get("failed", 0) + ran["failed"],
+                      "seconds": done.get("seconds", 0.0) + ran["seconds"],
+                      "reused": done.get("reused", ran["reused"]), "auto": auto}
+        made = combined(await estimate_groups(session, backend=backend, file=file, engine=engine,
+                                              file_sha256=ran["file_sha256"], **kwargs), done)
+        if (unsure := answers_margin(made)) <= AUTO_WITHIN:
+            break
+    else:
+        if auto:
+            made.notes.append(f"the pilot's {ran['requests']} lines still leave the estimate unsure by "
+                              f"±{unsure:.0%}: this file's answers vary a lot in length; an automatic pilot runs at "
+                              "most a quarter of the file, a larger fixed one narrows it")
+    return made
+
+
+def answers_margin(made: DurationEstimate) -> float:
+    """How unsure the file's unknown answer lengths leave an estimate (the relative half-width of their part of
+    its 95% interval; the worst of its model groups). Extrapolated from a pilot's own latencies, the whole interval
+    is the sample's."""
+    worst = 0.0
+    for part in made.groups or [made]:
+        if part.answers is not None and part.output_share is not None:
+            worst = max(worst, Z * part.answers.mean_cv * part.output_share)
+        elif part.seconds > 0:
+            worst = max(worst, part.high / part.seconds - 1)
+    return worst
 
 
 async def estimate_records(session: AsyncSession, owner: str | None = None) -> list[EstimateRecord]:

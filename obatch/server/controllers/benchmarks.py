@@ -33,8 +33,10 @@ Positive = Annotated[int | None, QueryParameter(ge=1, le=MAX_TOKENS)]
 Concurrency = Annotated[int | None, QueryParameter(ge=1, le=MAX_CONCURRENCY)]
 Tokens = Annotated[float | None, QueryParameter(ge=0, le=MAX_TOKENS)]
 Slo = Annotated[str | None, QueryParameter(max_length=200, description="e.g. ttft=500ms,tpot=50ms")]
-Pilot = Annotated[int | None, QueryParameter(ge=1, le=256, description="run this many random lines of the file "
-                                             "first (the batch takes them as finished) and estimate from them")]
+Pilot = Annotated[str | None, QueryParameter(description="run this many random lines of the file first (1-256; the "
+                                             "batch takes them as finished) and estimate from them; auto: 16, more "
+                                             "while the estimate stays unsure by over ±15%, up to a quarter of the "
+                                             "file")]
 
 
 def _page(items: Sequence[Any]) -> ListPage:

@@ -104,6 +104,6 @@ __all__ = [
     "slo_text",
 ]
 
-from obatch.ui.views.estimates import PILOT_LINES, estimate_notes, offers_pilot
+from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
 
-__all__ += ["PILOT_LINES", "estimate_notes", "offers_pilot"]
+__all__ += ["PILOT", "estimate_notes", "offers_pilot"]

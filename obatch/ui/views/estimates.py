@@ -29,7 +29,7 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours} h {minutes} min"
 
 
-PILOT_LINES = 16  # the pilot the Batches page offers when nothing is known about a model's answer lengths
+PILOT = "auto"  # the pilot the Batches page offers when nothing is known about a model's answer lengths
 
 
 def estimate_seconds(estimate: DurationEstimate | None) -> tuple[float | None, float | None, float | None]:
