@@ -55,6 +55,7 @@ from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta
 from obatch.protocol import Batch, BatchEta, DurationEstimate
+from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 from obatch.store.db import open_store
 from obatch.store.tables import PilotRow
@@ -463,6 +464,47 @@ async def _file_estimate(settings: Settings, path: Path, **kwargs: Any) -> Durat
             return combined(await estimate_groups(session, backend="ollama", file=path, file_sha256=sha,
                                                   concurrency=2, **kwargs))
     finally:
+        await engine.dispose()
+
+
+async def test_history_replays_the_cost_model_on_the_lines_a_batch_really_ran(swept: tuple[Settings, OllamaSim],
+                                                                             tmp_path: Path) -> None:
+    """What a finished batch says of the cost model does not hang on what its start estimate expected of its
+    answers: the model is replayed on the batch's own lines at the lengths they had (the pilot's lines, run before
+    the batch, are not part of its running time)."""
+    from sqlalchemy import update
+
+    from obatch.bench.estimate import calibration_for, fits_for, history_ratios
+    from obatch.store.tables import BatchRow
+
+    settings, sim = swept
+    path = natural_file(tmp_path / "natural.jsonl", 24, seed=31)
+    engine, sessions = await open_store(settings.db_url)
+    backend = OllamaBackend(sim.url)
+    try:
+        await run_pilot(sessions, backend, settings, path, size=6, concurrency=2)
+        report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+        assert report.batch.completed == 24
+
+        async def ratios() -> list[tuple[int, float]]:
+            async with sessions() as session:
+                fits = await fits_for(session, CHAT, "ollama")
+                return await history_ratios(session, CHAT, "ollama", fits=fits,
+                                            calibration=await calibration_for(session, CHAT, fits))
+
+        [(level, first)] = await ratios()
+        assert level == 2 and 0.5 < first < 2.0  # the simulator runs as its sweep measured, within its noise
+        async with sessions() as session:
+            count, rows = await bench_repo.run_lines(session, report.batch.id, CHAT, 100)
+            assert count == len(rows) == 18  # the 6 pilot lines ran before the batch
+            made = orjson.loads(report.batch.estimate_json or "{}")
+            made["groups"][0] |= {"output_tokens_mean": 5.0, "seconds": 1000.0}  # a start estimate far off
+            await session.execute(update(BatchRow).where(BatchRow.id == report.batch.id)  # type: ignore[arg-type]
+                                  .values(estimate_json=orjson.dumps(made).decode()))
+            await session.commit()
+        assert await ratios() == [(2, pytest.approx(first, rel=1e-9))]
+    finally:
+        await backend.aclose()
         await engine.dispose()
 
 

@@ -41,12 +41,13 @@ Interval: ``± 1.96 · sqrt(cv_k² + rmse²/N)`` where ``cv_k`` is the spread of
 a single repeat) and ``rmse`` the relative per-request residual of the fit, at least ±5%; +10% when the workload's
 mean prompt or output length lies outside what the points measured, or its concurrency was not measured.
 
-Reality corrects the model: the ratios of actual to estimated running time of the model's newest finished
-batches (``BatchRow.estimate_json`` against ``run_seconds``; same backend, the same concurrency when there are
-some) scale new estimates by their (geometric) median shrunk toward 1 by ``n / (n + 1)`` — one batch's duration is
-about as noisy as the bias it would correct (the same file run twice can differ by 10-15% on a busy CPU), so a
-single batch moves the estimate half way and many batches all the way. Their spread widens the interval. The first
-batch has no such help.
+Reality corrects the model: the ratios of actual to modelled running time of the model's newest finished
+batches (``run_seconds`` against the model replayed on the lines each batch ran, at the prompt and answer tokens
+they really had, so that what the answers took — learnt already — is not corrected twice; same backend, the same
+concurrency when there are some) scale new estimates by their (geometric) median shrunk toward 1 by
+``n / (n + 1)`` — one batch's duration is about as noisy as the bias it would correct (the same file run twice can
+differ by 10-15% on a busy CPU), so a single batch moves the estimate half way and many batches all the way. Their
+spread widens the interval. The first batch has no such help.
 
 Prompt lengths of a batch file come from obatch's text estimate (``obatch.context``) mapped to the engine's token
 counts by a straight line fitted on the measured requests (and the model's finished batch requests). Answer lengths
@@ -1025,7 +1026,7 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
                        history: Sequence[tuple[int, float]] = ()) -> Estimate:
     """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config.
 
-    ``history`` holds (concurrency, actual / estimated running time) of finished batches (``history_ratios``): the
+    ``history`` holds (concurrency, actual / modelled running time) of finished batches (``history_ratios``): the
     median ratio of those at the chosen concurrency (of all when none is), shrunk toward 1 by ``n / (n + 1)``,
     scales the running time, and their spread widens the interval — the record of estimate vs actual corrects
     what the benchmark could not see."""
@@ -1126,14 +1127,17 @@ def answer_spread(fit: ConfigFit, shape: Shape) -> tuple[float, float, float]:
     return centre / base, spread, answers.mean_cv * elasticity
 
 
-async def history_ratios(session: AsyncSession, model: str, backend: str, limit: int = HISTORY
+async def history_ratios(session: AsyncSession, model: str, backend: str, limit: int = HISTORY, *,
+                         fits: Sequence[ConfigFit] = (), calibration: TokenCalibration | None = None
                          ) -> list[tuple[int, float]]:
-    """(concurrency, actual / estimated running time) of the newest finished batches that ran ``model`` alone on
-    ``backend`` and were estimated before they ran. Running time leaves the load out, and the estimate is taken as
-    the model made it (before any earlier correction), so corrections do not compound, and as it would have been
-    with the answer lengths the batch really had: what its answers took is learnt already (``calibration_for``),
-    so a batch whose answers ran longer than expected must not make the next file's estimate longer a second time;
-    what is left is what the cost model got wrong."""
+    """(concurrency, actual / modelled running time) of the newest finished batches that ran ``model`` alone on
+    ``backend`` and were estimated before they ran: what the cost model got wrong, which is what the ratio should
+    correct. What a batch's answers took is learnt already (``calibration_for``), so the model is replayed on the
+    batch's own lines at the lengths they really had (``replayed_seconds``, with ``fits``): a file whose answers ran
+    longer than expected, or whose long answers were more of them, must not make the next file's estimate longer a
+    second time. Without ``fits`` (or the lines), the estimate the batch stored at its start stands for the model,
+    taken as the model made it (before any earlier correction, so corrections do not compound) and rescaled to the
+    batch's mean answer. Running time leaves the load out."""
     out: list[tuple[int, float]] = []
     for batch in await bench_repo.estimated_batches(session, limit=10 * limit):
         groups = orjson.loads(batch.estimate_json or "{}").get("groups") or []
@@ -1141,15 +1145,37 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
             continue
         made = groups[0]
         load = float(made.get("load_seconds") or 0.0)
-        raw = (float(made["seconds"]) - load) / float(made.get("history_factor") or 1.0)
-        expected, share = float(made.get("output_tokens_mean") or 0.0), made.get("output_share")
-        if expected > 0 and share is not None and batch.completed and batch.output_tokens > 0:
-            raw *= (batch.output_tokens / batch.completed / expected) ** float(share)
+        count, rows = await bench_repo.run_lines(session, batch.id, model, SAMPLE) if fits else (0, [])
+        raw = await asyncio.to_thread(replayed_seconds, fits, rows, count, calibration or TokenCalibration(),
+                                      num_ctx=made.get("num_ctx"), concurrency=int(made["concurrency"])) \
+            if rows else None
+        if raw is None:
+            raw = (float(made["seconds"]) - load) / float(made.get("history_factor") or 1.0)
+            expected, share = float(made.get("output_tokens_mean") or 0.0), made.get("output_share")
+            if expected > 0 and share is not None and batch.completed and batch.output_tokens > 0:
+                raw *= (batch.output_tokens / batch.completed / expected) ** float(share)
         if raw > 0 and batch.run_seconds > load:
             out.append((int(made["concurrency"]), (batch.run_seconds - load) / raw))
         if len(out) >= limit:
             break
     return out
+
+
+def replayed_seconds(fits: Sequence[ConfigFit], rows: Sequence[tuple[str, str, int, int]], count: int,
+                     calibration: TokenCalibration, *, num_ctx: int | None, concurrency: int) -> float | None:
+    """The running time the cost model gives a finished batch's lines (``bench_repo.run_lines``: the first of
+    ``count``) at the prompt and answer tokens the engine reported, in their order, at the batch's num_ctx and
+    concurrency (blocking: CPU work for a thread)."""
+    texts = [prompt_text(url, orjson.loads(body)) for url, body, _, _ in rows[:SHARE_SAMPLE]]
+    shares = [share * calibration.cache_kept for share in cached_shares(texts, concurrency)]
+    typical = sum(shares) / len(shares) if shares else 0.0
+    cached = shares + [typical] * (len(rows) - len(shares))
+    shape = Shape([float(p) for _, _, p, _ in rows], [float(o) for _, _, _, o in rows], cached,
+                  sampled=count if count > len(rows) else None)
+    try:
+        return estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency, include_load=False).seconds
+    except errors.NotFoundError:
+        return None
 
 
 async def fits_preferring(session: AsyncSession, model: str, backend: str | None, *, timings: TimedGroups = ()
@@ -1178,7 +1204,8 @@ async def estimate_groups(session: AsyncSession, *, model: str | None = None, nu
             raise errors.ConfigError("Give model, num_requests, prompt_tokens and output_tokens, or an input file.",
                                      param="num_requests")
         fits = await fits_preferring(session, model, backend)
-        history = await history_ratios(session, model, fits[0].backend)
+        history = await history_ratios(session, model, fits[0].backend, fits=fits,
+                                       calibration=await calibration_for(session, model, fits))
         return [await asyncio.to_thread(
             functools.partial(estimate_from_fits, fits, Shape.uniform(num_requests, prompt_tokens, output_tokens),
                               num_ctx=num_ctx, concurrency=concurrency, include_load=include_load, history=history))]
@@ -1237,7 +1264,7 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     calibration = await calibration_for(session, model, fits, endpoint=endpoint, pilot=pilot, population=population,
                                         exclude_batch=exclude_batch,
                                         repeated=statistics.fmean(shares) if shares else 0.0)
-    history = await history_ratios(session, model, fits[0].backend)
+    history = await history_ratios(session, model, fits[0].backend, fits=fits, calibration=calibration)
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration,
                                    window=concurrency or max(f.concurrency for f in fits), num_ctx=num_ctx,
                                    concurrency=concurrency, include_load=include_load, history=history)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from obatch.errors import NotFoundError
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow, BenchSweepRow
-from obatch.store.tables import BatchRow, RequestRow
+from obatch.store.tables import BatchRow, PilotRow, RequestRow
 
 PointConfig = tuple[str, int, int, int, float | None, str | None]  # model, num_ctx, concurrency, repeat, rate, arrival
 
@@ -128,6 +128,21 @@ async def decode_timings(session: AsyncSession, model: str, limit: int = 2000, *
     )
     return [(b or "", i, int(p or 0), int(c or 0), float(ms or 0.0), float(lat or 0.0), float(end or 0.0))
             for b, i, p, c, ms, lat, end in (await session.execute(statement)).all()]
+
+
+async def run_lines(session: AsyncSession, batch_id: str, model: str, limit: int
+                    ) -> tuple[int, list[tuple[str, str, int, int]]]:
+    """How many succeeded lines of one model a finished batch ran itself (not those a pilot had run before it),
+    and (url, body JSON, prompt tokens, completion tokens) of the first ``limit`` of them, in line order: what the
+    batch's running time was spent on."""
+    piloted = select(col(PilotRow.custom_id)).where(col(PilotRow.used_by) == batch_id)
+    ran = (col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+           col(RequestRow.state) == "succeeded", col(RequestRow.prompt_tokens).is_not(None),
+           col(RequestRow.completion_tokens).is_not(None), col(RequestRow.custom_id).not_in(piloted))
+    count = (await session.execute(select(func.count()).select_from(RequestRow).where(*ran))).scalar_one()
+    statement = (select(col(RequestRow.url), col(RequestRow.body), col(RequestRow.prompt_tokens),
+                        col(RequestRow.completion_tokens)).where(*ran).order_by(col(RequestRow.line)).limit(limit))
+    return int(count), [(u, b, int(p or 0), int(c or 0)) for u, b, p, c in (await session.execute(statement)).all()]
 
 
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
