@@ -104,6 +104,7 @@ EXTRAPOLATION_PENALTY = 0.10
 MIN_MARGIN = 0.05
 TIE = 0.02  # configs this close to the fastest count as equally fast
 HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new estimates
+HISTORY_LINES = 1000  # lines of each the cost model is replayed on (the running time scaled to all of them)
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
@@ -1145,7 +1146,7 @@ async def history_ratios(session: AsyncSession, model: str, backend: str, limit:
             continue
         made = groups[0]
         load = float(made.get("load_seconds") or 0.0)
-        count, rows = await bench_repo.run_lines(session, batch.id, model, SAMPLE) if fits else (0, [])
+        count, rows = await bench_repo.run_lines(session, batch.id, model, HISTORY_LINES) if fits else (0, [])
         raw = await asyncio.to_thread(replayed_seconds, fits, rows, count, calibration or TokenCalibration(),
                                       num_ctx=made.get("num_ctx"), concurrency=int(made["concurrency"])) \
             if rows else None
@@ -1172,10 +1173,10 @@ def replayed_seconds(fits: Sequence[ConfigFit], rows: Sequence[tuple[str, str, i
     cached = shares + [typical] * (len(rows) - len(shares))
     shape = Shape([float(p) for _, _, p, _ in rows], [float(o) for _, _, _, o in rows], cached,
                   sampled=count if count > len(rows) else None)
-    try:
-        return estimate_from_fits(fits, shape, num_ctx=num_ctx, concurrency=concurrency, include_load=False).seconds
-    except errors.NotFoundError:
+    if not fits or not rows:
         return None
+    chosen = _pick_num_ctx(fits, shape.need, num_ctx)
+    return _at_concurrency([f for f in fits if f.num_ctx == chosen], shape, concurrency)[0]
 
 
 async def fits_preferring(session: AsyncSession, model: str, backend: str | None, *, timings: TimedGroups = ()
