@@ -793,7 +793,7 @@ async def _process(svc: Services, batch_id: str, *, progress: Progress | None, o
         if batch.started_at is None:  # the estimate is made before the clock starts, and kept to check it
             estimate = None
             if svc.estimator is not None:
-                estimate = await svc.estimator(svc.sessions, batch, svc.backend, batch.concurrency or svc.pool.fixed)
+                estimate = await svc.estimator(svc.sessions, batch, svc.pool, batch.concurrency or svc.pool.fixed)
             await _set(svc, batch, started_at=svc.clock(), estimate_json=estimate)
         started = time.monotonic()
         remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None

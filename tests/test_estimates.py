@@ -508,6 +508,33 @@ async def test_history_replays_the_cost_model_on_the_lines_a_batch_really_ran(sw
         await engine.dispose()
 
 
+async def test_a_batch_is_estimated_at_the_context_its_model_really_has(make_settings: Callable[..., Settings],
+                                                                      tmp_path: Path) -> None:
+    """A model whose context is below obatch's pick (256 tokens here) runs its batch at that context, where an
+    answer ends at the context left: the batch's start estimate knows it (the batch routes its model first), and so
+    does an estimate made with an engine pool that routed the model before; without an engine, 256 is assumed."""
+    small = SimConfig(models=(SimModel(CHAT, context_length=256),), num_parallel=2, prompt_tps=20_000,
+                      decode_tps=2000, default_output_tokens=40)
+    async with OllamaSim(small) as sim:
+        settings = make_settings(sim.url, concurrency=2)
+        await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short",
+                                  seed=1), settings=settings, progress=False)
+        path = natural_file(tmp_path / "natural.jsonl", 12, seed=41)
+        blind = await _file_estimate(settings, path)
+        assert blind.output_tokens_mean == pytest.approx(256.0)  # nothing known: the assumed answer, uncut
+        pool = Pool([OllamaBackend(sim.url)])
+        try:
+            await pool.route(CHAT)
+            routed = await _file_estimate(settings, path, engine=pool)
+        finally:
+            await pool.aclose()
+        assert routed.output_tokens_mean is not None and routed.output_tokens_mean < 250  # 256 − each prompt
+        report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+        stored = orjson.loads(report.batch.estimate_json or "{}")
+        assert stored["seconds"] == pytest.approx(routed.seconds, rel=1e-9)
+        assert stored["groups"][0]["output_tokens_mean"] == pytest.approx(routed.output_tokens_mean, rel=1e-9)
+
+
 async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tuple[Settings, OllamaSim],
                                                                       tmp_path: Path) -> None:
     settings, _sim = swept

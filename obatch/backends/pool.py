@@ -107,6 +107,7 @@ class Pool:
         names = {b.name for b in backends}
         self.name = names.pop() if len(names) == 1 else "pool"
         self.concurrency: Concurrency = concurrency
+        self.context_lengths: dict[str, int | None] = {}  # per model, what ``route`` learnt (None: not told)
         self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
 
     @classmethod
@@ -280,6 +281,7 @@ class Pool:
             found = found or info
         if found is None:
             raise last or errors.ModelNotFoundError(f"No engine host serves {model!r}.", param="model")
+        self.context_lengths[model] = found.context_length
         return found
 
     async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:

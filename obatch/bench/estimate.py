@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -87,6 +88,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import context, errors
 from obatch.backends.base import Backend, capabilities_of
+from obatch.backends.pool import Pool
 from obatch.bench.answers import UNBOUNDED_OUTPUT, AnswerLengths, AnswerSources, observe, t_quantile
 from obatch.bench.best import best_config
 from obatch.bench.metrics import stdev
@@ -104,6 +106,7 @@ EXTRAPOLATION_PENALTY = 0.10
 MIN_MARGIN = 0.05
 TIE = 0.02  # configs this close to the fastest count as equally fast
 HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new estimates
+ROUTE_SECONDS = 10.0  # how long a batch's start estimate waits for the engine to say a model's context length
 HISTORY_LINES = 1000  # lines of each the cost model is replayed on (the running time scaled to all of them)
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
@@ -1237,10 +1240,10 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
 
     The context window is the one the batch will run: obatch's pick for the longest request when the engine sets
     one (``engine``'s capabilities; assumed when no engine is at hand), or ``num_ctx`` when given; answers that
-    run on to the context end there. The model's context length is not asked (an estimate needs no engine, and
-    must not wait on a busy one): it only lowers that pick for a model whose context is smaller, for which the
-    caller gives ``num_ctx``. Without benchmark
-    points, a pilot's own latencies are extrapolated instead."""
+    run on to the context end there. The model's context length only lowers that pick for a model whose context
+    is smaller; it is not asked here (an estimate needs no engine, and must not wait on a busy one) but taken from
+    what an engine pool learnt when it routed the model (a batch routes its models before its estimate, a pilot
+    before it runs). Without benchmark points, a pilot's own latencies are extrapolated instead."""
     timings = await decode_timings(session, model, pilot, exclude_batch=exclude_batch)
     try:
         fits = (await fits_for(session, model, backend, timings=timings)) if strict_backend else \
@@ -1258,7 +1261,8 @@ async def estimate_model(session: AsyncSession, model: str, lines: Lines, *, bac
     if not lines.count:
         return _nothing_left(fits[0], model, done)
     if num_ctx is None and (engine is None or capabilities_of(engine).sets_num_ctx):
-        num_ctx = context.fit_num_ctx(lines.need, None).num_ctx
+        known = engine.context_lengths.get(model) if isinstance(engine, Pool) else None
+        num_ctx = context.fit_num_ctx(lines.need, known).num_ctx
     endpoint = next(iter(lines.urls)) if len(lines.urls) == 1 else None
     window = concurrency or max(f.concurrency for f in fits)
     shares = cached_shares(lines.texts, window) if pilot else []
@@ -1361,6 +1365,12 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
         for model in models:  # before the rows are read: reading them costs time, for nothing
             if not any(p.model == model for p in piloted) and not await fits_for(session, model, backend.name):
                 return None
+    if isinstance(backend, Pool):  # the batch routes its models next: learn their context lengths now
+        for model in models:
+            with contextlib.suppress(errors.BackendError, TimeoutError):
+                async with asyncio.timeout(ROUTE_SECONDS):
+                    await backend.route(model)
+    async with sessions() as session:
         groups: dict[str, Lines] = defaultdict(Lines)
         async for model, url, prompt, max_tokens in bench_repo.pending_lines(session, batch.id):
             groups[model].add(Line(prompt, max_tokens, url))
