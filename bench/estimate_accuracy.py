@@ -13,14 +13,16 @@ file per run (``--runs``); later estimates may learn from earlier batches how mu
 
 Natural files (``--cases uncapped,mixed``): requests without max_tokens, or a mix of caps, each kind on a copy of the
 swept store so the first file knows nothing of the model's answer lengths: it is estimated blind, then after a pilot
-of ``--pilot`` lines (which the batch takes as finished), and the next files from the finished batches' answers.
+of ``--pilot`` lines (``auto``: obatch's automatic pilot; the batch takes those lines as finished), and the next
+files from the finished batches' answers. Each estimate is also compared with the duration model alone: the model
+replayed on the lines as they ran, at the answer lengths they had.
 SmolLM2-135M runs a share of its uncapped answers on to the context window (about two minutes each at num_ctx
 2048 on two cores), so on the embedded engine measure at a small context:
 
     python bench/estimate_accuracy.py --num-ctx 512 --workload prompt=16-160,output=32-320 --runs 0 --cases "" \
         --data-dir /tmp/swept                                          # the sweep, once (~10 minutes)
     python bench/estimate_accuracy.py --num-ctx 512 --swept /tmp/swept --runs 0 --cases uncapped \
-        --questions short --requests 48 --pilot 16                     # then each case on a copy of it
+        --questions short --requests 200 --pilot auto                  # then each case on a copy of it
 
 ``--num-ctx`` sets the sweep's context window and the held-out batches' (and pilots'): obatch never picks less
 than 2,048 on its own, so the engine is presented to them as a model of that context length. The sweep's workload
@@ -52,8 +54,8 @@ from obatch import bench
 from obatch.api import run_batch_file
 from obatch.backends.base import Backend, BackendWrapper, ModelInfo, Result
 from obatch.bench.estimate import estimate_groups
-from obatch.bench.pilot import file_sha256, run_pilot
-from obatch.bench.service import combined
+from obatch.bench.pilot import file_sha256, pilot_size
+from obatch.bench.service import combined, piloted
 from obatch.config import Settings
 from obatch.context import MIN_NUM_CTX
 from obatch.protocol import DurationEstimate
@@ -196,6 +198,24 @@ async def pilot_answers(settings: Settings, path: Path) -> tuple[int, int]:
         await engine.dispose()
 
 
+async def replayed(settings: Settings, batch_id: str, model: str, backend: str, concurrency: int) -> float:
+    """The duration model alone: its running time for the lines the batch ran, at the lengths they had (what the
+    history of finished batches compares with their actual duration)."""
+    from obatch.bench.estimate import calibration_for, fits_for, replayed_seconds
+    from obatch.store import bench_repo
+
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            fits = await fits_for(session, model, backend)
+            calibration = await calibration_for(session, model, fits)
+            count, rows = await bench_repo.run_lines(session, batch_id, model, 4000)
+        seconds = replayed_seconds(fits, rows, count, calibration, num_ctx=None, concurrency=concurrency)
+        return seconds if seconds is not None else float("nan")
+    finally:
+        await engine.dispose()
+
+
 async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign: ForeignCpu,
                        sim_url: str | None) -> list[tuple[str, float, bool, bool]]:
     """Held-out files of one kind on a copy of the swept store, so the first knows nothing of answer lengths:
@@ -218,12 +238,16 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
             if attempt == 0:
                 engine, sessions = await open_store(settings.db_url)
                 try:
-                    await run_pilot(sessions, backend, settings, held, size=args.pilot, concurrency=args.concurrency)
+                    async with sessions() as session:
+                        made = await piloted(session, sessions, settings, backend, held, args.pilot,
+                                             backend=backend.name, concurrency=args.concurrency,
+                                             num_ctx=args.num_ctx if args.num_ctx < MIN_NUM_CTX else None)
                 finally:
                     await engine.dispose()
-                guesses = [("nothing learnt", blind),
-                           (f"pilot {args.pilot}", await file_estimate(settings, held, args.concurrency,
-                                                                       backend, args.num_ctx))]
+                assert made.pilot is not None
+                guesses = [("nothing learnt", blind), (f"pilot {args.pilot} ({made.pilot.requests} lines)",
+                                                       await file_estimate(settings, held, args.concurrency,
+                                                                           backend, args.num_ctx))]
             else:
                 guesses = [("history", blind)]
             foreign.start()
@@ -231,11 +255,12 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                                        progress=False, fresh=True)
             actual, others = run.batch.run_seconds, foreign.share()
             disturbed = others > args.max_foreign
-            piloted = await pilot_answers(settings, held) if attempt == 0 else (0, 0)
+            piloted_lines = await pilot_answers(settings, held) if attempt == 0 else (0, 0)
+            model_alone = await replayed(settings, run.batch.id, args.model, backend.name, args.concurrency)
             for label, guess in guesses:
                 if label == "nothing learnt" and attempt == 0 and len(guesses) > 1:
                     # the run covers the lines the pilot left; scale the blind estimate of all lines to them
-                    share = (guess.num_requests - args.pilot) / guess.num_requests
+                    share = (guess.num_requests - piloted_lines[0]) / guess.num_requests
                     seconds, low, high = guess.seconds * share, guess.low * share, guess.high * share
                 else:
                     seconds, low, high = guess.seconds, guess.low, guess.high
@@ -243,20 +268,17 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                 within = low <= actual <= high
                 results.append((f"{kind} #{attempt + 1} {label}", error, within, disturbed))
                 answers = guess.answers
-                # the duration model alone: the estimate rescaled to the answer lengths the run really had (the
-                # lines a pilot ran are the batch's too, but not the run's)
-                ran = (run.batch.output_tokens - piloted[1]) / max(run.batch.completed - piloted[0], 1)
-                load = guess.load_seconds or 0.0
-                ratio = ran / guess.output_tokens_mean if guess.output_tokens_mean else 1.0
-                own = ((seconds - load) * ratio ** (guess.output_share or 0.0) + load - actual) / actual * 100
+                # the lines a pilot ran are the batch's too, but not the run's
+                ran = (run.batch.output_tokens - piloted_lines[1]) / max(run.batch.completed - piloted_lines[0], 1)
+                own = (model_alone + (guess.load_seconds or 0.0) - actual) / actual * 100
                 print(f"  {kind} file {attempt + 1} ({label}): estimate {seconds:.1f} s [{low:.1f}, {high:.1f}], "
                       f"actual {actual:.1f} s, error {error:+.1f}% ({'in' if within else 'OUT of'} interval); "
                       f"answers from {answers.source if answers else '-'}"
                       f"{f' (mean {answers.mean:.0f} tokens)' if answers and answers.mean else ''}, "
                       f"{guess.output_tokens_mean or 0:.0f} output tokens per line expected, history "
                       f"×{guess.history_factor:.2f}; run: "
-                      f"{ran:.0f} output tokens per line; at those answer lengths the estimate would have erred "
-                      f"{own:+.1f}%{', DISTURBED' if disturbed else ''}")
+                      f"{ran:.0f} output tokens per line; the duration model alone (replayed on the lines as they ran) "
+                      f"erred {own:+.1f}%{', DISTURBED' if disturbed else ''}")
     finally:
         await backend.aclose()
     return results
@@ -361,8 +383,9 @@ async def measure(args: argparse.Namespace) -> float:
         async with sessions() as session:
             record = await bench.estimates_vs_actuals(session)
         await engine.dispose()
-        print(f"estimate-vs-actual record: {len(record)} batches, "
-              f"{sum(r['within_interval'] for r in record)} within their interval")
+        if record:  # the capped runs' batches (each natural case keeps its own store)
+            print(f"estimate-vs-actual record: {len(record)} batches, "
+                  f"{sum(r['within_interval'] for r in record)} within their interval")
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
         if disturbed:
             print(f"left out: {len(disturbed)} run(s) that other processes competed with "
@@ -410,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="natural held-out files to run besides the capped ones: uncapped, mixed (comma-separated)")
     p.add_argument("--natural-runs", type=int, default=3,
                    help="files per natural case: the first with a pilot, the next with the history of the others")
-    p.add_argument("--pilot", type=int, default=16, help="lines the first natural file's pilot runs")
+    p.add_argument("--pilot", type=pilot_size, default=16, help="lines the first natural file's pilot runs, or "
+                   "auto (16, more while its answers leave the estimate unsure)")
     p.add_argument("--questions", choices=["long", "short"], default="long",
                    help="long: instructions over context passages; short: questions answered in a few words (a "
                         "small model then stops by itself)")
