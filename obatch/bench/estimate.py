@@ -287,6 +287,18 @@ class Lines:
         return [line for _, line in sorted(self.kept, key=lambda kept: kept[0])]
 
 
+def prefix_cached(repeated: Sequence[float], n: int, kept: float, *, in_order: bool = True
+                  ) -> tuple[list[float], float]:
+    """Each of ``n`` requests' share of its prompt the engine skips (``repeated``: ``cached_shares`` of the texts
+    read, times ``kept``, how much of it the engine really skipped), and their mean: requests beyond the texts read
+    take the mean, and so do all of them when they are a random sample (``in_order`` False: neighbours in a sample
+    are not neighbours in the run)."""
+    shares = [share * kept for share in repeated]
+    typical = sum(shares) / len(shares) if shares else 0.0
+    cached = shares[:n] if in_order else []
+    return cached + [typical] * (n - len(cached)), typical
+
+
 def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, num_ctx: int | None = None) -> Shape:
     """A model's lines → a Shape in engine tokens. The first lines have their own prefix-cache share (of the
     texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
@@ -294,10 +306,7 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, nu
     runs on to it (``num_ctx`` − its prompt)."""
     sample = lines.sample()
     repeated = cached_shares(lines.texts, window)
-    shares = [share * calibration.cache_kept for share in repeated]
-    typical = sum(shares) / len(shares) if shares else 0.0
-    cached = [] if lines.sampled else shares[:len(sample)]
-    cached += [typical] * (len(sample) - len(cached))
+    cached, typical = prefix_cached(repeated, len(sample), calibration.cache_kept, in_order=not lines.sampled)
     prompts = [calibration.prompt(x.prompt) for x in sample]
 
     def room(prompt: float) -> float | None:
@@ -1170,14 +1179,12 @@ def replayed_seconds(fits: Sequence[ConfigFit], rows: Sequence[tuple[str, str, i
     """The running time the cost model gives a finished batch's lines (``bench_repo.run_lines``: the first of
     ``count``) at the prompt and answer tokens the engine reported, in their order, at the batch's num_ctx and
     concurrency (blocking: CPU work for a thread)."""
-    texts = [prompt_text(url, orjson.loads(body)) for url, body, _, _ in rows[:SHARE_SAMPLE]]
-    shares = [share * calibration.cache_kept for share in cached_shares(texts, concurrency)]
-    typical = sum(shares) / len(shares) if shares else 0.0
-    cached = shares + [typical] * (len(rows) - len(shares))
-    shape = Shape([float(p) for _, _, p, _ in rows], [float(o) for _, _, _, o in rows], cached,
-                  sampled=count if count > len(rows) else None)
     if not fits or not rows:
         return None
+    texts = [prompt_text(url, orjson.loads(body)) for url, body, _, _ in rows[:SHARE_SAMPLE]]
+    cached, _ = prefix_cached(cached_shares(texts, concurrency), len(rows), calibration.cache_kept)
+    shape = Shape([float(p) for _, _, p, _ in rows], [float(o) for _, _, _, o in rows], cached,
+                  sampled=count if count > len(rows) else None)
     chosen = _pick_num_ctx(fits, shape.need, num_ctx)
     return _at_concurrency([f for f in fits if f.num_ctx == chosen], shape, concurrency)[0]
 
