@@ -244,10 +244,8 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
                                              num_ctx=args.num_ctx if args.num_ctx < MIN_NUM_CTX else None)
                 finally:
                     await engine.dispose()
-                assert made.pilot is not None
-                guesses = [("nothing learnt", blind), (f"pilot {args.pilot} ({made.pilot.requests} lines)",
-                                                       await file_estimate(settings, held, args.concurrency,
-                                                                           backend, args.num_ctx))]
+                assert made.pilot is not None  # the estimate the pilot made is the file's from then on
+                guesses = [("nothing learnt", blind), (f"pilot {args.pilot} ({made.pilot.requests} lines)", made)]
             else:
                 guesses = [("history", blind)]
             foreign.start()
