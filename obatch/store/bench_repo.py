@@ -11,7 +11,7 @@ from sqlmodel import col
 
 from obatch.errors import NotFoundError
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow, BenchSweepRow
-from obatch.store.tables import BatchRow, PilotRow, RequestRow
+from obatch.store.tables import BatchRow, FileRow, PilotRow, RequestRow
 
 PointConfig = tuple[str, int, int, int, float | None, str | None]  # model, num_ctx, concurrency, repeat, rate, arrival
 
@@ -143,6 +143,13 @@ async def run_lines(session: AsyncSession, batch_id: str, model: str, limit: int
     statement = (select(col(RequestRow.url), col(RequestRow.body), col(RequestRow.prompt_tokens),
                         col(RequestRow.completion_tokens)).where(*ran).order_by(col(RequestRow.line)).limit(limit))
     return int(count), [(u, b, int(p or 0), int(c or 0)) for u, b, p, c in (await session.execute(statement)).all()]
+
+
+async def stored_file_sha256(session: AsyncSession, file_id: str) -> str | None:
+    """The sha256 of a stored file's bytes (what its pilot lines are kept under); None when the file is gone or has
+    none."""
+    row = await session.get(FileRow, file_id)
+    return row.sha256 if row is not None and row.sha256 else None
 
 
 async def pending_bodies(session: AsyncSession, batch_id: str, model: str, limit: int) -> list[tuple[str, str]]:
