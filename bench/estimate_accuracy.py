@@ -53,7 +53,7 @@ import orjson
 from obatch import bench
 from obatch.api import run_batch_file
 from obatch.backends.base import Backend, BackendWrapper, ModelInfo, Result
-from obatch.bench.estimate import estimate_groups
+from obatch.bench.estimate.request import EstimateRequest, estimate_groups
 from obatch.bench.pilot import file_sha256, pilot_size
 from obatch.bench.service import combined, piloted
 from obatch.config import Settings
@@ -179,10 +179,9 @@ async def file_estimate(settings: Settings, path: Path, concurrency: int, backen
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:
-            return combined(await estimate_groups(session, backend=backend.name, file=path, engine=backend,
-                                                  file_sha256=await asyncio.to_thread(file_sha256, path),
-                                                  concurrency=concurrency, num_ctx=num_ctx if num_ctx < MIN_NUM_CTX
-                                                  else None))
+            return combined(await estimate_groups(session, EstimateRequest(
+                backend=backend.name, file=path, engine=backend, file_sha256=await asyncio.to_thread(file_sha256, path),
+                concurrency=concurrency, num_ctx=num_ctx if num_ctx < MIN_NUM_CTX else None)))
     finally:
         await engine.dispose()
 
@@ -201,7 +200,9 @@ async def pilot_answers(settings: Settings, path: Path) -> tuple[int, int]:
 async def replayed(settings: Settings, batch_id: str, model: str, backend: str, concurrency: int) -> float:
     """The duration model alone: its running time for the lines the batch ran, at the lengths they had (what the
     history of finished batches compares with their actual duration)."""
-    from obatch.bench.estimate import calibration_for, fits_for, replayed_seconds
+    from obatch.bench.estimate.calibrate import calibration_for
+    from obatch.bench.estimate.fit import fits_for
+    from obatch.bench.estimate.history import replayed_seconds
     from obatch.store import bench_repo
 
     engine, sessions = await open_store(settings.db_url)

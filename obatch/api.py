@@ -125,7 +125,7 @@ async def run_batch_file(
     owned = backend is None
     backend = backend or await open_backend(settings)
     try:
-        from obatch.bench.estimate import estimate_json_for_batch
+        from obatch.bench.estimate.request import estimate_json_for_batch
 
         svc = Services(settings, sessions, backend, estimator=estimate_json_for_batch)
         if isinstance(requests, str | Path):

@@ -18,7 +18,7 @@ from obatch import bench, errors
 from obatch.backends.base import Backend, BackendWrapper
 from obatch.backends.ollama import OllamaBackend
 from obatch.bench import views
-from obatch.bench.estimate import fits_for
+from obatch.bench.estimate.fit import fits_for
 from obatch.bench.load import achieved_rate, arrival_offsets
 from obatch.bench.slo import capacities, with_goodput
 from obatch.bench.sweep import PointKey, SweepSpec, measure_point, plan, run_sweep

@@ -9,25 +9,10 @@ import time
 import pytest
 
 from obatch import errors
-from obatch.bench.estimate import (
-    ConfigFit,
-    Line,
-    Lines,
-    Shape,
-    TokenCalibration,
-    cached_shares,
-    common_prefix,
-    context_slope,
-    effective_parallelism,
-    estimate_from_fits,
-    fit_config,
-    least_squares,
-    makespan,
-    makespan_at,
-    makespan_runs,
-    mean_context,
-    shape_of,
-)
+from obatch.bench.estimate.fit import ConfigFit, context_slope, fit_config, least_squares, mean_context
+from obatch.bench.estimate.predict import estimate_from_fits
+from obatch.bench.estimate.schedule import effective_parallelism, makespan, makespan_at, makespan_runs
+from obatch.bench.estimate.shape import Line, Lines, Shape, TokenCalibration, cached_shares, common_prefix, shape_of
 from obatch.bench.metrics import Sample, percentile, summarise
 from obatch.bench.sweep import PointKey, SweepSpec, plan, reloads
 from obatch.bench.workloads import WORKLOADS, Lengths, parse_workload

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 import pytest
 
-import obatch.bench.estimate as estimate_module
 from obatch import context
 from obatch.api import run_batch_file
 from obatch.backends.base import Capabilities, capabilities_of
@@ -24,19 +23,21 @@ from obatch.backends.openai import OpenAIBackend
 from obatch.backends.pool import Pool
 from obatch.bench import cli as bench_cli
 from obatch.bench.answers import AnswerLengths, Observation, observe, survival, t_quantile
-from obatch.bench.estimate import (
+from obatch.bench.estimate import shape as shape_module
+from obatch.bench.estimate.calibrate import cache_kept, pilot_cache_kept
+from obatch.bench.estimate.fit import _fit_configs, in_flight, position_fit
+from obatch.bench.estimate.predict import estimate_from_fits
+from obatch.bench.estimate.request import EstimateRequest, estimate_groups
+from obatch.bench.estimate.schedule import makespan, speedups
+from obatch.bench.estimate.shape import (
     SAMPLE,
     Line,
     Lines,
     Shape,
     TokenCalibration,
-    _fit_configs,
-    estimate_from_fits,
-    estimate_groups,
-    makespan,
-    position_fit,
+    cached_shares,
+    prompt_text,
     shape_of,
-    speedups,
 )
 from obatch.bench.pilot import (
     AUTO_WITHIN,
@@ -282,7 +283,7 @@ def test_a_short_answer_beside_long_ones_is_slow_for_their_sake() -> None:
     layout += [(30.0, 40.0, 10.0 * k, 10.0 * k + 3) for k in range(9)]  # beside the long ones, ever later
     layout += [(30.0, 40.0, 100.0 + 4 * k, 103.0 + 4 * k) for k in range(5)]  # alone, after them
     shape = [(p, o, 0.0, start, end) for p, o, start, end in layout]
-    loads = estimate_module.in_flight(shape)
+    loads = in_flight(shape)
     group = [(p, o, o * (20.0 + slope * s1), start, end) for (p, o, _, start, end), (_, s1, _) in zip(shape, loads,
                                                                                                     strict=True)]
     assert loads[-1][0] == pytest.approx(1.0) and loads[3][0] == pytest.approx(4.0)  # alone; three beside it
@@ -345,7 +346,7 @@ async def test_a_sampled_file_gets_one_figure_before_and_at_its_start(swept: tup
     settings, _sim = swept
     path = natural_file(tmp_path / "big.jsonl", 90, seed=4, caps=(None, 8, 60))
     whole = await _file_estimate(settings, path)
-    monkeypatch.setattr(estimate_module, "SAMPLE", 30)
+    monkeypatch.setattr(shape_module, "SAMPLE", 30)
     sampled = await _file_estimate(settings, path)
     assert sampled.num_requests == whole.num_requests == 90
     assert any("sample of 30 of the 90" in n for n in sampled.notes)
@@ -366,7 +367,7 @@ def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> 
     passage = "A long shared passage of context. " * 20
     texts = [passage + f"Question {i}?" for i in range(30)]
     bodies = [orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": t}]}).decode() for t in texts]
-    shares = estimate_module.cached_shares([estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+    shares = cached_shares([prompt_text("/v1/chat/completions", orjson.loads(b))
                                             for b in bodies], 4)
 
     def timed(skipped: float) -> list[tuple[str, int, str, str, int, float]]:
@@ -374,12 +375,12 @@ def test_the_prefix_cache_counts_as_far_as_finished_batches_show_it_worked() -> 
                 for i, (body, share) in enumerate(zip(bodies, shares, strict=True))]
 
     def kept(skipped: float) -> float:
-        return estimate_module.cache_kept(timed(skipped), fit, float, window=4)
+        return cache_kept(timed(skipped), fit, float, window=4)
 
     assert kept(1.0) == pytest.approx(1.0) and kept(0.0) == pytest.approx(0.0)
     assert kept(0.5) == pytest.approx(0.5, abs=0.01)
-    assert estimate_module.cache_kept(timed(0.0)[:6], fit, float, window=4) == 1.0  # too little to tell
-    lines = Lines.of([Line(200, 32)] * 30, [estimate_module.prompt_text("/v1/chat/completions", orjson.loads(b))
+    assert cache_kept(timed(0.0)[:6], fit, float, window=4) == 1.0  # too little to tell
+    lines = Lines.of([Line(200, 32)] * 30, [prompt_text("/v1/chat/completions", orjson.loads(b))
                                             for b in bodies])
     cached = shape_of(lines, TokenCalibration()).cached
     uncached = shape_of(lines, TokenCalibration(cache_kept=0.0))
@@ -405,13 +406,13 @@ def test_a_pilot_tells_whether_the_prefix_cache_worked_before_any_batch_did() ->
                                  created_at=0.0))
         return rows
 
-    assert estimate_module.pilot_cache_kept(pilot(1.0), fit, 0.6) == pytest.approx(1.0)
-    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.6) == pytest.approx(0.0)
-    assert estimate_module.pilot_cache_kept(pilot(0.5), fit, 0.6) == pytest.approx(0.5)
-    assert estimate_module.pilot_cache_kept(pilot(0.0, 10), fit, 0.6) is None  # 6 after the first wave: too few
-    assert estimate_module.pilot_cache_kept(pilot(0.0), fit, 0.01) is None  # nothing repeated: nothing to tell
+    assert pilot_cache_kept(pilot(1.0), fit, 0.6) == pytest.approx(1.0)
+    assert pilot_cache_kept(pilot(0.0), fit, 0.6) == pytest.approx(0.0)
+    assert pilot_cache_kept(pilot(0.5), fit, 0.6) == pytest.approx(0.5)
+    assert pilot_cache_kept(pilot(0.0, 10), fit, 0.6) is None  # 6 after the first wave: too few
+    assert pilot_cache_kept(pilot(0.0), fit, 0.01) is None  # nothing repeated: nothing to tell
     timed = [("b", i, "/v1/chat/completions", "{}", 200, 200.0) for i in range(3)]
-    assert estimate_module.cache_kept(timed, fit, float, window=4, default=0.3) == 0.3  # batches too few: the pilot
+    assert cache_kept(timed, fit, float, window=4, default=0.3) == 0.3  # batches too few: the pilot
 
 
 @pytest.mark.usefixtures("db_url")
@@ -420,7 +421,7 @@ async def test_history_corrects_the_cost_model_not_the_answer_lengths_again(
     """A batch whose answers ran twice as long as expected took about twice as long: its answers are learnt
     already, so the next file's estimate is not scaled for them a second time; a batch that was slower at the
     answer lengths expected is."""
-    from obatch.bench.estimate import history_ratios
+    from obatch.bench.estimate.history import history_ratios
     from obatch.store.tables import BatchRow
 
     def finished(batch_id: str, seq: int, output_tokens: int, run_seconds: float) -> BatchRow:
@@ -461,8 +462,8 @@ async def _file_estimate(settings: Settings, path: Path, **kwargs: Any) -> Durat
     try:
         async with sessions() as session:
             sha = await asyncio.to_thread(file_sha256, path)
-            return combined(await estimate_groups(session, backend="ollama", file=path, file_sha256=sha,
-                                                  concurrency=2, **kwargs))
+            return combined(await estimate_groups(session, EstimateRequest(backend="ollama", file=path,
+                                                                           file_sha256=sha, concurrency=2, **kwargs)))
     finally:
         await engine.dispose()
 
@@ -474,7 +475,9 @@ async def test_history_replays_the_cost_model_on_the_lines_a_batch_really_ran(sw
     the batch, are not part of its running time)."""
     from sqlalchemy import update
 
-    from obatch.bench.estimate import calibration_for, fits_for, history_ratios
+    from obatch.bench.estimate.calibrate import calibration_for
+    from obatch.bench.estimate.fit import fits_for
+    from obatch.bench.estimate.history import history_ratios
     from obatch.store.tables import BatchRow
 
     settings, sim = swept

@@ -105,7 +105,7 @@ async def estimate_file(path: str | Path, *, pilot: int | str | None = None, bac
     ``num_ctx``, ``concurrency``."""
     import asyncio
 
-    from obatch.bench.estimate import estimate_groups
+    from obatch.bench.estimate.request import EstimateRequest, estimate_groups
     from obatch.bench.pilot import file_sha256, pilot_size
     from obatch.bench.service import combined, piloted
     from obatch.bench.views import store_settings
@@ -121,8 +121,8 @@ async def estimate_file(path: str | Path, *, pilot: int | str | None = None, bac
         async with sessions() as session:
             if pilot is None:
                 sha = await asyncio.to_thread(file_sha256, file)
-                return combined(await estimate_groups(session, backend=backend, file=file, file_sha256=sha,
-                                                      **kwargs))
+                return combined(await estimate_groups(session, EstimateRequest(backend=backend, file=file,
+                                                                               file_sha256=sha, **kwargs)))
             from obatch.backends import open_backend
 
             opened = await open_backend(chosen)

@@ -261,7 +261,7 @@ async def estimate(args: argparse.Namespace) -> int:
     """Print an estimate (or, with --history, the estimate-vs-actual record of finished batches). ``--pilot N``
     runs N random lines of the file first (``obatch run`` of that file then takes them as finished)."""
     if args.history:
-        from obatch.bench.estimate import estimates_vs_actuals
+        from obatch.bench.estimate.history import estimates_vs_actuals
         from obatch.store.db import open_store
 
         engine, sessions = await open_store(_settings(args).db_url)

@@ -16,7 +16,9 @@ from obatch import batches, errors
 from obatch.backends.base import Backend
 from obatch.bench import views
 from obatch.bench.answers import Z
-from obatch.bench.estimate import Estimate, estimate_groups, estimates_vs_actuals
+from obatch.bench.estimate.history import estimates_vs_actuals
+from obatch.bench.estimate.predict import Estimate
+from obatch.bench.estimate.request import EstimateRequest, estimate_groups
 from obatch.bench.slo import MIN_SHARE, capacities, parse_slo, with_goodput
 from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
 from obatch.config import Settings
@@ -115,8 +117,8 @@ async def estimate(session: AsyncSession, settings: Settings, owner: str | None,
         if file is None or engine is None or sessions is None:
             raise errors.ConfigError("A pilot runs lines of an input file: give input_file_id.", param="pilot")
         return await piloted(session, sessions, settings, engine, file, pilot, backend=backend, **kwargs)
-    return combined(await estimate_groups(session, backend=backend, file=file, engine=engine, file_sha256=sha,
-                                           **kwargs))
+    return combined(await estimate_groups(session, EstimateRequest(backend=backend, file=file, engine=engine,
+                                                                   file_sha256=sha, **kwargs)))
 
 
 async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings, engine: Backend, file: Path,
@@ -135,8 +137,8 @@ async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings,
         done = ran | {"ran": done.get("ran", 0) + ran["ran"], "failed": done.get("failed", 0) + ran["failed"],
                       "seconds": done.get("seconds", 0.0) + ran["seconds"],
                       "reused": done.get("reused", ran["reused"]), "auto": auto}
-        made = combined(await estimate_groups(session, backend=backend, file=file, engine=engine,
-                                              file_sha256=ran["file_sha256"], **kwargs), done)
+        made = combined(await estimate_groups(session, EstimateRequest(
+            backend=backend, file=file, engine=engine, file_sha256=ran["file_sha256"], **kwargs)), done)
         if (unsure := answers_margin(made)) <= AUTO_WITHIN:
             break
     else:

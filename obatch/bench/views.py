@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import errors
 from obatch.bench.best import best_config
-from obatch.bench.estimate import estimates_vs_actuals
+from obatch.bench.estimate.history import estimates_vs_actuals
 from obatch.bench.wire import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo

@@ -36,7 +36,7 @@ from pydantic import SecretStr
 from obatch import _loop, batches
 from obatch.backends import Backend, open_backend
 from obatch.backends.pool import Pool
-from obatch.bench.estimate import estimate_json_for_batch
+from obatch.bench.estimate.request import estimate_json_for_batch
 from obatch.config import Settings
 from obatch.server.metrics import Metrics
 from obatch.store import db
