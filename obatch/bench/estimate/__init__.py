@@ -4,8 +4,8 @@ Each configuration's cost model is fitted on the requests its points measured (`
 its requests' service times at the calibrated parallelism (``schedule``); a workload is each request's prompt and
 answer tokens and its prefix-cache share (``shape``), mapped from a file's text by what was measured (``calibrate``);
 the estimate picks the configuration and its interval (``predict``), corrected by finished batches (``history``).
-``request`` is the one path from a question to its figures, whoever asks. The method, and how well it holds, is in
-docs/.
+``request`` is the one path from a question to its figures, whoever asks. Each module's docstring gives its part of
+the method.
 """
 
 from obatch.bench.estimate.fit import ConfigFit, fits_for
