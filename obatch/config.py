@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     local_parallel: int = Field(default=8, ge=1, le=256, description=(
         "The embedded engine's parallel slots when concurrency is `auto`."))
     default_model: str | None = Field(default=None, description=(
-        "The model the server uses for a request or batch line that names none."))
+        "The model a request to the server's direct routes (chat, completions, embeddings, responses) gets when "
+        "its body names none; batch lines are not filled in."))
 
     # Server.
     api_keys: SecretStr | None = Field(default=None, description=(
