@@ -308,6 +308,22 @@ async def test_latency_model() -> None:
     assert sim.stats.eval_tokens == 10
 
 
+async def test_shared_prompt_rate_is_split_between_prompts_in_progress() -> None:
+    config = SimConfig(num_parallel=2, prompt_tps=10_000, prompt_tps_shared=True)
+    prompts = [user(f"{name} " * 1000) for name in ("ab", "cd")]  # 753 tokens each: 75 ms alone
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        alone = await ask(client, prompts[0])
+        t1 = loop.time()
+        both = await asyncio.gather(*(ask(client, p) for p in prompts))
+        t2 = loop.time()
+    nominal = alone["prompt_eval_count"] * 100_000
+    assert nominal <= alone["prompt_eval_duration"] < 1.5 * nominal and t1 - t0 >= 0.075
+    assert all(1.8 * nominal <= b["prompt_eval_duration"] < 3 * nominal for b in both)  # half the rate each
+    assert t2 - t1 >= 0.15 and sim.stats.max_concurrent_seen == 2
+
+
 # -- prompt cache ---------------------------------------------------------------------------------------------
 
 FAST_PROMPT_TPS = 100_000  # 10 µs of modelled prompt time per token: prompt_eval_duration tells what was processed

@@ -51,6 +51,12 @@ What it copies from Ollama, and where the behaviour is documented (ollama/ollama
   ``ShiftCacheSlot`` does (``num_keep`` tokens kept, half the rest dropped). ``OLLAMA_MULTIUSER_CACHE``'s
   least-recently-used slot choice is not modelled.
 
+* Latency: ``prompt_tps`` and ``decode_tps`` are one slot's rates, so slots run side by side at full speed and
+  ``prompt_eval_duration`` / ``eval_duration`` report the modelled times. With ``prompt_tps_shared``
+  (``--prompt-tps-shared``) ``prompt_tps`` is the model's instead, shared by the prompts in progress at once (an
+  engine processes all slots' prompt tokens in the same batches: prompt processing is bound by compute, decoding
+  by memory), and ``prompt_eval_duration`` reports the time a prompt really took.
+
 Deliberate simplifications: the tokenizer is :func:`count_tokens` (1 token per 4 characters; the ids of
 :func:`chat_prompt_ids` are the CRC-32 of each 4-character piece of a message, around chat-template tokens); content is
 words drawn deterministically from (model, prompt text, ``options.seed``); a reload for another ``num_ctx``
@@ -290,6 +296,7 @@ class SimConfig:
     default_num_ctx: int = 4096
     load_seconds: float = 0.0
     prompt_tps: float = 0.0  # 0 = instant
+    prompt_tps_shared: bool = False  # prompt_tps is the model's: the prompts processed at once share it
     decode_tps: float = 0.0  # 0 = instant
     default_output_tokens: int = 24
     error_rate: float = 0.0
@@ -385,6 +392,57 @@ class _Slots:
                 best, longest = slot, n
         best.in_use = True
         return best
+
+
+class _SharedRate:
+    """Work at ``rate`` units/s shared equally by the jobs in progress (processor sharing): a model's prompt
+    processing, where the slots' prompt tokens go through the engine in the same batches (llama.cpp's and the
+    runners' ``n_batch``), so eight prompts at once take eight times as long as one. Decoding is not shared: it is
+    bound by memory bandwidth, and a batch of one token per slot costs about what one token costs."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.jobs: dict[asyncio.Future[None], float] = {}  # job -> units left
+        self.since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def run(self, units: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._advance(loop.time())
+        job: asyncio.Future[None] = loop.create_future()
+        self.jobs[job] = units
+        self._plan(loop)
+        try:
+            await job
+        finally:
+            if self.jobs.pop(job, None) is not None:  # cancelled: the others get its share
+                self._advance(loop.time())
+                self._plan(loop)
+
+    def _advance(self, now: float) -> None:
+        if self.jobs:
+            done = (now - self.since) * self.rate / len(self.jobs)
+            for job in self.jobs:
+                self.jobs[job] -= done
+        self.since = now
+
+    def _plan(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.jobs:
+            delay = max(min(self.jobs.values()), 0.0) * len(self.jobs) / self.rate
+            self.timer = loop.call_later(delay, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        self._advance(loop.time())
+        for job, left in list(self.jobs.items()):
+            if left <= 1e-6:
+                del self.jobs[job]
+                if not job.done():
+                    job.set_result(None)
+        self._plan(loop)
 
 
 @dataclass
@@ -618,6 +676,7 @@ class OllamaSim:
         self._rng = random.Random(self.config.seed)
         self._loaded: OrderedDict[str, _Runner] = OrderedDict()
         self._slots: dict[str, _Slots] = {}
+        self._prompt_rates: dict[str, _SharedRate] = {}
         self._running: Counter[str] = Counter()
         self._load_lock: asyncio.Lock | None = None
         self._stopping: asyncio.Event | None = None
@@ -812,6 +871,20 @@ class OllamaSim:
             runner.expires_at = None
         return runner, _ns(time.monotonic() - started)
 
+    async def _process_prompt(self, model: SimModel, tokens: int) -> int:
+        """Spend the time ``tokens`` prompt tokens take; returns the ``prompt_eval_duration`` to report (ns): the
+        modelled time, or the time they really took when the model's prompt rate is shared."""
+        cfg, nominal = self.config, _nominal_ns(tokens, self.config.prompt_tps)
+        if cfg.prompt_tps <= 0:
+            return nominal
+        if not cfg.prompt_tps_shared:
+            await asyncio.sleep(tokens / cfg.prompt_tps)
+            return nominal
+        rate = self._prompt_rates.setdefault(model.key, _SharedRate(cfg.prompt_tps))
+        started = time.monotonic()
+        await rate.run(tokens)
+        return max(nominal, _ns(time.monotonic() - started))
+
     def _load_cache(self, slot: _Slot, runner: _Runner, prompt: list[int] | None) -> int:
         """``LoadCacheSlot``: how many leading ids of ``prompt`` the slot already holds (all but the last at most:
         one is processed to start sampling); the slot keeps those and drops the rest."""
@@ -918,10 +991,8 @@ class OllamaSim:
                 self.stats.prompt_tokens += prompt_eval
                 self.stats.eval_tokens += plan.eval_count
                 cached = self._load_cache(slot, runner, ids)
-                prompt_ns = _nominal_ns(prompt_eval - cached, cfg.prompt_tps)
+                prompt_ns = await self._process_prompt(model, prompt_eval - cached)
                 eval_ns = _nominal_ns(plan.eval_count, cfg.decode_tps)
-                if cfg.prompt_tps > 0:
-                    await asyncio.sleep((prompt_eval - cached) / cfg.prompt_tps)
                 if ids is not None:
                     slot.ids = ids  # the whole prompt is in the slot's cache now
                 logprobs = _logprobs(plan.pieces, top) if top is not None and plan.tool_calls is None else None
@@ -1149,6 +1220,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--hang-rate", type=float, default=0.0)
     p.add_argument("--stream-error-rate", type=float, default=0.0)
+    p.add_argument("--prompt-tps-shared", action="store_true",
+                   help="--prompt-tps is the model's, shared by the prompts processed at once")
     p.add_argument("--prompt-cache", action="store_true",
                    help="each slot keeps its last prompt; a request takes the slot sharing its longest prefix")
     p.add_argument("--seed", type=int, default=0)
@@ -1173,7 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
         default_num_ctx=a.default_num_ctx, load_seconds=a.load_seconds, prompt_tps=a.prompt_tps,
         decode_tps=a.decode_tps, default_output_tokens=a.output_tokens, error_rate=a.error_rate,
         reset_rate=a.reset_rate, hang_rate=a.hang_rate, stream_error_rate=a.stream_error_rate,
-        prompt_cache=a.prompt_cache, seed=a.seed)
+        prompt_tps_shared=a.prompt_tps_shared, prompt_cache=a.prompt_cache, seed=a.seed)
     if a.model:
         config.models = tuple(SimModel(n, capabilities=("embedding",), embedding_length=32) if "embed" in n
                               else SimModel(n) for n in a.model)
