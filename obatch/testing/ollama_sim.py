@@ -875,7 +875,7 @@ class OllamaSim:
         """Spend the time ``tokens`` prompt tokens take; returns the ``prompt_eval_duration`` to report (ns): the
         modelled time, or the time they really took when the model's prompt rate is shared."""
         cfg, nominal = self.config, _nominal_ns(tokens, self.config.prompt_tps)
-        if cfg.prompt_tps <= 0:
+        if cfg.prompt_tps <= 0 or tokens <= 0:
             return nominal
         if not cfg.prompt_tps_shared:
             await asyncio.sleep(tokens / cfg.prompt_tps)
@@ -1108,14 +1108,12 @@ class OllamaSim:
             try:
                 prompt_eval = sum(counts)
                 self.stats.prompt_tokens += prompt_eval
-                if self.config.prompt_tps > 0:
-                    await asyncio.sleep(prompt_eval / self.config.prompt_tps)
+                prompt_ns = await self._process_prompt(model, prompt_eval)
                 vectors = [_embedding(model, text, dimensions) for text in inputs]
             finally:
                 self._release_runner(runner, keep_alive)
         self.stats.served += 1
-        modelled = load_ns + _nominal_ns(prompt_eval, self.config.prompt_tps)
-        total = max(_ns(time.monotonic() - started), modelled)
+        total = max(_ns(time.monotonic() - started), load_ns + prompt_ns)
         return _json({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": load_ns,
                       "prompt_eval_count": prompt_eval})
 
