@@ -280,6 +280,21 @@ async def test_concurrency_never_exceeds_num_parallel() -> None:
     assert sim.stats.served == 9 and sim.stats.model_requests[CHAT] == 9
 
 
+async def test_a_request_that_leaves_the_queue_gives_no_slot_away() -> None:
+    async with OllamaSim(SimConfig(num_parallel=1, decode_tps=20)) as sim, \
+            httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        first = asyncio.ensure_future(chat(client, "first", options={"num_predict": 6}))  # 0.3 s on the slot
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/api/chat", timeout=0.1, json={"model": CHAT, "messages": user("gives up"),
+                                                               "stream": False})
+        after = await chat(client, "after", options={"num_predict": 2})
+        assert (await first).status_code == after.status_code == 200
+        await asyncio.sleep(0.05)  # the server notices the closed connection
+    assert sim.stats.served == 2 and sim.stats.queued == 0 and sim.stats.running == 0
+    assert sim.stats.max_concurrent_seen == 1
+
+
 async def test_reload_on_num_ctx_change_and_lru() -> None:
     config = SimConfig(load_seconds=0.05, max_loaded_models=1)
     async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
