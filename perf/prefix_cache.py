@@ -1,4 +1,4 @@
-"""How much does the order of a batch's lines cost when they share prompt prefixes? (the baseline for issue #24)
+"""What does the order of a batch's lines cost when they share prompt prefixes? (what affinity scheduling must beat)
 
 An Ollama simulator with a prompt cache per slot (``--prompt-cache``: a request takes the free slot whose last
 prompt shares the longest prefix with its own, and only the rest of its prompt costs time) runs three files:
