@@ -16,7 +16,8 @@ progress at once (``--prompt-tps-shared``), the decode rate is each slot's. The 
 thread), so the cached prompt tokens are read from its counters. Wall times include everything a client does;
 obatch's include its store (a new data directory per run) but not its imports (a one-line run warms it up).
 
-    python perf/prefix_cache.py [--documents 8] [--questions 12] [--slots 8] [--prompt-tps 40000] [--repeats 1]
+    python perf/prefix_cache.py [--documents 8] [--questions 12] [--slots 8] [--prompt-tps 40000 [--per-slot]]
+                                [--repeats 1]
 """
 
 from __future__ import annotations
@@ -171,18 +172,20 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=1400, help="tokens of a document or shared system prompt")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--prompt-tps", type=float, default=40_000.0, help="prompt tokens/s of the model")
+    parser.add_argument("--per-slot", action="store_true", help="--prompt-tps is each slot's, not shared")
     parser.add_argument("--decode-tps", type=float, default=200.0, help="generated tokens/s of one slot")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each client; the median wall time")
     parser.add_argument("--seed", type=int, default=24)
     args = parser.parse_args()
     config = SimConfig(models=(SimModel(MODEL),), num_parallel=args.slots, prompt_tps=args.prompt_tps,
-                       prompt_tps_shared=True, decode_tps=args.decode_tps, default_output_tokens=ANSWER_TOKENS,
-                       prompt_cache=True)
+                       prompt_tps_shared=not args.per_slot, decode_tps=args.decode_tps,
+                       default_output_tokens=ANSWER_TOKENS, prompt_cache=True)
     rng = random.Random(args.seed)
     n = args.documents * args.questions
     files = {"documents": documents_file(rng, args.documents, args.questions, args.tokens),
              "system": system_file(rng, n, args.tokens), "control": control_file(rng, n, args.tokens)}
-    print(f"simulator: {args.slots} slots, prompt {args.prompt_tps:,.0f} tok/s shared, decode "
+    print(f"simulator: {args.slots} slots, prompt {args.prompt_tps:,.0f} tok/s "
+          f"{'per slot' if args.per_slot else 'shared'}, decode "
           f"{args.decode_tps:,.0f} tok/s per slot, prompt cache on; {n} lines a file, answers of {ANSWER_TOKENS} "
           f"tokens; {args.slots} in flight\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
