@@ -17,11 +17,15 @@ import pytest
 
 from obatch.testing.ollama_sim import (
     BUSY_MESSAGE,
+    MESSAGE_OVERHEAD_TOKENS,
+    PROMPT_OVERHEAD_TOKENS,
     OllamaSim,
     SimConfig,
     SimModel,
+    chat_prompt_ids,
     chat_prompt_tokens,
     count_tokens,
+    generate_prompt_ids,
     generate_prompt_tokens,
     run_in_thread,
 )
@@ -276,6 +280,21 @@ async def test_concurrency_never_exceeds_num_parallel() -> None:
     assert sim.stats.served == 9 and sim.stats.model_requests[CHAT] == 9
 
 
+async def test_a_request_that_leaves_the_queue_gives_no_slot_away() -> None:
+    async with OllamaSim(SimConfig(num_parallel=1, decode_tps=20)) as sim, \
+            httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        first = asyncio.ensure_future(chat(client, "first", options={"num_predict": 6}))  # 0.3 s on the slot
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/api/chat", timeout=0.1, json={"model": CHAT, "messages": user("gives up"),
+                                                               "stream": False})
+        after = await chat(client, "after", options={"num_predict": 2})
+        assert (await first).status_code == after.status_code == 200
+        await asyncio.sleep(0.05)  # the server notices the closed connection
+    assert sim.stats.served == 2 and sim.stats.queued == 0 and sim.stats.running == 0
+    assert sim.stats.max_concurrent_seen == 1
+
+
 async def test_reload_on_num_ctx_change_and_lru() -> None:
     config = SimConfig(load_seconds=0.05, max_loaded_models=1)
     async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
@@ -302,6 +321,152 @@ async def test_latency_model() -> None:
     assert body["prompt_eval_duration"] == body["prompt_eval_count"] * 1_000_000
     assert elapsed >= 0.2 and body["total_duration"] >= 200_000_000
     assert sim.stats.eval_tokens == 10
+
+
+async def test_shared_prompt_rate_is_split_between_prompts_in_progress() -> None:
+    config = SimConfig(num_parallel=2, prompt_tps=10_000, prompt_tps_shared=True)
+    prompts = [user(f"{name} " * 1000) for name in ("ab", "cd")]  # 753 tokens each: 75 ms alone
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        alone = await ask(client, prompts[0])
+        t1 = loop.time()
+        both = await asyncio.gather(*(ask(client, p) for p in prompts))
+        t2 = loop.time()
+    nominal = alone["prompt_eval_count"] * 100_000
+    assert nominal <= alone["prompt_eval_duration"] < 1.5 * nominal and t1 - t0 >= 0.075
+    assert all(1.8 * nominal <= b["prompt_eval_duration"] < 3 * nominal for b in both)  # half the rate each
+    assert t2 - t1 >= 0.15 and sim.stats.max_concurrent_seen == 2
+
+
+# -- prompt cache ---------------------------------------------------------------------------------------------
+
+FAST_PROMPT_TPS = 100_000  # 10 µs of modelled prompt time per token: prompt_eval_duration tells what was processed
+
+
+def document(name: str, chars: int = 8000) -> str:
+    """About ``chars`` characters of text; documents of other names differ from their first token on."""
+    return " ".join(f"{name}-{i:05d}" for i in range(chars // (len(name) + 7)))
+
+
+def asked(doc: str, question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": doc}, {"role": "user", "content": question}]
+
+
+async def ask(client: httpx.AsyncClient, messages: list[dict[str, str]], **options: Any) -> dict[str, Any]:
+    r = await client.post("/api/chat", json={"model": CHAT, "messages": messages, "stream": False,
+                                             "options": {"num_predict": 4, **options}})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def processed(body: dict[str, Any], tps: float = FAST_PROMPT_TPS) -> int:
+    """The prompt tokens a request really processed, read back from its prompt_eval_duration."""
+    return round(body["prompt_eval_duration"] * tps / 1e9)
+
+
+def doc_prefix(doc: str) -> int:
+    """Tokens that prompts asking about ``doc`` share: the system message and the user header."""
+    return MESSAGE_OVERHEAD_TOKENS + count_tokens(doc) + PROMPT_OVERHEAD_TOKENS
+
+
+async def test_prompt_ids_follow_the_token_count() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for messages in (user(""), user("abcdefghi"), asked("doc " * 50, "why?"), [*user("a"), {"role": "assistant",
+                     "content": "b", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]):
+        assert len(chat_prompt_ids(messages)) == chat_prompt_tokens(messages)
+        assert len(chat_prompt_ids(messages, tools)) == chat_prompt_tokens(messages, tools)
+    assert len(generate_prompt_ids("Why?", "Be brief.")) == generate_prompt_tokens("Why?", "Be brief.")
+    assert len(generate_prompt_ids("Why?", raw=True, suffix="x")) == generate_prompt_tokens("Why?", raw=True,
+                                                                                            suffix="x")
+    one, two = chat_prompt_ids(asked("same document", "first?")), chat_prompt_ids(asked("same document", "other?"))
+    shared = doc_prefix("same document")
+    assert one[:shared] == two[:shared] and one[shared] != two[shared]
+    assert chat_prompt_ids(user("same")) != chat_prompt_ids([{"role": "system", "content": "same"}])  # roles count
+
+
+async def test_prompt_cache_is_off_by_default() -> None:
+    async with OllamaSim(SimConfig(prompt_tps=FAST_PROMPT_TPS)) as sim, \
+            httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        doc = document("a", 2000)
+        await ask(client, asked(doc, "first?"))
+        again = await ask(client, asked(doc, "second?"))
+    assert processed(again) == again["prompt_eval_count"] == chat_prompt_tokens(asked(doc, "second?"))
+    assert sim.stats.cached_prompt_tokens == 0 and sim.stats.cache_hits == 0
+
+
+async def test_shared_prefix_on_one_slot_processes_only_the_new_suffix() -> None:
+    tps = 4000.0
+    doc = document("a")  # 2,000 tokens: 0.5 s of prompt at 4,000 tokens/s
+    async with OllamaSim(SimConfig(prompt_tps=tps, prompt_cache=True)) as sim, \
+            httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = await ask(client, asked(doc, "What is the claim?"))
+        t1 = loop.time()
+        second = await ask(client, asked(doc, "Who wrote it?"))
+        t2 = loop.time()
+    whole = chat_prompt_tokens(asked(doc, "Who wrote it?"))
+    assert first["prompt_eval_count"] == processed(first, tps) == chat_prompt_tokens(asked(doc, "What is the claim?"))
+    assert second["prompt_eval_count"] == whole  # Ollama counts the cached tokens too; only the duration shrinks
+    assert processed(second, tps) == whole - doc_prefix(doc) == count_tokens("Who wrote it?") + 1 + 3  # + turn ends
+    assert t1 - t0 >= 0.5 and t2 - t1 < (t1 - t0) / 4
+    assert sim.stats.cached_prompt_tokens == doc_prefix(doc) and sim.stats.cache_hits == 1
+    assert sim.stats.prompt_tokens == first["prompt_eval_count"] + whole
+
+
+async def test_follow_up_lands_on_the_slot_holding_its_document() -> None:
+    config = SimConfig(num_parallel=2, prompt_tps=FAST_PROMPT_TPS, decode_tps=40, prompt_cache=True)
+    docs = {name: document(name) for name in "ab"}
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        firsts = await asyncio.gather(*(ask(client, asked(doc, "Summarise it.")) for doc in docs.values()))
+        assert sim.stats.max_concurrent_seen == 2 and sim.stats.cached_prompt_tokens == 0
+        assert all(processed(b) == b["prompt_eval_count"] for b in firsts)
+        # b's document went to the second slot: the first free slot would be the wrong one
+        on_b = await ask(client, asked(docs["b"], "And the second point?"))
+        on_a = await ask(client, asked(docs["a"], "And the second point?"))
+        both = await asyncio.gather(*(ask(client, asked(doc, "A third one?")) for doc in docs.values()))
+    for body, doc in [(on_b, docs["b"]), (on_a, docs["a"]), *zip(both, docs.values(), strict=True)]:
+        assert body["prompt_eval_count"] - processed(body) == doc_prefix(doc)
+    assert sim.stats.cache_hits == 4
+
+
+async def test_cache_is_per_slot_not_global() -> None:
+    config = SimConfig(num_parallel=1, prompt_tps=FAST_PROMPT_TPS, prompt_cache=True)
+    a, b = document("a"), document("b")
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        await ask(client, asked(a, "First?"))
+        await ask(client, asked(b, "First?"))  # the only slot now holds b
+        again = await ask(client, asked(a, "Second?"))
+        assert again["prompt_eval_count"] - processed(again) == 3  # only the system header matches
+        other_ctx = await ask(client, asked(a, "Third?"), num_ctx=8192)  # a reload empties every slot
+        assert processed(other_ctx) == other_ctx["prompt_eval_count"]
+    assert sim.stats.loads == 2
+
+
+async def test_a_conversation_reuses_its_previous_turn() -> None:
+    config = SimConfig(prompt_tps=FAST_PROMPT_TPS, prompt_cache=True)
+    async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        turn = asked(document("a", 2000), "Why?")
+        first = await ask(client, turn)
+        answer = first["message"]["content"]
+        second = await ask(client, [*turn, {"role": "assistant", "content": answer}, *user("Tell me more.")])
+    # the whole first prompt and the answer are in the slot; the new turn starts at the answer's end of turn
+    assert second["prompt_eval_count"] - processed(second) == first["prompt_eval_count"] + count_tokens(answer)
+    assert sim.stats.cached_prompt_tokens == first["prompt_eval_count"] + count_tokens(answer)
+
+
+async def test_a_prompt_found_whole_still_processes_one_token() -> None:
+    async with OllamaSim(SimConfig(prompt_tps=FAST_PROMPT_TPS, prompt_cache=True)) as sim, \
+            httpx.AsyncClient(base_url=sim.url, timeout=10) as client:
+        r = await client.post("/api/generate", json={"model": CHAT, "prompt": "abcdefgh" * 100, "raw": True,
+                                                      "stream": False, "options": {"num_predict": 1}})
+        same = await client.post("/api/generate", json={"model": CHAT, "prompt": "abcdefgh" * 50, "raw": True,
+                                                         "stream": False, "options": {"num_predict": 1}})
+    assert r.status_code == same.status_code == 200
+    assert same.json()["prompt_eval_count"] == 100 and processed(same.json()) == 1
+    assert sim.stats.cached_prompt_tokens == 99
 
 
 # -- faults ---------------------------------------------------------------------------------------------------
@@ -394,7 +559,8 @@ def test_cli_prints_url_and_serves() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "obatch.testing.ollama_sim", "--port", "0", "--num-parallel", "4",
-         "--decode-tps", "2000", "--error-rate", "0", "--seed", "1"],
+         "--decode-tps", "2000", "--error-rate", "0", "--seed", "1", "--prompt-cache",
+         "--prompt-tps", str(FAST_PROMPT_TPS)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -402,6 +568,11 @@ def test_cli_prints_url_and_serves() -> None:
         assert line.startswith("listening on http://127.0.0.1:"), line
         url = line.removeprefix("listening on ")
         assert httpx.get(f"{url}/api/version", timeout=5).json() == {"version": "0.12.6"}
+        doc = document("a", 2000)
+        for question in ("First?", "Second?"):
+            body = httpx.post(f"{url}/api/chat", timeout=5, json={
+                "model": CHAT, "messages": asked(doc, question), "stream": False}).json()
+        assert body["prompt_eval_count"] - processed(body) == doc_prefix(doc)  # --prompt-cache
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     finally:

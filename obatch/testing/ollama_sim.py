@@ -37,7 +37,28 @@ What it copies from Ollama, and where the behaviour is documented (ollama/ollama
   VRAM; ``--default-num-ctx`` sets it), clamped to the model's trained context, and ``/api/ps`` reports it as
   ``context_length``.
 
-Deliberate simplifications: the tokenizer is :func:`count_tokens` (1 token per 4 characters); content is
+* Prompt cache (``SimConfig.prompt_cache``, off by default; ``--prompt-cache``): each of a model's slots keeps
+  the token ids of its last request, prompt and answer, as the Go runner's ``InputCacheSlot`` does
+  (``runner/ollamarunner/cache.go``). A request takes the free slot whose ids share the longest common prefix with
+  its prompt (``LoadCacheSlot`` / ``findLongestCacheSlot``: the first such slot in slot order; requests wait for a
+  slot first come, first served), and only the rest of the prompt is processed; a prompt found whole still
+  processes its last token ("Leave one input to sample"). ``prompt_eval_count`` stays the whole prompt after
+  truncation (the runner's ``numPromptInputs`` is counted before the cache is consulted; builds that run
+  llama-server report ``cache_n + prompt_n``, "to preserve Ollama's pre-0.30 full-context prompt_eval_count
+  semantics", ``llm/llama_server.go``); only ``prompt_eval_duration`` (and the time taken) shrinks. Nothing in the
+  API says how much was cached: ``SimStats.cached_prompt_tokens`` counts it. A reload (another ``num_ctx``), an
+  eviction or an unload empties the caches; an answer that overflows ``num_ctx`` shifts the slot as
+  ``ShiftCacheSlot`` does (``num_keep`` tokens kept, half the rest dropped). ``OLLAMA_MULTIUSER_CACHE``'s
+  least-recently-used slot choice is not modelled.
+
+* Latency: ``prompt_tps`` and ``decode_tps`` are one slot's rates, so slots run side by side at full speed and
+  ``prompt_eval_duration`` / ``eval_duration`` report the modelled times. With ``prompt_tps_shared``
+  (``--prompt-tps-shared``) ``prompt_tps`` is the model's instead, shared by the prompts in progress at once (an
+  engine processes all slots' prompt tokens in the same batches: prompt processing is bound by compute, decoding
+  by memory), and ``prompt_eval_duration`` reports the time a prompt really took.
+
+Deliberate simplifications: the tokenizer is :func:`count_tokens` (1 token per 4 characters; the ids of
+:func:`chat_prompt_ids` are the CRC-32 of each 4-character piece of a message, around chat-template tokens); content is
 words drawn deterministically from (model, prompt text, ``options.seed``); a reload for another ``num_ctx``
 does not wait for the model's in-flight requests; LRU eviction may evict a model that is still serving.
 Faults (``error_rate``, ``reset_rate``, ``hang_rate``, ``stream_error_rate``) are drawn from
@@ -59,7 +80,8 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
+import zlib
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,8 +98,10 @@ __all__ = [
     "SimConfig",
     "SimModel",
     "SimStats",
+    "chat_prompt_ids",
     "chat_prompt_tokens",
     "count_tokens",
+    "generate_prompt_ids",
     "generate_prompt_tokens",
     "main",
     "run_in_thread",
@@ -87,6 +111,8 @@ __all__ = [
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MESSAGE_OVERHEAD_TOKENS = 4  # chat-template tokens around each message
 PROMPT_OVERHEAD_TOKENS = 3  # the assistant header that starts the answer
+NUM_KEEP = 4  # api/types.go DefaultOptions: the tokens a truncation or a context shift keeps at the start
+_START, _END_HEADER, _END_TURN = -1, -2, -3  # chat-template token ids (pieces of text have ids >= 0)
 FAULT_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed"})
 _VOCAB = (
     "the", "model", "reads", "each", "prompt", "and", "writes", "a", "short", "answer", "about", "data",
@@ -134,6 +160,69 @@ def generate_prompt_tokens(prompt: str, system: str | None = None, *, raw: bool 
         return count_tokens(prompt + suffix)
     messages = ([{"content": system}] if system else []) + [{"content": prompt + suffix}]
     return chat_prompt_tokens(messages)
+
+
+def _text_ids(text: str) -> list[int]:
+    """Token ids of a text, one per ``count_tokens`` token: the CRC-32 of each 4-character piece."""
+    return [zlib.crc32(text[i : i + 4].encode()) for i in range(0, len(text), 4)]
+
+
+def _header_ids(role: str) -> list[int]:
+    """The chat template's header of a message (``PROMPT_OVERHEAD_TOKENS`` ids; the end of turn makes a message's
+    ``MESSAGE_OVERHEAD_TOKENS``), so an answer kept in a slot lines up with the same answer sent back as history."""
+    return [_START, -16 - zlib.crc32(role.encode()), _END_HEADER]
+
+
+def chat_prompt_ids(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+    """The rendered prompt of a chat as token ids, ``chat_prompt_tokens`` of them: the tools, each message's
+    header, content and end of turn, then the assistant header. Equal texts give equal ids, so prompts that
+    share leading messages share a prefix."""
+    ids = _text_ids(_dumps(tools)) if tools else []
+    for m in messages:
+        ids += _header_ids(str(m.get("role") or "user")) + _text_ids(_message_text(m)) + [_END_TURN]
+    return ids + _header_ids("assistant")
+
+
+def generate_prompt_ids(prompt: str, system: str | None = None, *, raw: bool = False, suffix: str = "") -> list[int]:
+    """``/api/generate``'s prompt as token ids, ``generate_prompt_tokens`` of them."""
+    if raw:
+        return _text_ids(prompt + suffix)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt + suffix}]
+    return chat_prompt_ids(messages)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """``countCommonPrefix``: how many leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: halve with slice compares (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _truncated(ids: list[int], num_ctx: int) -> list[int]:
+    """A prompt cut to ``num_ctx`` ids as the runner cuts it: the first ``NUM_KEEP`` and the end."""
+    if len(ids) <= num_ctx:
+        return ids
+    keep = min(NUM_KEEP, num_ctx)
+    return ids[:keep] + ids[len(ids) - (num_ctx - keep):]
+
+
+def _shifted(ids: list[int], num_ctx: int) -> list[int]:
+    """A slot's ids after the context shifts that make them fit ``num_ctx`` (``ShiftCacheSlot``: keep ``NUM_KEEP``,
+    drop half of what follows)."""
+    keep = min(NUM_KEEP, num_ctx - 1)
+    while len(ids) > num_ctx:
+        discard = max((num_ctx - keep) // 2, 1)
+        ids = ids[:keep] + ids[keep + discard:]
+    return ids
 
 
 @dataclass(frozen=True)
@@ -207,12 +296,14 @@ class SimConfig:
     default_num_ctx: int = 4096
     load_seconds: float = 0.0
     prompt_tps: float = 0.0  # 0 = instant
+    prompt_tps_shared: bool = False  # prompt_tps is the model's: the prompts processed at once share it
     decode_tps: float = 0.0  # 0 = instant
     default_output_tokens: int = 24
     error_rate: float = 0.0
     reset_rate: float = 0.0
     hang_rate: float = 0.0
     stream_error_rate: float = 0.0  # streams that end in an NDJSON {"error": ...} line after status 200
+    prompt_cache: bool = False  # each slot keeps its last prompt; a shared prefix is not processed again
     seed: int = 0
     version: str = "0.12.6"
 
@@ -238,7 +329,9 @@ class SimStats:
     max_concurrent_by_model: Counter[str] = field(default_factory=Counter)
     model_requests: Counter[str] = field(default_factory=Counter)  # canonical name -> validated requests
     num_ctx_seen: Counter[int] = field(default_factory=Counter)  # effective num_ctx -> requests
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # as prompt_eval_count reports them: cached ones included
+    cached_prompt_tokens: int = 0  # of those, the ones a slot's prompt cache held (not processed)
+    cache_hits: int = 0  # requests that found some of their prompt in a slot
     eval_tokens: int = 0
 
 
@@ -262,6 +355,94 @@ class _Runner:
     num_ctx: int
     expires_at: float | None = None  # time.time(); None = never
     in_use: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One of a model's ``num_parallel`` slots and its prompt cache (``InputCacheSlot``): the ids it holds are
+    valid while ``runner`` is the model's loaded runner."""
+
+    id: int
+    ids: list[int] = field(default_factory=list)
+    runner: _Runner | None = None
+    in_use: bool = False
+
+    def cached(self, prompt: list[int] | None, runner: _Runner | None) -> int:
+        """How many leading ids of ``prompt`` this slot holds for ``runner``."""
+        if not prompt or runner is None or self.runner is not runner:
+            return 0
+        return _common_prefix(self.ids, prompt)
+
+
+@dataclass(eq=False)
+class _Slots:
+    """A model's slots and the requests waiting for one, first come, first served (the runner's ``seqsSem``)."""
+
+    slots: list[_Slot]
+    waiting: deque[tuple[asyncio.Future[_Slot], list[int] | None]] = field(default_factory=deque)
+
+    def free(self) -> bool:
+        return any(not s.in_use for s in self.slots)
+
+    def take(self, prompt: list[int] | None, runner: _Runner | None) -> _Slot:
+        """``findLongestCacheSlot``: the free slot with the longest common prefix, the first one on a tie."""
+        best, longest = self.slots[0], -1
+        for slot in self.slots:
+            if not slot.in_use and (n := slot.cached(prompt, runner)) > longest:
+                best, longest = slot, n
+        best.in_use = True
+        return best
+
+
+class _SharedRate:
+    """Work at ``rate`` units/s shared equally by the jobs in progress (processor sharing): a model's prompt
+    processing, where the slots' prompt tokens go through the engine in the same batches (llama.cpp's and the
+    runners' ``n_batch``), so eight prompts at once take eight times as long as one. Decoding is not shared: it is
+    bound by memory bandwidth, and a batch of one token per slot costs about what one token costs."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.jobs: dict[asyncio.Future[None], float] = {}  # job -> units left
+        self.since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def run(self, units: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._advance(loop.time())
+        job: asyncio.Future[None] = loop.create_future()
+        self.jobs[job] = units
+        self._plan(loop)
+        try:
+            await job
+        finally:
+            if self.jobs.pop(job, None) is not None:  # cancelled: the others get its share
+                self._advance(loop.time())
+                self._plan(loop)
+
+    def _advance(self, now: float) -> None:
+        if self.jobs:
+            done = (now - self.since) * self.rate / len(self.jobs)
+            for job in self.jobs:
+                self.jobs[job] -= done
+        self.since = now
+
+    def _plan(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.jobs:
+            delay = max(min(self.jobs.values()), 0.0) * len(self.jobs) / self.rate
+            self.timer = loop.call_later(delay, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        self._advance(loop.time())
+        for job, left in list(self.jobs.items()):
+            if left <= 1e-6:
+                del self.jobs[job]
+                if not job.done():
+                    job.set_result(None)
+        self._plan(loop)
 
 
 @dataclass
@@ -494,7 +675,8 @@ class OllamaSim:
         self._models = {m.key: m for m in self.config.models}
         self._rng = random.Random(self.config.seed)
         self._loaded: OrderedDict[str, _Runner] = OrderedDict()
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, _Slots] = {}
+        self._prompt_rates: dict[str, _SharedRate] = {}
         self._running: Counter[str] = Counter()
         self._load_lock: asyncio.Lock | None = None
         self._stopping: asyncio.Event | None = None
@@ -610,34 +792,53 @@ class OllamaSim:
         return num_ctx
 
     @contextlib.asynccontextmanager
-    async def _slot(self, model: SimModel) -> AsyncIterator[None]:
-        """One of the model's ``num_parallel`` slots; waits in the shared queue; 503 if ``max_queue`` wait."""
-        slots = min(self.config.num_parallel, model.parallel_cap or self.config.num_parallel)
-        sem = self._slots.setdefault(model.key, asyncio.Semaphore(max(1, slots)))
+    async def _slot(self, model: SimModel, prompt: list[int] | None = None) -> AsyncIterator[_Slot]:
+        """One of the model's ``num_parallel`` slots, the one whose cache shares most of ``prompt``; waits in the
+        shared queue; 503 if ``max_queue`` wait."""
+        count = min(self.config.num_parallel, model.parallel_cap or self.config.num_parallel)
+        slots = self._slots.get(model.key)
+        if slots is None:
+            slots = self._slots[model.key] = _Slots([_Slot(i) for i in range(max(1, count))])
         stats = self.stats
-        if sem.locked():
+        if slots.free() and not slots.waiting:
+            slot = slots.take(prompt, self._loaded.get(model.key))  # free slot: no yield
+        else:
             if stats.queued >= self.config.max_queue:
                 stats.busy_503 += 1
                 raise _ApiError(503, BUSY_MESSAGE)
             stats.queued += 1
             stats.max_queued_seen = max(stats.max_queued_seen, stats.queued)
+            ticket: tuple[asyncio.Future[_Slot], list[int] | None] = (
+                asyncio.get_running_loop().create_future(), prompt)
+            slots.waiting.append(ticket)
             try:
-                await sem.acquire()
+                slot = await ticket[0]
+            except asyncio.CancelledError:
+                if ticket[0].done() and not ticket[0].cancelled():
+                    self._free(model, slots, ticket[0].result())  # handed a slot, then cancelled: pass it on
+                else:
+                    slots.waiting.remove(ticket)
+                raise
             finally:
                 stats.queued -= 1
-        else:
-            await sem.acquire()  # free slot: returns without yielding
         stats.running += 1
         self._running[model.key] += 1
         stats.max_concurrent_seen = max(stats.max_concurrent_seen, stats.running)
         stats.max_concurrent_by_model[model.key] = max(stats.max_concurrent_by_model[model.key],
                                                        self._running[model.key])
         try:
-            yield
+            yield slot
         finally:
             stats.running -= 1
             self._running[model.key] -= 1
-            sem.release()
+            self._free(model, slots, slot)
+
+    def _free(self, model: SimModel, slots: _Slots, slot: _Slot) -> None:
+        """Give the slot back, or to the first waiting request (its best free slot, as the runner picks it)."""
+        slot.in_use = False
+        if slots.waiting:
+            future, prompt = slots.waiting.popleft()
+            future.set_result(slots.take(prompt, self._loaded.get(model.key)))
 
     def _expire(self) -> None:
         now = time.time()
@@ -670,6 +871,31 @@ class OllamaSim:
             runner.expires_at = None
         return runner, _ns(time.monotonic() - started)
 
+    async def _process_prompt(self, model: SimModel, tokens: int) -> int:
+        """Spend the time ``tokens`` prompt tokens take; returns the ``prompt_eval_duration`` to report (ns): the
+        modelled time, or the time they really took when the model's prompt rate is shared."""
+        cfg, nominal = self.config, _nominal_ns(tokens, self.config.prompt_tps)
+        if cfg.prompt_tps <= 0 or tokens <= 0:
+            return nominal
+        if not cfg.prompt_tps_shared:
+            await asyncio.sleep(tokens / cfg.prompt_tps)
+            return nominal
+        rate = self._prompt_rates.setdefault(model.key, _SharedRate(cfg.prompt_tps))
+        started = time.monotonic()
+        await rate.run(tokens)
+        return max(nominal, _ns(time.monotonic() - started))
+
+    def _load_cache(self, slot: _Slot, runner: _Runner, prompt: list[int] | None) -> int:
+        """``LoadCacheSlot``: how many leading ids of ``prompt`` the slot already holds (all but the last at most:
+        one is processed to start sampling); the slot keeps those and drops the rest."""
+        if prompt is None:
+            return 0
+        cached = min(slot.cached(prompt, runner), len(prompt) - 1)
+        slot.ids, slot.runner = prompt[:cached], runner
+        self.stats.cached_prompt_tokens += cached
+        self.stats.cache_hits += cached > 0
+        return cached
+
     def _release_runner(self, runner: _Runner, keep_alive: float | None) -> None:
         runner.in_use -= 1
         if runner.in_use == 0:
@@ -695,9 +921,10 @@ class OllamaSim:
         last_user = _message_text(messages[-1]) if messages and messages[-1].get("role") == "user" else ""
         prompt_text = "\n".join(_message_text(m) for m in messages)
         tokens = chat_prompt_tokens(messages, tools)
+        ids = chat_prompt_ids(messages, tools) if self.config.prompt_cache else None
         return await self._complete(request, started, body, name, model, chat=True, empty=not messages,
                                     prompt_tokens=tokens, prompt_text=prompt_text, tools=tools,
-                                    last_user=last_user)
+                                    last_user=last_user, prompt_ids=ids)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -708,13 +935,15 @@ class OllamaSim:
         prompt, system, suffix = (str(body.get(k) or "") for k in ("prompt", "system", "suffix"))
         raw = bool(body.get("raw"))
         tokens = generate_prompt_tokens(prompt, system or None, raw=raw, suffix=suffix)
+        ids = generate_prompt_ids(prompt, system or None, raw=raw, suffix=suffix) if self.config.prompt_cache else None
         return await self._complete(request, started, body, name, model, chat=False, empty=not prompt,
                                     prompt_tokens=tokens, prompt_text=f"{system}\n{prompt}{suffix}", tools=[],
-                                    last_user=prompt, raw=raw)
+                                    last_user=prompt, raw=raw, prompt_ids=ids)
 
     async def _complete(self, request: web.Request, started: float, body: dict[str, Any], name: str,
                         model: SimModel, *, chat: bool, empty: bool, prompt_tokens: int, prompt_text: str,
-                        tools: list[Any], last_user: str, raw: bool = False) -> web.StreamResponse:
+                        tools: list[Any], last_user: str, raw: bool = False,
+                        prompt_ids: list[int] | None = None) -> web.StreamResponse:
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise _ApiError(400, "invalid options: expected an object")
@@ -753,20 +982,25 @@ class OllamaSim:
                 self._release_runner(runner, keep_alive)
             return _json(chunk("", True, done_reason="load") if chat else chunk("", True))
 
-        async with self._slot(model):
+        ids = None if prompt_ids is None else _truncated(prompt_ids, num_ctx)  # the runner cuts, then looks up
+        async with self._slot(model, ids) as slot:
             runner, load_ns = await self._acquire_runner(model, num_ctx)
             try:
                 prompt_eval = min(prompt_tokens, num_ctx)  # silent truncation, see module docstring
                 self.stats.truncated += prompt_tokens > num_ctx
                 self.stats.prompt_tokens += prompt_eval
                 self.stats.eval_tokens += plan.eval_count
-                prompt_ns = _nominal_ns(prompt_eval, cfg.prompt_tps)
+                cached = self._load_cache(slot, runner, ids)
+                prompt_ns = await self._process_prompt(model, prompt_eval - cached)
                 eval_ns = _nominal_ns(plan.eval_count, cfg.decode_tps)
-                if cfg.prompt_tps > 0:
-                    await asyncio.sleep(prompt_eval / cfg.prompt_tps)
+                if ids is not None:
+                    slot.ids = ids  # the whole prompt is in the slot's cache now
                 logprobs = _logprobs(plan.pieces, top) if top is not None and plan.tool_calls is None else None
 
                 def final(text: str) -> dict[str, Any]:
+                    if ids is not None:  # generation ended: the answer follows the prompt in the cache
+                        answer = "".join(plan.thinking) + "".join(plan.pieces)
+                        slot.ids = _shifted(ids + _text_ids(answer), num_ctx)
                     total = max(_ns(time.monotonic() - started), load_ns + prompt_ns + eval_ns)
                     extra: dict[str, Any] = {}
                     if not stream and plan.tool_calls is not None:
@@ -868,19 +1102,18 @@ class OllamaSim:
                 tokens = num_ctx
                 self.stats.truncated += 1
             counts.append(tokens)
-        async with self._slot(model):
+        async with self._slot(model) as slot:
             runner, load_ns = await self._acquire_runner(model, num_ctx)
+            slot.ids = []  # the runner embeds without its prompt cache (LoadCacheSlot with cachePrompt false)
             try:
                 prompt_eval = sum(counts)
                 self.stats.prompt_tokens += prompt_eval
-                if self.config.prompt_tps > 0:
-                    await asyncio.sleep(prompt_eval / self.config.prompt_tps)
+                prompt_ns = await self._process_prompt(model, prompt_eval)
                 vectors = [_embedding(model, text, dimensions) for text in inputs]
             finally:
                 self._release_runner(runner, keep_alive)
         self.stats.served += 1
-        modelled = load_ns + _nominal_ns(prompt_eval, self.config.prompt_tps)
-        total = max(_ns(time.monotonic() - started), modelled)
+        total = max(_ns(time.monotonic() - started), load_ns + prompt_ns)
         return _json({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": load_ns,
                       "prompt_eval_count": prompt_eval})
 
@@ -985,6 +1218,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--hang-rate", type=float, default=0.0)
     p.add_argument("--stream-error-rate", type=float, default=0.0)
+    p.add_argument("--prompt-tps-shared", action="store_true",
+                   help="--prompt-tps is the model's, shared by the prompts processed at once")
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="each slot keeps its last prompt; a request takes the slot sharing its longest prefix")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -1006,7 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
         num_parallel=a.num_parallel, max_queue=a.max_queue, max_loaded_models=a.max_loaded_models,
         default_num_ctx=a.default_num_ctx, load_seconds=a.load_seconds, prompt_tps=a.prompt_tps,
         decode_tps=a.decode_tps, default_output_tokens=a.output_tokens, error_rate=a.error_rate,
-        reset_rate=a.reset_rate, hang_rate=a.hang_rate, stream_error_rate=a.stream_error_rate, seed=a.seed)
+        reset_rate=a.reset_rate, hang_rate=a.hang_rate, stream_error_rate=a.stream_error_rate,
+        prompt_tps_shared=a.prompt_tps_shared, prompt_cache=a.prompt_cache, seed=a.seed)
     if a.model:
         config.models = tuple(SimModel(n, capabilities=("embedding",), embedding_length=32) if "embed" in n
                               else SimModel(n) for n in a.model)
