@@ -1,7 +1,7 @@
 """The event loop of obatch's own processes (the CLI, the server and its batch process).
 
 uvloop where it is installed (Linux and macOS): against an instant engine obatch's runner costs about a quarter
-less CPU per request on it than on asyncio's own loop (``bench/overhead.py``), and on a small machine the client's
+less CPU per request on it than on asyncio's own loop (``perf/overhead.py``), and on a small machine the client's
 CPU is what a fast engine waits for. ``OBATCH_EVENT_LOOP=asyncio`` keeps asyncio's loop. Notebooks run on Jupyter's
 loop and never get here.
 """

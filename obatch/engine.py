@@ -29,7 +29,7 @@ Sharing cores. ggml's threads spin-wait at the barrier between graph steps (lowe
 change that: it only governs the wait for new work), so two engines whose threads together outnumber the cores
 (two processes on the local backend, a test suite beside ``obatch serve``) do not share the CPU: each stalls
 whenever the other holds a core its partner thread needs, and both run many times slower
-(``bench/engines_sharing.py`` on 2 cores: one 2-thread engine ran its 24 requests in 17 s; two at once had not
+(``perf/engines_sharing.py`` on 2 cores: one 2-thread engine ran its 24 requests in 17 s; two at once had not
 finished in 150 s; two 1-thread engines at once took 33 and 29 s). ``running_engines()`` finds the other embedded
 engines on the machine, and a start that would oversubscribe the cores logs a warning that names them.
 

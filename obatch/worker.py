@@ -138,7 +138,7 @@ class ThreadedWorker(BatchWorker):
     """A ``BatchWorker`` on an event loop of its own, in a thread, with its own store engine and engine client.
 
     Driving batches flat out keeps an event loop busy (building, sending and parsing engine requests, committing
-    results): on the server's loop, every API request waited behind that work (``bench/responsiveness.py``: p99 of
+    results): on the server's loop, every API request waited behind that work (``perf/responsiveness.py``: p99 of
     ``GET /v1/batches/{id}`` 22 × idle). On a loop of its own, the API's loop only waits for its turn at the GIL.
     ``open_services`` opens (and closes) what the worker's loop needs; it runs on that loop.
     """

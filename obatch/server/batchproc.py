@@ -2,7 +2,7 @@
 
 Driving batches flat out is CPU work (building, sending and parsing engine requests, committing results). In the
 API's process, even on a loop of its own in a thread, every API request waited for the GIL behind it, and on a small
-machine for the CPU as well (``bench/responsiveness.py``). In a process of its own, at a lower CPU priority
+machine for the CPU as well (``perf/responsiveness.py``). In a process of its own, at a lower CPU priority
 (``OBATCH_WORKER_NICE``: batch work is background work, the API is interactive), the API answers as if idle.
 
 The child is an ordinary ``BatchWorker`` on the same store: leases (``obatch.lease``) keep a batch to one driver, as

@@ -1,5 +1,5 @@
 """How long each UI page takes to draw when the backend is hung (accepts connections, never answers), refused,
-or the server itself is down: `python bench/ui_pages.py`.
+or the server itself is down: `python perf/ui_pages.py`.
 
 Each page is run with Streamlit's AppTest against a real `obatch serve` (its own data dir) whose Ollama URL points
 at the broken backend; the first run of each page is a warm-up (imports), the median of the next three is printed,

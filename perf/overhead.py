@@ -11,7 +11,7 @@ the ratios are taken within a round (the load of a shared machine moves in minut
   (b) obatch run      the CLI in a subprocess, start-up included: validation, store rows, batched commits, files
   (c) server path     `obatch serve` (started before timing) driven by the OpenAI SDK: upload, batch, wait, download
 
-    python bench/overhead.py [--requests 20000] [--concurrency 16] [--repeats 3]
+    python perf/overhead.py [--requests 20000] [--concurrency 16] [--repeats 3]
 
 Targets (issue #9): b/a >= 0.8 and c/a >= 0.6 (u/a says how much of what b and c gain over asyncio's loop is
 uvloop's). On a 2-core machine the simulator and the client share the cores, so the ratios measured in one run are

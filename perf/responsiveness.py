@@ -2,10 +2,10 @@
 5,000 lines run flat out against a fast simulator and 20 uploads arrive at once. Target: busy p99 ≤ 3 × idle p99
 (nothing holds the event loop: file I/O, JSON of big bodies and DB work stay off it).
 
-    python bench/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
-    python bench/responsiveness.py --batch-worker thread   # batches on a loop of their own in the server's process
-    python bench/responsiveness.py --split    # API-only server; the batches run in a second process on the store
-    python bench/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
+    python perf/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
+    python perf/responsiveness.py --batch-worker thread   # batches on a loop of their own in the server's process
+    python perf/responsiveness.py --split    # API-only server; the batches run in a second process on the store
+    python perf/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
 
 Loopback only; the simulator and the server are subprocesses, so the probe shares no interpreter with them.
 """

@@ -6,9 +6,9 @@ times out) and turns away everything that would queue for 0.5 s in every 4 s (50
 again. At the end every input line must be in the output file exactly once (all transient failures retried to
 success), and the upstream requests are counted against the lines (no retry storm: ≤ 1.5×).
 
-    python bench/soak.py                      # one server, SQLite, 2,000 lines, 10 kills
-    python bench/soak.py --servers 2 --batches 4 --postgres   # two servers on PostgreSQL, one of them killed
-    python bench/soak.py --servers 2 --batches 4 --postgres --lines 2400 --kills 1 --no-restart \
+    python perf/soak.py                      # one server, SQLite, 2,000 lines, 10 kills
+    python perf/soak.py --servers 2 --batches 4 --postgres   # two servers on PostgreSQL, one of them killed
+    python perf/soak.py --servers 2 --batches 4 --postgres --lines 2400 --kills 1 --no-restart \
         --error-rate 0 --reset-rate 0 --hang-rate 0 --no-bursts   # no faults: count what runs twice
 
 Loopback only; bounded by ``--timeout``. PostgreSQL comes from Debian's binaries (a throwaway cluster) unless

@@ -7,7 +7,7 @@ process's peak RSS (VmHWM, its batch process's added) is printed too. Target (is
 With ``--bench-points`` a small benchmark of the model is stored first, so the run also makes its start estimate
 (which reads the pending lines).
 
-    python bench/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
+    python perf/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
                            [--bench-points]
 """
 

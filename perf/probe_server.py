@@ -13,7 +13,7 @@ issue while another thread polls ``/health`` every 20 ms:
 Prints each answer and the figures (health latency max / p99, time each slow client was held), and exits 1 when a
 check fails: any 5xx, /health slower than --health-ms, a slow client held past its limit, a wrong answer.
 
-    python bench/probe_server.py [--health-ms 100]
+    python perf/probe_server.py [--health-ms 100]
 """
 
 from __future__ import annotations
