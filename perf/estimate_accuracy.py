@@ -54,7 +54,7 @@ from obatch import bench
 from obatch.api import run_batch_file
 from obatch.backends.base import Backend, BackendWrapper, ModelInfo, Result
 from obatch.bench.estimate import estimate_groups
-from obatch.bench.pilot import file_sha256, pilot_size
+from obatch.bench.pilot_run import file_sha256, pilot_size
 from obatch.bench.service import combined, piloted
 from obatch.config import Settings
 from obatch.context import MIN_NUM_CTX

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import orjson
 
-from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.measure import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.testing.ollama_sim import SimConfig, SimModel, run_in_thread
 from obatch.testing.server import ServerProcess, serve_env

@@ -28,8 +28,8 @@ from obatch.bench.estimate import (
     mean_context,
     shape_of,
 )
+from obatch.bench.measure import PointKey, SweepSpec, plan, reloads
 from obatch.bench.metrics import Sample, percentile, summarise
-from obatch.bench.sweep import PointKey, SweepSpec, plan, reloads
 from obatch.bench.workloads import WORKLOADS, Lengths, parse_workload
 from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 

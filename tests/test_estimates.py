@@ -38,7 +38,8 @@ from obatch.bench.estimate import (
     shape_of,
     speedups,
 )
-from obatch.bench.pilot import (
+from obatch.bench.measure import SweepSpec, run_sweep
+from obatch.bench.pilot_run import (
     AUTO_WITHIN,
     allocate,
     auto_sizes,
@@ -48,9 +49,8 @@ from obatch.bench.pilot import (
     sample_file,
     stratum,
 )
+from obatch.bench.schemas import EstimateRecord
 from obatch.bench.service import answers_margin, combined
-from obatch.bench.sweep import SweepSpec, run_sweep
-from obatch.bench.wire import EstimateRecord
 from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta

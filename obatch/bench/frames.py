@@ -1,4 +1,4 @@
-"""Polars views of the benchmark store, for notebooks, the UI, the CLI and the REST API.
+"""Polars frames of the benchmark store, for notebooks, the UI, the CLI and the REST API.
 
 ``points`` is one row per measured point (a repeat of a configuration); ``summary`` folds repeats into one row per
 configuration with the mean and the spread, leaving out points marked ``excluded`` (too many failures);
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch import errors
 from obatch.bench.best import best_config
 from obatch.bench.estimate import estimates_vs_actuals
-from obatch.bench.wire import BenchPoint
+from obatch.bench.schemas import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow
