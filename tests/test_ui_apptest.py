@@ -77,11 +77,6 @@ def chart_data(at: AppTest) -> list[tuple[dict[str, Any], list[pl.DataFrame]]]:
     return out
 
 
-def chart_specs(at: AppTest) -> list[tuple[dict[str, Any], pl.DataFrame]]:
-    """Each single-dataset chart's spec and its data."""
-    return [(spec, frames[0]) for spec, frames in chart_data(at)]
-
-
 # --------------------------------------------------------------------------------------------- batches
 
 

@@ -104,7 +104,6 @@ Z = 1.96
 SINGLE_REPEAT_CV = 0.05
 EXTRAPOLATION_PENALTY = 0.10
 MIN_MARGIN = 0.05
-TIE = 0.02  # configs this close to the fastest count as equally fast
 HISTORY = 10  # finished batches whose estimate-vs-actual ratio corrects new estimates
 ROUTE_SECONDS = 10.0  # how long a batch's start estimate waits for the engine to say a model's context length
 HISTORY_LINES = 1000  # lines of each the cost model is replayed on (the running time scaled to all of them)
@@ -112,7 +111,6 @@ DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET
 DRAW_BUDGET = 200_000
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
 SAMPLE = 4000  # lines per model an estimate reads at most; beyond that a uniform random sample of this many
-DEFAULT_WINDOW = 4  # recent requests a prompt is compared with when the concurrency is not known
 
 
 # ------------------------------------------------------------------------------------------------ workload

@@ -144,16 +144,6 @@ def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
-def newest_runs(summary_frame: pl.DataFrame) -> pl.DataFrame:
-    """The summary rows of each (backend, model)'s newest run only."""
-    if summary_frame.is_empty():
-        return summary_frame
-    newest = (summary_frame.sort("created_at").group_by(["backend", "model"])
-              .agg(pl.col("run_id").last().alias("newest")))
-    return (summary_frame.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
-            .drop("newest"))
-
-
 def latest_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:
     """Per (backend, model, num_ctx, concurrency): the summary row of the newest run that measured it (a later
     sweep of a few levels updates those and leaves the others as they were measured)."""

@@ -23,7 +23,6 @@ from obatch.bench.schemas import Capacity
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchSampleRow
 
-BOUNDS = ("ttft", "tpot", "latency")
 MIN_SHARE = 0.95  # of a level's requests that must meet the SLO for the level to count as meeting it
 _PART = re.compile(r"^\s*(ttft|tpot|latency|e2el)\s*=\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$")
 
