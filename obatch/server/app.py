@@ -43,6 +43,7 @@ from obatch.store.db import open_store
 from obatch.worker import BatchWorker, ThreadedWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
+UNLIMITED_PATHS = ["^/health$"]  # never rate-limited: health checks come often, from one address
 log = logging.getLogger("obatch.server")
 
 
@@ -124,13 +125,13 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     if settings.address_rate_limit_per_minute:
         middleware.append(DefineMiddleware(auth.AddressRateLimit, config=RateLimitConfig(
             rate_limit=("minute", settings.address_rate_limit_per_minute), identifier_for_request=get_remote_address,
-            exclude=["^/health$"])))
+            exclude=UNLIMITED_PATHS)))
     middleware.append(DefineMiddleware(auth.ApiKeyAuth, keys=keys, admins=auth.load_admins(settings),
                                        failures=auth.FailureLimiter(settings.auth_failures_per_minute)))
     if settings.rate_limit_per_minute:
         middleware.append(RateLimitConfig(rate_limit=("minute", settings.rate_limit_per_minute),
                                           identifier_for_request=auth.rate_limit_identity,
-                                          exclude=["^/health$"]).middleware)
+                                          exclude=UNLIMITED_PATHS).middleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     return Litestar(
         route_handlers=[FilesController, BatchesController, PassthroughController, SystemController,
