@@ -51,7 +51,7 @@ sweep: install
 	$(VENV)/bin/obatch sweep --name make
 
 bench-memory: install
-	$(PY) bench/memory.py
+	$(PY) perf/memory.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

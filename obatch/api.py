@@ -29,7 +29,7 @@ from obatch.config import Settings
 from obatch.jsonl import summarise
 from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
-from obatch.protocol import Endpoint, RequestLine
+from obatch.protocol import NOT_RUN_CODES, Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow, FileRow, RequestRow
@@ -172,8 +172,7 @@ async def run_batch_file(
                     log.warning("%s Waiting for it.", busy.message)
                     await asyncio.sleep(min(busy.expires_in, settings.lease_heartbeat) + 0.1)
         if not await asyncio.to_thread(output.exists):  # the other process finished it: write our copy
-            await write_results(svc, done.id, output, errors_path,
-                                {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(done.status))
+            await write_results(svc, done.id, output, errors_path, NOT_RUN_CODES.get(done.status))
         if done.status == "failed":
             problems = errors.problems_from_json(done.errors_json)
             if done.in_progress_at is None:  # refused at import: the file is the problem, and it is not kept

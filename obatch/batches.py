@@ -38,6 +38,7 @@ from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
 from obatch.progress import LiveEta
 from obatch.protocol import (
     FINAL_STATUSES,
+    NOT_RUN_CODES,
     Batch,
     BatchErrorItem,
     BatchErrors,
@@ -668,7 +669,7 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
     stamp = int(svc.clock())
     if status == "completed":
         await _set(svc, batch, status="finalizing", finalizing_at=stamp)
-    pending_code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
+    pending_code = NOT_RUN_CODES.get(status)
     fields: dict[str, Any] = {}
     files: list[FileRow] = []
     unused: list[str] = []

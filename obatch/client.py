@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord, Sweep, SweepParams
+from obatch.bench.schemas import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord, Sweep, SweepParams
 from obatch.protocol import Batch, DurationEstimate, FileObject
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"

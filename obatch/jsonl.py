@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from obatch.errors import InputFileError, LineProblem
-from obatch.protocol import UNSERVABLE_ENDPOINTS, RequestLine, endpoint_problem
+from obatch.protocol import REQUIRED_BODY_FIELD, UNSERVABLE_ENDPOINTS, RequestLine, endpoint_problem
 
 if TYPE_CHECKING:
     from obatch.config import Settings
@@ -33,13 +33,6 @@ MAX_MODEL_CHARS = 256
 _STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets: deleted by translate
 
-# The field each endpoint cannot run without (OpenAI's own required body fields).
-_REQUIRED_BODY_FIELD = {
-    "/v1/responses": "input",
-    "/v1/chat/completions": "messages",
-    "/v1/embeddings": "input",
-    "/v1/completions": "prompt",
-}
 
 
 @dataclass(slots=True)
@@ -217,7 +210,7 @@ def check_line(
                            "body.model")
     if why := model_problem(body["model"]):
         return LineProblem(line_no, "invalid_value", f"body.model {why}.", "body.model")
-    required = _REQUIRED_BODY_FIELD[url]
+    required = REQUIRED_BODY_FIELD[url]
     if body.get(required) in (None, "", []):
         return LineProblem(line_no, "missing_required_parameter",
                            f"body.{required} is required for {url}.", f"body.{required}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -21,8 +21,11 @@ from pydantic import (
     model_validator,
 )
 
-ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)  # the batch endpoints obatch serves, in this order
+# The field each endpoint cannot run without (OpenAI's own required body fields).
+REQUIRED_BODY_FIELD: dict[str, str] = {"/v1/responses": "input", "/v1/chat/completions": "messages",
+                                       "/v1/embeddings": "input", "/v1/completions": "prompt"}
 # Batch endpoints OpenAI accepts that a local text model cannot serve: refused by name, never with a generic error.
 UNSERVABLE_ENDPOINTS: tuple[str, ...] = ("/v1/moderations", "/v1/images/generations", "/v1/images/edits",
                                          "/v1/videos")
@@ -42,6 +45,8 @@ BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
 FINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
+# The error code of each line that never ran, by the final status that stopped the batch (OpenAI's codes).
+NOT_RUN_CODES: dict[str, str] = {"expired": "batch_expired", "cancelled": "batch_cancelled"}
 
 
 class _Wire(BaseModel):

@@ -27,7 +27,7 @@ from typing import Any
 
 from obatch import _loop, batches, lease
 from obatch.backends.pool import Pool
-from obatch.bench.sweeps import SweepRunner
+from obatch.bench.sweep_jobs import SweepRunner
 from obatch.store import repo
 
 log = logging.getLogger("obatch.worker")
@@ -45,7 +45,7 @@ class BatchWorker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # batch id -> (failures in a row, retry not before)
         self._supervisor: asyncio.Task[None] | None = None
-        self.sweeps = SweepRunner(svc)  # benchmark sweeps, measured while no batch runs (obatch.bench.sweeps)
+        self.sweeps = SweepRunner(svc)  # benchmark sweeps, measured while no batch runs (obatch.bench.sweep_jobs)
 
     @property
     def running(self) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from obatch.bench.wire import Sweep
+from obatch.bench.schemas import Sweep
 from obatch.ui import sweep, views
 from obatch.ui.session import attempt, client, need, quietly
 

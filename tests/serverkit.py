@@ -1,4 +1,5 @@
-"""Server test kit: a simulated Ollama in a thread, real ``obatch serve`` subprocesses, batch-file helpers.
+"""Server test kit: a simulated Ollama in a thread, real ``obatch serve`` subprocesses (obatch/testing/server.py),
+batch-file helpers.
 
 The session fixtures ``obatch_sim``, ``obatch_server`` and ``obatch_server_pg`` are imported by ``tests/conftest.py``,
 so one sim and one server per database (API keys set, small limits, a 1 s minimum completion window) serve every
@@ -8,14 +9,8 @@ server test file.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +19,8 @@ import orjson
 import pytest
 
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
+from obatch.testing.server import ServerProcess, serve_env, serving
+from obatch.testing.server import free_port as free_port  # the browser tests take theirs from here
 
 CHAT = "llama3.2:1b"
 EMBED = "nomic-embed-text"
@@ -35,85 +32,15 @@ MAX_LINES = 500
 DECODE_TPS = 200.0  # sim decode speed: max_tokens=4 takes 20 ms, max_tokens=240 about 1.2 s (answers are long)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def server_env(data_dir: Path, sim_url: str, **settings: Any) -> dict[str, str]:
-    """The environment of an ``obatch serve`` child: no inherited ``OBATCH_*``, fast retries and commits."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    """The environment of a test server's child: the simulator as its backend, fast retries and commits."""
     values: dict[str, Any] = {
-        "backend": "ollama", "ollama_url": sim_url, "data_dir": data_dir, "concurrency": 4,
+        "backend": "ollama", "ollama_url": sim_url, "concurrency": 4,
         "commit_interval": 0.1, "retry_initial_wait": 0.01, "retry_max_wait": 0.05, "max_attempts": 2,
         "worker_poll_interval": 0.25, "log_level": "INFO",
         "lease_ttl": 3.0, "lease_heartbeat": 0.5,  # a killed server's batches are taken over after 3 s
     }
-    values.update(settings)
-    env.update({f"OBATCH_{k.upper()}": str(v) for k, v in values.items() if v is not None})
-    env["TQDM_DISABLE"] = "1"
-    return env
-
-
-@dataclass
-class ServerProcess:
-    """One ``python -m obatch serve`` child on a free loopback port, its output in ``log_path``."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    data_dir: Path
-    log_path: Path
-
-    @classmethod
-    def start(cls, data_dir: Path, env: dict[str, str], *, port: int | None = None,
-              args: Iterable[str] = ()) -> ServerProcess:
-        port = port or free_port()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "obatch", "serve", "--port", str(port), *args],
-                env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT)
-        server = cls(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
-        server.wait_ready()
-        return server
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"obatch serve exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"obatch serve did not become healthy in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs (the crash the store must survive)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    @property
-    def v1(self) -> str:
-        return f"{self.url}/v1"
+    return serve_env(data_dir, **(values | settings))
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -135,11 +62,8 @@ def _shared_server(sim: OllamaSim, data_dir: Path, database_url: str | None = No
                      rate_limit_per_minute=100_000, address_rate_limit_per_minute=100_000,
                      auth_failures_per_minute=100_000, min_file_expiry=1, file_sweep_interval=0.5,
                      database_url=database_url)
-    server = ServerProcess.start(data_dir, env)
-    try:
+    with serving(data_dir, env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

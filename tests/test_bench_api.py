@@ -15,7 +15,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.measure import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, run_in_thread

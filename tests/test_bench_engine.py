@@ -13,7 +13,7 @@ from litestar.testing import AsyncTestClient
 
 from obatch import bench
 from obatch.bench.cli import run_notebook
-from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.measure import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.engine import DEFAULT_ALIAS
 from obatch.server import create_app

@@ -17,12 +17,12 @@ import pytest
 from obatch import bench, errors
 from obatch.backends.base import Backend, BackendWrapper
 from obatch.backends.ollama import OllamaBackend
-from obatch.bench import views
+from obatch.bench import frames as bench_frames
 from obatch.bench.estimate.fit import fits_for
 from obatch.bench.load import achieved_rate, arrival_offsets
+from obatch.bench.measure import PointKey, SweepSpec, measure_point, plan, run_sweep
+from obatch.bench.schemas import SweepParams
 from obatch.bench.slo import capacities, with_goodput
-from obatch.bench.sweep import PointKey, SweepSpec, measure_point, plan, run_sweep
-from obatch.bench.wire import SweepParams
 from obatch.bench.workloads import parse_workload
 from obatch.cli import main
 from obatch.config import Settings
@@ -177,7 +177,7 @@ async def test_a_rate_sweep_is_stored_beside_concurrency_and_kept_out_of_best_an
         async with sessions() as session:
             fits = await fits_for(session, CHAT)
             assert [(f.concurrency, len(f.point_ids)) for f in fits] == [(1, 1)]  # no fit on a rate point
-            loose = capacities(await with_goodput(session, await views.points(session), {"latency": 600_000.0}),
+            loose = capacities(await with_goodput(session, await bench_frames.points(session), {"latency": 600_000.0}),
                                {"latency": 600_000.0})
     finally:
         await engine.dispose()
@@ -223,7 +223,7 @@ class CrashOnPrepare(OllamaBackend):
 
 async def test_an_interrupted_rate_sweep_measures_only_the_missing_rates(
         sim4: OllamaSim, make_settings: Callable[..., Settings]) -> None:
-    from obatch.bench.sweep import sweep_with
+    from obatch.bench.measure import sweep_with
     from obatch.store import bench_repo
 
     settings = make_settings(sim4.url)

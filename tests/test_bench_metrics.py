@@ -13,8 +13,8 @@ from obatch.bench.estimate.fit import ConfigFit, context_slope, fit_config, leas
 from obatch.bench.estimate.predict import estimate_from_fits
 from obatch.bench.estimate.schedule import effective_parallelism, makespan, makespan_at, makespan_runs
 from obatch.bench.estimate.shape import Line, Lines, Shape, TokenCalibration, cached_shares, common_prefix, shape_of
+from obatch.bench.measure import PointKey, SweepSpec, plan, reloads
 from obatch.bench.metrics import Sample, percentile, summarise
-from obatch.bench.sweep import PointKey, SweepSpec, plan, reloads
 from obatch.bench.workloads import WORKLOADS, Lengths, parse_workload
 from obatch.store.bench_tables import BenchPointRow, BenchSampleRow
 

@@ -14,7 +14,7 @@ from obatch import bench
 from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.bench import charts
-from obatch.bench.sweep import SweepSpec, run_sweep, sweep_with
+from obatch.bench.measure import SweepSpec, run_sweep, sweep_with
 from obatch.cli import main
 from obatch.config import Settings
 from obatch.store import bench_repo

@@ -19,7 +19,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from pydantic import BaseModel
 
-from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Sweep
+from obatch.bench.schemas import BenchConfig, BenchPoint, BenchRun, Sweep
 from obatch.client import ApiError, Client
 from obatch.config import Settings
 from obatch.server import create_app

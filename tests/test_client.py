@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import socket
 from pathlib import Path
 
 import httpx
@@ -11,13 +10,8 @@ import orjson
 import pytest
 
 from obatch.client import DEFAULT_SERVER_URL, ApiError, Client, ServerUnavailable
+from obatch.testing.server import free_port
 from tests.ui_fake import FakeServer
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_from_env_reads_url_and_key_and_strips_v1() -> None:
@@ -70,7 +64,7 @@ def test_error_body_becomes_api_error_with_openai_message() -> None:
 
 
 def test_nothing_listening_is_server_unavailable() -> None:
-    api = Client(f"http://127.0.0.1:{closed_port()}", timeout=2)
+    api = Client(f"http://127.0.0.1:{free_port()}", timeout=2)
     with pytest.raises(ServerUnavailable) as caught:
         api.health()
     assert "cannot be reached" in caught.value.message

@@ -39,7 +39,8 @@ from obatch.bench.estimate.shape import (
     prompt_text,
     shape_of,
 )
-from obatch.bench.pilot import (
+from obatch.bench.measure import SweepSpec, run_sweep
+from obatch.bench.pilot_run import (
     AUTO_WITHIN,
     allocate,
     auto_sizes,
@@ -49,9 +50,8 @@ from obatch.bench.pilot import (
     sample_file,
     stratum,
 )
+from obatch.bench.schemas import EstimateRecord
 from obatch.bench.service import answers_margin, combined
-from obatch.bench.sweep import SweepSpec, run_sweep
-from obatch.bench.wire import EstimateRecord
 from obatch.cli import _parser
 from obatch.config import Settings
 from obatch.progress import LiveEta

@@ -9,6 +9,7 @@ import pytest
 
 from obatch.errors import InputFileError, LineProblem
 from obatch.jsonl import Limits, Request, iter_file, validate_file
+from obatch.protocol import ENDPOINTS
 from tests.helpers import chat_line
 
 
@@ -56,6 +57,14 @@ def test_bom_crlf_and_blank_lines_are_accepted() -> None:
 )
 def test_each_defect_is_reported_on_its_line(line: object, code: str) -> None:
     assert problems(lines(chat_line("ok"), line)) == [(2, code)]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_every_batch_endpoint_names_the_field_it_cannot_run_without(endpoint: str) -> None:
+    line = {"custom_id": "x", "method": "POST", "url": endpoint, "body": {"model": "m"}}
+    [problem] = [p for p in iter_file(lines(line)) if isinstance(p, LineProblem)]
+    assert problem.code == "missing_required_parameter"
+    assert problem.param in ("body.input", "body.messages", "body.prompt") and endpoint in problem.message
 
 
 def test_duplicate_custom_id() -> None:

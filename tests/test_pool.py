@@ -16,8 +16,10 @@ import pytest
 
 from obatch import errors
 from obatch.api import run_batch_file
-from obatch.backends import open_backend
+from obatch.backends import open_backend, pinned_settings
 from obatch.backends import pool as pool_module
+from obatch.backends.base import capabilities_of
+from obatch.backends.local import LocalBackend
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
@@ -116,6 +118,26 @@ async def test_a_pool_is_unreachable_only_when_every_host_is(make_settings: Call
                 await pool.version()
         finally:
             await pool.aclose()
+
+
+async def test_batches_elsewhere_open_the_engines_the_server_found(make_settings: Callable[..., Settings]) -> None:
+    """What ``auto`` found is pinned for a batch process or thread (it does not look again); a pool of two kinds keeps
+    ``auto``. Only a backend that owns its engine keeps its batches beside it, a pool of clients does not."""
+    async with OllamaSim(SimConfig()) as sim:
+        auto = make_settings(sim.url, backend="auto", openai_base_url=None)
+        found = await open_backend(auto)
+        try:
+            assert found.name == "ollama" and pinned_settings(auto, found).backend == "ollama"
+            assert not capabilities_of(found).embedded
+        finally:
+            await found.aclose()
+        mixed = await open_backend(make_settings(sim.url, backend="auto", openai_base_url=f"{sim.url}/v1"))
+        try:
+            assert isinstance(mixed, pool_module.Pool) and pinned_settings(auto, mixed).backend == "auto"
+            assert not mixed.capabilities.embedded
+        finally:
+            await mixed.aclose()
+    assert LocalBackend.capabilities.embedded
 
 
 async def test_a_busy_host_is_not_sent_more_than_it_holds(tmp_path: Path, make_settings: Callable[..., Settings],

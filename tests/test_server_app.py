@@ -19,6 +19,7 @@ from obatch.backends.base import ModelInfo, Result, chat_chunk
 from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
 from obatch.server import create_app
+from obatch.testing.server import free_port
 
 
 class FlakyBackend:
@@ -142,9 +143,7 @@ async def test_the_server_drives_a_pool_of_hosts_with_auto_concurrency(tmp_path:
 async def test_health_says_what_happened_and_does_not_wait_on_a_hung_engine(tmp_path: Path) -> None:
     """A refused connection is named with its address; an engine that accepts and never answers costs /health
     at most the probe's grace each time (it used to wait 3 s on every call, so every UI page did)."""
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    refused_url = f"http://127.0.0.1:{free_port()}"
     backend = OllamaBackend(refused_url)
     async with AsyncTestClient(create_app(settings(tmp_path / "a"), backend=backend)) as client:
         report = (await client.get("/health")).json()

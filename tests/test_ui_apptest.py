@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import tomllib
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from obatch.client import Client
+from obatch.testing.server import free_port
 from obatch.ui.launch import find_app
 from obatch.ui.session import CLIENT_KEY, HEALTH_TTL
 from tests.helpers import ROOT, chat_line
@@ -75,11 +75,6 @@ def chart_data(at: AppTest) -> list[tuple[dict[str, Any], list[pl.DataFrame]]]:
         frames = [pl.from_arrow(pa.ipc.open_stream(t).read_all()) for t in tables]
         out.append((json.loads(proto.spec), frames))  # type: ignore[misc]
     return out
-
-
-def chart_specs(at: AppTest) -> list[tuple[dict[str, Any], pl.DataFrame]]:
-    """Each single-dataset chart's spec and its data."""
-    return [(spec, frames[0]) for spec, frames in chart_data(at)]
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -341,15 +336,9 @@ def test_a_page_opened_outside_the_navigation_goes_through_it(page: Callable[...
 # ------------------------------------------------------------------------------------------- server down
 
 
-def closed_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.mark.parametrize("name", ["streamlit_app.py", "pages/batches.py", "pages/benchmarks.py", "pages/models.py"])
 def test_server_down_is_a_clear_message(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = closed_url()
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     monkeypatch.setenv("OBATCH_SERVER_URL", url)
     at = AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT).run()
     no_exception(at)

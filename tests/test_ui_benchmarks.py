@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from obatch.bench import views as bench_views
+from obatch.bench import frames as bench_frames
 from obatch.bench.best import best_config
-from obatch.bench.wire import BenchPoint, SweepParams
+from obatch.bench.schemas import BenchPoint, SweepParams
 from obatch.ui import views
 from obatch.ui.session import CLIENT_KEY
 from obatch.ui.sweep import SweepPlan, progress_text
@@ -207,7 +207,7 @@ def test_best_of_views_follows_the_rule_over_each_configurations_newest_measurem
     points = bench_points((("m", 100.0),), run_id="old", created_at=1.0)
     newer = [p.model_copy(update={"run_id": "new", "created_at": 10_000_000.0, "output_tps": 1000.0,
                                   "success_rate": 0.9}) for p in points if p.concurrency == 4]
-    best = bench_views.best_configs(bench_views.summary(bench_views.frame_of_points([*points, *newer])))
+    best = bench_frames.best_configs(bench_frames.summary(bench_frames.frame_of_points([*points, *newer])))
     # the fast concurrency-4 points were re-measured failing 10%: the best is now the old concurrency-1 one
     assert best.select("num_ctx", "concurrency", "run_id").rows() == [(2048, 1, "old")]
 

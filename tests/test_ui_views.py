@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from obatch import batches
 from obatch.api import result_schema
-from obatch.bench.wire import EstimateRecord
+from obatch.bench.schemas import EstimateRecord
 from obatch.errors import ConfigError
 from obatch.protocol import Batch, DurationEstimate, LineError, OutputLine
 from obatch.store.tables import RequestRow

@@ -15,10 +15,10 @@ import httpx
 import orjson
 
 from obatch import errors
-from obatch.bench import views
+from obatch.bench import frames
+from obatch.bench.schemas import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.bench.service import config_models, point_models
 from obatch.bench.slo import add_goodput, capacities, count_met, parse_slo
-from obatch.bench.wire import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.client import Client
 from obatch.protocol import (
     AnswerLengthsInfo,
@@ -230,22 +230,22 @@ class FakeServer:
 
     # ------------------------------------------------------------------------------------------ benchmarks
     def summary(self, models: list[str] | None = None, num_ctx: int | None = None) -> Any:
-        """The server's own summary of the points (``obatch.bench.views``): best and compare come from it."""
+        """The server's own summary of the points (``obatch.bench.frames``): best and compare come from it."""
         points = [p for p in self.points if (models is None or p.model in models)
                   and (num_ctx is None or p.num_ctx == num_ctx)]
-        return views.summary(views.frame_of_points(points))
+        return frames.summary(frames.frame_of_points(points))
 
     def with_goodput(self, points: list[BenchPoint], slo: str) -> Any:
         """``points`` as the server's frame with goodput under ``slo`` (``obatch.bench.slo``, on their requests)."""
         bounds = parse_slo(slo)
         counts = count_met([p.id or 0 for p in points], [s for p in points for s in bench_samples(p)], bounds)
-        return add_goodput(views.frame_of_points(points), counts), bounds
+        return add_goodput(frames.frame_of_points(points), counts), bounds
 
     def _benchmarks(self, request: httpx.Request, parts: list[str]) -> httpx.Response | None:
-        """The benchmark routes, answered with ``obatch.bench.wire`` models built by the server's code."""
+        """The benchmark routes, answered with ``obatch.bench.schemas`` models built by the server's code."""
         params = request.url.params
         if parts == ["models"]:
-            return _list(config_models(views.best_configs(self.summary())))
+            return _list(config_models(frames.best_configs(self.summary())))
         if (parts[:1] == ["models"] and len(parts) == 2) or parts == ["capacity"]:
             name = parts[1] if len(parts) == 2 else params.get("model", "")
             mine = [p for p in self.points if p.model == name]
@@ -262,7 +262,7 @@ class FakeServer:
         if parts == ["compare"]:
             num_ctx = params.get("num_ctx")
             summary = self.summary(params.get("models", "").split(","), int(num_ctx) if num_ctx else None)
-            return _list(config_models(views.mark_best(views.latest_configs(summary))) if not summary.is_empty()
+            return _list(config_models(frames.mark_best(frames.latest_configs(summary))) if not summary.is_empty()
                          else [])
         if parts == ["estimates"]:
             return _list([EstimateRecord(

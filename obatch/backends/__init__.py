@@ -4,14 +4,15 @@ llama.cpp engine. ``open_backend`` picks one from settings."""
 from __future__ import annotations
 
 import asyncio
+from typing import get_args
 
 import aiohttp
 
 from obatch.backends.base import Backend, ModelInfo, Result, Timings
-from obatch.config import Settings
+from obatch.config import BackendName, Settings
 from obatch.errors import ConfigError
 
-__all__ = ["Backend", "ModelInfo", "Result", "Timings", "ollama_answers", "open_backend"]
+__all__ = ["Backend", "ModelInfo", "Result", "Timings", "ollama_answers", "open_backend", "pinned_settings"]
 
 
 async def ollama_answers(url: str, wait: float = 1.0) -> bool:
@@ -56,3 +57,11 @@ async def open_backend(settings: Settings) -> Backend:
 
     return LocalBackend(settings.local_model_path, alias=settings.local_model_alias,
                         threads=settings.local_threads, parallel=settings.local_parallel)
+
+
+def pinned_settings(settings: Settings, backend: Backend) -> Settings:
+    """``settings`` with ``backend`` fixed to the kind ``open_backend`` found, so that a batch process or thread
+    opens the same engines without looking for them again (``auto`` asks every Ollama URL). A pool of mixed kinds
+    keeps the settings as they are."""
+    kind = backend.name
+    return settings.model_copy(update={"backend": kind}) if kind in get_args(BackendName) else settings

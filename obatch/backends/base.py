@@ -70,6 +70,9 @@ class Capabilities:
     sets_num_ctx: bool = True  # takes a context window per model load (Ollama, embedded); False: fixed at its start
     reloads_on_num_ctx: bool = True  # a different num_ctx reloads the model (a load time to pay, and to measure)
     engine_timings: bool = True  # reports its own prompt and decode durations with every answer
+    # The backend owns its engine (the embedded llama.cpp): opening it again elsewhere (a batch process, another
+    # loop) would start a second engine, so batches share this one. False: a client of an engine running apart.
+    embedded: bool = False
 
 
 FIXED_CONTEXT = Capabilities(sets_num_ctx=False, reloads_on_num_ctx=False, engine_timings=False)

@@ -27,7 +27,8 @@ DEFAULT_PARALLEL = 8
 
 class LocalBackend:
     name = "local"
-    capabilities = Capabilities(sets_num_ctx=True, reloads_on_num_ctx=True, engine_timings=True)  # restarts
+    capabilities = Capabilities(sets_num_ctx=True, reloads_on_num_ctx=True, engine_timings=True,  # restarts
+                                embedded=True)
 
     def __init__(self, model_path: Path | None = None, *, alias: str = "smollm2:135m",
                  threads: int | None = None, parallel: int = DEFAULT_PARALLEL) -> None:

@@ -29,9 +29,8 @@ from obatch.backends.base import (
     stream_lines,
     timings_from_llamacpp,
 )
+from obatch.protocol import ENDPOINTS
 
-_PATHS = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions",
-          "/v1/embeddings": "/embeddings", "/v1/responses": "/responses"}
 _OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
 
 
@@ -55,9 +54,9 @@ class OpenAIBackend:
 
     async def complete(self, url: str, body: dict[str, Any], *, num_ctx: int | None = None,
                        stream: bool = False) -> Result:
-        path = _PATHS.get(url)
-        if path is None:
+        if url not in ENDPOINTS:
             raise errors.PermanentError(f"Unsupported endpoint {url}.", param="url")
+        path = url.removeprefix("/v1")  # the base URL ends in /v1
         if url == "/v1/responses":
             return await self._respond(body, stream=stream)
         if stream and url == "/v1/chat/completions":

@@ -136,11 +136,12 @@ class Pool:
     @property
     def capabilities(self) -> Capabilities:
         """What the hosts can do together: a context window is set when any host takes one, reloads and timings
-        are expected when any host has them."""
+        are expected when any host has them, and the pool owns an engine when any host does."""
         each = [capabilities_of(h.backend) for h in self.hosts]
         return Capabilities(sets_num_ctx=any(c.sets_num_ctx for c in each),
                             reloads_on_num_ctx=any(c.reloads_on_num_ctx for c in each),
-                            engine_timings=any(c.engine_timings for c in each))
+                            engine_timings=any(c.engine_timings for c in each),
+                            embedded=any(c.embedded for c in each))
 
     def describe(self) -> list[dict[str, Any]]:
         return [h.status().model_dump() for h in self.hosts]

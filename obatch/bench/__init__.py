@@ -20,9 +20,9 @@ from obatch._lazy import lazy_names
 
 if TYPE_CHECKING:
     from obatch.bench.estimate import ConfigFit, Estimate, Shape, estimate, estimates_vs_actuals, fits_for
+    from obatch.bench.frames import Report, load_report
+    from obatch.bench.measure import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
     from obatch.bench.metrics import Sample, percentile, summarise
-    from obatch.bench.sweep import PointKey, SweepReport, SweepSpec, measure_point, plan, run_sweep, sweep_with
-    from obatch.bench.views import Report, load_report
     from obatch.bench.workloads import WORKLOADS, Lengths, Workload, parse_workload
     from obatch.config import Settings
     from obatch.protocol import DurationEstimate
@@ -34,8 +34,8 @@ _HOME = {
                     "obatch.bench.estimate"),
     **dict.fromkeys(["Sample", "percentile", "summarise"], "obatch.bench.metrics"),
     **dict.fromkeys(["PointKey", "SweepReport", "SweepSpec", "measure_point", "plan", "run_sweep", "sweep_with"],
-                    "obatch.bench.sweep"),
-    **dict.fromkeys(["Report", "load_report", "store_settings"], "obatch.bench.views"),
+                    "obatch.bench.measure"),
+    **dict.fromkeys(["Report", "load_report", "store_settings"], "obatch.bench.frames"),
     **dict.fromkeys(["WORKLOADS", "Lengths", "Workload", "parse_workload"], "obatch.bench.workloads"),
 }
 __getattr__ = lazy_names(__name__, _HOME, globals())
@@ -65,8 +65,8 @@ async def run_sweep_notebook(*, backend: str | None = None, url: str | None = No
                              output_notebook: str | None = None, progress: bool = True) -> Report:
     """The sweep notebook's one call: build the spec from its parameters, run (or resume) the sweep, record the
     parameters and the executed notebook's path with the run, and return the run's frames."""
-    from obatch.bench.sweep import SweepSpec, run_sweep
-    from obatch.bench.views import load_report, store_settings
+    from obatch.bench.frames import load_report, store_settings
+    from obatch.bench.measure import SweepSpec, run_sweep
 
     params: dict[str, Any] = {
         "backend": backend, "url": url, "models": _as_list(models, str), "num_ctx": _as_list(num_ctx, int),
@@ -85,7 +85,7 @@ async def estimate_workload(model: str, *, data_dir: str | Path | None = None, s
                             **kwargs: Any) -> Estimate:
     """``estimate`` on the store of ``data_dir`` (or ``settings``): for notebooks and scripts."""
     from obatch.bench.estimate import estimate
-    from obatch.bench.views import store_settings
+    from obatch.bench.frames import store_settings
     from obatch.store.db import open_store
 
     engine, sessions = await open_store(store_settings(data_dir, settings).db_url)
@@ -106,9 +106,9 @@ async def estimate_file(path: str | Path, *, pilot: int | str | None = None, bac
     import asyncio
 
     from obatch.bench.estimate.request import EstimateRequest, estimate_groups
-    from obatch.bench.pilot import file_sha256, pilot_size
+    from obatch.bench.frames import store_settings
+    from obatch.bench.pilot_run import file_sha256, pilot_size
     from obatch.bench.service import combined, piloted
-    from obatch.bench.views import store_settings
     from obatch.store.db import open_store
 
     chosen, file, pilot = store_settings(data_dir, settings), Path(path), pilot_size(pilot)

@@ -1,4 +1,4 @@
-"""Altair charts of the benchmark views (``obatch.bench.views``); each takes a polars frame and returns a chart.
+"""Altair charts of the benchmark frames (``obatch.bench.frames``); each takes a polars frame and returns a chart.
 
 The report notebook and the UI call these; nothing here reads the store.
 """
@@ -115,8 +115,8 @@ def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
 def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps") -> alt.TopLevelMixin:
     """Throughput against latency, one point per configuration (``num_ctx`` and its concurrency or request rate),
     coloured by model; the line joins each model's Pareto front (no other configuration of the model is both faster
-    and quicker to answer). Works on ``views.summary`` rows (the report) and on the UI's latest points alike."""
-    from obatch.bench.views import pareto_front
+    and quicker to answer). Works on ``frames.summary`` rows (the report) and on the UI's latest points alike."""
+    from obatch.bench.frames import pareto_front
 
     if "rate" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float64).alias("rate"), pl.lit(None, pl.Utf8).alias("arrival"))

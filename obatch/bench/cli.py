@@ -48,7 +48,7 @@ def _levels(args: argparse.Namespace) -> list[int]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from obatch.bench.views import store_settings
+    from obatch.bench.frames import store_settings
 
     return store_settings(getattr(args, "data_dir", None))
 
@@ -62,7 +62,7 @@ async def _on_server(args: argparse.Namespace) -> int:
     Interrupted (Ctrl-C), it asks the server to cancel the sweep (the points measured so far are kept)."""
     from pydantic import ValidationError
 
-    from obatch.bench.wire import SweepParams
+    from obatch.bench.schemas import SweepParams
     from obatch.client import Client, ClientError
 
     try:
@@ -152,7 +152,7 @@ def _print_capacity(found: list[Any]) -> None:
 
 async def bench(args: argparse.Namespace) -> int:
     """Measure models × num_ctx × concurrency; print one line per configuration and where it saturates."""
-    from obatch.bench.sweep import SweepSpec, run_sweep
+    from obatch.bench.measure import SweepSpec, run_sweep
 
     if args.slo:
         from obatch.bench.slo import parse_slo
@@ -160,7 +160,7 @@ async def bench(args: argparse.Namespace) -> int:
         parse_slo(args.slo)  # a mistyped SLO stops before anything is measured
     if args.server:
         return await _on_server(args)
-    from obatch.bench.views import load_report
+    from obatch.bench.frames import load_report
 
     spec = SweepSpec(models=args.model, num_ctx=args.num_ctx, concurrency=_levels(args), requests=args.requests,
                      workload=args.workload, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
@@ -193,7 +193,7 @@ async def bench(args: argparse.Namespace) -> int:
 
 
 async def _local_capacity(settings: Settings, run_id: str, slo: str) -> list[Any]:
-    from obatch.bench import views
+    from obatch.bench import frames
     from obatch.bench.slo import capacities, parse_slo, with_goodput
     from obatch.store.db import open_store
 
@@ -201,7 +201,7 @@ async def _local_capacity(settings: Settings, run_id: str, slo: str) -> list[Any
     engine, sessions = await open_store(settings.db_url)
     try:
         async with sessions() as session:
-            return capacities(await with_goodput(session, await views.points(session, run_id=run_id), bounds), bounds)
+            return capacities(await with_goodput(session, await frames.points(session, run_id=run_id), bounds), bounds)
     finally:
         await engine.dispose()
 
@@ -356,13 +356,13 @@ async def export(args: argparse.Namespace) -> int:
             except ClientError as exc:
                 raise errors.ObatchError(str(exc)) from None
     else:
-        from obatch.bench import views
+        from obatch.bench import frames
         from obatch.store.db import open_store
 
         engine, sessions = await open_store(_settings(args).db_url)
         try:
             async with sessions() as session:
-                body = await views.export(session, fmt, models=args.model)
+                body = await frames.export(session, fmt, models=args.model)
         finally:
             await engine.dispose()
     await asyncio.to_thread(Path(args.output).write_bytes, body)

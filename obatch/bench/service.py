@@ -14,19 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
 from obatch.backends.base import Backend
-from obatch.bench import views
+from obatch.bench import frames
 from obatch.bench.answers import Z
 from obatch.bench.estimate.history import estimates_vs_actuals
 from obatch.bench.estimate.predict import Estimate
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
+from obatch.bench.schemas import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
 from obatch.bench.slo import MIN_SHARE, capacities, parse_slo, with_goodput
-from obatch.bench.wire import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord
 from obatch.config import Settings
 from obatch.protocol import DurationEstimate
 from obatch.store import repo
 from obatch.store.db import Sessions
 
-HOST_FIELDS = views.HOST_FIELDS
+HOST_FIELDS = frames.HOST_FIELDS
 
 
 def _clean(value: Any) -> Any:
@@ -55,7 +55,7 @@ def config_models(frame: pl.DataFrame) -> list[BenchConfig]:
 
 async def best_per_model(session: AsyncSession) -> list[BenchConfig]:
     """Per model (and backend): its best configuration (``obatch.bench.best``)."""
-    return config_models(views.best_configs(views.summary(await views.points(session))))
+    return config_models(frames.best_configs(frames.summary(await frames.points(session))))
 
 
 async def model_history(session: AsyncSession, model: str, *, num_ctx: int | None = None,
@@ -63,7 +63,7 @@ async def model_history(session: AsyncSession, model: str, *, num_ctx: int | Non
     """Every stored point of a model, oldest first, optionally at one num_ctx and/or concurrency; with an ``slo``
     (``ttft=500ms,tpot=50ms``) each point's goodput under it."""
     bounds = parse_slo(slo) if slo is not None else None
-    frame = await views.points(session, models=[model])
+    frame = await frames.points(session, models=[model])
     if frame.is_empty():
         raise errors.NotFoundError(f"No benchmark points for model {model!r}.", param="name")
     if num_ctx is not None:
@@ -79,7 +79,7 @@ async def capacity(session: AsyncSession, model: str, slo: str, *, num_ctx: int 
                    min_share: float = MIN_SHARE) -> list[Capacity]:
     """The capacity of a model under an SLO at each measured num_ctx (``obatch.bench.slo``)."""
     bounds = parse_slo(slo)
-    frame = await views.points(session, models=[model], num_ctx=num_ctx)
+    frame = await frames.points(session, models=[model], num_ctx=num_ctx)
     if frame.is_empty():
         raise errors.NotFoundError(f"No benchmark points for model {model!r}.", param="model")
     return capacities(await with_goodput(session, frame, bounds), bounds, min_share=min_share)
@@ -89,10 +89,10 @@ async def compare(session: AsyncSession, models: list[str], *, num_ctx: int | No
     """Models side by side: each configuration's newest measurement (repeats folded), each model's best marked."""
     if not models:
         raise errors.ConfigError("Name the models to compare: ?models=a,b", param="models")
-    summary = views.summary(await views.points(session, models=models, num_ctx=num_ctx))
+    summary = frames.summary(await frames.points(session, models=models, num_ctx=num_ctx))
     if summary.is_empty():
         return []
-    return config_models(views.mark_best(views.latest_configs(summary)).sort(["num_ctx", "concurrency", "model"]))
+    return config_models(frames.mark_best(frames.latest_configs(summary)).sort(["num_ctx", "concurrency", "model"]))
 
 
 def combined(parts: list[Estimate], pilot: dict[str, Any] | None = None) -> DurationEstimate:
@@ -106,7 +106,7 @@ async def estimate(session: AsyncSession, settings: Settings, owner: str | None,
                    sessions: Sessions | None = None, **kwargs: Any) -> DurationEstimate:
     """``estimate_groups`` as one answer, for token lengths or for a stored input file the caller owns. With
     ``pilot`` (lines, or ``"auto"``), a random sample of the file runs first on ``engine`` (``piloted``)."""
-    from obatch.bench.pilot import pilot_size
+    from obatch.bench.pilot_run import pilot_size
 
     pilot = pilot_size(pilot)
     file = sha = None
@@ -125,8 +125,8 @@ async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings,
                   pilot: int | str, *, backend: str | None, **kwargs: Any) -> DurationEstimate:
     """Run a pilot of the file on ``engine`` and estimate by its answers; the batch of that file later takes its
     lines as finished. ``pilot="auto"`` grows it while its answers leave the estimate unsure
-    (``obatch.bench.pilot``: 16 lines, doubled up to a quarter of the file, until within ±15%)."""
-    from obatch.bench.pilot import AUTO, AUTO_WITHIN, auto_sizes, run_pilot, valid_lines
+    (``obatch.bench.pilot_run``: 16 lines, doubled up to a quarter of the file, until within ±15%)."""
+    from obatch.bench.pilot_run import AUTO, AUTO_WITHIN, auto_sizes, run_pilot, valid_lines
 
     auto = pilot == AUTO
     sizes = auto_sizes(await asyncio.to_thread(valid_lines, file, kwargs.get("model"))) if auto else [int(pilot)]
@@ -170,7 +170,7 @@ async def estimate_records(session: AsyncSession, owner: str | None = None) -> l
 
 async def list_runs(session: AsyncSession, *, host_details: bool = True) -> list[BenchRun]:
     """Benchmark runs; without ``host_details`` the machine's name, CPU and notebook path are left out."""
-    runs = [BenchRun.model_validate(r) for r in _records(await views.runs(session))]
+    runs = [BenchRun.model_validate(r) for r in _records(await frames.runs(session))]
     if host_details:
         return runs
     return [r.model_copy(update=dict.fromkeys(HOST_FIELDS)) for r in runs]

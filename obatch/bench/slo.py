@@ -19,11 +19,10 @@ import polars as pl
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import errors
-from obatch.bench.wire import Capacity
+from obatch.bench.schemas import Capacity
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchSampleRow
 
-BOUNDS = ("ttft", "tpot", "latency")
 MIN_SHARE = 0.95  # of a level's requests that must meet the SLO for the level to count as meeting it
 _PART = re.compile(r"^\s*(ttft|tpot|latency|e2el)\s*=\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$")
 
@@ -70,7 +69,7 @@ async def met_counts(session: AsyncSession, point_ids: Sequence[int], slo: Mappi
 
 
 async def with_goodput(session: AsyncSession, points: pl.DataFrame, slo: Mapping[str, float]) -> pl.DataFrame:
-    """``points`` (``views.points`` rows) with ``goodput`` (req/s meeting the SLO) and ``slo_share`` columns."""
+    """``points`` (``frames.points`` rows) with ``goodput`` (req/s meeting the SLO) and ``slo_share`` columns."""
     return add_goodput(points, await met_counts(session, points["id"].to_list(), slo))
 
 

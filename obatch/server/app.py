@@ -19,7 +19,8 @@ from litestar.openapi import OpenAPIConfig
 
 from obatch import batches
 from obatch._heap import settle
-from obatch.backends import Backend, open_backend
+from obatch.backends import Backend, open_backend, pinned_settings
+from obatch.backends.base import capabilities_of
 from obatch.batches import Services
 from obatch.config import Settings
 from obatch.server import auth
@@ -42,6 +43,7 @@ from obatch.store.db import open_store
 from obatch.worker import BatchWorker, ThreadedWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
+UNLIMITED_PATHS = ["^/health$"]  # never rate-limited: health checks come often, from one address
 log = logging.getLogger("obatch.server")
 
 
@@ -68,11 +70,10 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         return batch_services(settings, sessions, client, metrics)
 
     @asynccontextmanager
-    async def worker_services(kind: str) -> AsyncIterator[Services]:
-        """The worker thread's own store engine and engine clients (of the API's ``kind``), made and closed on its
-        loop."""
+    async def worker_services(pinned: Settings) -> AsyncIterator[Services]:
+        """The worker thread's own store engine and engine clients (``pinned``: of the API's kind), made and closed
+        on its loop."""
         engine = db.create_engine(settings.db_url)
-        pinned = settings.model_copy(update={"backend": kind}) if kind in ("ollama", "openai") else settings
         client = await open_backend(pinned)
         try:
             yield services(db.sessions(engine), client)
@@ -89,13 +90,13 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             # Batches run in a process or on a loop of their own (an HTTP engine client is cheap to open twice; the
             # embedded engine is not, and stays on this loop, as does a backend passed in). The worker's pool
             # learns its own levels.
-            apart = backend is None and client.name != "local"
+            apart = backend is None and not capabilities_of(client).embedded
+            pinned = pinned_settings(settings, client)
             worker: BatchWorker
             if apart and settings.batch_worker == "process":
-                worker = ProcessWorker(settings, kind=client.name, owner=svc.owner, metrics=metrics)
+                worker = ProcessWorker(pinned, owner=svc.owner, metrics=metrics)
             elif apart and settings.batch_worker == "thread":
-                worker = ThreadedWorker(lambda: worker_services(client.name),
-                                        poll_interval=settings.worker_poll_interval)
+                worker = ThreadedWorker(lambda: worker_services(pinned), poll_interval=settings.worker_poll_interval)
             else:
                 worker = BatchWorker(svc, poll_interval=settings.worker_poll_interval)
             probe = BackendProbe(svc.backend, ", ".join(h["url"] for h in svc.pool.describe()))
@@ -124,13 +125,13 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     if settings.address_rate_limit_per_minute:
         middleware.append(DefineMiddleware(auth.AddressRateLimit, config=RateLimitConfig(
             rate_limit=("minute", settings.address_rate_limit_per_minute), identifier_for_request=get_remote_address,
-            exclude=["^/health$"])))
+            exclude=UNLIMITED_PATHS)))
     middleware.append(DefineMiddleware(auth.ApiKeyAuth, keys=keys, admins=auth.load_admins(settings),
                                        failures=auth.FailureLimiter(settings.auth_failures_per_minute)))
     if settings.rate_limit_per_minute:
         middleware.append(RateLimitConfig(rate_limit=("minute", settings.rate_limit_per_minute),
                                           identifier_for_request=auth.rate_limit_identity,
-                                          exclude=["^/health$"]).middleware)
+                                          exclude=UNLIMITED_PATHS).middleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     return Litestar(
         route_handlers=[FilesController, BatchesController, PassthroughController, SystemController,

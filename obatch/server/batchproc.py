@@ -2,7 +2,7 @@
 
 Driving batches flat out is CPU work (building, sending and parsing engine requests, committing results). In the
 API's process, even on a loop of its own in a thread, every API request waited for the GIL behind it, and on a small
-machine for the CPU as well (``bench/responsiveness.py``). In a process of its own, at a lower CPU priority
+machine for the CPU as well (``perf/responsiveness.py``). In a process of its own, at a lower CPU priority
 (``OBATCH_WORKER_NICE``: batch work is background work, the API is interactive), the API answers as if idle.
 
 The child is an ordinary ``BatchWorker`` on the same store: leases (``obatch.lease``) keep a batch to one driver, as
@@ -68,9 +68,9 @@ def _plain(value: Any) -> Any:
 class ProcessWorker(BatchWorker):
     """The server's side of the child: spawns it, passes ``kick`` on, asks for reports, restarts it when it dies."""
 
-    def __init__(self, settings: Settings, *, kind: str, owner: str, metrics: Metrics) -> None:
-        pinned = settings.model_copy(update={"backend": kind}) if kind in ("ollama", "openai") else settings
-        self._config = orjson.dumps({"settings": {k: _plain(v) for k, v in pinned.model_dump().items()},
+    def __init__(self, settings: Settings, *, owner: str, metrics: Metrics) -> None:
+        """``settings``: the API process's, its backend pinned to the kind it opened (``pinned_settings``)."""
+        self._config = orjson.dumps({"settings": {k: _plain(v) for k, v in settings.model_dump().items()},
                                      "owner": owner}) + b"\n"
         self._nice = settings.worker_nice
         self._metrics = metrics

@@ -131,7 +131,7 @@ class BenchSweepRow(SQLModel, table=True):
     id: str = Field(primary_key=True)
     owner: str | None = Field(default=None, index=True)
     status: str = Field(index=True)  # queued | in_progress | cancelling | cancelled | completed | failed
-    params_json: str  # obatch.bench.wire.SweepParams
+    params_json: str  # obatch.bench.schemas.SweepParams
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

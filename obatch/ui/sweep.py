@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from obatch.bench.wire import EstimateRecord, Sweep, SweepParams
+from obatch.bench.schemas import EstimateRecord, Sweep, SweepParams
 from obatch.client import Client, ClientError
 
 WORKLOADS = ("tiny", "short", "chat", "long-prompt", "long-output")

@@ -2,7 +2,7 @@
 and the estimate-vs-actual record of finished batches. Each handler is one call into ``obatch.bench.service``, on
 the request's store session (the ``db_session`` dependency opens and closes it).
 
-Sweeps (``/v1/benchmarks/sweeps``) are run by the server's worker on the server's backend (``obatch.bench.sweeps``);
+Sweeps (``/v1/benchmarks/sweeps``) are run by the server's worker on the server's backend (``obatch.bench.sweep_jobs``);
 a sweep belongs to the key that started it (another key gets 404, as for batches) and admin keys see every sweep.
 The points a sweep measures are shared benchmark data, like every other point.
 
@@ -18,9 +18,9 @@ from litestar import Controller, Response, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from obatch import errors
-from obatch.bench import service, sweeps, views
+from obatch.bench import frames, service, sweep_jobs
+from obatch.bench.schemas import Sweep, SweepParams
 from obatch.bench.slo import MIN_SHARE
-from obatch.bench.wire import Sweep, SweepParams
 from obatch.protocol import DurationEstimate, ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
 from obatch.store import bench_repo
@@ -96,7 +96,7 @@ class BenchmarksController(Controller):
     async def export(self, db_session: DbSession, admin: Admin, format: FromQuery[str] = "csv",
                      models: FromQuery[str | None] = None) -> Response[bytes]:
         names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-        body = await views.export(db_session, format, models=names, host_details=admin)
+        body = await frames.export(db_session, format, models=names, host_details=admin)
         media = "text/csv" if format == "csv" else "application/json"
         return Response(body, media_type=media,
                         headers={"content-disposition": f'attachment; filename="obatch-benchmarks.{format}"'})
@@ -106,18 +106,18 @@ class BenchmarksController(Controller):
         problem = data.problem()
         if problem is not None:
             raise errors.ConfigError(problem[0], param=problem[1])
-        made = await sweeps.create(svc.sessions, data, owner)
+        made = await sweep_jobs.create(svc.sessions, data, owner)
         worker.kick()
         return made
 
     @get("/sweeps", summary="Sweeps, newest first (an admin key sees every key's)")
     async def list_sweeps(self, db_session: DbSession, owner: Owner, admin: Admin) -> ListPage:
-        return _page([sweeps.to_wire(r) for r in await bench_repo.list_sweeps(db_session, _scope(owner, admin))])
+        return _page([sweep_jobs.to_wire(r) for r in await bench_repo.list_sweeps(db_session, _scope(owner, admin))])
 
     @get("/sweeps/{sweep_id:str}", summary="A sweep: status and points done of total")
     async def get_sweep(self, db_session: DbSession, sweep_id: FromPath[str], owner: Owner, admin: Admin) -> Sweep:
-        return sweeps.to_wire(await bench_repo.get_sweep(db_session, sweep_id, _scope(owner, admin)))
+        return sweep_jobs.to_wire(await bench_repo.get_sweep(db_session, sweep_id, _scope(owner, admin)))
 
     @post("/sweeps/{sweep_id:str}/cancel", status_code=200, summary="Cancel a sweep (measured points are kept)")
     async def cancel_sweep(self, svc: Svc, sweep_id: FromPath[str], owner: Owner, admin: Admin) -> Sweep:
-        return await sweeps.cancel(svc.sessions, sweep_id, _scope(owner, admin))
+        return await sweep_jobs.cancel(svc.sessions, sweep_id, _scope(owner, admin))

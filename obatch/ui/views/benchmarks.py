@@ -1,4 +1,4 @@
-"""Benchmark answers (``obatch.bench.wire`` models, as ``obatch.client`` parses them) → frames → the Benchmarks
+"""Benchmark answers (``obatch.bench.schemas`` models, as ``obatch.client`` parses them) → frames → the Benchmarks
 page's curves, comparison, best table, request-rate curves and goodput under an SLO. Column names are the wire's;
 the best configuration is the one the server marks (``best``) and the capacity the one it computes, never chosen
 here."""
@@ -12,7 +12,7 @@ import altair as alt
 import polars as pl
 
 from obatch.bench.charts import load_label
-from obatch.bench.wire import BenchConfig, BenchPoint, Capacity
+from obatch.bench.schemas import BenchConfig, BenchPoint, Capacity
 
 POINT_COLUMNS: dict[str, Any] = {
     "model": pl.Utf8, "backend": pl.Utf8, "run_id": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64,

@@ -9,7 +9,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from obatch.bench.wire import EstimateRecord
+from obatch.bench.schemas import EstimateRecord
 from obatch.protocol import DurationEstimate
 
 

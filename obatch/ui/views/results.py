@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from obatch.api import result_schema
-from obatch.protocol import LineStats, OutputLine, response_content
+from obatch.protocol import NOT_RUN_CODES, LineStats, OutputLine, response_content
 
 
 def _content(body: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -23,7 +23,7 @@ def _content(body: dict[str, Any]) -> tuple[str | None, str | None]:
     return content, finish_reason
 
 
-NOT_RUN = {"batch_cancelled": "cancelled", "batch_expired": "expired"}  # error codes of lines that never ran
+NOT_RUN = {code: status for status, code in NOT_RUN_CODES.items()}  # a line that never ran: the batch's status
 STATUSES = ("succeeded", "failed", "cancelled", "expired")
 LEAD = ("line", "custom_id", "status", "error_code", "error_message", "finish_reason", "latency_ms",
         "completion_tokens", "prompt_tokens", "content")  # what a reader scans first; long text last

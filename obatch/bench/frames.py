@@ -1,4 +1,4 @@
-"""Polars views of the benchmark store, for notebooks, the UI, the CLI and the REST API.
+"""Polars frames of the benchmark store, for notebooks, the UI, the CLI and the REST API.
 
 ``points`` is one row per measured point (a repeat of a configuration); ``summary`` folds repeats into one row per
 configuration with the mean and the spread, leaving out points marked ``excluded`` (too many failures);
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from obatch import errors
 from obatch.bench.best import best_config
 from obatch.bench.estimate.history import estimates_vs_actuals
-from obatch.bench.wire import BenchPoint
+from obatch.bench.schemas import BenchPoint
 from obatch.config import Settings
 from obatch.store import bench_repo
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow
@@ -142,16 +142,6 @@ def saturation(summary_frame: pl.DataFrame) -> pl.DataFrame:
     schema = {"run_id": pl.Utf8, "model": pl.Utf8, "num_ctx": pl.Int64, "saturates_at": pl.Int64,
               "req_per_s": pl.Float64, "still_growing": pl.Boolean}
     return pl.DataFrame(rows, schema=schema)
-
-
-def newest_runs(summary_frame: pl.DataFrame) -> pl.DataFrame:
-    """The summary rows of each (backend, model)'s newest run only."""
-    if summary_frame.is_empty():
-        return summary_frame
-    newest = (summary_frame.sort("created_at").group_by(["backend", "model"])
-              .agg(pl.col("run_id").last().alias("newest")))
-    return (summary_frame.join(newest, on=["backend", "model"]).filter(pl.col("run_id") == pl.col("newest"))
-            .drop("newest"))
 
 
 def latest_configs(summary_frame: pl.DataFrame) -> pl.DataFrame:

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from obatch import batches, lease
-from obatch.bench import sweep as measuring
-from obatch.bench.wire import SWEEP_ACTIVE, Sweep, SweepParams
+from obatch.bench import measure as measuring
+from obatch.bench.schemas import SWEEP_ACTIVE, Sweep, SweepParams
 from obatch.errors import ConflictError
 from obatch.protocol import new_id
 from obatch.runner import RetryPolicy

@@ -2,10 +2,10 @@
 5,000 lines run flat out against a fast simulator and 20 uploads arrive at once. Target: busy p99 ≤ 3 × idle p99
 (nothing holds the event loop: file I/O, JSON of big bodies and DB work stay off it).
 
-    python bench/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
-    python bench/responsiveness.py --batch-worker thread   # batches on a loop of their own in the server's process
-    python bench/responsiveness.py --split    # API-only server; the batches run in a second process on the store
-    python bench/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
+    python perf/responsiveness.py [--batches 4] [--lines 5000] [--uploads 20] [--concurrency 32] [--postgres]
+    python perf/responsiveness.py --batch-worker thread   # batches on a loop of their own in the server's process
+    python perf/responsiveness.py --split    # API-only server; the batches run in a second process on the store
+    python perf/responsiveness.py --debug    # the server runs with asyncio debug; prints its slow callbacks
 
 Loopback only; the simulator and the server are subprocesses, so the probe shares no interpreter with them.
 """
@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import orjson
 
-from obatch.testing.postgres import free_port, postgres_server
+from obatch.testing.postgres import postgres_server
+from obatch.testing.server import ServerProcess, free_port, serve_env
 
 MODEL = "llama3.2:1b"
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -85,32 +86,28 @@ async def create(client: httpx.AsyncClient, name: str, body: bytes) -> str:
 
 async def run(args: argparse.Namespace, database_url: str | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="obatch-resp-"))
-    sim_port, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    sim_port = free_port()
     sim = spawn([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel",
-                 str(args.concurrency), "--max-queue", "4096", "--model", MODEL], env, root / "sim.log")
-    env.update({
-        "OBATCH_BACKEND": "ollama", "OBATCH_OLLAMA_URL": f"http://127.0.0.1:{sim_port}",
-        "OBATCH_DATA_DIR": str(root / "data"), "OBATCH_SERVER_CONCURRENCY": str(args.concurrency),
-        "OBATCH_RATE_LIMIT_PER_MINUTE": "0", "OBATCH_MAX_LINES": str(max(args.lines, 50_000)),
-        "OBATCH_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1", "OBATCH_BATCH_WORKER": args.batch_worker,
-    })
-    if database_url:
-        env["OBATCH_DATABASE_URL"] = database_url
+                 str(args.concurrency), "--max-queue", "4096", "--model", MODEL],
+                {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}, root / "sim.log")
+    data = root / "data"
+    env = serve_env(data, backend="ollama", ollama_url=f"http://127.0.0.1:{sim_port}",
+                    server_concurrency=args.concurrency, rate_limit_per_minute=0, max_lines=max(args.lines, 50_000),
+                    log_level="WARNING", batch_worker=args.batch_worker, database_url=database_url)
     if args.debug:
         env["PYTHONASYNCIODEBUG"] = "1"
-    (root / "data").mkdir()
     spy = ["py-spy", "record", "-o", args.py_spy, "-f", "raw", "-r", "200", "--"] if args.py_spy else []
-    worker = None
-    if args.split:  # an API-only server, and a second process on the same store that runs the batches
-        worker = spawn([sys.executable, "-m", "obatch", "serve", "--port", str(free_port())], env,
-                       root / "worker.log")
-        env = {**env, "OBATCH_BATCH_WORKER": "none"}
-    server = spawn([*spy, sys.executable, "-m", "obatch", "serve", "--port", str(port)], env, root / "server.log")
+    worker: ServerProcess | None = None
+    server: ServerProcess | None = None
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        if args.split:  # an API-only server, and a second process on the same store that runs the batches
+            worker = await asyncio.to_thread(ServerProcess.start, data, env, log_path=root / "worker.log",
+                                             ready_within=120)
+            env = {**env, "OBATCH_BATCH_WORKER": "none"}
+        server = await asyncio.to_thread(ServerProcess.start, data, env, log_path=root / "server.log", wrapper=spy,
+                                         ready_within=120)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             await wait_healthy(client, f"http://127.0.0.1:{sim_port}/api/version")
-            await wait_healthy(client, "/health")
             small = await create(client, "small.jsonl", lines_of("small", 10))
             while (await client.get(f"/v1/batches/{small}")).json()["status"] not in FINAL:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
@@ -142,12 +139,13 @@ async def run(args: argparse.Namespace, database_url: str | None) -> int:
             stop.set()
             await prober
     finally:
-        server.send_signal(signal.SIGINT)  # py-spy (when sampling) writes its file on SIGINT
+        if server is not None:
+            server.proc.send_signal(signal.SIGINT)  # py-spy (when sampling) writes its file on SIGINT
         sim.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.proc.wait(timeout=30)
         if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+            worker.stop()
         sim.wait(timeout=30)
     done = sum(s["request_counts"]["completed"] for s in states)
     store = "PostgreSQL" if database_url else "SQLite"

@@ -11,7 +11,7 @@ the ratios are taken within a round (the load of a shared machine moves in minut
   (b) obatch run      the CLI in a subprocess, start-up included: validation, store rows, batched commits, files
   (c) server path     `obatch serve` (started before timing) driven by the OpenAI SDK: upload, batch, wait, download
 
-    python bench/overhead.py [--requests 20000] [--concurrency 16] [--repeats 3]
+    python perf/overhead.py [--requests 20000] [--concurrency 16] [--repeats 3]
 
 Targets (issue #9): b/a >= 0.8 and c/a >= 0.6 (u/a says how much of what b and c gain over asyncio's loop is
 uvloop's). On a 2-core machine the simulator and the client share the cores, so the ratios measured in one run are
@@ -26,7 +26,6 @@ import functools
 import io
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from obatch.backends.ollama import OllamaBackend
 from obatch.backends.pool import fixed
 from obatch.config import Settings
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
+from obatch.testing.server import serve_env, serving
 
 MODEL = "llama3.2:1b"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -141,33 +141,13 @@ def cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def server_path(url: str, source: Path, n: int, concurrency: int, work: Path) -> float:
     from openai import OpenAI
 
-    port = free_port()
-    env = {k: v for k, v in child_env().items() if not k.startswith("OBATCH_")}
-    env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=url, OBATCH_DATA_DIR=str(work),
-               OBATCH_SERVER_CONCURRENCY=str(concurrency), OBATCH_MAX_LINES="10000000",
-               OBATCH_RATE_LIMIT_PER_MINUTE="0", OBATCH_WORKER_POLL_INTERVAL="0.2")
-    server = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except Exception:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
+    env = serve_env(work, child_env(), backend="ollama", ollama_url=url, server_concurrency=concurrency,
+                    max_lines=10_000_000, rate_limit_per_minute=0, worker_poll_interval=0.2)
+    with serving(work, env, log_path=work / "server.log", ready_within=120) as server:
+        client = OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
         started = time.perf_counter()
         uploaded = client.files.create(file=(source.name, io.BytesIO(source.read_bytes())), purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
@@ -181,9 +161,6 @@ def server_path(url: str, source: Path, n: int, concurrency: int, work: Path) ->
         seconds = time.perf_counter() - started
         assert lines == n, lines
         return seconds
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def timed(n: int, measure: Callable[[], float], cpu: Callable[[], float] = time.process_time) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """Does the estimate come true? Sweep a model, estimate a held-out batch file, run it, print estimate vs actual.
 
-    python bench/estimate_accuracy.py                       # the embedded engine (SmolLM2-135M), ~2-3 minutes
-    python bench/estimate_accuracy.py --backend sim         # the Ollama simulator, seconds
-    python bench/estimate_accuracy.py --requests 64 --concurrency 4 --data-dir /tmp/acc
+    python perf/estimate_accuracy.py                       # the embedded engine (SmolLM2-135M), ~2-3 minutes
+    python perf/estimate_accuracy.py --backend sim         # the Ollama simulator, seconds
+    python perf/estimate_accuracy.py --requests 64 --concurrency 4 --data-dir /tmp/acc
 
 Steps: (1) a small sweep (num_ctx 2048 × concurrency 1, 2, 4) on the built-in ``chat`` workload (generated
 prompts, forced output lengths); (2) a held-out batch file of natural requests (instructions with context passages
@@ -19,9 +19,9 @@ replayed on the lines as they ran, at the answer lengths they had.
 SmolLM2-135M runs a share of its uncapped answers on to the context window (about two minutes each at num_ctx
 2048 on two cores), so on the embedded engine measure at a small context:
 
-    python bench/estimate_accuracy.py --num-ctx 512 --workload prompt=16-160,output=32-320 --runs 0 --cases "" \
+    python perf/estimate_accuracy.py --num-ctx 512 --workload prompt=16-160,output=32-320 --runs 0 --cases "" \
         --data-dir /tmp/swept                                          # the sweep, once (~10 minutes)
-    python bench/estimate_accuracy.py --num-ctx 512 --swept /tmp/swept --runs 0 --cases uncapped \
+    python perf/estimate_accuracy.py --num-ctx 512 --swept /tmp/swept --runs 0 --cases uncapped \
         --questions short --requests 200 --pilot auto                  # then each case on a copy of it
 
 ``--num-ctx`` sets the sweep's context window and the held-out batches' (and pilots'): obatch never picks less
@@ -54,7 +54,7 @@ from obatch import bench
 from obatch.api import run_batch_file
 from obatch.backends.base import Backend, BackendWrapper, ModelInfo, Result
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
-from obatch.bench.pilot import file_sha256, pilot_size
+from obatch.bench.pilot_run import file_sha256, pilot_size
 from obatch.bench.service import combined, piloted
 from obatch.config import Settings
 from obatch.context import MIN_NUM_CTX

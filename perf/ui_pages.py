@@ -1,5 +1,5 @@
 """How long each UI page takes to draw when the backend is hung (accepts connections, never answers), refused,
-or the server itself is down: `python bench/ui_pages.py`.
+or the server itself is down: `python perf/ui_pages.py`.
 
 Each page is run with Streamlit's AppTest against a real `obatch serve` (its own data dir) whose Ollama URL points
 at the broken backend; the first run of each page is a warm-up (imports), the median of the next three is printed,
@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,38 +20,17 @@ from pathlib import Path
 import httpx
 from streamlit.testing.v1 import AppTest
 
+from obatch.testing.server import free_port, serve_env, serving
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("streamlit_app.py", "pages/batches.py", "pages/models.py", "pages/benchmarks.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def server(engine_url: str) -> Iterator[str]:
-    port, data = free_port(), Path(tempfile.mkdtemp(prefix="obatch-ui-pages-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=engine_url, OBATCH_DATA_DIR=str(data))
-    proc = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env, cwd=data,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/v1/batches", timeout=10)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    data = Path(tempfile.mkdtemp(prefix="obatch-ui-pages-")) / "data"
+    with serving(data, serve_env(data, backend="ollama", ollama_url=engine_url), ready_within=60) as served:
+        yield served.url
 
 
 def page_seconds(name: str, server_url: str) -> float:

@@ -13,7 +13,7 @@ issue while another thread polls ``/health`` every 20 ms:
 Prints each answer and the figures (health latency max / p99, time each slow client was held), and exits 1 when a
 check fails: any 5xx, /health slower than --health-ms, a slow client held past its limit, a wrong answer.
 
-    python bench/probe_server.py [--health-ms 100]
+    python perf/probe_server.py [--health-ms 100]
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,9 +35,10 @@ from typing import Any
 import httpx
 import orjson
 
-from obatch.bench.sweep import SweepSpec, run_sweep
+from obatch.bench.measure import SweepSpec, run_sweep
 from obatch.config import Settings
 from obatch.testing.ollama_sim import SimConfig, SimModel, run_in_thread
+from obatch.testing.server import ServerProcess, serve_env
 
 CHAT = "llama3.2:1b"
 TENANT, OTHER, ADMIN = "sk-probe-tenant-0123456789", "sk-probe-other-0123456789", "sk-probe-admin-0123456789"
@@ -148,7 +147,7 @@ class Probe:
         admin = self.call("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
         self.check("obatch_http_requests_total" in admin, "admin /metrics is global")
         runs = self.call("GET", "/v1/benchmarks/runs").json()["data"]
-        self.check(bool(runs) and "hostname" not in runs[0], "tenant runs without host details")
+        self.check(bool(runs) and runs[0].get("hostname") is None, "tenant runs without host details")
         self.call("GET", "/wp-login.php")
         self.call("DELETE", "/health")
         time.sleep(0.3)
@@ -254,12 +253,6 @@ def poll_health(url: str, stop: threading.Event, lags: list[tuple[str, float]], 
             time.sleep(0.02)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--health-ms", type=float, default=100.0, help="slowest /health answer allowed (ms)")
@@ -270,29 +263,17 @@ def main() -> int:
         settings = Settings(_env_file=None, data_dir=data, backend="ollama", ollama_url=sim_url)  # type: ignore[call-arg]
         asyncio.run(run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6,
                                         workload="short"), settings=settings, progress=False))
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-        env |= {"OBATCH_BACKEND": "ollama", "OBATCH_OLLAMA_URL": sim_url, "OBATCH_DATA_DIR": str(data),
-                "OBATCH_API_KEYS": f"{TENANT},{OTHER}", "OBATCH_ADMIN_KEYS": ADMIN, "OBATCH_WORKER_POLL_INTERVAL":
-                "0.1", "OBATCH_COMMIT_INTERVAL": "0.1", "OBATCH_MIN_COMPLETION_WINDOW": "1", "TQDM_DISABLE": "1"}
-        env |= {f"OBATCH_{k.upper()}": str(v) for k, v in LIMITS.items()}
+        env = serve_env(data, backend="ollama", ollama_url=sim_url, api_keys=f"{TENANT},{OTHER}", admin_keys=ADMIN,
+                        worker_poll_interval=0.1, commit_interval=0.1, min_completion_window=1, **LIMITS)
         log = Path(tmp) / "server.log"
-        with log.open("wb") as sink:
-            server = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
-                                      cwd=tmp, stdout=sink, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    print(log.read_text())
-                    return 2
-                time.sleep(0.1)
+            server = ServerProcess.start(data, env, log_path=log, ready_within=60)
+        except RuntimeError as exc:
+            print(exc)
+            stop_sim()
+            return 2
+        url = server.url
+        try:
             probe = Probe(url, args.health_ms)
             lags: list[tuple[str, float]] = []
             health: list[int] = []
@@ -323,8 +304,7 @@ def main() -> int:
             probe.check(not errors, f"no 5xx ({len(probe.statuses)} answers){': ' + str(errors[:5]) if errors else ''}")
             probe.check('"level":"ERROR"' not in log.read_text(errors="replace"), "no error in the server log")
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
             stop_sim()
     print(f"{'FAILED: ' + '; '.join(probe.failures) if probe.failures else 'all checks passed'}")
     return 1 if probe.failures else 0

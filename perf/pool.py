@@ -4,7 +4,7 @@ Two Ollama simulators (subprocesses) with 2 and 6 slots and the same per-slot sp
 each alone, then through both as one pool (`--url A --url B`), all with auto concurrency; then once more through
 both with the faster host killed a third of the way in, checking that every line still ends exactly once.
 
-    python bench/pool.py [--requests 1200] [--tokens 16] [--decode-tps 400]
+    python perf/pool.py [--requests 1200] [--tokens 16] [--decode-tps 400]
 
 Target (issue #9): the pool reaches >= 0.9 of the sum of the solo throughputs.
 """

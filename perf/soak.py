@@ -6,9 +6,9 @@ times out) and turns away everything that would queue for 0.5 s in every 4 s (50
 again. At the end every input line must be in the output file exactly once (all transient failures retried to
 success), and the upstream requests are counted against the lines (no retry storm: ≤ 1.5×).
 
-    python bench/soak.py                      # one server, SQLite, 2,000 lines, 10 kills
-    python bench/soak.py --servers 2 --batches 4 --postgres   # two servers on PostgreSQL, one of them killed
-    python bench/soak.py --servers 2 --batches 4 --postgres --lines 2400 --kills 1 --no-restart \
+    python perf/soak.py                      # one server, SQLite, 2,000 lines, 10 kills
+    python perf/soak.py --servers 2 --batches 4 --postgres   # two servers on PostgreSQL, one of them killed
+    python perf/soak.py --servers 2 --batches 4 --postgres --lines 2400 --kills 1 --no-restart \
         --error-rate 0 --reset-rate 0 --hang-rate 0 --no-bursts   # no faults: count what runs twice
 
 Loopback only; bounded by ``--timeout``. PostgreSQL comes from Debian's binaries (a throwaway cluster) unless
@@ -19,49 +19,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import orjson
 
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
-from obatch.testing.postgres import free_port, postgres_server
+from obatch.testing.postgres import postgres_server
+from obatch.testing.server import ServerProcess, free_port, serve_env
 
 MODEL = "llama3.2:1b"
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    kills: int = 0
-
-
-def start_server(data_dir: Path, env: dict[str, str], port: int, log: Path) -> Server:
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
-                                cwd=data_dir, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 def bursts(sim: OllamaSim, stop: threading.Event, every: float = 4.0, length: float = 0.5) -> None:
@@ -80,11 +52,11 @@ def lines_of(batch: int, n: int) -> bytes:
     }) + b"\n" for i in range(n))
 
 
-def alive(servers: list[Server]) -> Server:
+def alive(servers: list[ServerProcess]) -> ServerProcess:
     return next(s for s in servers if s.proc.poll() is None)
 
 
-def request(servers: list[Server], method: str, path: str, **kwargs: object) -> httpx.Response:
+def request(servers: list[ServerProcess], method: str, path: str, **kwargs: object) -> httpx.Response:
     """Ask any live server (one may be down between a kill and its restart)."""
     for _ in range(600):
         with contextlib.suppress(httpx.TransportError, StopIteration):
@@ -109,20 +81,13 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="obatch-soak-"))
     data = root / "data"
     data.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    env.update({
-        "OBATCH_BACKEND": "ollama", "OBATCH_OLLAMA_URL": sim_url, "OBATCH_DATA_DIR": str(data),
-        "OBATCH_SERVER_CONCURRENCY": str(args.concurrency), "OBATCH_REQUEST_TIMEOUT": "1.0",
-        "OBATCH_MAX_ATTEMPTS": "30", "OBATCH_RETRY_INITIAL_WAIT": "0.5", "OBATCH_RETRY_MAX_WAIT": "5.0",
-        "OBATCH_WORKER_POLL_INTERVAL": "0.25", "OBATCH_LEASE_TTL": str(args.lease_ttl),
-        "OBATCH_LEASE_HEARTBEAT": str(args.lease_ttl / 4), "OBATCH_RATE_LIMIT_PER_MINUTE": "0",
-        "OBATCH_MAX_LINES": str(max(args.lines, 50_000)), "OBATCH_COMMIT_INTERVAL": str(args.commit_interval),
-        "OBATCH_BATCH_WORKER": args.batch_worker, "TQDM_DISABLE": "1",
-    })
-    if database_url:
-        env["OBATCH_DATABASE_URL"] = database_url
-    ports = [free_port() for _ in range(args.servers)]
-    servers = [start_server(data, env, port, root / f"server-{port}.log") for port in ports]
+    env = serve_env(data, backend="ollama", ollama_url=sim_url, server_concurrency=args.concurrency,
+                    request_timeout=1.0, max_attempts=30, retry_initial_wait=0.5, retry_max_wait=5.0,
+                    worker_poll_interval=0.25, lease_ttl=args.lease_ttl, lease_heartbeat=args.lease_ttl / 4,
+                    rate_limit_per_minute=0, max_lines=max(args.lines, 50_000), commit_interval=args.commit_interval,
+                    batch_worker=args.batch_worker, database_url=database_url)
+    servers = [ServerProcess.start(data, env, log_path=root / f"server-{port}.log", port=port, ready_within=120)
+               for port in (free_port() for _ in range(args.servers))]
     per_batch = args.lines // args.batches
     total = per_batch * args.batches
     started = time.monotonic()
@@ -134,7 +99,7 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
             "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json()["id"])
     # Kill moments: random points over the lines (as fractions of all lines finished), sorted.
     moments = sorted(rng.uniform(0.03, 0.95) for _ in range(args.kills))
-    victim = servers[0]
+    victim, kills = servers[0], 0
     deadline = started + args.timeout
     batches: list[dict[str, object]] = []
     while time.monotonic() < deadline:
@@ -145,14 +110,13 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
             break
         if moments and done >= moments[0] * total:
             moments.pop(0)
-            victim.proc.send_signal(signal.SIGKILL)
-            victim.proc.wait()
-            victim.kills += 1
-            print(f"  kill {victim.kills}: SIGKILL at {done}/{total} lines, {time.monotonic() - started:.1f} s",
+            victim.kill()
+            kills += 1
+            print(f"  kill {kills}: SIGKILL at {done}/{total} lines, {time.monotonic() - started:.1f} s",
                   flush=True)
             if args.restart:
-                restarted = start_server(data, env, int(victim.url.rsplit(":", 1)[1]), victim.log)
-                restarted.kills = victim.kills
+                restarted = ServerProcess.start(data, env, port=victim.port, log_path=victim.log_path,
+                                                ready_within=120)
                 servers[servers.index(victim)] = restarted
                 victim = restarted
             else:  # the other servers take its batches over once its leases expire
@@ -160,7 +124,6 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
         time.sleep(0.2)
     elapsed = time.monotonic() - started
     stop.set()
-    kills = victim.kills
     ids: Counter[str] = Counter()
     errors: list[dict[str, object]] = []
     for b in batches:
@@ -172,11 +135,7 @@ def soak(args: argparse.Namespace, database_url: str | None) -> int:
                 errors.append(orjson.loads(line))
                 ids[orjson.loads(line)["custom_id"]] += 1
     for server in servers:
-        server.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(timeout=20)
-        if server.proc.poll() is None:
-            server.proc.kill()
+        server.stop()
     stop_sim()
     stats = sim.stats
     chat = stats.requests.get("/api/chat", 0)

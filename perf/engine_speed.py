@@ -9,9 +9,9 @@ A llama.cpp server (xllamacpp, SmolLM2-135M, 8 parallel slots) runs the same cha
 obatch's rate is its run phase (the summary line: validation, store, requests, files) so Python's start-up
 does not count against the engine; the wall time with start-up is printed beside it.
 
-    python bench/engine_speed.py [--requests 96] [--repeats 3]
+    python perf/engine_speed.py [--requests 96] [--repeats 3]
 
-Run it alone: llama.cpp's threads spin, and anything else on the cores slows the engine (bench/engines_sharing.py).
+Run it alone: llama.cpp's threads spin, and anything else on the cores slows the engine (perf/engines_sharing.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ process's peak RSS (VmHWM, its batch process's added) is printed too. Target (is
 With ``--bench-points`` a small benchmark of the model is stored first, so the run also makes its start estimate
 (which reads the pending lines).
 
-    python bench/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
+    python perf/memory.py [--sizes 10000,100000,1000000] [--concurrency 32] [--server] [--endpoint embeddings]
                            [--bench-points]
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 import httpx
 import orjson
 from simproc import start_sim
+
+from obatch.testing.server import serve_env, serving
 
 
 def write_input(path: Path, n: int, endpoint: str) -> None:
@@ -78,34 +79,16 @@ def measure(n: int, url: str, concurrency: int, work: Path, endpoint: str, bench
     return usage.ru_maxrss / 1024, n / seconds
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure_server(n: int, url: str, concurrency: int, work: Path, endpoint: str) -> tuple[float, float]:
     """(peak RSS of `obatch serve` in MB, req/s from upload to downloaded output) for one file of ``n`` lines."""
     source = work / f"in-{n}.jsonl"
     if not source.exists():
         write_input(source, n, endpoint)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    env.update(OBATCH_BACKEND="ollama", OBATCH_OLLAMA_URL=url, OBATCH_DATA_DIR=str(work / f"serve-{n}"),
-               OBATCH_SERVER_CONCURRENCY=str(concurrency), OBATCH_MAX_LINES=str(max(n, 50_000)),
-               OBATCH_MAX_FILE_BYTES=str(1 << 34), OBATCH_RATE_LIMIT_PER_MINUTE="0")
-    server = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=600) as client:
-            for _ in range(600):
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+    data_dir = work / f"serve-{n}"
+    env = serve_env(data_dir, backend="ollama", ollama_url=url, server_concurrency=concurrency,
+                    max_lines=max(n, 50_000), max_file_bytes=1 << 34, rate_limit_per_minute=0)
+    with serving(data_dir, env, ready_within=60) as server:
+        with httpx.Client(base_url=server.url, timeout=600) as client:
             started = time.perf_counter()
             with source.open("rb") as handle:
                 uploaded = client.post("/v1/files", data={"purpose": "batch"},
@@ -124,14 +107,11 @@ def measure_server(n: int, url: str, concurrency: int, work: Path, endpoint: str
             seconds = time.perf_counter() - started
             assert lines == n, (lines, n)
         # The server and its batch process (OBATCH_BATCH_WORKER=process): each one's peak, summed.
-        pids = [server.pid, *(int(c) for task in Path(f"/proc/{server.pid}/task").iterdir()
-                              for c in (task / "children").read_text().split())]
+        pids = [server.proc.pid, *(int(c) for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+                                   for c in (task / "children").read_text().split())]
         peak = sum(int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())  # type: ignore[union-attr]
                        .group(1)) for pid in pids) / 1024
         return peak, n / seconds
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Each engine is its own process (as two notebooks or a server and a script would 
 requests at concurrency 4 on SmolLM2-135M. Scenarios: one engine alone with all cores' threads; two at once with
 all cores' threads each (their threads outnumber the cores); two at once with half the cores each.
 
-    python bench/engines_sharing.py [--requests 24] [--limit 150]
+    python perf/engines_sharing.py [--requests 24] [--limit 150]
 
 A process that has not finished within ``--limit`` seconds is stopped and reported as such.
 """
