@@ -198,3 +198,24 @@ def test_leaving_a_stream_cancels_the_engine_request(stack: tuple[OllamaSim, Ser
     while sim.stats.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sim.stats.running == 0 and sim.stats.served == served
+
+
+def test_langchain_prompt_lists_and_responses_stream(stack: tuple[OllamaSim, ServerProcess]) -> None:
+    """LangChain's ``OpenAI(...).batch`` sends its prompts as one list; ``ChatOpenAI(use_responses_api=True)
+    .stream`` reads the Responses events."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    settings = {"model": CHAT, "base_url": stack[1].v1, "api_key": KEY, "max_retries": 0, "max_tokens": 4}
+    llm = langchain_openai.OpenAI(**settings)
+    prompts = ["Once upon a time", "The river", "In the beginning"]
+    texts = llm.batch(prompts)
+    with OpenAI(base_url=stack[1].v1, api_key=KEY, max_retries=0) as sdk:
+        assert texts == [sdk.completions.create(model=CHAT, prompt=p, max_tokens=4).choices[0].text for p in prompts]
+
+    chat = langchain_openai.ChatOpenAI(**settings, use_responses_api=True)
+    pieces = list(chat.stream("Tell me about rivers."))
+    assert len([p for p in pieces if p.text]) == 4
+    whole = pieces[0]
+    for piece in pieces[1:]:
+        whole += piece
+    assert whole.usage_metadata is not None and whole.usage_metadata["output_tokens"] == 4
+    assert whole.text == chat.invoke("Tell me about rivers.").text
