@@ -11,7 +11,9 @@ Reasoning: ``reasoning_effort`` → ``think`` ("none" → false, "minimal"/"low"
 ``completion_tokens_details.reasoning_tokens`` is the thinking's share of it (by characters; exact when streamed,
 where each chunk is one token). ``logprobs`` / ``top_logprobs`` (chat: bool + int; completions: an int) →
 Ollama's ``logprobs`` / ``top_logprobs``, and its ``logprobs`` list back into OpenAI's shapes.
-``/v1/responses`` is mapped onto ``/api/chat`` through ``obatch.backends.responses``.
+``/v1/responses`` is mapped onto ``/api/chat`` through ``obatch.backends.responses``. ``/v1/completions`` with a
+list of prompts runs one ``/api/generate`` per prompt (``obatch.backends.completions``); token ids, as a prompt or
+as embeddings input, are refused: Ollama has no detokenize API to turn them back into text.
 """
 
 from __future__ import annotations

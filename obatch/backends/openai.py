@@ -5,6 +5,9 @@ details the SDK requires are filled in where the engine leaves them out). An eng
 gets the request mapped onto ``/chat/completions`` instead (``obatch.backends.responses``), and is not asked again;
 ``map_responses=True`` maps from the start.
 
+Streams pass through too (chat, and completions, whose usage is moved into a ``choices: []`` chunk of its own
+where llama.cpp sends it on the last text chunk); prompt lists and token ids go to the engine as they came.
+
 ``num_ctx`` cannot be set per request through this API (the engine's own start-up flag decides it), so it is
 ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
 """

@@ -8,7 +8,9 @@ function ``tools`` → chat tools; ``top_logprobs`` → ``logprobs`` + ``top_log
 becomes a ``reasoning`` item (its thinking text), a ``message`` item (``output_text``, with logprobs when asked)
 and ``function_call`` items; ``finish_reason`` "length" makes the response ``incomplete`` with
 ``incomplete_details.reason`` "max_output_tokens"; usage is renamed (``input_tokens``, ``output_tokens``,
-``output_tokens_details.reasoning_tokens``). The shapes are openai-python's ``types/responses`` models.
+``output_tokens_details.reasoning_tokens``). A streamed request is answered with the Responses API's events, built
+from the chat stream (``stream_from_chat``) on every backend. The shapes are openai-python's ``types/responses``
+models.
 """
 
 from __future__ import annotations
