@@ -16,8 +16,11 @@ from pydantic import TypeAdapter
 
 from obatch.backends.base import chat_chunk
 from obatch.backends.local import LocalBackend
+from obatch.backends.ollama import OllamaBackend
 from obatch.backends.openai import OpenAIBackend
+from obatch.backends.pool import Pool
 from obatch.backends.responses import stream_from_chat, to_chat
+from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import Scripted
 from tests.test_contract_engine import MODEL, model_file  # noqa: F401  (the engine model file, or a skip)
 
@@ -134,3 +137,21 @@ async def test_embedded_engine_prompt_lists_tokens_and_streams(model_file: Path)
         assert events[-1].response.usage is not None and events[-1].response.usage.output_tokens == 4
     finally:
         await local.aclose()
+
+
+async def test_a_pool_streams_completions_on_a_leased_slot(sim: OllamaSim) -> None:
+    """Through a pool of two hosts: the stream holds one slot while it runs and gives it back when the reader
+    stops early."""
+    pool = Pool([OllamaBackend(sim.url), OllamaBackend(sim.url)], concurrency=1)
+    try:
+        body = {"model": "llama3.2:1b", "prompt": ["One", "Two"], "max_tokens": 3}
+        chunks = [c async for c in pool.stream_completion(body)]
+        assert {c["choices"][0]["index"] for c in chunks[:-1]} == {0, 1}
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+        stream = pool.stream_completion({**body, "max_tokens": 50})
+        await anext(stream)
+        assert sum(h.inflight for h in pool.hosts) == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert sum(h.inflight for h in pool.hosts) == 0
+    finally:
+        await pool.aclose()

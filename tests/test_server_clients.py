@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
 from tests.serverkit import CHAT, DECODE_TPS, EMBED, KEYS, ServerProcess, parse_jsonl, server_env
-from tests.test_contract_server import finished, upload
+from tests.test_contract_server import THINKER, finished, upload
 
 KEY = KEYS["carol"]
 STREAM_EVENT: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
@@ -104,6 +104,22 @@ def test_streamed_response_cut_at_max_output_tokens_and_tool_calls(client: OpenA
     assert call.type == "function_call" and call.name == "get_weather" and "city" in orjson.loads(call.arguments)
     arguments = next(e for e in called if e.type == "response.function_call_arguments.done")
     assert arguments.arguments == call.arguments and arguments.item_id == call.id
+
+
+def test_streamed_response_thinking_first(client: OpenAI) -> None:
+    events = list(client.responses.create(model=THINKER, input="Why?", reasoning={"effort": "low"},
+                                          max_output_tokens=40, stream=True))
+    assert kinds(events)[2:9] == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta*",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added"]
+    final = events[-1].response  # type: ignore[union-attr]
+    thinking = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].content and final.output[0].content[0].text == thinking and thinking.startswith("Let")
+    assert final.usage is not None and final.usage.output_tokens == 40
+    assert final.usage.output_tokens_details.reasoning_tokens == len(
+        [e for e in events if e.type == "response.reasoning_text.delta"])
 
 
 def test_streamed_response_errors_and_policy(client: OpenAI) -> None:
