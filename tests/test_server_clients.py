@@ -194,14 +194,17 @@ def test_prompt_lists_and_token_ids_in_batch_lines(client: OpenAI) -> None:
     assert error["custom_id"] == "tokens" and "token ids" in error["response"]["body"]["error"]["message"]
 
 
-@pytest.mark.parametrize("route", ["completions", "responses"])
+LONG = {"completions": {"max_tokens": 2000, "prompt": "Tell me everything."},
+        "chat/completions": {"max_tokens": 2000, "messages": [{"role": "user", "content": "Tell me everything."}]},
+        "responses": {"max_output_tokens": 2000, "input": "Tell me everything."}}
+
+
+@pytest.mark.parametrize("route", sorted(LONG))
 def test_leaving_a_stream_cancels_the_engine_request(stack: tuple[OllamaSim, ServerProcess], route: str) -> None:
     """A client that stops reading: the engine stops generating (the sim's slot frees well before the answer's
     2000 tokens at 200 tok/s would have taken)."""
     sim, server = stack
-    body = {"model": CHAT, "stream": True, "max_tokens": 2000, "prompt": "Tell me everything."} \
-        if route == "completions" else {"model": CHAT, "stream": True, "max_output_tokens": 2000,
-                                        "input": "Tell me everything."}
+    body = {"model": CHAT, "stream": True, **LONG[route]}
     served = sim.stats.served
     with httpx.stream("POST", f"{server.v1}/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=30) as response:

@@ -177,10 +177,8 @@ def usage_of(chat_usage: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _output_text(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
-    if logprobs is not None:
-        part["logprobs"] = logprobs
-    return part
+    """An ``output_text`` part; ``logprobs`` is always a list, as OpenAI sends it (empty unless asked)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _message_item(item_id: str, status: str, part: dict[str, Any] | None) -> dict[str, Any]:

@@ -188,7 +188,7 @@ async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, A
     if url == "/v1/completions":
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return _streamed(await _opened(svc.backend.stream_completion(body)),
-                               lambda chunk: _data(chunk) if usage or chunk.get("choices") else None, done=_DONE)
+                         lambda chunk: _data(chunk) if usage or chunk.get("choices") else None, done=_DONE)
     if url == "/v1/responses":
         chat = await _opened(svc.backend.stream_chat(responses.to_chat(body)))
         return _streamed(responses.stream_from_chat(chat, body), _event, error=_error_event, also=chat)
