@@ -1,6 +1,7 @@
 """The backends' side of what clients send: text-completion streams in one shape from every engine, prompt lists
 and token ids passed through to OpenAI-compatible engines, Responses events built from a chat stream (thinking,
-text, tool calls sent in pieces), each event checked with the ``openai`` package's own types."""
+text, tool calls sent in pieces), each event checked with the ``openai`` package's own types; and the same through
+``obatch serve`` on the embedded engine with the SDK."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from openai import OpenAI
 from openai.types import Completion
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -22,6 +24,7 @@ from obatch.backends.pool import Pool
 from obatch.backends.responses import stream_from_chat, to_chat
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import Scripted
+from tests.serverkit import ServerProcess, server_env
 from tests.test_contract_engine import MODEL, model_file  # noqa: F401  (the engine model file, or a skip)
 
 STREAM_EVENT: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
@@ -155,3 +158,32 @@ async def test_a_pool_streams_completions_on_a_leased_slot(sim: OllamaSim) -> No
         assert sum(h.inflight for h in pool.hosts) == 0
     finally:
         await pool.aclose()
+
+
+@pytest.mark.engine
+def test_the_sdk_on_the_embedded_engine(model_file: Path, obatch_sim: OllamaSim,  # noqa: F811
+                                       tmp_path: Path) -> None:
+    """The four through ``obatch serve`` on the embedded engine, with the SDK: a streamed response, a streamed
+    prompt list, token ids as a prompt and as embeddings input."""
+    env = server_env(tmp_path / "data", obatch_sim.url, backend="local", local_model_alias=MODEL, local_threads=1,
+                     concurrency=2)
+    server = ServerProcess.start(tmp_path / "data", env)
+    try:
+        with OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120) as client:
+            events = list(client.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=4,
+                                                  stream=True))
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            assert events[0].type == "response.created" and events[-1].type in ("response.completed",
+                                                                               "response.incomplete")
+            final = events[-1].response  # type: ignore[union-attr]
+            assert final.output_text and final.usage is not None and 0 < final.usage.output_tokens <= 4
+            chunks = list(client.completions.create(model=MODEL, prompt=["Hello", "World"], max_tokens=3,
+                                                    stream=True, stream_options={"include_usage": True}))
+            assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+            tokens = client.completions.create(model=MODEL, prompt=[[15339, 1917], [28, 29]], max_tokens=2)
+            assert [c.index for c in tokens.choices] == [0, 1] and tokens.usage and tokens.usage.prompt_tokens == 4
+            vectors = client.embeddings.create(model=MODEL, input=[15339, 1917])
+            assert len(vectors.data) == 1 and vectors.usage.prompt_tokens == 2
+    finally:
+        server.stop()
