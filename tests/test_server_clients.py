@@ -238,3 +238,14 @@ def test_langchain_prompt_lists_and_responses_stream(stack: tuple[OllamaSim, Ser
         whole += piece
     assert whole.usage_metadata is not None and whole.usage_metadata["output_tokens"] == 4
     assert whole.text == chat.invoke("Tell me about rivers.").text
+
+
+def test_malformed_prompts_and_stream_options(stack: tuple[OllamaSim, ServerProcess]) -> None:
+    with httpx.Client(base_url=stack[1].v1, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        for prompt in ([1, "a"], [["a"]], [[1], 2], {"text": "a"}):
+            refused = http.post("/completions", json={"model": CHAT, "prompt": prompt, "max_tokens": 2})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+        odd = http.post("/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 2, "stream": True,
+                                              "stream_options": "yes"})
+        assert odd.status_code == 200 and odd.text.endswith("data: [DONE]\n\n") and '"usage"' not in odd.text
+        assert http.post("/embeddings", json={"model": EMBED, "input": "x", "stream": True}).status_code == 400

@@ -186,7 +186,8 @@ async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, A
     if url == "/v1/chat/completions":
         return _streamed(await _opened(svc.backend.stream_chat(body)), _data, done=_DONE)
     if url == "/v1/completions":
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return _streamed(await _opened(svc.backend.stream_completion(body)),
                          lambda chunk: _data(chunk) if usage or chunk.get("choices") else None, done=_DONE)
     if url == "/v1/responses":
