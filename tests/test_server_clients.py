@@ -239,6 +239,11 @@ def test_langchain_prompt_lists_and_responses_stream(stack: tuple[OllamaSim, Ser
     assert whole.usage_metadata is not None and whole.usage_metadata["output_tokens"] == 4
     assert whole.text == chat.invoke("Tell me about rivers.").text
 
+    # What the refusal of token ids tells LangChain users to do on Ollama: send text
+    embedder = langchain_openai.OpenAIEmbeddings(model=EMBED, base_url=stack[1].v1, api_key=KEY, max_retries=0,
+                                                 check_embedding_ctx_length=False)
+    assert [len(v) for v in embedder.embed_documents(["one", "two"])] == [32, 32]
+
 
 def test_malformed_prompts_and_stream_options(stack: tuple[OllamaSim, ServerProcess]) -> None:
     with httpx.Client(base_url=stack[1].v1, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
