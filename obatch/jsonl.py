@@ -114,7 +114,7 @@ class EnginePolicy:
 
     def check(self, body: dict[str, Any]) -> tuple[str, str, str] | None:
         """(code, message, param) of the first thing the body may not ask for, or None."""
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if key in body and (problem := self._output(body[key], f"body.{key}")):
                 return problem
         if "num_ctx" in body and (problem := self._num_ctx(body["num_ctx"], "body.num_ctx")):

@@ -41,7 +41,8 @@ def notebook_outputs(path: Path) -> list[str]:
 
 
 class Scripted:
-    """A loopback HTTP server whose every answer a test scripts: ``answer(path, json_body) -> (status, payload)``.
+    """A loopback HTTP server whose every answer a test scripts: ``answer(path, json_body) -> (status, payload)``
+    (JSON, or bytes sent as an event stream).
 
     ``async with Scripted(answer) as url`` — the backends' own HTTP client then talks to it for real."""
 
@@ -53,6 +54,8 @@ class Scripted:
         async def handle(request: web.Request) -> web.StreamResponse:
             raw = await request.read()
             status, payload = self.answer(request.path, orjson.loads(raw) if raw else None)
+            if isinstance(payload, bytes):  # a scripted event stream, sent as it is
+                return web.Response(status=status, body=payload, content_type="text/event-stream")
             return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
 
         app = web.Application()

@@ -96,6 +96,12 @@ class Backend(Protocol):
         """Yield OpenAI ``chat.completion.chunk`` objects; the last one carries ``usage``."""
         ...
 
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """Yield OpenAI ``text_completion`` chunks (a choice per prompt), then one ``choices: []`` chunk with
+        ``usage``."""
+        ...
+
     async def models(self) -> list[ModelInfo]:
         ...
 
@@ -125,6 +131,10 @@ class BackendWrapper:
         self.inner = inner
         self.name = inner.name
         self.capabilities = capabilities_of(inner)
+
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.stream_completion(body, num_ctx=num_ctx)
 
     async def models(self) -> list[ModelInfo]:
         return await self.inner.models()
@@ -294,49 +304,74 @@ def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any],
     return chunk
 
 
+class ChatFold:
+    """A streamed chat completion folded, chunk by chunk, into the ``chat.completion`` it streams.
+
+    Tool calls are merged by ``index``: an OpenAI-compatible engine sends a call's id and name first and its
+    arguments in pieces after; a delta that carries an ``id`` starts a call of its own (Ollama sends each whole)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.logprobs: list[Any] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.finish_reason = "stop"
+        self.usage: dict[str, Any] = {}
+        self.timings = Timings()
+        self.first: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.first = self.first or chunk
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            if delta.get("reasoning_content"):
+                self.thinking.append(delta["reasoning_content"])
+            if isinstance(choice.get("logprobs"), dict):
+                self.logprobs.extend(choice["logprobs"].get("content") or [])
+            for call in delta.get("tool_calls") or []:
+                self._merge_call(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = timings_from_llamacpp(chunk["timings"])
+
+    def _merge_call(self, call: dict[str, Any]) -> None:
+        same = [c for c in self.tool_calls if c.get("index") == call.get("index")] if not call.get("id") else []
+        if not same:
+            self.tool_calls.append({**call, "function": dict(call.get("function") or {})})
+            return
+        function = same[-1].setdefault("function", {})
+        for key, value in (call.get("function") or {}).items():
+            function[key] = (function.get(key) or "") + value if key == "arguments" else value
+
+    def completion(self, model: Any) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.thinking:
+            message["reasoning_content"] = "".join(self.thinking)
+        first = self.first or {}
+        return {
+            "id": first.get("id", new_id("chatcmpl")), "object": "chat.completion",
+            "created": first.get("created", now()), "model": first.get("model", model),
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason,
+                         "logprobs": {"content": self.logprobs, "refusal": None} if self.logprobs else None}],
+            "usage": self.usage,
+        }
+
+
 async def complete_by_streaming(backend: Backend, body: dict[str, Any], *, num_ctx: int | None) -> Result:
     """Run a chat request as a stream and fold it into one response, measuring client-side TTFT."""
     started = time.perf_counter()
     ttft: float | None = None
-    content: list[str] = []
-    thinking: list[str] = []
-    logprobs: list[Any] = []
-    tool_calls: list[Any] = []
-    finish_reason = "stop"
-    usage: dict[str, int] = {}
-    timings = Timings()
-    first: dict[str, Any] | None = None
+    fold = ChatFold()
     async for chunk in backend.stream_chat(body, num_ctx=num_ctx):
-        first = first or chunk
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if ttft is None:
-                    ttft = (time.perf_counter() - started) * 1000
-                content.append(delta["content"])
-            if delta.get("reasoning_content"):
-                thinking.append(delta["reasoning_content"])
-            if isinstance(choice.get("logprobs"), dict):
-                logprobs.extend(choice["logprobs"].get("content") or [])
-            if delta.get("tool_calls"):
-                tool_calls.extend(delta["tool_calls"])
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        if isinstance(chunk.get("timings"), dict):
-            timings = timings_from_llamacpp(chunk["timings"])
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    timings.ttft_ms = ttft
-    out = {
-        "id": (first or {}).get("id", new_id("chatcmpl")), "object": "chat.completion",
-        "created": (first or {}).get("created", now()), "model": (first or {}).get("model", body.get("model")),
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
-                     "logprobs": {"content": logprobs, "refusal": None} if logprobs else None}],
-        "usage": usage,
-    }
-    return Result(out, timings)
+        fold.add(chunk)
+        if ttft is None and fold.content:
+            ttft = (time.perf_counter() - started) * 1000
+    fold.timings.ttft_ms = ttft
+    return Result(fold.completion(body.get("model")), fold.timings)

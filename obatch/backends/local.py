@@ -5,6 +5,8 @@ what this adds is Ollama's scheduling habit:
 the engine is (re)started when the model, the context window or the number of parallel slots changes. llama.cpp's
 ``n_ctx`` is the TOTAL context split across slots, so a per-request window ``num_ctx`` with ``parallel`` slots
 needs ``num_ctx * parallel``. Embeddings are always on (mean pooling), so one engine serves every endpoint.
+Token ids (completions ``prompt``, embeddings ``input``) go to llama.cpp as they are; a list of prompts runs as one
+request per prompt (``obatch.backends.completions``: llama.cpp's own answer to a list counts one prompt's usage).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from obatch import errors
+from obatch.backends import completions
 from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
 from obatch.engine import LocalEngine
@@ -62,6 +65,8 @@ class LocalBackend:
                        stream: bool = False) -> Result:
         self._check_model(body.get("model"))
         client = await self._ready()
+        if url == "/v1/completions" and (parts := completions.split(body)) is not None:
+            return await completions.complete_each(lambda part: client.complete(url, part), parts)
         return await client.complete(url, body, stream=stream)
 
     async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
@@ -69,6 +74,16 @@ class LocalBackend:
         self._check_model(body.get("model"))
         client = await self._ready()
         async for chunk in client.stream_chat(body):
+            yield chunk
+
+    async def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
+                                ) -> AsyncIterator[dict[str, Any]]:
+        self._check_model(body.get("model"))
+        client = await self._ready()
+        parts = completions.split(body)
+        chunks = client.stream_completion(body) if parts is None else completions.stream_each(
+            client.stream_completion, parts)
+        async for chunk in chunks:
             yield chunk
 
     async def models(self) -> list[ModelInfo]:

@@ -11,7 +11,9 @@ Reasoning: ``reasoning_effort`` → ``think`` ("none" → false, "minimal"/"low"
 ``completion_tokens_details.reasoning_tokens`` is the thinking's share of it (by characters; exact when streamed,
 where each chunk is one token). ``logprobs`` / ``top_logprobs`` (chat: bool + int; completions: an int) →
 Ollama's ``logprobs`` / ``top_logprobs``, and its ``logprobs`` list back into OpenAI's shapes.
-``/v1/responses`` is mapped onto ``/api/chat`` through ``obatch.backends.responses``.
+``/v1/responses`` is mapped onto ``/api/chat`` through ``obatch.backends.responses``. ``/v1/completions`` with a
+list of prompts runs one ``/api/generate`` per prompt (``obatch.backends.completions``); token ids, as a prompt or
+as embeddings input, are refused: Ollama has no detokenize API to turn them back into text.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import orjson
 
 from obatch import errors
-from obatch.backends import responses
+from obatch.backends import completions, responses
 from obatch.backends.base import (
     Capabilities,
     ModelInfo,
@@ -274,14 +276,15 @@ def chat_response(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def generate_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
+def generate_payload(body: dict[str, Any], num_ctx: int | None, *, stream: bool = False) -> dict[str, Any]:
+    """OpenAI completions body of one prompt (``completions.split`` parts a list first) → ``/api/generate``."""
     _check_supported(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise errors.PermanentError("The Ollama backend takes one text prompt per request.", param="prompt")
-        prompt = prompt[0]
-    payload: dict[str, Any] = {"model": body["model"], "prompt": prompt, "stream": False,
+    found = completions.prompts(body)
+    if len(found) != 1:
+        raise errors.PermanentError("One prompt per /api/generate request.", param="prompt")
+    if not isinstance(found[0], str):
+        raise completions.refuse_tokens("Ollama", "prompt")
+    payload: dict[str, Any] = {"model": body["model"], "prompt": found[0], "stream": stream,
                                "options": _options(body, num_ctx)}
     if body.get("suffix"):
         payload["suffix"] = body["suffix"]
@@ -306,6 +309,8 @@ def generate_response(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_payload(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    if completions.has_tokens(body.get("input")):
+        raise completions.refuse_tokens("Ollama", "input")
     payload: dict[str, Any] = {"model": body["model"], "input": body["input"], "truncate": False}
     options = _options({"options": body.get("options")}, num_ctx)
     if options:
@@ -374,6 +379,9 @@ class OllamaBackend:
             data = await send_json(self._client, "POST", "/api/chat", chat_payload(body, num_ctx, stream=False))
             return Result(chat_response(data), timings_of(data))
         if url == "/v1/completions":
+            if (parts := completions.split(body)) is not None:
+                return await completions.complete_each(
+                    lambda part: self.complete(url, part, num_ctx=num_ctx), parts)
             data = await send_json(self._client, "POST", "/api/generate", generate_payload(body, num_ctx))
             return Result(generate_response(data), timings_of(data))
         if url == "/v1/embeddings":
@@ -418,6 +426,30 @@ class OllamaBackend:
                 chunk["choices"][0]["logprobs"] = logprobs
             chunk["timings"] = _llamacpp_timings(data)
             yield chunk
+
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        parts = completions.split(body)
+        if parts is not None:
+            return completions.stream_each(lambda part: self._stream_generate(part, num_ctx), parts)
+        return self._stream_generate(body, num_ctx)
+
+    async def _stream_generate(self, body: dict[str, Any], num_ctx: int | None) -> AsyncIterator[dict[str, Any]]:
+        cid, created, model = new_id("cmpl", secret=False), now(), str(body["model"])
+        payload = generate_payload(body, self._fit(body.get("model"), num_ctx), stream=True)
+        async for line in stream_lines(self._client, "/api/generate", payload):
+            data = orjson.loads(line)
+            if data.get("error"):
+                raise errors.TransientError(f"The engine failed mid-stream: {data['error']}")
+            text = str(data.get("response") or "")
+            logprobs = completion_logprobs(data.get("logprobs"), text)
+            if not data.get("done"):
+                yield completions.text_chunk(cid, model, created, text, logprobs=logprobs)
+                continue
+            final = completions.text_chunk(cid, model, created, text, _finish_reason(data, False), logprobs)
+            final["timings"] = _llamacpp_timings(data)
+            yield final
+            yield completions.usage_chunk(final, _usage(data))
 
     async def models(self) -> list[ModelInfo]:
         tags = await send_json(self._client, "GET", "/api/tags")

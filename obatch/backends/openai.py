@@ -5,6 +5,9 @@ details the SDK requires are filled in where the engine leaves them out). An eng
 gets the request mapped onto ``/chat/completions`` instead (``obatch.backends.responses``), and is not asked again;
 ``map_responses=True`` maps from the start.
 
+Streams pass through too (chat, and completions, whose usage is moved into a ``choices: []`` chunk of its own
+where llama.cpp sends it on the last text chunk); prompt lists and token ids go to the engine as they came.
+
 ``num_ctx`` cannot be set per request through this API (the engine's own start-up flag decides it), so it is
 ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
 """
@@ -17,7 +20,7 @@ from typing import Any
 import orjson
 
 from obatch import errors
-from obatch.backends import responses
+from obatch.backends import completions, responses
 from obatch.backends.base import (
     FIXED_CONTEXT,
     ModelInfo,
@@ -91,12 +94,19 @@ class OpenAIBackend:
         chat = await self.complete("/v1/chat/completions", responses.to_chat(body), stream=stream)
         return Result(responses.from_chat(chat.body, body), chat.timings, chat.status_code)
 
-    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+    def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self._stream("/chat/completions", body)
+
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
+        return completions.split_usage(self._stream("/completions", body))
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The engine's SSE stream of ``path``, always with usage (the server drops it when not asked)."""
         payload = _clean(body)
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
-        async for line in stream_lines(self._client, "/chat/completions", payload, close=True):
+        async for line in stream_lines(self._client, path, payload, close=True):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()

@@ -314,11 +314,19 @@ class Pool:
         lease.release(work=float(result.timings.completion_tokens or 1))
         return result
 
-    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+    def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self._leased(body, lambda backend: backend.stream_chat(body, num_ctx=num_ctx))
+
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
+        return self._leased(body, lambda backend: backend.stream_completion(body, num_ctx=num_ctx))
+
+    async def _leased(self, body: dict[str, Any], open_stream: Callable[[Backend], AsyncIterator[dict[str, Any]]]
+                      ) -> AsyncIterator[dict[str, Any]]:
+        """A stream from a host serving the body's model, holding one of its slots until the stream ends."""
         lease = await self.lease(body.get("model") if isinstance(body.get("model"), str) else None)
         try:
-            async for chunk in lease.host.backend.stream_chat(body, num_ctx=num_ctx):
+            async for chunk in open_stream(lease.host.backend):
                 yield chunk
         finally:
             lease.release()

@@ -8,18 +8,22 @@ function ``tools`` → chat tools; ``top_logprobs`` → ``logprobs`` + ``top_log
 becomes a ``reasoning`` item (its thinking text), a ``message`` item (``output_text``, with logprobs when asked)
 and ``function_call`` items; ``finish_reason`` "length" makes the response ``incomplete`` with
 ``incomplete_details.reason`` "max_output_tokens"; usage is renamed (``input_tokens``, ``output_tokens``,
-``output_tokens_details.reasoning_tokens``). The shapes are openai-python's ``types/responses`` models.
+``output_tokens_details.reasoning_tokens``). A streamed request is answered with the Responses API's events, built
+from the chat stream (``stream_from_chat``) on every backend. The shapes are openai-python's ``types/responses``
+models.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 
 from obatch import errors
+from obatch.backends.base import ChatFold
 
 # Fields a chat request takes unchanged (obatch's and Ollama's own extras among them).
 _SAME = ("model", "temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty", "user",
@@ -172,36 +176,35 @@ def usage_of(chat_usage: dict[str, Any] | None) -> dict[str, Any]:
             "total_tokens": prompt + completion}
 
 
-def from_chat(chat: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    """A ``chat.completion`` → the Responses ``response`` object answering ``request``."""
-    choice = (chat.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    incomplete = choice.get("finish_reason") == "length"
-    status = "incomplete" if incomplete else "completed"
-    output: list[dict[str, Any]] = []
-    thinking = message.get("reasoning_content") or message.get("reasoning")
-    if thinking:
-        output.append({"id": _id("rs"), "type": "reasoning", "summary": [], "status": status,
-                       "content": [{"type": "reasoning_text", "text": thinking}]})
-    calls = message.get("tool_calls") or []
-    text = message.get("content")
-    if text or not calls:
-        part: dict[str, Any] = {"type": "output_text", "text": text or "", "annotations": []}
-        logprobs = _logprobs(choice)
-        if logprobs is not None:
-            part["logprobs"] = logprobs
-        output.append({"id": _id("msg"), "type": "message", "role": "assistant", "status": status,
-                       "content": [part]})
-    for call in calls:
-        function = call.get("function") or {}
-        output.append({"id": _id("fc"), "type": "function_call", "call_id": call.get("id") or _id("call"),
-                       "name": function.get("name", ""), "arguments": function.get("arguments") or "{}",
-                       "status": "completed"})
-    created = chat.get("created") or int(time.time())
+def _output_text(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """An ``output_text`` part; ``logprobs`` is always a list, as OpenAI sends it (empty unless asked)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _message_item(item_id: str, status: str, part: dict[str, Any] | None) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [part] if part is not None else []}
+
+
+def _reasoning_item(item_id: str, status: str, text: str | None) -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if text is not None else []}
+
+
+def _call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    function = call.get("function") or {}
+    return {"id": _id("fc"), "type": "function_call", "call_id": call.get("id") or _id("call"),
+            "name": function.get("name", ""), "arguments": function.get("arguments") or "{}", "status": status}
+
+
+def _envelope(request: dict[str, Any], *, response_id: str, created: int, model: Any, status: str,
+              output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``response`` object around ``output`` (the request's settings echoed as OpenAI does)."""
+    incomplete = status == "incomplete"
     reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else None
     return {
-        "id": _id("resp"), "object": "response", "created_at": created,
-        "completed_at": None if incomplete else int(time.time()), "model": chat.get("model") or request.get("model"),
+        "id": response_id, "object": "response", "created_at": created,
+        "completed_at": int(time.time()) if status == "completed" else None, "model": model or request.get("model"),
         "status": status, "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
@@ -214,8 +217,136 @@ def from_chat(chat: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
         else None,
         "top_logprobs": request.get("top_logprobs"), "truncation": "disabled", "store": False,
         "background": False, "previous_response_id": None, "user": request.get("user"),
-        "usage": usage_of(chat.get("usage")),
+        "usage": usage,
     }
+
+
+def _status(choice: dict[str, Any]) -> str:
+    return "incomplete" if choice.get("finish_reason") == "length" else "completed"
+
+
+def from_chat(chat: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion`` → the Responses ``response`` object answering ``request``."""
+    choice = (chat.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    status = _status(choice)
+    output: list[dict[str, Any]] = []
+    thinking = message.get("reasoning_content") or message.get("reasoning")
+    if thinking:
+        output.append(_reasoning_item(_id("rs"), status, thinking))
+    calls = message.get("tool_calls") or []
+    text = message.get("content")
+    if text or not calls:
+        output.append(_message_item(_id("msg"), status, _output_text(text or "", _logprobs(choice))))
+    output.extend(_call_item(call) for call in calls)
+    return _envelope(request, response_id=_id("resp"), created=chat.get("created") or int(time.time()),
+                     model=chat.get("model"), status=status, output=output, usage=usage_of(chat.get("usage")))
+
+
+class _Events:
+    """Responses streaming events, numbered (``sequence_number``) in the order they are made."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.count += 1
+        return {"type": kind, "sequence_number": self.count - 1, **fields}
+
+
+async def stream_from_chat(chunks: AsyncIterator[dict[str, Any]], request: dict[str, Any]
+                           ) -> AsyncIterator[dict[str, Any]]:
+    """A streamed chat completion → the Responses API's streaming events, in OpenAI's order:
+    ``response.created``, ``response.in_progress``; for the thinking a ``reasoning`` item and for the answer a
+    ``message`` item (``output_item.added``, ``content_part.added``, the text's deltas, its ``.done``,
+    ``content_part.done``, ``output_item.done``); ``function_call`` items once the calls are known; then
+    ``response.completed`` (or ``response.incomplete`` at ``max_output_tokens``) with the whole response and usage."""
+    event = _Events()
+    fold = ChatFold()
+    response_id, created = _id("resp"), int(time.time())
+    model = request.get("model")
+    shell = _envelope(request, response_id=response_id, created=created, model=model, status="in_progress",
+                      output=[], usage=None)
+    yield event("response.created", response=shell)
+    yield event("response.in_progress", response=shell)
+    output: list[dict[str, Any]] = []
+    current: tuple[str, str, list[str], list[dict[str, Any]]] | None = None  # kind, item id, texts, logprobs
+
+    def opened(kind: str) -> Iterator[dict[str, Any]]:
+        nonlocal current
+        yield from closed("completed")
+        item_id = _id("msg" if kind == "message" else "rs")
+        current = (kind, item_id, [], [])
+        index = len(output)
+        if kind == "message":
+            yield event("response.output_item.added", output_index=index,
+                        item=_message_item(item_id, "in_progress", None))
+            part: dict[str, Any] = _output_text("", [])
+        else:
+            yield event("response.output_item.added", output_index=index,
+                        item=_reasoning_item(item_id, "in_progress", None))
+            part = {"type": "reasoning_text", "text": ""}
+        yield event("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=part)
+
+    def closed(status: str) -> Iterator[dict[str, Any]]:
+        nonlocal current
+        if current is None:
+            return
+        kind, item_id, texts, logprobs = current
+        current, text, index = None, "".join(texts), len(output)
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        if kind == "message":
+            part: dict[str, Any] = _output_text(text, logprobs)
+            yield event("response.output_text.done", **where, text=text, logprobs=logprobs)
+            item = _message_item(item_id, status, part)
+        else:
+            part = {"type": "reasoning_text", "text": text}
+            yield event("response.reasoning_text.done", **where, text=text)
+            item = _reasoning_item(item_id, status, text)
+        yield event("response.content_part.done", **where, part=part)
+        output.append(item)
+        yield event("response.output_item.done", output_index=index, item=item)
+
+    async for chunk in chunks:
+        fold.add(chunk)
+        model = chunk.get("model") or model
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            for kind, text in (("reasoning", delta.get("reasoning_content")), ("message", delta.get("content"))):
+                if not text:
+                    continue
+                if current is None or current[0] != kind:
+                    for opening in opened(kind):
+                        yield opening
+                assert current is not None
+                current[2].append(text)
+                where = {"item_id": current[1], "output_index": len(output), "content_index": 0}
+                if kind == "message":
+                    logprobs = _logprobs(choice) or []
+                    current[3].extend(logprobs)
+                    yield event("response.output_text.delta", **where, delta=text, logprobs=logprobs)
+                else:
+                    yield event("response.reasoning_text.delta", **where, delta=text)
+    final = from_chat(fold.completion(model), request)
+    status = final["status"]
+    calls = [item for item in final["output"] if item["type"] == "function_call"]
+    if current is None and not calls and not any(item["type"] == "message" for item in output):
+        for opening in opened("message"):  # an empty answer is still a message, as in the plain response
+            yield opening
+    for closing in closed(status):
+        yield closing
+    for call in calls:
+        index = len(output)
+        yield event("response.output_item.added", output_index=index,
+                    item={**call, "arguments": "", "status": "in_progress"})
+        yield event("response.function_call_arguments.delta", item_id=call["id"], output_index=index,
+                    delta=call["arguments"])
+        yield event("response.function_call_arguments.done", item_id=call["id"], output_index=index,
+                    name=call["name"], arguments=call["arguments"])
+        output.append(call)
+        yield event("response.output_item.done", output_index=index, item=call)
+    final.update(id=response_id, created_at=created, output=output)
+    yield event("response.incomplete" if status == "incomplete" else "response.completed", response=final)
 
 
 def normalise(response: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:

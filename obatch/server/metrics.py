@@ -139,15 +139,22 @@ class MeteredBackend(BackendWrapper):
         finally:
             self._observe(url, started, outcome)
 
-    async def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None
+    def stream_chat(self, body: dict[str, Any], *, num_ctx: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self._metered("/v1/chat/completions", self.inner.stream_chat(body, num_ctx=num_ctx))
+
+    def stream_completion(self, body: dict[str, Any], *, num_ctx: int | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
+        return self._metered("/v1/completions", self.inner.stream_completion(body, num_ctx=num_ctx))
+
+    async def _metered(self, url: str, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         started, outcome = time.perf_counter(), "cancelled"
         try:
-            async for chunk in self.inner.stream_chat(body, num_ctx=num_ctx):
+            async for chunk in chunks:
                 yield chunk
             outcome = "ok"
         except errors.BackendError as exc:
             outcome = exc.code
             raise
         finally:
-            self._observe("/v1/chat/completions", started, outcome)
+            await chunks.aclose()  # type: ignore[attr-defined]
+            self._observe(url, started, outcome)

@@ -11,7 +11,7 @@ import contextlib
 import errno
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
+from obatch.backends import responses
 from obatch.batches import Services
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import Batch, FileObject, ListPage, endpoint_problem
@@ -174,30 +175,58 @@ async def _answer(svc: Services, url: str, body: dict[str, Any]) -> dict[str, An
         raise errors.BackendTimeout(f"The engine did not answer within {svc.settings.request_timeout:g} s.") from exc
 
 
-async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def complete(svc: Services, url: str, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
+    """One request to the engine; with ``stream: true`` (chat, completions, responses) an SSE byte stream."""
     body = _checked(svc, url, body)
-    if body.get("stream"):
-        raise errors.ConfigError(f"stream is supported on /v1/chat/completions only, not {url}.", param="stream")
     if url == "/v1/responses" and body.get("background"):
         raise errors.ConfigError("background responses are not supported: send them as a batch with endpoint "
                                  "/v1/responses.", param="background")
-    return await _answer(svc, url, body)
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-async def chat(svc: Services, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[bytes]:
-    """A chat completion; with ``stream: true`` an SSE byte stream (``data: {chunk}`` … ``data: [DONE]``).
-
-    The first chunk is awaited before answering, so an engine error becomes a proper HTTP error; an error after
-    that is sent as a final ``data: {"error": ...}`` event (which the OpenAI SDK raises).
-    """
-    body = _checked(svc, "/v1/chat/completions", body)
     if not body.get("stream"):
-        return await _answer(svc, "/v1/chat/completions", body)
-    chunks = svc.backend.stream_chat(body)
+        return await _answer(svc, url, body)
+    if url == "/v1/chat/completions":
+        return _streamed(await _opened(svc.backend.stream_chat(body)), _data, done=_DONE)
+    if url == "/v1/completions":
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return _streamed(await _opened(svc.backend.stream_completion(body)),
+                         lambda chunk: _data(chunk) if usage or chunk.get("choices") else None, done=_DONE)
+    if url == "/v1/responses":
+        chat = await _opened(svc.backend.stream_chat(responses.to_chat(body)))
+        return _streamed(responses.stream_from_chat(chat, body), _event, error=_error_event, also=chat)
+    raise errors.ConfigError(f"stream is not supported on {url}.", param="stream")
+
+
+async def embeddings(svc: Services, body: dict[str, Any]) -> dict[str, Any]:
+    body = _checked(svc, "/v1/embeddings", body)
+    if body.get("stream"):
+        raise errors.ConfigError("stream is not supported on /v1/embeddings.", param="stream")
+    return await _answer(svc, "/v1/embeddings", body)
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _data(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _event(event: dict[str, Any]) -> bytes:
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def _error_data(exc: errors.ObatchError, _sent: dict[str, Any] | None) -> bytes:
+    return _data({"error": {"message": exc.message, "type": "server_error", "param": exc.param, "code": exc.code}})
+
+
+def _error_event(exc: errors.ObatchError, sent: dict[str, Any] | None) -> bytes:
+    number = int((sent or {}).get("sequence_number", -1)) + 1
+    return _event({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param,
+                   "sequence_number": number})
+
+
+async def _opened(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """``chunks`` with the first one already awaited, so that an engine error (an unknown model, a refused option)
+    is an HTTP error rather than a stream that fails at once."""
     try:
         first: dict[str, Any] | None = await anext(chunks)
     except StopAsyncIteration:
@@ -206,18 +235,40 @@ async def chat(svc: Services, body: dict[str, Any]) -> dict[str, Any] | AsyncIte
         await chunks.aclose()  # type: ignore[attr-defined]
         raise
 
-    async def events() -> AsyncIterator[bytes]:
+    async def rest() -> AsyncIterator[dict[str, Any]]:
         try:
             if first is not None:
-                yield _sse(first)
+                yield first
                 async for chunk in chunks:
-                    yield _sse(chunk)
-            yield b"data: [DONE]\n\n"
-        except errors.ObatchError as exc:
-            yield _sse({"error": {"message": exc.message, "type": "server_error", "param": exc.param,
-                                  "code": exc.code}})
+                    yield chunk
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
+
+    return rest()
+
+
+def _streamed(items: AsyncIterator[dict[str, Any]], frame: Callable[[dict[str, Any]], bytes | None], *,
+              done: bytes = b"", error: Callable[[errors.ObatchError, dict[str, Any] | None], bytes] = _error_data,
+              also: AsyncIterator[dict[str, Any]] | None = None) -> AsyncIterator[bytes]:
+    """An SSE answer: each item as ``frame`` makes it (None skips it), then ``done``. An error after the answer
+    has begun is sent as its last event (which the OpenAI SDK raises). When the stream ends, also because the
+    client went away, ``items`` (and ``also``, the stream it reads) are closed, which ends the engine request."""
+
+    async def events() -> AsyncIterator[bytes]:
+        sent: dict[str, Any] | None = None
+        try:
+            async for item in items:
+                if (framed := frame(item)) is not None:
+                    sent = item
+                    yield framed
+            if done:
+                yield done
+        except errors.ObatchError as exc:
+            yield error(exc, sent)
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+            if also is not None:
+                await also.aclose()  # type: ignore[attr-defined]
 
     return events()
 
