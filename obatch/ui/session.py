@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from obatch.client import ApiError, Client, ClientError, ServerUnavailable
+from obatch.protocol import Health
 
 CLIENT_KEY = "obatch_client"
 FILES_KEY = "obatch_file_cache"
@@ -54,11 +55,11 @@ def inside_navigation() -> None:
         st.rerun()
 
 
-def health(api: Client) -> dict[str, Any]:
+def health(api: Client) -> Health:
     """The server's ``/health`` answer, asked once per page draw however many parts of the page show it (the
     sidebar badge and the page): an answer younger than ``HEALTH_TTL`` seconds is reused, a failure raised again."""
     cached = st.session_state.get(HEALTH_KEY)
-    answer: dict[str, Any] | ClientError
+    answer: Health | ClientError
     if cached is not None and cached[0] is api and time.monotonic() - cached[1] < HEALTH_TTL:
         answer = cached[2]
     else:
@@ -75,7 +76,7 @@ def health(api: Client) -> dict[str, Any]:
 def backend_up(api: Client) -> bool:
     """Whether asking the backend (models, estimates) is worth a request: not when ``/health`` says it is down."""
     try:
-        return health(api).get("backend", {}).get("reachable") is not False
+        return health(api).backend.reachable
     except ClientError:
         return False
 
