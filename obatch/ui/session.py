@@ -32,7 +32,7 @@ START_HINT = ("Start it with `obatch serve` (or `make serve` for the server and 
 def client() -> Client:
     """This session's client: the injected one, else one built from ``OBATCH_SERVER_URL``/``OBATCH_API_KEY``.
 
-    Every page asks for it first, so it is also where a page opened outside ``streamlit_app.py``'s navigation is
+    Every page asks for it first, so it is also where a page opened outside the app's navigation (``app.py``) is
     sent back through it (see ``inside_navigation``)."""
     inside_navigation()
     api = st.session_state.get(CLIENT_KEY)
@@ -46,9 +46,10 @@ def inside_navigation() -> None:
     """Run this page inside the app's frame (server badge, sidebar), whatever URL opened it.
 
     Streamlit keeps its legacy ``pages/`` auto-discovery on until some session has run ``st.navigation``: a fresh
-    UI opened first at ``/batches`` (a bookmark, a refresh) would run ``pages/batches.py`` alone. The pages stay in
-    ``pages/`` (the project's layout), so the switch Streamlit makes on ``st.navigation`` is made here instead,
-    and the run starts again through the entrypoint, which routes to the same page (page ids follow URL paths).
+    UI opened first at ``/batches`` (a bookmark, a refresh) would run ``pages/batches.py`` alone. The pages sit in
+    a ``pages/`` folder next to the entry script (the package's, and a checkout's thin ones), so the switch
+    Streamlit makes on ``st.navigation`` is made here instead, and the run starts again through the entrypoint,
+    which routes to the same page (page ids follow URL paths).
     """
     if getattr(PagesManager, "uses_pages_directory", False):  # a Streamlit internal: absent means nothing to do
         PagesManager.uses_pages_directory = False
