@@ -327,6 +327,20 @@ def test_deploy_button_is_hidden() -> None:
     assert (ROOT / ".streamlit" / "config.toml").resolve() == packaged
 
 
+def test_a_checkouts_streamlit_app_runs_the_packaged_app(fake: FakeServer) -> None:
+    """`streamlit run streamlit_app.py` in a checkout: the same home page and navigation, to the packaged pages."""
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT)
+    at.session_state[CLIENT_KEY] = fake.client()
+    at.run()
+    no_exception(at)
+    assert texts(at.title) == ["obatch"]
+    assert [m.label for m in at.metric] == ["Backend", "Batches running", "Batches (last 100)"]
+    for page_name, title in (("batches", "Batches"), ("benchmarks", "Benchmarks"), ("models", "Models / backend")):
+        at.switch_page(f"obatch/ui/pages/{page_name}.py").run()  # a page the navigation registered
+        no_exception(at)
+        assert texts(at.title) == [title]
+
+
 def test_a_page_opened_outside_the_navigation_goes_through_it(page: Callable[..., AppTest]) -> None:
     """A fresh UI (Streamlit still in its legacy pages/ mode) opened at /batches: the page is sent back through
     the entrypoint instead of running alone."""
