@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from obatch.bench.schemas import BenchConfig, BenchPoint, BenchRun, Capacity, EstimateRecord, Sweep, SweepParams
-from obatch.protocol import Batch, DurationEstimate, FileObject
+from obatch.protocol import Batch, DurationEstimate, FileObject, Health, Model, ModelList
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 
@@ -221,22 +221,13 @@ class Client:
 
     # ------------------------------------------------------------------------------------ models, health
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self) -> list[Model]:
         """``/v1/models`` entries; obatch adds the engine's facts (context_length, loaded, ...)."""
-        return list(self._page("/v1/models", {}).data)
+        return ModelList.model_validate(self._json("GET", "/v1/models")).data
 
-    def health(self) -> dict[str, Any]:
-        """The server's ``/health`` report. A 503 with a JSON body (backend unreachable) is returned, not raised."""
-        response = self._request("GET", "/health", ok=(503,), timeout=5.0)
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"status": response.text.strip() or ("ok" if response.is_success else "unavailable")}
-        if not isinstance(body, dict):
-            body = {"status": str(body)}
-        body.setdefault("status", "ok" if response.is_success else "unavailable")
-        body["http_status"] = response.status_code
-        return body
+    def health(self) -> Health:
+        """The server's ``/health`` report. Its 503 (the store does not answer) is a report too, not an error."""
+        return Health.model_validate(self._json("GET", "/health", ok=(503,), timeout=5.0))
 
     # ------------------------------------------------------------------------------------------ benchmarks
 

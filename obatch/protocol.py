@@ -204,6 +204,56 @@ class HostStatus(_Wire):
     models: list[str] | None = None
 
 
+class BackendHealth(_Wire):
+    """The backend part of ``/health``: the engine's name, whether it answered the last probe (with its version,
+    or what went wrong in words a person can act on), its addresses and each host as the batches see it."""
+
+    name: str
+    reachable: bool
+    version: str | None = None
+    error: str | None = None
+    urls: list[str] = Field(default_factory=list)
+    hosts: list[HostStatus] = Field(default_factory=list)
+
+
+class Health(_Wire):
+    """``/health`` (obatch's own shape): ``ok``, or ``degraded`` while the backend does not answer (both with
+    HTTP 200: batches wait for an engine that is still starting), or ``error`` with HTTP 503 when the store does
+    not answer (``db`` says why)."""
+
+    status: Literal["ok", "degraded", "error"]
+    db: str
+    backend: BackendHealth
+
+    @property
+    def server_ok(self) -> bool:
+        return self.status != "error"
+
+
+class Model(_Wire):
+    """A ``/v1/models`` entry: OpenAI's Model (``id``, ``object``, ``created``, ``owned_by``) plus the engine's
+    facts obatch adds beside them (clients that do not know them ignore them). The context lengths are what the
+    engine reports: the trained maximum, and the window a loaded model runs with."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "obatch"
+    context_length: int | None = None
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization: str | None = None
+    loaded: bool = False
+    loaded_context_length: int | None = None
+
+
+class ModelList(_Wire):
+    """``GET /v1/models``: OpenAI's list of models (no paging)."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
 class EstimateCandidate(_Wire):
     """A configuration an estimate considered: its predicted duration and rate for this workload, beside the rates
     its stored points measured on their own (benchmark) workload."""

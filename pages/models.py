@@ -1,55 +1,5 @@
-"""Models / backend: which engine the server drives, where, whether it answers, and the models it offers."""
+"""Models / backend (the page ships in the package: obatch/ui/pages/models.py)."""
 
-from __future__ import annotations
+from obatch.ui.app import run_page
 
-import polars as pl
-import streamlit as st
-
-from obatch.ui import views
-from obatch.ui.hosts import hosts_frame
-from obatch.ui.session import client, health, need
-
-api = client()
-st.title("Models / backend")
-
-report = views.read_health(need(health, api))
-left, middle, right = st.columns(3)
-left.metric("Server", "up" if report.server_ok else "degraded")
-middle.metric("Backend", report.backend or "—")
-right.metric("Backend reachable", {True: "yes", False: "no", None: "—"}[report.backend_ok])
-facts = [f"at `{report.backend_url}`" if report.backend_url else "",
-         f"version `{report.version}`" if report.version else ""]
-if any(facts):
-    st.caption(f"Backend {report.backend or ''} " + " · ".join(f for f in facts if f))
-if report.backend_ok is False:
-    st.warning(f"The backend does not answer{': ' + report.detail if report.detail else '.'} "
-               "Batches wait (and retry) until it is back.", icon=":material/warning:")
-
-hosts = hosts_frame(report.raw)
-if hosts.height:
-    st.subheader("Engine hosts")
-    st.caption("Each host keeps its own number of requests in flight — fixed, or found by measuring (auto) — and "
-               "takes lines from the batches' shared queue as its slots free up. A host that keeps failing is "
-               "drained and probed until it answers again. The state is what the batches last saw.")
-    st.dataframe(hosts, hide_index=True, width="stretch", key="hosts")
-
-st.subheader("Models")
-if report.backend_ok is False:
-    st.info("The models are listed once the backend answers again.", icon=":material/hourglass:")
-    st.stop()
-models = views.models_frame(need(api.list_models))
-if models.is_empty():
-    st.info("The backend lists no model. Pull one (e.g. `ollama pull llama3.2:1b`) and reload.")
-else:
-    loaded = models.filter(models["loaded"].fill_null(False))
-    st.caption(f"{models.height} model(s), {loaded.height} loaded now. Context lengths are what the backend "
-               "reports: the trained maximum, and the window a loaded model runs with.")
-    shown = models.with_columns(pl.col("loaded").fill_null(False),
-                                pl.col(pl.Int64).cast(pl.Utf8).fill_null("—"), pl.col(pl.Utf8).fill_null("—"))
-    st.dataframe(shown, hide_index=True, width="stretch", key="models", column_config={
-        "id": "model", "loaded": st.column_config.CheckboxColumn("loaded"),
-        "context_length": "context length (trained)", "loaded_context_length": "context length (loaded)",
-    })
-
-with st.expander("Raw health report"):
-    st.json(report.raw)
+run_page("models")

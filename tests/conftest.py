@@ -12,6 +12,7 @@ import pytest
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
 from obatch.testing.postgres import PostgresServer, postgres_server
+from tests.browser import browser, stack  # noqa: F401  (module fixtures of the browser tests)
 from tests.serverkit import obatch_server, obatch_server_pg, obatch_sim  # noqa: F401  (session fixtures of the server tests)
 
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -8,8 +8,10 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from obatch.client import DEFAULT_SERVER_URL, ApiError, Client, ServerUnavailable
+from obatch.protocol import Health
 from obatch.testing.server import free_port
 from tests.ui_fake import FakeServer
 
@@ -72,11 +74,25 @@ def test_nothing_listening_is_server_unavailable() -> None:
 
 
 def test_health_503_is_a_report_not_an_error() -> None:
-    down = {"status": "error", "db": "unreachable: OperationalError", "backend": {"name": "ollama"}}
+    down = {"status": "error", "db": "unreachable: OperationalError",
+            "backend": {"name": "ollama", "reachable": True, "version": "0.9.0", "urls": [], "hosts": []}}
     api = Client("http://x", transport=httpx.MockTransport(lambda r: httpx.Response(503, json=down)))
-    body = api.health()
-    assert body["http_status"] == 503
-    assert body["db"] == "unreachable: OperationalError"
+    report = api.health()
+    assert isinstance(report, Health) and not report.server_ok
+    assert report.db == "unreachable: OperationalError"
+    assert report.backend.reachable and report.backend.version == "0.9.0"
+
+
+def test_a_health_answer_of_another_shape_fails_loudly() -> None:
+    """The server owns the shape: an answer that is not obatch's (a proxy's page, an older server) is an error,
+    not a guess."""
+    proxy = Client("http://x", transport=httpx.MockTransport(lambda r: httpx.Response(503, text="<html>busy")))
+    with pytest.raises(ApiError, match="non-JSON"):
+        proxy.health()
+    other = Client("http://x", transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"status": "healthy", "backend": "ollama"})))
+    with pytest.raises(ValidationError):
+        other.health()
 
 
 def test_benchmark_calls_encode_their_parameters() -> None:

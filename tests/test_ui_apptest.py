@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from obatch.client import Client
 from obatch.testing.server import free_port
-from obatch.ui.launch import find_app
+from obatch.ui.launch import APP, find_app
 from obatch.ui.session import CLIENT_KEY, HEALTH_TTL
 from tests.helpers import ROOT, chat_line
 from tests.helpers import jsonl as server_jsonl
@@ -28,6 +28,7 @@ from tests.serverkit import chat_line as server_line
 from tests.ui_fake import FakeServer
 
 TIMEOUT = 60
+UI = APP.parent  # the packaged app.py and pages/
 
 
 def jsonl(*objs: object) -> bytes:
@@ -46,7 +47,7 @@ def fake() -> FakeServer:
 @pytest.fixture
 def page(fake: FakeServer) -> Callable[..., AppTest]:
     def open_page(name: str, server: FakeServer | None = None) -> AppTest:
-        at = AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT)
+        at = AppTest.from_file(str(UI / name), default_timeout=TIMEOUT)
         at.session_state[CLIENT_KEY] = (server or fake).client()
         return at.run()
 
@@ -301,7 +302,7 @@ def test_backend_down_says_what_happened_and_waits_for_nothing(page: Callable[..
 
 def test_every_page_asks_health_once(page: Callable[..., AppTest], fake: FakeServer) -> None:
     """The sidebar badge and the page share one /health answer (each page draw used to ask twice)."""
-    at = page("streamlit_app.py")
+    at = page("app.py")
     no_exception(at)
     assert len(fake.sent("GET", "/health")) == 1
     time.sleep(HEALTH_TTL)  # a later page draw asks again
@@ -313,10 +314,26 @@ def test_every_page_asks_health_once(page: Callable[..., AppTest], fake: FakeSer
 
 
 def test_deploy_button_is_hidden() -> None:
-    """Streamlit reads .streamlit/config.toml from the folder it runs in; `obatch ui` runs it at the checkout."""
-    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    """Streamlit reads .streamlit/config.toml from the folder it runs in: `obatch ui` runs it next to the packaged
+    app; `streamlit run streamlit_app.py` in a checkout reads the same file through the checkout's link to it."""
+    packaged = find_app(env={}).parent / ".streamlit" / "config.toml"
+    config = tomllib.loads(packaged.read_text())
     assert config["client"]["toolbarMode"] == "viewer"
-    assert find_app(env={}, cwd=ROOT).parent / ".streamlit" / "config.toml" == ROOT / ".streamlit" / "config.toml"
+    assert (ROOT / ".streamlit" / "config.toml").resolve() == packaged
+
+
+def test_a_checkouts_streamlit_app_runs_the_packaged_app(fake: FakeServer) -> None:
+    """`streamlit run streamlit_app.py` in a checkout: the same home page and navigation, to the packaged pages."""
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT)
+    at.session_state[CLIENT_KEY] = fake.client()
+    at.run()
+    no_exception(at)
+    assert texts(at.title) == ["obatch"]
+    assert [m.label for m in at.metric] == ["Backend", "Batches running", "Batches (last 100)"]
+    for page_name, title in (("batches", "Batches"), ("benchmarks", "Benchmarks"), ("models", "Models / backend")):
+        at.switch_page(f"obatch/ui/pages/{page_name}.py").run()  # a page the navigation registered
+        no_exception(at)
+        assert texts(at.title) == [title]
 
 
 def test_a_page_opened_outside_the_navigation_goes_through_it(page: Callable[..., AppTest]) -> None:
@@ -336,7 +353,10 @@ def test_a_page_opened_outside_the_navigation_goes_through_it(page: Callable[...
 # ------------------------------------------------------------------------------------------- server down
 
 
-@pytest.mark.parametrize("name", ["streamlit_app.py", "pages/batches.py", "pages/benchmarks.py", "pages/models.py"])
+@pytest.mark.parametrize("name", ["obatch/ui/app.py", "obatch/ui/pages/batches.py", "obatch/ui/pages/benchmarks.py",
+                                  "obatch/ui/pages/models.py",
+                                  # a checkout's layout: thin scripts that run the packaged ones
+                                  "streamlit_app.py", "pages/batches.py", "pages/benchmarks.py", "pages/models.py"])
 def test_server_down_is_a_clear_message(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     monkeypatch.setenv("OBATCH_SERVER_URL", url)
@@ -350,7 +370,7 @@ def test_server_down_is_a_clear_message(name: str, monkeypatch: pytest.MonkeyPat
 def test_home_shows_health_and_links(page: Callable[..., AppTest], fake: FakeServer) -> None:
     api = fake.client()
     api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
-    at = page("streamlit_app.py")
+    at = page("app.py")
     no_exception(at)
     assert {m.label: m.value for m in at.metric} == {"Backend": "ollama", "Batches running": "1",
                                                      "Batches (last 100)": "1"}
@@ -364,7 +384,7 @@ def test_home_shows_health_and_links(page: Callable[..., AppTest], fake: FakeSer
 def test_batches_page_round_trip_on_a_real_server(obatch_server: ServerProcess) -> None:
     """The same page against `obatch serve` (simulated Ollama): upload, submit, watch, results."""
     lines = [server_line(f"ui-{i}") for i in range(5)] + [server_line("ui-missing", model="no-such-model")]
-    at = AppTest.from_file(str(ROOT / "pages/batches.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(UI / "pages/batches.py"), default_timeout=TIMEOUT)
     with Client(obatch_server.url, api_key=KEYS["dave"]) as api:  # closed: no socket left to the server
         at.session_state[CLIENT_KEY] = api
         at.run()

@@ -16,9 +16,9 @@ from obatch.bench import frames as bench_frames
 from obatch.bench.best import best_config
 from obatch.bench.schemas import BenchPoint, SweepParams
 from obatch.ui import views
+from obatch.ui.launch import APP
 from obatch.ui.session import CLIENT_KEY
 from obatch.ui.sweep import SweepPlan, progress_text
-from tests.helpers import ROOT
 from tests.ui_fake import FakeServer, bench_points
 
 TIMEOUT = 60
@@ -32,7 +32,7 @@ def fake() -> FakeServer:
 @pytest.fixture
 def page(fake: FakeServer) -> Callable[..., AppTest]:
     def open_page(server: FakeServer | None = None) -> AppTest:
-        at = AppTest.from_file(str(ROOT / "pages" / "benchmarks.py"), default_timeout=TIMEOUT)
+        at = AppTest.from_file(str(APP.parent / "pages" / "benchmarks.py"), default_timeout=TIMEOUT)
         at.session_state[CLIENT_KEY] = (server or fake).client()
         return at.run()
 

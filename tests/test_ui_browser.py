@@ -7,14 +7,10 @@ Screenshots go to tests/artifacts/ (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,132 +18,26 @@ import httpx
 import orjson
 import pytest
 
+from tests.browser import ARTIFACTS, MODELS, Stack, needs_chromium, settle, shot
 from tests.helpers import ROOT
-from tests.serverkit import free_port, server_env
 
-ARTIFACTS = ROOT / "tests" / "artifacts"
 SAMPLE = ROOT / "data" / "samples" / "chat.jsonl"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-MODELS = ("smollm2:135m", "llama3.2:1b")
 SLOW_LINES = 300  # a batch run one line at a time, long enough to be cancelled while it runs
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"),
-]
+pytestmark = needs_chromium
 
 
-@dataclass
-class Child:
-    """A process started in its own session, so that stopping it also stops what it started (streamlit)."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-
-
-def start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> Child:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Child(proc, log)
-
-
-def wait_http(url: str, child: Child, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.proc.args} exited:\n{child.log.read_text(errors='replace')}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer in {timeout} s:\n{child.log.read_text(errors='replace')}")
-
-
-@dataclass
-class Stack:
-    sim_url: str
-    server_url: str
-    ui_url: str
-    data_dir: Path
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Simulator → `obatch serve` → `obatch ui`, each a real process on a free loopback port."""
-    tmp = tmp_path_factory.mktemp("browser")
-    sim_port, server_port, ui_port = free_port(), free_port(), free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    children: list[Child] = []
-    try:  # start all three at once (each takes seconds to import), then wait for them in order
-        sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
-        sim = start([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel", "4",
-                     "--decode-tps", "400", *[a for m in MODELS for a in ("--model", m)]], base_env,
-                    tmp / "sim.log", tmp)
-        children.append(sim)
-        data_dir = tmp / "data"
-        env = server_env(data_dir, sim_url)
-        server = start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)], env,
-                       tmp / "server.log", tmp)
-        children.append(server)
-        ui = start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
-                   dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT)
-        children.append(ui)
-        wait_http(f"{sim_url}/api/version", sim)
-        wait_http(f"{server_url}/health", server)
-        seed_benchmarks(env, tmp)
-        wait_http(f"{ui_url}/_stcore/health", ui)
-        yield Stack(sim_url, server_url, ui_url, data_dir)
-    finally:
-        for child in reversed(children):
-            child.stop()
-
-
-def seed_benchmarks(env: dict[str, str], cwd: Path) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def seeded(stack: Stack) -> Iterator[None]:
     """A tiny sweep (two models × three windows × two concurrencies) into the server's store, through the CLI,
     so the benchmark page has points to draw."""
     args = [sys.executable, "-m", "obatch", "bench", *[a for m in MODELS for a in ("--model", m)],
             "--num-ctx", "2048,4096,8192", "--concurrency", "1,2", "--requests", "4", "--workload", "tiny",
             "--warmup", "0", "--name", "browser-seed", "--quiet"]
-    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(args, env=stack.server_env, cwd=stack.logs, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def settle(page: object) -> None:
-    """Wait until Streamlit has finished running the page's script (what a person would wait for)."""
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']",  # type: ignore[attr-defined]
-                           timeout=30_000)
-    page.wait_for_timeout(300)  # type: ignore[attr-defined]
-
-
-def shot(page: object, name: str) -> None:
-    settle(page)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
+    yield
 
 
 def line(custom_id: str, max_tokens: int) -> bytes:

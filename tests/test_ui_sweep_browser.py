@@ -8,60 +8,21 @@ Screenshots of each state go to tests/artifacts/ (git-ignored) for a person to l
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import httpx
-import pytest
 
-from tests import test_ui_browser
-from tests.helpers import ROOT
-from tests.serverkit import free_port, server_env
-from tests.test_ui_browser import ARTIFACTS, CHROMIUM, Child, settle, shot, start, wait_http
+from tests.browser import ARTIFACTS, Stack, needs_chromium, settle, shot
 
-browser = test_ui_browser.browser  # the same Chromium fixture
-
-MODELS = ("qwen2.5:0.5b", "llama3.2:1b")
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"),
-]
+pytestmark = needs_chromium
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
-    """Simulator → `obatch serve` (no benchmark yet) → `obatch ui` with only OBATCH_SERVER_URL: (server, ui, logs)."""
-    tmp = tmp_path_factory.mktemp("sweep-browser")
-    sim_port, server_port, ui_port = free_port(), free_port(), free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    children: list[Child] = []
-    try:
-        sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
-        children.append(start([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port),
-                               "--num-parallel", "4", "--decode-tps", "400",
-                               *[a for m in MODELS for a in ("--model", m)]], base_env, tmp / "sim.log", tmp))
-        children.append(start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)],
-                              server_env(tmp / "data", sim_url), tmp / "server.log", tmp))
-        children.append(start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
-                              dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT))
-        for child, url in zip(children, (f"{sim_url}/api/version", f"{server_url}/health",
-                                         f"{ui_url}/_stcore/health"), strict=True):
-            wait_http(url, child)
-        yield server_url, ui_url, tmp
-    finally:
-        for child in reversed(children):
-            child.stop()
-
-
-def test_a_sweep_from_the_benchmarks_page_measures_the_servers_backend(stack: tuple[str, str, Path],
-                                                                        browser: object) -> None:
+def test_a_sweep_from_the_benchmarks_page_measures_the_servers_backend(stack: Stack,
+                                                                        browser: Any) -> None:
     from playwright.sync_api import expect
 
-    server_url, ui_url, logs = stack
-    context = browser.new_context(viewport={"width": 1400, "height": 1800})  # type: ignore[attr-defined]
+    server_url, ui_url, logs = stack.server_url, stack.ui_url, stack.logs
+    context = browser.new_context(viewport={"width": 1400, "height": 1800})
     page = context.new_page()
     try:
         page.goto(ui_url)

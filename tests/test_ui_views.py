@@ -13,7 +13,7 @@ from obatch import batches
 from obatch.api import result_schema
 from obatch.bench.schemas import EstimateRecord
 from obatch.errors import ConfigError
-from obatch.protocol import Batch, DurationEstimate, LineError, OutputLine
+from obatch.protocol import Batch, DurationEstimate, LineError, Model, OutputLine
 from obatch.store.tables import RequestRow
 from obatch.ui import views
 from obatch.ui.launch import find_app, streamlit_command
@@ -236,33 +236,22 @@ def test_estimates_are_rendered_from_the_servers_models() -> None:
     assert views.estimate_record_chart(record).to_dict()["layer"]
 
 
-def test_health_is_read_generously() -> None:
-    down = views.read_health({"status": "degraded", "http_status": 503,
-                              "backend": {"name": "ollama", "ok": False, "error": "refused"}})
-    assert (down.server_ok, down.backend, down.backend_ok, down.detail) == (False, "ollama", False, "refused")
-    degraded = views.read_health({"status": "degraded", "db": "ok", "http_status": 200,
-                                  "backend": {"name": "ollama", "reachable": False, "error": "ConnectError"}})
-    assert (degraded.server_ok, degraded.backend_ok, degraded.detail) == (True, False, "ConnectError")
-    up = views.read_health({"status": "ok", "backend": "ollama", "http_status": 200})
-    assert (up.server_ok, up.backend, up.backend_ok) == (True, "ollama", None)
-
-
 def test_models_frame() -> None:
-    frame = views.models_frame([{"id": "a", "context_length": 4096, "loaded": True}, {"id": "b"}])
+    frame = views.models_frame([Model(id="a", context_length=4096, loaded=True), Model(id="b")])
     assert frame["id"].to_list() == ["a", "b"]
-    assert frame["loaded"].to_list() == [True, None]
+    assert frame["loaded"].to_list() == [True, False]
+    assert frame["context_length"].to_list() == [4096, None]
 
 
-def test_obatch_ui_finds_the_app_or_says_where_it_looked(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
-    assert find_app({}, cwd=tmp_path) == root / "streamlit_app.py"  # next to the package: a checkout
+def test_obatch_ui_runs_the_packaged_app_or_the_one_named(tmp_path: Path) -> None:
+    packaged = Path(views.__file__).resolve().parents[1] / "app.py"  # obatch/ui/app.py, wherever obatch is
+    assert find_app({}) == packaged and packaged.is_file()
     mine = tmp_path / "streamlit_app.py"
     mine.write_text("")
-    assert find_app({}, cwd=tmp_path) == mine.resolve()
-    assert find_app({"OBATCH_UI_APP": str(mine)}, cwd=root) == mine.resolve()
+    assert find_app({"OBATCH_UI_APP": str(mine)}) == mine.resolve()
     with pytest.raises(ConfigError, match="OBATCH_UI_APP") as caught:
-        find_app({}, cwd=tmp_path / "elsewhere", checkout=tmp_path / "site-packages")
-    assert str(tmp_path / "elsewhere" / "streamlit_app.py") in caught.value.message
+        find_app({"OBATCH_UI_APP": str(tmp_path / "elsewhere.py")})
+    assert str(tmp_path / "elsewhere.py") in caught.value.message
     command = streamlit_command(mine, port=9999)
     assert command[1:4] == ["-m", "streamlit", "run"]
     assert command[command.index("--server.address") + 1] == "127.0.0.1"

@@ -22,22 +22,25 @@ from obatch.bench.slo import add_goodput, capacities, count_met, parse_slo
 from obatch.client import Client
 from obatch.protocol import (
     AnswerLengthsInfo,
+    BackendHealth,
     BatchExtension,
     DurationEstimate,
     EstimateCandidate,
     EstimatePoint,
+    Health,
     HostStatus,
     ListPage,
+    Model,
+    ModelList,
     PilotInfo,
 )
 from obatch.store.bench_tables import BenchSampleRow
 
 ENGINE = "http://127.0.0.1:11434"
 MODELS = [
-    {"id": "llama3.2:1b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 131072,
-     "family": "llama", "parameter_size": "1.2B", "quantization": "Q8_0", "loaded": True},
-    {"id": "qwen2.5:0.5b", "object": "model", "created": 0, "owned_by": "obatch", "context_length": 32768,
-     "family": "qwen2", "parameter_size": "494M", "quantization": "Q4_K_M", "loaded": False},
+    Model(id="llama3.2:1b", context_length=131072, family="llama", parameter_size="1.2B", quantization="Q8_0",
+          loaded=True),
+    Model(id="qwen2.5:0.5b", context_length=32768, family="qwen2", parameter_size="494M", quantization="Q4_K_M"),
 ]
 
 
@@ -154,22 +157,18 @@ class FakeServer:
         parts = path.strip("/").split("/")
         if path == "/health":
             # obatch.server.operations.health: 200 while the store answers; the backend is only reported
-            body = {"status": "ok" if self.backend_ok else "degraded", "db": "ok",
-                    "backend": {"name": "ollama", "reachable": self.backend_ok,
-                                **({"version": "0.9.0"} if self.backend_ok
-                                   else {"error": f"connection refused at {ENGINE}"}),
-                                "urls": [ENGINE],
-                                "hosts": [HostStatus(
-                                    url=ENGINE, backend="ollama",
-                                    state="up" if self.backend_ok else "down", concurrency=4, best=4, auto=True,
-                                    reason="kept 4: 5 gave 101.0/s against 100.2/s", served=12,
-                                    models=["llama3.2:1b"]).model_dump()]}}
-            return _json(200, body)
+            health = Health(status="ok" if self.backend_ok else "degraded", db="ok", backend=BackendHealth(
+                name="ollama", reachable=self.backend_ok, version="0.9.0" if self.backend_ok else None,
+                error=None if self.backend_ok else f"connection refused at {ENGINE}", urls=[ENGINE],
+                hosts=[HostStatus(url=ENGINE, backend="ollama", state="up" if self.backend_ok else "down",
+                                  concurrency=4, best=4, auto=True, reason="kept 4: 5 gave 101.0/s against 100.2/s",
+                                  served=12, models=["llama3.2:1b"])]))
+            return _json(200, health.model_dump(mode="json"))
         if path == "/v1/models":
             if not self.backend_ok:
                 return _error(502, "Connection to the engine failed: ClientConnectorError: Cannot connect to host",
                               "server_error")
-            return _json(200, {"object": "list", "data": MODELS})
+            return _json(200, ModelList(data=MODELS).model_dump(mode="json"))
         if path == "/v1/files" and method == "POST":
             fields, files = _multipart(request)
             filename, content = files["file"]

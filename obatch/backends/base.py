@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from obatch import errors
+from obatch.protocol import Model
 from obatch.protocol import new_id as new_id  # the backends' id helper is the protocol's
 
 
@@ -52,14 +53,11 @@ class ModelInfo:
     loaded_context_length: int | None = None
     capabilities: tuple[str, ...] = ()
 
-    def as_openai(self) -> dict[str, Any]:
+    def as_openai(self) -> Model:
         """The ``/v1/models`` entry, with the engine's facts as extra fields."""
-        return {
-            "id": self.id, "object": "model", "created": 0, "owned_by": "obatch",
-            "context_length": self.context_length, "family": self.family,
-            "parameter_size": self.parameter_size, "quantization": self.quantization, "loaded": self.loaded,
-            "loaded_context_length": self.loaded_context_length,
-        }
+        return Model(id=self.id, context_length=self.context_length, family=self.family,
+                     parameter_size=self.parameter_size, quantization=self.quantization, loaded=self.loaded,
+                     loaded_context_length=self.loaded_context_length)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,17 @@ from obatch import batches, errors
 from obatch.backends import responses
 from obatch.batches import Services
 from obatch.jsonl import EnginePolicy, check_line, model_problem
-from obatch.protocol import Batch, FileObject, ListPage, endpoint_problem
+from obatch.protocol import (
+    BackendHealth,
+    Batch,
+    FileObject,
+    Health,
+    HostStatus,
+    ListPage,
+    Model,
+    ModelList,
+    endpoint_problem,
+)
 from obatch.store import repo
 from obatch.store.tables import BatchRow
 from obatch.worker import BatchWorker
@@ -273,15 +283,15 @@ def _streamed(items: AsyncIterator[dict[str, Any]], frame: Callable[[dict[str, A
     return events()
 
 
-async def models(svc: Services, probe: BackendProbe | None = None) -> dict[str, Any]:
+async def models(svc: Services, probe: BackendProbe | None = None) -> ModelList:
     """The backend's models; with a probe that finds the backend down, that answer at once (a hung engine would
     hold the request for the engine client's whole timeout)."""
     if probe is not None and not (state := await probe.report())["reachable"]:
         raise errors.TransientError(f"The backend does not answer: {state['error']}.")
-    return {"object": "list", "data": [m.as_openai() for m in await svc.backend.models()]}
+    return ModelList(data=[m.as_openai() for m in await svc.backend.models()])
 
 
-async def model(svc: Services, model_id: str) -> dict[str, Any]:
+async def model(svc: Services, model_id: str) -> Model:
     return (await svc.backend.show(model_id)).as_openai()
 
 
@@ -340,24 +350,22 @@ class BackendProbe:
                 await self._task
 
 
-async def health(svc: Services, worker: BatchWorker | None = None, probe: BackendProbe | None = None
-                 ) -> tuple[bool, dict[str, Any]]:
-    """(healthy, report): the store must answer; the backend's reachability is reported (not fatal: an engine
-    that is still starting does not make the server unhealthy)."""
-    report: dict[str, Any] = {"status": "ok", "db": "ok", "backend": {"name": svc.backend.name}}
-    healthy = True
+async def health(svc: Services, worker: BatchWorker | None = None, probe: BackendProbe | None = None) -> Health:
+    """The store must answer (``error`` otherwise); the backend's reachability is reported (not fatal: an engine
+    that is still starting makes the server ``degraded``, not unhealthy)."""
+    db = "ok"
     try:
         async with asyncio.timeout(5), svc.sessions() as session:
             await session.execute(text("SELECT 1"))
     except Exception as exc:
-        healthy, report["status"], report["db"] = False, "error", f"unreachable: {type(exc).__name__}"
+        db = f"unreachable: {type(exc).__name__}"
     # Each engine host: state, concurrency and why, models — as the batches see them (the worker may run its own
     # pool on its own loop or in its own process, where the levels are learned).
     if worker is not None:
         await worker.refresh()
     hosts = (worker.describe() if worker is not None else None) or svc.pool.describe()
     backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
-    report["backend"].update(backend, urls=[h["url"] for h in hosts], hosts=hosts)
-    if not backend["reachable"] and healthy:
-        report["status"] = "degraded"
-    return healthy, report
+    status = "error" if db != "ok" else "ok" if backend["reachable"] else "degraded"
+    return Health(status=status, db=db, backend=BackendHealth(
+        name=svc.backend.name, **backend, urls=[h["url"] for h in hosts],
+        hosts=[HostStatus.model_validate(h) for h in hosts]))

@@ -1,8 +1,8 @@
-"""``obatch ui``: find ``streamlit_app.py`` and run it with Streamlit, bound to loopback by default.
+"""``obatch ui``: run the packaged Streamlit app (``obatch/ui/app.py``) with Streamlit, bound to loopback by default.
 
-The app lives at the repository root next to ``pages/`` (the user's layout), not inside the package, so it is
-looked for in: ``$OBATCH_UI_APP``, the working directory, then the directory above the installed package (a
-checkout or an editable install). A wheel install without a checkout gets a clear error instead.
+The app and its pages ship in the package, so a wheel install runs the same UI as a checkout. Streamlit runs in
+the app's folder, where it reads ``.streamlit/config.toml`` (the developer menu hidden). ``$OBATCH_UI_APP`` runs
+another script instead (a user's own layout).
 """
 
 from __future__ import annotations
@@ -15,27 +15,19 @@ from pathlib import Path
 
 from obatch import errors
 
-APP_NAME = "streamlit_app.py"
+APP = Path(__file__).resolve().parent / "app.py"
 
 
-def find_app(env: Mapping[str, str] | None = None, cwd: Path | None = None, checkout: Path | None = None
-             ) -> Path:
-    """The Streamlit entry script, or ``ConfigError`` saying where it was looked for.
-
-    ``checkout`` is the folder above the ``obatch`` package (found from this file unless given)."""
+def find_app(env: Mapping[str, str] | None = None) -> Path:
+    """The Streamlit entry script: ``$OBATCH_UI_APP`` when set (``ConfigError`` if it is not a file), else the
+    packaged app."""
     env = os.environ if env is None else env
-    candidates: list[Path] = []
-    if env.get("OBATCH_UI_APP"):
-        candidates.append(Path(env["OBATCH_UI_APP"]))
-    candidates.append((cwd or Path.cwd()) / APP_NAME)
-    candidates.append((checkout or Path(__file__).resolve().parents[2]) / APP_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    looked = ", ".join(str(p) for p in candidates)
-    raise errors.ConfigError(
-        f"Cannot find the UI ({APP_NAME}); looked in: {looked}. Run `obatch ui` from an obatch checkout "
-        "(the folder with streamlit_app.py and pages/) or set OBATCH_UI_APP to the script's path.")
+    if not env.get("OBATCH_UI_APP"):
+        return APP
+    path = Path(env["OBATCH_UI_APP"])
+    if not path.is_file():
+        raise errors.ConfigError(f"OBATCH_UI_APP names {path}, which is not a file; unset it to run obatch's UI.")
+    return path.resolve()
 
 
 def streamlit_command(app: Path, *, host: str = "127.0.0.1", port: int = 8501, headless: bool = True

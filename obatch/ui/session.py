@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from obatch.client import ApiError, Client, ClientError, ServerUnavailable
+from obatch.protocol import Health
 
 CLIENT_KEY = "obatch_client"
 FILES_KEY = "obatch_file_cache"
@@ -31,7 +32,7 @@ START_HINT = ("Start it with `obatch serve` (or `make serve` for the server and 
 def client() -> Client:
     """This session's client: the injected one, else one built from ``OBATCH_SERVER_URL``/``OBATCH_API_KEY``.
 
-    Every page asks for it first, so it is also where a page opened outside ``streamlit_app.py``'s navigation is
+    Every page asks for it first, so it is also where a page opened outside the app's navigation (``app.py``) is
     sent back through it (see ``inside_navigation``)."""
     inside_navigation()
     api = st.session_state.get(CLIENT_KEY)
@@ -45,20 +46,21 @@ def inside_navigation() -> None:
     """Run this page inside the app's frame (server badge, sidebar), whatever URL opened it.
 
     Streamlit keeps its legacy ``pages/`` auto-discovery on until some session has run ``st.navigation``: a fresh
-    UI opened first at ``/batches`` (a bookmark, a refresh) would run ``pages/batches.py`` alone. The pages stay in
-    ``pages/`` (the project's layout), so the switch Streamlit makes on ``st.navigation`` is made here instead,
-    and the run starts again through the entrypoint, which routes to the same page (page ids follow URL paths).
+    UI opened first at ``/batches`` (a bookmark, a refresh) would run ``pages/batches.py`` alone. The pages sit in
+    a ``pages/`` folder next to the entry script (the package's, and a checkout's thin ones), so the switch
+    Streamlit makes on ``st.navigation`` is made here instead, and the run starts again through the entrypoint,
+    which routes to the same page (page ids follow URL paths).
     """
     if getattr(PagesManager, "uses_pages_directory", False):  # a Streamlit internal: absent means nothing to do
         PagesManager.uses_pages_directory = False
         st.rerun()
 
 
-def health(api: Client) -> dict[str, Any]:
+def health(api: Client) -> Health:
     """The server's ``/health`` answer, asked once per page draw however many parts of the page show it (the
     sidebar badge and the page): an answer younger than ``HEALTH_TTL`` seconds is reused, a failure raised again."""
     cached = st.session_state.get(HEALTH_KEY)
-    answer: dict[str, Any] | ClientError
+    answer: Health | ClientError
     if cached is not None and cached[0] is api and time.monotonic() - cached[1] < HEALTH_TTL:
         answer = cached[2]
     else:
@@ -75,7 +77,7 @@ def health(api: Client) -> dict[str, Any]:
 def backend_up(api: Client) -> bool:
     """Whether asking the backend (models, estimates) is worth a request: not when ``/health`` says it is down."""
     try:
-        return health(api).get("backend", {}).get("reachable") is not False
+        return health(api).backend.reachable
     except ClientError:
         return False
 

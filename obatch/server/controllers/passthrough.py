@@ -10,6 +10,7 @@ from litestar import Controller, Response, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
+from obatch.protocol import Model, ModelList
 from obatch.server import operations as ops
 from obatch.server.deps import Probe, Svc
 
@@ -42,9 +43,9 @@ class PassthroughController(Controller):
         return await ops.embeddings(svc, data)
 
     @get("/models", summary="The backend's models")
-    async def models(self, svc: Svc, probe: Probe) -> dict[str, Any]:
+    async def models(self, svc: Svc, probe: Probe) -> ModelList:
         return await ops.models(svc, probe)
 
     @get("/models/{model_id:path}", summary="One of the backend's models")
-    async def model(self, svc: Svc, model_id: FromPath[str]) -> dict[str, Any]:
+    async def model(self, svc: Svc, model_id: FromPath[str]) -> Model:
         return await ops.model(svc, model_id.lstrip("/"))

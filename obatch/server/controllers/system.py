@@ -3,10 +3,9 @@ server's for an admin key, the caller's own batches and lines for any other key)
 
 from __future__ import annotations
 
-from typing import Any
-
 from litestar import Controller, Response, get
 
+from obatch.protocol import Health
 from obatch.server import operations as ops
 from obatch.server.deps import Admin, MetricsDep, Owner, Probe, Svc, Worker
 from obatch.server.metrics import CONTENT_TYPE, tenant_metrics
@@ -17,9 +16,9 @@ class SystemController(Controller):
     tags = ("system",)
 
     @get("/health", summary="Store and backend reachability")
-    async def health(self, svc: Svc, worker: Worker, probe: Probe) -> Response[dict[str, Any]]:
-        healthy, report = await ops.health(svc, worker, probe)
-        return Response(report, status_code=200 if healthy else 503)
+    async def health(self, svc: Svc, worker: Worker, probe: Probe) -> Response[Health]:
+        report = await ops.health(svc, worker, probe)
+        return Response(report, status_code=200 if report.server_ok else 503)
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics(self, svc: Svc, worker: Worker, metrics: MetricsDep, owner: Owner,

@@ -50,7 +50,7 @@ from obatch.ui.views.estimates import (
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
 from obatch.ui.views.results import STATUSES, filter_results, for_display, latency_bounds, results_frame
-from obatch.ui.views.server import Health, models_frame, read_health
+from obatch.ui.views.server import models_frame
 
 __all__ = [
     "BATCH_SCHEMA",
@@ -65,7 +65,6 @@ __all__ = [
     "RESULT_SCHEMA",
     "STATUSES",
     "BatchProgress",
-    "Health",
     "Preview",
     "along",
     "batch_errors_frame",
@@ -99,7 +98,6 @@ __all__ = [
     "points_frame",
     "preview_file",
     "rate_points",
-    "read_health",
     "results_frame",
     "slo_text",
 ]

@@ -1,0 +1,249 @@
+"""Batches: upload a JSONL file, check every line before sending it, submit, watch it run, download the results."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import streamlit as st
+
+from obatch.protocol import Batch, FileObject
+from obatch.ui import views
+from obatch.ui.session import attempt, backend_up, client, file_bytes, need, quietly
+
+REFRESH_SECONDS = 2.0
+AS_IN_FILE = "(as in the file)"
+WINDOWS = ["24h", "1h", "6h", "7d"]
+PICK = "batch_pick"
+ROUND = "upload_round"  # bumped after a submission: a new uploader key empties the form
+SUBMITTED = "submitted_batch"  # the batch just submitted: its banner follows the batch's real status
+CONFIRM = "confirm_cancel"  # the batch whose cancel waits for confirmation
+DIGEST = "sha256"  # the metadata key holding the submitted file's digest (the double-submit guard)
+
+api = client()
+st.title("Batches")
+recent = need(api.list_batches, limit=50).data
+
+
+def ago(stamp: int) -> str:
+    return f"{views.format_seconds(time.time() - stamp)} ago"
+
+
+def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
+           concurrency: int | None, digest: str, stored: FileObject | None = None) -> None:
+    """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
+    then follows the batch."""
+    stored = stored or attempt(api.upload_file, content, name)
+    metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest,
+                views.MODELS_KEY: ", ".join(preview.models)[:512]}
+    created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
+                                 completion_window=window, model=model, concurrency=concurrency, metadata=metadata)
+    if created:
+        st.session_state[PICK] = st.session_state[SUBMITTED] = created.id
+        st.session_state[ROUND] = st.session_state.get(ROUND, 0) + 1
+        st.rerun()
+
+
+# ------------------------------------------------------------------------------------------ new batch
+st.subheader("New batch")
+upload = st.file_uploader("Batch input file (JSONL: one `{custom_id, method, url, body}` per line)",
+                          type=["jsonl", "json", "txt"], key=f"upload-{st.session_state.get(ROUND, 0)}")
+model_ids = [m.id for m in (quietly(api.list_models) if backend_up(api) else None) or []]
+left, middle, right = st.columns(3)
+override = left.selectbox("Model override", [AS_IN_FILE, *model_ids], help="Run every line on this model.")
+concurrency = middle.number_input("Concurrency", min_value=1, max_value=256, value=None, step=1, placeholder="auto",
+                                  help="Requests in flight at once; empty (auto) lets the server find the best.")
+window = right.selectbox("Completion window", WINDOWS, help="Unfinished requests expire after this.")
+model = None if override == AS_IN_FILE else override
+level = int(concurrency) if concurrency else None
+
+if upload is not None:
+    content = upload.getvalue()
+    digest = hashlib.sha256(content).hexdigest()[:32]
+    preview = views.preview_file(content, model=model)
+    if preview.ok:
+        st.success(f"**{upload.name}**: {preview.n_requests} requests, all valid · endpoint `{preview.endpoint}` · "
+                   f"model(s): {', '.join(preview.models)}", icon=":material/check_circle:")
+    else:
+        st.error(f"**{upload.name}**: {preview.n_problems} problem(s) in {preview.lines.height} line(s). "
+                 "Fix them before submitting, or submit only the valid lines.", icon=":material/block:")
+        st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
+    with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
+        st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
+    uploaded = None
+    if preview.ok:  # the file itself is estimated, as the server will estimate its batch at the start
+        uploads = st.session_state.setdefault("estimate_uploads", {})
+        if digest not in uploads:
+            uploads[digest] = quietly(api.upload_file, content, upload.name)
+        uploaded = uploads[digest]
+        asked = {"model": model, "concurrency": level}
+        estimate = quietly(api.estimate, input_file_id=uploaded.id, **asked) if uploaded else None
+        sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
+        st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
+                   if sentence else "No benchmark of this model yet: no duration estimate.")
+        if uploaded and views.offers_pilot(estimate) and st.button(
+                "Run a pilot", key="pilot", icon=":material/science:",
+                help="Runs a random sample of the file now to learn its answer lengths: 16 lines, more while they "
+                     "vary too much to estimate from (up to a quarter of the file). The batch then takes those "
+                     "lines as finished."):
+            with st.spinner("Running the pilot…"):
+                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT, **asked):
+                    st.rerun()
+        if notes := views.estimate_notes(estimate):
+            with st.expander("How this estimate was made"):
+                st.markdown("\n".join(f"- {note}" for note in notes))
+    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest), None)
+    again = True
+    if earlier is not None:
+        st.warning(f"This file was submitted as **{earlier.id}** {ago(earlier.created_at)} "
+                   f"(now `{earlier.status}`). Submitting it again makes a second batch.", icon=":material/warning:")
+        again = st.checkbox("Submit it again anyway", key=f"again-{digest}")
+    options = {"window": window, "model": model, "concurrency": level}
+    if st.button("Submit batch", type="primary", disabled=not (preview.ok and again), key="submit"):
+        submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
+    if not preview.ok and preview.n_requests:
+        valid = preview.valid_bytes()
+        name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
+        left, right = st.columns(2)
+        if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not again,
+                       key="submit_valid", icon=":material/rule:"):
+            submit(valid, name, views.preview_file(valid, model=model), digest=digest, **options)
+        right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=name,
+                              mime="application/jsonl", on_click="ignore", key="download_valid",
+                              icon=":material/download:")
+
+
+# ------------------------------------------------------------------------------------------- the list
+def batch_label(batch: Batch) -> str:
+    """Only what never changes: a selectbox keeps the labels it was first drawn with."""
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
+    name = (batch.metadata or {}).get("filename")
+    return f"{batch.id} · {created}" + (f" · {name}" if name else "")
+
+
+def show_results(batch: Batch) -> None:
+    """Downloads and a filterable table of the output and error files; a clicked row is shown whole."""
+    output = file_bytes(batch.output_file_id) if batch.output_file_id else None
+    errors = file_bytes(batch.error_file_id) if batch.error_file_id else None
+    left, right = st.columns(2)
+    if output is not None:
+        left.download_button("Download output", output, file_name=f"{batch.id}_output.jsonl",
+                             mime="application/jsonl", on_click="ignore", key=f"out-{batch.id}",
+                             icon=":material/download:")
+    if errors is not None:
+        right.download_button("Download errors", errors, file_name=f"{batch.id}_errors.jsonl",
+                              mime="application/jsonl", on_click="ignore", key=f"err-{batch.id}",
+                              icon=":material/download:")
+    results = views.results_frame(output, errors)
+    status_col, reason_col, latency_col = st.columns(3)
+    tally = results["status"].value_counts()
+    count = dict(zip(tally["status"].to_list(), tally["count"].to_list(), strict=True))
+    statuses = status_col.multiselect("Status", views.STATUSES, key=f"st-{batch.id}",
+                                      format_func=lambda s: f"{s} ({count.get(s, 0)})")
+    reasons = reason_col.multiselect("Finish reason", views.options_of(results, "finish_reason"),
+                                     key=f"fr-{batch.id}")
+    bounds = None
+    limits = views.latency_bounds(results)
+    if limits is not None:
+        picked = latency_col.slider("Latency (ms)", *limits, value=limits, step=1, key=f"lat-{batch.id}")
+        bounds = None if picked == limits else picked  # the full range keeps lines without a latency
+    else:
+        latency_col.caption("Latency: not reported in these files.")
+    shown = views.filter_results(results, statuses=statuses, finish_reasons=reasons, latency_ms=bounds)
+    st.caption(f"{shown.height} of {results.height} requests · click a row to read it whole")
+    event = st.dataframe(views.for_display(shown), hide_index=True, width="stretch", key=f"res-{batch.id}",
+                         on_select="rerun", selection_mode="single-row", column_config={
+                             "latency_ms": st.column_config.NumberColumn("latency_ms", format="%.1f"),
+                             "ttft_ms": st.column_config.NumberColumn("ttft_ms", format="%.1f")})
+    rows = event.selection.rows if event else []
+    if rows and rows[0] < shown.height:
+        line = shown.row(rows[0], named=True)
+        st.markdown(f"**{line['custom_id']}** · `{line['status']}`"
+                    + (f" · `{line['error_code']}`: {line['error_message']}" if line["error_code"] else ""))
+        st.text(line["content"] or "(no content)")
+
+
+def show_batch(batch: Batch) -> None:
+    """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
+    estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
+    progress = views.batch_progress(batch, estimate=estimate)
+    st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
+                f"`{batch.endpoint}`")
+    st.progress(progress.fraction, text=progress.sentence(batch.status))
+    a, b, c, d = st.columns(4)
+    more = "≥ " if progress.rates_at_least else ""  # ended within its first second: rates over one second
+    a.metric("Requests / s", f"{more}{progress.requests_per_s:.2f}" if progress.requests_per_s is not None else "—")
+    b.metric("Output tokens / s", f"{more}{progress.tokens_per_s:.1f}" if progress.tokens_per_s is not None else "—")
+    c.metric("Elapsed", views.format_seconds(progress.elapsed_s))
+    final = {"completed": "done", "cancelled": "cancelled", "expired": "expired", "failed": "—"}
+    d.metric("ETA", final.get(batch.status) or views.format_seconds(progress.eta_s),
+             help=f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
+    if not views.is_final(batch) and batch.status not in ("cancelling", "finalizing"):
+        if st.session_state.get(CONFIRM) != batch.id and st.button(
+                "Cancel batch", key=f"cancel-{batch.id}", icon=":material/stop_circle:"):
+            st.session_state[CONFIRM] = batch.id
+        if st.session_state.get(CONFIRM) == batch.id:
+            waiting = progress.total - progress.done
+            st.warning(f"Cancel **{batch.id}**? The {waiting} request(s) not yet run will not run; the "
+                       f"{progress.done} finished keep their results.", icon=":material/help:")
+            yes, no = st.columns(2)
+            if yes.button("Yes, cancel the batch", key=f"cancel-yes-{batch.id}", type="primary"):
+                st.session_state.pop(CONFIRM, None)
+                if attempt(api.cancel_batch, batch.id):
+                    st.rerun()  # show it cancelling
+            if no.button("No, keep it running", key=f"cancel-no-{batch.id}"):
+                st.session_state.pop(CONFIRM, None)
+                st.rerun()
+    if batch.status == "failed":
+        st.error("The input file was refused; its problems:", icon=":material/block:")
+        st.dataframe(views.batch_errors_frame(batch), hide_index=True, width="stretch")
+    if batch.output_file_id or batch.error_file_id:
+        show_results(batch)
+
+
+def banner(batch: Batch) -> None:
+    """The submission's banner, with the status the batch has now (refreshed with the list)."""
+    text = f"Submitted **{batch.id}** ({batch.status})."
+    if batch.status in ("failed", "expired"):
+        st.error(text, icon=":material/error:")
+    elif batch.status in ("cancelling", "cancelled"):
+        st.warning(text, icon=":material/stop_circle:")
+    else:
+        st.success(text, icon=":material/rocket_launch:")
+
+
+st.subheader("Your batches")
+live = st.toggle("Live refresh", value=True, help=f"Refresh every {REFRESH_SECONDS:.0f} s while a batch runs.")
+running = any(not views.is_final(b) for b in recent)
+
+
+@st.fragment(run_every=REFRESH_SECONDS if live and running else None)
+def batches_panel() -> None:
+    batches = need(api.list_batches, limit=50).data
+    if not batches:
+        st.info("No batch yet: upload a file above.")
+        return
+    if running and all(views.is_final(b) for b in batches):
+        st.rerun()  # the last batch finished: redraw the page without the timer
+    by_id = {b.id: b for b in batches}
+    if st.session_state.get(SUBMITTED) in by_id:
+        banner(by_id[st.session_state[SUBMITTED]])
+    ids = list(by_id)
+
+    def open_row() -> None:
+        picked = views.picked_row(ids, st.session_state.get("batch_table"))
+        if picked:
+            st.session_state[PICK] = picked
+
+    st.caption("Click a row to open its batch.")
+    st.dataframe(views.batches_frame(batches).drop("input_file_id"), hide_index=True, width="stretch",
+                 key="batch_table", on_select=open_row, selection_mode="single-row", column_config={
+                     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
+                     "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")})
+    if st.session_state.get(PICK) not in by_id:
+        st.session_state[PICK] = batches[0].id
+    picked = st.selectbox("Batch", ids, key=PICK, format_func=lambda i: batch_label(by_id[i]))
+    show_batch(by_id[picked])
+
+
+batches_panel()

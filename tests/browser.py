@@ -1,0 +1,132 @@
+"""The UI in a real browser, shared by the browser tests: Debian's Chromium driven by Playwright against the whole
+stack — the Ollama simulator → `obatch serve` → `obatch ui`, each a real process on a free loopback port.
+
+``stack`` and ``browser`` are module-scoped fixtures (conftest.py makes them visible): each browser test module gets
+a fresh stack with an empty store. Screenshots go to tests/artifacts/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT
+from tests.serverkit import free_port, server_env
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+MODELS = ("smollm2:135m", "llama3.2:1b")  # what the simulator serves
+
+needs_chromium = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"),
+]
+
+
+@dataclass
+class Child:
+    """A process started in its own session, so that stopping it also stops what it started (streamlit)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+
+
+def start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> Child:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Child(proc, log)
+
+
+def wait_http(url: str, child: Child, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.proc.args} exited:\n{child.log.read_text(errors='replace')}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer in {timeout} s:\n{child.log.read_text(errors='replace')}")
+
+
+@dataclass
+class Stack:
+    sim_url: str
+    server_url: str
+    ui_url: str
+    data_dir: Path
+    server_env: dict[str, str]  # what `obatch serve` runs with (a CLI command given it shares the server's store)
+    logs: Path  # sim.log, server.log, ui.log
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Simulator → `obatch serve` (an empty store) → `obatch ui` pointed only at the server (OBATCH_SERVER_URL)."""
+    tmp = tmp_path_factory.mktemp("browser")
+    sim_port, server_port, ui_port = free_port(), free_port(), free_port()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
+    env = server_env(tmp / "data", sim_url)
+    children: list[Child] = []
+    try:  # start all three at once (each takes seconds to import), then wait for them in order
+        children.append(start([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port),
+                               "--num-parallel", "4", "--decode-tps", "400",
+                               *[a for m in MODELS for a in ("--model", m)]], base_env, tmp / "sim.log", tmp))
+        children.append(start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)], env,
+                              tmp / "server.log", tmp))
+        children.append(start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
+                              dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT))
+        for child, url in zip(children, (f"{sim_url}/api/version", f"{server_url}/health",
+                                         f"{ui_url}/_stcore/health"), strict=True):
+            wait_http(url, child)
+        yield Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp)
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def settle(page: Any) -> None:
+    """Wait until Streamlit has finished running the page's script (what a person would wait for)."""
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=30_000)
+    page.wait_for_timeout(300)
+
+
+def shot(page: Any, name: str) -> None:
+    settle(page)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
