@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from sqlalchemy import delete
-from sqlmodel import col
 
 from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
@@ -32,7 +30,7 @@ from obatch.progress import progress_bar
 from obatch.protocol import NOT_RUN_CODES, Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
-from obatch.store.tables import BatchRow, FileRow, RequestRow
+from obatch.store.tables import BatchRow
 
 if TYPE_CHECKING:
     import polars as pl
@@ -49,10 +47,9 @@ RESULT_SCHEMA = {
     "attempts": "Int64", "error_code": "Utf8", "error_message": "Utf8",
 }
 """One row per request: the notebook API's frame (from the store) and the UI's (from the output files) alike."""
-_COLUMNS = (RequestRow.line, RequestRow.custom_id, RequestRow.model, RequestRow.state, RequestRow.status_code,
-            RequestRow.content, RequestRow.finish_reason, RequestRow.prompt_tokens, RequestRow.completion_tokens,
-            RequestRow.latency_ms, RequestRow.ttft_ms, RequestRow.num_ctx, RequestRow.truncated,
-            RequestRow.attempts, RequestRow.error_code, RequestRow.error_message)
+_COLUMNS = ("line", "custom_id", "model", "state", "status_code", "content", "finish_reason", "prompt_tokens",
+            "completion_tokens", "latency_ms", "ttft_ms", "num_ctx", "truncated", "attempts", "error_code",
+            "error_message")  # RESULT_SCHEMA's, as the store's request rows name them
 
 
 @dataclass
@@ -153,7 +150,7 @@ async def run_batch_file(
         else:
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
-                await session.delete(await repo.get_file(session, stored.id))
+                await repo.delete_file(session, stored.id)
                 await session.commit()
         results_dir = settings.data_dir / "results" / batch.id
         output = output or results_dir / "output.jsonl"
@@ -195,8 +192,8 @@ def _count_lines(path: Path) -> int:
 async def _forget(svc: Services, batch_id: str, file_id: str) -> None:
     """Remove a batch refused at import, and its input file: a refused file leaves nothing behind in the store."""
     async with svc.sessions() as session:
-        await session.execute(delete(BatchRow).where(col(BatchRow.id) == batch_id))
-        await session.execute(delete(FileRow).where(col(FileRow.id) == file_id))
+        await repo.delete_batch(session, batch_id)
+        await repo.delete_files(session, [file_id])
         await session.commit()
     await asyncio.to_thread(file_path(svc.settings, file_id).unlink, missing_ok=True)
 

@@ -18,6 +18,7 @@ from obatch.api import results_frame, run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
 from obatch.protocol import LineStats, OutputLine, ResponseBody
+from obatch.store import repo
 from obatch.store.db import open_store
 from obatch.store.tables import RequestRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
@@ -226,7 +227,7 @@ async def test_results_commit_in_the_background_with_back_pressure(monkeypatch: 
         async def commit(self) -> None:
             return None
 
-    monkeypatch.setattr(batches.repo, "finish_requests", finish_requests)
+    monkeypatch.setattr(repo, "finish_requests", finish_requests)
     svc: Any = SimpleNamespace(settings=SimpleNamespace(commit_every=4), sessions=Session)
     writer = batches.ResultWriter(svc, "batch-1")
 

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from obatch import batches
 from obatch.api import result_schema
+from obatch.batches import results
 from obatch.bench.schemas import EstimateRecord
 from obatch.errors import ConfigError
 from obatch.protocol import Batch, DurationEstimate, LineError, Model, OutputLine
@@ -179,7 +179,7 @@ def test_results_frame_and_filters() -> None:
 
 
 def test_results_frame_reads_the_lines_obatch_writes() -> None:
-    """Lines written from store rows by ``batches._line`` read back into the same values the store holds."""
+    """Lines written from store rows by ``batches.results._line`` read back into the same values the store holds."""
     body = {"model": "m", "choices": [{"message": {"role": "assistant", "content": "hello"},
                                        "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
     common = {"batch_id": "batch-1", "url": "/v1/chat/completions", "model": "m", "body": "{}", "latency_ms": 12.5,
@@ -189,8 +189,8 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
             RequestRow(line=2, custom_id="bad", state="failed", status_code=400, request_id="batch_req_2",
                        error_code="context_length_exceeded", error_message="too long", **common),
             RequestRow(line=3, custom_id="late", state="pending", **common)]
-    stored = [(*(getattr(row, c) for c in batches._OUTPUT_COLUMNS), row.line) for row in rows]  # as the driver reads
-    written = [batches._line(values, "batch_expired") for values in stored]
+    stored = [(*(getattr(row, c) for c in results._OUTPUT_COLUMNS), row.line) for row in rows]  # as the driver reads
+    written = [results._line(values, "batch_expired") for values in stored]
     assert [ok for ok, _ in written] == [True, False, False]
     for _, data in written:  # the fast writer says what model_dump says
         line = OutputLine.model_validate_json(data)

@@ -354,7 +354,7 @@ async def start_run(sessions: Sessions, spec: SweepSpec, backend: Backend, *, fr
             signature=signature, params_json=orjson.dumps(params, default=str).decode() if params else None,
             environment_json=orjson.dumps(env).decode(), notebook_path=notebook, obatch_version=obatch_version(),
         )
-        session.add(run)
+        bench_repo.add(session, run)
         await session.commit()
     return run, env
 

@@ -51,7 +51,7 @@ async def create(sessions: Sessions, params: SweepParams, owner: str | None, *, 
     row = BenchSweepRow(id=new_id("sweep"), owner=owner, status="queued", params_json=params.model_dump_json(),
                         created_at=time.time() if now is None else now, points_total=params.points)
     async with sessions() as session:
-        session.add(row)
+        bench_repo.add(session, row)
         await session.commit()
     return to_wire(row)
 
@@ -68,8 +68,7 @@ async def cancel(sessions: Sessions, sweep_id: str, owner: str | None) -> Sweep:
                                              finished_at=time.time(), current=None):
             await bench_repo.update_sweep(session, sweep_id, only_if=["in_progress"], status="cancelling")
         await session.commit()
-        await session.refresh(row)
-        return to_wire(row)
+        return to_wire(await bench_repo.get_sweep(session, sweep_id, fresh=True))
 
 
 def spec_of(params: SweepParams, sweep_id: str) -> measuring.SweepSpec:

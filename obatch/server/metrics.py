@@ -13,15 +13,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from sqlalchemy import func, select
-from sqlmodel import col
 
 from obatch import errors
 from obatch.backends.base import Backend, BackendWrapper, Result
 from obatch.batches import Services
 from obatch.protocol import BatchStatus
 from obatch.store import repo
-from obatch.store.tables import BatchRow, RequestRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STATUSES: tuple[BatchStatus, ...] = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
@@ -71,18 +68,10 @@ class Metrics:
 
 async def tenant_metrics(svc: Services, owner: str) -> bytes:
     """The store's gauges counted over one owner's batches only, rendered in the Prometheus text format."""
-    mine = col(BatchRow.owner) == owner
-    joined = col(BatchRow.id) == col(RequestRow.batch_id)
     async with svc.sessions() as session:
-        by_status = dict((await session.execute(
-            select(col(BatchRow.status), func.count()).where(mine).group_by(col(BatchRow.status)))).all())
-        by_state = dict((await session.execute(
-            select(col(RequestRow.state), func.count()).join(BatchRow, joined).where(mine)
-            .group_by(col(RequestRow.state)))).all())
-        queued = (await session.execute(
-            select(func.count()).select_from(RequestRow).join(BatchRow, joined)
-            .where(mine, col(RequestRow.state) == "pending",
-                   col(BatchRow.status).in_(("validating", "in_progress"))))).scalar()
+        by_status = await repo.batch_status_counts(session, owner)
+        by_state = await repo.line_state_counts(session, owner)
+        queued = await repo.queued_lines(session, owner)
     registry = CollectorRegistry(auto_describe=True)
     batches = Gauge("obatch_batches", "Your batches by status.", ["status"], registry=registry)
     lines = Gauge("obatch_batch_lines", "Your batch lines (requests) by status.", ["status"], registry=registry)
@@ -90,7 +79,7 @@ async def tenant_metrics(svc: Services, owner: str) -> bytes:
         batches.labels(status).set(by_status.get(status, 0))
     for state in _LINE_STATES:
         lines.labels(state).set(by_state.get(state, 0))
-    Gauge("obatch_queue_depth", "Your lines waiting to run in active batches.", registry=registry).set(queued or 0)
+    Gauge("obatch_queue_depth", "Your lines waiting to run in active batches.", registry=registry).set(queued)
     return generate_latest(registry)
 
 

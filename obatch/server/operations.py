@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
@@ -356,7 +355,7 @@ async def health(svc: Services, worker: BatchWorker | None = None, probe: Backen
     db = "ok"
     try:
         async with asyncio.timeout(5), svc.sessions() as session:
-            await session.execute(text("SELECT 1"))
+            await repo.ping(session)
     except Exception as exc:
         db = f"unreachable: {type(exc).__name__}"
     # Each engine host: state, concurrency and why, models — as the batches see them (the worker may run its own

@@ -16,8 +16,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser, parse_options_header
-from sqlalchemy import func, select
-from sqlmodel import col
 
 from obatch import batches, errors
 from obatch.batches import Services
@@ -113,9 +111,7 @@ async def _room(svc: Services, owner: str) -> int | None:
     if not quota:
         return None
     async with svc.sessions() as session:
-        used = (await session.execute(select(func.coalesce(func.sum(col(FileRow.bytes)), 0))
-                                      .where(col(FileRow.owner) == owner))).scalar()
-    return quota - int(used or 0)
+        return quota - await repo.stored_bytes(session, owner)
 
 
 def _over_quota(quota: int) -> errors.ConfigError:

@@ -174,9 +174,16 @@ async def estimated_batches(session: AsyncSession, *, owner: str | None = None, 
 SWEEP_ACTIVE = ("queued", "in_progress", "cancelling")
 
 
-async def get_sweep(session: AsyncSession, sweep_id: str, owner: str | None = None) -> BenchSweepRow:
-    """A sweep (the owner's, when ``owner`` is given: another key's sweep is not found)."""
-    row = await session.get(BenchSweepRow, sweep_id)
+def add(session: AsyncSession, row: BenchRunRow | BenchSweepRow) -> None:
+    """Keep a new benchmark run or sweep row (written at the caller's commit)."""
+    session.add(row)
+
+
+async def get_sweep(session: AsyncSession, sweep_id: str, owner: str | None = None, *, fresh: bool = False
+                    ) -> BenchSweepRow:
+    """A sweep (the owner's, when ``owner`` is given: another key's sweep is not found); ``fresh`` reads it again
+    from the database even when this session holds it already."""
+    row = await session.get(BenchSweepRow, sweep_id, populate_existing=fresh)
     if row is None or (owner is not None and row.owner != owner):
         raise NotFoundError(f"No such sweep: {sweep_id}", param="sweep_id")
     return row

@@ -1,4 +1,9 @@
-"""Repository functions: every query obatch makes, each taking the session (or session factory) it runs in."""
+"""Repository functions: every query of the batch tables, each taking the session (or session factory) it runs in.
+
+The rest of obatch asks the store through these functions and never builds SQL itself (a test holds the layers to
+it); the benchmark tables' queries are in ``bench_repo`` and the pilot lines' in ``pilots``. Functions that write
+leave the commit to the caller, which decides what one transaction holds.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +31,35 @@ async def get_file(session: AsyncSession, file_id: str, owner: str | None = None
     return row
 
 
-async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = None) -> BatchRow:
-    row = await session.get(BatchRow, batch_id)
+async def find_file(session: AsyncSession, file_id: str) -> FileRow | None:
+    return await session.get(FileRow, file_id)
+
+
+def add(session: AsyncSession, row: FileRow | BatchRow) -> None:
+    """Keep a new file or batch row (written at the caller's commit)."""
+    session.add(row)
+
+
+async def delete_file(session: AsyncSession, file_id: str, owner: str | None = None) -> None:
+    """Remove a file's row (``NotFoundError`` when it is not there, or not the owner's)."""
+    await session.delete(await get_file(session, file_id, owner))
+
+
+async def delete_files(session: AsyncSession, file_ids: Sequence[str]) -> None:
+    """Remove these files' rows, those that exist."""
+    await session.execute(delete(FileRow).where(col(FileRow.id).in_(list(file_ids))))
+
+
+async def stored_bytes(session: AsyncSession, owner: str) -> int:
+    """The bytes of every file an owner keeps (inputs and batch outputs): what counts against a storage quota."""
+    statement = select(func.coalesce(func.sum(col(FileRow.bytes)), 0)).where(col(FileRow.owner) == owner)
+    return int((await session.execute(statement)).scalar() or 0)
+
+
+async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = None, *, fresh: bool = False
+                    ) -> BatchRow:
+    """A batch's row; ``fresh`` reads it again from the database even when this session holds it already."""
+    row = await session.get(BatchRow, batch_id, populate_existing=fresh)
     if row is None or (owner is not None and row.owner != owner):
         raise NotFoundError(f"No such batch: {batch_id}", param="batch_id")
     return row
@@ -40,6 +72,26 @@ async def next_seq(session: AsyncSession) -> int:
         await session.execute(text("SELECT pg_advisory_xact_lock(4242424243)"))
     current = (await session.execute(select(func.max(col(BatchRow.seq))))).one()
     return int(current[0] or 0) + 1
+
+
+async def set_batch(session: AsyncSession, batch_id: str, **values: Any) -> None:
+    """Write fields of a batch's row."""
+    await session.execute(update(BatchRow).where(col(BatchRow.id) == batch_id).values(**values))
+
+
+async def batch_status(session: AsyncSession, batch_id: str) -> str | None:
+    """A batch's status as stored now (None when there is no such batch)."""
+    return (await session.execute(select(col(BatchRow.status)).where(col(BatchRow.id) == batch_id))).scalar()
+
+
+async def start_batch(session: AsyncSession, batch_id: str) -> None:
+    """validating → in_progress; a batch in any other status (a cancel requested meanwhile) keeps it."""
+    await session.execute(update(BatchRow).where(col(BatchRow.id) == batch_id, col(BatchRow.status) == "validating")
+                          .values(status="in_progress"))
+
+
+async def delete_batch(session: AsyncSession, batch_id: str) -> None:
+    await session.execute(delete(BatchRow).where(col(BatchRow.id) == batch_id))
 
 
 async def find_resumable(session: AsyncSession, signature: str) -> BatchRow | None:
@@ -57,6 +109,19 @@ async def find_resumable(session: AsyncSession, signature: str) -> BatchRow | No
 async def replace_requests(session: AsyncSession, batch_id: str) -> None:
     """Forget a partial import (a crash mid-import) before importing again."""
     await session.execute(delete(RequestRow).where(col(RequestRow.batch_id) == batch_id))
+
+
+async def count_requests(session: AsyncSession, batch_id: str) -> int:
+    """How many request rows a batch has (what its import wrote)."""
+    statement = select(func.count()).select_from(RequestRow).where(col(RequestRow.batch_id) == batch_id)
+    return int((await session.execute(statement)).scalar() or 0)
+
+
+async def first_url(session: AsyncSession, batch_id: str) -> str | None:
+    """The endpoint of a batch's first line (a batch created without one takes it)."""
+    statement = (select(col(RequestRow.url)).where(col(RequestRow.batch_id) == batch_id)
+                 .order_by(col(RequestRow.line)).limit(1))
+    return (await session.execute(statement)).scalar()
 
 
 # The columns a new request row is written with, in the order ``insert_requests`` takes its values.
@@ -154,13 +219,14 @@ async def _page(sessions: Sessions, sql: str, *params: Any) -> list[Any]:
         return list((await connection.exec_driver_sql(statement, params)).all())
 
 
-async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[Any] | None = None
+async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[str] | None = None
                     ) -> AsyncIterator[Any]:
-    """Every row of a batch in line order, a page at a time."""
+    """Every row of a batch in line order, a page at a time: the named ``columns`` of ``requests`` then the line, or
+    the mapped row then the line."""
     last = 0
+    cols = [getattr(RequestRow, name) for name in columns] if columns else [RequestRow]
     while True:
         async with sessions() as session:
-            cols = list(columns) if columns else [RequestRow]
             statement = (select(*cols, col(RequestRow.line))
                          .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.line) > last)
                          .order_by(col(RequestRow.line)).limit(PAGE))
@@ -239,9 +305,15 @@ async def _still_pending(session: AsyncSession, batch_id: str, group: list[tuple
     return [r for r in group if r[-1] in pending]
 
 
-async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *where: Any,
-                       status: int = 400) -> int:
-    """Fail the pending rows matching ``where`` at once (model unknown, prompt too long); returns how many."""
+async def fail_pending(session: AsyncSession, batch_id: str, code: str, message: str, *, model: str,
+                       status: int = 400, context_length: int | None = None) -> int:
+    """Fail a model's pending rows at once (the model is unknown), or with ``context_length`` only those that cannot
+    fit it (prompt estimate, plus max_tokens when set, past it); returns how many."""
+    where = [col(RequestRow.model) == model]
+    if context_length is not None:
+        estimate = col(RequestRow.prompt_estimate)
+        where.append((estimate >= context_length)
+                     | (estimate + func.coalesce(col(RequestRow.max_tokens), 0) > context_length))
     statement = update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending", *where
     ).values(state="failed", error_code=code, error_message=message, status_code=status, finished_at=time.time())
@@ -335,14 +407,21 @@ async def mark_failed(session: AsyncSession, batch_id: str, code: str, message: 
         status="failed", failed_at=at, errors_json=problems))
 
 
-async def batch_status_counts(session: AsyncSession) -> dict[str, int]:
-    rows = (await session.execute(select(col(BatchRow.status), func.count()).group_by(col(BatchRow.status)))).all()
-    return {status: int(n) for status, n in rows}
+async def batch_status_counts(session: AsyncSession, owner: str | None = None) -> dict[str, int]:
+    """Batches by status: all of them, or one owner's."""
+    statement = select(col(BatchRow.status), func.count()).group_by(col(BatchRow.status))
+    if owner is not None:
+        statement = statement.where(col(BatchRow.owner) == owner)
+    return {status: int(n) for status, n in (await session.execute(statement)).all()}
 
 
-async def line_state_counts(session: AsyncSession) -> dict[str, int]:
-    rows = (await session.execute(select(col(RequestRow.state), func.count()).group_by(col(RequestRow.state)))).all()
-    return {state: int(n) for state, n in rows}
+async def line_state_counts(session: AsyncSession, owner: str | None = None) -> dict[str, int]:
+    """Request rows by state: all of them, or those of one owner's batches."""
+    statement = select(col(RequestRow.state), func.count()).group_by(col(RequestRow.state))
+    if owner is not None:
+        statement = statement.join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id)).where(
+            col(BatchRow.owner) == owner)
+    return {state: int(n) for state, n in (await session.execute(statement)).all()}
 
 
 async def not_run_counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, int]:
@@ -356,16 +435,23 @@ async def not_run_counts(session: AsyncSession, batch_ids: Sequence[str]) -> dic
     return {batch_id: int(n) for batch_id, n in (await session.execute(statement)).all()}
 
 
-async def queued_lines(session: AsyncSession) -> int:
-    """Pending lines of batches that are still to run (the work queue's depth)."""
+async def queued_lines(session: AsyncSession, owner: str | None = None) -> int:
+    """Pending lines of batches that are still to run (the work queue's depth): all of them, or one owner's."""
     statement = (select(func.count()).select_from(RequestRow)
                  .join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id))
                  .where(col(RequestRow.state) == "pending",
                         col(BatchRow.status).in_(("validating", "in_progress"))))
+    if owner is not None:
+        statement = statement.where(col(BatchRow.owner) == owner)
     return int((await session.execute(statement)).scalar() or 0)
 
 
 # ------------------------------------------------------------------------------- expiry, loaded context
+
+
+async def ping(session: AsyncSession) -> None:
+    """A round trip to the database (a health check)."""
+    await session.execute(text("SELECT 1"))
 
 
 async def expired_files(session: AsyncSession, now: int, limit: int = 1000) -> list[str]:

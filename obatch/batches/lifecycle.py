@@ -1,0 +1,274 @@
+"""The batch lifecycle: create a batch, drive it from wherever it stands to a final status, cancel it, expire it.
+
+Every step reads its state from the store and writes its progress back, so ``process`` can be called again on any
+batch after a crash and does only what is missing:
+
+    validating ─┬─> failed                     (input refused; every problem listed with its line)
+                └─> in_progress ─┬─> finalizing ─> completed
+                                 ├─> expired   (completion window passed; unfinished lines → batch_expired)
+                                 └─> cancelling ─> cancelled (unfinished lines → batch_cancelled)
+
+Importing the input is ``files``' part, recording results and closing the batch ``results'``; this module runs the
+rows through the engines in between: one model group after another, each at one fitted context, with the run's
+concurrency, remaining time and any cancel kept on the batch's row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+
+from obatch import context, errors, lease
+from obatch.backends.base import loaded_context
+from obatch.backends.pool import Pool
+from obatch.batches.files import validate_and_import
+from obatch.batches.results import ResultWriter, finalize
+from obatch.batches.services import Progress, Services, reload, update_batch
+from obatch.progress import LiveEta
+from obatch.protocol import FINAL_STATUSES, new_id
+from obatch.runner import Job, run_jobs
+from obatch.store import repo
+from obatch.store.tables import BatchRow
+
+_WINDOW = re.compile(r"([0-9]{1,6})([smhd])", re.ASCII)  # fullmatch: no spaces, newline or other digits
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_seconds(window: str, *, minimum: int = 60) -> int:
+    """``"24h"`` → 86400. Windows from ``minimum`` seconds (1 minute by default) to 7 days are accepted."""
+    match = _WINDOW.fullmatch(window)
+    if not match:
+        raise errors.ConfigError(f"completion_window must look like '24h' or '30m', got {window[:32]!r}.",
+                                 param="completion_window")
+    seconds = int(match.group(1)) * _UNIT[match.group(2)]
+    if not minimum <= seconds <= 7 * 86400:
+        raise errors.ConfigError(f"completion_window must be between {minimum}s and 7d.", param="completion_window")
+    return seconds
+
+
+async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
+                       metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
+                       source: str = "api", signature: str | None = None, concurrency: int | None = None,
+                       output_expires_after: int | None = None) -> BatchRow:
+    seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
+    created = int(svc.clock())
+    async with svc.sessions() as session:
+        await repo.get_file(session, input_file_id, owner if source == "api" else None)
+        batch = BatchRow(
+            id=new_id("batch"), owner=owner, endpoint=endpoint or "", input_file_id=input_file_id,
+            completion_window=completion_window, created_at=created, expires_at=created + seconds,
+            metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
+            signature=signature, concurrency=concurrency, backend=svc.backend.name,
+            output_expires_after=output_expires_after,
+            seq=await repo.next_seq(session),
+        )
+        repo.add(session, batch)
+        await session.commit()
+    return batch
+
+
+async def process(svc: Services, batch_id: str, *, progress: Progress | None = None,
+                  output: Path | None = None, error: Path | None = None, stream: bool = False) -> BatchRow:
+    """Drive a batch from wherever it stands to a final status. Safe to call again after any crash.
+
+    Only the holder of the batch's lease drives it: ``lease.BatchBusy`` when another live process does,
+    ``lease.LeaseLost`` when this one stalled past the lease's expiry and another took over.
+    """
+    batch = await reload(svc, batch_id)
+    if batch.status in FINAL_STATUSES:
+        return batch
+    async with lease.hold(svc.sessions, svc.settings, batch_id, svc.owner, svc.clock):
+        return await _process(svc, batch_id, progress=progress, output=output, error=error, stream=stream)
+
+
+async def _process(svc: Services, batch_id: str, *, progress: Progress | None, output: Path | None,
+                   error: Path | None, stream: bool) -> BatchRow:
+    batch = await reload(svc, batch_id)
+    if batch.status in FINAL_STATUSES:
+        return batch
+    if batch.status == "validating" or not batch.imported:
+        await validate_and_import(svc, batch)
+        if batch.status == "failed":
+            return batch
+    if batch.status == "cancelling":
+        return await finalize(svc, batch, "cancelled", output=output, error=error)
+    if batch.status == "in_progress":
+        if batch.started_at is None:  # the estimate is made before the clock starts, and kept to check it
+            estimate = None
+            if svc.estimator is not None:
+                estimate = await svc.estimator(svc.sessions, batch, svc.pool, batch.concurrency or svc.pool.fixed)
+            await update_batch(svc, batch, started_at=svc.clock(), estimate_json=estimate)
+        started = time.monotonic()
+        remaining = (batch.expires_at or 0) - svc.clock() if batch.expires_at else None
+        outcome = "completed"
+        try:
+            window = asyncio.timeout(max(remaining, 0) if remaining is not None else None)
+            async with window:
+                await _execute(svc, batch, progress=progress, stream=stream)
+        except* TimeoutError:
+            if not window.expired():  # a timeout from below, not the completion window: not an expiry
+                raise
+            outcome = "expired"
+        except* _Cancelled:
+            outcome = "cancelled"
+        finally:
+            with contextlib.suppress(Exception):
+                ran = batch.run_seconds + time.monotonic() - started
+                await asyncio.shield(update_batch(svc, batch, run_seconds=ran))
+        return await finalize(svc, batch, outcome, output=output, error=error)
+    # finalizing: a crash happened while files were being written; write them again.
+    return await finalize(svc, batch, "completed", output=output, error=error)
+
+
+async def request_cancel(svc: Services, batch_id: str, owner: str | None = None) -> BatchRow:
+    """Ask a batch to stop: the run notices within ``commit_interval`` and finalises as cancelled."""
+    async with svc.sessions() as session:
+        batch = await repo.get_batch(session, batch_id, owner)
+        if batch.status in ("cancelling", "cancelled"):
+            return batch
+        if batch.status in FINAL_STATUSES or batch.status == "finalizing":
+            raise errors.ConflictError(f"Batch {batch_id} is {batch.status} and cannot be cancelled.")
+        await repo.set_batch(session, batch_id, status="cancelling", cancelling_at=int(svc.clock()))
+        await session.commit()
+        return await repo.get_batch(session, batch_id, fresh=True)
+
+
+# ------------------------------------------------------------------------------------------ running the rows
+
+
+class _Cancelled(Exception):
+    """Raised inside the run when the batch was asked to cancel (by any process, through the store)."""
+
+
+async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> None:
+    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store.
+
+    It stops between rounds when ``done`` is set, not by being cancelled: a cancel landing in its query would leave
+    the connection to be rolled back at garbage collection (SQLite's write lock held until then)."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(svc.settings.commit_interval):
+                await done.wait()
+        if done.is_set():
+            return
+        await writer.flush()
+        async with svc.sessions() as session:
+            status = await repo.batch_status(session, writer.batch_id)
+            await repo.set_batch(session, writer.batch_id, concurrency_json=concurrency_json(svc.pool, writer.started),
+                                 eta_json=orjson.dumps(writer.eta.as_dict()).decode() if writer.eta else None)
+            await session.commit()
+        if writer.progress is not None:
+            eta = writer.eta.describe() if writer.eta is not None else ""
+            writer.progress.set_postfix_str(svc.pool.levels() + (f"; {eta}" if eta else ""), refresh=False)
+        if status == "cancelling":
+            raise _Cancelled
+
+
+def concurrency_json(pool: Pool, since: float) -> str:
+    """Each host's level, the reason for it, and its changes since ``since`` (monotonic seconds)."""
+    hosts = []
+    for host in pool.hosts:
+        entry = host.status().model_dump()
+        changes = host.limit.history
+        first = max((i for i, c in enumerate(changes) if c.at <= since), default=0)  # the level the run began at
+        entry["history"] = [c.as_dict() for c in changes[first:]]
+        hosts.append(entry)
+    return orjson.dumps({"mode": "auto" if pool.concurrency == "auto" else "fixed", "hosts": hosts}).decode()
+
+
+async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
+    async for line, custom_id, url, text, prompt_estimate in repo.iter_pending(svc.sessions, batch_id, model):
+        body = orjson.loads(text)
+        yield Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
+
+
+async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None, stream: bool = False) -> None:
+    """Run every pending row, one model group after another (fewest model swaps), resuming where rows stand."""
+    async with svc.sessions() as session:
+        groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
+    writer = ResultWriter(svc, batch.id, progress, eta=await live_eta(svc, batch))
+    pool = svc.pool
+    for group in groups:
+        try:
+            info = await pool.route(group.model)
+        except errors.PermanentError as exc:
+            await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
+            continue
+        num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
+        await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                done = asyncio.Event()
+                tasks.create_task(_watch(svc, writer, done))
+                runner = tasks.create_task(run_jobs(
+                    _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
+                    model=group.model, stream=stream, cap=batch.concurrency))
+                await runner
+                done.set()
+        finally:
+            await asyncio.shield(writer.flush())
+            await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
+        await _record_loaded_context(svc, batch.id, group.model)
+
+
+async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:
+    """The remaining-time tracker of this run: the pending lines by cap, and the start estimate as its prior."""
+    async with svc.sessions() as session:
+        caps = await repo.pending_caps(session, batch.id)
+    made = orjson.loads(batch.estimate_json) if batch.estimate_json else {}
+    groups = made.get("groups") or []
+    load = sum(float(g.get("load_seconds") or 0.0) for g in groups)
+    lines = sum(int(g.get("num_requests") or 0) for g in groups)
+    output = sum(float(g.get("output_tokens_mean") or 0.0) * int(g.get("num_requests") or 0) for g in groups)
+    return LiveEta(caps, prior_seconds=max(0.0, float(made["seconds"]) - load) if made.get("seconds") else None,
+                   prior_output=output / lines if lines else None)
+
+
+async def _record_loaded_context(svc: Services, batch_id: str, model: str) -> None:
+    """Once per model group: the context the engine really ran (Ollama's may differ from the one asked)."""
+    try:
+        loaded = await loaded_context(svc.backend, model)
+    except errors.BackendError:
+        return  # a fact for the record, not worth failing a batch over
+    if loaded:
+        async with svc.sessions() as session:
+            await repo.set_loaded_context(session, batch_id, model, loaded)
+            await session.commit()
+
+
+async def _fail_group(svc: Services, batch_id: str, model: str, exc: errors.BackendError,
+                      progress: Progress | None, count: int) -> None:
+    async with svc.sessions() as session:
+        await repo.fail_pending(session, batch_id, exc.code, exc.message, model=model,
+                                status=exc.status or exc.status_code)
+        await session.commit()
+    if progress is not None:
+        progress.update(count)
+
+
+async def _fit_group(svc: Services, batch_id: str, group: repo.Group, context_length: int | None,
+                     progress: Progress | None) -> int | None:
+    """One num_ctx for the group; requests that cannot fit the model at all fail now as context_length_exceeded."""
+    if not svc.pool.sets_num_ctx:
+        return None  # an OpenAI-compatible engine's context is fixed at its start
+    if context_length:
+        async with svc.sessions() as session:
+            failed = await repo.fail_pending(session, batch_id, "context_length_exceeded",
+                                             f"The request does not fit the model's context length of {context_length} "
+                                             "tokens (prompt estimate plus max_tokens).", model=group.model,
+                                             context_length=context_length)
+            await session.commit()
+        if progress is not None and failed:
+            progress.update(failed)
+        async with svc.sessions() as session:
+            refreshed = [g for g in await repo.pending_groups(session, batch_id, context.DEFAULT_OUTPUT_BUDGET)
+                         if g.model == group.model]
+        if refreshed:
+            group = refreshed[0]
+    return context.fit_num_ctx(group.max_need, context_length).num_ctx
