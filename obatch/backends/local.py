@@ -11,6 +11,8 @@ request per prompt (``obatch.backends.completions``: llama.cpp's own answer to a
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +42,7 @@ class LocalBackend:
         self.parallel = parallel
         self._client: OpenAIBackend | None = None
         self._url: str | None = None
+        self._digest: str | None = None
 
     async def _ready(self, num_ctx: int | None = None, parallel: int | None = None) -> OpenAIBackend:
         config = self.engine.config
@@ -115,6 +118,13 @@ class LocalBackend:
         config = self.engine.config
         return config.n_ctx // config.n_parallel if config is not None and model == self.alias else None
 
+    async def model_digest(self, model: str) -> str | None:
+        """The GGUF file's SHA-256, read once per backend in a thread (a file of gigabytes takes seconds)."""
+        self._check_model(model)
+        if self._digest is None:
+            self._digest = "sha256:" + await asyncio.to_thread(_file_sha256, self.engine.model_path)
+        return self._digest
+
     async def version(self) -> str | None:
         import xllamacpp
 
@@ -125,3 +135,11 @@ class LocalBackend:
             await self._client.aclose()
             self._client = None
         await self.engine.aclose()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
