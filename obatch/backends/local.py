@@ -12,7 +12,6 @@ request per prompt (``obatch.backends.completions``: llama.cpp's own answer to a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from obatch.backends import completions
 from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
 from obatch.engine import LocalEngine
+from obatch.jsonl import file_sha256
 
 DEFAULT_NUM_CTX = 2048
 # Slots when the caller leaves the width to the engine (auto concurrency): on 2 CPU cores SmolLM2 gave 117 / 126 /
@@ -122,7 +122,7 @@ class LocalBackend:
         """The GGUF file's SHA-256, read once per backend in a thread (a file of gigabytes takes seconds)."""
         self._check_model(model)
         if self._digest is None:
-            self._digest = "sha256:" + await asyncio.to_thread(_file_sha256, self.engine.model_path)
+            self._digest = "sha256:" + await asyncio.to_thread(file_sha256, self.engine.model_path)
         return self._digest
 
     async def version(self) -> str | None:
@@ -135,11 +135,3 @@ class LocalBackend:
             await self._client.aclose()
             self._client = None
         await self.engine.aclose()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
