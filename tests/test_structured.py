@@ -12,6 +12,7 @@ import orjson
 import pytest
 from litestar.testing import AsyncTestClient
 
+import obatch
 from obatch import errors, structured
 from obatch.api import results_frame, run_batch_file
 from obatch.backends.base import Result
@@ -155,6 +156,16 @@ async def test_cli_path_retries_invalid_answers_then_keeps_them_as_invalid_outpu
     frame = await results_frame(make_settings(), batch.id)
     assert frame["refused_answers"].fill_null(0).sum() == refused
     assert frame.filter(frame["error_code"] == "invalid_output").height == len(invalid)
+
+
+async def test_the_notebook_run_takes_its_retries_as_a_keyword(make_settings: Callable[..., Settings]) -> None:
+    async with OllamaSim(SimConfig(num_parallel=2, invalid_json_rate=1.0)) as sim:
+        frame = await obatch.run(["a", "b"], model="llama3.2:1b", settings=make_settings(sim.url), progress=False,
+                                 output_retries=0, response_format={"type": "json_object"}, max_tokens=8)
+        asked = sim.stats.invalid_json_injected
+    assert asked == 2  # no retry: one answer a line
+    assert frame["error_code"].to_list() == ["invalid_output"] * 2 and frame["refused_answers"].to_list() == [1, 1]
+    assert frame["content"].to_list()[0] and frame["host"].to_list() == [sim.url] * 2
 
 
 # ------------------------------------------------------------------------------------------------ server
