@@ -28,6 +28,10 @@ SmolLM2-135M runs a share of its uncapped answers on to the context window (abou
 than 2,048 on its own, so the engine is presented to them as a model of that context length. The sweep's workload
 must then fit it (prompt + output below ``--num-ctx``).
 
+Blind estimates (``--blind-answers 4,16,64,256``, simulator only): held-out files estimated with nothing known of
+the answers, each on a fresh copy of the swept store, while the simulator answers about that many words; the share
+of intervals that hold the actual.
+
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
 The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
 runs they disturbed.
@@ -283,6 +287,33 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
     return results
 
 
+async def blind_case(args: argparse.Namespace, base: Path, sim: Any, answer: int, kind: str) -> tuple[str, bool]:
+    """A held-out file of ``kind`` estimated blind (nothing known of the model's answers: a fresh copy of the swept
+    store) while the simulator answers about ``answer`` words, then run: does the interval hold the actual?"""
+    data_dir = base.parent / f"{base.name}-blind-{kind}-{answer}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.copytree(base, data_dir)
+    sim.config.default_output_tokens = answer
+    settings = _settings(args, data_dir, sim.url)
+    backend = await open_windowed(settings, args.num_ctx)
+    try:
+        held = held_out_file(data_dir / f"blind_{kind}.jsonl", args.model, args.requests, seed=args.seed + answer,
+                             kind=kind, questions=args.questions, passages=args.passages)
+        made = await file_estimate(settings, held, args.concurrency, backend, args.num_ctx)
+        run = await run_batch_file(held, settings=settings, backend=backend, concurrency=args.concurrency,
+                                   progress=False, fresh=True)
+    finally:
+        await backend.aclose()
+    actual = run.batch.run_seconds
+    within = made.low <= actual <= made.high
+    label = f"{kind}, answers ~{answer} words"
+    print(f"  blind {label}: estimate {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}]"
+          f"{' (a guess)' if getattr(made, 'guess', False) else ''}, actual {actual:.1f} s "
+          f"({run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line), error "
+          f"{(made.seconds - actual) / actual * 100:+.1f}% ({'in' if within else 'OUT of'} interval)")
+    return label, within
+
+
 async def open_windowed(settings: Settings, num_ctx: int) -> Backend:
     """The backend, presented as a model of ``num_ctx`` tokens of context when that is below obatch's own pick."""
     from obatch.backends import open_backend
@@ -330,6 +361,12 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
                   f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
                   f"tok/s per request, p50 {row['latency_p50']:.0f} ms")
+        blind = [(kind, int(answer)) for kind in args.blind_kinds.split(",") if kind
+                 for answer in args.blind_answers.split(",") if answer] if sim is not None else []
+        if blind:
+            print(f"blind estimates ({args.requests} natural requests each, c={args.concurrency}):")
+            held = [await blind_case(args, data_dir, sim, answer, kind) for kind, answer in blind]
+            print(f"RESULT blind: {sum(w for _, w in held)} of {len(held)} intervals hold the actual")
         natural: list[tuple[str, float, bool, bool]] = []
         for kind in [k for k in args.cases.split(",") if k]:
             print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
@@ -439,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                         "small model then stops by itself)")
     p.add_argument("--passages", type=int, default=4, help="the most context passages of a long question (about "
                    "100 tokens each; at --num-ctx 512 use 2, or the longest prompts do not fit)")
+    p.add_argument("--blind-answers", default="", help="simulator only: the typical natural answers (words, "
+                   "comma-separated) at which held-out files are estimated blind, each on a fresh copy of the swept "
+                   "store, and run (e.g. 4,16,64,256)")
+    p.add_argument("--blind-kinds", default="uncapped,mixed", help="the file kinds of --blind-answers")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)

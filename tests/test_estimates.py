@@ -538,6 +538,31 @@ async def test_a_batch_is_estimated_at_the_context_its_model_really_has(make_set
         assert stored["groups"][0]["output_tokens_mean"] == pytest.approx(routed.output_tokens_mean, rel=1e-9)
 
 
+@pytest.mark.parametrize("answers", [6, 1100])
+async def test_a_blind_interval_holds_answers_far_shorter_or_longer_than_its_guess(
+        make_settings: Callable[..., Settings], tmp_path: Path, answers: int) -> None:
+    """Nothing known of the answers (no pilot, no batch, no natural benchmark request): the estimate guesses 256
+    tokens an answer, says it is a guess, offers a pilot first, and its interval holds a run whose answers are 20×
+    shorter (6-12 tokens) or 4× longer (about 1,050, some running on to the context window) than the guess."""
+    async with OllamaSim(dataclasses.replace(SIM, default_output_tokens=answers)) as sim:
+        settings = make_settings(sim.url, concurrency=2)
+        await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short",
+                                  seed=1), settings=settings, progress=False)
+        path = natural_file(tmp_path / "natural.jsonl", 12, seed=5)
+        blind = await _file_estimate(settings, path)
+        assert blind.guess and blind.output_tokens_mean == pytest.approx(256.0)
+        assert blind.answers is not None and not blind.answers.known and views.offers_pilot(blind)
+        assert "a guess" in blind.notes[0] and "pilot" in blind.notes[0]
+        said = bench_cli.describe(blind)
+        assert "guess" in said[0] and "pilot" in said[0]
+        report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+        taken = report.batch.output_tokens / report.batch.completed
+        assert (taken < 256 / 20) if answers < 40 else (taken > 256 * 4)
+        assert blind.low <= report.batch.run_seconds <= blind.high
+        stored = orjson.loads(report.batch.estimate_json or "{}")
+        assert stored["low"] <= report.batch.run_seconds <= stored["high"] and stored["groups"][0]["guess"]
+
+
 async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tuple[Settings, OllamaSim],
                                                                       tmp_path: Path) -> None:
     settings, _sim = swept

@@ -5,7 +5,10 @@ The configuration is the one asked for (num_ctx, concurrency) or the best one (`
 between measured levels is interpolated, one outside them takes the nearest (and widens the interval). Where answer
 lengths are learnt, the run is replayed with lengths drawn from that distribution (a long answer late in the run
 lengthens the makespan), and the interval widens by the draws' spread and by how far a new file's mean answer may
-lie from the learnt one. Finished batches scale the running time (``obatch.bench.estimate.history``).
+lie from the learnt one. Where nothing is known of the answers (no pilot, no finished batch, no natural benchmark
+request), the estimate is *blind*: its point is a guess (``Estimate.guess``) and its interval spans what the model
+could do, from the shortest answers to every answer running to its cap or the context window (``answer_bounds``).
+Finished batches scale the running time (``obatch.bench.estimate.history``).
 
 Intervals are multiplicative (``seconds / (1 + margin)`` to ``seconds · (1 + margin)``): durations err by factors,
 and a lower bound never falls below zero. Without benchmark points, a pilot's own latencies are the measurement
@@ -32,6 +35,8 @@ from obatch.store.tables import PilotRow
 
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
+SHORTEST_ANSWER = 1.0  # tokens: the least a model may answer (a blind interval's lower end)
+PILOT_HINT = "`obatch estimate --file F --pilot auto`, pilot=auto on the endpoint, or the Batches page's button"
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Estimate:
     candidates: list[dict[str, Any]]
     points: list[dict[str, Any]]
     method: str = "per-config token cost model; makespan at the calibrated parallelism; stored points"
+    guess: bool = False  # answer lengths unknown: ``seconds`` is a guess, the interval what the model could do
     history_factor: float = 1.0  # the correction learned from finished batches (1: none yet)
     history_batches: int = 0
     notes: list[str] = field(default_factory=list)
@@ -132,7 +138,11 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     run_seconds, basis, note = at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
     share = None
-    if shape.answers is not None and shape.caps is not None and shape.count is None:
+    blind = shape.answers is not None and shape.caps is not None and shape.count is None and not shape.answers.known
+    if blind:
+        short, longest = (at_concurrency(same_ctx, bound, chosen_c)[0] for bound in answer_bounds(shape, chosen_ctx))
+        share = output_share(basis, shape)
+    elif shape.answers is not None and shape.caps is not None and shape.count is None:
         drawn, draw_cv, mean_cv = answer_spread(basis, shape)
         run_seconds *= drawn
         margin = math.sqrt(margin ** 2 + (Z * draw_cv) ** 2 + (Z * mean_cv) ** 2)
@@ -153,6 +163,14 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
                      f"tokens) lie outside the measured ones; the interval is widened")
     load = basis.load_seconds if include_load else 0.0
     seconds = run_seconds + load
+    low, high = run_seconds / (1 + margin) + load, run_seconds * (1 + margin) + load
+    if blind:
+        low = min(low, short * factor / (1 + margin) + load)
+        high = max(high, longest * factor * (1 + margin) + load)
+        notes.insert(0, f"answer lengths unknown: {seconds:.0f} s is a guess (answers of {shape.mean_output:.0f} "
+                        f"tokens on average); the interval runs from answers of {SHORTEST_ANSWER:.0f} token to "
+                        f"answers that run to their max_tokens or to the context window (num_ctx {chosen_ctx}). "
+                        f"A pilot measures them first: {PILOT_HINT}")
     rate = shape.n / seconds if seconds > 0 else 0.0
     if basis.measured_req_per_s and rate > 1.25 * basis.measured_req_per_s:
         notes.append(f"the benchmark measured {basis.measured_req_per_s:.2f} req/s at num_ctx {basis.num_ctx}, "
@@ -163,13 +181,24 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
               for f in used for i in f.point_ids]
     return Estimate(
         model=basis.model, backend=basis.backend, num_requests=shape.n, prompt_tokens_mean=shape.mean_prompt,
-        output_tokens_mean=shape.mean_output, seconds=seconds, low=run_seconds / (1 + margin) + load,
-        high=run_seconds * (1 + margin) + load, load_seconds=load, num_ctx=chosen_ctx, concurrency=chosen_c,
-        req_per_s=rate, best=best, candidates=candidates, points=points,
-        history_factor=factor, history_batches=len(ratios), notes=notes,
+        output_tokens_mean=shape.mean_output, seconds=seconds, low=low, high=high, load_seconds=load,
+        num_ctx=chosen_ctx, concurrency=chosen_c, req_per_s=rate, best=best, candidates=candidates, points=points,
+        guess=blind, history_factor=factor, history_batches=len(ratios), notes=notes,
         measured_req_per_s=basis.measured_req_per_s,
         answers=shape.answers.summary() if shape.answers is not None else None, output_share=share,
     )
+
+
+def answer_bounds(shape: Shape, num_ctx: int) -> tuple[Shape, Shape]:
+    """The workload with the shortest answers a model may give, and with every answer running to its limit: its
+    ``max_tokens``, or the context left at ``num_ctx`` (a model that loops runs on until the context is full). A
+    blind estimate's interval lies between the two: without a measurement of the answers, nothing narrower holds."""
+    caps = shape.caps or [None] * len(shape.prompt_tokens)
+    rooms = shape.rooms or [None] * len(caps)
+    limits = [min(float(b) for b in (cap, room if room is not None else max(1.0, num_ctx - prompt)) if b is not None)
+              for cap, room, prompt in zip(caps, rooms, shape.prompt_tokens, strict=True)]
+    return (dataclasses.replace(shape, output_tokens=[min(SHORTEST_ANSWER, o) for o in limits]),
+            dataclasses.replace(shape, output_tokens=limits))
 
 
 def output_share(fit: ConfigFit, shape: Shape) -> float:
