@@ -687,6 +687,30 @@ async def test_an_automatic_pilot_grows_while_its_answers_leave_the_estimate_uns
     assert any("pilot (automatic): 16 lines of 200" in line for line in bench_cli.describe(same))
 
 
+async def test_a_pilot_corrects_the_sweep_by_the_engine_speed_of_today(swept: tuple[Settings, OllamaSim],
+                                                                       tmp_path: Path) -> None:
+    """The engine runs at half the speed it was swept at: a pilot's lines take twice what the sweep's model gives
+    them, and the estimate of the rest follows today's speed, not the sweep's."""
+    settings, sim = swept
+    # half the speed; answers that take the engine's time, not the client's
+    sim.config = dataclasses.replace(sim.config, decode_tps=1000, prompt_tps=10_000, default_output_tokens=120)
+    path = natural_file(tmp_path / "natural.jsonl", 64, seed=61)
+    engine, sessions = await open_store(settings.db_url)
+    backend = OllamaBackend(sim.url)
+    try:
+        await run_pilot(sessions, backend, settings, path, size=16, concurrency=2)
+    finally:
+        await backend.aclose()
+        await engine.dispose()
+    made = await _file_estimate(settings, path)
+    assert any("today's engine speed" in note for note in made.notes)
+    report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+    actual = report.batch.run_seconds
+    assert made.low <= actual <= made.high and abs(made.seconds / actual - 1) < 0.25
+    stored = orjson.loads(report.batch.estimate_json or "{}")  # the batch's start estimate knows it too
+    assert stored["seconds"] == pytest.approx(made.seconds, rel=1e-6)
+
+
 async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_settings: Callable[..., Settings],
                                                                         tmp_path: Path) -> None:
     async with OllamaSim(SIM) as sim:

@@ -23,7 +23,7 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from obatch import errors
 from obatch.bench.answers import t_quantile
@@ -32,6 +32,9 @@ from obatch.bench.estimate.fit import EXTRAPOLATION_PENALTY, MIN_MARGIN, ConfigF
 from obatch.bench.estimate.schedule import makespan
 from obatch.bench.estimate.shape import Shape
 from obatch.store.tables import PilotRow
+
+if TYPE_CHECKING:
+    from obatch.bench.estimate.history import Speed
 
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
@@ -105,13 +108,14 @@ def at_concurrency(fits: Sequence[ConfigFit], shape: Shape, concurrency: int) ->
 
 def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int | None = None,
                        concurrency: int | None = None, include_load: bool = True,
-                       history: Sequence[tuple[int, float]] = ()) -> Estimate:
+                       history: Sequence[tuple[int, float]] = (), speed: Speed | None = None) -> Estimate:
     """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config.
 
     ``history`` holds (concurrency, actual / modelled running time) of finished batches (``history_ratios``): the
     median ratio of those at the chosen concurrency (of all when none is), shrunk toward 1 by ``n / (n + 1)``,
     scales the running time, and their spread widens the interval — the record of estimate vs actual corrects
-    what the benchmark could not see."""
+    what the benchmark could not see. ``speed``: today's engine speed as a pilot of the file measured it
+    (``obatch.bench.estimate.history.pilot_speed``), which replaces the history's correction."""
     if not fits or shape.n == 0:
         raise errors.NotFoundError("No benchmark points to estimate from.", param="model")
     notes = list(shape.notes)
@@ -147,8 +151,13 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         run_seconds *= drawn
         margin = math.sqrt(margin ** 2 + (Z * draw_cv) ** 2 + (Z * mean_cv) ** 2)
         share = output_share(basis, shape)
-    ratios = [r for c, r in history if c == chosen_c] or [r for _, r in history]
+    ratios = [] if speed is not None else [r for c, r in history if c == chosen_c] or [r for _, r in history]
     factor = math.exp(statistics.median(map(math.log, ratios)) * len(ratios) / (len(ratios) + 1)) if ratios else 1.0
+    if speed is not None:
+        factor = speed.factor
+        run_seconds *= factor
+        margin = math.sqrt(margin ** 2 + (Z * speed.uncertainty) ** 2)
+        notes.append(speed.note())
     if ratios:
         run_seconds *= factor
         spread = statistics.median(abs(r - factor) / factor for r in ratios)

@@ -30,7 +30,7 @@ from obatch.backends.base import Backend, capabilities_of
 from obatch.backends.pool import Pool
 from obatch.bench.estimate.calibrate import calibration_for
 from obatch.bench.estimate.fit import ConfigFit, decode_timings, fits_for, fits_preferring
-from obatch.bench.estimate.history import history_ratios
+from obatch.bench.estimate.history import history_ratios, pilot_speed
 from obatch.bench.estimate.predict import Estimate, estimate_from_fits, nothing_left, pick_num_ctx, pilot_extrapolation
 from obatch.bench.estimate.shape import (
     SHARE_SAMPLE,
@@ -116,7 +116,8 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
     run on to the context end there. The model's context length only lowers that pick for a model whose context
     is smaller; it is not asked here (an estimate needs no engine, and must not wait on a busy one) but taken from
     what an engine pool learnt when it routed the model (a batch routes its models before its estimate, a pilot
-    before it runs). Without benchmark points, a pilot's own latencies are extrapolated instead."""
+    before it runs). Without benchmark points, a pilot's own latencies are extrapolated instead; with them, a
+    pilot's wall time against the points' model tells today's engine speed (``pilot_speed``)."""
     backend, engine, concurrency, exclude = request.backend, request.engine, request.concurrency, request.batch
     timings = await decode_timings(session, model, pilot, exclude_batch=exclude)
     try:
@@ -145,8 +146,12 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
                                         exclude_batch=exclude,
                                         repeated=statistics.fmean(shares) if shares else 0.0)
     history = await history_ratios(session, model, fits[0].backend, fits=fits, calibration=calibration)
+    speed = await asyncio.to_thread(pilot_speed, fits, pilot, num_ctx=num_ctx,
+                                    cached=calibration.cache_kept * statistics.fmean(shares) if shares else 0.0) \
+        if pilot else None
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration, window=window, num_ctx=num_ctx,
-                                   concurrency=concurrency, include_load=request.include_load, history=history)
+                                   concurrency=concurrency, include_load=request.include_load, history=history,
+                                   speed=speed)
     made.done_requests = done
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
