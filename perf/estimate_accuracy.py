@@ -178,7 +178,7 @@ def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped
     return path
 
 
-async def file_estimate(settings: Settings, path: Path, concurrency: int, backend: Backend,
+async def file_estimate(settings: Settings, path: Path, concurrency: int | None, backend: Backend,
                         num_ctx: int) -> DurationEstimate:
     """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out),
     for the num_ctx its batch runs with when that is below obatch's own pick (``Windowed``)."""
@@ -348,6 +348,25 @@ async def zero_case(args: argparse.Namespace, base: Path, kind: str, sim_url: st
     return kind, error
 
 
+async def auto_case(args: argparse.Namespace, settings: Settings, attempt: int, backend: Backend) -> float:
+    """A held-out capped file estimated under auto concurrency (the level auto is expected to settle on) and run
+    under auto: the error, and the level auto settled on against the estimate's."""
+    held = held_out_file(settings.data_dir / f"auto_{attempt}.jsonl", args.model, args.requests,
+                         seed=args.seed + 50 + attempt, questions=args.questions, passages=args.passages)
+    made = await file_estimate(settings, held, None, backend, args.num_ctx)
+    run = await run_batch_file(held, settings=settings, backend=backend, concurrency="auto", progress=False,
+                               fresh=True)
+    hosts = orjson.loads(run.batch.concurrency_json or "{}").get("hosts") or [{}]
+    levels = [c["level"] for c in hosts[0].get("history") or []]
+    actual = run.batch.run_seconds
+    error = (made.seconds - actual) / actual * 100
+    print(f"  auto run {attempt + 1}: estimate {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}] at "
+          f"concurrency {made.concurrency}; auto went {' → '.join(map(str, levels))} and settled at "
+          f"{hosts[0].get('best')}; actual {actual:.1f} s, error {error:+.1f}% "
+          f"({'in' if made.low <= actual <= made.high else 'OUT of'} interval)")
+    return error
+
+
 async def open_windowed(settings: Settings, num_ctx: int) -> Backend:
     """The backend, presented as a model of ``num_ctx`` tokens of context when that is below obatch's own pick."""
     from obatch.backends import open_backend
@@ -369,8 +388,8 @@ async def measure(args: argparse.Namespace) -> float:
     if args.backend == "sim":
         from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 
-        sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=2, prompt_tps=3000, decode_tps=300,
-                                  default_output_tokens=args.sim_answer, load_seconds=0.2))
+        sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=args.sim_parallel, prompt_tps=3000,
+                                  decode_tps=300, default_output_tokens=args.sim_answer, load_seconds=0.2))
         await sim.start()
     settings = Settings(_env_file=None, data_dir=data_dir, backend=backend,
                         ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
@@ -410,6 +429,14 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"blind estimates ({args.requests} natural requests each, c={args.concurrency}):")
             holding = [await blind_case(args, data_dir, sim, answer, kind) for kind, answer in blind]
             print(f"RESULT blind: {sum(w for _, w in holding)} of {len(holding)} intervals hold the actual")
+        if args.auto_runs:
+            print(f"held-out capped files under auto concurrency ({args.requests} requests each):")
+            engine_for_auto = await open_windowed(settings, args.num_ctx)
+            try:
+                autos = [await auto_case(args, settings, attempt, engine_for_auto) for attempt in range(args.auto_runs)]
+            finally:
+                await engine_for_auto.aclose()
+            print("RESULT auto: " + ", ".join(f"{e:+.1f}%" for e in autos))
         natural: list[tuple[str, float, bool, bool]] = []
         for kind in [k for k in args.cases.split(",") if k]:
             print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
@@ -526,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                    "engine at this share of its speed (0.5: half as fast), as a shared machine's engine drifts")
     p.add_argument("--pilot-from-zero", default="", help="file kinds (uncapped, mixed, capped) estimated by a "
                    "pilot on an empty store: no benchmark, no history")
+    p.add_argument("--sim-parallel", type=int, default=2, help="the simulator's parallel slots")
+    p.add_argument("--auto-runs", type=int, default=0, help="held-out capped files estimated and run under auto "
+                   "concurrency")
     p.add_argument("--blind-kinds", default="uncapped,mixed", help="the file kinds of --blind-answers")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")

@@ -36,6 +36,7 @@ from obatch.store.tables import PilotRow
 if TYPE_CHECKING:
     from obatch.bench.estimate.history import Speed
 
+GAIN = 0.05  # what a probe must gain for auto to keep it (``obatch.concurrency.AutoLimit``'s ``gain``)
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
 SHORTEST_ANSWER = 1.0  # tokens: the least a model may answer (a blind interval's lower end)
@@ -106,10 +107,39 @@ def at_concurrency(fits: Sequence[ConfigFit], shape: Shape, concurrency: int) ->
         f"concurrency {concurrency} was not measured; the nearest level ({nearest.concurrency}) is used"
 
 
+def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None) -> tuple[int, bool, str]:
+    """The level ``obatch.concurrency.AutoLimit`` is expected to settle on for this workload, walked on the sweep's
+    curve (fits of one num_ctx, levels between the measured ones interpolated) by auto's own rule: start at the
+    slots the engine reports (then probe a quarter higher), else at 1 (then double; the walk starts at the lowest
+    level measured when that is higher); keep a probe that gains ``GAIN``, stop at the first that does not. Returns
+    (level, whether auto may go past the highest level measured — the curve still gained there —, the note)."""
+    top, lowest = max(f.concurrency for f in fits), min(f.concurrency for f in fits)
+    level, doubling = (max(lowest, slots), False) if slots else (lowest, True)  # nothing tells below the lowest
+    start = f"the engine reports {slots} slots" if slots else "the engine tells no slot count: auto starts at 1"
+    rate = shape.n / at_concurrency(fits, shape, level)[0]
+    last = 1.0
+    while True:
+        probe = level + (level if doubling else max(1, level // 4))
+        if probe > top:
+            beyond = level >= top and last >= 1 + GAIN
+            note = (f"concurrency auto: expected to settle at {level} ({start}; the sweep's curve gains "
+                    f"{GAIN:.0%} or more up to there)")
+            if beyond:
+                note += f"; auto may go past {top}, the highest level the sweep measured, and run faster"
+            return level, beyond, note
+        faster = shape.n / at_concurrency(fits, shape, probe)[0]
+        if faster < rate * (1 + GAIN):
+            return level, False, (f"concurrency auto: expected to settle at {level} ({start}; {probe} gains "
+                                f"{faster / rate - 1:.0%} on the sweep's curve, less than the {GAIN:.0%} auto asks)")
+        level, rate, last = probe, faster, faster / rate
+
+
 def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int | None = None,
                        concurrency: int | None = None, include_load: bool = True,
-                       history: Sequence[tuple[int, float]] = (), speed: Speed | None = None) -> Estimate:
-    """The estimate for one model's fits: for (num_ctx, concurrency) when given, else for the best config.
+                       history: Sequence[tuple[int, float]] = (), speed: Speed | None = None,
+                       slots: int | None = None) -> Estimate:
+    """The estimate for one model's fits: for (num_ctx, concurrency) when given; num_ctx else the best config's,
+    and concurrency else the level auto is expected to settle on (``auto_level``, from the engine's ``slots``).
 
     ``history`` holds (concurrency, actual / modelled running time) of finished batches (``history_ratios``): the
     median ratio of those at the chosen concurrency (of all when none is), shrunk toward 1 by ``n / (n + 1)``,
@@ -132,13 +162,14 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
          "measured_output_tokens_per_s": measured[(n, c)].measured_output_tps}
         for t, n, c in ranked]
     best = best_config(candidates, speed="req_per_s") or candidates[0]  # obatch.bench.best: the one rule
-    if concurrency is None and num_ctx is None:
-        chosen_ctx, chosen_c = best["num_ctx"], best["concurrency"]
-    else:
-        chosen_ctx = pick_num_ctx(fits, need, num_ctx)
-        fastest = min((f.run_seconds(shape), f.concurrency) for f in fits if f.num_ctx == chosen_ctx)[1]
-        chosen_c = concurrency if concurrency is not None else fastest
+    chosen_ctx = best["num_ctx"] if num_ctx is None and concurrency is None else pick_num_ctx(fits, need, num_ctx)
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
+    faster = False
+    if concurrency is None:
+        chosen_c, faster, auto = auto_level(same_ctx, shape, slots)
+        notes.append(auto)
+    else:
+        chosen_c = concurrency
     run_seconds, basis, note = at_concurrency(same_ctx, shape, chosen_c)
     margin = basis.margin(shape)
     share = None
@@ -172,7 +203,8 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
                      f"tokens) lie outside the measured ones; the interval is widened")
     load = basis.load_seconds if include_load else 0.0
     seconds = run_seconds + load
-    low, high = run_seconds / (1 + margin) + load, run_seconds * (1 + margin) + load
+    # auto may go past the highest level measured: the lower end widens as for a level not measured
+    low, high = run_seconds / (1 + margin + EXTRAPOLATION_PENALTY * faster) + load, run_seconds * (1 + margin) + load
     if blind:
         low = min(low, short * factor / (1 + margin) + load)
         high = max(high, longest * factor * (1 + margin) + load)

@@ -50,13 +50,15 @@ from obatch.store.tables import BatchRow, PilotRow
 log = logging.getLogger("obatch.bench")
 
 ROUTE_SECONDS = 10.0  # how long a batch's start estimate waits for the engine to say a model's context length
+SLOTS_SECONDS = 2.0  # how long an estimate under auto concurrency waits for the engine to say its slots
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EstimateRequest:
     """What an estimate is asked for: ``num_requests`` × (``prompt_tokens``, ``output_tokens``) on ``model``, or a
     batch ``file`` (``model`` then overrides every line's model, as ``obatch run --model`` does), at ``num_ctx`` and
-    ``concurrency`` (each None: the best measured), with the model's load time or without.
+    ``concurrency`` (num_ctx None: the one the batch will pick, or the best measured; concurrency None: auto, the
+    level auto is expected to settle on, from the slots ``engine`` reports), with the model's load time or without.
 
     ``backend``: prefer points measured on it. ``engine``, when given, tells the context window obatch will pick.
     ``file_sha256`` finds the lines a pilot of the file already ran (left out: the batch takes them as finished) and
@@ -149,13 +151,23 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
     speed = await asyncio.to_thread(pilot_speed, fits, pilot, num_ctx=num_ctx,
                                     cached=calibration.cache_kept * statistics.fmean(shares) if shares else 0.0) \
         if pilot else None
+    slots = await engine_slots(engine) if concurrency is None and engine is not None else None
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration, window=window, num_ctx=num_ctx,
                                    concurrency=concurrency, include_load=request.include_load, history=history,
-                                   speed=speed)
+                                   speed=speed, slots=slots)
     made.done_requests = done
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
     return made
+
+
+async def engine_slots(engine: Backend) -> int | None:
+    """The parallel slots the engine reports (llama.cpp does, Ollama does not), where auto concurrency starts; None
+    when it does not say or does not answer within ``SLOTS_SECONDS`` (an estimate must not wait on a busy one)."""
+    with contextlib.suppress(errors.BackendError, TimeoutError, OSError):
+        async with asyncio.timeout(SLOTS_SECONDS):
+            return await engine.slots()
+    return None
 
 
 def _estimate_rows(fits: Sequence[ConfigFit], lines: Lines, calibration: TokenCalibration, *, window: int,
@@ -175,7 +187,7 @@ async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> E
 async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None
                          ) -> dict[str, Any] | None:
     """The estimate for a batch about to run (its pending requests, per model group, at the num_ctx obatch will
-    pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level), made by
+    pick and the batch's concurrency — ``None`` for auto: the level auto is expected to settle on), made by
     ``estimate_model`` as the file's estimate is; None when a model has no benchmark points."""
     async with sessions() as session:
         sha = await bench_repo.stored_file_sha256(session, batch.input_file_id)
