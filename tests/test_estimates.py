@@ -485,7 +485,8 @@ async def _file_estimate(settings: Settings, path: Path, **kwargs: Any) -> Durat
         async with sessions() as session:
             sha = await asyncio.to_thread(file_sha256, path)
             return combined(await estimate_groups(session, EstimateRequest(backend="ollama", file=path,
-                                                                           file_sha256=sha, concurrency=2, **kwargs)))
+                                                                           file_sha256=sha,
+                                                                           **({"concurrency": 2} | kwargs))))
     finally:
         await engine.dispose()
 
@@ -750,6 +751,8 @@ async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_se
         assert made.num_requests == 30 and made.done_requests == 10 and made.concurrency == 2
         assert 0 < made.low < made.seconds < made.high and not made.points
         assert any("extrapolated from 10 pilot lines" in n for n in made.notes)
+        other = await _file_estimate(settings, path, concurrency=4)  # the batch at another level than the pilot's
+        assert other.concurrency == 2 and any("the pilot ran 2" in n for n in other.notes)
 
 
 # ------------------------------------------------------------------------------------------- live ETA

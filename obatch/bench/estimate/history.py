@@ -12,8 +12,9 @@ A pilot of the file measures the engine's speed *today* (``pilot_speed``): the e
 a third slower than when it was swept an hour before. Its lines' wall time against the model replayed on them (at
 the tokens they really had, ``c`` at a time as they ran) is a ratio like a finished batch's, but of this hour; it is
 shrunk toward 1 by how much of its spread is noise (``τ² / (τ² + se²)``, ``τ`` = ``SPEED_DRIFT`` the drift an hour
-may bring, ``se`` the replay's own uncertainty on so few lines: the spread of the sweep's repeats and the fit's
-per-request residual over the lines' number) and replaces the history's ratio.
+may bring, ``se`` the replay's own uncertainty on so few lines: the spread of the sweep's repeats, the fit's
+per-request residual and the scatter of the pilot's own latencies about the model, over the lines' number) and
+replaces the history's ratio.
 
 Each batch keeps the estimate made at its start beside its actual duration: ``estimates_vs_actuals`` is that record.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +132,7 @@ def pilot_speed(fits: Sequence[ConfigFit], pilot: Sequence[PilotRow], *, num_ctx
         else:
             runs.append([line])
     wall = model = 0.0
-    margins = []
+    margins, lines = [], []
     for run in runs:
         shape = Shape([t[2] for t in run], [t[3] for t in run], [cached] * len(run))
         chosen = pick_num_ctx(fits, shape.need, num_ctx)
@@ -138,10 +140,13 @@ def pilot_speed(fits: Sequence[ConfigFit], pilot: Sequence[PilotRow], *, num_ctx
         seconds, basis, _ = at_concurrency(same, shape, max(t[4] for t in run))
         wall, model = wall + max(t[1] for t in run) - run[0][0], model + seconds
         margins.append(math.sqrt(basis.cv_k ** 2 + basis.rel_rmse ** 2 / len(run)) * len(run))
+        lines += [(t[1] - t[0]) * 1000 / s for t, s in zip(run, basis.services(shape.requests()), strict=True) if s > 0]
     if model <= 0 or wall <= 0:
         return None
     ratio = wall / model
-    se = sum(margins) / len(timed)
+    # the sweep's own noise, and how much the pilot's lines scatter about the model (jitter on a busy machine)
+    scatter = statistics.stdev(lines) / statistics.fmean(lines) / math.sqrt(len(lines)) if len(lines) > 1 else 0.0
+    se = math.hypot(sum(margins) / len(timed), scatter)
     trust = SPEED_DRIFT ** 2 / (SPEED_DRIFT ** 2 + se ** 2)
     return Speed(ratio, math.exp(math.log(ratio) * trust), math.sqrt(trust) * se, len(timed))
 

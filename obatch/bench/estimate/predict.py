@@ -281,11 +281,12 @@ def nothing_left(fit: ConfigFit, model: str, done: int) -> Estimate:
 
 
 def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequence[PilotRow], done: int, *,
-                        include_load: bool = True) -> Estimate:
+                        include_load: bool = True, concurrency: int | None = None) -> Estimate:
     """No benchmark of the model: the pilot's own requests, run ``c`` at a time, are the measurement. The
     remaining lines' latencies are drawn from the pilot's (a bootstrap of the makespan at the pilot's ``c``), and
     the interval is the t-interval of the pilot's mean latency (a sample of n out of N lines) with the draws'
-    spread."""
+    spread. ``concurrency``: the batch's, when pinned; the estimate stays at the pilot's level and says so when they
+    differ (without a benchmark nothing tells how the engine runs at another)."""
     latencies = [float(p.latency_ms or 0.0) for p in pilot]
     c = max(1, max(p.concurrency or 1 for p in pilot))
     n, population = len(latencies), remaining + done
@@ -305,5 +306,7 @@ def pilot_extrapolation(model: str, backend: str, remaining: int, pilot: Sequenc
         req_per_s=remaining / seconds if seconds > 0 else 0.0, best=None, candidates=[], points=[],
         method="a pilot of the file itself: its latencies drawn for the remaining lines, makespan at its concurrency",
         notes=[f"no benchmark points for {model}: extrapolated from {n} pilot lines run {c} at a time "
-               f"(±{margin:.0%} is what a sample of {n} supports)"],
+               f"(±{margin:.0%} is what a sample of {n} supports)"] + (
+            [f"the batch runs {concurrency} at a time, the pilot ran {c}: without a benchmark nothing tells how "
+             f"the engine runs at {concurrency}, so the estimate is for {c}"] if concurrency not in (None, c) else []),
         measured_req_per_s=None, done_requests=done)

@@ -132,7 +132,7 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
         timed = [p for p in pilot if p.latency_ms]
         if len(timed) >= 2:
             return pilot_extrapolation(model, backend or (engine.name if engine else ""), lines.count, timed, done,
-                                       include_load=request.include_load)
+                                       include_load=request.include_load, concurrency=concurrency)
         raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
                                    "first, or a pilot of the file (--pilot 16).", param="model")
     if not lines.count:
