@@ -193,7 +193,8 @@ def test_under_auto_the_estimate_runs_at_the_level_auto_settles_on() -> None:
     """Auto concurrency keeps a probe only when it gains 5%: on a curve where 2 gains 2% over 1 and 4 doubles it,
     auto stays at 1 (and the estimate with it, not at the fastest level the sweep measured); an engine that reports
     4 slots starts auto at 4, where a quarter more gains nothing. A curve still rising at the highest measured level
-    may take auto past it: the interval's lower end widens as for a level not measured."""
+    may take auto past it: the interval's lower end widens as for a level not measured, and, where a doubling still
+    doubled the throughput, by one more step of that gain."""
     from tests.test_bench_metrics import _fake_fit
 
     fits = [_fake_fit(1, per_token_ms=10.0), _fake_fit(2, per_token_ms=19.6), _fake_fit(4, per_token_ms=20.0),
@@ -208,7 +209,7 @@ def test_under_auto_the_estimate_runs_at_the_level_auto_settles_on() -> None:
     open_ended = estimate_from_fits(rising, shape)
     pinned = estimate_from_fits(rising, shape, concurrency=2)
     assert open_ended.concurrency == 2 and any("may go past 2" in note for note in open_ended.notes)
-    assert open_ended.low < pinned.low and open_ended.high == pytest.approx(pinned.high)
+    assert open_ended.low < pinned.low / 1.9 and open_ended.high == pytest.approx(pinned.high)
 
 
 def test_a_pilot_interval_is_the_t_interval_of_its_sample() -> None:

@@ -36,6 +36,7 @@ from obatch.store.tables import PilotRow
 if TYPE_CHECKING:
     from obatch.bench.estimate.history import Speed
 
+SCALING = 0.5  # a doubling that gained this much: the engine was far from full, the next may gain as much
 GAIN = 0.05  # what a probe must gain for auto to keep it (``obatch.concurrency.AutoLimit``'s ``gain``)
 DRAWS = 24  # answer-length draws per estimate (fewer for big files: DRAW_BUDGET requests in all)
 DRAW_BUDGET = 200_000
@@ -107,12 +108,13 @@ def at_concurrency(fits: Sequence[ConfigFit], shape: Shape, concurrency: int) ->
         f"concurrency {concurrency} was not measured; the nearest level ({nearest.concurrency}) is used"
 
 
-def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None) -> tuple[int, bool, str]:
+def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None) -> tuple[int, float, str]:
     """The level ``obatch.concurrency.AutoLimit`` is expected to settle on for this workload, walked on the sweep's
     curve (fits of one num_ctx, levels between the measured ones interpolated) by auto's own rule: start at the
     slots the engine reports (then probe a quarter higher), else at 1 (then double; the walk starts at the lowest
     level measured when that is higher); keep a probe that gains ``GAIN``, stop at the first that does not. Returns
-    (level, whether auto may go past the highest level measured — the curve still gained there —, the note)."""
+    (level, the throughput gain of the last step kept when auto may go past the highest level measured — the curve
+    still gained there — else 1, the note)."""
     top, lowest = max(f.concurrency for f in fits), min(f.concurrency for f in fits)
     level, doubling = (max(lowest, slots), False) if slots else (lowest, True)  # nothing tells below the lowest
     start = f"the engine reports {slots} slots" if slots else "the engine tells no slot count: auto starts at 1"
@@ -126,10 +128,10 @@ def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None
                     f"{GAIN:.0%} or more up to there)")
             if beyond:
                 note += f"; auto may go past {top}, the highest level the sweep measured, and run faster"
-            return level, beyond, note
+            return level, (last if beyond else 1.0), note
         faster = shape.n / at_concurrency(fits, shape, probe)[0]
         if faster < rate * (1 + GAIN):
-            return level, False, (f"concurrency auto: expected to settle at {level} ({start}; {probe} gains "
+            return level, 1.0, (f"concurrency auto: expected to settle at {level} ({start}; {probe} gains "
                                 f"{faster / rate - 1:.0%} on the sweep's curve, less than the {GAIN:.0%} auto asks)")
         level, rate, last = probe, faster, faster / rate
 
@@ -164,9 +166,9 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
     best = best_config(candidates, speed="req_per_s") or candidates[0]  # obatch.bench.best: the one rule
     chosen_ctx = best["num_ctx"] if num_ctx is None and concurrency is None else pick_num_ctx(fits, need, num_ctx)
     same_ctx = [f for f in fits if f.num_ctx == chosen_ctx]
-    faster = False
+    ahead = 1.0
     if concurrency is None:
-        chosen_c, faster, auto = auto_level(same_ctx, shape, slots)
+        chosen_c, ahead, auto = auto_level(same_ctx, shape, slots)
         notes.append(auto)
     else:
         chosen_c = concurrency
@@ -203,8 +205,10 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
                      f"tokens) lie outside the measured ones; the interval is widened")
     load = basis.load_seconds if include_load else 0.0
     seconds = run_seconds + load
-    # auto may go past the highest level measured: the lower end widens as for a level not measured
-    low, high = run_seconds / (1 + margin + EXTRAPOLATION_PENALTY * faster) + load, run_seconds * (1 + margin) + load
+    # auto may go past the highest level measured: the lower end widens as for a level not measured, and where the
+    # curve still scaled near-linearly (a doubling gained half or more), by one more step of the same gain
+    stretch = (ahead if ahead >= 1 + SCALING else 1.0) * (1 + margin + EXTRAPOLATION_PENALTY * (ahead > 1))
+    low, high = run_seconds / stretch + load, run_seconds * (1 + margin) + load
     if blind:
         low = min(low, short * factor / (1 + margin) + load)
         high = max(high, longest * factor * (1 + margin) + load)
