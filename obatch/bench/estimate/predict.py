@@ -118,8 +118,10 @@ def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None
     top, lowest = max(f.concurrency for f in fits), min(f.concurrency for f in fits)
     level, doubling = (max(lowest, slots), False) if slots else (lowest, True)  # nothing tells below the lowest
     start = f"the engine reports {slots} slots" if slots else "the engine tells no slot count: auto starts at 1"
-    rate = shape.n / at_concurrency(fits, shape, level)[0]
-    last = 1.0
+    def rate_at(c: int) -> float:
+        return shape.n / max(at_concurrency(fits, shape, c)[0], 1e-9)
+
+    rate, last = rate_at(level), 1.0
     while True:
         probe = level + (level if doubling else max(1, level // 4))
         if probe > top:
@@ -129,7 +131,7 @@ def auto_level(fits: Sequence[ConfigFit], shape: Shape, slots: int | None = None
             if beyond:
                 note += f"; auto may go past {top}, the highest level the sweep measured, and run faster"
             return level, (last if beyond else 1.0), note
-        faster = shape.n / at_concurrency(fits, shape, probe)[0]
+        faster = rate_at(probe)
         if faster < rate * (1 + GAIN):
             return level, 1.0, (f"concurrency auto: expected to settle at {level} ({start}; {probe} gains "
                                 f"{faster / rate - 1:.0%} on the sweep's curve, less than the {GAIN:.0%} auto asks)")
