@@ -437,7 +437,8 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--output-tokens", type=float)
     e.add_argument("--file", "-f", help="a batch input file instead of the three numbers")
     e.add_argument("--num-ctx", type=int, help="estimate for this num_ctx (default: the best config)")
-    e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the best)")
+    e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the level auto "
+                   "concurrency is expected to settle on)")
     e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
     e.add_argument("--pilot", type=_pilot, metavar="N|auto",
                    help="run N random lines of --file first and estimate from their answers (the batch of that "
