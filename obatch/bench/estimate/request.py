@@ -134,7 +134,8 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
             return pilot_extrapolation(model, backend or (engine.name if engine else ""), lines.count, timed, done,
                                        include_load=request.include_load, concurrency=concurrency)
         raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
-                                   "first, or a pilot of the file (--pilot 16).", param="model")
+                                   "first, or a pilot of the file, which needs no benchmark (--pilot auto; pilot=auto "
+                                   "on the endpoint).", param="model")
     if not lines.count:
         return nothing_left(fits[0], model, done)
     num_ctx = request.num_ctx
