@@ -323,7 +323,7 @@ async def complete_by_streaming(backend: Backend, body: dict[str, Any], *, num_c
             usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
             timings = timings_from_llamacpp(chunk["timings"])
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content), "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     if thinking:
