@@ -107,9 +107,9 @@ async def hold(sessions: Sessions, settings: Settings, batch_id: str, owner: str
     finally:
         beater.cancel()
         await asyncio.gather(beater, return_exceptions=True)
-        if not lost:  # a release kept waiting is given up after a heartbeat: the lease then expires on its own
+        if not lost:  # a release kept waiting is given up once the lease would have expired anyway
             with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wait_for(release(sessions, batch_id, owner), settings.lease_heartbeat))
+                await asyncio.shield(asyncio.wait_for(release(sessions, batch_id, owner), settings.lease_ttl))
 
 
 async def release(sessions: Sessions, batch_id: str, owner: str) -> None:
