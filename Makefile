@@ -51,7 +51,7 @@ test: lint typecheck pytest
 
 # The suite in a random order (a new seed each run, printed first; `pytest -p randomly --randomly-seed=N` replays).
 pytest-random: install
-	$(VENV)/bin/pytest -p randomly -m "not engine and not browser"
+	$(VENV)/bin/pytest -p randomly -m "not engine and not browser and not packaging"
 
 serve: install
 	$(VENV)/bin/obatch serve & server=$$!; trap "kill $$server" EXIT; $(VENV)/bin/obatch ui
