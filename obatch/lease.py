@@ -78,9 +78,12 @@ async def hold(sessions: Sessions, settings: Settings, batch_id: str, owner: str
             await asyncio.sleep(settings.lease_heartbeat)
             now = clock()
             try:
-                async with sessions() as session:
-                    ours = await repo.renew_lease(session, batch_id, owner, now, settings.lease_ttl)
-                    await session.commit()
+                # A renewal kept waiting (a store busy with another writer, a locked row) is given up while the
+                # lease surely holds: this process stops before its lease can expire under it.
+                async with asyncio.timeout(max(valid_until - now - settings.lease_heartbeat, settings.lease_heartbeat)):
+                    async with sessions() as session:
+                        ours = await repo.renew_lease(session, batch_id, owner, now, settings.lease_ttl)
+                        await session.commit()
             except Exception:
                 log.warning("lease renewal failed", exc_info=True, extra={"batch_id": batch_id})
                 ours = clock() < valid_until - settings.lease_heartbeat  # keep going while it surely holds
@@ -104,9 +107,9 @@ async def hold(sessions: Sessions, settings: Settings, batch_id: str, owner: str
     finally:
         beater.cancel()
         await asyncio.gather(beater, return_exceptions=True)
-        if not lost:
+        if not lost:  # a release kept waiting is given up once the lease would have expired anyway
             with contextlib.suppress(Exception):
-                await asyncio.shield(release(sessions, batch_id, owner))
+                await asyncio.shield(asyncio.wait_for(release(sessions, batch_id, owner), settings.lease_ttl))
 
 
 async def release(sessions: Sessions, batch_id: str, owner: str) -> None:

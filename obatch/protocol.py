@@ -122,6 +122,12 @@ def _fields(value: Any) -> dict[str, Any]:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def _without(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` without those of ``names`` that are None: fields OpenAI's document marks optional but never null
+    are left out rather than sent as null (tests/test_openai_schema.py checks the bodies against it)."""
+    return {k: v for k, v in data.items() if v is not None or k not in names}
+
+
 class FileObject(_Wire):
     id: str
     object: Literal["file"] = "file"
@@ -132,6 +138,10 @@ class FileObject(_Wire):
     status: Literal["uploaded", "processed", "error"] = "processed"
     expires_at: int | None = None
     status_details: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(handler(self), ("expires_at", "status_details"))
 
 
 class BatchErrorItem(_Wire):
@@ -193,6 +203,10 @@ class Batch(_Wire):
     usage: BatchUsage | None = None
     # obatch's own, beside OpenAI's fields (clients that do not know it ignore it)
     obatch: BatchExtension | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without(handler(self), ("model",))
 
 
 class HostStatus(_Wire):

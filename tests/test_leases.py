@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -245,31 +247,82 @@ async def test_finalising_twice_leaves_one_set_of_files(tmp_path: Path, make_set
 async def test_obatch_run_started_twice_runs_the_batch_once(tmp_path: Path, make_settings: Callable[..., Settings]
                                                            ) -> None:
     """A second ``run_batch_file`` on the same input (another terminal) waits for the first instead of running
-    the lines again, and still gets its own output file."""
-    lines = [chat_line(f"r{i}", max_tokens=20) for i in range(80)]
+    the lines again, and still gets its own output file.
+
+    The first run takes about 6 s (60 lines of 0.2 s, two at a time), so the second starts while it runs even on a
+    loaded machine. Every wait is bounded: a stall fails within a minute, saying where the batch and its lease stand.
+    """
+    lines = [chat_line(f"r{i}", max_tokens=20) for i in range(60)]
     path = write_jsonl(tmp_path / "in.jsonl", lines)
-    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=100)) as sim:
         settings = make_settings(sim.url, lease_heartbeat=0.2)
-        first = asyncio.create_task(run_batch_file(path, settings=settings, concurrency=2, progress=False))
         engine, sessions = await _store(settings)
-        deadline = time.monotonic() + 60
-        while True:
-            async with sessions() as session:
-                rows = (await session.execute(select(BatchRow))).scalars().all()
-            if rows and rows[0].completed >= 5:
-                break
-            if first.done():  # it ended (or failed) before the second started: show why instead of waiting
-                await first
-                break
-            assert time.monotonic() < deadline, f"the first run made no progress: {rows}"
-            await asyncio.sleep(0.02)
-        await engine.dispose()
-        second = await run_batch_file(path, settings=settings, concurrency=2, progress=False,
-                                      output=tmp_path / "second.jsonl", errors_path=tmp_path / "second-err.jsonl")
-        report = await first
+        first = asyncio.create_task(run_batch_file(path, settings=settings, concurrency=2, progress=False))
+        try:
+            async with _stall_reported(sessions, "the first run did not reach its fifth line", first):
+                while not (rows := await _batches(sessions)) or rows[0].completed < 5:
+                    if first.done():  # it ended (or failed) before the second started: show why
+                        await first
+                        pytest.fail(f"the first run ended before the second started: {rows}")
+                    await asyncio.sleep(0.02)
+            async with _stall_reported(sessions, "the second run did not return", first):
+                second = await run_batch_file(path, settings=settings, concurrency=2, progress=False,
+                                              output=tmp_path / "second.jsonl",
+                                              errors_path=tmp_path / "second-err.jsonl")
+            async with _stall_reported(sessions, "the first run did not return", first):
+                report = await first
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await engine.dispose()
         served = sim.stats.served
-    assert second.batch.id == report.batch.id and second.batch.status == "completed"
-    assert served == 80
+    assert second.batch.id == report.batch.id, "the second run did not find the first's batch"
+    assert second.batch.status == "completed"
+    assert served == 60
     expected = [str(line["custom_id"]) for line in lines]
     assert_exactly_once(expected, report.output, report.errors)
     assert_exactly_once(expected, second.output, second.errors)
+
+
+async def _batches(sessions: Sessions) -> list[BatchRow]:
+    async with sessions() as session:
+        return list((await session.execute(select(BatchRow))).scalars().all())
+
+
+@contextlib.asynccontextmanager
+async def _stall_reported(sessions: Sessions, what: str, first: asyncio.Task[Any], within: float = 60.0
+                          ) -> AsyncIterator[None]:
+    """Fail (not hang until the suite's timeout) when the body takes longer than ``within`` seconds, with the
+    batches' progress, the leases and the first run's state in the message."""
+    try:
+        async with asyncio.timeout(within):
+            yield
+    except TimeoutError:
+        async with sessions() as session:
+            leases = (await session.execute(select(LeaseRow))).scalars().all()
+        batches_now = [(b.id, b.status, b.completed, b.failed, b.total) for b in await _batches(sessions)]
+        leases_now = [(row.owner, round(row.expires_at - time.time(), 1)) for row in leases]
+        state = "running" if not first.done() else repr(first.exception()) if not first.cancelled() else "cancelled"
+        pytest.fail(f"{what} in {within:.0f} s: batches {batches_now}, leases (owner, expires in s) {leases_now}, "
+                    f"first run {state}")
+
+
+async def test_a_renewal_kept_waiting_gives_up_before_the_lease_expires(make_settings: Callable[..., Settings],
+                                                                      db_url: str | None) -> None:
+    """A renewal kept waiting (here a PostgreSQL row lock another transaction holds; it would wait for good) is
+    given up in time: the holder stops while its lease still holds, before another process may take it over."""
+    if db_url is None:
+        pytest.skip("a PostgreSQL row lock (SQLite's lock wait cannot be interrupted)")
+    settings = make_settings(lease_ttl=3.0, lease_heartbeat=0.5)
+    engine, sessions = await _store(settings)
+    started = time.monotonic()
+    try:
+        async with sessions() as other:
+            with pytest.raises(lease.LeaseLost):
+                async with asyncio.timeout(20), lease.hold(sessions, settings, "batch-x", "owner-a"):
+                    await other.execute(select(LeaseRow).where(col(LeaseRow.batch_id) == "batch-x").with_for_update())
+                    await asyncio.sleep(30)
+            stopped = time.monotonic() - started
+    finally:
+        await engine.dispose()
+    assert stopped < settings.lease_ttl

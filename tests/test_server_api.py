@@ -263,7 +263,9 @@ async def test_async_chat_stream(server: ServerProcess) -> None:
     assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == 4
 
 
-def test_health_and_metrics(server: ServerProcess) -> None:
+def test_health_and_metrics(server: ServerProcess, alice: OpenAI) -> None:
+    # a batch of its own, so the series below exist whichever tests ran before (a histogram shows once observed)
+    assert wait(alice, created_and_completed(alice)).status == "completed"
     with httpx.Client(base_url=server.url, timeout=10) as http:
         health = http.get("/health")
         assert health.status_code == 200

@@ -350,7 +350,7 @@ class ChatFold:
             function[key] = (function.get(key) or "") + value if key == "arguments" else value
 
     def completion(self, model: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content), "refusal": None}
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         if self.thinking:

@@ -258,7 +258,7 @@ def _openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def chat_response(data: dict[str, Any]) -> dict[str, Any]:
     """Ollama ``/api/chat`` answer → OpenAI ``chat.completion``."""
     message = data.get("message") or {}
-    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
+    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", ""), "refusal": None}
     calls = message.get("tool_calls") or []
     if calls:
         out_message["tool_calls"] = _openai_tool_calls(calls)

@@ -1,4 +1,5 @@
-"""Any OpenAI-compatible engine (vLLM, llama.cpp server, LM Studio, Ollama's /v1): bodies pass through unchanged.
+"""Any OpenAI-compatible engine (vLLM, llama.cpp server, LM Studio, Ollama's /v1): bodies pass through unchanged,
+but for the fields OpenAI's schema requires that an engine may leave out (a chat message's ``refusal``).
 
 ``/v1/responses`` passes through to the engine's own ``/responses`` (llama.cpp, vLLM and Ollama serve it; usage
 details the SDK requires are filled in where the engine leaves them out). An engine that answers 404 or 405 there
@@ -81,6 +82,10 @@ class OpenAIBackend:
         if url == "/v1/embeddings":
             payload.pop("stream")
         data = await send_json(self._client, "POST", path, payload)
+        if url == "/v1/chat/completions":
+            for choice in data.get("choices") or []:
+                if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                    choice["message"].setdefault("refusal", None)
         timings = timings_from_llamacpp(data.pop("timings")) if isinstance(data.get("timings"), dict) \
             else Timings()
         usage = data.get("usage") or {}

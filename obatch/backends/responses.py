@@ -152,10 +152,11 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
-def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat choice's token logprobs as an ``output_text`` part's (a list, empty when none were asked for)."""
     content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
     if not content:
-        return None
+        return []
 
     def entry(item: dict[str, Any]) -> dict[str, Any]:
         token = str(item.get("token", ""))
@@ -216,8 +217,9 @@ def _envelope(request: dict[str, Any], *, response_id: str, created: int, model:
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")} if reasoning
         else None,
         "top_logprobs": request.get("top_logprobs"), "truncation": "disabled", "store": False,
-        "background": False, "previous_response_id": None, "user": request.get("user"),
-        "usage": usage,
+        "background": False, "previous_response_id": None, "usage": usage,
+        # OpenAI's schema types the deprecated ``user`` a string, never null: sent only when the request has one
+        **({"user": request["user"]} if isinstance(request.get("user"), str) else {}),
     }
 
 
@@ -353,7 +355,13 @@ def normalise(response: dict[str, Any], request: dict[str, Any]) -> dict[str, An
     """An engine's own Responses answer, with what the SDK requires filled in where the engine left it out.
 
     llama.cpp (xllamacpp 2026.10) omits ``tools``, ``tool_choice``, ``parallel_tool_calls`` and the usage details,
-    and says "completed" for an answer cut at ``max_output_tokens``: such an answer is marked incomplete here."""
+    and says "completed" for an answer cut at ``max_output_tokens``: such an answer is marked incomplete here.
+    An ``output_text`` part without ``logprobs`` (which OpenAI's schema requires) gets an empty list."""
+    for item in response.get("output") or []:
+        if isinstance(item, dict) and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("type") == "output_text":
+                    part.setdefault("logprobs", [])
     response.setdefault("tools", request.get("tools") or [])
     response.setdefault("tool_choice", request.get("tool_choice") or "auto")
     response.setdefault("parallel_tool_calls", bool(request.get("parallel_tool_calls", True)))
