@@ -28,7 +28,9 @@ lock:
 demo: install
 	$(VENV)/bin/obatch run data/samples/chat.jsonl --show 3
 
+# uv.lock must match pyproject.toml (else `make install` would install versions the dependencies no longer name).
 lint: install
+	$(VENV)/bin/uv lock --check --quiet
 	$(VENV)/bin/ruff check .
 
 typecheck: install
