@@ -22,8 +22,9 @@ import orjson
 from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
+from obatch.batches.services import update_batch
 from obatch.concurrency import Concurrency
-from obatch.config import Settings
+from obatch.config import Schedule, Settings
 from obatch.jsonl import summarise
 from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
@@ -110,14 +111,20 @@ async def run_batch_file(
     model: str | None = None, concurrency: Concurrency | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
+    schedule: Schedule | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
     ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
-    host's best level by measuring."""
+    host's best level by measuring. ``schedule`` is the order the lines run in: ``"auto"`` (the default: lines that
+    share a prompt prefix kept on one engine slot, the longest first; ``obatch.schedule``) or ``"file"``."""
     settings = settings or Settings()
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": concurrency})
+    if schedule is not None:
+        if schedule not in ("auto", "file"):
+            raise errors.ConfigError(f"schedule must be 'auto' or 'file', got {schedule!r}.", param="schedule")
+        settings = settings.model_copy(update={"schedule": schedule})
     engine, sessions = await open_store(settings.db_url)
     owned = backend is None
     backend = backend or await open_backend(settings)
@@ -146,8 +153,10 @@ async def run_batch_file(
             batch = None if fresh else await repo.find_resumable(session, signature)
         if batch is None:
             batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
-                                       model=model, source=source, signature=signature)
+                                       model=model, source=source, signature=signature, schedule=settings.schedule)
         else:
+            if batch.schedule != settings.schedule:  # a resumed run goes on in the order asked now
+                await update_batch(svc, batch, schedule=settings.schedule)
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
                 await repo.delete_file(session, stored.id)
@@ -220,17 +229,18 @@ def result_schema() -> dict[str, pl.DataType]:
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
-              **defaults: Any) -> pl.DataFrame:
+              schedule: Schedule | None = None, **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
     ``temperature=``…) fill the bodies of in-memory requests that do not set them. Re-running the same input with
-    the same options resumes an interrupted run; ``fresh=True`` starts a new one.
+    the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``schedule="file"`` runs the lines
+    in the file's order instead of ``obatch.schedule``'s (see ``run_batch_file``).
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
-                                  source="notebook", fresh=fresh, defaults=defaults)
+                                  source="notebook", fresh=fresh, defaults=defaults, schedule=schedule)
     return await results_frame(settings, report.batch.id)
 
 

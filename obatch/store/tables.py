@@ -69,6 +69,8 @@ class BatchRow(SQLModel, table=True):
     estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
     concurrency_json: str | None = None  # each engine host's level, the reason for it, and its changes (auto)
     eta_json: str | None = None  # the live remaining-time estimate while it runs (``obatch.progress.LiveEta``)
+    schedule: str | None = None  # the order asked for its lines: "auto" or "file" (None: the settings' default)
+    schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
 
 
 class RequestRow(SQLModel, table=True):
@@ -86,6 +88,8 @@ class RequestRow(SQLModel, table=True):
     body: str  # the request body as JSON
     prompt_estimate: int = 0
     max_tokens: int | None = None
+    prefix_key: int | None = Field(default=None, sa_type=BigInteger)  # its prompt's leading chunk (obatch.prefix)
+    own_num_ctx: int | None = None  # the num_ctx the line sets itself (the scheduler runs such lines last)
     state: str = "pending"  # pending | succeeded | failed
     request_id: str | None = None  # "batch_req_..." id of the output line
     status_code: int | None = None
