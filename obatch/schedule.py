@@ -18,6 +18,9 @@ first served leases, which the scheduler never holds.
 Length-aware: within a group and among lines of no group, the lines expected to run longest (their output budget,
 and their prompt at ``PROMPT_PER_OUTPUT`` prompt tokens per output token) start first, so a batch does not end with
 one long answer running alone. Orders are kept coarse (``_bucket``: steps of ~19%), so equal lines keep file order.
+Lines of no group go in the file's order while the host's level is not settled yet (auto concurrency still doubling:
+its windows count completions, and long lines first would slow its climb). Lines that set their own ``num_ctx`` run
+last, by context, so the model reloads as few times as it can.
 
 Memory: the lookahead is a few integers per pending line (line numbers in arrays, per group); bodies stay in the
 store and are read when a group or the ungrouped queue runs out, ``PAGE`` lines at a time.

@@ -12,14 +12,17 @@ import asyncio
 import itertools
 import random
 import re
+import time
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import openai
 import orjson
 import pytest
+from openai import OpenAI
 
 from obatch.api import run_batch_file
 from obatch.backends import open_backend
@@ -32,7 +35,8 @@ from obatch.prefix import PREFIX_CHARS, prefix_key
 from obatch.runner import Job
 from obatch.schedule import QUANTUM, Scheduler
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
-from tests.helpers import write_jsonl
+from tests.helpers import jsonl, write_jsonl
+from tests.serverkit import FINAL, KEYS, ServerProcess
 
 MARK = re.compile(r"\[(\S+)\]$")
 
@@ -101,6 +105,16 @@ async def run(path: Path, settings: Settings, recorder: Recorder, **options: Any
         return await run_batch_file(path, settings=settings, backend=wrapped, progress=False, **options)
     finally:
         await backend.aclose()
+
+
+async def run_on_sim(tmp_path: Path, path: Path, make_settings: Callable[..., Settings], config: SimConfig,
+                     schedule: str) -> tuple[Any, Recorder, OllamaSim]:
+    """One run of ``path`` at the simulator's slots as its fixed level, on a fresh simulator and store."""
+    recorder = Recorder()
+    async with OllamaSim(config) as sim:
+        report = await run(path, make_settings(sim.url, concurrency=config.num_parallel,
+                                               data_dir=tmp_path / schedule), recorder, schedule=schedule)
+    return report, recorder, sim
 
 
 def output_ids(path: Path) -> Counter[str]:
@@ -258,10 +272,7 @@ async def test_one_group_per_slot_and_the_cache_pays(
     path = write_jsonl(tmp_path / "in.jsonl", documents_lines(8, 6))
     shares = {}
     for schedule in ("auto", "file"):
-        recorder = Recorder()
-        async with OllamaSim(cache_config(4)) as sim:
-            report = await run(path, make_settings(sim.url, concurrency=4, data_dir=tmp_path / schedule),
-                               recorder, schedule=schedule)
+        report, recorder, sim = await run_on_sim(tmp_path, path, make_settings, cache_config(4), schedule)
         assert output_ids(report.output) == Counter({line["custom_id"]: 1 for line in documents_lines(8, 6)})
         shares[schedule] = cached_share(sim)
         if schedule == "auto":  # 8 groups over 4 lanes: one line of a document at a time while groups wait (at
@@ -303,10 +314,7 @@ async def test_schedule_file_keeps_the_files_order(
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     orders = {}
     for schedule in ("file", "auto"):
-        recorder = Recorder()
-        async with OllamaSim(cache_config(1)) as sim:
-            report = await run(path, make_settings(sim.url, concurrency=1, data_dir=tmp_path / schedule),
-                               recorder, schedule=schedule)
+        report, recorder, _ = await run_on_sim(tmp_path, path, make_settings, cache_config(1), schedule)
         assert batch_object(report.batch).obatch.schedule["schedule"] == schedule
         orders[schedule] = recorder.started
     assert orders["file"] == [line["custom_id"] for line in lines]
@@ -337,3 +345,19 @@ async def test_lines_of_no_group_keep_the_files_order_while_auto_concurrency_sti
     settled = fake_host(1)
     rest = await drive(scheduler, settled, lanes=1)
     assert rest == [2, 4, 3]
+
+
+def test_a_server_batch_takes_its_schedule(obatch_server: ServerProcess) -> None:
+    with OpenAI(base_url=obatch_server.v1, api_key=KEYS["alice"], max_retries=0, timeout=30) as client:
+        uploaded = client.files.create(file=("in.jsonl", jsonl(documents_lines(2, 3))), purpose="batch")
+        with pytest.raises(openai.BadRequestError):
+            client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", extra_body={"schedule": "random"})
+        created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", extra_body={"schedule": "file"})
+        deadline = time.monotonic() + 30
+        while (done := client.batches.retrieve(created.id)).status not in FINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert done.status == "completed"
+    schedule = done.to_dict()["obatch"]["schedule"]
+    assert (schedule["schedule"], schedule["groups"], schedule["grouped_lines"]) == ("file", 2, 6)

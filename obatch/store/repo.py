@@ -181,12 +181,19 @@ async def iter_pending(sessions: Sessions, batch_id: str, model: str) -> AsyncIt
 
     Plain tuples from the driver, not ORM objects nor SQLAlchemy's named rows: this is the hot path of a batch, and
     building and reading a mapped row per line cost more than the query."""
+    async for row in _keyset(sessions, _PENDING_SQL, PAGE, batch_id, model):
+        yield row
+
+
+async def _keyset(sessions: Sessions, sql: str, size: int, *params: Any) -> AsyncIterator[Any]:
+    """The rows of ``sql`` (its last parameter: the line after which a page starts; the line its rows' first
+    column), ``size`` at a time."""
     last = 0
     while True:
-        page: list[Any] = await _page(sessions, _PENDING_SQL, batch_id, model, last)
+        page: list[Any] = await _page(sessions, sql, *params, last)
         for row in page:
             yield row
-        if len(page) < PAGE:
+        if len(page) < size:
             return
         last = page[-1][0]
 
@@ -202,14 +209,8 @@ PendingKey = tuple[int, int | None, int, int | None, int | None]
 
 async def iter_pending_keys(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[PendingKey]:
     """Pending rows of one model in line order, without their bodies (``obatch.schedule``'s lookahead)."""
-    last = 0
-    while True:
-        page: list[Any] = await _page(sessions, _PENDING_KEYS_SQL, batch_id, model, last)
-        for row in page:
-            yield row
-        if len(page) < KEY_PAGE:
-            return
-        last = page[-1][0]
+    async for row in _keyset(sessions, _PENDING_KEYS_SQL, KEY_PAGE, batch_id, model):
+        yield row
 
 
 KEY_PAGE = 20_000
