@@ -26,14 +26,14 @@ from openai import OpenAI
 
 from obatch.api import run_batch_file
 from obatch.backends import open_backend
-from obatch.backends.base import Backend, BackendWrapper, Result
+from obatch.backends.base import Backend, BackendWrapper, Result, Timings, timings_from_llamacpp
 from obatch.backends.pool import Host, Pool
 from obatch.batches import batch_object
 from obatch.concurrency import AutoLimit, FixedLimit
 from obatch.config import Settings
 from obatch.prefix import PREFIX_CHARS, prefix_key
 from obatch.runner import Job
-from obatch.schedule import QUANTUM, Scheduler
+from obatch.schedule import QUANTUM, Scheduler, Stats
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
 from tests.helpers import jsonl, write_jsonl
 from tests.serverkit import FINAL, KEYS, ServerProcess
@@ -361,3 +361,20 @@ def test_a_server_batch_takes_its_schedule(obatch_server: ServerProcess) -> None
     assert done.status == "completed"
     schedule = done.to_dict()["obatch"]["schedule"]
     assert (schedule["schedule"], schedule["groups"], schedule["grouped_lines"]) == ("file", 2, 6)
+
+
+def test_the_cache_share_is_the_engines_own_figure_or_unknown() -> None:
+    stats = Stats()
+    llamacpp = Result({"usage": {"prompt_tokens": 1500}},
+                      timings_from_llamacpp({"cache_n": 1200, "prompt_n": 300, "predicted_n": 8}))
+    stats.observe(llamacpp)
+    assert stats.as_dict()["cached_prompt_share"] == 0.8
+    ollama = Result({"usage": {"prompt_tokens": 1500}}, Timings(prompt_tokens=1500, completion_tokens=8))
+    stats.observe(ollama)  # tells nothing of its cache: not counted as a miss
+    assert stats.as_dict()["cached_prompt_share"] == 0.8 and stats.as_dict()["answered_lines"] == 2
+    silent = Stats()
+    silent.observe(ollama)
+    assert silent.as_dict()["cached_prompt_share"] is None
+    resumed = Stats()
+    resumed.add_reports(stats.as_dict())
+    assert resumed.as_dict()["cached_prompt_share"] == 0.8
