@@ -31,8 +31,9 @@ from obatch.batches import (
     store_file,
     write_results,
 )
+from obatch.batches.services import update_batch
 from obatch.concurrency import Concurrency
-from obatch.config import Settings
+from obatch.config import Schedule, Settings
 from obatch.jsonl import summarise
 from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
@@ -124,15 +125,22 @@ async def run_batch_file(
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
     output_retries: int | None = None,
+    schedule: Schedule | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
     ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
     host's best level by measuring. ``output_retries``: how often a line that asks for JSON is asked again when its
-    answer is not that JSON (default: the ``output_retries`` setting)."""
+    answer is not that JSON (default: the ``output_retries`` setting). ``schedule`` is the order the lines run in:
+    ``"auto"`` (the default: lines that share a prompt prefix kept on one engine slot, the longest first;
+    ``obatch.schedule``) or ``"file"``."""
     settings = settings or Settings()
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": concurrency})
+    if schedule is not None:
+        if schedule not in ("auto", "file"):
+            raise errors.ConfigError(f"schedule must be 'auto' or 'file', got {schedule!r}.", param="schedule")
+        settings = settings.model_copy(update={"schedule": schedule})
     engine, sessions = await open_store(settings.db_url)
     owned = backend is None
     backend = backend or await open_backend(settings)
@@ -162,8 +170,10 @@ async def run_batch_file(
         if batch is None:
             batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
                                        model=model, source=source, signature=signature,
-                                       output_retries=output_retries)
+                                       output_retries=output_retries, schedule=settings.schedule)
         else:
+            if batch.schedule != settings.schedule:  # a resumed run goes on in the order asked now
+                await update_batch(svc, batch, schedule=settings.schedule)
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
                 await repo.delete_file(session, stored.id)
@@ -240,18 +250,21 @@ def result_schema() -> dict[str, pl.DataType]:
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
-              output_retries: int | None = None, **defaults: Any) -> pl.DataFrame:
+              output_retries: int | None = None, schedule: Schedule | None = None,
+              **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
     ``temperature=``…) fill the bodies of in-memory requests that do not set them. Re-running the same input with
     the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``output_retries`` bounds how
     often a line asking for JSON is asked again when its answer is not that JSON (then it fails ``invalid_output``).
+    ``schedule="file"`` runs the lines in the file's order instead of ``obatch.schedule``'s (see ``run_batch_file``).
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
-                                  source="notebook", fresh=fresh, defaults=defaults, output_retries=output_retries)
+                                  source="notebook", fresh=fresh, defaults=defaults, output_retries=output_retries,
+                                  schedule=schedule)
     return await results_frame(settings, report.batch.id)
 
 

@@ -53,7 +53,7 @@ async def _run(args: argparse.Namespace) -> int:
     report = await run_batch_file(
         Path(args.input), settings=_settings(args), model=args.model,
         output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None,
-        progress=not args.quiet, fresh=args.fresh, output_retries=args.output_retries,
+        progress=not args.quiet, fresh=args.fresh, output_retries=args.output_retries, schedule=args.schedule,
     )
     print(report.summary)
     if args.show:
@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", "-c", type=concurrency_arg,
                      help="requests in flight per engine host, or 'auto' to find the best level by measuring "
                           "(default: OBATCH_CONCURRENCY, else auto)")
+    run.add_argument("--schedule", choices=("auto", "file"),
+                     help="the order lines run in: 'auto' keeps lines sharing a long prompt prefix on one engine slot "
+                          "and starts the longest first; 'file' keeps the file's order (default: OBATCH_SCHEDULE, "
+                          "else auto)")
     run.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     run.add_argument("--output-retries", type=int, metavar="N",
                      help="ask a line that wants JSON (response_format, format) again up to N times when its answer "

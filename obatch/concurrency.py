@@ -65,6 +65,11 @@ class Limit:
         """The level believed best so far (the current one, unless a probe is under way)."""
         return self.level
 
+    @property
+    def settled(self) -> bool:
+        """Whether the level is near its best already (an auto level is not while it still doubles)."""
+        return True
+
     def begin(self) -> int:
         """A request starts; returns the epoch to hand back to ``done``."""
         return 0
@@ -130,6 +135,10 @@ class AutoLimit(Limit):
     @property
     def best(self) -> int:
         return self._best[0] if self._best is not None else self.level
+
+    @property
+    def settled(self) -> bool:
+        return not self._slow_start
 
     # -------------------------------------------------------------------------------------------- events
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "ollama", "openai", "local"]
 Level = Annotated[int, Field(ge=1, le=1024)]
+Schedule = Literal["auto", "file"]  # the order a batch's lines run in (obatch.schedule)
 
 
 def split_urls(value: str | None) -> list[str]:
@@ -59,6 +60,9 @@ class Settings(BaseSettings):
         "to 1024 that pins it."))
     max_concurrency: int = Field(default=256, ge=1, le=1024, description=(
         "The highest level `auto` concurrency may reach, per host."))
+    schedule: Schedule = Field(default="auto", description=(
+        "The order a batch's lines run in: `auto` keeps lines that share a long prompt prefix on one engine slot "
+        "and starts the longest first (see docs/concurrency.md); `file` runs them in the file's order."))
     request_timeout: float = Field(default=600.0, gt=0, description=(
         "Seconds one attempt of one engine request may take."))
     max_attempts: int = Field(default=10, ge=1, description=(

@@ -420,9 +420,11 @@ class BatchExtension(_Wire):
     """The batch object's ``obatch`` field: how the batch runs (``concurrency``: the levels chosen per host, and
     why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
     never ran; obatch's version and the engine hosts with their versions and model digests; the structured-output
-    counts. Fields without a value are left out."""
+    counts; ``schedule``: the order used, the prefix groups found and the share of prompt tokens the engine took
+    from its cache where it tells. Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
     estimate: DurationEstimate | None = None
     eta: BatchEta | None = None
     not_run: int | None = None

@@ -14,11 +14,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from obatch import errors, structured
 from obatch.backends.base import Backend, Result, translate
-from obatch.backends.pool import Lease, Pool
+from obatch.backends.pool import Host, Lease, Pool
 
 if TYPE_CHECKING:
     from tenacity import AsyncRetrying
@@ -63,6 +63,28 @@ class RetryPolicy:
 
 
 Sink = Callable[[Outcome], Awaitable[None]]
+
+
+@runtime_checkable
+class JobSource(Protocol):
+    """Chooses the job for a slot leased on a host (``obatch.schedule``); told when each job has ended."""
+
+    async def next(self, host: Host) -> Job | None: ...
+
+    def finished(self, job: Job, result: Result | None) -> None: ...
+
+
+class InOrder:
+    """The jobs of an iterator in its order, whichever host a slot is on."""
+
+    def __init__(self, jobs: AsyncIterator[Job]) -> None:
+        self._jobs = aiter(jobs)
+
+    async def next(self, host: Host) -> Job | None:
+        return await anext(self._jobs, None)
+
+    def finished(self, job: Job, result: Result | None) -> None:
+        pass
 
 
 def _retrying(policy: RetryPolicy) -> AsyncRetrying:
@@ -174,11 +196,12 @@ async def _call_until_answered(pool: Pool, job: Job, policy: RetryPolicy, stream
 SINK_BACKLOG = 256  # finished requests that may wait for the sink (the store) before no new one is started
 
 
-async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *, policy: RetryPolicy,
+async def run_jobs(jobs: AsyncIterator[Job] | JobSource, pool: Pool | Backend, sink: Sink, *, policy: RetryPolicy,
                    model: str | None = None, stream: bool = False, cap: int | None = None) -> None:
     """Run every job through ``pool``; hand each outcome to ``sink`` as it arrives.
 
-    A job is taken from ``jobs`` only once a host has a free slot for it, so the hosts' levels (fixed or auto) bound
+    A job is taken from ``jobs`` only once a host has a free slot for it (a ``JobSource`` is told which host, and
+    when each job has ended, before its outcome goes to the sink), so the hosts' levels (fixed or auto) bound
     the work in flight, and concurrent runs on one pool (a server's batches) are served first come first served.
     A request gives its slot back as soon as the engine has answered, and its outcome then waits for the sink; when
     the sink (the store) is slower than the engine, at most ``SINK_BACKLOG`` outcomes wait, and no new job starts
@@ -187,18 +210,19 @@ async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *
     """
     pool = Pool.of(pool)
     room = asyncio.Semaphore(cap or pool.ceiling(model) + SINK_BACKLOG)
+    source = jobs if isinstance(jobs, JobSource) else InOrder(jobs)
 
     async def one(job: Job, lease: Lease) -> None:
         try:
             started = time.perf_counter()
             result, error, attempts = await call_with_retries(pool, job, policy, stream=stream, model=model,
                                                               first=lease)
+            source.finished(job, result)  # at once: the slot it freed is the next line's of its group
             await sink(Outcome(job, result, error, (time.perf_counter() - started) * 1000, attempts, time.time()))
         finally:
             room.release()
 
     async with asyncio.TaskGroup() as group:
-        iterator = aiter(jobs)
         while True:
             await room.acquire()
             try:
@@ -207,13 +231,13 @@ async def run_jobs(jobs: AsyncIterator[Job], pool: Pool | Backend, sink: Sink, *
                 room.release()
                 raise
             try:
-                job = await anext(iterator)
-            except StopAsyncIteration:
-                lease.release()
-                room.release()
-                break
+                job = await source.next(lease.host)
             except BaseException:
                 lease.release()
                 room.release()
                 raise
+            if job is None:
+                lease.release()
+                room.release()
+                break
             group.create_task(one(job, lease))

@@ -1,23 +1,29 @@
-"""What does the order of a batch's lines cost when they share prompt prefixes? (what affinity scheduling must beat)
+"""What does the order of a batch's lines cost when they share prompt prefixes, and what does obatch's scheduler win?
 
 An Ollama simulator with a prompt cache per slot (``--prompt-cache``: a request takes the free slot whose last
-prompt shares the longest prefix with its own, and only the rest of its prompt costs time) runs three files:
+prompt shares the longest prefix with its own, and only the rest of its prompt costs time) runs four files:
   documents   D documents of ~1,400 tokens x Q questions each, a short shared system prompt, shuffled
   system      one long shared system prompt (~1,400 tokens), a different short question on each line
   control     lines of the same length that share nothing but the chat template
-each through four clients, on a fresh simulator every time (empty caches):
+  mixed       short prompts that share nothing, answers of mixed lengths (4 in 5 short, 1 in 5 up to 512
+              tokens), shuffled: what starting the longest first does to the batch's tail
+each through these clients, on a fresh simulator every time (empty caches):
   file order  a bare aiohttp client, N requests in flight, in the file's order
   grouped     the same, each document's questions together
   affinity    N workers; each takes one document at a time and sends its questions one after another
-  obatch run  ``obatch.run`` (the notebook API) with its default settings (auto concurrency)
+  obatch      ``obatch run`` (``run_batch_file``, what the CLI runs) with its default settings: auto concurrency,
+              ``--schedule auto`` (obatch.schedule)
+  obatch file the same with ``--schedule file``
+  obatch c=N  and obatch c=N file: the same two at a concurrency fixed at N (auto's climb from 1 left out)
 N is the simulator's number of slots. Prompt processing dominates, as on a real engine: a miss costs ~1,400
 tokens of prompt time, an answer 8 tokens of decode; the prompt rate is the model's, shared by the prompts in
 progress at once (``--prompt-tps-shared``), the decode rate is each slot's. The simulator runs in this process (a
 thread), so the cached prompt tokens are read from its counters. Wall times include everything a client does;
-obatch's include its store (a new data directory per run) but not its imports (a one-line run warms it up).
+obatch's include its store (a new data directory per run) but not its imports (a one-line run warms it up). The tail
+is the time from 95% of the lines done to the last.
 
     python perf/prefix_cache.py [--documents 8] [--questions 12] [--slots 8] [--prompt-tps 40000 [--per-slot]]
-                                [--repeats 1]
+                                [--repeats 1] [--files documents,system,control,mixed] [--clients ...]
 """
 
 from __future__ import annotations
@@ -30,18 +36,21 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-import obatch
+from obatch.api import run_batch_file
 from obatch.config import Settings
+from obatch.store import repo
+from obatch.store.db import open_store
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel, count_tokens, run_in_thread
 
 MODEL = "llama3.2:1b"
 ANSWER_TOKENS = 8
+LONG_ANSWER = 512
 WORDS = ("river", "stone", "ledger", "harbour", "signal", "measure", "winter", "engine", "orchard", "copper",
          "lantern", "census", "market", "glacier", "archive", "meadow", "tariff", "beacon", "quarry", "estuary")
 TOPICS = ("the dates", "the people named", "the main claim", "the numbers", "the places", "the risks", "the tone",
@@ -54,6 +63,7 @@ SYSTEM = "You answer questions about the document you are given. Answer in one s
 class Line:
     group: str  # what the affinity client keeps on one slot: the document (or the line itself)
     messages: list[dict[str, str]]
+    max_tokens: int = ANSWER_TOKENS
 
 
 def prose(rng: random.Random, tokens: int) -> str:
@@ -87,11 +97,16 @@ def control_file(rng: random.Random, n: int, tokens: int) -> list[Line]:
             for i in range(n)]
 
 
+def mixed_file(rng: random.Random, n: int) -> list[Line]:
+    return [Line(f"line{i}", [{"role": "user", "content": f"Note {i}: {prose(rng, 40)}"}],
+                 max_tokens=LONG_ANSWER if rng.random() < 0.2 else 16) for i in range(n)]
+
+
 def write_batch(path: Path, lines: list[Line]) -> Path:
     path.write_bytes(b"".join(orjson.dumps({
         "custom_id": f"{line.group}-{i}", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"model": MODEL, "messages": line.messages, "max_tokens": ANSWER_TOKENS, "temperature": 0}}) + b"\n"
-        for i, line in enumerate(lines)))
+        "body": {"model": MODEL, "messages": line.messages, "max_tokens": line.max_tokens, "temperature": 0}})
+        + b"\n" for i, line in enumerate(lines)))
     return path
 
 
@@ -99,24 +114,28 @@ def write_batch(path: Path, lines: list[Line]) -> Path:
 
 async def post(session: aiohttp.ClientSession, url: str, line: Line) -> None:
     body = {"model": MODEL, "messages": line.messages, "stream": False,
-            "options": {"num_predict": ANSWER_TOKENS, "temperature": 0}}
+            "options": {"num_predict": line.max_tokens, "temperature": 0}}
     async with session.post(f"{url}/api/chat", data=orjson.dumps(body)) as r:
         if r.status != 200:
             raise SystemExit(f"the simulator answered {r.status}: {await r.text()}")
         await r.read()
 
 
-async def workers(url: str, n: int, queue: Iterable[list[Line]]) -> None:
-    """``n`` workers pull work items from one queue; each sends an item's lines one after another."""
+async def workers(url: str, n: int, queue: Iterable[list[Line]]) -> list[float]:
+    """``n`` workers pull work items from one queue; each sends an item's lines one after another. Returns when
+    each line was answered."""
     items = iter(queue)
+    done: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n)) as session:
 
         async def worker() -> None:
             for item in items:
                 for line in item:
                     await post(session, url, line)
+                    done.append(time.perf_counter())
 
         await asyncio.gather(*(worker() for _ in range(n)))
+    return done
 
 
 def by_group(lines: list[Line]) -> list[list[Line]]:
@@ -126,43 +145,60 @@ def by_group(lines: list[Line]) -> list[list[Line]]:
     return list(groups.values())
 
 
-async def file_order(url: str, n: int, lines: list[Line], path: Path) -> None:
-    await workers(url, n, ([line] for line in lines))
+async def file_order(url: str, n: int, lines: list[Line], path: Path) -> list[float]:
+    return await workers(url, n, ([line] for line in lines))
 
 
-async def grouped(url: str, n: int, lines: list[Line], path: Path) -> None:
-    await workers(url, n, ([line] for group in by_group(lines) for line in group))
+async def grouped(url: str, n: int, lines: list[Line], path: Path) -> list[float]:
+    return await workers(url, n, ([line] for group in by_group(lines) for line in group))
 
 
-async def affinity(url: str, n: int, lines: list[Line], path: Path) -> None:
-    await workers(url, n, by_group(lines))
+async def affinity(url: str, n: int, lines: list[Line], path: Path) -> list[float]:
+    return await workers(url, n, by_group(lines))
 
 
-async def obatch_run(url: str, n: int, lines: list[Line], path: Path) -> None:
-    with tempfile.TemporaryDirectory() as work:
-        settings = Settings(backend="ollama", ollama_url=url, data_dir=Path(work))
-        frame = await obatch.run(path, settings=settings, progress=False, fresh=True)
-    failed = frame.filter(frame["status"] != "succeeded")
-    if len(frame) != len(lines) or len(failed):
-        raise SystemExit(f"obatch run: {len(failed)} of {len(frame)} lines did not complete: {failed.head(3)}")
+def obatch_client(schedule: str, fixed: bool) -> Client:
+    async def client(url: str, n: int, lines: list[Line], path: Path) -> list[float]:
+        with tempfile.TemporaryDirectory() as work:
+            settings = Settings(backend="ollama", ollama_url=url, data_dir=Path(work), schedule=schedule,
+                                concurrency=n if fixed else "auto")
+            report = await run_batch_file(path, settings=settings, progress=False, fresh=True)
+            if report.batch.completed != len(lines):
+                raise SystemExit(f"obatch: {report.batch.completed} of {len(lines)} lines completed")
+            engine, sessions = await open_store(settings.db_url)
+            try:
+                return [row[0] async for row in repo.iter_values(sessions, report.batch.id, ["finished_at"])]
+            finally:
+                await engine.dispose()
+
+    return client
 
 
-Client = Callable[[str, int, list[Line], Path], Awaitable[None]]
-CLIENTS: dict[str, Client] = {"file order": file_order, "grouped": grouped, "affinity": affinity,
-                              "obatch run": obatch_run}
+Client = Callable[[str, int, list[Line], Path], Awaitable[list[float]]]
+CLIENTS: dict[str, Client] = {
+    "file order": file_order, "grouped": grouped, "affinity": affinity,
+    "obatch": obatch_client("auto", fixed=False), "obatch file": obatch_client("file", fixed=False),
+    "obatch c=N": obatch_client("auto", fixed=True), "obatch c=N file": obatch_client("file", fixed=True)}
 
 
-async def measure(config: SimConfig, client: Client, lines: list[Line], path: Path) -> tuple[float, float]:
-    """(wall seconds, share of prompt tokens the slots' caches held) of one client on a fresh simulator."""
+def tail(done: list[float]) -> float:
+    """Seconds from 95% of the lines answered to the last."""
+    done = sorted(done)
+    return done[-1] - done[max(0, int(0.95 * len(done)) - 1)] if done else 0.0
+
+
+async def measure(config: SimConfig, client: Client, lines: list[Line], path: Path) -> tuple[float, float, float]:
+    """(wall seconds, share of prompt tokens the slots' caches held, tail seconds) of one client on a fresh
+    simulator."""
     sim = OllamaSim(config)
     url, stop = run_in_thread(sim=sim)
     try:
         started = time.perf_counter()
-        await client(url, config.num_parallel, lines, path)
+        done = await client(url, config.num_parallel, lines, path)
         wall = time.perf_counter() - started
     finally:
         stop()
-    return wall, sim.stats.cached_prompt_tokens / max(sim.stats.prompt_tokens, 1)
+    return wall, sim.stats.cached_prompt_tokens / max(sim.stats.prompt_tokens, 1), tail(done)
 
 
 async def main() -> None:
@@ -176,32 +212,40 @@ async def main() -> None:
     parser.add_argument("--decode-tps", type=float, default=200.0, help="generated tokens/s of one slot")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each client; the median wall time")
     parser.add_argument("--seed", type=int, default=24)
+    parser.add_argument("--files", default="documents,system,control,mixed", help="which files, comma-separated")
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="which clients, comma-separated")
     args = parser.parse_args()
+    clients = {name: CLIENTS[name] for name in args.clients.split(",")}
     config = SimConfig(models=(SimModel(MODEL),), num_parallel=args.slots, prompt_tps=args.prompt_tps,
                        prompt_tps_shared=not args.per_slot, decode_tps=args.decode_tps,
                        default_output_tokens=ANSWER_TOKENS, prompt_cache=True)
     rng = random.Random(args.seed)
     n = args.documents * args.questions
-    files = {"documents": documents_file(rng, args.documents, args.questions, args.tokens),
-             "system": system_file(rng, n, args.tokens), "control": control_file(rng, n, args.tokens)}
+    made = {"documents": lambda: documents_file(rng, args.documents, args.questions, args.tokens),
+            "system": lambda: system_file(rng, n, args.tokens), "control": lambda: control_file(rng, n, args.tokens),
+            "mixed": lambda: mixed_file(rng, n)}
+    files = {name: made[name]() for name in args.files.split(",")}
     print(f"simulator: {args.slots} slots, prompt {args.prompt_tps:,.0f} tok/s "
           f"{'per slot' if args.per_slot else 'shared'}, decode "
           f"{args.decode_tps:,.0f} tok/s per slot, prompt cache on; {n} lines a file, answers of {ANSWER_TOKENS} "
           f"tokens; {args.slots} in flight\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        await measure(config, obatch_run, files["control"][:1], write_batch(Path(tmp) / "warm.jsonl",
-                                                                            files["control"][:1]))
-        print(f"{'file':<10} {'client':<11} {'wall s':>7} {'cached':>7} {'x file order':>13} {'of affinity':>12}",
-              flush=True)
+        warm = files[next(iter(files))][:1]
+        await measure(config, CLIENTS["obatch"], warm, write_batch(Path(tmp) / "warm.jsonl", warm))
+        print(f"{'file':<10} {'client':<16} {'wall s':>7} {'cached':>7} {'x file order':>13} {'of affinity':>12} "
+              f"{'tail s':>7}", flush=True)
         for name, lines in files.items():
             path = write_batch(Path(tmp) / f"{name}.jsonl", lines)
-            rows: dict[str, tuple[float, float]] = {}
-            for label, client in CLIENTS.items():
-                runs = [await measure(config, client, lines, path) for _ in range(args.repeats)]
-                rows[label] = statistics.median(r[0] for r in runs), statistics.fmean(r[1] for r in runs)
-            for label, (wall, cached) in rows.items():
-                print(f"{name:<10} {label:<11} {wall:7.2f} {cached:7.1%} {rows['file order'][0] / wall:12.2f}x "
-                      f"{rows['affinity'][0] / wall:12.2f}", flush=True)
+            run_config = replace(config, default_output_tokens=LONG_ANSWER) if name == "mixed" else config
+            rows: dict[str, tuple[float, float, float]] = {}
+            for label, client in clients.items():
+                runs = [await measure(run_config, client, lines, path) for _ in range(args.repeats)]
+                rows[label] = (statistics.median(r[0] for r in runs), statistics.fmean(r[1] for r in runs),
+                               statistics.median(r[2] for r in runs))
+            for label, (wall, cached, end) in rows.items():
+                base = f"{rows['file order'][0] / wall:12.2f}x" if "file order" in rows else f"{'':>13}"
+                best = f"{rows['affinity'][0] / wall:12.2f}" if "affinity" in rows else f"{'':>12}"
+                print(f"{name:<10} {label:<16} {wall:7.2f} {cached:7.1%} {base} {best} {end:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Timings:
     load_ms: float | None = None
     total_ms: float | None = None
     ttft_ms: float | None = None  # client-side, when the request was streamed
+    cached_tokens: int | None = None  # prompt tokens the engine took from its cache (llama.cpp's cache_n)
 
 
 @dataclass(slots=True)
@@ -291,7 +292,7 @@ def timings_from_llamacpp(t: dict[str, Any]) -> Timings:
 
     return Timings(prompt_tokens=count("prompt_n"), completion_tokens=count("predicted_n"),
                    prompt_ms=num("prompt_ms"), decode_ms=num("predicted_ms"), load_ms=num("load_ms"),
-                   total_ms=num("total_ms"))
+                   total_ms=num("total_ms"), cached_tokens=count("cache_n"))
 
 
 def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any],

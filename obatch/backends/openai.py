@@ -91,6 +91,9 @@ class OpenAIBackend:
         usage = data.get("usage") or {}
         timings.prompt_tokens = timings.prompt_tokens or usage.get("prompt_tokens")
         timings.completion_tokens = timings.completion_tokens or usage.get("completion_tokens")
+        if timings.cached_tokens is None and isinstance(usage.get("prompt_tokens_details"), dict):
+            cached = usage["prompt_tokens_details"].get("cached_tokens")  # vLLM's, with prefix-caching stats on
+            timings.cached_tokens = cached if isinstance(cached, int) else None
         return Result(data, timings)
 
     async def _respond(self, body: dict[str, Any], *, stream: bool) -> Result:

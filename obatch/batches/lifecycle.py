@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +34,8 @@ from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
 from obatch.progress import LiveEta
 from obatch.protocol import FINAL_STATUSES, new_id
-from obatch.runner import Job, run_jobs
+from obatch.runner import Job, JobSource, run_jobs
+from obatch.schedule import FileOrder, Scheduler, Stats
 from obatch.store import repo
 from obatch.store.tables import BatchRow
 
@@ -57,7 +58,8 @@ def window_seconds(window: str, *, minimum: int = 60) -> int:
 async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
-                       output_expires_after: int | None = None, output_retries: int | None = None) -> BatchRow:
+                       output_expires_after: int | None = None, output_retries: int | None = None,
+                       schedule: str | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
@@ -67,7 +69,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
-            output_expires_after=output_expires_after, output_retries=output_retries,
+            output_expires_after=output_expires_after, output_retries=output_retries, schedule=schedule,
             seq=await repo.next_seq(session),
         )
         repo.add(session, batch)
@@ -184,10 +186,39 @@ def concurrency_json(pool: Pool, since: float) -> str:
     return orjson.dumps({"mode": "auto" if pool.concurrency == "auto" else "fixed", "hosts": hosts}).decode()
 
 
+def _job(row: repo.PendingRow, num_ctx: int | None) -> Job:
+    line, custom_id, url, text, prompt_estimate = row
+    body = orjson.loads(text)
+    return Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
+
+
 async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
-    async for line, custom_id, url, text, prompt_estimate in repo.iter_pending(svc.sessions, batch_id, model):
-        body = orjson.loads(text)
-        yield Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
+    async for row in repo.iter_pending(svc.sessions, batch_id, model):
+        yield _job(row, num_ctx)
+
+
+async def _source(svc: Services, batch: BatchRow, model: str, num_ctx: int | None, stats: Stats) -> JobSource:
+    """Where a model group's jobs come from: the file's order, or the scheduler (``obatch.schedule``)."""
+    if stats.schedule == "file":
+        return FileOrder(_jobs(svc, batch.id, model, num_ctx), stats)
+
+    async def fetch(lines: Sequence[int]) -> list[Job]:
+        return [_job(row, num_ctx) for row in await repo.pending_rows(svc.sessions, batch.id, lines)]
+
+    return await Scheduler.load(svc.sessions, batch.id, model, fetch, default_budget=context.DEFAULT_OUTPUT_BUDGET,
+                                stats=stats)
+
+
+async def schedule_stats(svc: Services, batch: BatchRow) -> Stats:
+    """The batch's schedule (its own, else the settings') and the prefix groups its lines form."""
+    async with svc.sessions() as session:
+        groups, grouped = await repo.prefix_group_counts(session, batch.id)
+        lines = await repo.count_requests(session, batch.id)
+    stats = Stats(schedule=batch.schedule or svc.settings.schedule, groups=groups, grouped_lines=grouped, lines=lines)
+    if batch.schedule_json:  # a resumed run: what the engine reported before counts too
+        before = orjson.loads(batch.schedule_json)
+        stats.add_reports(before)
+    return stats
 
 
 async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None, stream: bool = False) -> None:
@@ -197,6 +228,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
     writer = ResultWriter(svc, batch.id, progress, eta=await live_eta(svc, batch))
     pool = svc.pool
     policy = svc.policy if batch.output_retries is None else replace(svc.policy, output_retries=batch.output_retries)
+    stats = await schedule_stats(svc, batch)
     for group in groups:
         try:
             info = await pool.route(group.model)
@@ -211,13 +243,14 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
                 done = asyncio.Event()
                 tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
-                    _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=policy,
+                    await _source(svc, batch, group.model, num_ctx, stats), pool, writer.add, policy=policy,
                     model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
                 done.set()
         finally:
             await asyncio.shield(writer.flush())
-            await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
+            await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started),
+                                              schedule_json=orjson.dumps(stats.as_dict()).decode()))
         await _record_loaded_context(svc, batch.id, group.model)
 
 

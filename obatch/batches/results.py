@@ -365,6 +365,7 @@ def _extension(row: BatchRow) -> BatchExtension:
         invalid_output=row.invalid_output if final else None,
         refused_answers=row.refused_answers if final else None,
         concurrency=orjson.loads(row.concurrency_json) if row.concurrency_json else None,
+        schedule=orjson.loads(row.schedule_json) if row.schedule_json else None,
         estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
         eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
                                                                                           "finalizing") else None)

@@ -12,7 +12,7 @@ import errno
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,8 +41,9 @@ METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
 
 
 class BatchCreate(BaseModel):
-    """``POST /v1/batches``: OpenAI's fields, and obatch's ``model`` (one model for every line) and ``concurrency``
-    (at most this many of the batch's requests in flight; the server's slots bound all batches together)."""
+    """``POST /v1/batches``: OpenAI's fields, and obatch's ``model`` (one model for every line), ``concurrency``
+    (at most this many of the batch's requests in flight; the server's slots bound all batches together) and
+    ``schedule`` (``"file"``: the lines in the file's order; ``"auto"``, the server's default: ``obatch.schedule``)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -52,6 +53,7 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
     model: str | None = None
     concurrency: int | None = Field(default=None, ge=1, le=1024)  # obatch's: requests in flight for this batch
+    schedule: Literal["auto", "file"] | None = None  # obatch's: the order its lines run in
     output_expires_after: dict[str, Any] | None = None  # {anchor: "created_at", seconds}: output/error files
 
 
@@ -148,7 +150,7 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
                                      completion_window=request.completion_window, metadata=request.metadata,
                                      owner=source.owner, model=request.model, source="api",
                                      concurrency=request.concurrency, output_expires_after=expires,
-                                     output_retries=retries)
+                                     output_retries=retries, schedule=request.schedule)
     worker.kick()
     return batches.batch_object(row)
 

@@ -130,8 +130,8 @@ async def first_url(session: AsyncSession, batch_id: str) -> str | None:
 
 
 # The columns a new request row is written with, in the order ``insert_requests`` takes its values.
-REQUEST_COLUMNS = ("batch_id", "line", "custom_id", "url", "model", "body", "prompt_estimate", "max_tokens", "state",
-                   "attempts", "truncated", "seed")
+REQUEST_COLUMNS = ("batch_id", "line", "custom_id", "url", "model", "body", "prompt_estimate", "max_tokens",
+                   "prefix_key", "own_num_ctx", "state", "attempts", "truncated", "seed")
 
 
 async def insert_requests(session: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -186,18 +186,61 @@ async def iter_pending(sessions: Sessions, batch_id: str, model: str) -> AsyncIt
 
     Plain tuples from the driver, not ORM objects nor SQLAlchemy's named rows: this is the hot path of a batch, and
     building and reading a mapped row per line cost more than the query."""
+    async for row in _keyset(sessions, _PENDING_SQL, PAGE, batch_id, model):
+        yield row
+
+
+async def _keyset(sessions: Sessions, sql: str, size: int, *params: Any) -> AsyncIterator[Any]:
+    """The rows of ``sql`` (its last parameter: the line after which a page starts; the line its rows' first
+    column), ``size`` at a time."""
     last = 0
     while True:
-        page: list[Any] = await _page(sessions, _PENDING_SQL, batch_id, model, last)
+        page: list[Any] = await _page(sessions, sql, *params, last)
         for row in page:
             yield row
-        if len(page) < PAGE:
+        if len(page) < size:
             return
         last = page[-1][0]
 
 
 _PENDING_SQL = ("SELECT line, custom_id, url, body, prompt_estimate FROM requests WHERE batch_id={} AND model={} "
                 "AND state='pending' AND line>{} ORDER BY line LIMIT " + str(PAGE))
+
+
+# What the scheduler knows of a pending row before it is picked: line, prefix_key, prompt_estimate, max_tokens,
+# own_num_ctx.
+PendingKey = tuple[int, int | None, int, int | None, int | None]
+
+
+async def iter_pending_keys(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[PendingKey]:
+    """Pending rows of one model in line order, without their bodies (``obatch.schedule``'s lookahead)."""
+    async for row in _keyset(sessions, _PENDING_KEYS_SQL, KEY_PAGE, batch_id, model):
+        yield row
+
+
+KEY_PAGE = 20_000
+_PENDING_KEYS_SQL = ("SELECT line, prefix_key, prompt_estimate, max_tokens, own_num_ctx FROM requests WHERE "
+                     "batch_id={} AND model={} AND state='pending' AND line>{} ORDER BY line LIMIT " + str(KEY_PAGE))
+
+
+async def pending_rows(sessions: Sessions, batch_id: str, lines: Sequence[int]) -> list[PendingRow]:
+    """The rows of ``lines`` that are still pending (``PendingRow``s, in line order): the bodies of picked lines."""
+    if not lines:
+        return []
+    marks = ", ".join(["{}"] * len(lines))
+    sql = ("SELECT line, custom_id, url, body, prompt_estimate FROM requests WHERE batch_id={} AND state='pending' "
+           f"AND line IN ({marks}) ORDER BY line")
+    return await _page(sessions, sql, batch_id, *lines)
+
+
+async def prefix_group_counts(session: AsyncSession, batch_id: str) -> tuple[int, int]:
+    """(groups, lines in them): the prefix keys a batch's rows share with at least one other row."""
+    shared = (select(func.count().label("n")).where(col(RequestRow.batch_id) == batch_id,
+                                                     col(RequestRow.prefix_key).is_not(None))
+              .group_by(col(RequestRow.prefix_key)).having(func.count() > 1).subquery())
+    statement = select(func.count(), func.coalesce(func.sum(shared.c.n), 0)).select_from(shared)
+    row = (await session.execute(statement)).one()
+    return int(row[0] or 0), int(row[1] or 0)
 
 
 async def iter_values(sessions: Sessions, batch_id: str, columns: Sequence[str]) -> AsyncIterator[tuple[Any, ...]]:

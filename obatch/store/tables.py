@@ -73,6 +73,8 @@ class BatchRow(SQLModel, table=True):
     output_retries: int | None = None  # answers refused by the JSON check asked again per line (None: the setting)
     invalid_output: int = 0  # lines that ended as invalid_output (counted at finalisation)
     refused_answers: int = 0  # answers the JSON check refused, over all lines (counted at finalisation)
+    schedule: str | None = None  # the order asked for its lines: "auto" or "file" (None: the settings' default)
+    schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
 
 
 class RequestRow(SQLModel, table=True):
@@ -90,6 +92,8 @@ class RequestRow(SQLModel, table=True):
     body: str  # the request body as JSON
     prompt_estimate: int = 0
     max_tokens: int | None = None
+    prefix_key: int | None = Field(default=None, sa_type=BigInteger)  # its prompt's leading chunk (obatch.prefix)
+    own_num_ctx: int | None = None  # the num_ctx the line sets itself (the scheduler runs such lines last)
     state: str = "pending"  # pending | succeeded | failed
     request_id: str | None = None  # "batch_req_..." id of the output line
     status_code: int | None = None
