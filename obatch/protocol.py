@@ -386,13 +386,15 @@ class BatchEta(_Wire):
 
 class BatchExtension(_Wire):
     """The batch object's ``obatch`` field: how the batch runs (``concurrency``: the levels chosen per host, and
-    why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
-    never ran. Fields without a value are left out."""
+    why), the estimate made at its start, while it runs the remaining time, once it ended early how many lines
+    never ran, and the retry chain it belongs to (``parent``, ``retries``). Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
     estimate: DurationEstimate | None = None
     eta: BatchEta | None = None
     not_run: int | None = None
+    parent: str | None = None  # the batch whose failed lines this batch retries
+    retries: list[str] | None = None  # the batches made of this one's failed lines, oldest first
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -32,7 +32,7 @@ from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
 from obatch.progress import LiveEta
 from obatch.protocol import FINAL_STATUSES, new_id
-from obatch.runner import Job, run_jobs
+from obatch.runner import Job, Outcome, run_jobs
 from obatch.store import repo
 from obatch.store.tables import BatchRow
 
@@ -55,7 +55,7 @@ def window_seconds(window: str, *, minimum: int = 60) -> int:
 async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
-                       output_expires_after: int | None = None) -> BatchRow:
+                       output_expires_after: int | None = None, parent_id: str | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
@@ -65,7 +65,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
-            output_expires_after=output_expires_after,
+            output_expires_after=output_expires_after, parent_id=parent_id,
             seq=await repo.next_seq(session),
         )
         repo.add(session, batch)
@@ -207,7 +207,8 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
                 done = asyncio.Event()
                 tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
-                    _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
+                    _jobs(svc, batch.id, group.model, num_ctx), pool, _recording(svc, batch.id, group.model, writer),
+                    policy=svc.policy,
                     model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
                 done.set()
@@ -215,6 +216,23 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await asyncio.shield(writer.flush())
             await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
         await _record_loaded_context(svc, batch.id, group.model)
+
+
+def _recording(svc: Services, batch_id: str, model: str, writer: ResultWriter) -> Callable[[Outcome], Awaitable[None]]:
+    """``writer.add``, recording first, at the group's first answer (the model is loaded then), the context the
+    engine loaded on the group's rows still to finish: each later result is committed with its ``loaded_context``
+    already in place, so a line read while the batch runs is the line its output file will hold."""
+    record: asyncio.Future[None] | None = None
+
+    async def add(outcome: Outcome) -> None:
+        nonlocal record
+        if record is None and outcome.result is not None:
+            record = asyncio.ensure_future(_record_loaded_context(svc, batch_id, model))
+        if record is not None:  # answers that arrive meanwhile wait for it (a write is never cancelled midway)
+            await asyncio.shield(record)
+        await writer.add(outcome)
+
+    return add
 
 
 async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:

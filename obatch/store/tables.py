@@ -69,6 +69,7 @@ class BatchRow(SQLModel, table=True):
     estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
     concurrency_json: str | None = None  # each engine host's level, the reason for it, and its changes (auto)
     eta_json: str | None = None  # the live remaining-time estimate while it runs (``obatch.progress.LiveEta``)
+    parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
 
 
 class RequestRow(SQLModel, table=True):
