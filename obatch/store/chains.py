@@ -56,12 +56,16 @@ async def retry_ids(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str
 async def rows_after(session: AsyncSession, batch_id: str, columns: Sequence[str], after: int, limit: int
                      ) -> list[tuple[Any, ...]]:
     """Up to ``limit`` rows of a batch after line ``after``, in line order: ``columns`` then the line. A range of the
-    primary key: its cost is the page's, however large the batch."""
-    cols = [getattr(RequestRow, name) for name in columns]
-    statement = (select(*cols, col(RequestRow.line))
-                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.line) > after)
-                 .order_by(col(RequestRow.line)).limit(limit))
-    return [tuple(row) for row in (await session.execute(statement)).all()]
+    primary key: its cost is the page's, however large the batch. Plain tuples from the driver, like the output
+    writer's reads (a mapped row per line costs more than the query)."""
+    known = set(RequestRow.model_fields)
+    if not set(columns) <= known:
+        raise ValueError(f"not columns of requests: {sorted(set(columns) - known)}")
+    marks = repo._marks(repo._dialect(session).paramstyle, 3)
+    sql = (f"SELECT {', '.join(columns)}, line FROM requests WHERE batch_id={marks[0]} AND line>{marks[1]} "
+           f"ORDER BY line LIMIT {marks[2]}")
+    connection = await session.connection()
+    return [tuple(row) for row in (await connection.exec_driver_sql(sql, (batch_id, after, limit))).all()]
 
 
 async def ran_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str],

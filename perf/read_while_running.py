@@ -1,0 +1,139 @@
+"""Reading results while a batch runs does not slow it: the throughput of a large batch on the simulator read every
+second through ``GET /v1/batches/{id}/results`` (paged after a cursor, 1,000 lines a page, until caught up) against
+the same batch unread. Target: the read batch within 5% of the unread one.
+
+    python perf/read_while_running.py [--lines 40000] [--pairs 2] [--concurrency 32] [--interval 1] [--postgres]
+
+One ``obatch serve`` (batches in its child process, the default) and the simulator, both subprocesses, on loopback.
+The runs alternate unread, read, read, unread, ... (an ABBA order, so a drift of the shared machine falls on both
+kinds alike); each kind's figure is its median. Throughput is a batch's lines over the time from ``in_progress`` to
+its final status, both seen by polling the batch every 0.1 s (read and unread runs poll alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from responsiveness import FINAL, MODEL, create, lines_of, spawn, wait_healthy
+
+from obatch.testing.postgres import postgres_server
+from obatch.testing.server import ServerProcess, free_port, serve_env
+
+PAGE = 1000
+
+
+async def read_along(client: httpx.AsyncClient, batch_id: str, interval: float, stop: asyncio.Event
+                     ) -> tuple[int, int, list[float]]:
+    """Every ``interval`` seconds, every line finished since the last read (pages of ``PAGE``); returns the lines and
+    pages read and each page's latency (ms)."""
+    after, lines, latencies = 0, 0, []
+    while not stop.is_set():
+        while True:
+            started = time.perf_counter()
+            response = await client.get(f"/v1/batches/{batch_id}/results", params={"after": after, "limit": PAGE})
+            response.raise_for_status()
+            latencies.append((time.perf_counter() - started) * 1000)
+            got = response.content.count(b"\n")
+            lines += got
+            after = int(response.headers["x-obatch-next-after"])
+            if got < PAGE or response.headers["x-obatch-finished"] == "true":
+                break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+    return lines, len(latencies), latencies
+
+
+async def one_batch(client: httpx.AsyncClient, tag: str, n: int, *, read: bool, interval: float) -> dict[str, float]:
+    batch_id = await create(client, f"{tag}.jsonl", lines_of(tag, n))
+    stop = asyncio.Event()
+    reader = asyncio.create_task(read_along(client, batch_id, interval, stop)) if read else None
+    started = None
+    while True:
+        status = (await client.get(f"/v1/batches/{batch_id}")).json()
+        if status["status"] == "in_progress" and started is None:
+            started = time.perf_counter()
+        if status["status"] in FINAL:
+            ended = time.perf_counter()
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    lines, pages, latencies = await reader if reader is not None else (0, 0, [])
+    assert status["status"] == "completed", status
+    seconds = ended - (started or ended)
+    if read:  # the reader got every line, once
+        tail = await client.get(f"/v1/batches/{batch_id}/results", params={"after": n - 1, "limit": PAGE})
+        assert tail.headers["x-obatch-finished"] == "true"
+    return {"rate": status["request_counts"]["completed"] / seconds, "seconds": seconds, "read": lines,
+            "pages": pages, "p50": statistics.median(latencies) if latencies else 0.0,
+            "max": max(latencies) if latencies else 0.0}
+
+
+async def run(args: argparse.Namespace, database_url: str | None) -> int:
+    root = Path(tempfile.mkdtemp(prefix="obatch-read-"))
+    sim_port = free_port()
+    sim = spawn([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel",
+                 str(args.concurrency), "--max-queue", "4096", "--model", MODEL],
+                {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}, root / "sim.log")
+    env = serve_env(root / "data", backend="ollama", ollama_url=f"http://127.0.0.1:{sim_port}",
+                    server_concurrency=args.concurrency, concurrency=args.concurrency, rate_limit_per_minute=0,
+                    max_lines=max(args.lines, 50_000), max_file_bytes=1 << 30, log_level="WARNING",
+                    database_url=database_url)
+    server: ServerProcess | None = None
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    try:
+        server = await asyncio.to_thread(ServerProcess.start, root / "data", env, log_path=root / "server.log",
+                                         ready_within=120)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            await wait_healthy(client, f"http://127.0.0.1:{sim_port}/api/version")
+            await one_batch(client, "warm", 2000, read=False, interval=args.interval)  # model loaded, caches warm
+            order = [False, True, True, False] * args.pairs
+            for i, read in enumerate(order[: 2 * args.pairs]):
+                figures = await one_batch(client, f"run{i}", args.lines, read=read, interval=args.interval)
+                runs[read].append(figures)
+                print(f"  {'read  ' if read else 'unread'} {args.lines} lines in {figures['seconds']:.1f} s = "
+                      f"{figures['rate']:.0f} lines/s" + (f"; read {figures['read']:.0f} lines in "
+                                                          f"{figures['pages']:.0f} pages, page p50 "
+                                                          f"{figures['p50']:.1f} ms, max {figures['max']:.0f} ms"
+                                                          if read else ""), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        sim.terminate()
+        sim.wait(timeout=30)
+    unread = statistics.median(r["rate"] for r in runs[False])
+    read = statistics.median(r["rate"] for r in runs[True])
+    ratio = read / unread
+    store = "PostgreSQL" if database_url else "SQLite"
+    print(f"read while running on {store}: {args.lines} lines a batch, {args.concurrency} slots, read every "
+          f"{args.interval:g} s in pages of {PAGE}")
+    print(f"  unread {unread:.0f} lines/s, read {read:.0f} lines/s (medians of {args.pairs} each): "
+          f"read / unread = {ratio:.3f} (target ≥ 0.95)")
+    return 0 if ratio >= 0.95 else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lines", type=int, default=40_000, help="lines of each measured batch")
+    p.add_argument("--pairs", type=int, default=2, help="read and unread batches of each kind")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between reads")
+    p.add_argument("--postgres", action="store_true")
+    p.add_argument("--database-url")
+    args = p.parse_args()
+    if args.postgres and not args.database_url:
+        with contextlib.contextmanager(postgres_server)() as pg:
+            return asyncio.run(run(args, pg.create_database()))
+    return asyncio.run(run(args, args.database_url))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
