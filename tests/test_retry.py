@@ -27,6 +27,7 @@ from obatch.testing.server import ServerProcess
 from tests.helpers import chat_line, write_jsonl
 from tests.serverkit import FINAL, KEYS, parse_jsonl
 from tests.serverkit import chat_line as server_line
+from tests.test_batches import _start as start_batch
 
 GHOST = "no-such-model"
 
@@ -103,12 +104,8 @@ async def test_a_cancelled_batchs_unrun_lines_are_retried(tmp_path: Path, make_s
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     async with OllamaSim(SimConfig(num_parallel=2, decode_tps=400)) as sim:
         settings = make_settings(sim.url, concurrency=2)
-        engine, sessions = await open_store(settings.db_url)
-        from obatch.backends import open_backend
-
-        svc = batches.Services(settings, sessions, await open_backend(settings))
-        stored = await batches.store_file(svc, batches.read_chunks(path), filename="in.jsonl", purpose="batch")
-        first = await batches.create_batch(svc, input_file_id=stored.id, endpoint=None, source="cli")
+        svc, first_id, engine = await start_batch(sim, settings, path)
+        first = await batches.reload(svc, first_id)
         task = asyncio.create_task(batches.process(svc, first.id))
         while (await batches.reload(svc, first.id)).completed < 4:  # noqa: ASYNC110 (polling the store)
             await asyncio.sleep(0.02)
