@@ -17,16 +17,14 @@ import asyncio
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from responsiveness import FINAL, MODEL, create, lines_of, spawn, wait_healthy
+from responsiveness import FINAL, create, lines_of, run_on_store, spawn_sim, wait_healthy
 
-from obatch.testing.postgres import postgres_server
-from obatch.testing.server import ServerProcess, free_port, serve_env
+from obatch.testing.server import ServerProcess, serve_env
 
 PAGE = 1000
 
@@ -98,10 +96,7 @@ async def one_batch(client: httpx.AsyncClient, tag: str, n: int, *, read: bool, 
 
 async def run(args: argparse.Namespace, database_url: str | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="obatch-read-"))
-    sim_port = free_port()
-    sim = spawn([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel",
-                 str(args.concurrency), "--max-queue", "4096", "--model", MODEL],
-                {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}, root / "sim.log")
+    sim, sim_port = spawn_sim(root, args.concurrency)
     env = serve_env(root / "data", backend="ollama", ollama_url=f"http://127.0.0.1:{sim_port}",
                     server_concurrency=args.concurrency, concurrency=args.concurrency, rate_limit_per_minute=0,
                     max_lines=max(args.lines, 50_000), max_file_bytes=1 << 30, log_level="WARNING",
@@ -156,11 +151,7 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between reads")
     p.add_argument("--postgres", action="store_true")
     p.add_argument("--database-url")
-    args = p.parse_args()
-    if args.postgres and not args.database_url:
-        with contextlib.contextmanager(postgres_server)() as pg:
-            return asyncio.run(run(args, pg.create_database()))
-    return asyncio.run(run(args, args.database_url))
+    return run_on_store(run, p.parse_args())
 
 
 if __name__ == "__main__":
