@@ -4,7 +4,13 @@ results read as one (each custom_id at its latest outcome). Through the notebook
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +174,52 @@ def test_the_command_line_retries_and_prints_the_chain(tmp_path: Path, capsysbin
                                                                 for x in output]
     assert main(["retry", first, "-q", *common]) == 1  # nothing left to retry
     assert "nothing to retry" in capsysbinary.readouterr().err.decode()
+
+
+def test_a_retry_killed_midway_resumes_exactly_once(tmp_path: Path) -> None:
+    n = 120
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", f"q{i}", max_tokens=40) for i in range(n)])
+    sim = OllamaSim(SimConfig(num_parallel=4, decode_tps=300, default_output_tokens=2000, error_rate=0.5, seed=3))
+    url, stop = run_in_thread(sim=sim)
+    data = tmp_path / "data"
+    common = ["--backend", "ollama", "--url", url, "--data-dir", str(data), "-q"]
+    env = {**os.environ, "OBATCH_MAX_ATTEMPTS": "1", "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4",
+           "OBATCH_LEASE_TTL": "2", "OBATCH_LEASE_HEARTBEAT": "0.5"}
+    command = [sys.executable, "-m", "obatch.cli"]
+    try:
+        first = subprocess.run([*command, "run", str(path), *common], env=env, capture_output=True, text=True,
+                               timeout=120, check=True).stdout.split(":")[0]
+        sim.config.error_rate = 0.0
+        victim = subprocess.Popen([*command, "retry", first, *common], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while retried(data / "obatch.db") < 8:
+            assert victim.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        rerun = subprocess.run([*command, "retry", first, *common], env=env, capture_output=True, text=True,
+                               timeout=120)
+    finally:
+        stop()
+    assert rerun.returncode == 0, rerun.stderr
+    second = rerun.stdout.split(": ")[1]
+    with sqlite3.connect(data / "obatch.db") as conn:
+        assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 2  # resumed, not made again
+        failed = {row[0] for row in conn.execute("SELECT custom_id FROM requests WHERE batch_id=? AND state='failed'",
+                                                 (first,))}
+    output = [orjson.loads(line)["custom_id"] for line in
+              (data / "results" / second / "output.jsonl").read_bytes().splitlines()]
+    assert failed and sorted(output) == sorted(failed) and len(set(output)) == len(output)  # each line once
+    assert f"{len(failed)} succeeded, 0 failed of {len(failed)}" in rerun.stdout
+
+
+def retried(db: Path) -> int:
+    """Lines a retry (a batch with a parent) has finished."""
+    with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(db, timeout=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM requests JOIN batches ON batches.id = requests.batch_id "
+                                "WHERE batches.parent_id IS NOT NULL AND state='succeeded'").fetchone()[0])
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ server
