@@ -11,6 +11,7 @@ request per prompt (``obatch.backends.completions``: llama.cpp's own answer to a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from obatch.backends import completions
 from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
 from obatch.engine import LocalEngine
+from obatch.jsonl import file_sha256
 
 DEFAULT_NUM_CTX = 2048
 # Slots when the caller leaves the width to the engine (auto concurrency): on 2 CPU cores SmolLM2 gave 117 / 126 /
@@ -40,6 +42,7 @@ class LocalBackend:
         self.parallel = parallel
         self._client: OpenAIBackend | None = None
         self._url: str | None = None
+        self._digest: str | None = None
 
     async def _ready(self, num_ctx: int | None = None, parallel: int | None = None) -> OpenAIBackend:
         config = self.engine.config
@@ -114,6 +117,13 @@ class LocalBackend:
         """The per-request context of the running engine (its total ``n_ctx`` split across the slots)."""
         config = self.engine.config
         return config.n_ctx // config.n_parallel if config is not None and model == self.alias else None
+
+    async def model_digest(self, model: str) -> str | None:
+        """The GGUF file's SHA-256, read once per backend in a thread (a file of gigabytes takes seconds)."""
+        self._check_model(model)
+        if self._digest is None:
+            self._digest = "sha256:" + await asyncio.to_thread(file_sha256, self.engine.model_path)
+        return self._digest
 
     async def version(self) -> str | None:
         import xllamacpp

@@ -20,13 +20,15 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 
-from obatch import context, errors, lease
+from obatch import context, errors, lease, structured
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
+from obatch.batches import provenance
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
@@ -55,7 +57,8 @@ def window_seconds(window: str, *, minimum: int = 60) -> int:
 async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
-                       output_expires_after: int | None = None, parent_id: str | None = None) -> BatchRow:
+                       output_expires_after: int | None = None, output_retries: int | None = None,
+                       parent_id: str | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
@@ -65,7 +68,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
-            output_expires_after=output_expires_after, parent_id=parent_id,
+            output_expires_after=output_expires_after, output_retries=output_retries, parent_id=parent_id,
             seq=await repo.next_seq(session),
         )
         repo.add(session, batch)
@@ -194,6 +197,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
     writer = ResultWriter(svc, batch.id, progress, eta=await live_eta(svc, batch))
     pool = svc.pool
+    policy = svc.policy if batch.output_retries is None else replace(svc.policy, output_retries=batch.output_retries)
     for group in groups:
         try:
             info = await pool.route(group.model)
@@ -202,14 +206,14 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             continue
         num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
+        writer.hosts.update(await provenance.record(svc, batch, pool, group.model))
         try:
             async with asyncio.TaskGroup() as tasks:
                 done = asyncio.Event()
                 tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
                     _jobs(svc, batch.id, group.model, num_ctx), pool, _recording(svc, batch.id, group.model, writer),
-                    policy=svc.policy,
-                    model=group.model, stream=stream, cap=batch.concurrency))
+                    policy=policy, model=group.model, stream=stream, cap=batch.concurrency))
                 await runner
                 done.set()
         finally:
@@ -226,7 +230,7 @@ def _recording(svc: Services, batch_id: str, model: str, writer: ResultWriter) -
 
     async def add(outcome: Outcome) -> None:
         nonlocal record
-        if record is None and outcome.result is not None:
+        if record is None and (outcome.result is not None or isinstance(outcome.error, structured.InvalidOutput)):
             record = asyncio.ensure_future(_record_loaded_context(svc, batch_id, model))
         if record is not None:  # answers that arrive meanwhile wait for it (a write is never cancelled midway)
             await asyncio.shield(record)

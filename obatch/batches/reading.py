@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from obatch.batches import provenance
 from obatch.batches.results import OUTPUT_COLUMNS, line_bytes
 from obatch.protocol import FINAL_STATUSES, NOT_RUN_CODES
 from obatch.store import chains
@@ -101,7 +102,10 @@ async def read_page(sessions: Sessions, batch_id: str, *, owner: str | None = No
     (``contiguous=False``: running lines skipped)."""
     page = await outcomes(sessions, batch_id, OUTPUT_COLUMNS, owner=owner, after=after, limit=limit, merged=merged,
                           contiguous=contiguous)
-    lines = [line_bytes(batch.id, row, not_run_code(batch))[1] for batch, row in page.items]
+    facts: dict[str, provenance.LineFacts] = {}  # each batch's hosts (a merged page's lines come from several)
+    lines = [line_bytes(batch.id, row, not_run_code(batch),
+                        facts.setdefault(batch.id, provenance.LineFacts(provenance.entries_of(batch))))[1]
+             for batch, row in page.items]
     return ResultsPage(lines, page.after, page.finished, page.more)
 
 

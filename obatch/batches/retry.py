@@ -92,4 +92,4 @@ async def create_retry(svc: Services, batch_id: str, *, owner: str | None = None
         svc, input_file_id=stored.id, endpoint=parent.endpoint or None, completion_window=parent.completion_window,
         metadata=orjson.loads(parent.metadata_json) if parent.metadata_json else None, owner=parent.owner,
         model=parent.model, source=parent.source, concurrency=parent.concurrency,
-        output_expires_after=parent.output_expires_after, parent_id=parent.id)
+        output_expires_after=parent.output_expires_after, output_retries=parent.output_retries, parent_id=parent.id)

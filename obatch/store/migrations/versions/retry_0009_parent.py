@@ -1,7 +1,7 @@
 """retries: a batch made of another batch's failed lines names it (``parent_id``), indexed both ways
 
 Revision ID: retry_0009_parent
-Revises: 0008_rate
+Revises: provenance_0009
 """
 from collections.abc import Sequence
 
@@ -10,7 +10,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = 'retry_0009_parent'
-down_revision: str | None = '0008_rate'
+down_revision: str | None = 'provenance_0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
