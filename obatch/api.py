@@ -304,11 +304,9 @@ async def results(batch_id: str, *, merged: bool = False, settings: Settings | N
     each line (``batch_id``). ``merged``: over the batch's retry chain, each line's latest outcome."""
     settings = settings or Settings()
     engine, sessions = await open_store(settings.db_url)
-    facts: dict[str, provenance.LineFacts] = {}  # each batch's hosts (a merged frame's lines come from several)
-    try:
-        # as ``results_frame``'s rows, then the batch that gave the line
-        records = [(*row[:-2], *facts.setdefault(batch.id, provenance.LineFacts(provenance.entries_of(batch)))(
-                        row[-2], row[2]), batch.id)
+    facts = reading.HostFacts()
+    try:  # as ``results_frame``'s rows, then the batch that gave the line
+        records = [(*row[:-2], *facts(batch)(row[-2], row[2]), batch.id)
                    async for batch, row in reading.iter_finished(sessions, batch_id, _COLUMNS, merged=merged)]
     finally:
         await engine.dispose()

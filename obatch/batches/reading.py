@@ -102,11 +102,18 @@ async def read_page(sessions: Sessions, batch_id: str, *, owner: str | None = No
     (``contiguous=False``: running lines skipped)."""
     page = await outcomes(sessions, batch_id, OUTPUT_COLUMNS, owner=owner, after=after, limit=limit, merged=merged,
                           contiguous=contiguous)
-    facts: dict[str, provenance.LineFacts] = {}  # each batch's hosts (a merged page's lines come from several)
-    lines = [line_bytes(batch.id, row, not_run_code(batch),
-                        facts.setdefault(batch.id, provenance.LineFacts(provenance.entries_of(batch))))[1]
-             for batch, row in page.items]
+    facts = HostFacts()
+    lines = [line_bytes(batch.id, row, not_run_code(batch), facts(batch))[1] for batch, row in page.items]
     return ResultsPage(lines, page.after, page.finished, page.more)
+
+
+class HostFacts(dict[str, provenance.LineFacts]):
+    """Each batch's host facts, made once (the lines of a merged page or frame come from several batches)."""
+
+    def __call__(self, batch: BatchRow) -> provenance.LineFacts:
+        if batch.id not in self:
+            self[batch.id] = provenance.LineFacts(provenance.entries_of(batch))
+        return self[batch.id]
 
 
 async def follow(sessions: Sessions, batch_id: str, *, merged: bool = False, interval: float | None = None,
