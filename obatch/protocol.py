@@ -337,6 +337,7 @@ class DurationEstimate(_Wire):
     candidates: list[EstimateCandidate] = Field(default_factory=list)
     points: list[EstimatePoint] = Field(default_factory=list)
     method: str | None = None
+    guess: bool = False  # answer lengths unknown: ``seconds`` is a guess, the interval spans what the model could do
     history_factor: float = 1.0
     history_batches: int = 0
     notes: list[str] = Field(default_factory=list)
@@ -357,7 +358,7 @@ class DurationEstimate(_Wire):
                    num_requests=sum(p.num_requests for p in parts), seconds=sum(p.seconds for p in parts),
                    low=sum(p.low for p in parts), high=sum(p.high for p in parts),
                    load_seconds=sum(p.load_seconds for p in parts), done_requests=sum(p.done_requests for p in parts),
-                   notes=[n for p in parts for n in p.notes], groups=parts, **extra)
+                   guess=any(p.guess for p in parts), notes=[n for p in parts for n in p.notes], groups=parts, **extra)
 
     @classmethod
     def stored(cls, text: str) -> DurationEstimate | None:

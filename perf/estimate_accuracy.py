@@ -28,6 +28,12 @@ SmolLM2-135M runs a share of its uncapped answers on to the context window (abou
 than 2,048 on its own, so the engine is presented to them as a model of that context length. The sweep's workload
 must then fit it (prompt + output below ``--num-ctx``).
 
+Blind estimates (``--blind-answers 4,16,64,256``, simulator only): held-out files estimated with nothing known of
+the answers, each on a fresh copy of the swept store, while the simulator answers about that many words; the share
+of intervals that hold the actual. ``--pilot-from-zero uncapped,mixed``: files estimated by a pilot on an empty
+store (no benchmark, no history). ``--slow-after-sweep 0.5`` (simulator): the engine runs at half the speed it was
+swept at, as a shared machine's engine drifts; a pilot measures today's speed.
+
 Don't run it while other heavy processes share the CPU: the engine's speed (and so the measurement) follows them.
 The script measures how much CPU other processes took during each held-out run and leaves out (but prints) the
 runs they disturbed.
@@ -172,7 +178,7 @@ def held_out_file(path: Path, model: str, n: int, seed: int, kind: str = "capped
     return path
 
 
-async def file_estimate(settings: Settings, path: Path, concurrency: int, backend: Backend,
+async def file_estimate(settings: Settings, path: Path, concurrency: int | None, backend: Backend,
                         num_ctx: int) -> DurationEstimate:
     """The estimate ``GET /v1/benchmarks/estimate?input_file_id=`` gives for this file (pilot lines left out),
     for the num_ctx its batch runs with when that is below obatch's own pick (``Windowed``)."""
@@ -283,6 +289,84 @@ async def natural_case(args: argparse.Namespace, base: Path, kind: str, foreign:
     return results
 
 
+async def blind_case(args: argparse.Namespace, base: Path, sim: Any, answer: int, kind: str) -> tuple[str, bool]:
+    """A held-out file of ``kind`` estimated blind (nothing known of the model's answers: a fresh copy of the swept
+    store) while the simulator answers about ``answer`` words, then run: does the interval hold the actual?"""
+    data_dir = base.parent / f"{base.name}-blind-{kind}-{answer}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.copytree(base, data_dir)
+    sim.config.default_output_tokens = answer
+    settings = _settings(args, data_dir, sim.url)
+    backend = await open_windowed(settings, args.num_ctx)
+    try:
+        held = held_out_file(data_dir / f"blind_{kind}.jsonl", args.model, args.requests, seed=args.seed + answer,
+                             kind=kind, questions=args.questions, passages=args.passages)
+        made = await file_estimate(settings, held, args.concurrency, backend, args.num_ctx)
+        run = await run_batch_file(held, settings=settings, backend=backend, concurrency=args.concurrency,
+                                   progress=False, fresh=True)
+    finally:
+        await backend.aclose()
+    actual = run.batch.run_seconds
+    within = made.low <= actual <= made.high
+    label = f"{kind}, answers ~{answer} words"
+    print(f"  blind {label}: estimate {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}]"
+          f"{' (a guess)' if getattr(made, 'guess', False) else ''}, actual {actual:.1f} s "
+          f"({run.batch.output_tokens / max(run.batch.completed, 1):.0f} output tokens per line), error "
+          f"{(made.seconds - actual) / actual * 100:+.1f}% ({'in' if within else 'OUT of'} interval)")
+    return label, within
+
+
+async def zero_case(args: argparse.Namespace, base: Path, kind: str, sim_url: str | None) -> tuple[str, float]:
+    """A pilot from zero: no benchmark and no history of the model (an empty store), a held-out file of ``kind``,
+    its pilot (``--pilot``), the estimate of the rest from the pilot's own latencies, then the batch."""
+    data_dir = base.parent / f"{base.name}-zero-{kind}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    settings = _settings(args, data_dir, sim_url)
+    backend = await open_windowed(settings, args.num_ctx)
+    try:
+        held = held_out_file(data_dir / f"zero_{kind}.jsonl", args.model, args.requests, seed=args.seed + 7,
+                             kind=kind, questions=args.questions, passages=args.passages)
+        engine, sessions = await open_store(settings.db_url)
+        try:
+            async with sessions() as session:
+                made = await piloted(session, sessions, settings, backend, held, args.pilot, backend=backend.name,
+                                     concurrency=args.concurrency,
+                                     num_ctx=args.num_ctx if args.num_ctx < MIN_NUM_CTX else None)
+        finally:
+            await engine.dispose()
+        run = await run_batch_file(held, settings=settings, backend=backend, concurrency=args.concurrency,
+                                   progress=False, fresh=True)
+    finally:
+        await backend.aclose()
+    actual = run.batch.run_seconds
+    error = (made.seconds - actual) / actual * 100
+    lines = made.pilot.requests if made.pilot else 0
+    print(f"  pilot from zero, {kind} ({lines} pilot lines): estimate {made.seconds:.1f} s [{made.low:.1f}, "
+          f"{made.high:.1f}], actual {actual:.1f} s, error {error:+.1f}% "
+          f"({'in' if made.low <= actual <= made.high else 'OUT of'} interval)")
+    return kind, error
+
+
+async def auto_case(args: argparse.Namespace, settings: Settings, attempt: int, backend: Backend) -> float:
+    """A held-out capped file estimated under auto concurrency (the level auto is expected to settle on) and run
+    under auto: the error, and the level auto settled on against the estimate's."""
+    held = held_out_file(settings.data_dir / f"auto_{attempt}.jsonl", args.model, args.requests,
+                         seed=args.seed + 50 + attempt, questions=args.questions, passages=args.passages)
+    made = await file_estimate(settings, held, None, backend, args.num_ctx)
+    run = await run_batch_file(held, settings=settings, backend=backend, concurrency="auto", progress=False,
+                               fresh=True)
+    hosts = orjson.loads(run.batch.concurrency_json or "{}").get("hosts") or [{}]
+    levels = [c["level"] for c in hosts[0].get("history") or []]
+    actual = run.batch.run_seconds
+    error = (made.seconds - actual) / actual * 100
+    print(f"  auto run {attempt + 1}: estimate {made.seconds:.1f} s [{made.low:.1f}, {made.high:.1f}] at "
+          f"concurrency {made.concurrency}; auto went {' → '.join(map(str, levels))} and settled at "
+          f"{hosts[0].get('best')}; actual {actual:.1f} s, error {error:+.1f}% "
+          f"({'in' if made.low <= actual <= made.high else 'OUT of'} interval)")
+    return error
+
+
 async def open_windowed(settings: Settings, num_ctx: int) -> Backend:
     """The backend, presented as a model of ``num_ctx`` tokens of context when that is below obatch's own pick."""
     from obatch.backends import open_backend
@@ -304,8 +388,8 @@ async def measure(args: argparse.Namespace) -> float:
     if args.backend == "sim":
         from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 
-        sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=2, prompt_tps=3000, decode_tps=300,
-                                  default_output_tokens=args.sim_answer, load_seconds=0.2))
+        sim = OllamaSim(SimConfig(models=(SimModel(args.model),), num_parallel=args.sim_parallel, prompt_tps=3000,
+                                  decode_tps=300, default_output_tokens=args.sim_answer, load_seconds=0.2))
         await sim.start()
     settings = Settings(_env_file=None, data_dir=data_dir, backend=backend,
                         ollama_url=sim.url if sim else Settings().ollama_url, local_threads=args.threads)
@@ -330,6 +414,29 @@ async def measure(args: argparse.Namespace) -> float:
             print(f"  c={row['concurrency']}: {row['req_per_s']:.2f} req/s (±{row['req_per_s_std'] or 0:.2f} over "
                   f"{row['repeats']} repeats), {row['output_tps']:.0f} output tok/s, engine gen {row['gen_tps']:.0f} "
                   f"tok/s per request, p50 {row['latency_p50']:.0f} ms")
+        if args.slow_after_sweep != 1.0 and sim is not None:  # the engine's speed moves after it was swept
+            sim.config = dataclasses.replace(sim.config, decode_tps=sim.config.decode_tps * args.slow_after_sweep,
+                                             prompt_tps=sim.config.prompt_tps * args.slow_after_sweep)
+            print(f"the simulator now runs at ×{args.slow_after_sweep} the speed it was swept at")
+        if args.pilot_from_zero:
+            print(f"pilots from zero ({args.requests} natural requests each, c={args.concurrency}, no benchmark):")
+            zero = [await zero_case(args, data_dir, kind, sim.url if sim else None)
+                    for kind in args.pilot_from_zero.split(",") if kind]
+            print("RESULT pilot from zero: " + ", ".join(f"{kind} {e:+.1f}%" for kind, e in zero))
+        blind = [(kind, int(answer)) for kind in args.blind_kinds.split(",") if kind
+                 for answer in args.blind_answers.split(",") if answer] if sim is not None else []
+        if blind:
+            print(f"blind estimates ({args.requests} natural requests each, c={args.concurrency}):")
+            holding = [await blind_case(args, data_dir, sim, answer, kind) for kind, answer in blind]
+            print(f"RESULT blind: {sum(w for _, w in holding)} of {len(holding)} intervals hold the actual")
+        if args.auto_runs:
+            print(f"held-out capped files under auto concurrency ({args.requests} requests each):")
+            engine_for_auto = await open_windowed(settings, args.num_ctx)
+            try:
+                autos = [await auto_case(args, settings, attempt, engine_for_auto) for attempt in range(args.auto_runs)]
+            finally:
+                await engine_for_auto.aclose()
+            print("RESULT auto: " + ", ".join(f"{e:+.1f}%" for e in autos))
         natural: list[tuple[str, float, bool, bool]] = []
         for kind in [k for k in args.cases.split(",") if k]:
             print(f"held-out {kind} files ({args.requests} natural requests each, c={args.concurrency}):")
@@ -439,6 +546,17 @@ def main(argv: list[str] | None = None) -> int:
                         "small model then stops by itself)")
     p.add_argument("--passages", type=int, default=4, help="the most context passages of a long question (about "
                    "100 tokens each; at --num-ctx 512 use 2, or the longest prompts do not fit)")
+    p.add_argument("--blind-answers", default="", help="simulator only: the typical natural answers (words, "
+                   "comma-separated) at which held-out files are estimated blind, each on a fresh copy of the swept "
+                   "store, and run (e.g. 4,16,64,256)")
+    p.add_argument("--slow-after-sweep", type=float, default=1.0, help="simulator only: after the sweep, run the "
+                   "engine at this share of its speed (0.5: half as fast), as a shared machine's engine drifts")
+    p.add_argument("--pilot-from-zero", default="", help="file kinds (uncapped, mixed, capped) estimated by a "
+                   "pilot on an empty store: no benchmark, no history")
+    p.add_argument("--sim-parallel", type=int, default=2, help="the simulator's parallel slots")
+    p.add_argument("--auto-runs", type=int, default=0, help="held-out capped files estimated and run under auto "
+                   "concurrency")
+    p.add_argument("--blind-kinds", default="uncapped,mixed", help="the file kinds of --blind-answers")
     p.add_argument("--sim-answer", type=int, default=128, help="the simulator's typical natural answer (words)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--seed", type=int, default=7)

@@ -189,6 +189,29 @@ async def test_an_estimate_ends_answers_at_the_context_it_is_made_for(swept: tup
     assert narrow.seconds < wide.seconds
 
 
+def test_under_auto_the_estimate_runs_at_the_level_auto_settles_on() -> None:
+    """Auto concurrency keeps a probe only when it gains 5%: on a curve where 2 gains 2% over 1 and 4 doubles it,
+    auto stays at 1 (and the estimate with it, not at the fastest level the sweep measured); an engine that reports
+    4 slots starts auto at 4, where a quarter more gains nothing. A curve still rising at the highest measured level
+    may take auto past it: the interval's lower end widens as for a level not measured, and, where a doubling still
+    doubled the throughput, by one more step of that gain."""
+    from tests.test_bench_metrics import _fake_fit
+
+    fits = [_fake_fit(1, per_token_ms=10.0), _fake_fit(2, per_token_ms=19.6), _fake_fit(4, per_token_ms=20.0),
+            _fake_fit(8, per_token_ms=40.0)]
+    shape = Shape.uniform(200, prompt_tokens=50, output_tokens=100)
+    alone = estimate_from_fits(fits, shape, num_ctx=2048)
+    assert alone.concurrency == 1 and alone.best is not None and alone.best["concurrency"] == 4
+    assert any("settle at 1" in note for note in alone.notes)
+    assert alone.seconds == pytest.approx(estimate_from_fits(fits, shape, concurrency=1).seconds)
+    assert estimate_from_fits(fits, shape, num_ctx=2048, slots=4).concurrency == 4
+    rising = [_fake_fit(1, per_token_ms=10.0), _fake_fit(2, per_token_ms=10.0)]
+    open_ended = estimate_from_fits(rising, shape)
+    pinned = estimate_from_fits(rising, shape, concurrency=2)
+    assert open_ended.concurrency == 2 and any("may go past 2" in note for note in open_ended.notes)
+    assert open_ended.low < pinned.low / 1.9 and open_ended.high == pytest.approx(pinned.high)
+
+
 def test_a_pilot_interval_is_the_t_interval_of_its_sample() -> None:
     assert t_quantile(0.975, 15) == pytest.approx(2.131, abs=0.01)
     assert t_quantile(0.975, 5) == pytest.approx(2.571, abs=0.03)
@@ -463,7 +486,8 @@ async def _file_estimate(settings: Settings, path: Path, **kwargs: Any) -> Durat
         async with sessions() as session:
             sha = await asyncio.to_thread(file_sha256, path)
             return combined(await estimate_groups(session, EstimateRequest(backend="ollama", file=path,
-                                                                           file_sha256=sha, concurrency=2, **kwargs)))
+                                                                           file_sha256=sha,
+                                                                           **({"concurrency": 2} | kwargs))))
     finally:
         await engine.dispose()
 
@@ -536,6 +560,31 @@ async def test_a_batch_is_estimated_at_the_context_its_model_really_has(make_set
         stored = orjson.loads(report.batch.estimate_json or "{}")
         assert stored["seconds"] == pytest.approx(routed.seconds, rel=1e-9)
         assert stored["groups"][0]["output_tokens_mean"] == pytest.approx(routed.output_tokens_mean, rel=1e-9)
+
+
+@pytest.mark.parametrize("answers", [6, 1100])
+async def test_a_blind_interval_holds_answers_far_shorter_or_longer_than_its_guess(
+        make_settings: Callable[..., Settings], tmp_path: Path, answers: int) -> None:
+    """Nothing known of the answers (no pilot, no batch, no natural benchmark request): the estimate guesses 256
+    tokens an answer, says it is a guess, offers a pilot first, and its interval holds a run whose answers are 20×
+    shorter (6-12 tokens) or 4× longer (about 1,050, some running on to the context window) than the guess."""
+    async with OllamaSim(dataclasses.replace(SIM, default_output_tokens=answers)) as sim:
+        settings = make_settings(sim.url, concurrency=2)
+        await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2], requests=6, workload="short",
+                                  seed=1), settings=settings, progress=False)
+        path = natural_file(tmp_path / "natural.jsonl", 12, seed=5)
+        blind = await _file_estimate(settings, path)
+        assert blind.guess and blind.output_tokens_mean == pytest.approx(256.0)
+        assert blind.answers is not None and not blind.answers.known and views.offers_pilot(blind)
+        assert "a guess" in blind.notes[0] and "pilot" in blind.notes[0]
+        said = bench_cli.describe(blind)
+        assert "guess" in said[0] and "pilot" in said[0]
+        report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+        taken = report.batch.output_tokens / report.batch.completed
+        assert (taken < 256 / 20) if answers < 40 else (taken > 256 * 4)
+        assert blind.low <= report.batch.run_seconds <= blind.high
+        stored = orjson.loads(report.batch.estimate_json or "{}")
+        assert stored["low"] <= report.batch.run_seconds <= stored["high"] and stored["groups"][0]["guess"]
 
 
 async def test_an_uncapped_file_learns_its_answer_lengths_from_history(swept: tuple[Settings, OllamaSim],
@@ -662,6 +711,35 @@ async def test_an_automatic_pilot_grows_while_its_answers_leave_the_estimate_uns
     assert any("pilot (automatic): 16 lines of 200" in line for line in bench_cli.describe(same))
 
 
+async def _pilot(settings: Settings, sim: OllamaSim, path: Path, size: int) -> None:
+    """A pilot of ``size`` lines of the file, two at a time, on the simulator."""
+    engine, sessions = await open_store(settings.db_url)
+    backend = OllamaBackend(sim.url)
+    try:
+        await run_pilot(sessions, backend, settings, path, size=size, concurrency=2)
+    finally:
+        await backend.aclose()
+        await engine.dispose()
+
+
+async def test_a_pilot_corrects_the_sweep_by_the_engine_speed_of_today(swept: tuple[Settings, OllamaSim],
+                                                                       tmp_path: Path) -> None:
+    """The engine runs at half the speed it was swept at: a pilot's lines take twice what the sweep's model gives
+    them, and the estimate of the rest follows today's speed, not the sweep's."""
+    settings, sim = swept
+    # half the speed; answers that take the engine's time, not the client's
+    sim.config = dataclasses.replace(sim.config, decode_tps=1000, prompt_tps=10_000, default_output_tokens=120)
+    path = natural_file(tmp_path / "natural.jsonl", 64, seed=61)
+    await _pilot(settings, sim, path, 16)
+    made = await _file_estimate(settings, path)
+    assert any("today's engine speed" in note for note in made.notes)
+    report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+    actual = report.batch.run_seconds
+    assert made.low <= actual <= made.high and abs(made.seconds / actual - 1) < 0.35  # without it: about -50%
+    stored = orjson.loads(report.batch.estimate_json or "{}")  # the batch's start estimate knows it too
+    assert stored["seconds"] == pytest.approx(made.seconds, rel=1e-6)
+
+
 async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_settings: Callable[..., Settings],
                                                                         tmp_path: Path) -> None:
     async with OllamaSim(SIM) as sim:
@@ -669,17 +747,13 @@ async def test_without_benchmarks_a_pilot_extrapolates_its_own_latencies(make_se
         path = natural_file(tmp_path / "natural.jsonl", 40, seed=9)
         with pytest.raises(Exception, match="pilot"):
             await _file_estimate(settings, path)
-        engine, sessions = await open_store(settings.db_url)
-        backend = OllamaBackend(sim.url)
-        try:
-            await run_pilot(sessions, backend, settings, path, size=10, concurrency=2)
-        finally:
-            await backend.aclose()
-            await engine.dispose()
+        await _pilot(settings, sim, path, 10)
         made = await _file_estimate(settings, path)
         assert made.num_requests == 30 and made.done_requests == 10 and made.concurrency == 2
         assert 0 < made.low < made.seconds < made.high and not made.points
         assert any("extrapolated from 10 pilot lines" in n for n in made.notes)
+        other = await _file_estimate(settings, path, concurrency=4)  # the batch at another level than the pilot's
+        assert other.concurrency == 2 and any("the pilot ran 2" in n for n in other.notes)
 
 
 # ------------------------------------------------------------------------------------------- live ETA

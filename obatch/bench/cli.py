@@ -314,11 +314,13 @@ def _pilot(value: str) -> int | str:
 
 def describe(made: Any) -> list[str]:
     """An estimate (``obatch.protocol.DurationEstimate``) as the command line prints it."""
-    out = []
+    out = ["answer lengths unknown: the duration below is a guess and its interval what the model could do; "
+           "run a pilot first (--pilot auto) to measure them"] if made.guess and made.pilot is None else []
     for part in made.groups or [made]:
         out.append(f"{part.model} on {part.backend}: {part.num_requests} requests × ~{part.prompt_tokens_mean or 0:.0f}"
                    f" prompt + ~{part.output_tokens_mean or 0:.0f} output tokens")
-        out.append(f"  at num_ctx {part.num_ctx}, concurrency {part.concurrency}: {part.seconds:.1f} s "
+        out.append(f"  at num_ctx {part.num_ctx}, concurrency {part.concurrency}: "
+                   f"{'a guess of ' if part.guess else ''}{part.seconds:.1f} s "
                    f"[{part.low:.1f}, {part.high:.1f}] ({part.req_per_s or 0:.2f} req/s predicted, load "
                    f"{part.load_seconds:.1f} s)")
         if part.measured_req_per_s:
@@ -435,7 +437,8 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--output-tokens", type=float)
     e.add_argument("--file", "-f", help="a batch input file instead of the three numbers")
     e.add_argument("--num-ctx", type=int, help="estimate for this num_ctx (default: the best config)")
-    e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the best)")
+    e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the level auto "
+                   "concurrency is expected to settle on)")
     e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
     e.add_argument("--pilot", type=_pilot, metavar="N|auto",
                    help="run N random lines of --file first and estimate from their answers (the batch of that "

@@ -30,7 +30,7 @@ from obatch.backends.base import Backend, capabilities_of
 from obatch.backends.pool import Pool
 from obatch.bench.estimate.calibrate import calibration_for
 from obatch.bench.estimate.fit import ConfigFit, decode_timings, fits_for, fits_preferring
-from obatch.bench.estimate.history import history_ratios
+from obatch.bench.estimate.history import history_ratios, pilot_speed
 from obatch.bench.estimate.predict import Estimate, estimate_from_fits, nothing_left, pick_num_ctx, pilot_extrapolation
 from obatch.bench.estimate.shape import (
     SHARE_SAMPLE,
@@ -50,13 +50,15 @@ from obatch.store.tables import BatchRow, PilotRow
 log = logging.getLogger("obatch.bench")
 
 ROUTE_SECONDS = 10.0  # how long a batch's start estimate waits for the engine to say a model's context length
+SLOTS_SECONDS = 2.0  # how long an estimate under auto concurrency waits for the engine to say its slots
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EstimateRequest:
     """What an estimate is asked for: ``num_requests`` × (``prompt_tokens``, ``output_tokens``) on ``model``, or a
     batch ``file`` (``model`` then overrides every line's model, as ``obatch run --model`` does), at ``num_ctx`` and
-    ``concurrency`` (each None: the best measured), with the model's load time or without.
+    ``concurrency`` (num_ctx None: the one the batch will pick, or the best measured; concurrency None: auto, the
+    level auto is expected to settle on, from the slots ``engine`` reports), with the model's load time or without.
 
     ``backend``: prefer points measured on it. ``engine``, when given, tells the context window obatch will pick.
     ``file_sha256`` finds the lines a pilot of the file already ran (left out: the batch takes them as finished) and
@@ -116,7 +118,8 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
     run on to the context end there. The model's context length only lowers that pick for a model whose context
     is smaller; it is not asked here (an estimate needs no engine, and must not wait on a busy one) but taken from
     what an engine pool learnt when it routed the model (a batch routes its models before its estimate, a pilot
-    before it runs). Without benchmark points, a pilot's own latencies are extrapolated instead."""
+    before it runs). Without benchmark points, a pilot's own latencies are extrapolated instead; with them, a
+    pilot's wall time against the points' model tells today's engine speed (``pilot_speed``)."""
     backend, engine, concurrency, exclude = request.backend, request.engine, request.concurrency, request.batch
     timings = await decode_timings(session, model, pilot, exclude_batch=exclude)
     try:
@@ -129,9 +132,10 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
         timed = [p for p in pilot if p.latency_ms]
         if len(timed) >= 2:
             return pilot_extrapolation(model, backend or (engine.name if engine else ""), lines.count, timed, done,
-                                       include_load=request.include_load)
+                                       include_load=request.include_load, concurrency=concurrency)
         raise errors.NotFoundError(f"No benchmark points for model {model!r}: run `obatch bench --model {model}` "
-                                   "first, or a pilot of the file (--pilot 16).", param="model")
+                                   "first, or a pilot of the file, which needs no benchmark (--pilot auto; pilot=auto "
+                                   "on the endpoint).", param="model")
     if not lines.count:
         return nothing_left(fits[0], model, done)
     num_ctx = request.num_ctx
@@ -145,12 +149,26 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
                                         exclude_batch=exclude,
                                         repeated=statistics.fmean(shares) if shares else 0.0)
     history = await history_ratios(session, model, fits[0].backend, fits=fits, calibration=calibration)
+    speed = await asyncio.to_thread(pilot_speed, fits, pilot, num_ctx=num_ctx,
+                                    cached=calibration.cache_kept * statistics.fmean(shares) if shares else 0.0) \
+        if pilot else None
+    slots = await engine_slots(engine) if concurrency is None and engine is not None else None
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration, window=window, num_ctx=num_ctx,
-                                   concurrency=concurrency, include_load=request.include_load, history=history)
+                                   concurrency=concurrency, include_load=request.include_load, history=history,
+                                   speed=speed, slots=slots)
     made.done_requests = done
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
     return made
+
+
+async def engine_slots(engine: Backend) -> int | None:
+    """The parallel slots the engine reports (llama.cpp does, Ollama does not), where auto concurrency starts; None
+    when it does not say or does not answer within ``SLOTS_SECONDS`` (an estimate must not wait on a busy one)."""
+    with contextlib.suppress(errors.BackendError, TimeoutError, OSError):
+        async with asyncio.timeout(SLOTS_SECONDS):
+            return await engine.slots()
+    return None
 
 
 def _estimate_rows(fits: Sequence[ConfigFit], lines: Lines, calibration: TokenCalibration, *, window: int,
@@ -170,7 +188,7 @@ async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> E
 async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None
                          ) -> dict[str, Any] | None:
     """The estimate for a batch about to run (its pending requests, per model group, at the num_ctx obatch will
-    pick and the batch's concurrency — ``None`` for auto, which settles at the fastest measured level), made by
+    pick and the batch's concurrency — ``None`` for auto: the level auto is expected to settle on), made by
     ``estimate_model`` as the file's estimate is; None when a model has no benchmark points."""
     async with sessions() as session:
         sha = await bench_repo.stored_file_sha256(session, batch.input_file_id)
