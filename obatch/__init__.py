@@ -11,16 +11,30 @@ from typing import TYPE_CHECKING
 from obatch._lazy import lazy_names
 
 if TYPE_CHECKING:
-    from obatch.api import RunReport, results_frame, run, run_batch_file, run_sync
+    from obatch.api import (
+        RunReport,
+        results,
+        results_frame,
+        results_sync,
+        retry,
+        retry_batch,
+        retry_sync,
+        run,
+        run_batch_file,
+        run_sync,
+    )
     from obatch.config import Settings
     from obatch.errors import ObatchError
 
-__all__ = ["ObatchError", "RunReport", "Settings", "results_frame", "run", "run_batch_file", "run_sync"]
+__all__ = ["ObatchError", "RunReport", "Settings", "results", "results_frame", "results_sync", "retry", "retry_batch",
+           "retry_sync", "run", "run_batch_file", "run_sync"]
 __version__ = "0.1.0"
 
 # The public names load on first use (PEP 562): `obatch` on a command line should not pay for the notebook API.
 _HOME = {"ObatchError": "obatch.errors", "Settings": "obatch.config", "RunReport": "obatch.api",
-         "results_frame": "obatch.api", "run": "obatch.api", "run_batch_file": "obatch.api", "run_sync": "obatch.api"}
+         "results_frame": "obatch.api", "run": "obatch.api", "run_batch_file": "obatch.api", "run_sync": "obatch.api",
+         "results": "obatch.api", "results_sync": "obatch.api", "retry": "obatch.api", "retry_batch": "obatch.api",
+         "retry_sync": "obatch.api"}
 __getattr__ = lazy_names(__name__, _HOME, globals())
 
 

@@ -12,10 +12,10 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 
@@ -28,9 +28,11 @@ from obatch.batches import (
     process,
     provenance,
     read_chunks,
+    reading,
     store_file,
     write_results,
 )
+from obatch.batches.retry import create_retry, unfinished_retry
 from obatch.batches.services import update_batch
 from obatch.concurrency import Concurrency
 from obatch.config import Schedule, Settings
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 log = logging.getLogger("obatch.api")
+T = TypeVar("T")
 
 RequestsInput = str | Path | Iterable[Mapping[str, Any] | str]
 
@@ -135,19 +138,12 @@ async def run_batch_file(
     ``"auto"`` (the default: lines that share a prompt prefix kept on one engine slot, the longest first;
     ``obatch.schedule``) or ``"file"``."""
     settings = settings or Settings()
-    if concurrency is not None:
-        settings = settings.model_copy(update={"concurrency": concurrency})
     if schedule is not None:
         if schedule not in ("auto", "file"):
             raise errors.ConfigError(f"schedule must be 'auto' or 'file', got {schedule!r}.", param="schedule")
         settings = settings.model_copy(update={"schedule": schedule})
-    engine, sessions = await open_store(settings.db_url)
-    owned = backend is None
-    backend = backend or await open_backend(settings)
-    try:
-        from obatch.bench.estimate.request import estimate_json_for_batch
-
-        svc = Services(settings, sessions, backend, estimator=estimate_json_for_batch)
+    async with _services(settings, backend, concurrency) as svc:
+        sessions = svc.sessions
         if isinstance(requests, str | Path):
             path = Path(requests)
             if not await asyncio.to_thread(path.exists):
@@ -159,54 +155,81 @@ async def run_batch_file(
             chunks = _iterate(_as_lines(requests, model, endpoint, defaults or {}))
             filename = "requests.jsonl"
         stored = await store_file(svc, chunks, filename=filename, purpose="batch")
-        stored_path = file_path(settings, stored.id)
-        # The lines are checked once, as they are imported (a file with any problem is refused before any request);
-        # here they are only counted, for the progress bar.
-        total = await asyncio.to_thread(_count_lines, stored_path)
+        stored_path = file_path(svc.settings, stored.id)
         signature = hashlib.sha256(
-            f"{stored.sha256}|{model}|{backend.name}|{source}".encode()).hexdigest()
+            f"{stored.sha256}|{model}|{svc.backend.name}|{source}".encode()).hexdigest()
         async with sessions() as session:
             batch = None if fresh else await repo.find_resumable(session, signature)
         if batch is None:
             batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
                                        model=model, source=source, signature=signature,
-                                       output_retries=output_retries, schedule=settings.schedule)
+                                       output_retries=output_retries, schedule=svc.settings.schedule)
         else:
-            if batch.schedule != settings.schedule:  # a resumed run goes on in the order asked now
-                await update_batch(svc, batch, schedule=settings.schedule)
+            if batch.schedule != svc.settings.schedule:  # a resumed run goes on in the order asked now
+                await update_batch(svc, batch, schedule=svc.settings.schedule)
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
                 await repo.delete_file(session, stored.id)
                 await session.commit()
-        results_dir = settings.data_dir / "results" / batch.id
-        output = output or results_dir / "output.jsonl"
-        errors_path = errors_path or results_dir / "errors.jsonl"
-        started = time.monotonic()
-        async with sessions() as session:
-            fresh_row = await repo.get_batch(session, batch.id)
-        bar = progress_bar(total, batch.id[:14], initial=fresh_row.completed + fresh_row.failed, enabled=progress)
-        with contextlib.closing(bar) as tracker:
-            while True:
-                try:
-                    done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path,
-                                         stream=stream)
-                    break
-                except BatchBusy as busy:  # the same run in another process (or a killed one's lease)
-                    log.warning("%s Waiting for it.", busy.message)
-                    await asyncio.sleep(min(busy.expires_in, settings.lease_heartbeat) + 0.1)
-        if not await asyncio.to_thread(output.exists):  # the other process finished it: write our copy
-            await write_results(svc, done.id, output, errors_path, NOT_RUN_CODES.get(done.status))
-        if done.status == "failed":
-            problems = errors.problems_from_json(done.errors_json)
-            if done.in_progress_at is None:  # refused at import: the file is the problem, and it is not kept
-                await _forget(svc, done.id, done.input_file_id)
-                raise errors.InputFileError(summarise(problems, filename), problems)
-            raise errors.InputFileError(f"Batch {done.id} failed.", problems)
-        return RunReport(done, output, errors_path, time.monotonic() - started)
+        return await _drive(svc, batch, output=output, errors_path=errors_path, progress=progress, stream=stream,
+                            filename=filename)
+
+
+@contextlib.asynccontextmanager
+async def _services(settings: Settings | None, backend: Backend | None, concurrency: Concurrency | None = None
+                    ) -> AsyncIterator[Services]:
+    """What a run in this process works with: the store, the backend (``backend``, or one opened here and closed
+    after) and the estimator."""
+    settings = settings or Settings()
+    if concurrency is not None:
+        settings = settings.model_copy(update={"concurrency": concurrency})
+    engine, sessions = await open_store(settings.db_url)
+    owned = backend is None
+    try:
+        backend = backend or await open_backend(settings)
+        try:
+            from obatch.bench.estimate.request import estimate_json_for_batch
+
+            yield Services(settings, sessions, backend, estimator=estimate_json_for_batch)
+        finally:
+            if owned:
+                await backend.aclose()
     finally:
-        if owned:
-            await backend.aclose()
         await engine.dispose()
+
+
+async def _drive(svc: Services, batch: BatchRow, *, output: Path | None, errors_path: Path | None, progress: bool,
+                 stream: bool, filename: str) -> RunReport:
+    """Run a created batch of the local store to its end (resuming it where it stands), then write its files."""
+    settings = svc.settings
+    # The lines are checked once, as they are imported (a file with any problem is refused before any request);
+    # here they are only counted, for the progress bar.
+    total = await asyncio.to_thread(_count_lines, file_path(settings, batch.input_file_id))
+    results_dir = settings.data_dir / "results" / batch.id
+    output = output or results_dir / "output.jsonl"
+    errors_path = errors_path or results_dir / "errors.jsonl"
+    started = time.monotonic()
+    async with svc.sessions() as session:
+        fresh_row = await repo.get_batch(session, batch.id)
+    bar = progress_bar(total, batch.id[:14], initial=fresh_row.completed + fresh_row.failed, enabled=progress)
+    with contextlib.closing(bar) as tracker:
+        while True:
+            try:
+                done = await process(svc, batch.id, progress=tracker, output=output, error=errors_path,
+                                     stream=stream)
+                break
+            except BatchBusy as busy:  # the same run in another process (or a killed one's lease)
+                log.warning("%s Waiting for it.", busy.message)
+                await asyncio.sleep(min(busy.expires_in, settings.lease_heartbeat) + 0.1)
+    if not await asyncio.to_thread(output.exists):  # the other process finished it: write our copy
+        await write_results(svc, done.id, output, errors_path, NOT_RUN_CODES.get(done.status))
+    if done.status == "failed":
+        problems = errors.problems_from_json(done.errors_json)
+        if done.in_progress_at is None:  # refused at import: the file is the problem, and it is not kept
+            await _forget(svc, done.id, done.input_file_id)
+            raise errors.InputFileError(summarise(problems, filename), problems)
+        raise errors.InputFileError(f"Batch {done.id} failed.", problems)
+    return RunReport(done, output, errors_path, time.monotonic() - started)
 
 
 def _count_lines(path: Path) -> int:
@@ -268,13 +291,66 @@ async def run(requests: RequestsInput, *, model: str | None = None, concurrency:
     return await results_frame(settings, report.batch.id)
 
 
-def run_sync(requests: RequestsInput, **kwargs: Any) -> pl.DataFrame:
-    """``run`` for code that cannot ``await`` (also inside Jupyter's running loop, through nest-asyncio)."""
+async def retry_batch(batch_id: str, *, codes: Iterable[str] | None = None, settings: Settings | None = None,
+                      backend: Backend | None = None, concurrency: Concurrency | None = None,
+                      output: Path | None = None, errors_path: Path | None = None, progress: bool = True
+                      ) -> RunReport:
+    """Run a new batch of the chain's lines that failed for reasons a retry can change (``codes``: these error
+    codes instead), linked to ``batch_id``; a retry of the chain left unfinished (a killed run) is resumed instead."""
+    async with _services(settings, backend, concurrency) as svc:
+        batch = await unfinished_retry(svc, batch_id) or await create_retry(svc, batch_id, codes=codes)
+        return await _drive(svc, batch, output=output, errors_path=errors_path, progress=progress, stream=False,
+                            filename=f"{batch_id}_retry.jsonl")
+
+
+async def retry(batch_id: str, *, codes: Iterable[str] | None = None, settings: Settings | None = None,
+                backend: Backend | None = None, concurrency: Concurrency | None = None, progress: bool = True
+                ) -> pl.DataFrame:
+    """Retry what failed in a batch (``retry_batch``) and return the chain's results as one frame: each line's
+    latest outcome, with the batch that gave it (``batch_id``)."""
+    report = await retry_batch(batch_id, codes=codes, settings=settings, backend=backend, concurrency=concurrency,
+                               progress=progress)
+    return await results(report.batch.id, merged=True, settings=settings)
+
+
+async def results(batch_id: str, *, merged: bool = False, settings: Settings | None = None) -> pl.DataFrame:
+    """The frame of a batch's lines finished so far (while it runs too), in input order, with the batch that gave
+    each line (``batch_id``). ``merged``: over the batch's retry chain, each line's latest outcome."""
+    settings = settings or Settings()
+    engine, sessions = await open_store(settings.db_url)
+    facts = reading.HostFacts()
+    try:  # as ``results_frame``'s rows, then the batch that gave the line
+        records = [(*row[:-2], *facts(batch)(row[-2], row[2]), batch.id)
+                   async for batch, row in reading.iter_finished(sessions, batch_id, _COLUMNS, merged=merged)]
+    finally:
+        await engine.dispose()
+    import polars as pl
+
+    return pl.DataFrame(records, schema=result_schema() | {"batch_id": pl.Utf8()}, orient="row")
+
+
+def _sync(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` from code that cannot ``await`` (also inside Jupyter's running loop, through nest-asyncio)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _loop.run(run(requests, **kwargs))
+        return _loop.run(work)
     import nest_asyncio
 
     nest_asyncio.apply()
-    return asyncio.get_event_loop().run_until_complete(run(requests, **kwargs))
+    return asyncio.get_event_loop().run_until_complete(work)
+
+
+def run_sync(requests: RequestsInput, **kwargs: Any) -> pl.DataFrame:
+    """``run`` for code that cannot ``await``."""
+    return _sync(run(requests, **kwargs))
+
+
+def retry_sync(batch_id: str, **kwargs: Any) -> pl.DataFrame:
+    """``retry`` for code that cannot ``await``."""
+    return _sync(retry(batch_id, **kwargs))
+
+
+def results_sync(batch_id: str, **kwargs: Any) -> pl.DataFrame:
+    """``results`` for code that cannot ``await``."""
+    return _sync(results(batch_id, **kwargs))

@@ -66,6 +66,43 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _retry(args: argparse.Namespace) -> int:
+    from obatch._heap import settle
+    from obatch.api import retry_batch
+
+    settle()
+    report = await retry_batch(
+        args.batch_id, codes=args.codes, settings=_settings(args), progress=not args.quiet,
+        output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None)
+    print(f"retry of {args.batch_id}: {report.summary}")
+    return 0
+
+
+async def _results(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from obatch.batches.reading import follow
+    from obatch.store.db import open_store
+
+    engine, sessions = await open_store(_settings(args).db_url)
+    out = sys.stdout.buffer
+    try:
+        async for line in follow(sessions, args.batch_id, merged=args.merged,
+                                 interval=args.interval if args.follow else None):
+            await asyncio.to_thread(out.write, line)
+            if args.follow:
+                await asyncio.to_thread(out.flush)
+    finally:
+        await engine.dispose()
+    await asyncio.to_thread(out.flush)
+    return 0
+
+
+def codes_arg(value: str) -> list[str]:
+    """``--codes``: error codes separated by commas."""
+    return [code.strip() for code in value.split(",") if code.strip()]
+
+
 async def _models(args: argparse.Namespace) -> int:
     from obatch.backends import open_backend
     from obatch.backends.pool import Pool
@@ -153,6 +190,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--show", type=int, default=0, metavar="N", help="print the first N results")
     backend_options(run)
     run.set_defaults(handler=_run)
+
+    retry = sub.add_parser("retry", help="run again only the lines of a batch that failed for reasons a retry can "
+                                         "change (engine errors, timeouts, lines left unrun)")
+    retry.add_argument("batch_id", help="a batch of the local store (the run's summary names it)")
+    retry.add_argument("--codes", type=codes_arg, metavar="CODE[,CODE...]",
+                       help="retry the lines that failed with these error codes instead (e.g. invalid_request)")
+    retry.add_argument("--output", "-o", help="successful lines (default: data/results/<retry batch>/output.jsonl)")
+    retry.add_argument("--errors", "-e", help="failed lines (default: data/results/<retry batch>/errors.jsonl)")
+    retry.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    backend_options(retry)
+    retry.set_defaults(handler=_retry)
+
+    results = sub.add_parser("results", help="print a batch's finished output and error lines (JSONL), also while "
+                                             "it runs")
+    results.add_argument("batch_id", help="a batch of the local store")
+    results.add_argument("--follow", "-f", action="store_true",
+                         help="print each line once as it finishes, in input order, until the batch is final")
+    results.add_argument("--merged", action="store_true",
+                         help="over the batch's retries: each line's latest outcome")
+    results.add_argument("--interval", type=float, default=1.0, help="seconds between reads with --follow")
+    results.add_argument("--data-dir", help="where the store and files live (default: OBATCH_DATA_DIR or ./data)")
+    results.set_defaults(handler=_results)
 
     serve = sub.add_parser("serve", help="serve the OpenAI Files + Batches API (and chat, embeddings, models)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")

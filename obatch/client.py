@@ -14,9 +14,10 @@ a bearer token when set. Tests inject an ``httpx`` transport (``httpx.MockTransp
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO, Literal, Self
 from urllib.parse import quote
 
@@ -27,7 +28,7 @@ from obatch.protocol import Batch, DurationEstimate, FileObject, Health, Model, 
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 
-__all__ = ["DEFAULT_SERVER_URL", "ApiError", "Client", "ClientError", "Page", "ServerUnavailable"]
+__all__ = ["DEFAULT_SERVER_URL", "ApiError", "Client", "ClientError", "Page", "ResultsPage", "ServerUnavailable"]
 
 
 class ClientError(Exception):
@@ -78,6 +79,23 @@ class Page:
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class ResultsPage:
+    """One page of ``GET /v1/batches/{id}/results``: the output lines (``raw``: their bytes as the output files hold
+    them), the cursor for the next page (``after``) and whether no line will follow (``finished``)."""
+
+    def __init__(self, raw: bytes, *, after: int, finished: bool) -> None:
+        self.raw = raw
+        self.after = after
+        self.finished = finished
+        self.lines: list[dict[str, Any]] = [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
 
 
 def _error_of(response: httpx.Response) -> ApiError:
@@ -218,6 +236,39 @@ class Client:
 
     def cancel_batch(self, batch_id: str) -> Batch:
         return Batch.model_validate(self._json("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    def retry_batch(self, batch_id: str, *, codes: list[str] | None = None) -> Batch:
+        """A new batch of the lines that failed for reasons a retry can change (or with these error ``codes``),
+        linked both ways (``obatch.parent`` / ``obatch.retries``). 409 while a batch of its chain still runs."""
+        payload = {"codes": list(codes)} if codes is not None else None
+        return Batch.model_validate(self._json("POST", f"/v1/batches/{batch_id}/retry", json=payload))
+
+    def batch_results(self, batch_id: str, *, after: int = 0, limit: int | None = None, merged: bool = False
+                      ) -> ResultsPage:
+        """The lines finished after line ``after`` (in input order, up to the first still running), the cursor
+        for the next page, and whether the batch is final and its last line read. ``merged``: over its retry
+        chain, each line's latest outcome."""
+        params = _clean({"after": after, "limit": limit, "merged": "true" if merged else None})
+        response = self._request("GET", f"/v1/batches/{batch_id}/results", params=params)
+        return ResultsPage(response.content, after=int(response.headers.get("x-obatch-next-after", after)),
+                           finished=response.headers.get("x-obatch-finished") == "true")
+
+    def follow_results(self, batch_id: str, *, merged: bool = False, poll: float = 1.0,
+                       timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every line of a batch once, in input order, as it finishes, until the batch is final (``TimeoutError``
+        after ``timeout`` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = 0
+        while True:
+            page = self.batch_results(batch_id, after=after, limit=1000, merged=merged)
+            yield from page.lines
+            after = page.after
+            if page.finished:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"Batch {batch_id} is not final after {timeout} s.")
+            if len(page.lines) < 1000:
+                time.sleep(poll)
 
     # ------------------------------------------------------------------------------------ models, health
 

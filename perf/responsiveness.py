@@ -24,7 +24,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -47,6 +49,15 @@ def lines_of(tag: str, n: int) -> bytes:
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def spawn_sim(root: Path, slots: int) -> tuple[subprocess.Popen[bytes], int]:
+    """An instant simulator with ``slots`` parallel slots and a deep queue, its log in ``root``; (process, port)."""
+    port = free_port()
+    sim = spawn([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(port), "--num-parallel",
+                 str(slots), "--max-queue", "4096", "--model", MODEL],
+                {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}, root / "sim.log")
+    return sim, port
 
 
 async def wait_healthy(client: httpx.AsyncClient, url: str) -> None:
@@ -86,10 +97,7 @@ async def create(client: httpx.AsyncClient, name: str, body: bytes) -> str:
 
 async def run(args: argparse.Namespace, database_url: str | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="obatch-resp-"))
-    sim_port = free_port()
-    sim = spawn([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel",
-                 str(args.concurrency), "--max-queue", "4096", "--model", MODEL],
-                {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}, root / "sim.log")
+    sim, sim_port = spawn_sim(root, args.concurrency)
     data = root / "data"
     env = serve_env(data, backend="ollama", ollama_url=f"http://127.0.0.1:{sim_port}",
                     server_concurrency=args.concurrency, rate_limit_per_minute=0, max_lines=max(args.lines, 50_000),
@@ -192,7 +200,13 @@ def main() -> int:
                    help="OBATCH_BATCH_WORKER=none on the measured server; a second server process runs the batches")
     p.add_argument("--debug", action="store_true", help="asyncio debug mode in the server; list slow callbacks")
     p.add_argument("--py-spy", metavar="FILE", help="sample the server with py-spy into FILE (collapsed stacks)")
-    args = p.parse_args()
+    return run_on_store(run, p.parse_args())
+
+
+def run_on_store(run: Callable[[argparse.Namespace, str | None], Coroutine[Any, Any, int]],
+                 args: argparse.Namespace) -> int:
+    """``run(args, database_url)``: on a fresh PostgreSQL database with ``--postgres``, else on ``--database-url``
+    (the server's SQLite store when none)."""
     if args.postgres and not args.database_url:
         with contextlib.contextmanager(postgres_server)() as pg:
             return asyncio.run(run(args, pg.create_database()))

@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 
-from obatch import context, errors, lease
+from obatch import context, errors, lease, structured
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
 from obatch.batches import provenance
@@ -34,7 +34,7 @@ from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
 from obatch.progress import LiveEta
 from obatch.protocol import FINAL_STATUSES, new_id
-from obatch.runner import Job, JobSource, run_jobs
+from obatch.runner import Job, JobSource, Outcome, run_jobs
 from obatch.schedule import FileOrder, Scheduler, Stats
 from obatch.store import repo
 from obatch.store.tables import BatchRow
@@ -59,7 +59,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
                        output_expires_after: int | None = None, output_retries: int | None = None,
-                       schedule: str | None = None) -> BatchRow:
+                       schedule: str | None = None, parent_id: str | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     created = int(svc.clock())
     async with svc.sessions() as session:
@@ -70,6 +70,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
             output_expires_after=output_expires_after, output_retries=output_retries, schedule=schedule,
+            parent_id=parent_id,
             seq=await repo.next_seq(session),
         )
         repo.add(session, batch)
@@ -243,8 +244,9 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
                 done = asyncio.Event()
                 tasks.create_task(_watch(svc, writer, done))
                 runner = tasks.create_task(run_jobs(
-                    await _source(svc, batch, group.model, num_ctx, stats), pool, writer.add, policy=policy,
-                    model=group.model, stream=stream, cap=batch.concurrency))
+                    await _source(svc, batch, group.model, num_ctx, stats), pool,
+                    _recording(svc, batch.id, group.model, writer), policy=policy, model=group.model, stream=stream,
+                    cap=batch.concurrency))
                 await runner
                 done.set()
         finally:
@@ -252,6 +254,23 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started),
                                               schedule_json=orjson.dumps(stats.as_dict()).decode()))
         await _record_loaded_context(svc, batch.id, group.model)
+
+
+def _recording(svc: Services, batch_id: str, model: str, writer: ResultWriter) -> Callable[[Outcome], Awaitable[None]]:
+    """``writer.add``, recording first, at the group's first answer (the model is loaded then), the context the
+    engine loaded on the group's rows still to finish: each later result is committed with its ``loaded_context``
+    already in place, so a line read while the batch runs is the line its output file will hold."""
+    record: asyncio.Future[None] | None = None
+
+    async def add(outcome: Outcome) -> None:
+        nonlocal record
+        if record is None and (outcome.result is not None or isinstance(outcome.error, structured.InvalidOutput)):
+            record = asyncio.ensure_future(_record_loaded_context(svc, batch_id, model))
+        if record is not None:  # answers that arrive meanwhile wait for it (a write is never cancelled midway)
+            await asyncio.shield(record)
+        await writer.add(outcome)
+
+    return add
 
 
 async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:

@@ -222,6 +222,20 @@ def _line(row: tuple[Any, ...], pending_code: str | None, facts: provenance.Line
                              error=LineError(code=error_code, message=error_message), obatch=stats).to_jsonl()
 
 
+OUTPUT_COLUMNS = _OUTPUT_COLUMNS  # what ``line_bytes`` takes of a row (then its line), for readers of live results
+
+
+def line_bytes(batch_id: str, row: tuple[Any, ...], pending_code: str | None,
+               facts: provenance.LineFacts = _NO_FACTS) -> tuple[bool, bytes]:
+    """(is_success, output line) for one row (``OUTPUT_COLUMNS``' values and its line), the same bytes each time it
+    is made: a line without an id of its own (never run, or failed before it reached an engine) takes one that
+    follows from its batch and line, so a line read while the batch runs is the line its file later holds."""
+    if row[2] is None:
+        digest = hashlib.sha256(f"{batch_id}:{row[-1]}".encode()).hexdigest()[:32]
+        row = (*row[:2], f"batch_req_{digest}", *row[3:])
+    return _line(row, pending_code, facts)
+
+
 async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
                         pending_code: str | None = None) -> tuple[int, int]:
     """Write the output and error files from the rows (atomically: temp file, then rename)."""
@@ -237,7 +251,7 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
         facts = provenance.LineFacts(provenance.entries_of(await repo.get_batch(session, batch_id)))
     try:
         async for row in repo.iter_values(svc.sessions, batch_id, _OUTPUT_COLUMNS):
-            ok, data = _line(row, pending_code, facts)
+            ok, data = line_bytes(batch_id, row, pending_code, facts)
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1
             if len(buffers[0]) + len(buffers[1]) >= WRITE_CHUNK:
@@ -327,11 +341,12 @@ def file_object(row: FileRow) -> FileObject:
                       purpose=row.purpose, status="processed", expires_at=row.expires_at)
 
 
-def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
+def batch_object(row: BatchRow, *, not_run: int | None = None, retries: list[str] | None = None) -> Batch:
     """A stored batch as OpenAI's Batch object (request_counts and usage live while it runs).
 
     ``not_run`` (a cancelled or expired batch's lines that never ran, which OpenAI's ``request_counts.failed``
-    includes) goes to the ``obatch`` field, so a client can tell them apart from real failures."""
+    includes) goes to the ``obatch`` field, so a client can tell them apart from real failures; so do ``retries``,
+    the batches made of this one's failed lines."""
     errors_list = orjson.loads(row.errors_json) if row.errors_json else None
     batch = Batch(
         id=row.id, endpoint=row.endpoint, input_file_id=row.input_file_id,
@@ -350,6 +365,8 @@ def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
     )
     if not_run is not None:
         batch.obatch = (batch.obatch or BatchExtension()).model_copy(update={"not_run": not_run})
+    if retries:
+        batch.obatch = (batch.obatch or BatchExtension()).model_copy(update={"retries": retries})
     return batch
 
 
@@ -368,4 +385,5 @@ def _extension(row: BatchRow) -> BatchExtension:
         schedule=orjson.loads(row.schedule_json) if row.schedule_json else None,
         estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
         eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
-                                                                                          "finalizing") else None)
+                                                                                          "finalizing") else None,
+        parent=row.parent_id)

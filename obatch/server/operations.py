@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
 from obatch.backends import responses
-from obatch.batches import Services
+from obatch.batches import Services, reading, retry
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import (
     BackendHealth,
@@ -33,7 +33,7 @@ from obatch.protocol import (
     ModelList,
     endpoint_problem,
 )
-from obatch.store import repo
+from obatch.store import chains, repo
 from obatch.store.tables import BatchRow
 from obatch.worker import BatchWorker
 
@@ -156,10 +156,13 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
 
 
 async def _wire(session: AsyncSession, rows: list[BatchRow]) -> list[Batch]:
-    """Batch objects, with the count of lines that never ran on those cancelled or expired (one query)."""
+    """Batch objects, with the count of lines that never ran on those cancelled or expired, and the retries made
+    of each (a query each)."""
     stopped = [r.id for r in rows if r.status in batches.NOT_RUN_STATUSES]
     not_run = await repo.not_run_counts(session, stopped)
-    return [batches.batch_object(r, not_run=not_run.get(r.id, 0) if r.id in stopped else None) for r in rows]
+    retries = await chains.retry_ids(session, [r.id for r in rows])
+    return [batches.batch_object(r, not_run=not_run.get(r.id, 0) if r.id in stopped else None,
+                                 retries=retries.get(r.id)) for r in rows]
 
 
 async def get_batch(svc: Services, owner: str | None, batch_id: str) -> Batch:
@@ -177,6 +180,30 @@ async def cancel_batch(svc: Services, owner: str | None, batch_id: str) -> Batch
     row = await batches.request_cancel(svc, batch_id, owner)
     async with svc.sessions() as session:
         return (await _wire(session, [row]))[0]
+
+
+class BatchRetry(BaseModel):
+    """``POST /v1/batches/{id}/retry`` (obatch's): ``codes``, the error codes to retry instead of those a retry can
+    change (engine errors, timeouts, lines left unrun)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codes: list[str] | None = Field(default=None, min_length=1, max_length=retry.MAX_CODES)
+
+
+async def retry_batch(svc: Services, worker: BatchWorker, owner: str | None, batch_id: str,
+                      request: BatchRetry | None) -> Batch:
+    """A new batch of the chain's lines that failed for reasons a retry can change, made from ``batch_id``."""
+    row = await retry.create_retry(svc, batch_id, owner=owner, codes=request.codes if request else None)
+    worker.kick()
+    async with svc.sessions() as session:
+        return (await _wire(session, [row]))[0]
+
+
+async def batch_results(svc: Services, owner: str | None, batch_id: str, *, after: int, limit: int,
+                        merged: bool) -> reading.ResultsPage:
+    """A page of a batch's finished lines after line ``after``, in input order (the output files' bytes)."""
+    return await reading.read_page(svc.sessions, batch_id, owner=owner, after=after, limit=limit, merged=merged)
 
 
 # ---------------------------------------------------------------------------------------- pass-through

@@ -518,9 +518,10 @@ async def expired_files(session: AsyncSession, now: int, limit: int = 1000) -> l
 
 
 async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, loaded_context: int) -> None:
-    """Record the context the engine loaded for a model's group on the group's rows that have none yet."""
+    """Record the context the engine loaded for a model's group on the group's rows still to finish that have none
+    yet: a finished row, and so its output line, never changes (it is read while the batch runs)."""
     await session.execute(update(RequestRow).where(
-        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
         col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))
 # ------------------------------------------------------------------------------------------------- leases
 

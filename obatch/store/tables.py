@@ -75,6 +75,7 @@ class BatchRow(SQLModel, table=True):
     refused_answers: int = 0  # answers the JSON check refused, over all lines (counted at finalisation)
     schedule: str | None = None  # the order asked for its lines: "auto" or "file" (None: the settings' default)
     schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
+    parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
 
 
 class RequestRow(SQLModel, table=True):
