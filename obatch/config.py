@@ -149,7 +149,17 @@ class Settings(BaseSettings):
     keep_alive_timeout: int = Field(default=5, ge=1, description=(
         "Seconds after which an idle kept-alive connection is closed."))
     max_connections: int = Field(default=256, ge=1, description=(
-        "Open connections; beyond, requests are answered 503."))
+        "Open connections; beyond, requests are answered 503. Past three quarters of it, connections idle for a "
+        "second are closed."))
+    max_connections_per_address: int = Field(default=64, ge=0, description=(
+        "Open connections from one client address; beyond, a new one is answered 429 and closed (one client "
+        "cannot hold every connection). 0 = off."))
+    trusted_proxies: str = Field(default="", description=(
+        "Comma-separated addresses (or `*`) of reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` are "
+        "believed; empty: forwarded headers are ignored and the socket's peer is the client address."))
+    min_body_rate: float = Field(default=1024.0, ge=0, description=(
+        "The slowest average a request body may be sent at, in bytes/s, counted after the first "
+        "`body_idle_timeout` seconds (408, connection closed). 0 = off."))
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description=(
         "The most bytes of a request's line and headers together."))
     max_json_depth: int = Field(default=64, ge=2, le=200, description=(
@@ -168,6 +178,15 @@ class Settings(BaseSettings):
         "The largest `max_tokens` / `max_completion_tokens` / `options.num_predict`; they must be integers from 1."))
     allow_client_keep_alive: bool = Field(default=False, description=(
         "May clients set `keep_alive` (how long the engine keeps a model loaded)?"))
+    tenant_sweeps: bool = Field(default=False, description=(
+        "May keys other than the admin keys start benchmark sweeps (`POST /v1/benchmarks/sweeps`, 403 otherwise)? "
+        "Theirs are bounded by `max_sweep_requests` and `sweep_requests_per_day`."))
+    max_sweep_requests: int = Field(default=2048, ge=1, description=(
+        "The most engine requests (points × requests per point) one sweep of a non-admin key may send (400 "
+        "`sweep_too_large`)."))
+    sweep_requests_per_day: int = Field(default=8192, ge=1, description=(
+        "The most engine requests the sweeps of one non-admin key may send in 24 hours (429 "
+        "`sweep_budget_exceeded`)."))
     max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0, description=(
         "All stored files of one key, batch outputs included, in bytes (10 GiB); an upload past it is refused "
         "(400 `storage_quota_exceeded`). 0 = no quota."))

@@ -121,7 +121,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     # Outermost first: request ids and the access log; body timeouts; the per-address limit before
     # authentication (wrong keys count too); authentication; the per-key limit.
     middleware: list[Any] = [request_middleware(metrics),
-                             body_timeouts(settings.body_idle_timeout, settings.upload_timeout)]
+                             body_timeouts(settings.body_idle_timeout, settings.upload_timeout,
+                                           settings.min_body_rate)]
     if settings.address_rate_limit_per_minute:
         middleware.append(DefineMiddleware(auth.AddressRateLimit, config=RateLimitConfig(
             rate_limit=("minute", settings.address_rate_limit_per_minute), identifier_for_request=get_remote_address,
