@@ -4,6 +4,7 @@ disk, or read other tenants' numbers. Each test fails on the server as it was be
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -396,3 +397,40 @@ async def test_tenant_sweeps_have_a_size_limit_and_a_daily_budget(server: Callab
         assert (await api.post("/v1/benchmarks/sweeps", json=big, headers=bearer(ADMIN))).status_code == 200
         for sweep in (await api.get("/v1/benchmarks/sweeps", headers=bearer(ADMIN))).json()["data"]:
             await api.post(f"/v1/benchmarks/sweeps/{sweep['id']}/cancel", headers=bearer(ADMIN))
+
+
+# ------------------------------------------------------------------------------------ what others see
+
+
+async def test_health_says_up_or_down_without_a_key_and_hosts_only_to_admins(api: AsyncTestClient[Any]) -> None:
+    anonymous = (await api.get("/health")).json()
+    assert anonymous["status"] == "ok" and anonymous["backend"]["reachable"] is True
+    assert not anonymous["backend"]["urls"] and not anonymous["backend"]["hosts"]
+    assert anonymous["backend"]["version"] is None
+    tenant = (await api.get("/health", headers=ALICE)).json()["backend"]
+    assert tenant["version"] and not tenant["urls"] and not tenant["hosts"]
+    admin = (await api.get("/health", headers=bearer(ADMIN))).json()["backend"]
+    assert admin["version"] and admin["urls"] and admin["hosts"]
+    assert_openai_error(await api.get("/health", headers=bearer("sk-wrong")), 401)  # a key sent is checked
+
+
+async def test_sweep_names_stay_with_their_key(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    async with server(tenant_sweeps=True) as api:
+        made = await api.post("/v1/benchmarks/sweeps", headers=BOB,
+                              json={**SWEEP, "requests": 2, "name": "bob's private sweep"})
+        assert made.status_code == 200, made.text
+        for _ in range(600):
+            sweep = (await api.get(f"/v1/benchmarks/sweeps/{made.json()['id']}", headers=BOB)).json()
+            if sweep["run_id"] and sweep["status"] not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.05)
+        named = {r["id"]: r["name"] for r in (await api.get("/v1/benchmarks/runs", headers=BOB)).json()["data"]}
+        assert named[sweep["run_id"]] == "bob's private sweep"
+        admin = {r["id"]: r["name"] for r in (await api.get("/v1/benchmarks/runs", headers=bearer(ADMIN))).json()[
+            "data"]}
+        assert admin[sweep["run_id"]] == "bob's private sweep"
+        others = (await api.get("/v1/benchmarks/runs", headers=ALICE)).json()["data"]
+        assert sweep["run_id"] in {r["id"] for r in others} and "bob's private" not in str(others)
+        for fmt in ("csv", "json"):
+            exported = await api.get("/v1/benchmarks/export", params={"format": fmt}, headers=ALICE)
+            assert exported.status_code == 200 and "bob's private" not in exported.text

@@ -8,7 +8,8 @@ sweep belongs to the key that started it (another key gets 404, as for batches) 
 The points a sweep measures are shared benchmark data, like every other point.
 
 Every number a caller passes is bounded (a workload of 10^18 requests or a 1e300-token prompt is refused with a
-400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) are for admin keys."""
+400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) and their names are for
+admin keys (a key sees the names of its own sweeps' runs)."""
 
 from __future__ import annotations
 
@@ -91,8 +92,12 @@ class BenchmarksController(Controller):
         return _page(await service.estimate_records(db_session, owner))
 
     @get("/runs", summary="Benchmark runs with their parameters and environment")
-    async def runs(self, db_session: DbSession, admin: Admin) -> ListPage:
-        return _page(await service.list_runs(db_session, host_details=admin))
+    async def runs(self, db_session: DbSession, owner: Owner, admin: Admin) -> ListPage:
+        runs = await service.list_runs(db_session, host_details=admin)
+        if admin:
+            return _page(runs)
+        mine = {s.run_id for s in await bench_repo.list_sweeps(db_session, owner or "", limit=10_000)}
+        return _page([r if r.id in mine else r.model_copy(update={"name": ""}) for r in runs])
 
     @get("/export", summary="Every point with its run's environment, as CSV or JSON (?format=csv|json&models=a,b)")
     async def export(self, db_session: DbSession, admin: Admin, format: FromQuery[str] = "csv",
