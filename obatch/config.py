@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         "A file of server keys, one per line; `#` starts a comment."))
     allow_public_bind: bool = Field(default=False, description=(
         "Serve a non-loopback address without keys (`obatch serve --allow-public`)."))
+    ssl_certfile: Path | None = Field(default=None, description=(
+        "A PEM certificate (chain): `obatch serve` speaks HTTPS (`--ssl-certfile`)."))
+    ssl_keyfile: Path | None = Field(default=None, description=(
+        "The certificate's private key, PEM (`--ssl-keyfile`)."))
+    allow_plain_http: bool = Field(default=False, description=(
+        "Serve a non-loopback address over plain HTTP with no TLS and no `trusted_proxies` in front "
+        "(`--allow-plain-http`): bearer keys would cross the network readable by anyone on the path."))
     rate_limit_per_minute: int = Field(default=1200, ge=0, description=(
         "Requests per key (or client address without keys) per minute; beyond, 429 with `Retry-After`. 0 = off."))
     cors_origins: str = Field(default="", description=(

@@ -5,8 +5,12 @@ loopback-only without keys."""
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import sqlite3
+import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +27,7 @@ from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import jsonl
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line, server_env
+from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line, free_port, server_env
 
 ROUTES = [
     ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-0123456789abcdef01234567"),
@@ -289,3 +293,64 @@ def test_concurrent_uploads_never_pass_the_quota(start: Callable[..., ServerProc
                           headers={"Authorization": f"Bearer {KEYS['alice']}"}) as client:
             for file_id in kept:
                 assert client.delete(f"/v1/files/{file_id}").status_code == 200
+
+
+# -------------------------------------------------------------------------------------------------- TLS
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_the_sdk_round_trip_over_tls(obatch_sim: OllamaSim, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    env = server_env(data, obatch_sim.url, api_keys=KEYS["alice"], ssl_certfile=cert, ssl_keyfile=key)
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "obatch", "serve", "--port", str(port)], env=env, cwd=data,
+                                stdout=log, stderr=subprocess.STDOUT)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    try:
+        with httpx.Client(verify=trusted, timeout=5) as https:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if https.get(f"https://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "server.log").read_text()
+                    time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken there
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        with OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key=KEYS["alice"], max_retries=0,
+                    http_client=httpx.Client(verify=trusted)) as client:
+            stored = client.files.create(file=("tls.jsonl", io.BytesIO(jsonl([chat_line("t")]))), purpose="batch")
+            batch = client.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            for _ in range(300):
+                if (batch := client.batches.retrieve(batch.id)).status in FINAL:
+                    break
+                time.sleep(0.1)
+            assert batch.status == "completed" and batch.output_file_id
+            assert client.files.content(batch.output_file_id).text.count("\n") == 1
+        with OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key=KEYS["alice"], max_retries=0) as unverified, \
+                pytest.raises(openai.APIConnectionError):
+            unverified.models.list()  # a client that does not trust the certificate refuses it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_public_bind_over_plain_http_is_refused_unless_forced(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    for name in ("OBATCH_SSL_CERTFILE", "OBATCH_TRUSTED_PROXIES", "OBATCH_ALLOW_PLAIN_HTTP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OBATCH_API_KEYS", KEYS["alice"])
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1", "--data-dir", str(tmp_path)]) == 2
+    said = capsys.readouterr().err
+    assert "plain HTTP" in said and "--ssl-certfile" in said and "OBATCH_TRUSTED_PROXIES" in said
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1", "--data-dir", str(tmp_path), "--allow-public"]) == 2

@@ -215,6 +215,17 @@ def trusted_proxies(settings: Settings) -> list[str]:
     return [p.strip() for p in settings.trusted_proxies.split(",") if p.strip()]
 
 
+def plain_http_problem(settings: Settings, host: str, loopback: bool) -> str | None:
+    """Why serving ``host`` as configured would send keys in clear over a network (None when it would not): a
+    non-loopback bind with neither a certificate nor a trusted TLS proxy in front, unless ``allow_plain_http``."""
+    if loopback or settings.ssl_certfile is not None or trusted_proxies(settings) or settings.allow_plain_http:
+        return None
+    return (f"refusing to serve {host} over plain HTTP: bearer keys and every file would cross the network in "
+            "clear. Give a certificate (--ssl-certfile/--ssl-keyfile, OBATCH_SSL_CERTFILE/OBATCH_SSL_KEYFILE), or "
+            "name the TLS proxy in front (OBATCH_TRUSTED_PROXIES), or pass --allow-plain-http "
+            "(OBATCH_ALLOW_PLAIN_HTTP) if the network is private.")
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn settings that bound connections: pass them to ``uvicorn.Config``. ``X-Forwarded-For`` and
     ``X-Forwarded-Proto`` are read only from ``trusted_proxies`` (uvicorn would trust loopback peers by default,
@@ -225,4 +236,5 @@ def server_options(settings: Settings) -> dict[str, Any]:
     proxies = trusted_proxies(settings)
     return {"http": protocol, "timeout_keep_alive": settings.keep_alive_timeout,
             "limit_concurrency": settings.max_connections, "h11_max_incomplete_event_size": settings.max_header_bytes,
-            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
+            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None,
+            "ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
