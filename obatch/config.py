@@ -198,6 +198,15 @@ class Settings(BaseSettings):
         "All stored files of one key, batch outputs included, in bytes (10 GiB); an upload past it is refused "
         "(400 `storage_quota_exceeded`). 0 = no quota."))
 
+    audit_log: bool = Field(default=True, description=(
+        "Write the server's audit log: one JSON line per state-changing request (key id, never the key; action; "
+        "object id; status), see docs/server.md."))
+    audit_log_path: Path | None = Field(default=None, description=(
+        "The audit log's file; unset: `audit.log` in the data directory."))
+    audit_log_max_bytes: int = Field(default=10 * 1024 ** 2, ge=1024, description=(
+        "The audit log's size at which it is rotated (`audit.log.1`, ...)."))
+    audit_log_backups: int = Field(default=10, ge=1, description="Rotated audit logs kept.")
+
     @model_validator(mode="after")
     def _older_spellings(self) -> Settings:
         if self.run_batches is False:

@@ -434,3 +434,33 @@ async def test_sweep_names_stay_with_their_key(server: Callable[..., AsyncTestCl
         for fmt in ("csv", "json"):
             exported = await api.get("/v1/benchmarks/export", params={"format": fmt}, headers=ALICE)
             assert exported.status_code == 200 and "bob's private" not in exported.text
+
+
+# ---------------------------------------------------------------------------------------------- audit log
+
+
+async def test_the_audit_log_says_who_changed_what_and_never_the_key(
+        server: Callable[..., AsyncTestClient[Any]], make_settings: Callable[..., Settings]) -> None:
+    audit = make_settings().data_dir / "audit.log"
+    async with server(audit_log_max_bytes=1024, audit_log_backups=20) as api:
+        stored = (await upload(api, jsonl([chat_line("a", max_tokens=200)]))).json()["id"]
+        batch = (await api.post("/v1/batches", headers=ALICE, json={
+            "input_file_id": stored, "endpoint": CHAT, "completion_window": "24h"})).json()["id"]
+        assert (await api.post(f"/v1/batches/{batch}/cancel", headers=ALICE)).status_code == 200
+        assert (await api.post(f"/v1/batches/{batch}/cancel", headers=BOB)).status_code == 404
+        assert (await api.delete(f"/v1/files/{stored}", headers=ALICE)).status_code == 200
+        assert (await api.delete(f"/v1/files/{stored}", headers=bearer("sk-wrong"))).status_code == 401
+        assert (await api.post(CHAT, json={**ROUTE_BODIES[CHAT], "max_tokens": 4}, headers=ALICE)).status_code == 200
+        for _ in range(20):  # past 1 kB: rotated
+            await api.delete("/v1/files/file-none", headers=ALICE)
+    rotated = sorted(audit.parent.glob("audit.log*"), key=lambda p: int(p.suffix[1:] if p.suffix != ".log" else 0))
+    text = "".join(p.read_text() for p in reversed(rotated))  # oldest first
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    alice, bob = auth.owner_of(KEYS["alice"]), auth.owner_of(KEYS["bob"])
+    assert [(e["key"], e["action"], e["object"], e["status"]) for e in lines[:6]] == [
+        (alice, "file.create", stored, 200), (alice, "batch.create", batch, 200), (alice, "batch.cancel", batch, 200),
+        (bob, "batch.cancel", batch, 404), (alice, "file.delete", stored, 200), (None, "file.delete", stored, 401)]
+    assert all(e["request_id"].startswith("req_") and e["address"] for e in lines)
+    assert len(lines) == 26 and (audit.parent / "audit.log.1").exists()  # the chat request is not audited
+    for key in (*KEYS.values(), ADMIN):
+        assert key not in text
