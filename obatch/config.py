@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         "second are closed."))
     max_connections_per_address: int = Field(default=64, ge=0, description=(
         "Open connections from one client address; beyond, a new one is answered 429 and closed (one client "
-        "cannot hold every connection). 0 = off."))
+        "cannot hold every connection; `trusted_proxies` are exempt). 0 = off."))
     trusted_proxies: str = Field(default="", description=(
         "Comma-separated addresses (or `*`) of reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` are "
         "believed; empty: forwarded headers are ignored and the socket's peer is the client address."))

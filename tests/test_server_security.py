@@ -246,6 +246,28 @@ def test_forwarded_headers_count_only_from_trusted_proxies(start: Callable[..., 
     assert statuses == [401] * 5 + [429] * 3, statuses
 
 
+def test_a_trusted_proxy_is_believed_and_not_held_to_the_per_address_limit(
+        start: Callable[..., ServerProcess]) -> None:
+    server = start(trusted_proxies="127.0.0.1", max_connections_per_address=4, auth_failures_per_minute=3)
+    held = _sockets(server, 10)  # the proxy's connections: many clients behind one address
+    try:
+        with httpx.Client(base_url=server.url, timeout=5) as proxy:
+            assert proxy.get("/health").status_code == 200
+            spread = [proxy.get("/v1/files", headers={"Authorization": f"Bearer sk-guess-{i}",
+                                                      "X-Forwarded-For": f"203.0.113.{i}"}).status_code
+                      for i in range(6)]
+            one = [proxy.get("/v1/files", headers={"Authorization": "Bearer sk-guess",
+                                                   "X-Forwarded-For": "198.51.100.7"}).status_code for _ in range(4)]
+        assert spread == [401] * 6 and one == [401] * 3 + [429], (spread, one)  # counted per forwarded client
+        for s in held:
+            s.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                s.recv(1)  # none of the ten was answered 429 and closed
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_a_trickled_body_is_cut_off_with_408(start: Callable[..., ServerProcess]) -> None:
     """A byte every 0.5 s stays within the idle timeout; it was held until upload_timeout, then logged as a 500."""
     server = start(body_idle_timeout=1, min_body_rate=100)

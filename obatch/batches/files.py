@@ -23,7 +23,7 @@ import orjson
 from obatch import context, errors
 from obatch.batches.services import Services, reload, update_batch
 from obatch.config import Settings
-from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
+from obatch.jsonl import MAX_PROBLEMS, Limits, Request, iter_file
 from obatch.store import pilots, repo
 from obatch.store.quota import add_file_within
 from obatch.store.tables import BatchRow, FileRow
@@ -165,9 +165,9 @@ async def validate_and_import(svc: Services, batch: BatchRow) -> None:
     every problem listed and its rows removed. Until the batch is marked imported its rows are not run, so a crash
     mid-import only means importing again."""
     path = file_path(svc.settings, batch.input_file_id)
-    limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines,
-                    max_depth=svc.settings.max_json_depth,
-                    policy=EnginePolicy.from_settings(svc.settings) if batch.source == "api" else None)
+    limits = Limits.for_clients(svc.settings)
+    if batch.source != "api":
+        limits.policy = None  # the operator's own runs (CLI, notebook) may tune the engine
     endpoint = batch.endpoint or None
     async with svc.sessions() as session:
         await repo.replace_requests(session, batch.id)

@@ -9,10 +9,10 @@ on open connections, and a nesting limit on JSON bodies.
   enforced where the app reads the body, by ``body_timeouts`` wrapping ASGI ``receive``; the answer is 408 with
   ``Connection: close``.
 - **Connections**: at most ``max_connections_per_address`` from one client address (counted on the socket, before
-  anything is read: more are answered 429 and closed), so one client cannot take the ``max_connections`` of all
-  (uvicorn's ``limit_concurrency``: 503 beyond it); past three quarters of that cap, connections idle for a second
-  are closed. Header size is h11's ``max_incomplete_event_size``; idle kept-alive connections close after
-  ``keep_alive_timeout``. Forwarded headers count only from ``trusted_proxies``.
+  anything is read: more are answered 429 and closed; a trusted proxy is not held to it), so one client cannot take
+  the ``max_connections`` of all (uvicorn's ``limit_concurrency``: 503 beyond it); past three quarters of that cap,
+  connections idle for a second are closed. Header size is h11's ``max_incomplete_event_size``; idle kept-alive
+  connections close after ``keep_alive_timeout``. Forwarded headers count only from ``trusted_proxies``.
 - **JSON nesting** (``max_json_depth``): every JSON body is measured on its bytes before Litestar's decoder
   recurses into it (a 100,000-deep body would otherwise end in a RecursionError, a 500).
 """
@@ -142,6 +142,7 @@ class HeaderTimeoutProtocol(H11Protocol):
     per_address = 0  # open connections one client address may hold (0: no limit); beyond, 429 and closed
     high_water = 0  # open connections past which those idle for IDLE_SHED seconds are closed (0: never)
     by_address: ClassVar[dict[str, int]] = {}  # a dict of its own on each server's subclass (``server_options``)
+    proxies: frozenset[str] = frozenset()  # trusted proxies: not held to ``per_address``
     _head_timer: asyncio.TimerHandle | None = None
     _address: str | None = None
     _idle_since: float | None = None
@@ -162,7 +163,8 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self.client is not None:
             self._address = self.client[0]
             held = self.by_address[self._address] = self.by_address.get(self._address, 0) + 1
-            if self.per_address and held > self.per_address:
+            proxied = "*" in self.proxies or self._address in self.proxies  # a proxy carries many clients
+            if self.per_address and held > self.per_address and not proxied:
                 transport.write(_TOO_MANY)
                 transport.close()
                 return
@@ -232,7 +234,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
     so anyone on the machine could pick the address its requests count against)."""
     protocol = type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {
         "header_timeout": settings.header_timeout, "per_address": settings.max_connections_per_address,
-        "high_water": settings.max_connections * 3 // 4, "by_address": {}})
+        "high_water": settings.max_connections * 3 // 4, "by_address": {},
+        "proxies": frozenset(trusted_proxies(settings))})
     proxies = trusted_proxies(settings)
     return {"http": protocol, "timeout_keep_alive": settings.keep_alive_timeout,
             "limit_concurrency": settings.max_connections, "h11_max_incomplete_event_size": settings.max_header_bytes,
