@@ -33,5 +33,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 # --allow-public: inside a container 0.0.0.0 is the only useful bind. Set OBATCH_API_KEYS (or OBATCH_API_KEYS_FILE)
-# at run time so that every /v1 route needs a key.
-CMD ["obatch", "serve", "--host", "0.0.0.0", "--port", "8000", "--allow-public"]
+# at run time so that every /v1 route needs a key. --allow-plain-http: the container's port is meant for a TLS proxy
+# in front (name it in OBATCH_TRUSTED_PROXIES) or a private network; or mount a certificate and set
+# OBATCH_SSL_CERTFILE / OBATCH_SSL_KEYFILE.
+CMD ["obatch", "serve", "--host", "0.0.0.0", "--port", "8000", "--allow-public", "--allow-plain-http"]

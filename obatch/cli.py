@@ -141,14 +141,19 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from obatch.server import create_app
     from obatch.server.auth import is_loopback, load_keys
-    from obatch.server.guard import server_options
+    from obatch.server.guard import plain_http_problem, server_options
     from obatch.server.observe import configure_logging
 
-    settings = _settings(args)
+    settings = _settings(args).model_copy(update={k: v for k, v in (
+        ("ssl_certfile", args.ssl_certfile), ("ssl_keyfile", args.ssl_keyfile),
+        ("allow_plain_http", args.allow_plain_http or None)) if v is not None})
     if not load_keys(settings) and not is_loopback(args.host) and not (args.allow_public or settings.allow_public_bind):
         print(f"error: no API keys are set (OBATCH_API_KEYS or OBATCH_API_KEYS_FILE), so obatch serves loopback only; "
               f"refusing to bind {args.host}. Set keys, or pass --allow-public to serve without them.",
               file=sys.stderr)
+        return 2
+    if problem := plain_http_problem(settings, args.host, is_loopback(args.host)):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     server = uvicorn.Server(uvicorn.Config(
@@ -218,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--allow-public", action="store_true",
                        help="bind a non-loopback host even without API keys (OBATCH_ALLOW_PUBLIC_BIND)")
+    serve.add_argument("--ssl-certfile", type=Path, help="serve HTTPS with this PEM certificate (OBATCH_SSL_CERTFILE)")
+    serve.add_argument("--ssl-keyfile", type=Path, help="the certificate's PEM private key (OBATCH_SSL_KEYFILE)")
+    serve.add_argument("--allow-plain-http", action="store_true",
+                       help="bind a non-loopback host over plain HTTP, without TLS or a trusted proxy in front "
+                            "(OBATCH_ALLOW_PLAIN_HTTP)")
     backend_options(serve)
     serve.set_defaults(handler=_serve)
 

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         "A file of server keys, one per line; `#` starts a comment."))
     allow_public_bind: bool = Field(default=False, description=(
         "Serve a non-loopback address without keys (`obatch serve --allow-public`)."))
+    ssl_certfile: Path | None = Field(default=None, description=(
+        "A PEM certificate (chain): `obatch serve` speaks HTTPS (`--ssl-certfile`)."))
+    ssl_keyfile: Path | None = Field(default=None, description=(
+        "The certificate's private key, PEM (`--ssl-keyfile`)."))
+    allow_plain_http: bool = Field(default=False, description=(
+        "Serve a non-loopback address over plain HTTP with no TLS and no `trusted_proxies` in front "
+        "(`--allow-plain-http`): bearer keys would cross the network readable by anyone on the path."))
     rate_limit_per_minute: int = Field(default=1200, ge=0, description=(
         "Requests per key (or client address without keys) per minute; beyond, 429 with `Retry-After`. 0 = off."))
     cors_origins: str = Field(default="", description=(
@@ -158,7 +165,17 @@ class Settings(BaseSettings):
     keep_alive_timeout: int = Field(default=5, ge=1, description=(
         "Seconds after which an idle kept-alive connection is closed."))
     max_connections: int = Field(default=256, ge=1, description=(
-        "Open connections; beyond, requests are answered 503."))
+        "Open connections; beyond, requests are answered 503. Past three quarters of it, connections idle for a "
+        "second are closed."))
+    max_connections_per_address: int = Field(default=64, ge=0, description=(
+        "Open connections from one client address; beyond, a new one is answered 429 and closed (one client "
+        "cannot hold every connection; `trusted_proxies` are exempt). 0 = off."))
+    trusted_proxies: str = Field(default="", description=(
+        "Comma-separated addresses (or `*`) of reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` are "
+        "believed; empty: forwarded headers are ignored and the socket's peer is the client address."))
+    min_body_rate: float = Field(default=1024.0, ge=0, description=(
+        "The slowest average a request body may be sent at, in bytes/s, counted after the first "
+        "`body_idle_timeout` seconds (408, connection closed). 0 = off."))
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description=(
         "The most bytes of a request's line and headers together."))
     max_json_depth: int = Field(default=64, ge=2, le=200, description=(
@@ -177,9 +194,27 @@ class Settings(BaseSettings):
         "The largest `max_tokens` / `max_completion_tokens` / `options.num_predict`; they must be integers from 1."))
     allow_client_keep_alive: bool = Field(default=False, description=(
         "May clients set `keep_alive` (how long the engine keeps a model loaded)?"))
+    tenant_sweeps: bool = Field(default=False, description=(
+        "May keys other than the admin keys start benchmark sweeps (`POST /v1/benchmarks/sweeps`, 403 otherwise)? "
+        "Theirs are bounded by `max_sweep_requests` and `sweep_requests_per_day`."))
+    max_sweep_requests: int = Field(default=2048, ge=1, description=(
+        "The most engine requests (points × requests per point) one sweep of a non-admin key may send (400 "
+        "`sweep_too_large`)."))
+    sweep_requests_per_day: int = Field(default=8192, ge=1, description=(
+        "The most engine requests the sweeps of one non-admin key may send in 24 hours (429 "
+        "`sweep_budget_exceeded`)."))
     max_storage_bytes_per_key: int = Field(default=10 * 1024 ** 3, ge=0, description=(
         "All stored files of one key, batch outputs included, in bytes (10 GiB); an upload past it is refused "
         "(400 `storage_quota_exceeded`). 0 = no quota."))
+
+    audit_log: bool = Field(default=True, description=(
+        "Write the server's audit log: one JSON line per state-changing request (key id, never the key; action; "
+        "object id; status), see docs/server.md."))
+    audit_log_path: Path | None = Field(default=None, description=(
+        "The audit log's file; unset: `audit.log` in the data directory."))
+    audit_log_max_bytes: int = Field(default=10 * 1024 ** 2, ge=1024, description=(
+        "The audit log's size at which it is rotated (`audit.log.1`, ...)."))
+    audit_log_backups: int = Field(default=10, ge=1, description="Rotated audit logs kept.")
 
     @model_validator(mode="after")
     def _older_spellings(self) -> Settings:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from obatch.bodies import body_problem
 from obatch.errors import InputFileError, LineProblem
 from obatch.protocol import REQUIRED_BODY_FIELD, UNSERVABLE_ENDPOINTS, RequestLine, endpoint_problem
 
@@ -150,6 +151,13 @@ class Limits:
     max_depth: int = MAX_JSON_DEPTH
     policy: EnginePolicy | None = field(default=None)  # None: any engine option (the operator's own runs)
 
+    @classmethod
+    def for_clients(cls, settings: Settings) -> Limits:
+        """The limits of lines a client of the server sent: the size limits and the engine policy. Every door to
+        the engine from a client's lines takes these (batch imports, pilots)."""
+        return cls(max_bytes=settings.max_file_bytes, max_lines=settings.max_lines,
+                   max_depth=settings.max_json_depth, policy=EnginePolicy.from_settings(settings))
+
 
 def model_problem(model: str) -> str | None:
     """Why a model name cannot be right (too long, or holding control characters), or None."""
@@ -216,6 +224,8 @@ def check_line(
                            f"body.{required} is required for {url}.", f"body.{required}")
     if url == "/v1/chat/completions" and not isinstance(body["messages"], list):
         return LineProblem(line_no, "invalid_body", "body.messages must be a list.", "body.messages")
+    if shape := body_problem(url, body):
+        return LineProblem(line_no, *shape)
     if policy is not None and (refused := policy.check(body)):
         return LineProblem(line_no, *refused)
     return Request(line_no, custom_id, url, body)

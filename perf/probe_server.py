@@ -10,6 +10,12 @@ issue while another thread polls ``/health`` every 20 ms:
   300-deep line · a batch with one line for a model the engine lacks · what a tenant's /metrics and runs show ·
   404/405 in the access log
 
+and those of the second round: a pilot of lines the policy refuses · /v1/responses output budgets · 300 idle
+sockets from one address · four concurrent uploads against the storage quota · a tenant's sweep · a deep body sent
+as multipart/… and 900 levels inside a chat request · malformed chat bodies · wrong keys each with its own
+X-Forwarded-For · a body at a byte a second · what /health and the benchmark runs tell a tenant · a small batch
+after each (it must still complete).
+
 Prints each answer and the figures (health latency max / p99, time each slow client was held), and exits 1 when a
 check fails: any 5xx, /health slower than --health-ms, a slow client held past its limit, a wrong answer.
 
@@ -42,7 +48,9 @@ from obatch.testing.server import ServerProcess, serve_env
 
 CHAT = "llama3.2:1b"
 TENANT, OTHER, ADMIN = "sk-probe-tenant-0123456789", "sk-probe-other-0123456789", "sk-probe-admin-0123456789"
-LIMITS = {"header_timeout": 2.0, "body_idle_timeout": 2.0, "upload_timeout": 4.0}
+LIMITS = {"header_timeout": 2.0, "body_idle_timeout": 2.0, "upload_timeout": 4.0,
+          "max_storage_bytes_per_key": 3_000_000}
+QUOTA_FILE = 1_260_000  # four of them at once against the quota: at most two fit
 SIM = SimConfig(models=(SimModel(CHAT),), num_parallel=2, prompt_tps=20_000, decode_tps=3000)
 
 
@@ -155,16 +163,120 @@ class Probe:
         self.check('"status":404' in text and '"status":405' in text, "404 and 405 in the access log")
 
     def wrong_keys(self, n: int = 1260) -> None:
-        print(f"{n} wrong keys, one after another")
+        print(f"{n} wrong keys, one after another, each with its own X-Forwarded-For")
         counts: dict[int, int] = {}
         started = time.perf_counter()
         with httpx.Client(base_url=self.url, timeout=30) as client:
             for i in range(n):
-                status = client.get("/v1/batches", headers={"Authorization": f"Bearer sk-guess-{i}"}).status_code
+                status = client.get("/v1/batches", headers={"Authorization": f"Bearer sk-guess-{i}",
+                                                            "X-Forwarded-For": f"198.51.{i // 250}.{i % 250}"}
+                                    ).status_code
                 counts[status] = counts.get(status, 0) + 1
                 self.statuses.append(("GET /v1/batches (guess)", status))
         print(f"    {counts} in {time.perf_counter() - started:.1f} s")
         self.check(counts.get(401, 0) <= 20 and counts.get(429, 0) >= n - 20, "guessing is limited")
+
+    # ------------------------------------------------------------------------------------- second round
+
+    def small_batch_completes(self, after: str) -> None:
+        done = self.batch(b"".join(orjson.dumps(chat_line(f"s{i}")) + b"\n" for i in range(3)))
+        self.check(done["status"] == "completed", f"a small batch completes after {after}")
+
+    def policy_everywhere(self) -> None:
+        print("one policy at every door")
+        bad = [{"max_tokens": -1, "keep_alive": "-1", "options": {"num_gpu": 99, "num_ctx": 10_000_000,
+                                                                  "num_thread": 64}}, {"max_tokens": 10**9}]
+        lines = [chat_line(f"good{i}") for i in range(4)] + [chat_line(f"bad{i}", **b) for i, b in enumerate(bad)]
+        file_id = self.upload(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        response = self.call("GET", "/v1/benchmarks/estimate", params={"input_file_id": file_id, "pilot": "6"})
+        pilot = response.json().get("pilot") or {} if response.status_code == 200 else {}
+        print(f"    pilot=6 of 4 good + 2 refused lines: {response.status_code}, pilot {pilot.get('requests')} lines")
+        self.check(response.status_code == 200 and pilot.get("requests") == 4, "the pilot runs only good lines")
+        for budget in (10**9, -1, 0):
+            answer = self.call("POST", "/v1/responses", json={"model": CHAT, "input": "hi",
+                                                               "max_output_tokens": budget})
+            print(f"    /v1/responses max_output_tokens={budget}: {answer.status_code} {self.code(answer)}")
+            self.check(answer.status_code == 400, f"responses max_output_tokens={budget}")
+        base = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        for extra in ({"messages": [1, 2]}, {"stop": 5}, {"seed": 10**30},
+                      {"messages": [{"role": "assistant", "tool_calls": [{"x": 1}]}]},
+                      {"messages": [{"role": "assistant", "tool_calls": [{"function": None}]}]}):
+            answer = self.call("POST", "/v1/chat/completions", content=orjson.dumps({**base, **extra})
+                               if "seed" not in extra else f'{{"model":"{CHAT}","messages":[{{"role":"user",'
+                               f'"content":"hi"}}],"seed":{10**30}}}'.encode(),
+                               headers={"content-type": "application/json"})
+            param = answer.json().get("error", {}).get("param") if answer.status_code == 400 else None
+            print(f"    chat {str(extra)[:60]}: {answer.status_code} param={param}")
+            self.check(answer.status_code == 400 and bool(param), f"malformed chat {str(extra)[:40]}")
+        deep = b"[" * 100_000 + b"]" * 100_000
+        answer = self.call("POST", "/v1/chat/completions", content=deep,
+                           headers={"content-type": "multipart/form-data; boundary=x"})
+        print(f"    100,000-deep body as multipart/…: {answer.status_code} {self.code(answer)}")
+        self.check(answer.status_code == 400, "deep body as multipart")
+        inner = orjson.dumps({**base, "metadata": "NESTED"}).replace(b'"NESTED"', b"[" * 900 + b"]" * 900)
+        answer = self.call("POST", "/v1/chat/completions", content=inner, headers={"content-type": "application/json"})
+        print(f"    900 levels inside a chat request: {answer.status_code} {self.code(answer)}")
+        self.check(answer.status_code == 400, "900-deep chat request")
+        self.small_batch_completes("the policy probes")
+
+    def idle_sockets(self, count: int = 300, rounds: int = 3) -> None:
+        print(f"{count} idle sockets from one address, opened again {rounds} times, while another address asks")
+        host, port = self.url.removeprefix("http://").split(":")
+        ok = asked = 0
+        with httpx.Client(base_url=self.url, timeout=5, headers=self.http.headers,
+                          transport=httpx.HTTPTransport(local_address="127.0.0.3")) as other:
+            for _ in range(rounds):
+                held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+                until = time.monotonic() + 3
+                while time.monotonic() < until:
+                    asked += 1
+                    with contextlib.suppress(httpx.TransportError):
+                        ok += other.get("/v1/files").status_code == 200
+                    time.sleep(0.05)
+                for s in held:
+                    s.close()
+        print(f"    another address: {ok} of {asked} requests answered 200")
+        self.check(asked > 0 and ok == asked, "idle sockets of one address leave the server to others")
+        self.small_batch_completes("the idle sockets")
+
+    def quota_race(self) -> None:
+        print(f"four concurrent uploads of {QUOTA_FILE // 1000} kB, quota {LIMITS['max_storage_bytes_per_key']}")
+        content = b"".join(orjson.dumps(chat_line(f"q{i}", metadata="x" * 900)) + b"\n"
+                           for i in range(QUOTA_FILE // 1000))
+
+        def send(_: int) -> int:
+            with httpx.Client(base_url=self.url, timeout=60, headers=self.http.headers) as client:
+                return client.post("/v1/files", data={"purpose": "batch"},
+                                   files={"file": ("q.jsonl", content)}).status_code
+
+        for f in self.call("GET", "/v1/files", params={"limit": 10_000}).json()["data"]:
+            self.call("DELETE", f"/v1/files/{f['id']}")
+        threads: list[int] = []
+        workers = [threading.Thread(target=lambda: threads.append(send(0))) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        stored = sum(f["bytes"] for f in self.call("GET", "/v1/files", params={"limit": 10_000}).json()["data"])
+        print(f"    statuses {sorted(threads)}, {stored} bytes stored")
+        self.check(stored <= int(LIMITS["max_storage_bytes_per_key"]), "concurrent uploads stay within the quota")
+        for f in self.call("GET", "/v1/files", params={"limit": 10_000}).json()["data"]:
+            self.call("DELETE", f"/v1/files/{f['id']}")
+        self.small_batch_completes("the quota race")
+
+    def sweeps_and_views(self) -> None:
+        print("sweeps and what a tenant sees")
+        sweep = {"models": [CHAT], "concurrency": [256], "requests": 4096, "name": "tenant sweep"}
+        answer = self.call("POST", "/v1/benchmarks/sweeps", json=sweep)
+        print(f"    a tenant's sweep of 4,096 requests: {answer.status_code} {self.code(answer)}")
+        self.check(answer.status_code == 403, "sweeps take an admin key")
+        with httpx.Client(base_url=self.url, timeout=10) as anonymous:
+            backend = anonymous.get("/health").json()["backend"]
+        print(f"    anonymous /health backend: {backend}")
+        self.check(not backend["urls"] and not backend["hosts"] and backend["version"] is None,
+                   "anonymous /health says up or down only")
+        runs = self.call("GET", "/v1/benchmarks/runs", headers={"Authorization": f"Bearer {OTHER}"}).json()["data"]
+        self.check(all(not r["name"] for r in runs), "another key sees no run names")
 
     # ------------------------------------------------------------------------------------- slow clients
 
@@ -212,6 +324,13 @@ class Probe:
             sock.sendall(f"POST /v1/batches HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
                          f"Content-Length: 1000\r\n\r\n{{\"input".encode())
 
+        def byte_a_second(sock: socket.socket) -> None:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json"
+                         f"\r\nContent-Length: 1000\r\n\r\n".encode())
+            for _ in range(600):
+                sock.sendall(b" ")
+                time.sleep(1.0)
+
         def trickle(sock: socket.socket) -> None:
             body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\"\r\n\r\n" + b"x" * 8000
             sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: multipart/form-data; boundary=b"
@@ -225,6 +344,7 @@ class Probe:
             ("idle socket", idle, LIMITS["header_timeout"]),
             ("headers every 0.3 s", slow_headers, LIMITS["header_timeout"]),
             ("stalled body", stalled_body, LIMITS["body_idle_timeout"]),
+            ("body 1 B / 1 s", byte_a_second, LIMITS["body_idle_timeout"]),
             ("upload 16 B / 0.2 s", trickle, LIMITS["upload_timeout"]))]
         for thread in threads:
             thread.start()
@@ -245,7 +365,8 @@ PHASE = ["start"]  # the step running now, for the health poller's record
 
 
 def poll_health(url: str, stop: threading.Event, lags: list[tuple[str, float]], statuses: list[int]) -> None:
-    with httpx.Client(base_url=url, timeout=30) as client:
+    """From an address of its own (127.0.0.2): the probes' floods come from 127.0.0.1."""
+    with httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as client:
         while not stop.is_set():
             started = time.perf_counter()
             statuses.append(client.get("/health").status_code)
@@ -282,6 +403,7 @@ def main() -> int:
             poller.start()
             try:
                 for step in (probe.estimate, probe.engine_tuning, probe.nesting_and_text, probe.pathological_batches,
+                             probe.policy_everywhere, probe.quota_race, probe.sweeps_and_views, probe.idle_sockets,
                              probe.slow_clients, functools.partial(probe.disclosure, log),
                              probe.wrong_keys):  # last: it locks this address out for a minute
                     PHASE[0] = getattr(step, "__name__", "disclosure")

@@ -165,7 +165,8 @@ def test_a_killed_server_resumes_its_sweep_measuring_only_the_missing_points(tmp
 async def app(tmp_path: Path, make_settings: Callable[..., Settings]) -> AsyncIterator[AsyncTestClient[Any]]:
     async with OllamaSim(SLOW) as sim:
         settings = make_settings(sim.url, worker_poll_interval=0.05, concurrency=2, worker_thread=False,
-                                 api_keys="sk-alice-0123456789,sk-bob-0123456789", admin_keys="sk-admin-0123456789")
+                                 api_keys="sk-alice-0123456789,sk-bob-0123456789", admin_keys="sk-admin-0123456789",
+                                 tenant_sweeps=True, max_sweep_requests=10**6, sweep_requests_per_day=10**6)
         async with AsyncTestClient(app=create_app(settings)) as client:
             yield client
 

@@ -4,6 +4,8 @@ disk, or read other tenants' numbers. Each test fails on the server as it was be
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -265,3 +267,200 @@ async def test_every_response_reaches_the_access_log(api: AsyncTestClient[Any], 
     logged = [(r.path, r.status) for r in caplog.records if r.name == "obatch.server.access"]  # type: ignore[attr-defined]
     assert logged == [("/wp-admin/setup.php", 404), ("/health", 405), ("/v1/files", 200)]
     assert unknown.headers["x-request-id"].startswith("req_")
+
+
+# ------------------------------------------------------------------------------- every door, one policy
+
+ROUTE_BODIES = {  # the smallest valid body of each synchronous route
+    CHAT: {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/completions": {"model": "llama3.2:1b", "prompt": "hi"},
+    "/v1/responses": {"model": "llama3.2:1b", "input": "hi"},
+    "/v1/embeddings": {"model": "nomic-embed-text", "input": "hi"},
+}
+EVERY_DOOR = REFUSED | {  # what no path to the engine may ask for
+    "max_output_tokens 1e9": ({"max_output_tokens": 10**9}, "invalid_value"),
+    "max_output_tokens -1": ({"max_output_tokens": -1}, "invalid_value"),
+    "max_output_tokens 0": ({"max_output_tokens": 0}, "invalid_value"),
+    "options.num_gpu+num_ctx+keep_alive": ({"max_tokens": -1, "keep_alive": "-1", "options": {
+        "num_gpu": 99, "num_ctx": 10_000_000, "num_thread": 64}}, None),
+}
+
+
+@pytest.mark.parametrize("path", list(ROUTE_BODIES))
+async def test_every_route_refuses_what_batch_lines_refuse(api: AsyncTestClient[Any], path: str) -> None:
+    for name, (extra, code) in EVERY_DOOR.items():
+        error = assert_openai_error(await api.post(path, json={**ROUTE_BODIES[path], **extra}, headers=ALICE), 400)
+        assert code is None or error["code"] == code, (path, name, error)
+
+
+async def test_a_pilot_runs_none_of_the_lines_a_batch_refuses(api: AsyncTestClient[Any], obatch_sim: OllamaSim
+                                                              ) -> None:
+    """A pilot (``/v1/benchmarks/estimate?pilot=N``) once sent every line's engine options as they were. (Without
+    benchmark points the estimate itself then answers 404; the pilot has run by then.)"""
+    lines = [chat_line("good", max_tokens=4)]
+    lines += [chat_line(f"bad{i}", **extra) for i, (extra, _) in enumerate(EVERY_DOOR.values())]
+    stored = await upload(api, jsonl(lines))
+    before = obatch_sim.stats.served
+    response = await api.get("/v1/benchmarks/estimate", headers=ALICE,
+                             params={"input_file_id": stored.json()["id"], "pilot": str(len(lines))})
+    assert response.status_code in (200, 404), response.text
+    assert obatch_sim.stats.served - before == 1  # the good line only: no refused option reached the engine
+
+
+# --------------------------------------------------------------------------------- typed request bodies
+
+MALFORMED = {  # body fields of the wrong shape → the field named in a 400, never a 500 or an exception's text
+    "messages of numbers": ({"messages": [1, 2]}, "messages[0]"),
+    "stop a number": ({"stop": 5}, "stop"),
+    "tool call without a function": ({"messages": [{"role": "assistant", "tool_calls": [{"x": 1}]}]},
+                                     "messages[0].tool_calls[0].function"),
+    "tool call with a null function": ({"messages": [{"role": "assistant", "tool_calls": [{"function": None}]}]},
+                                       "messages[0].tool_calls[0].function"),
+    "seed past 64 bits": ({"seed": 10**30}, "seed"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    "n a string": ({"n": "2"}, "n"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+async def test_malformed_chat_bodies_are_400_naming_the_field(api: AsyncTestClient[Any], name: str) -> None:
+    extra, field = MALFORMED[name]
+    response = await api.post(CHAT, json={**ROUTE_BODIES[CHAT], "max_tokens": 4, **extra}, headers=ALICE)
+    error = assert_openai_error(response, 400)
+    assert error["param"] == field, error
+    assert "Error" not in error["message"] and "object is not" not in error["message"], error
+
+
+async def test_malformed_batch_lines_fail_validation_naming_the_field(api: AsyncTestClient[Any]) -> None:
+    lines = [chat_line("ok", max_tokens=4)]
+    for i, (extra, _) in enumerate(MALFORMED.values()):
+        line = chat_line(f"bad{i}", max_tokens=4)
+        line["body"].update(extra)
+        lines.append(line)
+    batch = await run_batch(api, "".join(json.dumps(line) + "\n" for line in lines).encode())  # 10**30: not orjson
+    assert batch["status"] == "failed"
+    found = {e["line"]: e["param"] for e in batch["errors"]["data"]}
+    assert found == {i + 2: f"body.{field}" for i, (_, field) in enumerate(MALFORMED.values())}
+
+
+async def test_what_clients_send_still_passes(api: AsyncTestClient[Any]) -> None:
+    body = {**ROUTE_BODIES[CHAT], "max_tokens": 4, "stop": ["\n", "END"], "seed": 2**63 - 1, "temperature": 0,
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                         {"role": "user", "content": "and?"}]}
+    assert (await api.post(CHAT, json=body, headers=ALICE)).status_code == 200
+    for path in ("/v1/completions", "/v1/embeddings"):
+        assert (await api.post(path, json={**ROUTE_BODIES[path], "max_tokens": 4} if path != "/v1/embeddings"
+                               else ROUTE_BODIES[path], headers=ALICE)).status_code == 200
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/batches", "/v1/embeddings"])
+async def test_the_depth_limit_holds_whatever_the_content_type_says(api: AsyncTestClient[Any], path: str) -> None:
+    """A deep JSON body sent as multipart/… was decoded as JSON without the depth check: a RecursionError, 500."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    for content_type in ("multipart/form-data; boundary=x", "text/plain", "application/x-www-form-urlencoded"):
+        response = await api.post(path, content=body, headers={**ALICE, "content-type": content_type})
+        assert assert_openai_error(response, 400)["code"] == "json_too_deep", content_type
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+SWEEP = {"models": ["llama3.2:1b"], "concurrency": [1], "requests": 4, "workload": "tiny"}
+
+
+async def test_sweeps_take_an_admin_key_unless_tenants_may(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    async with server() as api:
+        refused = await api.post("/v1/benchmarks/sweeps", json=SWEEP, headers=ALICE)
+        assert assert_openai_error(refused, 403)["code"] == "permission_denied"
+        started = await api.post("/v1/benchmarks/sweeps", json=SWEEP, headers=bearer(ADMIN))
+        assert started.status_code == 200, started.text
+        await api.post(f"/v1/benchmarks/sweeps/{started.json()['id']}/cancel", headers=bearer(ADMIN))
+
+
+async def test_tenant_sweeps_have_a_size_limit_and_a_daily_budget(server: Callable[..., AsyncTestClient[Any]]
+                                                                  ) -> None:
+    async with server(tenant_sweeps=True, max_sweep_requests=64, sweep_requests_per_day=100) as api:
+        big = {**SWEEP, "concurrency": [1, 2, 4, 8], "requests": 32}  # 4 points × 32 = 128 requests
+        too_large = await api.post("/v1/benchmarks/sweeps", json=big, headers=ALICE)
+        assert assert_openai_error(too_large, 400)["code"] == "sweep_too_large"
+        ids = []
+        for _ in range(2):  # 2 × 48 requests: within 100
+            made = await api.post("/v1/benchmarks/sweeps", json={**SWEEP, "requests": 48}, headers=ALICE)
+            assert made.status_code == 200, made.text
+            ids.append(made.json()["id"])
+        spent = await api.post("/v1/benchmarks/sweeps", json={**SWEEP, "requests": 8}, headers=ALICE)  # 104
+        assert assert_openai_error(spent, 429)["code"] == "sweep_budget_exceeded"
+        assert (await api.post("/v1/benchmarks/sweeps", json=SWEEP, headers=BOB)).status_code == 200  # its own
+        assert (await api.post("/v1/benchmarks/sweeps", json=big, headers=bearer(ADMIN))).status_code == 200
+        for sweep in (await api.get("/v1/benchmarks/sweeps", headers=bearer(ADMIN))).json()["data"]:
+            await api.post(f"/v1/benchmarks/sweeps/{sweep['id']}/cancel", headers=bearer(ADMIN))
+
+
+# ------------------------------------------------------------------------------------ what others see
+
+
+async def test_health_says_up_or_down_without_a_key_and_hosts_only_to_admins(api: AsyncTestClient[Any]) -> None:
+    anonymous = (await api.get("/health")).json()
+    assert anonymous["status"] == "ok" and anonymous["backend"]["reachable"] is True
+    assert not anonymous["backend"]["urls"] and not anonymous["backend"]["hosts"]
+    assert anonymous["backend"]["version"] is None
+    tenant = (await api.get("/health", headers=ALICE)).json()["backend"]
+    assert tenant["version"] and not tenant["urls"] and not tenant["hosts"]
+    admin = (await api.get("/health", headers=bearer(ADMIN))).json()["backend"]
+    assert admin["version"] and admin["urls"] and admin["hosts"]
+    assert_openai_error(await api.get("/health", headers=bearer("sk-wrong")), 401)  # a key sent is checked
+
+
+async def test_sweep_names_stay_with_their_key(server: Callable[..., AsyncTestClient[Any]]) -> None:
+    async with server(tenant_sweeps=True) as api:
+        made = await api.post("/v1/benchmarks/sweeps", headers=BOB,
+                              json={**SWEEP, "requests": 2, "name": "bob's private sweep"})
+        assert made.status_code == 200, made.text
+        for _ in range(600):
+            sweep = (await api.get(f"/v1/benchmarks/sweeps/{made.json()['id']}", headers=BOB)).json()
+            if sweep["run_id"] and sweep["status"] not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.05)
+        named = {r["id"]: r["name"] for r in (await api.get("/v1/benchmarks/runs", headers=BOB)).json()["data"]}
+        assert named[sweep["run_id"]] == "bob's private sweep"
+        admin = {r["id"]: r["name"] for r in (await api.get("/v1/benchmarks/runs", headers=bearer(ADMIN))).json()[
+            "data"]}
+        assert admin[sweep["run_id"]] == "bob's private sweep"
+        others = (await api.get("/v1/benchmarks/runs", headers=ALICE)).json()["data"]
+        assert sweep["run_id"] in {r["id"] for r in others} and "bob's private" not in str(others)
+        for fmt in ("csv", "json"):
+            exported = await api.get("/v1/benchmarks/export", params={"format": fmt}, headers=ALICE)
+            assert exported.status_code == 200 and "bob's private" not in exported.text
+
+
+# ---------------------------------------------------------------------------------------------- audit log
+
+
+async def test_the_audit_log_says_who_changed_what_and_never_the_key(
+        server: Callable[..., AsyncTestClient[Any]], make_settings: Callable[..., Settings]) -> None:
+    audit = make_settings().data_dir / "audit.log"
+    async with server(audit_log_max_bytes=1024, audit_log_backups=20) as api:
+        stored = (await upload(api, jsonl([chat_line("a", max_tokens=200)]))).json()["id"]
+        batch = (await api.post("/v1/batches", headers=ALICE, json={
+            "input_file_id": stored, "endpoint": CHAT, "completion_window": "24h"})).json()["id"]
+        assert (await api.post(f"/v1/batches/{batch}/cancel", headers=ALICE)).status_code == 200
+        assert (await api.post(f"/v1/batches/{batch}/cancel", headers=BOB)).status_code == 404
+        assert (await api.delete(f"/v1/files/{stored}", headers=ALICE)).status_code == 200
+        assert (await api.delete(f"/v1/files/{stored}", headers=bearer("sk-wrong"))).status_code == 401
+        assert (await api.post(CHAT, json={**ROUTE_BODIES[CHAT], "max_tokens": 4}, headers=ALICE)).status_code == 200
+        for _ in range(20):  # past 1 kB: rotated
+            await api.delete("/v1/files/file-none", headers=ALICE)
+    rotated = sorted(audit.parent.glob("audit.log*"), key=lambda p: int(p.suffix[1:] if p.suffix != ".log" else 0))
+    text = "".join(p.read_text() for p in reversed(rotated))  # oldest first
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    alice, bob = auth.owner_of(KEYS["alice"]), auth.owner_of(KEYS["bob"])
+    assert [(e["key"], e["action"], e["object"], e["status"]) for e in lines[:6]] == [
+        (alice, "file.create", stored, 200), (alice, "batch.create", batch, 200), (alice, "batch.cancel", batch, 200),
+        (bob, "batch.cancel", batch, 404), (alice, "file.delete", stored, 200), (None, "file.delete", stored, 401)]
+    assert all(e["request_id"].startswith("req_") and e["address"] for e in lines)
+    assert len(lines) == 26 and (audit.parent / "audit.log.1").exists()  # the chat request is not audited
+    for key in (*KEYS.values(), ADMIN):
+        assert key not in text

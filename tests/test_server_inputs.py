@@ -250,3 +250,27 @@ def test_no_server_error_was_ever_logged(obatch_server: ServerProcess, http: htt
     logged = records()
     assert not [r for r in logged if r.get("level") in ("ERROR", "CRITICAL")]
     assert not [r for r in logged if isinstance(r.get("status"), int) and r["status"] >= 500]
+
+
+# ------------------------------------------------------------------------------------- what comes back
+
+
+def test_files_made_within_a_second_list_in_upload_order(http: httpx.Client) -> None:
+    """They share ``created_at``; ``order=asc`` once ordered them by their random ids."""
+    made = [upload(http, jsonl([chat_line(f"o{i}")])) for i in range(30)]
+    mine = set(made)
+    for order, expected in (("asc", made), ("desc", made[::-1])):
+        listed = http.get("/v1/files", params={"order": order, "limit": 10_000}).json()["data"]
+        assert [f["id"] for f in listed if f["id"] in mine] == expected, order
+    page = http.get("/v1/files", params={"order": "asc", "after": made[9], "limit": 5}).json()["data"]
+    assert [f["id"] for f in page][:5] == made[10:15]
+
+
+def test_empty_metadata_comes_back_empty(http: httpx.Client) -> None:
+    file_id = upload(http, jsonl([chat_line("m")]))
+    for metadata, back in (({}, {}), (None, None), ({"k": "v"}, {"k": "v"})):
+        created = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": CHAT_URL,
+                                                 "completion_window": "24h", "metadata": metadata})
+        assert created.status_code == 200, created.text
+        assert created.json()["metadata"] == back
+        assert http.get(f"/v1/batches/{created.json()['id']}").json()["metadata"] == back

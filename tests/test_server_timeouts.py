@@ -25,7 +25,8 @@ AUTH = f"Authorization: Bearer {KEYS['alice']}\r\n"
 def served(obatch_sim: OllamaSim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("timeouts") / "data"
     env = server_env(data, obatch_sim.url, api_keys=KEYS["alice"], header_timeout=HEADER_TIMEOUT,
-                     body_idle_timeout=BODY_IDLE, upload_timeout=UPLOAD_TIMEOUT, max_connections=MAX_CONNECTIONS)
+                     body_idle_timeout=BODY_IDLE, upload_timeout=UPLOAD_TIMEOUT, max_connections=MAX_CONNECTIONS,
+                     min_body_rate=0)  # each limit alone (the minimum rate: tests/test_server_security.py)
     server = ServerProcess.start(Path(env["OBATCH_DATA_DIR"]), env)
     try:
         yield server

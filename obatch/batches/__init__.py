@@ -5,7 +5,15 @@ results, the output and error files and the wire views, ``lifecycle`` the drivin
 status. The names the rest of obatch uses are these.
 """
 
-from obatch.batches.files import delete_expired_files, delete_file, expiry_seconds, file_path, read_chunks, store_file
+from obatch.batches.files import (
+    delete_expired_files,
+    delete_file,
+    expiry_seconds,
+    file_path,
+    quota_exceeded,
+    read_chunks,
+    store_file,
+)
 from obatch.batches.lifecycle import concurrency_json, create_batch, live_eta, process, request_cancel, window_seconds
 from obatch.batches.results import (
     NOT_RUN_STATUSES,
@@ -22,6 +30,6 @@ from obatch.batches.services import Estimator, Progress, Services, reload
 __all__ = [
     "NOT_RUN_STATUSES", "Estimator", "Progress", "ResultWriter", "Services", "batch_object", "concurrency_json",
     "create_batch", "delete_expired_files", "delete_file", "expiry_seconds", "file_object", "file_path", "finalize",
-    "live_eta", "outcome_row", "process", "read_chunks", "reload", "request_cancel", "result_file_id",
+    "live_eta", "outcome_row", "process", "quota_exceeded", "read_chunks", "reload", "request_cancel", "result_file_id",
     "store_file", "window_seconds", "write_results",
 ]

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import os
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ from obatch import context, errors, prefix
 from obatch.batches.provenance import seed_of
 from obatch.batches.services import Services, reload, update_batch
 from obatch.config import Settings
-from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
-from obatch.protocol import new_id
+from obatch.jsonl import MAX_PROBLEMS, Limits, Request, iter_file
 from obatch.store import pilots, repo
+from obatch.store.quota import add_file_within
 from obatch.store.tables import BatchRow, FileRow
 
 MAX_EXPIRY = 30 * 86400  # OpenAI's longest file expiry
@@ -39,10 +41,22 @@ def file_path(settings: Settings, file_id: str) -> Path:
     return settings.files_dir / f"{file_id}.jsonl"
 
 
+def quota_exceeded(quota: int) -> errors.ConfigError:
+    return errors.ConfigError(f"This upload would exceed the storage quota of {quota} bytes per API key; delete "
+                              "files you no longer need.", code="storage_quota_exceeded", param="file")
+
+
+def _file_id() -> str:
+    """``file-`` and 24 hex digits: 13 of the creation time in microseconds, so that files made within one second
+    (``created_at`` is in whole seconds) list in the order they were made, and 11 random ones."""
+    return f"file-{time.time_ns() // 1000:013x}{os.urandom(6).hex()[:11]}"
+
+
 async def store_file(svc: Services, chunks: AsyncIterator[bytes], *, filename: str, purpose: str,
-                     owner: str = "", expires_after: int | None = None) -> FileRow:
-    """Stream bytes to the files folder (size limit enforced while streaming), then record the file."""
-    file_id = new_id("file")
+                     owner: str = "", expires_after: int | None = None, quota: int = 0) -> FileRow:
+    """Stream bytes to the files folder (size limit enforced while streaming), then record the file; with a
+    ``quota``, only if the owner's files stay within it (checked and recorded in one step, see store/quota.py)."""
+    file_id = _file_id()
     path = file_path(svc.settings, file_id)
     await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -66,7 +80,11 @@ async def store_file(svc: Services, chunks: AsyncIterator[bytes], *, filename: s
     row = FileRow(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, created_at=created,
                   sha256=digest.hexdigest(), expires_at=created + expires_after if expires_after else None)
     async with svc.sessions() as session:
-        repo.add(session, row)
+        if quota and not await add_file_within(session, row, quota):
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            raise quota_exceeded(quota)
+        if not quota:
+            repo.add(session, row)
         await session.commit()
     return row
 
@@ -149,9 +167,9 @@ async def validate_and_import(svc: Services, batch: BatchRow) -> None:
     every problem listed and its rows removed. Until the batch is marked imported its rows are not run, so a crash
     mid-import only means importing again."""
     path = file_path(svc.settings, batch.input_file_id)
-    limits = Limits(max_bytes=svc.settings.max_file_bytes, max_lines=svc.settings.max_lines,
-                    max_depth=svc.settings.max_json_depth,
-                    policy=EnginePolicy.from_settings(svc.settings) if batch.source == "api" else None)
+    limits = Limits.for_clients(svc.settings)
+    if batch.source != "api":
+        limits.policy = None  # the operator's own runs (CLI, notebook) may tune the engine
     endpoint = batch.endpoint or None
     async with svc.sessions() as session:
         await repo.replace_requests(session, batch.id)

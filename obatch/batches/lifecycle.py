@@ -67,7 +67,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
         batch = BatchRow(
             id=new_id("batch"), owner=owner, endpoint=endpoint or "", input_file_id=input_file_id,
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
-            metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
+            metadata_json=orjson.dumps(metadata).decode() if metadata is not None else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
             output_expires_after=output_expires_after, output_retries=output_retries, schedule=schedule,
             parent_id=parent_id,

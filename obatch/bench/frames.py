@@ -198,7 +198,7 @@ async def export(session: AsyncSession, fmt: str, *, models: list[str] | None = 
                  host_details: bool = True) -> bytes:
     """Every point (of ``models``) with the environment of the run that measured it: CSV (one row per point, the
     run's environment in ``env_*`` columns) or JSON (``{"runs": [... with "environment"], "points": [...]}``).
-    Without ``host_details`` the machine's name, CPU and notebook paths are left out."""
+    Without ``host_details`` the machine's name, CPU and notebook paths and the runs' names are left out."""
     if fmt not in ("csv", "json"):
         raise errors.ConfigError(f"format is csv or json; got {fmt!r}.", param="format")
     rows = await bench_repo.list_points(session, models=models)
@@ -212,14 +212,15 @@ async def export(session: AsyncSession, fmt: str, *, models: list[str] | None = 
     if fmt == "json":
         used = sorted({r.run_id for r in rows})
         body = {"object": "benchmark.export", "runs": [
-            {"id": i, "name": runs[i].name, "backend": runs[i].backend, "workload": runs[i].workload,
+            {"id": i, "name": runs[i].name if host_details else "", "backend": runs[i].backend,
+             "workload": runs[i].workload,
              "created_at": runs[i].created_at, "notebook_path": runs[i].notebook_path if host_details else None,
              "environment": environments[i]} for i in used if i in runs],
             "points": [{**r, "errors": orjson.loads(r.pop("errors_json") or "{}"),
                         "sample_responses": orjson.loads(r.pop("samples_json") or "[]")} for r in frame.to_dicts()]}
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
     keys = sorted({k for env in environments.values() for k in env})
-    env_rows = [{"run_id": i, "run_name": runs[i].name,
+    env_rows = [{"run_id": i, "run_name": runs[i].name if host_details else "",
                  **{f"env_{k}": None if environments[i].get(k) is None else
                     (orjson.dumps(environments[i][k]).decode() if isinstance(environments[i][k], list | dict)
                      else str(environments[i][k])) for k in keys}} for i in runs]

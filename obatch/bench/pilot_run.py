@@ -37,7 +37,7 @@ from obatch import batches, context, errors
 from obatch.backends.base import Backend
 from obatch.backends.pool import Pool
 from obatch.config import Settings
-from obatch.jsonl import Request, iter_file
+from obatch.jsonl import Limits, Request, iter_file
 from obatch.jsonl import file_sha256 as file_sha256  # where the pilots and their tests find it
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.store import pilots, repo
@@ -99,7 +99,8 @@ def allocate(counts: dict[int, int], size: int) -> dict[int, int]:
     return taken
 
 
-def sample_file(path: Path, model: str | None, size: int, key: str) -> tuple[list[Request], dict[str, int], int]:
+def sample_file(path: Path, model: str | None, size: int, key: str, limits: Limits | None = None
+                ) -> tuple[list[Request], dict[str, int], int]:
     """The pilot's lines (stratified by cap kind, see the module docstring; in key order, which is random), the
     context each model's longest line needs, and how many valid lines the file holds. Reads the file once, keeping
     at most ``size`` lines per stratum (blocking: use a thread)."""
@@ -107,7 +108,7 @@ def sample_file(path: Path, model: str | None, size: int, key: str) -> tuple[lis
     counts: dict[int, int] = defaultdict(int)
     need: dict[str, int] = {}
     with path.open("rb") as handle:
-        for r in iter_file(handle, model=model):
+        for r in iter_file(handle, model=model, limits=limits):
             if not isinstance(r, Request):
                 continue
             cap = context.output_budget(r.body)
@@ -133,7 +134,9 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
     (``obatch.protocol.PilotInfo``'s fields)."""
     pilot_size(size)
     sha = await asyncio.to_thread(file_sha256, path)
-    wanted, need, total = await asyncio.to_thread(sample_file, path, model, size, f"{sha}|{seed}")
+    # the lines a batch would refuse (engine options clients may not set) are never piloted either
+    wanted, need, total = await asyncio.to_thread(sample_file, path, model, size, f"{sha}|{seed}",
+                                                  Limits.for_clients(settings))
     if not total:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
     async with sessions() as session:

@@ -24,6 +24,7 @@ from obatch.backends.base import capabilities_of
 from obatch.batches import Services
 from obatch.config import Settings
 from obatch.server import auth
+from obatch.server.audit import AuditLog, audit_middleware
 from obatch.server.batchproc import ProcessWorker, batch_services
 from obatch.server.controllers import (
     BatchesController,
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     settings = settings or Settings()
     keys = auth.load_keys(settings)
     metrics = Metrics()
+    audit = AuditLog(settings.audit_log_path or settings.data_dir / "audit.log", settings.audit_log_max_bytes,
+                     settings.audit_log_backups) if settings.audit_log else None
 
     def services(sessions: db.Sessions, client: Backend) -> Services:
         return batch_services(settings, sessions, client, metrics)
@@ -80,6 +83,17 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         finally:
             await client.aclose()
             await engine.dispose()
+
+    @asynccontextmanager
+    async def audited(app: Litestar) -> AsyncIterator[None]:
+        if audit is None:
+            yield
+            return
+        await asyncio.to_thread(audit.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(audit.stop)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -118,10 +132,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                 await client.aclose()
             await engine.dispose()
 
-    # Outermost first: request ids and the access log; body timeouts; the per-address limit before
+    # Outermost first: request ids and the access log; the audit log; body timeouts; the per-address limit before
     # authentication (wrong keys count too); authentication; the per-key limit.
-    middleware: list[Any] = [request_middleware(metrics),
-                             body_timeouts(settings.body_idle_timeout, settings.upload_timeout)]
+    middleware: list[Any] = [request_middleware(metrics)]
+    if audit is not None:
+        middleware.append(audit_middleware(audit))
+    middleware.append(body_timeouts(settings.body_idle_timeout, settings.upload_timeout, settings.min_body_rate))
     if settings.address_rate_limit_per_minute:
         middleware.append(DefineMiddleware(auth.AddressRateLimit, config=RateLimitConfig(
             rate_limit=("minute", settings.address_rate_limit_per_minute), identifier_for_request=get_remote_address,
@@ -136,7 +152,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     return Litestar(
         route_handlers=[FilesController, BatchesController, PassthroughController, SystemController,
                         BenchmarksController],
-        lifespan=[lifespan],
+        lifespan=[audited, lifespan],
         dependencies=providers(),
         middleware=middleware,
         before_request=json_guard(settings.max_json_depth),

@@ -6,8 +6,10 @@ recorded on files and batches is a short id derived from that hash. With no key 
 anonymous and sees everything (which is why ``obatch serve`` then binds only loopback unless told otherwise).
 
 Keys in ``OBATCH_ADMIN_KEYS`` are keys too, and their holders also see what spans tenants (global ``/metrics``, the
-host details of benchmark runs). Failed authentications are counted per client address: past
-``auth_failures_per_minute`` that address is answered 429 until the minute is over, whatever key it sends.
+host details of benchmark runs, the engine hosts and addresses in ``/health``). ``/health`` answers without a key
+(up or down only); a key sent there is checked like anywhere else. Failed authentications are counted per client
+address: past ``auth_failures_per_minute`` that address is answered 429 until the minute is over, whatever key it
+sends.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from litestar.types import ASGIApp
 from obatch import errors
 from obatch.config import Settings
 
-PUBLIC_PATHS = ["^/health$", "^/schema"]
+PUBLIC_PATHS = ["^/schema"]
+OPEN_PATHS = frozenset({"/health"})  # answered without a key too (less is said then); a key sent is checked
 ADMIN = "admin"  # ``request.auth`` of an admin key (and of everyone when authentication is off)
+ANONYMOUS = "anonymous"  # ``request.auth`` of a request to an open path that sent no key
 
 
 def digest(key: str) -> str:
@@ -127,6 +131,8 @@ class ApiKeyAuth(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         if not self.keys:
             return AuthenticationResult(user=None, auth=ADMIN)
+        if connection.scope["path"] in OPEN_PATHS and "authorization" not in connection.headers:
+            return AuthenticationResult(user=None, auth=ANONYMOUS)
         address = get_remote_address(connection)  # type: ignore[arg-type]
         wait = self.failures.retry_after(address)
         if wait is not None:
@@ -151,6 +157,10 @@ class AddressRateLimit(RateLimitMiddleware):
 
 def is_admin(scope: Any) -> bool:
     return bool(scope.get("auth") == ADMIN)
+
+
+def is_anonymous(scope: Any) -> bool:
+    return bool(scope.get("auth") == ANONYMOUS)
 
 
 def rate_limit_identity(request: Any) -> str:

@@ -5,7 +5,8 @@ The ``file`` part's bytes go from the socket to ``batches.store_file`` (which wr
 come before or after it. An over-limit upload is answered 413; the rest of its body is read and dropped (up to a
 bound) first, so that a client still sending sees the answer instead of a reset connection. An upload that would
 take its key past ``max_storage_bytes_per_key`` (all of the key's stored files, batch outputs included) is refused
-the same way.
+the same way: early while it streams (against what was stored when it began), and for good when its row is
+written, in one step with the check (``obatch.store.quota``), so concurrent uploads cannot pass the quota together.
 """
 
 from __future__ import annotations
@@ -114,18 +115,13 @@ async def _room(svc: Services, owner: str) -> int | None:
         return quota - await repo.stored_bytes(session, owner)
 
 
-def _over_quota(quota: int) -> errors.ConfigError:
-    return errors.ConfigError(f"This upload would exceed the storage quota of {quota} bytes per API key; delete "
-                              "files you no longer need.", code="storage_quota_exceeded", param="file")
-
-
 async def _within(chunks: AsyncGenerator[bytes], room: int | None, quota: int) -> AsyncGenerator[bytes]:
     size = 0
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             size += len(chunk)
             if room is not None and size > room:
-                raise _over_quota(quota)
+                raise batches.quota_exceeded(quota)
             yield chunk
 
 
@@ -143,11 +139,12 @@ async def _parse(svc: Services, body: _Body, boundary: str, owner: str) -> tuple
                     raise errors.ConfigError("Send exactly one 'file' part.", param="file")
                 room = await _room(svc, owner)
                 if room is not None and room <= 0:
-                    raise _over_quota(svc.settings.max_storage_bytes_per_key)
+                    raise batches.quota_exceeded(svc.settings.max_storage_bytes_per_key)
                 chunks = _within(_segment(events), room, svc.settings.max_storage_bytes_per_key)
                 async with contextlib.aclosing(chunks):
                     stored = await batches.store_file(svc, chunks, filename=_filename(event.filename),
-                                                      purpose=fields.get("purpose", "batch"), owner=owner)
+                                                      purpose=fields.get("purpose", "batch"), owner=owner,
+                                                      quota=svc.settings.max_storage_bytes_per_key)
             else:
                 fields[event.name or ""] = await _field(events, event.name or "")
     return stored, fields

@@ -3,11 +3,13 @@ and the estimate-vs-actual record of finished batches. Each handler is one call 
 the request's store session (the ``db_session`` dependency opens and closes it).
 
 Sweeps (``/v1/benchmarks/sweeps``) are run by the server's worker on the server's backend (``obatch.bench.sweep_jobs``);
-a sweep belongs to the key that started it (another key gets 404, as for batches) and admin keys see every sweep.
+starting one takes an admin key, or a key within the sweep limits when tenants may (``obatch.server.policy``); a
+sweep belongs to the key that started it (another key gets 404, as for batches) and admin keys see every sweep.
 The points a sweep measures are shared benchmark data, like every other point.
 
 Every number a caller passes is bounded (a workload of 10^18 requests or a 1e300-token prompt is refused with a
-400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) are for admin keys."""
+400, not computed), and the host details of benchmark runs (hostname, CPU, notebook path) and their names are for
+admin keys (a key sees the names of its own sweeps' runs)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from obatch.bench.schemas import Sweep, SweepParams
 from obatch.bench.slo import MIN_SHARE
 from obatch.protocol import DurationEstimate, ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
+from obatch.server.policy import admit_sweep
 from obatch.store import bench_repo
 
 MAX_REQUESTS = 10_000_000  # requests in an estimated workload (the estimate's cost does not grow with it)
@@ -89,8 +92,12 @@ class BenchmarksController(Controller):
         return _page(await service.estimate_records(db_session, owner))
 
     @get("/runs", summary="Benchmark runs with their parameters and environment")
-    async def runs(self, db_session: DbSession, admin: Admin) -> ListPage:
-        return _page(await service.list_runs(db_session, host_details=admin))
+    async def runs(self, db_session: DbSession, owner: Owner, admin: Admin) -> ListPage:
+        runs = await service.list_runs(db_session, host_details=admin)
+        if admin:
+            return _page(runs)
+        mine = {s.run_id for s in await bench_repo.list_sweeps(db_session, owner or "", limit=10_000)}
+        return _page([r if r.id in mine else r.model_copy(update={"name": ""}) for r in runs])
 
     @get("/export", summary="Every point with its run's environment, as CSV or JSON (?format=csv|json&models=a,b)")
     async def export(self, db_session: DbSession, admin: Admin, format: FromQuery[str] = "csv",
@@ -102,10 +109,12 @@ class BenchmarksController(Controller):
                         headers={"content-disposition": f'attachment; filename="obatch-benchmarks.{format}"'})
 
     @post("/sweeps", status_code=200, summary="Start a sweep on the server's backend (run by the server's worker)")
-    async def start_sweep(self, data: JSONBody[SweepParams], svc: Svc, worker: Worker, owner: Owner) -> Sweep:
+    async def start_sweep(self, data: JSONBody[SweepParams], svc: Svc, worker: Worker, owner: Owner,
+                          admin: Admin) -> Sweep:
         problem = data.problem()
         if problem is not None:
             raise errors.ConfigError(problem[0], param=problem[1])
+        await admit_sweep(svc, data, owner, admin)
         made = await sweep_jobs.create(svc.sessions, data, owner)
         worker.kick()
         return made
