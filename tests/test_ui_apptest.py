@@ -211,6 +211,48 @@ def test_running_batch_shows_progress_and_cancel_asks_first(page: Callable[..., 
     assert not any(b.key == f"cancel-{batch.id}" for b in at.button)
 
 
+def test_engine_down_while_a_batch_runs_pauses_its_eta_and_says_why(page: Callable[..., AppTest],
+                                                                      fake: FakeServer) -> None:
+    """The page follows /health on every draw: a warning and a paused ETA while the engine is down, both gone once
+    it is back (the ETA used to climb while progress was frozen, with no word of the engine)."""
+    api = fake.client()
+    batch = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
+    fake.progress(batch.id, completed=1, failed=0, output_tokens=50)
+    at = page("pages/batches.py")
+    assert {m.label: m.value for m in at.metric}["ETA"].endswith(" s")
+    assert not at.warning
+
+    fake.backend_ok = False
+    time.sleep(HEALTH_TTL)
+    at.run()
+    no_exception(at)
+    assert {m.label: m.value for m in at.metric}["ETA"] == "waiting for the engine"
+    (warning,) = [t for t in texts(at.warning) if "engine does not answer" in t]
+    assert "connection refused at http://127.0.0.1:11434" in warning and "ETA is paused" in warning
+
+    fake.backend_ok = True
+    time.sleep(HEALTH_TTL)
+    at.run()
+    assert {m.label: m.value for m in at.metric}["ETA"].endswith(" s")
+    assert not [t for t in texts(at.warning) if "engine does not answer" in t]
+
+
+def test_a_running_batch_shows_its_concurrency_and_hosts(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    api = fake.client()
+    batch = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
+    fake.progress(batch.id, completed=1)
+    at = page("pages/batches.py")
+    no_exception(at)
+    assert ("Concurrency: 6 requests in flight at most (auto: raised to 6: 5 gave 98.0/s against 91.5/s) on "
+            "`http://127.0.0.1:11434`") in texts(at.caption)
+    hosts = table(at, "host", "changes")
+    assert hosts.to_dict("records") == [{
+        "host": "http://127.0.0.1:11434", "state": "up", "concurrency": 6, "mode": "auto",
+        "why": "raised to 6: 5 gave 98.0/s against 91.5/s", "in flight": 6, "served": 40, "changes": 1}]
+    levels = table(at, "step", "why")
+    assert list(levels["concurrency"]) == [4, 6]
+
+
 def test_a_cancelled_batch_shows_its_unrun_lines_as_cancelled(page: Callable[..., AppTest], fake: FakeServer) -> None:
     lines = jsonl(*[chat_line(f"q{i}", f"question {i}") for i in range(5)])
     api = fake.client()
@@ -293,6 +335,8 @@ def test_backend_down_says_what_happened_and_waits_for_nothing(page: Callable[..
     at = page("pages/models.py", down)
     no_exception(at)
     assert "does not answer: connection refused at http://127.0.0.1:11434" in texts(at.warning)[0]
+    assert list(table(at, "host", "state")["state"]) == ["down"]  # the hosts agree with the backend's state
+    assert "`http://127.0.0.1:11434` (down): connection refused at http://127.0.0.1:11434" in texts(at.caption)
     assert not down.sent("GET", "/v1/models")  # the backend is known down: no request that would wait on it
     assert any("once the backend answers" in t for t in texts(at.info))
     at = page("pages/batches.py", down)

@@ -94,6 +94,34 @@ def test_progress_rates_count_successes_and_eta_falls_back_to_the_estimate() -> 
     assert views.format_seconds(0) == "< 1 s"
 
 
+def test_eta_pauses_while_the_engine_is_down() -> None:
+    running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 30, "failed": 10})
+    down = views.batch_progress(running, now=1020, engine_up=False)
+    assert (down.waiting, down.eta_s, down.eta_text) == (True, None, "waiting for the engine")
+    assert (down.done, down.elapsed_s) == (40, 20)  # what ran is still shown
+    up = views.batch_progress(running, now=1020)
+    assert (up.waiting, up.eta_text) == (False, "30 s")
+    done = batch(status="completed", in_progress_at=1000, completed_at=1050,
+                 request_counts={"total": 10, "completed": 10, "failed": 0})
+    assert not views.batch_progress(done, engine_up=False).waiting  # a finished batch waits for nothing
+
+
+def test_a_batchs_concurrency_story() -> None:
+    story = {"mode": "auto", "hosts": [
+        {"url": "http://a", "state": "up", "concurrency": 4, "auto": True, "reason": "kept 4", "served": 9,
+         "in_flight": 2, "history": [{"at": 1.0, "level": 2, "reason": "start"}, {"at": 2.0, "level": 4,
+                                                                                  "reason": "kept 4"}]},
+        {"url": "http://b", "state": "down", "concurrency": 3, "auto": True, "reason": "drained", "served": 1,
+         "in_flight": 0, "history": [{"at": 1.0, "level": 3, "reason": "drained"}]}]}
+    running = batch(in_progress_at=1000, obatch={"concurrency": story})
+    assert views.concurrency_text(running) == ("4 requests in flight at most (auto) over 2 hosts: `http://a` 4 (up); "
+                                               "`http://b` 3 (down)")
+    assert views.run_hosts_frame(running)["changes"].to_list() == [1, 0]
+    assert views.level_history_frame(running).select("host", "concurrency").rows() == [
+        ("http://a", 2), ("http://a", 4), ("http://b", 3)]
+    assert views.concurrency_text(batch()) is None and views.run_hosts_frame(batch()).is_empty()
+
+
 def test_batches_frame_progress() -> None:
     frame = views.batches_frame([batch(request_counts={"total": 4, "completed": 1, "failed": 1}),
                                  batch(id="batch-2", status="validating")])

@@ -44,6 +44,14 @@ MODELS = [
 ]
 
 
+RUN_STORY = {"mode": "auto", "hosts": [  # a batch's obatch.concurrency (obatch.batches.concurrency_json)
+    {"url": ENGINE, "backend": "ollama", "state": "up", "concurrency": 6, "best": 6, "auto": True,
+     "reason": "raised to 6: 5 gave 98.0/s against 91.5/s", "in_flight": 6, "served": 40, "error": None,
+     "models": ["llama3.2:1b"], "history": [{"at": 10.0, "level": 4, "reason": "starting at 4: the engine's slots"},
+                                            {"at": 14.5, "level": 6, "reason": "raised to 6: 5 gave 98.0/s against "
+                                                                               "91.5/s"}]}]}
+
+
 def bench_points(models: tuple[tuple[str, float], ...] = (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)),
                  *, run_id: str = "bench-fake", created_at: float = 1_700_000_000,
                  rates: tuple[float, ...] = ()) -> list[BenchPoint]:
@@ -162,7 +170,8 @@ class FakeServer:
                 error=None if self.backend_ok else f"connection refused at {ENGINE}", urls=[ENGINE],
                 hosts=[HostStatus(url=ENGINE, backend="ollama", state="up" if self.backend_ok else "down",
                                   concurrency=4, best=4, auto=True, reason="kept 4: 5 gave 101.0/s against 100.2/s",
-                                  served=12, models=["llama3.2:1b"])]))
+                                  served=12, models=["llama3.2:1b"],
+                                  error=None if self.backend_ok else f"connection refused at {ENGINE}")]))
             return _json(200, health.model_dump(mode="json"))
         if path == "/v1/models":
             if not self.backend_ok:
@@ -305,6 +314,7 @@ class FakeServer:
         batch["request_counts"].update(completed=completed, failed=failed)
         batch["in_progress_at"] = int(time.time()) - 10
         batch["usage"] = {"input_tokens": 0, "output_tokens": output_tokens, "total_tokens": output_tokens}
+        batch["obatch"] = _extension(batch, concurrency=RUN_STORY)  # as the batch process writes it while it runs
 
     def complete(self, batch_id: str, *, latency: bool = False, ran: int | None = None,
                  status: str = "completed") -> None:

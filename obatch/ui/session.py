@@ -82,6 +82,16 @@ def backend_up(api: Client) -> bool:
         return False
 
 
+def engine_problem(api: Client) -> str | None:
+    """Why the engine does not answer (``/health``'s words), or None while it does (or while the server itself
+    does not answer: the page says that on its own)."""
+    try:
+        backend = health(api).backend
+    except ClientError:
+        return None
+    return None if backend.reachable else backend.error or f"{backend.name} does not answer"
+
+
 def show_error(exc: ClientError, *, doing: str | None = None) -> None:
     """The one place an API failure becomes what the user reads."""
     prefix = f"Could not {doing}: " if doing else ""

@@ -9,7 +9,7 @@ import streamlit as st
 
 from obatch.protocol import Batch, FileObject
 from obatch.ui import views
-from obatch.ui.session import attempt, backend_up, client, file_bytes, need, quietly
+from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly
 
 REFRESH_SECONDS = 2.0
 AS_IN_FILE = "(as in the file)"
@@ -166,9 +166,13 @@ def show_results(batch: Batch) -> None:
 def show_batch(batch: Batch) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
     estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
-    progress = views.batch_progress(batch, estimate=estimate)
+    down = None if views.is_final(batch) else engine_problem(api)
+    progress = views.batch_progress(batch, estimate=estimate, engine_up=down is None)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")
+    if progress.waiting:
+        st.warning(f"The engine does not answer ({down}). The batch waits and goes on where it stopped once the "
+                   "engine is back; no line is lost. Its ETA is paused meanwhile.", icon=":material/warning:")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)
     more = "≥ " if progress.rates_at_least else ""  # ended within its first second: rates over one second
@@ -176,8 +180,15 @@ def show_batch(batch: Batch) -> None:
     b.metric("Output tokens / s", f"{more}{progress.tokens_per_s:.1f}" if progress.tokens_per_s is not None else "—")
     c.metric("Elapsed", views.format_seconds(progress.elapsed_s))
     final = {"completed": "done", "cancelled": "cancelled", "expired": "expired", "failed": "—"}
-    d.metric("ETA", final.get(batch.status) or views.format_seconds(progress.eta_s),
+    d.metric("ETA", final.get(batch.status) or progress.eta_text,
              help=f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
+    if running_on := views.concurrency_text(batch):
+        st.caption(f"Concurrency: {running_on}" + (" (as it ended)" if views.is_final(batch) else ""))
+        with st.expander("Hosts and concurrency of this batch"):
+            st.dataframe(views.run_hosts_frame(batch), hide_index=True, width="stretch", key=f"hosts-{batch.id}")
+            st.caption("How each host's level moved during the run, and why:")
+            st.dataframe(views.level_history_frame(batch), hide_index=True, width="stretch",
+                         key=f"levels-{batch.id}")
     if not views.is_final(batch) and batch.status not in ("cancelling", "finalizing"):
         if st.session_state.get(CONFIRM) != batch.id and st.button(
                 "Cancel batch", key=f"cancel-{batch.id}", icon=":material/stop_circle:"):

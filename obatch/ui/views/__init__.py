@@ -15,10 +15,13 @@ from obatch.ui.views.batches import (
     batch_errors_frame,
     batch_progress,
     batches_frame,
+    concurrency_text,
     is_final,
+    level_history_frame,
     model_of,
     not_run,
     picked_row,
+    run_hosts_frame,
 )
 from obatch.ui.views.benchmarks import (
     CONFIG_COLUMNS,
@@ -73,6 +76,7 @@ __all__ = [
     "best_table",
     "capacity_table",
     "compare_chart",
+    "concurrency_text",
     "configs_frame",
     "describe_estimate",
     "estimate_config",
@@ -88,6 +92,7 @@ __all__ = [
     "latency_bounds",
     "latency_chart",
     "latest_points",
+    "level_history_frame",
     "metric_chart",
     "model_of",
     "models_frame",
@@ -99,6 +104,7 @@ __all__ = [
     "preview_file",
     "rate_points",
     "results_frame",
+    "run_hosts_frame",
     "slo_text",
 ]
 
