@@ -121,6 +121,32 @@ def test_only_the_valid_lines_can_be_submitted(page: Callable[..., AppTest], fak
     assert content == jsonl(chat_line("q1")) and obj["filename"] == "bad.valid.jsonl"
 
 
+def test_the_valid_lines_of_a_file_with_problems_are_estimated(page: Callable[..., AppTest],
+                                                               fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "bad.jsonl", BAD)
+    no_exception(at)
+    assert "Expected duration of the 1 valid line(s) from the benchmarks: about 42 s (30 s – 1 min 0 s) " \
+           "(num_ctx 2048 · concurrency 4)." in texts(at.caption)
+    (asked,) = fake.sent("GET", "/v1/benchmarks/estimate")
+    assert asked.url.params["num_requests"] == "1" and asked.url.params["model"] == "llama3.2:1b"
+    assert int(asked.url.params["prompt_tokens"]) > 0
+
+
+def test_a_pilot_is_offered_before_any_benchmark(page: Callable[..., AppTest]) -> None:
+    """No benchmark points: the estimate is a 404, and a pilot of the file is the measurement (the README says so);
+    the page used to say "no duration estimate" and offer nothing."""
+    bare = FakeServer(with_benchmarks=False)
+    at = upload(page("pages/batches.py", bare), "chat.jsonl", GOOD)
+    no_exception(at)
+    assert any(t.startswith("No benchmark of this model yet: a pilot runs a sample") for t in texts(at.caption))
+    at.button(key="pilot").click().run()
+    no_exception(at)
+    (piloted,) = [r for r in bare.sent("GET", "/v1/benchmarks/estimate") if r.url.params.get("pilot") == "auto"]
+    (stored,) = bare.files.values()
+    assert piloted.url.params["input_file_id"] == stored[0]["id"] and stored[1] == GOOD
+    assert any(t.startswith("Expected duration from the benchmarks: about 42 s") for t in texts(at.caption))
+
+
 def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     assert "3 requests, all valid" in texts(at.success)[0]

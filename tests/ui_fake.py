@@ -149,6 +149,7 @@ class FakeServer:
         self.backend_ok = backend_ok
         self.points = bench_points(rates=(1.0, 2.0, 4.0)) if with_benchmarks else []
         self.sweeps: dict[str, Sweep] = {}
+        self.piloted: set[str] = set()  # files a pilot ran lines of
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
 
@@ -231,8 +232,11 @@ class FakeServer:
             if answer is not None:
                 return answer
         if path == "/v1/benchmarks/estimate":
-            if not self.points:
-                return _error(404, "No benchmark for this model.", "not_found")
+            piloted = request.url.params.get("pilot") or request.url.params.get("input_file_id") in self.piloted
+            if not self.points and not piloted:  # without points a pilot of the file is the measurement
+                return _error(404, "No benchmark points for this model.", "not_found")
+            if request.url.params.get("pilot"):
+                self.piloted.add(request.url.params["input_file_id"])
             return _json(200, fake_estimate(request.url.params).model_dump(mode="json"))
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
 

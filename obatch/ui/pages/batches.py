@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import streamlit as st
 
-from obatch.protocol import Batch, FileObject
+from obatch.client import ApiError, ClientError
+from obatch.protocol import Batch, DurationEstimate, FileObject
 from obatch.ui import views
 from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly
 
@@ -44,6 +46,60 @@ def submit(content: bytes, name: str, preview: views.Preview, *, window: str, mo
         st.rerun()
 
 
+def estimate_of(**params: Any) -> tuple[DurationEstimate | None, bool]:
+    """The server's estimate, and whether it has no benchmark for it (a pilot still can estimate then)."""
+    try:
+        return api.estimate(**params), False
+    except ApiError as exc:
+        return None, exc.status == 404 and exc.code != "unknown_url"
+    except ClientError:
+        return None, False
+
+
+def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict[str, Any]) -> FileObject | None:
+    """The expected duration of what would be submitted (the file, or only its valid lines), and a pilot where
+    answer lengths are unknown or no benchmark exists. A valid file is uploaded at once and estimated as the server
+    will estimate its batch; the valid lines of a file with problems are estimated from their sizes, and uploaded
+    only for a pilot. Returns the uploaded file (the one to submit: the batch takes a pilot's lines as finished)."""
+    if not preview.n_requests:
+        return None
+    uploads: dict[str, FileObject | None] = st.session_state.setdefault("estimate_uploads", {})
+    key = hashlib.sha256(data).hexdigest()[:32]
+    if preview.ok and key not in uploads:
+        uploads[key] = quietly(api.upload_file, data, name)
+    stored = uploads.get(key)
+    models = [asked["model"]] if asked["model"] else preview.models
+    prompt, output = preview.mean_tokens()
+    if stored is not None:
+        estimate, missing = estimate_of(input_file_id=stored.id, **asked)
+    elif len(models) == 1:
+        estimate, missing = estimate_of(model=models[0], num_requests=preview.n_requests, prompt_tokens=prompt,
+                                        output_tokens=output, concurrency=asked["concurrency"])
+    else:
+        estimate, missing = None, False
+    what = "" if preview.ok else f" of the {preview.n_requests} valid line(s)"
+    sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
+    if sentence:
+        st.caption(f"Expected duration{what} from the benchmarks: {sentence}{f' ({config})' if config else ''}.")
+    elif missing:
+        st.caption(f"No benchmark of this model yet: a pilot runs a sample{what} now and estimates from it.")
+    else:
+        st.caption(f"No duration estimate{what}.")
+    if (missing or views.offers_pilot(estimate)) and st.button(
+            "Run a pilot", key="pilot", icon=":material/science:",
+            help="Runs a random sample of the lines now to learn their answer lengths: 16 lines, more while they "
+                 "vary too much to estimate from (up to a quarter of them). The batch then takes those lines as "
+                 "finished."):
+        with st.spinner("Running the pilot…"):
+            stored = uploads[key] = stored or attempt(api.upload_file, data, name)
+            if stored and attempt(api.estimate, input_file_id=stored.id, pilot=views.PILOT, **asked):
+                st.rerun()
+    if notes := views.estimate_notes(estimate):
+        with st.expander("How this estimate was made"):
+            st.markdown("\n".join(f"- {note}" for note in notes))
+    return stored
+
+
 # ------------------------------------------------------------------------------------------ new batch
 st.subheader("New batch")
 upload = st.file_uploader("Batch input file (JSONL: one `{custom_id, method, url, body}` per line)",
@@ -70,28 +126,10 @@ if upload is not None:
         st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
         st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
-    uploaded = None
-    if preview.ok:  # the file itself is estimated, as the server will estimate its batch at the start
-        uploads = st.session_state.setdefault("estimate_uploads", {})
-        if digest not in uploads:
-            uploads[digest] = quietly(api.upload_file, content, upload.name)
-        uploaded = uploads[digest]
-        asked = {"model": model, "concurrency": level}
-        estimate = quietly(api.estimate, input_file_id=uploaded.id, **asked) if uploaded else None
-        sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
-        st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
-                   if sentence else "No benchmark of this model yet: no duration estimate.")
-        if uploaded and views.offers_pilot(estimate) and st.button(
-                "Run a pilot", key="pilot", icon=":material/science:",
-                help="Runs a random sample of the file now to learn its answer lengths: 16 lines, more while they "
-                     "vary too much to estimate from (up to a quarter of the file). The batch then takes those "
-                     "lines as finished."):
-            with st.spinner("Running the pilot…"):
-                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT, **asked):
-                    st.rerun()
-        if notes := views.estimate_notes(estimate):
-            with st.expander("How this estimate was made"):
-                st.markdown("\n".join(f"- {note}" for note in notes))
+    valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
+    asked = {"model": model, "concurrency": level}
+    uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
+                                upload.name if preview.ok else valid_name, preview, asked)
     earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest), None)
     again = True
     if earlier is not None:
@@ -103,12 +141,12 @@ if upload is not None:
         submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
     if not preview.ok and preview.n_requests:
         valid = preview.valid_bytes()
-        name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
         left, right = st.columns(2)
         if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not again,
                        key="submit_valid", icon=":material/rule:"):
-            submit(valid, name, views.preview_file(valid, model=model), digest=digest, **options)
-        right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=name,
+            submit(valid, valid_name, views.preview_file(valid, model=model), digest=digest, stored=uploaded,
+                   **options)
+        right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=valid_name,
                               mime="application/jsonl", on_click="ignore", key="download_valid",
                               icon=":material/download:")
 
