@@ -198,6 +198,23 @@ def test_a_second_submit_of_the_same_file_is_guarded(page: Callable[..., AppTest
     assert len(fake.batches) == 2
 
 
+def test_the_valid_lines_downloaded_and_uploaded_again_are_guarded(page: Callable[..., AppTest],
+                                                                    fake: FakeServer) -> None:
+    """The common case: submit only the valid lines, then upload the "valid lines" download — the same lines."""
+    at = upload(page("pages/batches.py"), "bad.jsonl", BAD)
+    at.button(key="submit_valid").click().run()
+    (first,) = fake.batches.values()
+    valid = jsonl(chat_line("q1"))
+    upload(at, "bad.valid.jsonl", valid)
+    no_exception(at)
+    (warning,) = [t for t in texts(at.warning) if "submitted as" in t]
+    assert warning.startswith(f"These lines were submitted as **{first['id']}**")
+    assert at.button(key="submit").disabled
+    upload(at, "other.jsonl", jsonl(chat_line("q9")))  # other lines: no warning
+    assert not [t for t in texts(at.warning) if "submitted as" in t]
+    assert not at.button(key="submit").disabled
+
+
 def test_the_banner_follows_the_batch(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     at.button(key="submit").click().run()

@@ -21,6 +21,7 @@ ROUND = "upload_round"  # bumped after a submission: a new uploader key empties 
 SUBMITTED = "submitted_batch"  # the batch just submitted: its banner follows the batch's real status
 CONFIRM = "confirm_cancel"  # the batch whose cancel waits for confirmation
 DIGEST = "sha256"  # the metadata key holding the submitted file's digest (the double-submit guard)
+LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same lines is the same batch again
 
 api = client()
 st.title("Batches")
@@ -31,12 +32,17 @@ def ago(stamp: int) -> str:
     return f"{views.format_seconds(time.time() - stamp)} ago"
 
 
+def lines_digest(preview: views.Preview) -> str:
+    """The digest of a file's valid lines as they would run (a file and its "valid lines" download share it)."""
+    return hashlib.sha256(preview.valid_bytes()).hexdigest()[:32]
+
+
 def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
            concurrency: int | None, digest: str, stored: FileObject | None = None) -> None:
     """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
     then follows the batch."""
     stored = stored or attempt(api.upload_file, content, name)
-    metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest,
+    metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest, LINES: lines_digest(preview),
                 views.MODELS_KEY: ", ".join(preview.models)[:512]}
     created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
                                  completion_window=window, model=model, concurrency=concurrency, metadata=metadata)
@@ -130,10 +136,13 @@ if upload is not None:
     asked = {"model": model, "concurrency": level}
     uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
                                 upload.name if preview.ok else valid_name, preview, asked)
-    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest), None)
+    lines = lines_digest(preview) if preview.n_requests else None
+    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest
+                    or (lines and (b.metadata or {}).get(LINES) == lines)), None)
     again = True
     if earlier is not None:
-        st.warning(f"This file was submitted as **{earlier.id}** {ago(earlier.created_at)} "
+        same = "This file was" if (earlier.metadata or {}).get(DIGEST) == digest else "These lines were"
+        st.warning(f"{same} submitted as **{earlier.id}** {ago(earlier.created_at)} "
                    f"(now `{earlier.status}`). Submitting it again makes a second batch.", icon=":material/warning:")
         again = st.checkbox("Submit it again anyway", key=f"again-{digest}")
     options = {"window": window, "model": model, "concurrency": level}
