@@ -122,6 +122,22 @@ def test_a_batchs_concurrency_story() -> None:
     assert views.concurrency_text(batch()) is None and views.run_hosts_frame(batch()).is_empty()
 
 
+def test_an_opened_result_row_shows_its_request_and_facts() -> None:
+    data = jsonl({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]}},
+                 {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"model": "m",
+                                                                                     "prompt": "Once"}})
+    assert views.request_prompt(data, "a") == "system: Be brief.\n\nuser: Why?"
+    assert views.request_prompt(data, "b") == "Once"
+    assert views.request_prompt(data, "zz") is None
+    row = {"model": "m", "finish_reason": "length", "prompt_tokens": 10, "completion_tokens": 5,
+           "latency_ms": 123.45, "ttft_ms": 20.0, "num_ctx": 2048, "truncated": False, "attempts": 2}
+    assert views.row_facts(row) == ("model `m` · finish reason `length` · 10 prompt + 5 completion tokens · "
+                                    "latency 123.5 ms (first token 20.0 ms) · num_ctx 2048 · 2 attempts")
+    assert views.row_facts({"model": None, "attempts": 1}) == ""
+
+
 def test_batches_frame_progress() -> None:
     frame = views.batches_frame([batch(request_counts={"total": 4, "completed": 1, "failed": 1}),
                                  batch(id="batch-2", status="validating")])

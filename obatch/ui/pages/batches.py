@@ -207,7 +207,14 @@ def show_results(batch: Batch) -> None:
         line = shown.row(rows[0], named=True)
         st.markdown(f"**{line['custom_id']}** · `{line['status']}`"
                     + (f" · `{line['error_code']}`: {line['error_message']}" if line["error_code"] else ""))
-        st.text(line["content"] or "(no content)")
+        if facts := views.row_facts(line):
+            st.caption(facts)
+        prompt = views.request_prompt(file_bytes(batch.input_file_id), line["custom_id"])
+        question, answer = st.columns(2)
+        question.markdown("**Request**")
+        question.text(prompt or "(not found in the input file)")
+        answer.markdown("**Answer**")
+        answer.text(line["content"] or "(no content)")
 
 
 def show_batch(batch: Batch) -> None:

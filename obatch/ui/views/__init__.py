@@ -52,7 +52,15 @@ from obatch.ui.views.estimates import (
     format_seconds,
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
-from obatch.ui.views.results import STATUSES, filter_results, for_display, latency_bounds, results_frame
+from obatch.ui.views.results import (
+    STATUSES,
+    filter_results,
+    for_display,
+    latency_bounds,
+    request_prompt,
+    results_frame,
+    row_facts,
+)
 from obatch.ui.views.server import models_frame
 
 __all__ = [
@@ -103,7 +111,9 @@ __all__ = [
     "points_frame",
     "preview_file",
     "rate_points",
+    "request_prompt",
     "results_frame",
+    "row_facts",
     "run_hosts_frame",
     "slo_text",
 ]
