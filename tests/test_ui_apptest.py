@@ -269,7 +269,7 @@ def test_engine_down_while_a_batch_runs_pauses_its_eta_and_says_why(page: Callab
     time.sleep(HEALTH_TTL)
     at.run()
     no_exception(at)
-    assert {m.label: m.value for m in at.metric}["ETA"] == "waiting for the engine"
+    assert {m.label: m.value for m in at.metric}["ETA"] == "waiting"
     (warning,) = [t for t in texts(at.warning) if "engine does not answer" in t]
     assert "connection refused at http://127.0.0.1:11434" in warning and "ETA is paused" in warning
 

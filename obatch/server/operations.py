@@ -380,7 +380,7 @@ async def health(svc: Services, worker: BatchWorker | None = None, probe: Backen
     hosts = (worker.describe() if worker is not None else None) or svc.pool.describe()
     backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
     if not backend["reachable"]:  # no host answered the probe just now, whatever the batches saw last
-        hosts = [h | {"state": "down", "error": h.get("error") or backend["error"]} for h in hosts]
+        hosts = [h | {"state": "down", "error": backend["error"]} for h in hosts]
     status = "error" if db != "ok" else "ok" if backend["reachable"] else "degraded"
     return Health(status=status, db=db, backend=BackendHealth(
         name=svc.backend.name, **backend, urls=[h["url"] for h in hosts],

@@ -235,7 +235,8 @@ def show_batch(batch: Batch) -> None:
     c.metric("Elapsed", views.format_seconds(progress.elapsed_s))
     final = {"completed": "done", "cancelled": "cancelled", "expired": "expired", "failed": "—"}
     d.metric("ETA", final.get(batch.status) or progress.eta_text,
-             help=f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
+             help="Paused: waiting for the engine to answer again." if progress.waiting else
+             f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
     if running_on := views.concurrency_text(batch):
         st.caption(f"Concurrency: {running_on}" + (" (as it ended)" if views.is_final(batch) else ""))
         with st.expander("Hosts and concurrency of this batch"):

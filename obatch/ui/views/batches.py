@@ -79,8 +79,8 @@ class BatchProgress:
 
     @property
     def eta_text(self) -> str:
-        """The ETA metric: ``waiting for the engine`` while it is down (a rate over the outage would lie)."""
-        return "waiting for the engine" if self.waiting else format_seconds(self.eta_s)
+        """The ETA metric: ``waiting`` while the engine is down (a rate over the outage would lie)."""
+        return "waiting" if self.waiting else format_seconds(self.eta_s)
 
     @property
     def done(self) -> int:
