@@ -7,6 +7,7 @@ a fresh stack with an empty store. Screenshots go to tests/artifacts/ (git-ignor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,21 +81,36 @@ class Stack:
     data_dir: Path
     server_env: dict[str, str]  # what `obatch serve` runs with (a CLI command given it shares the server's store)
     logs: Path  # sim.log, server.log, ui.log
+    sim: Child | None = None
+    sim_args: tuple[list[str], dict[str, str]] | None = None
+
+    def stop_engine(self) -> None:
+        assert self.sim is not None
+        self.sim.stop()
+
+    def start_engine(self) -> None:
+        """The simulator again, on its old port (as an engine restarted in place)."""
+        assert self.sim_args is not None
+        self.sim = start(*self.sim_args, self.logs / "sim.log", self.logs)
+        wait_http(f"{self.sim_url}/api/version", self.sim)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Simulator → `obatch serve` (an empty store) → `obatch ui` pointed only at the server (OBATCH_SERVER_URL)."""
-    tmp = tmp_path_factory.mktemp("browser")
+@contextlib.contextmanager
+def running_stack(tmp: Path, sim_options: tuple[str, ...] = ("--decode-tps", "400"), **server_settings: Any
+                  ) -> Iterator[Stack]:
+    """Simulator → `obatch serve` (an empty store, ``server_settings`` over the test ones) → `obatch ui` pointed
+    only at the server (OBATCH_SERVER_URL)."""
     sim_port, server_port, ui_port = free_port(), free_port(), free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
     sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
-    env = server_env(tmp / "data", sim_url)
+    env = server_env(tmp / "data", sim_url, **server_settings)
+    sim_args = [sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel", "4",
+                *sim_options, *[a for m in MODELS for a in ("--model", m)]]
+    stack = Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp, sim_args=(sim_args, base_env))
     children: list[Child] = []
     try:  # start all three at once (each takes seconds to import), then wait for them in order
-        children.append(start([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port),
-                               "--num-parallel", "4", "--decode-tps", "400",
-                               *[a for m in MODELS for a in ("--model", m)]], base_env, tmp / "sim.log", tmp))
+        children.append(start(sim_args, base_env, tmp / "sim.log", tmp))
+        stack.sim = children[0]
         children.append(start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)], env,
                               tmp / "server.log", tmp))
         children.append(start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
@@ -102,10 +118,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for child, url in zip(children, (f"{sim_url}/api/version", f"{server_url}/health",
                                          f"{ui_url}/_stcore/health"), strict=True):
             wait_http(url, child)
-        yield Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp)
+        yield stack
     finally:
-        for child in reversed(children):
+        for child in reversed(children[1:]):
             child.stop()
+        if stack.sim is not None:
+            stack.sim.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("browser")) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
