@@ -15,7 +15,7 @@ import streamlit as st
 from obatch.client import ClientError
 from obatch.protocol import Health
 from obatch.ui import views
-from obatch.ui.session import client, health, quietly, show_error
+from obatch.ui.session import attempt, client, health, quietly
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
@@ -59,10 +59,8 @@ def overview() -> None:
     st.write("Run OpenAI Batch files through local LLMs: upload a file, watch it run, download the results, "
              "and see how fast each model is across context windows.")
     api = client()
-    try:
-        report = health(api)
-    except ClientError as exc:
-        show_error(exc)
+    report = attempt(health, api)
+    if report is None:
         return
     backend = report.backend
     if not backend.reachable:

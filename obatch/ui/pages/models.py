@@ -6,10 +6,9 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from obatch.client import ClientError
 from obatch.ui import views
 from obatch.ui.hosts import hosts_frame
-from obatch.ui.session import client, health, quietly, show_error
+from obatch.ui.session import attempt, client, health, quietly
 
 REFRESH_SECONDS = 5.0
 api = client()
@@ -18,10 +17,8 @@ st.title("Models / backend")
 
 @st.fragment(run_every=REFRESH_SECONDS)
 def models_page() -> None:
-    try:
-        report = health(api)
-    except ClientError as exc:
-        show_error(exc)
+    report = attempt(health, api)
+    if report is None:
         return
     backend = report.backend
     left, middle, right = st.columns(3)
