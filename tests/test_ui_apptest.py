@@ -147,6 +147,21 @@ def test_a_pilot_is_offered_before_any_benchmark(page: Callable[..., AppTest]) -
     assert any(t.startswith("Expected duration from the benchmarks: about 42 s") for t in texts(at.caption))
 
 
+def test_results_of_only_the_valid_lines_keep_the_users_line_numbers(page: Callable[..., AppTest],
+                                                                     fake: FakeServer) -> None:
+    data = jsonl(chat_line("q1"), b'{"custom_id": "q2"', chat_line("q3"), b"not json", chat_line("q5"))
+    at = upload(page("pages/batches.py"), "mixed.jsonl", data)
+    at.button(key="submit_valid").click().run()
+    (created,) = fake.batches.values()
+    assert created["metadata"]["user_lines"] == "1,3,5"
+    fake.complete(created["id"])
+    at.run()
+    no_exception(at)
+    results = table(at, "line", "custom_id", "status")
+    assert list(zip(results["line"], results["custom_id"], strict=True)) == [(1, "q1"), (3, "q3"), (5, "q5")]
+    assert "Only the valid lines of the uploaded file ran; `line` numbers them as in that file." in texts(at.caption)
+
+
 def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     assert "3 requests, all valid" in texts(at.success)[0]

@@ -138,6 +138,15 @@ def test_an_opened_result_row_shows_its_request_and_facts() -> None:
     assert views.row_facts({"model": None, "attempts": 1}) == ""
 
 
+def test_results_of_the_valid_lines_keep_the_uploaded_files_line_numbers() -> None:
+    assert views.line_ranges([7, 1, 2, 3, 5, 8]) == "1-3,5,7-8"
+    assert views.expand_ranges("1-3,5,7-8") == [1, 2, 3, 5, 7, 8]
+    assert views.expand_ranges("x") == []
+    frame = pl.DataFrame({"line": [1, 2, 3, None], "custom_id": ["a", "b", "c", "d"]})
+    assert views.in_user_lines(frame, [1, 3, 6])["line"].to_list() == [1, 3, 6, None]
+    assert views.in_user_lines(frame, [1, 3])["line"].to_list() == [1, 2, 3, None]  # a map that does not fit
+
+
 def test_batches_frame_progress() -> None:
     frame = views.batches_frame([batch(request_counts={"total": 4, "completed": 1, "failed": 1}),
                                  batch(id="batch-2", status="validating")])

@@ -6,6 +6,7 @@ import hashlib
 import time
 from typing import Any
 
+import polars as pl
 import streamlit as st
 
 from obatch.client import ApiError, ClientError
@@ -21,6 +22,7 @@ ROUND = "upload_round"  # bumped after a submission: a new uploader key empties 
 SUBMITTED = "submitted_batch"  # the batch just submitted: its banner follows the batch's real status
 CONFIRM = "confirm_cancel"  # the batch whose cancel waits for confirmation
 DIGEST = "sha256"  # the metadata key holding the submitted file's digest (the double-submit guard)
+USER_LINES = "user_lines"  # a batch of only a file's valid lines: their numbers in the uploaded file ("1-4,6")
 LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same lines is the same batch again
 
 api = client()
@@ -38,12 +40,14 @@ def lines_digest(preview: views.Preview) -> str:
 
 
 def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
-           concurrency: int | None, digest: str, stored: FileObject | None = None) -> None:
+           concurrency: int | None, digest: str, stored: FileObject | None = None, user_lines: str = "") -> None:
     """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
     then follows the batch."""
     stored = stored or attempt(api.upload_file, content, name)
     metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest, LINES: lines_digest(preview),
                 views.MODELS_KEY: ", ".join(preview.models)[:512]}
+    if user_lines and len(user_lines) <= 512:  # longer (a very scattered file): the valid file's own numbers
+        metadata[USER_LINES] = user_lines
     created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
                                  completion_window=window, model=model, concurrency=concurrency, metadata=metadata)
     if created:
@@ -153,8 +157,9 @@ if upload is not None:
         left, right = st.columns(2)
         if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not again,
                        key="submit_valid", icon=":material/rule:"):
+            kept = views.line_ranges(preview.lines.filter(pl.col("status") == "ok")["line"].to_list())
             submit(valid, valid_name, views.preview_file(valid, model=model), digest=digest, stored=uploaded,
-                   **options)
+                   user_lines=kept, **options)
         right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=valid_name,
                               mime="application/jsonl", on_click="ignore", key="download_valid",
                               icon=":material/download:")
@@ -182,6 +187,9 @@ def show_results(batch: Batch) -> None:
                               mime="application/jsonl", on_click="ignore", key=f"err-{batch.id}",
                               icon=":material/download:")
     results = views.results_frame(output, errors)
+    if kept := (batch.metadata or {}).get(USER_LINES):
+        results = views.in_user_lines(results, views.expand_ranges(kept))
+        st.caption("Only the valid lines of the uploaded file ran; `line` numbers them as in that file.")
     status_col, reason_col, latency_col = st.columns(3)
     tally = results["status"].value_counts()
     count = dict(zip(tally["status"].to_list(), tally["count"].to_list(), strict=True))

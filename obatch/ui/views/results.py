@@ -144,3 +144,36 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
     return str(content)
+
+
+def line_ranges(lines: Sequence[int]) -> str:
+    """``[1, 2, 3, 5, 7, 8]`` → ``1-3,5,7-8``: line numbers in a few characters (a batch's metadata holds them)."""
+    runs: list[list[int]] = []
+    for n in sorted(lines):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def expand_ranges(text: str) -> list[int]:
+    """``1-3,5`` → ``[1, 2, 3, 5]`` (what ``line_ranges`` wrote; anything else → ``[]``)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            first, _, last = part.partition("-")
+            out += range(int(first), int(last or first) + 1)
+    except ValueError:
+        return []
+    return out
+
+
+def in_user_lines(frame: pl.DataFrame, original: Sequence[int]) -> pl.DataFrame:
+    """Results of a batch of only a file's valid lines, numbered as the lines of the file the user uploaded
+    (``original[k - 1]`` is the uploaded line that became line ``k``); unchanged when the map does not fit."""
+    last = frame["line"].drop_nulls().max()
+    if not original or (isinstance(last, int) and last > len(original)):
+        return frame
+    return frame.with_columns(pl.col("line").replace_strict(list(range(1, len(original) + 1)), list(original),
+                                                            default=None, return_dtype=pl.Int64))
