@@ -83,6 +83,18 @@ class Stack:
     logs: Path  # sim.log, server.log, ui.log
     sim: Child | None = None
     sim_args: tuple[list[str], dict[str, str]] | None = None
+    server: Child | None = None
+    server_args: list[str] | None = None
+
+    def stop_server(self) -> None:
+        assert self.server is not None
+        self.server.stop()
+
+    def start_server(self) -> None:
+        """`obatch serve` again, on its old port and store."""
+        assert self.server_args is not None
+        self.server = start(self.server_args, self.server_env, self.logs / "server.log", self.logs)
+        wait_http(f"{self.server_url}/health", self.server)
 
     def stop_engine(self) -> None:
         assert self.sim is not None
@@ -106,24 +118,23 @@ def running_stack(tmp: Path, sim_options: tuple[str, ...] = ("--decode-tps", "40
     env = server_env(tmp / "data", sim_url, **server_settings)
     sim_args = [sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel", "4",
                 *sim_options, *[a for m in MODELS for a in ("--model", m)]]
-    stack = Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp, sim_args=(sim_args, base_env))
-    children: list[Child] = []
+    server_args = [sys.executable, "-m", "obatch", "serve", "--port", str(server_port)]
+    stack = Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp, sim_args=(sim_args, base_env),
+                  server_args=server_args)
+    ui: Child | None = None
     try:  # start all three at once (each takes seconds to import), then wait for them in order
-        children.append(start(sim_args, base_env, tmp / "sim.log", tmp))
-        stack.sim = children[0]
-        children.append(start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)], env,
-                              tmp / "server.log", tmp))
-        children.append(start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
-                              dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT))
-        for child, url in zip(children, (f"{sim_url}/api/version", f"{server_url}/health",
-                                         f"{ui_url}/_stcore/health"), strict=True):
+        stack.sim = start(sim_args, base_env, tmp / "sim.log", tmp)
+        stack.server = start(server_args, env, tmp / "server.log", tmp)
+        ui = start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
+                   dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT)
+        for child, url in ((stack.sim, f"{sim_url}/api/version"), (stack.server, f"{server_url}/health"),
+                           (ui, f"{ui_url}/_stcore/health")):
             wait_http(url, child)
         yield stack
     finally:
-        for child in reversed(children[1:]):
-            child.stop()
-        if stack.sim is not None:
-            stack.sim.stop()
+        for child in (ui, stack.server, stack.sim):  # the ones running now (the engine or server restarted)
+            if child is not None:
+                child.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The engine stopped and restarted while a batch page is open, in a real browser (Chromium via Playwright against
 `obatch ui` + `obatch serve` + the Ollama simulator): the running batch says it waits and pauses its ETA, the
 sidebar and the Models page agree that the engine is down, and all of it recovers without a reload — the batch's
-concurrency and hosts beside its progress, and each model's trained context, as the engine reports it.
+concurrency and hosts beside its progress, and each model's trained context, as the engine reports it. A page
+opened while the server itself is down draws itself once the server is back.
 
 Screenshots go to tests/artifacts/ (git-ignored) for a person to look at.
 """
@@ -80,4 +81,30 @@ def test_engine_stopped_and_restarted_while_a_batch_page_is_open(engine_stack: S
     finally:
         api.post(f"/v1/batches/{batch['id']}/cancel")
         api.close()
+        context.close()
+
+
+def test_a_page_opened_while_the_server_is_down_comes_back_by_itself(engine_stack: Stack, browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    stack = engine_stack
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    try:
+        stack.stop_server()
+        page.goto(f"{stack.ui_url}/batches")
+        expect(page.get_by_text("Start it with")).to_be_visible(timeout=30_000)
+        expect(page.get_by_test_id("stSidebar").get_by_text("Server unreachable")).to_be_visible()
+        shot(page, "ui-server-down-batches")
+        stack.start_server()  # no reload
+        expect(page.get_by_role("heading", name="Your batches")).to_be_visible(timeout=20_000)
+        expect(page.get_by_text("Start it with")).to_have_count(0)
+        expect(page.get_by_test_id("stSidebar").get_by_text("Server up · backend ollama")).to_be_visible()
+        shot(page, "ui-server-back-batches")
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "ui-failure-server-back.png"), full_page=True)
+        raise
+    finally:
+        if stack.server is None or stack.server.proc.poll() is not None:
+            stack.start_server()
         context.close()

@@ -15,7 +15,7 @@ import streamlit as st
 from obatch.client import ClientError
 from obatch.protocol import Health
 from obatch.ui import views
-from obatch.ui.session import attempt, client, health, quietly
+from obatch.ui.session import client, health, need, quietly
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
@@ -59,9 +59,7 @@ def overview() -> None:
     st.write("Run OpenAI Batch files through local LLMs: upload a file, watch it run, download the results, "
              "and see how fast each model is across context windows.")
     api = client()
-    report = attempt(health, api)
-    if report is None:
-        return
+    report = need(health, api)
     backend = report.backend
     if not backend.reachable:
         st.warning(f"The server is up, but its backend ({backend.name}"
