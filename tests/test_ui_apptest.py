@@ -301,7 +301,7 @@ def test_a_running_batch_shows_its_concurrency_and_hosts(page: Callable[..., App
     fake.progress(batch.id, completed=1)
     at = page("pages/batches.py")
     no_exception(at)
-    assert ("Concurrency: 6 requests in flight at most (auto: raised to 6: 5 gave 98.0/s against 91.5/s) on "
+    assert ("Concurrency: at most 6 requests in flight (auto: raised to 6: 5 gave 98.0/s against 91.5/s) on "
             "`http://127.0.0.1:11434`") in texts(at.caption)
     hosts = table(at, "host", "changes")
     assert hosts.to_dict("records") == [{

@@ -9,6 +9,7 @@ Screenshots go to tests/artifacts/ (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,7 +47,7 @@ def test_engine_stopped_and_restarted_while_a_batch_page_is_open(engine_stack: S
     sidebar = page.get_by_test_id("stSidebar")
     try:
         page.goto(f"{stack.ui_url}/batches")
-        expect(page.get_by_text("requests in flight at most (auto:")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text(re.compile(r"in flight \(auto:"))).to_be_visible(timeout=30_000)
         page.get_by_text("Hosts and concurrency of this batch").click()
         expect(page.get_by_text("How each host's level moved during the run")).to_be_visible()
         shot(page, "ui-engine-batch-concurrency")

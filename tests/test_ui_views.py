@@ -114,7 +114,7 @@ def test_a_batchs_concurrency_story() -> None:
         {"url": "http://b", "state": "down", "concurrency": 3, "auto": True, "reason": "drained", "served": 1,
          "in_flight": 0, "history": [{"at": 1.0, "level": 3, "reason": "drained"}]}]}
     running = batch(in_progress_at=1000, obatch={"concurrency": story})
-    assert views.concurrency_text(running) == ("4 requests in flight at most (auto) over 2 hosts: `http://a` 4 (up); "
+    assert views.concurrency_text(running) == ("at most 4 requests in flight (auto) over 2 hosts: `http://a` 4 (up); "
                                                "`http://b` 3 (down)")
     assert views.run_hosts_frame(running)["changes"].to_list() == [1, 0]
     assert views.level_history_frame(running).select("host", "concurrency").rows() == [

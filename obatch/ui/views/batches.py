@@ -168,19 +168,24 @@ def _run_hosts(batch: Batch) -> list[dict[str, Any]]:
     return [h for h in (story or {}).get("hosts") or [] if isinstance(h, dict)]
 
 
+def _requests(n: object) -> str:
+    return f"{n} request" if n == 1 else f"{n} requests"
+
+
 def concurrency_text(batch: Batch) -> str | None:
-    """How the batch runs, from its ``obatch.concurrency`` (what the batch process wrote last): ``4 requests in
-    flight (auto: kept 4 …) on http://…``; with several hosts the sum and each host's level. None before it ran."""
+    """How the batch runs, from its ``obatch.concurrency`` (what the batch process wrote last): ``at most 4
+    requests in flight (auto: kept 4 …) on http://…``; with several hosts the sum and each host's level. None
+    before it ran."""
     hosts = _run_hosts(batch)
     if not hosts:
         return None
     mode = (batch.obatch.concurrency or {}).get("mode") if batch.obatch else None
     if len(hosts) == 1:
         (h,) = hosts
-        return f"{h.get('concurrency')} requests in flight at most ({mode or 'fixed'}: {h.get('reason') or '—'}) " \
+        return f"at most {_requests(h.get('concurrency'))} in flight ({mode or 'fixed'}: {h.get('reason') or '—'}) " \
                f"on `{h.get('url')}`"
     total = sum(int(h.get("concurrency") or 0) for h in hosts if h.get("state") != "down")
-    return f"{total} requests in flight at most ({mode or 'fixed'}) over {len(hosts)} hosts: " + \
+    return f"at most {_requests(total)} in flight ({mode or 'fixed'}) over {len(hosts)} hosts: " + \
         "; ".join(f"`{h.get('url')}` {h.get('concurrency')} ({h.get('state')})" for h in hosts)
 
 
