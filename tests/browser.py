@@ -7,6 +7,7 @@ a fresh stack with an empty store. Screenshots go to tests/artifacts/ (git-ignor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,32 +81,66 @@ class Stack:
     data_dir: Path
     server_env: dict[str, str]  # what `obatch serve` runs with (a CLI command given it shares the server's store)
     logs: Path  # sim.log, server.log, ui.log
+    sim: Child | None = None
+    sim_args: tuple[list[str], dict[str, str]] | None = None
+    server: Child | None = None
+    server_args: list[str] | None = None
+
+    def stop_server(self) -> None:
+        assert self.server is not None
+        self.server.stop()
+
+    def start_server(self) -> None:
+        """`obatch serve` again, on its old port and store."""
+        assert self.server_args is not None
+        self.server = start(self.server_args, self.server_env, self.logs / "server.log", self.logs)
+        wait_http(f"{self.server_url}/health", self.server)
+
+    def stop_engine(self) -> None:
+        assert self.sim is not None
+        self.sim.stop()
+
+    def start_engine(self) -> None:
+        """The simulator again, on its old port (as an engine restarted in place)."""
+        assert self.sim_args is not None
+        self.sim = start(*self.sim_args, self.logs / "sim.log", self.logs)
+        wait_http(f"{self.sim_url}/api/version", self.sim)
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, sim_options: tuple[str, ...] = ("--decode-tps", "400"), **server_settings: Any
+                  ) -> Iterator[Stack]:
+    """Simulator → `obatch serve` (an empty store, ``server_settings`` over the test ones) → `obatch ui` pointed
+    only at the server (OBATCH_SERVER_URL)."""
+    sim_port, server_port, ui_port = free_port(), free_port(), free_port()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
+    sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
+    env = server_env(tmp / "data", sim_url, **server_settings)
+    sim_args = [sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port), "--num-parallel", "4",
+                *sim_options, *[a for m in MODELS for a in ("--model", m)]]
+    server_args = [sys.executable, "-m", "obatch", "serve", "--port", str(server_port)]
+    stack = Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp, sim_args=(sim_args, base_env),
+                  server_args=server_args)
+    ui: Child | None = None
+    try:  # start all three at once (each takes seconds to import), then wait for them in order
+        stack.sim = start(sim_args, base_env, tmp / "sim.log", tmp)
+        stack.server = start(server_args, env, tmp / "server.log", tmp)
+        ui = start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
+                   dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT)
+        for child, url in ((stack.sim, f"{sim_url}/api/version"), (stack.server, f"{server_url}/health"),
+                           (ui, f"{ui_url}/_stcore/health")):
+            wait_http(url, child)
+        yield stack
+    finally:
+        for child in (ui, stack.server, stack.sim):  # the ones running now (the engine or server restarted)
+            if child is not None:
+                child.stop()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Simulator → `obatch serve` (an empty store) → `obatch ui` pointed only at the server (OBATCH_SERVER_URL)."""
-    tmp = tmp_path_factory.mktemp("browser")
-    sim_port, server_port, ui_port = free_port(), free_port(), free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OBATCH_")}
-    sim_url, server_url, ui_url = (f"http://127.0.0.1:{p}" for p in (sim_port, server_port, ui_port))
-    env = server_env(tmp / "data", sim_url)
-    children: list[Child] = []
-    try:  # start all three at once (each takes seconds to import), then wait for them in order
-        children.append(start([sys.executable, "-m", "obatch.testing.ollama_sim", "--port", str(sim_port),
-                               "--num-parallel", "4", "--decode-tps", "400",
-                               *[a for m in MODELS for a in ("--model", m)]], base_env, tmp / "sim.log", tmp))
-        children.append(start([sys.executable, "-m", "obatch", "serve", "--port", str(server_port)], env,
-                              tmp / "server.log", tmp))
-        children.append(start([sys.executable, "-m", "obatch", "ui", "--port", str(ui_port)],
-                              dict(base_env, OBATCH_SERVER_URL=server_url), tmp / "ui.log", ROOT))
-        for child, url in zip(children, (f"{sim_url}/api/version", f"{server_url}/health",
-                                         f"{ui_url}/_stcore/health"), strict=True):
-            wait_http(url, child)
-        yield Stack(sim_url, server_url, ui_url, tmp / "data", env, tmp)
-    finally:
-        for child in reversed(children):
-            child.stop()
+    with running_stack(tmp_path_factory.mktemp("browser")) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,47 @@ def test_only_the_valid_lines_can_be_submitted(page: Callable[..., AppTest], fak
     assert content == jsonl(chat_line("q1")) and obj["filename"] == "bad.valid.jsonl"
 
 
+def test_the_valid_lines_of_a_file_with_problems_are_estimated(page: Callable[..., AppTest],
+                                                               fake: FakeServer) -> None:
+    at = upload(page("pages/batches.py"), "bad.jsonl", BAD)
+    no_exception(at)
+    assert "Expected duration of the 1 valid line(s) from the benchmarks: about 42 s (30 s – 1 min 0 s) " \
+           "(num_ctx 2048 · concurrency 4)." in texts(at.caption)
+    (asked,) = fake.sent("GET", "/v1/benchmarks/estimate")
+    assert asked.url.params["num_requests"] == "1" and asked.url.params["model"] == "llama3.2:1b"
+    assert int(asked.url.params["prompt_tokens"]) > 0
+
+
+def test_a_pilot_is_offered_before_any_benchmark(page: Callable[..., AppTest]) -> None:
+    """No benchmark points: the estimate is a 404, and a pilot of the file is the measurement (the README says so);
+    the page used to say "no duration estimate" and offer nothing."""
+    bare = FakeServer(with_benchmarks=False)
+    at = upload(page("pages/batches.py", bare), "chat.jsonl", GOOD)
+    no_exception(at)
+    assert any(t.startswith("No benchmark of this model yet: a pilot runs a sample") for t in texts(at.caption))
+    at.button(key="pilot").click().run()
+    no_exception(at)
+    (piloted,) = [r for r in bare.sent("GET", "/v1/benchmarks/estimate") if r.url.params.get("pilot") == "auto"]
+    (stored,) = bare.files.values()
+    assert piloted.url.params["input_file_id"] == stored[0]["id"] and stored[1] == GOOD
+    assert any(t.startswith("Expected duration from the benchmarks: about 42 s") for t in texts(at.caption))
+
+
+def test_results_of_only_the_valid_lines_keep_the_users_line_numbers(page: Callable[..., AppTest],
+                                                                     fake: FakeServer) -> None:
+    data = jsonl(chat_line("q1"), b'{"custom_id": "q2"', chat_line("q3"), b"not json", chat_line("q5"))
+    at = upload(page("pages/batches.py"), "mixed.jsonl", data)
+    at.button(key="submit_valid").click().run()
+    (created,) = fake.batches.values()
+    assert created["metadata"]["user_lines"] == "1,3,5"
+    fake.complete(created["id"])
+    at.run()
+    no_exception(at)
+    results = table(at, "line", "custom_id", "status")
+    assert list(zip(results["line"], results["custom_id"], strict=True)) == [(1, "q1"), (3, "q3"), (5, "q5")]
+    assert "Only the valid lines of the uploaded file ran; `line` numbers them as in that file." in texts(at.caption)
+
+
 def test_submit_sends_file_and_options(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     assert "3 requests, all valid" in texts(at.success)[0]
@@ -172,6 +213,23 @@ def test_a_second_submit_of_the_same_file_is_guarded(page: Callable[..., AppTest
     assert len(fake.batches) == 2
 
 
+def test_the_valid_lines_downloaded_and_uploaded_again_are_guarded(page: Callable[..., AppTest],
+                                                                    fake: FakeServer) -> None:
+    """The common case: submit only the valid lines, then upload the "valid lines" download — the same lines."""
+    at = upload(page("pages/batches.py"), "bad.jsonl", BAD)
+    at.button(key="submit_valid").click().run()
+    (first,) = fake.batches.values()
+    valid = jsonl(chat_line("q1"))
+    upload(at, "bad.valid.jsonl", valid)
+    no_exception(at)
+    (warning,) = [t for t in texts(at.warning) if "submitted as" in t]
+    assert warning.startswith(f"These lines were submitted as **{first['id']}**")
+    assert at.button(key="submit").disabled
+    upload(at, "other.jsonl", jsonl(chat_line("q9")))  # other lines: no warning
+    assert not [t for t in texts(at.warning) if "submitted as" in t]
+    assert not at.button(key="submit").disabled
+
+
 def test_the_banner_follows_the_batch(page: Callable[..., AppTest], fake: FakeServer) -> None:
     at = upload(page("pages/batches.py"), "chat.jsonl", GOOD)
     at.button(key="submit").click().run()
@@ -209,6 +267,48 @@ def test_running_batch_shows_progress_and_cancel_asks_first(page: Callable[..., 
     assert fake.sent("POST", f"/v1/batches/{batch.id}/cancel")
     assert fake.batches[batch.id]["status"] == "cancelling"
     assert not any(b.key == f"cancel-{batch.id}" for b in at.button)
+
+
+def test_engine_down_while_a_batch_runs_pauses_its_eta_and_says_why(page: Callable[..., AppTest],
+                                                                      fake: FakeServer) -> None:
+    """The page follows /health on every draw: a warning and a paused ETA while the engine is down, both gone once
+    it is back (the ETA used to climb while progress was frozen, with no word of the engine)."""
+    api = fake.client()
+    batch = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
+    fake.progress(batch.id, completed=1, failed=0, output_tokens=50)
+    at = page("pages/batches.py")
+    assert {m.label: m.value for m in at.metric}["ETA"].endswith(" s")
+    assert not at.warning
+
+    fake.backend_ok = False
+    time.sleep(HEALTH_TTL)
+    at.run()
+    no_exception(at)
+    assert {m.label: m.value for m in at.metric}["ETA"] == "waiting"
+    (warning,) = [t for t in texts(at.warning) if "engine does not answer" in t]
+    assert "connection refused at http://127.0.0.1:11434" in warning and "ETA is paused" in warning
+
+    fake.backend_ok = True
+    time.sleep(HEALTH_TTL)
+    at.run()
+    assert {m.label: m.value for m in at.metric}["ETA"].endswith(" s")
+    assert not [t for t in texts(at.warning) if "engine does not answer" in t]
+
+
+def test_a_running_batch_shows_its_concurrency_and_hosts(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    api = fake.client()
+    batch = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
+    fake.progress(batch.id, completed=1)
+    at = page("pages/batches.py")
+    no_exception(at)
+    assert ("Concurrency: at most 6 requests in flight (auto: raised to 6: 5 gave 98.0/s against 91.5/s) on "
+            "`http://127.0.0.1:11434`") in texts(at.caption)
+    hosts = table(at, "host", "changes")
+    assert hosts.to_dict("records") == [{
+        "host": "http://127.0.0.1:11434", "state": "up", "concurrency": 6, "mode": "auto",
+        "why": "raised to 6: 5 gave 98.0/s against 91.5/s", "in flight": 6, "served": 40, "changes": 1}]
+    levels = table(at, "step", "why")
+    assert list(levels["concurrency"]) == [4, 6]
 
 
 def test_a_cancelled_batch_shows_its_unrun_lines_as_cancelled(page: Callable[..., AppTest], fake: FakeServer) -> None:
@@ -293,6 +393,8 @@ def test_backend_down_says_what_happened_and_waits_for_nothing(page: Callable[..
     at = page("pages/models.py", down)
     no_exception(at)
     assert "does not answer: connection refused at http://127.0.0.1:11434" in texts(at.warning)[0]
+    assert list(table(at, "host", "state")["state"]) == ["down"]  # the hosts agree with the backend's state
+    assert "`http://127.0.0.1:11434` (down): connection refused at http://127.0.0.1:11434" in texts(at.caption)
     assert not down.sent("GET", "/v1/models")  # the backend is known down: no request that would wait on it
     assert any("once the backend answers" in t for t in texts(at.info))
     at = page("pages/batches.py", down)

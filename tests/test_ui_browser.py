@@ -257,6 +257,18 @@ def test_filter_cancel_and_double_submit_in_a_real_browser(stack: Stack, browser
         page.mouse.click(box["x"] + 18, box["y"] + 35 * 2.5)  # the row-selection box of the second row
         expect(page.get_by_text("24 of 24 requests run · 24 succeeded · 0 failed")).to_be_visible(timeout=15_000)
         shot(page, "ui-11-row-opened")
+
+        # ---- a result row opened: the request beside the answer, and the line's facts
+        results = page.get_by_test_id("stDataFrame").last
+        results.scroll_into_view_if_needed()
+        box = results.bounding_box()
+        page.mouse.click(box["x"] + 18, box["y"] + 35 * 1.5)  # the row-selection box of the first result
+        expect(page.get_by_text("Request", exact=True)).to_be_visible(timeout=15_000)
+        expect(page.get_by_text("Answer", exact=True)).to_be_visible()
+        expect(page.get_by_text(re.compile(r"finish reason .* prompt \+ \d+ completion tokens · latency"))
+               ).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^user: Tell me about "))).to_be_visible()
+        shot(page, "ui-12-result-row")
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "ui-failure-2.png"), full_page=True)
         raise

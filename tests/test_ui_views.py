@@ -94,6 +94,59 @@ def test_progress_rates_count_successes_and_eta_falls_back_to_the_estimate() -> 
     assert views.format_seconds(0) == "< 1 s"
 
 
+def test_eta_pauses_while_the_engine_is_down() -> None:
+    running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 30, "failed": 10})
+    down = views.batch_progress(running, now=1020, engine_up=False)
+    assert (down.waiting, down.eta_s, down.eta_text) == (True, None, "waiting")
+    assert (down.done, down.elapsed_s) == (40, 20)  # what ran is still shown
+    up = views.batch_progress(running, now=1020)
+    assert (up.waiting, up.eta_text) == (False, "30 s")
+    done = batch(status="completed", in_progress_at=1000, completed_at=1050,
+                 request_counts={"total": 10, "completed": 10, "failed": 0})
+    assert not views.batch_progress(done, engine_up=False).waiting  # a finished batch waits for nothing
+
+
+def test_a_batchs_concurrency_story() -> None:
+    story = {"mode": "auto", "hosts": [
+        {"url": "http://a", "state": "up", "concurrency": 4, "auto": True, "reason": "kept 4", "served": 9,
+         "in_flight": 2, "history": [{"at": 1.0, "level": 2, "reason": "start"}, {"at": 2.0, "level": 4,
+                                                                                  "reason": "kept 4"}]},
+        {"url": "http://b", "state": "down", "concurrency": 3, "auto": True, "reason": "drained", "served": 1,
+         "in_flight": 0, "history": [{"at": 1.0, "level": 3, "reason": "drained"}]}]}
+    running = batch(in_progress_at=1000, obatch={"concurrency": story})
+    assert views.concurrency_text(running) == ("at most 4 requests in flight (auto) over 2 hosts: `http://a` 4 (up); "
+                                               "`http://b` 3 (down)")
+    assert views.run_hosts_frame(running)["changes"].to_list() == [1, 0]
+    assert views.level_history_frame(running).select("host", "concurrency").rows() == [
+        ("http://a", 2), ("http://a", 4), ("http://b", 3)]
+    assert views.concurrency_text(batch()) is None and views.run_hosts_frame(batch()).is_empty()
+
+
+def test_an_opened_result_row_shows_its_request_and_facts() -> None:
+    data = jsonl({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]}},
+                 {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"model": "m",
+                                                                                     "prompt": "Once"}})
+    assert views.request_prompt(data, "a") == "system: Be brief.\n\nuser: Why?"
+    assert views.request_prompt(data, "b") == "Once"
+    assert views.request_prompt(data, "zz") is None
+    row = {"model": "m", "finish_reason": "length", "prompt_tokens": 10, "completion_tokens": 5,
+           "latency_ms": 123.45, "ttft_ms": 20.0, "num_ctx": 2048, "truncated": False, "attempts": 2}
+    assert views.row_facts(row) == ("model `m` · finish reason `length` · 10 prompt + 5 completion tokens · "
+                                    "latency 123.5 ms (first token 20.0 ms) · num_ctx 2048 · 2 attempts")
+    assert views.row_facts({"model": None, "attempts": 1}) == ""
+
+
+def test_results_of_the_valid_lines_keep_the_uploaded_files_line_numbers() -> None:
+    assert views.line_ranges([7, 1, 2, 3, 5, 8]) == "1-3,5,7-8"
+    assert views.expand_ranges("1-3,5,7-8") == [1, 2, 3, 5, 7, 8]
+    assert views.expand_ranges("x") == []
+    frame = pl.DataFrame({"line": [1, 2, 3, None], "custom_id": ["a", "b", "c", "d"]})
+    assert views.in_user_lines(frame, [1, 3, 6])["line"].to_list() == [1, 3, 6, None]
+    assert views.in_user_lines(frame, [1, 3])["line"].to_list() == [1, 2, 3, None]  # a map that does not fit
+
+
 def test_batches_frame_progress() -> None:
     frame = views.batches_frame([batch(request_counts={"total": 4, "completed": 1, "failed": 1}),
                                  batch(id="batch-2", status="validating")])

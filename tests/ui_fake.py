@@ -44,6 +44,14 @@ MODELS = [
 ]
 
 
+RUN_STORY = {"mode": "auto", "hosts": [  # a batch's obatch.concurrency (obatch.batches.concurrency_json)
+    {"url": ENGINE, "backend": "ollama", "state": "up", "concurrency": 6, "best": 6, "auto": True,
+     "reason": "raised to 6: 5 gave 98.0/s against 91.5/s", "in_flight": 6, "served": 40, "error": None,
+     "models": ["llama3.2:1b"], "history": [{"at": 10.0, "level": 4, "reason": "starting at 4: the engine's slots"},
+                                            {"at": 14.5, "level": 6, "reason": "raised to 6: 5 gave 98.0/s against "
+                                                                               "91.5/s"}]}]}
+
+
 def bench_points(models: tuple[tuple[str, float], ...] = (("llama3.2:1b", 100.0), ("qwen2.5:0.5b", 160.0)),
                  *, run_id: str = "bench-fake", created_at: float = 1_700_000_000,
                  rates: tuple[float, ...] = ()) -> list[BenchPoint]:
@@ -141,6 +149,7 @@ class FakeServer:
         self.backend_ok = backend_ok
         self.points = bench_points(rates=(1.0, 2.0, 4.0)) if with_benchmarks else []
         self.sweeps: dict[str, Sweep] = {}
+        self.piloted: set[str] = set()  # files a pilot ran lines of
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
 
@@ -162,7 +171,8 @@ class FakeServer:
                 error=None if self.backend_ok else f"connection refused at {ENGINE}", urls=[ENGINE],
                 hosts=[HostStatus(url=ENGINE, backend="ollama", state="up" if self.backend_ok else "down",
                                   concurrency=4, best=4, auto=True, reason="kept 4: 5 gave 101.0/s against 100.2/s",
-                                  served=12, models=["llama3.2:1b"])]))
+                                  served=12, models=["llama3.2:1b"],
+                                  error=None if self.backend_ok else f"connection refused at {ENGINE}")]))
             return _json(200, health.model_dump(mode="json"))
         if path == "/v1/models":
             if not self.backend_ok:
@@ -222,8 +232,11 @@ class FakeServer:
             if answer is not None:
                 return answer
         if path == "/v1/benchmarks/estimate":
-            if not self.points:
-                return _error(404, "No benchmark for this model.", "not_found")
+            piloted = request.url.params.get("pilot") or request.url.params.get("input_file_id") in self.piloted
+            if not self.points and not piloted:  # without points a pilot of the file is the measurement
+                return _error(404, "No benchmark points for this model.", "not_found")
+            if request.url.params.get("pilot"):
+                self.piloted.add(request.url.params["input_file_id"])
             return _json(200, fake_estimate(request.url.params).model_dump(mode="json"))
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
 
@@ -305,6 +318,7 @@ class FakeServer:
         batch["request_counts"].update(completed=completed, failed=failed)
         batch["in_progress_at"] = int(time.time()) - 10
         batch["usage"] = {"input_tokens": 0, "output_tokens": output_tokens, "total_tokens": output_tokens}
+        batch["obatch"] = _extension(batch, concurrency=RUN_STORY)  # as the batch process writes it while it runs
 
     def complete(self, batch_id: str, *, latency: bool = False, ran: int | None = None,
                  status: str = "completed") -> None:

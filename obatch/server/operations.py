@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
 from obatch.backends import responses
+from obatch.backends.base import ModelInfo
 from obatch.batches import Services, reading, retry
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import (
@@ -38,6 +39,7 @@ from obatch.store.tables import BatchRow
 from obatch.worker import BatchWorker
 
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+SHOW_TIMEOUT = 5.0  # seconds for the engine to describe one model (/v1/models asks it a model's trained context)
 
 
 class BatchCreate(BaseModel):
@@ -329,10 +331,23 @@ def _streamed(items: AsyncIterator[dict[str, Any]], frame: Callable[[dict[str, A
 
 async def models(svc: Services, probe: BackendProbe | None = None) -> ModelList:
     """The backend's models; with a probe that finds the backend down, that answer at once (a hung engine would
-    hold the request for the engine client's whole timeout)."""
+    hold the request for the engine client's whole timeout). A trained context the listing leaves out (Ollama's
+    ``/api/tags`` has none) is asked of the engine (``show``: ``/api/show``, which the backend caches)."""
     if probe is not None and not (state := await probe.report())["reachable"]:
         raise errors.TransientError(f"The backend does not answer: {state['error']}.")
-    return ModelList(data=[m.as_openai() for m in await svc.backend.models()])
+    listed = await svc.backend.models()
+    return ModelList(data=list(await asyncio.gather(*(_with_context(svc, m) for m in listed))))
+
+
+async def _with_context(svc: Services, info: ModelInfo) -> Model:
+    """The model's wire entry, its trained context asked of the engine when the listing did not say it (a model
+    the engine cannot describe keeps ``null``: the list does not fail over one model)."""
+    model = info.as_openai()
+    if model.context_length is None:
+        with contextlib.suppress(errors.BackendError, TimeoutError):
+            async with asyncio.timeout(SHOW_TIMEOUT):
+                return model.model_copy(update={"context_length": (await svc.backend.show(info.id)).context_length})
+    return model
 
 
 async def model(svc: Services, model_id: str) -> Model:
@@ -409,6 +424,8 @@ async def health(svc: Services, worker: BatchWorker | None = None, probe: Backen
         await worker.refresh()
     hosts = (worker.describe() if worker is not None else None) or svc.pool.describe()
     backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
+    if not backend["reachable"]:  # no host answered the probe just now, whatever the batches saw last
+        hosts = [h | {"state": "down", "error": backend["error"]} for h in hosts]
     status = "error" if db != "ok" else "ok" if backend["reachable"] else "degraded"
     return Health(status=status, db=db, backend=BackendHealth(
         name=svc.backend.name, **backend, urls=[h["url"] for h in hosts],

@@ -15,7 +15,7 @@ import streamlit as st
 from obatch.client import ClientError
 from obatch.protocol import Health
 from obatch.ui import views
-from obatch.ui.session import client, health, quietly, show_error
+from obatch.ui.session import client, health, need, quietly
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
@@ -29,19 +29,28 @@ def run_page(name: str) -> None:
     runpy.run_path(str(page_path(name)), run_name="__main__")
 
 
-def server_badge() -> Health | None:
-    """The sidebar line every page shows: where the server is and whether it (and its backend) answers."""
-    api = client()
-    st.sidebar.caption(f"Server: `{api.base_url}`")
+BADGE_SECONDS = 3.0  # the sidebar asks /health again this often: it follows the server and the engine by itself
+
+
+def server_badge() -> None:
+    """The sidebar line every page shows: where the server is and whether it (and its backend) answers. It is
+    redrawn every ``BADGE_SECONDS`` on its own, so an open page says when the engine goes down and comes back."""
+    with st.sidebar:
+        st.caption(f"Server: `{client().base_url}`")
+        badge()
+
+
+@st.fragment(run_every=BADGE_SECONDS)
+def badge() -> Health | None:
     try:
-        report = health(api)
+        report = health(client())
     except ClientError:
-        st.sidebar.error("Server unreachable", icon=":material/power_off:")
+        st.error("Server unreachable", icon=":material/power_off:")
         return None
     if not report.backend.reachable:
-        st.sidebar.warning(f"Server up · backend {report.backend.name} unreachable", icon=":material/warning:")
+        st.warning(f"Server up · backend {report.backend.name} unreachable", icon=":material/warning:")
     else:
-        st.sidebar.success(f"Server up · backend {report.backend.name}", icon=":material/check_circle:")
+        st.success(f"Server up · backend {report.backend.name}", icon=":material/check_circle:")
     return report
 
 
@@ -50,11 +59,7 @@ def overview() -> None:
     st.write("Run OpenAI Batch files through local LLMs: upload a file, watch it run, download the results, "
              "and see how fast each model is across context windows.")
     api = client()
-    try:
-        report = health(api)
-    except ClientError as exc:
-        show_error(exc)
-        return
+    report = need(health, api)
     backend = report.backend
     if not backend.reachable:
         st.warning(f"The server is up, but its backend ({backend.name}"

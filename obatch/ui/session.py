@@ -22,6 +22,7 @@ CLIENT_KEY = "obatch_client"
 FILES_KEY = "obatch_file_cache"
 HEALTH_KEY = "obatch_health"
 HEALTH_TTL = 1.0
+RECOVER_SECONDS = 3.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -82,6 +83,16 @@ def backend_up(api: Client) -> bool:
         return False
 
 
+def engine_problem(api: Client) -> str | None:
+    """Why the engine does not answer (``/health``'s words), or None while it does (or while the server itself
+    does not answer: the page says that on its own)."""
+    try:
+        backend = health(api).backend
+    except ClientError:
+        return None
+    return None if backend.reachable else backend.error or f"{backend.name} does not answer"
+
+
 def show_error(exc: ClientError, *, doing: str | None = None) -> None:
     """The one place an API failure becomes what the user reads."""
     prefix = f"Could not {doing}: " if doing else ""
@@ -100,12 +111,26 @@ def show_error(exc: ClientError, *, doing: str | None = None) -> None:
 
 
 def need(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Data the page cannot draw without: on failure show why and stop the page (no stack trace)."""
+    """Data the page cannot draw without: on failure show why and stop the page (no stack trace); a page stopped
+    because the server does not answer draws itself again once it does (``until_back``)."""
     try:
         return call(*args, **kwargs)
     except ClientError as exc:
         show_error(exc)
+        if isinstance(exc, ServerUnavailable):
+            until_back()
         st.stop()
+
+
+@st.fragment(run_every=RECOVER_SECONDS)
+def until_back() -> None:
+    """Ask the server again every ``RECOVER_SECONDS`` while it does not answer; once it does, run the page again
+    (a page opened while the server was down used to keep its error until reloaded)."""
+    try:
+        client().health()
+    except ClientError:
+        return
+    st.rerun(scope="app")
 
 
 def attempt(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
+import polars as pl
 import streamlit as st
 
-from obatch.protocol import Batch, FileObject
+from obatch.client import ApiError, ClientError
+from obatch.protocol import Batch, DurationEstimate, FileObject
 from obatch.ui import views
-from obatch.ui.session import attempt, backend_up, client, file_bytes, need, quietly
+from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly
 
 REFRESH_SECONDS = 2.0
 AS_IN_FILE = "(as in the file)"
@@ -19,6 +22,8 @@ ROUND = "upload_round"  # bumped after a submission: a new uploader key empties 
 SUBMITTED = "submitted_batch"  # the batch just submitted: its banner follows the batch's real status
 CONFIRM = "confirm_cancel"  # the batch whose cancel waits for confirmation
 DIGEST = "sha256"  # the metadata key holding the submitted file's digest (the double-submit guard)
+USER_LINES = "user_lines"  # a batch of only a file's valid lines: their numbers in the uploaded file ("1-4,6")
+LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same lines is the same batch again
 
 api = client()
 st.title("Batches")
@@ -29,19 +34,80 @@ def ago(stamp: int) -> str:
     return f"{views.format_seconds(time.time() - stamp)} ago"
 
 
+def lines_digest(preview: views.Preview) -> str:
+    """The digest of a file's valid lines as they would run (a file and its "valid lines" download share it)."""
+    return hashlib.sha256(preview.valid_bytes()).hexdigest()[:32]
+
+
 def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
-           concurrency: int | None, digest: str, stored: FileObject | None = None) -> None:
+           concurrency: int | None, digest: str, stored: FileObject | None = None, user_lines: str = "") -> None:
     """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
     then follows the batch."""
     stored = stored or attempt(api.upload_file, content, name)
-    metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest,
+    metadata = {"source": "obatch-ui", "filename": name[:512], DIGEST: digest, LINES: lines_digest(preview),
                 views.MODELS_KEY: ", ".join(preview.models)[:512]}
+    if user_lines and len(user_lines) <= 512:  # longer (a very scattered file): the valid file's own numbers
+        metadata[USER_LINES] = user_lines
     created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
                                  completion_window=window, model=model, concurrency=concurrency, metadata=metadata)
     if created:
         st.session_state[PICK] = st.session_state[SUBMITTED] = created.id
         st.session_state[ROUND] = st.session_state.get(ROUND, 0) + 1
         st.rerun()
+
+
+def estimate_of(**params: Any) -> tuple[DurationEstimate | None, bool]:
+    """The server's estimate, and whether it has no benchmark for it (a pilot still can estimate then)."""
+    try:
+        return api.estimate(**params), False
+    except ApiError as exc:
+        return None, exc.status == 404 and exc.code != "unknown_url"
+    except ClientError:
+        return None, False
+
+
+def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict[str, Any]) -> FileObject | None:
+    """The expected duration of what would be submitted (the file, or only its valid lines), and a pilot where
+    answer lengths are unknown or no benchmark exists. A valid file is uploaded at once and estimated as the server
+    will estimate its batch; the valid lines of a file with problems are estimated from their sizes, and uploaded
+    only for a pilot. Returns the uploaded file (the one to submit: the batch takes a pilot's lines as finished)."""
+    if not preview.n_requests:
+        return None
+    uploads: dict[str, FileObject | None] = st.session_state.setdefault("estimate_uploads", {})
+    key = hashlib.sha256(data).hexdigest()[:32]
+    if preview.ok and key not in uploads:
+        uploads[key] = quietly(api.upload_file, data, name)
+    stored = uploads.get(key)
+    models = [asked["model"]] if asked["model"] else preview.models
+    prompt, output = preview.mean_tokens()
+    if stored is not None:
+        estimate, missing = estimate_of(input_file_id=stored.id, **asked)
+    elif len(models) == 1:
+        estimate, missing = estimate_of(model=models[0], num_requests=preview.n_requests, prompt_tokens=prompt,
+                                        output_tokens=output, concurrency=asked["concurrency"])
+    else:
+        estimate, missing = None, False
+    what = "" if preview.ok else f" of the {preview.n_requests} valid line(s)"
+    sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
+    if sentence:
+        st.caption(f"Expected duration{what} from the benchmarks: {sentence}{f' ({config})' if config else ''}.")
+    elif missing:
+        st.caption(f"No benchmark of this model yet: a pilot runs a sample{what} now and estimates from it.")
+    else:
+        st.caption(f"No duration estimate{what}.")
+    if (missing or views.offers_pilot(estimate)) and st.button(
+            "Run a pilot", key="pilot", icon=":material/science:",
+            help="Runs a random sample of the lines now to learn their answer lengths: 16 lines, more while they "
+                 "vary too much to estimate from (up to a quarter of them). The batch then takes those lines as "
+                 "finished."):
+        with st.spinner("Running the pilot…"):
+            stored = uploads[key] = stored or attempt(api.upload_file, data, name)
+            if stored and attempt(api.estimate, input_file_id=stored.id, pilot=views.PILOT, **asked):
+                st.rerun()
+    if notes := views.estimate_notes(estimate):
+        with st.expander("How this estimate was made"):
+            st.markdown("\n".join(f"- {note}" for note in notes))
+    return stored
 
 
 # ------------------------------------------------------------------------------------------ new batch
@@ -70,32 +136,17 @@ if upload is not None:
         st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
         st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
-    uploaded = None
-    if preview.ok:  # the file itself is estimated, as the server will estimate its batch at the start
-        uploads = st.session_state.setdefault("estimate_uploads", {})
-        if digest not in uploads:
-            uploads[digest] = quietly(api.upload_file, content, upload.name)
-        uploaded = uploads[digest]
-        asked = {"model": model, "concurrency": level}
-        estimate = quietly(api.estimate, input_file_id=uploaded.id, **asked) if uploaded else None
-        sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
-        st.caption(f"Expected duration from the benchmarks: {sentence}{f' ({config})' if config else ''}."
-                   if sentence else "No benchmark of this model yet: no duration estimate.")
-        if uploaded and views.offers_pilot(estimate) and st.button(
-                "Run a pilot", key="pilot", icon=":material/science:",
-                help="Runs a random sample of the file now to learn its answer lengths: 16 lines, more while they "
-                     "vary too much to estimate from (up to a quarter of the file). The batch then takes those "
-                     "lines as finished."):
-            with st.spinner("Running the pilot…"):
-                if attempt(api.estimate, input_file_id=uploaded.id, pilot=views.PILOT, **asked):
-                    st.rerun()
-        if notes := views.estimate_notes(estimate):
-            with st.expander("How this estimate was made"):
-                st.markdown("\n".join(f"- {note}" for note in notes))
-    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest), None)
+    valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
+    asked = {"model": model, "concurrency": level}
+    uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
+                                upload.name if preview.ok else valid_name, preview, asked)
+    lines = lines_digest(preview) if preview.n_requests else None
+    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest
+                    or (lines and (b.metadata or {}).get(LINES) == lines)), None)
     again = True
     if earlier is not None:
-        st.warning(f"This file was submitted as **{earlier.id}** {ago(earlier.created_at)} "
+        same = "This file was" if (earlier.metadata or {}).get(DIGEST) == digest else "These lines were"
+        st.warning(f"{same} submitted as **{earlier.id}** {ago(earlier.created_at)} "
                    f"(now `{earlier.status}`). Submitting it again makes a second batch.", icon=":material/warning:")
         again = st.checkbox("Submit it again anyway", key=f"again-{digest}")
     options = {"window": window, "model": model, "concurrency": level}
@@ -103,12 +154,13 @@ if upload is not None:
         submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
     if not preview.ok and preview.n_requests:
         valid = preview.valid_bytes()
-        name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
         left, right = st.columns(2)
         if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not again,
                        key="submit_valid", icon=":material/rule:"):
-            submit(valid, name, views.preview_file(valid, model=model), digest=digest, **options)
-        right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=name,
+            kept = views.line_ranges(preview.lines.filter(pl.col("status") == "ok")["line"].to_list())
+            submit(valid, valid_name, views.preview_file(valid, model=model), digest=digest, stored=uploaded,
+                   user_lines=kept, **options)
+        right.download_button(f"Download the {preview.n_requests} valid line(s)", valid, file_name=valid_name,
                               mime="application/jsonl", on_click="ignore", key="download_valid",
                               icon=":material/download:")
 
@@ -135,6 +187,9 @@ def show_results(batch: Batch) -> None:
                               mime="application/jsonl", on_click="ignore", key=f"err-{batch.id}",
                               icon=":material/download:")
     results = views.results_frame(output, errors)
+    if kept := (batch.metadata or {}).get(USER_LINES):
+        results = views.in_user_lines(results, views.expand_ranges(kept))
+        st.caption("Only the valid lines of the uploaded file ran; `line` numbers them as in that file.")
     status_col, reason_col, latency_col = st.columns(3)
     tally = results["status"].value_counts()
     count = dict(zip(tally["status"].to_list(), tally["count"].to_list(), strict=True))
@@ -160,15 +215,26 @@ def show_results(batch: Batch) -> None:
         line = shown.row(rows[0], named=True)
         st.markdown(f"**{line['custom_id']}** · `{line['status']}`"
                     + (f" · `{line['error_code']}`: {line['error_message']}" if line["error_code"] else ""))
-        st.text(line["content"] or "(no content)")
+        if facts := views.row_facts(line):
+            st.caption(facts)
+        prompt = views.request_prompt(file_bytes(batch.input_file_id), line["custom_id"])
+        question, answer = st.columns(2)
+        question.markdown("**Request**")
+        question.text(prompt or "(not found in the input file)")
+        answer.markdown("**Answer**")
+        answer.text(line["content"] or "(no content)")
 
 
 def show_batch(batch: Batch) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
     estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
-    progress = views.batch_progress(batch, estimate=estimate)
+    down = None if views.is_final(batch) else engine_problem(api)
+    progress = views.batch_progress(batch, estimate=estimate, engine_up=down is None)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")
+    if progress.waiting:
+        st.warning(f"The engine does not answer ({down}). The batch waits and goes on where it stopped once the "
+                   "engine is back; no line is lost. Its ETA is paused meanwhile.", icon=":material/warning:")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)
     more = "≥ " if progress.rates_at_least else ""  # ended within its first second: rates over one second
@@ -176,8 +242,16 @@ def show_batch(batch: Batch) -> None:
     b.metric("Output tokens / s", f"{more}{progress.tokens_per_s:.1f}" if progress.tokens_per_s is not None else "—")
     c.metric("Elapsed", views.format_seconds(progress.elapsed_s))
     final = {"completed": "done", "cancelled": "cancelled", "expired": "expired", "failed": "—"}
-    d.metric("ETA", final.get(batch.status) or views.format_seconds(progress.eta_s),
-             help=f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
+    d.metric("ETA", final.get(batch.status) or progress.eta_text,
+             help="Paused: waiting for the engine to answer again." if progress.waiting else
+             f"Benchmark estimate: {views.describe_estimate(estimate)}" if estimate else None)
+    if running_on := views.concurrency_text(batch):
+        st.caption(f"Concurrency: {running_on}" + (" (as it ended)" if views.is_final(batch) else ""))
+        with st.expander("Hosts and concurrency of this batch"):
+            st.dataframe(views.run_hosts_frame(batch), hide_index=True, width="stretch", key=f"hosts-{batch.id}")
+            st.caption("How each host's level moved during the run, and why:")
+            st.dataframe(views.level_history_frame(batch), hide_index=True, width="stretch",
+                         key=f"levels-{batch.id}")
     if not views.is_final(batch) and batch.status not in ("cancelling", "finalizing"):
         if st.session_state.get(CONFIRM) != batch.id and st.button(
                 "Cancel batch", key=f"cancel-{batch.id}", icon=":material/stop_circle:"):

@@ -15,10 +15,13 @@ from obatch.ui.views.batches import (
     batch_errors_frame,
     batch_progress,
     batches_frame,
+    concurrency_text,
     is_final,
+    level_history_frame,
     model_of,
     not_run,
     picked_row,
+    run_hosts_frame,
 )
 from obatch.ui.views.benchmarks import (
     CONFIG_COLUMNS,
@@ -49,7 +52,18 @@ from obatch.ui.views.estimates import (
     format_seconds,
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
-from obatch.ui.views.results import STATUSES, filter_results, for_display, latency_bounds, results_frame
+from obatch.ui.views.results import (
+    STATUSES,
+    expand_ranges,
+    filter_results,
+    for_display,
+    in_user_lines,
+    latency_bounds,
+    line_ranges,
+    request_prompt,
+    results_frame,
+    row_facts,
+)
 from obatch.ui.views.server import models_frame
 
 __all__ = [
@@ -73,21 +87,26 @@ __all__ = [
     "best_table",
     "capacity_table",
     "compare_chart",
+    "concurrency_text",
     "configs_frame",
     "describe_estimate",
     "estimate_config",
     "estimate_record_chart",
     "estimate_record_frame",
     "estimate_seconds",
+    "expand_ranges",
     "filter_results",
     "for_display",
     "format_seconds",
     "goodput_table",
     "highlight_errors",
+    "in_user_lines",
     "is_final",
     "latency_bounds",
     "latency_chart",
     "latest_points",
+    "level_history_frame",
+    "line_ranges",
     "metric_chart",
     "model_of",
     "models_frame",
@@ -98,7 +117,10 @@ __all__ = [
     "points_frame",
     "preview_file",
     "rate_points",
+    "request_prompt",
     "results_frame",
+    "row_facts",
+    "run_hosts_frame",
     "slo_text",
 ]
 

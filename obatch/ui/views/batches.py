@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from obatch.protocol import FINAL_STATUSES, Batch, BatchExtension, DurationEstimate
+from obatch.ui.views.estimates import format_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
@@ -74,6 +75,12 @@ class BatchProgress:
     expected_s: float | None = None
     not_run: int = 0
     rates_at_least: bool = False
+    waiting: bool = False  # the engine does not answer: the batch waits, its ETA is paused
+
+    @property
+    def eta_text(self) -> str:
+        """The ETA metric: ``waiting`` while the engine is down (a rate over the outage would lie)."""
+        return "waiting" if self.waiting else format_seconds(self.eta_s)
 
     @property
     def done(self) -> int:
@@ -99,9 +106,10 @@ def _end_of(batch: Batch) -> int | None:
     return None
 
 
-def batch_progress(batch: Batch, *, now: float | None = None, estimate: DurationEstimate | None = None
-                   ) -> BatchProgress:
-    """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate.
+def batch_progress(batch: Batch, *, now: float | None = None, estimate: DurationEstimate | None = None,
+                   engine_up: bool = True) -> BatchProgress:
+    """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate. While
+    the engine does not answer (``engine_up`` false, from ``/health``) a running batch has no ETA: it waits.
 
     Elapsed time is counted in the server's whole seconds (its timestamps have no fraction): a running batch's
     ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
@@ -132,7 +140,9 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Duration
         eta = max(0.0, expected - elapsed)
     else:
         eta = None
-    return BatchProgress(total, completed, failed, elapsed, rate, tps, eta, expected, skipped, at_least)
+    waiting = not engine_up and eta != 0.0
+    return BatchProgress(total, completed, failed, elapsed, rate, tps, None if waiting else eta, expected, skipped,
+                         at_least, waiting)
 
 
 def picked_row(ids: Sequence[str], selection: Any) -> str | None:
@@ -146,3 +156,50 @@ def batch_errors_frame(batch: Batch) -> pl.DataFrame:
     items = batch.errors.data if batch.errors else []
     return pl.DataFrame([{"line": e.line, "code": e.code, "message": e.message} for e in items],
                         schema={"line": pl.Int64, "code": pl.Utf8, "message": pl.Utf8})
+
+
+RUN_HOSTS_SCHEMA: dict[str, Any] = {"host": pl.Utf8, "state": pl.Utf8, "concurrency": pl.Int64, "mode": pl.Utf8,
+                                    "why": pl.Utf8, "in flight": pl.Int64, "served": pl.Int64, "changes": pl.Int64}
+LEVEL_HISTORY_SCHEMA: dict[str, Any] = {"host": pl.Utf8, "step": pl.Int64, "concurrency": pl.Int64, "why": pl.Utf8}
+
+
+def _run_hosts(batch: Batch) -> list[dict[str, Any]]:
+    story = batch.obatch.concurrency if batch.obatch else None
+    return [h for h in (story or {}).get("hosts") or [] if isinstance(h, dict)]
+
+
+def _requests(n: object) -> str:
+    return f"{n} request" if n == 1 else f"{n} requests"
+
+
+def concurrency_text(batch: Batch) -> str | None:
+    """How the batch runs, from its ``obatch.concurrency`` (what the batch process wrote last): ``at most 4
+    requests in flight (auto: kept 4 …) on http://…``; with several hosts the sum and each host's level. None
+    before it ran."""
+    hosts = _run_hosts(batch)
+    if not hosts:
+        return None
+    mode = (batch.obatch.concurrency or {}).get("mode") if batch.obatch else None
+    if len(hosts) == 1:
+        (h,) = hosts
+        return f"at most {_requests(h.get('concurrency'))} in flight ({mode or 'fixed'}: {h.get('reason') or '—'}) " \
+               f"on `{h.get('url')}`"
+    total = sum(int(h.get("concurrency") or 0) for h in hosts if h.get("state") != "down")
+    return f"at most {_requests(total)} in flight ({mode or 'fixed'}) over {len(hosts)} hosts: " + \
+        "; ".join(f"`{h.get('url')}` {h.get('concurrency')} ({h.get('state')})" for h in hosts)
+
+
+def run_hosts_frame(batch: Batch) -> pl.DataFrame:
+    """The hosts the batch runs on: each one's level and why, its state, what it served, how often it changed."""
+    return pl.DataFrame([{
+        "host": h.get("url"), "state": h.get("state"), "concurrency": h.get("concurrency"),
+        "mode": "auto" if h.get("auto") else "fixed", "why": h.get("reason") or "", "in flight": h.get("in_flight"),
+        "served": h.get("served"), "changes": max(0, len(h.get("history") or []) - 1),
+    } for h in _run_hosts(batch)], schema=RUN_HOSTS_SCHEMA)
+
+
+def level_history_frame(batch: Batch) -> pl.DataFrame:
+    """Each host's levels during the run, in order (the first: the level the run began at), and why."""
+    return pl.DataFrame([{"host": h.get("url"), "step": i, "concurrency": c.get("level"), "why": c.get("reason")}
+                         for h in _run_hosts(batch) for i, c in enumerate(h.get("history") or [])],
+                        schema=LEVEL_HISTORY_SCHEMA)

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 import polars as pl
 
 from obatch.api import result_schema
@@ -104,3 +105,77 @@ def latency_bounds(frame: pl.DataFrame) -> tuple[int, int] | None:
         return None
     low, high = math.floor(float(latency.min())), math.ceil(float(latency.max()))  # type: ignore[arg-type]
     return (low, high) if high > low else None
+
+
+def row_facts(row: dict[str, Any]) -> str:
+    """An opened result row's facts in one line: model, finish reason, tokens, latency (TTFT), context, attempts."""
+    facts = [f"model `{row['model']}`" if row.get("model") else "",
+             f"finish reason `{row['finish_reason']}`" if row.get("finish_reason") else "",
+             f"{row['prompt_tokens']} prompt + {row['completion_tokens']} completion tokens"
+             if row.get("prompt_tokens") is not None and row.get("completion_tokens") is not None else "",
+             f"latency {row['latency_ms']:.1f} ms" + (f" (first token {row['ttft_ms']:.1f} ms)"
+                                                       if row.get("ttft_ms") is not None else "")
+             if row.get("latency_ms") is not None else "",
+             f"num_ctx {row['num_ctx']}" if row.get("num_ctx") else "",
+             "prompt truncated to fit" if row.get("truncated") else "",
+             f"{row['attempts']} attempts" if (row.get("attempts") or 0) > 1 else ""]
+    return " · ".join(f for f in facts if f)
+
+
+def request_prompt(data: bytes, custom_id: str) -> str | None:
+    """What the input file's line ``custom_id`` asked: each message as ``role: text`` (or its prompt / input)."""
+    for raw in io.BytesIO(data):
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(line, dict) or line.get("custom_id") != custom_id or not isinstance(line.get("body"), dict):
+            continue
+        body = line["body"]
+        if isinstance(body.get("messages"), list):
+            return "\n\n".join(f"{m.get('role', '?')}: {_text(m.get('content'))}" for m in body["messages"]
+                                 if isinstance(m, dict))
+        for key in ("prompt", "input"):
+            if key in body:
+                return _text(body[key])
+        return None
+    return None
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def line_ranges(lines: Sequence[int]) -> str:
+    """``[1, 2, 3, 5, 7, 8]`` → ``1-3,5,7-8``: line numbers in a few characters (a batch's metadata holds them)."""
+    runs: list[list[int]] = []
+    for n in sorted(lines):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def expand_ranges(text: str) -> list[int]:
+    """``1-3,5`` → ``[1, 2, 3, 5]`` (what ``line_ranges`` wrote; anything else → ``[]``)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            first, _, last = part.partition("-")
+            out += range(int(first), int(last or first) + 1)
+    except ValueError:
+        return []
+    return out
+
+
+def in_user_lines(frame: pl.DataFrame, original: Sequence[int]) -> pl.DataFrame:
+    """Results of a batch of only a file's valid lines, numbered as the lines of the file the user uploaded
+    (``original[k - 1]`` is the uploaded line that became line ``k``); unchanged when the map does not fit."""
+    last = frame["line"].drop_nulls().max()
+    if not original or (isinstance(last, int) and last > len(original)):
+        return frame
+    return frame.with_columns(pl.col("line").replace_strict(list(range(1, len(original) + 1)), list(original),
+                                                            default=None, return_dtype=pl.Int64))
