@@ -22,6 +22,7 @@ import orjson
 from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
+from obatch.cache import POLICIES, CachePolicy
 from obatch.concurrency import Concurrency
 from obatch.config import Settings
 from obatch.jsonl import summarise
@@ -110,14 +111,20 @@ async def run_batch_file(
     model: str | None = None, concurrency: Concurrency | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
+    cache: CachePolicy | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
     ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
-    host's best level by measuring."""
+    host's best level by measuring. ``cache`` (default: ``settings.cache``) is the response cache's policy:
+    ``"auto"``, ``"off"`` or ``"all"`` (docs/cache.md)."""
     settings = settings or Settings()
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": concurrency})
+    if cache is not None:
+        if cache not in POLICIES:
+            raise errors.ConfigError(f"cache must be one of {', '.join(POLICIES)}; got {cache!r}.", param="cache")
+        settings = settings.model_copy(update={"cache": cache})
     engine, sessions = await open_store(settings.db_url)
     owned = backend is None
     backend = backend or await open_backend(settings)
@@ -220,17 +227,19 @@ def result_schema() -> dict[str, pl.DataType]:
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
-              **defaults: Any) -> pl.DataFrame:
+              cache: CachePolicy | None = None, **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
     ``temperature=``…) fill the bodies of in-memory requests that do not set them. Re-running the same input with
-    the same options resumes an interrupted run; ``fresh=True`` starts a new one.
+    the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``cache`` reuses stored answers:
+    ``"auto"`` (the default, from ``settings.cache``) for requests their body determines, ``"all"`` for every
+    request, ``"off"`` for none.
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
-                                  source="notebook", fresh=fresh, defaults=defaults)
+                                  source="notebook", fresh=fresh, defaults=defaults, cache=cache)
     return await results_frame(settings, report.batch.id)
 
 

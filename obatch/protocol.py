@@ -78,6 +78,13 @@ class LineError(_Wire):
     message: str | None
 
 
+class CachedFrom(_Wire):
+    """The earlier line whose stored answer a line took instead of asking the engine (``obatch.cache``)."""
+
+    batch_id: str
+    custom_id: str
+
+
 class LineStats(_Wire):
     """What obatch measured for a line, beside OpenAI's fields (clients that do not know ``obatch`` ignore it)."""
 
@@ -88,6 +95,7 @@ class LineStats(_Wire):
     num_ctx: int | None = None
     loaded_context: int | None = None  # the context the engine really ran with, where it tells (Ollama's /api/ps)
     truncated: bool | None = None
+    cached_from: CachedFrom | None = None
 
 
 class OutputLine(_Wire):

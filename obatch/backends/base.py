@@ -52,6 +52,7 @@ class ModelInfo:
     loaded: bool = False
     loaded_context_length: int | None = None
     capabilities: tuple[str, ...] = ()
+    digest: str | None = None  # what the answers are cached under (``obatch.cache``): the weights' identity
 
     def as_openai(self) -> Model:
         """The ``/v1/models`` entry, with the engine's facts as extra fields."""

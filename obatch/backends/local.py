@@ -20,6 +20,7 @@ from obatch import errors
 from obatch.backends import completions
 from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
+from obatch.cache import file_identity
 from obatch.engine import LocalEngine
 
 DEFAULT_NUM_CTX = 2048
@@ -92,7 +93,15 @@ class LocalBackend:
             id=self.alias, context_length=self.engine.context_length(), family="llama",
             loaded=config is not None,
             loaded_context_length=config.n_ctx // config.n_parallel if config else None,
+            digest=await self._digest(),
         )]
+
+    async def _digest(self) -> str | None:
+        """The GGUF file's hash (hashed once per file version, in a worker thread)."""
+        try:
+            return await file_identity(self.engine.model_path)
+        except OSError:
+            return None
 
     async def show(self, model: str) -> ModelInfo:
         self._check_model(model)

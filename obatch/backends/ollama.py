@@ -465,6 +465,7 @@ class OllamaBackend:
                 loaded_context_length=(running or {}).get("context_length"),
                 context_length=self._show_cache[entry["name"]].context_length
                 if entry["name"] in self._show_cache else None,
+                digest=f"ollama:{entry['digest']}" if entry.get("digest") else None,
             ))
         return out
 

@@ -32,6 +32,7 @@ from obatch.backends.base import (
     stream_lines,
     timings_from_llamacpp,
 )
+from obatch.cache import reported_identity
 from obatch.protocol import ENDPOINTS
 
 _OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
@@ -123,7 +124,8 @@ class OpenAIBackend:
         for entry in data.get("data", []):
             meta = entry.get("meta") or {}
             out.append(ModelInfo(id=entry["id"], context_length=meta.get("n_ctx_train")
-                                 or entry.get("context_length") or entry.get("max_model_len"), loaded=True))
+                                 or entry.get("context_length") or entry.get("max_model_len"), loaded=True,
+                                 digest=reported_identity(entry)))
         return out
 
     async def show(self, model: str) -> ModelInfo:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from obatch import context, errors
+from obatch import cache, context, errors
 from obatch.batches.services import Services, reload, update_batch
 from obatch.config import Settings
 from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
@@ -121,7 +121,8 @@ def _request_row(batch_id: str, request: Request) -> tuple[Any, ...]:
     """A valid line as ``repo.REQUEST_COLUMNS``' values."""
     body = request.body
     return (batch_id, request.line, request.custom_id, request.url, str(body["model"]), orjson.dumps(body).decode(),
-            context.estimate_prompt_tokens(request.url, body), context.output_budget(body), "pending", 0, False)
+            context.estimate_prompt_tokens(request.url, body), context.output_budget(body), "pending", 0, False,
+            cache.key(request.url, body))
 
 
 def _import_chunk(items: Iterator[Request | errors.LineProblem], batch_id: str, problems: list[errors.LineProblem]

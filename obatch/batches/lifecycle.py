@@ -24,9 +24,10 @@ from pathlib import Path
 
 import orjson
 
-from obatch import context, errors, lease
+from obatch import cache, context, errors, lease
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
+from obatch.batches import reuse
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
@@ -57,6 +58,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
                        output_expires_after: int | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
+    cache.check_metadata(metadata)
     created = int(svc.clock())
     async with svc.sessions() as session:
         await repo.get_file(session, input_file_id, owner if source == "api" else None)
@@ -182,8 +184,11 @@ def concurrency_json(pool: Pool, since: float) -> str:
     return orjson.dumps({"mode": "auto" if pool.concurrency == "auto" else "fixed", "hosts": hosts}).decode()
 
 
-async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
+async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None,
+                held: frozenset[int] = frozenset()) -> AsyncIterator[Job]:
     async for line, custom_id, url, text, prompt_estimate in repo.iter_pending(svc.sessions, batch_id, model):
+        if line in held:  # waits for an identical earlier line's answer (obatch.batches.reuse)
+            continue
         body = orjson.loads(text)
         yield Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
 
@@ -201,20 +206,36 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
             continue
         num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
+        plan = await reuse.before_group(svc, batch, group.model, progress)  # stored answers; repeats held back
+        if plan.answered and not await _has_pending(svc, batch.id, group.model):
+            continue
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                done = asyncio.Event()
-                tasks.create_task(_watch(svc, writer, done))
-                runner = tasks.create_task(run_jobs(
-                    _jobs(svc, batch.id, group.model, num_ctx), pool, writer.add, policy=svc.policy,
-                    model=group.model, stream=stream, cap=batch.concurrency))
-                await runner
-                done.set()
-        finally:
-            await asyncio.shield(writer.flush())
-            await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started)))
+        held = plan.held
+        while True:  # a second round only for held lines whose leader failed: they run themselves
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    done = asyncio.Event()
+                    tasks.create_task(_watch(svc, writer, done))
+                    runner = tasks.create_task(run_jobs(
+                        _jobs(svc, batch.id, group.model, num_ctx, held), pool, writer.add, policy=svc.policy,
+                        model=group.model, stream=stream, cap=batch.concurrency))
+                    await runner
+                    done.set()
+            finally:
+                await asyncio.shield(writer.flush())
+                await asyncio.shield(update_batch(svc, batch,
+                                                  concurrency_json=concurrency_json(pool, writer.started)))
+            if not held:
+                break
+            await reuse.answer_held(svc, batch, group.model, plan, progress)
+            held = frozenset()
         await _record_loaded_context(svc, batch.id, group.model)
+
+
+async def _has_pending(svc: Services, batch_id: str, model: str) -> bool:
+    async with svc.sessions() as session:
+        groups = await repo.pending_groups(session, batch_id, context.DEFAULT_OUTPUT_BUDGET)
+    return any(g.model == model for g in groups)
 
 
 async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:

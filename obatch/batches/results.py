@@ -158,7 +158,7 @@ class ResultWriter:
 # What an output line needs of a row, in this order, then its line (not the request body nor the extracted content:
 # plain values of these, read through the driver, cost a fraction of a mapped row on a path that runs once per line).
 _OUTPUT_COLUMNS = ("custom_id", "state", "request_id", "status_code", "response", "error_code", "error_message",
-                   "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated")
+                   "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated", "cached_from")
 
 
 def _line(row: tuple[Any, ...], pending_code: str | None) -> tuple[bool, bytes]:
@@ -166,17 +166,18 @@ def _line(row: tuple[Any, ...], pending_code: str | None) -> tuple[bool, bytes]:
     of a big batch: it is written straight from the row, in ``OutputLine``'s shape and field order, with the body
     stored as JSON text passed through unparsed; the others go through ``OutputLine``."""
     (custom_id, state, request_id, status_code, response, error_code, error_message, latency_ms, ttft_ms, attempts,
-     num_ctx, loaded_context, truncated, line) = row
+     num_ctx, loaded_context, truncated, cached_from, line) = row
     truncated = bool(truncated)  # SQLite keeps booleans as 0/1
     if state == "succeeded":
         request_id = request_id or _request_id()
+        extension = {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
+                     "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated,
+                     "cached_from": orjson.Fragment(cached_from) if cached_from else None}
         return True, orjson.dumps({
             "id": request_id, "custom_id": custom_id,
             "response": {"status_code": status_code or 200, "request_id": request_id,
                          "body": orjson.Fragment(response or "{}")},
-            "error": None,
-            "obatch": {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
-                       "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated},
+            "error": None, "obatch": extension,
         }, option=orjson.OPT_APPEND_NEWLINE)
     if state == "pending":
         code = pending_code or "batch_cancelled"

@@ -126,7 +126,7 @@ async def first_url(session: AsyncSession, batch_id: str) -> str | None:
 
 # The columns a new request row is written with, in the order ``insert_requests`` takes its values.
 REQUEST_COLUMNS = ("batch_id", "line", "custom_id", "url", "model", "body", "prompt_estimate", "max_tokens", "state",
-                   "attempts", "truncated")
+                   "attempts", "truncated", "cache_key")
 
 
 async def insert_requests(session: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -466,6 +466,77 @@ async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, l
     await session.execute(update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
         col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))
+# ------------------------------------------------------------------------------------------- response cache
+
+
+async def set_cache_identity(session: AsyncSession, batch_id: str, model: str, identity: str) -> None:
+    """Name the model that will answer a group's pending rows (what their answers are reused under)."""
+    await session.execute(update(RequestRow).where(
+        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
+        col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity))
+
+
+async def iter_cache_keys(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[list[tuple[int, str]]]:
+    """Pages of (line, cache_key) of a group's pending rows that have a key, in line order."""
+    sql = ("SELECT line, cache_key FROM requests WHERE batch_id={} AND model={} AND state='pending' "
+           f"AND cache_key IS NOT NULL AND line>{{}} ORDER BY line LIMIT {PAGE}")
+    last = 0
+    while True:
+        page = await _page(sessions, sql, batch_id, model, last)
+        if page:
+            yield [(int(line), str(key)) for line, key in page]
+        if len(page) < PAGE:
+            return
+        last = page[-1][0]
+
+
+async def cached_answers(session: AsyncSession, owner: str, identity: str, keys: Sequence[str]
+                         ) -> dict[str, tuple[Any, ...]]:
+    """For each key that has one: a succeeded row of the owner's with that key and model identity, whose answer can
+    still be read (its batch has no output file yet, or still has it: an expired or deleted output file takes its
+    answers out of the cache), as (batch_id, custom_id, then ``FINISH_COLUMNS``' values)."""
+    if not keys:
+        return {}
+    columns = [col(RequestRow.cache_key), col(RequestRow.batch_id), col(RequestRow.custom_id),
+               *(getattr(RequestRow, name) for name in FINISH_COLUMNS)]
+    statement = (select(*columns)
+                 .join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id))
+                 .outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
+                 .where(col(RequestRow.cache_key).in_(list(keys)), col(RequestRow.cache_identity) == identity,
+                        col(RequestRow.state) == "succeeded", col(BatchRow.owner) == owner,
+                        or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))
+    found: dict[str, tuple[Any, ...]] = {}
+    for key, *values in (await session.execute(statement)).all():
+        found.setdefault(key, tuple(values))
+    return found
+
+
+async def cache_followers(session: AsyncSession, batch_id: str, model: str, kinds: Sequence[str]) -> list[int]:
+    """The group's pending rows whose key an earlier pending row of the batch shares: they wait for its answer."""
+    key = col(RequestRow.cache_key)
+    first = (select(key.label("key"), func.min(col(RequestRow.line)).label("first"))
+             .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+                    col(RequestRow.state) == "pending", or_(*(key.startswith(f"{kind}:") for kind in kinds)))
+             .group_by(key).having(func.count() > 1).subquery())
+    statement = (select(col(RequestRow.line)).join(first, key == first.c.key)
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending",
+                        col(RequestRow.line) > first.c.first))
+    return list((await session.execute(statement)).scalars().all())
+
+
+async def mark_cached(session: AsyncSession, batch_id: str, marks: Sequence[tuple[str, int, str]]) -> None:
+    """Record where reused answers came from: (cached_from JSON, line, the request id its result was written with),
+    on the rows that took exactly that result (a row finished otherwise keeps none)."""
+    if not marks:
+        return
+    paramstyle = _dialect(session).paramstyle
+    sets = _marks(paramstyle, 4)
+    sql = (f"UPDATE requests SET cached_from={sets[0]} WHERE batch_id={sets[1]} AND line={sets[2]} "
+           f"AND request_id={sets[3]}")
+    connection = await session.connection()
+    await connection.exec_driver_sql(sql, [(source, batch_id, line, request_id) for source, line, request_id in marks])
+
+
 # ------------------------------------------------------------------------------------------------- leases
 
 

@@ -107,6 +107,12 @@ class RequestRow(SQLModel, table=True):
     attempts: int = 0
     truncated: bool = False
     finished_at: float | None = None
+    # The response cache (``obatch.cache``): the kind and hash of the canonical body, set at import; the identity of
+    # the model that answers it, set when its model group starts; and, for a line answered by reuse, the line whose
+    # answer it took (JSON: batch_id, custom_id).
+    cache_key: str | None = Field(default=None, index=True)
+    cache_identity: str | None = None
+    cached_from: str | None = None
 
 
 class LeaseRow(SQLModel, table=True):
