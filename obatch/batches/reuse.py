@@ -2,8 +2,9 @@
 share a key run once (``obatch.cache`` makes the keys and says which kinds the policy looks up).
 
 Before a group's lines become jobs, ``before_group`` names the model that answers them (its identity goes on the
-rows, so their answers can be reused later), then looks their keys up a page at a time (one query per page of keys)
-among the owner's succeeded rows whose answers can still be read. A hit finishes the line through the same guarded
+rows, so their answers can be reused later), then finds the lines whose key some succeeded row shares (one query,
+inside the database) and takes those rows' answers a page of keys at a time, from the owner's rows whose answers can
+still be read. A hit finishes the line through the same guarded
 write as any result (only a pending row takes it), with a new request id and ``cached_from`` naming the line it came
 from; the engine is not asked. Of the lines still pending that share a key, the first runs and the others are held
 back; once the group has run, ``answer_held`` gives each held line its leader's answer. A held line whose leader
@@ -86,7 +87,7 @@ async def answer_held(svc: Services, batch: BatchRow, model: str, plan: Plan, pr
 async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progress: Progress | None) -> int:
     assert plan.identity is not None
     answered = 0
-    async for page in repo.iter_cache_keys(svc.sessions, batch.id, model):
+    async for page in repo.iter_cache_candidates(svc.sessions, batch.id, model, plan.identity):
         wanted = [(line, key) for line, key in page if key.split(":", 1)[0] in plan.kinds]
         if not wanted:
             continue

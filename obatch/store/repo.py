@@ -476,18 +476,26 @@ async def set_cache_identity(session: AsyncSession, batch_id: str, model: str, i
         col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity))
 
 
-async def iter_cache_keys(sessions: Sessions, batch_id: str, model: str) -> AsyncIterator[list[tuple[int, str]]]:
-    """Pages of (line, cache_key) of a group's pending rows that have a key, in line order."""
-    sql = ("SELECT line, cache_key FROM requests WHERE batch_id={} AND model={} AND state='pending' "
-           f"AND cache_key IS NOT NULL AND line>{{}} ORDER BY line LIMIT {PAGE}")
+async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, identity: str
+                                ) -> AsyncIterator[list[tuple[int, str]]]:
+    """Pages of (line, cache_key) of a group's pending rows for which some succeeded row has the same key and model
+    identity, in line order. One probe of the key index per row, inside the database: a group with nothing to reuse
+    costs one query."""
+    sql = ("SELECT p.line, p.cache_key FROM requests p WHERE p.batch_id={} AND p.model={} AND p.state='pending' "
+           "AND p.cache_key IS NOT NULL AND p.line>{} AND EXISTS (SELECT 1 FROM requests s WHERE "
+           "s.cache_key=p.cache_key AND s.cache_identity={} AND s.state='succeeded') "
+           f"ORDER BY p.line LIMIT {CANDIDATE_PAGE}")
     last = 0
     while True:
-        page = await _page(sessions, sql, batch_id, model, last)
+        page = await _page(sessions, sql, batch_id, model, last, identity)
         if page:
             yield [(int(line), str(key)) for line, key in page]
-        if len(page) < PAGE:
+        if len(page) < CANDIDATE_PAGE:
             return
         last = page[-1][0]
+
+
+CANDIDATE_PAGE = 2000
 
 
 async def cached_answers(session: AsyncSession, owner: str, identity: str, keys: Sequence[str]
@@ -497,17 +505,23 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
     answers out of the cache), as (batch_id, custom_id, then ``FINISH_COLUMNS``' values)."""
     if not keys:
         return {}
+    # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
+    # batches, a planner may walk every row of the owner's batches instead), then which of their batches count.
     columns = [col(RequestRow.cache_key), col(RequestRow.batch_id), col(RequestRow.custom_id),
                *(getattr(RequestRow, name) for name in FINISH_COLUMNS)]
-    statement = (select(*columns)
-                 .join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id))
-                 .outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
-                 .where(col(RequestRow.cache_key).in_(list(keys)), col(RequestRow.cache_identity) == identity,
-                        col(RequestRow.state) == "succeeded", col(BatchRow.owner) == owner,
-                        or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))
+    statement = select(*columns).where(col(RequestRow.cache_key).in_(list(keys)),
+                                       col(RequestRow.cache_identity) == identity, col(RequestRow.state) == "succeeded")
+    candidates = (await session.execute(statement)).all()
+    if not candidates:
+        return {}
+    readable = set((await session.execute(
+        select(col(BatchRow.id)).outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
+        .where(col(BatchRow.id).in_({row[1] for row in candidates}), col(BatchRow.owner) == owner,
+               or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))).scalars().all())
     found: dict[str, tuple[Any, ...]] = {}
-    for key, *values in (await session.execute(statement)).all():
-        found.setdefault(key, tuple(values))
+    for key, *values in candidates:
+        if values[0] in readable:
+            found.setdefault(key, tuple(values))
     return found
 
 
