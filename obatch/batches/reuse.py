@@ -93,7 +93,7 @@ async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progre
             continue
         async with svc.sessions() as session:
             found = await repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted}))
-            results, marks = [], []
+            results = []
             now = time.time()
             for line, key in wanted:
                 if (source := found.get(key)) is None:
@@ -102,12 +102,10 @@ async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progre
                 stored = dict(zip(repo.FINISH_COLUMNS, values, strict=True))
                 stored.update(dict.fromkeys(_NOT_COPIED), attempts=0, finished_at=now,
                               request_id=new_id("batch_req", sep="_", length=32, secret=False))
-                results.append((*(stored[c] for c in repo.FINISH_COLUMNS), line))
                 origin = orjson.dumps({"batch_id": source_batch, "custom_id": source_custom_id}).decode()
-                marks.append((origin, line, str(stored["request_id"])))
+                results.append((*(stored[c] for c in repo.FINISH_COLUMNS), origin, line))
             if results:
-                await repo.finish_requests(session, batch.id, results)
-                await repo.mark_cached(session, batch.id, marks)
+                await repo.finish_requests(session, batch.id, results, reused=True)
                 await session.commit()
         answered += len(results)
         if progress is not None and results:

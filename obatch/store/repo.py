@@ -247,21 +247,24 @@ FINISH_COLUMNS = (
 _STATE, _PROMPT, _COMPLETION, _REASONING = (FINISH_COLUMNS.index(c) for c in (
     "state", "prompt_tokens", "completion_tokens", "reasoning_tokens"))
 COMPLETION_AT = _COMPLETION  # where a finished row (``FINISH_COLUMNS`` order) holds its completion tokens
+REUSED_COLUMNS = (*FINISH_COLUMNS, "cached_from")  # a result that is another line's stored answer
 
 
 @functools.cache
-def _finish_sql(paramstyle: str) -> str:
+def _finish_sql(paramstyle: str, columns: tuple[str, ...] = FINISH_COLUMNS) -> str:
     """The UPDATE that records a result, in the driver's own parameter style: the values go to the driver's
     executemany as plain tuples (SQLAlchemy's per-row processing of named parameters cost more than the write)."""
-    marks = _marks(paramstyle, len(FINISH_COLUMNS) + 2)
-    sets = ", ".join(f"{column}={mark}" for column, mark in zip(FINISH_COLUMNS, marks, strict=False))
+    marks = _marks(paramstyle, len(columns) + 2)
+    sets = ", ".join(f"{column}={mark}" for column, mark in zip(columns, marks, strict=False))
     return f"UPDATE requests SET {sets} WHERE batch_id={marks[-2]} AND line={marks[-1]} AND state='pending'"
 
 
-async def finish_requests(session: AsyncSession, batch_id: str, results: Sequence[tuple[Any, ...]]) -> None:
+async def finish_requests(session: AsyncSession, batch_id: str, results: Sequence[tuple[Any, ...]], *,
+                          reused: bool = False) -> None:
     """Record finished requests: each result is ``FINISH_COLUMNS``' values, then the line number. Only a
     still-pending row takes a result, so a line is never finished twice; the batch's live counters move by the rows
-    that actually changed."""
+    that actually changed. ``reused``: each result has the ``cached_from`` of an answer taken from another line
+    before its line number (``REUSED_COLUMNS``)."""
     succeeded = [r for r in results if r[_STATE] == "succeeded"]
     failed = [r for r in results if r[_STATE] != "succeeded"]
     done = {"succeeded": 0, "failed": 0}
@@ -273,7 +276,8 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
             group = await _still_pending(session, batch_id, group)
         if group:
             params = [(*r[:-1], batch_id, r[-1]) for r in group]
-            outcome = await connection.exec_driver_sql(_finish_sql(dialect.paramstyle), params)
+            sql = _finish_sql(dialect.paramstyle, REUSED_COLUMNS if reused else FINISH_COLUMNS)
+            outcome = await connection.exec_driver_sql(sql, params)
             done[state] = max(outcome.rowcount, 0) if exact_rowcount else len(group)
     tokens_in = sum(r[_PROMPT] or 0 for r in succeeded)
     tokens_out = sum(r[_COMPLETION] or 0 for r in succeeded)
@@ -536,19 +540,6 @@ async def cache_followers(session: AsyncSession, batch_id: str, model: str, kind
                  .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending",
                         col(RequestRow.line) > first.c.first))
     return list((await session.execute(statement)).scalars().all())
-
-
-async def mark_cached(session: AsyncSession, batch_id: str, marks: Sequence[tuple[str, int, str]]) -> None:
-    """Record where reused answers came from: (cached_from JSON, line, the request id its result was written with),
-    on the rows that took exactly that result (a row finished otherwise keeps none)."""
-    if not marks:
-        return
-    paramstyle = _dialect(session).paramstyle
-    sets = _marks(paramstyle, 4)
-    sql = (f"UPDATE requests SET cached_from={sets[0]} WHERE batch_id={sets[1]} AND line={sets[2]} "
-           f"AND request_id={sets[3]}")
-    connection = await session.connection()
-    await connection.exec_driver_sql(sql, [(source, batch_id, line, request_id) for source, line, request_id in marks])
 
 
 # ------------------------------------------------------------------------------------------------- leases
