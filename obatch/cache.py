@@ -90,11 +90,8 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 async def file_identity(path: Path) -> str:

@@ -4,12 +4,7 @@ gets back (and from where), and exactly once under faults and after SIGKILL."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import sqlite3
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +20,7 @@ from obatch.config import Settings
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
-from tests.helpers import chat_line, write_jsonl
+from tests.helpers import chat_line, killable_run, sigkill_once_done, succeeded_rows, write_jsonl
 
 MODEL = "llama3.2:1b"
 
@@ -279,14 +274,6 @@ async def test_the_server_cache_is_per_api_key_and_goes_with_the_output_file(
 # ------------------------------------------------------------------------------------------------- kill -9
 
 
-def _succeeded(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as conn:
-            return int(conn.execute("SELECT count(*) FROM requests WHERE state='succeeded'").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_sigkill_mid_batch_with_repeats_resumes_exactly_once(tmp_path: Path) -> None:
     n, distinct = 160, 80
     lines = [greedy(f"r{i}", f"q{i % distinct}") for i in range(n)]
@@ -295,22 +282,10 @@ def test_sigkill_mid_batch_with_repeats_resumes_exactly_once(tmp_path: Path) -> 
     url, stop = run_in_thread(sim=sim)
     data = tmp_path / "data"
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    args = [sys.executable, "-m", "obatch.cli", "run", str(path), "-o", str(out), "-e", str(err), "--backend",
-            "ollama", "--url", url, "--data-dir", str(data), "-c", "4", "-q"]
-    env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4", "OBATCH_LEASE_TTL": "2",
-           "OBATCH_LEASE_HEARTBEAT": "0.5"}
+    args, env = killable_run(path, url, tmp_path)
     try:
-        victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while _succeeded(data / "obatch.db") < 20:
-            assert victim.poll() is None, victim.stderr.read() if victim.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        if victim.stderr:
-            victim.stderr.close()
-        assert 20 <= _succeeded(data / "obatch.db") < n and not out.exists()
+        sigkill_once_done(args, env, data / "obatch.db", 20)
+        assert 20 <= succeeded_rows(data / "obatch.db") < n and not out.exists()
         rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
         served = sim.stats.served
     finally:
