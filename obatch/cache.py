@@ -86,21 +86,19 @@ def same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 def _hash_file(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-async def file_identity(path: Path) -> str:
-    """A model file's SHA-256 (``gguf:…``), read in a worker thread once per file version (path, size, mtime)."""
+async def file_identity(path: Path, known: dict[tuple[str, int, int], str]) -> str:
+    """A model file's SHA-256 (``gguf:…``), read in a worker thread once per file version (path, size, mtime):
+    ``known`` keeps what was hashed, for the caller to pass again."""
     stat = await asyncio.to_thread(path.stat)
     stamp = (str(path), stat.st_size, stat.st_mtime_ns)
-    if stamp not in _FILE_HASHES:
-        _FILE_HASHES[stamp] = await asyncio.to_thread(_hash_file, path)
-    return f"gguf:{_FILE_HASHES[stamp]}"
+    if stamp not in known:
+        known[stamp] = await asyncio.to_thread(_hash_file, path)
+    return f"gguf:{known[stamp]}"
 
 
 def reported_identity(entry: Mapping[str, Any]) -> str:

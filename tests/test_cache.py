@@ -299,3 +299,38 @@ def test_sigkill_mid_batch_with_repeats_resumes_exactly_once(tmp_path: Path) -> 
         assert got[f"r{i}"]["obatch"]["cached_from"]["custom_id"] == f"r{i % distinct}"
     assert served <= distinct + 8  # the repeats were never sent; at most what was in flight at the kill, again
     assert f"{n} succeeded, 0 failed of {n}" in rerun.stdout
+
+
+async def test_a_model_file_is_known_by_its_hash(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
+    known: dict[tuple[str, int, int], str] = {}
+    first = await cache.file_identity(model, known)
+    assert first.startswith("gguf:") and len(known) == 1
+    assert await cache.file_identity(model, known) == first and len(known) == 1  # hashed once per version
+    model.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 4096)
+    assert await cache.file_identity(model, known) != first
+
+
+def test_what_an_openai_compatible_engine_reports_names_the_model() -> None:
+    entry = {"id": "qwen", "object": "model", "owned_by": "llamacpp", "created": 1,
+             "meta": {"n_params": 494032768, "size": 1}}
+    same = cache.reported_identity(dict(reversed(entry.items())))
+    assert same == cache.reported_identity(entry)
+    assert cache.reported_identity({**entry, "meta": {"n_params": 7, "size": 1}}) != same
+    assert cache.reported_identity({**entry, "created": 2}) != same
+
+
+async def test_the_embedded_engine_names_its_model_by_the_file(tmp_path: Path) -> None:
+    import hashlib
+
+    from obatch.backends.local import LocalBackend
+    from obatch.testing.tiny_gguf import write_tiny_model
+
+    path = write_tiny_model(tmp_path / "tiny.gguf")
+    backend = LocalBackend(path, alias="tiny")
+    try:
+        (info,) = await backend.models()
+    finally:
+        await backend.aclose()
+    assert info.digest == "gguf:" + hashlib.sha256(path.read_bytes()).hexdigest()

@@ -41,6 +41,7 @@ class LocalBackend:
         self.parallel = parallel
         self._client: OpenAIBackend | None = None
         self._url: str | None = None
+        self._hashes: dict[tuple[str, int, int], str] = {}  # the model file's hash, by file version
 
     async def _ready(self, num_ctx: int | None = None, parallel: int | None = None) -> OpenAIBackend:
         config = self.engine.config
@@ -99,7 +100,7 @@ class LocalBackend:
     async def _digest(self) -> str | None:
         """The GGUF file's hash (hashed once per file version, in a worker thread)."""
         try:
-            return await file_identity(self.engine.model_path)
+            return await file_identity(self.engine.model_path, self._hashes)
         except OSError:
             return None
 
