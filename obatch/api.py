@@ -21,7 +21,16 @@ import orjson
 
 from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
-from obatch.batches import Services, create_batch, file_path, process, read_chunks, store_file, write_results
+from obatch.batches import (
+    Services,
+    create_batch,
+    file_path,
+    process,
+    provenance,
+    read_chunks,
+    store_file,
+    write_results,
+)
 from obatch.cache import POLICIES, CachePolicy
 from obatch.concurrency import Concurrency
 from obatch.config import Settings
@@ -46,11 +55,15 @@ RESULT_SCHEMA = {
     "content": "Utf8", "finish_reason": "Utf8", "prompt_tokens": "Int64", "completion_tokens": "Int64",
     "latency_ms": "Float64", "ttft_ms": "Float64", "num_ctx": "Int64", "truncated": "Boolean",
     "attempts": "Int64", "error_code": "Utf8", "error_message": "Utf8",
+    # provenance (docs/usage.md): the context loaded, the seed, answers the JSON check refused, and where it ran
+    "loaded_context": "Int64", "seed": "Int64", "refused_answers": "Int64", "host": "Utf8", "engine": "Utf8",
+    "engine_version": "Utf8", "model_digest": "Utf8",
 }
 """One row per request: the notebook API's frame (from the store) and the UI's (from the output files) alike."""
 _COLUMNS = ("line", "custom_id", "model", "state", "status_code", "content", "finish_reason", "prompt_tokens",
             "completion_tokens", "latency_ms", "ttft_ms", "num_ctx", "truncated", "attempts", "error_code",
-            "error_message")  # RESULT_SCHEMA's, as the store's request rows name them
+            "error_message", "loaded_context", "seed", "refused",
+            "host")  # RESULT_SCHEMA's, as the store's request rows name them; the host's number becomes its facts
 
 
 @dataclass
@@ -111,13 +124,14 @@ async def run_batch_file(
     model: str | None = None, concurrency: Concurrency | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
-    cache: CachePolicy | None = None,
+    output_retries: int | None = None, cache: CachePolicy | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
     ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
-    host's best level by measuring. ``cache`` (default: ``settings.cache``) is the response cache's policy:
-    ``"auto"``, ``"off"`` or ``"all"`` (docs/cache.md)."""
+    host's best level by measuring. ``output_retries``: how often a line that asks for JSON is asked again when its
+    answer is not that JSON (default: the ``output_retries`` setting). ``cache`` (default: ``settings.cache``) is the
+    response cache's policy: ``"auto"``, ``"off"`` or ``"all"`` (docs/cache.md)."""
     settings = settings or Settings()
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": concurrency})
@@ -153,7 +167,8 @@ async def run_batch_file(
             batch = None if fresh else await repo.find_resumable(session, signature)
         if batch is None:
             batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
-                                       model=model, source=source, signature=signature)
+                                       model=model, source=source, signature=signature,
+                                       output_retries=output_retries)
         else:
             await asyncio.to_thread(stored_path.unlink, missing_ok=True)
             async with sessions() as session:
@@ -209,7 +224,11 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
     """One row per request of a batch, in input order, as a polars DataFrame."""
     engine, sessions = await open_store(settings.db_url)
     try:
-        records = [row[:-1] async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]  # less the paging key
+        async with sessions() as session:
+            batch = await repo.find_batch(session, batch_id)
+        facts = provenance.LineFacts(provenance.entries_of(batch) if batch is not None else [])
+        # each row less its host's number and the paging key, then the host's facts
+        records = [(*row[:-2], *facts(row[-2], row[2])) async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]
     finally:
         await engine.dispose()
     import polars as pl
@@ -227,19 +246,22 @@ def result_schema() -> dict[str, pl.DataType]:
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
-              cache: CachePolicy | None = None, **defaults: Any) -> pl.DataFrame:
+              output_retries: int | None = None, cache: CachePolicy | None = None, **defaults: Any
+              ) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
     ``temperature=``…) fill the bodies of in-memory requests that do not set them. Re-running the same input with
-    the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``cache`` reuses stored answers:
-    ``"auto"`` (the default, from ``settings.cache``) for requests their body determines, ``"all"`` for every
-    request, ``"off"`` for none.
+    the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``output_retries`` bounds how
+    often a line asking for JSON is asked again when its answer is not that JSON (then it fails ``invalid_output``).
+    ``cache`` reuses stored answers: ``"auto"`` (the default, from ``settings.cache``) for requests their body
+    determines, ``"all"`` for every request, ``"off"`` for none.
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
-                                  source="notebook", fresh=fresh, defaults=defaults, cache=cache)
+                                  source="notebook", fresh=fresh, defaults=defaults, output_retries=output_retries,
+                                  cache=cache)
     return await results_frame(settings, report.batch.id)
 
 

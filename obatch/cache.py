@@ -13,10 +13,8 @@ The answers themselves stay where they are (request rows whose output can still 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import orjson
@@ -72,39 +70,3 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> None:
     if metadata and METADATA_KEY in metadata and metadata[METADATA_KEY] not in POLICIES:
         raise errors.ConfigError(f"metadata.{METADATA_KEY} must be one of {', '.join(POLICIES)}; "
                                  f"got {str(metadata[METADATA_KEY])[:32]!r}.", param=f"metadata.{METADATA_KEY}")
-
-
-# ------------------------------------------------------------------------------------------- model identity
-
-
-def same_model(a: str, b: str) -> bool:
-    """Ollama's names: ``foo`` and ``foo:latest`` are one model, case aside."""
-    def norm(name: str) -> str:
-        name = name.lower()
-        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-    return norm(a) == norm(b)
-
-
-def _hash_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-async def file_identity(path: Path, known: dict[tuple[str, int, int], str]) -> str:
-    """A model file's SHA-256 (``gguf:…``), read in a worker thread once per file version (path, size, mtime):
-    ``known`` keeps what was hashed, for the caller to pass again."""
-    stat = await asyncio.to_thread(path.stat)
-    stamp = (str(path), stat.st_size, stat.st_mtime_ns)
-    if stamp not in known:
-        known[stamp] = await asyncio.to_thread(_hash_file, path)
-    return f"gguf:{known[stamp]}"
-
-
-def reported_identity(entry: Mapping[str, Any]) -> str:
-    """What an OpenAI-compatible engine says of a model at ``/v1/models`` (its id, owner, creation time and any
-    ``meta`` it adds, like llama.cpp's parameter count and size): weaker than a digest, since a server may load other
-    weights under the same name."""
-    facts = {k: entry.get(k) for k in ("id", "owned_by", "created", "meta") if entry.get(k) is not None}
-    return "reported:" + hashlib.blake2b(orjson.dumps(facts, option=orjson.OPT_SORT_KEYS),
-                                         digest_size=20).hexdigest()

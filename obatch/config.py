@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     retry_initial_wait: float = Field(default=0.5, ge=0, description=(
         "Seconds before the first retry; later waits grow exponentially, with jitter."))
     retry_max_wait: float = Field(default=30.0, ge=0, description="The longest wait between two retries, in seconds.")
+    output_retries: int = Field(default=2, ge=0, le=20, description=(
+        "Times a line that asks for JSON (`response_format` `json_object` or `json_schema`, Ollama's `format`) is "
+        "asked again when its answer is not that JSON; then it fails as `invalid_output`. Per batch: "
+        "`obatch run --output-retries`, `obatch.run(output_retries=...)`, the server's batch metadata key "
+        "`obatch_output_retries`."))
     commit_every: int = Field(default=1024, ge=1, description=(
         "Results committed to the store per transaction (or every `commit_interval`, whichever comes first): the "
         "most a crash sends to the engine again."))

@@ -130,6 +130,7 @@ class BackendError(ObatchError):
     ) -> None:
         super().__init__(message, code=code, param=param)
         self.status = status
+        self.host: str | None = None  # the engine host that failed it, when one was reached (set by the runner)
 
 
 class TransientError(BackendError):

@@ -337,6 +337,15 @@ def validate_file(
     return count, digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """The file's content hash, as ``obatch.batches.store_file`` records it (blocking: use a thread)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def summarise(problems: list[LineProblem], name: str) -> str:
     head = "; ".join(
         f"line {p.line}: {p.message}" if p.line is not None else p.message for p in problems[:5]

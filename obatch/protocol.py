@@ -95,6 +95,14 @@ class LineStats(_Wire):
     num_ctx: int | None = None
     loaded_context: int | None = None  # the context the engine really ran with, where it tells (Ollama's /api/ps)
     truncated: bool | None = None
+    # Provenance: the engine host that answered, its engine and version, and the model's digest there (the batch's
+    # ``obatch.engines`` entry, joined in), the request's seed, and answers the structured-output check refused.
+    host: str | None = None
+    engine: str | None = None
+    engine_version: str | None = None
+    model_digest: str | None = None
+    seed: int | None = None
+    refused_answers: int | None = None
     cached_from: CachedFrom | None = None
 
 
@@ -392,15 +400,29 @@ class BatchEta(_Wire):
     tokens_per_s: float | None = None
 
 
+class EngineEntry(_Wire):
+    """An engine host a batch ran on: its URL, engine and version, and each model's digest there."""
+
+    host: str
+    engine: str
+    version: str | None = None
+    models: dict[str, str | None] = Field(default_factory=dict)
+
+
 class BatchExtension(_Wire):
     """The batch object's ``obatch`` field: how the batch runs (``concurrency``: the levels chosen per host, and
     why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
-    never ran. Fields without a value are left out."""
+    never ran; obatch's version and the engine hosts with their versions and model digests; the structured-output
+    counts. Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
     estimate: DurationEstimate | None = None
     eta: BatchEta | None = None
     not_run: int | None = None
+    version: str | None = None  # obatch's own version
+    engines: list[EngineEntry] | None = None  # the engine hosts that ran it; a line's ``obatch.host`` is one of them
+    invalid_output: int | None = None  # lines ended as invalid_output (the structured-output check), once final
+    refused_answers: int | None = None  # answers that check refused over all lines (each asked again, or final)
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

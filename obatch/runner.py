@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from obatch import errors
+from obatch import errors, structured
 from obatch.backends.base import Backend, Result, translate
 from obatch.backends.pool import Lease, Pool
 
@@ -52,13 +52,14 @@ class RetryPolicy:
     initial_wait: float = 0.5
     max_wait: float = 30.0
     timeout: float = 600.0
+    output_retries: int = 2  # answers refused by the structured-output check that are asked again (obatch.structured)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, max_attempts: int | None = None) -> RetryPolicy:
         """The policy the settings describe; ``max_attempts`` caps their attempts (a benchmark retries less)."""
         attempts = settings.max_attempts if max_attempts is None else min(settings.max_attempts, max_attempts)
         return cls(max_attempts=attempts, initial_wait=settings.retry_initial_wait, max_wait=settings.retry_max_wait,
-                   timeout=settings.request_timeout)
+                   timeout=settings.request_timeout, output_retries=settings.output_retries)
 
 
 Sink = Callable[[Outcome], Awaitable[None]]
@@ -89,9 +90,11 @@ async def _attempt(lease: Lease, job: Job, policy: RetryPolicy, stream: bool, at
     except TimeoutError as exc:
         error: errors.BackendError = errors.BackendTimeout(
             f"No answer within {policy.timeout:g} s (attempt {attempts}).")
+        error.host = lease.host.url
         lease.release(error=error)
         raise error from exc
     except errors.BackendError as exc:
+        exc.host = lease.host.url
         lease.release(error=exc)
         raise
     except asyncio.CancelledError:
@@ -99,9 +102,11 @@ async def _attempt(lease: Lease, job: Job, policy: RetryPolicy, stream: bool, at
         raise
     except Exception as exc:  # a backend bug must fail one line, not the batch
         error = translate(exc)
+        error.host = lease.host.url
         lease.release(error=error)
         raise error from exc
     lease.release(work=_work(result))
+    result.host = lease.host.url
     return result
 
 
@@ -109,6 +114,37 @@ async def call_with_retries(pool: Pool, job: Job, policy: RetryPolicy, *, stream
                             model: str | None = None, first: Lease | None = None
                             ) -> tuple[Result | None, errors.BackendError | None, int]:
     """One job to its end: (result, None, attempts) or (None, final error, attempts).
+
+    A line that asks for JSON (``obatch.structured``) has its answer checked: an answer that fails the check is
+    asked for again, up to ``policy.output_retries`` times (a budget of its own, beside the transient faults'), and
+    the line then ends as ``invalid_output`` with the last answer kept. A line that asks for no JSON is never checked.
+    """
+    try:
+        expect = structured.expectation(job.url, job.body)
+    except errors.PermanentError as exc:
+        if first is not None:
+            first.release()
+        return None, exc, 0
+    result, error, attempts = await _call_until_answered(pool, job, policy, stream, model, first)
+    if expect is None:
+        return result, error, attempts
+    refused = 0
+    while result is not None:
+        why = structured.problem(expect, result.body)
+        if why is None:
+            result.refused = refused
+            return result, None, attempts
+        refused += 1
+        if refused > policy.output_retries:
+            return None, structured.invalid(why, result, refused, attempts), attempts
+        result, error, more = await _call_until_answered(pool, job, policy, stream, model, None)
+        attempts += more
+    return None, error, attempts
+
+
+async def _call_until_answered(pool: Pool, job: Job, policy: RetryPolicy, stream: bool, model: str | None,
+                               first: Lease | None) -> tuple[Result | None, errors.BackendError | None, int]:
+    """Attempts until the engine answers or a fault is final: (result, None, attempts) or (None, error, attempts).
 
     Each attempt leases a slot anew, so a retry may go to another host of the pool. The first attempt runs outside
     tenacity (most requests need no retry, and the retry machinery costs per call); a transient failure hands the

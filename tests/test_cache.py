@@ -109,6 +109,7 @@ async def test_a_rerun_sends_only_the_changed_lines(tmp_path: Path, make_setting
             continue
         assert line["obatch"]["cached_from"] == {"batch_id": one.batch.id, "custom_id": f"r{i}"}
         assert line["obatch"]["attempts"] == 0 and line["obatch"]["latency_ms"] is None
+        assert line["obatch"]["host"] is None  # no host of this batch answered it: the line it names has one
         assert line["response"]["body"] == earlier[f"r{i}"]["response"]["body"]  # the stored answer
         assert line["id"] != earlier[f"r{i}"]["id"]  # a line of its own
     assert two.batch.output_tokens == one.batch.output_tokens - sum(  # usage is what the answers say, reused or not
@@ -301,36 +302,18 @@ def test_sigkill_mid_batch_with_repeats_resumes_exactly_once(tmp_path: Path) -> 
     assert f"{n} succeeded, 0 failed of {n}" in rerun.stdout
 
 
-async def test_a_model_file_is_known_by_its_hash(tmp_path: Path) -> None:
-    model = tmp_path / "model.gguf"
-    model.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
-    known: dict[tuple[str, int, int], str] = {}
-    first = await cache.file_identity(model, known)
-    assert first.startswith("gguf:") and len(known) == 1
-    assert await cache.file_identity(model, known) == first and len(known) == 1  # hashed once per version
-    model.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 4096)
-    assert await cache.file_identity(model, known) != first
-
-
-def test_what_an_openai_compatible_engine_reports_names_the_model() -> None:
-    entry = {"id": "qwen", "object": "model", "owned_by": "llamacpp", "created": 1,
-             "meta": {"n_params": 494032768, "size": 1}}
-    same = cache.reported_identity(dict(reversed(entry.items())))
-    assert same == cache.reported_identity(entry)
-    assert cache.reported_identity({**entry, "meta": {"n_params": 7, "size": 1}}) != same
-    assert cache.reported_identity({**entry, "created": 2}) != same
-
-
 async def test_the_embedded_engine_names_its_model_by_the_file(tmp_path: Path) -> None:
     import hashlib
 
     from obatch.backends.local import LocalBackend
+    from obatch.backends.pool import Pool
+    from obatch.batches.reuse import identity
     from obatch.testing.tiny_gguf import write_tiny_model
 
     path = write_tiny_model(tmp_path / "tiny.gguf")
     backend = LocalBackend(path, alias="tiny")
     try:
-        (info,) = await backend.models()
+        named = await identity(Pool.of(backend, concurrency=1), "tiny")
     finally:
         await backend.aclose()
-    assert info.digest == "gguf:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert named == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()

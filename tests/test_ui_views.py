@@ -164,7 +164,8 @@ def test_results_frame_and_filters() -> None:
         "line": 1, "custom_id": "a", "model": None, "status": "succeeded", "status_code": 200, "content": "hi",
         "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4, "latency_ms": 120.0,
         "ttft_ms": None, "num_ctx": None, "truncated": None, "attempts": None, "error_code": None,
-        "error_message": None}
+        "error_message": None, "loaded_context": None, "seed": None, "refused_answers": None, "host": None,
+        "engine": None, "engine_version": None, "model_digest": None}
     assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
     later = {**ok, "custom_id": "0-first-by-name", "obatch": {"line": 9}}
     assert views.results_frame(jsonl(later, ok))["line"].to_list() == [1, 9]  # input order, not the names'
@@ -207,7 +208,9 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
     assert by_id["ok"] == {
         "line": 1, "custom_id": "ok", "model": "m", "status": "succeeded", "status_code": 200, "content": "hello",
         "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2, "latency_ms": 12.5, "ttft_ms": 3.0,
-        "num_ctx": 2048, "truncated": False, "attempts": 2, "error_code": None, "error_message": None}
+        "num_ctx": 2048, "truncated": False, "attempts": 2, "error_code": None, "error_message": None,
+        "loaded_context": None, "seed": None, "refused_answers": None, "host": None, "engine": None,
+        "engine_version": None, "model_digest": None}
     assert (by_id["bad"]["status"], by_id["bad"]["status_code"], by_id["bad"]["error_code"]) == \
         ("failed", 400, "context_length_exceeded")
     assert (by_id["late"]["status"], by_id["late"]["error_code"], by_id["late"]["line"]) == \

@@ -39,6 +39,8 @@ class Result:
     body: dict[str, Any]
     timings: Timings = field(default_factory=Timings)
     status_code: int = 200
+    host: str | None = None  # the engine host that answered (set by the runner)
+    refused: int = 0  # earlier answers to the same request refused by the structured-output check
 
 
 @dataclass(slots=True)
@@ -52,7 +54,8 @@ class ModelInfo:
     loaded: bool = False
     loaded_context_length: int | None = None
     capabilities: tuple[str, ...] = ()
-    digest: str | None = None  # what the answers are cached under (``obatch.cache``): the weights' identity
+    digest: str | None = None  # the engine's identity of the weights (Ollama's digest), where it tells one; the
+    # response cache's too (``obatch.cache``)
 
     def as_openai(self) -> Model:
         """The ``/v1/models`` entry, with the engine's facts as extra fields."""

@@ -11,6 +11,7 @@ request per prompt (``obatch.backends.completions``: llama.cpp's own answer to a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +21,8 @@ from obatch import errors
 from obatch.backends import completions
 from obatch.backends.base import Capabilities, ModelInfo, Result
 from obatch.backends.openai import OpenAIBackend
-from obatch.cache import file_identity
 from obatch.engine import LocalEngine
+from obatch.jsonl import file_sha256
 
 DEFAULT_NUM_CTX = 2048
 # Slots when the caller leaves the width to the engine (auto concurrency): on 2 CPU cores SmolLM2 gave 117 / 126 /
@@ -41,7 +42,7 @@ class LocalBackend:
         self.parallel = parallel
         self._client: OpenAIBackend | None = None
         self._url: str | None = None
-        self._hashes: dict[tuple[str, int, int], str] = {}  # the model file's hash, by file version
+        self._digest: str | None = None
 
     async def _ready(self, num_ctx: int | None = None, parallel: int | None = None) -> OpenAIBackend:
         config = self.engine.config
@@ -94,15 +95,7 @@ class LocalBackend:
             id=self.alias, context_length=self.engine.context_length(), family="llama",
             loaded=config is not None,
             loaded_context_length=config.n_ctx // config.n_parallel if config else None,
-            digest=await self._digest(),
         )]
-
-    async def _digest(self) -> str | None:
-        """The GGUF file's hash (hashed once per file version, in a worker thread)."""
-        try:
-            return await file_identity(self.engine.model_path, self._hashes)
-        except OSError:
-            return None
 
     async def show(self, model: str) -> ModelInfo:
         self._check_model(model)
@@ -124,6 +117,13 @@ class LocalBackend:
         """The per-request context of the running engine (its total ``n_ctx`` split across the slots)."""
         config = self.engine.config
         return config.n_ctx // config.n_parallel if config is not None and model == self.alias else None
+
+    async def model_digest(self, model: str) -> str | None:
+        """The GGUF file's SHA-256, read once per backend in a thread (a file of gigabytes takes seconds)."""
+        self._check_model(model)
+        if self._digest is None:
+            self._digest = "sha256:" + await asyncio.to_thread(file_sha256, self.engine.model_path)
+        return self._digest
 
     async def version(self) -> str | None:
         import xllamacpp

@@ -461,11 +461,10 @@ class OllamaBackend:
             out.append(ModelInfo(
                 id=entry["name"], family=details.get("family"), parameter_size=details.get("parameter_size"),
                 quantization=details.get("quantization_level"), size=entry.get("size"),
-                loaded=running is not None,
+                loaded=running is not None, digest=entry.get("digest"),
                 loaded_context_length=(running or {}).get("context_length"),
                 context_length=self._show_cache[entry["name"]].context_length
                 if entry["name"] in self._show_cache else None,
-                digest=f"ollama:{entry['digest']}" if entry.get("digest") else None,
             ))
         return out
 

@@ -14,6 +14,7 @@ ignored here; llama.cpp's ``timings`` object is read when the engine sends one.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,6 @@ from obatch.backends.base import (
     stream_lines,
     timings_from_llamacpp,
 )
-from obatch.cache import reported_identity
 from obatch.protocol import ENDPOINTS
 
 _OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
@@ -40,6 +40,17 @@ _OBATCH_ONLY = ("options", "num_ctx", "keep_alive", "think", "format")
 
 def _clean(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in _OBATCH_ONLY}
+
+
+def reported_identity(entry: dict[str, Any]) -> str | None:
+    """What an OpenAI-compatible engine's ``/v1/models`` entry says of the weights behind a name: a ``digest`` when
+    it gives one; llama.cpp's ``meta`` (parameter count, size, vocabulary: a hash of them); vLLM's ``root`` (the
+    path or repository it loaded). Weaker than a digest of the file: two builds of the same shape look alike."""
+    if isinstance(entry.get("digest"), str):
+        return str(entry["digest"])
+    if isinstance(entry.get("meta"), dict):
+        return "meta:" + hashlib.sha256(orjson.dumps(entry["meta"], option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return str(entry["root"]) if isinstance(entry.get("root"), str) else None
 
 
 class OpenAIBackend:

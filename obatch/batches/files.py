@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from obatch import cache, context, errors
+from obatch.batches.provenance import seed_of
 from obatch.batches.services import Services, reload, update_batch
 from obatch.config import Settings
 from obatch.jsonl import MAX_PROBLEMS, EnginePolicy, Limits, Request, iter_file
@@ -122,7 +123,7 @@ def _request_row(batch_id: str, request: Request) -> tuple[Any, ...]:
     body = request.body
     return (batch_id, request.line, request.custom_id, request.url, str(body["model"]), orjson.dumps(body).decode(),
             context.estimate_prompt_tokens(request.url, body), context.output_budget(body), "pending", 0, False,
-            cache.key(request.url, body))
+            seed_of(body), cache.key(request.url, body))
 
 
 def _import_chunk(items: Iterator[Request | errors.LineProblem], batch_id: str, problems: list[errors.LineProblem]

@@ -20,6 +20,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -27,7 +28,7 @@ import orjson
 from obatch import cache, context, errors, lease
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
-from obatch.batches import reuse
+from obatch.batches import provenance, reuse
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
@@ -56,7 +57,7 @@ def window_seconds(window: str, *, minimum: int = 60) -> int:
 async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | None, completion_window: str = "24h",
                        metadata: dict[str, str] | None = None, owner: str = "", model: str | None = None,
                        source: str = "api", signature: str | None = None, concurrency: int | None = None,
-                       output_expires_after: int | None = None) -> BatchRow:
+                       output_expires_after: int | None = None, output_retries: int | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
     cache.check_metadata(metadata)
     created = int(svc.clock())
@@ -67,7 +68,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
             completion_window=completion_window, created_at=created, expires_at=created + seconds,
             metadata_json=orjson.dumps(metadata).decode() if metadata else None, model=model, source=source,
             signature=signature, concurrency=concurrency, backend=svc.backend.name,
-            output_expires_after=output_expires_after,
+            output_expires_after=output_expires_after, output_retries=output_retries,
             seq=await repo.next_seq(session),
         )
         repo.add(session, batch)
@@ -199,6 +200,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         groups = await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)
     writer = ResultWriter(svc, batch.id, progress, eta=await live_eta(svc, batch))
     pool = svc.pool
+    policy = svc.policy if batch.output_retries is None else replace(svc.policy, output_retries=batch.output_retries)
     for group in groups:
         try:
             info = await pool.route(group.model)
@@ -210,6 +212,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         if plan.answered and not await _has_pending(svc, batch.id, group.model):
             continue
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
+        writer.hosts.update(await provenance.record(svc, batch, pool, group.model))
         held = plan.held
         while True:  # a second round only for held lines whose leader failed: they run themselves
             try:
@@ -217,7 +220,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
                     done = asyncio.Event()
                     tasks.create_task(_watch(svc, writer, done))
                     runner = tasks.create_task(run_jobs(
-                        _jobs(svc, batch.id, group.model, num_ctx, held), pool, writer.add, policy=svc.policy,
+                        _jobs(svc, batch.id, group.model, num_ctx, held), pool, writer.add, policy=policy,
                         model=group.model, stream=stream, cap=batch.concurrency))
                     await runner
                     done.set()

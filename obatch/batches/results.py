@@ -12,17 +12,20 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from obatch import context
+from obatch import context, structured
+from obatch.batches import provenance
 from obatch.batches.files import file_path
 from obatch.batches.services import Progress, Services, reload, update_batch
 from obatch.progress import LiveEta
 from obatch.protocol import (
+    FINAL_STATUSES,
     NOT_RUN_CODES,
     Batch,
     BatchErrorItem,
@@ -31,6 +34,7 @@ from obatch.protocol import (
     BatchExtension,
     BatchUsage,
     DurationEstimate,
+    EngineEntry,
     ErrorDetail,
     ErrorResponse,
     FileObject,
@@ -58,10 +62,12 @@ def _request_id() -> str:
 # ------------------------------------------------------------------------------------------- results
 
 
-def outcome_row(outcome: Outcome) -> tuple[Any, ...]:
+def outcome_row(outcome: Outcome, hosts: Mapping[str, int] | None = None) -> tuple[Any, ...]:
     """A finished request as ``repo.FINISH_COLUMNS``' values, then its line number: as the store keeps it (pilots
-    store theirs the same way)."""
+    store theirs the same way). ``hosts`` numbers the engine hosts (the batch's ``engines_json`` entries)."""
     job, result, error = outcome.job, outcome.result, outcome.error
+    if isinstance(error, structured.InvalidOutput):  # an answer, kept, that is not the JSON the line asked for
+        result = error.answer
     if result is not None:
         timings = result.timings
         usage = result.body.get("usage") or {}
@@ -69,16 +75,22 @@ def outcome_row(outcome: Outcome) -> tuple[Any, ...]:
         prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", timings.prompt_tokens))
         completion_tokens = usage.get("completion_tokens", usage.get("output_tokens", timings.completion_tokens))
         details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        return ("succeeded", _request_id(), result.status_code, orjson.dumps(result.body).decode(), None, None,
+        refused = error.refused if isinstance(error, structured.InvalidOutput) else result.refused
+        return ("succeeded" if error is None else "failed", _request_id(), result.status_code,
+                orjson.dumps(result.body).decode(), error and error.code, error and error.message,
                 content, finish, prompt_tokens, completion_tokens, details.get("reasoning_tokens"),
                 outcome.latency_ms, timings.ttft_ms, timings.prompt_ms, timings.decode_ms, timings.load_ms,
                 job.num_ctx, outcome.attempts,
                 context.looks_truncated(prompt_tokens, job.num_ctx, job.prompt_estimate), outcome.finished_at,
-                job.line)
+                _host(hosts, result.host), refused or None, job.line)
     assert error is not None
     return ("failed", _request_id(), error.status or error.status_code, None, error.code, error.message, None, None,
             None, None, None, outcome.latency_ms, None, None, None, None, job.num_ctx, outcome.attempts, False,
-            outcome.finished_at, job.line)
+            outcome.finished_at, _host(hosts, getattr(error, "host", None)), None, job.line)
+
+
+def _host(hosts: Mapping[str, int] | None, url: str | None) -> int | None:
+    return hosts.get(url) if hosts is not None and url is not None else None
 
 
 @dataclass
@@ -93,6 +105,7 @@ class ResultWriter:
     batch_id: str
     progress: Progress | None = None
     eta: LiveEta | None = None
+    hosts: dict[str, int] = field(default_factory=dict)  # engine host URL -> its entry in the batch's engines_json
     buffer: list[tuple[Any, ...]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -101,7 +114,7 @@ class ResultWriter:
     _failed: BaseException | None = field(default=None, repr=False)
 
     async def add(self, outcome: Outcome) -> None:
-        row = outcome_row(outcome)
+        row = outcome_row(outcome, self.hosts)
         self.buffer.append(row)
         if self.eta is not None:
             timings = outcome.result.timings if outcome.result is not None else None
@@ -158,41 +171,54 @@ class ResultWriter:
 # What an output line needs of a row, in this order, then its line (not the request body nor the extracted content:
 # plain values of these, read through the driver, cost a fraction of a mapped row on a path that runs once per line).
 _OUTPUT_COLUMNS = ("custom_id", "state", "request_id", "status_code", "response", "error_code", "error_message",
-                   "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated", "cached_from")
+                   "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated", "model", "host",
+                   "seed", "refused", "cached_from")
 
 
-def _line(row: tuple[Any, ...], pending_code: str | None) -> tuple[bool, bytes]:
+_NO_FACTS = provenance.LineFacts(())
+
+
+def _line(row: tuple[Any, ...], pending_code: str | None, facts: provenance.LineFacts = _NO_FACTS
+          ) -> tuple[bool, bytes]:
     """(is_success, output line) for one row (``_OUTPUT_COLUMNS``' values and its line). A success is the common line
     of a big batch: it is written straight from the row, in ``OutputLine``'s shape and field order, with the body
-    stored as JSON text passed through unparsed; the others go through ``OutputLine``."""
+    stored as JSON text passed through unparsed; the others go through ``OutputLine``. ``facts`` joins in the
+    provenance of the host that answered (kept once per batch, not per line)."""
     (custom_id, state, request_id, status_code, response, error_code, error_message, latency_ms, ttft_ms, attempts,
-     num_ctx, loaded_context, truncated, cached_from, line) = row
+     num_ctx, loaded_context, truncated, model, host, seed, refused, cached_from, line) = row
     truncated = bool(truncated)  # SQLite keeps booleans as 0/1
+    host_url, engine, engine_version, model_digest = facts(host, model)
     if state == "succeeded":
         request_id = request_id or _request_id()
-        extension = {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
-                     "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated,
-                     "cached_from": orjson.Fragment(cached_from) if cached_from else None}
         return True, orjson.dumps({
             "id": request_id, "custom_id": custom_id,
             "response": {"status_code": status_code or 200, "request_id": request_id,
                          "body": orjson.Fragment(response or "{}")},
-            "error": None, "obatch": extension,
+            "error": None,
+            "obatch": {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
+                       "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated,
+                       "host": host_url, "engine": engine, "engine_version": engine_version,
+                       "model_digest": model_digest, "seed": seed, "refused_answers": refused,
+                       "cached_from": orjson.Fragment(cached_from) if cached_from else None},
         }, option=orjson.OPT_APPEND_NEWLINE)
     if state == "pending":
         code = pending_code or "batch_cancelled"
         message = ("This request could not be executed before the completion window expired."
                    if code == "batch_expired" else "This request was not executed: the batch was cancelled.")
         return False, OutputLine(id=_request_id(), custom_id=custom_id, error=LineError(code=code, message=message),
-                                 obatch=LineStats(line=line)).to_jsonl()
+                                 obatch=LineStats(line=line, seed=seed)).to_jsonl()
     response_body = None
-    if status_code:
+    if response is not None:  # an answer kept with its error (invalid_output): as the engine gave it
+        response_body = ResponseBody(status_code=status_code or 200, request_id=request_id or _request_id(),
+                                     body=orjson.Fragment(response))
+    elif status_code:
         kind = "invalid_request_error" if status_code < 500 else "server_error"
         detail = ErrorDetail(message=error_message or "", type=kind, code=error_code)
         response_body = ResponseBody(status_code=status_code, request_id=request_id or _request_id(),
                                      body=ErrorResponse(error=detail).model_dump())
     stats = LineStats(line=line, latency_ms=latency_ms, ttft_ms=ttft_ms, attempts=attempts, num_ctx=num_ctx,
-                      loaded_context=loaded_context, truncated=truncated)
+                      loaded_context=loaded_context, truncated=truncated, host=host_url, engine=engine,
+                      engine_version=engine_version, model_digest=model_digest, seed=seed, refused_answers=refused)
     return False, OutputLine(id=request_id or _request_id(), custom_id=custom_id, response=response_body,
                              error=LineError(code=error_code, message=error_message), obatch=stats).to_jsonl()
 
@@ -208,9 +234,11 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     err_handle = await asyncio.to_thread(tmp_err.open, "wb")
     counts = [0, 0]
     buffers: tuple[list[bytes], list[bytes]] = ([], [])
+    async with svc.sessions() as session:
+        facts = provenance.LineFacts(provenance.entries_of(await repo.get_batch(session, batch_id)))
     try:
         async for row in repo.iter_values(svc.sessions, batch_id, _OUTPUT_COLUMNS):
-            ok, data = _line(row, pending_code)
+            ok, data = _line(row, pending_code, facts)
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1
             if len(buffers[0]) + len(buffers[1]) >= WRITE_CHUNK:
@@ -270,9 +298,11 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
         await repo.recount(session, fresh)
         if pending_code:
             fresh.failed = fresh.total - fresh.completed
+        invalid_output, refused_answers = await repo.structured_counts(session, batch.id)
         fields.update(total=fresh.total, completed=fresh.completed, failed=fresh.failed,
                       input_tokens=fresh.input_tokens, output_tokens=fresh.output_tokens,
-                      reasoning_tokens=fresh.reasoning_tokens)
+                      reasoning_tokens=fresh.reasoning_tokens, invalid_output=invalid_output,
+                      refused_answers=refused_answers)
         fields.update({"status": status, f"{status}_at": stamp})
         for row in files:
             await repo.upsert_file(session, row)
@@ -324,12 +354,18 @@ def batch_object(row: BatchRow, *, not_run: int | None = None) -> Batch:
     return batch
 
 
-def _extension(row: BatchRow) -> BatchExtension | None:
+def _extension(row: BatchRow) -> BatchExtension:
     """The batch object's ``obatch`` field: how it runs (concurrency), the estimate made at its start and, while it
-    runs, the remaining time refined from the lines already finished."""
-    extension = BatchExtension(
+    runs, the remaining time refined from the lines already finished; obatch's version, the engine hosts it ran on
+    (``engines``: version and model digests, what a line's ``obatch.host`` refers to), and once final the
+    structured-output counts."""
+    final = row.status in FINAL_STATUSES
+    return BatchExtension(
+        version=provenance.obatch_version(),
+        engines=[EngineEntry.model_validate(e) for e in provenance.entries_of(row)] or None,
+        invalid_output=row.invalid_output if final else None,
+        refused_answers=row.refused_answers if final else None,
         concurrency=orjson.loads(row.concurrency_json) if row.concurrency_json else None,
         estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
         eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
                                                                                           "finalizing") else None)
-    return extension if extension.model_dump() else None

@@ -21,14 +21,16 @@ import orjson
 
 from obatch import cache, errors
 from obatch.backends.pool import Pool
+from obatch.batches.provenance import model_digest
 from obatch.batches.services import Progress, Services
 from obatch.protocol import new_id
 from obatch.store import repo
 from obatch.store.tables import BatchRow
 
 # A reused answer keeps what the answer says (body, content, usage, finish reason, context); what measured the
-# engine's work on it is left empty, since no engine worked.
-_NOT_COPIED = ("latency_ms", "ttft_ms", "engine_prompt_ms", "engine_decode_ms", "engine_load_ms")
+# engine's work on it, and which of this batch's hosts answered, are left empty: no engine worked on it
+# (``cached_from`` names the line whose provenance it has).
+_NOT_COPIED = ("latency_ms", "ttft_ms", "engine_prompt_ms", "engine_decode_ms", "engine_load_ms", "host", "refused")
 
 
 @dataclass
@@ -49,10 +51,9 @@ async def identity(pool: Pool, model: str) -> str | None:
         if not host.serves(model):
             continue
         try:
-            infos = await host.backend.models()
+            digest = await model_digest(host.backend, model)
         except errors.BackendError:
             return None
-        digest = next((i.digest for i in infos if cache.same_model(i.id, model)), None)
         if digest is None:
             return None
         found.add(digest)

@@ -38,6 +38,7 @@ from obatch.backends.base import Backend
 from obatch.backends.pool import Pool
 from obatch.config import Settings
 from obatch.jsonl import Request, iter_file
+from obatch.jsonl import file_sha256 as file_sha256  # where the pilots and their tests find it
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.store import pilots, repo
 from obatch.store.db import Sessions
@@ -78,15 +79,6 @@ def valid_lines(path: Path, model: str | None = None) -> int:
     """How many valid requests the file holds (blocking: use a thread)."""
     with path.open("rb") as handle:
         return sum(isinstance(r, Request) for r in iter_file(handle, model=model))
-
-
-def file_sha256(path: Path) -> str:
-    """The file's content hash, as ``obatch.batches.store_file`` records it (blocking: use a thread)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stratum(max_tokens: int | None) -> int:

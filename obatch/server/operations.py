@@ -119,9 +119,24 @@ def _check_create(svc: Services, request: BatchCreate) -> None:
                                  code="invalid_value", param="metadata")
 
 
+OUTPUT_RETRIES_KEY = "obatch_output_retries"  # batch metadata: answers refused by the JSON check asked again
+
+
+def output_retries(metadata: dict[str, str] | None) -> int | None:
+    """The batch's ``obatch_output_retries`` metadata value (None: the server's setting); a bad one is refused."""
+    value = (metadata or {}).get(OUTPUT_RETRIES_KEY)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) > 20:
+        raise errors.ConfigError(f"metadata {OUTPUT_RETRIES_KEY} must be a whole number from 0 to 20; got "
+                                 f"{value[:32]!r}.", code="invalid_value", param="metadata")
+    return int(value)
+
+
 async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, request: BatchCreate) -> Batch:
     """Record the batch (``validating``) and wake the worker; validation and the run happen there."""
     _check_create(svc, request)
+    retries = output_retries(request.metadata)
     expires = batches.expiry_seconds(request.output_expires_after, param="output_expires_after",
                                      minimum=svc.settings.min_file_expiry)
     async with svc.sessions() as session:
@@ -132,7 +147,8 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
     row = await batches.create_batch(svc, input_file_id=source.id, endpoint=request.endpoint,
                                      completion_window=request.completion_window, metadata=request.metadata,
                                      owner=source.owner, model=request.model, source="api",
-                                     concurrency=request.concurrency, output_expires_after=expires)
+                                     concurrency=request.concurrency, output_expires_after=expires,
+                                     output_retries=retries)
     worker.kick()
     return batches.batch_object(row)
 

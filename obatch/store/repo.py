@@ -65,6 +65,11 @@ async def get_batch(session: AsyncSession, batch_id: str, owner: str | None = No
     return row
 
 
+async def find_batch(session: AsyncSession, batch_id: str) -> BatchRow | None:
+    """A batch's row, or None when there is none."""
+    return await session.get(BatchRow, batch_id)
+
+
 async def next_seq(session: AsyncSession) -> int:
     """The next creation number. On PostgreSQL, servers creating batches at once take turns (a transaction lock held
     until the caller commits), so no two batches share a number."""
@@ -126,7 +131,7 @@ async def first_url(session: AsyncSession, batch_id: str) -> str | None:
 
 # The columns a new request row is written with, in the order ``insert_requests`` takes its values.
 REQUEST_COLUMNS = ("batch_id", "line", "custom_id", "url", "model", "body", "prompt_estimate", "max_tokens", "state",
-                   "attempts", "truncated", "cache_key")
+                   "attempts", "truncated", "seed", "cache_key")
 
 
 async def insert_requests(session: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -242,7 +247,7 @@ async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[str] | 
 FINISH_COLUMNS = (
     "state", "request_id", "status_code", "response", "error_code", "error_message", "content", "finish_reason",
     "prompt_tokens", "completion_tokens", "reasoning_tokens", "latency_ms", "ttft_ms", "engine_prompt_ms",
-    "engine_decode_ms", "engine_load_ms", "num_ctx", "attempts", "truncated", "finished_at",
+    "engine_decode_ms", "engine_load_ms", "num_ctx", "attempts", "truncated", "finished_at", "host", "refused",
 )
 _STATE, _PROMPT, _COMPLETION, _REASONING = (FINISH_COLUMNS.index(c) for c in (
     "state", "prompt_tokens", "completion_tokens", "reasoning_tokens"))
@@ -344,6 +349,14 @@ async def recount(session: AsyncSession, batch: BatchRow) -> None:
     batch.output_tokens = succeeded[2]
     batch.reasoning_tokens = succeeded[3]
     batch.total = sum(v[0] for v in counts.values())
+
+
+async def structured_counts(session: AsyncSession, batch_id: str) -> tuple[int, int]:
+    """(lines that ended as invalid_output, answers the structured-output check refused) of a batch."""
+    statement = select(func.count().filter(col(RequestRow.error_code) == "invalid_output"),
+                       func.coalesce(func.sum(col(RequestRow.refused)), 0)).where(col(RequestRow.batch_id) == batch_id)
+    invalid, refused = (await session.execute(statement)).one()
+    return int(invalid or 0), int(refused or 0)
 
 
 # ------------------------------------------------------------------------------- server: lists, worker, metrics

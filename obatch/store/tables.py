@@ -69,6 +69,10 @@ class BatchRow(SQLModel, table=True):
     estimate_json: str | None = None  # the duration estimate made before the run, kept to compare with reality
     concurrency_json: str | None = None  # each engine host's level, the reason for it, and its changes (auto)
     eta_json: str | None = None  # the live remaining-time estimate while it runs (``obatch.progress.LiveEta``)
+    engines_json: str | None = None  # the engine hosts that ran it: [{host, engine, version, models: {name: digest}}]
+    output_retries: int | None = None  # answers refused by the JSON check asked again per line (None: the setting)
+    invalid_output: int = 0  # lines that ended as invalid_output (counted at finalisation)
+    refused_answers: int = 0  # answers the JSON check refused, over all lines (counted at finalisation)
 
 
 class RequestRow(SQLModel, table=True):
@@ -107,6 +111,9 @@ class RequestRow(SQLModel, table=True):
     attempts: int = 0
     truncated: bool = False
     finished_at: float | None = None
+    host: int | None = None  # which entry of the batch's ``engines_json`` answered (a small number, not a URL)
+    seed: int | None = Field(default=None, sa_type=WIDE)  # the request's seed, when it set one
+    refused: int | None = None  # answers the structured-output check refused before this one (None: none)
     # The response cache (``obatch.cache``): the kind and hash of the canonical body, set at import; the identity of
     # the model that answers it, set when its model group starts; and, for a line answered by reuse, the line whose
     # answer it took (JSON: batch_id, custom_id).

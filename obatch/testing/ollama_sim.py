@@ -304,6 +304,7 @@ class SimConfig:
     reset_rate: float = 0.0
     hang_rate: float = 0.0
     stream_error_rate: float = 0.0  # streams that end in an NDJSON {"error": ...} line after status 200
+    invalid_json_rate: float = 0.0  # answers to a ``format`` request cut short: not JSON (a small model's habit)
     prompt_cache: bool = False  # each slot keeps its last prompt; a shared prefix is not processed again
     seed: int = 0
     version: str = "0.12.6"
@@ -319,6 +320,7 @@ class SimStats:
     resets_injected: int = 0
     hangs_injected: int = 0
     stream_errors_injected: int = 0
+    invalid_json_injected: int = 0
     busy_503: int = 0
     loads: int = 0  # loads and reloads
     unloads: int = 0
@@ -955,6 +957,9 @@ class OllamaSim:
         num_ctx = self._num_ctx(model, options)
         think = _think_value(body.get("think")) if chat else None
         plan = _plan(model, prompt_text, options, fmt, tools, last_user, self.config.default_output_tokens, think)
+        if fmt is not None and self.config.invalid_json_rate > 0 and self._rng.random() < self.config.invalid_json_rate:
+            self.stats.invalid_json_injected += 1
+            plan.pieces = plan.pieces[:-1] or ["{"]  # the answer stops before its JSON closes
         top = _top_logprobs(body)
         stream = body.get("stream") is not False
         cfg = self.config
@@ -1219,6 +1224,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--hang-rate", type=float, default=0.0)
     p.add_argument("--stream-error-rate", type=float, default=0.0)
+    p.add_argument("--invalid-json-rate", type=float, default=0.0,
+                   help="fraction of format (JSON) answers cut before their JSON closes")
     p.add_argument("--prompt-tps-shared", action="store_true",
                    help="--prompt-tps is the model's, shared by the prompts processed at once")
     p.add_argument("--prompt-cache", action="store_true",
@@ -1245,7 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
         default_num_ctx=a.default_num_ctx, load_seconds=a.load_seconds, prompt_tps=a.prompt_tps,
         decode_tps=a.decode_tps, default_output_tokens=a.output_tokens, error_rate=a.error_rate,
         reset_rate=a.reset_rate, hang_rate=a.hang_rate, stream_error_rate=a.stream_error_rate,
-        prompt_tps_shared=a.prompt_tps_shared, prompt_cache=a.prompt_cache, seed=a.seed)
+        invalid_json_rate=a.invalid_json_rate, prompt_tps_shared=a.prompt_tps_shared, prompt_cache=a.prompt_cache,
+        seed=a.seed)
     if a.model:
         config.models = tuple(SimModel(n, capabilities=("embedding",), embedding_length=32) if "embed" in n
                               else SimModel(n) for n in a.model)

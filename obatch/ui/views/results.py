@@ -28,6 +28,7 @@ STATUSES = ("succeeded", "failed", "cancelled", "expired")
 LEAD = ("line", "custom_id", "status", "error_code", "error_message", "finish_reason", "latency_ms",
         "completion_tokens", "prompt_tokens", "content")  # what a reader scans first; long text last
 CONTENT_CHARS = 80
+PROVENANCE = ("loaded_context", "seed", "refused_answers", "host", "engine", "engine_version", "model_digest")
 
 
 def _status(ok: bool, line: OutputLine) -> str:
@@ -52,6 +53,7 @@ def _result_row(line: OutputLine) -> dict[str, Any]:
         "ttft_ms": stats.ttft_ms, "num_ctx": stats.num_ctx, "truncated": stats.truncated,
         "attempts": stats.attempts, "error_code": line.error.code if line.error else None,
         "error_message": line.error.message if line.error else None,
+        **{name: getattr(stats, name) for name in PROVENANCE},
     }
 
 

@@ -3,8 +3,8 @@ model that answered it, and where a reused answer came from
 
 Existing rows keep NULL keys: they are never looked up nor reused.
 
-Revision ID: cache_0009
-Revises: 0008_rate
+Revision ID: cache_0010
+Revises: provenance_0009
 """
 from collections.abc import Sequence
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = 'cache_0009'
-down_revision: str | None = '0008_rate'
+revision: str = 'cache_0010'
+down_revision: str | None = 'provenance_0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
