@@ -40,12 +40,15 @@ def kinds(policy: str) -> tuple[str, ...]:
 
 
 def determined(url: str, body: Mapping[str, Any]) -> bool:
-    """Whether the body alone determines the answer: embeddings, or greedy decoding, or a fixed seed."""
+    """Whether the body alone determines the answer: embeddings, or greedy decoding, or a fixed seed (OpenAI's fields,
+    or Ollama's ``options`` where a body passes them)."""
     if url == "/v1/embeddings":
         return True
-    temperature = body.get("temperature")
+    options = body.get("options")
+    options = options if isinstance(options, Mapping) else {}
+    temperature = body.get("temperature", options.get("temperature"))
     greedy = isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0
-    return greedy or body.get("seed") is not None
+    return greedy or body.get("seed", options.get("seed")) is not None
 
 
 def key(url: str, body: Mapping[str, Any]) -> str:

@@ -69,6 +69,9 @@ def test_the_key_ignores_what_does_not_change_the_answer() -> None:
     ("/v1/chat/completions", {"temperature": 0.0, "top_p": 0.5}, "d"),
     ("/v1/responses", {"temperature": 0.7, "seed": 3}, "d"),
     ("/v1/completions", {"seed": 0}, "d"),
+    ("/v1/chat/completions", {"options": {"temperature": 0}}, "d"),
+    ("/v1/chat/completions", {"options": {"seed": 7, "temperature": 1}}, "d"),
+    ("/v1/chat/completions", {"options": {"temperature": 0.5}}, "s"),
     ("/v1/chat/completions", {}, "s"),  # the engine's default temperature samples
     ("/v1/chat/completions", {"temperature": 0.7}, "s"),
     ("/v1/chat/completions", {"temperature": False}, "s"),
