@@ -524,11 +524,13 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
         return {}
     # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
     # batches, a planner may walk every row of the owner's batches instead), then which of their batches count.
-    columns = [col(RequestRow.cache_key), col(RequestRow.batch_id), col(RequestRow.custom_id),
-               *(getattr(RequestRow, name) for name in FINISH_COLUMNS)]
-    statement = select(*columns).where(col(RequestRow.cache_key).in_(list(keys)),
-                                       col(RequestRow.cache_identity) == identity, col(RequestRow.state) == "succeeded")
-    candidates = (await session.execute(statement)).all()
+    # Plain tuples through the driver: a rerun reads thousands of answers here, and SQLAlchemy's rows cost more.
+    dialect = _dialect(session)
+    marks = _marks(dialect.paramstyle, len(keys) + 1)
+    sql = (f"SELECT cache_key, batch_id, custom_id, {', '.join(FINISH_COLUMNS)} FROM requests WHERE cache_key IN "
+           f"({', '.join(marks[:-1])}) AND cache_identity={marks[-1]} AND state='succeeded'")
+    connection = await session.connection()
+    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity))).all())
     if not candidates:
         return {}
     readable = set((await session.execute(
