@@ -34,6 +34,7 @@ from obatch.batches import (
 )
 from obatch.batches.retry import create_retry, unfinished_retry
 from obatch.batches.services import update_batch
+from obatch.cache import POLICIES, CachePolicy
 from obatch.concurrency import Concurrency
 from obatch.config import Schedule, Settings
 from obatch.jsonl import summarise
@@ -127,21 +128,26 @@ async def run_batch_file(
     model: str | None = None, concurrency: Concurrency | None = None, output: Path | None = None,
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
-    output_retries: int | None = None,
+    output_retries: int | None = None, cache: CachePolicy | None = None,
     schedule: Schedule | None = None,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
     ``concurrency`` is a number of requests in flight per engine host, or ``"auto"`` (the default) to find each
     host's best level by measuring. ``output_retries``: how often a line that asks for JSON is asked again when its
-    answer is not that JSON (default: the ``output_retries`` setting). ``schedule`` is the order the lines run in:
-    ``"auto"`` (the default: lines that share a prompt prefix kept on one engine slot, the longest first;
+    answer is not that JSON (default: the ``output_retries`` setting). ``cache`` (default: ``settings.cache``) is the
+    response cache's policy: ``"auto"``, ``"off"`` or ``"all"`` (docs/cache.md). ``schedule`` is the order the lines
+    run in: ``"auto"`` (the default: lines that share a prompt prefix kept on one engine slot, the longest first;
     ``obatch.schedule``) or ``"file"``."""
     settings = settings or Settings()
     if schedule is not None:
         if schedule not in ("auto", "file"):
             raise errors.ConfigError(f"schedule must be 'auto' or 'file', got {schedule!r}.", param="schedule")
         settings = settings.model_copy(update={"schedule": schedule})
+    if cache is not None:
+        if cache not in POLICIES:
+            raise errors.ConfigError(f"cache must be one of {', '.join(POLICIES)}; got {cache!r}.", param="cache")
+        settings = settings.model_copy(update={"cache": cache})
     async with _services(settings, backend, concurrency) as svc:
         sessions = svc.sessions
         if isinstance(requests, str | Path):
@@ -273,8 +279,8 @@ def result_schema() -> dict[str, pl.DataType]:
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
-              output_retries: int | None = None, schedule: Schedule | None = None,
-              **defaults: Any) -> pl.DataFrame:
+              output_retries: int | None = None, cache: CachePolicy | None = None,
+              schedule: Schedule | None = None, **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
@@ -282,12 +288,14 @@ async def run(requests: RequestsInput, *, model: str | None = None, concurrency:
     the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``output_retries`` bounds how
     often a line asking for JSON is asked again when its answer is not that JSON (then it fails ``invalid_output``).
     ``schedule="file"`` runs the lines in the file's order instead of ``obatch.schedule``'s (see ``run_batch_file``).
+    ``cache`` reuses stored answers: ``"auto"`` (the default, from ``settings.cache``) for requests their body
+    determines, ``"all"`` for every request, ``"off"`` for none.
     """
     settings = settings or Settings()
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
                                   source="notebook", fresh=fresh, defaults=defaults, output_retries=output_retries,
-                                  schedule=schedule)
+                                  cache=cache, schedule=schedule)
     return await results_frame(settings, report.batch.id)
 
 

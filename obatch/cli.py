@@ -54,6 +54,7 @@ async def _run(args: argparse.Namespace) -> int:
         Path(args.input), settings=_settings(args), model=args.model,
         output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None,
         progress=not args.quiet, fresh=args.fresh, output_retries=args.output_retries, schedule=args.schedule,
+        cache=args.cache,
     )
     print(report.summary)
     if args.show:
@@ -191,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-retries", type=int, metavar="N",
                      help="ask a line that wants JSON (response_format, format) again up to N times when its answer "
                           "is not that JSON, then fail it as invalid_output (default: OBATCH_OUTPUT_RETRIES, else 2)")
+    run.add_argument("--cache", choices=["auto", "off", "all"],
+                     help="reuse stored answers: auto (requests at temperature 0 or with a seed, and embeddings), "
+                          "all (sampled requests too) or off (default: OBATCH_CACHE, else auto)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     run.add_argument("--show", type=int, default=0, metavar="N", help="print the first N results")
     backend_options(run)

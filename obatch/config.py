@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         "most a crash sends to the engine again."))
     commit_interval: float = Field(default=0.5, gt=0, description=(
         "Seconds at most between two commits of results."))
+    cache: Literal["auto", "off", "all"] = Field(default="auto", description=(
+        "The response cache (docs/cache.md): `auto` reuses stored answers of requests their body determines "
+        "(embeddings; temperature 0 or a `seed`) and runs identical lines of a batch once; `all` does so for sampled "
+        "requests too; `off` sends every line. A server batch sets its own with `metadata.obatch_cache`."))
 
     # Embedded engine (llama.cpp via xllamacpp).
     local_model_path: Path | None = Field(default=None, description=(

@@ -78,6 +78,13 @@ class LineError(_Wire):
     message: str | None
 
 
+class CachedFrom(_Wire):
+    """The earlier line whose stored answer a line took instead of asking the engine (``obatch.cache``)."""
+
+    batch_id: str
+    custom_id: str
+
+
 class LineStats(_Wire):
     """What obatch measured for a line, beside OpenAI's fields (clients that do not know ``obatch`` ignore it)."""
 
@@ -96,6 +103,7 @@ class LineStats(_Wire):
     model_digest: str | None = None
     seed: int | None = None
     refused_answers: int | None = None
+    cached_from: CachedFrom | None = None
 
 
 class OutputLine(_Wire):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -68,3 +74,40 @@ class Scripted:
     async def __aexit__(self, *exc: object) -> None:
         assert self.runner is not None
         await self.runner.cleanup()
+
+
+def succeeded_rows(db: Path) -> int:
+    """Succeeded request rows in a SQLite store (0 while it is not there yet)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM requests WHERE state='succeeded'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def sigkill_once_done(args: list[str], env: dict[str, str], db: Path, done: int) -> None:
+    """Start the command and SIGKILL it once ``done`` lines of its store have succeeded (within a minute)."""
+    victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while succeeded_rows(db) < done:
+        assert victim.poll() is None, victim.stderr.read() if victim.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    if victim.stderr:
+        victim.stderr.close()
+
+
+def killable_run(path: Path, url: str, work: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of an ``obatch run`` of ``path`` on the Ollama at ``url``, into ``work``'s out.jsonl,
+    err.jsonl and data/ store, committing often. The killed run's lease stays until it expires: the rerun waits for
+    it (a short one here)."""
+    args = [sys.executable, "-m", "obatch.cli", "run", str(path), "-o", str(work / "out.jsonl"), "-e",
+            str(work / "err.jsonl"), "--backend", "ollama", "--url", url, "--data-dir", str(work / "data"), "-c", "4",
+            "-q"]
+    env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4", "OBATCH_LEASE_TTL": "2",
+           "OBATCH_LEASE_HEARTBEAT": "0.5"}
+    return args, env

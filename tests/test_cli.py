@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,7 @@ import pytest
 
 from obatch.cli import main
 from obatch.testing.ollama_sim import SimConfig, run_in_thread
-from tests.helpers import chat_line, write_jsonl
+from tests.helpers import chat_line, killable_run, sigkill_once_done, succeeded_rows, write_jsonl
 
 
 def ids_in(*paths: Path) -> Counter[str]:
@@ -78,39 +74,16 @@ def test_run_with_30_percent_transient_faults(tmp_path: Path, capsys: pytest.Cap
     assert "500 succeeded, 1 failed of 501" in capsys.readouterr().out
 
 
-def _succeeded(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM requests WHERE state='succeeded'").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_sigkill_mid_batch_then_rerun_resumes_exactly_once(tmp_path: Path) -> None:
     n = 120
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", f"q{i}", max_tokens=8) for i in range(n)])
     url, stop = run_in_thread(SimConfig(num_parallel=4, decode_tps=300))
     data = tmp_path / "data"
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    args = [sys.executable, "-m", "obatch.cli", "run", str(path), "-o", str(out), "-e", str(err), "--backend",
-            "ollama", "--url", url, "--data-dir", str(data), "-c", "4", "-q"]
-    # The killed run's lease stays until it expires: the rerun waits for it (a short one here).
-    env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4", "OBATCH_LEASE_TTL": "2",
-           "OBATCH_LEASE_HEARTBEAT": "0.5"}
+    args, env = killable_run(path, url, tmp_path)
     try:
-        victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while _succeeded(data / "obatch.db") < 20:
-            assert victim.poll() is None, victim.stderr.read() if victim.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        if victim.stderr:
-            victim.stderr.close()
-        done_before = _succeeded(data / "obatch.db")
+        sigkill_once_done(args, env, data / "obatch.db", 20)
+        done_before = succeeded_rows(data / "obatch.db")
         assert 20 <= done_before < n and not out.exists()
 
         rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)

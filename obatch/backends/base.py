@@ -55,7 +55,8 @@ class ModelInfo:
     loaded: bool = False
     loaded_context_length: int | None = None
     capabilities: tuple[str, ...] = ()
-    digest: str | None = None  # the engine's identity of the weights (Ollama's digest), where it tells one
+    digest: str | None = None  # the engine's identity of the weights (Ollama's digest), where it tells one; the
+    # response cache's too (``obatch.cache``)
 
     def as_openai(self) -> Model:
         """The ``/v1/models`` entry, with the engine's facts as extra fields."""

@@ -2,7 +2,8 @@
 
 ``services`` holds what batch work runs with, ``files`` the input files and their import, ``results`` the recorded
 results, the output and error files and the wire views, ``lifecycle`` the driving of a batch from creation to a final
-status. The names the rest of obatch uses are these.
+status, ``reuse`` the stored answers a batch's lines take before they run. The names the rest of obatch uses are
+these.
 """
 
 from obatch.batches.files import (

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from obatch import context, errors, prefix
+from obatch import cache, context, errors, prefix
 from obatch.batches.provenance import seed_of
 from obatch.batches.services import Services, reload, update_batch
 from obatch.config import Settings
@@ -141,7 +141,8 @@ def _request_row(batch_id: str, request: Request) -> tuple[Any, ...]:
     body = request.body
     return (batch_id, request.line, request.custom_id, request.url, str(body["model"]), orjson.dumps(body).decode(),
             context.estimate_prompt_tokens(request.url, body), context.output_budget(body),
-            prefix.prefix_key(request.url, body), context.explicit_num_ctx(body), "pending", 0, False, seed_of(body))
+            prefix.prefix_key(request.url, body), context.explicit_num_ctx(body), "pending", 0, False, seed_of(body),
+            cache.key(request.url, body))
 
 
 def _import_chunk(items: Iterator[Request | errors.LineProblem], batch_id: str, problems: list[errors.LineProblem]

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import orjson
 
-from obatch import context, errors, lease, structured
+from obatch import cache, context, errors, lease, structured
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
-from obatch.batches import provenance
+from obatch.batches import provenance, reuse
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
@@ -61,6 +61,7 @@ async def create_batch(svc: Services, *, input_file_id: str, endpoint: str | Non
                        output_expires_after: int | None = None, output_retries: int | None = None,
                        schedule: str | None = None, parent_id: str | None = None) -> BatchRow:
     seconds = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
+    cache.check_metadata(metadata)
     created = int(svc.clock())
     async with svc.sessions() as session:
         await repo.get_file(session, input_file_id, owner if source == "api" else None)
@@ -193,18 +194,23 @@ def _job(row: repo.PendingRow, num_ctx: int | None) -> Job:
     return Job(line, custom_id, url, body, context.explicit_num_ctx(body) or num_ctx, prompt_estimate)
 
 
-async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None) -> AsyncIterator[Job]:
+async def _jobs(svc: Services, batch_id: str, model: str, num_ctx: int | None,
+                held: frozenset[int] = frozenset()) -> AsyncIterator[Job]:
     async for row in repo.iter_pending(svc.sessions, batch_id, model):
-        yield _job(row, num_ctx)
+        if row[0] not in held:  # held: waits for an identical earlier line's answer (obatch.batches.reuse)
+            yield _job(row, num_ctx)
 
 
-async def _source(svc: Services, batch: BatchRow, model: str, num_ctx: int | None, stats: Stats) -> JobSource:
-    """Where a model group's jobs come from: the file's order, or the scheduler (``obatch.schedule``)."""
+async def _source(svc: Services, batch: BatchRow, model: str, num_ctx: int | None, stats: Stats,
+                  held: frozenset[int] = frozenset()) -> JobSource:
+    """Where a model group's jobs come from: the file's order, or the scheduler (``obatch.schedule``); lines in
+    ``held`` wait for an identical earlier line's answer and are left out."""
     if stats.schedule == "file":
-        return FileOrder(_jobs(svc, batch.id, model, num_ctx), stats)
+        return FileOrder(_jobs(svc, batch.id, model, num_ctx, held), stats)
 
     async def fetch(lines: Sequence[int]) -> list[Job]:
-        return [_job(row, num_ctx) for row in await repo.pending_rows(svc.sessions, batch.id, lines)]
+        rows = await repo.pending_rows(svc.sessions, batch.id, lines)
+        return [_job(row, num_ctx) for row in rows if row[0] not in held]
 
     return await Scheduler.load(svc.sessions, batch.id, model, fetch, default_budget=context.DEFAULT_OUTPUT_BUDGET,
                                 stats=stats)
@@ -237,22 +243,32 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
             continue
         num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
+        plan = await reuse.before_group(svc, batch, group.model, progress)  # stored answers; repeats held back
+        if plan.answered and not await _has_pending(svc, batch.id, group.model):
+            continue
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
         writer.hosts.update(await provenance.record(svc, batch, pool, group.model))
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                done = asyncio.Event()
-                tasks.create_task(_watch(svc, writer, done))
-                runner = tasks.create_task(run_jobs(
-                    await _source(svc, batch, group.model, num_ctx, stats), pool,
-                    _recording(svc, batch.id, group.model, writer), policy=policy, model=group.model, stream=stream,
-                    cap=batch.concurrency))
-                await runner
-                done.set()
-        finally:
-            await asyncio.shield(writer.flush())
-            await asyncio.shield(update_batch(svc, batch, concurrency_json=concurrency_json(pool, writer.started),
-                                              schedule_json=orjson.dumps(stats.as_dict()).decode()))
+        held = plan.held
+        while True:  # a second round only for held lines whose leader failed: they run themselves
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    done = asyncio.Event()
+                    tasks.create_task(_watch(svc, writer, done))
+                    runner = tasks.create_task(run_jobs(
+                        await _source(svc, batch, group.model, num_ctx, stats, held), pool,
+                        _recording(svc, batch.id, group.model, writer), policy=policy, model=group.model,
+                        stream=stream, cap=batch.concurrency))
+                    await runner
+                    done.set()
+            finally:
+                await asyncio.shield(writer.flush())
+                await asyncio.shield(update_batch(svc, batch,
+                                                  concurrency_json=concurrency_json(pool, writer.started),
+                                                  schedule_json=orjson.dumps(stats.as_dict()).decode()))
+            if not held:
+                break
+            await reuse.answer_held(svc, batch, group.model, plan, progress)
+            held = frozenset()
         await _record_loaded_context(svc, batch.id, group.model)
 
 
@@ -271,6 +287,12 @@ def _recording(svc: Services, batch_id: str, model: str, writer: ResultWriter) -
         await writer.add(outcome)
 
     return add
+
+
+async def _has_pending(svc: Services, batch_id: str, model: str) -> bool:
+    async with svc.sessions() as session:
+        groups = await repo.pending_groups(session, batch_id, context.DEFAULT_OUTPUT_BUDGET)
+    return any(g.model == model for g in groups)
 
 
 async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:

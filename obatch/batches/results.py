@@ -172,7 +172,7 @@ class ResultWriter:
 # plain values of these, read through the driver, cost a fraction of a mapped row on a path that runs once per line).
 _OUTPUT_COLUMNS = ("custom_id", "state", "request_id", "status_code", "response", "error_code", "error_message",
                    "latency_ms", "ttft_ms", "attempts", "num_ctx", "loaded_context", "truncated", "model", "host",
-                   "seed", "refused")
+                   "seed", "refused", "cached_from")
 
 
 _NO_FACTS = provenance.LineFacts(())
@@ -185,7 +185,7 @@ def _line(row: tuple[Any, ...], pending_code: str | None, facts: provenance.Line
     stored as JSON text passed through unparsed; the others go through ``OutputLine``. ``facts`` joins in the
     provenance of the host that answered (kept once per batch, not per line)."""
     (custom_id, state, request_id, status_code, response, error_code, error_message, latency_ms, ttft_ms, attempts,
-     num_ctx, loaded_context, truncated, model, host, seed, refused, line) = row
+     num_ctx, loaded_context, truncated, model, host, seed, refused, cached_from, line) = row
     truncated = bool(truncated)  # SQLite keeps booleans as 0/1
     host_url, engine, engine_version, model_digest = facts(host, model)
     if state == "succeeded":
@@ -198,7 +198,8 @@ def _line(row: tuple[Any, ...], pending_code: str | None, facts: provenance.Line
             "obatch": {"line": line, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "attempts": attempts,
                        "num_ctx": num_ctx, "loaded_context": loaded_context, "truncated": truncated,
                        "host": host_url, "engine": engine, "engine_version": engine_version,
-                       "model_digest": model_digest, "seed": seed, "refused_answers": refused},
+                       "model_digest": model_digest, "seed": seed, "refused_answers": refused,
+                       "cached_from": orjson.Fragment(cached_from) if cached_from else None},
         }, option=orjson.OPT_APPEND_NEWLINE)
     if state == "pending":
         code = pending_code or "batch_cancelled"

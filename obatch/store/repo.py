@@ -131,7 +131,7 @@ async def first_url(session: AsyncSession, batch_id: str) -> str | None:
 
 # The columns a new request row is written with, in the order ``insert_requests`` takes its values.
 REQUEST_COLUMNS = ("batch_id", "line", "custom_id", "url", "model", "body", "prompt_estimate", "max_tokens",
-                   "prefix_key", "own_num_ctx", "state", "attempts", "truncated", "seed")
+                   "prefix_key", "own_num_ctx", "state", "attempts", "truncated", "seed", "cache_key")
 
 
 async def insert_requests(session: AsyncSession, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -295,21 +295,24 @@ FINISH_COLUMNS = (
 _STATE, _PROMPT, _COMPLETION, _REASONING = (FINISH_COLUMNS.index(c) for c in (
     "state", "prompt_tokens", "completion_tokens", "reasoning_tokens"))
 COMPLETION_AT = _COMPLETION  # where a finished row (``FINISH_COLUMNS`` order) holds its completion tokens
+REUSED_COLUMNS = (*FINISH_COLUMNS, "cached_from")  # a result that is another line's stored answer
 
 
 @functools.cache
-def _finish_sql(paramstyle: str) -> str:
+def _finish_sql(paramstyle: str, columns: tuple[str, ...] = FINISH_COLUMNS) -> str:
     """The UPDATE that records a result, in the driver's own parameter style: the values go to the driver's
     executemany as plain tuples (SQLAlchemy's per-row processing of named parameters cost more than the write)."""
-    marks = _marks(paramstyle, len(FINISH_COLUMNS) + 2)
-    sets = ", ".join(f"{column}={mark}" for column, mark in zip(FINISH_COLUMNS, marks, strict=False))
+    marks = _marks(paramstyle, len(columns) + 2)
+    sets = ", ".join(f"{column}={mark}" for column, mark in zip(columns, marks, strict=False))
     return f"UPDATE requests SET {sets} WHERE batch_id={marks[-2]} AND line={marks[-1]} AND state='pending'"
 
 
-async def finish_requests(session: AsyncSession, batch_id: str, results: Sequence[tuple[Any, ...]]) -> None:
+async def finish_requests(session: AsyncSession, batch_id: str, results: Sequence[tuple[Any, ...]], *,
+                          reused: bool = False) -> None:
     """Record finished requests: each result is ``FINISH_COLUMNS``' values, then the line number. Only a
     still-pending row takes a result, so a line is never finished twice; the batch's live counters move by the rows
-    that actually changed."""
+    that actually changed. ``reused``: each result has the ``cached_from`` of an answer taken from another line
+    before its line number (``REUSED_COLUMNS``)."""
     succeeded = [r for r in results if r[_STATE] == "succeeded"]
     failed = [r for r in results if r[_STATE] != "succeeded"]
     done = {"succeeded": 0, "failed": 0}
@@ -321,7 +324,8 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
             group = await _still_pending(session, batch_id, group)
         if group:
             params = [(*r[:-1], batch_id, r[-1]) for r in group]
-            outcome = await connection.exec_driver_sql(_finish_sql(dialect.paramstyle), params)
+            sql = _finish_sql(dialect.paramstyle, REUSED_COLUMNS if reused else FINISH_COLUMNS)
+            outcome = await connection.exec_driver_sql(sql, params)
             done[state] = max(outcome.rowcount, 0) if exact_rowcount else len(group)
     tokens_in = sum(r[_PROMPT] or 0 for r in succeeded)
     tokens_out = sum(r[_COMPLETION] or 0 for r in succeeded)
@@ -523,6 +527,80 @@ async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, l
     await session.execute(update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
         col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))
+# ------------------------------------------------------------------------------------------- response cache
+
+
+async def set_cache_identity(session: AsyncSession, batch_id: str, model: str, identity: str) -> None:
+    """Name the model that will answer a group's pending rows (what their answers are reused under)."""
+    await session.execute(update(RequestRow).where(
+        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
+        col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity))
+
+
+async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, identity: str
+                                ) -> AsyncIterator[list[tuple[int, str]]]:
+    """Pages of (line, cache_key) of a group's pending rows for which some succeeded row has the same key and model
+    identity, in line order. One probe of the key index per row, inside the database: a group with nothing to reuse
+    costs one query."""
+    sql = ("SELECT p.line, p.cache_key FROM requests p WHERE p.batch_id={} AND p.model={} AND p.state='pending' "
+           "AND p.cache_key IS NOT NULL AND p.line>{} AND EXISTS (SELECT 1 FROM requests s WHERE "
+           "s.cache_key=p.cache_key AND s.cache_identity={} AND s.state='succeeded') "
+           f"ORDER BY p.line LIMIT {CANDIDATE_PAGE}")
+    last = 0
+    while True:
+        page = await _page(sessions, sql, batch_id, model, last, identity)
+        if page:
+            yield [(int(line), str(key)) for line, key in page]
+        if len(page) < CANDIDATE_PAGE:
+            return
+        last = page[-1][0]
+
+
+CANDIDATE_PAGE = 2000
+
+
+async def cached_answers(session: AsyncSession, owner: str, identity: str, keys: Sequence[str]
+                         ) -> dict[str, tuple[Any, ...]]:
+    """For each key that has one: a succeeded row of the owner's with that key and model identity, whose answer can
+    still be read (its batch has no output file yet, or still has it: an expired or deleted output file takes its
+    answers out of the cache), as (batch_id, custom_id, then ``FINISH_COLUMNS``' values)."""
+    if not keys:
+        return {}
+    # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
+    # batches, a planner may walk every row of the owner's batches instead), then which of their batches count.
+    # Plain tuples through the driver: a rerun reads thousands of answers here, and SQLAlchemy's rows cost more.
+    dialect = _dialect(session)
+    marks = _marks(dialect.paramstyle, len(keys) + 1)
+    sql = (f"SELECT cache_key, batch_id, custom_id, {', '.join(FINISH_COLUMNS)} FROM requests WHERE cache_key IN "
+           f"({', '.join(marks[:-1])}) AND cache_identity={marks[-1]} AND state='succeeded'")
+    connection = await session.connection()
+    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity))).all())
+    if not candidates:
+        return {}
+    readable = set((await session.execute(
+        select(col(BatchRow.id)).outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
+        .where(col(BatchRow.id).in_({row[1] for row in candidates}), col(BatchRow.owner) == owner,
+               or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))).scalars().all())
+    found: dict[str, tuple[Any, ...]] = {}
+    for key, *values in candidates:
+        if values[0] in readable:
+            found.setdefault(key, tuple(values))
+    return found
+
+
+async def cache_followers(session: AsyncSession, batch_id: str, model: str, kinds: Sequence[str]) -> list[int]:
+    """The group's pending rows whose key an earlier pending row of the batch shares: they wait for its answer."""
+    key = col(RequestRow.cache_key)
+    first = (select(key.label("key"), func.min(col(RequestRow.line)).label("first"))
+             .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
+                    col(RequestRow.state) == "pending", or_(*(key.startswith(f"{kind}:") for kind in kinds)))
+             .group_by(key).having(func.count() > 1).subquery())
+    statement = (select(col(RequestRow.line)).join(first, key == first.c.key)
+                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending",
+                        col(RequestRow.line) > first.c.first))
+    return list((await session.execute(statement)).scalars().all())
+
+
 # ------------------------------------------------------------------------------------------------- leases
 
 

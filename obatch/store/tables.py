@@ -119,6 +119,12 @@ class RequestRow(SQLModel, table=True):
     host: int | None = None  # which entry of the batch's ``engines_json`` answered (a small number, not a URL)
     seed: int | None = Field(default=None, sa_type=WIDE)  # the request's seed, when it set one
     refused: int | None = None  # answers the structured-output check refused before this one (None: none)
+    # The response cache (``obatch.cache``): the kind and hash of the canonical body, set at import; the identity of
+    # the model that answers it, set when its model group starts; and, for a line answered by reuse, the line whose
+    # answer it took (JSON: batch_id, custom_id).
+    cache_key: str | None = Field(default=None, index=True)
+    cache_identity: str | None = None
+    cached_from: str | None = None
 
 
 class LeaseRow(SQLModel, table=True):

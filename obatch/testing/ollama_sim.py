@@ -237,6 +237,7 @@ class SimModel:
     embedding_length: int = 16
     capabilities: tuple[str, ...] = ("completion", "tools")
     max_parallel: int | None = None  # a family Ollama forces to fewer slots (qwen3vl, lfm2, ... run one at a time)
+    revision: str = ""  # another pull of the same name: other weights, another digest
 
     @property
     def parallel_cap(self) -> int | None:
@@ -252,7 +253,7 @@ class SimModel:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(self.key.encode()).hexdigest()
+        return hashlib.sha256(f"{self.key}{self.revision}".encode()).hexdigest()
 
     @property
     def parameter_count(self) -> int:
