@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 
 from obatch import errors
 from obatch.config import Settings
-from obatch.store import repo
+from obatch.store import leases
 from obatch.store.db import Sessions
 
 log = logging.getLogger("obatch.lease")
@@ -52,7 +52,7 @@ async def claim(sessions: Sessions, settings: Settings, batch_id: str, owner: st
     """Take the batch's lease or raise ``BatchBusy``."""
     now = clock()
     async with sessions() as session:
-        holder = await repo.claim_lease(session, batch_id, owner, now, settings.lease_ttl)
+        holder = await leases.claim_lease(session, batch_id, owner, now, settings.lease_ttl)
         await session.commit()
     if holder is not None:
         raise BatchBusy(batch_id, holder.owner, holder.expires_at - now)
@@ -82,7 +82,7 @@ async def hold(sessions: Sessions, settings: Settings, batch_id: str, owner: str
                 # lease surely holds: this process stops before its lease can expire under it.
                 async with asyncio.timeout(max(valid_until - now - settings.lease_heartbeat, settings.lease_heartbeat)):
                     async with sessions() as session:
-                        ours = await repo.renew_lease(session, batch_id, owner, now, settings.lease_ttl)
+                        ours = await leases.renew_lease(session, batch_id, owner, now, settings.lease_ttl)
                         await session.commit()
             except Exception:
                 log.warning("lease renewal failed", exc_info=True, extra={"batch_id": batch_id})
@@ -115,5 +115,5 @@ async def hold(sessions: Sessions, settings: Settings, batch_id: str, owner: str
 async def release(sessions: Sessions, batch_id: str, owner: str) -> None:
     """Give up our lease, if we still hold it, so another process need not wait for its expiry."""
     async with sessions() as session:
-        await repo.release_lease(session, batch_id, owner)
+        await leases.release_lease(session, batch_id, owner)
         await session.commit()

@@ -20,7 +20,7 @@ from obatch import batches, lease
 from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
-from obatch.store import repo
+from obatch.store import leases
 from obatch.store.db import Sessions, open_store
 from obatch.store.tables import BatchRow, FileRow, LeaseRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
@@ -87,17 +87,17 @@ async def test_a_lease_is_claimed_once_renewed_released_and_taken_over_after_exp
         holder = await _claim(sessions, "batch-x", other, now + 5)
         assert holder is not None and holder.owner == winner
         async with sessions() as session:
-            assert await repo.renew_lease(session, "batch-x", winner, now + 9, 10.0)
-            assert not await repo.renew_lease(session, "batch-x", other, now + 9, 10.0)
+            assert await leases.renew_lease(session, "batch-x", winner, now + 9, 10.0)
+            assert not await leases.renew_lease(session, "batch-x", other, now + 9, 10.0)
             await session.commit()
         assert await _claim(sessions, "batch-x", other, now + 18) is not None  # renewed at 9: held until 19
         assert await _claim(sessions, "batch-x", other, now + 19.5) is None  # expired: taken over
         async with sessions() as session:
-            assert not await repo.renew_lease(session, "batch-x", winner, now + 20, 10.0)  # the old owner knows
-            await repo.release_lease(session, "batch-x", winner)  # not ours any more: nothing happens
+            assert not await leases.renew_lease(session, "batch-x", winner, now + 20, 10.0)  # the old owner knows
+            await leases.release_lease(session, "batch-x", winner)  # not ours any more: nothing happens
             await session.commit()
             assert (await session.get(LeaseRow, "batch-x")) is not None
-            await repo.release_lease(session, "batch-x", other)
+            await leases.release_lease(session, "batch-x", other)
             await session.commit()
             assert (await session.get(LeaseRow, "batch-x")) is None
     finally:
@@ -112,7 +112,7 @@ def _empty(tmp_path: Path) -> Path:
 
 async def _claim(sessions: Sessions, batch_id: str, owner: str, now: float) -> LeaseRow | None:
     async with sessions() as session:
-        holder = await repo.claim_lease(session, batch_id, owner, now, 10.0)
+        holder = await leases.claim_lease(session, batch_id, owner, now, 10.0)
         await session.commit()
         return holder
 
@@ -299,9 +299,9 @@ async def _stall_reported(sessions: Sessions, what: str, first: asyncio.Task[Any
             yield
     except TimeoutError:
         async with sessions() as session:
-            leases = (await session.execute(select(LeaseRow))).scalars().all()
+            lease_rows = (await session.execute(select(LeaseRow))).scalars().all()
         batches_now = [(b.id, b.status, b.completed, b.failed, b.total) for b in await _batches(sessions)]
-        leases_now = [(row.owner, round(row.expires_at - time.time(), 1)) for row in leases]
+        leases_now = [(row.owner, round(row.expires_at - time.time(), 1)) for row in lease_rows]
         state = "running" if not first.done() else repr(first.exception()) if not first.cancelled() else "cancelled"
         pytest.fail(f"{what} in {within:.0f} s: batches {batches_now}, leases (owner, expires in s) {leases_now}, "
                     f"first run {state}")

@@ -24,7 +24,7 @@ from obatch.backends.pool import Pool
 from obatch.batches.provenance import model_digest
 from obatch.batches.services import Progress, Services
 from obatch.protocol import new_id
-from obatch.store import repo
+from obatch.store import cache_repo, repo
 from obatch.store.tables import BatchRow
 
 # A reused answer keeps what the answer says (body, content, usage, finish reason, context); what measured the
@@ -70,11 +70,11 @@ async def before_group(svc: Services, batch: BatchRow, model: str, progress: Pro
     if plan.identity is None:
         return plan
     async with svc.sessions() as session:
-        await repo.set_cache_identity(session, batch.id, model, plan.identity)
+        await cache_repo.set_cache_identity(session, batch.id, model, plan.identity)
         await session.commit()
     plan.answered = await _answer(svc, batch, model, plan, progress)
     async with svc.sessions() as session:
-        plan.held = frozenset(await repo.cache_followers(session, batch.id, model, kinds))
+        plan.held = frozenset(await cache_repo.cache_followers(session, batch.id, model, kinds))
     return plan
 
 
@@ -88,12 +88,12 @@ async def answer_held(svc: Services, batch: BatchRow, model: str, plan: Plan, pr
 async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progress: Progress | None) -> int:
     assert plan.identity is not None
     answered = 0
-    async for page in repo.iter_cache_candidates(svc.sessions, batch.id, model, plan.identity):
+    async for page in cache_repo.iter_cache_candidates(svc.sessions, batch.id, model, plan.identity):
         wanted = [(line, key) for line, key in page if key.split(":", 1)[0] in plan.kinds]
         if not wanted:
             continue
         async with svc.sessions() as session:
-            found = await repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted}))
+            found = await cache_repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted}))
             results = []
             now = time.time()
             for line, key in wanted:

@@ -1,7 +1,8 @@
 """Repository functions: every query of the batch tables, each taking the session (or session factory) it runs in.
 
 The rest of obatch asks the store through these functions and never builds SQL itself (a test holds the layers to
-it); the benchmark tables' queries are in ``bench_repo`` and the pilot lines' in ``pilots``. Functions that write
+it); the benchmark tables' queries are in ``bench_repo``, the pilot lines' in ``pilots``, the response cache's in
+``cache_repo``, the batch leases' in ``leases`` and the storage quota's in ``quota``. Functions that write
 leave the commit to the caller, which decides what one transaction holds.
 """
 
@@ -13,13 +14,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CursorResult, delete, func, or_, select, text, update
+from sqlalchemy import CursorResult, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from obatch.errors import LineProblem, NotFoundError, problems_json
 from obatch.store.db import Sessions
-from obatch.store.tables import BatchRow, FileRow, LeaseRow, RequestRow
+from obatch.store.tables import BatchRow, FileRow, RequestRow
 
 PAGE = 500
 
@@ -527,83 +528,6 @@ async def set_loaded_context(session: AsyncSession, batch_id: str, model: str, l
     await session.execute(update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
         col(RequestRow.loaded_context).is_(None)).values(loaded_context=loaded_context))
-# ------------------------------------------------------------------------------------------- response cache
-
-
-async def set_cache_identity(session: AsyncSession, batch_id: str, model: str, identity: str) -> None:
-    """Name the model that will answer a group's pending rows (what their answers are reused under)."""
-    await session.execute(update(RequestRow).where(
-        col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
-        col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity))
-
-
-async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, identity: str
-                                ) -> AsyncIterator[list[tuple[int, str]]]:
-    """Pages of (line, cache_key) of a group's pending rows for which some succeeded row has the same key and model
-    identity, in line order. One probe of the key index per row, inside the database: a group with nothing to reuse
-    costs one query."""
-    sql = ("SELECT p.line, p.cache_key FROM requests p WHERE p.batch_id={} AND p.model={} AND p.state='pending' "
-           "AND p.cache_key IS NOT NULL AND p.line>{} AND EXISTS (SELECT 1 FROM requests s WHERE "
-           "s.cache_key=p.cache_key AND s.cache_identity={} AND s.state='succeeded') "
-           f"ORDER BY p.line LIMIT {CANDIDATE_PAGE}")
-    last = 0
-    while True:
-        page = await _page(sessions, sql, batch_id, model, last, identity)
-        if page:
-            yield [(int(line), str(key)) for line, key in page]
-        if len(page) < CANDIDATE_PAGE:
-            return
-        last = page[-1][0]
-
-
-CANDIDATE_PAGE = 2000
-
-
-async def cached_answers(session: AsyncSession, owner: str, identity: str, keys: Sequence[str]
-                         ) -> dict[str, tuple[Any, ...]]:
-    """For each key that has one: a succeeded row of the owner's with that key and model identity, whose answer can
-    still be read (its batch has no output file yet, or still has it: an expired or deleted output file takes its
-    answers out of the cache), as (batch_id, custom_id, then ``FINISH_COLUMNS``' values)."""
-    if not keys:
-        return {}
-    # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
-    # batches, a planner may walk every row of the owner's batches instead), then which of their batches count.
-    # Plain tuples through the driver: a rerun reads thousands of answers here, and SQLAlchemy's rows cost more.
-    dialect = _dialect(session)
-    marks = _marks(dialect.paramstyle, len(keys) + 1)
-    sql = (f"SELECT cache_key, batch_id, custom_id, {', '.join(FINISH_COLUMNS)} FROM requests WHERE cache_key IN "
-           f"({', '.join(marks[:-1])}) AND cache_identity={marks[-1]} AND state='succeeded'")
-    connection = await session.connection()
-    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity))).all())
-    if not candidates:
-        return {}
-    readable = set((await session.execute(
-        select(col(BatchRow.id)).outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
-        .where(col(BatchRow.id).in_({row[1] for row in candidates}), col(BatchRow.owner) == owner,
-               or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))).scalars().all())
-    found: dict[str, tuple[Any, ...]] = {}
-    for key, *values in candidates:
-        if values[0] in readable:
-            found.setdefault(key, tuple(values))
-    return found
-
-
-async def cache_followers(session: AsyncSession, batch_id: str, model: str, kinds: Sequence[str]) -> list[int]:
-    """The group's pending rows whose key an earlier pending row of the batch shares: they wait for its answer."""
-    key = col(RequestRow.cache_key)
-    first = (select(key.label("key"), func.min(col(RequestRow.line)).label("first"))
-             .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model,
-                    col(RequestRow.state) == "pending", or_(*(key.startswith(f"{kind}:") for kind in kinds)))
-             .group_by(key).having(func.count() > 1).subquery())
-    statement = (select(col(RequestRow.line)).join(first, key == first.c.key)
-                 .where(col(RequestRow.batch_id) == batch_id, col(RequestRow.state) == "pending",
-                        col(RequestRow.line) > first.c.first))
-    return list((await session.execute(statement)).scalars().all())
-
-
-# ------------------------------------------------------------------------------------------------- leases
-
-
 def _upsert(session: AsyncSession) -> Any:
     """The dialect's INSERT, which has ON CONFLICT on both PostgreSQL and SQLite."""
     # imported here: the PostgreSQL dialect is a tenth of `obatch run`'s start-up, on a store that is SQLite
@@ -614,54 +538,6 @@ def _upsert(session: AsyncSession) -> Any:
     from sqlalchemy.dialects import sqlite
 
     return sqlite.insert
-
-
-async def claim_lease(session: AsyncSession, batch_id: str, owner: str, now: float, ttl: float) -> LeaseRow | None:
-    """Take the lease of a batch when it is free, expired or already ours; else return the holder's lease.
-
-    Atomic on both databases: a new lease is an INSERT … ON CONFLICT DO NOTHING; an existing one is taken with
-    ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL (a row another claimer has locked counts as held) and with a
-    conditional UPDATE on SQLite (whose writers are serialised by the database lock). The caller commits.
-    """
-    values = {"batch_id": batch_id, "owner": owner, "claimed_at": now, "heartbeat": now, "expires_at": now + ttl}
-    inserted: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
-        _upsert(session)(LeaseRow).values(**values).on_conflict_do_nothing(index_elements=["batch_id"]))
-    if inserted.rowcount == 1:
-        return None
-    if _dialect(session).name == "postgresql":
-        current = (await session.execute(
-            select(LeaseRow).where(col(LeaseRow.batch_id) == batch_id)
-            .with_for_update(skip_locked=True).execution_options(populate_existing=True))).scalars().first()
-        if current is None:  # another process is claiming it this instant
-            return LeaseRow(batch_id=batch_id, owner="(being claimed)", claimed_at=now, heartbeat=now,
-                            expires_at=now + ttl)
-        if current.owner != owner and current.expires_at >= now:
-            return current
-        if current.owner == owner:
-            values.pop("claimed_at")
-        await session.execute(update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id).values(**values))
-        return None
-    taken: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
-        update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id,
-                               or_(col(LeaseRow.owner) == owner, col(LeaseRow.expires_at) < now))
-        .values(owner=owner, heartbeat=now, expires_at=now + ttl))
-    if taken.rowcount == 1:
-        return None
-    return (await session.execute(
-        select(LeaseRow).where(col(LeaseRow.batch_id) == batch_id).execution_options(populate_existing=True)
-    )).scalars().first()
-
-
-async def renew_lease(session: AsyncSession, batch_id: str, owner: str, now: float, ttl: float) -> bool:
-    """Push the expiry of our lease forward; False when the lease is no longer ours (taken over)."""
-    renewed: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
-        update(LeaseRow).where(col(LeaseRow.batch_id) == batch_id, col(LeaseRow.owner) == owner)
-        .values(heartbeat=now, expires_at=now + ttl))
-    return renewed.rowcount == 1
-
-
-async def release_lease(session: AsyncSession, batch_id: str, owner: str) -> None:
-    await session.execute(delete(LeaseRow).where(col(LeaseRow.batch_id) == batch_id, col(LeaseRow.owner) == owner))
 
 
 async def upsert_file(session: AsyncSession, row: FileRow) -> None:
