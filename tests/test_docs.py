@@ -17,10 +17,6 @@ PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob
 README_MAX_LINES = 250
 LINE_MAX = 120  # prose lines; table rows may run longer
 
-# Pages and paths other branches add (the docs link them already); drop each entry once its file exists.
-NOT_YET_THERE = {"docs/testing.md", "docs/endpoints.md"}
-NOT_YET_THERE_PREFIXES = ("perf/",)  # the measurement scripts' folder, renamed from bench/
-
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -76,9 +72,6 @@ def test_relative_links_point_at_files(page: Path) -> None:
     for target in _links(page):
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        relative = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(resolved)
-        if relative in NOT_YET_THERE or relative.startswith(NOT_YET_THERE_PREFIXES):
-            continue
         if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved)):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to missing files or headings: {broken}"
