@@ -5,6 +5,7 @@ loop)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def codes_arg(value: str) -> list[str]:
 
 async def _models(args: argparse.Namespace) -> int:
     from obatch.backends import open_backend
+    from obatch.backends.base import with_trained_context
     from obatch.backends.pool import Pool
 
     settings = _settings(args)
@@ -121,7 +123,7 @@ async def _models(args: argparse.Namespace) -> int:
                 continue
             print(f"host {host.url} ({host.backend.name}): up, concurrency {host.limit.level} "
                   f"({host.limit.reason}), slots reported: {await host.backend.slots() or 'none'}")
-            for info in listed:
+            for info in await asyncio.gather(*(with_trained_context(host.backend, m) for m in listed)):
                 ctx = f"context {info.context_length}" if info.context_length else ""
                 loaded = f"loaded (num_ctx {info.loaded_context_length})" if info.loaded else ""
                 print(f"  {info.id:32} {info.parameter_size or '':8} {info.quantization or '':8} {ctx} {loaded}")

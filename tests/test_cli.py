@@ -96,3 +96,19 @@ def test_sigkill_mid_batch_then_rerun_resumes_exactly_once(tmp_path: Path) -> No
         assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 1  # resumed, not started again
         assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == n
     assert f"{n} succeeded, 0 failed of {n}" in rerun.stdout
+
+
+def test_models_lists_each_models_trained_context(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ollama's model list (``/api/tags``) has no context length: ``obatch models`` asks the engine for each."""
+    from obatch.testing.ollama_sim import _default_models
+
+    url, stop = run_in_thread()
+    try:
+        code = main(["models", "--backend", "ollama", "--url", url])
+    finally:
+        stop()
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {line.split()[0].removesuffix(":latest"): line for line in out.splitlines() if line.startswith("  ")}
+    assert {m.name: f"context {m.context_length}" in rows[m.name] for m in _default_models()} == {
+        m.name: True for m in _default_models()}, out

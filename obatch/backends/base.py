@@ -8,6 +8,9 @@ engine's error answer with ``errors.from_status``, once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -171,6 +174,18 @@ async def loaded_context(backend: Backend, model: str) -> int | None:
     """The context the engine really loaded for ``model``, for backends that can tell (an optional method)."""
     method = getattr(backend, "loaded_context", None)
     return await method(model) if method is not None else None
+
+
+async def with_trained_context(backend: Backend, info: ModelInfo, *, within: float = 5.0) -> ModelInfo:
+    """``info`` with its trained context, asked of the engine (``show``) when the listing did not say it (Ollama's
+    ``/api/tags`` does not); a model the engine cannot describe in ``within`` seconds keeps None, so a list of
+    models never fails over one of them."""
+    if info.context_length is not None:
+        return info
+    with contextlib.suppress(errors.BackendError, TimeoutError):
+        async with asyncio.timeout(within):
+            return dataclasses.replace(info, context_length=(await backend.show(info.id)).context_length)
+    return info
 
 
 def now() -> int:

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import batches, errors
 from obatch.backends import responses
-from obatch.backends.base import ModelInfo
+from obatch.backends.base import with_trained_context
 from obatch.batches import Services, reading, retry
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import (
@@ -336,18 +336,8 @@ async def models(svc: Services, probe: BackendProbe | None = None) -> ModelList:
     if probe is not None and not (state := await probe.report())["reachable"]:
         raise errors.TransientError(f"The backend does not answer: {state['error']}.")
     listed = await svc.backend.models()
-    return ModelList(data=list(await asyncio.gather(*(_with_context(svc, m) for m in listed))))
-
-
-async def _with_context(svc: Services, info: ModelInfo) -> Model:
-    """The model's wire entry, its trained context asked of the engine when the listing did not say it (a model
-    the engine cannot describe keeps ``null``: the list does not fail over one model)."""
-    model = info.as_openai()
-    if model.context_length is None:
-        with contextlib.suppress(errors.BackendError, TimeoutError):
-            async with asyncio.timeout(SHOW_TIMEOUT):
-                return model.model_copy(update={"context_length": (await svc.backend.show(info.id)).context_length})
-    return model
+    described = await asyncio.gather(*(with_trained_context(svc.backend, m, within=SHOW_TIMEOUT) for m in listed))
+    return ModelList(data=[m.as_openai() for m in described])
 
 
 async def model(svc: Services, model_id: str) -> Model:
