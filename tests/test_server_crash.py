@@ -17,7 +17,16 @@ from openai import OpenAI
 
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import jsonl
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_exactly_once, chat_line, parse_jsonl, server_env
+from tests.serverkit import (
+    ADMIN_KEY,
+    FINAL,
+    KEYS,
+    ServerProcess,
+    assert_exactly_once,
+    chat_line,
+    parse_jsonl,
+    server_env,
+)
 
 
 def test_sigkill_mid_batch_loses_and_doubles_nothing(obatch_sim: OllamaSim, tmp_path: Path, db_url: str | None
@@ -89,7 +98,7 @@ def test_the_batch_process_is_niced_restarted_and_dies_with_the_server(obatch_si
                                                                       ) -> None:
     """The server's batches run in a child at a lower CPU priority; a killed child is replaced (and /health shows
     the new child's hosts); a SIGKILLed server takes its child with it."""
-    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"])
+    env = server_env(tmp_path / "data", obatch_sim.url, api_keys=KEYS["alice"], admin_keys=ADMIN_KEY)
     server = ServerProcess.start(tmp_path / "data", env)
     try:
         [first] = children(server.proc.pid)
@@ -102,7 +111,7 @@ def test_the_batch_process_is_niced_restarted_and_dies_with_the_server(obatch_si
                                           completion_window="24h")
             wait_for(lambda: client.batches.retrieve(batch.id).status in FINAL)
             assert client.batches.retrieve(batch.id).status == "completed"
-        hosts = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {KEYS['alice']}"}
+        hosts = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {ADMIN_KEY}"}  # hosts: admin
                           ).json()["backend"]["hosts"]
         assert sum(h["served"] for h in hosts) == 20  # counted by the new child, which ran the whole batch
         [second] = children(server.proc.pid)

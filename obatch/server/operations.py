@@ -374,13 +374,14 @@ class BackendProbe:
         self._last: dict[str, Any] | None = None
 
     async def report(self) -> dict[str, Any]:
-        """``{"reachable": bool, "version" | "error": ...}``."""
+        """``{"reachable": bool, "version" | "error": ...}``; ``"asking": True`` while the first probe has not
+        answered."""
         if self._task is None or (self._task.done() and time.monotonic() - self._started >= self.fresh):
             self._started = time.monotonic()
             self._task = asyncio.create_task(self._probe(), name="obatch-health-probe")
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(self._task), self.grace)
-        return self._last or {"reachable": False,
+        return self._last or {"reachable": False, "asking": True,
                               "error": f"no answer from {self.where} yet (waited {self.grace:g} s; still asking)"}
 
     async def _probe(self) -> dict[str, Any]:
@@ -414,7 +415,8 @@ async def health(svc: Services, worker: BatchWorker | None = None, probe: Backen
         await worker.refresh()
     hosts = (worker.describe() if worker is not None else None) or svc.pool.describe()
     backend = await (probe or BackendProbe(svc.backend, ", ".join(h["url"] for h in hosts))).report()
-    if not backend["reachable"]:  # no host answered the probe just now, whatever the batches saw last
+    if not backend["reachable"] and not backend.pop("asking", False):
+        # no host answered the probe just now, whatever the batches saw last (a probe still asking says nothing yet)
         hosts = [h | {"state": "down", "error": backend["error"]} for h in hosts]
     status = "error" if db != "ok" else "ok" if backend["reachable"] else "degraded"
     return Health(status=status, db=db, backend=BackendHealth(
