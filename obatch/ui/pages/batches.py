@@ -13,6 +13,7 @@ from obatch.client import ApiError, ClientError
 from obatch.protocol import Batch, DurationEstimate, FileObject
 from obatch.ui import views
 from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly
+from obatch.ui.tables import column_config, table
 
 REFRESH_SECONDS = 2.0
 AS_IN_FILE = "(as in the file)"
@@ -133,9 +134,11 @@ if upload is not None:
     else:
         st.error(f"**{upload.name}**: {preview.n_problems} problem(s) in {preview.lines.height} line(s). "
                  "Fix them before submitting, or submit only the valid lines.", icon=":material/block:")
-        st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
+        table(preview.problems, key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
-        st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
+        shown = views.blanks(preview.lines)
+        st.dataframe(views.highlight_errors(shown), hide_index=True, width="stretch", key="lines",
+                     column_config=column_config(preview.lines, shown, {}))
     valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
     asked = {"model": model, "concurrency": level}
     uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),

@@ -24,10 +24,12 @@ from obatch.ui.views.batches import (
     run_hosts_frame,
 )
 from obatch.ui.views.benchmarks import (
+    BEST_FORMATS,
     CONFIG_COLUMNS,
     METRIC_TITLES,
     PERCENTILES,
     POINT_COLUMNS,
+    RATE_FORMATS,
     along,
     best_table,
     capacity_table,
@@ -65,9 +67,12 @@ from obatch.ui.views.results import (
     row_facts,
 )
 from obatch.ui.views.server import models_frame
+from obatch.ui.views.tables import BLANK, blanks, written_as_text
 
 __all__ = [
     "BATCH_SCHEMA",
+    "BEST_FORMATS",
+    "BLANK",
     "CONFIG_COLUMNS",
     "ESTIMATE_RECORD_SCHEMA",
     "FINAL_STATUSES",
@@ -76,6 +81,7 @@ __all__ = [
     "PERCENTILES",
     "POINT_COLUMNS",
     "PREVIEW_SCHEMA",
+    "RATE_FORMATS",
     "RESULT_SCHEMA",
     "STATUSES",
     "BatchProgress",
@@ -85,6 +91,7 @@ __all__ = [
     "batch_progress",
     "batches_frame",
     "best_table",
+    "blanks",
     "capacity_table",
     "compare_chart",
     "concurrency_text",
@@ -122,6 +129,7 @@ __all__ = [
     "row_facts",
     "run_hosts_frame",
     "slo_text",
+    "written_as_text",
 ]
 
 from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
