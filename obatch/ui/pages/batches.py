@@ -218,13 +218,13 @@ def chain_links(batch: Batch) -> None:
         row = st.container(horizontal=True, vertical_alignment="center", gap="small")
         row.markdown(":material/subdirectory_arrow_right: Retry of the failed lines of")
         row.button(parent, key=f"parent-{batch.id}", type="tertiary", on_click=open_batch, args=(parent,),
-                   help="Open the batch this one retries")
+                   help="Open the batch this one retries", icon=":material/arrow_outward:")
     if retries:
         row = st.container(horizontal=True, vertical_alignment="center", gap="small")
         row.markdown(f":material/replay: Its failed lines were retried in {len(retries)} batch(es):")
         for child in retries:
             row.button(child, key=f"child-{batch.id}-{child}", type="tertiary", on_click=open_batch, args=(child,),
-                       help="Open the retry")
+                       help="Open the retry", icon=":material/arrow_outward:")
 
 
 def show_results(batch: Batch, live: views.LiveResults) -> None:
@@ -285,9 +285,7 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
         answer.markdown("**Answer**")
         answer.text(line["content"] or "(no content)")
         origin.markdown("**Provenance**")
-        origin.dataframe(views.provenance_frame(line), hide_index=True, width="stretch", key=f"prov-{batch.id}",
-                         column_config={"what": st.column_config.TextColumn("", width="small"),
-                                        "value": st.column_config.TextColumn("", width="large")})
+        origin.markdown("\n".join(f"- {what}: `{value}`" for what, value in views.provenance_frame(line).rows()))
 
 
 def show_batch(batch: Batch) -> None:
@@ -298,7 +296,8 @@ def show_batch(batch: Batch) -> None:
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")
     if st.session_state.get(RETRIED) == batch.id and views.parent_of(batch):
-        st.success(f"Retrying the failed lines of **{views.parent_of(batch)}** as **{batch.id}** "
+        st.success(f"{'Retried' if views.is_final(batch) else 'Retrying'} the failed lines of "
+                   f"**{views.parent_of(batch)}** as **{batch.id}** "
                    f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
                    icon=":material/replay:")
     chain_links(batch)
@@ -395,7 +394,8 @@ def batches_panel() -> None:
             st.session_state[PICK] = picked
 
     st.caption("Click a row to open its batch.")
-    st.dataframe(views.batches_frame(batches).drop("input_file_id"), hide_index=True, width="stretch",
+    st.dataframe(views.batches_frame(batches).drop("input_file_id").with_columns(pl.col(pl.Utf8).fill_null("")),
+                 hide_index=True, width="stretch",
                  key="batch_table", on_select=open_row, selection_mode="single-row", column_config={
                      "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
                      "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")})
