@@ -429,8 +429,8 @@ class BatchExtension(_Wire):
     why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
     never ran; obatch's version and the engine hosts with their versions and model digests; the structured-output
     counts; ``schedule``: the order used, the prefix groups found and the share of prompt tokens the engine took
-    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``). Fields without a value
-    are left out."""
+    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``); ``cached``: the lines
+    whose answer was reused. Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
     schedule: dict[str, Any] | None = None
@@ -443,6 +443,7 @@ class BatchExtension(_Wire):
     refused_answers: int | None = None  # answers that check refused over all lines (each asked again, or final)
     parent: str | None = None  # the batch whose failed lines this batch retries
     retries: list[str] | None = None  # the batches made of this one's failed lines, oldest first
+    cached: int | None = None  # lines answered by reuse (a stored answer or an identical line's), live and final
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

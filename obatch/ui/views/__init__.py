@@ -66,6 +66,17 @@ from obatch.ui.views.results import (
     results_frame,
     row_facts,
 )
+from obatch.ui.views.runs import (
+    PROVENANCE_SCHEMA,
+    LiveResults,
+    offers_retry,
+    parent_of,
+    provenance_frame,
+    read_more,
+    retries_of,
+    retryable,
+    reuse_text,
+)
 from obatch.ui.views.server import models_frame
 from obatch.ui.views.tables import BLANK, blanks, written_as_text
 
@@ -135,3 +146,5 @@ __all__ = [
 from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
 
 __all__ += ["PILOT", "estimate_notes", "offers_pilot"]
+__all__ += ["PROVENANCE_SCHEMA", "LiveResults", "offers_retry", "parent_of", "provenance_frame", "read_more",
+            "retries_of", "retryable", "reuse_text"]

@@ -14,7 +14,9 @@ from obatch.ui.views.estimates import format_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
-    "failed": pl.Int64, "not run": pl.Int64, "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
+    "failed": pl.Int64, "not run": pl.Int64,
+    "cached": pl.Int64, "retry of": pl.Utf8,  # lines answered by reuse; the batch whose failed lines it retries
+    "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
     "output_file_id": pl.Utf8, "error_file_id": pl.Utf8, "input_file_id": pl.Utf8,
 }
 MODELS_KEY = "models"  # the metadata key the UI sets at submission: the file's models, for the batch list
@@ -50,7 +52,8 @@ def batches_frame(batches: Sequence[Batch]) -> pl.DataFrame:
                      "not run": skipped,
                      "progress": (completed + failed) / total if total else (1.0 if b.status == "completed" else 0.0),
                      "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
-                     "input_file_id": b.input_file_id})
+                     "input_file_id": b.input_file_id, "cached": b.obatch.cached if b.obatch else None,
+                     "retry of": b.obatch.parent if b.obatch else None})
     return pl.DataFrame(rows, schema=BATCH_SCHEMA)
 
 
