@@ -233,7 +233,8 @@ def show_batch(batch: Batch) -> None:
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")
     if progress.waiting:
-        st.warning(f"The engine does not answer ({down}). The batch waits and goes on where it stopped once the "
+        st.warning(f"The engine does not answer ({down or 'no host answers the batch'}). The batch waits and goes "
+                   "on where it stopped once the "
                    "engine is back; no line is lost. Its ETA is paused meanwhile.", icon=":material/warning:")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)
