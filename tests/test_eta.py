@@ -196,17 +196,31 @@ async def test_an_estimate_under_auto_names_the_level_auto_then_used(make_settin
                                                                    tmp_path: Path) -> None:
     """A sweep of an engine of 4 slots at 1, 2, 4 and 8; a batch then run with auto concurrency: the level its
     start estimate named is the level auto settled on, within one of auto's steps (it doubles from 1)."""
-    config = SimConfig(models=(SimModel(CHAT),), num_parallel=4, decode_tps=400, default_output_tokens=24)
-    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=24) for i in range(300)])
+    config = SimConfig(models=(SimModel(CHAT),), num_parallel=4, decode_tps=150, default_output_tokens=24)
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=24) for i in range(160)])
     async with OllamaSim(config) as sim:
         settings = make_settings(sim.url)
         await run_sweep(SweepSpec(models=[CHAT], num_ctx=[2048], concurrency=[1, 2, 4, 8], requests=16,
                                   workload="short", seed=1), settings=settings, progress=False)
         report = await run_batch_file(path, settings=settings, concurrency="auto", progress=False)
-    assert report.batch.completed == 300
+    assert report.batch.completed == 160
     made = DurationEstimate.stored(report.batch.estimate_json or "")
     assert made is not None and made.concurrency is not None
     [host] = orjson.loads(report.batch.concurrency_json or "{}")["hosts"]
     used = host["best"]
     assert made.concurrency / 2 <= used <= made.concurrency * 2, (made.concurrency, host)
     assert any(f"settle at {made.concurrency}" in note for note in made.notes)
+
+
+def test_the_ui_waits_when_the_batch_says_no_host_answers() -> None:
+    """/health may say the engine is up (its probe passed, or it asks another host) while the batch's own hosts
+    do not answer: the batch's ETA says so, and the page shows it waiting."""
+    from obatch.ui import views
+    from tests.test_ui_views import batch
+
+    running = batch(in_progress_at=1000, request_counts={"total": 100, "completed": 10, "failed": 0},
+                    obatch={"eta": {"seconds_left": 30.0, "at": 1015.0, "waiting": True, "outage_seconds": 9.0}})
+    progress = views.batch_progress(running, now=1020, engine_up=True)
+    assert progress.waiting and progress.eta_s is None
+    running.obatch.eta.waiting = False  # type: ignore[union-attr]
+    assert views.batch_progress(running, now=1020).eta_s == pytest.approx(25.0)
