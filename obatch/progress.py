@@ -24,6 +24,7 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = Tru
 
 # Pseudo-observations the start estimate counts for while few lines have finished.
 PRIOR_WEIGHT = 4
+UNSWEPT_DOUBT = 4.0  # how much less the start estimate counts once auto settled outside the levels the sweep measured
 DEFAULT_DECODE_SHARE = 0.8  # of a request's engine time, when the engine reports no timings
 
 
@@ -42,7 +43,8 @@ class LiveEta:
     one goes on the estimate is ``waiting`` and does not grow, and lines that end meanwhile (their retries spent)
     leave the work without counting as throughput. The start estimate was made for a level of concurrency
     (``prior_level``); once the run's own level (``level``, set as auto settles) differs, its time is rescaled by
-    the sweep's curve (``prior_curve``: the start estimate's running time at each level the sweep measured)."""
+    the sweep's curve (``prior_curve``: the start estimate's running time at each level the sweep measured), and
+    where that level lies outside the curve, the start estimate counts ``UNSWEPT_DOUBT`` times less."""
 
     pending_caps: dict[int | None, int]  # lines left by max_tokens (None: uncapped)
     prior_seconds: float | None = None  # the start estimate's running time for these lines
@@ -75,6 +77,13 @@ class LiveEta:
         """Seconds since the start, less the outages."""
         now = time.monotonic() if now is None else now
         return now - self.started - (self.outages.within(self.started, now) if self.outages is not None else 0.0)
+
+    def beyond_the_sweep(self) -> bool:
+        """Auto settled on a level the sweep did not reach (or came below): its curve cannot tell how fast that goes,
+        so the start estimate is trusted less."""
+        if self.level is None or self.prior_level is None or self.level == self.prior_level or not self.prior_curve:
+            return False
+        return not min(self.prior_curve) <= self.level <= max(self.prior_curve)
 
     def prior_running(self) -> float | None:
         """The start estimate's running time, at the level the run settled on."""
@@ -137,7 +146,8 @@ class LiveEta:
         measured = share * by_tokens + (1 - share) * by_lines
         if prior_left is None:
             return measured
-        trust = self.lines / (self.lines + PRIOR_WEIGHT + 0.05 * self.total)  # a few lines say little about many
+        doubt = UNSWEPT_DOUBT if self.beyond_the_sweep() else 1.0
+        trust = self.lines / (self.lines + (PRIOR_WEIGHT + 0.05 * self.total) / doubt)  # few lines tell little of many
         return trust * measured + (1 - trust) * prior_left
 
     def as_dict(self, now_wall: float | None = None) -> dict[str, Any]:

@@ -79,7 +79,7 @@ async def main(args: argparse.Namespace) -> None:
     sim.terminate()
     sim.wait()
     await asyncio.sleep(args.outage)
-    sim, _ = start_sim(*sim_options(args, port))
+    sim, _ = await asyncio.to_thread(start_sim, *sim_options(args, port))
     up = time.monotonic()
     report = await run
     ended = time.monotonic()

@@ -118,6 +118,14 @@ def test_the_start_estimate_moves_to_the_level_auto_settled_on() -> None:
     eta.level = 3
     assert 44.0 < (eta.seconds_left(now=0.0) or 0) < 66.0
     assert along(curve, 3) == pytest.approx(1 / (0.415 / 60 + 0.585 / 40), rel=1e-2)
+    for _ in range(5):  # a few lines at twice the rate the estimate expected at its level
+        eta.observe(None, 10)
+    eta.level = 4
+    within = eta.seconds_left(now=3.0)
+    eta.level = 8  # the same running time on the curve (no faster than 4), but nothing measured it
+    beyond = eta.seconds_left(now=3.0)
+    assert not LiveEta({None: 1}).beyond_the_sweep() and eta.beyond_the_sweep()
+    assert within is not None and beyond is not None and beyond < within  # the estimate counts less, lines more
     # two models' groups made for different levels, or none measured: the start estimate stays as it was made
     assert prior_levels([_group(2, 66.0, curve), _group(4, 10.0, curve)]) == (None, {})
     assert prior_levels([_group(2, 66.0, {})]) == (None, {})
