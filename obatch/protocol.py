@@ -404,7 +404,9 @@ class DurationEstimate(_Wire):
 
 class BatchEta(_Wire):
     """A running batch's remaining time, refined from the lines already finished (``obatch.progress.LiveEta``):
-    ``seconds_left`` as of ``at`` (Unix time)."""
+    ``seconds_left`` as of ``at`` (Unix time). ``waiting``: no engine host answers, the estimate is paused; the
+    outages so far (``outage_seconds``) are left out of the throughput. ``concurrency``: the level the run settled
+    on, the start estimate rescaled to it."""
 
     seconds_left: float | None = None
     at: float
@@ -413,6 +415,9 @@ class BatchEta(_Wire):
     tokens_done: float = 0.0
     tokens_left: float = 0.0
     tokens_per_s: float | None = None
+    waiting: bool = False
+    concurrency: int | None = None
+    outage_seconds: float = 0.0
 
 
 class EngineEntry(_Wire):

@@ -309,7 +309,8 @@ def show_batch(batch: Batch) -> None:
     ran = bool(batch.in_progress_at or batch.output_file_id or batch.error_file_id)
     live = read_results(batch) if ran else None
     if progress.waiting:
-        st.warning(f"The engine does not answer ({down}). The batch waits and goes on where it stopped once the "
+        st.warning(f"The engine does not answer ({down or 'no host answers the batch'}). The batch waits and goes "
+                   "on where it stopped once the "
                    "engine is back; no line is lost. Its ETA is paused meanwhile.", icon=":material/warning:")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)

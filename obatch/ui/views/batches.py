@@ -112,7 +112,8 @@ def _end_of(batch: Batch) -> int | None:
 def batch_progress(batch: Batch, *, now: float | None = None, estimate: DurationEstimate | None = None,
                    engine_up: bool = True) -> BatchProgress:
     """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate. While
-    the engine does not answer (``engine_up`` false, from ``/health``) a running batch has no ETA: it waits.
+    the engine does not answer (``engine_up`` false, from ``/health``, or the batch's own ETA says it waits for one)
+    a running batch has no ETA: it waits.
 
     Elapsed time is counted in the server's whole seconds (its timestamps have no fraction): a running batch's
     ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
@@ -143,7 +144,7 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Duration
         eta = max(0.0, expected - elapsed)
     else:
         eta = None
-    waiting = not engine_up and eta != 0.0
+    waiting = (not engine_up or (live is not None and live.waiting)) and eta != 0.0  # the server's pool knows too
     return BatchProgress(total, completed, failed, elapsed, rate, tps, None if waiting else eta, expected, skipped,
                          at_least, waiting)
 
