@@ -15,6 +15,7 @@ import pytest
 from obatch import batches, errors
 from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
+from obatch.bench.cli import describe
 from obatch.bench.estimate import deadline
 from obatch.bench.estimate.replay import scheduled_shares
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
@@ -147,6 +148,10 @@ def test_a_plan_says_the_miss_by_how_much_and_what_would_meet_it() -> None:
     hosts = deadline.plan(made, 40)  # no level of one host is enough: the fastest on as many hosts as it takes
     assert [(o.concurrency, o.hosts) for o in hosts.meets] == [(8, 2)] and hosts.meets[0].seconds <= 40
     assert deadline.plan(None, 60, why="no benchmark points").seconds is None
+    printed = describe(made.model_copy(update={"deadline": late}))  # `obatch estimate --completion-window`
+    assert printed[-1] == f"completion window: {late.message}"
+    args = _parser().parse_args(["estimate", "--file", "in.jsonl", "--deadline", "2h", "--schedule", "file"])
+    assert args.completion_window == "2h" and args.schedule == "file"
 
 
 class _Worker:

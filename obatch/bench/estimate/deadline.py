@@ -13,6 +13,7 @@ its groups'.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from obatch.backends.pool import Pool
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
 from obatch.protocol import DeadlineOption, DeadlinePlan, DurationEstimate
 from obatch.store import bench_repo, pilots
+
+log = logging.getLogger("obatch.bench")
 
 STRICT_KEY = "obatch_strict_window"  # a batch's metadata key: "true" refuses a batch certain to miss its window
 OPTIONS = 4  # configurations listed at most
@@ -124,5 +127,8 @@ async def plan_for_file(session: AsyncSession, engine: Pool, file: Path, window:
         return plan(None, window, why=e.message)
     except TimeoutError:
         return plan(None, window, why=f"the estimate took longer than {PLAN_SECONDS:.0f} s")
+    except Exception:  # advice: a failure to estimate must not fail the batch's creation
+        log.warning("could not estimate %s for its completion_window", file.name, exc_info=True)
+        return plan(None, window, why="the estimate failed (the server's log says why)")
     made = DurationEstimate.of_groups([DurationEstimate.model_validate(p.as_dict()) for p in parts])
     return plan(made, window)

@@ -250,9 +250,10 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, nu
                            "group's lines run one after another on one slot, so after its first line the shared "
                            "prefix is in that slot's cache")
     if typical >= 0.05 or groups:
-        shape.notes.append(f"about {shape.cached_tokens:.0f} of {sum(prompts) * shape.scale:.0f} prompt tokens "
-                           f"({typical:.0%}) expected from the engine's prefix cache (schedule {schedule}): only the "
-                           f"rest is charged prompt processing")
+        total = sum(prompts) * shape.scale
+        shape.notes.append(f"about {shape.cached_tokens:.0f} of {total:.0f} prompt tokens "
+                           f"({shape.cached_tokens / max(total, 1.0):.0%}) expected from the engine's prefix cache "
+                           f"(schedule {schedule}): only the rest is charged prompt processing")
     if calibration.cache_kept < 0.95 and sum(repeated) >= 0.05 * len(repeated) > 0:
         shape.notes.append(f"finished batches show the engine skipped only {calibration.cache_kept:.0%} of the "
                            "prompt prefixes it had just seen: the rest is charged as processed again")
