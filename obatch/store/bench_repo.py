@@ -115,7 +115,7 @@ async def batch_schedules(session: AsyncSession, batch_ids: Sequence[str]) -> di
     if not batch_ids:
         return {}
     statement = select(col(BatchRow.id), col(BatchRow.schedule)).where(col(BatchRow.id).in_(list(batch_ids)))
-    return {str(i): s for i, s in (await session.execute(statement)).tuples().all()}
+    return {str(i): s for i, s in (await session.execute(statement)).all()}
 
 
 async def decode_timings(session: AsyncSession, model: str, limit: int = 2000, *, exclude: str | None = None
