@@ -11,9 +11,8 @@ import pytest
 from obatch import errors
 from obatch.bench.estimate.fit import ConfigFit, context_slope, fit_config, least_squares, mean_context
 from obatch.bench.estimate.predict import estimate_from_fits
-from obatch.bench.estimate.replay import cached_shares, common_prefix
 from obatch.bench.estimate.schedule import effective_parallelism, makespan, makespan_at, makespan_runs
-from obatch.bench.estimate.shape import Line, Lines, Shape, TokenCalibration, shape_of
+from obatch.bench.estimate.shape import Line, Lines, Shape, TokenCalibration, cached_shares, common_prefix, shape_of
 from obatch.bench.measure import PointKey, SweepSpec, plan, reloads
 from obatch.bench.metrics import Sample, percentile, summarise
 from obatch.bench.workloads import WORKLOADS, Lengths, parse_workload

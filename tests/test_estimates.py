@@ -27,7 +27,6 @@ from obatch.bench.estimate import shape as shape_module
 from obatch.bench.estimate.calibrate import cache_kept, pilot_cache_kept
 from obatch.bench.estimate.fit import _fit_configs, in_flight, position_fit
 from obatch.bench.estimate.predict import estimate_from_fits
-from obatch.bench.estimate.replay import cached_shares
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
 from obatch.bench.estimate.schedule import makespan, speedups
 from obatch.bench.estimate.shape import (
@@ -36,6 +35,7 @@ from obatch.bench.estimate.shape import (
     Lines,
     Shape,
     TokenCalibration,
+    cached_shares,
     prompt_text,
     shape_of,
 )

@@ -29,6 +29,8 @@ import orjson
 
 from obatch import context, errors
 from obatch.bench.answers import UNBOUNDED_OUTPUT, AnswerLengths
+from obatch.bench.estimate.replay import cached_shares as cached_shares  # importable from here too
+from obatch.bench.estimate.replay import common_prefix as common_prefix
 from obatch.bench.estimate.replay import grouped, run_shares
 from obatch.jsonl import Request, iter_file
 from obatch.prefix import prefix_key
