@@ -139,6 +139,9 @@ def test_a_plan_says_the_miss_by_how_much_and_what_would_meet_it() -> None:
     assert late.expected_miss and late.certain_miss and late.miss_seconds == 100.0
     assert [(o.concurrency, o.hosts, o.seconds) for o in late.meets] == [(8, 1, 75.0), (4, 1, 115.0)]
     assert "miss its 3.3 min window by 100 s" in late.message and "concurrency 8" in late.message
+    # an estimate twice its configuration's modelled time (a pilot found the engine slow today): so are the others
+    slow = deadline.plan(made.model_copy(update={"seconds": 595.0, "low": 480.0, "high": 760.0}), 200)
+    assert [(o.concurrency, o.seconds) for o in slow.meets] == [(8, 145.0)]
     tight = deadline.plan(made, 280)  # past the estimate, not past its lower bound
     assert tight.expected_miss and not tight.certain_miss
     deadline.refuse_if_certain(tight)

@@ -4,7 +4,7 @@ A batch that runs past its window expires and its remaining lines end as ``batch
 it starts: whether the estimate is past the window and by how much, whether even the estimate's lower bound is
 (then ``--strict-window``, or the server's ``obatch_strict_window`` metadata key, refuses the batch), and which
 configurations would meet it: each num_ctx × concurrency the sweep measured, as the estimate predicts them for this
-file (``DurationEstimate.candidates``, scaled by the same correction of finished batches, load included), and, where
+file (``DurationEstimate.candidates``, scaled by the corrections the estimate applied, load included), and, where
 one host is not enough, the hosts it would take (the lines split evenly across hosts like the one estimated, each
 loading the model once). A file of several models runs them one after another: a configuration's time is the sum of
 its groups'.
@@ -39,16 +39,27 @@ def _clock(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _factor(part: DurationEstimate) -> float:
+    """What the estimate applied beyond a candidate's modelled time (finished batches' correction, today's speed
+    from a pilot, drawn answer lengths): its running time over the candidate's of its own configuration, where that
+    configuration was measured; else the history's correction alone."""
+    own = next((c for c in part.candidates if (c.num_ctx, c.concurrency) == (part.num_ctx, part.concurrency)), None)
+    if own is not None and own.seconds > 0:
+        return (part.seconds - part.load_seconds) / own.seconds
+    return part.history_factor
+
+
 def _options(made: DurationEstimate, window: float, hosts: int) -> list[DeadlineOption]:
     """The configurations expected to meet ``window``, fastest first: measured ones on the hosts there are, else
     the fastest of them on as many hosts as it takes."""
     parts = made.groups or [made]
     totals: dict[tuple[int, int], float] = {}
     loads = sum(p.load_seconds for p in parts)
+    factors = [_factor(p) for p in parts]
     for key in {(c.num_ctx, c.concurrency) for c in parts[0].candidates}:
         found = [next((c for c in p.candidates if (c.num_ctx, c.concurrency) == key), None) for p in parts]
         if all(c is not None for c in found):
-            totals[key] = sum(c.seconds * p.history_factor for c, p in zip(found, parts, strict=True) if c) / hosts
+            totals[key] = sum(c.seconds * f for c, f in zip(found, factors, strict=True) if c) / hosts
     ranked = sorted((seconds + loads, key) for key, seconds in totals.items())
     meets = [DeadlineOption(num_ctx=n, concurrency=c, hosts=hosts, seconds=round(t, 1))
              for t, (n, c) in ranked if t <= window][:OPTIONS]
