@@ -119,8 +119,9 @@ async def test_estimates_reflect_the_cache(swept: tuple[Settings, OllamaSim], tm
     assert any("expected from the engine's prefix cache" in note for note in auto.notes)
     before = sim.stats.cached_prompt_tokens
     report = await run_batch_file(shared, settings=settings.model_copy(update={"schedule": "auto"}),
-                                  progress=False, fresh=True)
+                                  progress=False, fresh=True, completion_window="1h")
     assert report.batch.completed == 48
+    assert "completion window: expected to finish in" in report.summary  # `obatch run --completion-window 1h`
     assert sim.stats.cached_prompt_tokens - before > 0.7 * total
     # measured -5% on an idle machine (docs/measurements.md); the bound leaves room for a loaded one
     assert 0.6 < auto.seconds / report.batch.run_seconds < 1.5, (auto.seconds, report.batch.run_seconds)
