@@ -296,6 +296,34 @@ class EstimateCandidate(_Wire):
     measured_output_tokens_per_s: float | None = None
 
 
+class DeadlineOption(_Wire):
+    """A configuration expected to meet a batch's window: a num_ctx and concurrency the sweep measured, on
+    ``hosts`` hosts like the one estimated (the lines split evenly across them), and its expected duration."""
+
+    num_ctx: int | None = None
+    concurrency: int | None = None
+    hosts: int = 1
+    seconds: float
+
+
+class DeadlinePlan(_Wire):
+    """The estimate against a batch's ``completion_window`` (obatch's): whether the batch is expected to miss it
+    and by how much (``miss_seconds``: the estimate past the window), whether even the estimate's lower bound is
+    past it (``certain_miss``: ``--strict-window`` refuses such a batch), the configurations the sweep measured that
+    would meet it (``meets``, fastest first) and the whole of it in words (``message``). Without an estimate (no
+    benchmark points) ``seconds`` is None and ``message`` says why."""
+
+    window_seconds: float
+    seconds: float | None = None
+    low: float | None = None
+    high: float | None = None
+    expected_miss: bool = False
+    certain_miss: bool = False
+    miss_seconds: float = 0.0
+    meets: list[DeadlineOption] = Field(default_factory=list)
+    message: str
+
+
 class EstimatePoint(_Wire):
     """A stored benchmark point an estimate rests on."""
 
@@ -369,6 +397,9 @@ class DurationEstimate(_Wire):
     groups: list[DurationEstimate] | None = None
     made_at: float | None = None  # Unix time; set on the estimate a batch made at its start
     output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
+    cached_prompt_tokens: float | None = None  # prompt tokens expected from the engine's prefix cache (a file's)
+    schedule: str | None = None  # the order replayed: "auto" (obatch.schedule's) or "file"
+    deadline: DeadlinePlan | None = None  # asked with a completion_window: whether the estimate meets it
 
     @classmethod
     def of_groups(cls, parts: list[DurationEstimate], **extra: Any) -> DurationEstimate:
@@ -439,6 +470,7 @@ class BatchExtension(_Wire):
 
     concurrency: dict[str, Any] | None = None
     schedule: dict[str, Any] | None = None
+    deadline: DeadlinePlan | None = None  # the estimate at creation against its completion_window
     estimate: DurationEstimate | None = None
     eta: BatchEta | None = None
     not_run: int | None = None

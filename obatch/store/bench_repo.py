@@ -110,6 +110,14 @@ async def prompt_timings(session: AsyncSession, model: str, limit: int = 400, *,
             for b, n, u, body, e, ms in (await session.execute(statement)).all()]
 
 
+async def batch_schedules(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, str | None]:
+    """The schedule each batch asked for ("auto", "file"; None: the settings' default), by id."""
+    if not batch_ids:
+        return {}
+    statement = select(col(BatchRow.id), col(BatchRow.schedule)).where(col(BatchRow.id).in_(list(batch_ids)))
+    return {str(i): s for i, s in (await session.execute(statement)).all()}
+
+
 async def decode_timings(session: AsyncSession, model: str, limit: int = 2000, *, exclude: str | None = None
                          ) -> list[tuple[str, str, int, int, float, float, float]]:
     """(backend, batch_id, prompt_tokens, completion_tokens, engine decode ms, latency ms, finished at) of a

@@ -77,6 +77,7 @@ class BatchRow(SQLModel, table=True):
     schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
     parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
     cached: int = 0  # lines answered by reuse (a stored answer, or an identical line's), counted as they are written
+    plan_json: str | None = None  # the estimate at creation against its completion_window (``DeadlinePlan``)
 
 
 class RequestRow(SQLModel, table=True):
