@@ -18,6 +18,7 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -52,13 +53,36 @@ def sim_config(concurrency: int, dims: int) -> SimConfig:
     return SimConfig(num_parallel=concurrency, models=models)
 
 
+def time_compaction() -> list[float]:
+    """Seconds spent compacting and handing pages back, summed (empty where this obatch has no compaction)."""
+    try:
+        from obatch.batches import compact
+    except ImportError:
+        return []
+    spent = [0.0]
+
+    def timed(work: Any) -> Any:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await work(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+        return run
+
+    compact.compact = timed(compact.compact)
+    compact.release = timed(compact.release)
+    return spent
+
+
 async def main(lines: int, concurrency: int, dims: int) -> None:
+    compacting = time_compaction()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = root / "in.jsonl"
         write_input(source, lines)
         async with OllamaSim(sim_config(concurrency, dims)) as sim:
-            settings = Settings(_env_file=None, data_dir=root / "data", backend="ollama",  # type: ignore[call-arg]
+            settings = Settings(_env_file=None, data_dir=root / "data", backend="ollama",
                                 ollama_url=sim.url, max_lines=max(lines, 50_000), max_file_bytes=1 << 34)
             started = time.perf_counter()
             report = await run_batch_file(source, settings=settings, concurrency=concurrency, progress=False)
@@ -73,6 +97,8 @@ async def main(lines: int, concurrency: int, dims: int) -> None:
           f"({output / lines:.0f} bytes a line)")
     print(f"store on disk {on_disk / mb:.1f} MB = {on_disk / output:.3f} × the output "
           f"({on_disk / lines:.0f} bytes a line); live pages {live / mb:.1f} MB = {live / output:.3f} ×")
+    if compacting:
+        print(f"compaction: {compacting[0]:.1f} s of the run")
     print("largest parts: " + ", ".join(f"{name} {size / mb:.1f} MB" for name, size in parts))
 
 

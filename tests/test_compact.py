@@ -4,7 +4,10 @@ a compacted line goes with its file."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +26,8 @@ from obatch.batches.services import Services
 from obatch.config import Settings
 from obatch.store import compaction
 from obatch.store.db import open_store
-from obatch.testing.ollama_sim import OllamaSim, SimConfig
-from tests.helpers import chat_line, write_jsonl
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
+from tests.helpers import chat_line, killable_run, write_jsonl
 
 GHOST = "no-such-model"
 
@@ -49,7 +52,11 @@ async def _readers(settings: Settings, batch_id: str) -> dict[str, Any]:
 
 
 def _rows(settings: Settings) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(settings.data_dir / "obatch.db") as db:
+    return _rows_of(settings.data_dir / "obatch.db")
+
+
+def _rows_of(store: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store) as db:
         return db.execute("SELECT line, state, body, response, content, error_message, out_offset FROM requests "
                           "ORDER BY batch_id, line").fetchall()
 
@@ -183,3 +190,45 @@ async def test_a_run_written_outside_the_store_keeps_its_rows(tmp_path: Path,
                              errors_path=tmp_path / "err.jsonl")
     rows = _rows(settings)
     assert all(r[6] is None for r in rows) and any(r[3] for r in rows)  # the user may move those files
+
+
+# A run of ``obatch run`` that SIGKILLs itself as it compacts its third page of rows (after the files are written
+# and two pages are committed): a real kill -9 at that point, with no hook in obatch.
+_KILLED_MID_COMPACTION = """
+import os, signal, sys
+from obatch.batches import compact
+from obatch.store import compaction
+compact.PAGE = 8
+rewrite, pages = compaction.rewrite_page, []
+async def killing(*args, **kwargs):
+    pages.append(1)
+    if len(pages) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    await rewrite(*args, **kwargs)
+compaction.rewrite_page = killing
+from obatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_compaction_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    lines = _lines(40)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    url, stop = run_in_thread(sim=OllamaSim(SimConfig(num_parallel=4)))
+    args, env = killable_run(path, url, tmp_path)
+    args = [a for i, a in enumerate(args) if a not in ("-o", "-e") and args[i - 1] not in ("-o", "-e")]
+    try:
+        killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COMPACTION, *args[3:]], env=env,
+                                capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        rows = _rows_of(tmp_path / "data" / "obatch.db")
+        assert 0 < sum(r[6] is not None for r in rows) < len(rows)  # killed midway through compaction
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        stop()
+    assert rerun.returncode == 0, rerun.stderr
+    results_dir = next((tmp_path / "data" / "results").iterdir())
+    out = [orjson.loads(line) for name in ("output.jsonl", "errors.jsonl")
+           for line in (results_dir / name).read_bytes().splitlines()]
+    assert Counter(line["custom_id"] for line in out) == Counter(line["custom_id"] for line in lines)
+    assert all(r[6] is not None for r in _rows_of(tmp_path / "data" / "obatch.db"))
