@@ -75,7 +75,7 @@ def _read(paths: tuple[Path, Path], wanted: Sequence[tuple[bool, int, int, str]]
             handle = handles[ok]
             handle.seek(offset)
             data = handle.read(length)
-            if _marker(custom_id) not in data[:length]:
+            if _marker(custom_id) not in data:
                 raise ValueError(f"line of {custom_id!r} not at {offset} in {handle.name}")
             found.append(data)
     finally:
