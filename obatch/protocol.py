@@ -404,7 +404,9 @@ class DurationEstimate(_Wire):
 
 class BatchEta(_Wire):
     """A running batch's remaining time, refined from the lines already finished (``obatch.progress.LiveEta``):
-    ``seconds_left`` as of ``at`` (Unix time)."""
+    ``seconds_left`` as of ``at`` (Unix time). ``waiting``: no engine host answers, the estimate is paused; the
+    outages so far (``outage_seconds``) are left out of the throughput. ``concurrency``: the level the run settled
+    on, the start estimate rescaled to it."""
 
     seconds_left: float | None = None
     at: float
@@ -413,6 +415,9 @@ class BatchEta(_Wire):
     tokens_done: float = 0.0
     tokens_left: float = 0.0
     tokens_per_s: float | None = None
+    waiting: bool = False
+    concurrency: int | None = None
+    outage_seconds: float = 0.0
 
 
 class EngineEntry(_Wire):
@@ -429,8 +434,8 @@ class BatchExtension(_Wire):
     why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
     never ran; obatch's version and the engine hosts with their versions and model digests; the structured-output
     counts; ``schedule``: the order used, the prefix groups found and the share of prompt tokens the engine took
-    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``). Fields without a value
-    are left out."""
+    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``); ``cached``: the lines
+    whose answer was reused. Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
     schedule: dict[str, Any] | None = None
@@ -443,6 +448,7 @@ class BatchExtension(_Wire):
     refused_answers: int | None = None  # answers that check refused over all lines (each asked again, or final)
     parent: str | None = None  # the batch whose failed lines this batch retries
     retries: list[str] | None = None  # the batches made of this one's failed lines, oldest first
+    cached: int | None = None  # lines answered by reuse (a stored answer or an identical line's), live and final
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

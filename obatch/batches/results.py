@@ -413,4 +413,4 @@ def _extension(row: BatchRow) -> BatchExtension:
         estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
         eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
                                                                                           "finalizing") else None,
-        parent=row.parent_id)
+        parent=row.parent_id, cached=row.cached)

@@ -76,6 +76,7 @@ class BatchRow(SQLModel, table=True):
     schedule: str | None = None  # the order asked for its lines: "auto" or "file" (None: the settings' default)
     schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
     parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
+    cached: int = 0  # lines answered by reuse (a stored answer, or an identical line's), counted as they are written
     results_files: str | None = None  # JSON [output path, error path]: the files its compacted rows index
 
 

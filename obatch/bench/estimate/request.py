@@ -222,8 +222,15 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
     return {
         "seconds": sum(p.seconds for p in parts), "low": sum(p.low for p in parts),
         "high": sum(p.high for p in parts), "concurrency": concurrency, "made_at": time.time(),
-        "groups": [{k: v for k, v in p.as_dict().items() if k != "candidates"} for p in parts],
+        "groups": [_kept(p.as_dict()) for p in parts],
     }
+
+
+def _kept(group: dict[str, Any]) -> dict[str, Any]:
+    """What a batch keeps of a model group's estimate: the candidates only at its num_ctx (the sweep's curve the
+    live ETA moves along once auto has settled, ``obatch.progress.prior_levels``)."""
+    ctx = group.get("num_ctx")
+    return group | {"candidates": [c for c in group.get("candidates") or [] if c.get("num_ctx") == ctx]}
 
 
 async def estimate_json_for_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None

@@ -5,7 +5,7 @@ Existing rows keep NULL indexes: they keep their text, and read as before. The m
 reused under becomes a 16-character hash of it (``cache_repo.identity_tag``), existing rows' included.
 
 Revision ID: compact_0011
-Revises: cache_0010
+Revises: uiruns_0011_cached
 """
 import hashlib
 from collections.abc import Sequence
@@ -15,7 +15,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = 'compact_0011'
-down_revision: str | None = 'cache_0010'
+down_revision: str | None = 'uiruns_0011_cached'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
