@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -23,6 +23,7 @@ from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import (
     Services,
+    compact,
     create_batch,
     file_path,
     process,
@@ -297,13 +298,38 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
         async with sessions() as session:
             batch = await repo.find_batch(session, batch_id)
         facts = provenance.LineFacts(provenance.entries_of(batch) if batch is not None else [])
-        # each row less its host's number and the paging key, then the host's facts
-        records = [(*row[:-2], *facts(row[-2], row[2])) async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]
+        records = []
+        chunk: list[Any] = []
+        async for row in repo.iter_rows(sessions, batch_id, (*_COLUMNS, *compact.INDEX)):
+            chunk.append(row)
+            if len(chunk) >= _CHUNK:
+                records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch else []
+                chunk.clear()
+        records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch and chunk else []
     finally:
         await engine.dispose()
     import polars as pl
 
     return pl.DataFrame(records, schema=result_schema(), orient="row")
+
+
+_CHUNK = 1000  # rows restored from their files at a time (``compact.restored``)
+
+
+def _records(facts: provenance.LineFacts, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Frame records of rows (``_COLUMNS``, then the line): each less its host's number and the line, then the
+    host's facts."""
+    return [(*row[:-2], *facts(row[-2], row[2])) for row in rows]
+
+
+async def _restored(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> list[tuple[BatchRow, tuple[Any, ...]]]:
+    """Items of rows read with ``compact.INDEX`` after ``_COLUMNS``, compacted ones restored from their files."""
+    found = list(items)
+    for batch, at in reading.by_batch(items):
+        rows = await compact.restored(batch, _COLUMNS, [items[i][1] for i in at])
+        for i, row in zip(at, rows, strict=True):
+            found[i] = (batch, row)
+    return found
 
 
 def result_schema() -> dict[str, pl.DataType]:
@@ -368,9 +394,19 @@ async def results(batch_id: str, *, merged: bool = False, settings: Settings | N
     settings = settings or Settings()
     engine, sessions = await open_store(settings.db_url)
     facts = reading.HostFacts()
+    records: list[tuple[Any, ...]] = []
+    chunk: list[tuple[BatchRow, tuple[Any, ...]]] = []
+
+    def add(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> None:
+        records.extend((*row[:-2], *facts(batch)(row[-2], row[2]), batch.id) for batch, row in items)
+
     try:  # as ``results_frame``'s rows, then the batch that gave the line
-        records = [(*row[:-2], *facts(batch)(row[-2], row[2]), batch.id)
-                   async for batch, row in reading.iter_finished(sessions, batch_id, _COLUMNS, merged=merged)]
+        async for item in reading.iter_finished(sessions, batch_id, (*_COLUMNS, *compact.INDEX), merged=merged):
+            chunk.append(item)
+            if len(chunk) >= _CHUNK:
+                add(await _restored(chunk))
+                chunk.clear()
+        add(await _restored(chunk))
     finally:
         await engine.dispose()
     import polars as pl
