@@ -303,9 +303,11 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
         async for row in repo.iter_rows(sessions, batch_id, (*_COLUMNS, *compact.INDEX)):
             chunk.append(row)
             if len(chunk) >= _CHUNK:
-                records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch else []
+                records += _records(facts, await compact.restored(batch, _COLUMNS, chunk,
+                                                                   data_dir=settings.data_dir)) if batch else []
                 chunk.clear()
-        records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch and chunk else []
+        records += _records(facts, await compact.restored(batch, _COLUMNS, chunk,
+                                                           data_dir=settings.data_dir)) if batch and chunk else []
     finally:
         await engine.dispose()
     import polars as pl
@@ -322,11 +324,13 @@ def _records(facts: provenance.LineFacts, rows: Sequence[tuple[Any, ...]]) -> li
     return [(*row[:-2], *facts(row[-2], row[2])) for row in rows]
 
 
-async def _restored(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> list[tuple[BatchRow, tuple[Any, ...]]]:
-    """Items of rows read with ``compact.INDEX`` after ``_COLUMNS``, compacted ones restored from their files."""
+async def _restored(items: Sequence[tuple[BatchRow, tuple[Any, ...]]], data_dir: Path
+                    ) -> list[tuple[BatchRow, tuple[Any, ...]]]:
+    """Items of rows read with ``compact.INDEX`` after ``_COLUMNS``, compacted ones restored from their files (under
+    ``data_dir``)."""
     found = list(items)
     for batch, at in reading.by_batch(items):
-        rows = await compact.restored(batch, _COLUMNS, [items[i][1] for i in at])
+        rows = await compact.restored(batch, _COLUMNS, [items[i][1] for i in at], data_dir=data_dir)
         for i, row in zip(at, rows, strict=True):
             found[i] = (batch, row)
     return found
@@ -404,9 +408,9 @@ async def results(batch_id: str, *, merged: bool = False, settings: Settings | N
         async for item in reading.iter_finished(sessions, batch_id, (*_COLUMNS, *compact.INDEX), merged=merged):
             chunk.append(item)
             if len(chunk) >= _CHUNK:
-                add(await _restored(chunk))
+                add(await _restored(chunk, settings.data_dir))
                 chunk.clear()
-        add(await _restored(chunk))
+        add(await _restored(chunk, settings.data_dir))
     finally:
         await engine.dispose()
     import polars as pl

@@ -86,10 +86,11 @@ async def _results(args: argparse.Namespace) -> int:
     from obatch.batches.reading import follow
     from obatch.store.db import open_store
 
-    engine, sessions = await open_store(_settings(args).db_url)
+    settings = _settings(args)
+    engine, sessions = await open_store(settings.db_url)
     out = sys.stdout.buffer
     try:
-        async for line in follow(sessions, args.batch_id, merged=args.merged,
+        async for line in follow(sessions, args.batch_id, data_dir=settings.data_dir, merged=args.merged,
                                  interval=args.interval if args.follow else None):
             await asyncio.to_thread(out.write, line)
             if args.follow:

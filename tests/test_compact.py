@@ -26,6 +26,7 @@ from obatch.batches.services import Services
 from obatch.config import Settings
 from obatch.store import compaction
 from obatch.store.db import open_store
+from obatch.store.tables import BatchRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
 from tests.helpers import chat_line, killable_run, write_jsonl
 
@@ -43,8 +44,9 @@ async def _readers(settings: Settings, batch_id: str) -> dict[str, Any]:
     """What every reader of a batch's results gives: the pages of /results (alone and merged) and both frames."""
     engine, sessions = await open_store(settings.db_url)
     try:
-        pages = [line async for line in reading.follow(sessions, batch_id, limit=7)]
-        merged = [line async for line in reading.follow(sessions, batch_id, merged=True, limit=7)]
+        pages = [line async for line in reading.follow(sessions, batch_id, data_dir=settings.data_dir, limit=7)]
+        merged = [line async for line in reading.follow(sessions, batch_id, data_dir=settings.data_dir, merged=True,
+                                                        limit=7)]
     finally:
         await engine.dispose()
     return {"pages": pages, "merged": merged, "frame": await results_frame(settings, batch_id),
@@ -173,12 +175,66 @@ async def test_a_compacted_line_goes_with_its_file(tmp_path: Path, make_settings
         engine, sessions = await open_store(settings.db_url)
         try:
             with pytest.raises(errors.NotFoundError, match="is gone"):
-                await reading.read_page(sessions, first.batch.id)
+                await reading.read_page(sessions, first.batch.id, data_dir=settings.data_dir)
         finally:
             await engine.dispose()
         third = await run_batch_file(path, settings=settings, progress=False, fresh=True)
         assert sim.stats.requests["/api/embed"] == 24  # the answers left the cache with their files
     assert all(orjson.loads(line)["obatch"]["cached_from"] is None for line in third.output.read_bytes().splitlines())
+
+
+def _results_files(settings: Settings, batch_id: str) -> list[str]:
+    with sqlite3.connect(settings.data_dir / "obatch.db") as db:
+        return orjson.loads(db.execute("SELECT results_files FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+
+
+async def test_a_moved_data_directory_keeps_its_compacted_batches(tmp_path: Path,
+                                                                  make_settings: Callable[..., Settings]) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", _lines(16))
+    async with OllamaSim(SimConfig(num_parallel=4)) as sim:
+        settings = make_settings(sim.url)
+        first = await run_batch_file(path, settings=settings, progress=False)
+        succeeded = first.output.read_bytes().splitlines()
+        files = first.output.read_bytes() + first.errors.read_bytes()
+        before = await _readers(settings, first.batch.id)
+        named = _results_files(settings, first.batch.id)
+        assert [settings.data_dir / name for name in named] == [first.output, first.errors]
+        assert not any(Path(name).is_absolute() for name in named)  # relative to the data directory
+        moved = make_settings(sim.url, data_dir=tmp_path / "elsewhere" / "renamed")
+        moved.data_dir.parent.mkdir()
+        settings.data_dir.rename(moved.data_dir)  # the store and its files, as a renamed project folder moves them
+        assert not settings.data_dir.exists()
+        after = await _readers(moved, first.batch.id)
+        _equal(before, after)
+        assert sorted(after["pages"]) == sorted(files.splitlines(keepends=True))
+        served = sim.stats.served
+        again = await run_batch_file(path, settings=moved, progress=False, fresh=True)
+        assert sim.stats.served == served  # every answer came from the moved batch's files
+        rerun = again.output.read_bytes().splitlines()
+        assert len(rerun) == len(succeeded)
+        assert all(orjson.loads(line)["obatch"]["cached_from"]["batch_id"] == first.batch.id for line in rerun)
+        # a store compacted before the paths were relative names its files by their absolute path: still read
+        with sqlite3.connect(moved.data_dir / "obatch.db") as db:
+            for batch_id, names in db.execute("SELECT id, results_files FROM batches WHERE results_files IS NOT NULL"
+                                              ).fetchall():
+                absolute = [str(moved.data_dir / name) for name in orjson.loads(names)]
+                db.execute("UPDATE batches SET results_files = ? WHERE id = ?", (orjson.dumps(absolute).decode(),
+                                                                                 batch_id))
+        _equal(before, await _readers(moved, first.batch.id))
+        third = await run_batch_file(path, settings=moved, progress=False, fresh=True)
+        assert sim.stats.served == served  # the cache read the absolute path too
+    assert len(third.output.read_bytes().splitlines()) == len(succeeded)
+
+
+def test_files_of_reads_relative_and_absolute_names(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    names = ["results/b/out.jsonl", "results/b/err.jsonl"]
+    relative = BatchRow(id="batch_x", results_files=orjson.dumps(names).decode())
+    assert compact.files_of(relative, data) == (data / names[0], data / names[1])
+    old = ["/srv/old/data/results/b/out.jsonl", "/srv/old/data/results/b/err.jsonl"]
+    absolute = BatchRow(id="batch_x", results_files=orjson.dumps(old).decode())
+    assert compact.files_of(absolute, data) == (Path(old[0]), Path(old[1]))  # used as it is
+    assert compact.files_of(BatchRow(id="batch_x"), data) is None
 
 
 async def test_a_run_written_outside_the_store_keeps_its_rows(tmp_path: Path,

@@ -51,7 +51,7 @@ async def test_pages_follow_lines_finishing_out_of_order(tmp_path: Path, make_se
         read: list[bytes] = []
         after, gaps, pages = 0, 0, 0
         while True:
-            page = await reading.read_page(sessions, batch_id, after=after, limit=4)
+            page = await reading.read_page(sessions, batch_id, data_dir=settings.data_dir, after=after, limit=4)
             pages += 1
             assert page.after >= after and len(page.lines) <= 4
             read += page.lines
@@ -64,7 +64,7 @@ async def test_pages_follow_lines_finishing_out_of_order(tmp_path: Path, make_se
             after = page.after
         done = await task
         assert task.done() and done.status == "completed"
-        end = await reading.read_page(sessions, batch_id, after=page.after, limit=4)
+        end = await reading.read_page(sessions, batch_id, data_dir=settings.data_dir, after=page.after, limit=4)
         assert end.lines == [] and end.finished and end.after == page.after == len(lines)
         await svc.backend.aclose()
         await engine.dispose()
@@ -90,8 +90,10 @@ async def test_a_snapshot_frame_and_follow_while_running(tmp_path: Path, make_se
         while len(frame := await results(batch_id, settings=settings)) < 19:  # noqa: ASYNC110 (polling the store)
             await asyncio.sleep(0.02)
         assert "r0" not in frame["custom_id"].to_list()  # the slow first line is still running: not in the frame
-        assert (await reading.read_page(sessions, batch_id, limit=100)).lines == []  # ...and it holds the cursor
-        followed = [line async for line in reading.follow(sessions, batch_id, interval=0.02)]
+        page = await reading.read_page(sessions, batch_id, data_dir=settings.data_dir, limit=100)
+        assert page.lines == []  # ...and it holds the cursor
+        followed = [line async for line in reading.follow(sessions, batch_id, data_dir=settings.data_dir,
+                                                          interval=0.02)]
         done = await task
         await svc.backend.aclose()
         await engine.dispose()

@@ -8,7 +8,9 @@ in its file (the output file for a succeeded row, the error file for the others)
 provenance, the cache key and model identity), the request body of each line that did not succeed (what a retry
 sends again) and of the first ``KEEP_BODIES`` lines (what the estimator's history replays). Only batches whose
 files the store keeps (under the data directory) are compacted; a CLI run told to write elsewhere keeps its rows
-whole.
+whole. The batch names its files relative to the data directory (``results_files``), and a reader finds them under
+the data directory it is given: the directory can be moved or renamed (a path an older store keeps absolute is used
+as it is).
 
 Every reader of the dropped text goes through ``stored_lines`` (the line's bytes, read from its file by the index)
 or ``restore`` (the dropped columns made again from those bytes): the output writer, ``/results`` and merged
@@ -50,12 +52,25 @@ def owned(settings_data_dir: Path, *paths: Path) -> bool:
     return all(Path(os.path.abspath(path)).is_relative_to(root) for path in paths)
 
 
-def files_of(batch: BatchRow) -> tuple[Path, Path] | None:
-    """The output and error files a batch's compacted rows index (None: none of its rows is compacted)."""
-    if not batch.results_files:
-        return None
-    output, error = orjson.loads(batch.results_files)
-    return Path(output), Path(error)
+def _stored(data_dir: Path, path: Path) -> str:
+    """How a batch names one of its files: relative to the data directory (so the directory can move), or absolute
+    when the file lies elsewhere."""
+    root, where = Path(os.path.abspath(data_dir)), Path(os.path.abspath(path))
+    return str(where.relative_to(root)) if where.is_relative_to(root) else str(where)
+
+
+def _located(data_dir: Path, files: str) -> tuple[Path, Path]:
+    """The output and error files of a batch's ``results_files``: each relative path resolved against the data
+    directory as it is now, an absolute one (a store compacted before paths were relative) as it is."""
+    output, error = (Path(name) for name in orjson.loads(files))
+    return (output if output.is_absolute() else data_dir / output,
+            error if error.is_absolute() else data_dir / error)
+
+
+def files_of(batch: BatchRow, data_dir: Path) -> tuple[Path, Path] | None:
+    """The output and error files a batch's compacted rows index (None: none of its rows is compacted), found
+    under ``data_dir`` (the store's data directory now)."""
+    return _located(data_dir, batch.results_files) if batch.results_files else None
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -89,17 +104,17 @@ def gone(batch: BatchRow) -> errors.NotFoundError:
                                 "lines are no longer kept.", param="batch_id")
 
 
-async def stored_lines(batch: BatchRow, rows: Sequence[tuple[Any, ...]], *, state: int, custom_id: int,
-                       offset: int) -> list[bytes | None]:
+async def stored_lines(batch: BatchRow, rows: Sequence[tuple[Any, ...]], *, data_dir: Path, state: int,
+                       custom_id: int, offset: int) -> list[bytes | None]:
     """For each row (a tuple holding its state, custom_id and ``INDEX`` at these positions): the bytes of its line
-    in its file when it is compacted, else None (the row holds its text). ``NotFoundError`` (``gone``) when the
-    file is not there, or does not hold the line where the index says."""
+    in its file (under ``data_dir``) when it is compacted, else None (the row holds its text). ``NotFoundError``
+    (``gone``) when the file is not there, or does not hold the line where the index says."""
     wanted = [(i, (row[state] == "succeeded", row[offset], row[offset + 1], row[custom_id]))
               for i, row in enumerate(rows) if row[offset] is not None]
     found: list[bytes | None] = [None] * len(rows)
     if not wanted:
         return found
-    paths = files_of(batch)
+    paths = files_of(batch, data_dir)
     if paths is None:
         raise gone(batch)
     try:
@@ -128,23 +143,24 @@ def restore(columns: Sequence[str], row: tuple[Any, ...], line: bytes) -> tuple[
     return (*values, row[-1])
 
 
-async def restored(batch: BatchRow, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+async def restored(batch: BatchRow, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], *, data_dir: Path
                    ) -> list[tuple[Any, ...]]:
     """Rows read with ``INDEX`` after ``columns`` (then the line), as ``columns`` then the line: compacted ones
-    restored from their files (``restore``), the others as they are."""
+    restored from their files under ``data_dir`` (``restore``), the others as they are."""
     at = {name: i for i, name in enumerate(columns)}
     if "state" not in at or "custom_id" not in at:
         raise ValueError("restoring rows needs their state and custom_id")
-    lines = await stored_lines(batch, rows, state=at["state"], custom_id=at["custom_id"], offset=len(columns))
+    lines = await stored_lines(batch, rows, data_dir=data_dir, state=at["state"], custom_id=at["custom_id"],
+                               offset=len(columns))
     return [restore(columns, row, line) if line is not None else (*row[:len(columns)], row[-1])
             for row, line in zip(rows, lines, strict=True)]
 
 
-def _read_answers(wanted: Sequence[tuple[str, str, int, int, str]]) -> dict[str, bytes | None]:
+def _read_answers(data_dir: Path, wanted: Sequence[tuple[str, str, int, int, str]]) -> dict[str, bytes | None]:
     """Each key's line (results_files, custom_id, offset, length of a succeeded row, key); None when unreadable."""
     found: dict[str, bytes | None] = {}
     for files, custom_id, offset, length, key in wanted:
-        output = Path(orjson.loads(files)[0])
+        output = _located(data_dir, files)[0]
         try:
             found[key] = _read((output, output), [(True, offset, length, custom_id)])[0]
         except (OSError, ValueError):
@@ -152,15 +168,15 @@ def _read_answers(wanted: Sequence[tuple[str, str, int, int, str]]) -> dict[str,
     return found
 
 
-async def answers(found: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+async def answers(found: dict[str, tuple[Any, ...]], data_dir: Path) -> dict[str, tuple[Any, ...]]:
     """The response cache's stored answers (``cache_repo.cached_answers``: batch_id, custom_id,
     ``repo.FINISH_COLUMNS``' values, then the index and the batch's files) as batch_id, custom_id and those values,
-    a compacted row's dropped text restored from its output line. An answer whose file can no longer be read is
-    left out (a miss)."""
+    a compacted row's dropped text restored from its output line (its file under ``data_dir``). An answer whose
+    file can no longer be read is left out (a miss)."""
     size = 2 + len(repo.FINISH_COLUMNS)
     wanted = [(source[-1], source[1], source[size], source[size + 1], key)
               for key, source in found.items() if source[size] is not None and source[-1]]
-    lines = await asyncio.to_thread(_read_answers, wanted) if wanted else {}
+    lines = await asyncio.to_thread(_read_answers, data_dir, wanted) if wanted else {}
     kept: dict[str, tuple[Any, ...]] = {}
     for key, source in found.items():
         values = source[:size]
@@ -214,8 +230,9 @@ async def compact(svc: Services, batch_id: str, output: Path, error: Path) -> bo
     """Compact a batch's rows against its output and error files, just written from them (module docstring).
     Returns whether every row was compacted (a file that does not match its rows leaves them whole)."""
     paths = await asyncio.to_thread(_durable, output, error)
+    named = [_stored(svc.settings.data_dir, path) for path in (output, error)]
     async with svc.sessions() as session:
-        await repo.set_batch(session, batch_id, results_files=orjson.dumps([str(p) for p in paths]).decode())
+        await repo.set_batch(session, batch_id, results_files=orjson.dumps(named).decode())
         await session.commit()
 
     def open_files() -> dict[bool, BinaryIO | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from obatch.batches import provenance
@@ -96,16 +97,18 @@ async def outcomes(sessions: Sessions, batch_id: str, columns: Sequence[str], *,
     return page
 
 
-async def read_page(sessions: Sessions, batch_id: str, *, owner: str | None = None, after: int = 0,
+async def read_page(sessions: Sessions, batch_id: str, *, data_dir: Path, owner: str | None = None, after: int = 0,
                     limit: int = DEFAULT_LIMIT, merged: bool = False, contiguous: bool = True) -> ResultsPage:
     """A page of output lines: those finished after line ``after``, in input order, up to the first still running
-    (``contiguous=False``: running lines skipped)."""
+    (``contiguous=False``: running lines skipped). A compacted batch's lines are read from its files under
+    ``data_dir`` (the store's data directory)."""
     page = await outcomes(sessions, batch_id, READ_COLUMNS, owner=owner, after=after, limit=limit, merged=merged,
                           contiguous=contiguous)
     facts = HostFacts()
     lines: list[bytes] = [b""] * len(page.items)
     for batch, at in by_batch(page.items):  # a compacted line is read from its batch's file
-        made = await output_lines(batch, [page.items[i][1] for i in at], not_run_code(batch), facts(batch))
+        made = await output_lines(batch, [page.items[i][1] for i in at], not_run_code(batch), facts(batch),
+                                  data_dir=data_dir)
         for i, (_, data) in zip(at, made, strict=True):
             lines[i] = data
     return ResultsPage(lines, page.after, page.finished, page.more)
@@ -128,14 +131,14 @@ class HostFacts(dict[str, provenance.LineFacts]):
         return self[batch.id]
 
 
-async def follow(sessions: Sessions, batch_id: str, *, merged: bool = False, interval: float | None = None,
-                 limit: int = MAX_LIMIT) -> AsyncIterator[bytes]:
+async def follow(sessions: Sessions, batch_id: str, *, data_dir: Path, merged: bool = False,
+                 interval: float | None = None, limit: int = MAX_LIMIT) -> AsyncIterator[bytes]:
     """Output lines in input order. Without ``interval``: every line finished now (running ones skipped). With
     it: each line once as it finishes, polling every ``interval`` seconds until the batch (merged: its chain) is
     final."""
     after = 0
     while True:
-        page = await read_page(sessions, batch_id, after=after, limit=limit, merged=merged,
+        page = await read_page(sessions, batch_id, data_dir=data_dir, after=after, limit=limit, merged=merged,
                                contiguous=interval is not None)
         for line in page.lines:
             yield line

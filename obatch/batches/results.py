@@ -242,11 +242,11 @@ READ_COLUMNS = (*_OUTPUT_COLUMNS, *compact.INDEX)  # what ``output_lines`` takes
 
 
 async def output_lines(batch: BatchRow, rows: Sequence[tuple[Any, ...]], pending_code: str | None,
-                       facts: provenance.LineFacts = _NO_FACTS) -> list[tuple[bool, bytes]]:
+                       facts: provenance.LineFacts = _NO_FACTS, *, data_dir: Path) -> list[tuple[bool, bytes]]:
     """(is_success, output line) for rows of ``READ_COLUMNS`` (then the line): a compacted row's line as its file
-    holds it (``compact.stored_lines``), the others made by ``line_bytes``."""
+    (under ``data_dir``) holds it (``compact.stored_lines``), the others made by ``line_bytes``."""
     size = len(_OUTPUT_COLUMNS)
-    stored = await compact.stored_lines(batch, rows, state=1, custom_id=0, offset=size)
+    stored = await compact.stored_lines(batch, rows, data_dir=data_dir, state=1, custom_id=0, offset=size)
     return [(row[1] == "succeeded", data) if data is not None
             else line_bytes(batch.id, (*row[:size], row[-1]), pending_code, facts)
             for row, data in zip(rows, stored, strict=True)]
@@ -269,7 +269,7 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     rows: list[tuple[Any, ...]] = []
 
     async def write(rows: list[tuple[Any, ...]]) -> None:
-        for ok, data in await output_lines(batch, rows, pending_code, facts):
+        for ok, data in await output_lines(batch, rows, pending_code, facts, data_dir=svc.settings.data_dir):
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1
         rows.clear()

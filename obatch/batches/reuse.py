@@ -95,7 +95,8 @@ async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progre
             continue
         async with svc.sessions() as session:
             found = await compact.answers(
-                await cache_repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted})))
+                await cache_repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted})),
+                svc.settings.data_dir)
             results = []
             now = time.time()
             for line, key in wanted:

@@ -226,7 +226,8 @@ async def retry_batch(svc: Services, worker: BatchWorker, owner: str | None, bat
 async def batch_results(svc: Services, owner: str | None, batch_id: str, *, after: int, limit: int,
                         merged: bool) -> reading.ResultsPage:
     """A page of a batch's finished lines after line ``after``, in input order (the output files' bytes)."""
-    return await reading.read_page(svc.sessions, batch_id, owner=owner, after=after, limit=limit, merged=merged)
+    return await reading.read_page(svc.sessions, batch_id, data_dir=svc.settings.data_dir, owner=owner, after=after,
+                                   limit=limit, merged=merged)
 
 
 # ---------------------------------------------------------------------------------------- pass-through

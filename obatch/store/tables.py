@@ -78,7 +78,7 @@ class BatchRow(SQLModel, table=True):
     parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
     cached: int = 0  # lines answered by reuse (a stored answer, or an identical line's), counted as they are written
     plan_json: str | None = None  # the estimate at creation against its completion_window (``DeadlinePlan``)
-    results_files: str | None = None  # JSON [output path, error path]: the files its compacted rows index
+    results_files: str | None = None  # JSON [output, error]: its compacted rows' files, relative to data_dir
 
 
 class RequestRow(SQLModel, table=True):
