@@ -378,3 +378,28 @@ def test_the_cache_share_is_the_engines_own_figure_or_unknown() -> None:
     resumed = Stats()
     resumed.add_reports(stats.as_dict())
     assert resumed.as_dict()["cached_prompt_share"] == 0.8
+
+
+async def test_auto_concurrency_finds_ollamas_slots_and_keeps_one_group_per_lane(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    # Ollama tells no slot count; its durations show requests waiting for a slot once auto is above the 4 slots
+    config = SimConfig(num_parallel=4, prompt_cache=True, prompt_tps_shared=True, prompt_tps=8_000, decode_tps=40)
+    lines = documents_lines(4, 20)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    recorder = Recorder()
+    async with OllamaSim(config) as sim:
+        backend = await open_backend(make_settings(sim.url, concurrency="auto"))
+        wrapped = Pool([recorder.wrap(backend)], concurrency="auto")
+        try:
+            report = await run_batch_file(path, settings=make_settings(sim.url, concurrency="auto"),
+                                          backend=wrapped, progress=False)
+        finally:
+            await backend.aclose()
+    assert output_ids(report.output) == Counter({line["custom_id"]: 1 for line in lines})
+    limit = wrapped.hosts[0].limit
+    assert isinstance(limit, AutoLimit) and limit.level == 4 and limit.ceiling == 4, limit.history
+    learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
+    assert all(c.level <= 4 for c in limit.history[learnt:]), limit.history  # no probe above the slots again
+    assert sim.stats.max_queued_seen > 0  # it did go above them once, to find them
+    # after the search each document stays on its lane: only the first rounds miss the cache
+    assert cached_share(sim) > 0.65, cached_share(sim)
