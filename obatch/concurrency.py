@@ -28,9 +28,12 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   no slot count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP``
   in flight at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting
   (``queued``), the slots are the most requests the engine worked on at once (``_overlap``), and the level drops
-  to them and never probes above them again. Above its slots an engine only queues requests, and with a prompt
-  cache per slot (``obatch.schedule``) a queued request takes whichever slot frees first, another prefix group's:
-  probing there costs every cached prefix, so it is not repeated once the slots are known.
+  to them and never probes above them again. Once the jump's first answer is in, no request starts until the
+  burst tells (a request that waited) or has ended: the requests that queued behind the slots then run alone, one
+  per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind it.
+  Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
+  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so
+  it is not repeated once the slots are known.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -80,6 +83,11 @@ class Limit:
     def settled(self) -> bool:
         """Whether the level is near its best already (an auto level is not while it still doubles)."""
         return True
+
+    @property
+    def admit(self) -> int:
+        """How many requests may be in flight now: the level, or none while a burst is read (``AutoLimit``)."""
+        return self.level
 
     def begin(self) -> int:
         """A request starts; returns the epoch to hand back to ``done``."""
@@ -149,6 +157,8 @@ class AutoLimit(Limit):
         self._spans: list[tuple[float, float, float]] = []  # this level's answers: (ended, engine s, latency s)
         self._recent: list[tuple[float, float, float]] = []  # the last answers of any level (what ran at once)
         self.ceiling: int | None = None  # the slots learnt from requests queued inside the engine
+        self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
+        self._paused = False
 
     @property
     def best(self) -> int:
@@ -157,6 +167,10 @@ class AutoLimit(Limit):
     @property
     def settled(self) -> bool:
         return not self._slow_start
+
+    @property
+    def admit(self) -> int:
+        return 0 if self._paused else self.level
 
     # -------------------------------------------------------------------------------------------- events
 
@@ -186,6 +200,8 @@ class AutoLimit(Limit):
         now = self.clock()
         self._account(now)
         self._inflight = max(0, self._inflight - 1)
+        if self._paused and self._inflight == 0:  # the burst ended and no request waited: the slots are more
+            self._paused = False
         if overloaded:
             if epoch == self._epoch and self.level > 1:
                 self._holding = self.hold_windows
@@ -226,7 +242,10 @@ class AutoLimit(Limit):
             if not self._hinted and self._slow_start and self.level < self.jump:
                 self._set(self.jump, f"jumped: the engine tells its processing time, so a wait for a slot shows; "
                                      f"probing {min(self.jump, self.maximum)}")
+                self._burst = True
                 return True
+        if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
+            self._burst, self._paused = False, self._inflight > 0
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-4 * self.level]
         slots = queued(self._spans, self._recent)
@@ -286,6 +305,7 @@ class AutoLimit(Limit):
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
+        self._burst = self._paused = False
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 

@@ -26,7 +26,8 @@ from tests.helpers import chat_line, write_jsonl
 
 
 def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Callable[[float], float],
-             requests: int, max_queue: int = 10_000, timed: bool = False) -> tuple[list[tuple[float, int]], int]:
+             requests: int, max_queue: int = 10_000, timed: bool = False,
+             starts: list[float] | None = None) -> tuple[list[tuple[float, int]], int]:
     """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s). ``timed``:
     the engine tells how long it worked on each request (as Ollama does), the rest of the latency being its queue."""
     events: list[tuple[float, int, int, float, int]] = []  # (time, seq, kind 0=finish, start time, epoch)
@@ -44,8 +45,10 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Calla
 
     def issue() -> None:
         nonlocal in_flight, issued, busy_503
-        while in_flight < limit.level and issued < requests:
+        while in_flight < limit.admit and issued < requests:
             epoch = limit.begin()
+            if starts is not None:
+                starts.append(clock[0])
             issued += 1
             if busy < slots:
                 in_flight += 1
@@ -97,10 +100,15 @@ def test_auto_settles_at_the_engines_width_without_losing_throughput(slots: int)
 def test_an_engine_that_tells_its_processing_time_shows_its_slots_and_is_never_probed_above(slots: int) -> None:
     clock = [0.0]
     limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
-    done, _ = simulate(limit, clock, slots=slots, service=lambda _: 1.0, requests=200 * slots, timed=True)
+    starts: list[float] = []
+    done, _ = simulate(limit, clock, slots=slots, service=lambda _: 1.0, requests=200 * slots, timed=True,
+                       starts=starts)
     assert "jumped" in limit.history[1].reason and limit.history[1].level == 16, limit.history
     learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
     assert limit.history[learnt].level == slots and limit.ceiling == slots, limit.history
+    if learnt == 2:  # the jump's burst told: nothing started between its first answer and the drop to the slots
+        jumped, told = limit.history[1].at, limit.history[2].at
+        assert not [t for t in starts if jumped < t < told], (starts, limit.history)
     assert all(c.level <= slots for c in limit.history[learnt:]), limit.history  # no probe above the slots again
     assert limit.level == slots
     # the search is over within the first few rounds, and the engine is busy from then on

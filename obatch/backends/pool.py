@@ -70,7 +70,7 @@ class Host:
     _probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def has_room(self) -> bool:
-        room = self.limit.level if time.monotonic() >= self.busy_until else min(self.limit.level, self.busy_room)
+        room = self.limit.admit if time.monotonic() >= self.busy_until else min(self.limit.admit, self.busy_room)
         return self.up and self.inflight < room
 
     def serves(self, model: str | None) -> bool:
