@@ -51,6 +51,7 @@ Concurrency = int | Literal["auto"]
 
 JUMP = 16  # in flight at once after the first answer whose engine tells its processing time (no slot count known)
 QUEUE_MIN_S = 0.05  # a wait for a slot shorter than this (or than half the request's processing) is noise
+SPANS = 256  # answers kept to read waits and overlaps from (4 rounds of the level, at most this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +211,7 @@ class AutoLimit(Limit):
                 self._set(max(1, self.level // 2), f"cut: the engine is busy (503/429) at {self.level}")
             return
         if engine is not None and work is not None:
-            self.timed(now, engine, latency)
+            self._note(now, engine, latency)
         if epoch != self._epoch or work is None:
             return
         if engine is not None and self._timed_answer(now, engine, latency):
@@ -230,10 +231,10 @@ class AutoLimit(Limit):
 
     # ----------------------------------------------------------------------------------------- decisions
 
-    def timed(self, now: float, engine: float, latency: float) -> None:
+    def _note(self, now: float, engine: float, latency: float) -> None:
         """Any answer whose engine told its processing time, of this level or an earlier one."""
         self._recent.append((now, max(0.0, engine), latency))
-        del self._recent[:-4 * self.level]
+        del self._recent[:-min(4 * self.level, SPANS)]
 
     def _timed_answer(self, now: float, engine: float, latency: float) -> bool:
         """An answer of this level whose engine told its processing time; True when it changed the level."""
@@ -247,7 +248,7 @@ class AutoLimit(Limit):
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
         self._spans.append((now, max(0.0, engine), latency))
-        del self._spans[:-4 * self.level]
+        del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
             return False
