@@ -23,17 +23,19 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 * Overload — the engine answered 503/429 — halves the level at once (at most once per window) and holds.
 * Latency inflation — at a held level, a window whose median latency is over twice the best window's with no gain in
   rate (another tenant on the engine, a model swapped in) — steps down by a quarter and holds.
-* Queued inside the engine — where the engine tells how long it worked on each request (Ollama's load, prompt and
-  eval durations; llama.cpp's timings), a request's latency beyond that is time it waited for a slot. Ollama tells
-  no slot count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP``
-  in flight at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting
-  (``queued``), the slots are the most requests the engine worked on at once (``_overlap``), and the level drops
-  to them and never probes above them again. Once the jump's first answer is in, no request starts until the
-  burst tells (a request that waited) or has ended: the requests that queued behind the slots then run alone, one
-  per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind it.
-  Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
-  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so
-  it is not repeated once the slots are known.
+* Queued inside the engine — where the engine tells how long it worked on each request (Ollama's load, prompt and eval
+  durations; llama.cpp's timings), a request's latency beyond that is time it waited for a slot. Ollama tells no slot
+  count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP`` in flight
+  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``), the
+  slots are the most requests the engine worked on at once (``_overlap``), and the level drops to them and never
+  probes above them again (found once; where the engine reports its slots, only a level above them is read, and the
+  level does not drop below them: a llama.cpp server batches its slots' prompts in ``n_batch`` chunks, so a request
+  may wait beyond its reported time without waiting for a slot). Once the jump's first answer is in, no request starts
+  until the burst tells (a request that waited) or has ended: the requests that queued behind the slots then run
+  alone, one per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind
+  it. Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
+  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so it is
+  not repeated once the slots are known.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -160,6 +162,7 @@ class AutoLimit(Limit):
         self.ceiling: int | None = None  # the slots learnt from requests queued inside the engine
         self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
         self._paused = False
+        self._reported: int | None = None  # the slots the engine reports (``hint``)
 
     @property
     def best(self) -> int:
@@ -191,6 +194,7 @@ class AutoLimit(Limit):
         if self._hinted and self.level == min(slots, self.maximum):
             return
         self._hinted = True
+        self._reported = slots
         self._best = None
         self.ceiling = None
         self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
@@ -247,11 +251,14 @@ class AutoLimit(Limit):
                 return True
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
+        if self.ceiling is not None or self.level <= (self._reported or 0):
+            return False  # found once; and at or below the slots an engine reports, a wait is not for a slot
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
             return False
+        slots = max(slots, self._reported or 1)
         self.ceiling = slots
         self._slow_start = False
         self._best = None
