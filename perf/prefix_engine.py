@@ -4,13 +4,14 @@ The ``documents`` file of ``perf/prefix_cache.py`` (D documents x Q questions, s
 prompt) runs on llama.cpp (xllamacpp, SmolLM2-135M, 8 slots of 2,048 tokens, each keeping its last prompt):
   file order  a bare aiohttp client, 8 requests in flight, in the file's order
   affinity    8 workers; each takes one document at a time and sends its questions one after another
-  obatch      ``obatch run FILE --backend local`` with no other flag (auto concurrency, ``--schedule auto``): obatch
-              starts its own engine of the same configuration
-The bare clients get a fresh engine each (empty caches) and a one-line warm-up; the prompt tokens the engine took
-from its slots' caches are its own figure (``timings.cache_n``). obatch's time is its run phase (the summary line:
-validation, store, engine start, requests, files), and its cache share is the batch's ``obatch.schedule`` record.
+  obatch      ``obatch run FILE --backend openai --url ENGINE/v1``, no concurrency or schedule flag (auto
+              concurrency, ``--schedule auto``)
+Each client gets a fresh engine of the local backend's configuration (``--backend local`` starts the same one; its
+start, tens of seconds on loaded cores, is left out) with empty caches, after a one-line warm-up. The prompt tokens
+the engine took from its slots' caches are its own figure (``timings.cache_n``); obatch's time is its run phase (the
+summary line: validation, store, requests, files) and its cache share the batch's ``obatch.schedule`` record.
 
-    python perf/prefix_engine.py [--documents 8] [--questions 6] [--tokens 600] [--answer 16]
+    python perf/prefix_engine.py [--documents 8] [--questions 6] [--tokens 600] [--answer 16] [--clients ...]
 
 Run it alone: llama.cpp's threads spin, and anything else on the cores slows the engine.
 """
@@ -27,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -37,6 +40,7 @@ from obatch.backends.local import DEFAULT_NUM_CTX, DEFAULT_PARALLEL
 from obatch.engine import LocalEngine
 
 MODEL = "smollm2:135m"
+T = TypeVar("T")
 
 
 def batch_file(path: Path, lines: list[Line], answer: int) -> Path:
@@ -52,7 +56,7 @@ async def workers(url: str, items: list[list[Line]], answer: int) -> tuple[float
     of those from the cache)."""
     queue = iter(items)
     prompt = cached = 0
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
 
         async def worker() -> None:
             nonlocal prompt, cached
@@ -71,21 +75,21 @@ async def workers(url: str, items: list[list[Line]], answer: int) -> tuple[float
         return time.perf_counter() - started, prompt, cached
 
 
-async def bare(items: list[list[Line]], answer: int) -> tuple[float, int, int]:
+async def fresh_engine(run: Callable[[str], Awaitable[T]], answer: int) -> T:
+    """``run`` against a new engine of the local backend's configuration (empty caches), after a one-line warm-up."""
     engine = LocalEngine(alias=MODEL)
     try:
         url = await engine.ensure(n_ctx=DEFAULT_PARALLEL * DEFAULT_NUM_CTX, n_parallel=DEFAULT_PARALLEL)
-        warm = Line("warm", [{"role": "user", "content": "Hello."}])
-        await workers(url, [[warm]], answer)
-        return await workers(url, items, answer)
+        await workers(url, [[Line("warm", [{"role": "user", "content": "Hello."}])]], answer)
+        return await run(url)
     finally:
         await engine.aclose()
 
 
-def obatch_run(source: Path, work: Path) -> tuple[float, float | None, str]:
-    """(run-phase seconds, cached prompt share, the concurrency story) of `obatch run --backend local`."""
-    out = subprocess.run([sys.executable, "-m", "obatch", "run", str(source), "--backend", "local",
-                          "--data-dir", str(work), "-q", "--fresh"], check=True, capture_output=True,
+def obatch_run(source: Path, url: str, work: Path) -> tuple[float, float | None, str]:
+    """(run-phase seconds, cached prompt share, the concurrency story) of `obatch run` on the engine at ``url``."""
+    out = subprocess.run([sys.executable, "-m", "obatch", "run", str(source), "--backend", "openai", "--url",
+                          f"{url}/v1", "--data-dir", str(work), "-q", "--fresh"], check=True, capture_output=True,
                          text=True).stdout
     found = re.search(r"(batch-[0-9a-f]{24}).*? in ([\d.]+) s", out, re.S)
     if not found:
@@ -105,21 +109,29 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=600, help="a document's length in 4-character units")
     parser.add_argument("--answer", type=int, default=16, help="max_tokens of each answer")
     parser.add_argument("--seed", type=int, default=24)
+    parser.add_argument("--clients", default="file order,affinity,obatch", help="which clients, comma-separated")
     args = parser.parse_args()
+    clients = args.clients.split(",")
     lines = documents_file(random.Random(args.seed), args.documents, args.questions, args.tokens)
     print(f"{len(lines)} lines: {args.documents} documents of ~{4 * args.tokens:,} characters x {args.questions} "
           f"questions, answers of {args.answer} tokens; SmolLM2-135M, {DEFAULT_PARALLEL} slots", flush=True)
     rows: dict[str, tuple[float, float | None, str]] = {}
     for label, items in (("file order", [[line] for line in lines]), ("affinity", by_group(lines))):
-        seconds, prompt, cached = await bare(items, args.answer)
+        if label not in clients:
+            continue
+        seconds, prompt, cached = await fresh_engine(lambda url, items=items: workers(url, items, args.answer),
+                                                     args.answer)
         rows[label] = (seconds, cached / prompt if prompt else None, "")
         print(f"  {label:<11} {seconds:7.1f} s  cache {rows[label][1] or 0:.1%}", flush=True)
+    if "obatch" not in clients:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         source = batch_file(Path(tmp) / "in.jsonl", lines, args.answer)
-        rows["obatch"] = await asyncio.to_thread(obatch_run, source, Path(tmp) / "work")
-    seconds, share, story = rows["obatch"]
-    print(f"  {'obatch':<11} {seconds:7.1f} s  cache {share or 0:.1%}  = {rows['affinity'][0] / seconds:.2f} of "
-          f"affinity, {rows['file order'][0] / seconds:.2f}x file order; {story}", flush=True)
+        seconds, share, story = await fresh_engine(
+            lambda url: asyncio.to_thread(obatch_run, source, url, Path(tmp) / "work"), args.answer)
+    against = [f"{rows[label][0] / seconds:.2f} of {label}" for label in ("affinity", "file order") if label in rows]
+    print(f"  {'obatch':<11} {seconds:7.1f} s  cache {share or 0:.1%}  = {', '.join(against)}; {story}",
+          flush=True)
 
 
 if __name__ == "__main__":
