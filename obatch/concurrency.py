@@ -23,6 +23,19 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 * Overload — the engine answered 503/429 — halves the level at once (at most once per window) and holds.
 * Latency inflation — at a held level, a window whose median latency is over twice the best window's with no gain in
   rate (another tenant on the engine, a model swapped in) — steps down by a quarter and holds.
+* Queued inside the engine — where the engine tells how long it worked on each request (Ollama's load, prompt and eval
+  durations; llama.cpp's timings), a request's latency beyond that is time it waited for a slot. Ollama tells no slot
+  count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP`` in flight
+  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``), the
+  slots are the most requests the engine worked on at once (``_overlap``), and the level drops to them and never
+  probes above them again (found once; where the engine reports its slots, only a level above them is read, and the
+  level does not drop below them: a llama.cpp server batches its slots' prompts in ``n_batch`` chunks, so a request
+  may wait beyond its reported time without waiting for a slot). Once the jump's first answer is in, no request starts
+  until the burst tells (a request that waited) or has ended: the requests that queued behind the slots then run
+  alone, one per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind
+  it. Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
+  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so it is
+  not repeated once the slots are known.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -37,6 +50,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Concurrency = int | Literal["auto"]
+
+JUMP = 16  # in flight at once after the first answer whose engine tells its processing time (no slot count known)
+QUEUE_MIN_S = 0.05  # a wait for a slot shorter than this (or than half the request's processing) is noise
+SPANS = 256  # answers kept to read waits and overlaps from (4 rounds of the level, at most this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +87,20 @@ class Limit:
         """Whether the level is near its best already (an auto level is not while it still doubles)."""
         return True
 
+    @property
+    def admit(self) -> int:
+        """How many requests may be in flight now: the level, or none while a burst is read (``AutoLimit``)."""
+        return self.level
+
     def begin(self) -> int:
         """A request starts; returns the epoch to hand back to ``done``."""
         return 0
 
-    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False) -> None:
+    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False,
+             engine: float | None = None) -> None:
         """A request ended: ``work`` units delivered in ``latency`` seconds; ``None`` when it failed or was
-        abandoned (it then only leaves the in-flight count); ``overloaded`` when the engine refused it as busy."""
+        abandoned (it then only leaves the in-flight count); ``overloaded`` when the engine refused it as busy;
+        ``engine``: the seconds the engine says it worked on it (loading, prompt, generation), where it tells."""
 
     def hint(self, slots: int | None, source: str) -> None:
         """What the engine says about its parallel slots (after a (re)load)."""
@@ -114,8 +138,9 @@ class AutoLimit(Limit):
     auto = True
 
     def __init__(self, *, maximum: int = 256, initial: int = 1, gain: float = 0.05, hold: int = 4,
-                 min_window: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+                 min_window: float = 0.25, jump: int = JUMP, clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
+        self.jump = jump
         self.gain = gain
         self.hold_windows = hold
         self.min_window = min_window
@@ -131,6 +156,13 @@ class AutoLimit(Limit):
         self._slow_start = True
         self._holding = 0
         self._hinted = False
+        self._timed = False  # an answer told the engine's processing time (the jump is made once)
+        self._spans: list[tuple[float, float, float]] = []  # this level's answers: (ended, engine s, latency s)
+        self._recent: list[tuple[float, float, float]] = []  # the last answers of any level (what ran at once)
+        self.ceiling: int | None = None  # the slots learnt from requests queued inside the engine
+        self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
+        self._paused = False
+        self._reported: int | None = None  # the slots the engine reports (``hint``)
 
     @property
     def best(self) -> int:
@@ -139,6 +171,10 @@ class AutoLimit(Limit):
     @property
     def settled(self) -> bool:
         return not self._slow_start
+
+    @property
+    def admit(self) -> int:
+        return 0 if self._paused else self.level
 
     # -------------------------------------------------------------------------------------------- events
 
@@ -158,14 +194,19 @@ class AutoLimit(Limit):
         if self._hinted and self.level == min(slots, self.maximum):
             return
         self._hinted = True
+        self._reported = slots
         self._best = None
+        self.ceiling = None
         self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
         self._set(slots, f"{source} reports {slots} parallel slot{'s' if slots != 1 else ''}")
 
-    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False) -> None:
+    def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False,
+             engine: float | None = None) -> None:
         now = self.clock()
         self._account(now)
         self._inflight = max(0, self._inflight - 1)
+        if self._paused and self._inflight == 0:  # the burst ended and no request waited: the slots are more
+            self._paused = False
         if overloaded:
             if epoch == self._epoch and self.level > 1:
                 self._holding = self.hold_windows
@@ -173,7 +214,11 @@ class AutoLimit(Limit):
                 self._best = None
                 self._set(max(1, self.level // 2), f"cut: the engine is busy (503/429) at {self.level}")
             return
+        if engine is not None and work is not None:
+            self._note(now, engine, latency)
         if epoch != self._epoch or work is None:
+            return
+        if engine is not None and self._timed_answer(now, engine, latency):
             return
         w = self._window
         if w.skip > 0:
@@ -189,6 +234,38 @@ class AutoLimit(Limit):
             self._decide(w.rate(), statistics.median(w.latencies))
 
     # ----------------------------------------------------------------------------------------- decisions
+
+    def _note(self, now: float, engine: float, latency: float) -> None:
+        """Any answer whose engine told its processing time, of this level or an earlier one."""
+        self._recent.append((now, max(0.0, engine), latency))
+        del self._recent[:-min(4 * self.level, SPANS)]
+
+    def _timed_answer(self, now: float, engine: float, latency: float) -> bool:
+        """An answer of this level whose engine told its processing time; True when it changed the level."""
+        if not self._timed:
+            self._timed = True
+            if not self._hinted and self._slow_start and self.level < self.jump:
+                self._set(self.jump, f"jumped: the engine tells its processing time, so a wait for a slot shows; "
+                                     f"probing {min(self.jump, self.maximum)}")
+                self._burst = True
+                return True
+        if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
+            self._burst, self._paused = False, self._inflight > 0
+        if self.ceiling is not None or self.level <= (self._reported or 0):
+            return False  # found once; and at or below the slots an engine reports, a wait is not for a slot
+        self._spans.append((now, max(0.0, engine), latency))
+        del self._spans[:-min(4 * self.level, SPANS)]
+        slots = queued(self._spans, self._recent)
+        if slots is None or slots >= self.level:
+            return False
+        slots = max(slots, self._reported or 1)
+        self.ceiling = slots
+        self._slow_start = False
+        self._best = None
+        self._holding = 0
+        self._set(slots, f"kept {slots}: requests waited inside the engine at {self.level}, which ran {slots} "
+                         f"at once")
+        return True
 
     def _decide(self, rate: float, latency: float) -> None:
         measured = (self.level, rate, latency)
@@ -222,7 +299,7 @@ class AutoLimit(Limit):
 
     def _probe(self, rate: float, previous: tuple[int, float, float] | None = None) -> None:
         step = self.level if self._slow_start else max(1, self.level // 4)
-        target = min(self.maximum, self.level + step)
+        target = min(self.maximum, self.ceiling or self.maximum, self.level + step)
         if target == self.level:
             self._window = _Window(self._epoch, skip=self.level)
             return
@@ -235,8 +312,34 @@ class AutoLimit(Limit):
         self.level = max(1, min(level, self.maximum))
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
+        self._spans = []
+        self._burst = self._paused = False
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
+
+
+def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]]) -> int | None:
+    """The engine's slots, where answers show requests waiting inside it; None while they do not (yet).
+
+    ``spans``: answers of one level as (ended, seconds the engine worked on it, latency); ``recent``: the last
+    answers of any level. A request waited for a slot when its latency exceeds the engine's time by ``QUEUE_MIN_S``
+    and half that time; once a quarter of at least 4 answers of the level did (2 at least), the slots are the most
+    requests the engine worked on at once lately."""
+    if len(spans) < 4:
+        return None
+    waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine) for _, engine, latency in spans)
+    if waited < max(2, len(spans) // 4):
+        return None
+    return _overlap(recent)
+
+
+def _overlap(spans: list[tuple[float, float, float]]) -> int:
+    """The most processing intervals ``(ended - engine, ended)`` that cover one of their midpoints."""
+    best = 1
+    for ended, engine, _ in spans:
+        middle = ended - engine / 2
+        best = max(best, sum(end - busy <= middle <= end for end, busy, _ in spans))
+    return best
 
 
 def make_limit(concurrency: Concurrency, *, maximum: int = 256) -> Limit:

@@ -104,6 +104,15 @@ def _work(result: Result) -> float:
     return float(result.timings.completion_tokens or 1)
 
 
+def _engine_seconds(result: Result) -> float | None:
+    """The seconds the engine says it worked on a request (load, prompt, generation); None where it does not tell
+    (a wait for a slot is the rest of the latency: ``concurrency.queued``)."""
+    t = result.timings
+    if t.prompt_ms is None or t.decode_ms is None:
+        return None
+    return (t.prompt_ms + t.decode_ms + (t.load_ms or 0.0)) / 1000
+
+
 async def _attempt(lease: Lease, job: Job, policy: RetryPolicy, stream: bool, attempts: int) -> Result:
     """One attempt on the leased host, bounded by the policy's timeout; the lease is released with its outcome."""
     try:
@@ -127,7 +136,7 @@ async def _attempt(lease: Lease, job: Job, policy: RetryPolicy, stream: bool, at
         error.host = lease.host.url
         lease.release(error=error)
         raise error from exc
-    lease.release(work=_work(result))
+    lease.release(work=_work(result), engine=_engine_seconds(result))
     result.host = lease.host.url
     return result
 

@@ -4,7 +4,7 @@ An engine keeps each slot's last prompt (``obatch.prefix``), and when a request 
 lands in the slot it freed (the only free one when the host is full; Ollama picks the free slot with the longest
 common prefix, llama.cpp the most similar). So the line to send when a slot frees up on a host is the next line of
 the prefix group that slot just ran. The scheduler keeps *lanes*: one per request in flight on a host, each holding
-one prefix group at a time. When the runner has a slot on a host (``next``), the lane that has waited longest there
+one prefix group at a time. When the runner has a slot on a host (``next``), the lane whose request ended last there
 continues its group; a lane without one takes a group no lane holds (the one this host ran before, when it was moved
 off it; else the biggest remaining work first), else a line of no group (longest expected first), else it helps the
 group with the most lines per lane (when there are fewer groups than lanes). Lanes above a host's level give their
@@ -308,8 +308,10 @@ class Scheduler:
             lane.idle_since = self._clock
 
     def _lane(self, host: Host) -> _Lane:
-        """The lane that runs on this slot: the idle one with work that has waited longest, else an idle one, else
-        a new one. Lanes past the host's level, and every lane of a host that is down, give their groups back."""
+        """The lane that runs on this slot: the idle one with work that ended last (the slot it freed holds its
+        group's prefix), else an idle one, else a new one. Lanes past the host's level, the longest idle first (their
+        slots have most likely run other lines since), and every lane of a host that is down, give their groups
+        back."""
         for other, lanes in list(self._lanes.items()):
             if not other.up:
                 for lane in [lane for lane in lanes if not lane.busy]:
@@ -317,12 +319,12 @@ class Scheduler:
         lanes = self._lanes[host]
         idle = [lane for lane in lanes if not lane.busy]
         with_work = [lane for lane in idle if lane.group is not None and lane.group.left() > 0]
-        chosen = min(with_work or idle, key=lambda lane: lane.idle_since, default=None)
+        chosen = max(with_work or idle, key=lambda lane: lane.idle_since, default=None)
         if chosen is None:
             chosen = _Lane(host)
             lanes.append(chosen)
         surplus = len(lanes) - max(host.limit.level, 1)
-        for lane in sorted(idle, key=lambda lane: -lane.idle_since):  # the most recently idle first
+        for lane in sorted(idle, key=lambda lane: lane.idle_since):  # the longest idle first
             if surplus <= 0:
                 break
             if lane is not chosen:

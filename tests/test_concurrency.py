@@ -26,9 +26,12 @@ from tests.helpers import chat_line, write_jsonl
 
 
 def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Callable[[float], float],
-             requests: int, max_queue: int = 10_000) -> tuple[list[tuple[float, int]], int]:
-    """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s)."""
+             requests: int, max_queue: int = 10_000, timed: bool = False,
+             starts: list[float] | None = None) -> tuple[list[tuple[float, int]], int]:
+    """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s). ``timed``:
+    the engine tells how long it worked on each request (as Ollama does), the rest of the latency being its queue."""
     events: list[tuple[float, int, int, float, int]] = []  # (time, seq, kind 0=finish, start time, epoch)
+    served_at: dict[int, float] = {}  # seq -> when a slot took it
     queue: deque[tuple[float, int]] = deque()
     busy = in_flight = issued = seq = busy_503 = 0
     done: list[tuple[float, int]] = []
@@ -37,12 +40,15 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Calla
         nonlocal busy, seq
         busy += 1
         seq += 1
+        served_at[seq] = clock[0]
         heapq.heappush(events, (clock[0] + service(clock[0]), seq, 0, started, epoch))
 
     def issue() -> None:
         nonlocal in_flight, issued, busy_503
-        while in_flight < limit.level and issued < requests:
+        while in_flight < limit.admit and issued < requests:
             epoch = limit.begin()
+            if starts is not None:
+                starts.append(clock[0])
             issued += 1
             if busy < slots:
                 in_flight += 1
@@ -60,11 +66,11 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Calla
 
     issue()
     while events:
-        at, _, _, started, epoch = heapq.heappop(events)
+        at, n, _, started, epoch = heapq.heappop(events)
         clock[0] = at
         busy -= 1
         in_flight -= 1
-        limit.done(epoch, work=1.0, latency=at - started)
+        limit.done(epoch, work=1.0, latency=at - started, engine=at - served_at.pop(n) if timed else None)
         done.append((at, limit.level))
         if queue:
             queued_at, queued_epoch = queue.popleft()
@@ -88,6 +94,36 @@ def test_auto_settles_at_the_engines_width_without_losing_throughput(slots: int)
     assert throughput(done, done[len(done) // 2][0]) >= 0.95 * slots
     assert limit.history[0].reason.startswith("start")
     assert any(c.reason.startswith("kept") for c in limit.history), limit.history
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8, 24])
+def test_an_engine_that_tells_its_processing_time_shows_its_slots_and_is_never_probed_above(slots: int) -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    starts: list[float] = []
+    done, _ = simulate(limit, clock, slots=slots, service=lambda _: 1.0, requests=200 * slots, timed=True,
+                       starts=starts)
+    assert "jumped" in limit.history[1].reason and limit.history[1].level == 16, limit.history
+    learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
+    assert limit.history[learnt].level == slots and limit.ceiling == slots, limit.history
+    if learnt == 2:  # the jump's burst told: nothing started between its first answer and the drop to the slots
+        jumped, told = limit.history[1].at, limit.history[2].at
+        assert not [t for t in starts if jumped < t < told], (starts, limit.history)
+    assert all(c.level <= slots for c in limit.history[learnt:]), limit.history  # no probe above the slots again
+    assert limit.level == slots
+    # the search is over within the first few rounds, and the engine is busy from then on
+    found = next(i for i, (_, level) in enumerate(done) if level == slots)
+    assert found <= 4 * max(slots, 16), (found, limit.history)
+    assert throughput(done, done[found][0]) >= 0.95 * slots
+
+
+def test_a_probe_above_a_reported_width_ends_once_requests_wait_inside_the_engine() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.hint(8, "llama.cpp")
+    simulate(limit, clock, slots=8, service=lambda _: 1.0, requests=800, timed=True)
+    probes = [c.level for c in limit.history if c.reason.startswith("raised")]
+    assert probes == [10] and limit.ceiling == 8 and limit.level == 8, limit.history
 
 
 def test_a_reported_width_is_the_start_and_needs_no_search() -> None:

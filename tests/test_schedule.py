@@ -210,6 +210,28 @@ async def test_each_lane_holds_one_group_and_lines_of_no_group_fill_the_gaps() -
     assert all(group_of[n] is None for n in order[-10:])
 
 
+async def test_a_freed_slot_goes_to_the_group_whose_request_ended_last_and_surplus_lanes_go_longest_idle_first(
+        ) -> None:
+    scheduler, group_of = scheduler_over({1: 10, 2: 10, 3: 10})
+    host = fake_host(3)
+    first = [await scheduler.next(host) for _ in range(3)]
+    assert all(job is not None for job in first)
+    by_group = {group_of[job.line]: job for job in first if job is not None}
+    assert set(by_group) == {1, 2, 3}
+    # all three end (a level paused, say), group 3's last: the engine's free slot that held it last is the one a
+    # request sent now is most likely to get, so the next line is group 3's
+    for group in (1, 2, 3):
+        scheduler.finished(by_group[group], None)
+    job = await scheduler.next(host)
+    assert job is not None and group_of[job.line] == 3
+    # the level drops to 2: of the idle lanes the one idle longest (group 1's) gives its group back
+    host.limit = FixedLimit(2)
+    job = await scheduler.next(host)
+    assert job is not None and group_of[job.line] == 2
+    held = {lane.group.key for lane in scheduler._lanes[host] if lane.group is not None}
+    assert held == {2, 3}, held
+
+
 async def test_lanes_of_a_host_that_went_down_give_their_groups_back() -> None:
     scheduler, group_of = scheduler_over({1: 60, 2: 60})
     a, b = fake_host(1), fake_host(1)
@@ -378,3 +400,28 @@ def test_the_cache_share_is_the_engines_own_figure_or_unknown() -> None:
     resumed = Stats()
     resumed.add_reports(stats.as_dict())
     assert resumed.as_dict()["cached_prompt_share"] == 0.8
+
+
+async def test_auto_concurrency_finds_ollamas_slots_and_keeps_one_group_per_lane(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    # Ollama tells no slot count; its durations show requests waiting for a slot once auto is above the 4 slots
+    config = SimConfig(num_parallel=4, prompt_cache=True, prompt_tps_shared=True, prompt_tps=8_000, decode_tps=40)
+    lines = documents_lines(4, 20)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    recorder = Recorder()
+    async with OllamaSim(config) as sim:
+        backend = await open_backend(make_settings(sim.url, concurrency="auto"))
+        wrapped = Pool([recorder.wrap(backend)], concurrency="auto")
+        try:
+            report = await run_batch_file(path, settings=make_settings(sim.url, concurrency="auto"),
+                                          backend=wrapped, progress=False)
+        finally:
+            await backend.aclose()
+    assert output_ids(report.output) == Counter({line["custom_id"]: 1 for line in lines})
+    limit = wrapped.hosts[0].limit
+    assert isinstance(limit, AutoLimit) and limit.level == 4 and limit.ceiling == 4, limit.history
+    learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
+    assert all(c.level <= 4 for c in limit.history[learnt:]), limit.history  # no probe above the slots again
+    assert sim.stats.max_queued_seen > 0  # it did go above them once, to find them
+    # after the search each document stays on its lane: only the first rounds miss the cache
+    assert cached_share(sim) > 0.65, cached_share(sim)

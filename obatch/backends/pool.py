@@ -77,7 +77,7 @@ class Host:
     _probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def has_room(self) -> bool:
-        room = self.limit.level if time.monotonic() >= self.busy_until else min(self.limit.level, self.busy_room)
+        room = self.limit.admit if time.monotonic() >= self.busy_until else min(self.limit.admit, self.busy_room)
         return self.up and self.inflight < room
 
     def serves(self, model: str | None) -> bool:
@@ -99,9 +99,11 @@ class Lease:
     epoch: int
     started: float
 
-    def release(self, *, work: float | None = None, error: errors.BackendError | None = None) -> None:
-        """``work`` delivered on success; an ``error``; or neither when the attempt was abandoned (cancelled)."""
-        self.pool.release(self, work=work, error=error)
+    def release(self, *, work: float | None = None, error: errors.BackendError | None = None,
+                engine: float | None = None) -> None:
+        """``work`` delivered on success; an ``error``; or neither when the attempt was abandoned (cancelled);
+        ``engine``: the seconds the engine says it worked on the request, where it tells."""
+        self.pool.release(self, work=work, error=error, engine=engine)
 
 
 class Pool:
@@ -224,12 +226,14 @@ class Pool:
             self._waiters.remove(entry)
             waiter.set_result(self._grant(host))
 
-    def release(self, lease: Lease, *, work: float | None, error: errors.BackendError | None) -> None:
+    def release(self, lease: Lease, *, work: float | None, error: errors.BackendError | None,
+                engine: float | None = None) -> None:
         host = lease.host
         host.inflight -= 1
         latency = time.perf_counter() - lease.started
         busy = isinstance(error, errors.ServerBusyError)
-        host.limit.done(lease.epoch, work=work if error is None else None, latency=latency, overloaded=busy)
+        host.limit.done(lease.epoch, work=work if error is None else None, latency=latency, overloaded=busy,
+                        engine=engine)
         if busy:
             self._pause(host)
         if (error is None and work is not None) or (error is not None and error.status is not None):
