@@ -27,7 +27,16 @@ from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import jsonl
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line, free_port, server_env
+from tests.serverkit import (
+    FINAL,
+    KEYS,
+    ServerProcess,
+    assert_openai_error,
+    chat_line,
+    free_port,
+    server_env,
+    settled,
+)
 
 ROUTES = [
     ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-0123456789abcdef01234567"),
@@ -160,6 +169,27 @@ async def test_rate_limit_per_key_and_cors(limited: AsyncTestClient[object]) -> 
     assert allowed.headers.get("access-control-allow-origin") == "https://ui.example"
     other = await limited.options("/v1/batches", headers={**preflight, "Origin": "https://evil.example"})
     assert other.headers.get("access-control-allow-origin") is None
+
+
+async def test_cors_lets_a_browser_page_read_the_results_cursor(obatch_sim: OllamaSim, tmp_path: Path) -> None:
+    """A page on an allowed origin pages ``/results`` by its ``x-obatch-*`` headers: a browser hides every response
+    header the server does not list in ``access-control-expose-headers``."""
+    settings = Settings(_env_file=None, backend="ollama", ollama_url=obatch_sim.url,  # type: ignore[call-arg]
+                        data_dir=tmp_path / "data", api_keys=KEYS["alice"], cors_origins="https://ui.example",
+                        worker_poll_interval=0.05)
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "Origin": "https://ui.example"}
+    async with AsyncTestClient(create_app(settings)) as api:
+        content = jsonl([chat_line(f"r{i}", max_tokens=4) for i in range(3)])
+        stored = await api.post("/v1/files", data={"purpose": "batch"}, headers=headers,
+                                files={"file": ("in.jsonl", content)})
+        created = await api.post("/v1/batches", headers=headers, json={
+            "input_file_id": stored.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        await settled(api, created.json()["id"], headers=headers)
+        page = await api.get(f"/v1/batches/{created.json()['id']}/results", headers=headers)
+    assert page.status_code == 200 and page.headers["x-obatch-next-after"] == "3"
+    assert page.headers["access-control-allow-origin"] == "https://ui.example"
+    exposed = {h.strip().lower() for h in page.headers["access-control-expose-headers"].split(",")}
+    assert {"x-obatch-next-after", "x-obatch-finished", "x-request-id", "retry-after"} <= exposed
 
 
 def test_cors_closed_by_default(http: httpx.Client) -> None:
