@@ -55,6 +55,7 @@ def _result_row(line: OutputLine) -> dict[str, Any]:
         "attempts": stats.attempts, "error_code": line.error.code if line.error else None,
         "error_message": line.error.message if line.error else None,
         **{name: getattr(stats, name) for name in PROVENANCE},
+        "cached_from": stats.cached_from.model_dump() if stats.cached_from is not None else None,
     }
 
 
