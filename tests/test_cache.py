@@ -341,13 +341,14 @@ async def test_the_embedded_engine_names_its_model_by_the_file(tmp_path: Path) -
 
     from obatch.backends.local import LocalBackend
     from obatch.backends.pool import Pool
+    from obatch.batches.provenance import ask
     from obatch.batches.reuse import identity
     from obatch.testing.tiny_gguf import write_tiny_model
 
     path = write_tiny_model(tmp_path / "tiny.gguf")
     backend = LocalBackend(path, alias="tiny")
     try:
-        named = await identity(Pool.of(backend, concurrency=1), "tiny")
+        named = identity(await ask(Pool.of(backend, concurrency=1), "tiny"), "tiny")
     finally:
         await backend.aclose()
     assert named == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
