@@ -125,3 +125,45 @@ async def test_0008_keeps_concurrency_points_and_keys_rate_points_apart(db_url: 
         await _migrate(url, ("upgrade", "head"))
     finally:
         await engine.dispose()
+
+
+PILOT = {"file_sha256": "f", "custom_id": "c", "body_sha256": "b", "model": "m", "url": "/v1/chat/completions",
+         "result_json": "{}", "created_at": 1.0}
+SWEEP = {"id": "sweep_1", "owner": "key_a", "status": "completed", "created_at": 1.0, "points_total": 6,
+         "points_done": 6,
+         "params_json": '{"models": ["m"], "num_ctx": [2048, 4096], "concurrency": [1, 2], "rates": [0.5], '
+                        '"requests": 8, "repeats": 1}'}
+
+
+async def test_reuse2_gives_pilots_an_owner_and_sweeps_their_requests(db_url: str | None, tmp_path: Path) -> None:
+    """Pilot lines become the local owner's and are keyed by owner too (another owner may hold the same line);
+    a sweep's requests are counted from its parameters (1 model × 2 num_ctx × 3 levels × 8 requests). Down again,
+    only the local owner's lines stay."""
+    url = db_url or f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"
+    from obatch.store.db import create_engine
+
+    await _migrate(url, ("upgrade", "cache_0010"))
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: (_insert(c, "pilots", PILOT), _insert(c, "bench_sweeps", SWEEP)))
+        await engine.dispose()
+        await _migrate(url, ("upgrade", "reuse2_owners"))
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT owner, custom_id FROM pilots"))).all() == [("", "c")]
+            assert (await conn.execute(sa.text("SELECT requests FROM bench_sweeps"))).scalar() == 48
+            await conn.run_sync(_insert, "pilots", PILOT | {"owner": "key_b"})
+        with pytest.raises(sa.exc.IntegrityError):
+            async with engine.begin() as conn:
+                await conn.run_sync(_insert, "pilots", PILOT | {"owner": "key_b"})
+        await engine.dispose()
+        await _migrate(url, ("downgrade", "cache_0010"))
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT custom_id FROM pilots"))).scalars().all() == ["c"]
+        with pytest.raises(sa.exc.IntegrityError):
+            async with engine.begin() as conn:
+                await conn.run_sync(_insert, "pilots", PILOT)
+        await engine.dispose()
+        await _migrate(url, ("upgrade", "head"))
+    finally:
+        await engine.dispose()
