@@ -347,6 +347,31 @@ def test_concurrent_uploads_never_pass_the_quota(start: Callable[..., ServerProc
                 assert client.delete(f"/v1/files/{file_id}").status_code == 200
 
 
+@pytest.mark.usefixtures("db_url")
+def test_concurrent_sweeps_never_pass_the_daily_budget(start: Callable[..., ServerProcess], db_url: str | None) -> None:
+    """Eight sweeps of 48 requests from one key at once, a budget of 100: each read the budget before any was
+    recorded, and all eight were accepted. The budget is checked and the sweep recorded in one step now."""
+    server = start(tenant_sweeps="true", max_sweep_requests=64, sweep_requests_per_day=100, database_url=db_url)
+    sweep = {"models": ["llama3.2:1b"], "concurrency": [1], "requests": 48, "workload": "tiny"}
+    alice = {"Authorization": f"Bearer {KEYS['alice']}"}
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            return client.post("/v1/benchmarks/sweeps", json=sweep, headers=alice)
+
+    with httpx.Client(base_url=server.url, timeout=30, headers=alice) as client:
+        for fitting in (2, 0):  # then again, with the budget spent
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(send, range(8)))
+            assert sorted(a.status_code for a in answers) == [200] * fitting + [429] * (8 - fitting)
+            assert all(assert_openai_error(a, 429)["code"] == "sweep_budget_exceeded" for a in answers
+                       if a.status_code != 200)
+            for made in answers:
+                if made.status_code == 200:
+                    assert client.post(f"/v1/benchmarks/sweeps/{made.json()['id']}/cancel").status_code == 200
+        assert len(client.get("/v1/benchmarks/sweeps").json()["data"]) == 2
+
+
 # -------------------------------------------------------------------------------------------------- TLS
 
 
