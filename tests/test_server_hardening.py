@@ -307,6 +307,7 @@ async def test_a_pilot_runs_none_of_the_lines_a_batch_refuses(api: AsyncTestClie
     assert obatch_sim.stats.served - before == 1  # the good line only: no refused option reached the engine
 
 
+@pytest.mark.usefixtures("db_url")
 async def test_pilot_lines_belong_to_the_key_that_ran_them(api: AsyncTestClient[Any], obatch_sim: OllamaSim) -> None:
     """Two tenants upload the same bytes: Bob's pilot asks the engine again instead of reusing Alice's lines, his
     batch takes only his own, and Alice's batch still takes hers."""
