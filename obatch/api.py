@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -23,6 +23,7 @@ from obatch import _loop, errors
 from obatch.backends import Backend, open_backend
 from obatch.batches import (
     Services,
+    compact,
     create_batch,
     file_path,
     process,
@@ -30,6 +31,7 @@ from obatch.batches import (
     read_chunks,
     reading,
     store_file,
+    window_seconds,
     write_results,
 )
 from obatch.batches.retry import create_retry, unfinished_retry
@@ -40,10 +42,10 @@ from obatch.config import Schedule, Settings
 from obatch.jsonl import summarise
 from obatch.lease import BatchBusy
 from obatch.progress import progress_bar
-from obatch.protocol import NOT_RUN_CODES, Endpoint, RequestLine
+from obatch.protocol import NOT_RUN_CODES, DeadlinePlan, Endpoint, RequestLine
 from obatch.store import repo
 from obatch.store.db import open_store
-from obatch.store.tables import BatchRow
+from obatch.store.tables import BatchRow, FileRow
 
 if TYPE_CHECKING:
     import polars as pl
@@ -93,6 +95,8 @@ class RunReport:
             made = orjson.loads(b.estimate_json)
             text += (f"\n  estimate: {made['seconds']:.1f} s [{made['low']:.1f}, {made['high']:.1f}] for "
                      f"{b.run_seconds:.1f} s of running ({(made['seconds'] / b.run_seconds - 1) * 100:+.1f}%)")
+        if b.plan_json:  # the estimate at creation against the window
+            text += f"\n  completion window: {orjson.loads(b.plan_json)['message']}"
         return text
 
 
@@ -132,7 +136,7 @@ async def run_batch_file(
     errors_path: Path | None = None, endpoint: str = "/v1/chat/completions", progress: bool = True,
     source: str = "cli", fresh: bool = False, stream: bool = False, defaults: Mapping[str, Any] | None = None,
     output_retries: int | None = None, cache: CachePolicy | None = None,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, completion_window: str | None = None, strict_window: bool = False,
 ) -> RunReport:
     """Run a batch file (or a list of requests or prompts) to the end; resume an unfinished identical run.
 
@@ -141,8 +145,16 @@ async def run_batch_file(
     answer is not that JSON (default: the ``output_retries`` setting). ``cache`` (default: ``settings.cache``) is the
     response cache's policy: ``"auto"``, ``"off"`` or ``"all"`` (docs/cache.md). ``schedule`` is the order the lines
     run in: ``"auto"`` (the default: lines that share a prompt prefix kept on one engine slot, the longest first;
-    ``obatch.schedule``) or ``"file"``."""
+    ``obatch.schedule``) or ``"file"``. ``completion_window`` (``"30m"``, ``"2h"``; default 7 days): the batch's
+    window, which its estimate is compared with before it starts (``obatch.bench.estimate.deadline``: a warning
+    when it is expected to miss it, by how much, and what would meet it; the plan is on the batch and its
+    summary); ``strict_window`` refuses a batch whose estimate's lower bound is past the window."""
     settings = settings or Settings()
+    if completion_window is not None:
+        window_seconds(completion_window, minimum=settings.min_completion_window)
+    elif strict_window:
+        raise errors.ConfigError("strict_window compares the estimate with a completion_window: give one.",
+                                 param="completion_window")
     if schedule is not None:
         if schedule not in ("auto", "file"):
             raise errors.ConfigError(f"schedule must be 'auto' or 'file', got {schedule!r}.", param="schedule")
@@ -170,9 +182,14 @@ async def run_batch_file(
         async with sessions() as session:
             batch = None if fresh else await repo.find_resumable(session, signature)
         if batch is None:
-            batch = await create_batch(svc, input_file_id=stored.id, endpoint=None, completion_window="7d",
-                                       model=model, source=source, signature=signature,
-                                       output_retries=output_retries, schedule=svc.settings.schedule)
+            made = await _plan(svc, stored, completion_window, model=model, strict=strict_window) \
+                if completion_window is not None else None
+            batch = await create_batch(svc, input_file_id=stored.id, endpoint=None,
+                                       completion_window=completion_window or "7d", model=model, source=source,
+                                       signature=signature, output_retries=output_retries,
+                                       schedule=svc.settings.schedule)
+            if made is not None:
+                await update_batch(svc, batch, plan_json=made.model_dump_json())
         else:
             if batch.schedule != svc.settings.schedule:  # a resumed run goes on in the order asked now
                 await update_batch(svc, batch, schedule=svc.settings.schedule)
@@ -182,6 +199,26 @@ async def run_batch_file(
                 await session.commit()
         return await _drive(svc, batch, output=output, errors_path=errors_path, progress=progress, stream=stream,
                             filename=filename)
+
+
+async def _plan(svc: Services, stored: FileRow, window: str, *, model: str | None, strict: bool) -> DeadlinePlan:
+    """The new batch's estimate against its window, told before it starts; a batch ``strict`` refuses is not
+    created and its stored input is removed."""
+    from obatch.bench.estimate.deadline import plan_for_file, refuse_if_certain
+
+    seconds = window_seconds(window, minimum=svc.settings.min_completion_window)
+    async with svc.sessions() as session:
+        made = await plan_for_file(session, svc.pool, file_path(svc.settings, stored.id), seconds,
+                                   file_sha256=stored.sha256 or None, model=model, concurrency=svc.pool.fixed,
+                                   schedule=svc.settings.schedule)
+    (log.warning if made.expected_miss else log.info)("completion window: %s", made.message)
+    if strict:
+        try:
+            refuse_if_certain(made)
+        except errors.ConfigError:
+            await _forget(svc, None, stored.id)
+            raise
+    return made
 
 
 @contextlib.asynccontextmanager
@@ -247,10 +284,11 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if not line.isspace())
 
 
-async def _forget(svc: Services, batch_id: str, file_id: str) -> None:
+async def _forget(svc: Services, batch_id: str | None, file_id: str) -> None:
     """Remove a batch refused at import, and its input file: a refused file leaves nothing behind in the store."""
     async with svc.sessions() as session:
-        await repo.delete_batch(session, batch_id)
+        if batch_id is not None:
+            await repo.delete_batch(session, batch_id)
         await repo.delete_files(session, [file_id])
         await session.commit()
     await asyncio.to_thread(file_path(svc.settings, file_id).unlink, missing_ok=True)
@@ -263,7 +301,14 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
         async with sessions() as session:
             batch = await repo.find_batch(session, batch_id)
         facts = provenance.LineFacts(provenance.entries_of(batch) if batch is not None else [])
-        records = [_record(row, facts) async for row in repo.iter_rows(sessions, batch_id, _COLUMNS)]
+        records = []
+        chunk: list[Any] = []
+        async for row in repo.iter_rows(sessions, batch_id, (*_COLUMNS, *compact.INDEX)):
+            chunk.append(row)
+            if len(chunk) >= _CHUNK:
+                records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch else []
+                chunk.clear()
+        records += _records(facts, await compact.restored(batch, _COLUMNS, chunk)) if batch and chunk else []
     finally:
         await engine.dispose()
     import polars as pl
@@ -278,6 +323,24 @@ def _record(row: tuple[Any, ...], facts: provenance.LineFacts) -> tuple[Any, ...
     return (*values, *facts(host, row[2]), orjson.loads(cached_from) if cached_from else None)
 
 
+_CHUNK = 1000  # rows restored from their files at a time (``compact.restored``)
+
+
+def _records(facts: provenance.LineFacts, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Frame records of rows (``_COLUMNS``, then the line): ``_record`` of each."""
+    return [_record(row, facts) for row in rows]
+
+
+async def _restored(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> list[tuple[BatchRow, tuple[Any, ...]]]:
+    """Items of rows read with ``compact.INDEX`` after ``_COLUMNS``, compacted ones restored from their files."""
+    found = list(items)
+    for batch, at in reading.by_batch(items):
+        rows = await compact.restored(batch, _COLUMNS, [items[i][1] for i in at])
+        for i, row in zip(at, rows, strict=True):
+            found[i] = (batch, row)
+    return found
+
+
 def result_schema() -> dict[str, pl.DataType]:
     """``RESULT_SCHEMA`` as polars types (polars is imported here, on demand)."""
     import polars as pl
@@ -290,7 +353,8 @@ async def run(requests: RequestsInput, *, model: str | None = None, concurrency:
               settings: Settings | None = None, backend: Backend | None = None,
               endpoint: str = "/v1/chat/completions", progress: bool = True, fresh: bool = False,
               output_retries: int | None = None, cache: CachePolicy | None = None,
-              schedule: Schedule | None = None, **defaults: Any) -> pl.DataFrame:
+              schedule: Schedule | None = None, completion_window: str | None = None, strict_window: bool = False,
+              **defaults: Any) -> pl.DataFrame:
     """Run requests (a batch file path, request dicts, or bare prompt strings) and return one row per request.
 
     ``model`` overrides every body's model (and is required for bare prompts); other keywords (``max_tokens=``,
@@ -298,6 +362,8 @@ async def run(requests: RequestsInput, *, model: str | None = None, concurrency:
     the same options resumes an interrupted run; ``fresh=True`` starts a new one. ``output_retries`` bounds how
     often a line asking for JSON is asked again when its answer is not that JSON (then it fails ``invalid_output``).
     ``schedule="file"`` runs the lines in the file's order instead of ``obatch.schedule``'s (see ``run_batch_file``).
+    ``completion_window="30m"`` compares the estimate with that window before the run (a warning when it is
+    expected to miss it); ``strict_window=True`` refuses the run when even the estimate's lower bound misses it.
     ``cache`` reuses stored answers: ``"auto"`` (the default, from ``settings.cache``) for requests their body
     determines, ``"all"`` for every request, ``"off"`` for none.
     """
@@ -305,7 +371,8 @@ async def run(requests: RequestsInput, *, model: str | None = None, concurrency:
     report = await run_batch_file(requests, settings=settings, backend=backend, model=model,
                                   concurrency=concurrency, endpoint=endpoint, progress=progress,
                                   source="notebook", fresh=fresh, defaults=defaults, output_retries=output_retries,
-                                  cache=cache, schedule=schedule)
+                                  cache=cache, schedule=schedule, completion_window=completion_window,
+                                  strict_window=strict_window)
     return await results_frame(settings, report.batch.id)
 
 
@@ -337,9 +404,19 @@ async def results(batch_id: str, *, merged: bool = False, settings: Settings | N
     settings = settings or Settings()
     engine, sessions = await open_store(settings.db_url)
     facts = reading.HostFacts()
+    records: list[tuple[Any, ...]] = []
+    chunk: list[tuple[BatchRow, tuple[Any, ...]]] = []
+
+    def add(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> None:
+        records.extend((*_record(row, facts(batch)), batch.id) for batch, row in items)
+
     try:  # as ``results_frame``'s rows, then the batch that gave the line
-        records = [(*_record(row, facts(batch)), batch.id)
-                   async for batch, row in reading.iter_finished(sessions, batch_id, _COLUMNS, merged=merged)]
+        async for item in reading.iter_finished(sessions, batch_id, (*_COLUMNS, *compact.INDEX), merged=merged):
+            chunk.append(item)
+            if len(chunk) >= _CHUNK:
+                add(await _restored(chunk))
+                chunk.clear()
+        add(await _restored(chunk))
     finally:
         await engine.dispose()
     import polars as pl

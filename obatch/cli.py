@@ -55,7 +55,7 @@ async def _run(args: argparse.Namespace) -> int:
         Path(args.input), settings=_settings(args), model=args.model,
         output=Path(args.output) if args.output else None, errors_path=Path(args.errors) if args.errors else None,
         progress=not args.quiet, fresh=args.fresh, output_retries=args.output_retries, schedule=args.schedule,
-        cache=args.cache,
+        cache=args.cache, completion_window=args.completion_window, strict_window=args.strict_window,
     )
     print(report.summary)
     if args.show:
@@ -190,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="the order lines run in: 'auto' keeps lines sharing a long prompt prefix on one engine slot "
                           "and starts the longest first; 'file' keeps the file's order (default: OBATCH_SCHEDULE, "
                           "else auto)")
+    run.add_argument("--completion-window", "--deadline", metavar="WINDOW",
+                     help="the batch's window ('30m', '2h', '1d'; default 7d): its estimate is compared with it before "
+                          "it starts, with a warning when it is expected to miss it, by how much and what would meet "
+                          "it; lines still running at its end expire")
+    run.add_argument("--strict-window", action="store_true",
+                     help="refuse the run when even the estimate's lower bound is past --completion-window")
     run.add_argument("--fresh", action="store_true", help="start a new run even if an identical one is unfinished")
     run.add_argument("--output-retries", type=int, metavar="N",
                      help="ask a line that wants JSON (response_format, format) again up to N times when its answer "

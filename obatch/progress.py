@@ -3,12 +3,15 @@ terminal, and nothing when output is not a terminal; and the live remaining-time
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from obatch.outages import Outages
 
 
 def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True) -> tqdm[None]:
@@ -21,6 +24,7 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = Tru
 
 # Pseudo-observations the start estimate counts for while few lines have finished.
 PRIOR_WEIGHT = 4
+UNSWEPT_DOUBT = 4.0  # how much less the start estimate counts once auto settled outside the levels the sweep measured
 DEFAULT_DECODE_SHARE = 0.8  # of a request's engine time, when the engine reports no timings
 
 
@@ -33,13 +37,25 @@ class LiveEta:
     made at the batch's start and moving to what finished lines show (``PRIOR_WEIGHT`` lines' worth of trust in the
     estimate). Time left is that work at the throughput measured so far — for the decoding share of the engine's
     time (from its timings) by tokens, for the rest by lines — blended with the start estimate's remaining time
-    while little has finished."""
+    while little has finished.
+
+    The clock throughput is measured with leaves out ``outages`` (the pool's spans with no host answering): while
+    one goes on the estimate is ``waiting`` and does not grow, and lines that end meanwhile (their retries spent)
+    leave the work without counting as throughput. The start estimate was made for a level of concurrency
+    (``prior_level``); once the run's own level (``level``, set as auto settles) differs, its time is rescaled by
+    the sweep's curve (``prior_curve``: the start estimate's running time at each level the sweep measured), and
+    where that level lies outside the curve, the start estimate counts ``UNSWEPT_DOUBT`` times less."""
 
     pending_caps: dict[int | None, int]  # lines left by max_tokens (None: uncapped)
     prior_seconds: float | None = None  # the start estimate's running time for these lines
     prior_output: float | None = None  # its expected answer tokens per line
     started: float = field(default_factory=time.monotonic)
+    outages: Outages | None = None
+    prior_level: int | None = None  # the concurrency the start estimate was made for
+    prior_curve: dict[int, float] = field(default_factory=dict)  # its running time at other levels
+    level: int | None = None  # the level the run settled on (None: not yet, or not known)
     lines: int = 0
+    dropped: int = 0  # lines that ended while no host answered
     tokens: float = 0.0
     uncapped_lines: int = 0
     uncapped_tokens: float = 0.0
@@ -50,7 +66,30 @@ class LiveEta:
 
     @property
     def total(self) -> int:
-        return self.lines + sum(self.pending_caps.values())
+        return self.lines + self.dropped + sum(self.pending_caps.values())
+
+    @property
+    def waiting(self) -> bool:
+        """No engine host answers now: the estimate is paused."""
+        return self.outages is not None and self.outages.ongoing
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds since the start, less the outages."""
+        now = time.monotonic() if now is None else now
+        return now - self.started - (self.outages.within(self.started, now) if self.outages is not None else 0.0)
+
+    def beyond_the_sweep(self) -> bool:
+        """Auto settled on a level the sweep did not reach (or came below): its curve cannot tell how fast that goes,
+        so the start estimate is trusted less."""
+        if self.level is None or self.prior_level is None or self.level == self.prior_level or not self.prior_curve:
+            return False
+        return not min(self.prior_curve) <= self.level <= max(self.prior_curve)
+
+    def prior_running(self) -> float | None:
+        """The start estimate's running time, at the level the run settled on."""
+        if self.prior_seconds is None or self.level is None or self.prior_level is None or not self.prior_curve:
+            return self.prior_seconds
+        return self.prior_seconds * along(self.prior_curve, self.level) / along(self.prior_curve, self.prior_level)
 
     def observe(self, max_tokens: int | None, completion_tokens: int | None, *, prompt_ms: float | None = None,
                 decode_ms: float | None = None) -> None:
@@ -58,6 +97,9 @@ class LiveEta:
         left = self.pending_caps.get(max_tokens, 0)
         if left:
             self.pending_caps[max_tokens] = left - 1
+        if self.waiting:
+            self.dropped += 1
+            return
         tokens = float(completion_tokens or 0)
         self.lines += 1
         self.tokens += tokens
@@ -86,15 +128,16 @@ class LiveEta:
 
     def seconds_left(self, now: float | None = None) -> float | None:
         """None until something is known: a finished line or the start estimate."""
-        elapsed = (time.monotonic() if now is None else now) - self.started
+        elapsed = self.elapsed(now)
         left_lines = sum(self.pending_caps.values())
         if left_lines == 0:
             return 0.0
         prior_left = None
-        if self.prior_seconds is not None:
+        prior = self.prior_running()
+        if prior is not None:
             work = self.tokens + self.tokens_left()
-            done_share = self.tokens / work if work > 0 and self.tokens else self.lines / max(self.total, 1)
-            prior_left = max(0.0, self.prior_seconds * (1 - done_share))
+            done = self.tokens / work if work > 0 and self.tokens else (self.lines + self.dropped) / max(self.total, 1)
+            prior_left = max(0.0, prior * (1 - done))
         if not self.lines or elapsed <= 0:
             return prior_left
         by_lines = left_lines * elapsed / self.lines
@@ -103,22 +146,58 @@ class LiveEta:
         measured = share * by_tokens + (1 - share) * by_lines
         if prior_left is None:
             return measured
-        trust = self.lines / (self.lines + PRIOR_WEIGHT + 0.05 * self.total)  # a few lines say little about many
+        doubt = UNSWEPT_DOUBT if self.beyond_the_sweep() else 1.0
+        trust = self.lines / (self.lines + (PRIOR_WEIGHT + 0.05 * self.total) / doubt)  # few lines tell little of many
         return trust * measured + (1 - trust) * prior_left
 
     def as_dict(self, now_wall: float | None = None) -> dict[str, Any]:
         """What the batch object carries (``obatch.eta``): seconds left as of ``at`` (Unix time)."""
-        left = self.seconds_left()
-        elapsed = time.monotonic() - self.started
+        now = time.monotonic()
+        left, elapsed = self.seconds_left(now), self.elapsed(now)
         return {"seconds_left": left, "at": time.time() if now_wall is None else now_wall,
-                "lines_done": self.lines, "lines_left": sum(self.pending_caps.values()),
+                "lines_done": self.lines + self.dropped, "lines_left": sum(self.pending_caps.values()),
                 "tokens_done": self.tokens, "tokens_left": self.tokens_left(),
-                "tokens_per_s": self.tokens / elapsed if elapsed > 0 and self.tokens else None}
+                "tokens_per_s": self.tokens / elapsed if elapsed > 0 and self.tokens else None,
+                "waiting": self.waiting, "concurrency": self.level,
+                "outage_seconds": self.outages.within(self.started, now) if self.outages is not None else 0.0}
 
-    def describe(self) -> str:
-        """The progress line's note: ``eta 1 min 5 s``."""
-        left = self.seconds_left()
+    def describe(self, now: float | None = None) -> str:
+        """The progress line's note: ``eta 1 min 5 s``, or ``waiting for the engine`` while no host answers."""
+        left = self.seconds_left(now)
         if left is None:
-            return ""
+            return "waiting for the engine" if self.waiting else ""
         minutes, seconds = divmod(round(left), 60)
-        return f"eta {minutes} min {seconds} s" if minutes else f"eta {seconds} s"
+        text = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+        return f"waiting for the engine (eta {text} once it answers)" if self.waiting else f"eta {text}"
+
+
+def prior_levels(groups: list[dict[str, Any]]) -> tuple[int | None, dict[int, float]]:
+    """From the start estimate's model groups (``DurationEstimate`` dumps): the level it was made for, and its
+    running time (load left out) at each level the sweep measured at its num_ctx — each group's time scaled along
+    its own candidates, summed. A group without candidates keeps its time at every level."""
+    levels = {int(g["concurrency"]) for g in groups if g.get("concurrency")}
+    curves = []
+    for g in groups:
+        running = max(0.0, float(g.get("seconds") or 0.0) - float(g.get("load_seconds") or 0.0))
+        curve = {int(c["concurrency"]): float(c["seconds"]) for c in g.get("candidates") or []
+                 if c.get("num_ctx") == g.get("num_ctx") and c.get("seconds")}
+        curves.append((running, curve, g.get("concurrency")))
+    measured = {c for _, curve, _ in curves for c in curve}
+    if len(levels) != 1 or not measured:
+        return None, {}
+    (level,) = levels
+    return level, {c: sum(t * along(curve, c) / along(curve, made) if curve and made else t
+                          for t, curve, made in curves) for c in sorted(measured | levels)}
+
+
+def along(curve: dict[int, float], level: int) -> float:
+    """A running time at ``level`` on a curve of measured levels: between two, harmonic in log(level) (as the
+    estimates interpolate, ``obatch.bench.estimate.predict.at_concurrency``); outside them, the nearest one's."""
+    if level in curve:
+        return curve[level]
+    below, above = [c for c in curve if c < level], [c for c in curve if c > level]
+    if not below or not above:
+        return curve[max(below)] if below else curve[min(above)]
+    lo, hi = max(below), min(above)
+    w = (math.log(level) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return 1 / ((1 - w) / curve[lo] + w / curve[hi])

@@ -296,6 +296,34 @@ class EstimateCandidate(_Wire):
     measured_output_tokens_per_s: float | None = None
 
 
+class DeadlineOption(_Wire):
+    """A configuration expected to meet a batch's window: a num_ctx and concurrency the sweep measured, on
+    ``hosts`` hosts like the one estimated (the lines split evenly across them), and its expected duration."""
+
+    num_ctx: int | None = None
+    concurrency: int | None = None
+    hosts: int = 1
+    seconds: float
+
+
+class DeadlinePlan(_Wire):
+    """The estimate against a batch's ``completion_window`` (obatch's): whether the batch is expected to miss it
+    and by how much (``miss_seconds``: the estimate past the window), whether even the estimate's lower bound is
+    past it (``certain_miss``: ``--strict-window`` refuses such a batch), the configurations the sweep measured that
+    would meet it (``meets``, fastest first) and the whole of it in words (``message``). Without an estimate (no
+    benchmark points) ``seconds`` is None and ``message`` says why."""
+
+    window_seconds: float
+    seconds: float | None = None
+    low: float | None = None
+    high: float | None = None
+    expected_miss: bool = False
+    certain_miss: bool = False
+    miss_seconds: float = 0.0
+    meets: list[DeadlineOption] = Field(default_factory=list)
+    message: str
+
+
 class EstimatePoint(_Wire):
     """A stored benchmark point an estimate rests on."""
 
@@ -369,6 +397,9 @@ class DurationEstimate(_Wire):
     groups: list[DurationEstimate] | None = None
     made_at: float | None = None  # Unix time; set on the estimate a batch made at its start
     output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
+    cached_prompt_tokens: float | None = None  # prompt tokens expected from the engine's prefix cache (a file's)
+    schedule: str | None = None  # the order replayed: "auto" (obatch.schedule's) or "file"
+    deadline: DeadlinePlan | None = None  # asked with a completion_window: whether the estimate meets it
 
     @classmethod
     def of_groups(cls, parts: list[DurationEstimate], **extra: Any) -> DurationEstimate:
@@ -404,7 +435,9 @@ class DurationEstimate(_Wire):
 
 class BatchEta(_Wire):
     """A running batch's remaining time, refined from the lines already finished (``obatch.progress.LiveEta``):
-    ``seconds_left`` as of ``at`` (Unix time)."""
+    ``seconds_left`` as of ``at`` (Unix time). ``waiting``: no engine host answers, the estimate is paused; the
+    outages so far (``outage_seconds``) are left out of the throughput. ``concurrency``: the level the run settled
+    on, the start estimate rescaled to it."""
 
     seconds_left: float | None = None
     at: float
@@ -413,6 +446,9 @@ class BatchEta(_Wire):
     tokens_done: float = 0.0
     tokens_left: float = 0.0
     tokens_per_s: float | None = None
+    waiting: bool = False
+    concurrency: int | None = None
+    outage_seconds: float = 0.0
 
 
 class EngineEntry(_Wire):
@@ -429,11 +465,12 @@ class BatchExtension(_Wire):
     why), the estimate made at its start, while it runs the remaining time, and once it ended early how many lines
     never ran; obatch's version and the engine hosts with their versions and model digests; the structured-output
     counts; ``schedule``: the order used, the prefix groups found and the share of prompt tokens the engine took
-    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``). Fields without a value
-    are left out."""
+    from its cache where it tells; the retry chain it belongs to (``parent``, ``retries``); ``cached``: the lines
+    whose answer was reused. Fields without a value are left out."""
 
     concurrency: dict[str, Any] | None = None
     schedule: dict[str, Any] | None = None
+    deadline: DeadlinePlan | None = None  # the estimate at creation against its completion_window
     estimate: DurationEstimate | None = None
     eta: BatchEta | None = None
     not_run: int | None = None
@@ -443,6 +480,7 @@ class BatchExtension(_Wire):
     refused_answers: int | None = None  # answers that check refused over all lines (each asked again, or final)
     parent: str | None = None  # the batch whose failed lines this batch retries
     retries: list[str] | None = None  # the batches made of this one's failed lines, oldest first
+    cached: int | None = None  # lines answered by reuse (a stored answer or an identical line's), live and final
 
     @model_serializer(mode="wrap")
     def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

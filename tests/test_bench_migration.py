@@ -153,7 +153,7 @@ async def test_reuse2_gives_pilots_an_owner_and_sweeps_their_requests(db_url: st
     a sweep's requests are counted from its parameters (1 model × 2 num_ctx × 3 levels × 8 requests). Down again,
     only the local owner's lines stay."""
     url = db_url or f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"
-    engine = await _holding(url, "cache_0010", "reuse2_owners", [("pilots", PILOT), ("bench_sweeps", SWEEP)])
+    engine = await _holding(url, "compact_0011", "reuse2_owners", [("pilots", PILOT), ("bench_sweeps", SWEEP)])
     try:
         async with engine.begin() as conn:
             assert (await conn.execute(sa.text("SELECT owner, custom_id FROM pilots"))).all() == [("", "c")]
@@ -161,7 +161,7 @@ async def test_reuse2_gives_pilots_an_owner_and_sweeps_their_requests(db_url: st
             await conn.run_sync(_insert, "pilots", PILOT | {"owner": "key_b"})
         await _refused(engine, "pilots", PILOT | {"owner": "key_b"})
         await engine.dispose()
-        await _migrate(url, ("downgrade", "cache_0010"))
+        await _migrate(url, ("downgrade", "compact_0011"))
         async with engine.begin() as conn:
             assert (await conn.execute(sa.text("SELECT custom_id FROM pilots"))).scalars().all() == ["c"]
         await _refused(engine, "pilots", PILOT)

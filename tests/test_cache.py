@@ -4,7 +4,10 @@ gets back (and from where), and exactly once under faults and after SIGKILL."""
 from __future__ import annotations
 
 import dataclasses
+import io
+import sqlite3
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +20,15 @@ import pytest
 from obatch import batches, cache, errors
 from obatch.api import results, results_frame, run_batch_file
 from obatch.backends.ollama import OllamaBackend
+from obatch.client import Client
 from obatch.config import Settings
+from obatch.protocol import Batch
 from obatch.store.db import open_store
 from obatch.store.tables import BatchRow
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
+from obatch.testing.server import ServerProcess
 from tests.helpers import chat_line, killable_run, sigkill_once_done, succeeded_rows, write_jsonl
+from tests.serverkit import FINAL, KEYS
 
 MODEL = "llama3.2:1b"
 PROVENANCE_COLUMNS = ("host", "engine", "engine_version", "model_digest", "num_ctx", "loaded_context", "seed",
@@ -108,6 +115,7 @@ async def test_a_rerun_sends_only_the_changed_lines(tmp_path: Path, make_setting
         assert sent(sim) == n + n // 10  # only the changed tenth went upstream
     earlier, later = by_id(one.output), by_id(two.output, two.errors)
     assert len(later) == n and two.batch.completed == n
+    assert (one.batch.cached, two.batch.cached) == (0, n - n // 10)
     for i in range(n):
         line = later[f"r{i}"]
         if i % 10 == 3:
@@ -333,6 +341,8 @@ def test_sigkill_mid_batch_with_repeats_resumes_exactly_once(tmp_path: Path) -> 
         assert content(got[f"r{i}"]) == content(got[f"r{i % distinct}"])
         assert got[f"r{i}"]["obatch"]["cached_from"]["custom_id"] == f"r{i % distinct}"
     assert served <= distinct + 8  # the repeats were never sent; at most what was in flight at the kill, again
+    with sqlite3.connect(data / "obatch.db") as conn:  # the batch's count of reused lines survived the kill
+        assert conn.execute("SELECT cached FROM batches").fetchall() == [(n - distinct,)]
     assert f"{n} succeeded, 0 failed of {n}" in rerun.stdout
 
 
@@ -352,3 +362,48 @@ async def test_the_embedded_engine_names_its_model_by_the_file(tmp_path: Path) -
     finally:
         await backend.aclose()
     assert named == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_batch_object_counts_reused_lines_while_it_runs_and_once_final(obatch_server: ServerProcess) -> None:
+    """``obatch.cached``: the lines answered from stored answers show at once, while new lines still run; once final
+    the count adds the copies of an identical line; a batch that reused nothing counts 0."""
+    tag = f"counted {time.time_ns()}"  # prompts no other test of the shared server has asked
+
+    def line(custom_id: str, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": f"{tag}: {prompt}"}],
+                         "max_tokens": max_tokens, "temperature": 0}}
+
+    known = [line(f"k{i}", f"known {i}") for i in range(10)]
+    slow = [line(f"s{i}", f"new {i}", max_tokens=240) for i in range(8)]  # ~1.2 s each on the shared simulator
+    copies = [line(f"c{i}", "new 0", max_tokens=240) for i in range(3)]  # the same as s0: answered by its answer
+    with Client(obatch_server.url, api_key=KEYS["alice"]) as alice:
+        def submit(lines: list[dict[str, Any]]) -> str:
+            body = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+            stored = alice.upload_file(io.BytesIO(body), "in.jsonl")
+            return alice.create_batch(stored.id, endpoint="/v1/chat/completions", concurrency=4).id
+
+        def final(batch_id: str) -> Batch:
+            deadline = time.monotonic() + 60
+            while (batch := alice.get_batch(batch_id)).status not in FINAL:
+                assert time.monotonic() < deadline, batch.status
+                time.sleep(0.05)
+            return batch
+
+        first = final(submit(known))
+        assert first.status == "completed" and first.obatch is not None and first.obatch.cached == 0
+        second = submit(known + slow + copies)
+        seen_running = None
+        deadline = time.monotonic() + 60
+        while (batch := alice.get_batch(second)).status not in FINAL:
+            assert time.monotonic() < deadline, batch.status
+            counts = batch.request_counts
+            if batch.obatch and batch.obatch.cached and counts and counts.completed < counts.total:
+                seen_running = batch.obatch.cached
+            time.sleep(0.05)
+        assert seen_running == len(known)  # the stored answers, counted while the new lines ran
+        assert batch.status == "completed" and batch.obatch is not None
+        assert batch.obatch.cached == len(known) + len(copies)
+        output = [orjson.loads(x) for x in alice.file_content(batch.output_file_id or "").splitlines()]
+        assert sum(x["obatch"]["cached_from"] is not None for x in output) == batch.obatch.cached
+        assert alice.list_batches(limit=5).data[0].obatch.cached == batch.obatch.cached  # the list says the same

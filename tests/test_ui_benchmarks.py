@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from obatch.bench import charts as charts_module
 from obatch.bench import frames as bench_frames
 from obatch.bench.best import best_config
 from obatch.bench.schemas import BenchPoint, SweepParams
@@ -275,3 +276,109 @@ def test_a_sweep_of_request_rates_from_the_page(page: Callable[..., AppTest], fa
     [sent] = fake.sent("POST", "/v1/benchmarks/sweeps")
     params = SweepParams.model_validate_json(sent.content)
     assert (params.concurrency, params.rates, params.arrival, params.points) == ([], [1.0, 3.0], "constant", 2)
+
+
+# ---------------------------------------------------------------- charts: Pareto frontier, percentile marks, tables
+
+def layer_rows(spec: dict[str, Any], layer: dict[str, Any]) -> pl.DataFrame:
+    """The rows a layer of a ``to_dict()`` spec draws: its own dataset, else the layered chart's."""
+    return pl.DataFrame(spec["datasets"][(layer.get("data") or spec["data"])["name"]])
+
+
+def test_the_frontier_is_the_best_throughput_at_each_latency_or_lower() -> None:
+    latest = views.latest_points(views.points_frame(bench_points()))
+    # a third model: its concurrency 4 is both slower to answer and worse than concurrency 2 (dominated)
+    worse = pl.DataFrame({"model": ["m"] * 3, "latency_p50": [100.0, 150.0, 200.0], "output_tps": [50.0, 90.0, 70.0]})
+    for frame in (latest, worse):
+        front = charts_module.frontier(frame)
+        flagged = bench_frames.pareto_front(frame).filter(pl.col("pareto"))
+        steps = front.filter(~pl.col("end"))
+        assert sorted(steps.select("model", "latency_p50", "output_tps").rows()) == sorted(
+            flagged.select("model", "latency_p50", "output_tps").rows())
+        for (model,), rows in front.group_by("model"):
+            own = frame.filter(pl.col("model") == model)
+            assert rows["output_tps"].is_sorted() and rows["latency_p50"].is_sorted()  # a rising staircase
+            end = rows.filter(pl.col("end")).row(0, named=True)
+            assert (end["latency_p50"], end["output_tps"]) == (own["latency_p50"].max(), own["output_tps"].max())
+            for x, y in own.select("latency_p50", "output_tps").iter_rows():  # no point above the staircase
+                reached = rows.filter(pl.col("latency_p50") <= x)["output_tps"].max()
+                assert isinstance(reached, float) and y <= reached
+    assert charts_module.frontier(worse).filter(~pl.col("end"))["output_tps"].to_list() == [50.0, 90.0]
+
+
+def test_pareto_chart_draws_the_frontier_named_in_its_legend_with_its_title_above_the_plot() -> None:
+    points = views.points_frame(bench_points())
+    spec = views.pareto_chart(points).to_dict()
+    assert spec["title"].startswith("Throughput vs latency") and spec["autosize"]["type"] == "fit-x"
+    staircase, dots = spec["layer"]
+    assert staircase["mark"]["type"] == "line" and staircase["mark"]["interpolate"] == "step-after"
+    assert spec["height"] >= 300  # a plot, not a strip (altair keeps the layers' height on the layered chart)
+    front = layer_rows(spec, staircase)
+    expected = charts_module.frontier(views.latest_points(points))
+    assert front.select("model", "latency_p50", "output_tps", "end").sort("model", "latency_p50", "end").rows() == \
+        expected.sort("model", "latency_p50", "end").rows()
+    assert set(front["model"]) == {"llama3.2:1b", "qwen2.5:0.5b"}
+    every = layer_rows(spec, dots)
+    assert every.height == 12 and set(every["point"]) == {"on the frontier", "dominated"}
+    assert dots["encoding"]["opacity"]["title"] == "configuration"  # the legend says what a faint point is
+    named = staircase["encoding"]["strokeDash"]  # the legend names the staircase
+    assert named["scale"]["domain"] == [charts_module.FRONTIER] and named["legend"]["symbolType"] == "stroke"
+    assert set(front["line"]) == {charts_module.FRONTIER} and "Pareto frontier" in charts_module.FRONTIER
+
+
+def test_a_single_measured_point_still_draws_a_frontier_line() -> None:
+    one = views.points_frame(bench_points()[:2])  # llama at 2048 tokens, concurrency 1 and 4
+    spec = views.pareto_chart(one).to_dict()
+    front = layer_rows(spec, spec["layer"][0])
+    assert front.height >= 2 and front["latency_p50"].n_unique() == 2  # a line across the measured latencies
+
+
+@pytest.mark.parametrize("windows", [(2048,), (2048, 4096, 8192)])
+def test_latency_percentiles_differ_in_shape_and_line_style_whatever_the_windows(windows: tuple[int, ...]) -> None:
+    points = views.points_frame(bench_points())
+    curve = views.latest_points(points).filter(pl.col("num_ctx").is_in(windows) & (pl.col("concurrency") == 4))
+    spec = views.latency_chart(curve, "num_ctx").to_dict()
+    lines, dots = spec["layer"]
+    dash, shape = lines["encoding"]["strokeDash"], dots["encoding"]["shape"]
+    assert dash["field"] == shape["field"] == "percentile" and dash["title"] == shape["title"]  # one legend
+    assert shape["scale"]["domain"] == dash["scale"]["domain"] == ["p50", "p90", "p99"]
+    assert len(set(shape["scale"]["range"])) == 3 and len({str(r) for r in dash["scale"]["range"]}) == 3
+    assert "solid" in shape["legend"]["labelExpr"] and "dotted" in dash["legend"]["labelExpr"]
+    for layer in (lines, dots):  # colour is still the model, its marks side by side at each x
+        assert layer["encoding"]["color"]["field"] == "model" and layer["encoding"]["xOffset"]["field"] == "model"
+    data = layer_rows(spec, dots)
+    assert data.group_by("model", "num_ctx").agg(pl.col("percentile").sort())["percentile"].to_list() == \
+        [["p50", "p90", "p99"]] * 2 * len(windows)
+    assert sorted(set(data["num_ctx"])) == list(windows)
+
+
+def test_tables_write_missing_values_as_a_dash_and_numbers_with_their_format() -> None:
+    capacities = FakeServer().client().capacity("llama3.2:1b", "tpot=0.1ms")  # nothing meets 0.1 ms per token
+    raw = views.capacity_table(capacities)
+    assert raw["goodput (req/s)"].null_count() == raw.height  # what Streamlit would draw as grey "None"
+    shown = views.blanks(raw, views.RATE_FORMATS)
+    assert not any(shown[c].null_count() for c in shown.columns)
+    assert set(shown["goodput (req/s)"]) == {views.BLANK}
+    assert set(views.written_as_text(raw, shown)) == {c for c in raw.columns if raw[c].null_count()}
+    assert shown["num_ctx"].dtype == pl.Int64  # no gap: still a number (sorts as one)
+    mixed = pl.DataFrame({"n": [3, None], "ms": [1.25, None], "text": ["a", None]})
+    assert views.blanks(mixed, {"ms": "%.1f"}).rows() == [("3", "1.2", "a"), ("—", "—", "—")]
+    preview = views.preview_file(b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": '
+                                 b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}}\nnot json\n')
+    lines = views.blanks(preview.lines)
+    assert not any(lines[c].null_count() for c in lines.columns)
+    assert lines.row(1, named=True)["prompt_tokens"] == views.BLANK and lines.row(0, named=True)["code"] == "—"
+    problems = views.blanks(pl.concat([preview.problems, views.preview_file(b"").problems]))
+    assert problems["line"].to_list() == ["2", views.BLANK]  # a whole-file problem has no line
+
+
+def test_the_slo_tables_on_the_page_show_no_none(page: Callable[..., AppTest]) -> None:
+    at = page()
+    at.number_input(key="slo_tpot").set_value(0.1).run()  # no request meets 0.1 ms per token
+    no_exception(at)
+    shown = table(at, "model", "capacity", "goodput (req/s)")
+    assert set(shown["goodput (req/s)"]) == {views.BLANK} and not shown.isna().any().any()
+    goodput = table(at, "configuration", "goodput (req/s)", "met (%)")
+    assert not goodput.isna().any().any()
+    best = table(at, "model", "output tok/s", "success (%)")
+    assert not best.isna().any().any()

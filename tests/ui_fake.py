@@ -15,6 +15,7 @@ import httpx
 import orjson
 
 from obatch import errors
+from obatch.batches.retry import RETRYABLE_CODES
 from obatch.bench import frames
 from obatch.bench.schemas import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.bench.service import config_models, point_models
@@ -150,6 +151,7 @@ class FakeServer:
         self.points = bench_points(rates=(1.0, 2.0, 4.0)) if with_benchmarks else []
         self.sweeps: dict[str, Sweep] = {}
         self.piloted: set[str] = set()  # files a pilot ran lines of
+        self.finished: dict[str, list[dict[str, Any]]] = {}  # each batch's finished lines, in input order
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
 
@@ -219,6 +221,10 @@ class FakeServer:
             batch = self.batches.get(parts[2])
             if batch is None:
                 return _error(404, f"No such batch: {parts[2]}", "not_found")
+            if len(parts) == 4 and parts[3] == "results":
+                return self._results(batch, request.url.params)
+            if len(parts) == 4 and parts[3] == "retry" and method == "POST":
+                return self._retry(batch)
             if len(parts) == 4 and parts[3] == "cancel":
                 if batch["status"] in ("completed", "failed", "expired", "cancelled"):
                     return _error(409, f"Batch {batch['id']} is {batch['status']} and cannot be cancelled.",
@@ -239,6 +245,43 @@ class FakeServer:
                 self.piloted.add(request.url.params["input_file_id"])
             return _json(200, fake_estimate(request.url.params).model_dump(mode="json"))
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
+
+    def _results(self, batch: dict[str, Any], params: Any) -> httpx.Response:
+        """``GET /v1/batches/{id}/results``: the finished lines after ``after`` (a prefix of the input here), up to
+        ``limit``, with the server's cursor headers."""
+        after, limit = int(params.get("after", 0)), int(params.get("limit", 100))
+        lines = [x for x in self.finished.get(batch["id"], []) if x["obatch"]["line"] > after]
+        page = lines[:limit]
+        final = batch["status"] in ("completed", "failed", "expired", "cancelled")
+        cursor = page[-1]["obatch"]["line"] if page else after
+        return httpx.Response(200, content=b"".join(orjson.dumps(x) + b"\n" for x in page), headers={
+            "content-type": "application/jsonl", "x-obatch-next-after": str(cursor),
+            "x-obatch-finished": "true" if final and len(lines) <= limit else "false"})
+
+    def _retry(self, batch: dict[str, Any]) -> httpx.Response:
+        """``POST /v1/batches/{id}/retry``: a batch of the lines that failed with a retryable code, linked both
+        ways (``obatch.parent`` / ``obatch.retries``), as obatch's server makes it."""
+        if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+            return _error(409, f"Batch {batch['id']} is {batch['status']}.", "conflict")
+        failed = {x["custom_id"] for x in self.finished.get(batch["id"], [])
+                  if x["error"] and x["error"]["code"] in RETRYABLE_CODES}
+        if not failed:
+            return _error(409, f"Batch {batch['id']} has nothing to retry.", "conflict")
+        _obj, content = self.files[batch["input_file_id"]]
+        data = b"".join(raw + b"\n" for raw in content.splitlines() if raw.strip()
+                        and orjson.loads(raw)["custom_id"] in failed)
+        file_id = self._id("file")
+        self.files[file_id] = ({"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                                "filename": f"{batch['id']}_retry.jsonl", "purpose": "batch",
+                                "status": "processed"}, data)
+        made = {**{k: batch[k] for k in ("endpoint", "completion_window", "model", "metadata")},
+                "id": self._id("batch"), "object": "batch", "input_file_id": file_id, "status": "in_progress",
+                "created_at": int(time.time()), "in_progress_at": int(time.time()),
+                "request_counts": {"total": len(failed), "completed": 0, "failed": 0}}
+        made["obatch"] = _extension(made, parent=batch["id"])
+        batch["obatch"] = _extension(batch, retries=[*(batch.get("obatch") or {}).get("retries", []), made["id"]])
+        self.batches[made["id"]] = made
+        return _json(200, made)
 
     # ------------------------------------------------------------------------------------------ benchmarks
     def summary(self, models: list[str] | None = None, num_ctx: int | None = None) -> Any:
@@ -313,24 +356,50 @@ class FakeServer:
                                                          "finished_at": time.time()})
 
     # ------------------------------------------------------------------------------------------ driving
-    def progress(self, batch_id: str, completed: int, failed: int = 0, *, output_tokens: int = 0) -> None:
+    def progress(self, batch_id: str, completed: int, failed: int = 0, *, output_tokens: int = 0,
+                 lines: int = 0) -> None:
+        """Counts of a running batch; with ``lines``, its first ``lines`` lines finished (``/results`` has them)."""
         batch = self.batches[batch_id]
+        if lines:
+            out, err = self._outcomes(batch, None, "")
+            self.finished[batch_id] = sorted(out + err, key=lambda x: x["obatch"]["line"])[:lines]
         batch["request_counts"].update(completed=completed, failed=failed)
         batch["in_progress_at"] = int(time.time()) - 10
         batch["usage"] = {"input_tokens": 0, "output_tokens": output_tokens, "total_tokens": output_tokens}
         batch["obatch"] = _extension(batch, concurrency=RUN_STORY)  # as the batch process writes it while it runs
 
     def complete(self, batch_id: str, *, latency: bool = False, ran: int | None = None,
-                 status: str = "completed") -> None:
+                 status: str = "completed", reused: int = 0) -> None:
         """Finish a batch: lines whose prompt says 'fail' fail, the others succeed (every 3rd cut by length).
 
         With ``ran``, only the first ``ran`` lines ran and the batch ends ``status`` (cancelled or expired): the
         others go to the error file as ``batch_cancelled`` / ``batch_expired`` and count as failed, with the
-        ``obatch.not_run`` count beside them, as obatch's server writes them."""
+        ``obatch.not_run`` count beside them, as obatch's server writes them. With ``reused``, the first
+        ``reused`` answers are another batch's (``obatch.cached_from``) and the batch counts them."""
         batch = self.batches[batch_id]
-        _obj, content = self.files[batch["input_file_id"]]
-        out, err = [], []
         code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(status, "")
+        out, err = self._outcomes(batch, ran, code, latency=latency, reused=reused)
+        now = int(time.time())
+        batch.update(status=status, finalizing_at=now, **{f"{status}_at": now},
+                     request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
+        if ran is not None:
+            batch["obatch"] = _extension(batch, not_run=sum(1 for e in err if e["error"]["code"] == code))
+        if reused:
+            batch["obatch"] = _extension(batch, cached=reused)
+        self.finished[batch_id] = sorted(out + err, key=lambda x: x["obatch"]["line"])
+        for kind, lines in (("output", out), ("error", err)):
+            if lines:
+                data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+                obj = {"id": self._id("file"), "object": "file", "bytes": len(data), "created_at": now,
+                       "filename": f"{batch_id}_{kind}.jsonl", "purpose": "batch_output", "status": "processed"}
+                self.files[obj["id"]] = (obj, data)
+                batch[f"{kind}_file_id"] = obj["id"]
+
+    def _outcomes(self, batch: dict[str, Any], ran: int | None, code: str, *, latency: bool = False,
+                  reused: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        _obj, content = self.files[batch["input_file_id"]]
+        out: list[dict[str, Any]] = []
+        err: list[dict[str, Any]] = []
         for n, raw in enumerate(line for line in content.splitlines() if line.strip()):
             line = orjson.loads(raw)
             text = line["body"]["messages"][-1]["content"]
@@ -351,22 +420,16 @@ class FakeServer:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"},
                                  "finish_reason": "length" if n % 3 == 2 else "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}}}
-            result["obatch"] = {"line": n + 1}  # as obatch writes every line
+            result["obatch"] = {"line": n + 1, "attempts": 1, "host": ENGINE, "engine": "ollama",
+                                "engine_version": "0.9.0", "model_digest": "sha256:a80c4f17", "num_ctx": 2048,
+                                "loaded_context": 4096}  # as obatch writes every line
+            if len(out) < reused:
+                result["obatch"] = {"line": n + 1, "attempts": 0, "num_ctx": 2048,
+                                    "cached_from": {"batch_id": "batch-earlier", "custom_id": line["custom_id"]}}
             if latency:
                 result["obatch"]["latency_ms"] = 100.0 * (n + 1) + 0.4567
             out.append(result)
-        now = int(time.time())
-        batch.update(status=status, finalizing_at=now, **{f"{status}_at": now},
-                     request_counts={"total": len(out) + len(err), "completed": len(out), "failed": len(err)})
-        if ran is not None:
-            batch["obatch"] = _extension(batch, not_run=sum(1 for e in err if e["error"]["code"] == code))
-        for kind, lines in (("output", out), ("error", err)):
-            if lines:
-                data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
-                obj = {"id": self._id("file"), "object": "file", "bytes": len(data), "created_at": now,
-                       "filename": f"{batch_id}_{kind}.jsonl", "purpose": "batch_output", "status": "processed"}
-                self.files[obj["id"]] = (obj, data)
-                batch[f"{kind}_file_id"] = obj["id"]
+        return out, err
 
     def sent(self, method: str, path: str) -> list[httpx.Request]:
         return [r for r in self.requests if r.method == method and r.url.path == path]

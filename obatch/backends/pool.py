@@ -16,6 +16,9 @@ A host that answers "busy" (503/429: its queue is full) is given, for a moment (
 stays busy, reset by an answer), no more requests than it still holds: one that ends makes room for one more, a
 refusal makes none. Without this a slot freed by a refusal went at once to the next line, which the full queue
 refused in turn: a stream of 503s as fast as the client could send, at any fixed level.
+
+While every host's last ``SILENT_TO_WAIT`` attempts got no answer at all (refused or reset connections, timeouts),
+the pool is in an outage; ``Pool.outages`` keeps when, for the live ETA (``obatch.progress``) to pause its clock.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from typing import Any
 from obatch import errors
 from obatch.backends.base import Backend, Capabilities, ModelInfo, Result, capabilities_of, loaded_context
 from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
+from obatch.outages import Outages
 from obatch.protocol import HostStatus
 
 log = logging.getLogger("obatch.pool")
 
 FAILURES_TO_DRAIN = 3
+SILENT_TO_WAIT = 2  # attempts in a row that got no answer (refused, reset, timed out) before a host counts as silent
 PROBE_INITIAL, PROBE_MAX = 0.5, 30.0
 BUSY_PAUSE, BUSY_PAUSE_MAX = 0.25, 4.0  # seconds a busy host is left alone; doubles while it stays busy
 
@@ -67,6 +72,8 @@ class Host:
     busy_until: float = 0.0  # time.monotonic() until which the host holds at most ``busy_room`` (it answered busy)
     busy_room: int = 0
     busy_pause: float = 0.0  # the last pause; 0 after an answer
+    silent: int = 0  # attempts in a row that got no answer at all (connection faults, timeouts)
+    silent_since: float = 0.0  # time.monotonic() of the first of them
     _probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def has_room(self) -> bool:
@@ -108,6 +115,7 @@ class Pool:
         self.name = names.pop() if len(names) == 1 else "pool"
         self.concurrency: Concurrency = concurrency
         self.context_lengths: dict[str, int | None] = {}  # per model, what ``route`` learnt (None: not told)
+        self.outages = Outages()  # when no host answered (the live ETA's clock leaves these out)
         self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
 
     @classmethod
@@ -145,6 +153,14 @@ class Pool:
 
     def describe(self) -> list[dict[str, Any]]:
         return [h.status().model_dump() for h in self.hosts]
+
+    def settled_level(self) -> int | None:
+        """The level the hosts up run at once each has settled (auto: past its first climb; the level it holds
+        best), their mean; None before, or with no host up."""
+        up = [h for h in self.hosts if h.up]
+        if not up or not all(h.limit.settled for h in up):
+            return None
+        return round(sum(h.limit.best for h in up) / len(up))
 
     def levels(self) -> str:
         """The progress line's note: each host's level and the reason for it."""
@@ -216,6 +232,10 @@ class Pool:
         host.limit.done(lease.epoch, work=work if error is None else None, latency=latency, overloaded=busy)
         if busy:
             self._pause(host)
+        if (error is None and work is not None) or (error is not None and error.status is not None):
+            self._heard(host, time.monotonic() - latency)  # an answer, even an error's, from when it was asked
+        elif isinstance(error, errors.TransientError):
+            self._silence(host)
         if error is None and work is not None:
             host.served += 1
             host.failures, host.error, host.busy_pause = 0, None, 0.0
@@ -241,6 +261,19 @@ class Pool:
 
     # ---------------------------------------------------------------------------------------------- health
 
+    def _heard(self, host: Host, asked: float) -> None:
+        host.silent = 0
+        self.outages.end(asked)
+
+    def _silence(self, host: Host) -> None:
+        """An attempt got no answer: when every host has had ``SILENT_TO_WAIT`` such in a row, an outage began
+        at the first of those on the host that fell silent last."""
+        if not host.silent:
+            host.silent_since = time.monotonic()
+        host.silent += 1
+        if all(h.silent >= SILENT_TO_WAIT for h in self.hosts):
+            self.outages.begin(max(h.silent_since for h in self.hosts))
+
     def _drain(self, host: Host) -> None:
         host.up = False
         log.warning("engine host %s drained after %d failures in a row: %s", host.url, host.failures, host.error)
@@ -258,6 +291,7 @@ class Pool:
                 wait = min(wait * 2, PROBE_MAX)
                 continue
             host.up, host.failures, host._probe = True, 0, None
+            self._heard(host, time.monotonic())
             log.warning("engine host %s answers again; it rejoins the pool", host.url)
             self._wake()
             return

@@ -32,7 +32,7 @@ from obatch.batches import provenance, reuse
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
-from obatch.progress import LiveEta
+from obatch.progress import LiveEta, prior_levels
 from obatch.protocol import FINAL_STATUSES, new_id
 from obatch.runner import Job, JobSource, Outcome, run_jobs
 from obatch.schedule import FileOrder, Scheduler, Stats
@@ -166,6 +166,8 @@ async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> No
         await writer.flush()
         async with svc.sessions() as session:
             status = await repo.batch_status(session, writer.batch_id)
+            if writer.eta is not None:
+                writer.eta.level = svc.pool.settled_level()
             await repo.set_batch(session, writer.batch_id, concurrency_json=concurrency_json(svc.pool, writer.started),
                                  eta_json=orjson.dumps(writer.eta.as_dict()).decode() if writer.eta else None)
             await session.commit()
@@ -305,8 +307,10 @@ async def live_eta(svc: Services, batch: BatchRow) -> LiveEta:
     load = sum(float(g.get("load_seconds") or 0.0) for g in groups)
     lines = sum(int(g.get("num_requests") or 0) for g in groups)
     output = sum(float(g.get("output_tokens_mean") or 0.0) * int(g.get("num_requests") or 0) for g in groups)
+    level, curve = prior_levels(groups)
     return LiveEta(caps, prior_seconds=max(0.0, float(made["seconds"]) - load) if made.get("seconds") else None,
-                   prior_output=output / lines if lines else None)
+                   prior_output=output / lines if lines else None, outages=svc.pool.outages, prior_level=level,
+                   prior_curve=curve)
 
 
 async def _record_loaded_context(svc: Services, batch_id: str, model: str) -> None:

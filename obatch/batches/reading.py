@@ -7,8 +7,8 @@ one range of the rows' primary key (``obatch.store.chains``): reading costs the 
 read per page, never a scan.
 
 Merged over a chain (``merged=True``), each line of the root batch reads as its latest outcome: the line of the
-newest retry that ran it, else the root's own. Lines are the output writer's bytes (``results.line_bytes``), so a
-line read here is the line of its batch's output or error file.
+newest retry that ran it, else the root's own. Lines are the output writer's bytes (``results.output_lines``), so
+a line read here is the line of its batch's output or error file (a compacted batch's, read from that file).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obatch.batches import provenance
-from obatch.batches.results import OUTPUT_COLUMNS, line_bytes
+from obatch.batches.results import READ_COLUMNS, output_lines
 from obatch.protocol import FINAL_STATUSES, NOT_RUN_CODES
 from obatch.store import chains
 from obatch.store.db import Sessions
@@ -100,11 +100,23 @@ async def read_page(sessions: Sessions, batch_id: str, *, owner: str | None = No
                     limit: int = DEFAULT_LIMIT, merged: bool = False, contiguous: bool = True) -> ResultsPage:
     """A page of output lines: those finished after line ``after``, in input order, up to the first still running
     (``contiguous=False``: running lines skipped)."""
-    page = await outcomes(sessions, batch_id, OUTPUT_COLUMNS, owner=owner, after=after, limit=limit, merged=merged,
+    page = await outcomes(sessions, batch_id, READ_COLUMNS, owner=owner, after=after, limit=limit, merged=merged,
                           contiguous=contiguous)
     facts = HostFacts()
-    lines = [line_bytes(batch.id, row, not_run_code(batch), facts(batch))[1] for batch, row in page.items]
+    lines: list[bytes] = [b""] * len(page.items)
+    for batch, at in by_batch(page.items):  # a compacted line is read from its batch's file
+        made = await output_lines(batch, [page.items[i][1] for i in at], not_run_code(batch), facts(batch))
+        for i, (_, data) in zip(at, made, strict=True):
+            lines[i] = data
     return ResultsPage(lines, page.after, page.finished, page.more)
+
+
+def by_batch(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> list[tuple[BatchRow, list[int]]]:
+    """The batches of a page's items, each with the positions of its items."""
+    groups: dict[str, tuple[BatchRow, list[int]]] = {}
+    for i, (batch, _) in enumerate(items):
+        groups.setdefault(batch.id, (batch, []))[1].append(i)
+    return list(groups.values())
 
 
 class HostFacts(dict[str, provenance.LineFacts]):

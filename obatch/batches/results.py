@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from obatch import context, structured
-from obatch.batches import provenance
+from obatch.batches import compact, provenance
 from obatch.batches.files import file_path
 from obatch.batches.services import Progress, Services, reload, update_batch
 from obatch.progress import LiveEta
@@ -33,6 +33,7 @@ from obatch.protocol import (
     BatchEta,
     BatchExtension,
     BatchUsage,
+    DeadlinePlan,
     DurationEstimate,
     EngineEntry,
     ErrorDetail,
@@ -237,6 +238,20 @@ def line_bytes(batch_id: str, row: tuple[Any, ...], pending_code: str | None,
     return _line(row, pending_code, facts)
 
 
+READ_COLUMNS = (*_OUTPUT_COLUMNS, *compact.INDEX)  # what ``output_lines`` takes of a row (then its line)
+
+
+async def output_lines(batch: BatchRow, rows: Sequence[tuple[Any, ...]], pending_code: str | None,
+                       facts: provenance.LineFacts = _NO_FACTS) -> list[tuple[bool, bytes]]:
+    """(is_success, output line) for rows of ``READ_COLUMNS`` (then the line): a compacted row's line as its file
+    holds it (``compact.stored_lines``), the others made by ``line_bytes``."""
+    size = len(_OUTPUT_COLUMNS)
+    stored = await compact.stored_lines(batch, rows, state=1, custom_id=0, offset=size)
+    return [(row[1] == "succeeded", data) if data is not None
+            else line_bytes(batch.id, (*row[:size], row[-1]), pending_code, facts)
+            for row, data in zip(rows, stored, strict=True)]
+
+
 async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
                         pending_code: str | None = None) -> tuple[int, int]:
     """Write the output and error files from the rows (atomically: temp file, then rename)."""
@@ -249,15 +264,23 @@ async def write_results(svc: Services, batch_id: str, output: Path, error: Path,
     counts = [0, 0]
     buffers: tuple[list[bytes], list[bytes]] = ([], [])
     async with svc.sessions() as session:
-        facts = provenance.LineFacts(provenance.entries_of(await repo.get_batch(session, batch_id)))
-    try:
-        async for row in repo.iter_values(svc.sessions, batch_id, _OUTPUT_COLUMNS):
-            ok, data = line_bytes(batch_id, row, pending_code, facts)
+        batch = await repo.get_batch(session, batch_id)
+    facts = provenance.LineFacts(provenance.entries_of(batch))
+    rows: list[tuple[Any, ...]] = []
+
+    async def write(rows: list[tuple[Any, ...]]) -> None:
+        for ok, data in await output_lines(batch, rows, pending_code, facts):
             buffers[0 if ok else 1].append(data)
             counts[0 if ok else 1] += 1
-            if len(buffers[0]) + len(buffers[1]) >= WRITE_CHUNK:
-                await asyncio.to_thread(_write_both, out_handle, err_handle, buffers)
+        rows.clear()
         await asyncio.to_thread(_write_both, out_handle, err_handle, buffers)
+
+    try:
+        async for row in repo.iter_values(svc.sessions, batch_id, READ_COLUMNS):
+            rows.append(row)
+            if len(rows) >= WRITE_CHUNK:
+                await write(rows)
+        await write(rows)
     finally:
         await asyncio.to_thread(out_handle.close)
         await asyncio.to_thread(err_handle.close)
@@ -293,6 +316,8 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
     unused: list[str] = []
     if output is not None and error is not None:
         await write_results(svc, batch.id, output, error, pending_code)
+        if compact.owned(svc.settings.data_dir, output, error):
+            await compact.compact(svc, batch.id, output, error)
     else:
         out_id, err_id = result_file_id(batch.id, "output"), result_file_id(batch.id, "error")
         out_path, err_path = file_path(svc.settings, out_id), file_path(svc.settings, err_id)
@@ -307,6 +332,7 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
             else:
                 unused.append(file_id)
                 await asyncio.to_thread(path.unlink, missing_ok=True)
+        await compact.compact(svc, batch.id, out_path, err_path)
     async with svc.sessions() as session:
         fresh = await repo.get_batch(session, batch.id)
         await repo.recount(session, fresh)
@@ -324,6 +350,7 @@ async def finalize(svc: Services, batch: BatchRow, status: str, *, output: Path 
             await repo.delete_files(session, unused)
         await repo.set_batch(session, batch.id, **fields)
         await session.commit()
+    await compact.release(svc)
     for key, value in fields.items():
         setattr(batch, key, value)
     return await reload(svc, batch.id)
@@ -384,7 +411,8 @@ def _extension(row: BatchRow) -> BatchExtension:
         refused_answers=row.refused_answers if final else None,
         concurrency=orjson.loads(row.concurrency_json) if row.concurrency_json else None,
         schedule=orjson.loads(row.schedule_json) if row.schedule_json else None,
+        deadline=DeadlinePlan.model_validate_json(row.plan_json) if row.plan_json else None,
         estimate=DurationEstimate.stored(row.estimate_json) if row.estimate_json else None,
         eta=BatchEta.model_validate_json(row.eta_json) if row.eta_json and row.status in ("in_progress",
                                                                                           "finalizing") else None,
-        parent=row.parent_id)
+        parent=row.parent_id, cached=row.cached)

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from obatch import cache
+from obatch.batches import compact
 from obatch.batches.services import Progress, Services
 from obatch.protocol import new_id
 from obatch.store import cache_repo, repo
@@ -88,7 +89,8 @@ async def _answer(svc: Services, batch: BatchRow, model: str, plan: Plan, progre
         if not wanted:
             continue
         async with svc.sessions() as session:
-            found = await cache_repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted}))
+            found = await compact.answers(
+                await cache_repo.cached_answers(session, batch.owner, plan.identity, sorted({k for _, k in wanted})))
             results = []
             now = time.time()
             for line, key in wanted:

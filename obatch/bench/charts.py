@@ -16,6 +16,7 @@ require("notebooks", "altair")
 import altair as alt  # noqa: E402  (after the check: a missing extra is a sentence)
 
 TOLERANCE = 0.15  # the band drawn around "estimate = actual"
+FRONTIER = "Pareto frontier: the most output tokens/s at this p50 latency or lower"  # its legend entry
 
 
 def _closed(frame: pl.DataFrame) -> pl.DataFrame:
@@ -112,27 +113,61 @@ def estimate_vs_actual(estimates: pl.DataFrame) -> alt.TopLevelMixin:
     ).properties(width=380, height=300, title="Estimate vs actual batch duration (band: ±15%)")
 
 
-def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps") -> alt.TopLevelMixin:
+def frontier(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps") -> pl.DataFrame:
+    """Each model's Pareto frontier as a staircase: the best ``throughput`` reachable at each latency or lower.
+
+    One row per front point (by rising latency; each raises the best throughput), then a last row at the model's
+    highest measured latency holding the best throughput, so a front of one point is still a line across the
+    measured range. Columns: model, ``latency``, ``throughput``, ``end`` (True on that last row)."""
+    schema = {"model": pl.Utf8, latency: pl.Float64, throughput: pl.Float64, "end": pl.Boolean}
+    rows: list[dict[str, Any]] = []
+    measured = frame.drop_nulls([latency, throughput]).sort("model", latency, pl.col(throughput), descending=[
+        False, False, True])
+    for (model,), points in measured.group_by("model", maintain_order=True):
+        best = None
+        for x, y in points.select(latency, throughput).iter_rows():
+            if best is None or y > best:
+                best = y
+                rows.append({"model": model, latency: x, throughput: y, "end": False})
+        rows.append({"model": model, latency: points[latency].max(), throughput: best, "end": True})
+    return pl.DataFrame(rows, schema=schema)
+
+
+def pareto(frame: pl.DataFrame, *, latency: str = "latency_p50", throughput: str = "output_tps",
+           height: int = 320) -> alt.TopLevelMixin:
     """Throughput against latency, one point per configuration (``num_ctx`` and its concurrency or request rate),
-    coloured by model; the line joins each model's Pareto front (no other configuration of the model is both faster
-    and quicker to answer). Works on ``frames.summary`` rows (the report) and on the UI's latest points alike."""
+    coloured by model, faint where another configuration of the model is both faster and quicker to answer; the
+    staircase is each model's Pareto frontier (``frontier``: the best throughput at each latency or lower), named
+    in the legend (labels on the lines would collide where two models' frontiers end close together). Works on
+    ``frames.summary`` rows (the report) and on the UI's latest points alike."""
     from obatch.bench.frames import pareto_front
 
     if "rate" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float64).alias("rate"), pl.lit(None, pl.Utf8).alias("arrival"))
-    data = pareto_front(frame, latency=latency, throughput=throughput).with_columns(load_label().alias("config"))
+    data = pareto_front(frame, latency=latency, throughput=throughput).with_columns(
+        load_label().alias("config"),
+        pl.when(pl.col("pareto")).then(pl.lit("on the frontier")).otherwise(pl.lit("dominated")).alias("point"))
+    front = frontier(data, latency=latency, throughput=throughput).with_columns(pl.lit(FRONTIER).alias("line"))
     colour = alt.Color("model:N", title="model", scale=alt.Scale(scheme="tableau10"),
                        legend=alt.Legend(labelLimit=0, orient="bottom", columns=1))
-    x = alt.X(f"{latency}:Q", title="p50 latency (ms) — lower is better", scale=alt.Scale(zero=False))
-    y = alt.Y(f"{throughput}:Q", title="output tokens / s — higher is better")
-    base = alt.Chart(data)
-    dots = base.mark_point(filled=True, size=70).encode(
-        x=x, y=y, color=colour, opacity=alt.condition("datum.pareto", alt.value(1.0), alt.value(0.35)),
+    x = alt.X(f"{latency}:Q", title="p50 latency (ms) — lower is better", scale=alt.Scale(zero=False, nice=True))
+    y = alt.Y(f"{throughput}:Q", title="output tokens / s — higher is better", scale=alt.Scale(zero=True))
+    line = alt.StrokeDash("line:N", title=None, scale=alt.Scale(domain=[FRONTIER], range=[[1, 0]]),
+                          legend=alt.Legend(orient="bottom", symbolType="stroke", symbolStrokeWidth=2,
+                                            symbolStrokeColor="black", labelLimit=0))
+    staircase = alt.Chart(front, height=height).mark_line(interpolate="step-after", strokeWidth=2).encode(
+        x=x, y=y, color=colour, strokeDash=line, order=alt.Order(f"{latency}:Q"),
+        tooltip=["model:N", alt.Tooltip(f"{latency}:Q", title="up to latency (ms)", format=".0f"),
+                 alt.Tooltip(f"{throughput}:Q", title="best output tokens / s", format=".1f")])
+    dots = alt.Chart(height=height).mark_point(filled=True, size=80).encode(  # the layered chart's data
+        x=x, y=y, color=colour,
+        opacity=alt.Opacity("point:N", title="configuration", sort=["on the frontier", "dominated"],
+                            scale=alt.Scale(domain=["on the frontier", "dominated"], range=[1.0, 0.35]),
+                            legend=alt.Legend(orient="bottom", symbolFillColor="gray")),
         tooltip=["model:N", "config:N", alt.Tooltip(f"{throughput}:Q", format=".1f"),
-                 alt.Tooltip(f"{latency}:Q", format=".0f"), "pareto:N"])
-    front = base.transform_filter("datum.pareto").mark_line().encode(x=x, y=y, color=colour,
-                                                                      order=alt.Order(f"{latency}:Q"))
-    chart: alt.TopLevelMixin = alt.layer(front, dots, title="Throughput vs latency (line: each model's Pareto front)")
+                 alt.Tooltip(f"{latency}:Q", format=".0f"), "point:N"])
+    chart: alt.TopLevelMixin = alt.layer(  # the dots over the staircase
+        staircase, dots, data=data, title="Throughput vs latency (staircase: each model's Pareto frontier)")
     return chart
 
 

@@ -275,7 +275,14 @@ async def estimate(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
         return 0
-    for line in describe(await estimate_answer(args)):
+    made = await estimate_answer(args)
+    if args.completion_window:
+        from obatch.batches import window_seconds
+        from obatch.bench.estimate.deadline import plan
+
+        seconds = window_seconds(args.completion_window, minimum=_settings(args).min_completion_window)
+        made = made.model_copy(update={"deadline": plan(made, seconds)})
+    for line in describe(made):
         print(line)
     return 0
 
@@ -288,7 +295,8 @@ async def estimate_answer(args: argparse.Namespace, settings: Settings | None = 
     if args.pilot and not args.file:
         raise errors.ConfigError("--pilot runs lines of a batch file: give --file.")
     settings = settings or _settings(args)
-    common = {"model": args.model, "num_ctx": args.num_ctx, "concurrency": args.concurrency}
+    common = {"model": args.model, "num_ctx": args.num_ctx, "concurrency": args.concurrency,
+              "schedule": args.schedule or settings.schedule}
     if args.file:  # a pilot runs on the engine of --backend / --url
         from obatch.bench import estimate_file
 
@@ -341,6 +349,8 @@ def describe(made: Any) -> list[str]:
         out.append(f"pilot{' (automatic)' if p.auto else ''}: {p.requests} lines"
                    f"{f' of {p.lines}' if p.lines else ''} ({p.ran} run now in {p.seconds:.1f} s, {p.reused} from an "
                    f"earlier pilot, {p.failed} failed)")
+    if made.deadline is not None:
+        out.append(f"completion window: {made.deadline.message}")
     return out
 
 
@@ -440,6 +450,12 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--concurrency", "-c", type=int, help="estimate for this concurrency (default: the level auto "
                    "concurrency is expected to settle on)")
     e.add_argument("--history", action="store_true", help="list estimate vs actual of finished batches")
+    e.add_argument("--schedule", choices=("auto", "file"),
+                   help="the order the batch will run its lines in, which decides how much of each prompt the "
+                        "engine finds in its prefix cache (default: OBATCH_SCHEDULE, else auto)")
+    e.add_argument("--completion-window", "--deadline", metavar="WINDOW",
+                   help="say whether a batch of --file would meet this window ('30m', '2h'), by how much it would "
+                        "miss it and which configuration would meet it")
     e.add_argument("--pilot", type=_pilot, metavar="N|auto",
                    help="run N random lines of --file first and estimate from their answers (the batch of that "
                         "file then takes them as finished); auto: 16 lines, more while their answers leave the "

@@ -103,9 +103,27 @@ def combined(parts: list[Estimate], pilot: dict[str, Any] | None = None) -> Dura
 
 async def estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,
                    input_file_id: str | None = None, pilot: int | str | None = None, engine: Backend | None = None,
-                   sessions: Sessions | None = None, **kwargs: Any) -> DurationEstimate:
+                   sessions: Sessions | None = None, completion_window: str | None = None, **kwargs: Any
+                   ) -> DurationEstimate:
     """``estimate_groups`` as one answer, for token lengths or for a stored input file the caller owns. With
-    ``pilot`` (lines, or ``"auto"``), a random sample of the file runs first on ``engine`` (``piloted``)."""
+    ``pilot`` (lines, or ``"auto"``), a random sample of the file runs first on ``engine`` (``piloted``). With
+    ``completion_window``, the answer's ``deadline`` says whether a batch of it would meet that window
+    (``obatch.bench.estimate.deadline``)."""
+    if completion_window is None:
+        return await _estimate(session, settings, owner, backend=backend, input_file_id=input_file_id, pilot=pilot,
+                               engine=engine, sessions=sessions, **kwargs)
+    from obatch.batches import window_seconds
+    from obatch.bench.estimate.deadline import plan
+
+    seconds = window_seconds(completion_window, minimum=settings.min_completion_window)
+    made = await _estimate(session, settings, owner, backend=backend, input_file_id=input_file_id, pilot=pilot,
+                           engine=engine, sessions=sessions, **kwargs)
+    return made.model_copy(update={"deadline": plan(made, seconds)})
+
+
+async def _estimate(session: AsyncSession, settings: Settings, owner: str | None, *, backend: str | None,
+                    input_file_id: str | None, pilot: int | str | None, engine: Backend | None,
+                    sessions: Sessions | None, **kwargs: Any) -> DurationEstimate:
     from obatch.bench.pilot_run import pilot_size
 
     pilot = pilot_size(pilot)

@@ -22,10 +22,12 @@ from obatch import batches, errors
 from obatch.backends import responses
 from obatch.backends.base import with_trained_context
 from obatch.batches import Services, reading, retry
+from obatch.batches.services import update_batch
 from obatch.jsonl import EnginePolicy, check_line, model_problem
 from obatch.protocol import (
     BackendHealth,
     Batch,
+    DeadlinePlan,
     FileObject,
     Health,
     HostStatus,
@@ -35,7 +37,7 @@ from obatch.protocol import (
     endpoint_problem,
 )
 from obatch.store import chains, repo
-from obatch.store.tables import BatchRow
+from obatch.store.tables import BatchRow, FileRow
 from obatch.worker import BatchWorker
 
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
@@ -148,13 +150,32 @@ async def create_batch(svc: Services, worker: BatchWorker, owner: str | None, re
     if source.purpose != "batch":
         raise errors.ConfigError(f"File {source.id} has purpose {source.purpose!r}; a batch input needs 'batch'.",
                                  code="invalid_value", param="input_file_id")
+    made = await _plan(svc, source, request)
     row = await batches.create_batch(svc, input_file_id=source.id, endpoint=request.endpoint,
                                      completion_window=request.completion_window, metadata=request.metadata,
                                      owner=source.owner, model=request.model, source="api",
                                      concurrency=request.concurrency, output_expires_after=expires,
                                      output_retries=retries, schedule=request.schedule)
+    await update_batch(svc, row, plan_json=made.model_dump_json())
     worker.kick()
     return batches.batch_object(row)
+
+
+async def _plan(svc: Services, source: FileRow, request: BatchCreate) -> DeadlinePlan:
+    """The batch's estimate against its completion_window (``obatch.bench.estimate.deadline``); with the metadata
+    key ``obatch_strict_window`` "true", a batch whose estimate's lower bound is past its window is refused."""
+    from obatch.bench.estimate import deadline
+
+    strict = deadline.strict(request.metadata)
+    window = batches.window_seconds(request.completion_window, minimum=svc.settings.min_completion_window)
+    async with svc.sessions() as session:
+        made = await deadline.plan_for_file(
+            session, svc.pool, batches.file_path(svc.settings, source.id), window, file_sha256=source.sha256 or None,
+            model=request.model, concurrency=request.concurrency or svc.pool.fixed,
+            schedule=request.schedule or svc.settings.schedule, owner=source.owner)
+    if strict:
+        deadline.refuse_if_certain(made)
+    return made
 
 
 async def _wire(session: AsyncSession, rows: list[BatchRow]) -> list[Batch]:

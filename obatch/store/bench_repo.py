@@ -103,11 +103,20 @@ async def prompt_timings(session: AsyncSession, model: str, limit: int = 400, *,
         select(col(RequestRow.batch_id), col(RequestRow.line), col(RequestRow.url), col(RequestRow.body),
                col(RequestRow.prompt_estimate), col(RequestRow.engine_prompt_ms))
         .where(col(RequestRow.model) == model, col(RequestRow.state) == "succeeded",
-               col(RequestRow.engine_prompt_ms).is_not(None), col(RequestRow.batch_id) != (exclude or ""))
+               col(RequestRow.engine_prompt_ms).is_not(None), col(RequestRow.batch_id) != (exclude or ""),
+               col(RequestRow.body) != "")  # a compacted row keeps no body (obatch.batches.compact)
         .order_by(col(RequestRow.finished_at).desc()).limit(limit)
     )
     return [(b, int(n), u, body, int(e or 0), float(ms or 0.0))
             for b, n, u, body, e, ms in (await session.execute(statement)).all()]
+
+
+async def batch_schedules(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, str | None]:
+    """The schedule each batch asked for ("auto", "file"; None: the settings' default), by id."""
+    if not batch_ids:
+        return {}
+    statement = select(col(BatchRow.id), col(BatchRow.schedule)).where(col(BatchRow.id).in_(list(batch_ids)))
+    return {str(i): s for i, s in (await session.execute(statement)).all()}
 
 
 async def decode_timings(session: AsyncSession, model: str, limit: int = 2000, *, exclude: str | None = None
@@ -141,7 +150,8 @@ async def run_lines(session: AsyncSession, batch_id: str, model: str, limit: int
            col(RequestRow.completion_tokens).is_not(None), col(RequestRow.custom_id).not_in(piloted))
     count = (await session.execute(select(func.count()).select_from(RequestRow).where(*ran))).scalar_one()
     statement = (select(col(RequestRow.url), col(RequestRow.body), col(RequestRow.prompt_tokens),
-                        col(RequestRow.completion_tokens)).where(*ran).order_by(col(RequestRow.line)).limit(limit))
+                        col(RequestRow.completion_tokens)).where(*ran, col(RequestRow.body) != "")
+                 .order_by(col(RequestRow.line)).limit(limit))
     return int(count), [(u, b, int(p or 0), int(c or 0)) for u, b, p, c in (await session.execute(statement)).all()]
 
 

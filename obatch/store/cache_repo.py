@@ -3,6 +3,7 @@ points at the rows that hold them (docs/cache.md)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,11 +16,17 @@ from obatch.store.repo import FINISH_COLUMNS, _dialect, _marks, _page
 from obatch.store.tables import BatchRow, FileRow, RequestRow
 
 
+def identity_tag(identity: str) -> str:
+    """What a row keeps of the identity of the model that answered it: a 64-bit hash of it, in hex (16 characters
+    on every row rather than the digests, 64 characters or more; the few identities of a store do not collide)."""
+    return hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+
+
 async def set_cache_identity(session: AsyncSession, batch_id: str, model: str, identity: str) -> None:
     """Name the model that will answer a group's pending rows (what their answers are reused under)."""
     await session.execute(update(RequestRow).where(
         col(RequestRow.batch_id) == batch_id, col(RequestRow.model) == model, col(RequestRow.state) == "pending",
-        col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity))
+        col(RequestRow.cache_key).is_not(None)).values(cache_identity=identity_tag(identity)))
 
 
 async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, identity: str
@@ -33,7 +40,7 @@ async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, i
            f"ORDER BY p.line LIMIT {CANDIDATE_PAGE}")
     last = 0
     while True:
-        page = await _page(sessions, sql, batch_id, model, last, identity)
+        page = await _page(sessions, sql, batch_id, model, last, identity_tag(identity))
         if page:
             yield [(int(line), str(key)) for line, key in page]
         if len(page) < CANDIDATE_PAGE:
@@ -48,7 +55,8 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
                          ) -> dict[str, tuple[Any, ...]]:
     """For each key that has one: a succeeded row of the owner's with that key and model identity, whose answer can
     still be read (its batch has no output file yet, or still has it: an expired or deleted output file takes its
-    answers out of the cache), as (batch_id, custom_id, then ``FINISH_COLUMNS``' values)."""
+    answers out of the cache), as (batch_id, custom_id, ``FINISH_COLUMNS``' values, then where a compacted row's line
+    is: its ``out_offset``, ``out_length`` and its batch's ``results_files``)."""
     if not keys:
         return {}
     # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
@@ -56,20 +64,22 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
     # Plain tuples through the driver: a rerun reads thousands of answers here, and SQLAlchemy's rows cost more.
     dialect = _dialect(session)
     marks = _marks(dialect.paramstyle, len(keys) + 1)
-    sql = (f"SELECT cache_key, batch_id, custom_id, {', '.join(FINISH_COLUMNS)} FROM requests WHERE cache_key IN "
+    sql = (f"SELECT cache_key, batch_id, custom_id, {', '.join(FINISH_COLUMNS)}, out_offset, out_length FROM requests "
+           "WHERE cache_key IN "
            f"({', '.join(marks[:-1])}) AND cache_identity={marks[-1]} AND state='succeeded'")
     connection = await session.connection()
-    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity))).all())
+    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity_tag(identity)))).all())
     if not candidates:
         return {}
-    readable = set((await session.execute(
-        select(col(BatchRow.id)).outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
+    readable: dict[str, str | None] = dict((await session.execute(
+        select(col(BatchRow.id), col(BatchRow.results_files))
+        .outerjoin(FileRow, col(FileRow.id) == col(BatchRow.output_file_id))
         .where(col(BatchRow.id).in_({row[1] for row in candidates}), col(BatchRow.owner) == owner,
-               or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))).scalars().all())
+               or_(col(BatchRow.output_file_id).is_(None), col(FileRow.id).is_not(None))))).all())
     found: dict[str, tuple[Any, ...]] = {}
     for key, *values in candidates:
         if values[0] in readable:
-            found.setdefault(key, tuple(values))
+            found.setdefault(key, (*values, readable[values[0]]))
     return found
 
 

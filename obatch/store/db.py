@@ -44,6 +44,9 @@ def _switch_to_wal(path: str) -> None:
     "database is locked" at once, without waiting out the busy timeout: they try again."""
     def switch() -> None:
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+            # a new store frees pages incrementally (a compacted batch's pages go back to the filesystem); on a store
+            # that has tables already this does nothing (only VACUUM changes it)
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
             connection.execute("PRAGMA journal_mode=WAL")
 
     try:

@@ -336,6 +336,7 @@ async def finish_requests(session: AsyncSession, batch_id: str, results: Sequenc
             completed=col(BatchRow.completed) + done["succeeded"], failed=col(BatchRow.failed) + done["failed"],
             input_tokens=col(BatchRow.input_tokens) + tokens_in, output_tokens=col(BatchRow.output_tokens) + tokens_out,
             reasoning_tokens=col(BatchRow.reasoning_tokens) + tokens_reasoning,
+            **({"cached": col(BatchRow.cached) + done["succeeded"] + done["failed"]} if reused else {}),
         )
     )
 
@@ -379,13 +380,16 @@ async def fail_pending(session: AsyncSession, batch_id: str, code: str, message:
 
 
 async def recount(session: AsyncSession, batch: BatchRow) -> None:
-    """Exact counters and usage from the rows (at finalisation)."""
+    """Exact counters and usage from the rows (at finalisation), the lines answered by reuse included."""
     statement = (
         select(col(RequestRow.state), func.count(), func.sum(col(RequestRow.prompt_tokens)),
-               func.sum(col(RequestRow.completion_tokens)), func.sum(col(RequestRow.reasoning_tokens)))
+               func.sum(col(RequestRow.completion_tokens)), func.sum(col(RequestRow.reasoning_tokens)),
+               func.count(col(RequestRow.cached_from)))
         .where(col(RequestRow.batch_id) == batch.id).group_by(col(RequestRow.state))
     )
-    counts = {state: (n, p or 0, c or 0, r or 0) for state, n, p, c, r in (await session.execute(statement)).all()}
+    found = (await session.execute(statement)).all()
+    counts = {state: (n, p or 0, c or 0, r or 0) for state, n, p, c, r, _ in found}
+    batch.cached = sum(int(reused) for *_, reused in found)
     succeeded = counts.get("succeeded", (0, 0, 0, 0))
     batch.completed = succeeded[0]
     batch.failed = counts.get("failed", (0, 0, 0, 0))[0]

@@ -76,6 +76,9 @@ class BatchRow(SQLModel, table=True):
     schedule: str | None = None  # the order asked for its lines: "auto" or "file" (None: the settings' default)
     schedule_json: str | None = None  # what the scheduler found and did: prefix groups, the cache share seen
     parent_id: str | None = Field(default=None, index=True)  # the batch whose failed lines this one retries
+    cached: int = 0  # lines answered by reuse (a stored answer, or an identical line's), counted as they are written
+    plan_json: str | None = None  # the estimate at creation against its completion_window (``DeadlinePlan``)
+    results_files: str | None = None  # JSON [output path, error path]: the files its compacted rows index
 
 
 class RequestRow(SQLModel, table=True):
@@ -125,6 +128,10 @@ class RequestRow(SQLModel, table=True):
     cache_key: str | None = Field(default=None, index=True)
     cache_identity: str | None = None
     cached_from: str | None = None
+    # Compaction (``obatch.batches.compact``): once the output and error files are written, a row keeps where its line
+    # is in them (the output file for a succeeded row, the error file otherwise) instead of the text they hold.
+    out_offset: int | None = Field(default=None, sa_type=WIDE)
+    out_length: int | None = None
 
 
 class LeaseRow(SQLModel, table=True):

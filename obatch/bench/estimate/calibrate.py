@@ -9,14 +9,18 @@ engine really skipped (``cache_kept``) from the prompt timings of finished batch
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from obatch import context
 from obatch.bench.answers import AnswerSources, observe
 from obatch.bench.estimate.fit import ConfigFit, least_squares
-from obatch.bench.estimate.shape import TokenCalibration, cached_shares, prompt_text
+from obatch.bench.estimate.replay import run_shares
+from obatch.bench.estimate.shape import TokenCalibration, prompt_text
+from obatch.prefix import prefix_key
+from obatch.schedule import expected_length
 from obatch.store import bench_repo
 from obatch.store.tables import PilotRow
 
@@ -55,30 +59,40 @@ async def calibration_for(session: AsyncSession, model: str, fits: Sequence[Conf
         if (seen := observe(tokens, None, None, run_id)) is not None:
             sources.benchmarks.append(seen)
     timed = await bench_repo.prompt_timings(session, model, exclude=exclude_batch)
+    schedules = await bench_repo.batch_schedules(session, sorted({t[0] for t in timed}))
     alone = min(fits, key=lambda f: f.concurrency)
     piloted = pilot_cache_kept(pilot, alone, repeated) if pilot else None
     kept = cache_kept(timed, alone, lambda e: max(1.0, slope * e + intercept),
-                      window=max(f.concurrency for f in fits), default=1.0 if piloted is None else piloted)
+                      window=max(f.concurrency for f in fits), default=1.0 if piloted is None else piloted,
+                      schedules={b: s or "auto" for b, s in schedules.items()})
     return TokenCalibration(slope, intercept, answers=sources.lengths(endpoint, population=population),
                             cache_kept=kept)
 
 
 def cache_kept(timed: Sequence[tuple[str, int, str, str, int, float]], fit: ConfigFit,
-               tokens: Callable[[int], float], *, window: int, default: float = 1.0) -> float:
+               tokens: Callable[[int], float], *, window: int, default: float = 1.0,
+               schedules: Mapping[str, str] | None = None) -> float:
     """How much of the prefix an engine's cache should hold (``cached_shares``) it really skipped, from finished
     batch requests the engine timed: the least-squares slope of (full prompt time − measured) on the time the
     cache should have saved, in [0, 1]. llama.cpp and Ollama skip it (about 1); an engine without a prefix cache
     processes every prompt in full (0). ``default`` (1: the cache works; or what a pilot showed) until enough
     requests had a prefix to skip. The first ``window`` lines of a batch are left out: their prompts were processed
-    as one batch."""
+    as one batch. ``schedules``: the order each batch ran in (``"auto"``: the scheduler's, replayed as an estimate
+    replays it, ``obatch.bench.estimate.replay``; else, or not given, the file's)."""
     by_batch: dict[str, list[tuple[int, str, str, int, float]]] = defaultdict(list)
     for batch_id, line, url, body, estimate, ms in timed:
         by_batch[batch_id].append((line, url, body, estimate, ms))
     num = den = saved_total = 0.0
-    for rows in by_batch.values():
+    for batch_id, rows in by_batch.items():
         rows.sort()
-        texts = [prompt_text(url, orjson.loads(body)) for _, url, body, _, _ in rows]
-        for i, ((_, _, _, estimate, ms), share) in enumerate(zip(rows, cached_shares(texts, window), strict=True)):
+        bodies = [orjson.loads(body) for _, _, body, _, _ in rows]
+        texts = [prompt_text(row[1], body) for row, body in zip(rows, bodies, strict=True)]
+        keys = [prefix_key(row[1], body) for row, body in zip(rows, bodies, strict=True)]
+        lengths = [expected_length(row[3], context.output_budget(body), context.DEFAULT_OUTPUT_BUDGET)
+                   for row, body in zip(rows, bodies, strict=True)]
+        order, shares = run_shares(texts, keys, lengths, window, (schedules or {}).get(batch_id, "file"))
+        ran = [rows[i] for i in order] if order is not None else rows
+        for i, ((_, _, _, estimate, ms), share) in enumerate(zip(ran, shares, strict=True)):
             if i < window:
                 continue
             full = fit.prompt_ms(tokens(estimate))

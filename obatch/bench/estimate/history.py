@@ -33,7 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch.bench.estimate.fit import ConfigFit
 from obatch.bench.estimate.predict import at_concurrency, pick_num_ctx
-from obatch.bench.estimate.shape import SHARE_SAMPLE, Shape, TokenCalibration, cached_shares, prefix_cached, prompt_text
+from obatch.bench.estimate.replay import cached_shares
+from obatch.bench.estimate.shape import SHARE_SAMPLE, Shape, TokenCalibration, prefix_cached, prompt_text
 from obatch.store import bench_repo
 from obatch.store.tables import BatchRow, PilotRow
 

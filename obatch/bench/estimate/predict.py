@@ -74,6 +74,8 @@ class Estimate:
     pilot: dict[str, Any] | None = None  # the pilot run behind it, if any
     done_requests: int = 0  # lines a pilot already ran: the batch takes them as finished
     output_share: float | None = None  # how the running time scales with the answers' length (d log t / d log O)
+    cached_prompt_tokens: float | None = None  # prompt tokens expected from the engine's prefix cache
+    schedule: str | None = None  # the order the estimate replayed ("auto": obatch.schedule's; "file")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,6 +235,8 @@ def estimate_from_fits(fits: Sequence[ConfigFit], shape: Shape, *, num_ctx: int 
         guess=blind, history_factor=factor, history_batches=len(ratios), notes=notes,
         measured_req_per_s=basis.measured_req_per_s,
         answers=shape.answers.summary() if shape.answers is not None else None, output_share=share,
+        cached_prompt_tokens=round(shape.cached_tokens, 1) if shape.schedule is not None else None,
+        schedule=shape.schedule,
     )
 
 

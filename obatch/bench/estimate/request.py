@@ -32,15 +32,14 @@ from obatch.bench.estimate.calibrate import calibration_for
 from obatch.bench.estimate.fit import ConfigFit, decode_timings, fits_for, fits_preferring
 from obatch.bench.estimate.history import history_ratios, pilot_speed
 from obatch.bench.estimate.predict import Estimate, estimate_from_fits, nothing_left, pick_num_ctx, pilot_extrapolation
+from obatch.bench.estimate.replay import cached_shares
 from obatch.bench.estimate.shape import (
     SHARE_SAMPLE,
     Line,
     Lines,
     Shape,
     TokenCalibration,
-    cached_shares,
     file_rows,
-    prompt_text,
     shape_of,
 )
 from obatch.store import bench_repo, pilots, repo
@@ -64,7 +63,8 @@ class EstimateRequest:
     ``file_sha256`` finds the lines a pilot of the file already ran for ``owner`` (left out: the batch takes them as
     finished) and the answers it measured. ``batch``: the batch being estimated at its start — only points of
     ``backend`` count, and its own rows are left out of what was learnt (the lines a pilot ran are already finished
-    there)."""
+    there). ``schedule``: the order the batch will run its lines in (``"auto"``, obatch's default, or ``"file"``),
+    which decides how much of each prompt the engine finds in its prefix cache (``obatch.bench.estimate.replay``)."""
 
     model: str | None = None
     num_requests: int | None = None
@@ -79,6 +79,7 @@ class EstimateRequest:
     include_load: bool = True
     engine: Backend | None = None
     batch: str | None = None
+    schedule: str = "auto"
 
 
 async def estimate_groups(session: AsyncSession, request: EstimateRequest) -> list[Estimate]:
@@ -157,7 +158,7 @@ async def estimate_model(session: AsyncSession, request: EstimateRequest, model:
     slots = await engine_slots(engine) if concurrency is None and engine is not None else None
     made = await asyncio.to_thread(_estimate_rows, fits, lines, calibration, window=window, num_ctx=num_ctx,
                                    concurrency=concurrency, include_load=request.include_load, history=history,
-                                   speed=speed, slots=slots)
+                                   speed=speed, slots=slots, schedule=request.schedule)
     made.done_requests = done
     if done:
         made.notes.append(f"{done} line(s) a pilot already ran are not counted: the batch takes them as finished")
@@ -174,11 +175,12 @@ async def engine_slots(engine: Backend) -> int | None:
 
 
 def _estimate_rows(fits: Sequence[ConfigFit], lines: Lines, calibration: TokenCalibration, *, window: int,
-                   **options: Any) -> Estimate:
+                   schedule: str, **options: Any) -> Estimate:
     """``shape_of`` then ``estimate_from_fits``: the CPU part of an estimate, run in a worker thread. Answers
     that run on to the context end at the batch's num_ctx (when known, else the measured one it would use)."""
     num_ctx = options.get("num_ctx") or pick_num_ctx(fits, lines.need, None)
-    return estimate_from_fits(fits, shape_of(lines, calibration, window=window, num_ctx=num_ctx), **options)
+    return estimate_from_fits(fits, shape_of(lines, calibration, window=window, num_ctx=num_ctx, schedule=schedule),
+                              **options)
 
 
 async def estimate(session: AsyncSession, model: str | None, **kwargs: Any) -> Estimate:
@@ -204,15 +206,16 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
             with contextlib.suppress(errors.BackendError, TimeoutError):
                 async with asyncio.timeout(ROUTE_SECONDS):
                     await backend.route(model)
-    request = EstimateRequest(backend=backend.name, engine=backend, concurrency=concurrency, batch=batch.id)
+    request = EstimateRequest(backend=backend.name, engine=backend, concurrency=concurrency, batch=batch.id,
+                              schedule=batch.schedule or "auto")
     async with sessions() as session:
         groups: dict[str, Lines] = defaultdict(Lines)
         async for model, url, prompt, max_tokens in bench_repo.pending_lines(session, batch.id):
             groups[model].add(Line(prompt, max_tokens, url))
         parts = []
         for model, lines in groups.items():
-            lines.texts = [prompt_text(url, orjson.loads(body))
-                           for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE)]
+            for url, body in await bench_repo.pending_bodies(session, batch.id, model, SHARE_SAMPLE):
+                lines.read(url, orjson.loads(body))
             mine = [p for p in piloted if p.model == model]
             try:
                 parts.append(await estimate_model(session, request, model, lines, pilot=mine,
@@ -224,8 +227,15 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
     return {
         "seconds": sum(p.seconds for p in parts), "low": sum(p.low for p in parts),
         "high": sum(p.high for p in parts), "concurrency": concurrency, "made_at": time.time(),
-        "groups": [{k: v for k, v in p.as_dict().items() if k != "candidates"} for p in parts],
+        "groups": [_kept(p.as_dict()) for p in parts],
     }
+
+
+def _kept(group: dict[str, Any]) -> dict[str, Any]:
+    """What a batch keeps of a model group's estimate: the candidates only at its num_ctx (the sweep's curve the
+    live ETA moves along once auto has settled, ``obatch.progress.prior_levels``)."""
+    ctx = group.get("num_ctx")
+    return group | {"candidates": [c for c in group.get("candidates") or [] if c.get("num_ctx") == ctx]}
 
 
 async def estimate_json_for_batch(sessions: Sessions, batch: BatchRow, backend: Backend, concurrency: int | None

@@ -29,7 +29,12 @@ import orjson
 
 from obatch import context, errors
 from obatch.bench.answers import UNBOUNDED_OUTPUT, AnswerLengths
+from obatch.bench.estimate.replay import cached_shares as cached_shares  # importable from here too
+from obatch.bench.estimate.replay import common_prefix as common_prefix
+from obatch.bench.estimate.replay import grouped, run_shares
 from obatch.jsonl import Request, iter_file
+from obatch.prefix import prefix_key
+from obatch.schedule import expected_length
 from obatch.store import pilots
 
 SHARE_SAMPLE = 2000  # prompts per model read to estimate the prefix-cache share (the rest take their mean)
@@ -50,6 +55,7 @@ class Shape:
     sampled: int | None = None  # set: the listed requests are a uniform random sample of this many
     rooms: list[float | None] | None = None  # each request's context left at the num_ctx it runs with (None: unknown)
     longest: float = 0.0  # the context the longest request needs (it may not be among a sample's)
+    schedule: str | None = None  # the order the shares were replayed for ("auto", "file"; None: not asked)
 
     def requests(self) -> list[tuple[float, float, float]]:
         """(prompt tokens, output tokens, cached share) per listed request."""
@@ -77,6 +83,11 @@ class Shape:
         """The context the longest request needs (prompt + output)."""
         return int(max(self.longest, *(p + o for p, o in zip(self.prompt_tokens, self.output_tokens, strict=True)),
                        0.0))
+
+    @property
+    def cached_tokens(self) -> float:
+        """The prompt tokens the engine is expected to take from its prefix cache, over the whole workload."""
+        return sum(p * c for p, _, c in self.requests()) * self.scale * (self.count or 1)
 
     @property
     def mean_prompt(self) -> float:
@@ -122,32 +133,6 @@ def prompt_text(url: str, body: dict[str, Any]) -> str:
     return _text(body.get("prompt") if url == "/v1/completions" else body.get("input"))
 
 
-def common_prefix(a: str, b: str) -> int:
-    """Length of the common prefix of two strings (binary search over C-speed comparisons)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def cached_shares(texts: Sequence[str], window: int) -> list[float]:
-    """For each prompt, the share an engine's prompt cache is expected to hold already: its common prefix with
-    the prompts of the ``window`` requests before it, averaged (llama.cpp and Ollama keep one cached prompt per
-    slot and give a new request the slot just freed, i.e. one of the last ``window`` requests)."""
-    shares = []
-    for i, text in enumerate(texts):
-        previous = texts[max(0, i - window):i]
-        if not text or not previous:
-            shares.append(0.0)
-            continue
-        shares.append(sum(common_prefix(text, p) for p in previous) / len(previous) / len(text))
-    return shares
-
-
 @dataclass(frozen=True, slots=True)
 class Line:
     """What an estimate needs of one request: obatch's prompt estimate, its cap and its endpoint."""
@@ -163,8 +148,9 @@ class Lines:
     ``limit`` of them, beyond that a uniform random sample of ``limit`` (a reservoir with a fixed seed, kept in
     file order, so the same lines give the same sample whichever path reads them: the file before it is submitted,
     the store at the batch's start). What must hold for all of them is counted as they pass: how many, how many
-    without a cap, the longest, the endpoints. The prompt texts of the first ``SHARE_SAMPLE`` lines tell how much
-    of a prompt the engine's prefix cache holds."""
+    without a cap, the longest, the endpoints. The prompt texts of the first ``SHARE_SAMPLE`` lines and their
+    prefix keys (``obatch.prefix``; ``keys``, when read) tell how much of a prompt the engine's prefix cache holds
+    in the order the batch runs them (``obatch.bench.estimate.replay``)."""
 
     limit: int = field(default_factory=lambda: SAMPLE)
     count: int = 0
@@ -173,16 +159,24 @@ class Lines:
     need: int = 0  # the longest line's prompt + output budget (``context.need_of``): what picks the num_ctx
     urls: set[str] = field(default_factory=set)
     texts: list[str] = field(default_factory=list)
+    keys: list[int | None] = field(default_factory=list)  # the texts' prefix keys (empty: not read)
     kept: list[tuple[int, Line]] = field(default_factory=list)
     rng: random.Random = field(default_factory=lambda: random.Random("obatch-estimate-sample"))
 
     @classmethod
-    def of(cls, lines: Iterable[Line], texts: Sequence[str] = (), *, limit: int | None = None) -> Lines:
+    def of(cls, lines: Iterable[Line], texts: Sequence[str] = (), *, limit: int | None = None,
+           keys: Sequence[int | None] = ()) -> Lines:
         made = cls() if limit is None else cls(limit=limit)
         for line in lines:
             made.add(line)
-        made.texts = list(texts)
+        made.texts, made.keys = list(texts), list(keys)
         return made
+
+    def read(self, url: str, body: dict[str, Any]) -> None:
+        """Keep a line's prompt text and prefix key (the first ``SHARE_SAMPLE`` lines', in line order)."""
+        if len(self.texts) < SHARE_SAMPLE:
+            self.texts.append(prompt_text(url, body))
+            self.keys.append(prefix_key(url, body))
 
     def add(self, line: Line) -> None:
         need = context.need_of(line.prompt, line.max_tokens)
@@ -217,13 +211,21 @@ def prefix_cached(repeated: Sequence[float], n: int, kept: float, *, in_order: b
     return cached + [typical] * (n - len(cached)), typical
 
 
-def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, num_ctx: int | None = None) -> Shape:
+def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, num_ctx: int | None = None,
+             schedule: str = "file") -> Shape:
     """A model's lines → a Shape in engine tokens. The first lines have their own prefix-cache share (of the
     texts read), the others the mean of those; a sample's lines all take that mean (neighbours in a sample are
     not neighbours in the run). ``num_ctx``: the context window the batch runs with, which ends an answer that
-    runs on to it (``num_ctx`` − its prompt)."""
+    runs on to it (``num_ctx`` − its prompt). ``schedule``: the order the batch runs its lines in; under
+    ``"auto"``, where the lines read form prefix groups, the shares and the order are the scheduler's, replayed
+    at ``window`` slots (``obatch.bench.estimate.replay``); else the file's order (``cached_shares``)."""
     sample = lines.sample()
-    repeated = cached_shares(lines.texts, window)
+    read = len(lines.texts)
+    lengths = [expected_length(x.prompt, x.max_tokens, context.DEFAULT_OUTPUT_BUDGET) for x in sample[:read]]
+    order, repeated = run_shares(lines.texts, lines.keys, lengths, window, schedule)
+    groups = grouped(lines.keys) if order is not None else 0
+    if order is not None and not lines.sampled:  # the lines read run in the scheduler's order
+        sample = [sample[i] for i in order] + sample[read:]
     cached, typical = prefix_cached(repeated, len(sample), calibration.cache_kept, in_order=not lines.sampled)
     prompts = [calibration.prompt(x.prompt) for x in sample]
 
@@ -244,9 +246,16 @@ def shape_of(lines: Lines, calibration: TokenCalibration, *, window: int = 4, nu
     elif lines.uncapped:
         shape.notes.append(f"requests without max_tokens assumed to answer {calibration.unbounded_output:.0f} "
                            "tokens")
-    if typical >= 0.05:
-        shape.notes.append(f"about {typical:.0%} of the prompt text repeats what recent requests sent: the engine's "
-                           "prefix cache holds it, so only the rest is charged prompt processing")
+    shape.schedule = schedule
+    if groups:
+        shape.notes.append(f"schedule auto: {groups} prefix group(s) among the first {len(lines.texts)} lines; a "
+                           "group's lines run one after another on one slot, so after its first line the shared "
+                           "prefix is in that slot's cache")
+    if typical >= 0.05 or groups:
+        total = sum(prompts) * shape.scale
+        shape.notes.append(f"about {shape.cached_tokens:.0f} of {total:.0f} prompt tokens "
+                           f"({shape.cached_tokens / max(total, 1.0):.0%}) expected from the engine's prefix cache "
+                           f"(schedule {schedule}): only the rest is charged prompt processing")
     if calibration.cache_kept < 0.95 and sum(repeated) >= 0.05 * len(repeated) > 0:
         shape.notes.append(f"finished batches show the engine skipped only {calibration.cache_kept:.0%} of the "
                            "prompt prefixes it had just seen: the rest is charged as processed again")
@@ -268,7 +277,6 @@ def file_rows(path: Path, model: str | None = None, *, done: set[tuple[str, str]
                 skipped[r.model] += 1
                 continue
             group = groups[r.model]
-            if len(group.texts) < SHARE_SAMPLE:
-                group.texts.append(prompt_text(r.url, r.body))
+            group.read(r.url, r.body)
             group.add(Line(context.estimate_prompt_tokens(r.url, r.body), context.output_budget(r.body), r.url))
     return dict(groups), dict(skipped)

@@ -14,7 +14,7 @@ admin keys (a key sees the names of its own sweeps' runs)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, Response, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
@@ -81,11 +81,14 @@ class BenchmarksController(Controller):
                        num_requests: Annotated[int | None, QueryParameter(ge=1, le=MAX_REQUESTS)] = None,
                        prompt_tokens: Tokens = None, output_tokens: Tokens = None,
                        input_file_id: FromQuery[str | None] = None, num_ctx: Positive = None,
-                       concurrency: Concurrency = None, pilot: Pilot = None) -> DurationEstimate:
+                       concurrency: Concurrency = None, pilot: Pilot = None,
+                       completion_window: FromQuery[str | None] = None,
+                       schedule: FromQuery[Literal["auto", "file"] | None] = None) -> DurationEstimate:
         return await service.estimate(
             db_session, svc.settings, owner, backend=svc.backend.name, input_file_id=input_file_id, model=model,
             num_requests=num_requests, prompt_tokens=prompt_tokens, output_tokens=output_tokens, num_ctx=num_ctx,
-            concurrency=concurrency, pilot=pilot, engine=svc.pool, sessions=svc.sessions)
+            concurrency=concurrency, pilot=pilot, engine=svc.pool, sessions=svc.sessions,
+            completion_window=completion_window, schedule=schedule or svc.settings.schedule)
 
     @get("/estimates", summary="Estimate vs actual duration of finished batches")
     async def estimates(self, db_session: DbSession, owner: Owner) -> ListPage:

@@ -12,7 +12,8 @@ import streamlit as st
 from obatch.client import ApiError, ClientError
 from obatch.protocol import Batch, DurationEstimate, FileObject
 from obatch.ui import views
-from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly
+from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly, show_error
+from obatch.ui.tables import column_config, table
 
 REFRESH_SECONDS = 2.0
 AS_IN_FILE = "(as in the file)"
@@ -24,6 +25,9 @@ CONFIRM = "confirm_cancel"  # the batch whose cancel waits for confirmation
 DIGEST = "sha256"  # the metadata key holding the submitted file's digest (the double-submit guard)
 USER_LINES = "user_lines"  # a batch of only a file's valid lines: their numbers in the uploaded file ("1-4,6")
 LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same lines is the same batch again
+LIVE = "live_results"  # per batch id: what was read of its results so far (views.LiveResults)
+RETRIED = "retried"  # the batch a "Retry failed lines" click made (its banner names the batch it retries)
+RETRY_FAILED = "retry_failed"  # (batch id, the error) of a retry the server refused
 
 api = client()
 st.title("Batches")
@@ -133,16 +137,18 @@ if upload is not None:
     else:
         st.error(f"**{upload.name}**: {preview.n_problems} problem(s) in {preview.lines.height} line(s). "
                  "Fix them before submitting, or submit only the valid lines.", icon=":material/block:")
-        st.dataframe(preview.problems, hide_index=True, width="stretch", key="problems")
+        table(preview.problems, key="problems")
     with st.expander("Every line (bad ones in red)", expanded=not preview.ok):
-        st.dataframe(views.highlight_errors(preview.lines), hide_index=True, width="stretch", key="lines")
+        shown = views.blanks(preview.lines)
+        st.dataframe(views.highlight_errors(shown), hide_index=True, width="stretch", key="lines",
+                     column_config=column_config(preview.lines, shown, {}))
     valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
     asked = {"model": model, "concurrency": level}
     uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
                                 upload.name if preview.ok else valid_name, preview, asked)
     lines = lines_digest(preview) if preview.n_requests else None
-    earlier = next((b for b in recent if (b.metadata or {}).get(DIGEST) == digest
-                    or (lines and (b.metadata or {}).get(LINES) == lines)), None)
+    earlier = next((b for b in recent if not views.parent_of(b) and ((b.metadata or {}).get(DIGEST) == digest
+                    or (lines and (b.metadata or {}).get(LINES) == lines))), None)  # a retry keeps its metadata
     again = True
     if earlier is not None:
         same = "This file was" if (earlier.metadata or {}).get(DIGEST) == digest else "These lines were"
@@ -173,8 +179,60 @@ def batch_label(batch: Batch) -> str:
     return f"{batch.id} · {created}" + (f" · {name}" if name else "")
 
 
-def show_results(batch: Batch) -> None:
-    """Downloads and a filterable table of the output and error files; a clicked row is shown whole."""
+def open_batch(batch_id: str) -> None:
+    """Open another batch (a button's callback: it runs before the batch picker is drawn)."""
+    st.session_state[PICK] = batch_id
+
+
+def retry_failed(batch_id: str) -> None:
+    """``POST /v1/batches/{id}/retry``, then open the new batch (a button's callback)."""
+    try:
+        made = api.retry_batch(batch_id)
+    except ClientError as exc:
+        st.session_state[RETRY_FAILED] = (batch_id, exc)
+        return
+    st.session_state[PICK] = st.session_state[RETRIED] = made.id
+
+
+def read_results(batch: Batch) -> views.LiveResults:
+    """The batch's results read so far, and the pages finished since (``GET /v1/batches/{id}/results`` from the
+    cursor: what was read is never asked again)."""
+    store: dict[str, views.LiveResults] = st.session_state.setdefault(LIVE, {})
+    live = store.get(batch.id) or views.LiveResults()
+    if live.finished:
+        return live
+
+    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
+        page = api.batch_results(batch.id, after=after, limit=limit)
+        return page.raw, page.after, page.finished
+
+    try:
+        live = views.read_more(live, fetch, final=views.is_final(batch))
+    except ClientError as exc:
+        show_error(exc, doing="read the results")
+    store[batch.id] = live
+    return live
+
+
+def chain_links(batch: Batch) -> None:
+    """The retry chain around the batch: the batch it retries and the batches that retry it, each one click away."""
+    parent, retries = views.parent_of(batch), views.retries_of(batch)
+    if parent:
+        row = st.container(horizontal=True, vertical_alignment="center", gap="small")
+        row.markdown(":material/subdirectory_arrow_right: Retry of the failed lines of")
+        row.button(parent, key=f"parent-{batch.id}", type="tertiary", on_click=open_batch, args=(parent,),
+                   help="Open the batch this one retries", icon=":material/arrow_outward:")
+    if retries:
+        row = st.container(horizontal=True, vertical_alignment="center", gap="small")
+        row.markdown(f":material/replay: Its failed lines were retried in {len(retries)} batch(es):")
+        for child in retries:
+            row.button(child, key=f"child-{batch.id}-{child}", type="tertiary", on_click=open_batch, args=(child,),
+                       help="Open the retry", icon=":material/arrow_outward:")
+
+
+def show_results(batch: Batch, live: views.LiveResults) -> None:
+    """Downloads once the files exist, and a filterable table of the results read so far (it grows while the batch
+    runs); a clicked row is shown whole, with where its answer came from."""
     output = file_bytes(batch.output_file_id) if batch.output_file_id else None
     errors = file_bytes(batch.error_file_id) if batch.error_file_id else None
     left, right = st.columns(2)
@@ -186,8 +244,12 @@ def show_results(batch: Batch) -> None:
         right.download_button("Download errors", errors, file_name=f"{batch.id}_errors.jsonl",
                               mime="application/jsonl", on_click="ignore", key=f"err-{batch.id}",
                               icon=":material/download:")
-    results = views.results_frame(output, errors)
-    if kept := (batch.metadata or {}).get(USER_LINES):
+    results = live.frame
+    if not live.finished:
+        total = batch.request_counts.total if batch.request_counts else 0
+        st.caption(f"Results so far: the first {results.height} of {total} lines, in input order (a line still "
+                   "running holds back those after it). The table grows as lines finish.")
+    if (kept := (batch.metadata or {}).get(USER_LINES)) and not views.parent_of(batch):
         results = views.in_user_lines(results, views.expand_ranges(kept))
         st.caption("Only the valid lines of the uploaded file ran; `line` numbers them as in that file.")
     status_col, reason_col, latency_col = st.columns(3)
@@ -198,8 +260,10 @@ def show_results(batch: Batch) -> None:
     reasons = reason_col.multiselect("Finish reason", views.options_of(results, "finish_reason"),
                                      key=f"fr-{batch.id}")
     bounds = None
-    limits = views.latency_bounds(results)
-    if limits is not None:
+    limits = views.latency_bounds(results) if live.finished else None  # bounds that move would reset the slider
+    if not live.finished:
+        latency_col.caption("Latency filter: once every line has finished.")
+    elif limits is not None:
         picked = latency_col.slider("Latency (ms)", *limits, value=limits, step=1, key=f"lat-{batch.id}")
         bounds = None if picked == limits else picked  # the full range keeps lines without a latency
     else:
@@ -218,11 +282,13 @@ def show_results(batch: Batch) -> None:
         if facts := views.row_facts(line):
             st.caption(facts)
         prompt = views.request_prompt(file_bytes(batch.input_file_id), line["custom_id"])
-        question, answer = st.columns(2)
+        question, answer, origin = st.columns([3, 3, 2])
         question.markdown("**Request**")
         question.text(prompt or "(not found in the input file)")
         answer.markdown("**Answer**")
         answer.text(line["content"] or "(no content)")
+        origin.markdown("**Provenance**")
+        origin.markdown("\n".join(f"- {what}: `{value}`" for what, value in views.provenance_frame(line).rows()))
 
 
 def show_batch(batch: Batch) -> None:
@@ -232,8 +298,19 @@ def show_batch(batch: Batch) -> None:
     progress = views.batch_progress(batch, estimate=estimate, engine_up=down is None)
     st.markdown(f"**{batch.id}** · status **`{batch.status}`** · model `{views.model_of(batch)}` · "
                 f"`{batch.endpoint}`")
+    if st.session_state.get(RETRIED) == batch.id and views.parent_of(batch):
+        st.success(f"{'Retried' if views.is_final(batch) else 'Retrying'} the failed lines of "
+                   f"**{views.parent_of(batch)}** as **{batch.id}** "
+                   f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
+                   icon=":material/replay:")
+    chain_links(batch)
+    if reused := views.reuse_text(batch):
+        st.caption(f":material/recycling: {reused}.")
+    ran = bool(batch.in_progress_at or batch.output_file_id or batch.error_file_id)
+    live = read_results(batch) if ran else None
     if progress.waiting:
-        st.warning(f"The engine does not answer ({down}). The batch waits and goes on where it stopped once the "
+        st.warning(f"The engine does not answer ({down or 'no host answers the batch'}). The batch waits and goes "
+                   "on where it stopped once the "
                    "engine is back; no line is lost. Its ETA is paused meanwhile.", icon=":material/warning:")
     st.progress(progress.fraction, text=progress.sentence(batch.status))
     a, b, c, d = st.columns(4)
@@ -268,11 +345,20 @@ def show_batch(batch: Batch) -> None:
             if no.button("No, keep it running", key=f"cancel-no-{batch.id}"):
                 st.session_state.pop(CONFIRM, None)
                 st.rerun()
+    if (refused := st.session_state.get(RETRY_FAILED)) and refused[0] == batch.id:
+        st.session_state.pop(RETRY_FAILED)
+        show_error(refused[1], doing="retry the failed lines")
+    if live is not None and (retryable := views.offers_retry(batch, live)):
+        st.button(f"Retry failed lines ({retryable})", key=f"retry-{batch.id}", icon=":material/replay:",
+                  type="primary", on_click=retry_failed, args=(batch.id,),
+                  help="Runs again, as a new batch linked to this one, the lines that failed for a reason a retry "
+                       "can change: engine errors, timeouts, a busy engine, lines a cancel or an expiry left unrun. "
+                       "Lines the engine refused (an invalid request, an unknown model) stay as they are.")
     if batch.status == "failed":
         st.error("The input file was refused; its problems:", icon=":material/block:")
         st.dataframe(views.batch_errors_frame(batch), hide_index=True, width="stretch")
-    if batch.output_file_id or batch.error_file_id:
-        show_results(batch)
+    if live is not None:
+        show_results(batch, live)
 
 
 def banner(batch: Batch) -> None:
@@ -299,6 +385,8 @@ def batches_panel() -> None:
         return
     if running and all(views.is_final(b) for b in batches):
         st.rerun()  # the last batch finished: redraw the page without the timer
+    if not running and not all(views.is_final(b) for b in batches):
+        st.rerun()  # a batch started (a retry): redraw the page with the timer
     by_id = {b.id: b for b in batches}
     if st.session_state.get(SUBMITTED) in by_id:
         banner(by_id[st.session_state[SUBMITTED]])
@@ -310,7 +398,8 @@ def batches_panel() -> None:
             st.session_state[PICK] = picked
 
     st.caption("Click a row to open its batch.")
-    st.dataframe(views.batches_frame(batches).drop("input_file_id"), hide_index=True, width="stretch",
+    st.dataframe(views.batches_frame(batches).drop("input_file_id").with_columns(pl.col(pl.Utf8).fill_null("")),
+                 hide_index=True, width="stretch",
                  key="batch_table", on_select=open_row, selection_mode="single-row", column_config={
                      "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
                      "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")})

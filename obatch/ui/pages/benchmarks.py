@@ -10,6 +10,7 @@ import streamlit as st
 from obatch.bench.schemas import Sweep
 from obatch.ui import sweep, views
 from obatch.ui.session import attempt, client, need, quietly
+from obatch.ui.tables import table
 
 BEST = "best"
 api = client()
@@ -101,7 +102,7 @@ if best.is_empty():
 st.subheader("Best known configuration per model")
 st.caption("Best: among configurations whose requests succeeded ≥ 99%, the highest output tokens/s; within 2% of "
            "it, the smallest context window, then the smallest concurrency.")
-st.dataframe(views.best_table(best), hide_index=True, width="stretch", key="best")
+table(views.best_table(best), key="best", formats=views.BEST_FORMATS)
 csv_col, json_col, _ = st.columns([1, 1, 2])
 csv_col.download_button("Points as CSV", lambda: api.export_benchmarks("csv"), file_name="obatch-benchmarks.csv",
                         mime="text/csv", icon=":material/download:", key="export_csv",
@@ -128,9 +129,9 @@ if slo is not None:
     st.caption(f"Goodput: requests per second that succeeded within {slo.replace(',', ' and ')}. Capacity: the "
                "highest measured concurrency (or offered request rate) at which at least 95% of requests met it.")
     found = [c for name in chosen for c in attempt(api.capacity, name, slo) or []]
-    st.dataframe(views.capacity_table(found), hide_index=True, width="stretch", key="capacity")
+    table(views.capacity_table(found), key="capacity", formats=views.RATE_FORMATS)
     with st.expander("Goodput per configuration"):
-        st.dataframe(views.goodput_table(points), hide_index=True, width="stretch", key="goodput")
+        table(views.goodput_table(points), key="goodput", formats=views.RATE_FORMATS)
 rated = points.filter(pl.col("rate").is_not_null())
 
 labels = ["Context window", "Concurrency", *(["Request rate"] if not rated.is_empty() else []),
@@ -175,7 +176,10 @@ if "Request rate" in tabs:
         st.altair_chart(views.latency_chart(curve, "rate"), key="rate_latency", width="stretch")
 
 with pareto_tab:
-    st.altair_chart(views.pareto_chart(points), key="pareto_chart", width="stretch", height=380)
+    st.caption("Each point is a configuration (context window and concurrency or request rate), at its newest "
+               "measurement. The staircase is each model's Pareto frontier: the most output tokens/s measured at "
+               "that p50 latency or lower; a faint point has another configuration both quicker and faster.")
+    st.altair_chart(views.pareto_chart(points), key="pareto_chart", width="stretch")
 
 with compare_tab:
     window = st.selectbox("Context window", ["any", *windows], key="cmp_ctx")
@@ -183,7 +187,7 @@ with compare_tab:
                                         else int(window))) if chosen else views.configs_frame([])
     bars = int(compared["best"].sum())
     st.altair_chart(views.compare_chart(compared), key="cmp_chart", width="stretch", height=44 * max(bars, 1) + 90)
-    st.dataframe(views.best_table(compared), hide_index=True, width="stretch", key="cmp_table")
+    table(views.best_table(compared), key="cmp_table", formats=views.BEST_FORMATS)
 
 with record_tab:
     record = views.estimate_record_frame(sweep.estimate_records(api))
@@ -191,8 +195,8 @@ with record_tab:
         st.info("No finished batch with an estimate yet: each batch started after a benchmark gets one.")
     else:
         st.altair_chart(views.estimate_record_chart(record), key="record_chart")
-        st.dataframe(record.with_columns(pl.col(pl.Float64).round(2)), hide_index=True, width="stretch",
-                     key="record_table")
+        table(record, key="record_table", formats={name: "%.2f" for name, dtype in record.schema.items()
+                                                    if dtype == pl.Float64})
 
 with sweep_tab:
     sweep_section()

@@ -24,10 +24,12 @@ from obatch.ui.views.batches import (
     run_hosts_frame,
 )
 from obatch.ui.views.benchmarks import (
+    BEST_FORMATS,
     CONFIG_COLUMNS,
     METRIC_TITLES,
     PERCENTILES,
     POINT_COLUMNS,
+    RATE_FORMATS,
     along,
     best_table,
     capacity_table,
@@ -64,10 +66,24 @@ from obatch.ui.views.results import (
     results_frame,
     row_facts,
 )
+from obatch.ui.views.runs import (
+    PROVENANCE_SCHEMA,
+    LiveResults,
+    offers_retry,
+    parent_of,
+    provenance_frame,
+    read_more,
+    retries_of,
+    retryable,
+    reuse_text,
+)
 from obatch.ui.views.server import models_frame
+from obatch.ui.views.tables import BLANK, blanks, written_as_text
 
 __all__ = [
     "BATCH_SCHEMA",
+    "BEST_FORMATS",
+    "BLANK",
     "CONFIG_COLUMNS",
     "ESTIMATE_RECORD_SCHEMA",
     "FINAL_STATUSES",
@@ -76,6 +92,7 @@ __all__ = [
     "PERCENTILES",
     "POINT_COLUMNS",
     "PREVIEW_SCHEMA",
+    "RATE_FORMATS",
     "RESULT_SCHEMA",
     "STATUSES",
     "BatchProgress",
@@ -85,6 +102,7 @@ __all__ = [
     "batch_progress",
     "batches_frame",
     "best_table",
+    "blanks",
     "capacity_table",
     "compare_chart",
     "concurrency_text",
@@ -122,8 +140,11 @@ __all__ = [
     "row_facts",
     "run_hosts_frame",
     "slo_text",
+    "written_as_text",
 ]
 
 from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
 
 __all__ += ["PILOT", "estimate_notes", "offers_pilot"]
+__all__ += ["PROVENANCE_SCHEMA", "LiveResults", "offers_retry", "parent_of", "provenance_frame", "read_more",
+            "retries_of", "retryable", "reuse_text"]

@@ -14,7 +14,9 @@ from obatch.ui.views.estimates import format_seconds
 
 BATCH_SCHEMA: dict[str, Any] = {
     "id": pl.Utf8, "status": pl.Utf8, "progress": pl.Float64, "total": pl.Int64, "completed": pl.Int64,
-    "failed": pl.Int64, "not run": pl.Int64, "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
+    "failed": pl.Int64, "not run": pl.Int64,
+    "cached": pl.Int64, "retry of": pl.Utf8,  # lines answered by reuse; the batch whose failed lines it retries
+    "model": pl.Utf8, "created": pl.Datetime("ms"), "endpoint": pl.Utf8,
     "output_file_id": pl.Utf8, "error_file_id": pl.Utf8, "input_file_id": pl.Utf8,
 }
 MODELS_KEY = "models"  # the metadata key the UI sets at submission: the file's models, for the batch list
@@ -50,7 +52,8 @@ def batches_frame(batches: Sequence[Batch]) -> pl.DataFrame:
                      "not run": skipped,
                      "progress": (completed + failed) / total if total else (1.0 if b.status == "completed" else 0.0),
                      "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
-                     "input_file_id": b.input_file_id})
+                     "input_file_id": b.input_file_id, "cached": b.obatch.cached if b.obatch else None,
+                     "retry of": b.obatch.parent if b.obatch else None})
     return pl.DataFrame(rows, schema=BATCH_SCHEMA)
 
 
@@ -109,7 +112,8 @@ def _end_of(batch: Batch) -> int | None:
 def batch_progress(batch: Batch, *, now: float | None = None, estimate: DurationEstimate | None = None,
                    engine_up: bool = True) -> BatchProgress:
     """Counts, throughput and ETA of a batch; before the first result the ETA falls back to the estimate. While
-    the engine does not answer (``engine_up`` false, from ``/health``) a running batch has no ETA: it waits.
+    the engine does not answer (``engine_up`` false, from ``/health``, or the batch's own ETA says it waits for one)
+    a running batch has no ETA: it waits.
 
     Elapsed time is counted in the server's whole seconds (its timestamps have no fraction): a running batch's
     ``int(now)`` never passes the end stamp the server writes later, so the figure never goes backwards."""
@@ -140,7 +144,7 @@ def batch_progress(batch: Batch, *, now: float | None = None, estimate: Duration
         eta = max(0.0, expected - elapsed)
     else:
         eta = None
-    waiting = not engine_up and eta != 0.0
+    waiting = (not engine_up or (live is not None and live.waiting)) and eta != 0.0  # the server's pool knows too
     return BatchProgress(total, completed, failed, elapsed, rate, tps, None if waiting else eta, expected, skipped,
                          at_least, waiting)
 

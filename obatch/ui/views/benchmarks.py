@@ -35,6 +35,8 @@ METRIC_TITLES = {
 }
 PERCENTILES = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
 DASHES = {"p50": [1, 0], "p90": [6, 3], "p99": [2, 2]}  # solid, dashed, dotted: told apart without colour
+SHAPES = {"p50": "circle", "p90": "triangle-up", "p99": "square"}  # apart at a single x too, where no line is drawn
+LINE_STYLES = "{'p50': 'p50 · solid line', 'p90': 'p90 · dashed line', 'p99': 'p99 · dotted line'}[datum.label]"
 AXIS_TITLES = {  # ordinal: the measured levels (which double) are evenly spaced, like a log₂ axis
     "num_ctx": "num_ctx, tokens (ordinal axis)",
     "concurrency": "concurrency (ordinal axis)",
@@ -102,13 +104,18 @@ def _model_colour(**kwargs: Any) -> alt.Color:
                      **({"legend": alt.Legend(labelLimit=0, orient="bottom", columns=1)} | kwargs))
 
 
+def _model_offset() -> alt.XOffset:
+    """Each model's marks side by side at an x value, so models measured alike do not hide one another."""
+    return alt.XOffset("model:N", scale=alt.Scale(paddingOuter=0.5))
+
+
 def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
     """One line per model: ``metric`` against ``x``."""
     index = list(dict.fromkeys(["model", "num_ctx", "concurrency", x]))
     data = frame.select(*index, metric).drop_nulls([x, metric]).sort("model", x)
     chart: alt.Chart = (alt.Chart(data, title=f"{METRIC_TITLES[metric]} vs {x}")
             .mark_line(point=True)
-            .encode(x=_x_axis(x), y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
+            .encode(x=_x_axis(x), xOffset=_model_offset(), y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
                     color=_model_colour(),
                     tooltip=[*(f"{c}:N" if c == "model" else f"{c}:Q" for c in index),
                              alt.Tooltip(f"{metric}:Q", format=".2f")]))
@@ -116,8 +123,9 @@ def metric_chart(frame: pl.DataFrame, x: str, metric: str) -> alt.Chart:
 
 
 def latency_chart(frame: pl.DataFrame, x: str) -> alt.TopLevelMixin:
-    """Latency percentiles against ``x``: colour is the model, line style the percentile (p50 solid, p90 dashed,
-    p99 dotted; the legend draws the line styles)."""
+    """Latency percentiles against ``x``: colour is the model, line style and mark shape the percentile (p50 solid
+    with circles, p90 dashed with triangles, p99 dotted with squares; one legend draws both), so the percentiles
+    stay apart with one model, and with one ``x`` value (where no line is drawn)."""
     present = [c for c in PERCENTILES if frame[c].drop_nulls().len() > 0]
     index = list(dict.fromkeys(["model", "num_ctx", "concurrency", x]))
     empty = pl.DataFrame(schema={"model": pl.Utf8, "num_ctx": pl.Int64, "concurrency": pl.Int64, "rate": pl.Float64,
@@ -131,13 +139,17 @@ def latency_chart(frame: pl.DataFrame, x: str) -> alt.TopLevelMixin:
     dash = alt.StrokeDash("percentile:N", title="percentile", sort=names,
                           scale=alt.Scale(domain=names, range=[DASHES[n] for n in names]),
                           legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400,
-                                            symbolStrokeColor="black"))
-    base = alt.Chart(long).encode(x=_x_axis(x), y=alt.Y("latency_ms:Q", title="latency (ms)"), color=_model_colour(),
+                                            symbolStrokeColor="black", labelExpr=LINE_STYLES))
+    base = alt.Chart(long).encode(x=_x_axis(x), xOffset=_model_offset(), color=_model_colour(),
+                                  y=alt.Y("latency_ms:Q", title="latency (ms)"),
                                   tooltip=["model:N", "percentile:N", *(f"{c}:Q" for c in index[1:]),
                                            alt.Tooltip("latency_ms:Q", format=".0f")])
     # the dots are a layer of their own: on the line mark itself they would turn the line-style legend blank
+    shape = alt.Shape("percentile:N", title="percentile", sort=names,
+                      scale=alt.Scale(domain=names, range=[SHAPES[n] for n in names]),
+                      legend=alt.Legend(labelExpr=LINE_STYLES))  # Vega-Lite merges it with the line styles' one
     lines = base.mark_line().encode(strokeDash=dash, detail="percentile:N")
-    dots = base.mark_point(filled=True, size=30).encode(detail="percentile:N")
+    dots = base.mark_point(filled=False, size=80, strokeWidth=2).encode(shape=shape)  # hollow: both seen if they meet
     chart: alt.TopLevelMixin = alt.layer(lines, dots, title=f"latency percentiles vs {x}")
     return chart
 
@@ -159,6 +171,11 @@ def compare_chart(configs: pl.DataFrame, metric: str = "output_tps") -> alt.TopL
     layered: alt.TopLevelMixin = alt.layer(bars, text, title=f"{METRIC_TITLES[metric]} at each model's best "
                                                              "configuration")
     return layered
+
+
+BEST_FORMATS = {"output tok/s": "%.1f", "req/s": "%.2f", "p50 latency (ms)": "%.0f", "p99 latency (ms)": "%.0f",
+                "p50 TTFT (ms)": "%.0f", "success (%)": "%.1f"}  # ``best_table``'s numbers as the page writes them
+RATE_FORMATS = {"goodput (req/s)": "%.2f", "req/s": "%.2f", "met (%)": "%.1f"}  # the SLO tables'
 
 
 def best_table(configs: pl.DataFrame) -> pl.DataFrame:
@@ -207,4 +224,7 @@ def pareto_chart(frame: pl.DataFrame) -> alt.TopLevelMixin:
     """Throughput against latency of every configuration (newest measurement each), the Pareto front drawn."""
     from obatch.bench.charts import pareto
 
-    return pareto(latest_points(frame))
+    chart = pareto(latest_points(frame))
+    # fit-x: the width follows the page, the height is the plot's own; Streamlit's default (fit) squeezed the
+    # plot, and the chart's title slid under the tab bar above it
+    return chart.properties(autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))

@@ -8,7 +8,7 @@ A sweep's engine requests (points × requests) become a column, so a key's daily
 sweep recorded in one conditional insert (obatch.store.quota). Existing sweeps get theirs from their parameters.
 
 Revision ID: reuse2_owners
-Revises: cache_0010
+Revises: compact_0011
 """
 import json
 from collections.abc import Sequence
@@ -18,7 +18,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = 'reuse2_owners'
-down_revision: str | None = 'cache_0010'
+down_revision: str | None = 'compact_0011'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,234 @@
+"""Compaction: a finished batch's rows keep an index into its output and error files instead of the text they hold,
+and every reader gives what it gave before; a crash between the files and the compaction loses and doubles nothing;
+a compacted line goes with its file."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import orjson
+import polars as pl
+import pytest
+
+from obatch import errors
+from obatch.api import _services, results, results_frame, run_batch_file
+from obatch.batches import compact, reading
+from obatch.batches.retry import create_retry
+from obatch.batches.services import Services
+from obatch.config import Settings
+from obatch.store import compaction
+from obatch.store.db import open_store
+from obatch.testing.ollama_sim import OllamaSim, SimConfig, run_in_thread
+from tests.helpers import chat_line, killable_run, write_jsonl
+
+GHOST = "no-such-model"
+
+
+def _lines(n: int) -> list[dict[str, Any]]:
+    lines = [chat_line(f"r{i}", f"question {i}", max_tokens=6, temperature=0) for i in range(n)]
+    lines += [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+               "body": {"model": "nomic-embed-text", "input": f"text {i}"}} for i in range(n // 2)]
+    return [*lines, chat_line("ghost", model=GHOST)]
+
+
+async def _readers(settings: Settings, batch_id: str) -> dict[str, Any]:
+    """What every reader of a batch's results gives: the pages of /results (alone and merged) and both frames."""
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        pages = [line async for line in reading.follow(sessions, batch_id, limit=7)]
+        merged = [line async for line in reading.follow(sessions, batch_id, merged=True, limit=7)]
+    finally:
+        await engine.dispose()
+    return {"pages": pages, "merged": merged, "frame": await results_frame(settings, batch_id),
+            "results": await results(batch_id, merged=True, settings=settings)}
+
+
+def _rows(settings: Settings) -> list[tuple[Any, ...]]:
+    return _rows_of(settings.data_dir / "obatch.db")
+
+
+def _rows_of(store: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store) as db:
+        return db.execute("SELECT line, state, body, response, content, error_message, out_offset FROM requests "
+                          "ORDER BY batch_id, line").fetchall()
+
+
+def _equal(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["pages"] == before["pages"] and after["merged"] == before["merged"]
+    for name in ("frame", "results"):
+        assert cast(pl.DataFrame, after[name]).equals(before[name]), name
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_compaction_changes_no_reader(tmp_path: Path, make_settings: Callable[..., Settings],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", _lines(60))
+    monkeypatch.setattr(compact, "KEEP_BODIES", 5)
+    async with OllamaSim(SimConfig(num_parallel=4, error_rate=0.3, seed=3)) as sim:
+        settings = make_settings(sim.url, max_attempts=1)
+        with monkeypatch.context() as patch:  # as before compaction: every row whole
+            patch.setattr(compact, "owned", lambda *_: False)
+            report = await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+        files = report.output.read_bytes() + report.errors.read_bytes()
+        before = await _readers(settings, report.batch.id)
+        engine, sessions = await open_store(settings.db_url)
+        svc = cast(Services, SimpleNamespace(sessions=sessions, settings=settings))
+        assert await compact.compact(svc, report.batch.id, report.output, report.errors)
+        assert await compact.compact(svc, report.batch.id, report.output, report.errors)  # again: changes nothing
+        await engine.dispose()
+        after = await _readers(settings, report.batch.id)
+        _equal(before, after)
+        assert report.output.read_bytes() + report.errors.read_bytes() == files
+        # the result files, the pages and the frame hold every line once
+        assert sorted(after["pages"]) == sorted(files.splitlines(keepends=True))
+        frame = after["frame"]
+        failed = set(frame.filter(pl.col("error_code") == "server_error")["custom_id"])
+        assert failed and frame.filter(pl.col("status") == "succeeded")["content"].null_count() < frame.height
+    if settings.db_url.startswith("sqlite"):
+        rows = _rows(settings)
+        done = [r for r in rows if r[1] != "pending"]
+        assert all(r[6] is not None and r[3] is None and r[4] is None and r[5] is None for r in done)
+        assert all(r[2] == compaction.COMPACTED_BODY for r in done if r[1] == "succeeded" and r[0] > 5)
+        assert all(orjson.loads(r[2]) for r in done if r[1] != "succeeded")  # a failed line keeps its body
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_retry_of_a_compacted_batch_sends_the_same_lines(tmp_path: Path,
+                                                                 make_settings: Callable[..., Settings]) -> None:
+    lines = _lines(40)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=4, error_rate=0.3, seed=5)) as sim:
+        settings = make_settings(sim.url, max_attempts=1)
+        report = await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+        frame = await results_frame(settings, report.batch.id)
+        failed = list(frame.filter(pl.col("error_code") == "server_error")["custom_id"])
+        assert failed
+        async with _services(settings, None) as svc:
+            retry = await create_retry(svc, report.batch.id)
+            sent = (settings.files_dir / f"{retry.input_file_id}.jsonl").read_bytes().splitlines()
+    original = {line["custom_id"]: line for line in lines}
+    assert [orjson.loads(line) for line in sent] == [original[c] for c in failed]
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_crash_between_the_files_and_compaction_loses_and_doubles_nothing(
+        tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = _lines(50)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    monkeypatch.setattr(compact, "PAGE", 8)
+    rewrite = compaction.rewrite_page
+    calls = Counter[str]()
+
+    async def crashing(*args: Any, **kwargs: Any) -> None:
+        calls["pages"] += 1
+        if calls["pages"] == 3:  # two pages compacted and committed, then the process dies
+            raise SystemExit("killed")
+        await rewrite(*args, **kwargs)
+
+    async with OllamaSim(SimConfig(num_parallel=4)) as sim:
+        settings = make_settings(sim.url)
+        with monkeypatch.context() as patch:
+            patch.setattr(compaction, "rewrite_page", crashing)
+            with pytest.raises(SystemExit):
+                await run_batch_file(path, settings=settings, progress=False)
+        served = sim.stats.served
+        report = await run_batch_file(path, settings=settings, progress=False)  # resumes: finalises again
+        assert sim.stats.served == served  # nothing ran twice
+    assert report.batch.status == "completed"
+    out = report.output.read_bytes().splitlines() + report.errors.read_bytes().splitlines()
+    ids = Counter(orjson.loads(line)["custom_id"] for line in out)
+    assert ids == Counter(line["custom_id"] for line in lines)  # every input line once
+    after = await _readers(settings, report.batch.id)
+    assert sorted(after["pages"]) == sorted(line + b"\n" for line in out)
+    assert after["frame"]["custom_id"].to_list() == [line["custom_id"] for line in lines]
+    if settings.db_url.startswith("sqlite"):
+        rows = _rows(settings)
+        assert all(r[6] is not None for r in rows)
+        with sqlite3.connect(settings.data_dir / "obatch.db") as db:
+            assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0  # freed pages went back to the filesystem
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_compacted_line_goes_with_its_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "nomic-embed-text", "input": f"text {i}"}} for i in range(12)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2)) as sim:
+        settings = make_settings(sim.url)
+        first = await run_batch_file(path, settings=settings, progress=False)
+        again = await run_batch_file(path, settings=settings, progress=False, fresh=True)
+        assert sim.stats.requests["/api/embed"] == 12  # the compacted batch's answers served the rerun
+        assert all(orjson.loads(line)["obatch"]["cached_from"]["batch_id"] == first.batch.id
+                   for line in again.output.read_bytes().splitlines())
+        for report in (first, again):
+            report.output.unlink()
+        engine, sessions = await open_store(settings.db_url)
+        try:
+            with pytest.raises(errors.NotFoundError, match="is gone"):
+                await reading.read_page(sessions, first.batch.id)
+        finally:
+            await engine.dispose()
+        third = await run_batch_file(path, settings=settings, progress=False, fresh=True)
+        assert sim.stats.requests["/api/embed"] == 24  # the answers left the cache with their files
+    assert all(orjson.loads(line)["obatch"]["cached_from"] is None for line in third.output.read_bytes().splitlines())
+
+
+async def test_a_run_written_outside_the_store_keeps_its_rows(tmp_path: Path,
+                                                              make_settings: Callable[..., Settings]) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", _lines(6))
+    async with OllamaSim(SimConfig(num_parallel=2)) as sim:
+        settings = make_settings(sim.url)
+        await run_batch_file(path, settings=settings, progress=False, output=tmp_path / "out.jsonl",
+                             errors_path=tmp_path / "err.jsonl")
+    rows = _rows(settings)
+    assert all(r[6] is None for r in rows) and any(r[3] for r in rows)  # the user may move those files
+
+
+# A run of ``obatch run`` that SIGKILLs itself as it compacts its third page of rows (after the files are written
+# and two pages are committed): a real kill -9 at that point, with no hook in obatch.
+_KILLED_MID_COMPACTION = """
+import os, signal, sys
+from obatch.batches import compact
+from obatch.store import compaction
+compact.PAGE = 8
+rewrite, pages = compaction.rewrite_page, []
+async def killing(*args, **kwargs):
+    pages.append(1)
+    if len(pages) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    await rewrite(*args, **kwargs)
+compaction.rewrite_page = killing
+from obatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_compaction_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    lines = _lines(40)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    url, stop = run_in_thread(sim=OllamaSim(SimConfig(num_parallel=4)))
+    args, env = killable_run(path, url, tmp_path)
+    args = [a for i, a in enumerate(args) if a not in ("-o", "-e") and args[i - 1] not in ("-o", "-e")]
+    try:
+        killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COMPACTION, *args[3:]], env=env,
+                                capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        rows = _rows_of(tmp_path / "data" / "obatch.db")
+        assert 0 < sum(r[6] is not None for r in rows) < len(rows)  # killed midway through compaction
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        stop()
+    assert rerun.returncode == 0, rerun.stderr
+    results_dir = next((tmp_path / "data" / "results").iterdir())
+    out = [orjson.loads(line) for name in ("output.jsonl", "errors.jsonl")
+           for line in (results_dir / name).read_bytes().splitlines()]
+    assert Counter(line["custom_id"] for line in out) == Counter(line["custom_id"] for line in lines)
+    assert all(r[6] is not None for r in _rows_of(tmp_path / "data" / "obatch.db"))

@@ -1,0 +1,176 @@
+"""A batch's reuse, retries and results while it runs on the Batches page: the view logic (``obatch.ui.views.runs``)
+as plain functions, and the page under AppTest against the in-memory server (``tests.ui_fake``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import polars as pl
+from streamlit.testing.v1 import AppTest
+
+from obatch.api import result_schema
+from obatch.protocol import Batch
+from obatch.ui import views
+from tests.helpers import chat_line
+from tests.test_ui_apptest import GOOD, jsonl, no_exception, table, texts
+from tests.test_ui_apptest import fake as fake
+from tests.test_ui_apptest import page as page
+from tests.ui_fake import FakeServer
+
+
+def batch(**fields: Any) -> Batch:
+    return Batch.model_validate({"id": "batch-1", "object": "batch", "endpoint": "/v1/chat/completions",
+                                 "input_file_id": "file-1", "completion_window": "24h", "status": "in_progress",
+                                 "created_at": 1000} | fields)
+
+
+def out_line(n: int, *, code: str | None = None, **stats: Any) -> dict[str, Any]:
+    """An output (or, with ``code``, error) line of input line ``n``, as obatch writes it."""
+    if code:
+        return {"id": f"r{n}", "custom_id": f"c{n}", "response": None, "error": {"code": code, "message": "no"},
+                "obatch": {"line": n}}
+    body = {"choices": [{"message": {"content": f"answer {n}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    return {"id": f"r{n}", "custom_id": f"c{n}", "response": {"status_code": 200, "request_id": f"q{n}", "body": body},
+            "error": None,
+            "obatch": {"line": n, **stats}}
+
+
+class Server:
+    """``/results`` over a list of lines of which the first ``done`` finished; records each ``after`` asked."""
+
+    def __init__(self, lines: list[dict[str, Any]]) -> None:
+        self.lines, self.done, self.final = lines, 0, False
+        self.asked: list[int] = []
+
+    def fetch(self, after: int, limit: int) -> tuple[bytes, int, bool]:
+        self.asked.append(after)
+        page = [x for x in self.lines[:self.done] if x["obatch"]["line"] > after][:limit]
+        cursor = page[-1]["obatch"]["line"] if page else after
+        rest = len([x for x in self.lines if x["obatch"]["line"] > cursor])
+        return b"".join(orjson.dumps(x) + b"\n" for x in page), cursor, self.final and rest == 0
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+def test_live_results_grow_from_the_cursor_and_never_read_a_line_twice() -> None:
+    server = Server([out_line(n) for n in range(1, 26)])
+    live = views.LiveResults()
+    server.done = 3
+    live = views.read_more(live, server.fetch, final=False, limit=2)
+    assert live.frame["line"].to_list() == [1, 2, 3] and live.after == 3 and not live.finished
+    assert server.asked == [0, 2]  # a full page, then a short one: caught up with the lines finished
+    server.done = 20
+    live = views.read_more(live, server.fetch, final=False, limit=2, pages=3)
+    assert live.frame["line"].to_list() == list(range(1, 10))  # at most three pages a refresh while it runs
+    assert server.asked == [0, 2, 3, 5, 7]
+    server.done, server.final = 25, True
+    live = views.read_more(live, server.fetch, final=True, limit=2, pages=1)  # final: every page to the end
+    assert live.frame["line"].to_list() == list(range(1, 26)) and live.finished and live.after == 25
+    assert len(server.asked) == len(set(server.asked))  # no cursor asked twice
+    assert views.read_more(live, server.fetch, final=True) is live  # read whole: nothing is asked again
+    assert len(server.asked) == 5 + 8
+
+
+def test_retry_is_offered_only_for_retryable_failures_of_a_final_batch_not_retried_yet() -> None:
+    server = Server([out_line(1), out_line(2, code="server_error"), out_line(3, code="model_not_found"),
+                     out_line(4, code="batch_cancelled")])
+    server.done, server.final = 4, True
+    live = views.read_more(views.LiveResults(), server.fetch, final=True)
+    assert views.retryable(live.frame) == 2  # the engine's error and the unrun line; not the unknown model
+    assert views.offers_retry(batch(status="cancelled"), live) == 2
+    assert views.offers_retry(batch(status="in_progress"), live) == 0
+    assert views.offers_retry(batch(status="cancelled", obatch={"retries": ["batch-2"]}), live) == 0
+    partial = views.LiveResults(live.frame, live.after, finished=False)
+    assert views.offers_retry(batch(status="completed"), partial) == 0  # not every line read yet
+
+
+def test_chain_and_reuse_of_a_batch() -> None:
+    retry = batch(obatch={"parent": "batch-0", "cached": 3}, request_counts={"total": 8, "completed": 5, "failed": 0})
+    assert (views.parent_of(retry), views.retries_of(retry)) == ("batch-0", [])
+    assert views.retries_of(batch(obatch={"retries": ["batch-2", "batch-3"]})) == ["batch-2", "batch-3"]
+    assert views.reuse_text(retry) == ("3 of 8 line(s) reused: answered from stored answers or an identical line "
+                                       "of the file, without an engine call")
+    assert views.reuse_text(batch()) is None and views.reuse_text(batch(obatch={"cached": 0})) is None
+    row = views.batches_frame([retry, batch()]).select("cached", "retry of").rows()
+    assert row == [(3, "batch-0"), (None, None)]
+
+
+def test_provenance_of_an_answered_and_a_reused_line() -> None:
+    fresh = out_line(1, host="http://h:11434", engine="ollama", engine_version="0.9.0", model_digest="sha256:ab",
+                     num_ctx=2048, loaded_context=4096, seed=7, attempts=2)
+    reused = out_line(2, num_ctx=2048, attempts=0, cached_from={"batch_id": "batch-0", "custom_id": "c9"})
+    frame = views.results_frame(jsonl(fresh, reused), origin=True)
+    first, second = (dict(views.provenance_frame(r).rows()) for r in frame.iter_rows(named=True))
+    assert first == {"host": "http://h:11434", "engine": "ollama 0.9.0", "model digest": "sha256:ab",
+                     "num_ctx": "2048 asked · 4096 loaded", "seed": "7", "attempts": "2", "cached_from": "—"}
+    assert second == {"host": "— (reused: no engine ran it)", "engine": "—", "model digest": "—",
+                      "num_ctx": "2048 asked · — loaded", "seed": "—", "attempts": "0 (reused)",
+                      "cached_from": "c9 of batch-0"}
+    assert frame["cached_from"].to_list() == [None, "c9 of batch-0"]
+    assert views.results_frame(jsonl(fresh)).schema == pl.Schema(result_schema())
+
+
+# ------------------------------------------------------------------------------------------------- page
+
+
+def test_results_fill_in_while_the_batch_runs(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    api = fake.client()
+    lines = jsonl(*[chat_line(f"q{i}", f"question {i}") for i in range(6)])
+    made = api.create_batch(api.upload_file(lines, "six.jsonl").id, endpoint="/v1/chat/completions")
+    fake.progress(made.id, completed=2, lines=2)
+    at = page("pages/batches.py")
+    no_exception(at)
+    assert list(table(at, "custom_id", "finish_reason")["custom_id"]) == ["q0", "q1"]
+    assert any(t.startswith("Results so far: the first 2 of 6 lines") for t in texts(at.caption))
+    fake.progress(made.id, completed=5, lines=5)
+    at.run()
+    assert list(table(at, "custom_id", "finish_reason")["custom_id"]) == ["q0", "q1", "q2", "q3", "q4"]
+    fake.complete(made.id)
+    at.run()
+    assert list(table(at, "custom_id", "finish_reason")["custom_id"]) == [f"q{i}" for i in range(6)]
+    assert not any(t.startswith("Results so far") for t in texts(at.caption))
+    asked = [int(r.url.params.get("after", 0)) for r in fake.sent("GET", f"/v1/batches/{made.id}/results")]
+    assert asked[:3] == [0, 2, 5] and len(asked) == len(set(asked))  # from the cursor: nothing read twice
+
+
+def test_retry_failed_lines_makes_a_linked_batch(page: Callable[..., AppTest], fake: FakeServer) -> None:
+    api = fake.client()
+    made = api.create_batch(api.upload_file(GOOD, "chat.jsonl").id, endpoint="/v1/chat/completions")
+    fake.complete(made.id)  # q2 fails with server_error: a retry can change that
+    at = page("pages/batches.py")
+    no_exception(at)
+    button = at.button(key=f"retry-{made.id}")
+    assert button.label == "Retry failed lines (1)"
+    button.click().run()
+    no_exception(at)
+    (retry,) = [b for b in fake.batches.values() if b["id"] != made.id]
+    assert retry["obatch"]["parent"] == made.id and fake.batches[made.id]["obatch"]["retries"] == [retry["id"]]
+    assert at.selectbox(key="batch_pick").value == retry["id"]  # the new batch is opened
+    assert any(f"Retrying the failed lines of **{made.id}** as **{retry['id']}** (1 line(s))" in m.value
+               for m in at.success)
+    assert at.button(key=f"parent-{retry['id']}").label == made.id  # one click back to the batch it retries
+    listed = table(at, "id", "retry of")
+    assert listed.set_index("id").loc[retry["id"], "retry of"] == made.id
+    at.button(key=f"parent-{retry['id']}").click().run()
+    assert at.selectbox(key="batch_pick").value == made.id
+    assert at.button(key=f"child-{made.id}-{retry['id']}").label == retry["id"]
+    assert not [b for b in at.button if b.key == f"retry-{made.id}"]  # retried: the button leaves
+
+
+def test_no_retry_button_without_retryable_failures(page: Callable[..., AppTest], fake: FakeServer
+                                                    ) -> None:
+    api = fake.client()
+    made = api.create_batch(api.upload_file(jsonl(chat_line("q1", "hello")), "ok.jsonl").id,
+                            endpoint="/v1/chat/completions")
+    fake.complete(made.id, reused=1)
+    at = page("pages/batches.py")
+    no_exception(at)
+    assert not [b for b in at.button if (b.key or "").startswith("retry-")]
+    assert (":material/recycling: 1 of 1 line(s) reused: answered from stored answers or an identical line of "
+            "the file, without an engine call.") in texts(at.caption)
+    results = table(at, "custom_id", "cached_from")
+    assert list(results["cached_from"]) == ["q1 of batch-earlier"]
