@@ -64,11 +64,14 @@ RESULT_SCHEMA = {
     # provenance (docs/usage.md): the context loaded, the seed, answers the JSON check refused, and where it ran
     "loaded_context": "Int64", "seed": "Int64", "refused_answers": "Int64", "host": "Utf8", "engine": "Utf8",
     "engine_version": "Utf8", "model_digest": "Utf8",
+    # a reused answer: the line it was taken from (a struct of CACHED_FROM), null for a line an engine answered
+    "cached_from": "Struct",
 }
 """One row per request: the notebook API's frame (from the store) and the UI's (from the output files) alike."""
+CACHED_FROM = ("batch_id", "custom_id")
 _COLUMNS = ("line", "custom_id", "model", "state", "status_code", "content", "finish_reason", "prompt_tokens",
             "completion_tokens", "latency_ms", "ttft_ms", "num_ctx", "truncated", "attempts", "error_code",
-            "error_message", "loaded_context", "seed", "refused",
+            "error_message", "loaded_context", "seed", "refused", "cached_from",
             "host")  # RESULT_SCHEMA's, as the store's request rows name them; the host's number becomes its facts
 
 
@@ -315,13 +318,19 @@ async def results_frame(settings: Settings, batch_id: str) -> pl.DataFrame:
     return pl.DataFrame(records, schema=result_schema(), orient="row")
 
 
+def _record(row: tuple[Any, ...], facts: provenance.LineFacts) -> tuple[Any, ...]:
+    """A store row (``_COLUMNS``' values, then its paging key) as ``RESULT_SCHEMA``'s values: the host's number
+    becomes the host's facts, and ``cached_from`` (JSON text in the store) its fields."""
+    *values, cached_from, host, _ = row
+    return (*values, *facts(host, row[2]), orjson.loads(cached_from) if cached_from else None)
+
+
 _CHUNK = 1000  # rows restored from their files at a time (``compact.restored``)
 
 
 def _records(facts: provenance.LineFacts, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Frame records of rows (``_COLUMNS``, then the line): each less its host's number and the line, then the
-    host's facts."""
-    return [(*row[:-2], *facts(row[-2], row[2])) for row in rows]
+    """Frame records of rows (``_COLUMNS``, then the line): ``_record`` of each."""
+    return [_record(row, facts) for row in rows]
 
 
 async def _restored(items: Sequence[tuple[BatchRow, tuple[Any, ...]]], data_dir: Path
@@ -340,7 +349,8 @@ def result_schema() -> dict[str, pl.DataType]:
     """``RESULT_SCHEMA`` as polars types (polars is imported here, on demand)."""
     import polars as pl
 
-    return {name: getattr(pl, kind)() for name, kind in RESULT_SCHEMA.items()}
+    return {name: pl.Struct(dict.fromkeys(CACHED_FROM, pl.Utf8)) if kind == "Struct" else getattr(pl, kind)()
+            for name, kind in RESULT_SCHEMA.items()}
 
 
 async def run(requests: RequestsInput, *, model: str | None = None, concurrency: Concurrency | None = None,
@@ -402,7 +412,7 @@ async def results(batch_id: str, *, merged: bool = False, settings: Settings | N
     chunk: list[tuple[BatchRow, tuple[Any, ...]]] = []
 
     def add(items: Sequence[tuple[BatchRow, tuple[Any, ...]]]) -> None:
-        records.extend((*row[:-2], *facts(batch)(row[-2], row[2]), batch.id) for batch, row in items)
+        records.extend((*_record(row, facts(batch)), batch.id) for batch, row in items)
 
     try:  # as ``results_frame``'s rows, then the batch that gave the line
         async for item in reading.iter_finished(sessions, batch_id, (*_COLUMNS, *compact.INDEX), merged=merged):

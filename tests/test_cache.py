@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
 
 from obatch import batches, cache, errors
-from obatch.api import run_batch_file
+from obatch.api import results, results_frame, run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.client import Client
 from obatch.config import Settings
@@ -30,6 +31,8 @@ from tests.helpers import chat_line, killable_run, sigkill_once_done, succeeded_
 from tests.serverkit import FINAL, KEYS
 
 MODEL = "llama3.2:1b"
+PROVENANCE_COLUMNS = ("host", "engine", "engine_version", "model_digest", "num_ctx", "loaded_context", "seed",
+                      "attempts")
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -126,6 +129,34 @@ async def test_a_rerun_sends_only_the_changed_lines(tmp_path: Path, make_setting
     assert two.batch.output_tokens == one.batch.output_tokens - sum(  # usage is what the answers say, reused or not
         earlier[f"r{i}"]["response"]["body"]["usage"]["completion_tokens"] for i in range(3, n, 10)) + sum(
         later[f"r{i}"]["response"]["body"]["usage"]["completion_tokens"] for i in range(3, n, 10))
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_the_notebook_frame_says_where_each_answer_came_from(tmp_path: Path,
+                                                                   make_settings: Callable[..., Settings]) -> None:
+    """``obatch.run``'s frame (``results_frame``) and ``obatch.results``' carry each line's ``cached_from`` and its
+    provenance, as its output line does."""
+    prompts = [f"question {i}" for i in range(12)]
+    changed = [p + (" (reworded)" if i % 4 == 1 else "") for i, p in enumerate(prompts)]
+    defaults = {"temperature": 0, "max_tokens": 8}
+    async with OllamaSim(SimConfig(num_parallel=4)) as sim:
+        settings = make_settings(sim.url)
+        one = await run_batch_file(prompts, model=MODEL, settings=settings, progress=False, defaults=defaults)
+        two = await run_batch_file(changed, model=MODEL, settings=settings, progress=False, defaults=defaults)
+        frames = [await results_frame(settings, two.batch.id), await results(two.batch.id, settings=settings)]
+    lines = by_id(two.output)
+    for frame in frames:
+        rows = {row["custom_id"]: row for row in frame.iter_rows(named=True)}
+        assert len(rows) == len(prompts)
+        for i in range(len(prompts)):
+            row, line = rows[f"request-{i}"], lines[f"request-{i}"]
+            expected = None if i % 4 == 1 else {"batch_id": one.batch.id, "custom_id": f"request-{i}"}
+            assert row["cached_from"] == line["obatch"]["cached_from"] == expected
+            for name in PROVENANCE_COLUMNS:
+                assert row[name] == line["obatch"][name], (name, i)
+        answered = frame.filter(pl.col("cached_from").is_null())
+        assert answered["host"].to_list() == [sim.url] * 3 and answered["attempts"].to_list() == [1] * 3
+        assert frame.filter(pl.col("cached_from").struct.field("batch_id") == one.batch.id).height == 9
 
 
 @pytest.mark.usefixtures("db_url")
@@ -320,13 +351,14 @@ async def test_the_embedded_engine_names_its_model_by_the_file(tmp_path: Path) -
 
     from obatch.backends.local import LocalBackend
     from obatch.backends.pool import Pool
+    from obatch.batches.provenance import ask
     from obatch.batches.reuse import identity
     from obatch.testing.tiny_gguf import write_tiny_model
 
     path = write_tiny_model(tmp_path / "tiny.gguf")
     backend = LocalBackend(path, alias="tiny")
     try:
-        named = await identity(Pool.of(backend, concurrency=1), "tiny")
+        named = identity(await ask(Pool.of(backend, concurrency=1), "tiny"), "tiny")
     finally:
         await backend.aclose()
     assert named == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()

@@ -77,6 +77,31 @@ async def test_cli_lines_and_batch_carry_their_provenance(tmp_path: Path,
             line["obatch"][k] for k in (*ENTRY_KEYS, "seed", "loaded_context", "attempts")]
 
 
+async def test_each_host_is_asked_for_the_digest_once_per_model_group(tmp_path: Path,
+                                                                      make_settings: Callable[..., Settings]) -> None:
+    """The cache's identity of a model and the batch's list of hosts are made of one answer per host and model
+    group: Ollama's ``/api/tags`` (where its digest is) is asked once for both, not once for each."""
+    embed = "nomic-embed-text"
+    lines = [chat_line(f"r{i}", f"question {i}", temperature=0, max_tokens=4) for i in range(6)]
+    lines.append({"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": embed, "input": "x"}})
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2)) as a, OllamaSim(SimConfig(num_parallel=2)) as b:
+        settings = make_settings(f"{a.url},{b.url}")
+        first = await run_batch_file(path, settings=settings, progress=False)
+        asked = [sim.stats.requests["/api/tags"] for sim in (a, b)]
+        again = await run_batch_file(path, settings=settings, progress=False, fresh=True)  # every line reused
+        asked_again = [sim.stats.requests["/api/tags"] - n for sim, n in zip((a, b), asked, strict=True)]
+        answered = a.stats.served + b.stats.served
+    assert asked == asked_again == [2, 2]  # two model groups, each host asked once for each
+    assert answered == len(lines)  # the second run's lines all came from the first's answers
+    digests = {CHAT: sim_digest(CHAT), embed: sim_digest(embed)}
+    assert all(line["obatch"]["model_digest"] == digests[line["response"]["body"]["model"]]
+               for line in read(first.output))
+    assert all(line["obatch"]["cached_from"] is not None for line in read(again.output))
+    engines = batch_object(first.batch).obatch.engines  # type: ignore[union-attr]
+    assert sorted((e.host, e.models) for e in engines or []) == sorted([(a.url, digests), (b.url, digests)])
+
+
 async def test_a_line_that_never_reached_an_engine_names_no_host(tmp_path: Path,
                                                                  make_settings: Callable[..., Settings]) -> None:
     lines = [chat_line("ok", max_tokens=4), chat_line("gone", model="no-such-model", seed=5)]

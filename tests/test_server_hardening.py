@@ -307,6 +307,36 @@ async def test_a_pilot_runs_none_of_the_lines_a_batch_refuses(api: AsyncTestClie
     assert obatch_sim.stats.served - before == 1  # the good line only: no refused option reached the engine
 
 
+@pytest.mark.usefixtures("db_url")
+async def test_pilot_lines_belong_to_the_key_that_ran_them(api: AsyncTestClient[Any], obatch_sim: OllamaSim) -> None:
+    """Two tenants upload the same bytes: Bob's pilot asks the engine again instead of reusing Alice's lines, his
+    batch takes only his own, and Alice's batch still takes hers."""
+    content = jsonl([chat_line(f"q{i}", f"question {i}", max_tokens=4) for i in range(12)])
+    pilot, total = 4, 12
+
+    async def run_pilot(headers: dict[str, str]) -> tuple[str, int]:
+        stored = await upload(api, content, headers)
+        before = obatch_sim.stats.served
+        response = await api.get("/v1/benchmarks/estimate", headers=headers,
+                                 params={"input_file_id": stored.json()["id"], "pilot": str(pilot)})
+        assert response.status_code in (200, 404), response.text  # 404: no benchmark points (the pilot ran)
+        return stored.json()["id"], obatch_sim.stats.served - before
+
+    async def run_batch_of(file_id: str, headers: dict[str, str]) -> int:
+        before = obatch_sim.stats.served
+        created = await api.post("/v1/batches", headers=headers, json={
+            "input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"})
+        batch = await settled(api, created.json()["id"], headers=headers)
+        assert batch["status"] == "completed" and batch["request_counts"]["completed"] == total
+        return obatch_sim.stats.served - before
+
+    alice_file, alice_sent = await run_pilot(ALICE)
+    bob_file, bob_sent = await run_pilot(BOB)
+    assert (alice_sent, bob_sent) == (pilot, pilot)  # Bob's pilot ran its lines: Alice's were not his to reuse
+    assert await run_batch_of(bob_file, BOB) == total - pilot  # his own pilot lines, not hers
+    assert await run_batch_of(alice_file, ALICE) == total - pilot  # hers are still there for her
+
+
 # --------------------------------------------------------------------------------- typed request bodies
 
 MALFORMED = {  # body fields of the wrong shape → the field named in a 400, never a 500 or an exception's text

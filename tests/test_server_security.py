@@ -27,7 +27,16 @@ from obatch.config import Settings
 from obatch.server import create_app
 from obatch.testing.ollama_sim import OllamaSim
 from tests.helpers import jsonl
-from tests.serverkit import FINAL, KEYS, ServerProcess, assert_openai_error, chat_line, free_port, server_env
+from tests.serverkit import (
+    FINAL,
+    KEYS,
+    ServerProcess,
+    assert_openai_error,
+    chat_line,
+    free_port,
+    server_env,
+    settled,
+)
 
 ROUTES = [
     ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-0123456789abcdef01234567"),
@@ -160,6 +169,27 @@ async def test_rate_limit_per_key_and_cors(limited: AsyncTestClient[object]) -> 
     assert allowed.headers.get("access-control-allow-origin") == "https://ui.example"
     other = await limited.options("/v1/batches", headers={**preflight, "Origin": "https://evil.example"})
     assert other.headers.get("access-control-allow-origin") is None
+
+
+async def test_cors_lets_a_browser_page_read_the_results_cursor(obatch_sim: OllamaSim, tmp_path: Path) -> None:
+    """A page on an allowed origin pages ``/results`` by its ``x-obatch-*`` headers: a browser hides every response
+    header the server does not list in ``access-control-expose-headers``."""
+    settings = Settings(_env_file=None, backend="ollama", ollama_url=obatch_sim.url,  # type: ignore[call-arg]
+                        data_dir=tmp_path / "data", api_keys=KEYS["alice"], cors_origins="https://ui.example",
+                        worker_poll_interval=0.05)
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "Origin": "https://ui.example"}
+    async with AsyncTestClient(create_app(settings)) as api:
+        content = jsonl([chat_line(f"r{i}", max_tokens=4) for i in range(3)])
+        stored = await api.post("/v1/files", data={"purpose": "batch"}, headers=headers,
+                                files={"file": ("in.jsonl", content)})
+        created = await api.post("/v1/batches", headers=headers, json={
+            "input_file_id": stored.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        await settled(api, created.json()["id"], headers=headers)
+        page = await api.get(f"/v1/batches/{created.json()['id']}/results", headers=headers)
+    assert page.status_code == 200 and page.headers["x-obatch-next-after"] == "3"
+    assert page.headers["access-control-allow-origin"] == "https://ui.example"
+    exposed = {h.strip().lower() for h in page.headers["access-control-expose-headers"].split(",")}
+    assert {"x-obatch-next-after", "x-obatch-finished", "x-request-id", "retry-after"} <= exposed
 
 
 def test_cors_closed_by_default(http: httpx.Client) -> None:
@@ -315,6 +345,31 @@ def test_concurrent_uploads_never_pass_the_quota(start: Callable[..., ServerProc
                           headers={"Authorization": f"Bearer {KEYS['alice']}"}) as client:
             for file_id in kept:
                 assert client.delete(f"/v1/files/{file_id}").status_code == 200
+
+
+@pytest.mark.usefixtures("db_url")
+def test_concurrent_sweeps_never_pass_the_daily_budget(start: Callable[..., ServerProcess], db_url: str | None) -> None:
+    """Eight sweeps of 48 requests from one key at once, a budget of 100: each read the budget before any was
+    recorded, and more than two were accepted. The budget is checked and the sweep recorded in one step now."""
+    server = start(tenant_sweeps="true", max_sweep_requests=64, sweep_requests_per_day=100, database_url=db_url)
+    sweep = {"models": ["llama3.2:1b"], "concurrency": [1], "requests": 48, "workload": "tiny"}
+    alice = {"Authorization": f"Bearer {KEYS['alice']}"}
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            return client.post("/v1/benchmarks/sweeps", json=sweep, headers=alice)
+
+    with httpx.Client(base_url=server.url, timeout=30, headers=alice) as client:
+        for fitting in (2, 0):  # then again, with the budget spent
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(send, range(8)))
+            assert sorted(a.status_code for a in answers) == [200] * fitting + [429] * (8 - fitting)
+            assert all(assert_openai_error(a, 429)["code"] == "sweep_budget_exceeded" for a in answers
+                       if a.status_code != 200)
+            for made in answers:
+                if made.status_code == 200:
+                    assert client.post(f"/v1/benchmarks/sweeps/{made.json()['id']}/cancel").status_code == 200
+        assert len(client.get("/v1/benchmarks/sweeps").json()["data"]) == 2
 
 
 # -------------------------------------------------------------------------------------------------- TLS

@@ -218,7 +218,7 @@ def test_results_frame_and_filters() -> None:
         "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4, "latency_ms": 120.0,
         "ttft_ms": None, "num_ctx": None, "truncated": None, "attempts": None, "error_code": None,
         "error_message": None, "loaded_context": None, "seed": None, "refused_answers": None, "host": None,
-        "engine": None, "engine_version": None, "model_digest": None}
+        "engine": None, "engine_version": None, "model_digest": None, "cached_from": None}
     assert frame["error_code"].to_list()[1:] == ["context_length_exceeded", "batch_expired"]
     later = {**ok, "custom_id": "0-first-by-name", "obatch": {"line": 9}}
     assert views.results_frame(jsonl(later, ok))["line"].to_list() == [1, 9]  # input order, not the names'
@@ -263,7 +263,7 @@ def test_results_frame_reads_the_lines_obatch_writes() -> None:
         "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2, "latency_ms": 12.5, "ttft_ms": 3.0,
         "num_ctx": 2048, "truncated": False, "attempts": 2, "error_code": None, "error_message": None,
         "loaded_context": None, "seed": None, "refused_answers": None, "host": None, "engine": None,
-        "engine_version": None, "model_digest": None}
+        "engine_version": None, "model_digest": None, "cached_from": None}
     assert (by_id["bad"]["status"], by_id["bad"]["status_code"], by_id["bad"]["error_code"]) == \
         ("failed", 400, "context_length_exceeded")
     assert (by_id["late"]["status"], by_id["late"]["error_code"], by_id["late"]["line"]) == \
@@ -314,3 +314,13 @@ def test_obatch_ui_runs_the_packaged_app_or_the_one_named(tmp_path: Path) -> Non
     assert command[command.index("--server.port") + 1] == "9999"
 
 
+
+
+def test_results_frame_says_where_a_reused_answer_came_from() -> None:
+    origin = {"batch_id": "batch_a", "custom_id": "q1"}
+    reused = {"id": "r1", "custom_id": "q1", "error": None, "obatch": {"line": 1, "cached_from": origin},
+              "response": {"status_code": 200, "request_id": "q", "body": {"choices": []}}}
+    answered = {**reused, "custom_id": "q2", "obatch": {"line": 2, "host": "http://h:11434"}}
+    frame = views.results_frame(jsonl(reused, answered))
+    assert frame["cached_from"].to_list() == [origin, None]
+    assert views.for_display(frame)["cached_from"].to_list() == [origin, None]  # shown as it is

@@ -209,7 +209,7 @@ async def validate_and_import(svc: Services, batch: BatchRow) -> None:
         raise errors.ConflictError(f"Batch {batch.id}: imported {imported} of {total} lines; importing again.")
     async with svc.sessions() as session:  # lines a pilot of this very file already ran are not run again
         stored = await repo.find_file(session, batch.input_file_id)
-        if stored is not None and stored.sha256 and await pilots.adopt(session, batch.id, stored.sha256):
+        if stored is not None and stored.sha256 and await pilots.adopt(session, batch.id, batch.owner, stored.sha256):
             await session.commit()
     async with svc.sessions() as session:
         first_url = await repo.first_url(session, batch.id)

@@ -245,11 +245,12 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             await _fail_group(svc, batch.id, group.model, exc, progress, group.pending)
             continue
         num_ctx = await _fit_group(svc, batch.id, group, info.context_length, progress)
-        plan = await reuse.before_group(svc, batch, group.model, progress)  # stored answers; repeats held back
+        hosts = await provenance.ask(pool, group.model)  # versions and digests: once, for the cache and the record
+        plan = await reuse.before_group(svc, batch, group.model, progress, hosts)  # stored answers; repeats held
         if plan.answered and not await _has_pending(svc, batch.id, group.model):
             continue
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
-        writer.hosts.update(await provenance.record(svc, batch, pool, group.model))
+        writer.hosts.update(await provenance.record(svc, batch, hosts))
         held = plan.held
         while True:  # a second round only for held lines whose leader failed: they run themselves
             try:

@@ -86,14 +86,18 @@ def entries_of(batch: BatchRow) -> list[dict[str, Any]]:
     return list(orjson.loads(batch.engines_json)) if batch.engines_json else []
 
 
-async def record(svc: Services, batch: BatchRow, pool: Pool, model: str) -> dict[str, int]:
-    """Once per model group, before it runs: each host serving ``model`` in the batch's list, with its version and
-    the model's digest. Returns the number of each host's entry by its URL, for the lines it will answer."""
+async def ask(pool: Pool, model: str) -> dict[str, dict[str, Any]]:
+    """Once per model group: each host serving ``model``, with its version and the model's digest (``host_entry``),
+    by its URL. The cache's identity of the model (``obatch.batches.reuse``) and the batch's list (``record``) are
+    both made of this answer, so each engine is asked once."""
+    return {host.url: await host_entry(host.backend, host.url, model) for host in pool.hosts if host.serves(model)}
+
+
+async def record(svc: Services, batch: BatchRow, found: Mapping[str, dict[str, Any]]) -> dict[str, int]:
+    """Before a model group runs: the hosts ``ask`` found, in the batch's list. Returns the number of each host's
+    entry by its URL, for the lines it will answer."""
     entries = entries_of(batch)
-    numbers: dict[str, int] = {}
-    for host in pool.hosts:
-        if host.serves(model):
-            numbers[host.url] = merge(entries, await host_entry(host.backend, host.url, model))
+    numbers = {url: merge(entries, {**entry, "models": dict(entry["models"])}) for url, entry in found.items()}
     text = orjson.dumps(entries).decode()
     if text != batch.engines_json:
         await update_batch(svc, batch, engines_json=text)

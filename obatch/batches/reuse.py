@@ -15,14 +15,14 @@ run looks everything up again and a held line finds its leader's answer, or runs
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
-from obatch import cache, errors
-from obatch.backends.pool import Pool
+from obatch import cache
 from obatch.batches import compact
-from obatch.batches.provenance import model_digest
 from obatch.batches.services import Progress, Services
 from obatch.protocol import new_id
 from obatch.store import cache_repo, repo
@@ -44,30 +44,25 @@ class Plan:
     held: frozenset[int] = field(default_factory=frozenset)  # lines waiting for an identical earlier line
 
 
-async def identity(pool: Pool, model: str) -> str | None:
-    """The identity of ``model`` on the hosts that serve it (their digests, sorted and joined); None when a host
-    cannot tell, so nothing is reused for a model whose weights are not known."""
-    found: set[str] = set()
-    for host in pool.hosts:
-        if not host.serves(model):
-            continue
-        try:
-            digest = await model_digest(host.backend, model)
-        except errors.BackendError:
-            return None
-        if digest is None:
-            return None
-        found.add(digest)
-    return "|".join(sorted(found)) or None
+def identity(hosts: Mapping[str, Mapping[str, Any]], model: str) -> str | None:
+    """The identity of ``model`` on the hosts that serve it (their digests, sorted and joined), from the entries
+    ``provenance.ask`` found; None when a host cannot tell, so nothing is reused for a model whose weights are not
+    known."""
+    digests = {entry["models"].get(model) for entry in hosts.values()}
+    if not digests or None in digests:
+        return None
+    return "|".join(sorted(digests))
 
 
-async def before_group(svc: Services, batch: BatchRow, model: str, progress: Progress | None) -> Plan:
-    """Answer what can be answered from stored answers and hold back repeated lines (module docstring)."""
+async def before_group(svc: Services, batch: BatchRow, model: str, progress: Progress | None,
+                       hosts: Mapping[str, Mapping[str, Any]]) -> Plan:
+    """Answer what can be answered from stored answers and hold back repeated lines (module docstring); ``hosts``:
+    what ``provenance.ask`` found of the hosts serving ``model``."""
     policy = cache.policy_of(svc.settings.cache, batch.metadata_json)
     kinds = cache.kinds(policy)
     if not kinds:
         return Plan()
-    plan = Plan(identity=await identity(svc.pool, model), kinds=kinds)
+    plan = Plan(identity=identity(hosts, model), kinds=kinds)
     if plan.identity is None:
         return plan
     async with svc.sessions() as session:

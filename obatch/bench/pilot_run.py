@@ -129,9 +129,11 @@ def sample_file(path: Path, model: str | None, size: int, key: str, limits: Limi
 
 
 async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, path: Path, *, size: int,
-                    model: str | None = None, concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run (or reuse) a pilot of ``size`` lines of the file at ``path``; returns what it did
-    (``obatch.protocol.PilotInfo``'s fields)."""
+                    model: str | None = None, concurrency: int | None = None, seed: int = 0, owner: str = ""
+                    ) -> dict[str, Any]:
+    """Run (or reuse) a pilot of ``size`` lines of the file at ``path`` for ``owner`` (the server's API key owner;
+    "" for the CLI and notebook): only that owner's pilot lines are reused, and only that owner's batches take the
+    lines it runs. Returns what it did (``obatch.protocol.PilotInfo``'s fields)."""
     pilot_size(size)
     sha = await asyncio.to_thread(file_sha256, path)
     # the lines a batch would refuse (engine options clients may not set) are never piloted either
@@ -140,7 +142,7 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
     if not total:
         raise errors.ConfigError("The file holds no valid batch requests.", param="input_file_id")
     async with sessions() as session:
-        have = {p.custom_id for p in await pilots.all_of(session, sha)}
+        have = {p.custom_id for p in await pilots.all_of(session, owner, sha)}
     todo = [r for r in wanted if r.custom_id not in have]
     level = concurrency or DEFAULT_CONCURRENCY
     started = time.monotonic()
@@ -150,16 +152,17 @@ async def run_pilot(sessions: Sessions, backend: Backend, settings: Settings, pa
         by_model[r.model].append(r)
     pool = backend if isinstance(backend, Pool) else Pool([backend], concurrency=level)
     for name, group in by_model.items():
-        stored, errored = await _run_group(sessions, pool, settings, sha, name, group, need[name], level)
+        stored, errored = await _run_group(sessions, pool, settings, (owner, sha), name, group, need[name], level)
         ran, failed = ran + stored, failed + errored
     return {"requests": len(wanted), "ran": ran, "reused": len(wanted) - len(todo), "failed": failed,
             "seconds": time.monotonic() - started, "concurrency": level, "file_sha256": sha, "lines": total}
 
 
-async def _run_group(sessions: Sessions, pool: Pool, settings: Settings, sha: str, model: str,
+async def _run_group(sessions: Sessions, pool: Pool, settings: Settings, file: tuple[str, str], model: str,
                      group: Sequence[Request], need: int, level: int) -> tuple[int, int]:
     """One model's sample lines, at the context window the batch will pick for all of that model's lines (whose
-    longest needs ``need`` tokens)."""
+    longest needs ``need`` tokens); ``file``: the pilot's owner and the file's SHA-256, the lines' key."""
+    owner, sha = file
     num_ctx = None
     if pool.sets_num_ctx:
         info = await pool.route(model)
@@ -184,8 +187,8 @@ async def _run_group(sessions: Sessions, pool: Pool, settings: Settings, sha: st
         row = dict(zip(repo.FINISH_COLUMNS, batches.outcome_row(outcome), strict=False))  # the line number left out
         custom_id = outcome.job.custom_id
         rows.append(PilotRow(
-            file_sha256=sha, custom_id=custom_id, body_sha256=pilots.body_sha256(bodies[custom_id]), model=model,
-            url=outcome.job.url, max_tokens=caps[custom_id], completion_tokens=row["completion_tokens"],
+            owner=owner, file_sha256=sha, custom_id=custom_id, body_sha256=pilots.body_sha256(bodies[custom_id]),
+            model=model, url=outcome.job.url, max_tokens=caps[custom_id], completion_tokens=row["completion_tokens"],
             finish_reason=row["finish_reason"], latency_ms=outcome.latency_ms, concurrency=level,
             result_json=orjson.dumps(row).decode(), created_at=time.time()))
 

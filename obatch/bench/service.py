@@ -134,15 +134,16 @@ async def _estimate(session: AsyncSession, settings: Settings, owner: str | None
     if pilot is not None:
         if file is None or engine is None or sessions is None:
             raise errors.ConfigError("A pilot runs lines of an input file: give input_file_id.", param="pilot")
-        return await piloted(session, sessions, settings, engine, file, pilot, backend=backend, **kwargs)
+        return await piloted(session, sessions, settings, engine, file, pilot, backend=backend, owner=owner or "",
+                             **kwargs)
     return combined(await estimate_groups(session, EstimateRequest(backend=backend, file=file, engine=engine,
-                                                                   file_sha256=sha, **kwargs)))
+                                                                   file_sha256=sha, owner=owner or "", **kwargs)))
 
 
 async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings, engine: Backend, file: Path,
-                  pilot: int | str, *, backend: str | None, **kwargs: Any) -> DurationEstimate:
-    """Run a pilot of the file on ``engine`` and estimate by its answers; the batch of that file later takes its
-    lines as finished. ``pilot="auto"`` grows it while its answers leave the estimate unsure
+                  pilot: int | str, *, backend: str | None, owner: str = "", **kwargs: Any) -> DurationEstimate:
+    """Run a pilot of the file on ``engine`` for ``owner`` (whose batch of that file later takes its lines as
+    finished) and estimate by its answers. ``pilot="auto"`` grows it while its answers leave the estimate unsure
     (``obatch.bench.pilot_run``: 16 lines, doubled up to a quarter of the file, until within ±15%)."""
     from obatch.bench.pilot_run import AUTO, AUTO_WITHIN, auto_sizes, run_pilot, valid_lines
 
@@ -151,12 +152,12 @@ async def piloted(session: AsyncSession, sessions: Sessions, settings: Settings,
     done: dict[str, Any] = {}
     for size in sizes:
         ran = await run_pilot(sessions, engine, settings, file, size=size, model=kwargs.get("model"),
-                              concurrency=kwargs.get("concurrency"))
+                              concurrency=kwargs.get("concurrency"), owner=owner)
         done = ran | {"ran": done.get("ran", 0) + ran["ran"], "failed": done.get("failed", 0) + ran["failed"],
                       "seconds": done.get("seconds", 0.0) + ran["seconds"],
                       "reused": done.get("reused", ran["reused"]), "auto": auto}
         made = combined(await estimate_groups(session, EstimateRequest(
-            backend=backend, file=file, engine=engine, file_sha256=ran["file_sha256"], **kwargs)), done)
+            backend=backend, file=file, engine=engine, file_sha256=ran["file_sha256"], owner=owner, **kwargs)), done)
         if (unsure := answers_margin(made)) <= AUTO_WITHIN:
             break
     else:

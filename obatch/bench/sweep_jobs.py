@@ -46,10 +46,21 @@ def to_wire(row: BenchSweepRow) -> Sweep:
                  error=row.error)
 
 
+def engine_requests(params: SweepParams) -> int:
+    """The engine requests a sweep sends: each point (model × num_ctx × level × repeat) sends ``requests``."""
+    return params.points * params.requests
+
+
+def new_row(params: SweepParams, owner: str | None, *, now: float | None = None) -> BenchSweepRow:
+    """A queued sweep's row (the worker starts it)."""
+    return BenchSweepRow(id=new_id("sweep"), owner=owner, status="queued", params_json=params.model_dump_json(),
+                         requests=engine_requests(params), created_at=time.time() if now is None else now,
+                         points_total=params.points)
+
+
 async def create(sessions: Sessions, params: SweepParams, owner: str | None, *, now: float | None = None) -> Sweep:
     """Queue a sweep; the worker starts it."""
-    row = BenchSweepRow(id=new_id("sweep"), owner=owner, status="queued", params_json=params.model_dump_json(),
-                        created_at=time.time() if now is None else now, points_total=params.points)
+    row = new_row(params, owner, now=now)
     async with sessions() as session:
         bench_repo.add(session, row)
         await session.commit()

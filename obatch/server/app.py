@@ -33,6 +33,7 @@ from obatch.server.controllers import (
     PassthroughController,
     SystemController,
 )
+from obatch.server.controllers import batches as batch_routes
 from obatch.server.deps import providers
 from obatch.server.errors import exception_handler
 from obatch.server.guard import body_timeouts, json_guard
@@ -44,6 +45,9 @@ from obatch.store.db import open_store
 from obatch.worker import BatchWorker, ThreadedWorker
 
 MAX_JSON_BODY = 64 << 20  # JSON request bodies (uploads have their own limit: max_file_bytes)
+# Response headers a browser page may read across origins (beyond the CORS-safelisted ones): the results page's
+# cursor, the request id, and when to retry.
+EXPOSED_HEADERS = (batch_routes.NEXT_AFTER, batch_routes.FINISHED, "x-request-id", "x-should-retry", "retry-after")
 UNLIMITED_PATHS = ["^/health$"]  # never rate-limited: health checks come often, from one address
 log = logging.getLogger("obatch.server")
 
@@ -158,8 +162,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         before_request=json_guard(settings.max_json_depth),
         before_send=[log_unrouted(metrics)],
         exception_handlers={Exception: exception_handler},
-        cors_config=CORSConfig(allow_origins=origins, allow_headers=["*"], allow_methods=["GET", "POST", "DELETE"])
-        if origins else None,
+        cors_config=CORSConfig(allow_origins=origins, allow_headers=["*"], allow_methods=["GET", "POST", "DELETE"],
+                               expose_headers=list(EXPOSED_HEADERS)) if origins else None,
         openapi_config=OpenAPIConfig(title="obatch", version="0.1.0",
                                      description="OpenAI Files + Batches API on local LLMs."),
         request_max_body_size=MAX_JSON_BODY,

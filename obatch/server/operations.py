@@ -172,7 +172,7 @@ async def _plan(svc: Services, source: FileRow, request: BatchCreate) -> Deadlin
         made = await deadline.plan_for_file(
             session, svc.pool, batches.file_path(svc.settings, source.id), window, file_sha256=source.sha256 or None,
             model=request.model, concurrency=request.concurrency or svc.pool.fixed,
-            schedule=request.schedule or svc.settings.schedule)
+            schedule=request.schedule or svc.settings.schedule, owner=source.owner)
     if strict:
         deadline.refuse_if_certain(made)
     return made

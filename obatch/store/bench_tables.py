@@ -132,6 +132,7 @@ class BenchSweepRow(SQLModel, table=True):
     owner: str | None = Field(default=None, index=True)
     status: str = Field(index=True)  # queued | in_progress | cancelling | cancelled | completed | failed
     params_json: str  # obatch.bench.schemas.SweepParams
+    requests: int = 0  # the engine requests it sends (points × requests): what counts against its key's daily budget
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

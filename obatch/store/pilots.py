@@ -3,7 +3,9 @@
 The batch lifecycle calls ``adopt`` once its rows are imported: each stored pilot answer whose (file content,
 custom_id, body) matches a pending row of the batch finishes that row, through the same guarded write as any
 result (only a still-pending row takes it), and is marked used by that batch, so no line runs twice and no pilot
-answer counts in two batches.
+answer counts in two batches. Pilot lines belong to an owner (the server's API key owner; "" for the CLI and
+notebook, as a batch's): every query here takes it, so a tenant never sees nor takes another's pilot lines, even of
+the same bytes.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ def body_sha256(body_json: str | bytes) -> str:
     return hashlib.sha256(body_json.encode() if isinstance(body_json, str) else body_json).hexdigest()
 
 
-async def unused(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
-    """The file's pilot lines no batch has taken yet."""
-    statement = select(PilotRow).where(col(PilotRow.file_sha256) == file_sha256, col(PilotRow.used_by).is_(None))
-    return list((await session.execute(statement)).scalars().all())
+def _of(owner: str, file_sha256: str) -> Any:
+    return (col(PilotRow.owner) == owner) & (col(PilotRow.file_sha256) == file_sha256)
 
 
-async def all_of(session: AsyncSession, file_sha256: str) -> list[PilotRow]:
-    """Every pilot line of the file (taken by a batch or not): what its answers are known to take."""
-    statement = select(PilotRow).where(col(PilotRow.file_sha256) == file_sha256)
+async def all_of(session: AsyncSession, owner: str, file_sha256: str) -> list[PilotRow]:
+    """Every pilot line ``owner`` ran of the file (taken by a batch or not): what its answers are known to take."""
+    statement = select(PilotRow).where(_of(owner, file_sha256))
     return list((await session.execute(statement)).scalars().all())
 
 
@@ -43,10 +43,10 @@ async def save(session: AsyncSession, rows: Sequence[PilotRow]) -> None:
         await session.merge(row)
 
 
-async def adopt(session: AsyncSession, batch_id: str, file_sha256: str) -> int:
-    """Finish the batch's pending rows that a pilot already ran (see the module docstring); returns how many.
-    Runs in the caller's transaction, so the rows and the pilot lines' ``used_by`` change together."""
-    statement = select(PilotRow).where(col(PilotRow.file_sha256) == file_sha256,
+async def adopt(session: AsyncSession, batch_id: str, owner: str, file_sha256: str) -> int:
+    """Finish the batch's pending rows that a pilot of its owner already ran (see the module docstring); returns how
+    many. Runs in the caller's transaction, so the rows and the pilot lines' ``used_by`` change together."""
+    statement = select(PilotRow).where(_of(owner, file_sha256),
                                        or_(col(PilotRow.used_by).is_(None), col(PilotRow.used_by) == batch_id))
     pilots = {p.custom_id: p for p in (await session.execute(statement)).scalars().all()}
     if not pilots:
@@ -66,6 +66,6 @@ async def adopt(session: AsyncSession, batch_id: str, file_sha256: str) -> int:
         taken.append(custom_id)
     if results:
         await repo.finish_requests(session, batch_id, results)
-        await session.execute(update(PilotRow).where(col(PilotRow.file_sha256) == file_sha256,
+        await session.execute(update(PilotRow).where(_of(owner, file_sha256),
                                                      col(PilotRow.custom_id).in_(taken)).values(used_by=batch_id))
     return len(results)

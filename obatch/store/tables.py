@@ -150,11 +150,13 @@ class LeaseRow(SQLModel, table=True):
 class PilotRow(SQLModel, table=True):
     """A line of an input file run ahead of its batch by a pilot (``obatch estimate --pilot``): its answer tells how
     long the file's answers are, and the batch that later imports the same file takes it as a finished line instead
-    of running it again (once: ``used_by`` names that batch). Keyed by the file's content, the line's custom_id and
-    its body, so a changed line is never mistaken for the one that ran."""
+    of running it again (once: ``used_by`` names that batch). Keyed by its owner (the server's API key owner; ""
+    for the CLI and notebook, as a batch's), the file's content, the line's custom_id and its body, so a changed line
+    is never mistaken for the one that ran and a tenant never sees or reuses another's pilot lines."""
 
     __tablename__ = "pilots"
 
+    owner: str = Field(default="", primary_key=True)
     file_sha256: str = Field(primary_key=True)
     custom_id: str = Field(primary_key=True)
     body_sha256: str

@@ -122,15 +122,16 @@ def refuse_if_certain(made: DeadlinePlan) -> None:
 
 async def plan_for_file(session: AsyncSession, engine: Pool, file: Path, window: float, *,
                         file_sha256: str | None = None, model: str | None = None, concurrency: int | None = None,
-                        schedule: str = "auto") -> DeadlinePlan:
-    """The plan of a batch of ``file`` about to be created on ``engine``'s hosts: its estimate (the one the
-    estimate endpoint gives the file at this concurrency and schedule) against ``window``. Advice: without
-    benchmark points, or when the estimate takes over ``PLAN_SECONDS``, the plan says so and the batch goes on."""
+                        schedule: str = "auto", owner: str = "") -> DeadlinePlan:
+    """The plan of a batch of ``file`` about to be created on ``engine``'s hosts for ``owner`` (whose pilot lines
+    count): its estimate (the one the estimate endpoint gives the file at this concurrency and schedule) against
+    ``window``. Advice: without benchmark points, or when the estimate takes over ``PLAN_SECONDS``, the plan says so
+    and the batch goes on."""
     if not await bench_repo.list_points(session, models=[model] if model else None) and \
-            not (file_sha256 and await pilots.all_of(session, file_sha256)):  # before the file is read: no cost
+            not (file_sha256 and await pilots.all_of(session, owner, file_sha256)):  # before the file is read
         return plan(None, window, why="no benchmark points (run `obatch bench`) and no pilot of the file")
     request = EstimateRequest(backend=engine.name, engine=engine, file=file, file_sha256=file_sha256, model=model,
-                              concurrency=concurrency, schedule=schedule)
+                              concurrency=concurrency, schedule=schedule, owner=owner)
     try:
         async with asyncio.timeout(PLAN_SECONDS):
             parts = await estimate_groups(session, request)

@@ -60,11 +60,11 @@ class EstimateRequest:
     level auto is expected to settle on, from the slots ``engine`` reports), with the model's load time or without.
 
     ``backend``: prefer points measured on it. ``engine``, when given, tells the context window obatch will pick.
-    ``file_sha256`` finds the lines a pilot of the file already ran (left out: the batch takes them as finished) and
-    the answers it measured. ``batch``: the batch being estimated at its start — only points of ``backend`` count,
-    and its own rows are left out of what was learnt (the lines a pilot ran are already finished there).
-    ``schedule``: the order the batch will run its lines in (``"auto"``, obatch's default, or ``"file"``), which
-    decides how much of each prompt the engine finds in its prefix cache (``obatch.bench.estimate.replay``)."""
+    ``file_sha256`` finds the lines a pilot of the file already ran for ``owner`` (left out: the batch takes them as
+    finished) and the answers it measured. ``batch``: the batch being estimated at its start — only points of
+    ``backend`` count, and its own rows are left out of what was learnt (the lines a pilot ran are already finished
+    there). ``schedule``: the order the batch will run its lines in (``"auto"``, obatch's default, or ``"file"``),
+    which decides how much of each prompt the engine finds in its prefix cache (``obatch.bench.estimate.replay``)."""
 
     model: str | None = None
     num_requests: int | None = None
@@ -72,6 +72,7 @@ class EstimateRequest:
     output_tokens: float | None = None
     file: Path | None = None
     file_sha256: str | None = None
+    owner: str = ""  # whose pilot lines count (the server's API key owner; "" for the CLI and notebook)
     backend: str | None = None
     num_ctx: int | None = None
     concurrency: int | None = None
@@ -97,7 +98,7 @@ async def estimate_groups(session: AsyncSession, request: EstimateRequest) -> li
         return [await asyncio.to_thread(
             functools.partial(estimate_from_fits, fits, shape, num_ctx=request.num_ctx,
                               concurrency=request.concurrency, include_load=request.include_load, history=history))]
-    piloted = await pilots.all_of(session, request.file_sha256) if request.file_sha256 else []
+    piloted = await pilots.all_of(session, request.owner, request.file_sha256) if request.file_sha256 else []
     done = {(p.custom_id, p.body_sha256) for p in piloted if p.used_by is None}
     groups, skipped = await asyncio.to_thread(file_rows, request.file, model, done=done)
     if not groups and not skipped:
@@ -195,7 +196,7 @@ async def estimate_batch(sessions: Sessions, batch: BatchRow, backend: Backend, 
     ``estimate_model`` as the file's estimate is; None when a model has no benchmark points."""
     async with sessions() as session:
         sha = await bench_repo.stored_file_sha256(session, batch.input_file_id)
-        piloted = await pilots.all_of(session, sha) if sha else []
+        piloted = await pilots.all_of(session, batch.owner, sha) if sha else []
         models = [g.model for g in await repo.pending_groups(session, batch.id, context.DEFAULT_OUTPUT_BUDGET)]
         for model in models:  # before the rows are read: reading them costs time, for nothing
             if not any(p.model == model for p in piloted) and not await fits_for(session, model, backend.name):

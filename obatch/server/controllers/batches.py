@@ -13,6 +13,8 @@ from obatch.protocol import Batch, ListPage
 from obatch.server import operations as ops
 from obatch.server.deps import Owner, Svc, Worker
 
+NEXT_AFTER, FINISHED = "x-obatch-next-after", "x-obatch-finished"  # the results page's cursor (docs/server.md)
+
 
 class BatchesController(Controller):
     path = "/v1/batches"
@@ -47,4 +49,4 @@ class BatchesController(Controller):
                       merged: FromQuery[bool] = False) -> Response[bytes]:
         page = await ops.batch_results(svc, owner, batch_id, after=after, limit=limit, merged=merged)
         return Response(page.body, media_type="application/jsonl", headers={
-            "x-obatch-next-after": str(page.after), "x-obatch-finished": "true" if page.finished else "false"})
+            NEXT_AFTER: str(page.after), FINISHED: "true" if page.finished else "false"})

@@ -25,7 +25,7 @@ from obatch.bench.schemas import Sweep, SweepParams
 from obatch.bench.slo import MIN_SHARE
 from obatch.protocol import DurationEstimate, ListPage
 from obatch.server.deps import Admin, DbSession, Owner, Svc, Worker
-from obatch.server.policy import admit_sweep
+from obatch.server.policy import start_sweep
 from obatch.store import bench_repo
 
 MAX_REQUESTS = 10_000_000  # requests in an estimated workload (the estimate's cost does not grow with it)
@@ -117,8 +117,7 @@ class BenchmarksController(Controller):
         problem = data.problem()
         if problem is not None:
             raise errors.ConfigError(problem[0], param=problem[1])
-        await admit_sweep(svc, data, owner, admin)
-        made = await sweep_jobs.create(svc.sessions, data, owner)
+        made = await start_sweep(svc, data, owner, admin)
         worker.kick()
         return made
 

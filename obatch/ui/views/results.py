@@ -30,7 +30,8 @@ LEAD = ("line", "custom_id", "status", "error_code", "error_message", "finish_re
         "completion_tokens", "prompt_tokens", "content")  # what a reader scans first; long text last
 CONTENT_CHARS = 80
 PROVENANCE = ("loaded_context", "seed", "refused_answers", "host", "engine", "engine_version", "model_digest")
-UI_COLUMNS: dict[str, Any] = {"cached_from": pl.Utf8}  # beside the notebook's: where a reused answer came from
+# the page's table says where a reused answer came from in words (``reused_from``), not as the notebook's struct
+UI_COLUMNS: dict[str, Any] = {"cached_from": pl.Utf8}
 
 
 def frame_schema(origin: bool = False) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def _status(ok: bool, line: OutputLine) -> str:
     return NOT_RUN.get(line.error.code or "", "failed") if line.error is not None else "failed"
 
 
-def _result_row(line: OutputLine) -> dict[str, Any]:
+def _result_row(line: OutputLine, origin: bool = False) -> dict[str, Any]:
     response = line.response
     body = response.body if response is not None and isinstance(response.body, dict) else {}
     status_code = response.status_code if response is not None else None
@@ -66,7 +67,9 @@ def _result_row(line: OutputLine) -> dict[str, Any]:
         "ttft_ms": stats.ttft_ms, "num_ctx": stats.num_ctx, "truncated": stats.truncated,
         "attempts": stats.attempts, "error_code": line.error.code if line.error else None,
         "error_message": line.error.message if line.error else None,
-        **{name: getattr(stats, name) for name in PROVENANCE}, "cached_from": reused_from(stats),
+        **{name: getattr(stats, name) for name in PROVENANCE},
+        "cached_from": reused_from(stats) if origin else
+        stats.cached_from.model_dump() if stats.cached_from is not None else None,
     }
 
 
@@ -78,9 +81,10 @@ def _lines(data: bytes | None) -> Iterable[OutputLine]:
 
 def results_frame(output: bytes | None, errors: bytes | None = None, *, origin: bool = False) -> pl.DataFrame:
     """Output and error files → one row per request, in input order (obatch's ``line``; lines without one, as in
-    another service's files, after them by ``custom_id``), in the notebook API's ``RESULT_SCHEMA`` (``origin``: and
-    the UI's ``cached_from``). A line that is not an output line fails loudly (``pydantic.ValidationError``)."""
-    rows = [_result_row(line) for data in (output, errors) for line in _lines(data)]
+    another service's files, after them by ``custom_id``), in the notebook API's ``RESULT_SCHEMA`` (``origin``: with
+    the page's ``cached_from`` in words instead). A line that is not an output line fails loudly
+    (``pydantic.ValidationError``)."""
+    rows = [_result_row(line, origin) for data in (output, errors) for line in _lines(data)]
     return pl.DataFrame(rows, schema=frame_schema(origin)).sort(["line", "custom_id"], nulls_last=True)
 
 
