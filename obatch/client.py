@@ -348,14 +348,16 @@ class Client:
     def estimate(self, *, model: str | None = None, num_requests: int | None = None,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
                  input_file_id: str | None = None, concurrency: int | None = None,
-                 pilot: int | Literal["auto"] | None = None, timeout: float | None = None) -> DurationEstimate:
+                 pilot: int | Literal["auto"] | None = None, completion_window: str | None = None,
+                 timeout: float | None = None) -> DurationEstimate:
         """Expected duration of a batch (with an interval, the best config and the points it rests on). ``pilot``
         runs that many random lines of the file first (the batch later takes them as finished; ``"auto"``: 16,
         more while the estimate stays unsure): that takes as long as those requests do, so the call waits up to
-        ``timeout`` (10 minutes by default then)."""
+        ``timeout`` (10 minutes by default then). With ``completion_window`` (``"24h"``), the answer's ``deadline``
+        says whether a batch of it would meet that window, and what would."""
         params = {"model": model, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
                   "output_tokens": output_tokens, "input_file_id": input_file_id, "concurrency": concurrency,
-                  "pilot": pilot}
+                  "pilot": pilot, "completion_window": completion_window}
         wait = timeout if timeout is not None else (600.0 if pilot else None)
         return DurationEstimate.model_validate(
             self._json("GET", "/v1/benchmarks/estimate", params=_clean(params), timeout=wait))

@@ -15,8 +15,10 @@ import httpx
 import orjson
 
 from obatch import errors
+from obatch.batches import window_seconds
 from obatch.batches.retry import RETRYABLE_CODES
 from obatch.bench import frames
+from obatch.bench.estimate import deadline
 from obatch.bench.schemas import BenchPoint, EstimateRecord, Sweep, SweepParams
 from obatch.bench.service import config_models, point_models
 from obatch.bench.slo import add_goodput, capacities, count_met, parse_slo
@@ -25,6 +27,7 @@ from obatch.protocol import (
     AnswerLengthsInfo,
     BackendHealth,
     BatchExtension,
+    DeadlinePlan,
     DurationEstimate,
     EstimateCandidate,
     EstimatePoint,
@@ -111,20 +114,30 @@ def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[
     return fields, files
 
 
-def fake_estimate(params: Any) -> DurationEstimate:
-    """The estimate the fake answers, in the server's own model; ``pilot=N`` reports a pilot of N lines (``auto``:
-    an automatic one of 16), and a file estimated without one says its answer lengths are unknown (so the page
-    offers a pilot)."""
+def fake_estimate(params: Any, scale: float = 1.0, *, piloted: bool = False) -> DurationEstimate:
+    """The estimate the fake answers, in the server's own model (its durations times ``scale``); ``pilot=N``
+    reports a pilot of N lines (``auto``: an automatic one of 16), and a file estimated without one (now or earlier:
+    ``piloted``) says its answer lengths are unknown, its duration a guess (so the page offers a pilot). The sweep
+    measured concurrency 4 and 8 (twice as fast)."""
     asked = params.get("pilot")
     pilot = (16 if asked == "auto" else int(asked)) if asked else None
-    best = EstimateCandidate(num_ctx=2048, concurrency=4, seconds=42.0, req_per_s=2.4, measured_req_per_s=3.9)
-    known = pilot is not None or not params.get("input_file_id")
+    best = EstimateCandidate(num_ctx=2048, concurrency=4, seconds=42.0 * scale, req_per_s=2.4 / scale,
+                             measured_req_per_s=3.9)
+    faster = EstimateCandidate(num_ctx=2048, concurrency=8, seconds=21.0 * scale, req_per_s=4.8 / scale,
+                               measured_req_per_s=7.0)
+    known = pilot is not None or piloted or not params.get("input_file_id")
     return DurationEstimate(
-        model=params.get("model") or "llama3.2:1b", backend="ollama", num_requests=100, seconds=42.0, low=30.0,
-        high=60.0, num_ctx=2048, concurrency=4, req_per_s=2.4, measured_req_per_s=3.9, best=best,
-        candidates=[best], points=[EstimatePoint(id=i, run_id="run-1", num_ctx=2048, concurrency=4) for i in (1, 2, 3)],
-        answers=AnswerLengthsInfo(source="pilot" if pilot else "none", known=known, samples=pilot or 0),
+        model=params.get("model") or "llama3.2:1b", backend="ollama", num_requests=100, seconds=42.0 * scale,
+        low=30.0 * scale, high=60.0 * scale, num_ctx=2048, concurrency=4, req_per_s=2.4 / scale,
+        measured_req_per_s=3.9, best=best, candidates=[best, faster], guess=not known,
+        points=[EstimatePoint(id=i, run_id="run-1", num_ctx=2048, concurrency=4) for i in (1, 2, 3)],
+        answers=AnswerLengthsInfo(source="pilot" if pilot or piloted else "none", known=known, samples=pilot or 0),
         pilot=PilotInfo(requests=pilot, ran=pilot, auto=asked == "auto") if pilot else None, done_requests=pilot or 0)
+
+
+def fake_plan(made: DurationEstimate | None, window: str) -> DeadlinePlan:
+    """The estimate against ``window``, by the server's own rule (``obatch.bench.estimate.deadline``)."""
+    return deadline.plan(made, window_seconds(window), why="no benchmark points")
 
 
 def _extension(batch: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -137,8 +150,8 @@ def _json(status: int, body: Any) -> httpx.Response:
     return httpx.Response(status, content=orjson.dumps(body), headers={"content-type": "application/json"})
 
 
-def _error(status: int, message: str, code: str) -> httpx.Response:
-    return _json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+def _error(status: int, message: str, code: str, *, param: str | None = None) -> httpx.Response:
+    return _json(status, {"error": {"message": message, "type": "invalid_request_error", "param": param,
                                     "code": code}})
 
 
@@ -151,6 +164,7 @@ class FakeServer:
         self.points = bench_points(rates=(1.0, 2.0, 4.0)) if with_benchmarks else []
         self.sweeps: dict[str, Sweep] = {}
         self.piloted: set[str] = set()  # files a pilot ran lines of
+        self.estimate_scale = 1.0  # the estimates' durations (42 s at 1.0) times this
         self.finished: dict[str, list[dict[str, Any]]] = {}  # each batch's finished lines, in input order
         self._ids = itertools.count(1)
         self.transport = httpx.MockTransport(self.handle)
@@ -200,11 +214,19 @@ class FakeServer:
             if body["input_file_id"] not in self.files:
                 return _error(404, f"No such file: {body['input_file_id']}", "not_found")
             now = int(time.time())
+            try:  # the server's plan against the window, and its strict refusal (obatch.server.operations._plan)
+                made = fake_plan(fake_estimate({"input_file_id": body["input_file_id"]}, self.estimate_scale)
+                                 if self.points else None, body["completion_window"])
+                if deadline.strict(body.get("metadata")):
+                    deadline.refuse_if_certain(made)
+            except errors.ConfigError as exc:
+                return _error(400, exc.message, exc.code, param=exc.param)
             batch = {"id": self._id("batch"), "object": "batch", "endpoint": body["endpoint"],
                      "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
                      "created_at": now, "status": "in_progress", "in_progress_at": now, "model": body.get("model"),
                      "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
                      "extra_sent": {k: body.get(k) for k in ("model", "concurrency")}}
+            batch["obatch"] = _extension(batch, deadline=made)
             if self.points:  # the server estimates a batch at its start when the model has benchmark points
                 batch["obatch"] = _extension(batch, estimate=fake_estimate({"input_file_id": body["input_file_id"]})
                                              .model_copy(update={"made_at": float(now)}))
@@ -243,7 +265,14 @@ class FakeServer:
                 return _error(404, "No benchmark points for this model.", "not_found")
             if request.url.params.get("pilot"):
                 self.piloted.add(request.url.params["input_file_id"])
-            return _json(200, fake_estimate(request.url.params).model_dump(mode="json"))
+            made = fake_estimate(request.url.params, self.estimate_scale,
+                                 piloted=request.url.params.get("input_file_id") in self.piloted)
+            if window := request.url.params.get("completion_window"):
+                try:
+                    made = made.model_copy(update={"deadline": fake_plan(made, window)})
+                except errors.ConfigError as exc:
+                    return _error(400, exc.message, exc.code, param=exc.param)
+            return _json(200, made.model_dump(mode="json"))
         return _error(404, f"Invalid URL ({method} {path}).", "unknown_url")
 
     def _results(self, batch: dict[str, Any], params: Any) -> httpx.Response:

@@ -10,14 +10,15 @@ import polars as pl
 import streamlit as st
 
 from obatch.client import ApiError, ClientError
-from obatch.protocol import Batch, DurationEstimate, FileObject
+from obatch.protocol import Batch, DeadlinePlan, DurationEstimate, FileObject
 from obatch.ui import views
 from obatch.ui.session import attempt, backend_up, client, engine_problem, file_bytes, need, quietly, show_error
 from obatch.ui.tables import column_config, table
 
 REFRESH_SECONDS = 2.0
 AS_IN_FILE = "(as in the file)"
-WINDOWS = ["24h", "1h", "6h", "7d"]
+WINDOWS = ["24h", "6h", "1h", "30m", "10m", "7d"]  # or one typed in ("90m", "2h"): the server checks it
+STRICT = "obatch_strict_window"  # the metadata key that makes the server refuse a batch certain to miss its window
 PICK = "batch_pick"
 ROUND = "upload_round"  # bumped after a submission: a new uploader key empties the form
 SUBMITTED = "submitted_batch"  # the batch just submitted: its banner follows the batch's real status
@@ -44,7 +45,8 @@ def lines_digest(preview: views.Preview) -> str:
 
 
 def submit(content: bytes, name: str, preview: views.Preview, *, window: str, model: str | None,
-           concurrency: int | None, digest: str, stored: FileObject | None = None, user_lines: str = "") -> None:
+           concurrency: int | None, strict: bool, digest: str, stored: FileObject | None = None,
+           user_lines: str = "") -> None:
     """Upload (unless the estimate already did), create the batch, empty the form; the banner in the list below
     then follows the batch."""
     stored = stored or attempt(api.upload_file, content, name)
@@ -52,6 +54,8 @@ def submit(content: bytes, name: str, preview: views.Preview, *, window: str, mo
                 views.MODELS_KEY: ", ".join(preview.models)[:512]}
     if user_lines and len(user_lines) <= 512:  # longer (a very scattered file): the valid file's own numbers
         metadata[USER_LINES] = user_lines
+    if strict:
+        metadata[STRICT] = "true"
     created = stored and attempt(api.create_batch, stored.id, endpoint=preview.endpoint or "",
                                  completion_window=window, model=model, concurrency=concurrency, metadata=metadata)
     if created:
@@ -61,10 +65,13 @@ def submit(content: bytes, name: str, preview: views.Preview, *, window: str, mo
 
 
 def estimate_of(**params: Any) -> tuple[DurationEstimate | None, bool]:
-    """The server's estimate, and whether it has no benchmark for it (a pilot still can estimate then)."""
+    """The server's estimate, and whether it has no benchmark for it (a pilot still can estimate then). A window
+    the server refuses is said (the batch would be refused with it too)."""
     try:
         return api.estimate(**params), False
     except ApiError as exc:
+        if exc.param == "completion_window":
+            st.error(f"Completion window: {exc.message}", icon=":material/schedule:")
         return None, exc.status == 404 and exc.code != "unknown_url"
     except ClientError:
         return None, False
@@ -88,18 +95,35 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
         estimate, missing = estimate_of(input_file_id=stored.id, **asked)
     elif len(models) == 1:
         estimate, missing = estimate_of(model=models[0], num_requests=preview.n_requests, prompt_tokens=prompt,
-                                        output_tokens=output, concurrency=asked["concurrency"])
+                                        output_tokens=output, concurrency=asked["concurrency"],
+                                        completion_window=asked["completion_window"])
     else:
         estimate, missing = None, False
     what = "" if preview.ok else f" of the {preview.n_requests} valid line(s)"
     sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
+    if views.is_guess(estimate):
+        st.warning("Answer lengths unknown: the duration below is a **guess**, and its interval spans what the model "
+                   "could answer (from one token to each line's cap). Run a pilot first to measure them.",
+                   icon=":material/help:")
+    if views.is_guess(estimate) or missing:
+        pilot_button(data, name, asked, uploads, key, stored)
     if sentence:
         st.caption(f"Expected duration{what} from the benchmarks: {sentence}{f' ({config})' if config else ''}.")
     elif missing:
         st.caption(f"No benchmark of this model yet: a pilot runs a sample{what} now and estimates from it.")
     else:
         st.caption(f"No duration estimate{what}.")
-    if (missing or views.offers_pilot(estimate)) and st.button(
+    deadline_section(estimate.deadline if estimate else None)
+    if notes := views.estimate_notes(estimate):
+        with st.expander("How this estimate was made"):
+            st.markdown("\n".join(f"- {note}" for note in notes))
+    return uploads.get(key)
+
+
+def pilot_button(data: bytes, name: str, asked: dict[str, Any], uploads: dict[str, FileObject | None], key: str,
+                 stored: FileObject | None) -> None:
+    """"Run a pilot": upload the file if the estimate did not, run the pilot, redraw with its estimate."""
+    if st.button(
             "Run a pilot", key="pilot", icon=":material/science:",
             help="Runs a random sample of the lines now to learn their answer lengths: 16 lines, more while they "
                  "vary too much to estimate from (up to a quarter of them). The batch then takes those lines as "
@@ -108,10 +132,23 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
             stored = uploads[key] = stored or attempt(api.upload_file, data, name)
             if stored and attempt(api.estimate, input_file_id=stored.id, pilot=views.PILOT, **asked):
                 st.rerun()
-    if notes := views.estimate_notes(estimate):
-        with st.expander("How this estimate was made"):
-            st.markdown("\n".join(f"- {note}" for note in notes))
-    return stored
+
+
+def deadline_section(plan: DeadlinePlan | None) -> None:
+    """The estimate against the completion window picked: whether the batch is expected to miss it, by how much,
+    and what would meet it (``GET /v1/benchmarks/estimate?completion_window=``)."""
+    shown = views.deadline_view(plan)
+    if shown is None:
+        return
+    if shown.level == "meets":
+        st.caption(shown.sentence)
+        return
+    if shown.level == "risk":
+        st.info(shown.sentence, icon=":material/schedule:")
+        return
+    meets = ("Would meet it:\n" + "\n".join(f"- {option}" for option in shown.meets) if shown.meets else
+             "No configuration the benchmarks measured meets it: give it a longer window.")
+    st.warning(f"{shown.sentence}\n\n{meets}", icon=":material/schedule:")
 
 
 # ------------------------------------------------------------------------------------------ new batch
@@ -123,7 +160,10 @@ left, middle, right = st.columns(3)
 override = left.selectbox("Model override", [AS_IN_FILE, *model_ids], help="Run every line on this model.")
 concurrency = middle.number_input("Concurrency", min_value=1, max_value=256, value=None, step=1, placeholder="auto",
                                   help="Requests in flight at once; empty (auto) lets the server find the best.")
-window = right.selectbox("Completion window", WINDOWS, help="Unfinished requests expire after this.")
+window = right.selectbox("Completion window", WINDOWS, accept_new_options=True,
+                         help="Unfinished requests expire after this. Pick one or type your own (`90m`, `2h`, `45s`: "
+                              "from the server's minimum to 7 days). The estimate below says whether the batch is "
+                              "expected to finish within it.") or WINDOWS[0]
 model = None if override == AS_IN_FILE else override
 level = int(concurrency) if concurrency else None
 
@@ -143,7 +183,7 @@ if upload is not None:
         st.dataframe(views.highlight_errors(shown), hide_index=True, width="stretch", key="lines",
                      column_config=column_config(preview.lines, shown, {}))
     valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
-    asked = {"model": model, "concurrency": level}
+    asked = {"model": model, "concurrency": level, "completion_window": window}
     uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
                                 upload.name if preview.ok else valid_name, preview, asked)
     lines = lines_digest(preview) if preview.n_requests else None
@@ -155,7 +195,10 @@ if upload is not None:
         st.warning(f"{same} submitted as **{earlier.id}** {ago(earlier.created_at)} "
                    f"(now `{earlier.status}`). Submitting it again makes a second batch.", icon=":material/warning:")
         again = st.checkbox("Submit it again anyway", key=f"again-{digest}")
-    options = {"window": window, "model": model, "concurrency": level}
+    strict = st.checkbox("Refuse if it cannot finish in time", key="strict_window",
+                         help="The server refuses the batch when even the estimate's lower bound is past the window "
+                              "(metadata `obatch_strict_window`), instead of starting a batch that would expire.")
+    options = {"window": window, "model": model, "concurrency": level, "strict": strict}
     if st.button("Submit batch", type="primary", disabled=not (preview.ok and again), key="submit"):
         submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
     if not preview.ok and preview.n_requests:
@@ -270,10 +313,8 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
         latency_col.caption("Latency: not reported in these files.")
     shown = views.filter_results(results, statuses=statuses, finish_reasons=reasons, latency_ms=bounds)
     st.caption(f"{shown.height} of {results.height} requests · click a row to read it whole")
-    event = st.dataframe(views.for_display(shown), hide_index=True, width="stretch", key=f"res-{batch.id}",
-                         on_select="rerun", selection_mode="single-row", column_config={
-                             "latency_ms": st.column_config.NumberColumn("latency_ms", format="%.1f"),
-                             "ttft_ms": st.column_config.NumberColumn("ttft_ms", format="%.1f")})
+    event = table(views.for_display(shown), key=f"res-{batch.id}", formats={"latency_ms": "%.1f", "ttft_ms": "%.1f"},
+                  on_select="rerun", selection_mode="single-row")
     rows = event.selection.rows if event else []
     if rows and rows[0] < shown.height:
         line = shown.row(rows[0], named=True)
@@ -304,6 +345,8 @@ def show_batch(batch: Batch) -> None:
                    f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
                    icon=":material/replay:")
     chain_links(batch)
+    if (plan := batch.obatch.deadline if batch.obatch else None) and plan.expected_miss:
+        st.warning(f"At its creation this batch was {plan.message}.", icon=":material/schedule:")
     if reused := views.reuse_text(batch):
         st.caption(f":material/recycling: {reused}.")
     ran = bool(batch.in_progress_at or batch.output_file_id or batch.error_file_id)
@@ -325,10 +368,9 @@ def show_batch(batch: Batch) -> None:
     if running_on := views.concurrency_text(batch):
         st.caption(f"Concurrency: {running_on}" + (" (as it ended)" if views.is_final(batch) else ""))
         with st.expander("Hosts and concurrency of this batch"):
-            st.dataframe(views.run_hosts_frame(batch), hide_index=True, width="stretch", key=f"hosts-{batch.id}")
+            table(views.run_hosts_frame(batch), key=f"hosts-{batch.id}")
             st.caption("How each host's level moved during the run, and why:")
-            st.dataframe(views.level_history_frame(batch), hide_index=True, width="stretch",
-                         key=f"levels-{batch.id}")
+            table(views.level_history_frame(batch), key=f"levels-{batch.id}")
     if not views.is_final(batch) and batch.status not in ("cancelling", "finalizing"):
         if st.session_state.get(CONFIRM) != batch.id and st.button(
                 "Cancel batch", key=f"cancel-{batch.id}", icon=":material/stop_circle:"):
@@ -356,7 +398,7 @@ def show_batch(batch: Batch) -> None:
                        "Lines the engine refused (an invalid request, an unknown model) stay as they are.")
     if batch.status == "failed":
         st.error("The input file was refused; its problems:", icon=":material/block:")
-        st.dataframe(views.batch_errors_frame(batch), hide_index=True, width="stretch")
+        table(views.batch_errors_frame(batch), key=f"errors-{batch.id}")
     if live is not None:
         show_results(batch, live)
 
@@ -398,11 +440,10 @@ def batches_panel() -> None:
             st.session_state[PICK] = picked
 
     st.caption("Click a row to open its batch.")
-    st.dataframe(views.batches_frame(batches).drop("input_file_id").with_columns(pl.col(pl.Utf8).fill_null("")),
-                 hide_index=True, width="stretch",
-                 key="batch_table", on_select=open_row, selection_mode="single-row", column_config={
-                     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
-                     "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")})
+    table(views.batches_frame(batches).drop("input_file_id"), key="batch_table", on_select=open_row,
+          selection_mode="single-row", column_config={
+              "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
+              "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")})
     if st.session_state.get(PICK) not in by_id:
         st.session_state[PICK] = batches[0].id
     picked = st.selectbox("Batch", ids, key=PICK, format_func=lambda i: batch_label(by_id[i]))

@@ -46,12 +46,16 @@ from obatch.ui.views.benchmarks import (
 )
 from obatch.ui.views.estimates import (
     ESTIMATE_RECORD_SCHEMA,
+    DeadlineView,
+    deadline_view,
     describe_estimate,
     estimate_config,
     estimate_record_chart,
     estimate_record_frame,
     estimate_seconds,
     format_seconds,
+    format_window,
+    is_guess,
 )
 from obatch.ui.views.preview import PREVIEW_SCHEMA, Preview, highlight_errors, preview_file
 from obatch.ui.views.results import (
@@ -148,3 +152,4 @@ from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
 __all__ += ["PILOT", "estimate_notes", "offers_pilot"]
 __all__ += ["PROVENANCE_SCHEMA", "LiveResults", "offers_retry", "parent_of", "provenance_frame", "read_more",
             "retries_of", "retryable", "reuse_text"]
+__all__ += ["DeadlineView", "deadline_view", "format_window", "is_guess"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import altair as alt
 import polars as pl
 
 from obatch.bench.schemas import EstimateRecord
-from obatch.protocol import DurationEstimate
+from obatch.protocol import DeadlinePlan, DurationEstimate
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -57,6 +58,52 @@ def offers_pilot(estimate: DurationEstimate | None) -> bool:
     if estimate is None or estimate.pilot is not None:
         return False
     return any(part.answers is not None and not part.answers.known for part in estimate.groups or [estimate])
+
+
+def is_guess(estimate: DurationEstimate | None) -> bool:
+    """Whether the estimate's duration is a guess (answer lengths unknown and no pilot measured them): the page
+    then says so first and offers the pilot before the figure."""
+    return estimate is not None and estimate.pilot is None and (estimate.guess or offers_pilot(estimate))
+
+
+def format_window(seconds: float) -> str:
+    """A completion window in its own unit: 86400 → ``24 h``, 600 → ``10 min``, 90 → ``1 min 30 s``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0 and (unit != "d" or seconds > 86400):
+            return f"{seconds // size:.0f} {unit}"
+    return format_seconds(seconds)
+
+
+@dataclass
+class DeadlineView:
+    """What the page says of a plan (``DeadlinePlan``): ``level`` "miss" (a warning), "risk" (the upper bound is
+    past the window) or "meets"; the sentence; and the configurations that would meet a missed window."""
+
+    level: str
+    sentence: str
+    meets: list[str]
+
+
+def deadline_view(plan: DeadlinePlan | None) -> DeadlineView | None:
+    """The estimate against the chosen completion window in the page's words (None: nothing to compare)."""
+    if plan is None or plan.seconds is None or plan.low is None or plan.high is None:
+        return None
+    window = format_window(plan.window_seconds)
+    interval = f"{format_seconds(plan.seconds)} ({format_seconds(plan.low)} – {format_seconds(plan.high)})"
+    options = [f"num_ctx {o.num_ctx} · concurrency {o.concurrency}"
+               f"{f' · on {o.hosts} hosts like this one' if o.hosts > 1 else ''}: about {format_seconds(o.seconds)}"
+               for o in plan.meets]
+    if plan.expected_miss:
+        sentence = (f"Expected to miss the {window} completion window by {format_seconds(plan.miss_seconds)}: "
+                    f"estimated {interval}"
+                    + ("; even the lower bound is past it" if plan.certain_miss else "")
+                    + ". The lines still running when the window ends expire.")
+        return DeadlineView("miss", sentence, options)
+    if plan.high > plan.window_seconds:
+        return DeadlineView("risk", f"Expected to finish within the {window} completion window, though the "
+                                    f"estimate's upper bound is past it by "
+                                    f"{format_seconds(plan.high - plan.window_seconds)}.", [])
+    return DeadlineView("meets", f"Expected to finish well within the {window} completion window.", [])
 
 
 def estimate_notes(estimate: DurationEstimate | None) -> list[str]:

@@ -104,12 +104,12 @@ def filter_results(frame: pl.DataFrame, *, statuses: Sequence[str] | None = None
 
 def for_display(frame: pl.DataFrame) -> pl.DataFrame:
     """The results table as shown: status and errors before the answer, the answer cut to ``CONTENT_CHARS``
-    (the whole line is shown on demand), so an error is readable without scrolling past long text."""
+    (the whole line is shown on demand), so an error is readable without scrolling past long text. Missing values
+    stay missing: the page's table (``obatch.ui.tables``) writes them as "—"."""
     lead = [c for c in LEAD if c in frame.columns]
     short = pl.when(pl.col("content").str.len_chars() > CONTENT_CHARS).then(
         pl.col("content").str.slice(0, CONTENT_CHARS - 1) + "…").otherwise(pl.col("content"))
-    return (frame.select(*lead, *[c for c in frame.columns if c not in lead]).with_columns(content=short)
-            .with_columns(pl.col(pl.Utf8).fill_null("")))  # an empty cell, not "None"
+    return frame.select(*lead, *[c for c in frame.columns if c not in lead]).with_columns(content=short)
 
 
 def latency_bounds(frame: pl.DataFrame) -> tuple[int, int] | None:

@@ -2,8 +2,9 @@
 
 Streamlit draws every missing value as "None", whatever the column's format (a Styler's ``na_rep`` included), so a
 value that is not there has to be text: a text column's nulls become "—", and a number column that has nulls
-becomes text too, each number written with its format (the page right-aligns it, as numbers are). Number columns
-without a gap stay numbers (sortable, formatted by the page with the same format).
+becomes text too, each number written with its format (the page right-aligns it, as numbers are), and a yes/no
+column with a gap says "yes"/"no". Columns without a gap stay as they are (numbers sortable, formatted by the page
+with the same format; yes/no as checkboxes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def number_format(dtype: pl.DataType, fmt: str | None = None) -> str:
 
 def blanks(frame: pl.DataFrame, formats: Mapping[str, str] | None = None) -> pl.DataFrame:
     """``frame`` with "—" where a value is missing: text columns filled, number columns with a gap written as text
-    (``formats``: printf-style per column, e.g. ``{"goodput (req/s)": "%.2f"}``); other columns as they were."""
+    (``formats``: printf-style per column, e.g. ``{"goodput (req/s)": "%.2f"}``), yes/no columns with a gap as
+    "yes"/"no"/"—"; other columns as they were."""
     formats = formats or {}
     columns = []
     for name, dtype in frame.schema.items():
@@ -33,6 +35,9 @@ def blanks(frame: pl.DataFrame, formats: Mapping[str, str] | None = None) -> pl.
         elif dtype.is_numeric() and column.null_count():
             fmt = number_format(dtype, formats.get(name))
             columns.append(pl.Series(name, [BLANK if v is None else fmt % v for v in column.to_list()],
+                                     dtype=pl.Utf8))
+        elif dtype == pl.Boolean and column.null_count():
+            columns.append(pl.Series(name, [BLANK if v is None else ("yes" if v else "no") for v in column.to_list()],
                                      dtype=pl.Utf8))
         else:
             columns.append(column)
