@@ -102,9 +102,9 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
     what = "" if preview.ok else f" of the {preview.n_requests} valid line(s)"
     sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
     if views.is_guess(estimate):
-        st.warning("Answer lengths unknown: the duration below is a **guess**, and its interval spans what the model "
-                   "could answer (from one token to each line's cap). Run a pilot first to measure them.",
-                   icon=":material/help:")
+        st.info("Answer lengths unknown: the duration below is a **guess**, and its interval spans what the model "
+                "could answer (from one token to each line's cap). Run a pilot first to measure them.",
+                icon=":material/help:")
     if views.is_guess(estimate) or missing:
         pilot_button(data, name, asked, uploads, key, stored)
     if sentence:
@@ -113,7 +113,7 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
         st.caption(f"No benchmark of this model yet: a pilot runs a sample{what} now and estimates from it.")
     else:
         st.caption(f"No duration estimate{what}.")
-    deadline_section(estimate.deadline if estimate else None)
+    deadline_section(estimate.deadline if estimate else None, guess=views.is_guess(estimate))
     if notes := views.estimate_notes(estimate):
         with st.expander("How this estimate was made"):
             st.markdown("\n".join(f"- {note}" for note in notes))
@@ -134,12 +134,15 @@ def pilot_button(data: bytes, name: str, asked: dict[str, Any], uploads: dict[st
                 st.rerun()
 
 
-def deadline_section(plan: DeadlinePlan | None) -> None:
+def deadline_section(plan: DeadlinePlan | None, *, guess: bool = False, made: bool = False) -> None:
     """The estimate against the completion window picked: whether the batch is expected to miss it, by how much,
-    and what would meet it (``GET /v1/benchmarks/estimate?completion_window=``)."""
-    shown = views.deadline_view(plan)
-    if shown is None:
+    and what would meet it (``GET /v1/benchmarks/estimate?completion_window=``); ``made``: a batch's own plan,
+    said only when it expects a miss."""
+    shown = views.deadline_view(plan, made=made)
+    if shown is None or (made and shown.level != "miss"):
         return
+    if guess and shown.level != "meets":
+        shown.sentence += " The estimate is a guess until a pilot measures the answers."
     if shown.level == "meets":
         st.caption(shown.sentence)
         return
@@ -345,8 +348,7 @@ def show_batch(batch: Batch) -> None:
                    f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
                    icon=":material/replay:")
     chain_links(batch)
-    if (plan := batch.obatch.deadline if batch.obatch else None) and plan.expected_miss:
-        st.warning(f"At its creation this batch was {plan.message}.", icon=":material/schedule:")
+    deadline_section(batch.obatch.deadline if batch.obatch else None, made=True)
     if reused := views.reuse_text(batch):
         st.caption(f":material/recycling: {reused}.")
     ran = bool(batch.in_progress_at or batch.output_file_id or batch.error_file_id)

@@ -84,8 +84,9 @@ class DeadlineView:
     meets: list[str]
 
 
-def deadline_view(plan: DeadlinePlan | None) -> DeadlineView | None:
-    """The estimate against the chosen completion window in the page's words (None: nothing to compare)."""
+def deadline_view(plan: DeadlinePlan | None, *, made: bool = False) -> DeadlineView | None:
+    """The estimate against the chosen completion window in the page's words (None: nothing to compare); ``made``:
+    the plan a batch made at its creation (``obatch.deadline``), told as such."""
     if plan is None or plan.seconds is None or plan.low is None or plan.high is None:
         return None
     window = format_window(plan.window_seconds)
@@ -94,7 +95,8 @@ def deadline_view(plan: DeadlinePlan | None) -> DeadlineView | None:
                f"{f' · on {o.hosts} hosts like this one' if o.hosts > 1 else ''}: about {format_seconds(o.seconds)}"
                for o in plan.meets]
     if plan.expected_miss:
-        sentence = (f"Expected to miss the {window} completion window by {format_seconds(plan.miss_seconds)}: "
+        sentence = (f"{'At its creation this batch was expected' if made else 'Expected'} to miss the {window} "
+                    f"completion window by {format_seconds(plan.miss_seconds)}: "
                     f"estimated {interval}"
                     + ("; even the lower bound is past it" if plan.certain_miss else "")
                     + ". The lines still running when the window ends expire.")
