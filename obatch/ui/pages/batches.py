@@ -64,26 +64,30 @@ def submit(content: bytes, name: str, preview: views.Preview, *, window: str, mo
         st.rerun()
 
 
-def estimate_of(**params: Any) -> tuple[DurationEstimate | None, bool]:
-    """The server's estimate, and whether it has no benchmark for it (a pilot still can estimate then). A window
-    the server refuses is said (the batch would be refused with it too)."""
+def estimate_of(**params: Any) -> tuple[DurationEstimate | None, bool, bool]:
+    """The server's estimate, whether it has no benchmark for it (a pilot still can estimate then), and whether
+    the server accepts the completion window: one it refuses is said (a batch would be refused with it too) and the
+    estimate asked without it."""
     try:
-        return api.estimate(**params), False
+        return api.estimate(**params), False, True
     except ApiError as exc:
-        if exc.param == "completion_window":
+        if exc.param == "completion_window" and params.get("completion_window"):
             st.error(f"Completion window: {exc.message}", icon=":material/schedule:")
-        return None, exc.status == 404 and exc.code != "unknown_url"
+            return *estimate_of(**(params | {"completion_window": None}))[:2], False
+        return None, exc.status == 404 and exc.code != "unknown_url", True
     except ClientError:
-        return None, False
+        return None, False, True
 
 
-def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict[str, Any]) -> FileObject | None:
+def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict[str, Any]
+                     ) -> tuple[FileObject | None, bool]:
     """The expected duration of what would be submitted (the file, or only its valid lines), and a pilot where
     answer lengths are unknown or no benchmark exists. A valid file is uploaded at once and estimated as the server
     will estimate its batch; the valid lines of a file with problems are estimated from their sizes, and uploaded
-    only for a pilot. Returns the uploaded file (the one to submit: the batch takes a pilot's lines as finished)."""
+    only for a pilot. Returns the uploaded file (the one to submit: the batch takes a pilot's lines as finished),
+    and whether the server accepts the completion window."""
     if not preview.n_requests:
-        return None
+        return None, True
     uploads: dict[str, FileObject | None] = st.session_state.setdefault("estimate_uploads", {})
     key = hashlib.sha256(data).hexdigest()[:32]
     if preview.ok and key not in uploads:
@@ -92,13 +96,13 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
     models = [asked["model"]] if asked["model"] else preview.models
     prompt, output = preview.mean_tokens()
     if stored is not None:
-        estimate, missing = estimate_of(input_file_id=stored.id, **asked)
+        estimate, missing, window_ok = estimate_of(input_file_id=stored.id, **asked)
     elif len(models) == 1:
-        estimate, missing = estimate_of(model=models[0], num_requests=preview.n_requests, prompt_tokens=prompt,
-                                        output_tokens=output, concurrency=asked["concurrency"],
-                                        completion_window=asked["completion_window"])
+        estimate, missing, window_ok = estimate_of(
+            model=models[0], num_requests=preview.n_requests, prompt_tokens=prompt, output_tokens=output,
+            concurrency=asked["concurrency"], completion_window=asked["completion_window"])
     else:
-        estimate, missing = None, False
+        estimate, missing, window_ok = None, False, True
     what = "" if preview.ok else f" of the {preview.n_requests} valid line(s)"
     sentence, config = views.describe_estimate(estimate), views.estimate_config(estimate)
     if views.is_guess(estimate):
@@ -117,7 +121,7 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
     if notes := views.estimate_notes(estimate):
         with st.expander("How this estimate was made"):
             st.markdown("\n".join(f"- {note}" for note in notes))
-    return uploads.get(key)
+    return uploads.get(key), window_ok
 
 
 def pilot_button(data: bytes, name: str, asked: dict[str, Any], uploads: dict[str, FileObject | None], key: str,
@@ -130,7 +134,8 @@ def pilot_button(data: bytes, name: str, asked: dict[str, Any], uploads: dict[st
                  "finished."):
         with st.spinner("Running the pilot…"):
             stored = uploads[key] = stored or attempt(api.upload_file, data, name)
-            if stored and attempt(api.estimate, input_file_id=stored.id, pilot=views.PILOT, **asked):
+            if stored and attempt(api.estimate, input_file_id=stored.id, pilot=views.PILOT,
+                                  **(asked | {"completion_window": None})):
                 st.rerun()
 
 
@@ -187,7 +192,7 @@ if upload is not None:
                      column_config=column_config(preview.lines, shown, {}))
     valid_name = upload.name.rsplit(".", 1)[0] + ".valid.jsonl"
     asked = {"model": model, "concurrency": level, "completion_window": window}
-    uploaded = estimate_section(content if preview.ok else preview.valid_bytes(),
+    uploaded, window_ok = estimate_section(content if preview.ok else preview.valid_bytes(),
                                 upload.name if preview.ok else valid_name, preview, asked)
     lines = lines_digest(preview) if preview.n_requests else None
     earlier = next((b for b in recent if not views.parent_of(b) and ((b.metadata or {}).get(DIGEST) == digest
@@ -202,12 +207,12 @@ if upload is not None:
                          help="The server refuses the batch when even the estimate's lower bound is past the window "
                               "(metadata `obatch_strict_window`), instead of starting a batch that would expire.")
     options = {"window": window, "model": model, "concurrency": level, "strict": strict}
-    if st.button("Submit batch", type="primary", disabled=not (preview.ok and again), key="submit"):
+    if st.button("Submit batch", type="primary", disabled=not (preview.ok and again and window_ok), key="submit"):
         submit(content, upload.name, preview, digest=digest, stored=uploaded, **options)
     if not preview.ok and preview.n_requests:
         valid = preview.valid_bytes()
         left, right = st.columns(2)
-        if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not again,
+        if left.button(f"Submit only the {preview.n_requests} valid line(s)", disabled=not (again and window_ok),
                        key="submit_valid", icon=":material/rule:"):
             kept = views.line_ranges(preview.lines.filter(pl.col("status") == "ok")["line"].to_list())
             submit(valid, valid_name, views.preview_file(valid, model=model), digest=digest, stored=uploaded,
