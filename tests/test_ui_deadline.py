@@ -14,7 +14,7 @@ from obatch.ui import views
 from tests.test_ui_apptest import GOOD, no_exception, table, texts, upload
 from tests.test_ui_apptest import fake as fake
 from tests.test_ui_apptest import page as page
-from tests.ui_fake import RUN_STORY, FakeServer, _extension
+from tests.ui_fake import RUN_STORY, FakeServer, _extension, fake_estimate
 
 
 def none_cells(at: AppTest) -> list[tuple[int, str]]:
@@ -125,3 +125,13 @@ def test_deadline_view_words() -> None:
                                               "the estimate's upper bound is past it by 3 min 20 s.", [])
     frame = pl.DataFrame({"x": [1.0, None], "ok": [True, None]})
     assert views.blanks(frame, {"x": "%.1f"}).rows() == [("1.0", "yes"), ("—", "—")]
+
+
+def test_a_guess_is_the_servers_word_and_a_pilot_ends_it() -> None:
+    blind = fake_estimate({"input_file_id": "file-1"})
+    assert views.is_guess(blind) and views.offers_pilot(blind)
+    assert not views.is_guess(fake_estimate({"input_file_id": "file-1", "pilot": "auto"}))
+    assert not views.is_guess(fake_estimate({"input_file_id": "file-1"}, piloted=True))
+    unknown = blind.model_copy(update={"guess": False})  # answers unknown, but the server does not call it a guess
+    assert not views.is_guess(unknown) and views.offers_pilot(unknown)
+    assert not views.is_guess(None)

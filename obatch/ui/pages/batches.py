@@ -109,7 +109,7 @@ def estimate_section(data: bytes, name: str, preview: views.Preview, asked: dict
         st.info("Answer lengths unknown: the duration below is a **guess**, and its interval spans what the model "
                 "could answer (from one token to each line's cap). Run a pilot first to measure them.",
                 icon=":material/help:")
-    if views.is_guess(estimate) or missing:
+    if views.is_guess(estimate) or views.offers_pilot(estimate) or missing:
         pilot_button(data, name, asked, uploads, key, stored)
     if sentence:
         st.caption(f"Expected duration{what} from the benchmarks: {sentence}{f' ({config})' if config else ''}.")

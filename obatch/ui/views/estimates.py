@@ -61,9 +61,10 @@ def offers_pilot(estimate: DurationEstimate | None) -> bool:
 
 
 def is_guess(estimate: DurationEstimate | None) -> bool:
-    """Whether the estimate's duration is a guess (answer lengths unknown and no pilot measured them): the page
-    then says so first and offers the pilot before the figure."""
-    return estimate is not None and estimate.pilot is None and (estimate.guess or offers_pilot(estimate))
+    """Whether the server calls the estimate's duration a guess (answer lengths unknown, no pilot measured them,
+    the interval what the model could answer): the page then says so first and offers the pilot before the
+    figure."""
+    return estimate is not None and estimate.pilot is None and estimate.guess
 
 
 def format_window(seconds: float) -> str:
