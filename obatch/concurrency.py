@@ -26,16 +26,26 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 * Queued inside the engine — where the engine tells how long it worked on each request (Ollama's load, prompt and eval
   durations; llama.cpp's timings), a request's latency beyond that is time it waited for a slot. Ollama tells no slot
   count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP`` in flight
-  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``), the
-  slots are the most requests the engine worked on at once (``_overlap``), and the level drops to them and never
-  probes above them again (found once; where the engine reports its slots, only a level above them is read, and the
-  level does not drop below them: a llama.cpp server batches its slots' prompts in ``n_batch`` chunks, so a request
-  may wait beyond its reported time without waiting for a slot). Once the jump's first answer is in, no request starts
-  until the burst tells (a request that waited) or has ended: the requests that queued behind the slots then run
-  alone, one per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind
-  it. Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
-  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so it is
-  not repeated once the slots are known.
+  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``: a
+  request waited while more were in flight than the engine worked on at once), the slots are the most requests the
+  engine worked on at once (``_overlap``), and the level drops to them (the ``ceiling``; where the engine reports its
+  slots, only a level above them is read, and the level does not drop below them: a llama.cpp server batches its
+  slots' prompts in ``n_batch`` chunks, so a request may wait beyond its reported time without waiting for a slot).
+  Once the jump's first answer is in, no request starts until the burst tells (a request that waited) or has ended:
+  the requests that queued behind the slots then run alone, one per slot, and each slot holds the prefix of a line
+  that ran there last, not of one that was sent behind it. Above its slots an engine only queues requests, and with a
+  prompt cache per slot (``obatch.schedule``) a queued request takes whichever slot frees first, another prefix
+  group's: probing there costs cached prefixes, so the ordinary probes stop at the ceiling.
+* Checking the ceiling — one burst's reading can be low (on a loaded machine the answers of a burst come in late and
+  fewer of them seem to overlap than ran at once; an engine whose durations leave out part of its work). Where no
+  slot count is reported, after ``check`` windows (8) at the ceiling auto probes one above it, once: where its
+  requests wait (for the first slot to free: a smaller share of their time than at the burst), the engine's overlap
+  tells (no more than the ceiling keeps it; more raises it to what ran); where none waits, the window's rate does (a
+  gain of ``gain`` raises the ceiling). A check costs cached prefixes, as the burst did (a request sent past the
+  slots takes whichever frees first, and those it displaces take others), so a ceiling kept waits twice as long for
+  its next check (at most ``REPROBE_MAX`` windows): an engine read right pays ever more rarely. One raised is
+  checked again after ``check`` windows. A reading that stays low at every check (durations that always leave out
+  most of the work) is not corrected.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -53,6 +63,7 @@ Concurrency = int | Literal["auto"]
 
 JUMP = 16  # in flight at once after the first answer whose engine tells its processing time (no slot count known)
 QUEUE_MIN_S = 0.05  # a wait for a slot shorter than this (or than half the request's processing) is noise
+REPROBE_MAX = 256  # windows held at most at a learnt ceiling before one probe above it checks it
 SPANS = 256  # answers kept to read waits and overlaps from (4 rounds of the level, at most this)
 
 
@@ -138,11 +149,13 @@ class AutoLimit(Limit):
     auto = True
 
     def __init__(self, *, maximum: int = 256, initial: int = 1, gain: float = 0.05, hold: int = 4,
-                 min_window: float = 0.25, jump: int = JUMP, clock: Callable[[], float] = time.monotonic) -> None:
+                 min_window: float = 0.25, jump: int = JUMP, check: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
         self.jump = jump
         self.gain = gain
         self.hold_windows = hold
+        self.check_windows = check
         self.min_window = min_window
         self.clock = clock
         self.level = max(1, min(initial, maximum))
@@ -163,6 +176,9 @@ class AutoLimit(Limit):
         self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
         self._paused = False
         self._reported: int | None = None  # the slots the engine reports (``hint``)
+        self._reprobe = False  # the level is one probe above the learnt ceiling, to check it
+        self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
+        self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
 
     @property
     def best(self) -> int:
@@ -251,11 +267,15 @@ class AutoLimit(Limit):
                 return True
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
-        if self.ceiling is not None or self.level <= (self._reported or 0):
-            return False  # found once; and at or below the slots an engine reports, a wait is not for a slot
+        if (self.ceiling is not None and not self._reprobe) or self.level <= (self._reported or 0):
+            return False  # found (checked only by a re-probe); at or below reported slots a wait is not for one
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
-        slots = queued(self._spans, self._recent)
+        # one above the slots, a request waits for the first of them to free: about 1/slots of a request's time
+        slots = queued(self._spans, self._recent, share=0.5 / self.level if self._reprobe else 0.5)
+        if slots is not None and self._reprobe:  # a check, told by its waits (without them, by its window's rate)
+            self._checked(slots, f"requests waited inside the engine at {self.level}, which ran {slots} at once")
+            return True
         if slots is None or slots >= self.level:
             return False
         slots = max(slots, self._reported or 1)
@@ -267,6 +287,20 @@ class AutoLimit(Limit):
                          f"at once")
         return True
 
+    def _checked(self, seen: int, why: str) -> None:
+        """A probe one above the ceiling ended: the engine ran ``seen`` at once. More than the ceiling raises it (to
+        be checked again after ``check`` windows); no more keeps it, and the next check waits twice as long."""
+        ceiling = self.ceiling or seen
+        self._best = None
+        self._holding = self._at_ceiling = 0
+        if seen > ceiling:
+            self.ceiling = seen
+            self._ceiling_hold = self.check_windows  # it was read low: check the new one as soon
+            self._set(seen, f"raised the ceiling to {seen}: {why}")
+            return
+        self._ceiling_hold = min(2 * self._ceiling_hold, REPROBE_MAX)
+        self._set(ceiling, f"kept {ceiling}: {why}; the next probe above it after {self._ceiling_hold} windows")
+
     def _decide(self, rate: float, latency: float) -> None:
         measured = (self.level, rate, latency)
         best = self._best
@@ -275,6 +309,10 @@ class AutoLimit(Limit):
             self._probe(rate)
             return
         if self.level != best[0]:  # this window measured a probe
+            if self._reprobe:  # a check whose requests told no wait: a gain means more slots than the ceiling
+                self._checked(self.level if rate >= best[1] * (1 + self.gain) else best[0],
+                              f"{self.level} gave {rate:.1f}/s against {best[1]:.1f}/s at {best[0]}")
+                return
             if rate >= best[1] * (1 + self.gain):
                 self._best = measured
                 self._probe(rate, previous=best)
@@ -301,6 +339,13 @@ class AutoLimit(Limit):
         step = self.level if self._slow_start else max(1, self.level // 4)
         target = min(self.maximum, self.ceiling or self.maximum, self.level + step)
         if target == self.level:
+            if self.level == self.ceiling and self._reported is None and self.level < self.maximum:
+                self._at_ceiling += 1
+                if self._at_ceiling >= self._ceiling_hold:  # a reading may have been low: check it, once
+                    self._set(self.level + 1, f"raised: {rate:.1f}/s at {self.level}, held {self._at_ceiling} "
+                                              f"windows; probing {self.level + 1} once above the slots read")
+                    self._reprobe = True
+                    return
             self._window = _Window(self._epoch, skip=self.level)
             return
         why = f"raised: {rate:.1f}/s at {self.level}"
@@ -313,24 +358,36 @@ class AutoLimit(Limit):
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
-        self._burst = self._paused = False
+        self._burst = self._paused = self._reprobe = False
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 
 
-def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]]) -> int | None:
+def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]], *,
+           share: float = 0.5) -> int | None:
     """The engine's slots, where answers show requests waiting inside it; None while they do not (yet).
 
     ``spans``: answers of one level as (ended, seconds the engine worked on it, latency); ``recent``: the last
     answers of any level. A request waited for a slot when its latency exceeds the engine's time by ``QUEUE_MIN_S``
-    and half that time; once a quarter of at least 4 answers of the level did (2 at least), the slots are the most
-    requests the engine worked on at once lately."""
+    and ``share`` of that time (half; less for a check one above the slots), and while it waited more requests were
+    in flight than the engine worked on at once (else its extra latency is the client's or the engine's own
+    overhead, not a queue: on a loaded machine the requests of a burst go out slowly, and a few in flight read as
+    waits); once a quarter of at least 4 answers of the level did (2 at least), the slots are the most requests the
+    engine worked on at once lately."""
     if len(spans) < 4:
         return None
-    waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine) for _, engine, latency in spans)
+    slots = _overlap(recent)
+    waited = sum(latency - engine > max(QUEUE_MIN_S, share * engine)
+                 and _sent(recent, ended - engine - (latency - engine) / 2) > slots
+                 for ended, engine, latency in spans)
     if waited < max(2, len(spans) // 4):
         return None
-    return _overlap(recent)
+    return slots
+
+
+def _sent(spans: list[tuple[float, float, float]], at: float) -> int:
+    """How many of the answers were in flight (sent, not yet answered) at ``at``."""
+    return sum(ended - latency <= at <= ended for ended, _, latency in spans)
 
 
 def _overlap(spans: list[tuple[float, float, float]]) -> int:
