@@ -19,7 +19,7 @@ import pytest
 from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.backends.pool import Pool
-from obatch.concurrency import AutoLimit, FixedLimit, make_limit
+from obatch.concurrency import AutoLimit, FixedLimit, _overlap, make_limit, queued
 from obatch.config import Settings
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
@@ -153,6 +153,18 @@ def test_slots_read_right_are_checked_rarely_and_kept() -> None:
     assert 3 <= len(began) <= 6, limit.history  # 500 rounds: a few checks, each hold twice the last
     assert limit.ceiling == 4 and limit.level == 4
     assert throughput(done, limit.history[learnt].at) >= 0.95 * 4  # the checks cost under 5%
+
+
+def test_a_wait_counts_only_while_more_requests_were_in_flight_than_the_engine_ran() -> None:
+    # 8 sent at once to an engine of 4 slots, 1 s each: the second four waited 1 s with 8 in flight
+    burst = [(1.0, 1.0, 1.0)] * 4 + [(2.0, 1.0, 2.0)] * 4
+    assert queued(burst, burst) == 4
+    # a burst that went out slowly on a loaded machine (the answers of one such run, seconds): at most 3 in flight,
+    # and the latency beyond the engine's time is the client's and the engine's own overhead, not a wait for a slot
+    slow = [(0.160, 0.160, 0.200), (0.286, 0.112, 0.126), (0.448, 0.158, 0.288), (0.520, 0.156, 0.283),
+            (0.670, 0.110, 0.150)]
+    assert _overlap(slow) == 2  # what the old reading took for the slots
+    assert queued(slow, slow) is None
 
 
 def test_a_probe_above_a_reported_width_ends_once_requests_wait_inside_the_engine() -> None:
