@@ -271,8 +271,10 @@ class AutoLimit(Limit):
             return False  # found (checked only by a re-probe); at or below reported slots a wait is not for one
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
-        # one above the slots, a request waits for the first of them to free: about 1/slots of a request's time
-        slots = queued(self._spans, self._recent, share=0.5 / self.level if self._reprobe else 0.5)
+        # a check ends at its first wait (each of its answers costs cached prefixes), and one above the slots a
+        # request waits for the first of them to free: about 1/slots of its time
+        slots = (queued(self._spans, self._recent, share=0.5 / self.level, least=1) if self._reprobe
+                 else queued(self._spans, self._recent))
         if slots is not None and self._reprobe:  # a check, told by its waits (without them, by its window's rate)
             self._checked(slots, f"requests waited inside the engine at {self.level}, which ran {slots} at once")
             return True
@@ -364,7 +366,7 @@ class AutoLimit(Limit):
 
 
 def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]], *,
-           share: float = 0.5) -> int | None:
+           share: float = 0.5, least: int = 2) -> int | None:
     """The engine's slots, where answers show requests waiting inside it; None while they do not (yet).
 
     ``spans``: answers of one level as (ended, seconds the engine worked on it, latency); ``recent``: the last
@@ -372,15 +374,15 @@ def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, fl
     and ``share`` of that time (half; less for a check one above the slots), and while it waited more requests were
     in flight than the engine worked on at once (else its extra latency is the client's or the engine's own
     overhead, not a queue: on a loaded machine the requests of a burst go out slowly, and a few in flight read as
-    waits); once a quarter of at least 4 answers of the level did (2 at least), the slots are the most requests the
-    engine worked on at once lately."""
-    if len(spans) < 4:
+    waits); once a quarter of at least ``2 × least`` answers of the level did (``least`` at least: 2, or 1 for a
+    check), the slots are the most requests the engine worked on at once lately."""
+    if len(spans) < 2 * least:
         return None
     slots = _overlap(recent)
     waited = sum(latency - engine > max(QUEUE_MIN_S, share * engine)
                  and _sent(recent, ended - engine - (latency - engine) / 2) > slots
                  for ended, engine, latency in spans)
-    if waited < max(2, len(spans) // 4):
+    if waited < max(least, len(spans) // 4):
         return None
     return slots
 
