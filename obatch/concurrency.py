@@ -37,15 +37,13 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   prompt cache per slot (``obatch.schedule``) a queued request takes whichever slot frees first, another prefix
   group's: probing there costs cached prefixes, so the ordinary probes stop at the ceiling.
 * Checking the ceiling — one burst's reading can be low (on a loaded machine the answers of a burst come in late and
-  fewer of them seem to overlap than ran at once; an engine whose durations leave out part of its work). Where no
-  slot count is reported, after ``check`` windows (8) at the ceiling auto probes one above it, once: where its
-  requests wait (for the first slot to free: a smaller share of their time than at the burst), the engine's overlap
-  tells (no more than the ceiling keeps it; more raises it to what ran); where none waits, the window's rate does (a
-  gain of ``gain`` raises the ceiling). A check costs cached prefixes, as the burst did (a request sent past the
-  slots takes whichever frees first, and those it displaces take others), so a ceiling kept waits twice as long for
-  its next check (at most ``REPROBE_MAX`` windows): an engine read right pays ever more rarely. One raised is
-  checked again after ``check`` windows. A reading that stays low at every check (durations that always leave out
-  most of the work) is not corrected.
+  fewer of them seem to overlap than ran at once). Where no slot count is reported, after ``check`` windows (8) at
+  the ceiling auto sends one request above it, and the level returns to the ceiling as that one starts, so no queue
+  forms behind it (each queued request would take another prefix group's slot, and the one it displaced another's):
+  where the engine ran more at once than the ceiling while it ran, the ceiling rises to that, to be checked again
+  after ``check`` windows; else it holds, and the next check waits twice as long (at most ``REPROBE_MAX`` windows),
+  so an engine read right pays one request's cache miss ever more rarely. A reading that stays low at every check
+  (durations that always leave out most of the work) is not corrected.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -176,7 +174,8 @@ class AutoLimit(Limit):
         self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
         self._paused = False
         self._reported: int | None = None  # the slots the engine reports (``hint``)
-        self._reprobe = False  # the level is one probe above the learnt ceiling, to check it
+        self._reprobe = False  # the level is one above the ceiling until the request that checks it starts
+        self._extra: int | None = None  # the epoch of that request, while it runs
         self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
         self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
 
@@ -202,6 +201,15 @@ class AutoLimit(Limit):
     def begin(self) -> int:
         self._account(self.clock())
         self._inflight += 1
+        if self._reprobe and self.ceiling is not None and self._inflight > self.ceiling:
+            # the one request above the ceiling: the level returns to it at once, so that no queue of requests
+            # forms behind it (each would take another prefix group's slot); its answer tells
+            self._reprobe = False
+            self.level = self.ceiling
+            self._extra = self._epoch = self._epoch + 1
+            self._epoch += 1
+            self._window = _Window(self._epoch, skip=self.level)
+            return self._extra
         return self._epoch
 
     def hint(self, slots: int | None, source: str) -> None:
@@ -232,6 +240,10 @@ class AutoLimit(Limit):
             return
         if engine is not None and work is not None:
             self._note(now, engine, latency)
+        if epoch == self._extra and epoch is not None:
+            self._extra = None
+            self._checked(engine if work is not None else None)
+            return
         if epoch != self._epoch or work is None:
             return
         if engine is not None and self._timed_answer(now, engine, latency):
@@ -267,17 +279,11 @@ class AutoLimit(Limit):
                 return True
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
-        if (self.ceiling is not None and not self._reprobe) or self.level <= (self._reported or 0):
-            return False  # found (checked only by a re-probe); at or below reported slots a wait is not for one
+        if self.ceiling is not None or self.level <= (self._reported or 0):
+            return False  # found (then checked by one request); at or below reported slots a wait is not for one
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
-        # a check ends at its first wait (each of its answers costs cached prefixes), and one above the slots a
-        # request waits for the first of them to free: about 1/slots of its time
-        slots = (queued(self._spans, self._recent, share=0.5 / self.level, least=1) if self._reprobe
-                 else queued(self._spans, self._recent))
-        if slots is not None and self._reprobe:  # a check, told by its waits (without them, by its window's rate)
-            self._checked(slots, f"requests waited inside the engine at {self.level}, which ran {slots} at once")
-            return True
+        slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
             return False
         slots = max(slots, self._reported or 1)
@@ -289,19 +295,23 @@ class AutoLimit(Limit):
                          f"at once")
         return True
 
-    def _checked(self, seen: int, why: str) -> None:
-        """A probe one above the ceiling ended: the engine ran ``seen`` at once. More than the ceiling raises it (to
-        be checked again after ``check`` windows); no more keeps it, and the next check waits twice as long."""
-        ceiling = self.ceiling or seen
+    def _checked(self, engine: float | None) -> None:
+        """The answer of the one request above the ceiling (``engine`` None: it failed, or the engine tells no
+        time). Where the engine ran more at once than the ceiling, the ceiling rises to that (to be checked again
+        after ``check`` windows); else it holds, and the next check waits twice as long. Whether the request waited
+        tells nothing alone: where the slots finish together, the first to free takes it at once."""
+        ceiling = self.ceiling or 1
         self._best = None
         self._holding = self._at_ceiling = 0
+        seen = _overlap(self._recent) if engine is not None else ceiling
         if seen > ceiling:
             self.ceiling = seen
             self._ceiling_hold = self.check_windows  # it was read low: check the new one as soon
-            self._set(seen, f"raised the ceiling to {seen}: {why}")
+            self._set(seen, f"raised the ceiling to {seen}: at {ceiling + 1} the engine ran {seen} at once")
             return
         self._ceiling_hold = min(2 * self._ceiling_hold, REPROBE_MAX)
-        self._set(ceiling, f"kept {ceiling}: {why}; the next probe above it after {self._ceiling_hold} windows")
+        self._set(ceiling, f"kept {ceiling}: at {ceiling + 1} the engine ran {seen} at once; the next probe above it "
+                           f"after {self._ceiling_hold} windows")
 
     def _decide(self, rate: float, latency: float) -> None:
         measured = (self.level, rate, latency)
@@ -311,10 +321,6 @@ class AutoLimit(Limit):
             self._probe(rate)
             return
         if self.level != best[0]:  # this window measured a probe
-            if self._reprobe:  # a check whose requests told no wait: a gain means more slots than the ceiling
-                self._checked(self.level if rate >= best[1] * (1 + self.gain) else best[0],
-                              f"{self.level} gave {rate:.1f}/s against {best[1]:.1f}/s at {best[0]}")
-                return
             if rate >= best[1] * (1 + self.gain):
                 self._best = measured
                 self._probe(rate, previous=best)
@@ -361,28 +367,28 @@ class AutoLimit(Limit):
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
         self._burst = self._paused = self._reprobe = False
+        self._extra = None
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 
 
-def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]], *,
-           share: float = 0.5, least: int = 2) -> int | None:
+def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, float, float]]) -> int | None:
     """The engine's slots, where answers show requests waiting inside it; None while they do not (yet).
 
     ``spans``: answers of one level as (ended, seconds the engine worked on it, latency); ``recent``: the last
     answers of any level. A request waited for a slot when its latency exceeds the engine's time by ``QUEUE_MIN_S``
-    and ``share`` of that time (half; less for a check one above the slots), and while it waited more requests were
+    and half that time, and while it waited more requests were
     in flight than the engine worked on at once (else its extra latency is the client's or the engine's own
     overhead, not a queue: on a loaded machine the requests of a burst go out slowly, and a few in flight read as
-    waits); once a quarter of at least ``2 × least`` answers of the level did (``least`` at least: 2, or 1 for a
-    check), the slots are the most requests the engine worked on at once lately."""
-    if len(spans) < 2 * least:
+    waits); once a quarter of at least 4 answers of the level did (2 at least), the slots are the most requests the
+    engine worked on at once lately."""
+    if len(spans) < 4:
         return None
     slots = _overlap(recent)
-    waited = sum(latency - engine > max(QUEUE_MIN_S, share * engine)
+    waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine)
                  and _sent(recent, ended - engine - (latency - engine) / 2) > slots
                  for ended, engine, latency in spans)
-    if waited < max(least, len(spans) // 4):
+    if waited < max(2, len(spans) // 4):
         return None
     return slots
 
@@ -393,11 +399,12 @@ def _sent(spans: list[tuple[float, float, float]], at: float) -> int:
 
 
 def _overlap(spans: list[tuple[float, float, float]]) -> int:
-    """The most processing intervals ``(ended - engine, ended)`` that cover one of their midpoints."""
+    """The most processing intervals ``(ended - engine, ended]`` that cover one of their midpoints (half-open: one
+    that ends as the next on its slot starts is not two at once)."""
     best = 1
     for ended, engine, _ in spans:
         middle = ended - engine / 2
-        best = max(best, sum(end - busy <= middle <= end for end, busy, _ in spans))
+        best = max(best, sum(end - busy < middle <= end for end, busy, _ in spans))
     return best
 
 
