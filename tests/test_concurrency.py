@@ -7,6 +7,7 @@ are exact and fast; the last ones run it against the Ollama simulator on loopbac
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import deque
@@ -146,11 +147,18 @@ def test_slots_read_low_at_the_jump_are_found_by_a_later_check() -> None:
 def test_slots_read_right_are_checked_rarely_and_kept() -> None:
     clock = [0.0]
     limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
-    done, _ = simulate(limit, clock, slots=4, service=lambda _: 1.0, requests=2000, timed=True)
+    starts: list[float] = []
+    done, _ = simulate(limit, clock, slots=4, service=lambda _: 1.0, requests=2000, timed=True, starts=starts)
     learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
     assert limit.history[learnt].level == 4, limit.history
     began = checks_held(limit.history[learnt:], 4)
     assert 3 <= len(began) <= 6, limit.history  # 500 rounds: a few checks, each hold twice the last
+    # each check is one request above the slots, with no queue behind it: a fifth in flight once per check
+    ended = sorted(t for t, _ in done)
+    settled = [t for t in starts if t > limit.history[learnt].at]
+    fifth = [t for i, t in enumerate(settled)
+             if len(starts) - len(settled) + i + 1 - bisect.bisect_right(ended, t) > 4]
+    assert len(fifth) == len(began), (fifth, began)
     assert limit.ceiling == 4 and limit.level == 4
     assert throughput(done, limit.history[learnt].at) >= 0.95 * 4  # the checks cost under 5%
 
