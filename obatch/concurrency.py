@@ -40,10 +40,11 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   fewer of them seem to overlap than ran at once). Where no slot count is reported, after ``check`` windows (8) at
   the ceiling auto sends one request above it, and the level returns to the ceiling as that one starts, so no queue
   forms behind it (each queued request would take another prefix group's slot, and the one it displaced another's):
-  where the engine ran more at once than the ceiling while it ran, the ceiling rises to that, to be checked again
-  after ``check`` windows; else it holds, and the next check waits twice as long (at most ``REPROBE_MAX`` windows),
-  so an engine read right pays one request's cache miss ever more rarely. A reading that stays low at every check
-  (durations that always leave out most of the work) is not corrected.
+  where the engine ran more at once than the ceiling (read once ``2 × ceiling`` more answers are in, those that ran
+  beside it among them), the ceiling rises to that, to be checked again after ``check`` windows; else it holds, and
+  the next check waits twice as long (at most ``REPROBE_MAX`` windows), so an engine read right pays one request's
+  cache miss ever more rarely. A reading that stays low at every check (durations that always leave out most of the
+  work) is not corrected.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -176,6 +177,7 @@ class AutoLimit(Limit):
         self._reported: int | None = None  # the slots the engine reports (``hint``)
         self._reprobe = False  # the level is one above the ceiling until the request that checks it starts
         self._extra: int | None = None  # the epoch of that request, while it runs
+        self._extra_after: int | None = None  # once it is answered: answers still to come before the reading
         self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
         self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
 
@@ -240,9 +242,16 @@ class AutoLimit(Limit):
             return
         if engine is not None and work is not None:
             self._note(now, engine, latency)
+            if self._extra_after is not None:
+                self._extra_after -= 1
+                if self._extra_after <= 0:  # those that ran beside it have been answered too
+                    self._checked(told=True)
         if epoch == self._extra and epoch is not None:
             self._extra = None
-            self._checked(engine if work is not None else None)
+            if engine is None or work is None:
+                self._checked(told=False)
+            else:
+                self._extra_after = 2 * (self.ceiling or 1)
             return
         if epoch != self._epoch or work is None:
             return
@@ -295,15 +304,16 @@ class AutoLimit(Limit):
                          f"at once")
         return True
 
-    def _checked(self, engine: float | None) -> None:
-        """The answer of the one request above the ceiling (``engine`` None: it failed, or the engine tells no
-        time). Where the engine ran more at once than the ceiling, the ceiling rises to that (to be checked again
-        after ``check`` windows); else it holds, and the next check waits twice as long. Whether the request waited
-        tells nothing alone: where the slots finish together, the first to free takes it at once."""
+    def _checked(self, *, told: bool) -> None:
+        """The one request above the ceiling is answered, and so are those that ran beside it (``told``: False
+        where it failed or its engine told no time). Where the engine ran more at once than the ceiling, the
+        ceiling rises to that (to be checked again after ``check`` windows); else it holds, and the next check
+        waits twice as long. Whether it waited tells nothing alone: where the slots finish together, the first to
+        free takes it at once."""
         ceiling = self.ceiling or 1
         self._best = None
         self._holding = self._at_ceiling = 0
-        seen = _overlap(self._recent) if engine is not None else ceiling
+        seen = _overlap(self._recent) if told else ceiling
         if seen > ceiling:
             self.ceiling = seen
             self._ceiling_hold = self.check_windows  # it was read low: check the new one as soon
@@ -349,7 +359,8 @@ class AutoLimit(Limit):
         if target == self.level:
             if self.level == self.ceiling and self._reported is None and self.level < self.maximum:
                 self._at_ceiling += 1
-                if self._at_ceiling >= self._ceiling_hold:  # a reading may have been low: check it, once
+                pending = self._extra is not None or self._extra_after is not None  # a check not read yet
+                if self._at_ceiling >= self._ceiling_hold and not pending:  # a reading may have been low: check it
                     self._set(self.level + 1, f"raised: {rate:.1f}/s at {self.level}, held {self._at_ceiling} "
                                               f"windows; probing {self.level + 1} once above the slots read")
                     self._reprobe = True
@@ -367,7 +378,7 @@ class AutoLimit(Limit):
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
         self._burst = self._paused = self._reprobe = False
-        self._extra = None
+        self._extra = self._extra_after = None
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 
