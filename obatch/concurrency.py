@@ -26,16 +26,25 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 * Queued inside the engine — where the engine tells how long it worked on each request (Ollama's load, prompt and eval
   durations; llama.cpp's timings), a request's latency beyond that is time it waited for a slot. Ollama tells no slot
   count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP`` in flight
-  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``), the
-  slots are the most requests the engine worked on at once (``_overlap``), and the level drops to them and never
-  probes above them again (found once; where the engine reports its slots, only a level above them is read, and the
-  level does not drop below them: a llama.cpp server batches its slots' prompts in ``n_batch`` chunks, so a request
-  may wait beyond its reported time without waiting for a slot). Once the jump's first answer is in, no request starts
-  until the burst tells (a request that waited) or has ended: the requests that queued behind the slots then run
-  alone, one per slot, and each slot holds the prefix of a line that ran there last, not of one that was sent behind
-  it. Above its slots an engine only queues requests, and with a prompt cache per slot (``obatch.schedule``) a queued
-  request takes whichever slot frees first, another prefix group's: probing there costs every cached prefix, so it is
-  not repeated once the slots are known.
+  at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``: a
+  request waited while more were in flight than the engine worked on at once), the slots are the most requests the
+  engine worked on at once (``_overlap``), and the level drops to them (the ``ceiling``; where the engine reports its
+  slots, only a level above them is read, and the level does not drop below them: a llama.cpp server batches its
+  slots' prompts in ``n_batch`` chunks, so a request may wait beyond its reported time without waiting for a slot).
+  Once the jump's first answer is in, no request starts until the burst tells (a request that waited) or has ended:
+  the requests that queued behind the slots then run alone, one per slot, and each slot holds the prefix of a line
+  that ran there last, not of one that was sent behind it. Above its slots an engine only queues requests, and with a
+  prompt cache per slot (``obatch.schedule``) a queued request takes whichever slot frees first, another prefix
+  group's: probing there costs cached prefixes, so the ordinary probes stop at the ceiling.
+* Checking the ceiling — one burst's reading can be low (on a loaded machine the answers of a burst come in late and
+  fewer of them seem to overlap than ran at once). Where no slot count is reported, after ``check`` windows (8) at
+  the ceiling auto sends one request above it, and the level returns to the ceiling as that one starts, so no queue
+  forms behind it (each queued request would take another prefix group's slot, and the one it displaced another's):
+  where the engine ran more at once than the ceiling (read once ``2 × ceiling`` more answers are in, those that ran
+  beside it among them), the ceiling rises to that, to be checked again after ``check`` windows; else it holds, and
+  the next check waits twice as long (at most ``REPROBE_MAX`` windows), so an engine read right pays one request's
+  cache miss ever more rarely. A reading that stays low at every check (durations that always leave out most of the
+  work) is not corrected.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -53,6 +62,7 @@ Concurrency = int | Literal["auto"]
 
 JUMP = 16  # in flight at once after the first answer whose engine tells its processing time (no slot count known)
 QUEUE_MIN_S = 0.05  # a wait for a slot shorter than this (or than half the request's processing) is noise
+REPROBE_MAX = 256  # windows held at most at a learnt ceiling before one probe above it checks it
 SPANS = 256  # answers kept to read waits and overlaps from (4 rounds of the level, at most this)
 
 
@@ -138,11 +148,13 @@ class AutoLimit(Limit):
     auto = True
 
     def __init__(self, *, maximum: int = 256, initial: int = 1, gain: float = 0.05, hold: int = 4,
-                 min_window: float = 0.25, jump: int = JUMP, clock: Callable[[], float] = time.monotonic) -> None:
+                 min_window: float = 0.25, jump: int = JUMP, check: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
         self.jump = jump
         self.gain = gain
         self.hold_windows = hold
+        self.check_windows = check
         self.min_window = min_window
         self.clock = clock
         self.level = max(1, min(initial, maximum))
@@ -163,6 +175,11 @@ class AutoLimit(Limit):
         self._burst = False  # the jump's requests are out: the first answer pauses new ones (``admit``)
         self._paused = False
         self._reported: int | None = None  # the slots the engine reports (``hint``)
+        self._reprobe = False  # the level is one above the ceiling until the request that checks it starts
+        self._extra: int | None = None  # the epoch of that request, while it runs
+        self._extra_after: int | None = None  # once it is answered: answers still to come before the reading
+        self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
+        self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
 
     @property
     def best(self) -> int:
@@ -186,6 +203,15 @@ class AutoLimit(Limit):
     def begin(self) -> int:
         self._account(self.clock())
         self._inflight += 1
+        if self._reprobe and self.ceiling is not None and self._inflight > self.ceiling:
+            # the one request above the ceiling: the level returns to it at once, so that no queue of requests
+            # forms behind it (each would take another prefix group's slot); its answer tells
+            self._reprobe = False
+            self.level = self.ceiling
+            self._extra = self._epoch = self._epoch + 1
+            self._epoch += 1
+            self._window = _Window(self._epoch, skip=self.level)
+            return self._extra
         return self._epoch
 
     def hint(self, slots: int | None, source: str) -> None:
@@ -216,6 +242,17 @@ class AutoLimit(Limit):
             return
         if engine is not None and work is not None:
             self._note(now, engine, latency)
+            if self._extra_after is not None:
+                self._extra_after -= 1
+                if self._extra_after <= 0:  # those that ran beside it have been answered too
+                    self._checked(told=True)
+        if epoch == self._extra and epoch is not None:
+            self._extra = None
+            if engine is None or work is None:
+                self._checked(told=False)
+            else:
+                self._extra_after = 2 * (self.ceiling or 1)
+            return
         if epoch != self._epoch or work is None:
             return
         if engine is not None and self._timed_answer(now, engine, latency):
@@ -252,7 +289,7 @@ class AutoLimit(Limit):
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
         if self.ceiling is not None or self.level <= (self._reported or 0):
-            return False  # found once; and at or below the slots an engine reports, a wait is not for a slot
+            return False  # found (then checked by one request); at or below reported slots a wait is not for one
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
@@ -266,6 +303,25 @@ class AutoLimit(Limit):
         self._set(slots, f"kept {slots}: requests waited inside the engine at {self.level}, which ran {slots} "
                          f"at once")
         return True
+
+    def _checked(self, *, told: bool) -> None:
+        """The one request above the ceiling is answered, and so are those that ran beside it (``told``: False
+        where it failed or its engine told no time). Where the engine ran more at once than the ceiling, the
+        ceiling rises to that (to be checked again after ``check`` windows); else it holds, and the next check
+        waits twice as long. Whether it waited tells nothing alone: where the slots finish together, the first to
+        free takes it at once."""
+        ceiling = self.ceiling or 1
+        self._best = None
+        self._holding = self._at_ceiling = 0
+        seen = _overlap(self._recent) if told else ceiling
+        if seen > ceiling:
+            self.ceiling = seen
+            self._ceiling_hold = self.check_windows  # it was read low: check the new one as soon
+            self._set(seen, f"raised the ceiling to {seen}: at {ceiling + 1} the engine ran {seen} at once")
+            return
+        self._ceiling_hold = min(2 * self._ceiling_hold, REPROBE_MAX)
+        self._set(ceiling, f"kept {ceiling}: at {ceiling + 1} the engine ran {seen} at once; the next probe above it "
+                           f"after {self._ceiling_hold} windows")
 
     def _decide(self, rate: float, latency: float) -> None:
         measured = (self.level, rate, latency)
@@ -301,6 +357,14 @@ class AutoLimit(Limit):
         step = self.level if self._slow_start else max(1, self.level // 4)
         target = min(self.maximum, self.ceiling or self.maximum, self.level + step)
         if target == self.level:
+            if self.level == self.ceiling and self._reported is None and self.level < self.maximum:
+                self._at_ceiling += 1
+                pending = self._extra is not None or self._extra_after is not None  # a check not read yet
+                if self._at_ceiling >= self._ceiling_hold and not pending:  # a reading may have been low: check it
+                    self._set(self.level + 1, f"raised: {rate:.1f}/s at {self.level}, held {self._at_ceiling} "
+                                              f"windows; probing {self.level + 1} once above the slots read")
+                    self._reprobe = True
+                    return
             self._window = _Window(self._epoch, skip=self.level)
             return
         why = f"raised: {rate:.1f}/s at {self.level}"
@@ -313,7 +377,8 @@ class AutoLimit(Limit):
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
-        self._burst = self._paused = False
+        self._burst = self._paused = self._reprobe = False
+        self._extra = self._extra_after = None
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start
 
@@ -323,22 +388,34 @@ def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, fl
 
     ``spans``: answers of one level as (ended, seconds the engine worked on it, latency); ``recent``: the last
     answers of any level. A request waited for a slot when its latency exceeds the engine's time by ``QUEUE_MIN_S``
-    and half that time; once a quarter of at least 4 answers of the level did (2 at least), the slots are the most
-    requests the engine worked on at once lately."""
+    and half that time, and while it waited more requests were
+    in flight than the engine worked on at once (else its extra latency is the client's or the engine's own
+    overhead, not a queue: on a loaded machine the requests of a burst go out slowly, and a few in flight read as
+    waits); once a quarter of at least 4 answers of the level did (2 at least), the slots are the most requests the
+    engine worked on at once lately."""
     if len(spans) < 4:
         return None
-    waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine) for _, engine, latency in spans)
+    slots = _overlap(recent)
+    waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine)
+                 and _sent(recent, ended - engine - (latency - engine) / 2) > slots
+                 for ended, engine, latency in spans)
     if waited < max(2, len(spans) // 4):
         return None
-    return _overlap(recent)
+    return slots
+
+
+def _sent(spans: list[tuple[float, float, float]], at: float) -> int:
+    """How many of the answers were in flight (sent, not yet answered) at ``at``."""
+    return sum(ended - latency <= at <= ended for ended, _, latency in spans)
 
 
 def _overlap(spans: list[tuple[float, float, float]]) -> int:
-    """The most processing intervals ``(ended - engine, ended)`` that cover one of their midpoints."""
+    """The most processing intervals ``(ended - engine, ended]`` that cover one of their midpoints (half-open: one
+    that ends as the next on its slot starts is not two at once)."""
     best = 1
     for ended, engine, _ in spans:
         middle = ended - engine / 2
-        best = max(best, sum(end - busy <= middle <= end for end, busy, _ in spans))
+        best = max(best, sum(end - busy < middle <= end for end, busy, _ in spans))
     return best
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -15,6 +16,8 @@ from typing import Any
 import nbformat
 import orjson
 from aiohttp import web
+
+from obatch.concurrency import Change
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +114,17 @@ def killable_run(path: Path, url: str, work: Path) -> tuple[list[str], dict[str,
     env = {**os.environ, "OBATCH_COMMIT_INTERVAL": "0.05", "OBATCH_COMMIT_EVERY": "4", "OBATCH_LEASE_TTL": "2",
            "OBATCH_LEASE_HEARTBEAT": "0.5"}
     return args, env
+
+
+def checks_held(history: list[Change], slots: int) -> list[float]:
+    """Asserts that after ``slots`` were learnt the level went above them only by one, to check them, and each
+    check ended back at them with the next one later than the last (the hold doubles); returns when each began."""
+    above = [i for i, c in enumerate(history) if c.level > slots]
+    assert all(history[i].level == slots + 1 and "once above the slots read" in history[i].reason
+               for i in above), history
+    assert all(history[i + 1].level == slots and history[i + 1].reason.startswith(f"kept {slots}")
+               for i in above if i + 1 < len(history)), history
+    began = [history[i].at for i in above]
+    gaps = [b - a for a, b in itertools.pairwise([history[0].at, *began])]
+    assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps[1:])), history
+    return began

@@ -7,7 +7,9 @@ are exact and fast; the last ones run it against the Ollama simulator on loopbac
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +20,21 @@ import pytest
 from obatch.api import run_batch_file
 from obatch.backends.ollama import OllamaBackend
 from obatch.backends.pool import Pool
-from obatch.concurrency import AutoLimit, FixedLimit, make_limit
+from obatch.concurrency import AutoLimit, FixedLimit, _overlap, make_limit, queued
 from obatch.config import Settings
 from obatch.runner import Job, Outcome, RetryPolicy, run_jobs
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
-from tests.helpers import chat_line, write_jsonl
+from tests.helpers import chat_line, checks_held, write_jsonl
 
 
 def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Callable[[float], float],
              requests: int, max_queue: int = 10_000, timed: bool = False,
-             starts: list[float] | None = None) -> tuple[list[tuple[float, int]], int]:
+             starts: list[float] | None = None,
+             told: Callable[[float, float], float] | None = None) -> tuple[list[tuple[float, int]], int]:
     """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s). ``timed``:
-    the engine tells how long it worked on each request (as Ollama does), the rest of the latency being its queue."""
+    the engine tells how long it worked on each request (as Ollama does), the rest of the latency being its queue;
+    ``told(ended, worked)``: the seconds it tells instead of those it worked (an engine whose durations leave out
+    some of its work, or a client that reads the answer late)."""
     events: list[tuple[float, int, int, float, int]] = []  # (time, seq, kind 0=finish, start time, epoch)
     served_at: dict[int, float] = {}  # seq -> when a slot took it
     queue: deque[tuple[float, int]] = deque()
@@ -70,7 +75,9 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Calla
         clock[0] = at
         busy -= 1
         in_flight -= 1
-        limit.done(epoch, work=1.0, latency=at - started, engine=at - served_at.pop(n) if timed else None)
+        worked = at - served_at.pop(n)
+        limit.done(epoch, work=1.0, latency=at - started,
+                   engine=(told(at, worked) if told is not None else worked) if timed else None)
         done.append((at, limit.level))
         if queue:
             queued_at, queued_epoch = queue.popleft()
@@ -97,7 +104,7 @@ def test_auto_settles_at_the_engines_width_without_losing_throughput(slots: int)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 8, 24])
-def test_an_engine_that_tells_its_processing_time_shows_its_slots_and_is_never_probed_above(slots: int) -> None:
+def test_an_engine_that_tells_its_processing_time_shows_its_slots_and_goes_above_only_to_check(slots: int) -> None:
     clock = [0.0]
     limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
     starts: list[float] = []
@@ -109,12 +116,63 @@ def test_an_engine_that_tells_its_processing_time_shows_its_slots_and_is_never_p
     if learnt == 2:  # the jump's burst told: nothing started between its first answer and the drop to the slots
         jumped, told = limit.history[1].at, limit.history[2].at
         assert not [t for t in starts if jumped < t < told], (starts, limit.history)
-    assert all(c.level <= slots for c in limit.history[learnt:]), limit.history  # no probe above the slots again
-    assert limit.level == slots
+    checks_held(limit.history[learnt:], slots)  # above the slots only a rare check, one step, and back
+    assert limit.level == slots or "once above the slots read" in limit.reason, limit.history  # (a check at the end)
     # the search is over within the first few rounds, and the engine is busy from then on
     found = next(i for i, (_, level) in enumerate(done) if level == slots)
     assert found <= 4 * max(slots, 16), (found, limit.history)
     assert throughput(done, done[found][0]) >= 0.95 * slots
+
+
+def test_slots_read_low_at_the_jump_are_found_by_a_later_check() -> None:
+    # 4 slots; during the jump's burst the engine tells under a third of the time it works on each request (as a
+    # loaded machine's engine or client does), so the burst reads fewer requests at once than it ran
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    durations = itertools.cycle([1.0, 1.3, 0.9, 1.2, 1.1])
+    done, _ = simulate(limit, clock, slots=4, service=lambda _: next(durations), requests=1500, timed=True,
+                       told=lambda ended, worked: 0.3 * worked if ended < 12 else worked)
+    reasons = [c.reason for c in limit.history]
+    learnt = next(i for i, r in enumerate(reasons) if "waited inside the engine" in r)
+    assert reasons[learnt].startswith("kept 3:"), limit.history  # the reading this is about: one slot short
+    raised = next(i for i, r in enumerate(reasons) if r.startswith("raised the ceiling to 4"))
+    assert limit.history[raised - 1].level == 4 and "once above the slots read" in reasons[raised - 1]
+    assert all(c.level <= 3 for c in limit.history[learnt:raised - 1]), limit.history  # held until the check
+    assert limit.ceiling == 4 and limit.level == 4, limit.history
+    checks_held(limit.history[raised:], 4)
+    # from the check on, the engine's 4 slots are busy: within 5% of its best
+    assert throughput(done, limit.history[raised].at) >= 0.95 * 4 / 1.1
+
+
+def test_slots_read_right_are_checked_rarely_and_kept() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    starts: list[float] = []
+    done, _ = simulate(limit, clock, slots=4, service=lambda _: 1.0, requests=2000, timed=True, starts=starts)
+    learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
+    assert limit.history[learnt].level == 4, limit.history
+    began = checks_held(limit.history[learnt:], 4)
+    assert 3 <= len(began) <= 6, limit.history  # 500 rounds: a few checks, each hold twice the last
+    # each check is one request above the slots, with no queue behind it: a fifth in flight once per check
+    ended = sorted(t for t, _ in done)
+    settled = [t for t in starts if t > limit.history[learnt].at]
+    fifth = [t for i, t in enumerate(settled)
+             if len(starts) - len(settled) + i + 1 - bisect.bisect_right(ended, t) > 4]
+    assert len(fifth) == len(began), (fifth, began)
+    assert limit.ceiling == 4 and limit.level == 4
+    assert throughput(done, limit.history[learnt].at) >= 0.95 * 4  # the checks cost under 5%
+
+
+def test_a_wait_counts_only_while_more_requests_were_in_flight_than_the_engine_ran() -> None:
+    # 8 sent at once to an engine of 4 slots, 1 s each: the second four waited 1 s with 8 in flight
+    burst = [(1.0, 1.0, 1.0)] * 4 + [(2.0, 1.0, 2.0)] * 4
+    assert queued(burst, burst) == 4
+    # a burst that went out slowly on a loaded machine (the answers of one such run, seconds): at most 3 in flight,
+    # and the latency beyond the engine's time is the client's and the engine's own overhead, not a wait for a slot
+    slow = [(0.160, 0.160, 0.200), (0.286, 0.112, 0.126), (0.448, 0.158, 0.288), (0.520, 0.156, 0.283),
+            (0.670, 0.110, 0.150)]
+    assert _overlap(slow) == 2  # what the old reading took for the slots
+    assert queued(slow, slow) is None
 
 
 def test_a_probe_above_a_reported_width_ends_once_requests_wait_inside_the_engine() -> None:

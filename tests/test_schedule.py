@@ -35,7 +35,7 @@ from obatch.prefix import PREFIX_CHARS, prefix_key
 from obatch.runner import Job
 from obatch.schedule import QUANTUM, Scheduler, Stats
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
-from tests.helpers import jsonl, write_jsonl
+from tests.helpers import checks_held, jsonl, write_jsonl
 from tests.serverkit import FINAL, KEYS, ServerProcess
 
 MARK = re.compile(r"\[(\S+)\]$")
@@ -406,7 +406,7 @@ async def test_auto_concurrency_finds_ollamas_slots_and_keeps_one_group_per_lane
         tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     # Ollama tells no slot count; its durations show requests waiting for a slot once auto is above the 4 slots
     config = SimConfig(num_parallel=4, prompt_cache=True, prompt_tps_shared=True, prompt_tps=8_000, decode_tps=40)
-    lines = documents_lines(4, 20)
+    lines = documents_lines(4, 48)  # room for a check of a ceiling read low
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     recorder = Recorder()
     async with OllamaSim(config) as sim:
@@ -419,9 +419,12 @@ async def test_auto_concurrency_finds_ollamas_slots_and_keeps_one_group_per_lane
             await backend.aclose()
     assert output_ids(report.output) == Counter({line["custom_id"]: 1 for line in lines})
     limit = wrapped.hosts[0].limit
-    assert isinstance(limit, AutoLimit) and limit.level == 4 and limit.ceiling == 4, limit.history
+    assert isinstance(limit, AutoLimit) and limit.ceiling == 4, limit.history  # the slots, found within the batch
     learnt = next(i for i, c in enumerate(limit.history) if "waited inside the engine" in c.reason)
-    assert all(c.level <= 4 for c in limit.history[learnt:]), limit.history  # no probe above the slots again
-    assert sim.stats.max_queued_seen > 0  # it did go above them once, to find them
+    if limit.history[learnt].level < 4:  # the burst read fewer at once than ran (a loaded machine): a check fixed it
+        learnt = next(i for i, c in enumerate(limit.history) if c.reason.startswith("raised the ceiling to 4"))
+    assert limit.history[learnt].level == 4, limit.history
+    checks_held(limit.history[learnt:], 4)  # above the slots, only a rare check one above them
+    assert sim.stats.max_queued_seen > 0  # it did go above them, to find them
     # after the search each document stays on its lane: only the first rounds miss the cache
     assert cached_share(sim) > 0.65, cached_share(sim)
