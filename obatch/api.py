@@ -204,13 +204,10 @@ async def run_batch_file(
 async def _plan(svc: Services, stored: FileRow, window: str, *, model: str | None, strict: bool) -> DeadlinePlan:
     """The new batch's estimate against its window, told before it starts; a batch ``strict`` refuses is not
     created and its stored input is removed."""
-    from obatch.bench.estimate.deadline import plan_for_file, refuse_if_certain
+    from obatch.bench.estimate.deadline import plan_batch, refuse_if_certain
 
-    seconds = window_seconds(window, minimum=svc.settings.min_completion_window)
-    async with svc.sessions() as session:
-        made = await plan_for_file(session, svc.pool, file_path(svc.settings, stored.id), seconds,
-                                   file_sha256=stored.sha256 or None, model=model, concurrency=svc.pool.fixed,
-                                   schedule=svc.settings.schedule)
+    made = await plan_batch(svc, stored, window, model=model, concurrency=svc.pool.fixed,
+                            schedule=svc.settings.schedule)
     (log.warning if made.expected_miss else log.info)("completion window: %s", made.message)
     if strict:
         try:

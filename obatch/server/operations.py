@@ -167,12 +167,9 @@ async def _plan(svc: Services, source: FileRow, request: BatchCreate) -> Deadlin
     from obatch.bench.estimate import deadline
 
     strict = deadline.strict(request.metadata)
-    window = batches.window_seconds(request.completion_window, minimum=svc.settings.min_completion_window)
-    async with svc.sessions() as session:
-        made = await deadline.plan_for_file(
-            session, svc.pool, batches.file_path(svc.settings, source.id), window, file_sha256=source.sha256 or None,
-            model=request.model, concurrency=request.concurrency or svc.pool.fixed,
-            schedule=request.schedule or svc.settings.schedule, owner=source.owner)
+    made = await deadline.plan_batch(svc, source, request.completion_window, model=request.model,
+                                     concurrency=request.concurrency or svc.pool.fixed,
+                                     schedule=request.schedule or svc.settings.schedule)
     if strict:
         deadline.refuse_if_certain(made)
     return made

@@ -21,9 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from obatch import errors
 from obatch.backends.pool import Pool
+from obatch.batches import Services, file_path, window_seconds
 from obatch.bench.estimate.request import EstimateRequest, estimate_groups
 from obatch.protocol import DeadlineOption, DeadlinePlan, DurationEstimate
 from obatch.store import bench_repo, pilots
+from obatch.store.tables import FileRow
 
 log = logging.getLogger("obatch.bench")
 
@@ -144,3 +146,14 @@ async def plan_for_file(session: AsyncSession, engine: Pool, file: Path, window:
         return plan(None, window, why="the estimate failed (the server's log says why)")
     made = DurationEstimate.of_groups([DurationEstimate.model_validate(p.as_dict()) for p in parts])
     return plan(made, window)
+
+
+async def plan_batch(svc: Services, source: FileRow, completion_window: str, *, model: str | None,
+                     concurrency: int | None, schedule: str) -> DeadlinePlan:
+    """The plan of a batch about to be made of the stored file ``source``: ``plan_for_file`` on the services'
+    engine hosts, for the file's owner, against the window ``completion_window`` spells."""
+    window = window_seconds(completion_window, minimum=svc.settings.min_completion_window)
+    async with svc.sessions() as session:
+        return await plan_for_file(session, svc.pool, file_path(svc.settings, source.id), window,
+                                   file_sha256=source.sha256 or None, model=model, concurrency=concurrency,
+                                   schedule=schedule, owner=source.owner)
