@@ -80,6 +80,15 @@ def _marker(custom_id: str) -> bytes:
     return b'"custom_id":' + orjson.dumps(custom_id)
 
 
+def _line_at(handle: BinaryIO, offset: int, length: int, custom_id: str) -> bytes:
+    """The line of ``custom_id`` at ``offset`` in an open output or error file; ValueError when it is not there."""
+    handle.seek(offset)
+    data = handle.read(length)
+    if _marker(custom_id) not in data:
+        raise ValueError(f"line of {custom_id!r} not at {offset} in {handle.name}")
+    return data
+
+
 def _read(paths: tuple[Path, Path], wanted: Sequence[tuple[bool, int, int, str]]) -> list[bytes]:
     handles: dict[bool, BinaryIO] = {}
     found: list[bytes] = []
@@ -87,12 +96,7 @@ def _read(paths: tuple[Path, Path], wanted: Sequence[tuple[bool, int, int, str]]
         for ok, offset, length, custom_id in wanted:
             if ok not in handles:
                 handles[ok] = paths[0 if ok else 1].open("rb")
-            handle = handles[ok]
-            handle.seek(offset)
-            data = handle.read(length)
-            if _marker(custom_id) not in data:
-                raise ValueError(f"line of {custom_id!r} not at {offset} in {handle.name}")
-            found.append(data)
+            found.append(_line_at(handles[ok], offset, length, custom_id))
     finally:
         for handle in handles.values():
             handle.close()
@@ -157,14 +161,26 @@ async def restored(batch: BatchRow, columns: Sequence[str], rows: Sequence[tuple
 
 
 def _read_answers(data_dir: Path, wanted: Sequence[tuple[str, str, int, int, str]]) -> dict[str, bytes | None]:
-    """Each key's line (results_files, custom_id, offset, length of a succeeded row, key); None when unreadable."""
+    """Each key's line (results_files, custom_id, offset, length of a succeeded row, key); None when unreadable.
+    Each output file is opened once, whatever the number of answers read from it."""
     found: dict[str, bytes | None] = {}
-    for files, custom_id, offset, length, key in wanted:
-        output = _located(data_dir, files)[0]
-        try:
-            found[key] = _read((output, output), [(True, offset, length, custom_id)])[0]
-        except (OSError, ValueError):
-            found[key] = None
+    handles: dict[str, BinaryIO | None] = {}
+    try:
+        for files, custom_id, offset, length, key in wanted:
+            if files not in handles:
+                try:
+                    handles[files] = _located(data_dir, files)[0].open("rb")
+                except OSError:
+                    handles[files] = None
+            handle = handles[files]
+            try:
+                found[key] = _line_at(handle, offset, length, custom_id) if handle is not None else None
+            except (OSError, ValueError):
+                found[key] = None
+    finally:
+        for handle in handles.values():
+            if handle is not None:
+                handle.close()
     return found
 
 
