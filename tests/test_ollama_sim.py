@@ -295,6 +295,37 @@ async def test_a_request_that_leaves_the_queue_gives_no_slot_away() -> None:
     assert sim.stats.max_concurrent_seen == 1
 
 
+async def test_a_slot_freed_as_a_waiting_request_is_cancelled_goes_to_the_next_one() -> None:
+    # The cancelled request's future is cancelled at once, its handler runs later: a slot freed in between must
+    # pass over it to the next request (it was handed to the cancelled one and lost: every slot, in time).
+    async with OllamaSim(SimConfig(num_parallel=1)) as sim:
+        _, model = sim._model({"model": CHAT})
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with sim._slot(model):
+                held.set()
+                await release.wait()
+
+        async def waiter() -> int:
+            async with sim._slot(model) as slot:
+                return slot.id
+
+        first = asyncio.ensure_future(holder())
+        await held.wait()
+        cancelled, next_one = asyncio.ensure_future(waiter()), asyncio.ensure_future(waiter())
+        await asyncio.sleep(0)  # both queued behind the held slot
+        assert sim.stats.queued == 2
+        release.set()  # the holder frees its slot on the next turn of the loop, before the cancelled one's handler:
+        cancelled.cancel()  # its future is cancelled at once, its handler runs after the holder's step
+        await first
+        assert await asyncio.wait_for(next_one, 5) == 0
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert sim.stats.queued == sim.stats.running == 0
+
+
 async def test_reload_on_num_ctx_change_and_lru() -> None:
     config = SimConfig(load_seconds=0.05, max_loaded_models=1)
     async with OllamaSim(config) as sim, httpx.AsyncClient(base_url=sim.url, timeout=10) as client:

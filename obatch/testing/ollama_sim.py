@@ -819,7 +819,7 @@ class OllamaSim:
             except asyncio.CancelledError:
                 if ticket[0].done() and not ticket[0].cancelled():
                     self._free(model, slots, ticket[0].result())  # handed a slot, then cancelled: pass it on
-                else:
+                elif ticket in slots.waiting:  # a slot freed meanwhile may have passed over it already
                     slots.waiting.remove(ticket)
                 raise
             finally:
@@ -839,9 +839,11 @@ class OllamaSim:
     def _free(self, model: SimModel, slots: _Slots, slot: _Slot) -> None:
         """Give the slot back, or to the first waiting request (its best free slot, as the runner picks it)."""
         slot.in_use = False
-        if slots.waiting:
+        while slots.waiting:
             future, prompt = slots.waiting.popleft()
-            future.set_result(slots.take(prompt, self._loaded.get(model.key)))
+            if not future.done():  # a request cancelled while it waited (its handler not yet run) takes nothing
+                future.set_result(slots.take(prompt, self._loaded.get(model.key)))
+                return
 
     def _expire(self) -> None:
         now = time.time()
