@@ -87,7 +87,7 @@ class InOrder:
         pass
 
 
-def _retrying(policy: RetryPolicy) -> AsyncRetrying:
+def _retrying(policy: RetryPolicy, pool: Pool) -> AsyncRetrying:
     # tenacity is imported on the first retry: most runs need none, and it is a tenth of the runner's start-up
     from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -95,6 +95,7 @@ def _retrying(policy: RetryPolicy) -> AsyncRetrying:
         retry=retry_if_exception_type(errors.TransientError),
         wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
         stop=stop_after_attempt(policy.max_attempts),
+        sleep=pool.pause,  # cut short when an outage ends: the engine is back, the line goes on
         reraise=True,
     )
 
@@ -179,7 +180,8 @@ async def _call_until_answered(pool: Pool, job: Job, policy: RetryPolicy, stream
 
     Each attempt leases a slot anew, so a retry may go to another host of the pool. The first attempt runs outside
     tenacity (most requests need no retry, and the retry machinery costs per call); a transient failure hands the
-    job to tenacity's exponential backoff with jitter for the remaining attempts.
+    job to tenacity's exponential backoff with jitter for the remaining attempts (a wait cut short when an
+    outage of every host ends: ``Pool.pause``).
     """
     lease = first or await pool.lease(model)
     try:
@@ -190,7 +192,7 @@ async def _call_until_answered(pool: Pool, job: Job, policy: RetryPolicy, stream
         failed: errors.BackendError | None = exc
     attempts = 1
     try:
-        async for attempt in _retrying(policy):
+        async for attempt in _retrying(policy, pool):
             with attempt:
                 if failed is not None:  # the fast path's failure is tenacity's first attempt: it decides the wait
                     error, failed = failed, None

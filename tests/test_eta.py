@@ -94,6 +94,34 @@ async def test_the_pool_notes_an_outage_only_when_no_host_answers() -> None:
     await pool.aclose()
 
 
+@pytest.mark.timeout(120)
+async def test_lines_waiting_out_a_long_backoff_go_on_as_soon_as_the_engine_is_back(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """With retries backing off up to 30 s, an outage held the batch for as long after the engine was back: every
+    line waited out its own backoff (here 3 to 6 s, then 6 to 9: 3 to 9 s past the engine's return). The pool asks
+    the hosts while none answers; the first answer wakes the waiting lines, and the batch ends within seconds of the
+    engine's return, every line once."""
+    config = SimConfig(models=(SimModel(CHAT),), num_parallel=4, decode_tps=400)
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=8) for i in range(120)])
+    sim = OllamaSim(config)
+    await sim.start()
+    settings = make_settings(sim.url, concurrency=4, max_attempts=50, retry_initial_wait=3.0, retry_max_wait=30.0)
+    run = asyncio.create_task(run_batch_file(path, settings=settings, progress=False))
+    while sim.stats.served < 20:  # noqa: ASYNC110 (polling the simulator's counters)
+        await asyncio.sleep(0.01)
+    await sim.stop()
+    await asyncio.sleep(6.0)  # the lines in flight fail, back off, fail again, back off longer
+    back = OllamaSim(config, port=sim.port)
+    await back.start()
+    up_at = time.monotonic()
+    report = await run
+    after = time.monotonic() - up_at
+    await back.stop()
+    assert report.batch.completed == 120 and report.batch.failed == 0
+    assert back.stats.served == 120 - sim.stats.served  # each line answered once across the two engines
+    assert after < 5.0, after  # the watch asks every 2 s at most (before: 8.5 s in three runs)
+
+
 # ---------------------------------------------------------------------------------- the level auto settled on
 
 

@@ -19,6 +19,9 @@ refused in turn: a stream of 503s as fast as the client could send, at any fixed
 
 While every host's last ``SILENT_TO_WAIT`` attempts got no answer at all (refused or reset connections, timeouts),
 the pool is in an outage; ``Pool.outages`` keeps when, for the live ETA (``obatch.progress``) to pause its clock.
+During an outage the pool asks every host for its models every few seconds (``WATCH_INITIAL`` doubling to
+``WATCH_MAX``); the first answer ends the outage and wakes every line waiting out a retry's backoff (``pause``), so
+that the batch goes on as soon as the engine is back rather than up to ``retry_max_wait`` later.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ log = logging.getLogger("obatch.pool")
 FAILURES_TO_DRAIN = 3
 SILENT_TO_WAIT = 2  # attempts in a row that got no answer (refused, reset, timed out) before a host counts as silent
 PROBE_INITIAL, PROBE_MAX = 0.5, 30.0
+WATCH_INITIAL, WATCH_MAX = 0.5, 2.0  # seconds between two asks of every host while none answers
 BUSY_PAUSE, BUSY_PAUSE_MAX = 0.25, 4.0  # seconds a busy host is left alone; doubles while it stays busy
 
 
@@ -118,6 +122,8 @@ class Pool:
         self.concurrency: Concurrency = concurrency
         self.context_lengths: dict[str, int | None] = {}  # per model, what ``route`` learnt (None: not told)
         self.outages = Outages()  # when no host answered (the live ETA's clock leaves these out)
+        self._back: asyncio.Event | None = None  # set when an outage ends (made as one begins, in the running loop)
+        self._watch: asyncio.Task[None] | None = None  # asks the hosts while an outage goes on
         self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
 
     @classmethod
@@ -268,6 +274,38 @@ class Pool:
     def _heard(self, host: Host, asked: float) -> None:
         host.silent = 0
         self.outages.end(asked)
+        if self._back is not None:
+            self._back.set()
+            self._back = None
+
+    async def pause(self, seconds: float) -> None:
+        """The wait before a line's next attempt: ``seconds``, or until the outage going on ends, if sooner."""
+        back = self._back
+        if back is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await back.wait()
+
+    async def _watch_outage(self) -> None:
+        """Ask every host for its models until one answers (that ends the outage: ``_heard``)."""
+        wait = WATCH_INITIAL
+        while self.outages.ongoing:
+            await asyncio.sleep(wait)
+            for host in self.hosts:
+                asked = time.monotonic()
+                try:
+                    async with asyncio.timeout(max(wait, 2.0)):
+                        await host.backend.models()
+                except Exception:  # any failure: still silent
+                    continue
+                self._heard(host, asked)
+                log.warning("engine host %s answers again; the lines waiting to retry go on", host.url)
+                self._wake()
+                break
+            wait = min(wait * 2, WATCH_MAX)
+        self._watch = None
 
     def _silence(self, host: Host) -> None:
         """An attempt got no answer: when every host has had ``SILENT_TO_WAIT`` such in a row, an outage began
@@ -277,6 +315,10 @@ class Pool:
         host.silent += 1
         if all(h.silent >= SILENT_TO_WAIT for h in self.hosts):
             self.outages.begin(max(h.silent_since for h in self.hosts))
+            if self._back is None:
+                self._back = asyncio.Event()
+            if self._watch is None:
+                self._watch = asyncio.get_running_loop().create_task(self._watch_outage(), name="outage watch")
 
     def _drain(self, host: Host) -> None:
         host.up = False
@@ -414,6 +456,9 @@ class Pool:
         for host in self.hosts:
             if host._probe is not None:
                 host._probe.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        for host in self.hosts:
             await host.backend.aclose()
 
 
