@@ -255,6 +255,7 @@ import os, signal, sys
 from obatch.batches import compact
 from obatch.store import compaction
 compact.PAGE = 8
+compact.KEEP_BODIES = 4  # the succeeded lines after the fourth move out of requests (obatch.store.finished)
 rewrite, pages = compaction.rewrite_page, []
 async def killing(*args, **kwargs):
     pages.append(1)
@@ -288,3 +289,6 @@ def test_sigkill_mid_compaction_loses_and_doubles_nothing(tmp_path: Path) -> Non
            for line in (results_dir / name).read_bytes().splitlines()]
     assert Counter(line["custom_id"] for line in out) == Counter(line["custom_id"] for line in lines)
     assert all(r[6] is not None for r in _rows_of(tmp_path / "data" / "obatch.db"))
+    with sqlite3.connect(tmp_path / "data" / "obatch.db") as db:
+        moved = db.execute("SELECT count(*), count(DISTINCT line) FROM finished_lines").fetchone()
+    assert moved == (2 * 8 - 4,) * 2  # the two pages moved before the kill, each line once (the rerun keeps 2,000)

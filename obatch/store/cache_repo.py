@@ -69,12 +69,12 @@ async def _moved_candidates(sessions: Sessions, batch_id: str, model: str, tag: 
     last = 0
     while True:
         page = await _page(sessions, sql, batch_id, last)
-        wanted = {finished.digest(tag, key): (int(line), str(key)) for line, group, state, key in page
-                  if group == model and state == "pending" and key is not None}
+        wanted = [(finished.digest(tag, key), int(line), str(key)) for line, group, state, key in page
+                  if group == model and state == "pending" and key is not None]
         if wanted:
             async with sessions() as session:
-                found = {row[0] for row in await finished.by_digest(session, list(wanted))}
-            if hits := sorted(wanted[digest] for digest in wanted if digest in found):
+                found = {row[0] for row in await finished.by_digest(session, sorted({w[0] for w in wanted}))}
+            if hits := [(line, key) for digest, line, key in wanted if digest in found]:
                 yield hits
         if len(page) < CANDIDATE_PAGE:
             return

@@ -33,8 +33,9 @@ def _columns() -> tuple[str, ...]:
 async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[tuple[int, int, int, bool]],
                        *, move: bool = False) -> None:
     """Compact the rows of ``entries``: (line, offset, length, keep_body) each, lines ascending. The rows' other
-    columns are kept as they are; with ``move``, a succeeded row that keeps no body leaves ``requests`` for a narrow
-    row of ``finished_lines`` instead (``obatch.store.finished``). The caller commits."""
+    columns are kept as they are; with ``move``, a succeeded row that keeps no body (and had no answer refused by
+    the structured-output check) leaves ``requests`` for a narrow row of ``finished_lines`` instead
+    (``obatch.store.finished``). The caller commits."""
     if not entries:
         return
     columns = _columns()
@@ -50,7 +51,7 @@ async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[t
     at = {name: i for i, name in enumerate(columns)}
     new_rows: list[tuple[Any, ...]] = []
     moving = [row for line, row in rows.items() if move and line in wanted and not wanted[line][2]
-              and row[at["state"]] == "succeeded"]
+              and row[at["state"]] == "succeeded" and row[at["refused"]] is None]  # a refusal is counted from rows
     moved: list[tuple[Any, ...]] = []
     if moving:
         key = await finished.batch_key(session, batch_id)
