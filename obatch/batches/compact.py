@@ -6,11 +6,13 @@ durable and before the batch takes its final status, each row is rewritten with 
 in its file (the output file for a succeeded row, the error file for the others) instead of that text
 (``obatch.store.compaction``). What is kept: every small typed column (state, codes, token counts, timings,
 provenance, the cache key and model identity), the request body of each line that did not succeed (what a retry
-sends again) and of the first ``KEEP_BODIES`` lines (what the estimator's history replays). Only batches whose
-files the store keeps (under the data directory) are compacted; a CLI run told to write elsewhere keeps its rows
-whole. The batch names its files relative to the data directory (``results_files``), and a reader finds them under
-the data directory it is given: the directory can be moved or renamed (a path an older store keeps absolute is used
-as it is).
+sends again) and of the first ``KEEP_BODIES`` lines (what the estimator's history replays). The other succeeded
+lines of a batch that is not a retry leave ``requests`` for a narrow row (``obatch.store.finished``): its batch's and
+model's numbers, its line's index, host, token counts and a 16-byte cache digest; its output line holds the rest,
+read back by ``restore`` as the dropped text is. Only batches whose files the store keeps (under the data
+directory) are compacted; a CLI run told to write elsewhere keeps its rows whole. The batch names its files
+relative to the data directory (``results_files``), and a reader finds them under the data directory it is given:
+the directory can be moved or renamed (a path an older store keeps absolute is used as it is).
 
 Every reader of the dropped text goes through ``stored_lines`` (the line's bytes, read from its file by the index)
 or ``restore`` (the dropped columns made again from those bytes): the output writer, ``/results`` and merged
