@@ -143,3 +143,24 @@ async def test_a_crash_while_lines_move_loses_and_doubles_nothing(
     after = await _readers(settings, report.batch.id)
     assert [orjson.loads(line) for line in after["pages"]] == out
     assert after["frame"]["custom_id"].to_list() == [line["custom_id"] for line in lines]
+
+
+async def test_a_deleted_batch_takes_its_moved_lines(tmp_path: Path, make_settings: Callable[..., Settings],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compact, "KEEP_BODIES", 1)
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy(f"r{i}", f"q{i}") for i in range(6)])
+    async with OllamaSim(SimConfig(num_parallel=2)) as sim:
+        settings = make_settings(sim.url)
+        kept = await run_batch_file(path, settings=settings, progress=False)
+        gone = await run_batch_file(path, settings=settings, progress=False, fresh=True)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:
+            assert (await finished.counts(session, gone.batch.id))[0] == 5
+            await finished.forget(session, gone.batch.id)
+            await session.commit()
+        async with sessions() as session:
+            assert (await finished.counts(session, gone.batch.id))[0] == 0
+            assert (await finished.counts(session, kept.batch.id))[0] == 5  # another batch's stay
+    finally:
+        await engine.dispose()

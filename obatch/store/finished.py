@@ -144,3 +144,13 @@ async def ran_lines(session: AsyncSession, batch_id: str, model: str) -> int:
         f"(SELECT 1 FROM requests r WHERE r.batch_id={marks[4]} AND r.custom_id=p.custom_id)",
         (batch_id, model, batch_id))).scalar()
     return int(moved) - int(piloted or 0)
+
+
+async def forget(session: AsyncSession, batch_id: str) -> None:
+    """Delete a batch's moved lines, its models' numbers and its own (before the batch itself goes)."""
+    connection = await session.connection()
+    marks = _marks(_dialect(session).paramstyle, 1)
+    key = f"(SELECT key FROM finished_batches WHERE batch_id={marks[0]})"
+    for table in ("finished_lines", "finished_models"):
+        await connection.exec_driver_sql(f"DELETE FROM {table} WHERE batch_key={key}", (batch_id,))
+    await connection.exec_driver_sql(f"DELETE FROM finished_batches WHERE batch_id={marks[0]}", (batch_id,))

@@ -97,6 +97,9 @@ async def start_batch(session: AsyncSession, batch_id: str) -> None:
 
 
 async def delete_batch(session: AsyncSession, batch_id: str) -> None:
+    from obatch.store import finished
+
+    await finished.forget(session, batch_id)
     await session.execute(delete(BatchRow).where(col(BatchRow.id) == batch_id))
 
 
