@@ -8,8 +8,6 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
 
 import orjson
 import polars as pl
@@ -17,14 +15,13 @@ import pytest
 
 from obatch.api import results_frame, run_batch_file
 from obatch.batches import compact
-from obatch.batches.services import Services
 from obatch.config import Settings
-from obatch.store import compaction, finished, repo
+from obatch.store import finished, repo
 from obatch.store.db import open_store
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
 from tests.helpers import chat_line, write_jsonl
 from tests.test_cache import MODEL, by_id, greedy, read_lines, run_as, sent
-from tests.test_compact import _equal, _lines, _readers
+from tests.test_compact import _equal, _lines, _readers, compact_twice, crash_mid_compaction, run_whole
 
 pytestmark = pytest.mark.usefixtures("db_url")
 
@@ -53,17 +50,11 @@ async def test_moved_lines_read_as_before(tmp_path: Path, make_settings: Callabl
     monkeypatch.setattr(compact, "KEEP_BODIES", 5)
     async with OllamaSim(SimConfig(num_parallel=4, error_rate=0.3, seed=3)) as sim:
         settings = make_settings(sim.url, max_attempts=1)
-        with monkeypatch.context() as patch:  # as before compaction: every row whole
-            patch.setattr(compact, "owned", lambda *_: False)
-            report = await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+        report = await run_whole(monkeypatch, path, settings)
         before = await _readers(settings, report.batch.id)
         moved, counts = await _moved(settings, report.batch.id)
         assert moved == 0 and counts == {name: getattr(report.batch, name) for name in COUNTS}
-        engine, sessions = await open_store(settings.db_url)
-        svc = cast(Services, SimpleNamespace(sessions=sessions, settings=settings))
-        assert await compact.compact(svc, report.batch.id, report.output, report.errors)
-        assert await compact.compact(svc, report.batch.id, report.output, report.errors)  # again: changes nothing
-        await engine.dispose()
+        await compact_twice(settings, report)
         moved, after_counts = await _moved(settings, report.batch.id)
         frame: pl.DataFrame = before["frame"]
         succeeded = frame.filter(pl.col("status") == "succeeded")
@@ -111,23 +102,10 @@ async def test_a_crash_while_lines_move_loses_and_doubles_nothing(
         tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [greedy(f"r{i}", f"q{i}") for i in range(50)]
     path = write_jsonl(tmp_path / "in.jsonl", lines)
-    monkeypatch.setattr(compact, "PAGE", 8)
     monkeypatch.setattr(compact, "KEEP_BODIES", 4)
-    rewrite = compaction.rewrite_page
-    calls = Counter[str]()
-
-    async def crashing(*args: Any, **kwargs: Any) -> None:
-        calls["pages"] += 1
-        if calls["pages"] == 3:  # two pages moved and committed, then the process dies
-            raise SystemExit("killed")
-        await rewrite(*args, **kwargs)
-
     async with OllamaSim(SimConfig(num_parallel=4)) as sim:
         settings = make_settings(sim.url)
-        with monkeypatch.context() as patch:
-            patch.setattr(compaction, "rewrite_page", crashing)
-            with pytest.raises(SystemExit):
-                await run_batch_file(path, settings=settings, progress=False)
+        await crash_mid_compaction(monkeypatch, path, settings)  # two pages of 8 moved, then the process dies
         engine, sessions = await open_store(settings.db_url)
         async with sessions() as session:
             batch_id = (await repo.list_batches(session))[0][0].id
