@@ -13,7 +13,7 @@ import orjson
 import polars as pl
 import pytest
 
-from obatch.api import results_frame, run_batch_file
+from obatch.api import results_frame, retry, run_batch_file
 from obatch.batches import compact
 from obatch.config import Settings
 from obatch.store import finished, repo
@@ -142,3 +142,23 @@ async def test_a_deleted_batch_takes_its_moved_lines(tmp_path: Path, make_settin
             assert (await finished.counts(session, kept.batch.id))[0] == 5  # another batch's stay
     finally:
         await engine.dispose()
+
+
+async def test_a_retry_chain_over_moved_lines_reads_as_one(tmp_path: Path, make_settings: Callable[..., Settings],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compact, "KEEP_BODIES", 3)
+    lines = [greedy(f"r{i}", f"q{i}") for i in range(40)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=4, error_rate=0.3, seed=7)) as sim:
+        settings = make_settings(sim.url, max_attempts=1)
+        first = await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+        assert 0 < first.batch.failed < 40 and (await _moved(settings, first.batch.id))[0] > 20
+        sim.config.error_rate = 0.0
+        merged = await retry(first.batch.id, settings=settings, progress=False)
+    retried = merged.filter(pl.col("batch_id") != first.batch.id)
+    assert retried.height == first.batch.failed
+    assert merged["custom_id"].to_list() == [line["custom_id"] for line in lines]  # each line once, in order
+    assert set(merged["status"]) == {"succeeded"}
+    original = by_id(first.output)
+    for row in merged.filter(pl.col("batch_id") == first.batch.id).iter_rows(named=True):
+        assert row["content"] == original[row["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"]
