@@ -96,6 +96,13 @@ async def test_moved_lines_answer_only_their_api_key_and_model(tmp_path: Path, m
         _, repulled = await run_as(settings, "alice", path)
         assert sent(sim) == 36
         assert all(line["obatch"]["cached_from"] is None for line in repulled)
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        async with sessions() as session:  # the server's line counts (/metrics) count moved lines too
+            assert await repo.line_state_counts(session, "alice") == {"succeeded": 36}
+            assert await repo.line_state_counts(session) == {"succeeded": 48}
+    finally:
+        await engine.dispose()
 
 
 async def test_a_crash_while_lines_move_loses_and_doubles_nothing(
