@@ -16,7 +16,7 @@ import pytest
 from obatch.api import results_frame, retry, run_batch_file
 from obatch.batches import compact
 from obatch.config import Settings
-from obatch.store import finished, repo
+from obatch.store import bench_repo, finished, repo
 from obatch.store.db import open_store
 from obatch.testing.ollama_sim import OllamaSim, SimConfig
 from tests.helpers import chat_line, write_jsonl
@@ -147,6 +147,9 @@ async def test_a_deleted_batch_takes_its_moved_lines(tmp_path: Path, make_settin
         async with sessions() as session:
             assert (await finished.counts(session, gone.batch.id))[0] == 0
             assert (await finished.counts(session, kept.batch.id))[0] == 5  # another batch's stay
+            # the estimates' history counts the lines a batch ran, moved ones included (their bodies: the kept)
+            count, bodies = await bench_repo.run_lines(session, kept.batch.id, MODEL, 100)
+            assert count == 6 and len(bodies) == 1
     finally:
         await engine.dispose()
 

@@ -132,7 +132,7 @@ async def ran_lines(session: AsyncSession, batch_id: str, model: str) -> int:
     counts the rest): those a pilot had run before it (a pilot line it took whose row has left ``requests``) left
     out."""
     connection = await session.connection()
-    marks = _marks(_dialect(session).paramstyle, 5)
+    marks = _marks(_dialect(session).paramstyle, 3)
     moved = (await connection.exec_driver_sql(
         "SELECT count(*) FROM finished_lines f JOIN finished_batches b ON b.key=f.batch_key JOIN finished_models m ON "
         f"m.batch_key=f.batch_key AND m.number=f.model WHERE b.batch_id={marks[0]} AND m.model={marks[1]} AND "
@@ -140,8 +140,8 @@ async def ran_lines(session: AsyncSession, batch_id: str, model: str) -> int:
     if not moved:
         return 0
     piloted = (await connection.exec_driver_sql(
-        f"SELECT count(*) FROM pilots p WHERE p.used_by={marks[2]} AND p.model={marks[3]} AND NOT EXISTS "
-        f"(SELECT 1 FROM requests r WHERE r.batch_id={marks[4]} AND r.custom_id=p.custom_id)",
+        f"SELECT count(*) FROM pilots p WHERE p.used_by={marks[0]} AND p.model={marks[1]} AND NOT EXISTS "
+        f"(SELECT 1 FROM requests r WHERE r.batch_id={marks[2]} AND r.custom_id=p.custom_id)",
         (batch_id, model, batch_id))).scalar()
     return int(moved) - int(piloted or 0)
 
