@@ -14,7 +14,9 @@ import polars as pl
 import pytest
 
 from obatch.api import results_frame, retry, run_batch_file
+from obatch.backends.ollama import OllamaBackend
 from obatch.batches import compact
+from obatch.bench.pilot_run import run_pilot
 from obatch.config import Settings
 from obatch.store import bench_repo, finished, repo
 from obatch.store.db import open_store
@@ -172,3 +174,25 @@ async def test_a_retry_chain_over_moved_lines_reads_as_one(tmp_path: Path, make_
     original = by_id(first.output)
     for row in merged.filter(pl.col("batch_id") == first.batch.id).iter_rows(named=True):
         assert row["content"] == original[row["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"]
+
+
+async def test_the_history_counts_moved_lines_a_batch_ran_itself(tmp_path: Path,
+                                                                 make_settings: Callable[..., Settings],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compact, "KEEP_BODIES", 2)
+    path = write_jsonl(tmp_path / "in.jsonl", [greedy(f"r{i}", f"q{i}") for i in range(24)])
+    async with OllamaSim(SimConfig(num_parallel=2)) as sim:
+        settings = make_settings(sim.url)
+        engine, sessions = await open_store(settings.db_url)
+        backend = OllamaBackend(sim.url)
+        try:
+            await run_pilot(sessions, backend, settings, path, size=6, concurrency=2, model=MODEL)
+            report = await run_batch_file(path, settings=settings, concurrency=2, progress=False)
+            assert report.batch.completed == 24 and (await _moved(settings, report.batch.id))[0] == 22
+            async with sessions() as session:
+                count, rows = await bench_repo.run_lines(session, report.batch.id, MODEL, 100)
+        finally:
+            await backend.aclose()
+            await engine.dispose()
+    assert count == 18  # the 6 pilot lines ran before the batch, moved or kept
+    assert len(rows) <= 2
