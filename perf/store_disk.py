@@ -7,6 +7,8 @@ the output file, and the store as the filesystem holds it (the database file and
 file. The store's own tables and indexes are listed with their share (SQLite's ``dbstat``).
 
     python perf/store_disk.py [--lines 200000] [--concurrency 32] [--dims 32]
+
+``--dims 1`` gives the smallest embedding line obatch writes (about 690 bytes with its provenance block).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 
 from obatch import errors
-from obatch.api import _services, results, results_frame, run_batch_file
+from obatch.api import RunReport, _services, results, results_frame, run_batch_file
 from obatch.batches import compact, reading
 from obatch.batches.retry import create_retry
 from obatch.batches.services import Services
@@ -69,6 +69,24 @@ def _equal(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert cast(pl.DataFrame, after[name]).equals(before[name]), name
 
 
+async def run_whole(monkeypatch: pytest.MonkeyPatch, path: Path, settings: Settings) -> RunReport:
+    """A run of ``path`` whose rows stay whole, as before compaction."""
+    with monkeypatch.context() as patch:
+        patch.setattr(compact, "owned", lambda *_: False)
+        return await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+
+
+async def compact_twice(settings: Settings, report: RunReport) -> None:
+    """Compact a run's rows against its files, then again (which changes nothing)."""
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        svc = cast(Services, SimpleNamespace(sessions=sessions, settings=settings))
+        assert await compact.compact(svc, report.batch.id, report.output, report.errors)
+        assert await compact.compact(svc, report.batch.id, report.output, report.errors)
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.usefixtures("db_url")
 async def test_compaction_changes_no_reader(tmp_path: Path, make_settings: Callable[..., Settings],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,16 +94,10 @@ async def test_compaction_changes_no_reader(tmp_path: Path, make_settings: Calla
     monkeypatch.setattr(compact, "KEEP_BODIES", 5)
     async with OllamaSim(SimConfig(num_parallel=4, error_rate=0.3, seed=3)) as sim:
         settings = make_settings(sim.url, max_attempts=1)
-        with monkeypatch.context() as patch:  # as before compaction: every row whole
-            patch.setattr(compact, "owned", lambda *_: False)
-            report = await run_batch_file(path, settings=settings, concurrency=4, progress=False)
+        report = await run_whole(monkeypatch, path, settings)
         files = report.output.read_bytes() + report.errors.read_bytes()
         before = await _readers(settings, report.batch.id)
-        engine, sessions = await open_store(settings.db_url)
-        svc = cast(Services, SimpleNamespace(sessions=sessions, settings=settings))
-        assert await compact.compact(svc, report.batch.id, report.output, report.errors)
-        assert await compact.compact(svc, report.batch.id, report.output, report.errors)  # again: changes nothing
-        await engine.dispose()
+        await compact_twice(settings, report)
         after = await _readers(settings, report.batch.id)
         _equal(before, after)
         assert report.output.read_bytes() + report.errors.read_bytes() == files
@@ -120,27 +132,33 @@ async def test_a_retry_of_a_compacted_batch_sends_the_same_lines(tmp_path: Path,
     assert [orjson.loads(line) for line in sent] == [original[c] for c in failed]
 
 
-@pytest.mark.usefixtures("db_url")
-async def test_a_crash_between_the_files_and_compaction_loses_and_doubles_nothing(
-        tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = _lines(50)
-    path = write_jsonl(tmp_path / "in.jsonl", lines)
+async def crash_mid_compaction(monkeypatch: pytest.MonkeyPatch, path: Path, settings: Settings) -> None:
+    """Run ``path`` into ``settings``' store, the process dying as compaction starts its third page of 8 rows (two
+    compacted and committed)."""
     monkeypatch.setattr(compact, "PAGE", 8)
     rewrite = compaction.rewrite_page
     calls = Counter[str]()
 
     async def crashing(*args: Any, **kwargs: Any) -> None:
         calls["pages"] += 1
-        if calls["pages"] == 3:  # two pages compacted and committed, then the process dies
+        if calls["pages"] == 3:
             raise SystemExit("killed")
         await rewrite(*args, **kwargs)
 
+    with monkeypatch.context() as patch:
+        patch.setattr(compaction, "rewrite_page", crashing)
+        with pytest.raises(SystemExit):
+            await run_batch_file(path, settings=settings, progress=False)
+
+
+@pytest.mark.usefixtures("db_url")
+async def test_a_crash_between_the_files_and_compaction_loses_and_doubles_nothing(
+        tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = _lines(50)
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
     async with OllamaSim(SimConfig(num_parallel=4)) as sim:
         settings = make_settings(sim.url)
-        with monkeypatch.context() as patch:
-            patch.setattr(compaction, "rewrite_page", crashing)
-            with pytest.raises(SystemExit):
-                await run_batch_file(path, settings=settings, progress=False)
+        await crash_mid_compaction(monkeypatch, path, settings)
         served = sim.stats.served
         report = await run_batch_file(path, settings=settings, progress=False)  # resumes: finalises again
         assert sim.stats.served == served  # nothing ran twice
@@ -255,6 +273,7 @@ import os, signal, sys
 from obatch.batches import compact
 from obatch.store import compaction
 compact.PAGE = 8
+compact.KEEP_BODIES = 4  # the succeeded lines after the fourth move out of requests (obatch.store.finished)
 rewrite, pages = compaction.rewrite_page, []
 async def killing(*args, **kwargs):
     pages.append(1)
@@ -288,3 +307,6 @@ def test_sigkill_mid_compaction_loses_and_doubles_nothing(tmp_path: Path) -> Non
            for line in (results_dir / name).read_bytes().splitlines()]
     assert Counter(line["custom_id"] for line in out) == Counter(line["custom_id"] for line in lines)
     assert all(r[6] is not None for r in _rows_of(tmp_path / "data" / "obatch.db"))
+    with sqlite3.connect(tmp_path / "data" / "obatch.db") as db:
+        moved = db.execute("SELECT count(*), count(DISTINCT line) FROM finished_lines").fetchone()
+    assert moved == (2 * 8 - 4,) * 2  # the two pages moved before the kill, each line once (the rerun keeps 2,000)

@@ -6,11 +6,13 @@ durable and before the batch takes its final status, each row is rewritten with 
 in its file (the output file for a succeeded row, the error file for the others) instead of that text
 (``obatch.store.compaction``). What is kept: every small typed column (state, codes, token counts, timings,
 provenance, the cache key and model identity), the request body of each line that did not succeed (what a retry
-sends again) and of the first ``KEEP_BODIES`` lines (what the estimator's history replays). Only batches whose
-files the store keeps (under the data directory) are compacted; a CLI run told to write elsewhere keeps its rows
-whole. The batch names its files relative to the data directory (``results_files``), and a reader finds them under
-the data directory it is given: the directory can be moved or renamed (a path an older store keeps absolute is used
-as it is).
+sends again) and of the first ``KEEP_BODIES`` lines (what the estimator's history replays). The other succeeded
+lines of a batch that is not a retry leave ``requests`` for a narrow row (``obatch.store.finished``): its batch's and
+model's numbers, its line's index, host, token counts and a 16-byte cache digest; its output line holds the rest,
+read back by ``restore`` as the dropped text is. Only batches whose files the store keeps (under the data
+directory) are compacted; a CLI run told to write elsewhere keeps its rows whole. The batch names its files
+relative to the data directory (``results_files``), and a reader finds them under the data directory it is given:
+the directory can be moved or renamed (a path an older store keeps absolute is used as it is).
 
 Every reader of the dropped text goes through ``stored_lines`` (the line's bytes, read from its file by the index)
 or ``restore`` (the dropped columns made again from those bytes): the output writer, ``/results`` and merged
@@ -80,8 +82,15 @@ def _marker(custom_id: str) -> bytes:
     return b'"custom_id":' + orjson.dumps(custom_id)
 
 
-def _line_at(handle: BinaryIO, offset: int, length: int, custom_id: str) -> bytes:
-    """The line of ``custom_id`` at ``offset`` in an open output or error file; ValueError when it is not there."""
+def _line_at(handle: BinaryIO, offset: int, length: int, custom_id: str | None) -> bytes:
+    """The line of ``custom_id`` at ``offset`` in an open output or error file; ValueError when it is not there. A
+    moved line (no custom_id kept: ``obatch.store.finished``) must be a whole line there."""
+    if custom_id is None:
+        handle.seek(max(offset - 1, 0))
+        data = handle.read(length + 1 if offset else length)
+        if data.count(b"\n") != 1 + bool(offset) or not data.endswith(b"\n") or (offset and data[:1] != b"\n"):
+            raise ValueError(f"no line of {length} bytes at {offset} in {handle.name}")
+        return data[1:] if offset else data
     handle.seek(offset)
     data = handle.read(length)
     if _marker(custom_id) not in data:
@@ -89,7 +98,7 @@ def _line_at(handle: BinaryIO, offset: int, length: int, custom_id: str) -> byte
     return data
 
 
-def _read(paths: tuple[Path, Path], wanted: Sequence[tuple[bool, int, int, str]]) -> list[bytes]:
+def _read(paths: tuple[Path, Path], wanted: Sequence[tuple[bool, int, int, str | None]]) -> list[bytes]:
     handles: dict[bool, BinaryIO] = {}
     found: list[bytes] = []
     try:
@@ -131,18 +140,33 @@ async def stored_lines(batch: BatchRow, rows: Sequence[tuple[Any, ...]], *, data
     return found
 
 
-def restore(columns: Sequence[str], row: tuple[Any, ...], line: bytes) -> tuple[Any, ...]:
+# What a moved row (``obatch.store.finished``) reads from the ``obatch`` block of its output line: its column's name,
+# then the block's.
+_FROM_BLOCK = (("latency_ms", "latency_ms"), ("ttft_ms", "ttft_ms"), ("attempts", "attempts"), ("num_ctx", "num_ctx"),
+               ("loaded_context", "loaded_context"), ("truncated", "truncated"), ("seed", "seed"),
+               ("refused", "refused_answers"))
+
+
+def restore(columns: Sequence[str], row: tuple[Any, ...], line: bytes, *, moved: bool = False) -> tuple[Any, ...]:
     """A compacted row (``columns``, ``INDEX``, then its line number) as it was before compaction (``columns``,
-    then the line): the dropped text made again from its output or error line."""
+    then the line): the dropped text made again from its output or error line. A ``moved`` row (a succeeded line
+    out of ``requests``, which keeps only ``finished``'s few columns) takes the rest from its output line too."""
     parsed = orjson.loads(line)
     response = parsed.get("response") or {}
     body = response.get("body") if parsed.get("error") is None or response.get("status_code") == 200 else None
     answer = body if isinstance(body, dict) else None
     error = parsed.get("error") or {}
+    content, finish_reason = response_content(answer) if answer is not None else (None, None)
     made = {"request_id": parsed.get("id"),
             "response": orjson.dumps(answer).decode() if answer is not None else None,
-            "content": response_content(answer)[0] if answer is not None else None,
-            "error_message": error.get("message")}
+            "content": content, "error_message": error.get("message")}
+    if moved:
+        block = parsed.get("obatch") or {}
+        cached_from = block.get("cached_from")
+        made.update({name: block.get(field) for name, field in _FROM_BLOCK},
+                    custom_id=parsed.get("custom_id"), status_code=response.get("status_code"),
+                    finish_reason=finish_reason,
+                    cached_from=orjson.dumps(cached_from).decode() if cached_from is not None else None)
     values = [made.get(name, value) for name, value in zip(columns, row, strict=False)]
     return (*values, row[-1])
 
@@ -156,11 +180,13 @@ async def restored(batch: BatchRow, columns: Sequence[str], rows: Sequence[tuple
         raise ValueError("restoring rows needs their state and custom_id")
     lines = await stored_lines(batch, rows, data_dir=data_dir, state=at["state"], custom_id=at["custom_id"],
                                offset=len(columns))
-    return [restore(columns, row, line) if line is not None else (*row[:len(columns)], row[-1])
-            for row, line in zip(rows, lines, strict=True)]
+    ident = at["custom_id"]
+    return [restore(columns, row, line, moved=row[ident] is None) if line is not None
+            else (*row[:len(columns)], row[-1]) for row, line in zip(rows, lines, strict=True)]
 
 
-def _read_answers(data_dir: Path, wanted: Sequence[tuple[str, str, int, int, str]]) -> dict[str, bytes | None]:
+def _read_answers(data_dir: Path, wanted: Sequence[tuple[str, str | None, int, int, str]]
+                  ) -> dict[str, bytes | None]:
     """Each key's line (results_files, custom_id, offset, length of a succeeded row, key); None when unreadable.
     Each output file is opened once, whatever the number of answers read from it."""
     found: dict[str, bytes | None] = {}
@@ -187,8 +213,8 @@ def _read_answers(data_dir: Path, wanted: Sequence[tuple[str, str, int, int, str
 async def answers(found: dict[str, tuple[Any, ...]], data_dir: Path) -> dict[str, tuple[Any, ...]]:
     """The response cache's stored answers (``cache_repo.cached_answers``: batch_id, custom_id,
     ``repo.FINISH_COLUMNS``' values, then the index and the batch's files) as batch_id, custom_id and those values,
-    a compacted row's dropped text restored from its output line (its file under ``data_dir``). An answer whose
-    file can no longer be read is left out (a miss)."""
+    a compacted row's dropped text (a moved line's custom_id and columns too) restored from its output line (its
+    file under ``data_dir``). An answer whose file can no longer be read is left out (a miss)."""
     size = 2 + len(repo.FINISH_COLUMNS)
     wanted = [(source[-1], source[1], source[size], source[size + 1], key)
               for key, source in found.items() if source[size] is not None and source[-1]]
@@ -200,8 +226,8 @@ async def answers(found: dict[str, tuple[Any, ...]], data_dir: Path) -> dict[str
             line = lines.get(key)
             if line is None:
                 continue
-            restored = restore(repo.FINISH_COLUMNS, (*values[2:], 0), line)
-            values = (*values[:2], *restored[:-1])
+            restored = restore(("custom_id", *repo.FINISH_COLUMNS), (*values[1:], 0), line, moved=values[1] is None)
+            values = (values[0], *restored[:-1])
         kept[key] = values
     return kept
 
@@ -227,13 +253,19 @@ def _durable(output: Path, error: Path) -> tuple[Path, Path]:
 
 def _index(handles: dict[bool, BinaryIO | None], offsets: list[int], page: Sequence[tuple[Any, ...]]
            ) -> list[tuple[int, int, int, bool]] | None:
-    """(line, offset, length, keep_body) of a page of rows (custom_id, state, line) from the files' next lines;
-    None when a file does not hold what the rows say (then nothing is compacted)."""
+    """(line, offset, length, keep_body) of a page of rows (custom_id, state, ``INDEX``, line) from the files' next
+    lines; None when a file does not hold what the rows say (then nothing is compacted). A row moved already (no
+    custom_id: a compaction cut short) must be where its index says, and needs nothing more."""
     entries = []
-    for custom_id, state, line in page:
+    for custom_id, state, offset, length, line in page:
         ok = state == "succeeded"
         handle = handles[ok]
         data = handle.readline() if handle is not None else b""
+        if custom_id is None:
+            if (offset, length) != (offsets[ok], len(data)) or not data.endswith(b"\n"):
+                return None
+            offsets[ok] += len(data)
+            continue
         if not data.endswith(b"\n") or _marker(custom_id) not in data:
             return None
         if state != "pending":  # a line never run has no text to drop (its error line is made from its batch)
@@ -250,6 +282,7 @@ async def compact(svc: Services, batch_id: str, output: Path, error: Path) -> bo
     async with svc.sessions() as session:
         await repo.set_batch(session, batch_id, results_files=orjson.dumps(named).decode())
         await session.commit()
+        move = (await repo.get_batch(session, batch_id)).parent_id is None
 
     def open_files() -> dict[bool, BinaryIO | None]:
         return {ok: path.open("rb") if path.exists() else None for ok, path in ((True, paths[0]), (False, paths[1]))}
@@ -258,24 +291,24 @@ async def compact(svc: Services, batch_id: str, output: Path, error: Path) -> bo
     offsets = [0, 0]  # error file, output file (indexed by ok)
     page: list[tuple[Any, ...]] = []
     try:
-        async for row in repo.iter_values(svc.sessions, batch_id, ("custom_id", "state")):
+        async for row in repo.iter_values(svc.sessions, batch_id, ("custom_id", "state", *INDEX)):
             page.append(row)
-            if len(page) >= PAGE and not await _compact_page(svc, batch_id, handles, offsets, page):
+            if len(page) >= PAGE and not await _compact_page(svc, batch_id, handles, offsets, page, move):
                 return False
-        return await _compact_page(svc, batch_id, handles, offsets, page)
+        return await _compact_page(svc, batch_id, handles, offsets, page, move)
     finally:
         await asyncio.to_thread(lambda: [h.close() for h in handles.values() if h is not None])
 
 
 async def _compact_page(svc: Services, batch_id: str, handles: dict[bool, BinaryIO | None], offsets: list[int],
-                        page: list[tuple[Any, ...]]) -> bool:
+                        page: list[tuple[Any, ...]], move: bool) -> bool:
     entries = await asyncio.to_thread(_index, handles, offsets, page)
     page.clear()
     if entries is None:
         log.warning("batch %s: its files do not match its rows; its rows are kept whole", batch_id)
         return False
     async with svc.sessions() as session:
-        await compaction.rewrite_page(session, batch_id, entries)
+        await compaction.rewrite_page(session, batch_id, entries, move=move)
         await session.commit()
     return True
 

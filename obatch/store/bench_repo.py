@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from obatch.errors import NotFoundError
+from obatch.store import finished
 from obatch.store.bench_tables import BenchPointRow, BenchRunRow, BenchSampleRow, BenchSweepRow
 from obatch.store.tables import BatchRow, FileRow, PilotRow, RequestRow
 
@@ -149,6 +150,7 @@ async def run_lines(session: AsyncSession, batch_id: str, model: str, limit: int
            col(RequestRow.state) == "succeeded", col(RequestRow.prompt_tokens).is_not(None),
            col(RequestRow.completion_tokens).is_not(None), col(RequestRow.custom_id).not_in(piloted))
     count = (await session.execute(select(func.count()).select_from(RequestRow).where(*ran))).scalar_one()
+    count += await finished.ran_lines(session, batch_id, model)
     statement = (select(col(RequestRow.url), col(RequestRow.body), col(RequestRow.prompt_tokens),
                         col(RequestRow.completion_tokens)).where(*ran, col(RequestRow.body) != "")
                  .order_by(col(RequestRow.line)).limit(limit))

@@ -11,6 +11,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from obatch.store import finished
 from obatch.store.db import Sessions
 from obatch.store.repo import FINISH_COLUMNS, _dialect, _marks, _page
 from obatch.store.tables import BatchRow, FileRow, RequestRow
@@ -44,11 +45,40 @@ async def iter_cache_candidates(sessions: Sessions, batch_id: str, model: str, i
         if page:
             yield [(int(line), str(key)) for line, key in page]
         if len(page) < CANDIDATE_PAGE:
-            return
+            break
         last = page[-1][0]
+    async for moved in _moved_candidates(sessions, batch_id, model, identity_tag(identity)):
+        yield moved
 
 
 CANDIDATE_PAGE = 2000
+
+
+async def _moved_candidates(sessions: Sessions, batch_id: str, model: str, tag: str
+                            ) -> AsyncIterator[list[tuple[int, str]]]:
+    """As ``iter_cache_candidates``, for answers held by moved lines (``finished_lines``, looked up by the digest of
+    key and identity, which only Python makes): the batch's rows walked once by their primary key, a page of
+    digests probed at a time. Nothing to walk while no moved line has a digest."""
+    async with sessions() as session:
+        connection = await session.connection()
+        if (await connection.exec_driver_sql(
+                "SELECT 1 FROM finished_lines WHERE cache_digest IS NOT NULL LIMIT 1")).first() is None:
+            return
+    sql = ("SELECT line, model, state, cache_key FROM requests WHERE batch_id={} AND line>{} ORDER BY line "
+           f"LIMIT {CANDIDATE_PAGE}")
+    last = 0
+    while True:
+        page = await _page(sessions, sql, batch_id, last)
+        wanted = [(finished.digest(tag, key), int(line), str(key)) for line, group, state, key in page
+                  if group == model and state == "pending" and key is not None]
+        if wanted:
+            async with sessions() as session:
+                found = {row[0] for row in await finished.by_digest(session, sorted({w[0] for w in wanted}))}
+            if hits := [(line, key) for digest, line, key in wanted if digest in found]:
+                yield hits
+        if len(page) < CANDIDATE_PAGE:
+            return
+        last = page[-1][0]
 
 
 async def cached_answers(session: AsyncSession, owner: str, identity: str, keys: Sequence[str]
@@ -56,7 +86,9 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
     """For each key that has one: a succeeded row of the owner's with that key and model identity, whose answer can
     still be read (its batch has no output file yet, or still has it: an expired or deleted output file takes its
     answers out of the cache), as (batch_id, custom_id, ``FINISH_COLUMNS``' values, then where a compacted row's line
-    is: its ``out_offset``, ``out_length`` and its batch's ``results_files``)."""
+    is: its ``out_offset``, ``out_length`` and its batch's ``results_files``). A moved line (``finished_lines``,
+    found by the digest of its key and identity) gives no custom_id and only the values its narrow row keeps: its
+    output line holds the rest."""
     if not keys:
         return {}
     # Two steps, so each query has its own index to go by: the rows by key (ix_requests_cache_key; joined to the
@@ -68,7 +100,15 @@ async def cached_answers(session: AsyncSession, owner: str, identity: str, keys:
            "WHERE cache_key IN "
            f"({', '.join(marks[:-1])}) AND cache_identity={marks[-1]} AND state='succeeded'")
     connection = await session.connection()
-    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, identity_tag(identity)))).all())
+    tag = identity_tag(identity)
+    candidates: list[Any] = list((await connection.exec_driver_sql(sql, (*keys, tag))).all())
+    digests = {finished.digest(tag, key): key for key in keys}
+    at = {name: i for i, name in enumerate(FINISH_COLUMNS)}
+    for digest, batch_id, _, _, host, *tokens, offset, length in await finished.by_digest(session, list(digests)):
+        values: list[Any] = [None] * len(FINISH_COLUMNS)  # a moved line: the rest is read from its output line
+        values[at["state"]], values[at["host"]] = "succeeded", host
+        values[at["prompt_tokens"]], values[at["completion_tokens"]], values[at["reasoning_tokens"]] = tokens
+        candidates.append((digests[digest], batch_id, None, *values, offset, length))
     if not candidates:
         return {}
     readable: dict[str, str | None] = dict((await session.execute(

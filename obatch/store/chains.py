@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from obatch.store import repo
+from obatch.store import finished, repo
 from obatch.store.tables import BatchRow, RequestRow
 
 MAX_DEPTH = 1000  # parents followed at most (a chain is a handful of retries; this only stops a cycle)
@@ -55,17 +55,16 @@ async def retry_ids(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str
 
 async def rows_after(session: AsyncSession, batch_id: str, columns: Sequence[str], after: int, limit: int
                      ) -> list[tuple[Any, ...]]:
-    """Up to ``limit`` rows of a batch after line ``after``, in line order: ``columns`` then the line. A range of the
-    primary key: its cost is the page's, however large the batch. Plain tuples from the driver, like the output
-    writer's reads (a mapped row per line costs more than the query)."""
+    """Up to ``limit`` rows of a batch after line ``after``, in line order: ``columns`` then the line (moved lines
+    among them: ``finished.rows_sql``). A range of each table's primary key: its cost is the page's, however large
+    the batch. Plain tuples from the driver, like the output writer's reads (a mapped row per line costs more than
+    the query)."""
     known = set(RequestRow.model_fields)
     if not set(columns) <= known:
         raise ValueError(f"not columns of requests: {sorted(set(columns) - known)}")
-    marks = repo._marks(repo._dialect(session).paramstyle, 3)
-    sql = (f"SELECT {', '.join(columns)}, line FROM requests WHERE batch_id={marks[0]} AND line>{marks[1]} "
-           f"ORDER BY line LIMIT {marks[2]}")
+    sql = finished.rows_sql(columns, int(limit)).format(*repo._marks(repo._dialect(session).paramstyle, 4))
     connection = await session.connection()
-    return [tuple(row) for row in (await connection.exec_driver_sql(sql, (batch_id, after, limit))).all()]
+    return [tuple(row) for row in (await connection.exec_driver_sql(sql, finished.rows_params(batch_id, after))).all()]
 
 
 async def ran_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str],

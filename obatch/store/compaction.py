@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from obatch.store import finished
 from obatch.store.repo import _dialect, _marks
 from obatch.store.tables import RequestRow
 
@@ -29,9 +30,12 @@ def _columns() -> tuple[str, ...]:
     return tuple(RequestRow.__table__.columns.keys())  # type: ignore[attr-defined]
 
 
-async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[tuple[int, int, int, bool]],
+                       *, move: bool = False) -> None:
     """Compact the rows of ``entries``: (line, offset, length, keep_body) each, lines ascending. The rows' other
-    columns are kept as they are; the caller commits."""
+    columns are kept as they are; with ``move``, a succeeded row that keeps no body (and had no answer refused by
+    the structured-output check) leaves ``requests`` for a narrow row of ``finished_lines`` instead
+    (``obatch.store.finished``). The caller commits."""
     if not entries:
         return
     columns = _columns()
@@ -46,6 +50,15 @@ async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[t
     wanted = {line: (offset, length, keep) for line, offset, length, keep in entries}
     at = {name: i for i, name in enumerate(columns)}
     new_rows: list[tuple[Any, ...]] = []
+    moving = [row for line, row in rows.items() if move and line in wanted and not wanted[line][2]
+              and row[at["state"]] == "succeeded" and row[at["refused"]] is None]  # a refusal is counted from rows
+    moved: list[tuple[Any, ...]] = []
+    if moving:
+        key = await finished.batch_key(session, batch_id)
+        numbers = await finished.model_numbers(session, key, [row[at["model"]] for row in moving])
+        moved = [_narrow(key, numbers, at, row, *wanted[row[at["line"]]][:2]) for row in moving]
+        await finished.insert(session, moved)
+    gone = {row[1] for row in moved}
     for line, row in rows.items():
         if line not in wanted:
             continue
@@ -56,15 +69,27 @@ async def rewrite_page(session: AsyncSession, batch_id: str, entries: Sequence[t
         values[at["out_offset"]], values[at["out_length"]] = offset, length
         if not keep:
             values[at["body"]] = COMPACTED_BODY
-        new_rows.append(tuple(values))
-    lines = [v[at["line"]] for v in new_rows]
+        if line not in gone:
+            new_rows.append(tuple(values))
+    lines = [*gone, *(v[at["line"]] for v in new_rows)]
     delete_marks = _marks(dialect.paramstyle, len(lines) + 1)
     await connection.exec_driver_sql(
         f"DELETE FROM requests WHERE batch_id={delete_marks[0]} AND line IN ({', '.join(delete_marks[1:])})",
         (batch_id, *lines))
-    insert_marks = _marks(dialect.paramstyle, len(columns))
-    await connection.exec_driver_sql(
-        f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join(insert_marks)})", new_rows)
+    if new_rows:
+        insert_marks = _marks(dialect.paramstyle, len(columns))
+        await connection.exec_driver_sql(
+            f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join(insert_marks)})", new_rows)
+
+
+def _narrow(key: int, numbers: dict[str, int], at: dict[str, int], row: Sequence[Any], offset: int, length: int
+            ) -> tuple[Any, ...]:
+    """The ``finished_lines`` row (``finished.MOVED_COLUMNS``) of a succeeded ``requests`` row."""
+    cache_key, identity = row[at["cache_key"]], row[at["cache_identity"]]
+    return (key, row[at["line"]], offset, length, numbers[row[at["model"]]], row[at["host"]],
+            row[at["cached_from"]] is not None, row[at["prompt_tokens"]], row[at["completion_tokens"]],
+            row[at["reasoning_tokens"]],
+            finished.digest(identity, cache_key) if cache_key is not None and identity is not None else None)
 
 
 async def release_free_pages(session: AsyncSession) -> None:

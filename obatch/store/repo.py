@@ -97,6 +97,9 @@ async def start_batch(session: AsyncSession, batch_id: str) -> None:
 
 
 async def delete_batch(session: AsyncSession, batch_id: str) -> None:
+    from obatch.store import finished
+
+    await finished.forget(session, batch_id)
     await session.execute(delete(BatchRow).where(col(BatchRow.id) == batch_id))
 
 
@@ -246,12 +249,14 @@ async def prefix_group_counts(session: AsyncSession, batch_id: str) -> tuple[int
 
 async def iter_values(sessions: Sessions, batch_id: str, columns: Sequence[str]) -> AsyncIterator[tuple[Any, ...]]:
     """Every row of a batch in line order as plain tuples of ``columns`` (names of ``requests``' columns), then the
-    line number; a page at a time. The values are the driver's own (SQLite gives booleans as 0/1)."""
-    sql = (f"SELECT {', '.join(columns)}, line FROM requests WHERE batch_id={{}} AND line>{{}} ORDER BY line "
-           f"LIMIT {PAGE}")
+    line number; a page at a time. The values are the driver's own (SQLite gives booleans as 0/1). A finished
+    line moved out of ``requests`` is among them, with only what its narrow row keeps (``finished.rows_sql``)."""
+    from obatch.store import finished
+
+    sql = finished.rows_sql(columns, PAGE)
     last = 0
     while True:
-        page = await _page(sessions, sql, batch_id, last)
+        page = await _page(sessions, sql, *finished.rows_params(batch_id, last))
         for row in page:
             yield row
         if len(page) < PAGE:
@@ -270,8 +275,12 @@ async def _page(sessions: Sessions, sql: str, *params: Any) -> list[Any]:
 
 async def iter_rows(sessions: Sessions, batch_id: str, columns: Sequence[str] | None = None
                     ) -> AsyncIterator[Any]:
-    """Every row of a batch in line order, a page at a time: the named ``columns`` of ``requests`` then the line, or
-    the mapped row then the line."""
+    """Every row of a batch in line order, a page at a time: the named ``columns`` of ``requests`` then the line
+    (``iter_values``: moved lines among them), or the mapped row then the line (rows still in ``requests``)."""
+    if columns:
+        async for values in iter_values(sessions, batch_id, columns):
+            yield values
+        return
     last = 0
     cols = [getattr(RequestRow, name) for name in columns] if columns else [RequestRow]
     while True:
@@ -387,10 +396,14 @@ async def recount(session: AsyncSession, batch: BatchRow) -> None:
                func.count(col(RequestRow.cached_from)))
         .where(col(RequestRow.batch_id) == batch.id).group_by(col(RequestRow.state))
     )
+    from obatch.store import finished
+
     found = (await session.execute(statement)).all()
     counts = {state: (n, p or 0, c or 0, r or 0) for state, n, p, c, r, _ in found}
-    batch.cached = sum(int(reused) for *_, reused in found)
-    succeeded = counts.get("succeeded", (0, 0, 0, 0))
+    moved = await finished.counts(session, batch.id)  # succeeded lines moved out of requests
+    batch.cached = sum(int(reused) for *_, reused in found) + moved[4]
+    kept = counts.get("succeeded", (0, 0, 0, 0))
+    succeeded = counts["succeeded"] = (kept[0] + moved[0], kept[1] + moved[1], kept[2] + moved[2], kept[3] + moved[3])
     batch.completed = succeeded[0]
     batch.failed = counts.get("failed", (0, 0, 0, 0))[0]
     batch.input_tokens = succeeded[1]
@@ -486,7 +499,12 @@ async def line_state_counts(session: AsyncSession, owner: str | None = None) -> 
     if owner is not None:
         statement = statement.join(BatchRow, col(BatchRow.id) == col(RequestRow.batch_id)).where(
             col(BatchRow.owner) == owner)
-    return {state: int(n) for state, n in (await session.execute(statement)).all()}
+    from obatch.store import finished
+
+    found = {state: int(n) for state, n in (await session.execute(statement)).all()}
+    if moved := await finished.moved_lines(session, owner):
+        found["succeeded"] = found.get("succeeded", 0) + moved
+    return found
 
 
 async def not_run_counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, int]:

@@ -6,7 +6,7 @@ files are assembled from these rows, so a line can be neither lost nor doubled, 
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Integer, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Timestamps, sizes and token sums: 64 bits on PostgreSQL (its INTEGER is 32 bits, and Unix time leaves that in
@@ -170,3 +170,52 @@ class PilotRow(SQLModel, table=True):
     result_json: str  # the finished request row's fields, as the batch stores them
     created_at: float
     used_by: str | None = None
+
+
+# Finished lines (``obatch.store.finished``): at finalisation a succeeded line past the first ``KEEP_BODIES`` of a
+# batch leaves ``requests`` for a narrow row: a small number for its batch, where its line lies in the output file,
+# and what its line does not say or a count needs. Everything else is read back from that line.
+class FinishedBatchRow(SQLModel, table=True):
+    """A batch whose lines moved to ``finished_lines``, under a small number (``key``)."""
+
+    __tablename__ = "finished_batches"
+
+    key: int | None = Field(default=None, primary_key=True)
+    batch_id: str = Field(foreign_key="batches.id", unique=True)
+
+
+class FinishedModelRow(SQLModel, table=True):
+    """The models of a batch's moved lines, each under a small number."""
+
+    __tablename__ = "finished_models"
+
+    batch_key: int = Field(primary_key=True, foreign_key="finished_batches.key")
+    number: int = Field(primary_key=True)
+    model: str
+
+
+_DIGEST = text("cache_digest IS NOT NULL")
+
+
+class FinishedLineRow(SQLModel, table=True):
+    """A moved line: its batch's number, its line, where it is in the output file and the few numbers read without
+    it; ``cache_digest`` (16 bytes of the cache key and the model identity, only for a line the cache may answer
+    from) is what the response cache looks it up by."""
+
+    __tablename__ = "finished_lines"
+    __table_args__ = (
+        Index("ix_finished_lines_cache_digest", "cache_digest", sqlite_where=_DIGEST, postgresql_where=_DIGEST),
+        {"sqlite_with_rowid": False},
+    )
+
+    batch_key: int = Field(primary_key=True)
+    line: int = Field(primary_key=True)
+    out_offset: int = Field(sa_type=WIDE)
+    out_length: int
+    model: int  # its number in ``finished_models``
+    host: int | None = None
+    reused: bool = False  # answered by reuse (its output line names the line in ``cached_from``)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cache_digest: bytes | None = Field(default=None, sa_type=LargeBinary)
