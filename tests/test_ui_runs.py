@@ -3,18 +3,26 @@ as plain functions, and the page under AppTest against the in-memory server (``t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 import polars as pl
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from obatch.api import result_schema
+from obatch.client import Client
 from obatch.protocol import Batch
+from obatch.testing.ollama_sim import OllamaSim
 from obatch.ui import views
+from obatch.ui.session import CLIENT_KEY
 from tests.helpers import chat_line
-from tests.test_ui_apptest import GOOD, jsonl, no_exception, table, texts
+from tests.helpers import jsonl as server_jsonl
+from tests.serverkit import FINAL, KEYS, ServerProcess
+from tests.serverkit import chat_line as server_line
+from tests.test_ui_apptest import GOOD, TIMEOUT, UI, jsonl, no_exception, table, texts
 from tests.test_ui_apptest import fake as fake
 from tests.test_ui_apptest import page as page
 from tests.ui_fake import FakeServer
@@ -174,3 +182,84 @@ def test_no_retry_button_without_retryable_failures(page: Callable[..., AppTest]
             "the file, without an engine call.") in texts(at.caption)
     results = table(at, "custom_id", "cached_from")
     assert list(results["cached_from"]) == ["q1 of batch-earlier"]
+
+
+# ---------------------------------------------------------------------------------- a real retry chain
+
+
+@pytest.fixture
+def faulty_engine(obatch_sim: OllamaSim) -> Iterator[OllamaSim]:
+    """The shared simulator answering 60% of its requests with an engine error, until the test ends."""
+    obatch_sim.config.error_rate = 0.6
+    try:
+        yield obatch_sim
+    finally:
+        obatch_sim.config.error_rate = 0.0
+
+
+def wait_final(api: Client, batch_id: str) -> Batch:
+    deadline = time.monotonic() + 60
+    while (batch := api.get_batch(batch_id)).status not in FINAL:
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.1)
+    return batch
+
+
+def opened(api: Client, batch_id: str) -> AppTest:
+    """The Batches page of ``api``'s key with ``batch_id`` opened."""
+    at = AppTest.from_file(str(UI / "pages/batches.py"), default_timeout=TIMEOUT)
+    at.session_state[CLIENT_KEY] = api
+    at.run()
+    at.selectbox(key="batch_pick").set_value(batch_id).run()
+    no_exception(at)
+    return at
+
+
+def outcomes(api: Client, batch_id: str) -> dict[str, dict[str, Any]]:
+    """A batch's own results (not merged) by custom_id."""
+    return {x["custom_id"]: x for x in api.follow_results(batch_id, timeout=30)}
+
+
+def test_a_retry_chains_merged_results_on_a_real_server(obatch_server: ServerProcess, faulty_engine: OllamaSim
+                                                        ) -> None:
+    lines = [server_line(f"m{i:02d}") for i in range(20)] + [server_line("m-ghost", model="no-such-model")]
+    with Client(obatch_server.url, api_key=KEYS["carol"]) as api:
+        uploaded = api.upload_file(server_jsonl(lines), "chain.jsonl")
+        first = wait_final(api, api.create_batch(uploaded.id, endpoint="/v1/chat/completions", concurrency=4).id)
+        faulty_engine.config.error_rate = 0.0  # the retry meets a healthy engine
+        at = opened(api, first.id)
+        assert not [t for t in at.toggle if t.key == f"merged-{first.id}"]  # not part of a chain yet
+        at.button(key=f"retry-{first.id}").click().run()
+        retry_id = at.selectbox(key="batch_pick").value
+        assert retry_id != first.id
+        retry = wait_final(api, retry_id)
+        at.run()
+        at.toggle(key=f"merged-{retry_id}").set_value(True).run()
+        no_exception(at)
+
+        mine, again = outcomes(api, first.id), outcomes(api, retry_id)
+        assert 0 < len(again) < 20 and retry.request_counts and retry.request_counts.total == len(again)
+        expected = [(x["custom_id"], retry_id if x["custom_id"] in again else first.id,
+                     again.get(x["custom_id"], mine[x["custom_id"]])) for x in lines]
+        merged = table(at, "custom_id", views.FROM)
+        assert list(merged["custom_id"]) == [c for c, _, _ in expected]  # every line once, in the first's order
+        assert list(merged[views.FROM]) == [b for _, b, _ in expected]
+        assert list(merged["error_code"]) == [(x["error"] or {}).get("code") or views.BLANK for _, _, x in expected]
+        ok = [c for c, _, x in expected if x["error"] is None]
+        from_retry = [c for c, b, x in expected if b == retry_id and x["error"] is None]
+        assert from_retry and "m-ghost" not in ok  # the refused line stays failed; the engine's errors did not
+        assert (f"{len(lines)} lines: {len(ok)} succeeded — {len(from_retry)} of them in the retry {retry_id}; "
+                f"{len(lines) - len(ok)} still failed.") in texts(at.caption)
+        at.selectbox(key="batch_pick").set_value(first.id).run()  # the same chain from its first batch
+        at.toggle(key=f"merged-{first.id}").set_value(True).run()
+        assert list(table(at, "custom_id", views.FROM)[views.FROM]) == [b for _, b, _ in expected]
+
+        for file_id in (first.output_file_id, first.error_file_id):  # the first batch's files are deleted
+            assert file_id and api.delete_file(file_id)
+        at = opened(api, retry_id)
+        at.toggle(key=f"merged-{retry_id}").set_value(True).run()
+        no_exception(at)
+        (said,) = [w.value for w in at.warning if "merged results" in w.value]
+        assert said.startswith("The chain's merged results cannot be read: The output or error file of batch "
+                               f"{first.id} is gone")
+        assert not [d for d in at.dataframe if views.FROM in d.value.columns]

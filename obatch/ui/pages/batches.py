@@ -29,6 +29,8 @@ LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same 
 LIVE = "live_results"  # per batch id: what was read of its results so far (views.LiveResults)
 RETRIED = "retried"  # the batch a "Retry failed lines" click made (its banner names the batch it retries)
 RETRY_FAILED = "retry_failed"  # (batch id, the error) of a retry the server refused
+MERGED = "merged_results"  # per chain (its batch ids): the merged read of its results (views.RawResults)
+CHAIN_IDS = "chain_line_ids"  # per final batch of a chain: its lines' ids (which batch a merged line came from)
 
 api = client()
 st.title("Batches")
@@ -281,6 +283,47 @@ def chain_links(batch: Batch) -> None:
                        help="Open the retry", icon=":material/arrow_outward:")
 
 
+def read_all(batch_id: str, *, merged: bool = False) -> views.RawResults:
+    """Every line of a batch's results finished now (``merged``: over its retry chain), page after page."""
+
+    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
+        page = api.batch_results(batch_id, after=after, limit=limit, merged=merged)
+        return page.raw, page.after, page.finished
+
+    return views.read_more(views.RawResults(), fetch, final=True)
+
+
+def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
+    """The chain's results as one (``/results?merged=true``): each line's latest outcome and the batch it came
+    from, with a summary. Read again at each refresh while a batch of the chain runs (its lines change outcomes
+    already read), once when the chain is final; a first batch whose files are gone is said in the server's words."""
+    chain = views.chain_of(batch, lambda i: known.get(i) or api.get_batch(i))
+    reads: dict[str, views.RawResults] = st.session_state.setdefault(MERGED, {})
+    ids: dict[str, set[str]] = st.session_state.setdefault(CHAIN_IDS, {})
+    key = " ".join(b.id for b in chain)
+    try:
+        if key not in reads or not reads[key].finished:
+            reads[key] = read_all(batch.id, merged=True)
+        for member in chain:
+            if views.is_final(member) and member.id not in ids:
+                read = read_all(member.id)
+                if read.finished:
+                    ids[member.id] = set(views.line_ids(read.raw))
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        st.warning(f"The chain's merged results cannot be read: {exc.message}", icon=":material/folder_off:")
+        return
+    except ClientError as exc:
+        show_error(exc, doing="read the chain's merged results")
+        return
+    sources = {line: member.id for member in chain for line in ids.get(member.id, ())}
+    running = next((member.id for member in chain if not views.is_final(member)), None)
+    merged = views.merged_frame(reads[key].raw, sources, running)
+    st.caption(f"{views.merged_summary(merged, chain)}.")
+    table(merged, key=f"merged-table-{batch.id}", formats={"latency_ms": "%.1f", "ttft_ms": "%.1f"})
+
+
 def show_results(batch: Batch, live: views.LiveResults) -> None:
     """Downloads once the files exist, and a filterable table of the results read so far (it grows while the batch
     runs); a clicked row is shown whole, with where its answer came from."""
@@ -340,7 +383,7 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
         origin.markdown("\n".join(f"- {what}: `{value}`" for what, value in views.provenance_frame(line).rows()))
 
 
-def show_batch(batch: Batch) -> None:
+def show_batch(batch: Batch, known: dict[str, Batch]) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
     estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
     down = None if views.is_final(batch) else engine_problem(api)
@@ -353,6 +396,11 @@ def show_batch(batch: Batch) -> None:
                    f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
                    icon=":material/replay:")
     chain_links(batch)
+    if (views.parent_of(batch) or views.retries_of(batch)) and st.toggle(
+            "Merged results of the chain", key=f"merged-{batch.id}",
+            help="Each line's latest outcome across this batch, the batch it retries and their retries, with the "
+                 "batch it came from."):
+        merged_results(batch, known)
     deadline_section(batch.obatch.deadline if batch.obatch else None, made=True)
     if reused := views.reuse_text(batch):
         st.caption(f":material/recycling: {reused}.")
@@ -454,7 +502,7 @@ def batches_panel() -> None:
     if st.session_state.get(PICK) not in by_id:
         st.session_state[PICK] = batches[0].id
     picked = st.selectbox("Batch", ids, key=PICK, format_func=lambda i: batch_label(by_id[i]))
-    show_batch(by_id[picked])
+    show_batch(by_id[picked], by_id)
 
 
 batches_panel()
