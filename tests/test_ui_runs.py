@@ -122,6 +122,36 @@ def test_provenance_of_an_answered_and_a_reused_line() -> None:
     assert views.results_frame(jsonl(fresh)).schema == pl.Schema(result_schema())
 
 
+def test_a_chain_is_found_from_any_of_its_batches() -> None:
+    known = {b.id: b for b in (
+        batch(id="batch-0", created_at=1, obatch={"retries": ["batch-1", "batch-3"]}),
+        batch(id="batch-1", created_at=2, obatch={"parent": "batch-0", "retries": ["batch-2"]}),
+        batch(id="batch-2", created_at=3, obatch={"parent": "batch-1"}),
+        batch(id="batch-3", created_at=4, obatch={"parent": "batch-0"}))}
+    for member in known.values():  # root first, then the retries in creation order (not link order)
+        assert [b.id for b in views.chain_of(member, known.__getitem__)] == ["batch-0", "batch-1", "batch-2",
+                                                                           "batch-3"]
+    alone = batch(id="batch-9")
+    assert views.chain_of(alone, known.__getitem__) == [alone]
+
+
+def test_merged_lines_name_the_batch_they_came_from_and_are_summed_up() -> None:
+    again = out_line(1) | {"id": "s1", "custom_id": "c2"}  # c2 failed (r2) and succeeded in the retry, its line 1
+    raw = jsonl(out_line(1), again, out_line(3, code="model_not_found"))
+    frame = views.merged_frame(raw, {"r1": "batch-0", "r2": "batch-0", "r3": "batch-0", "s1": "batch-1"}, None)
+    assert frame.columns[:3] == ["custom_id", views.FROM, "status"] and "line" not in frame.columns
+    assert frame.select("custom_id", views.FROM, "status").rows() == [
+        ("c1", "batch-0", "succeeded"), ("c2", "batch-1", "succeeded"), ("c3", "batch-0", "failed")]
+    chain = [batch(id="batch-0", status="completed"),
+             batch(id="batch-1", status="completed", obatch={"parent": "batch-0"})]
+    assert views.merged_summary(frame, chain) == "3 lines: 2 succeeded — 1 of them in the retry batch-1; 1 still failed"
+    # a retry still running: a line none of the final batches holds is the running batch's
+    running = views.merged_frame(raw, {"r1": "batch-0", "r3": "batch-0"}, "batch-1")
+    assert running[views.FROM].to_list() == ["batch-0", "batch-1", "batch-0"]
+    chain[1] = batch(id="batch-1", status="in_progress", request_counts={"total": 2, "completed": 1, "failed": 0})
+    assert views.merged_summary(frame, chain).endswith("; batch-1 is still running: 1 of its 2 lines to go")
+
+
 # ------------------------------------------------------------------------------------------------- page
 
 
@@ -263,3 +293,36 @@ def test_a_retry_chains_merged_results_on_a_real_server(obatch_server: ServerPro
         assert said.startswith("The chain's merged results cannot be read: The output or error file of batch "
                                f"{first.id} is gone")
         assert not [d for d in at.dataframe if views.FROM in d.value.columns]
+
+
+def test_a_chains_merged_results_fill_in_while_its_retry_runs(page: Callable[..., AppTest], fake: FakeServer
+                                                             ) -> None:
+    api = fake.client()
+    lines = jsonl(*[chat_line(f"q{i}", "please fail" if i in (1, 3) else f"question {i}") for i in range(5)])
+    made = api.create_batch(api.upload_file(lines, "five.jsonl").id, endpoint="/v1/chat/completions")
+    fake.complete(made.id)  # q1 and q3 fail with server_error
+    at = page("pages/batches.py")
+    at.button(key=f"retry-{made.id}").click().run()
+    retry = at.selectbox(key="batch_pick").value
+    at.toggle(key=f"merged-{retry}").set_value(True).run()
+    no_exception(at)
+
+    def shown() -> list[tuple[str, str, str]]:
+        return [tuple(r) for r in table(at, "custom_id", views.FROM)[["custom_id", views.FROM, "status"]].values]
+
+    assert shown() == [("q0", made.id, "succeeded"), ("q1", made.id, "failed"), ("q2", made.id, "succeeded"),
+                       ("q3", made.id, "failed"), ("q4", made.id, "succeeded")]
+    assert (f"5 lines: 3 succeeded; 2 still failed; {retry} is still running: 2 of its 2 lines to go."
+            in texts(at.caption))
+    fake.progress(retry, completed=1, lines=1)  # the retry's first line (q1) finished
+    at.run()
+    assert shown()[1] == ("q1", retry, "succeeded") and shown()[3] == ("q3", made.id, "failed")
+    assert (f"5 lines: 4 succeeded — 1 of them in the retry {retry}; 1 still failed; {retry} is still running: "
+            "1 of its 2 lines to go.") in texts(at.caption)
+    fake.complete(retry)
+    at.run()
+    assert [b for _, b, _ in shown()] == [made.id, retry, made.id, retry, made.id]
+    assert f"5 lines: 5 succeeded — 2 of them in the retry {retry}." in texts(at.caption)
+    merged = len([r for r in fake.requests if r.url.params.get("merged") == "true"])
+    at.run()  # the chain is final: what was read is kept
+    assert len([r for r in fake.requests if r.url.params.get("merged") == "true"]) == merged
