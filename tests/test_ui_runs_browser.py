@@ -158,3 +158,31 @@ def test_a_reused_lines_row_names_the_line_it_came_from(runs_stack: Stack, brows
         shot(page, "ui-runs-6-reused-row")
         lines_read = api.get(f"/v1/batches/{second['id']}/results").content.splitlines()
         assert orjson.loads(lines_read[0])["obatch"]["cached_from"] == {"batch_id": first["id"], "custom_id": origin}
+
+
+def test_a_chains_merged_results_say_which_batch_each_line_came_from(runs_stack: Stack, browser: Any,
+                                                                     request: pytest.FixtureRequest) -> None:
+    from playwright.sync_api import expect
+
+    stack = runs_stack
+    api = client(stack, request)
+    first = final(api, submit(api, lines("m", 20, 4), "chain.jsonl"))
+    assert first["request_counts"]["failed"] > 0, first  # 30% of the engine's answers are errors
+    retry = final(api, api.post(f"/v1/batches/{first['id']}/retry").json()["id"])
+    merged = [orjson.loads(x) for x in api.get(f"/v1/batches/{retry['id']}/results",
+                                               params={"merged": "true", "limit": 1000}).content.splitlines()]
+    ok = sum(1 for x in merged if x["error"] is None)
+    with browser_page(browser, "ui-failure-runs-merged", viewport={"width": 1400, "height": 2000}) as page:
+        page.goto(f"{stack.ui_url}/batches")  # the newest batch, the retry, is open
+        expect(page.get_by_text("Retry of the failed lines of")).to_be_visible(timeout=30_000)
+        page.get_by_text("Merged results of the chain").click()
+        summary = page.get_by_text(re.compile(rf"^20 lines: {ok} succeeded"))
+        expect(summary).to_be_visible(timeout=30_000)
+        if ok > first["request_counts"]["completed"]:  # some of the retried lines succeeded this time
+            expect(summary).to_contain_text(f"of them in the retry {retry['id']}")
+        grid = page.get_by_test_id("stDataFrame").filter(has_text="from batch")
+        grid.scroll_into_view_if_needed()
+        expect(grid.locator("[data-testid^='glide-cell']", has_text=retry["id"]).first).to_be_attached()
+        expect(grid.locator("[data-testid^='glide-cell']", has_text=first["id"]).first).to_be_attached()
+        page.wait_for_timeout(800)  # the grid draws itself after the script
+        shot(page, "ui-runs-7-merged-chain")

@@ -400,7 +400,8 @@ def show_batch(batch: Batch, known: dict[str, Batch]) -> None:
             "Merged results of the chain", key=f"merged-{batch.id}",
             help="Each line's latest outcome across this batch, the batch it retries and their retries, with the "
                  "batch it came from."):
-        merged_results(batch, known)
+        with st.container(border=True):  # set apart from this batch's own progress and results below
+            merged_results(batch, known)
     deadline_section(batch.obatch.deadline if batch.obatch else None, made=True)
     if reused := views.reuse_text(batch):
         st.caption(f":material/recycling: {reused}.")
