@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -247,6 +248,16 @@ def retry_failed(batch_id: str) -> None:
     st.session_state[PICK] = st.session_state[RETRIED] = made.id
 
 
+def pages_of(batch_id: str, *, merged: bool = False) -> Callable[[int, int], tuple[bytes, int, bool]]:
+    """``read_more``'s ``fetch``: a page of ``GET /v1/batches/{id}/results`` (``merged``: over its retry chain)."""
+
+    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
+        page = api.batch_results(batch_id, after=after, limit=limit, merged=merged)
+        return page.raw, page.after, page.finished
+
+    return fetch
+
+
 def read_results(batch: Batch) -> views.LiveResults:
     """The batch's results read so far, and the pages finished since (``GET /v1/batches/{id}/results`` from the
     cursor: what was read is never asked again)."""
@@ -254,13 +265,8 @@ def read_results(batch: Batch) -> views.LiveResults:
     live = store.get(batch.id) or views.LiveResults()
     if live.finished:
         return live
-
-    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
-        page = api.batch_results(batch.id, after=after, limit=limit)
-        return page.raw, page.after, page.finished
-
     try:
-        live = views.read_more(live, fetch, final=views.is_final(batch))
+        live = views.read_more(live, pages_of(batch.id), final=views.is_final(batch))
     except ClientError as exc:
         show_error(exc, doing="read the results")
     store[batch.id] = live
@@ -285,23 +291,18 @@ def chain_links(batch: Batch) -> None:
 
 def read_all(batch_id: str, *, merged: bool = False) -> views.RawResults:
     """Every line of a batch's results finished now (``merged``: over its retry chain), page after page."""
-
-    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
-        page = api.batch_results(batch_id, after=after, limit=limit, merged=merged)
-        return page.raw, page.after, page.finished
-
-    return views.read_more(views.RawResults(), fetch, final=True)
+    return views.read_more(views.RawResults(), pages_of(batch_id, merged=merged), final=True)
 
 
 def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
     """The chain's results as one (``/results?merged=true``): each line's latest outcome and the batch it came
     from, with a summary. Read again at each refresh while a batch of the chain runs (its lines change outcomes
     already read), once when the chain is final; a first batch whose files are gone is said in the server's words."""
-    chain = views.chain_of(batch, lambda i: known.get(i) or api.get_batch(i))
     reads: dict[str, views.RawResults] = st.session_state.setdefault(MERGED, {})
     ids: dict[str, set[str]] = st.session_state.setdefault(CHAIN_IDS, {})
-    key = " ".join(b.id for b in chain)
     try:
+        chain = views.chain_of(batch, lambda i: known.get(i) or api.get_batch(i))
+        key = " ".join(b.id for b in chain)
         if key not in reads or not reads[key].finished:
             reads[key] = read_all(batch.id, merged=True)
         for member in chain:
@@ -309,13 +310,11 @@ def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
                 read = read_all(member.id)
                 if read.finished:
                     ids[member.id] = set(views.line_ids(read.raw))
-    except ApiError as exc:
-        if exc.status != 404:
-            raise
-        st.warning(f"The chain's merged results cannot be read: {exc.message}", icon=":material/folder_off:")
-        return
     except ClientError as exc:
-        show_error(exc, doing="read the chain's merged results")
+        if isinstance(exc, ApiError) and exc.status == 404:  # a first batch whose files are gone
+            st.warning(f"The chain's merged results cannot be read: {exc.message}", icon=":material/folder_off:")
+        else:
+            show_error(exc, doing="read the chain's merged results")
         return
     sources = {line: member.id for member in chain for line in ids.get(member.id, ())}
     running = next((member.id for member in chain if not views.is_final(member)), None)
