@@ -32,6 +32,7 @@ RETRIED = "retried"  # the batch a "Retry failed lines" click made (its banner n
 RETRY_FAILED = "retry_failed"  # (batch id, the error) of a retry the server refused
 MERGED = "merged_results"  # per chain (its batch ids): the merged read of its results (views.RawResults)
 CHAIN_IDS = "chain_line_ids"  # per final batch of a chain: its lines' ids (which batch a merged line came from)
+CHAIN_TABLES = "chain_tables"  # per final chain: its merged table, made once
 
 api = client()
 st.title("Batches")
@@ -300,6 +301,7 @@ def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
     already read), once when the chain is final; a first batch whose files are gone is said in the server's words."""
     reads: dict[str, views.RawResults] = st.session_state.setdefault(MERGED, {})
     ids: dict[str, set[str]] = st.session_state.setdefault(CHAIN_IDS, {})
+    tables: dict[str, pl.DataFrame] = st.session_state.setdefault(CHAIN_TABLES, {})
     try:
         chain = views.chain_of(batch, lambda i: known.get(i) or api.get_batch(i))
         key = " ".join(b.id for b in chain)
@@ -316,9 +318,13 @@ def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
         else:
             show_error(exc, doing="read the chain's merged results")
         return
-    sources = {line: member.id for member in chain for line in ids.get(member.id, ())}
-    running = next((member.id for member in chain if not views.is_final(member)), None)
-    merged = views.merged_frame(reads[key].raw, sources, running)
+    merged = tables.get(key)
+    if merged is None:
+        sources = {line: member.id for member in chain for line in ids.get(member.id, ())}
+        running = next((member.id for member in chain if not views.is_final(member)), None)
+        merged = views.merged_frame(reads[key].raw, sources, running)
+        if reads[key].finished and all(member.id in ids for member in chain):
+            tables[key] = merged  # the chain is final: its table no longer changes
     st.caption(f"{views.merged_summary(merged, chain)}.")
     table(merged, key=f"merged-table-{batch.id}", formats={"latency_ms": "%.1f", "ttft_ms": "%.1f"})
 
