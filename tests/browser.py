@@ -156,6 +156,25 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+@contextlib.contextmanager
+def browser_page(browser: Any, failure: str, *, logs: Path | None = None, **options: Any) -> Iterator[Any]:
+    """A page in a browser context of its own (``options``: ``new_context``'s, the viewport…), closed at the end. If
+    the test fails meanwhile, every page of the context is shot whole first, as tests/artifacts/``failure``.png
+    (a second page as ``failure``-2.png…), and with ``logs`` the tail of the server's log is printed."""
+    context = browser.new_context(**options)
+    page = context.new_page()
+    try:
+        yield page
+    except Exception:
+        for n, each in enumerate(context.pages, start=1):
+            each.screenshot(path=str(ARTIFACTS / f"{failure}{f'-{n}' if n > 1 else ''}.png"), full_page=True)
+        if logs is not None:
+            print((logs / "server.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        context.close()
+
+
 def settle(page: Any) -> None:
     """Wait until Streamlit has finished running the page's script (what a person would wait for)."""
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=30_000)

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.browser import ARTIFACTS, MODELS, Stack, needs_chromium, settle, shot
+from tests.browser import MODELS, Stack, browser_page, needs_chromium, settle, shot
 from tests.helpers import ROOT
 
 SAMPLE = ROOT / "data" / "samples" / "chat.jsonl"
@@ -55,9 +55,7 @@ def test_every_page_opened_by_its_url_first_is_the_same_app(stack: Stack, browse
     URL before `/`, as a bookmark or a refresh does. Each gets the server badge and the app's own sidebar."""
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 1200})
-    page = context.new_page()
-    try:
+    with browser_page(browser, "ui-failure-deep", viewport={"width": 1400, "height": 1200}) as page:
         for path, heading in (("batches", "Batches"), ("benchmarks", "Benchmarks"), ("models", "Models / backend")):
             page.goto(f"{stack.ui_url}/{path}")
             expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=30_000)
@@ -70,19 +68,12 @@ def test_every_page_opened_by_its_url_first_is_the_same_app(stack: Stack, browse
             shot(page, f"ui-deep-{path}")
         expect(page.get_by_text(f"at `{stack.sim_url}`")).to_have_count(0)  # markdown renders the backticks away
         expect(page.get_by_text(f"Backend ollama at {stack.sim_url}")).to_be_visible()  # the backend's address
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-failure-deep.png"), full_page=True)
-        raise
-    finally:
-        context.close()
 
 
 def test_upload_run_download_and_charts_in_a_real_browser(stack: Stack, browser: object, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 2000}, accept_downloads=True)  # type: ignore[attr-defined]
-    page = context.new_page()
-    try:
+    with browser_page(browser, "ui-failure", viewport={"width": 1400, "height": 2000}, accept_downloads=True) as page:
         page.goto(stack.ui_url)
         expect(page.get_by_text("Server up · backend ollama")).to_be_visible(timeout=30_000)
         expect(page.get_by_text("Batches running")).to_be_visible(timeout=30_000)
@@ -137,11 +128,6 @@ def test_upload_run_download_and_charts_in_a_real_browser(stack: Stack, browser:
         cell = page.locator("[data-testid^='glide-cell']", has_text="smollm2:135m")  # the grid's a11y layer
         expect(cell.first).to_be_attached()
         shot(page, "ui-5-models")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-failure.png"), full_page=True)
-        raise
-    finally:
-        context.close()
 
 
 def expect_rows(grid: Any, n: int) -> None:
@@ -170,9 +156,7 @@ def test_filter_cancel_and_double_submit_in_a_real_browser(stack: Stack, browser
     see its unrun lines counted as cancelled; load the same file again and meet the guard."""
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 2200})
-    page = context.new_page()
-    try:
+    with browser_page(browser, "ui-failure-2", viewport={"width": 1400, "height": 2200}) as page:
         # ---- a finished batch with spread-out latencies, and its latency filter
         spread = tmp_path / "spread.jsonl"
         spread.write_bytes(b"".join(line(f"spread-{i:02d}", 8 + 16 * i) for i in range(24)))
@@ -269,8 +253,3 @@ def test_filter_cancel_and_double_submit_in_a_real_browser(stack: Stack, browser
                ).to_be_visible()
         expect(page.get_by_text(re.compile(r"^user: Tell me about "))).to_be_visible()
         shot(page, "ui-12-result-row")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-failure-2.png"), full_page=True)
-        raise
-    finally:
-        context.close()

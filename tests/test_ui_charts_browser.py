@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.browser import MODELS, Stack, needs_chromium, settle, shot
+from tests.browser import MODELS, Stack, browser_page, needs_chromium, settle, shot
 
 pytestmark = needs_chromium
 
@@ -52,9 +52,7 @@ def no_none_cells(page: Any) -> int:
 def test_benchmark_charts_and_tables_after_a_sweep(stack: Stack, browser: Any) -> None:
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 1800})
-    page = context.new_page()
-    try:
+    with browser_page(browser, "charts-failure", logs=stack.logs, viewport={"width": 1400, "height": 1800}) as page:
         sweep(stack.server_url, [2048])
         page.goto(f"{stack.ui_url}/benchmarks")
         expect(page.get_by_text("Best known configuration per model")).to_be_visible(timeout=60_000)
@@ -89,9 +87,3 @@ def test_benchmark_charts_and_tables_after_a_sweep(stack: Stack, browser: Any) -
         open_tab(page, "Throughput vs latency")
         shot(page, "charts-5-pareto-two-windows")
         no_none_cells(page)
-    except Exception:
-        shot(page, "charts-failure")
-        print((stack.logs / "server.log").read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        context.close()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from obatch.ui import views
-from tests.browser import ARTIFACTS, MODELS, Stack, needs_chromium, running_stack, settle, shot
+from tests.browser import MODELS, Stack, browser_page, needs_chromium, running_stack, settle, shot
 from tests.test_ui_runs_browser import lines
 
 pytestmark = needs_chromium
@@ -52,9 +52,8 @@ def test_a_short_window_is_said_to_be_missed_before_and_after_the_submit(
     sweep(api, MODELS[0])
     path = tmp_path / "long-answers.jsonl"
     path.write_bytes(lines("d", 60, 400))  # answers of up to 400 tokens, their length unknown: a guess
-    context = browser.new_context(viewport={"width": 1400, "height": 1500})
-    page = context.new_page()
-    try:
+    with browser_page(browser, "ui-deadline-failure", logs=stack.logs,
+                      viewport={"width": 1400, "height": 1500}) as page:
         page.goto(f"{stack.ui_url}/batches")
         expect(page.get_by_text("Batch input file").first).to_be_visible(timeout=30_000)
         page.locator("input[type=file]").set_input_files(str(path))
@@ -92,9 +91,3 @@ def test_a_short_window_is_said_to_be_missed_before_and_after_the_submit(
         opened.scroll_into_view_if_needed()
         shot(page, "ui-deadline-2-opened")
         api.post(f"/v1/batches/{made['id']}/cancel")  # minutes of work nobody needs
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-deadline-failure.png"), full_page=True)
-        print((stack.logs / "server.log").read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        context.close()

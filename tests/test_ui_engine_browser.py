@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.browser import ARTIFACTS, MODELS, Stack, needs_chromium, running_stack, settle, shot
+from tests.browser import MODELS, Stack, browser_page, needs_chromium, running_stack, settle, shot
 
 pytestmark = needs_chromium
 LINES = 400  # long enough (about 40 answers a second) to be running through the outage
@@ -31,21 +31,23 @@ def engine_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield made
 
 
-def test_engine_stopped_and_restarted_while_a_batch_page_is_open(engine_stack: Stack, browser: Any) -> None:
+def test_engine_stopped_and_restarted_while_a_batch_page_is_open(engine_stack: Stack, browser: Any,
+                                                                 request: pytest.FixtureRequest) -> None:
     from playwright.sync_api import expect
 
     stack = engine_stack
     api = httpx.Client(base_url=stack.server_url, timeout=30)
+    request.addfinalizer(api.close)
     data = b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
         "model": MODELS[0], "max_tokens": 200, "messages": [{"role": "user", "content": f"Question {i}"}]}}) + b"\n"
         for i in range(LINES))
     file_id = api.post("/v1/files", files={"file": ("slow.jsonl", data)}, data={"purpose": "batch"}).json()["id"]
     batch = api.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                                           "completion_window": "24h"}).json()
-    context = browser.new_context(viewport={"width": 1400, "height": 1200})
-    page, models = context.new_page(), context.new_page()
-    sidebar = page.get_by_test_id("stSidebar")
-    try:
+    request.addfinalizer(lambda: api.post(f"/v1/batches/{batch['id']}/cancel"))
+    with browser_page(browser, "ui-failure-engine", viewport={"width": 1400, "height": 1200}) as page:
+        models = page.context.new_page()  # a failure shoots it too (ui-failure-engine-2.png)
+        sidebar = page.get_by_test_id("stSidebar")
         page.goto(f"{stack.ui_url}/batches")
         expect(page.get_by_text(re.compile(r"in flight \(auto:"))).to_be_visible(timeout=30_000)
         page.get_by_text("Hosts and concurrency of this batch").click()
@@ -75,23 +77,20 @@ def test_engine_stopped_and_restarted_while_a_batch_page_is_open(engine_stack: S
         shot(models, "ui-model-trained-context")
         grid = models.get_by_test_id("stDataFrame").last
         expect(grid).to_be_visible()
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-failure-engine.png"), full_page=True)
-        models.screenshot(path=str(ARTIFACTS / "ui-failure-engine-models.png"), full_page=True)
-        raise
-    finally:
-        api.post(f"/v1/batches/{batch['id']}/cancel")
-        api.close()
-        context.close()
 
 
-def test_a_page_opened_while_the_server_is_down_comes_back_by_itself(engine_stack: Stack, browser: Any) -> None:
+def test_a_page_opened_while_the_server_is_down_comes_back_by_itself(engine_stack: Stack, browser: Any,
+                                                                     request: pytest.FixtureRequest) -> None:
     from playwright.sync_api import expect
 
     stack = engine_stack
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    try:
+
+    def server_up() -> None:
+        if stack.server is None or stack.server.proc.poll() is not None:
+            stack.start_server()
+
+    request.addfinalizer(server_up)
+    with browser_page(browser, "ui-failure-server-back", viewport={"width": 1400, "height": 900}) as page:
         stack.stop_server()
         page.goto(f"{stack.ui_url}/batches")
         expect(page.get_by_text("Start it with")).to_be_visible(timeout=30_000)
@@ -102,10 +101,3 @@ def test_a_page_opened_while_the_server_is_down_comes_back_by_itself(engine_stac
         expect(page.get_by_text("Start it with")).to_have_count(0)
         expect(page.get_by_test_id("stSidebar").get_by_text("Server up · backend ollama")).to_be_visible()
         shot(page, "ui-server-back-batches")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "ui-failure-server-back.png"), full_page=True)
-        raise
-    finally:
-        if stack.server is None or stack.server.proc.poll() is not None:
-            stack.start_server()
-        context.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.browser import ARTIFACTS, Stack, needs_chromium, settle, shot
+from tests.browser import ARTIFACTS, Stack, browser_page, needs_chromium, settle, shot
 
 pytestmark = needs_chromium
 
@@ -22,9 +22,7 @@ def test_a_sweep_from_the_benchmarks_page_measures_the_servers_backend(stack: St
     from playwright.sync_api import expect
 
     server_url, ui_url, logs = stack.server_url, stack.ui_url, stack.logs
-    context = browser.new_context(viewport={"width": 1400, "height": 1800})
-    page = context.new_page()
-    try:
+    with browser_page(browser, "sweep-failure", logs=logs, viewport={"width": 1400, "height": 1800}) as page:
         page.goto(ui_url)
         page.get_by_role("link", name="Benchmarks").first.click()
         expect(page.get_by_role("heading", name="Benchmarks", exact=True)).to_be_visible(timeout=30_000)
@@ -61,9 +59,3 @@ def test_a_sweep_from_the_benchmarks_page_measures_the_servers_backend(stack: St
             page.get_by_role("tab", name=tab).click()
             shot(page, name)
         expect(page.get_by_role("button", name="Start sweep")).to_be_visible()
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "sweep-failure.png"), full_page=True)
-        print((logs / "server.log").read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        context.close()

@@ -279,13 +279,28 @@ class FakeServer:
         """``GET /v1/batches/{id}/results``: the finished lines after ``after`` (a prefix of the input here), up to
         ``limit``, with the server's cursor headers."""
         after, limit = int(params.get("after", 0)), int(params.get("limit", 100))
-        lines = [x for x in self.finished.get(batch["id"], []) if x["obatch"]["line"] > after]
+        chain = self.chain(batch) if params.get("merged") == "true" else [batch]
+        newest: dict[str, dict[str, Any]] = {}  # merged: each line at the newest retry that finished it
+        for later in chain[1:]:
+            newest |= {x["custom_id"]: x for x in self.finished.get(later["id"], [])}
+        lines = [(x, newest.get(x["custom_id"], x)) for x in self.finished.get(chain[0]["id"], [])
+                 if x["obatch"]["line"] > after]
         page = lines[:limit]
-        final = batch["status"] in ("completed", "failed", "expired", "cancelled")
-        cursor = page[-1]["obatch"]["line"] if page else after
-        return httpx.Response(200, content=b"".join(orjson.dumps(x) + b"\n" for x in page), headers={
+        final = all(b["status"] in ("completed", "failed", "expired", "cancelled") for b in chain)
+        cursor = page[-1][0]["obatch"]["line"] if page else after  # the cursor is the first batch's line
+        return httpx.Response(200, content=b"".join(orjson.dumps(x) + b"\n" for _, x in page), headers={
             "content-type": "application/jsonl", "x-obatch-next-after": str(cursor),
             "x-obatch-finished": "true" if final and len(lines) <= limit else "false"})
+
+    def chain(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The retry chain of ``batch``: its first batch, then the retries in creation order (the ids grow)."""
+        while parent := (batch.get("obatch") or {}).get("parent"):
+            batch = self.batches[parent]
+        found, level = [batch], [batch]
+        while level:
+            level = [self.batches[c] for b in level for c in (b.get("obatch") or {}).get("retries") or []]
+            found += level
+        return sorted(found, key=lambda b: b["id"])
 
     def _retry(self, batch: dict[str, Any]) -> httpx.Response:
         """``POST /v1/batches/{id}/retry``: a batch of the lines that failed with a retryable code, linked both
@@ -399,7 +414,8 @@ class FakeServer:
 
     def complete(self, batch_id: str, *, latency: bool = False, ran: int | None = None,
                  status: str = "completed", reused: int = 0) -> None:
-        """Finish a batch: lines whose prompt says 'fail' fail, the others succeed (every 3rd cut by length).
+        """Finish a batch: lines whose prompt says 'fail' fail (not in a retry), the others succeed (every 3rd cut
+        by length).
 
         With ``ran``, only the first ``ran`` lines ran and the batch ends ``status`` (cancelled or expired): the
         others go to the error file as ``batch_cancelled`` / ``batch_expired`` and count as failed, with the
@@ -432,18 +448,19 @@ class FakeServer:
         for n, raw in enumerate(line for line in content.splitlines() if line.strip()):
             line = orjson.loads(raw)
             text = line["body"]["messages"][-1]["content"]
+            rid = f"batch_req_{batch['id'][-8:]}_{n}"  # unique across batches, as the server's
             if ran is not None and n >= ran:
-                err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
+                err.append({"id": rid, "custom_id": line["custom_id"], "response": None,
                             "error": {"code": code, "message": "This request was not executed."},
                             "obatch": {"line": n + 1}})
                 continue
-            if "fail" in text:
-                err.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"], "response": None,
+            if "fail" in text and not (batch.get("obatch") or {}).get("parent"):  # a retry meets a sound engine
+                err.append({"id": rid, "custom_id": line["custom_id"], "response": None,
                             "error": {"code": "server_error", "message": "The engine failed."},
                             "obatch": {"line": n + 1}})
                 continue
             result: dict[str, Any] = {
-                "id": f"batch_req_{n}", "custom_id": line["custom_id"], "error": None,
+                "id": rid, "custom_id": line["custom_id"], "error": None,
                 "response": {"status_code": 200, "request_id": f"req_{n}", "body": {
                     "object": "chat.completion", "model": line["body"]["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {n}"},

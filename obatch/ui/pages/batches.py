@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -29,6 +30,9 @@ LINES = "lines_sha256"  # and the digest of its valid lines: a file of the same 
 LIVE = "live_results"  # per batch id: what was read of its results so far (views.LiveResults)
 RETRIED = "retried"  # the batch a "Retry failed lines" click made (its banner names the batch it retries)
 RETRY_FAILED = "retry_failed"  # (batch id, the error) of a retry the server refused
+MERGED = "merged_results"  # per chain (its batch ids): the merged read of its results (views.RawResults)
+CHAIN_IDS = "chain_line_ids"  # per final batch of a chain: its lines' ids (which batch a merged line came from)
+CHAIN_TABLES = "chain_tables"  # per final chain: its merged table, made once
 
 api = client()
 st.title("Batches")
@@ -245,6 +249,16 @@ def retry_failed(batch_id: str) -> None:
     st.session_state[PICK] = st.session_state[RETRIED] = made.id
 
 
+def pages_of(batch_id: str, *, merged: bool = False) -> Callable[[int, int], tuple[bytes, int, bool]]:
+    """``read_more``'s ``fetch``: a page of ``GET /v1/batches/{id}/results`` (``merged``: over its retry chain)."""
+
+    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
+        page = api.batch_results(batch_id, after=after, limit=limit, merged=merged)
+        return page.raw, page.after, page.finished
+
+    return fetch
+
+
 def read_results(batch: Batch) -> views.LiveResults:
     """The batch's results read so far, and the pages finished since (``GET /v1/batches/{id}/results`` from the
     cursor: what was read is never asked again)."""
@@ -252,13 +266,8 @@ def read_results(batch: Batch) -> views.LiveResults:
     live = store.get(batch.id) or views.LiveResults()
     if live.finished:
         return live
-
-    def fetch(after: int, limit: int) -> tuple[bytes, int, bool]:
-        page = api.batch_results(batch.id, after=after, limit=limit)
-        return page.raw, page.after, page.finished
-
     try:
-        live = views.read_more(live, fetch, final=views.is_final(batch))
+        live = views.read_more(live, pages_of(batch.id), final=views.is_final(batch))
     except ClientError as exc:
         show_error(exc, doing="read the results")
     store[batch.id] = live
@@ -279,6 +288,45 @@ def chain_links(batch: Batch) -> None:
         for child in retries:
             row.button(child, key=f"child-{batch.id}-{child}", type="tertiary", on_click=open_batch, args=(child,),
                        help="Open the retry", icon=":material/arrow_outward:")
+
+
+def read_all(batch_id: str, *, merged: bool = False) -> views.RawResults:
+    """Every line of a batch's results finished now (``merged``: over its retry chain), page after page."""
+    return views.read_more(views.RawResults(), pages_of(batch_id, merged=merged), final=True)
+
+
+def merged_results(batch: Batch, known: dict[str, Batch]) -> None:
+    """The chain's results as one (``/results?merged=true``): each line's latest outcome and the batch it came
+    from, with a summary. Read again at each refresh while a batch of the chain runs (its lines change outcomes
+    already read), once when the chain is final; a first batch whose files are gone is said in the server's words."""
+    reads: dict[str, views.RawResults] = st.session_state.setdefault(MERGED, {})
+    ids: dict[str, set[str]] = st.session_state.setdefault(CHAIN_IDS, {})
+    tables: dict[str, pl.DataFrame] = st.session_state.setdefault(CHAIN_TABLES, {})
+    try:
+        chain = views.chain_of(batch, lambda i: known.get(i) or api.get_batch(i))
+        key = " ".join(b.id for b in chain)
+        if key not in reads or not reads[key].finished:
+            reads[key] = read_all(batch.id, merged=True)
+        for member in chain:
+            if views.is_final(member) and member.id not in ids:
+                read = read_all(member.id)
+                if read.finished:
+                    ids[member.id] = set(views.line_ids(read.raw))
+    except ClientError as exc:
+        if isinstance(exc, ApiError) and exc.status == 404:  # a first batch whose files are gone
+            st.warning(f"The chain's merged results cannot be read: {exc.message}", icon=":material/folder_off:")
+        else:
+            show_error(exc, doing="read the chain's merged results")
+        return
+    merged = tables.get(key)
+    if merged is None:
+        sources = {line: member.id for member in chain for line in ids.get(member.id, ())}
+        running = next((member.id for member in chain if not views.is_final(member)), None)
+        merged = views.merged_frame(reads[key].raw, sources, running)
+        if reads[key].finished and all(member.id in ids for member in chain):
+            tables[key] = merged  # the chain is final: its table no longer changes
+    st.caption(f"{views.merged_summary(merged, chain)}.")
+    table(merged, key=f"merged-table-{batch.id}", formats={"latency_ms": "%.1f", "ttft_ms": "%.1f"})
 
 
 def show_results(batch: Batch, live: views.LiveResults) -> None:
@@ -340,7 +388,7 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
         origin.markdown("\n".join(f"- {what}: `{value}`" for what, value in views.provenance_frame(line).rows()))
 
 
-def show_batch(batch: Batch) -> None:
+def show_batch(batch: Batch, known: dict[str, Batch]) -> None:
     """Status, live progress (throughput, ETA), cancel (confirmed), and the results once there are any."""
     estimate = batch.obatch.estimate if batch.obatch else None  # made at its start (the ETA refines it as it runs)
     down = None if views.is_final(batch) else engine_problem(api)
@@ -353,6 +401,12 @@ def show_batch(batch: Batch) -> None:
                    f"({batch.request_counts.total if batch.request_counts else 0} line(s)).",
                    icon=":material/replay:")
     chain_links(batch)
+    if (views.parent_of(batch) or views.retries_of(batch)) and st.toggle(
+            "Merged results of the chain", key=f"merged-{batch.id}",
+            help="Each line's latest outcome across this batch, the batch it retries and their retries, with the "
+                 "batch it came from."):
+        with st.container(border=True):  # set apart from this batch's own progress and results below
+            merged_results(batch, known)
     deadline_section(batch.obatch.deadline if batch.obatch else None, made=True)
     if reused := views.reuse_text(batch):
         st.caption(f":material/recycling: {reused}.")
@@ -454,7 +508,7 @@ def batches_panel() -> None:
     if st.session_state.get(PICK) not in by_id:
         st.session_state[PICK] = batches[0].id
     picked = st.selectbox("Batch", ids, key=PICK, format_func=lambda i: batch_label(by_id[i]))
-    show_batch(by_id[picked])
+    show_batch(by_id[picked], by_id)
 
 
 batches_panel()

@@ -147,9 +147,12 @@ __all__ = [
     "written_as_text",
 ]
 
+from obatch.ui.views.chains import FROM, RawResults, chain_of, line_ids, merged_frame, merged_summary
 from obatch.ui.views.estimates import PILOT, estimate_notes, offers_pilot
 
 __all__ += ["PILOT", "estimate_notes", "offers_pilot"]
 __all__ += ["PROVENANCE_SCHEMA", "LiveResults", "offers_retry", "parent_of", "provenance_frame", "read_more",
             "retries_of", "retryable", "reuse_text"]
 __all__ += ["DeadlineView", "deadline_view", "format_window", "is_guess"]
+
+__all__ += ["FROM", "RawResults", "chain_of", "line_ids", "merged_frame", "merged_summary"]

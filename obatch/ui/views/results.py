@@ -79,13 +79,15 @@ def _lines(data: bytes | None) -> Iterable[OutputLine]:
             yield OutputLine.model_validate_json(raw)
 
 
-def results_frame(output: bytes | None, errors: bytes | None = None, *, origin: bool = False) -> pl.DataFrame:
+def results_frame(output: bytes | None, errors: bytes | None = None, *, origin: bool = False,
+                  keep_order: bool = False) -> pl.DataFrame:
     """Output and error files → one row per request, in input order (obatch's ``line``; lines without one, as in
-    another service's files, after them by ``custom_id``), in the notebook API's ``RESULT_SCHEMA`` (``origin``: with
-    the page's ``cached_from`` in words instead). A line that is not an output line fails loudly
-    (``pydantic.ValidationError``)."""
+    another service's files, after them by ``custom_id``; ``keep_order``: in the order of the lines given), in the
+    notebook API's ``RESULT_SCHEMA`` (``origin``: with the page's ``cached_from`` in words instead). A line that is
+    not an output line fails loudly (``pydantic.ValidationError``)."""
     rows = [_result_row(line, origin) for data in (output, errors) for line in _lines(data)]
-    return pl.DataFrame(rows, schema=frame_schema(origin)).sort(["line", "custom_id"], nulls_last=True)
+    frame = pl.DataFrame(rows, schema=frame_schema(origin))
+    return frame if keep_order else frame.sort(["line", "custom_id"], nulls_last=True)
 
 
 def filter_results(frame: pl.DataFrame, *, statuses: Sequence[str] | None = None,

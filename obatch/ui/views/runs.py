@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 import polars as pl
 
@@ -45,8 +45,19 @@ class LiveResults:
         return LiveResults(frame, max(self.after, after), finished, self.pages + 1)
 
 
-def read_more(live: LiveResults, fetch: Fetch, *, final: bool, pages: int = PAGES_PER_DRAW,
-              limit: int = PAGE_LINES) -> LiveResults:
+class Read(Protocol):
+    """What ``read_more`` reads into: the cursor, whether the last line was read, and a page appended."""
+
+    after: int
+    finished: bool
+
+    def grow(self, raw: bytes, after: int, finished: bool) -> Self: ...
+
+
+R = TypeVar("R", bound=Read)
+
+
+def read_more(live: R, fetch: Fetch, *, final: bool, pages: int = PAGES_PER_DRAW, limit: int = PAGE_LINES) -> R:
     """The pages after ``live``'s cursor: up to ``pages`` of them while the batch runs (a page short of ``limit``
     means it caught up with the lines finished), every one up to the last once the batch is ``final``."""
     while not live.finished and (final or pages > 0):
