@@ -293,6 +293,11 @@ def test_a_retry_chains_merged_results_on_a_real_server(obatch_server: ServerPro
         assert said.startswith("The chain's merged results cannot be read: The output or error file of batch "
                                f"{first.id} is gone")
         assert not [d for d in at.dataframe if views.FROM in d.value.columns]
+        at = opened(api, first.id)  # the batch whose files are gone: said where they were, the page goes on
+        gone = [c for c in texts(at.caption) if "is gone (deleted, or past its expiry)" in c]
+        assert gone == [f"The output file `{first.output_file_id}` is gone (deleted, or past its expiry).",
+                        f"The error file `{first.error_file_id}` is gone (deleted, or past its expiry)."]
+        assert at.toggle(key=f"merged-{first.id}") is not None  # drawn: the page was not stopped
 
 
 def test_a_chains_merged_results_fill_in_while_its_retry_runs(page: Callable[..., AppTest], fake: FakeServer

@@ -150,9 +150,19 @@ def quietly(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None
         return None
 
 
-def file_bytes(file_id: str) -> bytes:
-    """A stored file's content, fetched once per session (stored files never change)."""
-    cache: dict[str, bytes] = st.session_state.setdefault(FILES_KEY, {})
+def file_bytes(file_id: str) -> bytes | None:
+    """A stored file's content, fetched once per session (stored files never change); None when it is gone
+    (deleted, or expired: the server answers 404), which the page says where the file would be used."""
+    cache: dict[str, bytes | None] = st.session_state.setdefault(FILES_KEY, {})
     if file_id not in cache:
-        cache[file_id] = need(client().file_content, file_id)
+        cache[file_id] = need(_unless_gone, file_id)
     return cache[file_id]
+
+
+def _unless_gone(file_id: str) -> bytes | None:
+    try:
+        return client().file_content(file_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise

@@ -335,6 +335,10 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
     output = file_bytes(batch.output_file_id) if batch.output_file_id else None
     errors = file_bytes(batch.error_file_id) if batch.error_file_id else None
     left, right = st.columns(2)
+    for place, file_id, data, what in ((left, batch.output_file_id, output, "output"),
+                                       (right, batch.error_file_id, errors, "error")):
+        if file_id and data is None:
+            place.caption(f"The {what} file `{file_id}` is gone (deleted, or past its expiry).")
     if output is not None:
         left.download_button("Download output", output, file_name=f"{batch.id}_output.jsonl",
                              mime="application/jsonl", on_click="ignore", key=f"out-{batch.id}",
@@ -378,10 +382,12 @@ def show_results(batch: Batch, live: views.LiveResults) -> None:
                     + (f" · `{line['error_code']}`: {line['error_message']}" if line["error_code"] else ""))
         if facts := views.row_facts(line):
             st.caption(facts)
-        prompt = views.request_prompt(file_bytes(batch.input_file_id), line["custom_id"])
+        source = file_bytes(batch.input_file_id)
+        prompt = views.request_prompt(source, line["custom_id"]) if source is not None else None
         question, answer, origin = st.columns([3, 3, 2])
         question.markdown("**Request**")
-        question.text(prompt or "(not found in the input file)")
+        question.text(prompt or ("(not found in the input file)" if source is not None else
+                                 "(the input file is gone)"))
         answer.markdown("**Answer**")
         answer.text(line["content"] or "(no content)")
         origin.markdown("**Provenance**")
