@@ -22,6 +22,7 @@ import pytest
 
 from obatch import batches, errors
 from obatch.api import results, retry, retry_batch, run_batch_file
+from obatch.batches import reading
 from obatch.batches.retry import create_retry
 from obatch.cli import main
 from obatch.client import ApiError, Client
@@ -136,6 +137,43 @@ async def test_a_cancelled_batchs_unrun_lines_are_retried(tmp_path: Path, make_s
             await create_retry(svc, "batch-000000000000000000000000")
         with pytest.raises(errors.ConfigError):
             await create_retry(svc, first.id, codes=[""])
+        await svc.backend.aclose()
+        await engine.dispose()
+
+
+async def test_following_a_chain_while_its_retry_runs_gives_each_line_at_its_final_outcome(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """A cursor reader of the merged chain (``obatch results --merged --follow``, ``/results?merged=true&after=``)
+    gets each line once: a line the running retry will run is held back until it has, not given at the failure the
+    retry replaces."""
+    lines = [chat_line(f"r{i}", max_tokens=4) for i in range(30)] + [chat_line("ghost", model=GHOST)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with OllamaSim(SimConfig(num_parallel=2, error_rate=0.4, decode_tps=400, seed=3)) as sim:
+        settings = make_settings(sim.url, concurrency=2, max_attempts=1)
+        svc, first_id, engine = await start_batch(sim, settings, path)
+        first = await batches.process(svc, first_id)
+        failed = ids_where(await results(first.id, settings=settings), error_code="server_error")
+        assert failed and first.status == "completed"
+        sim.config.error_rate = 0.0
+        again = await create_retry(svc, first.id)  # still to be imported: every line not succeeded waits
+        page = await reading.read_page(svc.sessions, first.id, data_dir=settings.data_dir, merged=True)
+        order = [line["custom_id"] for line in lines]
+        assert [orjson.loads(x)["custom_id"] for x in page.lines] == order[:min(order.index(c) for c in failed)]
+        assert not page.finished
+
+        async def follow() -> list[dict[str, Any]]:
+            return [orjson.loads(x) async for x in reading.follow(svc.sessions, first.id, data_dir=settings.data_dir,
+                                                                   merged=True, interval=0.02)]
+        reader = asyncio.create_task(follow())
+        await asyncio.sleep(0.2)
+        assert not reader.done()  # the chain is not final: the reader waits for the retry
+        done = await batches.process(svc, again.id)
+        read = await asyncio.wait_for(reader, 30)
+        assert done.status == "completed" and done.completed == len(failed)
+        assert [x["custom_id"] for x in read] == order  # each line once, in input order
+        by_id = {x["custom_id"]: x for x in read}
+        assert all(by_id[c]["error"] is None and by_id[c]["response"]["status_code"] == 200 for c in failed)
+        assert by_id["ghost"]["error"]["code"] == "model_not_found"  # not retried: given at its own outcome
         await svc.backend.aclose()
         await engine.dispose()
 

@@ -150,6 +150,9 @@ def test_merged_lines_name_the_batch_they_came_from_and_are_summed_up() -> None:
     assert running[views.FROM].to_list() == ["batch-0", "batch-1", "batch-0"]
     chain[1] = batch(id="batch-1", status="in_progress", request_counts={"total": 2, "completed": 1, "failed": 0})
     assert views.merged_summary(frame, chain).endswith("; batch-1 is still running: 1 of its 2 lines to go")
+    chain[0] = batch(id="batch-0", status="completed", request_counts={"total": 5, "completed": 3, "failed": 2})
+    assert views.merged_summary(frame, chain).startswith(  # the server holds back what the retry has still to run
+        "The first 3 of 5 lines (the rest wait for the retry): 2 succeeded — ")
 
 
 # ------------------------------------------------------------------------------------------------- page

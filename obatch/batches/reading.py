@@ -7,8 +7,12 @@ one range of the rows' primary key (``obatch.store.chains``): reading costs the 
 read per page, never a scan.
 
 Merged over a chain (``merged=True``), each line of the root batch reads as its latest outcome: the line of the
-newest retry that ran it, else the root's own. Lines are the output writer's bytes (``results.output_lines``), so
-a line read here is the line of its batch's output or error file (a compacted batch's, read from that file).
+newest retry that ran it, else the root's own. While a retry runs, a cursor reader's page also stops at a line that
+retry will run and has not yet (at any line not succeeded while the retry's file is still being imported): a line
+is given once, at its outcome in the chain, not at an outcome the retry is about to replace.
+
+Lines are the output writer's bytes (``results.output_lines``), so a line read here is the line of its batch's
+output or error file (a compacted batch's, read from that file).
 """
 
 from __future__ import annotations
@@ -74,15 +78,23 @@ async def outcomes(sessions: Sessions, batch_id: str, columns: Sequence[str], *,
         rows = await chains.rows_after(session, root.id, columns, after, limit)
         latest: dict[str, tuple[BatchRow, tuple[Any, ...]]] = {}
         redo = [row[ident] for row in rows if row[state] != "succeeded"]
+        waiting: set[str] | None = set()  # lines a running retry will run (None: any line not succeeded)
         if later and redo:
             rank = {b.id: (i, b) for i, b in enumerate(later)}
             found = await chains.ran_rows(session, list(rank), redo, columns)
             for found_row in sorted(found, key=lambda r: rank[r[0]][0]):  # the newest batch's line wins
                 latest[found_row[1 + ident]] = (rank[found_row[0]][1], found_row[1:])
+            running = [b for b in later if b.status not in FINAL_STATUSES]
+            if contiguous and running:
+                waiting = (None if not all(b.imported for b in running)
+                           else await chains.pending_rows(session, [b.id for b in running], redo))
     page = Outcomes(after=after)
     final = root.status in FINAL_STATUSES
     stopped = False
     for row in rows:
+        if row[state] != "succeeded" and (waiting is None or row[ident] in waiting):
+            stopped = True
+            break
         if row[ident] in latest:
             page.items.append(latest[row[ident]])
         elif row[state] != "pending" or final:

@@ -78,3 +78,13 @@ async def ran_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: 
                  .where(col(RequestRow.batch_id).in_(list(batch_ids)), col(RequestRow.custom_id).in_(list(custom_ids)),
                         col(RequestRow.state) != "pending"))
     return [tuple(row) for row in (await session.execute(statement)).all()]
+
+
+async def pending_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str]) -> set[str]:
+    """Those of these custom_ids that one of these batches holds and has not run yet."""
+    if not batch_ids or not custom_ids:
+        return set()
+    statement = (select(col(RequestRow.custom_id))
+                 .where(col(RequestRow.batch_id).in_(list(batch_ids)), col(RequestRow.custom_id).in_(list(custom_ids)),
+                        col(RequestRow.state) == "pending"))
+    return set((await session.execute(statement)).scalars().all())

@@ -78,7 +78,10 @@ def merged_summary(frame: pl.DataFrame, chain: Sequence[Batch]) -> str:
     ok = frame.filter(pl.col("status") == "succeeded")
     by_batch = dict(ok[FROM].value_counts().iter_rows()) if not ok.is_empty() else {}
     retried = [f"{by_batch[b.id]:,} of them in the retry {b.id}" for b in chain[1:] if by_batch.get(b.id)]
+    total = chain[0].request_counts.total if chain and chain[0].request_counts else frame.height
     text = f"{frame.height:,} lines: {ok.height:,} succeeded"
+    if frame.height < total:  # the server holds back a line a running retry has still to run, and those after it
+        text = f"The first {frame.height:,} of {total:,} lines (the rest wait for the retry): {ok.height:,} succeeded"
     text += f" — {', '.join(retried)}" if retried else ""
     if failed := frame.height - ok.height:
         text += f"; {failed:,} still failed"
