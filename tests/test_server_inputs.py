@@ -262,8 +262,9 @@ def test_files_made_within_a_second_list_in_upload_order(http: httpx.Client) -> 
     for order, expected in (("asc", made), ("desc", made[::-1])):
         listed = http.get("/v1/files", params={"order": order, "limit": 10_000}).json()["data"]
         assert [f["id"] for f in listed if f["id"] in mine] == expected, order
-    page = http.get("/v1/files", params={"order": "asc", "after": made[9], "limit": 5}).json()["data"]
-    assert [f["id"] for f in page][:5] == made[10:15]
+    page = http.get("/v1/files", params={"order": "asc", "after": made[9], "limit": 40}).json()["data"]
+    # the server's other files (an earlier test's batch finalising now writes its output file) may list among them
+    assert [f["id"] for f in page if f["id"] in mine][:5] == made[10:15]
 
 
 def test_empty_metadata_comes_back_empty(http: httpx.Client) -> None:
