@@ -45,6 +45,11 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   the next check waits twice as long (at most ``REPROBE_MAX`` windows), so an engine read right pays one request's
   cache miss ever more rarely. A reading that stays low at every check (durations that always leave out most of the
   work) is not corrected.
+* A ceiling too high — requests that wait inside the engine at or below the ceiling (the engine restarted with fewer
+  slots, or a reading was high) lower it to the slots the engine ran at once, as the burst's reading does.
+* Remembered slots — the ceiling an earlier run read from the same engine host and model (``recall``, kept in the
+  store by ``obatch.batches.slots``) is the start: that level at once, as the ceiling, with no request at 1 and no
+  burst; the two corrections above keep it true both ways. An engine that reports its slots is not remembered.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -114,6 +119,14 @@ class Limit:
 
     def hint(self, slots: int | None, source: str) -> None:
         """What the engine says about its parallel slots (after a (re)load)."""
+
+    def recall(self, slots: int, source: str) -> None:
+        """The slots an earlier run found on this engine (``source`` says where and when): start there."""
+
+    @property
+    def learnt(self) -> int | None:
+        """The slots this limit read from the engine, worth remembering for the next run; None when none were."""
+        return None
 
 
 class FixedLimit(Limit):
@@ -226,6 +239,27 @@ class AutoLimit(Limit):
         self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
         self._set(slots, f"{source} reports {slots} parallel slot{'s' if slots != 1 else ''}")
 
+    def recall(self, slots: int, source: str) -> None:
+        """Start at ``slots`` an earlier run read from this engine: at once, as the ceiling (no request at 1, no
+        burst); waits inside the engine at that level lower it, and the check above it raises it. Where the engine
+        reports its slots, its report decides."""
+        slots = min(slots, self.maximum)
+        if slots < 1 or self._reported is not None or self.ceiling == slots:
+            return
+        if not self._timed and len(self.history) == 1:  # nothing has run yet: this is the start
+            self.history.clear()
+        self._timed = True  # the slots are known: no jump
+        self._slow_start = False
+        self._best = None
+        self._holding = self._at_ceiling = 0
+        self._ceiling_hold = self.check_windows
+        self.ceiling = slots
+        self._set(slots, f"start: {slots}, remembered from {source}")
+
+    @property
+    def learnt(self) -> int | None:
+        return self.ceiling if self._reported is None else None
+
     def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False,
              engine: float | None = None) -> None:
         now = self.clock()
@@ -288,20 +322,21 @@ class AutoLimit(Limit):
                 return True
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
-        if self.ceiling is not None or self.level <= (self._reported or 0):
-            return False  # found (then checked by one request); at or below reported slots a wait is not for one
+        if self.level <= (self._reported or 0):
+            return False  # at or below the slots the engine reports, a wait is not for a slot
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
             return False
         slots = max(slots, self._reported or 1)
+        above = self.ceiling is not None and self.level <= self.ceiling  # a ceiling read or remembered too high
         self.ceiling = slots
         self._slow_start = False
         self._best = None
         self._holding = 0
-        self._set(slots, f"kept {slots}: requests waited inside the engine at {self.level}, which ran {slots} "
-                         f"at once")
+        self._set(slots, f"{'lowered the ceiling to' if above else 'kept'} {slots}: requests waited inside the "
+                         f"engine at {self.level}, which ran {slots} at once")
         return True
 
     def _checked(self, *, told: bool) -> None:
