@@ -170,3 +170,15 @@ class PilotRow(SQLModel, table=True):
     result_json: str  # the finished request row's fields, as the batch stores them
     created_at: float
     used_by: str | None = None
+
+
+class EngineSlotsRow(SQLModel, table=True):
+    """The slots auto concurrency read from an engine host (its base URL) for a model, from requests that waited
+    inside it (``obatch.batches.slots``): the next run against that host and model starts there."""
+
+    __tablename__ = "engine_slots"
+
+    host: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    slots: int
+    updated_at: float
