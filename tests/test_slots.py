@@ -75,15 +75,16 @@ async def test_the_slots_a_run_reads_are_where_the_next_run_starts(tmp_path: Pat
 
 async def test_remembered_slots_above_the_engines_are_lowered_and_kept_lower(
         tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
-    # the engine restarted with 2 slots since a run that read 8 on it
+    # the engine restarted with 2 slots since a run that read 8 on it, and loads the model again first
     path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", max_tokens=16) for i in range(64)])
-    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=200)) as sim:
+    async with OllamaSim(SimConfig(num_parallel=2, decode_tps=200, load_seconds=0.5)) as sim:
         settings = make_settings(sim.url)
         await _keep(settings, sim.url, 8)
         history = await _run(path, settings)
         assert history[0]["level"] == 8 and "remembered" in history[0]["reason"], history
         lowered = [c for c in history if c["reason"].startswith("lowered the ceiling to")]
         assert lowered and lowered[-1]["level"] == 2, history
+        assert lowered[0]["at"] - history[0]["at"] < 2.0, history  # within the first rounds after the load
         assert await _stored(settings, sim.url) == 2
 
 
