@@ -8,7 +8,8 @@ one prefix group at a time. When the runner has a slot on a host (``next``), the
 continues its group; a lane without one takes a group no lane holds (the one this host ran before, when it was moved
 off it; else the biggest remaining work first), else a line of no group (longest expected first), else it helps the
 group with the most lines per lane (when there are fewer groups than lanes). Lanes above a host's level give their
-groups back, and so do the lanes of a host that went down (its lines retry elsewhere, its groups move).
+groups back (one that helps a group another lane runs first), and so do the lanes of a host that went down (its lines
+retry elsewhere, its groups move).
 
 Starvation: a group holds one lane unless lanes would otherwise idle, and a lane gives its group back after
 ``QUANTUM`` lines in a row while other groups wait for a lane (round robin), so a 10,000-line group beside a 50-line
