@@ -45,11 +45,15 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   the next check waits twice as long (at most ``REPROBE_MAX`` windows), so an engine read right pays one request's
   cache miss ever more rarely. A reading that stays low at every check (durations that always leave out most of the
   work) is not corrected.
-* A ceiling too high — requests that wait inside the engine at or below the ceiling (the engine restarted with fewer
-  slots, or a reading was high) lower it to the slots the engine ran at once, as the burst's reading does.
+* A remembered ceiling too high — requests that wait inside the engine at or below a remembered ceiling (the engine
+  restarted with fewer slots) lower it to the slots the engine ran at once, as the burst's reading does, once two
+  readings in a row from different answers say so, until the run's first check. A ceiling read in the run is moved
+  by its checks only: where the engine's durations leave out much of its work (a loaded machine), every answer seems
+  to have waited and too few to run at once, and a ceiling lowered on that reading stayed low at each check (2 of 4
+  slots in a model run).
 * Remembered slots — the ceiling an earlier run read from the same engine host and model (``recall``, kept in the
   store by ``obatch.batches.slots``) is the start: that level at once, as the ceiling, with no request at 1 and no
-  burst; the two corrections above keep it true both ways. An engine that reports its slots is not remembered.
+  burst; waits lower it and the check above it raises it. An engine that reports its slots is not remembered.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -193,6 +197,8 @@ class AutoLimit(Limit):
         self._extra_after: int | None = None  # once it is answered: answers still to come before the reading
         self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
         self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
+        self._doubt = False  # requests waited at or below the ceiling once: the next reading that they do lowers it
+        self._recalled = False  # the ceiling is a remembered one, not yet checked in this run
 
     @property
     def best(self) -> int:
@@ -255,6 +261,7 @@ class AutoLimit(Limit):
         self._ceiling_hold = self.check_windows
         self.ceiling = slots
         self._set(slots, f"start: {slots}, remembered from {source}")
+        self._recalled = True
 
     @property
     def learnt(self) -> int | None:
@@ -328,9 +335,18 @@ class AutoLimit(Limit):
         del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
+            if self._doubt and len(self._spans) >= 2 * self.level:  # two rounds since, and no more waits
+                self._doubt = False
             return False
         slots = max(slots, self._reported or 1)
-        above = self.ceiling is not None and self.level <= self.ceiling  # a ceiling read or remembered too high
+        above = self.ceiling is not None and self.level <= self.ceiling  # a ceiling remembered too high
+        if above and not self._recalled:
+            return False  # a ceiling read in this run: only its checks move it (see the module docstring)
+        if above and not self._doubt:  # or a loaded machine's late answers: read it again from new answers first
+            self._doubt = True
+            self._spans = []
+            return False
+        self._doubt = self._recalled = False
         self.ceiling = slots
         self._slow_start = False
         self._best = None
@@ -348,6 +364,7 @@ class AutoLimit(Limit):
         ceiling = self.ceiling or 1
         self._best = None
         self._holding = self._at_ceiling = 0
+        self._recalled = False
         seen = _overlap(self._recent) if told else ceiling
         if seen > ceiling:
             self.ceiling = seen
@@ -412,7 +429,7 @@ class AutoLimit(Limit):
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
-        self._burst = self._paused = self._reprobe = False
+        self._burst = self._paused = self._reprobe = self._doubt = False
         self._extra = self._extra_after = None
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start

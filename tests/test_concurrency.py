@@ -27,16 +27,14 @@ from obatch.testing.ollama_sim import OllamaSim, SimConfig
 from tests.helpers import chat_line, checks_held, write_jsonl
 
 
-def simulate(limit: AutoLimit, clock: list[float], *, slots: int | Callable[[float], int],
-             service: Callable[[float], float],
+def simulate(limit: AutoLimit, clock: list[float], *, slots: int, service: Callable[[float], float],
              requests: int, max_queue: int = 10_000, timed: bool = False,
              starts: list[float] | None = None,
              told: Callable[[float, float], float] | None = None) -> tuple[list[tuple[float, int]], int]:
     """Run ``requests`` through a model engine under ``limit``; (completion times with levels, 503s). ``timed``:
     the engine tells how long it worked on each request (as Ollama does), the rest of the latency being its queue;
     ``told(ended, worked)``: the seconds it tells instead of those it worked (an engine whose durations leave out
-    some of its work, or a client that reads the answer late); ``slots`` may change with the clock (a restart)."""
-    width = slots if callable(slots) else lambda _: slots
+    some of its work, or a client that reads the answer late)."""
     events: list[tuple[float, int, int, float, int]] = []  # (time, seq, kind 0=finish, start time, epoch)
     served_at: dict[int, float] = {}  # seq -> when a slot took it
     queue: deque[tuple[float, int]] = deque()
@@ -57,7 +55,7 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int | Callable[[flo
             if starts is not None:
                 starts.append(clock[0])
             issued += 1
-            if busy < width(clock[0]):
+            if busy < slots:
                 in_flight += 1
                 serve(clock[0], epoch)
             elif len(queue) < max_queue:
@@ -81,7 +79,7 @@ def simulate(limit: AutoLimit, clock: list[float], *, slots: int | Callable[[flo
         limit.done(epoch, work=1.0, latency=at - started,
                    engine=(told(at, worked) if told is not None else worked) if timed else None)
         done.append((at, limit.level))
-        while queue and busy < width(clock[0]):
+        if queue:
             queued_at, queued_epoch = queue.popleft()
             serve(queued_at, queued_epoch)
         issue()
@@ -203,19 +201,6 @@ def test_remembered_slots_below_the_engines_are_raised_by_the_check() -> None:
     reasons = [c.reason for c in limit.history]
     assert any(r.startswith("raised the ceiling to") for r in reasons), limit.history
     assert limit.ceiling == 4 and limit.level == 4, limit.history
-
-
-def test_a_learnt_ceiling_is_lowered_when_the_engine_comes_back_with_fewer_slots() -> None:
-    clock = [0.0]
-    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
-    simulate(limit, clock, slots=lambda now: 8 if now < 60 else 3, service=lambda _: 1.0, requests=1200,
-             timed=True)
-    learnt = next(c for c in limit.history if "waited inside the engine at 16" in c.reason)
-    assert learnt.level == 8 and learnt.at < 60, limit.history
-    # the answers from before the restart still count in what ran at once for a while, so it may take two steps
-    lowered = [c for c in limit.history if c.reason.startswith("lowered the ceiling")]
-    assert lowered and lowered[0].at >= 60 and lowered[-1].level == 3 and lowered[-1].at <= 80, limit.history
-    assert limit.ceiling == 3 and limit.level == 3, limit.history
 
 
 def test_a_reported_width_is_not_overridden_by_a_remembered_one() -> None:
