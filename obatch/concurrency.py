@@ -45,6 +45,15 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   the next check waits twice as long (at most ``REPROBE_MAX`` windows), so an engine read right pays one request's
   cache miss ever more rarely. A reading that stays low at every check (durations that always leave out most of the
   work) is not corrected.
+* A remembered ceiling too high — requests that wait inside the engine at or below a remembered ceiling (the engine
+  restarted with fewer slots) lower it to the slots the engine ran at once, as the burst's reading does, once two
+  readings in a row from different answers say so, until the run's first check. A ceiling read in the run is moved
+  by its checks only: where the engine's durations leave out much of its work (a loaded machine), every answer seems
+  to have waited and too few to run at once, and a ceiling lowered on that reading stayed low at each check (2 of 4
+  slots in a model run).
+* Remembered slots — the ceiling an earlier run read from the same engine host and model (``recall``, kept in the
+  store by ``obatch.batches.slots``) is the start: that level at once, as the ceiling, with no request at 1 and no
+  burst; waits lower it and the check above it raises it. An engine that reports its slots is not remembered.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -115,6 +124,14 @@ class Limit:
     def hint(self, slots: int | None, source: str) -> None:
         """What the engine says about its parallel slots (after a (re)load)."""
 
+    def recall(self, slots: int, source: str) -> None:
+        """The slots an earlier run found on this engine (``source`` says where and when): start there."""
+
+    @property
+    def learnt(self) -> int | None:
+        """The slots this limit read from the engine, worth remembering for the next run; None when none were."""
+        return None
+
 
 class FixedLimit(Limit):
     def __init__(self, level: int, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -180,6 +197,8 @@ class AutoLimit(Limit):
         self._extra_after: int | None = None  # once it is answered: answers still to come before the reading
         self._at_ceiling = 0  # windows held at the ceiling since it was learnt or last checked
         self._ceiling_hold = check  # windows to hold there before checking it (doubles each time it holds)
+        self._doubt = False  # requests waited at or below the ceiling once: the next reading that they do lowers it
+        self._recalled = False  # the ceiling is a remembered one, not yet checked in this run
 
     @property
     def best(self) -> int:
@@ -225,6 +244,28 @@ class AutoLimit(Limit):
         self.ceiling = None
         self._slow_start = False  # the engine told us its width: probe gently above it, not by doubling
         self._set(slots, f"{source} reports {slots} parallel slot{'s' if slots != 1 else ''}")
+
+    def recall(self, slots: int, source: str) -> None:
+        """Start at ``slots`` an earlier run read from this engine: at once, as the ceiling (no request at 1, no
+        burst); waits inside the engine at that level lower it, and the check above it raises it. Where the engine
+        reports its slots, its report decides."""
+        slots = min(slots, self.maximum)
+        if slots < 1 or self._reported is not None or self.ceiling == slots:
+            return
+        if not self._timed and len(self.history) == 1:  # nothing has run yet: this is the start
+            self.history.clear()
+        self._timed = True  # the slots are known: no jump
+        self._slow_start = False
+        self._best = None
+        self._holding = self._at_ceiling = 0
+        self._ceiling_hold = self.check_windows
+        self.ceiling = slots
+        self._set(slots, f"start: {slots}, remembered from {source}")
+        self._recalled = True
+
+    @property
+    def learnt(self) -> int | None:
+        return self.ceiling if self._reported is None else None
 
     def done(self, epoch: int, *, work: float | None, latency: float, overloaded: bool = False,
              engine: float | None = None) -> None:
@@ -288,20 +329,30 @@ class AutoLimit(Limit):
                 return True
         if self._burst:  # the jump's first answer: wait for the burst to tell before sending more
             self._burst, self._paused = False, self._inflight > 0
-        if self.ceiling is not None or self.level <= (self._reported or 0):
-            return False  # found (then checked by one request); at or below reported slots a wait is not for one
+        if self.level <= (self._reported or 0):
+            return False  # at or below the slots the engine reports, a wait is not for a slot
         self._spans.append((now, max(0.0, engine), latency))
         del self._spans[:-min(4 * self.level, SPANS)]
         slots = queued(self._spans, self._recent)
         if slots is None or slots >= self.level:
+            if self._doubt and len(self._spans) >= 2 * self.level:  # two rounds since, and no more waits
+                self._doubt = False
             return False
         slots = max(slots, self._reported or 1)
+        above = self.ceiling is not None and self.level <= self.ceiling  # a ceiling remembered too high
+        if above and not self._recalled:
+            return False  # a ceiling read in this run: only its checks move it (see the module docstring)
+        if above and not self._doubt:  # or a loaded machine's late answers: read it again from new answers first
+            self._doubt = True
+            self._spans = []
+            return False
+        self._doubt = self._recalled = False
         self.ceiling = slots
         self._slow_start = False
         self._best = None
         self._holding = 0
-        self._set(slots, f"kept {slots}: requests waited inside the engine at {self.level}, which ran {slots} "
-                         f"at once")
+        self._set(slots, f"{'lowered the ceiling to' if above else 'kept'} {slots}: requests waited inside the "
+                         f"engine at {self.level}, which ran {slots} at once")
         return True
 
     def _checked(self, *, told: bool) -> None:
@@ -313,6 +364,7 @@ class AutoLimit(Limit):
         ceiling = self.ceiling or 1
         self._best = None
         self._holding = self._at_ceiling = 0
+        self._recalled = False
         seen = _overlap(self._recent) if told else ceiling
         if seen > ceiling:
             self.ceiling = seen
@@ -377,7 +429,7 @@ class AutoLimit(Limit):
         self._epoch += 1
         self._window = _Window(self._epoch, skip=self.level)
         self._spans = []
-        self._burst = self._paused = self._reprobe = False
+        self._burst = self._paused = self._reprobe = self._doubt = False
         self._extra = self._extra_after = None
         self.history.append(Change(self.clock(), self.level, reason))
         del self.history[:-200]  # a long run keeps its recent story, not every probe since the start

@@ -8,7 +8,8 @@ one prefix group at a time. When the runner has a slot on a host (``next``), the
 continues its group; a lane without one takes a group no lane holds (the one this host ran before, when it was moved
 off it; else the biggest remaining work first), else a line of no group (longest expected first), else it helps the
 group with the most lines per lane (when there are fewer groups than lanes). Lanes above a host's level give their
-groups back, and so do the lanes of a host that went down (its lines retry elsewhere, its groups move).
+groups back (one that helps a group another lane runs first), and so do the lanes of a host that went down (its lines
+retry elsewhere, its groups move).
 
 Starvation: a group holds one lane unless lanes would otherwise idle, and a lane gives its group back after
 ``QUANTUM`` lines in a row while other groups wait for a lane (round robin), so a 10,000-line group beside a 50-line
@@ -132,6 +133,11 @@ class _Lane:
     run: int = 0  # lines of its group in a row
     busy: bool = False
     idle_since: int = 0
+
+
+def _helps(lane: _Lane) -> bool:
+    """Whether the lane runs a group that another lane runs too."""
+    return lane.group is not None and lane.group.lanes > 1
 
 
 @dataclass
@@ -309,14 +315,20 @@ class Scheduler:
 
     def _lane(self, host: Host) -> _Lane:
         """The lane that runs on this slot: the idle one with work that ended last (the slot it freed holds its
-        group's prefix), else an idle one, else a new one. Lanes past the host's level, the longest idle first (their
-        slots have most likely run other lines since), and every lane of a host that is down, give their groups
-        back."""
+        group's prefix), else an idle one, else a new one. Lanes past the host's level give their groups back, and
+        so does every lane of a host that is down. Of those past the level, a lane that helps a group another lane
+        also runs goes first, and while one is busy no other lane is dropped: a level one above for a moment (auto's
+        check of the slots) then costs its own lane, the one it opened, and not a group its slot was taken from (that
+        group would wait for a lane, and every lane give its group back in turn after ``QUANTUM`` lines: a cache
+        miss each). Then the longest idle (their slots have most likely run other lines since)."""
         for other, lanes in list(self._lanes.items()):
             if not other.up:
                 for lane in [lane for lane in lanes if not lane.busy]:
                     self._drop(lane, home=None)
         lanes = self._lanes[host]
+        surplus = len(lanes) - max(host.limit.level, 1)
+        for lane in [lane for lane in lanes if not lane.busy and _helps(lane)][:max(surplus, 0)]:
+            self._drop(lane, home=host)
         idle = [lane for lane in lanes if not lane.busy]
         with_work = [lane for lane in idle if lane.group is not None and lane.group.left() > 0]
         chosen = max(with_work or idle, key=lambda lane: lane.idle_since, default=None)
@@ -324,6 +336,8 @@ class Scheduler:
             chosen = _Lane(host)
             lanes.append(chosen)
         surplus = len(lanes) - max(host.limit.level, 1)
+        if any(lane.busy and _helps(lane) for lane in lanes):
+            surplus = 0  # it gives its group share back once it ends
         for lane in sorted(idle, key=lambda lane: lane.idle_since):  # the longest idle first
             if surplus <= 0:
                 break

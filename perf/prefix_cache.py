@@ -15,6 +15,10 @@ each through these clients, on a fresh simulator every time (empty caches):
               ``--schedule auto`` (obatch.schedule)
   obatch file the same with ``--schedule file``
   obatch c=N  and obatch c=N file: the same two at a concurrency fixed at N (auto's climb from 1 left out)
+  obatch again  ``obatch run`` with no flag a second time, in the data directory of a first (untimed) run of the
+              same file against the same engine host: the first runs on a simulator at the port the timed one then
+              takes (a restarted engine, its prompt cache cold), and the second, with the response cache off so the
+              engine answers every line again, starts where the first found the slots (obatch.batches.slots)
 N is the simulator's number of slots. Prompt processing dominates, as on a real engine: a miss costs ~1,400
 tokens of prompt time, an answer 8 tokens of decode; the prompt rate is the model's, shared by the prompts in
 progress at once (``--prompt-tps-shared``), the decode rate is each slot's. The simulator runs in this process (a
@@ -157,27 +161,57 @@ async def affinity(url: str, n: int, lines: list[Line], path: Path) -> list[floa
     return await workers(url, n, by_group(lines))
 
 
+async def obatch_run(url: str, n: int | None, lines: list[Line], path: Path, work: Path, schedule: str = "auto",
+                     cache: str = "auto") -> list[float]:
+    """``obatch run`` of the file with its data in ``work`` (``n``: a fixed level, None: auto); when each line
+    finished."""
+    settings = Settings(backend="ollama", ollama_url=url, data_dir=work, schedule=schedule,
+                        concurrency=n or "auto", cache=cache)
+    report = await run_batch_file(path, settings=settings, progress=False, fresh=True)
+    if report.batch.completed != len(lines):
+        raise SystemExit(f"obatch: {report.batch.completed} of {len(lines)} lines completed")
+    engine, sessions = await open_store(settings.db_url)
+    try:
+        return [row[0] async for row in repo.iter_values(sessions, report.batch.id, ["finished_at"])]
+    finally:
+        await engine.dispose()
+
+
 def obatch_client(schedule: str, fixed: bool) -> Client:
     async def client(url: str, n: int, lines: list[Line], path: Path) -> list[float]:
         with tempfile.TemporaryDirectory() as work:
-            settings = Settings(backend="ollama", ollama_url=url, data_dir=Path(work), schedule=schedule,
-                                concurrency=n if fixed else "auto")
-            report = await run_batch_file(path, settings=settings, progress=False, fresh=True)
-            if report.batch.completed != len(lines):
-                raise SystemExit(f"obatch: {report.batch.completed} of {len(lines)} lines completed")
-            engine, sessions = await open_store(settings.db_url)
-            try:
-                return [row[0] async for row in repo.iter_values(sessions, report.batch.id, ["finished_at"])]
-            finally:
-                await engine.dispose()
+            return await obatch_run(url, n if fixed else None, lines, path, Path(work), schedule)
 
     return client
+
+
+class Again:
+    """``obatch again``: ``first`` runs untimed on a simulator of its own, then the client (timed, on a fresh
+    simulator at the same port) runs the file again in the same data directory."""
+
+    def __init__(self) -> None:
+        self.work: Path | None = None
+
+    async def first(self, config: SimConfig, lines: list[Line], path: Path, work: Path) -> int:
+        """The first run; returns the port its engine listened on (the timed run's engine takes it)."""
+        self.work = work
+        url, stop = run_in_thread(config)
+        try:
+            await obatch_run(url, None, lines, path, work)
+        finally:
+            stop()
+        return int(url.rsplit(":", 1)[1])
+
+    async def __call__(self, url: str, n: int, lines: list[Line], path: Path) -> list[float]:
+        assert self.work is not None, "the first run comes first"
+        return await obatch_run(url, None, lines, path, self.work, cache="off")
 
 
 Client = Callable[[str, int, list[Line], Path], Awaitable[list[float]]]
 CLIENTS: dict[str, Client] = {
     "file order": file_order, "grouped": grouped, "affinity": affinity,
-    "obatch": obatch_client("auto", fixed=False), "obatch file": obatch_client("file", fixed=False),
+    "obatch": obatch_client("auto", fixed=False), "obatch again": Again(),
+    "obatch file": obatch_client("file", fixed=False),
     "obatch c=N": obatch_client("auto", fixed=True), "obatch c=N file": obatch_client("file", fixed=True)}
 
 
@@ -190,14 +224,16 @@ def tail(done: list[float]) -> float:
 async def measure(config: SimConfig, client: Client, lines: list[Line], path: Path) -> tuple[float, float, float]:
     """(wall seconds, share of prompt tokens the slots' caches held, tail seconds) of one client on a fresh
     simulator."""
-    sim = OllamaSim(config)
-    url, stop = run_in_thread(sim=sim)
-    try:
-        started = time.perf_counter()
-        done = await client(url, config.num_parallel, lines, path)
-        wall = time.perf_counter() - started
-    finally:
-        stop()
+    with tempfile.TemporaryDirectory() as work:
+        port = await client.first(config, lines, path, Path(work)) if isinstance(client, Again) else 0
+        sim = OllamaSim(config, port=port)
+        url, stop = run_in_thread(sim=sim)
+        try:
+            started = time.perf_counter()
+            done = await client(url, config.num_parallel, lines, path)
+            wall = time.perf_counter() - started
+        finally:
+            stop()
     return wall, sim.stats.cached_prompt_tokens / max(sim.stats.prompt_tokens, 1), tail(done)
 
 

@@ -163,6 +163,54 @@ def test_slots_read_right_are_checked_rarely_and_kept() -> None:
     assert throughput(done, limit.history[learnt].at) >= 0.95 * 4  # the checks cost under 5%
 
 
+def test_remembered_slots_are_the_start_with_no_request_at_1_and_no_burst() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.recall(8, "an earlier run on http://e:11434 at 2026-12-06 19:00 UTC")
+    starts: list[float] = []
+    done, _ = simulate(limit, clock, slots=8, service=lambda _: 1.0, requests=400, timed=True, starts=starts)
+    first = limit.history[0]
+    assert first.level == 8 and first.reason.startswith("start: 8, remembered from an earlier run on http://e:11434")
+    assert not any(c.level < 8 or "jumped" in c.reason or "waited" in c.reason for c in limit.history), limit.history
+    assert starts[:8] == [0.0] * 8 and starts[8] == 1.0  # 8 at once from the first moment, and never 9 waiting
+    checks_held(limit.history, 8)
+    assert limit.learnt == 8
+    assert throughput(done, 0.0) >= 0.95 * 8
+
+
+@pytest.mark.parametrize("remembered", [8, 32])
+def test_remembered_slots_above_the_engines_are_lowered_by_the_waits(remembered: int) -> None:
+    # the engine restarted with 4 slots since the run that read 8 (or 32)
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.recall(remembered, "an earlier run")
+    done, _ = simulate(limit, clock, slots=4, service=lambda _: 1.0, requests=800, timed=True)
+    lowered = next(i for i, c in enumerate(limit.history) if c.reason.startswith("lowered the ceiling to 4"))
+    assert limit.history[lowered].at <= 3.0, limit.history  # within the first rounds
+    checks_held(limit.history[lowered:], 4)
+    assert limit.ceiling == 4 and limit.learnt == 4
+    assert throughput(done, limit.history[lowered].at + 2) >= 0.95 * 4
+
+
+def test_remembered_slots_below_the_engines_are_raised_by_the_check() -> None:
+    clock = [0.0]
+    limit = AutoLimit(clock=lambda: clock[0], min_window=0.0)
+    limit.recall(2, "an earlier run")
+    durations = itertools.cycle([1.0, 1.3, 0.9, 1.2, 1.1])  # slots that do not all end together, as on an engine
+    simulate(limit, clock, slots=4, service=lambda _: next(durations), requests=1500, timed=True)
+    reasons = [c.reason for c in limit.history]
+    assert any(r.startswith("raised the ceiling to") for r in reasons), limit.history
+    assert limit.ceiling == 4 and limit.level == 4, limit.history
+
+
+def test_a_reported_width_is_not_overridden_by_a_remembered_one() -> None:
+    limit = AutoLimit()
+    limit.hint(8, "llama.cpp")
+    limit.recall(3, "an earlier run")
+    assert limit.level == 8 and limit.ceiling is None and limit.learnt is None
+    assert FixedLimit(4).learnt is None
+
+
 def test_a_wait_counts_only_while_more_requests_were_in_flight_than_the_engine_ran() -> None:
     # 8 sent at once to an engine of 4 slots, 1 s each: the second four waited 1 s with 8 in flight
     burst = [(1.0, 1.0, 1.0)] * 4 + [(2.0, 1.0, 2.0)] * 4

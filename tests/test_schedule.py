@@ -428,3 +428,54 @@ async def test_auto_concurrency_finds_ollamas_slots_and_keeps_one_group_per_lane
     assert sim.stats.max_queued_seen > 0  # it did go above them, to find them
     # after the search each document stays on its lane: only the first rounds miss the cache
     assert cached_share(sim) > 0.65, cached_share(sim)
+
+
+async def test_a_check_one_above_the_level_costs_its_own_lane_not_a_round_robin_of_cache_misses() -> None:
+    # 8 groups on 8 slots; once, auto's check of the slots sends a 9th request and the level is back at 8 as it
+    # starts. An engine model like Ollama's: a request takes a free slot that holds its group, else the one freed
+    # longest ago, else it queues and takes the next slot to free. A request on a slot that held another group misses.
+    scheduler, group_of = scheduler_over(dict.fromkeys(range(1, 9), 60))
+    host = fake_host(8)
+    held: list[int | None] = [None] * 8
+    free = list(range(8))
+    running: list[tuple[Job, int]] = []  # (job, slot), the oldest ending first
+    queued: list[Job] = []
+    misses: list[int] = []  # how many requests had started when each miss happened
+    started = 0
+
+    def place(job: Job, slot: int) -> None:
+        if held[slot] != group_of[job.line]:
+            misses.append(started)
+        held[slot] = group_of[job.line]
+        running.append((job, slot))
+
+    def send(job: Job) -> None:
+        nonlocal started
+        started += 1
+        if not free:
+            queued.append(job)
+            return
+        slot = next((s for s in free if held[s] == group_of[job.line]), free[0])
+        free.remove(slot)
+        place(job, slot)
+
+    while True:
+        while len(running) + len(queued) < host.limit.level and (job := await scheduler.next(host)) is not None:
+            send(job)
+        if started == 200:  # the check
+            host.limit = FixedLimit(9)
+            job = await scheduler.next(host)
+            assert job is not None
+            send(job)
+            host.limit = FixedLimit(8)
+        if not running:
+            break
+        job, slot = running.pop(0)
+        scheduler.finished(job, None)
+        if queued:
+            place(queued.pop(0), slot)
+        else:
+            free.append(slot)
+    assert started == 480 and not queued
+    after = [n for n in misses if n > 8]  # the first 8 found the slots cold
+    assert len(after) <= 2, misses  # the check's own request, and the group whose slot it took

@@ -28,7 +28,7 @@ import orjson
 from obatch import cache, context, errors, lease, structured
 from obatch.backends.base import loaded_context
 from obatch.backends.pool import Pool
-from obatch.batches import provenance, reuse
+from obatch.batches import provenance, reuse, slots
 from obatch.batches.files import validate_and_import
 from obatch.batches.results import ResultWriter, finalize
 from obatch.batches.services import Progress, Services, reload, update_batch
@@ -152,8 +152,10 @@ class _Cancelled(Exception):
     """Raised inside the run when the batch was asked to cancel (by any process, through the store)."""
 
 
-async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> None:
-    """Flush on a timer, keep the concurrency story on the batch, and notice a cancel written to the store.
+async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event, memory: slots.Memory | None = None
+                 ) -> None:
+    """Flush on a timer, keep the concurrency story on the batch (and the slots auto read, in ``memory``), and
+    notice a cancel written to the store.
 
     It stops between rounds when ``done`` is set, not by being cancelled: a cancel landing in its query would leave
     the connection to be rolled back at garbage collection (SQLite's write lock held until then)."""
@@ -171,6 +173,8 @@ async def _watch(svc: Services, writer: ResultWriter, done: asyncio.Event) -> No
             await repo.set_batch(session, writer.batch_id, concurrency_json=concurrency_json(svc.pool, writer.started),
                                  eta_json=orjson.dumps(writer.eta.as_dict()).decode() if writer.eta else None)
             await session.commit()
+        if memory is not None:
+            await slots.remember(svc, memory)
         if writer.progress is not None:
             eta = writer.eta.describe() if writer.eta is not None else ""
             writer.progress.set_postfix_str(svc.pool.levels() + (f"; {eta}" if eta else ""), refresh=False)
@@ -249,6 +253,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         plan = await reuse.before_group(svc, batch, group.model, progress, hosts)  # stored answers; repeats held
         if plan.answered and not await _has_pending(svc, batch.id, group.model):
             continue
+        memory = await slots.recall(svc, group.model)  # auto starts where an earlier run found the slots
         await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
         writer.hosts.update(await provenance.record(svc, batch, hosts))
         held = plan.held
@@ -256,7 +261,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
             try:
                 async with asyncio.TaskGroup() as tasks:
                     done = asyncio.Event()
-                    tasks.create_task(_watch(svc, writer, done))
+                    tasks.create_task(_watch(svc, writer, done, memory))
                     runner = tasks.create_task(run_jobs(
                         await _source(svc, batch, group.model, num_ctx, stats, held), pool,
                         _recording(svc, batch.id, group.model, writer), policy=policy, model=group.model,
@@ -268,6 +273,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
                 await asyncio.shield(update_batch(svc, batch,
                                                   concurrency_json=concurrency_json(pool, writer.started),
                                                   schedule_json=orjson.dumps(stats.as_dict()).decode()))
+                await asyncio.shield(slots.remember(svc, memory))
             if not held:
                 break
             await reuse.answer_held(svc, batch, group.model, plan, progress)

@@ -219,3 +219,15 @@ class FinishedLineRow(SQLModel, table=True):
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None
     cache_digest: bytes | None = Field(default=None, sa_type=LargeBinary)
+
+
+class EngineSlotsRow(SQLModel, table=True):
+    """The slots auto concurrency read from an engine host (its base URL) for a model, from requests that waited
+    inside it (``obatch.batches.slots``): the next run against that host and model starts there."""
+
+    __tablename__ = "engine_slots"
+
+    host: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)
+    slots: int
+    updated_at: float
