@@ -295,11 +295,8 @@ class Pool:
             await asyncio.sleep(wait)
             for host in self.hosts:
                 asked = time.monotonic()
-                try:
-                    async with asyncio.timeout(max(wait, 2.0)):
-                        await host.backend.models()
-                except Exception:  # any failure: still silent
-                    continue
+                if await self._ask(host, wait) is not None:
+                    continue  # still silent
                 self._heard(host, asked)
                 log.warning("engine host %s answers again; the lines waiting to retry go on", host.url)
                 self._wake()
@@ -325,14 +322,21 @@ class Pool:
         log.warning("engine host %s drained after %d failures in a row: %s", host.url, host.failures, host.error)
         host._probe = asyncio.get_running_loop().create_task(self._reprobe(host), name=f"probe {host.url}")
 
+    @staticmethod
+    async def _ask(host: Host, wait: float) -> Exception | None:
+        """Ask ``host`` for its models (within ``wait`` seconds, 2 at least): None when it answered, else why not."""
+        try:
+            async with asyncio.timeout(max(wait, 2.0)):
+                await host.backend.models()
+        except Exception as exc:  # any failure: no answer
+            return exc
+        return None
+
     async def _reprobe(self, host: Host) -> None:
         wait = PROBE_INITIAL
         while True:
             await asyncio.sleep(wait)
-            try:
-                async with asyncio.timeout(max(wait, 2.0)):
-                    await host.backend.models()
-            except Exception as exc:  # any failure: still down
+            if (exc := await self._ask(host, wait)) is not None:  # still down
                 host.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
                 wait = min(wait * 2, PROBE_MAX)
                 continue
