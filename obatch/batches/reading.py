@@ -81,18 +81,20 @@ async def outcomes(sessions: Sessions, batch_id: str, columns: Sequence[str], *,
         waiting: set[str] | None = set()  # lines a running retry will run (None: any line not succeeded)
         if later and redo:
             rank = {b.id: (i, b) for i, b in enumerate(later)}
-            found = await chains.ran_rows(session, list(rank), redo, columns)
-            for found_row in sorted(found, key=lambda r: rank[r[0]][0]):  # the newest batch's line wins
-                latest[found_row[1 + ident]] = (rank[found_row[0]][1], found_row[1:])
             running = [b for b in later if b.status not in FINAL_STATUSES]
-            if contiguous and running:
-                waiting = (None if not all(b.imported for b in running)
-                           else await chains.pending_rows(session, [b.id for b in running], redo))
+            found = await chains.rows_of(session, list(rank), redo, columns)
+            pending: set[str] = set()
+            for found_row in sorted(found, key=lambda r: rank[r[0]][0]):  # the newest batch's line wins
+                if found_row[1 + state] != "pending":
+                    latest[found_row[1 + ident]] = (rank[found_row[0]][1], found_row[1:])
+                elif rank[found_row[0]][1] in running:
+                    pending.add(found_row[1 + ident])
+            waiting = pending if all(b.imported for b in running) else None
     page = Outcomes(after=after)
     final = root.status in FINAL_STATUSES
     stopped = False
     for row in rows:
-        if row[state] != "succeeded" and (waiting is None or row[ident] in waiting):
+        if contiguous and row[state] != "succeeded" and (waiting is None or row[ident] in waiting):
             stopped = True
             break
         if row[ident] in latest:

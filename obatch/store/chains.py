@@ -67,24 +67,13 @@ async def rows_after(session: AsyncSession, batch_id: str, columns: Sequence[str
     return [tuple(row) for row in (await connection.exec_driver_sql(sql, finished.rows_params(batch_id, after))).all()]
 
 
-async def ran_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str],
-                   columns: Sequence[str]) -> list[tuple[Any, ...]]:
-    """The rows of these batches for these custom_ids that ran (no longer pending): the batch id, ``columns``, then
-    the line. Looked up by the unique key (batch_id, custom_id)."""
+async def rows_of(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str],
+                  columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The rows of these batches for these custom_ids, run or not: the batch id, ``columns``, then the line. Looked
+    up by the unique key (batch_id, custom_id)."""
     if not batch_ids or not custom_ids:
         return []
     cols = [getattr(RequestRow, name) for name in columns]
     statement = (select(col(RequestRow.batch_id), *cols, col(RequestRow.line))
-                 .where(col(RequestRow.batch_id).in_(list(batch_ids)), col(RequestRow.custom_id).in_(list(custom_ids)),
-                        col(RequestRow.state) != "pending"))
+                 .where(col(RequestRow.batch_id).in_(list(batch_ids)), col(RequestRow.custom_id).in_(list(custom_ids))))
     return [tuple(row) for row in (await session.execute(statement)).all()]
-
-
-async def pending_rows(session: AsyncSession, batch_ids: Sequence[str], custom_ids: Sequence[str]) -> set[str]:
-    """Those of these custom_ids that one of these batches holds and has not run yet."""
-    if not batch_ids or not custom_ids:
-        return set()
-    statement = (select(col(RequestRow.custom_id))
-                 .where(col(RequestRow.batch_id).in_(list(batch_ids)), col(RequestRow.custom_id).in_(list(custom_ids)),
-                        col(RequestRow.state) == "pending"))
-    return set((await session.execute(statement)).scalars().all())
