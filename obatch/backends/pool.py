@@ -457,12 +457,15 @@ class Pool:
         return ", ".join(versions)
 
     async def aclose(self) -> None:
+        """Stop the outage watch and the drained hosts' probes, then close the hosts' clients: a task still
+        asking a host after its client closed would open a new one that nothing closes."""
+        tasks = [t for t in (self._watch, *(host._probe for host in self.hosts)) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watch = None
         for host in self.hosts:
-            if host._probe is not None:
-                host._probe.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
-        for host in self.hosts:
+            host._probe = None
             await host.backend.aclose()
 
 
