@@ -28,7 +28,7 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
   count (``OLLAMA_NUM_PARALLEL`` is not in its API), so after the first such answer auto jumps to ``JUMP`` in flight
   at once (in slow start) instead of doubling from 1; when a level's answers show requests waiting (``queued``: a
   request waited while more were in flight than the engine worked on at once), the slots are the most requests the
-  engine worked on at once (``_overlap``), and the level drops to them (the ``ceiling``; where the engine reports its
+  engine worked on at once (``overlap``), and the level drops to them (the ``ceiling``; where the engine reports its
   slots, only a level above them is read, and the level does not drop below them: a llama.cpp server batches its
   slots' prompts in ``n_batch`` chunks, so a request may wait beyond its reported time without waiting for a slot).
   Once the jump's first answer is in, no request starts until the burst tells (a request that waited) or has ended:
@@ -54,6 +54,12 @@ limiter (Vegas, Netflix's gradient) would settle far below the engine's best.
 * Remembered slots — the ceiling an earlier run read from the same engine host and model (``recall``, kept in the
   store by ``obatch.batches.slots``) is the start: that level at once, as the ceiling, with no request at 1 and no
   burst; waits lower it and the check above it raises it. An engine that reports its slots is not remembered.
+* Counted slots — where nothing tells the slots before a run (no report, nothing remembered), the pool asks a backend
+  that can (Ollama's ``count_slots``) to count them with ``jump`` short requests sent together: those the engine ran
+  at once are its slots (``counted``). They start as a remembered count does, their first check after
+  ``COUNTED_HOLD`` times as many windows; all ``jump`` at once start the climb there. The burst's queued requests
+  were real lines that took other prefix groups' slots; the count's are a few tokens each, and those still waiting
+  once the first round is in are cancelled.
 
 Every change is kept in ``history`` with its reason, so a user can see what was chosen and why.
 """
@@ -72,6 +78,7 @@ Concurrency = int | Literal["auto"]
 JUMP = 16  # in flight at once after the first answer whose engine tells its processing time (no slot count known)
 QUEUE_MIN_S = 0.05  # a wait for a slot shorter than this (or than half the request's processing) is noise
 REPROBE_MAX = 256  # windows held at most at a learnt ceiling before one probe above it checks it
+COUNTED_HOLD = 4  # a counted ceiling is checked after this many times ``check`` windows (a remembered one: once)
 SPANS = 256  # answers kept to read waits and overlaps from (4 rounds of the level, at most this)
 
 
@@ -131,6 +138,14 @@ class Limit:
     def learnt(self) -> int | None:
         """The slots this limit read from the engine, worth remembering for the next run; None when none were."""
         return None
+
+    @property
+    def to_count(self) -> int:
+        """How many short requests to count the engine's slots with before the first line; 0: no count."""
+        return 0
+
+    def counted(self, slots: int, most: int, source: str) -> None:
+        """The engine ran ``slots`` of ``most`` short requests sent together at once."""
 
 
 class FixedLimit(Limit):
@@ -252,16 +267,40 @@ class AutoLimit(Limit):
         slots = min(slots, self.maximum)
         if slots < 1 or self._reported is not None or self.ceiling == slots:
             return
+        self._start_at(slots, f"start: {slots}, remembered from {source}", hold=self.check_windows)
+
+    def _start_at(self, slots: int, reason: str, *, hold: int) -> None:
+        """Start at ``slots`` as the ceiling, to be checked after ``hold`` windows there."""
         if not self._timed and len(self.history) == 1:  # nothing has run yet: this is the start
             self.history.clear()
         self._timed = True  # the slots are known: no jump
         self._slow_start = False
         self._best = None
         self._holding = self._at_ceiling = 0
-        self._ceiling_hold = self.check_windows
+        self._ceiling_hold = hold
         self.ceiling = slots
-        self._set(slots, f"start: {slots}, remembered from {source}")
+        self._set(slots, reason)
         self._recalled = True
+
+    @property
+    def to_count(self) -> int:
+        """``jump`` (at most ``maximum``) while nothing has told the slots: no report, no remembered ceiling, no
+        answer with the engine's time; else 0."""
+        known = self._reported is not None or self.ceiling is not None or self._timed
+        return 0 if known else min(self.jump, self.maximum)
+
+    def counted(self, slots: int, most: int, source: str) -> None:
+        """The engine ran ``slots`` of ``most`` short requests sent together at once (``source`` says where):
+        fewer than ``most`` start there as the ceiling, as a remembered count does; all of them start at ``most``
+        in slow start (the engine has at least that many slots)."""
+        if not self.to_count or slots < 1:
+            return
+        if slots < min(most, self.maximum):
+            self._start_at(slots, f"start: {slots}, {source}", hold=COUNTED_HOLD * self.check_windows)
+            return
+        self._timed = True  # no jump: the start is known
+        self.history.clear()
+        self._set(most, f"start: {most}, {source}; probing above")
 
     @property
     def learnt(self) -> int | None:
@@ -365,7 +404,7 @@ class AutoLimit(Limit):
         self._best = None
         self._holding = self._at_ceiling = 0
         self._recalled = False
-        seen = _overlap(self._recent) if told else ceiling
+        seen = overlap(self._recent) if told else ceiling
         if seen > ceiling:
             self.ceiling = seen
             self._ceiling_hold = self.check_windows  # it was read low: check the new one as soon
@@ -447,7 +486,7 @@ def queued(spans: list[tuple[float, float, float]], recent: list[tuple[float, fl
     engine worked on at once lately."""
     if len(spans) < 4:
         return None
-    slots = _overlap(recent)
+    slots = overlap(recent)
     waited = sum(latency - engine > max(QUEUE_MIN_S, 0.5 * engine)
                  and _sent(recent, ended - engine - (latency - engine) / 2) > slots
                  for ended, engine, latency in spans)
@@ -461,7 +500,7 @@ def _sent(spans: list[tuple[float, float, float]], at: float) -> int:
     return sum(ended - latency <= at <= ended for ended, _, latency in spans)
 
 
-def _overlap(spans: list[tuple[float, float, float]]) -> int:
+def overlap(spans: list[tuple[float, float, float]]) -> int:
     """The most processing intervals ``(ended - engine, ended]`` that cover one of their midpoints (half-open: one
     that ends as the next on its slot starts is not two at once)."""
     best = 1

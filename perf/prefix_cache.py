@@ -19,6 +19,9 @@ each through these clients, on a fresh simulator every time (empty caches):
               same file against the same engine host: the first runs on a simulator at the port the timed one then
               takes (a restarted engine, its prompt cache cold), and the second, with the response cache off so the
               engine answers every line again, starts where the first found the slots (obatch.batches.slots)
+  obatch new host  the same, but the timed simulator listens on another port: the data directory and its store
+              exist (as for a user's every run but the first), the engine host is one it has not seen, so its slots
+              are counted (obatch.backends.ollama: count_slots)
 N is the simulator's number of slots. Prompt processing dominates, as on a real engine: a miss costs ~1,400
 tokens of prompt time, an answer 8 tokens of decode; the prompt rate is the model's, shared by the prompts in
 progress at once (``--prompt-tps-shared``), the decode rate is each slot's. The simulator runs in this process (a
@@ -187,20 +190,22 @@ def obatch_client(schedule: str, fixed: bool) -> Client:
 
 class Again:
     """``obatch again``: ``first`` runs untimed on a simulator of its own, then the client (timed, on a fresh
-    simulator at the same port) runs the file again in the same data directory."""
+    simulator at the same port) runs the file again in the same data directory. ``obatch new host``
+    (``same_host=False``): the timed simulator takes another port, a host the data directory has not seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, same_host: bool = True) -> None:
         self.work: Path | None = None
+        self.same_host = same_host
 
     async def first(self, config: SimConfig, lines: list[Line], path: Path, work: Path) -> int:
-        """The first run; returns the port its engine listened on (the timed run's engine takes it)."""
+        """The first run; returns the port its engine listened on where the timed run's engine takes it, else 0."""
         self.work = work
         url, stop = run_in_thread(config)
         try:
             await obatch_run(url, None, lines, path, work)
         finally:
             stop()
-        return int(url.rsplit(":", 1)[1])
+        return int(url.rsplit(":", 1)[1]) if self.same_host else 0
 
     async def __call__(self, url: str, n: int, lines: list[Line], path: Path) -> list[float]:
         assert self.work is not None, "the first run comes first"
@@ -210,7 +215,7 @@ class Again:
 Client = Callable[[str, int, list[Line], Path], Awaitable[list[float]]]
 CLIENTS: dict[str, Client] = {
     "file order": file_order, "grouped": grouped, "affinity": affinity,
-    "obatch": obatch_client("auto", fixed=False), "obatch again": Again(),
+    "obatch": obatch_client("auto", fixed=False), "obatch again": Again(), "obatch new host": Again(same_host=False),
     "obatch file": obatch_client("file", fixed=False),
     "obatch c=N": obatch_client("auto", fixed=True), "obatch c=N file": obatch_client("file", fixed=True)}
 

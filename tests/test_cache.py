@@ -56,8 +56,9 @@ def greedy(custom_id: str, prompt: str, **body: Any) -> dict[str, Any]:
 
 
 def sent(sim: OllamaSim) -> int:
-    """Inference requests the engine received (faults included)."""
-    return sim.stats.requests["/api/chat"] + sim.stats.requests["/api/embed"] + sim.stats.requests["/api/generate"]
+    """The lines' requests the engine received (faults included): chat and embeddings here (the short requests
+    that count its slots before a first run go to /api/generate)."""
+    return sim.stats.requests["/api/chat"] + sim.stats.requests["/api/embed"]
 
 
 # ------------------------------------------------------------------------------------------------- keys

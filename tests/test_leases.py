@@ -141,7 +141,7 @@ async def test_two_processes_on_one_batch_import_once_and_run_each_line_once(
         busy = next(o for o in outcomes if isinstance(o, lease.BatchBusy))
         assert busy.status_code == 409 and "another process" in busy.message
         done = await batches.process(two, batch_id)  # after the fact: already final, nothing to do
-        served = sim.stats.served
+        served = sim.stats.answered["/api/chat"]  # the lines (the slot count's requests go to /api/generate)
         await backend.aclose()
         async with sessions() as session:
             assert (await session.get(LeaseRow, batch_id)) is None  # released at the end

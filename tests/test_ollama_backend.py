@@ -16,7 +16,7 @@ from obatch.backends.ollama import (
     generate_payload,
     timings_of,
 )
-from obatch.testing.ollama_sim import OllamaSim
+from obatch.testing.ollama_sim import OllamaSim, SimConfig
 
 
 def test_chat_body_maps_to_native_options() -> None:
@@ -114,3 +114,38 @@ async def test_backend_against_the_simulator(sim: OllamaSim) -> None:
             await backend.complete("/v1/chat/completions", {**chat, "model": "missing"})
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("slots", [1, 3, 20])
+async def test_ollama_slots_are_counted_with_short_requests_sent_together(slots: int) -> None:
+    """The engine runs the first ``slots`` of 16 at once: they are the count (16 where it runs them all); the rest,
+    still waiting, are cancelled, and the model is loaded with the lines' ``num_ctx``, so the first line does not
+    load it again."""
+    async with OllamaSim(SimConfig(num_parallel=slots, decode_tps=50)) as sim:
+        backend = OllamaBackend(sim.url)
+        try:
+            counted = await backend.count_slots("llama3.2:1b", num_ctx=2048, most=16)
+            line = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+            await backend.complete("/v1/chat/completions", line, num_ctx=2048)
+        finally:
+            await backend.aclose()
+    assert counted == min(slots, 16)
+    assert sim.stats.requests["/api/generate"] == 16 and sim.stats.loads == 1
+    assert sim.stats.served == min(slots, 16) + 1  # the requests that waited for a slot never ran
+
+
+async def test_slots_are_not_counted_where_nothing_can_be_generated_or_the_engine_is_down() -> None:
+    async with OllamaSim(SimConfig(num_parallel=4, decode_tps=50)) as sim:
+        backend = OllamaBackend(sim.url)
+        try:
+            await backend.show("nomic-embed-text")
+            assert await backend.count_slots("nomic-embed-text", num_ctx=None, most=16) is None
+            assert await backend.count_slots("no-such-model", num_ctx=None, most=16) is None
+        finally:
+            await backend.aclose()
+        assert sim.stats.requests["/api/generate"] == 16  # the unknown model's; the embedding model was not asked
+    down = OllamaBackend(sim.url)  # the simulator has stopped: refused
+    try:
+        assert await down.count_slots("llama3.2:1b", num_ctx=None, most=16) is None
+    finally:
+        await down.aclose()

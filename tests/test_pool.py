@@ -96,7 +96,8 @@ async def test_a_line_goes_only_to_hosts_that_have_its_model(tmp_path: Path,
             OllamaSim(SimConfig(models=(SimModel("beta"),), num_parallel=2)) as host_b:
         report = await run_batch_file(path, settings=make_settings(f"{host_a.url},{host_b.url}"), progress=False)
     assert report.batch.completed == 80 and report.batch.failed == 1
-    assert host_a.stats.served == 40 and host_b.stats.served == 40
+    # each host's lines went there only (its slots were counted with /api/generate, the lines are /api/chat)
+    assert host_a.stats.requests["/api/chat"] == 40 and host_b.stats.requests["/api/chat"] == 40
     failed = [orjson.loads(line) for line in report.errors.read_bytes().splitlines()]
     assert [f["custom_id"] for f in failed] == ["nowhere"]
     assert failed[0]["error"]["code"] == "model_not_found"

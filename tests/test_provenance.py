@@ -91,7 +91,7 @@ async def test_each_host_is_asked_for_the_digest_once_per_model_group(tmp_path: 
         asked = [sim.stats.requests["/api/tags"] for sim in (a, b)]
         again = await run_batch_file(path, settings=settings, progress=False, fresh=True)  # every line reused
         asked_again = [sim.stats.requests["/api/tags"] - n for sim, n in zip((a, b), asked, strict=True)]
-        answered = a.stats.served + b.stats.served
+        answered = sum(sim.stats.answered[path] for sim in (a, b) for path in ("/api/chat", "/api/embed"))
     assert asked == asked_again == [2, 2]  # two model groups, each host asked once for each
     assert answered == len(lines)  # the second run's lines all came from the first's answers
     digests = {CHAT: sim_digest(CHAT), embed: sim_digest(embed)}

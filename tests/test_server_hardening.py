@@ -316,19 +316,19 @@ async def test_pilot_lines_belong_to_the_key_that_ran_them(api: AsyncTestClient[
 
     async def run_pilot(headers: dict[str, str]) -> tuple[str, int]:
         stored = await upload(api, content, headers)
-        before = obatch_sim.stats.served
+        before = obatch_sim.stats.answered["/api/chat"]
         response = await api.get("/v1/benchmarks/estimate", headers=headers,
                                  params={"input_file_id": stored.json()["id"], "pilot": str(pilot)})
         assert response.status_code in (200, 404), response.text  # 404: no benchmark points (the pilot ran)
-        return stored.json()["id"], obatch_sim.stats.served - before
+        return stored.json()["id"], obatch_sim.stats.answered["/api/chat"] - before
 
     async def run_batch_of(file_id: str, headers: dict[str, str]) -> int:
-        before = obatch_sim.stats.served
+        before = obatch_sim.stats.answered["/api/chat"]
         created = await api.post("/v1/batches", headers=headers, json={
             "input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"})
         batch = await settled(api, created.json()["id"], headers=headers)
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == total
-        return obatch_sim.stats.served - before
+        return obatch_sim.stats.answered["/api/chat"] - before  # the lines (the slot count's go to /api/generate)
 
     alice_file, alice_sent = await run_pilot(ALICE)
     bob_file, bob_sent = await run_pilot(BOB)

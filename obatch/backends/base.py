@@ -160,6 +160,9 @@ class BackendWrapper:
     async def loaded_context(self, model: str) -> int | None:
         return await loaded_context(self.inner, model)
 
+    async def count_slots(self, model: str, *, num_ctx: int | None, most: int) -> int | None:
+        return await count_slots(self.inner, model, num_ctx=num_ctx, most=most)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
@@ -174,6 +177,13 @@ async def loaded_context(backend: Backend, model: str) -> int | None:
     """The context the engine really loaded for ``model``, for backends that can tell (an optional method)."""
     method = getattr(backend, "loaded_context", None)
     return await method(model) if method is not None else None
+
+
+async def count_slots(backend: Backend, model: str, *, num_ctx: int | None, most: int) -> int | None:
+    """How many of ``most`` short requests sent together the engine ran at once, for backends that can count
+    their engine's slots that way (an optional method: Ollama's, which tells no slot count); None where not."""
+    method = getattr(backend, "count_slots", None)
+    return await method(model, num_ctx=num_ctx, most=most) if method is not None else None
 
 
 async def with_trained_context(backend: Backend, info: ModelInfo, *, within: float = 5.0) -> ModelInfo:

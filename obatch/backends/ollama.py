@@ -18,6 +18,7 @@ as embeddings input, are refused: Ollama has no detokenize API to turn them back
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from obatch import errors
+from obatch import concurrency, errors
 from obatch.backends import completions, responses
 from obatch.backends.base import (
     Capabilities,
@@ -50,6 +51,8 @@ _UNSUPPORTED = ("logit_bias",)
 _THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
           "max": "high"}
 MAX_TOP_LOGPROBS = 20
+COUNT_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"  # what the slot count's short generations continue
+COUNT_TOKENS = 4  # tokens each generates: long enough that those run at once are seen to overlap
 
 
 def _options(body: dict[str, Any], num_ctx: int | None) -> dict[str, Any]:
@@ -480,6 +483,49 @@ class OllamaBackend:
 
     async def slots(self) -> int | None:
         return None  # Ollama exposes no slot count (OLLAMA_NUM_PARALLEL stays on the server): auto measures
+
+    async def count_slots(self, model: str, *, num_ctx: int | None, most: int) -> int | None:
+        """How many requests Ollama runs ``model``'s generations at once, counted with ``most`` short ones.
+
+        They go out together (with the lines' ``num_ctx``, so the model loads as the lines need it); those the
+        runner took at once finish together, one generation's time after they started, and the others wait for
+        their slots. The answers in within half a generation's time of the first are the first round; the most of
+        them that the engine worked on at once are its slots (``most`` where all ran at once: at least that many).
+        The requests still waiting are cancelled (Ollama drops a request whose client has gone). None where the
+        model does not generate or the engine fails one of them: auto then finds the slots by itself."""
+        info = self._show_cache.get(model)
+        if info is not None and info.capabilities and "completion" not in info.capabilities:
+            return None  # an embedding model: it generates nothing to count with (and Ollama runs it one at a time)
+        body = {"model": model, "prompt": COUNT_PROMPT, "raw": True, "stream": False,
+                "options": {"num_predict": COUNT_TOKENS, "temperature": 0,
+                            **({"num_ctx": n} if (n := self._fit(model, num_ctx)) else {})}}
+        clock = asyncio.get_running_loop().time
+
+        async def one() -> tuple[float, float, float]:
+            sent = clock()
+            data = await send_json(self._client, "POST", "/api/generate", body)
+            ended = clock()
+            busy = (int(data.get("prompt_eval_duration") or 0) + int(data.get("eval_duration") or 0)) / 1e9
+            return ended, busy, ended - sent
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(most)]
+        spans: list[tuple[float, float, float]] = []
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = next(iter(done)).result()
+            if pending:
+                done2, pending = await asyncio.wait(pending, timeout=max(first[1] / 2, 0.01))
+                done |= done2
+            spans = [t.result() for t in done]  # one that failed fails the count: a faulty engine reads low
+        except errors.BackendError:
+            return None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if not spans or not all(busy > 0 for _, busy, _ in spans):
+            return None
+        return most if len(spans) >= most else min(len(spans), concurrency.overlap(spans))
 
     async def loaded_context(self, model: str) -> int | None:
         """The context Ollama really loaded ``model`` with (``/api/ps`` ``context_length``), None if not loaded.

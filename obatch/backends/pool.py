@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obatch import errors
-from obatch.backends.base import Backend, Capabilities, ModelInfo, Result, capabilities_of, loaded_context
+from obatch.backends.base import (
+    Backend,
+    Capabilities,
+    ModelInfo,
+    Result,
+    capabilities_of,
+    count_slots,
+    loaded_context,
+)
 from obatch.concurrency import Concurrency, FixedLimit, Limit, make_limit
 from obatch.outages import Outages
 from obatch.protocol import HostStatus
@@ -369,8 +377,10 @@ class Pool:
         self.context_lengths[model] = found.context_length
         return found
 
-    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None) -> float:
-        """Ready every host serving ``model``; an auto level starts from the slots each engine reports."""
+    async def prepare(self, model: str, *, num_ctx: int | None, parallel: int | None, lines: int = 0) -> float:
+        """Ready every host serving ``model``; an auto level starts from the slots each engine reports, else (for a
+        run of ``lines`` more than one burst of them) from those counted on it (``count_slots``), unless an earlier
+        run's are remembered (``obatch.batches.slots``)."""
         seconds = 0.0
         for host in self.hosts:
             if not host.up or not host.serves(model):
@@ -379,8 +389,19 @@ class Pool:
             if host.limit.auto:
                 slots = await host.backend.slots()
                 host.limit.hint(slots, host.backend.name)
+        await asyncio.gather(*(self._count(host, model, num_ctx) for host in self.hosts
+                               if host.up and host.serves(model) and 0 < host.limit.to_count < lines))
         self._wake()
         return seconds
+
+    @staticmethod
+    async def _count(host: Host, model: str, num_ctx: int | None) -> None:
+        """Count the slots of an engine that tells none, where its backend can (``count_slots``)."""
+        most = host.limit.to_count
+        slots = await count_slots(host.backend, model, num_ctx=num_ctx, most=most)
+        if slots is not None:
+            host.limit.counted(slots, most, f"counted: {host.url} ran {slots if slots < most else 'all'} of {most} "
+                                            f"short requests sent together at once")
 
     # --------------------------------------------------------------------------- the Backend protocol
 

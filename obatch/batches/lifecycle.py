@@ -254,7 +254,7 @@ async def _execute(svc: Services, batch: BatchRow, *, progress: Progress | None,
         if plan.answered and not await _has_pending(svc, batch.id, group.model):
             continue
         memory = await slots.recall(svc, group.model)  # auto starts where an earlier run found the slots
-        await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed)
+        await pool.prepare(group.model, num_ctx=num_ctx, parallel=pool.fixed, lines=group.pending)
         writer.hosts.update(await provenance.record(svc, batch, hosts))
         held = plan.held
         while True:  # a second round only for held lines whose leader failed: they run themselves

@@ -1,12 +1,12 @@
 """Where auto concurrency starts: the slots an earlier run read from the same engine host for the same model.
 
-Ollama tells no slot count, so auto concurrency finds it (``obatch.concurrency``): a request at 1, a burst of
-``JUMP``, and the requests that waited inside the engine tell its slots. That costs about two rounds of requests at
-the start of every run, and with a prompt cache per slot the burst's queued requests land on other prefix groups'
-slots. The ceiling a run reads is kept in the store per host (its base URL) and model; the next run against them
-starts at that level at once (``AutoLimit.recall``), and its history says where the start came from. Waits inside
-the engine lower a remembered level that is too high (the engine restarted with fewer slots); the check above the
-ceiling raises one that is too low.
+Ollama tells no slot count, so auto concurrency finds it: before a run's first line the pool counts it with
+``JUMP`` short requests sent together (``Pool.prepare``, ``OllamaBackend.count_slots``), else a request at 1, a
+burst of ``JUMP``, and the requests that waited inside the engine tell its slots (``obatch.concurrency``). Either
+costs a round of requests at the start of a run. The ceiling a run reads is kept in the store per host (its base
+URL) and model; the next run against them starts at that level at once (``AutoLimit.recall``), with no count, and
+its history says where the start came from. Waits inside the engine lower a remembered level that is too high (the
+engine restarted with fewer slots); the check above the ceiling raises one that is too low.
 
 A change is written when the run's watcher next looks (every ``commit_interval``) and when a model group's run
 ends: never a write per request. A fixed level (``-c N``) neither reads nor writes it, nor does an engine that

@@ -316,6 +316,7 @@ class SimStats:
 
     requests: Counter[str] = field(default_factory=Counter)  # by path, every request
     served: int = 0  # inference requests answered in full
+    answered: Counter[str] = field(default_factory=Counter)  # the same, by path
     errors_injected: int = 0
     resets_injected: int = 0
     hangs_injected: int = 0
@@ -1030,6 +1031,7 @@ class OllamaSim:
                         await asyncio.sleep(plan.eval_count / cfg.decode_tps)
                     content = "" if plan.tool_calls is not None else "".join(plan.pieces)
                     self.stats.served += 1
+                    self.stats.answered[request.path] += 1
                     return _json(final(content))
                 return await self._stream(request, plan, chunk, final, logprobs)
             finally:
@@ -1075,6 +1077,7 @@ class OllamaSim:
             await response.write(orjson.dumps(final("")) + b"\n")
             await response.write_eof()
             self.stats.served += 1
+            self.stats.answered[request.path] += 1
         except ConnectionError:
             pass  # the client went away
         return response
@@ -1121,6 +1124,7 @@ class OllamaSim:
             finally:
                 self._release_runner(runner, keep_alive)
         self.stats.served += 1
+        self.stats.answered[request.path] += 1
         total = max(_ns(time.monotonic() - started), load_ns + prompt_ns)
         return _json({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": load_ns,
                       "prompt_eval_count": prompt_eval})
