@@ -20,6 +20,7 @@ from obatch.backends import open_backend, pinned_settings
 from obatch.backends import pool as pool_module
 from obatch.backends.base import capabilities_of
 from obatch.backends.local import LocalBackend
+from obatch.backends.ollama import OllamaBackend
 from obatch.config import Settings
 from obatch.testing.ollama_sim import OllamaSim, SimConfig, SimModel
 from tests.helpers import chat_line, write_jsonl
@@ -159,3 +160,17 @@ async def test_a_busy_host_is_not_sent_more_than_it_holds(tmp_path: Path, make_s
     monkeypatch.setattr(pool_module, "BUSY_PAUSE_MAX", 0.0)
     unpaused = await refusals()
     assert paused < 60 and unpaused > 3 * paused, (paused, unpaused)
+
+
+async def test_a_closed_pool_asks_no_host_when_a_late_attempt_fails() -> None:
+    """An attempt that ends after the pool closed, with its host silent, starts no outage watch: the watch would
+    ask the host on a closed client, which opens a new session that nothing closes."""
+    backend = OllamaBackend("http://127.0.0.1:9")  # nothing listens there
+    pool = pool_module.Pool([backend], concurrency=4)
+    leases = [await pool.lease(None) for _ in range(pool_module.SILENT_TO_WAIT)]
+    await pool.aclose()
+    for lease in leases:
+        lease.release(error=errors.TransientError("Connection to the engine failed: refused"))
+    await asyncio.sleep(pool_module.WATCH_INITIAL * 2)
+    assert pool.outages.ongoing  # the silence is still recorded
+    assert pool._watch is None and backend._client._session is None

@@ -132,6 +132,7 @@ class Pool:
         self.outages = Outages()  # when no host answered (the live ETA's clock leaves these out)
         self._back: asyncio.Event | None = None  # set when an outage ends (made as one begins, in the running loop)
         self._watch: asyncio.Task[None] | None = None  # asks the hosts while an outage goes on
+        self._closed = False  # after ``aclose`` no task asks a host (a closed client would open a new session)
         self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
 
     @classmethod
@@ -299,9 +300,11 @@ class Pool:
     async def _watch_outage(self) -> None:
         """Ask every host for its models until one answers (that ends the outage: ``_heard``)."""
         wait = WATCH_INITIAL
-        while self.outages.ongoing:
+        while self.outages.ongoing and not self._closed:
             await asyncio.sleep(wait)
             for host in self.hosts:
+                if self._closed:
+                    break
                 asked = time.monotonic()
                 if await self._ask(host, wait) is not None:
                     continue  # still silent
@@ -322,13 +325,14 @@ class Pool:
             self.outages.begin(max(h.silent_since for h in self.hosts))
             if self._back is None:
                 self._back = asyncio.Event()
-            if self._watch is None:
+            if self._watch is None and not self._closed:
                 self._watch = asyncio.get_running_loop().create_task(self._watch_outage(), name="outage watch")
 
     def _drain(self, host: Host) -> None:
         host.up = False
         log.warning("engine host %s drained after %d failures in a row: %s", host.url, host.failures, host.error)
-        host._probe = asyncio.get_running_loop().create_task(self._reprobe(host), name=f"probe {host.url}")
+        if not self._closed:
+            host._probe = asyncio.get_running_loop().create_task(self._reprobe(host), name=f"probe {host.url}")
 
     @staticmethod
     async def _ask(host: Host, wait: float) -> Exception | None:
@@ -342,7 +346,7 @@ class Pool:
 
     async def _reprobe(self, host: Host) -> None:
         wait = PROBE_INITIAL
-        while True:
+        while not self._closed:
             await asyncio.sleep(wait)
             if (exc := await self._ask(host, wait)) is not None:  # still down
                 host.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
@@ -478,8 +482,9 @@ class Pool:
         return ", ".join(versions)
 
     async def aclose(self) -> None:
-        """Stop the outage watch and the drained hosts' probes, then close the hosts' clients: a task still
-        asking a host after its client closed would open a new one that nothing closes."""
+        """Stop the outage watch and the drained hosts' probes (and start none after), then close the hosts'
+        clients: a task asking a host after its client closed would open a new session that nothing closes."""
+        self._closed = True
         tasks = [t for t in (self._watch, *(host._probe for host in self.hosts)) if t is not None]
         for task in tasks:
             task.cancel()
