@@ -233,7 +233,11 @@ async def _services(settings: Settings | None, backend: Backend | None, concurre
         try:
             from obatch.bench.estimate.request import estimate_json_for_batch
 
-            yield Services(settings, sessions, backend, estimator=estimate_json_for_batch)
+            svc = Services(settings, sessions, backend, estimator=estimate_json_for_batch)
+            try:
+                yield svc
+            finally:
+                await svc.pool.stop()  # its watch of an outage: before the backend's client closes
         finally:
             if owned:
                 await backend.aclose()

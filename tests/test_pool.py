@@ -174,3 +174,26 @@ async def test_a_closed_pool_asks_no_host_when_a_late_attempt_fails() -> None:
     await asyncio.sleep(pool_module.WATCH_INITIAL * 2)
     assert pool.outages.ongoing  # the silence is still recorded
     assert pool._watch is None and backend._client._session is None
+
+
+async def test_a_run_stops_the_pool_around_its_backend_before_the_backend_closes(
+        make_settings: Callable[..., Settings]) -> None:
+    """One engine host is a bare backend; the run's services make a pool around it, and the outage watch that pool
+    started must end with the run, not ask the host on its closed client afterwards."""
+    from obatch.api import _services
+
+    async with _services(make_settings("http://127.0.0.1:9", concurrency=4), None) as svc:
+        pool = svc.pool
+        backend = pool.hosts[0].backend
+        assert isinstance(backend, OllamaBackend) and svc.backend is backend
+        for lease in [await pool.lease(None) for _ in range(pool_module.SILENT_TO_WAIT)]:
+            lease.release(error=errors.TransientError("Connection to the engine failed: refused"))
+        assert pool._watch is not None  # the host is silent: the watch runs
+    await asyncio.sleep(pool_module.WATCH_INITIAL * 2)
+    assert pool._watch is None and backend._client._session is None
+    again = await pool.lease(None)  # a pool used again watches again
+    again.release(error=errors.TransientError("refused"))
+    again = await pool.lease(None)
+    again.release(error=errors.TransientError("refused"))
+    assert pool._watch is not None
+    await pool.aclose()

@@ -132,7 +132,8 @@ class Pool:
         self.outages = Outages()  # when no host answered (the live ETA's clock leaves these out)
         self._back: asyncio.Event | None = None  # set when an outage ends (made as one begins, in the running loop)
         self._watch: asyncio.Task[None] | None = None  # asks the hosts while an outage goes on
-        self._closed = False  # after ``aclose`` no task asks a host (a closed client would open a new session)
+        self._stopped = False  # after ``stop``, until a new lease, no task asks a host (a closed client would
+        # open a new session that nothing closes)
         self._waiters: deque[tuple[str | None, asyncio.Future[Lease]]] = deque()
 
     @classmethod
@@ -205,6 +206,7 @@ class Pool:
         """A slot on a host that serves ``model``; waits (first come, first served) until one is free."""
         if not any(h.serves(model) for h in self.hosts):
             raise errors.ModelNotFoundError(f"No engine host serves {model!r}.", param="model")
+        self._stopped = False  # in use again (a pool passed to one run after another)
         if not self._waiters:
             host = self._free_host(model)
             if host is not None:
@@ -300,10 +302,10 @@ class Pool:
     async def _watch_outage(self) -> None:
         """Ask every host for its models until one answers (that ends the outage: ``_heard``)."""
         wait = WATCH_INITIAL
-        while self.outages.ongoing and not self._closed:
+        while self.outages.ongoing and not self._stopped:
             await asyncio.sleep(wait)
             for host in self.hosts:
-                if self._closed:
+                if self._stopped:
                     break
                 asked = time.monotonic()
                 if await self._ask(host, wait) is not None:
@@ -325,13 +327,13 @@ class Pool:
             self.outages.begin(max(h.silent_since for h in self.hosts))
             if self._back is None:
                 self._back = asyncio.Event()
-            if self._watch is None and not self._closed:
+            if self._watch is None and not self._stopped:
                 self._watch = asyncio.get_running_loop().create_task(self._watch_outage(), name="outage watch")
 
     def _drain(self, host: Host) -> None:
         host.up = False
         log.warning("engine host %s drained after %d failures in a row: %s", host.url, host.failures, host.error)
-        if not self._closed:
+        if not self._stopped:
             host._probe = asyncio.get_running_loop().create_task(self._reprobe(host), name=f"probe {host.url}")
 
     @staticmethod
@@ -346,7 +348,7 @@ class Pool:
 
     async def _reprobe(self, host: Host) -> None:
         wait = PROBE_INITIAL
-        while not self._closed:
+        while not self._stopped:
             await asyncio.sleep(wait)
             if (exc := await self._ask(host, wait)) is not None:  # still down
                 host.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
@@ -482,9 +484,17 @@ class Pool:
         return ", ".join(versions)
 
     async def aclose(self) -> None:
-        """Stop the outage watch and the drained hosts' probes (and start none after), then close the hosts'
-        clients: a task asking a host after its client closed would open a new session that nothing closes."""
-        self._closed = True
+        """``stop``, then close the hosts' clients."""
+        await self.stop()
+        for host in self.hosts:
+            await host.backend.aclose()
+
+    async def stop(self) -> None:
+        """Stop the outage watch and the drained hosts' probes, and start none after: a task asking a host after
+        its client closed would open a new session that nothing closes. A pool made around a backend
+        (``Pool.of``) is stopped by whoever made it before the backend's owner closes the backend; a new lease
+        starts it again."""
+        self._stopped = True
         tasks = [t for t in (self._watch, *(host._probe for host in self.hosts)) if t is not None]
         for task in tasks:
             task.cancel()
@@ -492,7 +502,6 @@ class Pool:
         self._watch = None
         for host in self.hosts:
             host._probe = None
-            await host.backend.aclose()
 
 
 def fixed(backend: Backend, level: int) -> Pool:

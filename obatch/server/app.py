@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                     await sweeper
                 await worker.stop()
                 await probe.aclose()
+                await svc.pool.stop()
         finally:
             if backend is None:
                 await client.aclose()

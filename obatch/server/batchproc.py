@@ -241,6 +241,7 @@ async def _child(out: int) -> None:
         finally:
             listener.cancel()
             await worker.stop()
+            await svc.pool.stop()
     finally:
         await client.aclose()
         await engine.dispose()
