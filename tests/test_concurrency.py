@@ -285,7 +285,8 @@ async def test_auto_converges_near_the_simulators_slot_count(tmp_path: Path,
         assert host["url"] == sim.url
         assert 4 <= host["best"] <= 8, host  # 4 slots; one more request each hides the client's own gaps
         first = host["history"][0]  # Ollama tells no slots: 16 short requests counted them before the first line
-        assert first["level"] == 4 and "ran 4 of 16 short requests" in first["reason"], host["history"]
+        # 4, or fewer where a loaded machine read the first round's answers late (the check above raises it)
+        assert 1 <= first["level"] <= 4 and "short requests sent together" in first["reason"], host["history"]
         assert sim.stats.max_concurrent_seen >= 4
 
 
